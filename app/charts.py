@@ -1,0 +1,354 @@
+"""Pure chart functions: plain data in, plotly Figure out. No Streamlit, no torch.
+
+Every figure sets ``layout.uirevision`` to a stable string so that a user's zoom and legend
+choices survive when a live page redraws the chart with new data.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import plotly.graph_objects as go
+from plotly.colors import qualitative
+
+PALETTE = qualitative.Plotly
+SPLIT_DASH = {"train": "solid", "val": "dash", "test": "dot"}
+LOG_FLOOR = -7.0  # log10(σ/σ_max) below this is drawn as the floor colour
+HEIGHT = 340
+
+
+def _layout(fig: go.Figure, *, title: str, uirevision: str | None, **kw: Any) -> go.Figure:
+    fig.update_layout(
+        title={"text": title, "x": 0.0, "xanchor": "left", "font": {"size": 15}},
+        uirevision=uirevision if uirevision is not None else title,
+        height=kw.pop("height", HEIGHT),
+        margin={"l": 10, "r": 10, "t": 40, "b": 10},
+        legend={"orientation": "h", "yanchor": "bottom", "y": 1.0, "xanchor": "right", "x": 1.0},
+        hovermode=kw.pop("hovermode", "closest"),
+        **kw,
+    )
+    return fig
+
+
+def empty_figure(message: str, *, title: str = "", uirevision: str | None = None) -> go.Figure:
+    """A blank chart that says why it is blank (no data yet, layer missing, ...)."""
+    fig = go.Figure()
+    fig.add_annotation(
+        text=message,
+        x=0.5,
+        y=0.5,
+        xref="paper",
+        yref="paper",
+        showarrow=False,
+        font={"size": 14, "color": "#888"},
+    )
+    fig.update_xaxes(visible=False)
+    fig.update_yaxes(visible=False)
+    return _layout(fig, title=title, uirevision=uirevision)
+
+
+def _finite(x: Any) -> bool:
+    return x is not None and isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def training_curves(
+    runs: Mapping[str, Sequence[Mapping[str, Any]]],
+    metric: str = "loss",
+    *,
+    splits: Sequence[str] = ("train", "val"),
+    x: str = "step",
+    title: str | None = None,
+    uirevision: str | None = None,
+) -> go.Figure:
+    """Loss or accuracy against step for one or more runs.
+
+    Args:
+        runs: label -> metrics rows ({"step", "epoch", "split", "loss", "acc", ...}).
+            With one run the legend shows only the split; with several, "label · split".
+        metric: the row key to plot ("loss" or "acc").
+        splits: which splits to draw (line dash tells them apart).
+        x: the row key for the x axis ("step" or "epoch").
+    """
+    title = title or {"loss": "Loss", "acc": "Accuracy"}.get(metric, metric)
+    fig = go.Figure()
+    several = len(runs) > 1
+    any_point = False
+    for i, (label, rows) in enumerate(runs.items()):
+        color = PALETTE[i % len(PALETTE)]
+        for j, split in enumerate(splits):
+            pts = [
+                (r[x], r[metric])
+                for r in rows
+                if r.get("split") == split and _finite(r.get(metric)) and r.get(x) is not None
+            ]
+            if not pts:
+                continue
+            any_point = True
+            xs, ys = zip(*pts)
+            name = f"{label} · {split}" if several else split
+            fig.add_trace(
+                go.Scatter(
+                    x=list(xs),
+                    y=list(ys),
+                    mode="lines+markers" if len(xs) < 30 else "lines",
+                    name=name,
+                    legendgroup=label,
+                    line={
+                        "color": color if several else PALETTE[j % len(PALETTE)],
+                        "dash": SPLIT_DASH.get(split, "solid"),
+                        "width": 2,
+                    },
+                    marker={"size": 5},
+                )
+            )
+    if not any_point:
+        return empty_figure("no measurements yet", title=title, uirevision=uirevision)
+    fig.update_xaxes(title_text=x)
+    fig.update_yaxes(title_text=metric)
+    if metric == "acc":
+        fig.update_yaxes(tickformat=".0%")
+    return _layout(fig, title=title, uirevision=uirevision, hovermode="x unified")
+
+
+def spectrum_heatmap(
+    steps: Sequence[int],
+    spectra: Sequence[Sequence[float]],
+    *,
+    layer: str,
+    title: str | None = None,
+    uirevision: str | None = None,
+) -> go.Figure:
+    """Heatmap of log10(σ_i / σ_max) for one layer: singular value index against step.
+
+    Args:
+        steps: the training step of each snapshot.
+        spectra: one list of singular values (descending) per snapshot.
+        layer: the layer's name (for the title).
+    """
+    title = title or f"Spectrum of {layer} over training: log10(σ/σ_max)"
+    if not steps or not spectra:
+        return empty_figure("no spectra yet", title=title, uirevision=uirevision)
+    width = max(len(s) for s in spectra)
+    z: list[list[float | None]] = [[None] * len(spectra) for _ in range(width)]
+    for t, s in enumerate(spectra):
+        top = max((abs(v) for v in s), default=0.0)
+        for i, v in enumerate(s):
+            if top > 0 and v > 0:
+                z[i][t] = max(math.log10(v / top), LOG_FLOOR)
+            else:
+                z[i][t] = LOG_FLOOR
+    fig = go.Figure(
+        go.Heatmap(
+            x=list(steps),
+            y=list(range(1, width + 1)),
+            z=z,
+            zmin=LOG_FLOOR,
+            zmax=0.0,
+            colorscale="Viridis",
+            colorbar={"title": {"text": "log10 σ/σmax"}, "thickness": 12},
+            hovertemplate="step %{x}<br>σ index %{y}<br>log10 σ/σmax %{z:.2f}<extra></extra>",
+        )
+    )
+    fig.update_xaxes(title_text="step")
+    fig.update_yaxes(title_text="singular value index", autorange="reversed")
+    return _layout(fig, title=title, uirevision=uirevision)
+
+
+def layer_spectra_chart(
+    layers: Mapping[str, Sequence[float]],
+    *,
+    normalize: bool = True,
+    title: str = "Singular values of every layer (σ/σ_max, log scale)",
+    uirevision: str | None = None,
+) -> go.Figure:
+    """The current spectrum of each layer (or each run), one line each, on a log y axis."""
+    fig = go.Figure()
+    for i, (name, s) in enumerate(layers.items()):
+        vals = [float(v) for v in s]
+        if not vals:
+            continue
+        top = max(vals) if normalize else 1.0
+        ys = [v / top if top > 0 else 0.0 for v in vals]
+        # log axes cannot draw zeros: clip to 1e-12 so the line stays visible.
+        ys = [max(y, 1e-12) for y in ys]
+        fig.add_trace(
+            go.Scatter(
+                x=list(range(1, len(ys) + 1)),
+                y=ys,
+                mode="lines+markers" if len(ys) <= 40 else "lines",
+                name=name,
+                line={"color": PALETTE[i % len(PALETTE)], "width": 2},
+                marker={"size": 4},
+                hovertemplate=f"{name}<br>index %{{x}}<br>σ%{{customdata}}<extra></extra>",
+                customdata=[f" = {v:.4g}" for v in vals],
+            )
+        )
+    if not fig.data:
+        return empty_figure("no spectra yet", title=title, uirevision=uirevision)
+    fig.update_yaxes(
+        type="log", title_text="σ / σ_max" if normalize else "σ", exponentformat="power"
+    )
+    fig.update_xaxes(title_text="singular value index")
+    return _layout(fig, title=title, uirevision=uirevision)
+
+
+def rank_curves(
+    steps: Sequence[int],
+    ranks: Mapping[str, Sequence[float]],
+    *,
+    title: str = "Effective rank of every layer",
+    y_title: str = "effective rank",
+    uirevision: str | None = None,
+) -> go.Figure:
+    """One line per layer (or per run): a rank measure against step."""
+    fig = go.Figure()
+    for i, (name, ys) in enumerate(ranks.items()):
+        if not ys:
+            continue
+        fig.add_trace(
+            go.Scatter(
+                x=list(steps)[: len(ys)],
+                y=list(ys),
+                mode="lines+markers",
+                name=name,
+                line={"color": PALETTE[i % len(PALETTE)], "width": 2},
+                marker={"size": 4},
+            )
+        )
+    if not fig.data:
+        return empty_figure("no spectra yet", title=title, uirevision=uirevision)
+    fig.update_xaxes(title_text="step")
+    fig.update_yaxes(title_text=y_title, rangemode="tozero")
+    return _layout(fig, title=title, uirevision=uirevision, hovermode="x unified")
+
+
+def spectrum_cut(
+    s: Sequence[float],
+    rank: int,
+    *,
+    layer: str,
+    uirevision: str | None = None,
+    height: int = 240,
+) -> go.Figure:
+    """One layer's singular values with the truncation marked: kept in colour, dropped in grey."""
+    title = f"{layer}: keep {rank} of {len(s)}"
+    vals = [float(v) for v in s]
+    if not vals:
+        return empty_figure("no singular values", title=title, uirevision=uirevision)
+    xs = list(range(1, len(vals) + 1))
+    ys = [max(v, 1e-12) for v in vals]
+    colors = [PALETTE[0] if i < rank else "#bbbbbb" for i in range(len(vals))]
+    fig = go.Figure(
+        go.Scatter(
+            x=xs,
+            y=ys,
+            mode="markers",
+            marker={"color": colors, "size": 5},
+            showlegend=False,
+            hovertemplate="index %{x}<br>σ = %{y:.4g}<extra></extra>",
+        )
+    )
+    if 0 < rank < len(vals):
+        fig.add_vline(x=rank + 0.5, line={"color": "#d62728", "dash": "dash", "width": 2})
+    fig.update_yaxes(type="log", exponentformat="power", title_text="σ")
+    fig.update_xaxes(title_text="index")
+    return _layout(fig, title=title, uirevision=uirevision, height=height)
+
+
+def tradeoff_chart(
+    curves: Mapping[str, Sequence[Mapping[str, Any]]],
+    *,
+    x: str = "flops_pct",
+    y: str = "val_acc",
+    current: Mapping[str, Any] | None = None,
+    title: str | None = None,
+    uirevision: str | None = None,
+) -> go.Figure:
+    """Accuracy against cost (% of the uncompressed model), one line per curve.
+
+    Args:
+        curves: label -> points, each a flat dict with at least ``x``, ``y`` and "value".
+        x: "flops_pct" or "params_pct" (percent, 0-100).
+        y: the accuracy key to plot ("val_acc" or "test_acc", fractions 0-1).
+        current: the point the slider is on, marked with a star.
+    """
+    x_name = {"flops_pct": "FLOPs (% of original)", "params_pct": "parameters (% of original)"}
+    y_name = {"val_acc": "validation accuracy", "test_acc": "test accuracy"}
+    title = title or f"Trade-off: {y_name.get(y, y)} against {x_name.get(x, x)}"
+    fig = go.Figure()
+    for i, (label, pts) in enumerate(curves.items()):
+        good = [p for p in pts if _finite(p.get(x)) and _finite(p.get(y))]
+        good.sort(key=lambda p: p[x])
+        if not good:
+            continue
+        fig.add_trace(
+            go.Scatter(
+                x=[p[x] for p in good],
+                y=[p[y] for p in good],
+                mode="lines+markers",
+                name=label,
+                line={"color": PALETTE[i % len(PALETTE)], "width": 2},
+                marker={"size": 6},
+                customdata=[p.get("value") for p in good],
+                hovertemplate="setting %{customdata:.3g}<br>%{x:.1f} %<br>acc %{y:.2%}"
+                + f"<extra>{label}</extra>",
+            )
+        )
+    if current is not None and _finite(current.get(x)) and _finite(current.get(y)):
+        fig.add_trace(
+            go.Scatter(
+                x=[current[x]],
+                y=[current[y]],
+                mode="markers",
+                name="current",
+                marker={
+                    "symbol": "star",
+                    "size": 16,
+                    "color": "#d62728",
+                    "line": {"color": "white", "width": 1},
+                },
+                hovertemplate="current<br>%{x:.1f} %<br>acc %{y:.2%}<extra></extra>",
+            )
+        )
+    if not fig.data:
+        return empty_figure("no trade-off points", title=title, uirevision=uirevision)
+    fig.update_xaxes(title_text=x_name.get(x, x), ticksuffix=" %")
+    fig.update_yaxes(title_text=y_name.get(y, y), tickformat=".0%")
+    return _layout(fig, title=title, uirevision=uirevision)
+
+
+def theory_spectrum(
+    learned: Sequence[float],
+    true: Sequence[float],
+    *,
+    n_factors: int,
+    uirevision: str | None = "theory",
+) -> go.Figure:
+    """Learned singular values of the product against the planted ones (log scale)."""
+    title = f"Singular values: learned product (N={n_factors}) against the planted matrix"
+    k = max(len(learned), len(true))
+    xs = list(range(1, k + 1))
+    fig = go.Figure()
+    fig.add_trace(
+        go.Bar(
+            x=xs[: len(true)],
+            y=[max(float(v), 1e-12) for v in true],
+            name="planted (true)",
+            marker={"color": "#bbbbbb"},
+        )
+    )
+    fig.add_trace(
+        go.Scatter(
+            x=xs[: len(learned)],
+            y=[max(float(v), 1e-12) for v in learned],
+            mode="lines+markers",
+            name=f"learned, N={n_factors}",
+            line={"color": PALETTE[0], "width": 2},
+            marker={"size": 7},
+        )
+    )
+    fig.update_yaxes(type="log", exponentformat="power", title_text="σ")
+    fig.update_xaxes(title_text="singular value index")
+    return _layout(fig, title=title, uirevision=uirevision, barmode="overlay")

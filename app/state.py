@@ -1,0 +1,104 @@
+"""Every st.session_state key the app uses, with its guarded init, in one place.
+
+Widget keys are namespaced by page ("train.lr", "compress.value", ...) so that two pages never
+share a widget key. Values that must survive a browser refresh (the run a page is looking at)
+are mirrored into the URL query parameters.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import streamlit as st
+
+# --- state shared between pages -------------------------------------------------------------
+CURRENT_RUN = "current_run"  # str | None: the run the Train page follows ("?run=" in the URL)
+COMPRESS_CHOICE = "compress_choice"  # dict | None: {"run", "which", "policy", "value", "ranks"}
+FINETUNED = "finetuned"  # dict | None: {"key": tuple, "model": nn.Module, "metrics": dict}
+CONFIRM_DELETE = "confirm_delete"  # str | None: run awaiting delete confirmation
+LAST_ERROR = "last_error"  # str | None: one-line message shown after a failed action
+
+# --- widget keys (one namespace per page) ---------------------------------------------------
+TRAIN_PRESET = "train.preset"
+TRAIN_DATASET = "train.dataset"
+TRAIN_MODEL = "train.model"
+TRAIN_N = "train.n_factors"
+TRAIN_INIT = "train.init"
+TRAIN_WD = "train.weight_decay"
+TRAIN_LR = "train.lr"
+TRAIN_EPOCHS = "train.epochs"
+TRAIN_BATCH = "train.batch_size"
+TRAIN_SEED = "train.seed"
+TRAIN_DEVICE = "train.device"
+TRAIN_OPTIMIZER = "train.optimizer"
+TRAIN_BASELINE = "train.baseline"
+TRAIN_FOLLOW = "train.follow"
+TRAIN_LAYER = "train.layer"
+
+RUNS_PICK = "runs.pick"
+RUNS_LAYER = "runs.layer"
+RUNS_DELETE = "runs.delete"
+
+COMPRESS_RUN = "compress.run"
+COMPRESS_WHICH = "compress.which"
+COMPRESS_POLICY = "compress.policy"
+COMPRESS_VALUE = "compress.value"
+COMPRESS_RANKS = "compress.ranks"
+COMPRESS_X = "compress.x_axis"
+COMPRESS_MAX_DROP = "compress.max_drop"
+COMPRESS_FT_EPOCHS = "compress.ft_epochs"
+COMPRESS_FT_LR = "compress.ft_lr"
+
+EXPORT_RUN = "export.run"
+EXPORT_WHICH = "export.which"
+EXPORT_MODEL = "export.model"
+EXPORT_FORMAT = "export.format"
+
+THEORY_N = "theory.n_factors"
+THEORY_LAMBDA = "theory.weight_decay"
+THEORY_RANK = "theory.rank"
+THEORY_SEED = "theory.seed"
+
+QUERY_RUN = "run"  # URL query parameter that holds the current run
+
+DEFAULTS: dict[str, Any] = {
+    CURRENT_RUN: None,
+    COMPRESS_CHOICE: None,
+    FINETUNED: None,
+    CONFIRM_DELETE: None,
+    LAST_ERROR: None,
+}
+
+
+def init() -> None:
+    """Create every shared key once per session; never overwrite what is there."""
+    for key, value in DEFAULTS.items():
+        if key not in st.session_state:
+            st.session_state[key] = value
+    if st.session_state[CURRENT_RUN] is None:
+        from_url = st.query_params.get(QUERY_RUN)
+        if from_url:
+            st.session_state[CURRENT_RUN] = str(from_url)
+
+
+def current_run() -> str | None:
+    """The run the user is looking at (session first, then the URL)."""
+    init()
+    return st.session_state[CURRENT_RUN]
+
+
+def set_current_run(name: str | None) -> None:
+    """Remember ``name`` in the session and in the URL so that a refresh comes back to it."""
+    init()
+    st.session_state[CURRENT_RUN] = name
+    if name:
+        st.query_params[QUERY_RUN] = name
+    elif QUERY_RUN in st.query_params:
+        del st.query_params[QUERY_RUN]
+
+
+def setdefault(key: str, value: Any) -> Any:
+    """Guarded init for a widget key: set ``value`` only if the key is not there yet."""
+    if key not in st.session_state:
+        st.session_state[key] = value
+    return st.session_state[key]

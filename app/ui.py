@@ -1,0 +1,100 @@
+"""Small display helpers shared by the pages: error guard, number formatting."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import sys
+import traceback
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+import streamlit as st
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+_log = logging.getLogger("lorita.app")
+if not _log.handlers:
+    _handler = logging.StreamHandler(sys.stderr)
+    _handler.setFormatter(logging.Formatter("%(asctime)s lorita.app %(levelname)s %(message)s"))
+    _log.addHandler(_handler)
+    _log.setLevel(logging.INFO)
+    _log.propagate = False
+
+
+def one_line(exc: BaseException) -> str:
+    """A short, single-line description of ``exc`` for the user."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    if isinstance(exc, (ValueError, FileNotFoundError, PermissionError)) and text:
+        return text
+    name = type(exc).__name__
+    return f"{name}: {text}" if text else name
+
+
+def report(exc: BaseException, context: str = "") -> None:
+    """Show ``exc`` as one st.error line; log the full traceback to stderr."""
+    _log.error(
+        "%s%s",
+        f"{context}: " if context else "",
+        "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)).rstrip(),
+    )
+    prefix = f"{context}: " if context else ""
+    st.error(prefix + one_line(exc), icon=":material/error:")
+
+
+@contextlib.contextmanager
+def guard(context: str = "") -> Iterator[None]:
+    """``with guard("Loading run"):`` shows any exception inside as a one-line st.error.
+
+    Streamlit's own control flow (st.rerun, st.stop, st.switch_page) derives from
+    BaseException and passes through untouched.
+    """
+    try:
+        yield
+    except Exception as exc:  # noqa: BLE001 - the whole point: no traceback reaches the user
+        report(exc, context)
+
+
+def guarded(func: F) -> F:
+    """Decorator form of :func:`guard` for page bodies and fragments."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001
+            report(exc)
+            return None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def fmt_count(n: float) -> str:
+    """12345678 -> '12.3 M'; used for params and FLOPs."""
+    n = float(n)
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{n:.0f}"
+
+
+def fmt_duration(seconds: float | None) -> str:
+    """75 -> '1 min 15 s'; None -> '—'."""
+    if seconds is None or seconds != seconds or seconds < 0:
+        return "—"
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    minutes, sec = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes} min {sec:02d} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min"
+
+
+def fmt_pct(x: float | None, digits: int = 1) -> str:
+    """0.9312 -> '93.1 %' (x is a fraction)."""
+    if x is None:
+        return "—"
+    return f"{100.0 * float(x):.{digits}f} %"

@@ -1,0 +1,117 @@
+"""app/charts.py: data in, plotly Figure out, with a stable uirevision."""
+
+import math
+
+import plotly.graph_objects as go
+import pytest
+
+from app import charts
+
+METRICS = [
+    {"step": 0, "epoch": 0, "split": "train", "loss": 2.3, "acc": 0.1},
+    {"step": 10, "epoch": 0, "split": "train", "loss": 1.2, "acc": 0.6},
+    {"step": 10, "epoch": 1, "split": "val", "loss": 1.3, "acc": 0.55},
+    {"step": 20, "epoch": 1, "split": "train", "loss": float("nan"), "acc": 0.7},
+    {"step": 20, "epoch": 2, "split": "val", "loss": 0.9, "acc": 0.8},
+    {"step": 20, "epoch": 2, "split": "test", "loss": 0.95, "acc": 0.79},
+]
+
+
+def test_training_curves_one_run_one_trace_per_split_and_skips_nan():
+    fig = charts.training_curves({"r": METRICS}, "loss", uirevision="keep")
+    assert isinstance(fig, go.Figure)
+    names = [t.name for t in fig.data]
+    assert names == ["train", "val"]
+    assert list(fig.data[0].y) == [2.3, 1.2]  # the NaN row is dropped
+    assert fig.layout.uirevision == "keep"
+
+
+def test_training_curves_overlay_labels_runs_and_formats_accuracy():
+    fig = charts.training_curves({"N=1": METRICS, "N=3": METRICS}, "acc")
+    assert {t.name for t in fig.data} == {"N=1 · train", "N=1 · val", "N=3 · train", "N=3 · val"}
+    assert fig.layout.yaxis.tickformat == ".0%"
+    assert fig.layout.uirevision  # defaults to a stable string
+
+
+def test_training_curves_without_data_says_so():
+    fig = charts.training_curves({"r": []}, "loss")
+    assert len(fig.data) == 0
+    assert "no measurements" in fig.layout.annotations[0].text
+
+
+def test_spectrum_heatmap_is_log_ratio_to_largest():
+    fig = charts.spectrum_heatmap([0, 5], [[4.0, 2.0, 0.0], [10.0, 1.0, 0.1]], layer="fc1")
+    hm = fig.data[0]
+    assert isinstance(hm, go.Heatmap)
+    z = [list(row) for row in hm.z]  # rows: σ index, columns: snapshots
+    assert len(z) == 3 and len(z[0]) == 2
+    assert z[0] == [0.0, 0.0]
+    assert math.isclose(z[1][0], math.log10(0.5))
+    assert math.isclose(z[2][1], -2.0)
+    assert z[2][0] == charts.LOG_FLOOR  # an exact zero sits on the floor, not at -inf
+    assert "fc1" in fig.layout.title.text
+
+
+def test_spectrum_heatmap_empty():
+    assert len(charts.spectrum_heatmap([], [], layer="x").data) == 0
+
+
+def test_layer_spectra_chart_normalises_and_uses_log_axis():
+    fig = charts.layer_spectra_chart({"a": [2.0, 1.0, 0.0], "b": [5.0]}, uirevision="u")
+    assert fig.layout.yaxis.type == "log"
+    assert list(fig.data[0].y)[:2] == [1.0, 0.5]
+    assert fig.data[0].y[2] > 0  # zeros are clipped so the log axis can draw them
+    assert [t.name for t in fig.data] == ["a", "b"]
+
+
+def test_rank_curves_one_line_per_layer():
+    fig = charts.rank_curves([0, 10, 20], {"fc1": [30, 12, 5], "fc2": [10, 8, 6]})
+    assert [t.name for t in fig.data] == ["fc1", "fc2"]
+    assert list(fig.data[0].x) == [0, 10, 20]
+
+
+def test_spectrum_cut_marks_the_rank():
+    fig = charts.spectrum_cut([5.0, 3.0, 1.0, 0.1], 2, layer="fc1")
+    colors = list(fig.data[0].marker.color)
+    assert colors[0] == colors[1] != colors[2] == colors[3]
+    assert fig.layout.shapes[0].x0 == 2.5
+    assert "keep 2 of 4" in fig.layout.title.text
+    # full rank: no cut line
+    assert len(charts.spectrum_cut([1.0, 0.5], 2, layer="x").layout.shapes) == 0
+
+
+def test_tradeoff_chart_sorts_by_cost_and_marks_current():
+    pts = [
+        {"value": 1.0, "flops_pct": 100.0, "params_pct": 100.0, "val_acc": 0.95},
+        {"value": 0.2, "flops_pct": 20.0, "params_pct": 25.0, "val_acc": 0.80},
+        {"value": 0.5, "flops_pct": 50.0, "params_pct": 55.0, "val_acc": 0.94},
+    ]
+    fig = charts.tradeoff_chart({"N=3": pts, "N=1": pts[:2]}, current=pts[2])
+    assert list(fig.data[0].x) == [20.0, 50.0, 100.0]
+    assert fig.data[-1].name == "current" and list(fig.data[-1].x) == [50.0]
+    fig2 = charts.tradeoff_chart({"N=3": pts}, x="params_pct", y="val_acc")
+    assert list(fig2.data[0].x) == [25.0, 55.0, 100.0]
+
+
+def test_theory_spectrum_has_true_and_learned():
+    fig = charts.theory_spectrum([3.0, 2.0, 1e-5], [3.0, 2.0], n_factors=3)
+    assert [t.name for t in fig.data] == ["planted (true)", "learned, N=3"]
+    assert fig.layout.yaxis.type == "log"
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: charts.training_curves({"r": METRICS}),
+        lambda: charts.spectrum_heatmap([0], [[1.0]], layer="a"),
+        lambda: charts.layer_spectra_chart({"a": [1.0]}),
+        lambda: charts.rank_curves([0], {"a": [1]}),
+        lambda: charts.spectrum_cut([1.0], 1, layer="a"),
+        lambda: charts.tradeoff_chart({"a": [{"flops_pct": 1, "val_acc": 0.5, "value": 1}]}),
+        lambda: charts.theory_spectrum([1.0], [1.0], n_factors=1),
+    ],
+)
+def test_every_chart_serialises_and_has_uirevision(make):
+    fig = make()
+    assert fig.layout.uirevision is not None
+    fig.to_json()  # what st.plotly_chart sends to the browser
