@@ -1,0 +1,74 @@
+"""LoRITa: low-rank induced training through composed linear layers.
+
+Write each weight as a product of N factors, train with ordinary weight decay, merge the
+factors back, and cut small singular values to get a model that is really smaller.
+
+    import lorita as lt
+    model = lt.overparameterize(net, n_factors=3)       # train it as usual, with weight decay
+    small = lt.truncate(model, lt.Energy(0.99))         # merged, low-rank, cheaper
+    lt.count_cost(small, x), lt.save(small, "small.safetensors")
+"""
+
+from . import functional
+from .convert import composed_layers, iter_layers, merge_model, overparameterize
+from .cost import Cost, count_cost, measure_latency
+from .export import export_onnx, load, load_bytes, read_spec, save, save_bytes
+from .layers import FactorConv2d, FactorLinear, LowRankConv2d, LowRankLinear
+from .spectra import effective_rank, entropy_rank, layer_spectra, rank_summary, stable_rank
+from .truncation import (
+    Energy,
+    Global,
+    Ranks,
+    SVDCache,
+    Uniform,
+    iterative_search,
+    layer_svd,
+    make_policy,
+    plan_ranks,
+    smallest_within,
+    tradeoff_curve,
+    truncate,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "functional",
+    "FactorLinear",
+    "FactorConv2d",
+    "LowRankLinear",
+    "LowRankConv2d",
+    "overparameterize",
+    "merge_model",
+    "composed_layers",
+    "iter_layers",
+    "layer_spectra",
+    "effective_rank",
+    "stable_rank",
+    "entropy_rank",
+    "rank_summary",
+    "Uniform",
+    "Global",
+    "Energy",
+    "Ranks",
+    "make_policy",
+    "SVDCache",
+    "layer_svd",
+    "plan_ranks",
+    "truncate",
+    "tradeoff_curve",
+    "smallest_within",
+    "iterative_search",
+    "Cost",
+    "count_cost",
+    "measure_latency",
+    "save",
+    "load",
+    "save_bytes",
+    "load_bytes",
+    "read_spec",
+    "export_onnx",
+]
+
+# --- engine --- (datasets, models, training, runs; added by lorita/data.py etc.)
+# --- end engine ---

@@ -1,0 +1,665 @@
+"""Composed layers (a weight written as a product of N factors) and the thin low-rank layers
+that truncation produces. Each converts to and from the plain layer it replaces.
+
+Shapes use PyTorch's conventions: a Linear weight is (out, in); a conv weight is
+(C_out, C_in, kh, kw) and its matrix view is (C_out, C_in*kh*kw).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .functional import balanced_factors, chain_product, prefer_product
+
+__all__ = ["FactorLinear", "FactorConv2d", "LowRankLinear", "LowRankConv2d", "LAYER_TYPES"]
+
+_INITS = ("balanced", "independent")
+_ORDERS = ("auto", "product", "sequential")
+
+
+def _check_n_factors(n_factors) -> int:
+    if isinstance(n_factors, bool) or not isinstance(n_factors, int) or n_factors < 1:
+        raise ValueError(f"n_factors: expected an integer >= 1, got {n_factors!r}")
+    return n_factors
+
+
+def _check_choice(field: str, value, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise ValueError(f"{field}: expected one of {', '.join(allowed)}, got {value!r}")
+    return value
+
+
+def _resolve_inner(inner, full: int) -> int:
+    if inner is None:
+        return full
+    if isinstance(inner, bool) or not isinstance(inner, int) or inner < 1:
+        raise ValueError(f"inner: expected None or an integer >= 1, got {inner!r}")
+    return inner
+
+
+def _check_rank(rank, full: int) -> int:
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= full:
+        raise ValueError(f"rank: expected an integer with 1 <= rank <= {full}, got {rank!r}")
+    return rank
+
+
+def _default_init_(w: Tensor) -> Tensor:
+    """PyTorch's default Linear/Conv init: kaiming_uniform(a=sqrt(5)), i.e. U(+-1/sqrt(fan_in))."""
+    return nn.init.kaiming_uniform_(w, a=math.sqrt(5))
+
+
+def _default_bias_(b: Tensor, fan_in: int) -> Tensor:
+    bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+    return nn.init.uniform_(b, -bound, bound)
+
+
+def _balanced_svd_split(w: Tensor, rank: int, svd=None) -> tuple[Tensor, Tensor]:
+    """Best rank-r split ``w ~ second @ first`` with both halves carrying sqrt(S).
+
+    ``svd``: a precomputed thin SVD ``(U, S, Vh)`` of ``w`` (saves the decomposition)."""
+    u, s, vh = torch.linalg.svd(w.double(), full_matrices=False) if svd is None else svd
+    root = s[:rank].sqrt()
+    first = root[:, None] * vh[:rank]  # (r, n)
+    second = u[:, :rank] * root[None, :]  # (m, r)
+    return first.to(w.dtype), second.to(w.dtype)
+
+
+class FactorLinear(nn.Module):
+    """``nn.Linear`` whose weight is a product of ``n_factors`` bias-free factors.
+
+    ``weight = W_N @ ... @ W_1`` with ``W_1`` (inner, in), middle factors (inner, inner) and
+    ``W_N`` (out, inner); the bias is added once at the end. Weight decay on the factors then
+    acts on the merged weight like a Schatten-(2/N) penalty, which favours low rank.
+
+    Args:
+        in_features, out_features, bias: as for ``nn.Linear``.
+        n_factors: N >= 1. N=1 is an ordinary linear layer.
+        init: "balanced" draws the usual dense init and splits it into balanced factors, so the
+            layer starts as the same function as a fresh ``nn.Linear``; "independent" gives
+            every factor PyTorch's default init (the paper's choice; the product starts small).
+        inner: width of the inner dimensions; default ``min(in, out)`` (enough for any rank).
+            ``inner=in_features`` is the paper's choice.
+        order: how to evaluate. "auto" picks, per call, the cheaper of forming the product
+            first or applying the factors one after another, from the shapes; "product" and
+            "sequential" force one. Results and gradients agree up to rounding.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        n_factors: int = 3,
+        bias: bool = True,
+        init: str = "balanced",
+        inner: int | None = None,
+        order: str = "auto",
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        kw = {"device": device, "dtype": dtype}
+        self.in_features = int(in_features)
+        self.out_features = int(out_features)
+        self.n_factors = _check_n_factors(n_factors)
+        self.init = _check_choice("init", init, _INITS)
+        self.order = _check_choice("order", order, _ORDERS)
+        self._default_inner = min(self.in_features, self.out_features)
+        self.inner = _resolve_inner(inner, self._default_inner)
+        w = self.widths
+        self.factors = nn.ParameterList(
+            [nn.Parameter(torch.empty(w[i + 1], w[i], **kw)) for i in range(self.n_factors)]
+        )
+        self.bias = nn.Parameter(torch.empty(self.out_features, **kw)) if bias else None
+        self.reset_parameters()
+
+    @property
+    def widths(self) -> list[int]:
+        """``[in, inner, ..., inner, out]``: the widths along the chain."""
+        return [self.in_features] + [self.inner] * (self.n_factors - 1) + [self.out_features]
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            if self.init == "balanced":
+                dense = _default_init_(
+                    self.factors[0].new_empty(self.out_features, self.in_features)
+                )
+                self._set_factors(balanced_factors(dense, self.n_factors, self.inner))
+            else:
+                for f in self.factors:
+                    _default_init_(f)
+            if self.bias is not None:
+                _default_bias_(self.bias, self.in_features)
+
+    def _set_factors(self, mats: list[Tensor]) -> None:
+        for p, m in zip(self.factors, mats):
+            p.copy_(m)
+
+    @property
+    def weight(self) -> Tensor:
+        """The merged weight (out, in); differentiable with respect to the factors."""
+        return chain_product(list(self.factors))
+
+    def use_product(self, x: Tensor) -> bool:
+        if self.order != "auto":
+            return self.order == "product"
+        rows = x.numel() // self.in_features
+        return prefer_product(self.widths, rows)
+
+    def forward(self, x: Tensor) -> Tensor:  # (..., in) -> (..., out)
+        if self.n_factors == 1 or self.use_product(x):
+            return F.linear(x, self.weight, self.bias)
+        for f in list(self.factors)[:-1]:
+            x = F.linear(x, f)
+        return F.linear(x, self.factors[-1], self.bias)
+
+    @torch.no_grad()
+    def merge(self) -> nn.Linear:
+        """A plain ``nn.Linear`` computing the same function (same device and dtype)."""
+        p = self.factors[0]
+        out = nn.Linear(
+            self.in_features,
+            self.out_features,
+            bias=self.bias is not None,
+            device=p.device,
+            dtype=p.dtype,
+        )
+        out.weight.copy_(self.weight)
+        if self.bias is not None:
+            out.bias.copy_(self.bias)
+        return out
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        n_factors: int = 3,
+        *,
+        init: str = "balanced",
+        inner: int | None = None,
+        order: str = "auto",
+    ) -> FactorLinear:
+        """Compose ``linear``. With init="balanced" the result computes the same function."""
+        if not isinstance(linear, nn.Linear):
+            raise ValueError(f"linear: expected an nn.Linear, got {type(linear).__name__}")
+        w = linear.weight
+        layer = cls(
+            linear.in_features,
+            linear.out_features,
+            n_factors=n_factors,
+            bias=linear.bias is not None,
+            init="independent",
+            inner=inner,
+            order=order,
+            device=w.device,
+            dtype=w.dtype,
+        )
+        layer.init = _check_choice("init", init, _INITS)
+        with torch.no_grad():
+            if init == "balanced":
+                layer._set_factors(balanced_factors(w.detach(), layer.n_factors, layer.inner))
+            if linear.bias is not None:
+                layer.bias.copy_(linear.bias)
+        return layer
+
+    def layer_spec(self) -> dict:
+        """JSON description used by :func:`lorita.save` to rebuild this layer."""
+        return {
+            "kind": "factor",
+            "n_factors": self.n_factors,
+            "inner": self.inner,
+            "order": self.order,
+        }
+
+    def extra_repr(self) -> str:
+        s = f"in_features={self.in_features}, out_features={self.out_features}, n_factors={self.n_factors}"
+        if self.inner != self._default_inner:
+            s += f", inner={self.inner}"
+        if self.bias is None:
+            s += ", bias=False"
+        if self.init != "balanced":
+            s += f", init={self.init!r}"
+        if self.order != "auto":
+            s += f", order={self.order!r}"
+        return s
+
+
+def _pair(v) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+class _ConvGeometry:
+    """The Conv2d options shared by the composed and low-rank convolutions."""
+
+    def _init_geometry(self, kernel_size, stride, padding, dilation, padding_mode) -> None:
+        self.kernel_size = _pair(kernel_size)
+        self.stride = _pair(stride)
+        self.dilation = _pair(dilation)
+        if isinstance(padding, str):
+            _check_choice("padding", padding, ("same", "valid"))
+            if padding == "same" and any(s != 1 for s in self.stride):
+                raise ValueError("padding: 'same' is not supported for strided convolutions")
+            self.padding = padding
+        else:
+            self.padding = _pair(padding)
+        self.padding_mode = _check_choice(
+            "padding_mode", padding_mode, ("zeros", "reflect", "replicate", "circular")
+        )
+        # F.pad order: (left, right, top, bottom), as nn.Conv2d computes it.
+        rpad = []
+        for i in (1, 0):
+            if self.padding == "same":
+                total = self.dilation[i] * (self.kernel_size[i] - 1)
+                rpad += [total // 2, total - total // 2]
+            elif self.padding == "valid":
+                rpad += [0, 0]
+            else:
+                rpad += [self.padding[i], self.padding[i]]
+        self._pad = tuple(rpad)
+
+    def _conv(self, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+        if self.padding_mode != "zeros":
+            x = F.pad(x, self._pad, mode=self.padding_mode)
+            return F.conv2d(x, w, b, self.stride, 0, self.dilation)
+        return F.conv2d(x, w, b, self.stride, self.padding, self.dilation)
+
+    def _out_pixels(self, x: Tensor) -> int:
+        """Batch x H_out x W_out for input ``x`` (B, C, H, W) or (C, H, W)."""
+        batch = x.shape[0] if x.dim() == 4 else 1
+        n = batch
+        for i, size in enumerate(x.shape[-2:]):
+            pad = self._pad[2 * (1 - i)] + self._pad[2 * (1 - i) + 1]
+            span = self.dilation[i] * (self.kernel_size[i] - 1) + 1
+            n *= max(0, (size + pad - span) // self.stride[i] + 1)
+        return n
+
+    def _geometry_repr(self) -> str:
+        s = f"kernel_size={self.kernel_size}"
+        if self.stride != (1, 1):
+            s += f", stride={self.stride}"
+        if self.padding not in ((0, 0), "valid"):
+            s += f", padding={self.padding}"
+        if self.dilation != (1, 1):
+            s += f", dilation={self.dilation}"
+        if self.padding_mode != "zeros":
+            s += f", padding_mode={self.padding_mode!r}"
+        return s
+
+    def _plain_conv(self, c_in: int, c_out: int, bias: bool, ref: Tensor) -> nn.Conv2d:
+        return nn.Conv2d(
+            c_in,
+            c_out,
+            self.kernel_size,
+            self.stride,
+            self.padding,
+            self.dilation,
+            bias=bias,
+            padding_mode=self.padding_mode,
+            device=ref.device,
+            dtype=ref.dtype,
+        )
+
+
+def _check_conv(conv) -> None:
+    if not isinstance(conv, nn.Conv2d):
+        raise ValueError(f"conv: expected an nn.Conv2d, got {type(conv).__name__}")
+    if conv.groups != 1:
+        raise ValueError(
+            f"groups: composed and low-rank convolutions support groups=1 only, got "
+            f"groups={conv.groups}; leave this layer out (skip=...)"
+        )
+
+
+class FactorConv2d(_ConvGeometry, nn.Module):
+    """``nn.Conv2d`` written as the k x k conv to ``inner`` channels followed by N-1 1x1 factors.
+
+    ``weight = D_{N-1} @ ... @ D_1 @ W_0.reshape(inner, -1)``, reshaped to (C_out, C_in, kh, kw);
+    the bias is added once at the end. Options as :class:`FactorLinear`; every ``nn.Conv2d``
+    option is kept except groups (groups > 1 raises ``ValueError``). Default inner width
+    ``min(C_out, C_in*kh*kw)``; the paper uses C_out. Evaluating the product first is almost
+    always cheaper for convolutions, since 1x1 factors would otherwise run at every pixel.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        *,
+        n_factors: int = 3,
+        init: str = "balanced",
+        inner: int | None = None,
+        order: str = "auto",
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        if groups != 1:
+            raise ValueError(f"groups: FactorConv2d supports groups=1 only, got groups={groups}")
+        kw = {"device": device, "dtype": dtype}
+        self.in_channels = int(in_channels)
+        self.out_channels = int(out_channels)
+        self._init_geometry(kernel_size, stride, padding, dilation, padding_mode)
+        self.n_factors = _check_n_factors(n_factors)
+        self.init = _check_choice("init", init, _INITS)
+        self.order = _check_choice("order", order, _ORDERS)
+        kh, kw_ = self.kernel_size
+        self._fan_in = self.in_channels * kh * kw_
+        self._default_inner = min(self.out_channels, self._fan_in)
+        self.inner = _resolve_inner(inner, self._default_inner)
+        first_out = self.out_channels if self.n_factors == 1 else self.inner
+        params = [nn.Parameter(torch.empty(first_out, self.in_channels, kh, kw_, **kw))]
+        w = self.widths
+        params += [
+            nn.Parameter(torch.empty(w[i + 1], w[i], **kw)) for i in range(1, self.n_factors)
+        ]
+        self.factors = nn.ParameterList(params)
+        self.bias = nn.Parameter(torch.empty(self.out_channels, **kw)) if bias else None
+        self.reset_parameters()
+
+    @property
+    def widths(self) -> list[int]:
+        """``[C_in*kh*kw, inner, ..., inner, C_out]``: widths of the matrix chain."""
+        return [self._fan_in] + [self.inner] * (self.n_factors - 1) + [self.out_channels]
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            if self.init == "balanced":
+                dense = _default_init_(
+                    self.factors[0].new_empty(
+                        self.out_channels, self.in_channels, *self.kernel_size
+                    )
+                )
+                self._set_matrix_factors(dense)
+            else:
+                for f in self.factors:
+                    _default_init_(f)
+            if self.bias is not None:
+                _default_bias_(self.bias, self._fan_in)
+
+    def _set_matrix_factors(self, dense: Tensor) -> None:
+        mats = balanced_factors(dense.reshape(self.out_channels, -1), self.n_factors, self.inner)
+        self.factors[0].copy_(mats[0].reshape(self.factors[0].shape))
+        for p, m in zip(list(self.factors)[1:], mats[1:]):
+            p.copy_(m)
+
+    def _matrices(self) -> list[Tensor]:
+        return [self.factors[0].reshape(self.factors[0].shape[0], -1)] + list(self.factors)[1:]
+
+    @property
+    def weight(self) -> Tensor:
+        """The merged weight (C_out, C_in, kh, kw); differentiable."""
+        w = chain_product(self._matrices())  # (C_out, C_in*kh*kw)
+        return w.reshape(self.out_channels, self.in_channels, *self.kernel_size)
+
+    def use_product(self, x: Tensor) -> bool:
+        if self.order != "auto":
+            return self.order == "product"
+        return prefer_product(self.widths, self._out_pixels(x))
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, C_in, H, W) -> (B, C_out, H', W')
+        if self.n_factors == 1 or self.use_product(x):
+            return self._conv(x, self.weight, self.bias)
+        y = self._conv(x, self.factors[0], None)  # (B, inner, H', W')
+        rest = list(self.factors)[1:]
+        for i, d in enumerate(rest):
+            y = F.conv2d(y, d[:, :, None, None], self.bias if i == len(rest) - 1 else None)
+        return y
+
+    @torch.no_grad()
+    def merge(self) -> nn.Conv2d:
+        """A plain ``nn.Conv2d`` computing the same function (same device and dtype)."""
+        out = self._plain_conv(
+            self.in_channels, self.out_channels, self.bias is not None, self.factors[0]
+        )
+        out.weight.copy_(self.weight)
+        if self.bias is not None:
+            out.bias.copy_(self.bias)
+        return out
+
+    @classmethod
+    def from_conv(
+        cls,
+        conv: nn.Conv2d,
+        n_factors: int = 3,
+        *,
+        init: str = "balanced",
+        inner: int | None = None,
+        order: str = "auto",
+    ) -> FactorConv2d:
+        """Compose ``conv``. With init="balanced" the result computes the same function."""
+        _check_conv(conv)
+        w = conv.weight
+        layer = cls(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            conv.stride,
+            conv.padding,
+            conv.dilation,
+            1,
+            conv.bias is not None,
+            conv.padding_mode,
+            n_factors=n_factors,
+            init="independent",
+            inner=inner,
+            order=order,
+            device=w.device,
+            dtype=w.dtype,
+        )
+        layer.init = _check_choice("init", init, _INITS)
+        with torch.no_grad():
+            if init == "balanced":
+                layer._set_matrix_factors(w.detach())
+            if conv.bias is not None:
+                layer.bias.copy_(conv.bias)
+        return layer
+
+    def layer_spec(self) -> dict:
+        return {
+            "kind": "factor",
+            "n_factors": self.n_factors,
+            "inner": self.inner,
+            "order": self.order,
+        }
+
+    def extra_repr(self) -> str:
+        s = f"{self.in_channels}, {self.out_channels}, {self._geometry_repr()}, n_factors={self.n_factors}"
+        if self.inner != self._default_inner:
+            s += f", inner={self.inner}"
+        if self.bias is None:
+            s += ", bias=False"
+        if self.init != "balanced":
+            s += f", init={self.init!r}"
+        if self.order != "auto":
+            s += f", order={self.order!r}"
+        return s
+
+
+class LowRankLinear(nn.Module):
+    """A rank-r linear map stored as two thin layers: ``second(first(x))``.
+
+    ``first``: in -> r without bias, ``second``: r -> out with the bias; r*(in+out) (+out)
+    parameters instead of in*out, and the same saving in FLOPs at run time.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int,
+        *,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        self.rank = _check_rank(rank, min(self.in_features, self.out_features))
+        kw = {"device": device, "dtype": dtype}
+        self.first = nn.Linear(self.in_features, self.rank, bias=False, **kw)
+        self.second = nn.Linear(self.rank, self.out_features, bias=bias, **kw)
+
+    @property
+    def weight(self) -> Tensor:
+        return self.second.weight @ self.first.weight  # (out, in)
+
+    @property
+    def bias(self) -> Tensor | None:
+        return self.second.bias
+
+    def forward(self, x: Tensor) -> Tensor:  # (..., in) -> (..., out)
+        return self.second(self.first(x))
+
+    @classmethod
+    def from_linear(cls, linear: nn.Module, rank: int, *, svd=None) -> LowRankLinear:
+        """Best rank-r approximation of ``linear`` (any layer with a 2-D ``weight``).
+
+        ``svd``: the thin SVD ``(U, S, Vh)`` of its weight, when already known."""
+        w = linear.weight.detach()
+        layer = cls(
+            w.shape[1],
+            w.shape[0],
+            rank,
+            bias=linear.bias is not None,
+            device=w.device,
+            dtype=w.dtype,
+        )
+        with torch.no_grad():
+            first, second = _balanced_svd_split(w, layer.rank, svd)
+            layer.first.weight.copy_(first)
+            layer.second.weight.copy_(second)
+            if linear.bias is not None:
+                layer.second.bias.copy_(linear.bias)
+        return layer
+
+    @torch.no_grad()
+    def to_dense(self) -> nn.Linear:
+        w = self.first.weight
+        out = nn.Linear(
+            self.in_features,
+            self.out_features,
+            bias=self.bias is not None,
+            device=w.device,
+            dtype=w.dtype,
+        )
+        out.weight.copy_(self.weight)
+        if self.bias is not None:
+            out.bias.copy_(self.bias)
+        return out
+
+    def layer_spec(self) -> dict:
+        return {"kind": "low_rank", "rank": self.rank}
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
+
+
+class LowRankConv2d(_ConvGeometry, nn.Module):
+    """A rank-r convolution: a k x k conv C_in -> r (no bias), then a 1x1 conv r -> C_out."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        rank: int,
+        stride=1,
+        padding=0,
+        dilation=1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        *,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        self.in_channels, self.out_channels = int(in_channels), int(out_channels)
+        self._init_geometry(kernel_size, stride, padding, dilation, padding_mode)
+        kh, kw_ = self.kernel_size
+        self.rank = _check_rank(rank, min(self.out_channels, self.in_channels * kh * kw_))
+        kw = {"device": device, "dtype": dtype}
+        self.first = nn.Conv2d(
+            self.in_channels,
+            self.rank,
+            self.kernel_size,
+            self.stride,
+            self.padding,
+            self.dilation,
+            bias=False,
+            padding_mode=self.padding_mode,
+            **kw,
+        )
+        self.second = nn.Conv2d(self.rank, self.out_channels, 1, bias=bias, **kw)
+
+    @property
+    def weight(self) -> Tensor:
+        w = self.second.weight[:, :, 0, 0] @ self.first.weight.reshape(self.rank, -1)
+        return w.reshape(self.out_channels, self.in_channels, *self.kernel_size)
+
+    @property
+    def bias(self) -> Tensor | None:
+        return self.second.bias
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, C_in, H, W) -> (B, C_out, H', W')
+        return self.second(self.first(x))
+
+    @classmethod
+    def from_conv(cls, conv: nn.Module, rank: int, *, svd=None) -> LowRankConv2d:
+        """Best rank-r approximation of ``conv`` (an nn.Conv2d or FactorConv2d).
+
+        ``svd``: the thin SVD ``(U, S, Vh)`` of its weight matrix (C_out, C_in*kh*kw)."""
+        if isinstance(conv, nn.Conv2d):
+            _check_conv(conv)
+        w = conv.weight.detach()
+        c_out = w.shape[0]
+        layer = cls(
+            w.shape[1],
+            c_out,
+            conv.kernel_size,
+            rank,
+            conv.stride,
+            conv.padding,
+            conv.dilation,
+            conv.bias is not None,
+            conv.padding_mode,
+            device=w.device,
+            dtype=w.dtype,
+        )
+        with torch.no_grad():
+            first, second = _balanced_svd_split(w.reshape(c_out, -1), layer.rank, svd)
+            layer.first.weight.copy_(first.reshape(layer.first.weight.shape))
+            layer.second.weight.copy_(second[:, :, None, None])
+            if conv.bias is not None:
+                layer.second.bias.copy_(conv.bias)
+        return layer
+
+    @torch.no_grad()
+    def to_dense(self) -> nn.Conv2d:
+        out = self._plain_conv(
+            self.in_channels, self.out_channels, self.bias is not None, self.first.weight
+        )
+        out.weight.copy_(self.weight)
+        if self.bias is not None:
+            out.bias.copy_(self.bias)
+        return out
+
+    def layer_spec(self) -> dict:
+        return {"kind": "low_rank", "rank": self.rank}
+
+    def extra_repr(self) -> str:
+        return f"{self.in_channels}, {self.out_channels}, {self._geometry_repr()}, rank={self.rank}"
+
+
+#: Every layer kind whose weight LoRITa reads, composes or truncates.
+LAYER_TYPES = (nn.Linear, nn.Conv2d, FactorLinear, FactorConv2d, LowRankLinear, LowRankConv2d)

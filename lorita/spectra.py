@@ -1,0 +1,104 @@
+"""Singular values of every layer's (merged) weight, and the ranks that summarise them."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor, nn
+
+from .convert import iter_layers
+
+__all__ = [
+    "layer_matrix",
+    "layer_spectra",
+    "effective_rank",
+    "stable_rank",
+    "entropy_rank",
+    "rank_summary",
+]
+
+#: Default relative threshold for :func:`effective_rank`: singular values below 1% of the
+#: largest are counted as gone.
+EFFECTIVE_RANK_TOL = 1e-2
+
+
+def layer_matrix(module: nn.Module) -> Tensor:
+    """The layer's merged weight as a detached matrix: (out, in) for a Linear,
+    (C_out, C_in*kh*kw) for a conv."""
+    with torch.no_grad():
+        w = module.weight
+        return w.detach().reshape(w.shape[0], -1)
+
+
+def _select(model: nn.Module, names: Iterable[str] | None) -> dict[str, nn.Module]:
+    layers = dict(iter_layers(model))
+    if names is None:
+        return layers
+    names = list(names)
+    unknown = [n for n in names if n not in layers]
+    if unknown:
+        raise ValueError(f"names: unknown layer(s) {unknown}; layers are: {', '.join(layers)}")
+    return {n: layers[n] for n in names}
+
+
+def layer_spectra(model: nn.Module, names: Iterable[str] | None = None) -> dict[str, Tensor]:
+    """``{layer_name: singular values (descending, float32, CPU)}`` of each merged weight.
+
+    Works for plain, composed and truncated models alike; computed without gradients.
+    """
+    out = {}
+    with torch.no_grad():
+        for name, module in _select(model, names).items():
+            w = layer_matrix(module)
+            out[name] = torch.linalg.svdvals(w.float()).cpu()
+    return out
+
+
+def _check_1d(s: Tensor) -> Tensor:
+    s = torch.as_tensor(s, dtype=torch.float64)
+    if s.dim() != 1 or s.numel() == 0:
+        raise ValueError(
+            f"s: expected a non-empty 1-D tensor of singular values, got shape {tuple(s.shape)}"
+        )
+    return s
+
+
+def effective_rank(s: Tensor, tol: float = EFFECTIVE_RANK_TOL) -> int:
+    """Number of singular values above ``tol * sigma_max``."""
+    s = _check_1d(s)
+    if not 0 < tol < 1:
+        raise ValueError(f"tol: expected 0 < tol < 1, got {tol!r}")
+    top = float(s.max())
+    return int((s > tol * top).sum()) if top > 0 else 0
+
+
+def stable_rank(s: Tensor) -> float:
+    """``sum sigma^2 / sigma_max^2``: a smooth rank that ignores tiny singular values."""
+    s = _check_1d(s)
+    top = float(s.max())
+    return float(s.pow(2).sum() / top**2) if top > 0 else 0.0
+
+
+def entropy_rank(s: Tensor) -> float:
+    """``exp(entropy of sigma / sum sigma)`` (Roy & Vetterli's effective rank)."""
+    s = _check_1d(s)
+    total = float(s.sum())
+    if total <= 0:
+        return 0.0
+    p = s / total
+    p = p[p > 0]
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
+def rank_summary(spectra: dict[str, Tensor], tol: float = EFFECTIVE_RANK_TOL) -> dict[str, dict]:
+    """Per layer: full rank, effective rank, stable rank and entropy rank."""
+    return {
+        name: {
+            "full": int(len(s)),
+            "effective": effective_rank(s, tol),
+            "stable": stable_rank(s),
+            "entropy": entropy_rank(s),
+        }
+        for name, s in spectra.items()
+    }
