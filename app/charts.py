@@ -324,11 +324,12 @@ def theory_spectrum(
     true: Sequence[float],
     *,
     n_factors: int,
+    observed: Sequence[float] | None = None,
     uirevision: str | None = "theory",
 ) -> go.Figure:
-    """Learned singular values of the product against the planted ones (log scale)."""
+    """Learned singular values of the product against the planted (and observed) ones, log y."""
     title = f"Singular values: learned product (N={n_factors}) against the planted matrix"
-    k = max(len(learned), len(true))
+    k = max(len(learned), len(true), len(observed or []))
     xs = list(range(1, k + 1))
     fig = go.Figure()
     fig.add_trace(
@@ -339,6 +340,16 @@ def theory_spectrum(
             marker={"color": "#bbbbbb"},
         )
     )
+    if observed is not None:
+        fig.add_trace(
+            go.Scatter(
+                x=xs[: len(observed)],
+                y=[max(float(v), 1e-12) for v in observed],
+                mode="lines",
+                name="observed (planted + noise)",
+                line={"color": "#888888", "width": 1, "dash": "dot"},
+            )
+        )
     fig.add_trace(
         go.Scatter(
             x=xs[: len(learned)],

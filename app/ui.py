@@ -43,6 +43,28 @@ def report(exc: BaseException, context: str = "") -> None:
     st.error(prefix + one_line(exc), icon=":material/error:")
 
 
+def report_later(exc: BaseException, context: str = "") -> None:
+    """For widget callbacks: log ``exc`` and keep its one-line message for the page to show.
+
+    Callbacks run before the page script, so they cannot draw; the page shows
+    ``st.session_state["last_error"]`` (see app.state.LAST_ERROR) on its next run.
+    """
+    _log.error(
+        "%s%s",
+        f"{context}: " if context else "",
+        "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)).rstrip(),
+    )
+    st.session_state["last_error"] = (f"{context}: " if context else "") + one_line(exc)
+
+
+def show_pending_error() -> None:
+    """Show (once) the message a callback left with :func:`report_later`."""
+    msg = st.session_state.get("last_error")
+    if msg:
+        st.error(msg, icon=":material/error:")
+        st.session_state["last_error"] = None
+
+
 @contextlib.contextmanager
 def guard(context: str = "") -> Iterator[None]:
     """``with guard("Loading run"):`` shows any exception inside as a one-line st.error.

@@ -97,6 +97,8 @@ def test_theory_spectrum_has_true_and_learned():
     fig = charts.theory_spectrum([3.0, 2.0, 1e-5], [3.0, 2.0], n_factors=3)
     assert [t.name for t in fig.data] == ["planted (true)", "learned, N=3"]
     assert fig.layout.yaxis.type == "log"
+    fig = charts.theory_spectrum([3.0], [3.0], n_factors=1, observed=[3.1])
+    assert len(fig.data) == 3
 
 
 @pytest.mark.parametrize(

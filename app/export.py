@@ -1,0 +1,181 @@
+"""Glue for the Export page: build the file in memory, reload it, compare accuracies.
+
+The file is written with the library (``lt.save`` / ``lt.export_onnx``) to a temporary folder,
+read back as bytes for the download button, and reloaded from that same file (``lt.load``, or
+onnxruntime for ONNX) so the page can show that the reloaded model gives the same accuracy.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from app import compress as cz
+
+FORMATS = {
+    "low_rank": "Low-rank safetensors (cut layers stored as two thin layers)",
+    "dense": "Dense safetensors (original architecture, rank-r weights)",
+    "onnx": "ONNX (onnxruntime and other runtimes)",
+}
+MIME = {"low_rank": "application/octet-stream", "dense": "application/octet-stream",
+        "onnx": "application/octet-stream"}  # fmt: skip
+SUFFIX = {"low_rank": "-lowrank.safetensors", "dense": "-dense.safetensors", "onnx": ".onnx"}
+
+
+@dataclass
+class Built:
+    """A file ready to download, and the evidence that it loads back to the same model."""
+
+    data: bytes
+    file_name: str
+    fmt: str
+    original: dict[str, float]  # val/test accuracy of the in-memory model
+    reloaded: dict[str, float]  # the same, after reloading the file
+    seconds: float
+    snippet: str
+
+    @property
+    def same(self) -> bool:
+        return all(abs(self.original[k] - self.reloaded[k]) < 1e-9 for k in ("val_acc", "test_acc"))
+
+    @property
+    def max_diff(self) -> float:
+        return max(abs(self.original[k] - self.reloaded[k]) for k in ("val_acc", "test_acc"))
+
+
+class OnnxModule:
+    """Make an onnxruntime session callable like a module so the library can evaluate it."""
+
+    def __init__(self, path: str | Path) -> None:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = 1
+        self.session = ort.InferenceSession(
+            str(path), sess_options=opts, providers=["CPUExecutionProvider"]
+        )
+        self.input = self.session.get_inputs()[0].name
+        self.training = False
+
+    def __call__(self, x):
+        import torch
+
+        out = self.session.run(None, {self.input: x.detach().cpu().numpy()})[0]
+        return torch.from_numpy(out)
+
+    # the bits of the nn.Module interface an evaluation loop touches
+    def eval(self):
+        return self
+
+    def train(self, mode: bool = True):
+        return self
+
+    def to(self, *args, **kwargs):
+        return self
+
+    def parameters(self):
+        return iter(())
+
+
+def metadata(ctx: cz.Context, choice: dict[str, Any] | None, fmt: str) -> dict[str, Any]:
+    """What goes into the file's metadata: where it came from and how to feed it."""
+    val = ctx.splits.val
+    meta: dict[str, Any] = {
+        "run": ctx.run,
+        "checkpoint": ctx.which,
+        "dataset": ctx.config.get("dataset"),
+        "n_factors_trained": ctx.n_factors,
+        "input_shape": list(ctx.example_input.shape[1:]),
+        "form": fmt,
+    }
+    if getattr(val, "mean", None) is not None:
+        meta["normalize"] = {
+            "mean": [float(v) for v in val.mean],
+            "std": [float(v) for v in val.std],
+        }
+    if choice:
+        meta["truncation"] = {
+            "policy": choice.get("policy"),
+            "value": choice.get("value"),
+            "ranks": choice.get("ranks"),
+        }
+    return meta
+
+
+def choose_model(
+    ctx: cz.Context,
+    choice: dict[str, Any] | None,
+    fmt: str,
+    finetuned: Any = None,
+) -> Any:
+    """The model to export: merged as trained, truncated by ``choice``, or a fine-tuned one."""
+    import lorita as lt
+
+    if finetuned is not None:
+        return lt.merge_model(finetuned) if fmt == "dense" else finetuned
+    if not choice:
+        return ctx.model
+    policy = cz.make_policy(choice["policy"], choice.get("value"), choice.get("ranks"))
+    form = "dense" if fmt == "dense" else "low_rank"
+    return lt.truncate(ctx.model, policy, form=form, svd=ctx.svd)
+
+
+def snippet(fmt: str, file_name: str) -> str:
+    """The few lines that load the downloaded file."""
+    if fmt == "onnx":
+        return (
+            "import numpy as np\n"
+            "import onnxruntime as ort\n\n"
+            f'session = ort.InferenceSession("{file_name}")\n'
+            "# x: float32 array (batch, C, H, W), normalised like the training data\n"
+            'logits = session.run(None, {"input": x.astype(np.float32)})[0]\n'
+            "pred = logits.argmax(1)\n"
+        )
+    return (
+        "import lorita as lt\n\n"
+        f'model = lt.load("{file_name}").eval()  # rebuilds the architecture from the file\n'
+        f'meta = lt.read_spec("{file_name}")["metadata"]  # input shape, normalisation, ranks\n'
+        "# x: tensor (batch, C, H, W), normalised with meta['normalize']\n"
+        "pred = model(x).argmax(1)\n"
+    )
+
+
+def build(
+    ctx: cz.Context,
+    model: Any,
+    fmt: str,
+    *,
+    base_name: str,
+    meta: dict[str, Any] | None = None,
+) -> Built:
+    """Write ``model`` in format ``fmt``, reload the file, evaluate both; return the bytes."""
+    import lorita as lt
+
+    if fmt not in FORMATS:
+        raise ValueError(f"format: {fmt!r}; allowed: {', '.join(FORMATS)}")
+    t0 = time.perf_counter()
+    model.eval()
+    original = cz.evaluate(model, ctx.splits)
+    file_name = base_name + SUFFIX[fmt]
+    with tempfile.TemporaryDirectory(prefix="lorita-export-") as tmp:
+        path = Path(tmp) / file_name
+        if fmt == "onnx":
+            lt.export_onnx(model, ctx.example_input, path)
+            reloaded_model = OnnxModule(path)
+        else:
+            lt.save(model, path, metadata=meta or {})
+            reloaded_model = lt.load(path).eval()
+        data = path.read_bytes()
+        reloaded = cz.evaluate(reloaded_model, ctx.splits)
+    return Built(
+        data=data,
+        file_name=file_name,
+        fmt=fmt,
+        original=original,
+        reloaded=reloaded,
+        seconds=time.perf_counter() - t0,
+        snippet=snippet(fmt, file_name),
+    )

@@ -1,0 +1,370 @@
+"""Start, follow and stop training runs. A run is a child process plus a folder.
+
+The app starts ``python -m lorita train --config ... --runs-dir RUNS --name NAME --quiet
+--max-concurrent K`` as a child process in its own session and then only *reads* the run folder
+through :class:`lorita.runs.RunStore`. A browser refresh, a second tab or an app restart
+therefore loses nothing, and a crash in training cannot take the server down. The flock slots
+behind ``--max-concurrent`` live in the runs folder, so the limit holds across app restarts:
+extra runs wait as "queued".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+RUNS_ENV = "LORITA_RUNS"
+MAX_CONCURRENT_ENV = "LORITA_MAX_CONCURRENT"  # training runs at once (default 1 per device)
+DEFAULT_RUNS = "runs"
+LOG_NAME = "train.log"  # the child's stdout and stderr, in the run folder
+ACTIVE = ("queued", "running")
+FINISHED = ("completed", "stopped", "failed")
+STALE_AFTER_S = 60.0  # a "running" run whose process is gone and heartbeat this old is dead
+
+# name -> Popen for the children this server started (lost on restart; the folder is the truth)
+_PROCS: dict[tuple[str, str], subprocess.Popen] = {}
+
+
+def runs_dir() -> Path:
+    """The runs folder: ``$LORITA_RUNS`` or ./runs (absolute path)."""
+    return Path(os.environ.get(RUNS_ENV) or DEFAULT_RUNS).expanduser().resolve()
+
+
+def max_concurrent() -> int:
+    """How many runs may train at once (``$LORITA_MAX_CONCURRENT``, default 1)."""
+    raw = os.environ.get(MAX_CONCURRENT_ENV, "1")
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 1
+    return max(1, value)
+
+
+def store(root: str | Path | None = None):
+    """A :class:`lorita.runs.RunStore` on ``root`` (default :func:`runs_dir`)."""
+    from lorita.runs import RunStore
+
+    root = Path(root) if root is not None else runs_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    return RunStore(root)
+
+
+def devices() -> list[str]:
+    """Devices a run can use here, best first ("cuda" only where a GPU is visible)."""
+    import torch
+
+    out = []
+    if torch.cuda.is_available():
+        out.append("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        out.append("mps")
+    out.append("cpu")
+    return out
+
+
+def device_label() -> str:
+    """A human description of the best device, e.g. 'NVIDIA H100 (cuda)' or 'CPU, 2 threads'."""
+    import torch
+
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)} (cuda)"
+    if "mps" in devices():
+        return "Apple GPU (mps)"
+    return f"CPU, {torch.get_num_threads()} threads"
+
+
+def machine_info(root: str | Path | None = None) -> dict[str, Any]:
+    """What the Home page shows: device, runs folder, how many runs and how many active."""
+    root = Path(root) if root is not None else runs_dir()
+    runs = list_runs(root) if root.exists() else []
+    return {
+        "device": device_label(),
+        "runs_dir": str(root),
+        "n_runs": len(runs),
+        "n_active": sum(1 for r in runs if r["state"] in ACTIVE),
+        "max_concurrent": max_concurrent(),
+    }
+
+
+# --- starting -------------------------------------------------------------------------------
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", str(text)).strip("-").lower() or "run"
+
+
+def new_name(config: dict[str, Any], root: str | Path | None = None, suffix: str = "") -> str:
+    """A readable unique run name: '<dataset>-<model>-n<N>-<yymmdd-hhmmss>[suffix]'."""
+    root = Path(root) if root is not None else runs_dir()
+    stamp = time.strftime("%y%m%d-%H%M%S")
+    base = "-".join(
+        [
+            _slug(config.get("dataset", "data")),
+            _slug(config.get("model", "model")),
+            f"n{int(config.get('n_factors', 1))}",
+            stamp,
+        ]
+    )
+    name = base + suffix
+    k = 2
+    while (root / name).exists() or (root / f".{name}.config.json").exists():
+        name = f"{base}-{k}{suffix}"
+        k += 1
+    return name
+
+
+def validate(config: dict[str, Any]) -> dict[str, Any]:
+    """Check ``config`` with the library's TrainConfig; ValueError names the field."""
+    from lorita.train import TrainConfig
+
+    return TrainConfig.from_dict(config).to_dict()
+
+
+def command(config_path: Path, root: Path, name: str, k: int) -> list[str]:
+    """The exact command line of a training child."""
+    return [
+        sys.executable, "-m", "lorita", "train",
+        "--config", str(config_path),
+        "--runs-dir", str(root),
+        "--name", name,
+        "--quiet",
+        "--max-concurrent", str(k),
+    ]  # fmt: skip
+
+
+def start(
+    config: dict[str, Any],
+    *,
+    name: str | None = None,
+    root: str | Path | None = None,
+    concurrent: int | None = None,
+) -> str:
+    """Validate ``config`` and start a training child; returns the run name at once.
+
+    The child creates ``root/name`` itself (state "queued" until a slot is free). Its output
+    goes to ``root/name/train.log``.
+    """
+    config = validate(config)
+    root = Path(root) if root is not None else runs_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    name = name or new_name(config, root)
+    run_dir = root / name
+    run_dir.mkdir(parents=True, exist_ok=False)
+    config_path = run_dir / "request.json"
+    tmp = config_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(config, indent=2))
+    os.replace(tmp, config_path)
+    env = dict(os.environ)
+    # The child must import this checkout's `lorita` whatever the server's working directory.
+    repo = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = repo + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    with open(run_dir / LOG_NAME, "ab") as log:
+        proc = subprocess.Popen(
+            command(config_path, root, name, concurrent or max_concurrent()),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            cwd=repo,
+            env=env,
+        )
+    _PROCS[(str(root), name)] = proc
+    return name
+
+
+# --- following ------------------------------------------------------------------------------
+
+
+@dataclass
+class JobView:
+    """What the Train page shows about one run, read from its folder (and our child)."""
+
+    name: str
+    state: str  # starting | queued | running | completed | stopped | failed | missing
+    message: str = ""
+    step: int = 0
+    total_steps: int = 0
+    epoch: int | None = None
+    elapsed: float | None = None  # seconds since the run started training
+    eta: float | None = None  # seconds left, from the pace so far
+    device: str | None = None
+    status: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def fraction(self) -> float:
+        if self.state == "completed":
+            return 1.0
+        if self.total_steps <= 0:
+            return 0.0
+        return min(1.0, max(0.0, self.step / self.total_steps))
+
+    @property
+    def active(self) -> bool:
+        return self.state in ("starting",) + ACTIVE
+
+    @property
+    def finished(self) -> bool:
+        return self.state in FINISHED
+
+
+def _pid_alive(pid: Any) -> bool:
+    try:
+        pid = int(pid)
+    except (TypeError, ValueError):
+        return False
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie child of ours still answers kill(0); reap it if it is ours.
+    for proc in _PROCS.values():
+        if proc.pid == pid and proc.poll() is not None:
+            return False
+    return True
+
+
+def log_tail(name: str, root: str | Path | None = None, lines: int = 20) -> str:
+    """The last ``lines`` lines of the child's output (empty if none)."""
+    root = Path(root) if root is not None else runs_dir()
+    path = root / name / LOG_NAME
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            size = fh.tell()
+            fh.seek(max(0, size - 16_384))
+            text = fh.read().decode("utf-8", errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def _last_line(text: str) -> str:
+    for line in reversed(text.splitlines()):
+        if line.strip():
+            return line.strip()
+    return ""
+
+
+def view(name: str, root: str | Path | None = None) -> JobView:
+    """Everything the live page needs about run ``name``, from the run folder."""
+    root = Path(root) if root is not None else runs_dir()
+    proc = _PROCS.get((str(root), name))
+    exit_code = proc.poll() if proc is not None else None
+    status_path = root / name / "status.json"
+    if not status_path.exists():
+        if proc is not None and exit_code is None:
+            return JobView(name, "starting", "starting the training process…")
+        if proc is not None:
+            msg = _last_line(log_tail(name, root)) or f"the training process exited ({exit_code})"
+            return JobView(name, "failed", msg)
+        if (root / name).exists():
+            return JobView(name, "failed", _last_line(log_tail(name, root)) or "no status")
+        return JobView(name, "missing", f"run {name!r} not found in {root}")
+    run = store(root).get(name)
+    st = run.status()
+    state = str(st.get("state", "queued"))
+    message = str(st.get("message") or "")
+    now = time.time()
+    if state in ACTIVE:
+        gone = (proc is not None and exit_code is not None) or (
+            proc is None and not _pid_alive(st.get("pid"))
+        )
+        beat = st.get("heartbeat") or st.get("started") or st.get("created") or 0
+        if gone and (proc is not None or now - float(beat) > STALE_AFTER_S):
+            state = "failed"
+            message = _last_line(log_tail(name, root)) or "the training process ended unexpectedly"
+    step = int(st.get("step") or 0)
+    total = int(st.get("total_steps") or 0)
+    started = st.get("started")
+    ended = st.get("ended")
+    elapsed = None
+    if started:
+        elapsed = float(ended or now) - float(started)
+    eta = None
+    if state == "running" and elapsed and step > 0 and total > step:
+        eta = elapsed * (total - step) / step
+    return JobView(
+        name=name,
+        state=state,
+        message=message,
+        step=step,
+        total_steps=total,
+        epoch=st.get("epoch"),
+        elapsed=elapsed,
+        eta=eta,
+        device=st.get("device"),
+        status=dict(st),
+    )
+
+
+def stop(name: str, root: str | Path | None = None) -> None:
+    """Ask run ``name`` to stop; it finishes its current step, saves and marks itself stopped."""
+    root = Path(root) if root is not None else runs_dir()
+    store(root).get(name).request_stop()
+
+
+def reap() -> None:
+    """Collect finished children so they do not linger as zombies."""
+    for key, proc in list(_PROCS.items()):
+        if proc.poll() is not None:
+            _PROCS.pop(key, None)
+
+
+def list_runs(root: str | Path | None = None) -> list[dict[str, Any]]:
+    """One flat row per run, newest first, for tables and pickers."""
+    rows = []
+    for run in store(root).list():
+        try:
+            rows.append(run_row(run))
+        except Exception:  # noqa: BLE001 - a broken folder must not hide the others
+            continue
+    return rows
+
+
+def run_row(run: Any) -> dict[str, Any]:
+    """A flat summary of ``run`` (state, config essentials, best accuracies)."""
+    cfg = run.config or {}
+    st = run.status()
+    summary = {}
+    try:
+        summary = run.summary() or {}
+    except Exception:  # noqa: BLE001
+        summary = {}
+    return {
+        "name": run.name,
+        "state": st.get("state", "?"),
+        "dataset": cfg.get("dataset"),
+        "model": cfg.get("model"),
+        "N": cfg.get("n_factors"),
+        "init": cfg.get("init"),
+        "weight_decay": cfg.get("weight_decay"),
+        "lr": cfg.get("lr"),
+        "epochs": cfg.get("epochs"),
+        "seed": cfg.get("seed"),
+        "val_acc": summary.get("best_val_acc", summary.get("val_acc")),
+        "test_acc": summary.get("test_acc"),
+        "created": st.get("created"),
+        "message": st.get("message") or "",
+    }
+
+
+def delete(name: str, root: str | Path | None = None) -> None:
+    """Delete a finished run's folder. ValueError if it is still queued or running."""
+    root = Path(root) if root is not None else runs_dir()
+    v = view(name, root)
+    if v.active:
+        raise ValueError(f"run {name!r} is {v.state}; stop it before deleting it")
+    store(root).delete(name)
+    _PROCS.pop((str(root), name), None)

@@ -1,0 +1,114 @@
+"""Export: download a model as low-rank safetensors, dense safetensors or ONNX."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from app import compress as cz
+from app import export as ex
+from app import jobs, state, ui
+
+state.init()
+
+
+@st.cache_resource(show_spinner="Loading the checkpoint…", max_entries=8)
+def _context(root: str, name: str, which: str, mtime: float) -> cz.Context:
+    return cz.load_context(name, which, root)
+
+
+@st.cache_resource(show_spinner="Writing the file and loading it back…", max_entries=16)
+def _build(
+    root: str, name: str, which: str, mtime: float, choice_key: tuple, fmt: str, _model, _meta
+) -> ex.Built:
+    ctx = _context(root, name, which, mtime)
+    return ex.build(ctx, _model, fmt, base_name=name, meta=_meta)
+
+
+def _choice_text(choice: dict | None) -> str:
+    if not choice:
+        return "as trained (factors merged, nothing cut)"
+    if choice["policy"] == "ranks":
+        return "per-layer ranks " + ", ".join(f"{k}={v}" for k, v in choice["ranks"].items())
+    return f"{cz.POLICY_NAMES[choice['policy']]} at {choice['value']:g}"
+
+
+@ui.guarded
+def main() -> None:
+    st.title("Export")
+    root = str(jobs.runs_dir())
+    rows = cz.finished_runs(root)
+    if not rows:
+        st.info("No run with a checkpoint yet. Train one first.")
+        st.page_link("pages/train.py", label="Go to Train", icon=":material/model_training:")
+        return
+    names = [r["name"] for r in rows]
+    choice = st.session_state.get(state.COMPRESS_CHOICE)
+    wanted = choice["run"] if choice else state.current_run()
+    if st.session_state.get(state.EXPORT_RUN) not in names:
+        st.session_state[state.EXPORT_RUN] = wanted if wanted in names else names[0]
+    c1, c2 = st.columns([3, 1])
+    name = c1.selectbox("Run", names, key=state.EXPORT_RUN)
+    if choice and choice.get("run") == name:
+        state.setdefault(state.EXPORT_WHICH, choice["which"])
+    state.setdefault(state.EXPORT_WHICH, "best")
+    which = c2.radio("Checkpoint", ["best", "last"], key=state.EXPORT_WHICH, horizontal=True)
+    mtime = cz.checkpoint_mtime(name, which, root)
+    if not mtime:
+        st.warning(f"Run {name} has no {which} checkpoint.")
+        return
+    ctx = _context(root, name, which, mtime)
+
+    options = {"full": "As trained (factors merged, nothing cut)"}
+    if choice and choice.get("run") == name and choice.get("which") == which:
+        options["compressed"] = "Compressed on the Compress page: " + _choice_text(choice)
+        ft = st.session_state.get(state.FINETUNED)
+        if ft and ft["key"][:2] == (name, which):
+            options["finetuned"] = "Compressed and fine-tuned on the Compress page"
+    if st.session_state.get(state.EXPORT_MODEL) not in options:
+        st.session_state[state.EXPORT_MODEL] = list(options)[-1 if len(options) < 3 else 1]
+    pick = st.radio("Model", list(options), key=state.EXPORT_MODEL, format_func=options.get)
+    if len(options) == 1:
+        st.caption("To export a cut model, set the truncation on the Compress page first.")
+    state.setdefault(state.EXPORT_FORMAT, "low_rank")
+    fmt = st.radio("Format", list(ex.FORMATS), key=state.EXPORT_FORMAT, format_func=ex.FORMATS.get)
+
+    used = choice if pick in ("compressed", "finetuned") else None
+    tuned = st.session_state[state.FINETUNED]["model"] if pick == "finetuned" else None
+    model = ex.choose_model(ctx, used, fmt, finetuned=tuned)
+    choice_key = (
+        pick,
+        None if used is None else (used["policy"], used.get("value"), tuple(used["ranks"].items())),
+        id(tuned) if tuned is not None else None,
+    )
+    built = _build(root, name, which, mtime, choice_key, fmt, model, ex.metadata(ctx, used, fmt))
+
+    st.subheader("Check: the file loads back to the same model")
+    m = st.columns(3)
+    m[0].metric("Test accuracy before saving", ui.fmt_pct(built.original["test_acc"], 2))
+    m[1].metric("Test accuracy after reloading", ui.fmt_pct(built.reloaded["test_acc"], 2))
+    m[2].metric("File size", ui.fmt_count(len(built.data)) + "B")
+    if built.same:
+        st.success(
+            f"Reloaded from the file: validation {ui.fmt_pct(built.reloaded['val_acc'], 2)}, "
+            f"test {ui.fmt_pct(built.reloaded['test_acc'], 2)} — identical to the model in memory."
+        )
+    else:
+        st.warning(
+            f"The reloaded model differs by {100 * built.max_diff:.2f} points "
+            "(floating-point rounding in the runtime flips a few borderline predictions)."
+        )
+    st.download_button(
+        f"Download {built.file_name}",
+        data=built.data,
+        file_name=built.file_name,
+        mime=ex.MIME[fmt],
+        key="export.download",
+        on_click="ignore",
+        type="primary",
+        icon=":material/download:",
+    )
+    st.markdown("**Load it**")
+    st.code(built.snippet, language="python")
+
+
+main()

@@ -1,0 +1,77 @@
+"""Theory: a planted low-rank matrix fitted by a product of N factors with weight decay."""
+
+import streamlit as st
+
+from app import charts, state, ui
+
+state.init()
+
+
+@st.cache_data(show_spinner="Fitting…", max_entries=64)
+def _fit(n_factors: int, weight_decay: float, rank: int, noise: float, seed: int) -> dict:
+    from lorita.functional import fit_planted
+
+    return fit_planted(
+        n_factors=n_factors, weight_decay=weight_decay, rank=rank, noise=noise, seed=seed
+    )
+
+
+@ui.guarded
+def main() -> None:
+    st.title("Theory: why a product of factors prefers low rank")
+    st.markdown(
+        "A planted matrix of low rank plus a little noise is fitted by a product of **N** "
+        "square factors `W = W_N ⋯ W_1`, minimising `½‖W − Y‖² + ½λ Σᵢ‖Wᵢ‖²` — ordinary "
+        "weight decay on every factor. It trains in-process in about a second."
+    )
+    c1, c2 = st.columns(2)
+    n = c1.slider("N (number of factors)", 1, 5, 3, key=state.THEORY_N)
+    lam = c2.slider("λ (weight decay)", 0.0, 1.0, 0.2, step=0.01, key=state.THEORY_LAMBDA)
+    with st.expander("Planted matrix"):
+        e1, e2 = st.columns(2)
+        rank = e1.slider("true rank", 1, 10, 3, key=state.THEORY_RANK)
+        seed = e2.number_input("seed", 0, 10_000, 0, key=state.THEORY_SEED)
+    res = _fit(int(n), float(lam), int(rank), 0.3, int(seed))
+
+    st.plotly_chart(
+        charts.theory_spectrum(res["learned"], res["true"], n_factors=n, observed=res["observed"]),
+        key="theory.chart",
+    )
+    import torch
+
+    from lorita.spectra import effective_rank
+
+    learned = torch.tensor(res["learned"])
+    m1, m2, m3, m4 = st.columns(4)
+    m1.metric("Σ‖Wᵢ‖² (learned factors)", f"{res['penalty']:.4f}")
+    m2.metric(f"N·Σσ^(2/N) (N={n})", f"{res['balanced']:.4f}")
+    m3.metric("effective rank of W", int(effective_rank(learned)), help=f"true rank {rank}")
+    m4.metric("‖W − M‖ / ‖M‖", f"{res['residual']:.3f}", help="distance to the planted matrix")
+    gap = res["penalty"] - res["balanced"]
+    st.latex(
+        rf"\sum_{{i=1}}^{{{n}}}\|W_i\|_F^2 = {res['penalty']:.4f}"
+        rf"\quad\ge\quad {n}\cdot\sum_j \sigma_j(W)^{{2/{n}}} = {res['balanced']:.4f}"
+    )
+    st.caption(
+        f"Difference {gap:.2e}: at the optimum the factors are balanced and the two sides are "
+        "equal, so the weight decay on the factors *is* the penalty on the right acting on the "
+        "product."
+    )
+    st.markdown(
+        """
+**Why N = 1 has no rank preference.** With one factor the penalty is `λ‖W‖_F² = λ Σσ²`.
+The fit then shrinks every singular value by the same factor `1/(1+λ)`: the noise directions
+shrink exactly as much as the signal, and nothing is cut to zero. Move the slider to N = 1:
+the learned curve is the observed one, scaled down.
+
+**Why N ≥ 2 does.** Weight decay on N factors costs, at best, `N Σσ^(2/N)`. For N = 2 that is
+twice the nuclear norm — it subtracts the same amount from every singular value, so small ones
+hit zero. For N ≥ 3 the exponent 2/N < 1 makes small singular values relatively expensive
+(a Schatten quasi-norm), so they are pushed to zero harder while the large ones barely move.
+The learned spectrum drops off a cliff after the true rank: that is the low rank a network
+trained this way hands to the truncation step.
+"""
+    )
+
+
+main()
