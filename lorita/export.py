@@ -330,15 +330,20 @@ def export_onnx(
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".onnx")
     os.close(fd)
     try:
+        # torch.export specialises a batch of 1; trace with 2 so the batch axis stays dynamic
+        x = example_input[:1].expand(2, *example_input.shape[1:]).contiguous()
+        batch = torch.export.Dim("batch", min=1)
         torch.onnx.export(
             deploy,
-            (example_input,),
+            (x,),
             tmp,
             input_names=["input"],
             output_names=["output"],
-            dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
+            dynamic_shapes=({0: batch},),
             opset_version=opset,
-            dynamo=False,
+            dynamo=True,
+            external_data=False,  # one self-contained file
+            verbose=False,
         )
         os.replace(tmp, path)
     finally:

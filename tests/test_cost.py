@@ -1,0 +1,38 @@
+import torch
+from torch import nn
+
+import lorita as lt
+
+
+def test_linear_flops_closed_form():
+    net = nn.Sequential(nn.Linear(30, 20))
+    cost = lt.count_cost(net, torch.randn(8, 30))
+    assert cost.flops == 2 * 8 * 30 * 20
+    assert cost.params == 30 * 20 + 20
+    assert cost.per_layer == {"0": {"params": 620, "flops": 9600}}
+
+
+def test_conv_flops_closed_form():
+    net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, stride=2))
+    cost = lt.count_cost(net, torch.randn(2, 3, 10, 10))
+    h = w = 5
+    assert cost.flops == 2 * 2 * 16 * h * w * 3 * 3 * 3
+    assert cost.params == 16 * 27 + 16
+
+
+def test_composed_model_costs_like_its_merge_and_low_rank_saves():
+    net = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+    x = torch.randn(4, 64)
+    plain = lt.count_cost(net, x)
+    composed = lt.count_cost(lt.overparameterize(net, 3), x)
+    assert (composed.params, composed.flops) == (plain.params, plain.flops)
+    small = lt.count_cost(lt.truncate(net, lt.Ranks({"0": 8})), x)
+    assert small.per_layer["0"]["params"] == 8 * (64 + 64) + 64
+    assert small.per_layer["0"]["flops"] == 2 * 4 * 8 * (64 + 64)
+    assert small.flops < plain.flops and small.params < plain.params
+
+
+def test_latency_is_positive_and_mode_restored():
+    net = nn.Sequential(nn.Linear(8, 8)).train()
+    assert lt.measure_latency(net, torch.randn(2, 8), repeats=3) > 0
+    assert net.training

@@ -1,0 +1,92 @@
+import pytest
+import torch
+from torch.testing import assert_close
+
+from lorita import functional as Fn
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
+@pytest.mark.parametrize("shape", [(6, 9), (9, 6), (5, 5)])
+def test_balanced_factors_multiply_back(n, shape):
+    w = torch.randn(*shape, dtype=torch.float64)
+    factors = Fn.balanced_factors(w, n)
+    assert len(factors) == n
+    assert_close(Fn.chain_product(factors), w)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
+def test_balanced_penalty_identity(n):
+    """sum_i ||W_i||_F^2 of the balanced factors equals N * sum sigma^(2/N)."""
+    w = torch.randn(7, 5, dtype=torch.float64)
+    factors = Fn.balanced_factors(w, n)
+    assert_close(Fn.factor_penalty(factors), Fn.balanced_penalty(w, n))
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_balanced_is_the_minimum(n):
+    """Any other factorisation of the same W pays at least as much weight decay."""
+    w = torch.randn(6, 6, dtype=torch.float64)
+    factors = Fn.balanced_factors(w, n)
+    q, _ = torch.linalg.qr(torch.randn(6, 6, dtype=torch.float64))
+    scale = torch.diag(torch.linspace(0.5, 2.0, 6, dtype=torch.float64))
+    # insert (Q scale)(Q scale)^-1 between the first two factors: same product, other norms
+    a = q @ scale
+    other = [a @ factors[0], factors[1] @ torch.linalg.inv(a)] + factors[2:]
+    assert_close(Fn.chain_product(other), w)
+    assert Fn.factor_penalty(other) >= Fn.balanced_penalty(w, n) - 1e-9
+
+
+def test_balanced_factors_wider_inner_pads():
+    w = torch.randn(4, 6, dtype=torch.float64)
+    factors = Fn.balanced_factors(w, 3, inner=6)
+    assert [tuple(f.shape) for f in factors] == [(6, 6), (6, 6), (4, 6)]
+    assert_close(Fn.chain_product(factors), w)
+
+
+def test_schatten_special_cases():
+    w = torch.randn(5, 4, dtype=torch.float64)
+    s = torch.linalg.svdvals(w)
+    assert_close(Fn.schatten(w, 2), torch.linalg.norm(w))  # Frobenius
+    assert_close(Fn.schatten(w, 1), s.sum())  # nuclear
+    n = 3
+    assert_close(n * Fn.schatten(w, 2 / n) ** (2 / n), Fn.balanced_penalty(w, n))
+
+
+def test_low_rank_approx_error_is_eckart_young_tail():
+    w = torch.randn(8, 6, dtype=torch.float64)
+    s = torch.linalg.svdvals(w)
+    for r in range(1, 7):
+        err = (w - Fn.low_rank_approx(w, r)).pow(2).sum()
+        assert_close(err, s[r:].pow(2).sum())
+
+
+def test_evaluation_order_choice():
+    widths = [512, 512, 512, 512]  # square chain: product costs 2*512^3 up front
+    assert not Fn.prefer_product(widths, rows=128)
+    assert Fn.prefer_product(widths, rows=100_000)
+    conv = [27, 16, 16, 16]  # 3x3 conv, small inner: product is cheap, pixels are many
+    assert Fn.prefer_product(conv, rows=128 * 28 * 28)
+
+
+def test_fit_planted_shows_rank_preference():
+    r1 = Fn.fit_planted(n_factors=1, steps=600)
+    r3 = Fn.fit_planted(n_factors=3, steps=600)
+    tail = lambda r: max(r["learned"][3:])  # noqa: E731 - planted rank 3
+    assert tail(r3) < 0.1 * tail(r1)
+    assert r3["penalty"] == pytest.approx(r3["balanced"], rel=0.05)  # GD finds ~balanced factors
+    assert len(r1["true"]) == 24
+
+
+@pytest.mark.parametrize(
+    "call, field",
+    [
+        (lambda: Fn.balanced_factors(torch.randn(3, 3), 0), "n_factors"),
+        (lambda: Fn.schatten(torch.randn(3, 3), 0), "p"),
+        (lambda: Fn.low_rank_approx(torch.randn(3, 3), 4), "rank"),
+        (lambda: Fn.fit_planted(weight_decay=-1), "weight_decay"),
+        (lambda: Fn.chain_product([]), "factors"),
+    ],
+)
+def test_bad_arguments(call, field):
+    with pytest.raises(ValueError, match=field):
+        call()

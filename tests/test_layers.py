@@ -1,0 +1,171 @@
+"""Every composed / low-rank layer against the plain layer it replaces."""
+
+import pytest
+import torch
+from torch import nn
+from torch.testing import assert_close
+
+from lorita import FactorConv2d, FactorLinear, LowRankConv2d, LowRankLinear
+
+CONVS = [
+    dict(in_channels=3, out_channels=8, kernel_size=3),
+    dict(in_channels=3, out_channels=5, kernel_size=(3, 1), stride=2, padding=(1, 0)),
+    dict(in_channels=4, out_channels=6, kernel_size=3, padding="same", dilation=2, bias=False),
+    dict(in_channels=2, out_channels=4, kernel_size=3, padding="valid"),
+    dict(in_channels=2, out_channels=4, kernel_size=3, padding=1, padding_mode="reflect"),
+    dict(
+        in_channels=2, out_channels=4, kernel_size=(2, 3), padding=(1, 2), padding_mode="circular"
+    ),
+    dict(in_channels=2, out_channels=4, kernel_size=3, padding="same", padding_mode="replicate"),
+]
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
+@pytest.mark.parametrize("bias", [True, False])
+def test_from_linear_balanced_matches(n, bias, device):
+    fc = nn.Linear(12, 7, bias=bias, device=device)
+    layer = FactorLinear.from_linear(fc, n)
+    x = torch.randn(5, 12, device=device)
+    assert_close(layer(x), fc(x), rtol=1e-5, atol=1e-5)
+    assert_close(layer.merge()(x), layer(x), rtol=1e-5, atol=1e-5)
+    assert len(layer.factors) == n
+
+
+@pytest.mark.parametrize("kw", CONVS)
+@pytest.mark.parametrize("n", [1, 3])
+def test_from_conv_balanced_matches(kw, n):
+    conv = nn.Conv2d(**kw)
+    x = torch.randn(2, kw["in_channels"], 9, 10)
+    for order in ("auto", "product", "sequential"):
+        layer = FactorConv2d.from_conv(conv, n, order=order)
+        assert_close(layer(x), conv(x), rtol=1e-5, atol=1e-5)
+        merged = layer.merge()
+        assert isinstance(merged, nn.Conv2d) and merged.padding_mode == conv.padding_mode
+        assert_close(merged(x), conv(x), rtol=1e-5, atol=1e-5)
+
+
+def test_fresh_balanced_layer_starts_like_dense_init():
+    """A fresh balanced FactorLinear has the spectrum scale of nn.Linear's default init."""
+    torch.manual_seed(1)
+    a = FactorLinear(64, 64, n_factors=3)
+    torch.manual_seed(1)
+    b = nn.Linear(64, 64)
+    assert_close(a.weight, b.weight, rtol=1e-4, atol=1e-5)
+    assert_close(a.bias, b.bias)
+    ind = FactorLinear(64, 64, n_factors=3, init="independent")
+    assert ind.weight.norm() < 0.5 * b.weight.norm()  # independent init starts small
+
+
+@pytest.mark.parametrize(
+    "cls_args",
+    [
+        (FactorLinear, (16, 9), lambda: torch.randn(4, 16)),
+        (FactorConv2d, (3, 6, 3), lambda: torch.randn(2, 3, 7, 7)),
+    ],
+)
+def test_evaluation_orders_agree_in_value_and_gradient(cls_args):
+    cls, args, make_x = cls_args
+    torch.manual_seed(0)
+    a = cls(*args, n_factors=3, order="product")
+    b = cls(*args, n_factors=3, order="sequential")
+    b.load_state_dict(a.state_dict())
+    x = make_x()
+    ya, yb = a(x), b(x)
+    assert_close(ya, yb, rtol=1e-5, atol=1e-5)
+    ya.square().sum().backward()
+    yb.square().sum().backward()
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert_close(pa.grad, pb.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_auto_order_picks_from_shapes():
+    layer = FactorLinear(512, 512, n_factors=3)
+    assert not layer.use_product(torch.randn(128, 512))  # sequential: 3 thin matmuls
+    assert layer.use_product(torch.randn(20_000, 512))
+    conv = FactorConv2d(16, 32, 3, padding=1, n_factors=3)
+    assert conv.use_product(torch.randn(128, 16, 28, 28))
+
+
+def test_paper_inner_width():
+    layer = FactorLinear(10, 4, n_factors=3, inner=10)
+    assert [tuple(f.shape) for f in layer.factors] == [(10, 10), (10, 10), (4, 10)]
+    fc = nn.Linear(10, 4)
+    assert_close(
+        FactorLinear.from_linear(fc, 3, inner=10)(torch.ones(2, 10)), fc(torch.ones(2, 10))
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_device_and_dtype_preserved(dtype, device):
+    fc = nn.Linear(6, 4, device=device, dtype=dtype)
+    layer = FactorLinear.from_linear(fc, 3)
+    assert all(p.dtype == dtype and p.device.type == device.type for p in layer.parameters())
+    merged = layer.merge()
+    assert merged.weight.dtype == dtype and merged.weight.device.type == device.type
+    conv = nn.Conv2d(2, 3, 3, dtype=dtype, device=device)
+    fconv = FactorConv2d.from_conv(conv, 2)
+    assert fconv.merge().weight.dtype == dtype
+    low = LowRankLinear.from_linear(fc, 2)
+    assert low.first.weight.dtype == dtype
+
+
+def test_low_rank_linear_full_rank_is_identity_and_counts_params():
+    fc = nn.Linear(10, 6)
+    x = torch.randn(3, 10)
+    assert_close(LowRankLinear.from_linear(fc, 6)(x), fc(x), rtol=1e-5, atol=1e-5)
+    r = 2
+    low = LowRankLinear.from_linear(fc, r)
+    assert sum(p.numel() for p in low.parameters()) == r * (10 + 6) + 6
+    assert_close(low.to_dense()(x), low(x), rtol=1e-5, atol=1e-5)
+
+
+def test_low_rank_error_is_eckart_young_tail():
+    fc = nn.Linear(9, 7)
+    s = torch.linalg.svdvals(fc.weight.detach().double())
+    for r in range(1, 7):
+        low = LowRankLinear.from_linear(fc, r)
+        err = (low.weight.double() - fc.weight.double()).pow(2).sum()
+        assert_close(err, s[r:].pow(2).sum(), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("kw", CONVS)
+def test_low_rank_conv(kw):
+    conv = nn.Conv2d(**kw)
+    x = torch.randn(2, kw["in_channels"], 9, 10)
+    full = min(conv.out_channels, conv.weight[0].numel())
+    assert_close(LowRankConv2d.from_conv(conv, full)(x), conv(x), rtol=1e-4, atol=1e-5)
+    low = LowRankConv2d.from_conv(conv, 1)
+    assert low(x).shape == conv(x).shape
+    assert sum(p.numel() for p in low.parameters()) == conv.weight[
+        0
+    ].numel() + conv.out_channels + (conv.out_channels if conv.bias is not None else 0)
+    assert_close(low.to_dense()(x), low(x), rtol=1e-4, atol=1e-5)
+
+
+def test_extra_repr_shows_only_non_defaults():
+    assert "init" not in repr(FactorLinear(4, 3))
+    assert "order='sequential'" in repr(FactorLinear(4, 3, order="sequential"))
+    assert "bias=False" in repr(FactorConv2d(2, 3, 3, bias=False))
+
+
+@pytest.mark.parametrize(
+    "call, field",
+    [
+        (lambda: FactorLinear(4, 3, n_factors=0), "n_factors"),
+        (lambda: FactorLinear(4, 3, n_factors=1.5), "n_factors"),
+        (lambda: FactorLinear(4, 3, init="orthogonal"), "init"),
+        (lambda: FactorLinear(4, 3, order="fast"), "order"),
+        (lambda: FactorLinear(4, 3, inner=0), "inner"),
+        (lambda: FactorLinear.from_linear(nn.Conv2d(1, 1, 1)), "linear"),
+        (lambda: FactorConv2d.from_conv(nn.Conv2d(4, 4, 3, groups=2)), "groups"),
+        (lambda: FactorConv2d.from_conv(nn.Linear(2, 2)), "conv"),
+        (lambda: FactorConv2d(2, 2, 3, padding="full"), "padding"),
+        (lambda: FactorConv2d(2, 2, 3, padding_mode="mirror"), "padding_mode"),
+        (lambda: LowRankLinear(4, 3, 0), "rank"),
+        (lambda: LowRankLinear(4, 3, 4), "rank"),
+        (lambda: LowRankConv2d(2, 3, 1, rank=3), "rank"),
+    ],
+)
+def test_bad_arguments(call, field):
+    with pytest.raises(ValueError, match=field):
+        call()

@@ -1,0 +1,41 @@
+import pytest
+import torch
+from torch import nn
+from torch.testing import assert_close
+
+import lorita as lt
+
+
+def test_spectra_of_composed_equal_spectra_of_merged():
+    net = nn.Sequential(nn.Conv2d(3, 6, 3), nn.Flatten(), nn.Linear(6 * 4 * 4, 5))
+    model = lt.overparameterize(net, 3, init="independent")
+    a, b = lt.layer_spectra(model), lt.layer_spectra(lt.merge_model(model))
+    assert list(a) == ["0", "2"]
+    assert a["0"].shape == (6,) and a["2"].shape == (5,)
+    for k in a:
+        assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+        assert torch.all(a[k][:-1] >= a[k][1:])  # descending
+    conv_w = lt.merge_model(model)[0].weight.detach().reshape(6, -1)
+    assert_close(a["0"], torch.linalg.svdvals(conv_w))
+
+
+def test_spectra_of_truncated_model_and_names():
+    net = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    small = lt.truncate(net, lt.Ranks({"0": 2}))
+    s = lt.layer_spectra(small, names=["0"])
+    assert (s["0"][2:] < 1e-5).all() and (s["0"][:2] > 0).all()
+    with pytest.raises(ValueError, match="names"):
+        lt.layer_spectra(net, names=["9"])
+
+
+def test_rank_measures():
+    s = torch.tensor([4.0, 2.0, 0.01, 0.0])
+    assert lt.effective_rank(s) == 2
+    assert lt.effective_rank(s, tol=1e-3) == 3
+    assert lt.stable_rank(s) == pytest.approx((16 + 4 + 1e-4) / 16)
+    assert lt.entropy_rank(torch.ones(5)) == pytest.approx(5.0)
+    assert lt.rank_summary({"a": s})["a"]["full"] == 4
+    with pytest.raises(ValueError, match="tol"):
+        lt.effective_rank(s, tol=2)
+    with pytest.raises(ValueError, match="s:"):
+        lt.stable_rank(torch.ones(2, 2))
