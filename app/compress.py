@@ -216,12 +216,13 @@ def find_baseline(name: str, root: str | Path | None = None) -> str | None:
     cfg = run.config or {}
     if int(cfg.get("n_factors", 1)) == 1:
         return None
-    keys = ("dataset", "dataset_kwargs", "model", "model_kwargs", "seed", "epochs")
+    paired = jobs.partner(name, root)
+    if paired and checkpoint_mtime(paired, "best", root):
+        return paired
     for row in finished_runs(root):
         if row["name"] == name or row.get("N") != 1:
             continue
-        other = jobs.store(root).get(row["name"]).config or {}
-        if all(other.get(k) == cfg.get(k) for k in keys):
+        if jobs.same_setup(cfg, jobs.store(root).get(row["name"]).config or {}):
             return row["name"]
     return None
 

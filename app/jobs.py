@@ -114,17 +114,23 @@ def new_name(config: dict[str, Any], root: str | Path | None = None, suffix: str
     )
     name = base + suffix
     k = 2
-    while (root / name).exists() or (root / f".{name}.config.json").exists():
+    while (root / name).exists():
         name = f"{base}-{k}{suffix}"
         k += 1
     return name
 
 
 def validate(config: dict[str, Any]) -> dict[str, Any]:
-    """Check ``config`` with the library's TrainConfig; ValueError names the field."""
-    from lorita.train import TrainConfig
+    """Check ``config`` with the library's TrainConfig and that its device exists here.
 
-    return TrainConfig.from_dict(config).to_dict()
+    Raises ValueError naming the field (for example "device: 'cuda' asked for but CUDA is not
+    available; use cpu or auto").
+    """
+    from lorita.train import TrainConfig, resolve_device
+
+    config = TrainConfig.from_dict(config).to_dict()
+    resolve_device(config.get("device", "auto"))
+    return config
 
 
 def command(config_path: Path, root: Path, name: str, k: int) -> list[str]:
@@ -358,6 +364,44 @@ def run_row(run: Any) -> dict[str, Any]:
         "created": st.get("created"),
         "message": st.get("message") or "",
     }
+
+
+SETUP_KEYS = (
+    "dataset", "dataset_kwargs", "model", "model_kwargs", "init", "optimizer", "lr",
+    "weight_decay", "schedule", "epochs", "batch_size", "seed", "val_fraction", "split_seed",
+)  # fmt: skip
+
+
+def same_setup(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two run configs differ at most in N (and device): a fair side-by-side pair."""
+    return all(a.get(k) == b.get(k) for k in SETUP_KEYS)
+
+
+def partner(name: str, root: str | Path | None = None, *, window_s: float = 120.0) -> str | None:
+    """The run started together with ``name`` on the Train page ("also train N=1").
+
+    For a composed run: the N=1 run with the same setup created within ``window_s`` seconds;
+    for an N=1 run: the composed run it was started beside. Found from the run folders alone,
+    so a refresh or an app restart finds the pair again.
+    """
+    s = store(root)
+    try:
+        me = s.get(name)
+    except ValueError:
+        return None
+    cfg, born = me.config, float(me.raw_status().get("created") or 0)
+    mine_n1 = int(cfg.get("n_factors", 1)) == 1
+    best = None
+    for run in s.list():
+        if run.name == name:
+            continue
+        other = run.config
+        if (int(other.get("n_factors", 1)) == 1) == mine_n1 or not same_setup(cfg, other):
+            continue
+        gap = abs(float(run.raw_status().get("created") or 0) - born)
+        if gap <= window_s and (best is None or gap < best[0]):
+            best = (gap, run.name)
+    return best[1] if best else None
 
 
 def delete(name: str, root: str | Path | None = None) -> None:

@@ -1,0 +1,123 @@
+"""Training presets for the Train page: a label and a full training config each.
+
+The form shows the common fields (``FORM_FIELDS``); everything else in a preset (model
+options, optimizer, schedule, how often to snapshot spectra) is passed through unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+FORM_FIELDS = (
+    "dataset",
+    "model",
+    "n_factors",
+    "init",
+    "weight_decay",
+    "lr",
+    "epochs",
+    "batch_size",
+    "seed",
+    "device",
+)
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "classroom": {
+        "label": "Classroom demo: digits MLP, about 15 s on a CPU",
+        "config": {
+            "dataset": "digits",
+            "model": "mlp",
+            "model_kwargs": {"depth": 2, "width": 64},
+            "n_factors": 3,
+            "init": "balanced",
+            "optimizer": "adam",
+            "lr": 3e-3,
+            "weight_decay": 1e-3,
+            "epochs": 20,
+            "batch_size": 64,
+            "seed": 0,
+            "device": "cpu",
+        },
+    },
+    "fashion": {
+        "label": "Fashion-MNIST MLP",
+        "config": {
+            "dataset": "fashion_mnist",
+            "model": "mlp",
+            "model_kwargs": {"depth": 3, "width": 256},
+            "n_factors": 3,
+            "init": "balanced",
+            "optimizer": "adam",
+            "lr": 1e-3,
+            "weight_decay": 1e-4,
+            "epochs": 10,
+            "batch_size": 128,
+            "seed": 0,
+            "device": "cpu",
+        },
+    },
+    "planted": {
+        "label": "Planted rank 5",
+        "config": {
+            "dataset": "lowrank",
+            "dataset_kwargs": {"rank": 5},
+            "model": "mlp",
+            "model_kwargs": {"depth": 2, "width": 64},
+            "n_factors": 3,
+            "init": "balanced",
+            "optimizer": "adam",
+            "lr": 3e-3,
+            "weight_decay": 1e-3,
+            "epochs": 20,
+            "batch_size": 64,
+            "seed": 0,
+            "device": "cpu",
+        },
+    },
+    "cifar_vgg": {
+        "label": "CIFAR-10 VGG — GPU",
+        "config": {
+            "dataset": "cifar10",
+            "model": "vgg16",
+            "n_factors": 3,
+            "init": "balanced",
+            "optimizer": "sgd",
+            "lr": 0.01,
+            "weight_decay": 1e-3,
+            "epochs": 100,
+            "batch_size": 128,
+            "label_smoothing": 0.1,
+            "seed": 42,
+            "device": "cuda",
+        },
+    },
+}
+DEFAULT_PRESET = "classroom"
+
+
+def labels() -> dict[str, str]:
+    return {k: v["label"] for k, v in PRESETS.items()}
+
+
+def form_values(preset: str) -> dict[str, Any]:
+    """The values the form shows for ``preset``."""
+    cfg = PRESETS[preset]["config"]
+    return {k: cfg[k] for k in FORM_FIELDS if k in cfg}
+
+
+def build_config(preset: str, form: dict[str, Any]) -> dict[str, Any]:
+    """The preset's full config with the form's fields on top."""
+    if preset not in PRESETS:
+        raise ValueError(f"preset: unknown {preset!r}; allowed: {', '.join(PRESETS)}")
+    cfg = {k: v for k, v in PRESETS[preset]["config"].items()}
+    cfg.update({k: v for k, v in form.items() if k in FORM_FIELDS})
+    if cfg.get("dataset") != PRESETS[preset]["config"].get("dataset"):
+        cfg.pop("dataset_kwargs", None)  # options belong to the preset's dataset only
+    if cfg.get("model") != PRESETS[preset]["config"].get("model"):
+        cfg.pop("model_kwargs", None)
+    return cfg
+
+
+def baseline_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The same run with N=1: the ordinary network, same seed (the comparison to watch)."""
+    return {**config, "n_factors": 1}

@@ -1,0 +1,189 @@
+"""Runs: every run in the store; overlay two or more; delete one with confirmation."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pandas as pd
+import streamlit as st
+
+from app import charts, jobs, live, state, ui
+
+state.init()
+
+COLUMNS = {
+    "name": "run",
+    "state": "state",
+    "dataset": "dataset",
+    "model": "model",
+    "N": "N",
+    "init": "init",
+    "weight_decay": "weight decay",
+    "lr": "lr",
+    "epochs": "epochs",
+    "seed": "seed",
+    "val_acc": "best val acc",
+    "test_acc": "test acc",
+    "created": "created",
+}
+
+
+def _table(rows: list[dict]) -> pd.DataFrame:
+    df = pd.DataFrame([{k: r.get(k) for k in COLUMNS} for r in rows])
+    df["created"] = [
+        dt.datetime.fromtimestamp(float(t)).strftime("%Y-%m-%d %H:%M:%S") if t else ""
+        for t in df["created"]
+    ]
+    for col in ("val_acc", "test_acc"):
+        df[col] = [None if v is None else 100.0 * float(v) for v in df[col]]
+    return df.rename(columns=COLUMNS)
+
+
+def _default_pick(rows: list[dict]) -> list[str]:
+    names = [r["name"] for r in rows]
+    current = state.current_run()
+    if current in names:
+        pick = [current]
+        partner = jobs.partner(current)
+        if partner:
+            pick.append(partner)
+        return pick
+    return names[:2]
+
+
+def _delete_section(names: list[str]) -> None:
+    st.subheader("Delete a run")
+    c1, c2 = st.columns([3, 1], vertical_alignment="bottom")
+    target = c1.selectbox("Run to delete", names, key=state.RUNS_DELETE, index=None,
+                          placeholder="choose a run")  # fmt: skip
+    if c2.button("Delete…", key="runs.delete_ask", disabled=target is None):
+        st.session_state[state.CONFIRM_DELETE] = target
+    pending = st.session_state.get(state.CONFIRM_DELETE)
+    if pending:
+        st.warning(f"Delete run **{pending}** and all its files? This cannot be undone.")
+        y, n, _ = st.columns([1, 1, 4])
+        if y.button("Yes, delete", key="runs.delete_yes", type="primary"):
+            st.session_state[state.CONFIRM_DELETE] = None
+            try:
+                jobs.delete(pending)
+            except ValueError as exc:
+                st.error(ui.one_line(exc))
+                return
+            if state.current_run() == pending:
+                state.set_current_run(None)
+            st.session_state.pop(state.RUNS_DELETE, None)
+            st.toast(f"Deleted {pending}")
+            st.rerun()
+        if n.button("Cancel", key="runs.delete_no"):
+            st.session_state[state.CONFIRM_DELETE] = None
+            st.rerun()
+
+
+def _compare(picked: list[str]) -> None:
+    store = jobs.store()
+    runs = {n: store.get(n) for n in picked}
+    metrics = {n: r.metrics() for n, r in runs.items()}
+    spectra = {n: r.spectra() for n, r in runs.items()}
+    labels = {n: f"{n} (N={r.config.get('n_factors')})" for n, r in runs.items()}
+    key = "-".join(picked)
+    c1, c2 = st.columns(2)
+    c1.plotly_chart(
+        charts.training_curves(
+            {labels[n]: m for n, m in metrics.items()}, "loss", splits=("val",),
+            title="Validation loss", uirevision=f"cmp-loss-{key}",
+        ),
+        key="runs.chart.loss",
+    )  # fmt: skip
+    c2.plotly_chart(
+        charts.training_curves(
+            {labels[n]: m for n, m in metrics.items()}, "acc", splits=("val",),
+            title="Validation accuracy", uirevision=f"cmp-acc-{key}",
+        ),
+        key="runs.chart.acc",
+    )  # fmt: skip
+    layers: list[str] = []
+    for rows in spectra.values():
+        for name in live.layer_names(rows):
+            if name not in layers:
+                layers.append(name)
+    if not layers:
+        st.caption("No spectra logged yet for these runs.")
+        return
+    if st.session_state.get(state.RUNS_LAYER) not in layers:
+        st.session_state[state.RUNS_LAYER] = layers[0]
+    layer = st.selectbox("Layer", layers, key=state.RUNS_LAYER)
+    final = {}
+    ranks = {}
+    steps_by_run = {}
+    for n, rows in spectra.items():
+        steps, vals = live.layer_series(rows, layer)
+        if vals:
+            final[labels[n]] = vals[-1]
+        r_steps, r = live.rank_series(rows)
+        if layer in r:
+            ranks[labels[n]] = r[layer]
+            steps_by_run[labels[n]] = r_steps
+    c1, c2 = st.columns(2)
+    c1.plotly_chart(
+        charts.layer_spectra_chart(
+            final, title=f"Final spectrum of {layer} (σ/σ_max)", uirevision=f"cmp-spec-{key}"
+        ),
+        key="runs.chart.spectra",
+    )
+    c2.plotly_chart(
+        charts.rank_curves(
+            max(steps_by_run.values(), key=len) if steps_by_run else [],
+            ranks, title=f"Effective rank of {layer}", uirevision=f"cmp-rank-{key}",
+        ),
+        key="runs.chart.ranks",
+    )  # fmt: skip
+    rows = []
+    for n, r in runs.items():
+        s = r.summary()
+        rows.append({"run": n, "N": r.config.get("n_factors"), **(s.get("effective_ranks") or {})})
+    st.markdown("**Effective rank per layer at the last snapshot** (σ > 1 % of σ_max)")
+    st.dataframe(pd.DataFrame(rows), hide_index=True)
+
+
+@ui.guarded
+def main() -> None:
+    st.title("Runs")
+    rows = jobs.list_runs()
+    if not rows:
+        st.info("No runs yet.")
+        st.page_link(
+            "pages/train.py", label="Start one on the Train page", icon=":material/model_training:"
+        )
+        return
+    st.dataframe(
+        _table(rows),
+        hide_index=True,
+        column_config={
+            "best val acc": st.column_config.NumberColumn(format="%.1f %%"),
+            "test acc": st.column_config.NumberColumn(format="%.1f %%"),
+            "weight decay": st.column_config.NumberColumn(format="%g"),
+            "lr": st.column_config.NumberColumn(format="%g"),
+        },
+    )
+    names = [r["name"] for r in rows]
+    if _pick_invalid(names):
+        st.session_state[state.RUNS_PICK] = _default_pick(rows)
+    picked = st.multiselect(
+        "Compare runs (N=1 against N=3 is the lesson)",
+        names,
+        key=state.RUNS_PICK,
+    )
+    if picked:
+        _compare(picked)
+    else:
+        st.caption("Pick one or more runs to overlay their curves and spectra.")
+    st.divider()
+    _delete_section(names)
+
+
+def _pick_invalid(names: list[str]) -> bool:
+    picked = st.session_state.get(state.RUNS_PICK)
+    return picked is None or any(p not in names for p in picked)
+
+
+main()

@@ -1,0 +1,276 @@
+"""Train: start a run as a child process and follow its folder live."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from app import charts, jobs, live, presets, state, ui
+
+state.init()
+
+FIELD_KEYS = {
+    "dataset": state.TRAIN_DATASET,
+    "model": state.TRAIN_MODEL,
+    "n_factors": state.TRAIN_N,
+    "init": state.TRAIN_INIT,
+    "weight_decay": state.TRAIN_WD,
+    "lr": state.TRAIN_LR,
+    "epochs": state.TRAIN_EPOCHS,
+    "batch_size": state.TRAIN_BATCH,
+    "seed": state.TRAIN_SEED,
+    "device": state.TRAIN_DEVICE,
+}
+LIVE_EVERY_S = 1.0
+STATE_ICON = {
+    "starting": ":material/hourglass_top:",
+    "queued": ":material/schedule:",
+    "running": ":material/play_circle:",
+    "completed": ":material/check_circle:",
+    "stopped": ":material/stop_circle:",
+    "failed": ":material/error:",
+    "missing": ":material/help:",
+}
+
+
+def _apply_preset() -> None:
+    """Preset callback: copy the preset's values into the form's widgets."""
+    for field, value in presets.form_values(st.session_state[state.TRAIN_PRESET]).items():
+        st.session_state[FIELD_KEYS[field]] = value
+
+
+def _init_form() -> None:
+    state.setdefault(state.TRAIN_PRESET, presets.DEFAULT_PRESET)
+    if state.TRAIN_DATASET not in st.session_state:
+        _apply_preset()
+    state.setdefault(state.TRAIN_BASELINE, True)
+
+
+def _form() -> None:
+    from lorita.data import list_datasets
+    from lorita.models import list_models
+
+    st.selectbox(
+        "Preset",
+        list(presets.PRESETS),
+        key=state.TRAIN_PRESET,
+        format_func=presets.labels().get,
+        on_change=_apply_preset,
+    )
+    with st.form("train.form", border=True):
+        c = st.columns(4)
+        c[0].selectbox("Dataset", list_datasets(), key=state.TRAIN_DATASET)
+        c[1].selectbox("Model", list_models(), key=state.TRAIN_MODEL)
+        c[2].number_input(
+            "N (factors per layer)", min_value=1, max_value=8, step=1, key=state.TRAIN_N,
+            help="N=1 is the ordinary network; N≥2 composes every weight from N factors.",
+        )  # fmt: skip
+        c[3].selectbox(
+            "Init", ["balanced", "independent"], key=state.TRAIN_INIT,
+            help="balanced: the composed network starts as the same function as N=1 "
+            "(fair comparison); independent: every factor gets PyTorch's default init.",
+        )  # fmt: skip
+        c = st.columns(4)
+        c[0].number_input(
+            "Weight decay λ", min_value=0.0, step=1e-4, format="%g", key=state.TRAIN_WD
+        )
+        c[1].number_input(
+            "Learning rate", min_value=0.0, step=1e-4, format="%g", key=state.TRAIN_LR
+        )
+        c[2].number_input("Epochs", min_value=1, max_value=1000, step=1, key=state.TRAIN_EPOCHS)
+        c[3].number_input("Batch size", min_value=1, max_value=8192, step=16, key=state.TRAIN_BATCH)
+        c = st.columns(4)
+        c[0].number_input("Seed", min_value=0, max_value=2**31 - 1, step=1, key=state.TRAIN_SEED)
+        c[1].selectbox(
+            "Device", ["cpu", "auto", "cuda", "mps"], key=state.TRAIN_DEVICE,
+            help=f"Available here: {', '.join(jobs.devices())}.",
+        )  # fmt: skip
+        c[2].checkbox(
+            "also train N=1 with the same seed", key=state.TRAIN_BASELINE,
+            help="Starts the ordinary network beside it: the comparison the method is about.",
+        )  # fmt: skip
+        submitted = c[3].form_submit_button("Start training", type="primary", width="stretch")
+    if submitted:
+        _start()
+
+
+def _start() -> None:
+    form = {field: st.session_state[key] for field, key in FIELD_KEYS.items()}
+    config = presets.build_config(st.session_state[state.TRAIN_PRESET], form)
+    try:
+        config = jobs.validate(config)
+        base_cfg = None
+        if st.session_state[state.TRAIN_BASELINE] and int(config["n_factors"]) != 1:
+            base_cfg = jobs.validate(presets.baseline_config(config))
+    except ValueError as exc:
+        st.error(f"Cannot start: {ui.one_line(exc)}", icon=":material/error:")
+        return
+    name = jobs.start(config)
+    baseline = jobs.start(base_cfg) if base_cfg is not None else None
+    state.set_current_run(name)
+    st.session_state[state.TRAIN_FOLLOW] = name
+    st.toast(f"Started {name}" + (f" and its N=1 baseline {baseline}" if baseline else ""))
+
+
+def _progress(v: jobs.JobView, *, small: bool = False) -> None:
+    total = f"/{v.total_steps}" if v.total_steps else ""
+    parts = [f"{v.state}", f"step {v.step}{total}"]
+    if v.epoch is not None:
+        parts.append(f"epoch {v.epoch}")
+    if v.elapsed is not None:
+        parts.append(f"{ui.fmt_duration(v.elapsed)} elapsed")
+    if v.eta is not None:
+        parts.append(f"about {ui.fmt_duration(v.eta)} left")
+    label = f"**{v.name}** · " if small else ""
+    st.progress(v.fraction, text=label + " · ".join(parts))
+
+
+def _status_line(v: jobs.JobView) -> None:
+    if v.state == "queued":
+        st.info(
+            f"Queued: waiting for a free training slot (at most {jobs.max_concurrent()} run(s) "
+            "train at a time). It starts by itself when the run ahead of it ends.",
+            icon=STATE_ICON["queued"],
+        )
+    elif v.state == "starting":
+        st.info("Starting the training process…", icon=STATE_ICON["starting"])
+    elif v.state == "failed":
+        st.error(f"The run failed: {v.message or 'no message'}", icon=STATE_ICON["failed"])
+        st.caption(f"Full output: `{jobs.runs_dir() / v.name / jobs.LOG_NAME}`")
+    elif v.state == "stopped":
+        st.warning(f"Stopped by request. {v.message}", icon=STATE_ICON["stopped"])
+    elif v.state == "completed":
+        st.success(f"Completed. {v.message}", icon=STATE_ICON["completed"])
+    elif v.state == "missing":
+        st.warning(v.message, icon=STATE_ICON["missing"])
+
+
+def _charts(name: str) -> None:
+    run = jobs.store().get(name)
+    metrics = run.metrics()
+    spectra = run.spectra()
+    c1, c2 = st.columns(2)
+    c1.plotly_chart(
+        charts.training_curves({name: metrics}, "loss", uirevision=f"loss-{name}"),
+        key="train.chart.loss",
+    )
+    c2.plotly_chart(
+        charts.training_curves({name: metrics}, "acc", uirevision=f"acc-{name}"),
+        key="train.chart.acc",
+    )
+    st.subheader("Spectra")
+    layers = live.layer_names(spectra)
+    if not layers:
+        st.caption("The first spectra snapshot appears after the first evaluation.")
+        return
+    if st.session_state.get(state.TRAIN_LAYER) not in layers:
+        st.session_state[state.TRAIN_LAYER] = layers[0]
+    layer = st.selectbox("Layer for the heatmap", layers, key=state.TRAIN_LAYER)
+    steps, values = live.layer_series(spectra, layer)
+    st.plotly_chart(
+        charts.spectrum_heatmap(steps, values, layer=layer, uirevision=f"heat-{name}-{layer}"),
+        key="train.chart.heatmap",
+    )
+    c1, c2 = st.columns(2)
+    step, current = live.latest(spectra)
+    c1.plotly_chart(
+        charts.layer_spectra_chart(
+            current,
+            title=f"Singular values of every layer at step {step} (σ/σ_max)",
+            uirevision=f"spectra-{name}",
+        ),
+        key="train.chart.spectra",
+    )
+    r_steps, ranks = live.rank_series(spectra)
+    c2.plotly_chart(
+        charts.rank_curves(
+            r_steps, ranks, title="Effective rank of every layer (σ > 1% of σ_max)",
+            uirevision=f"ranks-{name}",
+        ),
+        key="train.chart.ranks",
+    )  # fmt: skip
+
+
+def _baseline(name: str) -> str | None:
+    """The N=1 run started beside ``name`` (found from the run folders)."""
+    try:
+        partner = jobs.partner(name)
+    except Exception:  # noqa: BLE001 - the pair is a nicety; never block the page on it
+        return None
+    if partner and int(jobs.store().get(partner).config.get("n_factors", 1)) == 1:
+        return partner
+    return None
+
+
+def _panel(name: str) -> jobs.JobView:
+    v = jobs.view(name)
+    st.markdown(f"### {v.name}")
+    _progress(v)
+    baseline = _baseline(name)
+    if baseline:
+        _progress(jobs.view(baseline), small=True)
+    _status_line(v)
+    if v.active:
+        if st.button("Stop", key="train.stop", icon=":material/stop:"):
+            jobs.stop(name)
+            if baseline and jobs.view(baseline).active:
+                jobs.stop(baseline)
+            st.toast("Stop requested: the run saves a checkpoint and ends.")
+    elif v.state in ("completed", "stopped"):
+        st.page_link("pages/compress.py", label="Compress this run", icon=":material/compress:")
+    if v.state not in ("starting", "missing"):
+        _charts(name)
+    return v
+
+
+@st.fragment(run_every=LIVE_EVERY_S)
+def _live(name: str) -> None:
+    """Redrawn every second while the run is active; a full rerun once it ends."""
+    try:
+        v = _panel(name)
+    except Exception as exc:  # noqa: BLE001
+        ui.report(exc, "Following the run")
+        return
+    jobs.reap()
+    baseline = _baseline(name)
+    if not v.active and not (baseline and jobs.view(baseline).active):
+        st.rerun()
+
+
+def _follow() -> None:
+    runs = jobs.list_runs()
+    names = [r["name"] for r in runs]
+    current = state.current_run()
+    if current and current not in names and jobs.view(current).state != "starting":
+        current = None
+    if not names and not current:
+        st.caption("No runs yet. Pick a preset and press Start.")
+        return
+    options = names if current is None or current in names else [current, *names]
+    if st.session_state.get(state.TRAIN_FOLLOW) not in options:
+        st.session_state[state.TRAIN_FOLLOW] = current or options[0]
+    label = {r["name"]: f"{r['name']} ({r['state']})" for r in runs}
+    name = st.selectbox(
+        "Follow run", options, key=state.TRAIN_FOLLOW, format_func=lambda n: label.get(n, n)
+    )
+    if name != current:
+        state.set_current_run(name)
+    elif name:
+        st.query_params[state.QUERY_RUN] = name
+    v = jobs.view(name)
+    baseline = _baseline(name)
+    if v.active or (baseline and jobs.view(baseline).active):
+        _live(name)
+    else:
+        _panel(name)
+
+
+@ui.guarded
+def main() -> None:
+    st.title("Train")
+    _init_form()
+    _form()
+    st.divider()
+    _follow()
+
+
+main()
