@@ -23,10 +23,9 @@ from typing import Any
 RUNS_ENV = "LORITA_RUNS"
 MAX_CONCURRENT_ENV = "LORITA_MAX_CONCURRENT"  # training runs at once (default 1 per device)
 DEFAULT_RUNS = "runs"
-LOG_NAME = "train.log"  # the child's stdout and stderr, in the run folder
+APP_DIR = ".app"  # <runs>/.app/<name>.json (the request) and <name>.log (the child's output)
 ACTIVE = ("queued", "running")
 FINISHED = ("completed", "stopped", "failed")
-STALE_AFTER_S = 60.0  # a "running" run whose process is gone and heartbeat this old is dead
 
 # name -> Popen for the children this server started (lost on restart; the folder is the truth)
 _PROCS: dict[tuple[str, str], subprocess.Popen] = {}
@@ -154,16 +153,19 @@ def start(
 ) -> str:
     """Validate ``config`` and start a training child; returns the run name at once.
 
-    The child creates ``root/name`` itself (state "queued" until a slot is free). Its output
-    goes to ``root/name/train.log``.
+    The child creates ``root/name`` itself (state "queued" until a slot is free); the request
+    and the child's output are kept in ``root/.app/`` (the run store ignores dot-folders).
     """
     config = validate(config)
     root = Path(root) if root is not None else runs_dir()
-    root.mkdir(parents=True, exist_ok=True)
     name = name or new_name(config, root)
-    run_dir = root / name
-    run_dir.mkdir(parents=True, exist_ok=False)
-    config_path = run_dir / "request.json"
+    from lorita.runs import validate_name
+
+    validate_name(name)
+    if (root / name).exists():
+        raise ValueError(f"run name: {name!r} already exists in {root}")
+    config_path = app_file(name, ".json", root)
+    config_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = config_path.with_suffix(".tmp")
     tmp.write_text(json.dumps(config, indent=2))
     os.replace(tmp, config_path)
@@ -172,7 +174,7 @@ def start(
     repo = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = repo + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env.setdefault("PYTHONUNBUFFERED", "1")
-    with open(run_dir / LOG_NAME, "ab") as log:
+    with open(log_path(name, root), "ab") as log:
         proc = subprocess.Popen(
             command(config_path, root, name, concurrent or max_concurrent()),
             stdout=log,
@@ -221,30 +223,19 @@ class JobView:
         return self.state in FINISHED
 
 
-def _pid_alive(pid: Any) -> bool:
-    try:
-        pid = int(pid)
-    except (TypeError, ValueError):
-        return False
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie child of ours still answers kill(0); reap it if it is ours.
-    for proc in _PROCS.values():
-        if proc.pid == pid and proc.poll() is not None:
-            return False
-    return True
+def app_file(name: str, suffix: str, root: str | Path | None = None) -> Path:
+    root = Path(root) if root is not None else runs_dir()
+    return root / APP_DIR / f"{name}{suffix}"
+
+
+def log_path(name: str, root: str | Path | None = None) -> Path:
+    """Where the training child of run ``name`` writes its output."""
+    return app_file(name, ".log", root)
 
 
 def log_tail(name: str, root: str | Path | None = None, lines: int = 20) -> str:
     """The last ``lines`` lines of the child's output (empty if none)."""
-    root = Path(root) if root is not None else runs_dir()
-    path = root / name / LOG_NAME
+    path = log_path(name, root)
     try:
         with open(path, "rb") as fh:
             fh.seek(0, os.SEEK_END)
@@ -275,7 +266,7 @@ def view(name: str, root: str | Path | None = None) -> JobView:
         if proc is not None:
             msg = _last_line(log_tail(name, root)) or f"the training process exited ({exit_code})"
             return JobView(name, "failed", msg)
-        if (root / name).exists():
+        if log_path(name, root).exists():
             return JobView(name, "failed", _last_line(log_tail(name, root)) or "no status")
         return JobView(name, "missing", f"run {name!r} not found in {root}")
     run = store(root).get(name)
@@ -283,14 +274,12 @@ def view(name: str, root: str | Path | None = None) -> JobView:
     state = str(st.get("state", "queued"))
     message = str(st.get("message") or "")
     now = time.time()
-    if state in ACTIVE:
-        gone = (proc is not None and exit_code is not None) or (
-            proc is None and not _pid_alive(st.get("pid"))
-        )
-        beat = st.get("heartbeat") or st.get("started") or st.get("created") or 0
-        if gone and (proc is not None or now - float(beat) > STALE_AFTER_S):
-            state = "failed"
-            message = _last_line(log_tail(name, root)) or "the training process ended unexpectedly"
+    if state in ACTIVE and proc is not None and exit_code is not None:
+        # our child ended without marking the run finished (killed, crashed)
+        state = "failed"
+        message = _last_line(log_tail(name, root)) or f"the training process exited ({exit_code})"
+    elif state == "failed" and message == "process died":
+        message = "the training process died: " + (_last_line(log_tail(name, root)) or "no output")
     step = int(st.get("step") or 0)
     total = int(st.get("total_steps") or 0)
     started = st.get("started")
@@ -412,3 +401,5 @@ def delete(name: str, root: str | Path | None = None) -> None:
         raise ValueError(f"run {name!r} is {v.state}; stop it before deleting it")
     store(root).delete(name)
     _PROCS.pop((str(root), name), None)
+    for suffix in (".json", ".log"):
+        app_file(name, suffix, root).unlink(missing_ok=True)

@@ -135,7 +135,7 @@ def _status_line(v: jobs.JobView) -> None:
         st.info("Starting the training process…", icon=STATE_ICON["starting"])
     elif v.state == "failed":
         st.error(f"The run failed: {v.message or 'no message'}", icon=STATE_ICON["failed"])
-        st.caption(f"Full output: `{jobs.runs_dir() / v.name / jobs.LOG_NAME}`")
+        st.caption(f"Full output of the training process: `{jobs.log_path(v.name)}`")
     elif v.state == "stopped":
         st.warning(f"Stopped by request. {v.message}", icon=STATE_ICON["stopped"])
     elif v.state == "completed":

@@ -1,8 +1,69 @@
-"""Make the repository root importable (``import app``) however pytest is started."""
+"""Fixtures for the app tests: a run store seeded with two real, short digits runs."""
 
+from __future__ import annotations
+
+import os
+import shutil
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+# A digits run small enough to train in a couple of seconds on one core.
+TINY = {
+    "dataset": "digits",
+    "model": "mlp",
+    "model_kwargs": {"depth": 2, "width": 32},
+    "n_factors": 3,
+    "init": "balanced",
+    "optimizer": "adam",
+    "lr": 3e-3,
+    "weight_decay": 5e-4,
+    "epochs": 3,
+    "batch_size": 64,
+    "seed": 0,
+    "device": "cpu",
+    "spectra_every": 5,
+}
+N3 = "digits-tiny-n3"
+N1 = "digits-tiny-n1"
+
+
+@pytest.fixture(scope="session")
+def seeded_store(tmp_path_factory) -> Path:
+    """A runs folder with a finished N=3 run and its N=1 baseline (same seed and setup)."""
+    from lorita.runs import RunStore
+    from lorita.train import train
+
+    root = tmp_path_factory.mktemp("runs-seeded")
+    store = RunStore(root)
+    for name, n in ((N3, 3), (N1, 1)):
+        cfg = {**TINY, "n_factors": n}
+        result = train(cfg, store.create(cfg, name=name))
+        assert result["state"] == "completed", result
+    return root
+
+
+@pytest.fixture
+def runs_dir(seeded_store, tmp_path, monkeypatch) -> Path:
+    """A private copy of the seeded store as $LORITA_RUNS (tests may delete runs in it)."""
+    root = tmp_path / "runs"
+    shutil.copytree(seeded_store, root, ignore=shutil.ignore_patterns(".slots"))
+    monkeypatch.setenv("LORITA_RUNS", str(root))
+    return root
+
+
+@pytest.fixture
+def empty_runs(tmp_path, monkeypatch) -> Path:
+    root = tmp_path / "empty-runs"
+    root.mkdir()
+    monkeypatch.setenv("LORITA_RUNS", str(root))
+    return root
+
+
+def pytest_configure(config):
+    os.environ.setdefault("STREAMLIT_BROWSER_GATHER_USAGE_STATS", "false")

@@ -1,0 +1,241 @@
+"""Every page through Streamlit's AppTest, against a store seeded with real short digits runs."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import N1, N3, ROOT
+from streamlit.testing.v1 import AppTest
+
+APP = str(ROOT / "streamlit_app.py")
+TIMEOUT = 120
+
+
+def open_page(page: str | None = None, **query) -> AppTest:
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
+    for k, v in query.items():
+        at.query_params[k] = v
+    at.run()
+    if page is not None:
+        at.switch_page(f"pages/{page}.py").run()
+    return at
+
+
+def assert_clean(at: AppTest) -> None:
+    assert not at.exception, [e.value for e in at.exception]
+    assert not at.error, [e.value for e in at.error]
+
+
+def metrics(at: AppTest) -> dict[str, str]:
+    return {m.label: m.value for m in at.metric}
+
+
+# --- home / theory ----------------------------------------------------------------------------
+
+
+def test_home_shows_device_and_run_count(runs_dir):
+    at = open_page()
+    assert_clean(at)
+    m = metrics(at)
+    assert m["Runs"] == "2"
+    assert m["Active runs"] == "0"
+    assert "CPU" in m["Device for training"] or "cuda" in m["Device for training"]
+    assert "LoRITa Explorer" in at.title[0].value
+
+
+def test_theory_identity_and_rank_preference(empty_runs):
+    at = open_page("theory")
+    assert_clean(at)
+    m = metrics(at)
+    assert m["Σ‖Wᵢ‖² (learned factors)"] == m["N·Σσ^(2/N) (N=3)"]
+    assert int(m["effective rank of W"]) == 3  # the planted rank
+    at.slider(key="theory.n_factors").set_value(1).run()
+    assert_clean(at)
+    m = metrics(at)
+    assert int(m["effective rank of W"]) > 3  # N=1 keeps the noise directions
+    assert len(at.get("plotly_chart")) == 1
+
+
+# --- train ------------------------------------------------------------------------------------
+
+
+def test_train_form_presets_fill_the_fields(empty_runs):
+    at = open_page("train")
+    assert_clean(at)
+    assert at.selectbox(key="train.dataset").value == "digits"
+    at.selectbox(key="train.preset").set_value("fashion").run()
+    assert at.selectbox(key="train.dataset").value == "fashion_mnist"
+    assert at.number_input(key="train.batch_size").value == 128
+    at.selectbox(key="train.preset").set_value("planted").run()
+    assert at.selectbox(key="train.dataset").value == "lowrank"
+    assert "No runs yet" in " ".join(c.value for c in at.caption)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "field"),
+    [("train.lr", 0.0, "lr"), ("train.device", "cuda", "device")],
+)
+def test_train_bad_input_names_the_field(empty_runs, key, value, field):
+    import torch
+
+    if field == "device" and torch.cuda.is_available():
+        pytest.skip("cuda is available here")
+    at = open_page("train")
+    widget = at.number_input(key=key) if key == "train.lr" else at.selectbox(key=key)
+    widget.set_value(value)
+    at.button(key="FormSubmitter:train.form-Start training").click().run()
+    assert not at.exception
+    errors = [e.value for e in at.error]
+    assert errors and errors[0].startswith(f"Cannot start: {field}:"), errors
+    assert not list(empty_runs.iterdir()) or not any(
+        p.name[0] != "." for p in empty_runs.iterdir()
+    )  # nothing was started
+
+
+def test_train_follows_finished_run_from_the_url(runs_dir):
+    at = open_page("train", run=N3)
+    assert_clean(at)
+    assert at.selectbox(key="train.follow").value == N3
+    assert any("Completed" in s.value for s in at.success)
+    charts = at.get("plotly_chart")
+    assert len(charts) == 5  # loss, accuracy, heatmap, spectra of every layer, effective rank
+    layer = at.selectbox(key="train.layer")
+    assert layer.options[0] == "fc1"
+    layer.set_value(layer.options[-1]).run()
+    assert_clean(at)
+
+
+def test_train_shows_a_failed_run_message(runs_dir):
+    import json
+
+    st_path = runs_dir / N1 / "status.json"
+    status = json.loads(st_path.read_text())
+    status.update(state="failed", message="DatasetUnavailable: put the files in /somewhere")
+    st_path.write_text(json.dumps(status))
+    at = open_page("train", run=N1)
+    assert not at.exception
+    assert any("DatasetUnavailable: put the files" in e.value for e in at.error)
+
+
+# --- runs -------------------------------------------------------------------------------------
+
+
+def test_runs_table_overlay_and_delete(runs_dir):
+    at = open_page("runs")
+    assert_clean(at)
+    table = at.dataframe[0].value
+    assert set(table["run"]) == {N3, N1}
+    pick = at.multiselect(key="runs.pick")
+    pick.set_value([N3, N1]).run()
+    assert_clean(at)
+    assert len(at.get("plotly_chart")) == 4
+    ranks = at.dataframe[1].value
+    assert list(ranks["N"]) == [3, 1]
+
+    at.selectbox(key="runs.delete").set_value(N1).run()
+    at.button(key="runs.delete_ask").click().run()
+    assert any("cannot be undone" in w.value for w in at.warning)
+    at.button(key="runs.delete_no").click().run()
+    assert (runs_dir / N1).exists()
+    at.selectbox(key="runs.delete").set_value(N1).run()
+    at.button(key="runs.delete_ask").click().run()
+    at.button(key="runs.delete_yes").click().run()
+    assert_clean(at)
+    assert not (runs_dir / N1).exists()
+    assert set(at.dataframe[0].value["run"]) == {N3}
+
+
+def test_runs_empty(empty_runs):
+    at = open_page("runs")
+    assert_clean(at)
+    assert "No runs yet" in at.info[0].value
+
+
+# --- compress ---------------------------------------------------------------------------------
+
+
+def test_compress_slider_changes_the_numbers(runs_dir):
+    at = open_page("compress", run=N3)
+    assert_clean(at)
+    assert at.selectbox(key="compress.run").value == N3
+    m0 = metrics(at)
+    assert m0["Original validation accuracy"].endswith("%")
+    slider = at.slider(key="compress.value.global")
+    slider.set_value(0.9).run()
+    assert_clean(at)
+    m1 = metrics(at)
+    assert m1["Parameters"] != m0["Parameters"]
+    assert "% of original" in at.metric[6].delta
+    # trade-off chart (with the N=1 baseline's curve) + one spectrum per layer
+    charts = at.get("plotly_chart")
+    assert len(charts) == 1 + 3
+
+    at.radio(key="compress.policy").set_value("uniform").run()
+    assert_clean(at)
+    at.slider(key="compress.value.uniform").set_value(0.1).run()
+    assert_clean(at)
+    choice = at.session_state["compress_choice"]
+    assert choice["policy"] == "uniform" and choice["ranks"]["fc1"] == 3
+
+
+def test_compress_smallest_within_moves_the_slider(runs_dir):
+    from app import compress as cz
+
+    at = open_page("compress", run=N3)
+    at.slider(key="compress.value.global").set_value(0.97).run()
+    at.number_input(key="compress.max_drop").set_value(5.0).run()
+    at.button[0].click().run()  # "Smallest model within X points"
+    assert_clean(at)
+    want = cz.smallest_within(cz.load_context(N3, "best", runs_dir), "global", 5.0)["value"]
+    assert at.slider(key="compress.value.global").value == pytest.approx(want)
+    m = metrics(at)
+    drop = float(m["Original validation accuracy"][:-2]) - float(m["Validation accuracy"][:-2])
+    assert drop <= 5.0 + 1e-6
+
+
+def test_compress_rank_table(runs_dir):
+    at = open_page("compress", run=N3)
+    at.radio(key="compress.policy").set_value("ranks").run()
+    assert_clean(at)
+    assert len(at.get("plotly_chart")) == 3  # no trade-off curve for explicit ranks
+    assert any("sweeps a policy's range" in i.value for i in at.info)
+
+
+def test_compress_without_runs_points_to_train(empty_runs):
+    at = open_page("compress")
+    assert_clean(at)
+    assert "No run with a checkpoint yet" in at.info[0].value
+
+
+# --- export -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["low_rank", "dense", "onnx"])
+def test_export_reloads_to_the_same_accuracy(runs_dir, fmt):
+    at = open_page("export", run=N3)
+    assert_clean(at)
+    at.radio(key="export.format").set_value(fmt).run()
+    assert_clean(at)
+    m = metrics(at)
+    assert m["Test accuracy before saving"] == m["Test accuracy after reloading"]
+    assert at.get("download_button")
+    assert "lt.load" in at.code[0].value or "onnxruntime" in at.code[0].value
+
+
+def test_export_compressed_choice_from_compress_page(runs_dir):
+    at = open_page("compress", run=N3)
+    at.slider(key="compress.value.global").set_value(0.8).run()
+    at.switch_page("pages/export.py").run()
+    assert_clean(at)
+    assert at.radio(key="export.model").value == "compressed"
+    assert "Global" in at.radio(key="export.model").options[1]
+
+
+def test_pages_show_errors_not_tracebacks(tmp_path, monkeypatch):
+    bad = tmp_path / "not-a-folder"
+    bad.write_text("x")
+    monkeypatch.setenv("LORITA_RUNS", str(bad))
+    for page in ("runs", "compress", "export", "train"):
+        at = open_page(page)
+        assert not at.exception, page
+        assert at.error, page
+        assert "Traceback" not in at.error[0].value
