@@ -1,0 +1,95 @@
+"""app/jobs.py with real training children: start, queue, stop, follow, pair, delete."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from conftest import N1, N3, TINY
+
+from app import jobs, presets
+
+
+def wait_for(name, root, states, timeout=90.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        v = jobs.view(name, root)
+        if v.state in states:
+            return v
+        time.sleep(0.2)
+    raise AssertionError(f"{name} stayed {jobs.view(name, root).state}, wanted {states}")
+
+
+def test_validate_names_the_field():
+    with pytest.raises(ValueError, match=r"^lr:"):
+        jobs.validate({**TINY, "lr": -1})
+    with pytest.raises(ValueError, match=r"^dataset:"):
+        jobs.validate({**TINY, "dataset": "nope"})
+
+
+def test_command_line_is_the_documented_one(tmp_path):
+    cmd = jobs.command(tmp_path / "c.json", tmp_path, "r1", 1)
+    assert cmd[1:4] == ["-m", "lorita", "train"]
+    assert cmd[cmd.index("--max-concurrent") + 1] == "1"
+    assert "--quiet" in cmd and cmd[cmd.index("--name") + 1] == "r1"
+
+
+def test_start_queue_stop_and_complete(tmp_path):
+    """Two runs with one slot: the second waits as queued, a stop ends it while queued."""
+    root = tmp_path / "runs"
+    cfg = {**TINY, "epochs": 2}
+    first = jobs.start(cfg, root=root, concurrent=1)
+    v = jobs.view(first, root)
+    assert v.state in ("starting", "queued", "running")
+    wait_for(first, root, ("running", "completed"))
+    second = jobs.start(presets.baseline_config(cfg), root=root, concurrent=1)
+    assert second != first
+    v2 = wait_for(second, root, ("queued", "running", "completed"))
+    if v2.state == "queued":  # the first still holds the only slot
+        jobs.stop(second, root)
+        v2 = wait_for(second, root, ("stopped", "completed"))
+    done = wait_for(first, root, ("completed",))
+    assert done.fraction == 1.0 and done.step == done.total_steps > 0
+    assert done.elapsed and done.elapsed > 0
+    assert v2.state in ("stopped", "completed")
+    rows = jobs.list_runs(root)
+    assert {r["name"] for r in rows} == {first, second}
+    assert jobs.partner(first, root) == second and jobs.partner(second, root) == first
+    jobs.delete(second, root)
+    assert not (root / second).exists() and not jobs.log_path(second, root).exists()
+    jobs.reap()
+
+
+def test_failed_child_reports_its_last_line(tmp_path):
+    root = tmp_path / "runs"
+    # passes TrainConfig validation but the dataset option is rejected when the data loads
+    name = jobs.start({**TINY, "dataset": "lowrank", "dataset_kwargs": {"rank": 99}}, root=root)
+    v = wait_for(name, root, ("failed",))
+    assert "rank" in v.message
+
+
+def test_view_of_finished_and_missing_runs(runs_dir):
+    v = jobs.view(N3)
+    assert v.state == "completed" and v.fraction == 1.0 and not v.active and v.finished
+    assert v.eta is None
+    assert jobs.view("no-such-run").state == "missing"
+    assert jobs.partner(N3) == N1
+    with pytest.raises(ValueError):
+        jobs.start({**TINY}, name="../escape", root=runs_dir)
+
+
+def test_delete_refuses_an_active_run(runs_dir):
+    import json
+
+    path = runs_dir / N3 / "status.json"
+    st = json.loads(path.read_text())
+    st.update(state="running", heartbeat=time.time())
+    path.write_text(json.dumps(st))
+    with pytest.raises(ValueError, match="running"):
+        jobs.delete(N3)
+
+
+def test_machine_info(runs_dir):
+    info = jobs.machine_info()
+    assert info["n_runs"] == 2 and info["n_active"] == 0 and info["max_concurrent"] == 1
+    assert info["runs_dir"] == str(runs_dir)
