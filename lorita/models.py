@@ -1,0 +1,370 @@
+"""Model registry: the networks of the paper, sized for 1- or 3-channel images of 8, 28 or 32 px.
+
+``create_model(name, in_channels=..., image_size=..., num_classes=..., **options)`` builds a
+plain network (N=1); :func:`lorita.overparameterize` composes its layers afterwards, skipping
+:func:`default_skip` (the ViT's patch embedding and head, as in the paper). Every model carries
+``model.lorita_arch = {"name": ..., "kwargs": {...}}`` so :func:`lorita.load` can rebuild it.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections import OrderedDict
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["create_model", "list_models", "default_skip", "MLP", "VGG", "ResNet", "ViT"]
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _positive_int(field: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{field}: expected an integer >= 1, got {value!r}")
+    return value
+
+
+def _check_input(in_channels, image_size, num_classes) -> None:
+    _positive_int("in_channels", in_channels)
+    _positive_int("image_size", image_size)
+    _positive_int("num_classes", num_classes)
+
+
+# --------------------------------------------------------------------------- MLP
+
+
+class MLP(nn.Sequential):
+    """The paper's fully connected network: [Linear -> BatchNorm1d -> ReLU] x depth -> Linear.
+
+    Layers are named ``fc1 .. fc{depth}`` and ``head``.
+
+    Args:
+        depth: number of hidden blocks.
+        width: hidden width.
+        batchnorm: put BatchNorm1d after each hidden Linear (the paper's FCN does).
+        dropout: dropout after each block (0 = none).
+    """
+
+    def __init__(
+        self,
+        *,
+        in_channels: int,
+        image_size: int,
+        num_classes: int,
+        depth: int = 3,
+        width: int = 256,
+        batchnorm: bool = True,
+        dropout: float = 0.0,
+    ) -> None:
+        _check_input(in_channels, image_size, num_classes)
+        _positive_int("depth", depth)
+        _positive_int("width", width)
+        if not 0 <= dropout < 1:
+            raise ValueError(f"dropout: expected a number in [0, 1), got {dropout!r}")
+        layers: OrderedDict[str, nn.Module] = OrderedDict(flatten=nn.Flatten())
+        d_in = in_channels * image_size * image_size
+        for i in range(1, depth + 1):
+            layers[f"fc{i}"] = nn.Linear(d_in, width)
+            if batchnorm:
+                layers[f"bn{i}"] = nn.BatchNorm1d(width)
+            layers[f"relu{i}"] = nn.ReLU(inplace=True)
+            if dropout:
+                layers[f"drop{i}"] = nn.Dropout(dropout)
+            d_in = width
+        layers["head"] = nn.Linear(d_in, num_classes)
+        super().__init__(layers)
+
+
+# --------------------------------------------------------------------------- VGG
+
+_VGG_CFG = {
+    11: [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
+    16: [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"],
+}
+
+
+class VGG(nn.Module):
+    """CIFAR-style VGG with BatchNorm: 3x3 conv -> BN -> ReLU stacks, max-pools, one Linear.
+
+    A max-pool is left out once the feature map is down to 1 pixel, so 8- and 28-pixel inputs
+    work too; a global average pool before the classifier makes the head size-independent.
+
+    Args:
+        depth: 11 or 16.
+        width_mult: scales every channel count (for small, fast variants).
+    """
+
+    def __init__(
+        self,
+        *,
+        in_channels: int,
+        image_size: int,
+        num_classes: int,
+        depth: int = 16,
+        width_mult: float = 1.0,
+    ) -> None:
+        super().__init__()
+        _check_input(in_channels, image_size, num_classes)
+        if depth not in _VGG_CFG:
+            raise ValueError(f"depth: expected one of {sorted(_VGG_CFG)}, got {depth!r}")
+        if not isinstance(width_mult, int | float) or not width_mult > 0:
+            raise ValueError(f"width_mult: expected a number > 0, got {width_mult!r}")
+        layers: list[nn.Module] = []
+        c, size = in_channels, image_size
+        for v in _VGG_CFG[depth]:
+            if v == "M":
+                if size >= 2:
+                    layers.append(nn.MaxPool2d(2))
+                    size //= 2
+                continue
+            out = max(4, int(round(v * width_mult)))
+            layers += [nn.Conv2d(c, out, 3, padding=1), nn.BatchNorm2d(out), nn.ReLU(inplace=True)]
+            c = out
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(c, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(self.features(x)).flatten(1)  # (B, C)
+        return self.classifier(x)
+
+
+# --------------------------------------------------------------------------- ResNet
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convs with BN; a 1x1 conv + BN shortcut when the shape changes (option B)."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), nn.BatchNorm2d(c_out)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class ResNet(nn.Module):
+    """CIFAR ResNet (He et al. 2016): a 3x3 stem, three stages of basic blocks, a Linear head.
+
+    Args:
+        depth: 6n+2 (20, 32, 44, 56, ...); 20 gives three blocks per stage.
+        width: channels of the first stage (16 in the paper; doubled per stage).
+    """
+
+    def __init__(
+        self,
+        *,
+        in_channels: int,
+        image_size: int,
+        num_classes: int,
+        depth: int = 20,
+        width: int = 16,
+    ) -> None:
+        super().__init__()
+        _check_input(in_channels, image_size, num_classes)
+        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 8 or (depth - 2) % 6:
+            raise ValueError(f"depth: expected 6n+2 with n >= 1 (20, 32, 44, ...), got {depth!r}")
+        _positive_int("width", width)
+        n = (depth - 2) // 6
+        self.conv1 = nn.Conv2d(in_channels, width, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        stages, c = [], width
+        for i, mult in enumerate((1, 2, 4)):
+            blocks = []
+            for j in range(n):
+                stride = 2 if (i > 0 and j == 0) else 1
+                blocks.append(BasicBlock(c, width * mult, stride))
+                c = width * mult
+            stages.append(nn.Sequential(*blocks))
+        self.layer1, self.layer2, self.layer3 = stages
+        self.fc = nn.Linear(c, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn1(self.conv1(x)))  # (B, w, H, W)
+        x = self.layer3(self.layer2(self.layer1(x)))  # (B, 4w, H/4, W/4)
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+# --------------------------------------------------------------------------- ViT
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape  # (B, T, D)
+        qkv = self.qkv(x).reshape(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # (B, H, T, D/H)
+        return self.proj(out.transpose(1, 2).reshape(b, t, d))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, heads: int, mlp_ratio: float) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class ViT(nn.Module):
+    """A small Vision Transformer: conv patch embedding, class token, pre-norm blocks, head.
+
+    The composed layers are each block's ``attn.qkv``, ``attn.proj``, ``mlp.fc1`` and
+    ``mlp.fc2``; ``patch_embed`` and ``head`` stay plain (see :func:`default_skip`).
+
+    Args:
+        patch_size: side of a patch; default 4 for images of 16 px and more, else 2.
+        dim, depth, heads, mlp_ratio: the usual transformer sizes (dim divisible by heads).
+    """
+
+    def __init__(
+        self,
+        *,
+        in_channels: int,
+        image_size: int,
+        num_classes: int,
+        patch_size: int | None = None,
+        dim: int = 128,
+        depth: int = 6,
+        heads: int = 4,
+        mlp_ratio: float = 2.0,
+    ) -> None:
+        super().__init__()
+        _check_input(in_channels, image_size, num_classes)
+        if patch_size is None:
+            patch_size = 4 if image_size >= 16 and image_size % 4 == 0 else 2
+            if image_size % patch_size:
+                patch_size = 1
+        _positive_int("patch_size", patch_size)
+        if image_size % patch_size:
+            raise ValueError(f"patch_size: {patch_size} must divide image_size {image_size}")
+        for field, v in (("dim", dim), ("depth", depth), ("heads", heads)):
+            _positive_int(field, v)
+        if dim % heads:
+            raise ValueError(f"heads: {heads} must divide dim {dim}")
+        if not mlp_ratio > 0:
+            raise ValueError(f"mlp_ratio: expected a number > 0, got {mlp_ratio!r}")
+        n_patches = (image_size // patch_size) ** 2
+        self.patch_embed = nn.Conv2d(in_channels, dim, patch_size, stride=patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.randn(1, n_patches + 1, dim) * 0.02)
+        self.blocks = nn.Sequential(*[Block(dim, heads, mlp_ratio) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, T, D)
+        x = torch.cat([self.cls_token.expand(len(x), -1, -1), x], dim=1) + self.pos_embed
+        x = self.norm(self.blocks(x))
+        return self.head(x[:, 0])  # (B, classes)
+
+
+# --------------------------------------------------------------------------- registry
+
+_REGISTRY: dict[str, tuple[type[nn.Module], dict]] = {
+    "mlp": (MLP, {}),
+    "vgg": (VGG, {}),
+    "vgg11": (VGG, {"depth": 11}),
+    "vgg16": (VGG, {"depth": 16}),
+    "resnet20": (ResNet, {"depth": 20}),
+    "vit": (ViT, {}),
+}
+_DEFAULT_SKIP = {"vit": ("patch_embed", "head")}
+
+
+def list_models() -> list[str]:
+    """Names accepted by :func:`create_model`."""
+    return list(_REGISTRY)
+
+
+def default_skip(name: str) -> tuple[str, ...]:
+    """Layer names (fnmatch patterns) the paper leaves plain when composing this model."""
+    if name not in _REGISTRY:
+        raise ValueError(f"model: unknown name {name!r}; allowed: {', '.join(_REGISTRY)}")
+    return _DEFAULT_SKIP.get(name, ())
+
+
+def model_options(name: str) -> dict:
+    """The options of a model and their defaults (besides in_channels/image_size/num_classes)."""
+    if name not in _REGISTRY:
+        raise ValueError(f"model: unknown name {name!r}; allowed: {', '.join(_REGISTRY)}")
+    cls, preset = _REGISTRY[name]
+    params = inspect.signature(cls.__init__).parameters
+    out = {
+        k: p.default
+        for k, p in params.items()
+        if p.kind is p.KEYWORD_ONLY and k not in ("in_channels", "image_size", "num_classes")
+    }
+    out.update(preset)
+    return out
+
+
+def create_model(
+    name: str, *, in_channels: int, image_size: int, num_classes: int, **kw
+) -> nn.Module:
+    """Build a plain (N=1) model from the registry.
+
+    Args:
+        name: one of :func:`list_models`.
+        in_channels, image_size, num_classes: input and output shape.
+        **kw: model options (see each class; :func:`model_options` lists them).
+
+    Raises:
+        ValueError: unknown name or option, or an option out of range.
+    """
+    allowed = model_options(name)
+    unknown = set(kw) - set(allowed)
+    if unknown:
+        raise ValueError(
+            f"model options: unknown {sorted(unknown)} for {name!r}; allowed: {', '.join(allowed)}"
+        )
+    cls, _ = _REGISTRY[name]
+    opts = {**allowed, **kw}
+    model = cls(in_channels=in_channels, image_size=image_size, num_classes=num_classes, **opts)
+    model.lorita_arch = {
+        "name": name,
+        "kwargs": {
+            "in_channels": in_channels,
+            "image_size": image_size,
+            "num_classes": num_classes,
+            **opts,
+        },
+    }
+    return model
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
