@@ -25,11 +25,22 @@ def _layout(fig: go.Figure, *, title: str, uirevision: str | None, **kw: Any) ->
         uirevision=uirevision if uirevision is not None else title,
         height=kw.pop("height", HEIGHT),
         margin={"l": 10, "r": 10, "t": 40, "b": 10},
-        legend={"orientation": "h", "yanchor": "bottom", "y": 1.0, "xanchor": "right", "x": 1.0},
+        legend={"font": {"size": 11}, "itemsizing": "constant"},
         hovermode=kw.pop("hovermode", "closest"),
         **kw,
     )
     return fig
+
+
+def _log_y(fig: go.Figure, values: Sequence[float], title: str) -> None:
+    """A log y axis labelled at whole decades only (no 2/5 minor labels) when the data span
+    more than a decade."""
+    pos = [v for v in values if v > 0]
+    span = math.log10(max(pos) / min(pos)) if pos else 0.0
+    kw: dict[str, Any] = {"type": "log", "title_text": title, "exponentformat": "power"}
+    if span > 1.0:
+        kw["dtick"] = 1
+    fig.update_yaxes(**kw)
 
 
 def empty_figure(message: str, *, title: str = "", uirevision: str | None = None) -> go.Figure:
@@ -187,9 +198,7 @@ def layer_spectra_chart(
         )
     if not fig.data:
         return empty_figure("no spectra yet", title=title, uirevision=uirevision)
-    fig.update_yaxes(
-        type="log", title_text="σ / σ_max" if normalize else "σ", exponentformat="power"
-    )
+    _log_y(fig, [v for t in fig.data for v in t.y], "σ / σ_max" if normalize else "σ")
     fig.update_xaxes(title_text="singular value index")
     return _layout(fig, title=title, uirevision=uirevision)
 
@@ -252,7 +261,7 @@ def spectrum_cut(
     )
     if 0 < rank < len(vals):
         fig.add_vline(x=rank + 0.5, line={"color": "#d62728", "dash": "dash", "width": 2})
-    fig.update_yaxes(type="log", exponentformat="power", title_text="σ")
+    _log_y(fig, ys, "σ")
     fig.update_xaxes(title_text="index")
     return _layout(fig, title=title, uirevision=uirevision, height=height)
 
@@ -360,6 +369,6 @@ def theory_spectrum(
             marker={"size": 7},
         )
     )
-    fig.update_yaxes(type="log", exponentformat="power", title_text="σ")
+    _log_y(fig, [v for t in fig.data for v in t.y], "σ")
     fig.update_xaxes(title_text="singular value index")
     return _layout(fig, title=title, uirevision=uirevision, barmode="overlay")

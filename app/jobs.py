@@ -188,6 +188,35 @@ def start(
     return name
 
 
+def start_pair(
+    config: dict[str, Any],
+    baseline: dict[str, Any] | None,
+    *,
+    root: str | Path | None = None,
+    concurrent: int | None = None,
+    wait_s: float = 15.0,
+) -> tuple[str, str | None]:
+    """Start ``config`` and, if given, its N=1 ``baseline`` so that the first one trains first.
+
+    Both configs are validated before anything starts. The baseline's child is started once
+    the first child has created its run folder, so with one training slot the run the user
+    asked for is the one that takes it.
+    """
+    config = validate(config)
+    baseline = validate(baseline) if baseline is not None else None
+    name = start(config, root=root, concurrent=concurrent)
+    if baseline is None:
+        return name, None
+    root_p = Path(root) if root is not None else runs_dir()
+    deadline = time.time() + wait_s
+    while time.time() < deadline and not (root_p / name / "status.json").exists():
+        proc = _PROCS.get((str(root_p), name))
+        if proc is not None and proc.poll() is not None:
+            break
+        time.sleep(0.1)
+    return name, start(baseline, root=root, concurrent=concurrent)
+
+
 # --- following ------------------------------------------------------------------------------
 
 

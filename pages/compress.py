@@ -166,11 +166,11 @@ def main() -> None:
     )  # fmt: skip
     r[2].metric(
         "Parameters", ui.fmt_count(res["params"]),
-        delta=f"{res['params_pct']:.1f} % of original", delta_color="off",
+        delta=f"{res['params_pct']:.1f} % of original", delta_color="off", delta_arrow="off",
     )  # fmt: skip
     r[3].metric(
         "FLOPs / input", ui.fmt_count(res["flops"]),
-        delta=f"{res['flops_pct']:.1f} % of original", delta_color="off",
+        delta=f"{res['flops_pct']:.1f} % of original", delta_color="off", delta_arrow="off",
     )  # fmt: skip
     st.caption(f"This setting was computed in {1000 * res['seconds']:.0f} ms.")
 
@@ -189,7 +189,7 @@ def main() -> None:
             }
             base_run = cz.find_baseline(name, root)
             if base_run and cz.checkpoint_mtime(base_run, which, root):
-                curves[f"{base_run} (N=1 baseline)"] = _curve(
+                curves["N=1 baseline"] = _curve(
                     root, base_run, which, cz.checkpoint_mtime(base_run, which, root), policy
                 )
             st.plotly_chart(

@@ -81,12 +81,13 @@ def _form() -> None:
         c = st.columns(4)
         c[0].number_input("Seed", min_value=0, max_value=2**31 - 1, step=1, key=state.TRAIN_SEED)
         c[1].selectbox(
-            "Device", ["cpu", "auto", "cuda", "mps"], key=state.TRAIN_DEVICE,
-            help=f"Available here: {', '.join(jobs.devices())}.",
+            "Device", ["auto", "cpu", "cuda", "mps"], key=state.TRAIN_DEVICE,
+            help=f"Available here: {', '.join(jobs.devices())}. auto picks the best one.",
         )  # fmt: skip
         c[2].checkbox(
-            "also train N=1 with the same seed", key=state.TRAIN_BASELINE,
-            help="Starts the ordinary network beside it: the comparison the method is about.",
+            "also train N=1 (same seed)", key=state.TRAIN_BASELINE,
+            help="Starts the ordinary network too (after this one when only one run may "
+            "train at a time): the comparison the method is about.",
         )  # fmt: skip
         submitted = c[3].form_submit_button("Start training", type="primary", width="stretch")
     if submitted:
@@ -96,16 +97,15 @@ def _form() -> None:
 def _start() -> None:
     form = {field: st.session_state[key] for field, key in FIELD_KEYS.items()}
     config = presets.build_config(st.session_state[state.TRAIN_PRESET], form)
+    base_cfg = None
+    if st.session_state[state.TRAIN_BASELINE] and int(config.get("n_factors", 1)) != 1:
+        base_cfg = presets.baseline_config(config)
     try:
-        config = jobs.validate(config)
-        base_cfg = None
-        if st.session_state[state.TRAIN_BASELINE] and int(config["n_factors"]) != 1:
-            base_cfg = jobs.validate(presets.baseline_config(config))
+        with st.spinner("Starting the training process…"):
+            name, baseline = jobs.start_pair(config, base_cfg)
     except ValueError as exc:
         st.error(f"Cannot start: {ui.one_line(exc)}", icon=":material/error:")
         return
-    name = jobs.start(config)
-    baseline = jobs.start(base_cfg) if base_cfg is not None else None
     state.set_current_run(name)
     st.session_state[state.TRAIN_FOLLOW] = name
     st.toast(f"Started {name}" + (f" and its N=1 baseline {baseline}" if baseline else ""))
@@ -124,6 +124,16 @@ def _progress(v: jobs.JobView, *, small: bool = False) -> None:
     st.progress(v.fraction, text=label + " · ".join(parts))
 
 
+def _result_text(name: str) -> str:
+    res = jobs.store().get(name).result()
+    parts = []
+    if res.get("best_val_acc") is not None:
+        parts.append(f"best validation accuracy {ui.fmt_pct(res['best_val_acc'])}")
+    if res.get("test_acc") is not None:
+        parts.append(f"test accuracy of that checkpoint {ui.fmt_pct(res['test_acc'])}")
+    return (", ".join(parts) + ".").capitalize() if parts else ""
+
+
 def _status_line(v: jobs.JobView) -> None:
     if v.state == "queued":
         st.info(
@@ -139,7 +149,7 @@ def _status_line(v: jobs.JobView) -> None:
     elif v.state == "stopped":
         st.warning(f"Stopped by request. {v.message}", icon=STATE_ICON["stopped"])
     elif v.state == "completed":
-        st.success(f"Completed. {v.message}", icon=STATE_ICON["completed"])
+        st.success(f"Completed. {_result_text(v.name)}", icon=STATE_ICON["completed"])
     elif v.state == "missing":
         st.warning(v.message, icon=STATE_ICON["missing"])
 

@@ -34,30 +34,44 @@ def test_command_line_is_the_documented_one(tmp_path):
     assert "--quiet" in cmd and cmd[cmd.index("--name") + 1] == "r1"
 
 
-def test_start_queue_stop_and_complete(tmp_path):
-    """Two runs with one slot: the second waits as queued, a stop ends it while queued."""
+def test_start_pair_queue_and_stop(tmp_path):
+    """One slot: the run asked for trains first, its N=1 baseline waits as queued; Stop ends
+    a queued run at once and a running one after its current step, with a checkpoint."""
     root = tmp_path / "runs"
-    cfg = {**TINY, "epochs": 2}
-    first = jobs.start(cfg, root=root, concurrent=1)
-    v = jobs.view(first, root)
-    assert v.state in ("starting", "queued", "running")
-    wait_for(first, root, ("running", "completed"))
-    second = jobs.start(presets.baseline_config(cfg), root=root, concurrent=1)
-    assert second != first
+    cfg = {**TINY, "epochs": 200}
+    first, second = jobs.start_pair(cfg, presets.baseline_config(cfg), root=root, concurrent=1)
+    assert second and second != first
+    assert (root / first / "status.json").exists()  # the first child made its folder first
     v2 = wait_for(second, root, ("queued", "running", "completed"))
-    if v2.state == "queued":  # the first still holds the only slot
-        jobs.stop(second, root)
-        v2 = wait_for(second, root, ("stopped", "completed"))
-    done = wait_for(first, root, ("completed",))
-    assert done.fraction == 1.0 and done.step == done.total_steps > 0
-    assert done.elapsed and done.elapsed > 0
-    assert v2.state in ("stopped", "completed")
+    assert v2.state == "queued", "the baseline must wait for the slot"
+    jobs.stop(second, root)
+    v2 = wait_for(second, root, ("stopped",))
+    assert "queued" in v2.message
+
+    v = wait_for(first, root, ("running",))
+    deadline = time.time() + 60
+    while v.step == 0 and time.time() < deadline:  # let it take a few steps
+        time.sleep(0.2)
+        v = jobs.view(first, root)
+    assert v.eta is None or v.eta > 0
+    jobs.stop(first, root)
+    v = wait_for(first, root, ("stopped",))
+    assert 0 < v.step < v.total_steps and v.elapsed > 0
+    assert (root / first / "checkpoints" / "last.safetensors").exists()
+
     rows = jobs.list_runs(root)
     assert {r["name"] for r in rows} == {first, second}
     assert jobs.partner(first, root) == second and jobs.partner(second, root) == first
     jobs.delete(second, root)
     assert not (root / second).exists() and not jobs.log_path(second, root).exists()
     jobs.reap()
+
+
+def test_a_run_completes(tmp_path):
+    root = tmp_path / "runs"
+    name = jobs.start({**TINY, "epochs": 1}, root=root)
+    done = wait_for(name, root, ("completed",))
+    assert done.fraction == 1.0 and done.step == done.total_steps > 0
 
 
 def test_failed_child_reports_its_last_line(tmp_path):
