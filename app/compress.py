@@ -42,7 +42,7 @@ POLICY_NAMES = {
     "energy": "Energy per layer",
     "ranks": "Per-layer ranks (table)",
 }
-EVAL_BATCH = 8192
+EVAL_BATCH = 2048
 
 
 @dataclass
@@ -60,6 +60,7 @@ class Context:
     base: dict[str, float]  # {"val_acc", "val_loss", "test_acc", "test_loss"}
     spectra: dict[str, list[float]] = field(default_factory=dict)
     load_seconds: float = 0.0
+    parts: dict[str, Any] = field(default_factory=dict)  # "val"/"test": normalised, in memory
 
     @property
     def layers(self) -> list[str]:
@@ -97,13 +98,29 @@ def finished_runs(root: str | Path | None = None) -> list[dict[str, Any]]:
     return out
 
 
+def materialize(dataset: Any) -> Any:
+    """The split as one normalised float tensor in memory: no per-call uint8 conversion."""
+    import torch
+
+    from lorita.data import TensorDataset
+
+    x, y = dataset[torch.arange(len(dataset))]  # (N, C, H, W) float, normalised
+    return TensorDataset(x.contiguous(), y)
+
+
 def evaluate(model: Any, splits: Any, parts: tuple[str, ...] = ("val", "test")) -> dict[str, float]:
-    """Accuracy and loss of ``model`` on the given parts of ``splits`` (library evaluate)."""
+    """Accuracy and loss of ``model`` on the given parts (library evaluate).
+
+    ``splits`` is a :class:`Context` (its in-memory parts are used) or a lorita Splits.
+    """
     from lorita.train import evaluate as lib_evaluate
 
+    held = splits.parts if isinstance(splits, Context) else {}
+    data = splits.splits if isinstance(splits, Context) else splits
     out: dict[str, float] = {}
     for part in parts:
-        res = lib_evaluate(model, getattr(splits, part), batch_size=EVAL_BATCH)
+        ds = held[part] if part in held else getattr(data, part)
+        res = lib_evaluate(model, ds, batch_size=EVAL_BATCH)
         out[f"{part}_acc"] = float(res["acc"])
         out[f"{part}_loss"] = float(res["loss"])
     return out
@@ -122,10 +139,7 @@ def load_context(name: str, which: str = "best", root: str | Path | None = None)
     svd = lt.layer_svd(composed)
     model = svd.model  # merged, eval
     example = splits.example_input(1)
-    base_cost = lt.count_cost(model, example)
-    base = evaluate(model, splits)
-    spectra = {n: [float(v) for v in s] for n, s in svd.spectra.items()}
-    return Context(
+    ctx = Context(
         run=name,
         which=which,
         config=dict(run.config or {}),
@@ -133,11 +147,14 @@ def load_context(name: str, which: str = "best", root: str | Path | None = None)
         svd=svd,
         splits=splits,
         example_input=example,
-        base_cost=base_cost,
-        base=base,
-        spectra=spectra,
-        load_seconds=time.perf_counter() - t0,
+        base_cost=lt.count_cost(model, example),
+        base={},
+        spectra={n: [float(v) for v in s] for n, s in svd.spectra.items()},
+        parts={"val": materialize(splits.val), "test": materialize(splits.test)},
     )
+    ctx.base = evaluate(model, ctx)
+    ctx.load_seconds = time.perf_counter() - t0
+    return ctx
 
 
 def make_policy(kind: str, value: float | None = None, ranks: dict[str, int] | None = None):
@@ -157,7 +174,7 @@ def apply(ctx: Context, policy: Any, *, form: str = "low_rank") -> dict[str, Any
 
     t0 = time.perf_counter()
     small = lt.truncate(ctx.model, policy, form=form, svd=ctx.svd)
-    metrics = evaluate(small, ctx.splits)
+    metrics = evaluate(small, ctx)
     cost = lt.count_cost(small, ctx.example_input)
     return {
         "model": small,
@@ -187,7 +204,7 @@ def curve(ctx: Context, policy_name: str, values: list[float] | None = None) -> 
         ctx.model,
         policy_name,
         values,
-        evaluate=lambda m: evaluate(m, ctx.splits),
+        evaluate=lambda m: evaluate(m, ctx),
         example_input=ctx.example_input,
         svd=ctx.svd,
     )
@@ -201,7 +218,7 @@ def smallest_within(ctx: Context, policy_name: str, max_drop: float) -> dict[str
     res = lt.smallest_within(
         ctx.model,
         policy_name,
-        evaluate=lambda m: evaluate(m, ctx.splits, ("val",)),
+        evaluate=lambda m: evaluate(m, ctx, ("val",)),
         max_drop=float(max_drop),
         example_input=ctx.example_input,
         key="val_acc",
@@ -233,4 +250,4 @@ def finetune(ctx: Context, model: Any, *, epochs: int, lr: float) -> tuple[Any, 
 
     tuned = lib_finetune(copy.deepcopy(model), ctx.splits, epochs=int(epochs), lr=float(lr))
     tuned.eval()
-    return tuned, evaluate(tuned, ctx.splits)
+    return tuned, evaluate(tuned, ctx)

@@ -158,7 +158,7 @@ def build(
         raise ValueError(f"format: {fmt!r}; allowed: {', '.join(FORMATS)}")
     t0 = time.perf_counter()
     model.eval()
-    original = cz.evaluate(model, ctx.splits)
+    original = cz.evaluate(model, ctx)
     file_name = base_name + SUFFIX[fmt]
     with tempfile.TemporaryDirectory(prefix="lorita-export-") as tmp:
         path = Path(tmp) / file_name
@@ -169,7 +169,7 @@ def build(
             lt.save(model, path, metadata=meta or {})
             reloaded_model = lt.load(path).eval()
         data = path.read_bytes()
-        reloaded = cz.evaluate(reloaded_model, ctx.splits)
+        reloaded = cz.evaluate(reloaded_model, ctx)
     return Built(
         data=data,
         file_name=file_name,

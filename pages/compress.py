@@ -5,28 +5,10 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from app import charts, jobs, state, ui
+from app import cache, charts, jobs, state, ui
 from app import compress as cz
 
 state.init()
-
-
-@st.cache_resource(
-    show_spinner="Loading the checkpoint and taking every layer's SVD…", max_entries=8
-)
-def _context(root: str, name: str, which: str, mtime: float) -> cz.Context:
-    return cz.load_context(name, which, root)
-
-
-@st.cache_resource(
-    show_spinner="Computing the trade-off curve over the whole range…", max_entries=32
-)
-def _curve(root: str, name: str, which: str, mtime: float, policy: str) -> list[dict]:
-    return cz.curve(_context(root, name, which, mtime), policy)
-
-
-def _ctx(root: str, name: str, which: str) -> cz.Context:
-    return _context(root, name, which, cz.checkpoint_mtime(name, which, root))
 
 
 def _slider_key(policy: str) -> str:
@@ -37,7 +19,7 @@ def _pick_smallest(root: str, name: str, which: str, policy: str) -> None:
     """Button callback: move the slider to the smallest model within X points (validation)."""
     try:
         drop = float(st.session_state[state.COMPRESS_MAX_DROP])
-        res = cz.smallest_within(_ctx(root, name, which), policy, drop)
+        res = cz.smallest_within(cache.context(root, name, which), policy, drop)
         if res.get("value") is None:
             st.session_state[state.LAST_ERROR] = (
                 f"No {policy} setting keeps validation accuracy within {drop:g} points."
@@ -87,7 +69,7 @@ def main() -> None:
     if not cz.checkpoint_mtime(name, which, root):
         st.warning(f"Run {name} has no {which} checkpoint yet.")
         return
-    ctx = _ctx(root, name, which)
+    ctx = cache.context(root, name, which)
 
     b = ctx.base
     m = st.columns(4)
@@ -166,11 +148,13 @@ def main() -> None:
     )  # fmt: skip
     r[2].metric(
         "Parameters", ui.fmt_count(res["params"]),
-        delta=f"{res['params_pct']:.1f} % of original", delta_color="off", delta_arrow="off",
+        delta=f"{res['params_pct']:.1f} % of original",
+        delta_color="off", delta_arrow="off",
     )  # fmt: skip
     r[3].metric(
         "FLOPs / input", ui.fmt_count(res["flops"]),
-        delta=f"{res['flops_pct']:.1f} % of original", delta_color="off", delta_arrow="off",
+        delta=f"{res['flops_pct']:.1f} % of original",
+        delta_color="off", delta_arrow="off",
     )  # fmt: skip
     st.caption(f"This setting was computed in {1000 * res['seconds']:.0f} ms.")
 
@@ -182,16 +166,10 @@ def main() -> None:
             format_func={"flops_pct": "FLOPs %", "params_pct": "parameters %"}.get,
         )  # fmt: skip
         if policy in cz.POLICY_UI:
-            curves = {
-                f"{name} (N={ctx.n_factors})": _curve(
-                    root, name, which, ctx_mtime(ctx, root), policy
-                )
-            }
+            curves = {f"this run (N={ctx.n_factors})": cache.curve(root, name, which, policy)}
             base_run = cz.find_baseline(name, root)
             if base_run and cz.checkpoint_mtime(base_run, which, root):
-                curves["N=1 baseline"] = _curve(
-                    root, base_run, which, cz.checkpoint_mtime(base_run, which, root), policy
-                )
+                curves["N=1 baseline"] = cache.curve(root, base_run, which, policy)
             st.plotly_chart(
                 charts.tradeoff_chart(
                     curves, x=x_axis, y="val_acc", current=res, uirevision=f"tradeoff-{name}"
@@ -247,10 +225,6 @@ def main() -> None:
                 f"test {ui.fmt_pct(ft['metrics']['test_acc'])}. The Export page can save it."
             )
     st.page_link("pages/export.py", label="Export this model", icon=":material/download:")
-
-
-def ctx_mtime(ctx: cz.Context, root: str) -> float:
-    return cz.checkpoint_mtime(ctx.run, ctx.which, root)
 
 
 main()

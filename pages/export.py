@@ -4,23 +4,18 @@ from __future__ import annotations
 
 import streamlit as st
 
+from app import cache, jobs, state, ui
 from app import compress as cz
 from app import export as ex
-from app import jobs, state, ui
 
 state.init()
-
-
-@st.cache_resource(show_spinner="Loading the checkpoint…", max_entries=8)
-def _context(root: str, name: str, which: str, mtime: float) -> cz.Context:
-    return cz.load_context(name, which, root)
 
 
 @st.cache_resource(show_spinner="Writing the file and loading it back…", max_entries=16)
 def _build(
     root: str, name: str, which: str, mtime: float, choice_key: tuple, fmt: str, _model, _meta
 ) -> ex.Built:
-    ctx = _context(root, name, which, mtime)
+    ctx = cache.context(root, name, which)
     return ex.build(ctx, _model, fmt, base_name=name, meta=_meta)
 
 
@@ -56,7 +51,7 @@ def main() -> None:
     if not mtime:
         st.warning(f"Run {name} has no {which} checkpoint.")
         return
-    ctx = _context(root, name, which, mtime)
+    ctx = cache.context(root, name, which)
 
     options = {"full": "As trained (factors merged, nothing cut)"}
     if choice and choice.get("run") == name and choice.get("which") == which:
