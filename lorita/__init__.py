@@ -71,15 +71,16 @@ __all__ = [
 ]
 
 # --- engine --- (datasets, models, training, runs; added by lorita/data.py etc.)
+from . import train  # noqa: E402  (the module: lt.train.train(config, run) runs training)
 from .data import DatasetUnavailable, Splits, list_datasets, load_dataset  # noqa: E402
 from .models import create_model, default_skip, list_models  # noqa: E402
 from .runs import Run, RunStore  # noqa: E402
-from .train import TrainConfig, build_model, evaluate, finetune, train  # noqa: E402
+from .train import TrainConfig, build_model, evaluate, finetune  # noqa: E402
 
 __all__ += [
     "DatasetUnavailable", "Splits", "list_datasets", "load_dataset",
     "create_model", "default_skip", "list_models",
     "Run", "RunStore",
-    "TrainConfig", "build_model", "evaluate", "finetune", "train",
+    "train", "TrainConfig", "build_model", "evaluate", "finetune",
 ]
 # --- end engine ---

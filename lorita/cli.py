@@ -21,6 +21,7 @@ import math
 import os
 import re
 import signal
+import socket
 import sys
 import threading
 import time
@@ -243,9 +244,9 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
 class _Progress:
     """A one-line progress bar with ETA on a terminal; epoch lines otherwise."""
 
-    def __init__(self, stream=sys.stderr, quiet: bool = False) -> None:
-        self.stream, self.quiet = stream, quiet
-        self.tty = hasattr(stream, "isatty") and stream.isatty()
+    def __init__(self, stream=None, quiet: bool = False) -> None:
+        self.stream, self.quiet = stream or sys.stderr, quiet
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
         self.total, self.t0, self.t_last, self.val, self.first_step = 1, time.time(), 0.0, None, 0
         self.loss = math.nan
 
@@ -339,8 +340,7 @@ def _share_name(name: str | None, d) -> str:
 
 
 def cmd_train(args) -> int:
-    from .runs import Run, acquire_slot
-    from .train import init_distributed, train
+    from .train import init_distributed
 
     threads = "auto"
     if args.threads is not None:
@@ -371,8 +371,17 @@ def cmd_train(args) -> int:
             raise KeyboardInterrupt
         stop_event.set()
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, on_signal)
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return _run_training(args, store, run, config, d, quiet, stop_event, threads)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _run_training(args, store, run, config, d, quiet, stop_event, threads) -> int:
+    from .runs import Run, acquire_slot
+    from .train import train
 
     if run is None:
         if d.main:
@@ -383,7 +392,13 @@ def cmd_train(args) -> int:
     elif d.main:
         if run.is_alive():
             raise UsageError(f"--resume: run {run.name!r} is still {run.raw_status().get('state')}")
-        run.update_status(state="queued", message="resuming", pid=os.getpid(), ended=None)
+        run.update_status(
+            state="queued",
+            message="resuming",
+            pid=os.getpid(),
+            host=socket.gethostname(),
+            ended=None,
+        )
     if d.main:
         run.start_heartbeat()
     if not quiet:

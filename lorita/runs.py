@@ -26,6 +26,7 @@ import math
 import os
 import re
 import shutil
+import socket
 import threading
 import time
 from pathlib import Path
@@ -209,14 +210,21 @@ class Run:
         return read_json(self.path / "status.json", {}) or {}
 
     def is_alive(self) -> bool:
-        """Whether the process behind a queued/running run still lives (by pid and heartbeat)."""
+        """Whether the process behind a queued/running run still lives.
+
+        On the machine that runs it, the pid decides at once; elsewhere (a shared folder) a
+        heartbeat older than STALE_S seconds means dead. A heartbeat older than STALE_ANY_S
+        means dead in any case (the pid may have been reused).
+        """
         st = self.raw_status()
         if st.get("state") not in ACTIVE:
             return False
         age = time.time() - float(st.get("heartbeat") or st.get("created") or 0)
         if age > STALE_ANY_S:
             return False
-        return age <= STALE_S or pid_alive(st.get("pid"))
+        if st.get("host") == socket.gethostname():
+            return pid_alive(st.get("pid"))
+        return age <= STALE_S
 
     def status(self) -> dict:
         """status.json; an active run whose process died reads as failed ("process died")."""
@@ -419,6 +427,7 @@ class RunStore:
             state="queued",
             message="",
             pid=os.getpid(),
+            host=socket.gethostname(),
             created=now,
             started=None,
             ended=None,

@@ -22,6 +22,7 @@ import json
 import math
 import os
 import random
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -695,6 +696,7 @@ def _train(config, run, writer, d, callback, stop, resume, t_start, lt, threads)
             state="running",
             message="",
             pid=os.getpid(),
+            host=socket.gethostname(),
             started=time.time(),
             ended=None,
             step=step,
@@ -843,9 +845,9 @@ def _train(config, run, writer, d, callback, stop, resume, t_start, lt, threads)
                 want_stop, bad = bool(sf[0] > 0), bool(sf[1] > 0)
             if bad:
                 state = "failed"
-                message = (
-                    f"diverged at step {step + 1}: loss is {loss_v} (NaN/inf); "
-                    "the last good checkpoint is kept"
+                kept = ckpt_dir is not None and (ckpt_dir / "last.safetensors").is_file()
+                message = f"diverged at step {step + 1}: the loss is {loss_v} (not finite); " + (
+                    "the last good checkpoint is kept" if kept else "no checkpoint was written yet"
                 )
                 timings["steps"] += time.perf_counter() - t0
                 done = True

@@ -1,0 +1,298 @@
+"""The command line: training, listing, compressing, exporting, and one-line errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import lorita as lt
+from lorita.cli import main
+from lorita.runs import RunStore
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--model-arg", "width=32", "--model-arg", "depth=2", "--threads", "1"]
+
+
+@pytest.fixture(scope="module")
+def runs_dir(tmp_path_factory):
+    """One small trained digits run shared by the read-only tests below."""
+    d = tmp_path_factory.mktemp("runs")
+    old = torch.get_num_threads()
+    assert (
+        main(["train", "--runs-dir", str(d), "--name", "r1", "--epochs", "3", "--quiet", *TINY])
+        == 0
+    )
+    torch.set_num_threads(old)
+    return d
+
+
+def _one_line_error(capsys, argv, *needles):
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("lorita: error:"), err
+    assert "Traceback" not in err
+    for n in needles:
+        assert n in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    "argv, needles",
+    [
+        (["train", "--dataset", "imagenet"], ["dataset", "imagenet", "digits"]),
+        (["train", "--model", "alexnet"], ["model", "alexnet", "mlp"]),
+        (["train", "--lr", "0"], ["lr", "0"]),
+        (["train", "--lr", "-1e-3"], ["lr"]),
+        (["train", "--factors", "0"], ["n_factors", "0"]),
+        (["train", "--epochs", "two"], ["--epochs", "two"]),
+        (["train", "--optimizer", "rmsprop"], ["optimizer", "rmsprop", "adamw"]),
+        (["train", "--model-arg", "width"], ["--model-arg", "key=value"]),
+        (["train", "--model-arg", "colour=3"], ["model_kwargs", "colour"]),
+        (["train", "--name", "../evil"], ["run name", "../evil"]),
+        (["train", "--bogus"], ["unrecognized", "--bogus"]),
+        (["train", "--resume"], ["--resume needs --name"]),
+        (["frobnicate"], ["frobnicate"]),
+        (["compress", "nope", "--ratio", "0.5"], ["no run named 'nope'"]),
+        (["export", "nope", "--format", "onnx", "--out", "x.onnx"], ["no run named 'nope'"]),
+        (["compress", "x"], ["one of the arguments"]),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(capsys, tmp_path, argv, needles):
+    argv = [*argv, "--runs-dir", str(tmp_path)] if argv[0] != "frobnicate" else argv
+    _one_line_error(capsys, argv, *needles)
+    assert not any(tmp_path.iterdir())  # nothing was created
+
+
+def test_bad_config_files(capsys, tmp_path):
+    _one_line_error(capsys, ["train", "--config", str(tmp_path / "missing.json")], "not found")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    _one_line_error(capsys, ["train", "--config", str(bad)], "not readable JSON")
+    wrong = tmp_path / "wrong.json"
+    wrong.write_text(json.dumps({"lr": 1e-3, "colour": "red"}))
+    _one_line_error(capsys, ["train", "--config", str(wrong)], "unknown field", "colour")
+    binary = tmp_path / "bin.json"
+    binary.write_bytes(b"\xff\xfe\x00garbage")
+    _one_line_error(capsys, ["train", "--config", str(binary)], "not readable")
+
+
+def test_config_file_with_flag_overrides(tmp_path, capsys):
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"epochs": 1, "n_factors": 2, "model_kwargs": {"width": 16}}))
+    code = main(
+        [
+            "train",
+            "--config",
+            str(cfg),
+            "--factors",
+            "1",
+            "--runs-dir",
+            str(tmp_path / "r"),
+            "--name",
+            "c",
+            "--quiet",
+            "--threads",
+            "1",
+        ]
+    )
+    assert code == 0
+    run = RunStore(tmp_path / "r").get("c")
+    assert run.config["n_factors"] == 1 and run.config["epochs"] == 1
+    assert run.config["model_kwargs"] == {"width": 16}
+    assert capsys.readouterr().out == ""  # --quiet
+
+
+def test_train_prints_progress_and_the_run_folder(runs_dir, tmp_path, capsys):
+    code = main(["train", "--runs-dir", str(tmp_path), "--name", "p", "--epochs", "1", *TINY])
+    cap = capsys.readouterr()
+    assert code == 0
+    assert cap.out.strip() == str(tmp_path / "p")
+    assert "epoch 1" in cap.err and "completed" in cap.err and "val acc" in cap.err
+    _one_line_error(
+        capsys,
+        ["train", "--runs-dir", str(tmp_path), "--name", "p", "--epochs", "1"],
+        "already exists",
+    )
+    _one_line_error(
+        capsys,
+        ["train", "--runs-dir", str(tmp_path), "--name", "p", "--resume", "--epochs", "2"],
+        "drop the training flags",
+    )
+
+
+def test_runs_table_and_json(runs_dir, capsys):
+    assert main(["runs", "--runs-dir", str(runs_dir)]) == 0
+    out = capsys.readouterr().out
+    header, _, row = out.splitlines()[:3]
+    for col in ["state", "dataset", "model", "N", "wd", "best val", "test", "effective ranks"]:
+        assert col in header
+    assert row.split()[:5] == ["r1", "completed", "digits", "mlp", "3"]
+    assert main(["runs", "--runs-dir", str(runs_dir), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert rows[0]["name"] == "r1" and rows[0]["test_acc"] > 0.5
+
+
+def test_compress_ratio_json(runs_dir, capsys):
+    assert main(["compress", "r1", "--ratio", "0.25", "--json", "--runs-dir", str(runs_dir)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["after"]["params"] < out["before"]["params"]
+    assert out["after"]["flops"] < out["before"]["flops"]
+    for part in ("before", "after"):
+        assert 0 <= out[part]["val"]["acc"] <= 1 and 0 <= out[part]["test"]["acc"] <= 1
+    assert out["ranks"]["fc2"] == {"kept": 8, "full": 32}
+
+
+def test_compress_max_drop_finetune_and_save(runs_dir, tmp_path, capsys):
+    dest = tmp_path / "small.safetensors"
+    argv = [
+        "compress",
+        "r1",
+        "--max-drop",
+        "1",
+        "--finetune-epochs",
+        "1",
+        "--out",
+        str(dest),
+        "--runs-dir",
+        str(runs_dir),
+    ]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "params" in out and "FLOPs" in out and "val acc" in out and "test acc" in out
+    assert "ranks kept" in out and f"saved {dest}" in out
+    small = lt.load(dest)
+    assert small.lorita_spec["metadata"]["run"] == "r1"
+    assert main(["compress", "r1", "--max-drop", "1", "--json", "--runs-dir", str(runs_dir)]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["after"]["val"]["acc"] >= res["before"]["val"]["acc"] - 0.01 - 1e-9
+    assert (
+        main(
+            [
+                "compress",
+                "r1",
+                "--max-drop",
+                "2",
+                "--search",
+                "iterative",
+                "--json",
+                "--runs-dir",
+                str(runs_dir),
+            ]
+        )
+        == 0
+    )
+    it = json.loads(capsys.readouterr().out)
+    assert it["after"]["val"]["acc"] >= it["before"]["val"]["acc"] - 0.02 - 1e-9
+
+
+def test_export_safetensors_and_onnx(runs_dir, tmp_path, capsys):
+    st = tmp_path / "m.safetensors"
+    assert (
+        main(
+            [
+                "export",
+                "r1",
+                "--policy",
+                "energy:0.95",
+                "--format",
+                "safetensors",
+                "--out",
+                str(st),
+                "--runs-dir",
+                str(runs_dir),
+            ]
+        )
+        == 0
+    )
+    m = lt.load(st)
+    assert not lt.composed_layers(m)
+    pytest.importorskip("onnx")
+    onnx_path = tmp_path / "m.onnx"
+    assert (
+        main(
+            [
+                "export",
+                "r1",
+                "--format",
+                "onnx",
+                "--out",
+                str(onnx_path),
+                "--runs-dir",
+                str(runs_dir),
+            ]
+        )
+        == 0
+    )
+    assert onnx_path.stat().st_size > 1000
+    _one_line_error(
+        capsys,
+        ["export", "r1", "--policy", "half", "--out", str(st), "--runs-dir", str(runs_dir)],
+        "--policy",
+    )
+
+
+def test_stop_command_writes_the_stop_file(runs_dir, capsys):
+    assert main(["stop", "r1", "--runs-dir", str(runs_dir)]) == 0
+    assert (runs_dir / "r1" / "STOP").exists()
+    (runs_dir / "r1" / "STOP").unlink()
+
+
+def _cli(*args, **kw):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen([sys.executable, "-m", "lorita", *args], env=env, **kw)
+
+
+def test_module_entry_point_and_sigterm_stop_with_queue(tmp_path):
+    """`python -m lorita` works; a queued run shows up at once; SIGTERM stops with a checkpoint."""
+    common = [
+        "--runs-dir",
+        str(tmp_path),
+        "--quiet",
+        "--max-concurrent",
+        "1",
+        "--epochs",
+        "200",
+        "--spectra-every",
+        "0",
+        *TINY,
+    ]
+    first = _cli("train", "--name", "a", *common)
+    deadline = time.time() + 60
+    store = RunStore(tmp_path)
+    while time.time() < deadline:
+        if (tmp_path / "a" / "status.json").exists() and store.get("a").status()[
+            "state"
+        ] == "running":
+            break
+        time.sleep(0.05)
+    second = _cli("train", "--name", "b", *common)
+    while not (tmp_path / "b" / "status.json").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(1.0)
+    b = store.get("b")
+    assert b.status()["state"] == "queued" and b.is_alive()  # waits for the single slot
+    b.request_stop()  # stop it while queued
+    assert second.wait(timeout=60) == 0
+    assert b.status()["state"] == "stopped" and b.status()["message"] == "stopped while queued"
+
+    a = store.get("a")
+    while not a.checkpoint("last").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    first.send_signal(signal.SIGTERM)
+    assert first.wait(timeout=60) == 0
+    st = a.status()
+    assert st["state"] == "stopped" and "on request" in st["message"]
+    spec = lt.read_spec(a.checkpoint("last"))
+    assert spec["metadata"]["step"] == st["step"]
+
+    bad = _cli("train", "--lr", "0", "--runs-dir", str(tmp_path), stderr=subprocess.PIPE, text=True)
+    _, err = bad.communicate(timeout=60)
+    assert bad.returncode == 2 and err.count("\n") == 1 and "lr" in err

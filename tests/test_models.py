@@ -1,0 +1,98 @@
+"""Model registry, timm style: every model x N in {1, 3}, forward and backward on CPU."""
+
+import os
+
+import pytest
+import torch
+
+import lorita as lt
+from lorita.models import create_model, default_skip, list_models, model_options
+
+DEVICE = os.environ.get("TORCH_DEVICE", "cpu")
+
+# small variants so the whole matrix runs in seconds
+SMALL = {
+    "mlp": {"width": 16, "depth": 2},
+    "vgg": {"width_mult": 0.0625},
+    "vgg11": {"width_mult": 0.0625},
+    "vgg16": {"width_mult": 0.0625},
+    "resnet20": {"width": 4},
+    "vit": {"dim": 16, "depth": 1, "heads": 2},
+}
+
+
+def test_list_models():
+    assert set(list_models()) >= {"mlp", "vgg", "vgg11", "vgg16", "resnet20", "vit"}
+    assert set(SMALL) == set(list_models())
+
+
+@pytest.mark.parametrize("n", [1, 3])
+@pytest.mark.parametrize("name", list_models())
+@pytest.mark.parametrize("shape", [(1, 8), (3, 32)])
+def test_forward_backward(name, n, shape):
+    c, size = shape
+    torch.manual_seed(0)
+    plain = create_model(name, in_channels=c, image_size=size, num_classes=7, **SMALL[name])
+    model = lt.overparameterize(plain, n, skip=default_skip(name)).to(DEVICE)
+    x = torch.randn(4, c, size, size, device=DEVICE)
+    if n == 3:
+        assert lt.composed_layers(model)
+        # balanced init: composing does not change the function
+        want = plain.to(DEVICE).eval()(x)
+        torch.testing.assert_close(model.eval()(x), want, rtol=1e-4, atol=1e-4)
+        model.train()
+    out = model(x)
+    assert out.shape == (4, 7) and torch.isfinite(out).all()
+    out.square().mean().backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("size", [8, 28, 32])
+def test_every_image_size(size):
+    for name in list_models():
+        m = create_model(name, in_channels=1, image_size=size, num_classes=10, **SMALL[name])
+        assert m(torch.randn(2, 1, size, size)).shape == (2, 10)
+
+
+def test_vit_keeps_patch_embedding_and_head_plain():
+    m = create_model("vit", in_channels=3, image_size=32, num_classes=10, **SMALL["vit"])
+    comp = lt.overparameterize(m, 3, skip=default_skip("vit"))
+    names = set(lt.composed_layers(comp))
+    assert names == {
+        "blocks.0.attn.qkv",
+        "blocks.0.attn.proj",
+        "blocks.0.mlp.fc1",
+        "blocks.0.mlp.fc2",
+    }
+    assert default_skip("mlp") == ()
+
+
+def test_resnet_shortcuts_are_composed():
+    m = create_model("resnet20", in_channels=3, image_size=32, num_classes=10, width=4)
+    names = set(lt.composed_layers(lt.overparameterize(m, 2)))
+    assert "layer2.0.shortcut.0" in names and "fc" in names and "conv1" in names
+
+
+def test_lorita_arch_rebuilds_through_save_and_load(tmp_path):
+    m = create_model("vit", in_channels=1, image_size=8, num_classes=5, **SMALL["vit"])
+    assert m.lorita_arch["name"] == "vit"
+    kw = m.lorita_arch["kwargs"]
+    assert (kw["in_channels"], kw["image_size"], kw["num_classes"], kw["dim"]) == (1, 8, 5, 16)
+    comp = lt.overparameterize(m, 3, skip=default_skip("vit")).eval()
+    lt.save(comp, tmp_path / "m.safetensors")
+    back = lt.load(tmp_path / "m.safetensors")
+    x = torch.randn(2, 1, 8, 8)
+    torch.testing.assert_close(back(x), comp(x))
+
+
+def test_bad_names_and_options():
+    with pytest.raises(ValueError, match="model: unknown name 'alexnet'"):
+        create_model("alexnet", in_channels=1, image_size=8, num_classes=10)
+    with pytest.raises(ValueError, match="unknown.*'colour'"):
+        create_model("mlp", in_channels=1, image_size=8, num_classes=10, colour=1)
+    with pytest.raises(ValueError, match="depth"):
+        create_model("resnet20", in_channels=1, image_size=8, num_classes=10, depth=21)
+    with pytest.raises(ValueError, match="heads"):
+        create_model("vit", in_channels=1, image_size=8, num_classes=10, dim=10, heads=3)
+    assert model_options("vgg16")["depth"] == 16
