@@ -1,7 +1,9 @@
 """Pure chart functions: plain data in, plotly Figure out. No Streamlit, no torch.
 
 Every figure sets ``layout.uirevision`` to a stable string so that a user's zoom and legend
-choices survive when a live page redraws the chart with new data.
+choices survive when a live page redraws the chart with new data. Figures are built in one
+constructor call from plain dicts: plotly validates each property once, which keeps a page
+that redraws several charts per slider move fast.
 """
 
 from __future__ import annotations
@@ -17,47 +19,67 @@ PALETTE = qualitative.Plotly
 SPLIT_DASH = {"train": "solid", "val": "dash", "test": "dot"}
 LOG_FLOOR = -7.0  # log10(σ/σ_max) below this is drawn as the floor colour
 HEIGHT = 340
+CUT_COLOR = "#d62728"
+DROPPED_COLOR = "#bbbbbb"
 
 
-def _layout(fig: go.Figure, *, title: str, uirevision: str | None, **kw: Any) -> go.Figure:
-    fig.update_layout(
-        title={"text": title, "x": 0.0, "xanchor": "left", "font": {"size": 15}},
-        uirevision=uirevision if uirevision is not None else title,
-        height=kw.pop("height", HEIGHT),
-        margin={"l": 10, "r": 10, "t": 40, "b": 10},
-        legend={"font": {"size": 11}, "itemsizing": "constant"},
-        hovermode=kw.pop("hovermode", "closest"),
-        **kw,
-    )
-    return fig
+def _figure(
+    data: list[dict[str, Any]],
+    *,
+    title: str,
+    uirevision: str | None,
+    xaxis: dict[str, Any] | None = None,
+    yaxis: dict[str, Any] | None = None,
+    **layout: Any,
+) -> go.Figure:
+    base = {
+        "title": {"text": title, "x": 0.0, "xanchor": "left", "font": {"size": 15}},
+        "uirevision": uirevision if uirevision is not None else title,
+        "height": HEIGHT,
+        "margin": {"l": 10, "r": 10, "t": 40, "b": 10},
+        "legend": {"font": {"size": 11}, "itemsizing": "constant"},
+        "hovermode": "closest",
+        "xaxis": xaxis or {},
+        "yaxis": yaxis or {},
+    }
+    base.update(layout)
+    return go.Figure(data=data, layout=base)
 
 
-def _log_y(fig: go.Figure, values: Sequence[float], title: str) -> None:
-    """A log y axis labelled at whole decades only (no 2/5 minor labels) when the data span
+def _log_axis(values: Sequence[float], title: str) -> dict[str, Any]:
+    """A log axis labelled at whole decades only (no 2/5 minor labels) when the data span
     more than a decade."""
     pos = [v for v in values if v > 0]
     span = math.log10(max(pos) / min(pos)) if pos else 0.0
-    kw: dict[str, Any] = {"type": "log", "title_text": title, "exponentformat": "power"}
+    axis: dict[str, Any] = {"type": "log", "title": {"text": title}, "exponentformat": "power"}
     if span > 1.0:
-        kw["dtick"] = 1
-    fig.update_yaxes(**kw)
+        axis["dtick"] = 1
+    return axis
+
+
+def _title(text: str) -> dict[str, Any]:
+    return {"title": {"text": text}}
 
 
 def empty_figure(message: str, *, title: str = "", uirevision: str | None = None) -> go.Figure:
     """A blank chart that says why it is blank (no data yet, layer missing, ...)."""
-    fig = go.Figure()
-    fig.add_annotation(
-        text=message,
-        x=0.5,
-        y=0.5,
-        xref="paper",
-        yref="paper",
-        showarrow=False,
-        font={"size": 14, "color": "#888"},
+    note = {
+        "text": message,
+        "x": 0.5,
+        "y": 0.5,
+        "xref": "paper",
+        "yref": "paper",
+        "showarrow": False,
+        "font": {"size": 14, "color": "#888"},
+    }
+    return _figure(
+        [],
+        title=title,
+        uirevision=uirevision,
+        xaxis={"visible": False},
+        yaxis={"visible": False},
+        annotations=[note],
     )
-    fig.update_xaxes(visible=False)
-    fig.update_yaxes(visible=False)
-    return _layout(fig, title=title, uirevision=uirevision)
 
 
 def _finite(x: Any) -> bool:
@@ -83,11 +105,9 @@ def training_curves(
         x: the row key for the x axis ("step" or "epoch").
     """
     title = title or {"loss": "Loss", "acc": "Accuracy"}.get(metric, metric)
-    fig = go.Figure()
+    data = []
     several = len(runs) > 1
-    any_point = False
     for i, (label, rows) in enumerate(runs.items()):
-        color = PALETTE[i % len(PALETTE)]
         for j, split in enumerate(splits):
             pts = [
                 (r[x], r[metric])
@@ -96,31 +116,33 @@ def training_curves(
             ]
             if not pts:
                 continue
-            any_point = True
             xs, ys = zip(*pts)
-            name = f"{label} · {split}" if several else split
-            fig.add_trace(
-                go.Scatter(
-                    x=list(xs),
-                    y=list(ys),
-                    mode="lines+markers" if len(xs) < 30 else "lines",
-                    name=name,
-                    legendgroup=label,
-                    line={
-                        "color": color if several else PALETTE[j % len(PALETTE)],
-                        "dash": SPLIT_DASH.get(split, "solid"),
-                        "width": 2,
-                    },
-                    marker={"size": 5},
-                )
+            color = PALETTE[(i if several else j) % len(PALETTE)]
+            data.append(
+                {
+                    "type": "scatter",
+                    "x": list(xs),
+                    "y": list(ys),
+                    "mode": "lines+markers" if len(xs) < 30 else "lines",
+                    "name": f"{label} · {split}" if several else split,
+                    "legendgroup": label,
+                    "line": {"color": color, "dash": SPLIT_DASH.get(split, "solid"), "width": 2},
+                    "marker": {"size": 5},
+                }
             )
-    if not any_point:
+    if not data:
         return empty_figure("no measurements yet", title=title, uirevision=uirevision)
-    fig.update_xaxes(title_text=x)
-    fig.update_yaxes(title_text=metric)
+    yaxis = _title(metric)
     if metric == "acc":
-        fig.update_yaxes(tickformat=".0%")
-    return _layout(fig, title=title, uirevision=uirevision, hovermode="x unified")
+        yaxis["tickformat"] = ".0%"
+    return _figure(
+        data,
+        title=title,
+        uirevision=uirevision,
+        xaxis=_title(x),
+        yaxis=yaxis,
+        hovermode="x unified",
+    )
 
 
 def spectrum_heatmap(
@@ -150,21 +172,24 @@ def spectrum_heatmap(
                 z[i][t] = max(math.log10(v / top), LOG_FLOOR)
             else:
                 z[i][t] = LOG_FLOOR
-    fig = go.Figure(
-        go.Heatmap(
-            x=list(steps),
-            y=list(range(1, width + 1)),
-            z=z,
-            zmin=LOG_FLOOR,
-            zmax=0.0,
-            colorscale="Viridis",
-            colorbar={"title": {"text": "log10 σ/σmax"}, "thickness": 12},
-            hovertemplate="step %{x}<br>σ index %{y}<br>log10 σ/σmax %{z:.2f}<extra></extra>",
-        )
+    heat = {
+        "type": "heatmap",
+        "x": list(steps),
+        "y": list(range(1, width + 1)),
+        "z": z,
+        "zmin": LOG_FLOOR,
+        "zmax": 0.0,
+        "colorscale": "Viridis",
+        "colorbar": {"title": {"text": "log10 σ/σmax"}, "thickness": 12},
+        "hovertemplate": "step %{x}<br>σ index %{y}<br>log10 σ/σmax %{z:.2f}<extra></extra>",
+    }
+    return _figure(
+        [heat],
+        title=title,
+        uirevision=uirevision,
+        xaxis=_title("step"),
+        yaxis={**_title("singular value index"), "autorange": "reversed"},
     )
-    fig.update_xaxes(title_text="step")
-    fig.update_yaxes(title_text="singular value index", autorange="reversed")
-    return _layout(fig, title=title, uirevision=uirevision)
 
 
 def layer_spectra_chart(
@@ -175,32 +200,38 @@ def layer_spectra_chart(
     uirevision: str | None = None,
 ) -> go.Figure:
     """The current spectrum of each layer (or each run), one line each, on a log y axis."""
-    fig = go.Figure()
+    data = []
+    all_y: list[float] = []
     for i, (name, s) in enumerate(layers.items()):
         vals = [float(v) for v in s]
         if not vals:
             continue
         top = max(vals) if normalize else 1.0
-        ys = [v / top if top > 0 else 0.0 for v in vals]
         # log axes cannot draw zeros: clip to 1e-12 so the line stays visible.
-        ys = [max(y, 1e-12) for y in ys]
-        fig.add_trace(
-            go.Scatter(
-                x=list(range(1, len(ys) + 1)),
-                y=ys,
-                mode="lines+markers" if len(ys) <= 40 else "lines",
-                name=name,
-                line={"color": PALETTE[i % len(PALETTE)], "width": 2},
-                marker={"size": 4},
-                hovertemplate=f"{name}<br>index %{{x}}<br>σ%{{customdata}}<extra></extra>",
-                customdata=[f" = {v:.4g}" for v in vals],
-            )
+        ys = [max(v / top if top > 0 else 0.0, 1e-12) for v in vals]
+        all_y += ys
+        data.append(
+            {
+                "type": "scatter",
+                "x": list(range(1, len(ys) + 1)),
+                "y": ys,
+                "mode": "lines+markers" if len(ys) <= 40 else "lines",
+                "name": name,
+                "line": {"color": PALETTE[i % len(PALETTE)], "width": 2},
+                "marker": {"size": 4},
+                "customdata": vals,
+                "hovertemplate": f"{name}<br>index %{{x}}<br>σ = %{{customdata:.4g}}<extra></extra>",
+            }
         )
-    if not fig.data:
+    if not data:
         return empty_figure("no spectra yet", title=title, uirevision=uirevision)
-    _log_y(fig, [v for t in fig.data for v in t.y], "σ / σ_max" if normalize else "σ")
-    fig.update_xaxes(title_text="singular value index")
-    return _layout(fig, title=title, uirevision=uirevision)
+    return _figure(
+        data,
+        title=title,
+        uirevision=uirevision,
+        xaxis=_title("singular value index"),
+        yaxis=_log_axis(all_y, "σ / σ_max" if normalize else "σ"),
+    )
 
 
 def rank_curves(
@@ -212,25 +243,29 @@ def rank_curves(
     uirevision: str | None = None,
 ) -> go.Figure:
     """One line per layer (or per run): a rank measure against step."""
-    fig = go.Figure()
-    for i, (name, ys) in enumerate(ranks.items()):
-        if not ys:
-            continue
-        fig.add_trace(
-            go.Scatter(
-                x=list(steps)[: len(ys)],
-                y=list(ys),
-                mode="lines+markers",
-                name=name,
-                line={"color": PALETTE[i % len(PALETTE)], "width": 2},
-                marker={"size": 4},
-            )
-        )
-    if not fig.data:
+    data = [
+        {
+            "type": "scatter",
+            "x": list(steps)[: len(ys)],
+            "y": list(ys),
+            "mode": "lines+markers",
+            "name": name,
+            "line": {"color": PALETTE[i % len(PALETTE)], "width": 2},
+            "marker": {"size": 4},
+        }
+        for i, (name, ys) in enumerate(ranks.items())
+        if ys
+    ]
+    if not data:
         return empty_figure("no spectra yet", title=title, uirevision=uirevision)
-    fig.update_xaxes(title_text="step")
-    fig.update_yaxes(title_text=y_title, rangemode="tozero")
-    return _layout(fig, title=title, uirevision=uirevision, hovermode="x unified")
+    return _figure(
+        data,
+        title=title,
+        uirevision=uirevision,
+        xaxis=_title("step"),
+        yaxis={**_title(y_title), "rangemode": "tozero"},
+        hovermode="x unified",
+    )
 
 
 def spectrum_cut(
@@ -246,24 +281,51 @@ def spectrum_cut(
     vals = [float(v) for v in s]
     if not vals:
         return empty_figure("no singular values", title=title, uirevision=uirevision)
-    xs = list(range(1, len(vals) + 1))
     ys = [max(v, 1e-12) for v in vals]
-    colors = [PALETTE[0] if i < rank else "#bbbbbb" for i in range(len(vals))]
-    fig = go.Figure(
-        go.Scatter(
-            x=xs,
-            y=ys,
-            mode="markers",
-            marker={"color": colors, "size": 5},
-            showlegend=False,
-            hovertemplate="index %{x}<br>σ = %{y:.4g}<extra></extra>",
-        )
-    )
+    data = [
+        {
+            "type": "scatter",
+            "x": list(range(1, rank + 1)),
+            "y": ys[:rank],
+            "mode": "markers",
+            "marker": {"color": PALETTE[0], "size": 5},
+            "showlegend": False,
+            "name": "kept",
+            "hovertemplate": "index %{x}<br>σ = %{y:.4g} (kept)<extra></extra>",
+        },
+        {
+            "type": "scatter",
+            "x": list(range(rank + 1, len(ys) + 1)),
+            "y": ys[rank:],
+            "mode": "markers",
+            "marker": {"color": DROPPED_COLOR, "size": 5},
+            "showlegend": False,
+            "name": "dropped",
+            "hovertemplate": "index %{x}<br>σ = %{y:.4g} (dropped)<extra></extra>",
+        },
+    ]
+    shapes = []
     if 0 < rank < len(vals):
-        fig.add_vline(x=rank + 0.5, line={"color": "#d62728", "dash": "dash", "width": 2})
-    _log_y(fig, ys, "σ")
-    fig.update_xaxes(title_text="index")
-    return _layout(fig, title=title, uirevision=uirevision, height=height)
+        shapes.append(
+            {
+                "type": "line",
+                "x0": rank + 0.5,
+                "x1": rank + 0.5,
+                "y0": 0,
+                "y1": 1,
+                "yref": "paper",
+                "line": {"color": CUT_COLOR, "dash": "dash", "width": 2},
+            }
+        )
+    return _figure(
+        data,
+        title=title,
+        uirevision=uirevision,
+        xaxis=_title("index"),
+        yaxis=_log_axis(ys, "σ"),
+        shapes=shapes,
+        height=height,
+    )
 
 
 def tradeoff_chart(
@@ -286,46 +348,53 @@ def tradeoff_chart(
     x_name = {"flops_pct": "FLOPs (% of original)", "params_pct": "parameters (% of original)"}
     y_name = {"val_acc": "validation accuracy", "test_acc": "test accuracy"}
     title = title or f"Trade-off: {y_name.get(y, y)} against {x_name.get(x, x)}"
-    fig = go.Figure()
+    data = []
     for i, (label, pts) in enumerate(curves.items()):
-        good = [p for p in pts if _finite(p.get(x)) and _finite(p.get(y))]
-        good.sort(key=lambda p: p[x])
+        good = sorted(
+            (p for p in pts if _finite(p.get(x)) and _finite(p.get(y))), key=lambda p: p[x]
+        )
         if not good:
             continue
-        fig.add_trace(
-            go.Scatter(
-                x=[p[x] for p in good],
-                y=[p[y] for p in good],
-                mode="lines+markers",
-                name=label,
-                line={"color": PALETTE[i % len(PALETTE)], "width": 2},
-                marker={"size": 6},
-                customdata=[p.get("value") for p in good],
-                hovertemplate="setting %{customdata:.3g}<br>%{x:.1f} %<br>acc %{y:.2%}"
+        data.append(
+            {
+                "type": "scatter",
+                "x": [p[x] for p in good],
+                "y": [p[y] for p in good],
+                "mode": "lines+markers",
+                "name": label,
+                "line": {"color": PALETTE[i % len(PALETTE)], "width": 2},
+                "marker": {"size": 6},
+                "customdata": [p.get("value") for p in good],
+                "hovertemplate": "setting %{customdata:.3g}<br>%{x:.1f} %<br>acc %{y:.2%}"
                 + f"<extra>{label}</extra>",
-            )
+            }
         )
     if current is not None and _finite(current.get(x)) and _finite(current.get(y)):
-        fig.add_trace(
-            go.Scatter(
-                x=[current[x]],
-                y=[current[y]],
-                mode="markers",
-                name="current",
-                marker={
+        data.append(
+            {
+                "type": "scatter",
+                "x": [current[x]],
+                "y": [current[y]],
+                "mode": "markers",
+                "name": "current",
+                "marker": {
                     "symbol": "star",
                     "size": 16,
-                    "color": "#d62728",
+                    "color": CUT_COLOR,
                     "line": {"color": "white", "width": 1},
                 },
-                hovertemplate="current<br>%{x:.1f} %<br>acc %{y:.2%}<extra></extra>",
-            )
+                "hovertemplate": "current<br>%{x:.1f} %<br>acc %{y:.2%}<extra></extra>",
+            }
         )
-    if not fig.data:
+    if not data:
         return empty_figure("no trade-off points", title=title, uirevision=uirevision)
-    fig.update_xaxes(title_text=x_name.get(x, x), ticksuffix=" %")
-    fig.update_yaxes(title_text=y_name.get(y, y), tickformat=".0%")
-    return _layout(fig, title=title, uirevision=uirevision)
+    return _figure(
+        data,
+        title=title,
+        uirevision=uirevision,
+        xaxis={**_title(x_name.get(x, x)), "ticksuffix": " %"},
+        yaxis={**_title(y_name.get(y, y)), "tickformat": ".0%"},
+    )
 
 
 def theory_spectrum(
@@ -340,35 +409,43 @@ def theory_spectrum(
     title = f"Singular values: learned product (N={n_factors}) against the planted matrix"
     k = max(len(learned), len(true), len(observed or []))
     xs = list(range(1, k + 1))
-    fig = go.Figure()
-    fig.add_trace(
-        go.Bar(
-            x=xs[: len(true)],
-            y=[max(float(v), 1e-12) for v in true],
-            name="planted (true)",
-            marker={"color": "#bbbbbb"},
-        )
-    )
+    clip = [[max(float(v), 1e-12) for v in seq] for seq in (true, observed or [], learned)]
+    data = [
+        {
+            "type": "bar",
+            "x": xs[: len(true)],
+            "y": clip[0],
+            "name": "planted (true)",
+            "marker": {"color": DROPPED_COLOR},
+        }
+    ]
     if observed is not None:
-        fig.add_trace(
-            go.Scatter(
-                x=xs[: len(observed)],
-                y=[max(float(v), 1e-12) for v in observed],
-                mode="lines",
-                name="observed (planted + noise)",
-                line={"color": "#888888", "width": 1, "dash": "dot"},
-            )
+        data.append(
+            {
+                "type": "scatter",
+                "x": xs[: len(observed)],
+                "y": clip[1],
+                "mode": "lines",
+                "name": "observed (planted + noise)",
+                "line": {"color": "#888888", "width": 1, "dash": "dot"},
+            }
         )
-    fig.add_trace(
-        go.Scatter(
-            x=xs[: len(learned)],
-            y=[max(float(v), 1e-12) for v in learned],
-            mode="lines+markers",
-            name=f"learned, N={n_factors}",
-            line={"color": PALETTE[0], "width": 2},
-            marker={"size": 7},
-        )
+    data.append(
+        {
+            "type": "scatter",
+            "x": xs[: len(learned)],
+            "y": clip[2],
+            "mode": "lines+markers",
+            "name": f"learned, N={n_factors}",
+            "line": {"color": PALETTE[0], "width": 2},
+            "marker": {"size": 7},
+        }
     )
-    _log_y(fig, [v for t in fig.data for v in t.y], "σ")
-    fig.update_xaxes(title_text="singular value index")
-    return _layout(fig, title=title, uirevision=uirevision, barmode="overlay")
+    return _figure(
+        data,
+        title=title,
+        uirevision=uirevision,
+        xaxis=_title("singular value index"),
+        yaxis=_log_axis([v for seq in clip for v in seq], "σ"),
+        barmode="overlay",
+    )

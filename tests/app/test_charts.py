@@ -72,8 +72,9 @@ def test_rank_curves_one_line_per_layer():
 
 def test_spectrum_cut_marks_the_rank():
     fig = charts.spectrum_cut([5.0, 3.0, 1.0, 0.1], 2, layer="fc1")
-    colors = list(fig.data[0].marker.color)
-    assert colors[0] == colors[1] != colors[2] == colors[3]
+    kept, dropped = fig.data
+    assert list(kept.y) == [5.0, 3.0] and list(dropped.x) == [3, 4]
+    assert kept.marker.color != dropped.marker.color
     assert fig.layout.shapes[0].x0 == 2.5
     assert "keep 2 of 4" in fig.layout.title.text
     # full rank: no cut line
@@ -99,6 +100,12 @@ def test_theory_spectrum_has_true_and_learned():
     assert fig.layout.yaxis.type == "log"
     fig = charts.theory_spectrum([3.0], [3.0], n_factors=1, observed=[3.1])
     assert len(fig.data) == 3
+
+
+def test_log_axis_ticks_whole_decades_only_over_a_wide_range():
+    wide = charts.layer_spectra_chart({"a": [1.0, 1e-4]})
+    narrow = charts.layer_spectra_chart({"a": [1.0, 0.5]})
+    assert wide.layout.yaxis.dtick == 1 and narrow.layout.yaxis.dtick is None
 
 
 @pytest.mark.parametrize(
