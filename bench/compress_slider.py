@@ -59,7 +59,6 @@ def pct(xs: list[float], q: float) -> float:
 def time_moves(ctx, moves: list[tuple[str, float]]) -> dict:
     """Time app.compress.apply for each (policy, value), plus its parts measured separately."""
     import lorita as lt
-
     from app import compress as cz
 
     total, plan, trunc, evals, cost = [], [], [], [], []
