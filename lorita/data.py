@@ -80,7 +80,7 @@ class TensorDataset(Dataset):
         x: inputs (N, C, H, W), uint8 (scaled by 1/255) or float.
         y: targets, int64 class indices (N,) or float regression targets (N, K).
         mean, std: per-channel normalisation (C,), or None for none.
-        augment: random crop (padding 4) + horizontal flip, applied per batch.
+        augment: random crop (padding 4 at 32 px) + horizontal flip, applied per batch.
     """
 
     def __init__(
@@ -120,9 +120,11 @@ class TensorDataset(Dataset):
         return (x[0], y[0]) if single else (x, y)
 
 
-def _crop_flip(x: torch.Tensor, gen: torch.Generator, pad: int = 4) -> torch.Tensor:
-    """Random crop with zero padding and a random horizontal flip, per sample."""
+def _crop_flip(x: torch.Tensor, gen: torch.Generator, pad: int | None = None) -> torch.Tensor:
+    """Random crop with zero padding (4 pixels at 32 px, scaled with the image) and a random
+    horizontal flip, per sample."""
     b, c, h, w = x.shape  # (B, C, H, W)
+    pad = max(1, h // 8) if pad is None else pad
     padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
     oy = torch.randint(0, 2 * pad + 1, (b,), generator=gen)
     ox = torch.randint(0, 2 * pad + 1, (b,), generator=gen)

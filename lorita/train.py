@@ -73,9 +73,7 @@ class TrainConfig:
 
     # data
     dataset: str = "digits"  # one of lorita.data.list_datasets()
-    dataset_kwargs: dict = field(
-        default_factory=dict
-    )  # dataset options (lowrank: rank, noise, ...)
+    dataset_kwargs: dict = field(default_factory=dict)  # dataset options (lowrank: rank, ...)
     val_fraction: float = 0.1  # share of the training data held out for validation/selection
     split_seed: int = 0  # seed of the validation carve-out (kept apart from `seed`)
     augment: bool = False  # random crop + horizontal flip on training batches (CIFAR)
@@ -92,9 +90,7 @@ class TrainConfig:
     lr: float = 3e-3  # peak learning rate
     momentum: float = 0.9  # SGD momentum (ignored by Adam/AdamW)
     weight_decay: float = 5e-3  # L2 on every parameter, every factor included (the LoRITa knob)
-    schedule: str = (
-        "cosine"  # "cosine" (per step to 0), "step" (x0.1 at 50%, 75%), "plateau", "none"
-    )
+    schedule: str = "cosine"  # cosine (per step, to 0), step (x0.1 at 50%, 75%), plateau, none
     epochs: int = 30  # passes over the training split
     batch_size: int = 64  # global batch (split across processes under torchrun); 0 = auto
     label_smoothing: float = 0.0  # cross-entropy label smoothing (the paper's CNNs use 0.1)
@@ -106,7 +102,7 @@ class TrainConfig:
     amp: str = "auto"  # "auto" (bf16 autocast on CUDA only), "bf16", "off"
     num_workers: int = 0  # DataLoader worker processes (data is in memory; 0 is usually best)
     # logging
-    spectra_every: int = 5  # steps between spectra snapshots (0 = only at start and end)
+    spectra_every: int = 10  # steps between spectra snapshots (0 = only at start and end)
     spectra_budget: float = 0.05  # skip a snapshot when snapshots would exceed this share of time
     eval_every: int = 0  # steps between validation passes (0 = once per epoch)
     log_every: int = 10  # steps between training-loss lines in metrics.jsonl
@@ -652,7 +648,7 @@ def _train(config, run, writer, d, callback, stop, resume, t_start, lt, threads)
     # ---- state (restored on resume)
     step, epoch, step_in_epoch = 0, 0, 0
     best_val, best_step = -math.inf, None
-    timings = {"steps": 0.0, "eval": 0.0, "spectra": 0.0, "checkpoint": 0.0}
+    timings = {"steps": 0.0, "eval": 0.0, "spectra": 0.0, "checkpoint": 0.0, "spectra_end": 0.0}
     if resume:
         if run is None:
             raise ValueError("resume: needs a run folder")
@@ -812,13 +808,15 @@ def _train(config, run, writer, d, callback, stop, resume, t_start, lt, threads)
     done = step >= total_steps
     while not done:
         batches = sampler.epoch_batches(epoch, per_rank)[:steps_per_epoch]
-        splits.train.seed(config.seed * 100003 + epoch)
+        aug_seed = config.seed * 100003 + epoch
+        splits.train.seed(aug_seed)
         loader = torch.utils.data.DataLoader(
             splits.train,
             sampler=batches[step_in_epoch:],
-            batch_size=None,
+            batch_size=None,  # the sampler yields whole index batches; the dataset slices them
             num_workers=config.num_workers,
             pin_memory=cuda,
+            worker_init_fn=_reseed_worker(aug_seed) if config.num_workers else None,
         )
         for x, y in loader:
             t0 = time.perf_counter()
@@ -916,11 +914,13 @@ def _train(config, run, writer, d, callback, stop, resume, t_start, lt, threads)
     # ---- the end
     if state == "stopped" and writer is not None:
         save_ckpt("last", last_val)
+    t0 = time.perf_counter()
     if state != "failed":
         snapshot(force=True)
     if spectra_worker is not None:
         spectra_worker.close()
         flush_spectra(wait=True)
+    timings["spectra_end"] = time.perf_counter() - t0  # the last snapshot, waited for
     result: dict[str, Any] = {
         "state": state,
         "message": message,
@@ -972,6 +972,16 @@ def _train(config, run, writer, d, callback, stop, resume, t_start, lt, threads)
         dist.barrier()
     result["model"] = model
     return result
+
+
+def _reseed_worker(base: int):
+    """Give each DataLoader worker its own augmentation stream."""
+
+    def init(worker_id: int) -> None:
+        info = torch.utils.data.get_worker_info()
+        info.dataset.seed(base * 131 + worker_id + 1)
+
+    return init
 
 
 class _Sampler:
