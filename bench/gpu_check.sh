@@ -11,11 +11,12 @@
 #
 # Data: Fashion-MNIST when its files are found (LORITA_DATA, ./data, or Debian's
 # /usr/share/datasets/fashion-mnist); otherwise the synthetic lowrank task at CIFAR size
-# (32x32 inputs, planted rank 8). A device machine has no internet: to use the real files there,
+# (32x32 images upsampled from a 4x4 latent, planted rank 8). A device machine has no internet: to use the real files there,
 # copy the four fashion-mnist *.gz files into ./data/fashion_mnist/ (ignored by git) and carry
 # "data" with the working tree.
 #
 # Environment: STEPS (300), BATCH (256), MODEL (vgg = VGG16), MODEL_ARGS (JSON model options),
+# DATASET (auto; "lowrank" forces the synthetic task),
 # DEVICE (cuda; "cpu" runs the script itself as a dry run), OUT (results folder; the JSON summary
 # goes to $OUT/gpu_check.json).
 set -euo pipefail
@@ -23,10 +24,17 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if [ -z "${LORITA_DATA:-}" ] && [ -d data ]; then export LORITA_DATA="$PWD/data"; fi
 python - <<'PY'
+import importlib.util
+import sys
+
+missing = [m for m in ("torch", "numpy", "safetensors") if importlib.util.find_spec(m) is None]
+if missing:
+    print(f"FAIL: missing Python packages {missing}; install them (pip install {' '.join(missing)})")
+    sys.exit(2)
+
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -55,17 +63,19 @@ if dev == "cuda":
         sys.exit(1)
     summary["gpu"] = torch.cuda.get_device_name(0)
     print(f"GPU: {summary['gpu']}, torch {torch.__version__}, CUDA {torch.version.cuda}")
-try:
-    load_dataset("fashion_mnist", download=False)
-    ds, dkw = "fashion_mnist", {}
-except DatasetUnavailable:
-    ds, dkw = "lowrank", {"dim": 32, "rank": 8, "n_train": 50000, "n_test": 5000}
+ds, dkw = "lowrank", {"dim": 32, "smooth": 4, "rank": 8, "n_train": 50000, "n_test": 5000}
+if os.environ.get("DATASET", "auto") != "lowrank":
+    try:
+        load_dataset("fashion_mnist", download=False)
+        ds, dkw = "fashion_mnist", {}
+    except DatasetUnavailable:
+        pass
 summary["dataset"] = ds
 print(f"dataset: {ds} {dkw or ''}")
 
 base = dict(
     dataset=ds, dataset_kwargs=dkw, model=model, model_kwargs=model_args, optimizer="sgd",
-    lr=0.05, momentum=0.9, weight_decay=5e-4, label_smoothing=0.1, schedule="cosine",
+    lr=0.02, momentum=0.9, weight_decay=5e-4, schedule="cosine",
     epochs=1000, max_steps=steps, batch_size=batch, device=dev, amp="auto",
     spectra_every=100, eval_every=100, seed=0,
 )

@@ -268,6 +268,7 @@ _LOWRANK_DEFAULTS = {
     "noise": 0.1,
     "task": "classification",
     "teacher_seed": 0,
+    "smooth": 0,
 }
 
 
@@ -276,7 +277,9 @@ def _lowrank(**kw):
 
     Inputs are standard normal of shape (1, dim, dim) so every model accepts them. For
     classification the label is ``argmax(M x + noise)``; for regression the target is
-    ``M x + noise`` itself (an output of size ``num_classes``).
+    ``M x + noise`` itself (an output of size ``num_classes``). With ``smooth=s`` the teacher
+    reads an s x s normal latent and the input is that latent upsampled (bilinear) to
+    dim x dim: images with spatial structure, which convolutional networks learn quickly.
     """
     unknown = set(kw) - set(_LOWRANK_DEFAULTS)
     if unknown:
@@ -287,13 +290,19 @@ def _lowrank(**kw):
     for key in ("rank", "dim", "num_classes", "n_train", "n_test"):
         if not isinstance(o[key], int) or isinstance(o[key], bool) or o[key] < 1:
             raise ValueError(f"lowrank {key}: {o[key]!r} must be a positive integer")
+    sm = o["smooth"]
+    if not isinstance(sm, int) or isinstance(sm, bool) or not 0 <= sm <= o["dim"]:
+        raise ValueError(f"lowrank smooth: {sm!r} must be an integer in [0, dim]")
     if o["task"] not in ("classification", "regression"):
         raise ValueError(f"lowrank task: {o['task']!r}; allowed: classification, regression")
     if not isinstance(o["noise"], int | float) or o["noise"] < 0:
         raise ValueError(f"lowrank noise: {o['noise']!r} must be a number >= 0")
-    d, k, r = o["dim"] * o["dim"], o["num_classes"], o["rank"]
+    side = sm or o["dim"]  # the teacher's input is side x side
+    d, k, r = side * side, o["num_classes"], o["rank"]
     if r > min(d, k):
-        raise ValueError(f"lowrank rank: {r} must be <= min(dim*dim, num_classes) = {min(d, k)}")
+        raise ValueError(
+            f"lowrank rank: {r} must be <= min({side}*{side}, num_classes) = {min(d, k)}"
+        )
     g = torch.Generator().manual_seed(int(o["teacher_seed"]))
     a = _spread_rows(torch.randn(k, r, generator=g))  # (K, r) unit rows, spread apart
     b = torch.linalg.qr(torch.randn(d, r, generator=g))[0]  # (D, r) orthonormal columns
@@ -303,7 +312,11 @@ def _lowrank(**kw):
         x = torch.randn(n, d, generator=g)  # (n, D)
         z = x @ m.T + o["noise"] * torch.randn(n, k, generator=g)  # (n, K)
         y = z.argmax(1) if o["task"] == "classification" else z
-        return x.reshape(n, 1, o["dim"], o["dim"]), y
+        img = x.reshape(n, 1, side, side)
+        if sm:
+            img = torch.nn.functional.interpolate(img, size=o["dim"], mode="bilinear")
+            img = img / img.std()
+        return img, y
 
     x, y = draw(o["n_train"])
     xt, yt = draw(o["n_test"])

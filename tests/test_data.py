@@ -58,6 +58,15 @@ def test_lowrank_classification_and_regression():
     assert float(sv[2] / sv[0]) < 0.1
 
 
+def test_lowrank_smooth_images():
+    s = load_dataset("lowrank", dim=32, smooth=4, rank=3, n_train=200, n_test=10)
+    x = s.train.x  # (N, 1, 32, 32), upsampled from 4x4: neighbouring pixels agree
+    assert x.shape[1:] == (1, 32, 32)
+    assert float((x[..., 1:] - x[..., :-1]).abs().mean()) < 0.3 * float(x.abs().mean())
+    with pytest.raises(ValueError, match="smooth"):
+        load_dataset("lowrank", dim=8, smooth=9)
+
+
 def test_lowrank_bad_options():
     with pytest.raises(ValueError, match="rank"):
         load_dataset("lowrank", rank=20)
