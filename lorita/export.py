@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import threading
 from pathlib import Path
 
 import torch
@@ -178,20 +178,29 @@ def _state(model: nn.Module) -> dict[str, Tensor]:
     return {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file and a rename (never half-written)."""
+def _temp_beside(path: Path, suffix: str = ".tmp") -> Path:
+    """A temporary name in the same folder, unique per process and thread."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}{suffix}")
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, sync: bool = True) -> None:
+    """Write ``data`` to ``path`` via a temporary file and a rename (never half-written).
+
+    The file gets the usual permissions (the umask applies); ``sync`` flushes it to disk
+    before the rename, so a crash leaves the old file or the new one.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = _temp_beside(path)
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "wb") as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+            if sync:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
         raise
 
 
@@ -327,8 +336,7 @@ def export_onnx(
     deploy.eval()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".onnx")
-    os.close(fd)
+    tmp = _temp_beside(path, ".onnx")
     try:
         # torch.export specialises a batch of 1; trace with 2 so the batch axis stays dynamic
         x = example_input[:1].expand(2, *example_input.shape[1:]).contiguous()
@@ -348,6 +356,5 @@ def export_onnx(
         os.replace(tmp, path)
     finally:
         deploy.train(was_training)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
     return path

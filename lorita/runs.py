@@ -32,6 +32,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .export import atomic_write_bytes
+
 __all__ = [
     "Run",
     "RunStore",
@@ -86,12 +88,8 @@ def _clean(o: Any) -> Any:
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     """Write JSON atomically: a temporary file in the same folder, then ``os.replace``."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(_clean(obj), f, indent=1, default=_json_default)
-        f.write("\n")
-    os.replace(tmp, path)
+    text = json.dumps(_clean(obj), indent=1, default=_json_default) + "\n"
+    atomic_write_bytes(path, text.encode(), sync=False)
 
 
 def read_json(path: str | os.PathLike, default: Any = None) -> Any:
@@ -153,12 +151,10 @@ def read_last_jsonl(path: str | os.PathLike) -> dict | None:
 
 def rewrite_jsonl(path: str | os.PathLike, rows: list[dict]) -> None:
     """Replace a ``.jsonl`` file atomically (used when a resumed run drops lost lines)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        for r in rows:
-            f.write(json.dumps(_clean(r), separators=(",", ":"), default=_json_default) + "\n")
-    os.replace(tmp, path)
+    text = "".join(
+        json.dumps(_clean(r), separators=(",", ":"), default=_json_default) + "\n" for r in rows
+    )
+    atomic_write_bytes(path, text.encode(), sync=False)
 
 
 def pid_alive(pid: Any) -> bool:
