@@ -9,12 +9,16 @@ factors back, and cut small singular values to get a model that is really smalle
     lt.count_cost(small, x), lt.save(small, "small.safetensors")
 """
 
-from . import functional
+from . import functional, train  # lt.train is the module: lt.train.train(config, run)
 from .convert import composed_layers, iter_layers, merge_model, overparameterize
 from .cost import Cost, count_cost, measure_latency
+from .data import DatasetUnavailable, Splits, list_datasets, load_dataset
 from .export import export_onnx, load, load_bytes, read_spec, save, save_bytes
 from .layers import FactorConv2d, FactorLinear, LowRankConv2d, LowRankLinear
+from .models import create_model, default_skip, list_models
+from .runs import Run, RunStore
 from .spectra import effective_rank, entropy_rank, layer_spectra, rank_summary, stable_rank
+from .train import TrainConfig, build_model, evaluate, finetune
 from .truncation import (
     Energy,
     Global,
@@ -68,19 +72,18 @@ __all__ = [
     "load_bytes",
     "read_spec",
     "export_onnx",
+    "DatasetUnavailable",
+    "Splits",
+    "list_datasets",
+    "load_dataset",
+    "create_model",
+    "default_skip",
+    "list_models",
+    "Run",
+    "RunStore",
+    "train",
+    "TrainConfig",
+    "build_model",
+    "evaluate",
+    "finetune",
 ]
-
-# --- engine --- (datasets, models, training, runs; added by lorita/data.py etc.)
-from . import train  # noqa: E402  (the module: lt.train.train(config, run) runs training)
-from .data import DatasetUnavailable, Splits, list_datasets, load_dataset  # noqa: E402
-from .models import create_model, default_skip, list_models  # noqa: E402
-from .runs import Run, RunStore  # noqa: E402
-from .train import TrainConfig, build_model, evaluate, finetune  # noqa: E402
-
-__all__ += [
-    "DatasetUnavailable", "Splits", "list_datasets", "load_dataset",
-    "create_model", "default_skip", "list_models",
-    "Run", "RunStore",
-    "train", "TrainConfig", "build_model", "evaluate", "finetune",
-]
-# --- end engine ---
