@@ -2,6 +2,9 @@
 
 import streamlit as st
 
+from app.ui import leave_folder_mode
+
+leave_folder_mode(rerun=False)  # see its docstring: Streamlit's start-up mode for apps with pages/
 st.set_page_config(page_title="LoRITa Explorer", page_icon=":material/compress:", layout="wide")
 
 pages = [

@@ -37,7 +37,7 @@ def _figure(
         "uirevision": uirevision if uirevision is not None else title,
         "height": HEIGHT,
         "margin": {"l": 10, "r": 10, "t": 40, "b": 10},
-        "legend": {"font": {"size": 11}, "itemsizing": "constant"},
+        "legend": {"font": {"size": 11}},
         "hovermode": "closest",
         "xaxis": xaxis or {},
         "yaxis": yaxis or {},

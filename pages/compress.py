@@ -8,6 +8,7 @@ import streamlit as st
 from app import cache, charts, jobs, state, ui
 from app import compress as cz
 
+ui.leave_folder_mode()  # before anything else: see app/ui.py
 state.init()
 
 

@@ -8,6 +8,7 @@ from app import cache, jobs, state, ui
 from app import compress as cz
 from app import export as ex
 
+ui.leave_folder_mode()  # before anything else: see app/ui.py
 state.init()
 
 

@@ -9,6 +9,7 @@ import streamlit as st
 
 from app import charts, jobs, live, state, ui
 
+ui.leave_folder_mode()  # before anything else: see app/ui.py
 state.init()
 
 COLUMNS = {

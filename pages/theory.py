@@ -4,6 +4,7 @@ import streamlit as st
 
 from app import charts, state, ui
 
+ui.leave_folder_mode()  # before anything else: see app/ui.py
 state.init()
 
 

@@ -6,6 +6,7 @@ import streamlit as st
 
 from app import charts, jobs, live, presets, state, ui
 
+ui.leave_folder_mode()  # before anything else: see app/ui.py
 state.init()
 
 FIELD_KEYS = {
@@ -32,17 +33,22 @@ STATE_ICON = {
 }
 
 
-def _apply_preset() -> None:
-    """Preset callback: copy the preset's values into the form's widgets."""
-    for field, value in presets.form_values(st.session_state[state.TRAIN_PRESET]).items():
-        st.session_state[FIELD_KEYS[field]] = value
+def _key(field: str) -> str:
+    """Widget key of a form field for the current preset.
+
+    Each preset gets its own widgets, created with the preset's values as their defaults, so
+    switching presets never writes widget values through session state and the browser always
+    knows every field's value (also when a click interrupts the page's first run).
+    """
+    return f"{FIELD_KEYS[field]}.{st.session_state[state.TRAIN_PRESET]}"
 
 
 def _init_form() -> None:
     state.setdefault(state.TRAIN_PRESET, presets.DEFAULT_PRESET)
-    if state.TRAIN_DATASET not in st.session_state:
-        _apply_preset()
-    state.setdefault(state.TRAIN_BASELINE, True)
+
+
+def _index(options: list, value) -> int:
+    return options.index(value) if value in options else 0
 
 
 def _form() -> None:
@@ -50,42 +56,53 @@ def _form() -> None:
     from lorita.models import list_models
 
     st.selectbox(
-        "Preset",
-        list(presets.PRESETS),
-        key=state.TRAIN_PRESET,
-        format_func=presets.labels().get,
-        on_change=_apply_preset,
+        "Preset", list(presets.PRESETS), key=state.TRAIN_PRESET, format_func=presets.labels().get
     )
+    v = presets.form_values(st.session_state[state.TRAIN_PRESET])
+    datasets, models = list_datasets(), list_models()
+    inits, devices = ["balanced", "independent"], ["auto", "cpu", "cuda", "mps"]
     with st.form("train.form", border=True):
         c = st.columns(4)
-        c[0].selectbox("Dataset", list_datasets(), key=state.TRAIN_DATASET)
-        c[1].selectbox("Model", list_models(), key=state.TRAIN_MODEL)
+        c[0].selectbox(
+            "Dataset", datasets, index=_index(datasets, v["dataset"]), key=_key("dataset")
+        )
+        c[1].selectbox("Model", models, index=_index(models, v["model"]), key=_key("model"))
         c[2].number_input(
-            "N (factors per layer)", min_value=1, max_value=8, step=1, key=state.TRAIN_N,
+            "N (factors per layer)", min_value=1, max_value=8, step=1, value=v["n_factors"],
+            key=_key("n_factors"),
             help="N=1 is the ordinary network; N≥2 composes every weight from N factors.",
         )  # fmt: skip
         c[3].selectbox(
-            "Init", ["balanced", "independent"], key=state.TRAIN_INIT,
+            "Init", inits, index=_index(inits, v["init"]), key=_key("init"),
             help="balanced: the composed network starts as the same function as N=1 "
             "(fair comparison); independent: every factor gets PyTorch's default init.",
         )  # fmt: skip
         c = st.columns(4)
         c[0].number_input(
-            "Weight decay λ", min_value=0.0, step=1e-4, format="%g", key=state.TRAIN_WD
-        )
+            "Weight decay λ", min_value=0.0, step=1e-4, format="%g",
+            value=float(v["weight_decay"]), key=_key("weight_decay"),
+        )  # fmt: skip
         c[1].number_input(
-            "Learning rate", min_value=0.0, step=1e-4, format="%g", key=state.TRAIN_LR
+            "Learning rate", min_value=0.0, step=1e-4, format="%g", value=float(v["lr"]),
+            key=_key("lr"),
+        )  # fmt: skip
+        c[2].number_input(
+            "Epochs", min_value=1, max_value=1000, step=1, value=v["epochs"], key=_key("epochs")
         )
-        c[2].number_input("Epochs", min_value=1, max_value=1000, step=1, key=state.TRAIN_EPOCHS)
-        c[3].number_input("Batch size", min_value=1, max_value=8192, step=16, key=state.TRAIN_BATCH)
+        c[3].number_input(
+            "Batch size", min_value=1, max_value=8192, step=16, value=v["batch_size"],
+            key=_key("batch_size"),
+        )  # fmt: skip
         c = st.columns(4)
-        c[0].number_input("Seed", min_value=0, max_value=2**31 - 1, step=1, key=state.TRAIN_SEED)
+        c[0].number_input(
+            "Seed", min_value=0, max_value=2**31 - 1, step=1, value=v["seed"], key=_key("seed")
+        )
         c[1].selectbox(
-            "Device", ["auto", "cpu", "cuda", "mps"], key=state.TRAIN_DEVICE,
+            "Device", devices, index=_index(devices, v["device"]), key=_key("device"),
             help=f"Available here: {', '.join(jobs.devices())}. auto picks the best one.",
         )  # fmt: skip
         c[2].checkbox(
-            "also train N=1 (same seed)", key=state.TRAIN_BASELINE,
+            "also train N=1 (same seed)", value=True, key=state.TRAIN_BASELINE,
             help="Starts the ordinary network too (after this one when only one run may "
             "train at a time): the comparison the method is about.",
         )  # fmt: skip
@@ -95,7 +112,7 @@ def _form() -> None:
 
 
 def _start() -> None:
-    form = {field: st.session_state[key] for field, key in FIELD_KEYS.items()}
+    form = {field: st.session_state[_key(field)] for field in FIELD_KEYS}
     config = presets.build_config(st.session_state[state.TRAIN_PRESET], form)
     base_cfg = None
     if st.session_state[state.TRAIN_BASELINE] and int(config.get("n_factors", 1)) != 1:
@@ -246,6 +263,17 @@ def _live(name: str) -> None:
         st.rerun()
 
 
+def _default_run(rows: list[dict]) -> str | None:
+    """With nothing chosen yet: the newest active run, else the newest composed (N>1) run."""
+    for row in rows:
+        if row["state"] in jobs.ACTIVE:
+            return row["name"]
+    for row in rows:
+        if (row.get("N") or 1) > 1:
+            return row["name"]
+    return None
+
+
 def _follow() -> None:
     runs = jobs.list_runs()
     names = [r["name"] for r in runs]
@@ -257,7 +285,7 @@ def _follow() -> None:
         return
     options = names if current is None or current in names else [current, *names]
     if st.session_state.get(state.TRAIN_FOLLOW) not in options:
-        st.session_state[state.TRAIN_FOLLOW] = current or options[0]
+        st.session_state[state.TRAIN_FOLLOW] = current or _default_run(runs) or options[0]
     label = {r["name"]: f"{r['name']} ({r['state']})" for r in runs}
     name = st.selectbox(
         "Follow run", options, key=state.TRAIN_FOLLOW, format_func=lambda n: label.get(n, n)

@@ -61,18 +61,20 @@ def test_theory_identity_and_rank_preference(empty_runs):
 def test_train_form_presets_fill_the_fields(empty_runs):
     at = open_page("train")
     assert_clean(at)
-    assert at.selectbox(key="train.dataset").value == "digits"
+    assert at.selectbox(key="train.dataset.classroom").value == "digits"
     at.selectbox(key="train.preset").set_value("fashion").run()
-    assert at.selectbox(key="train.dataset").value == "fashion_mnist"
-    assert at.number_input(key="train.batch_size").value == 128
+    assert at.selectbox(key="train.dataset.fashion").value == "fashion_mnist"
+    assert at.number_input(key="train.batch_size.fashion").value == 128
     at.selectbox(key="train.preset").set_value("planted").run()
-    assert at.selectbox(key="train.dataset").value == "lowrank"
+    assert at.selectbox(key="train.dataset.planted").value == "lowrank"
+    at.selectbox(key="train.preset").set_value("classroom").run()
+    assert at.number_input(key="train.epochs.classroom").value == 30
     assert "No runs yet" in " ".join(c.value for c in at.caption)
 
 
 @pytest.mark.parametrize(
     ("key", "value", "field"),
-    [("train.lr", 0.0, "lr"), ("train.device", "cuda", "device")],
+    [("train.lr.classroom", 0.0, "lr"), ("train.device.classroom", "cuda", "device")],
 )
 def test_train_bad_input_names_the_field(empty_runs, key, value, field):
     import torch
@@ -80,7 +82,7 @@ def test_train_bad_input_names_the_field(empty_runs, key, value, field):
     if field == "device" and torch.cuda.is_available():
         pytest.skip("cuda is available here")
     at = open_page("train")
-    widget = at.number_input(key=key) if key == "train.lr" else at.selectbox(key=key)
+    widget = at.number_input(key=key) if field == "lr" else at.selectbox(key=key)
     widget.set_value(value)
     at.button(key="FormSubmitter:train.form-Start training").click().run()
     assert not at.exception
