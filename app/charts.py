@@ -30,6 +30,7 @@ def _figure(
     uirevision: str | None,
     xaxis: dict[str, Any] | None = None,
     yaxis: dict[str, Any] | None = None,
+    legend_below: bool = False,
     **layout: Any,
 ) -> go.Figure:
     base = {
@@ -42,18 +43,22 @@ def _figure(
         "xaxis": xaxis or {},
         "yaxis": yaxis or {},
     }
+    if legend_below:  # long labels (run names): full width under the plot
+        base["legend"] = {"font": {"size": 11}, "orientation": "h", "yanchor": "top",
+                          "y": -0.3, "x": 0.0}  # fmt: skip
+        base["height"] = HEIGHT + 60
     base.update(layout)
     return go.Figure(data=data, layout=base)
 
 
 def _log_axis(values: Sequence[float], title: str) -> dict[str, Any]:
-    """A log axis labelled at whole decades only (no 2/5 minor labels) when the data span
-    more than a decade."""
+    """A log axis labelled at whole decades only (no 2/5 minor labels) once the data span
+    more than a decade, every second or third decade over a very wide span."""
     pos = [v for v in values if v > 0]
     span = math.log10(max(pos) / min(pos)) if pos else 0.0
     axis: dict[str, Any] = {"type": "log", "title": {"text": title}, "exponentformat": "power"}
     if span > 1.0:
-        axis["dtick"] = 1
+        axis["dtick"] = 1 if span <= 6 else 2 if span <= 12 else 3
     return axis
 
 
@@ -142,6 +147,7 @@ def training_curves(
         xaxis=_title(x),
         yaxis=yaxis,
         hovermode="x unified",
+        legend_below=several,
     )
 
 
@@ -198,6 +204,7 @@ def layer_spectra_chart(
     normalize: bool = True,
     title: str = "Singular values of every layer (σ/σ_max, log scale)",
     uirevision: str | None = None,
+    legend_below: bool = False,
 ) -> go.Figure:
     """The current spectrum of each layer (or each run), one line each, on a log y axis."""
     data = []
@@ -231,6 +238,7 @@ def layer_spectra_chart(
         uirevision=uirevision,
         xaxis=_title("singular value index"),
         yaxis=_log_axis(all_y, "σ / σ_max" if normalize else "σ"),
+        legend_below=legend_below,
     )
 
 
@@ -241,6 +249,7 @@ def rank_curves(
     title: str = "Effective rank of every layer",
     y_title: str = "effective rank",
     uirevision: str | None = None,
+    legend_below: bool = False,
 ) -> go.Figure:
     """One line per layer (or per run): a rank measure against step."""
     data = [
@@ -265,6 +274,7 @@ def rank_curves(
         xaxis=_title("step"),
         yaxis={**_title(y_title), "rangemode": "tozero"},
         hovermode="x unified",
+        legend_below=legend_below,
     )
 
 
@@ -404,18 +414,25 @@ def theory_spectrum(
     n_factors: int,
     observed: Sequence[float] | None = None,
     uirevision: str | None = "theory",
+    floor: float = 1e-6,
 ) -> go.Figure:
-    """Learned singular values of the product against the planted (and observed) ones, log y."""
+    """Learned singular values of the product against the planted (and observed) ones, log y.
+
+    Values below ``floor`` times the largest are drawn on the floor (a log axis has no zero);
+    the planted matrix's exact zeros are not drawn.
+    """
     title = f"Singular values: learned product (N={n_factors}) against the planted matrix"
+    top = max([float(v) for v in (*learned, *true, *(observed or []))] or [1.0])
+    low = top * floor
     k = max(len(learned), len(true), len(observed or []))
     xs = list(range(1, k + 1))
-    clip = [[max(float(v), 1e-12) for v in seq] for seq in (true, observed or [], learned)]
+    planted = [(x, float(v)) for x, v in zip(xs, true) if float(v) > low]
     data = [
         {
             "type": "bar",
-            "x": xs[: len(true)],
-            "y": clip[0],
-            "name": "planted (true)",
+            "x": [x for x, _ in planted],
+            "y": [v for _, v in planted],
+            "name": "planted (true; the rest are 0)",
             "marker": {"color": DROPPED_COLOR},
         }
     ]
@@ -424,7 +441,7 @@ def theory_spectrum(
             {
                 "type": "scatter",
                 "x": xs[: len(observed)],
-                "y": clip[1],
+                "y": [max(float(v), low) for v in observed],
                 "mode": "lines",
                 "name": "observed (planted + noise)",
                 "line": {"color": "#888888", "width": 1, "dash": "dot"},
@@ -434,18 +451,22 @@ def theory_spectrum(
         {
             "type": "scatter",
             "x": xs[: len(learned)],
-            "y": clip[2],
+            "y": [max(float(v), low) for v in learned],
+            "customdata": [float(v) for v in learned],
             "mode": "lines+markers",
             "name": f"learned, N={n_factors}",
             "line": {"color": PALETTE[0], "width": 2},
             "marker": {"size": 7},
+            "hovertemplate": "index %{x}<br>σ = %{customdata:.3g}<extra></extra>",
         }
     )
+    yaxis = _log_axis([low, top], "σ")
+    yaxis["range"] = [math.log10(low) - 0.2, math.log10(top) + 0.3]
     return _figure(
         data,
         title=title,
         uirevision=uirevision,
         xaxis=_title("singular value index"),
-        yaxis=_log_axis([v for seq in clip for v in seq], "σ"),
+        yaxis=yaxis,
         barmode="overlay",
     )

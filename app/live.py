@@ -15,6 +15,15 @@ def layer_names(spectra_rows: Sequence[dict[str, Any]]) -> list[str]:
     return []
 
 
+def widest_layer(spectra_rows: Sequence[dict[str, Any]]) -> str | None:
+    """The layer with the most singular values (where a rank drop shows best)."""
+    for row in reversed(spectra_rows):
+        layers = row.get("layers") or {}
+        if layers:
+            return max(layers, key=lambda n: len(layers[n] or []))
+    return None
+
+
 def layer_series(
     spectra_rows: Sequence[dict[str, Any]], layer: str
 ) -> tuple[list[int], list[list[float]]]:

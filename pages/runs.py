@@ -111,7 +111,8 @@ def _compare(picked: list[str]) -> None:
         st.caption("No spectra logged yet for these runs.")
         return
     if st.session_state.get(state.RUNS_LAYER) not in layers:
-        st.session_state[state.RUNS_LAYER] = layers[0]
+        widest = [live.widest_layer(rows) for rows in spectra.values()]
+        st.session_state[state.RUNS_LAYER] = next((w for w in widest if w), layers[0])
     layer = st.selectbox("Layer", layers, key=state.RUNS_LAYER)
     final = {}
     ranks = {}
@@ -127,7 +128,10 @@ def _compare(picked: list[str]) -> None:
     c1, c2 = st.columns(2)
     c1.plotly_chart(
         charts.layer_spectra_chart(
-            final, title=f"Final spectrum of {layer} (σ/σ_max)", uirevision=f"cmp-spec-{key}"
+            final,
+            title=f"Final spectrum of {layer} (σ/σ_max)",
+            uirevision=f"cmp-spec-{key}",
+            legend_below=True,
         ),
         key="runs.chart.spectra",
     )
@@ -135,6 +139,7 @@ def _compare(picked: list[str]) -> None:
         charts.rank_curves(
             max(steps_by_run.values(), key=len) if steps_by_run else [],
             ranks, title=f"Effective rank of {layer}", uirevision=f"cmp-rank-{key}",
+            legend_below=True,
         ),
         key="runs.chart.ranks",
     )  # fmt: skip

@@ -19,7 +19,7 @@ def _fit(n_factors: int, weight_decay: float, rank: int, noise: float, seed: int
 
 @ui.guarded
 def main() -> None:
-    st.title("Theory: why a product of factors prefers low rank")
+    st.title("Theory: why factors prefer low rank")
     st.markdown(
         "A planted matrix of low rank plus a little noise is fitted by a product of **N** "
         "square factors `W = W_N ⋯ W_1`, minimising `½‖W − Y‖² + ½λ Σᵢ‖Wᵢ‖²` — ordinary "
@@ -38,6 +38,7 @@ def main() -> None:
         charts.theory_spectrum(res["learned"], res["true"], n_factors=n, observed=res["observed"]),
         key="theory.chart",
     )
+    st.caption("Log scale: values below 10⁻⁶ of the largest are drawn on the bottom line.")
     import torch
 
     from lorita.spectra import effective_rank
@@ -66,8 +67,8 @@ shrink exactly as much as the signal, and nothing is cut to zero. Move the slide
 the learned curve is the observed one, scaled down.
 
 **Why N ≥ 2 does.** Weight decay on N factors costs, at best, `N Σσ^(2/N)`. For N = 2 that is
-twice the nuclear norm — it subtracts the same amount from every singular value, so small ones
-hit zero. For N ≥ 3 the exponent 2/N < 1 makes small singular values relatively expensive
+twice the nuclear norm, and the fit soft-thresholds the spectrum: every singular value of the
+data drops by λ, and those below λ become exactly zero. For N ≥ 3 the exponent 2/N < 1 makes small singular values relatively expensive
 (a Schatten quasi-norm), so they are pushed to zero harder while the large ones barely move.
 The learned spectrum drops off a cliff after the true rank: that is the low rank a network
 trained this way hands to the truncation step.

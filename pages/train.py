@@ -190,7 +190,7 @@ def _charts(name: str) -> None:
         st.caption("The first spectra snapshot appears after the first evaluation.")
         return
     if st.session_state.get(state.TRAIN_LAYER) not in layers:
-        st.session_state[state.TRAIN_LAYER] = layers[0]
+        st.session_state[state.TRAIN_LAYER] = live.widest_layer(spectra) or layers[0]
     layer = st.selectbox("Layer for the heatmap", layers, key=state.TRAIN_LAYER)
     steps, values = live.layer_series(spectra, layer)
     st.plotly_chart(
@@ -286,10 +286,7 @@ def _follow() -> None:
     options = names if current is None or current in names else [current, *names]
     if st.session_state.get(state.TRAIN_FOLLOW) not in options:
         st.session_state[state.TRAIN_FOLLOW] = current or _default_run(runs) or options[0]
-    label = {r["name"]: f"{r['name']} ({r['state']})" for r in runs}
-    name = st.selectbox(
-        "Follow run", options, key=state.TRAIN_FOLLOW, format_func=lambda n: label.get(n, n)
-    )
+    name = st.selectbox("Follow run", options, key=state.TRAIN_FOLLOW)
     if name != current:
         state.set_current_run(name)
     elif name:

@@ -95,11 +95,12 @@ def test_tradeoff_chart_sorts_by_cost_and_marks_current():
 
 
 def test_theory_spectrum_has_true_and_learned():
-    fig = charts.theory_spectrum([3.0, 2.0, 1e-5], [3.0, 2.0], n_factors=3)
-    assert [t.name for t in fig.data] == ["planted (true)", "learned, N=3"]
+    fig = charts.theory_spectrum([3.0, 2.0, 1e-9], [3.0, 2.0], n_factors=3)
+    assert [t.name for t in fig.data][1] == "learned, N=3"
     assert fig.layout.yaxis.type == "log"
-    fig = charts.theory_spectrum([3.0], [3.0], n_factors=1, observed=[3.1])
-    assert len(fig.data) == 3
+    assert min(fig.data[1].y) == pytest.approx(3e-6)  # drawn on the floor, 1e-6 of the top
+    fig = charts.theory_spectrum([3.0, 0.0], [3.0, 0.0], n_factors=1, observed=[3.1, 0.1])
+    assert len(fig.data) == 3 and list(fig.data[0].x) == [1]  # exact zeros are not drawn
 
 
 def test_log_axis_ticks_whole_decades_only_over_a_wide_range():
