@@ -339,6 +339,32 @@ def stop(name: str, root: str | Path | None = None) -> None:
     store(root).get(name).request_stop()
 
 
+_ACTIVE_CACHE: dict[str, tuple[float, bool]] = {}
+
+
+def any_active(root: str | Path | None = None, *, max_age_s: float = 2.0) -> bool:
+    """Whether some run of ``root`` is queued or training now (heartbeat fresh); cached 2 s.
+
+    Cheap: reads only status.json files. Used to keep the server's own torch work on one
+    thread while a training process uses the cores.
+    """
+    root = Path(root) if root is not None else runs_dir()
+    key, now = str(root), time.time()
+    hit = _ACTIVE_CACHE.get(key)
+    if hit is not None and now - hit[0] < max_age_s:
+        return hit[1]
+    from lorita.runs import STALE_S, read_json
+
+    active = False
+    for path in root.glob("*/status.json"):
+        st = read_json(path, {}) or {}
+        if st.get("state") == "running" and now - float(st.get("heartbeat") or 0) < STALE_S:
+            active = True
+            break
+    _ACTIVE_CACHE[key] = (now, active)
+    return active
+
+
 def reap() -> None:
     """Collect finished children so they do not linger as zombies."""
     for key, proc in list(_PROCS.items()):

@@ -22,23 +22,8 @@ FORM_FIELDS = (
 )
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # The library's TrainConfig defaults are the classroom run; this preset names them.
-    "classroom": {
-        "label": "Classroom demo: digits MLP, about 15 s on a CPU",
-        "config": {
-            "dataset": "digits",
-            "model": "mlp",
-            "n_factors": 3,
-            "init": "balanced",
-            "optimizer": "adam",
-            "lr": 3e-3,
-            "weight_decay": 5e-4,
-            "epochs": 30,
-            "batch_size": 64,
-            "seed": 0,
-            "device": "auto",
-        },
-    },
+    # The library's TrainConfig defaults are the classroom run: filled in by config().
+    "classroom": {"label": "Classroom demo: digits MLP, about 15 s on a CPU", "config": None},
     "fashion": {
         "label": "Fashion-MNIST MLP (a few minutes on a CPU)",
         "config": {
@@ -101,25 +86,35 @@ PRESETS: dict[str, dict[str, Any]] = {
 DEFAULT_PRESET = "classroom"
 
 
+def config(preset: str) -> dict[str, Any]:
+    """The full training config of ``preset`` (classroom: the library's TrainConfig defaults)."""
+    if preset not in PRESETS:
+        raise ValueError(f"preset: unknown {preset!r}; allowed: {', '.join(PRESETS)}")
+    cfg = PRESETS[preset]["config"]
+    if cfg is None:
+        from lorita.train import TrainConfig
+
+        cfg = {**TrainConfig().to_dict(), "device": "auto"}
+    return dict(cfg)
+
+
 def labels() -> dict[str, str]:
     return {k: v["label"] for k, v in PRESETS.items()}
 
 
 def form_values(preset: str) -> dict[str, Any]:
     """The values the form shows for ``preset``."""
-    cfg = PRESETS[preset]["config"]
+    cfg = config(preset)
     return {k: cfg[k] for k in FORM_FIELDS if k in cfg}
 
 
 def build_config(preset: str, form: dict[str, Any]) -> dict[str, Any]:
     """The preset's full config with the form's fields on top."""
-    if preset not in PRESETS:
-        raise ValueError(f"preset: unknown {preset!r}; allowed: {', '.join(PRESETS)}")
-    cfg = {k: v for k, v in PRESETS[preset]["config"].items()}
-    cfg.update({k: v for k, v in form.items() if k in FORM_FIELDS})
-    if cfg.get("dataset") != PRESETS[preset]["config"].get("dataset"):
+    base = config(preset)
+    cfg = {**base, **{k: v for k, v in form.items() if k in FORM_FIELDS}}
+    if cfg.get("dataset") != base.get("dataset"):
         cfg.pop("dataset_kwargs", None)  # options belong to the preset's dataset only
-    if cfg.get("model") != PRESETS[preset]["config"].get("model"):
+    if cfg.get("model") != base.get("model"):
         cfg.pop("model_kwargs", None)
     return cfg
 
