@@ -179,6 +179,12 @@ def load_context(name: str, which: str = "best", root: str | Path | None = None)
     return ctx
 
 
+def choice_token(choice: dict[str, Any]) -> tuple:
+    """A hashable identity of a Compress page setting (run, checkpoint, policy, value, ranks)."""
+    ranks = tuple(sorted((choice.get("ranks") or {}).items()))
+    return (choice["run"], choice["which"], choice["policy"], choice.get("value"), ranks)
+
+
 def make_policy(kind: str, value: float | None = None, ranks: dict[str, int] | None = None):
     """The library policy object for the page's choice."""
     import lorita as lt

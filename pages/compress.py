@@ -214,7 +214,7 @@ def main() -> None:
         state.setdefault(state.COMPRESS_FT_LR, 1e-3)
         epochs = f1.number_input("epochs", 1, 50, key=state.COMPRESS_FT_EPOCHS)
         lr = f2.number_input("learning rate", 1e-6, 1.0, key=state.COMPRESS_FT_LR, format="%.0e")
-        token = (name, which, policy, value, tuple(sorted(res["ranks"].items())))
+        token = cz.choice_token(st.session_state[state.COMPRESS_CHOICE])
         if f3.button("Fine-tune this model", key="compress.ft_go"):
             with st.spinner("Fine-tuning…"):
                 tuned, metrics = cz.finetune(ctx, res["model"], epochs=int(epochs), lr=float(lr))

@@ -58,7 +58,7 @@ def main() -> None:
     if choice and choice.get("run") == name and choice.get("which") == which:
         options["compressed"] = "Compressed on the Compress page: " + _choice_text(choice)
         ft = st.session_state.get(state.FINETUNED)
-        if ft and ft["key"][:2] == (name, which):
+        if ft and ft["key"] == cz.choice_token(choice):
             options["finetuned"] = "Compressed and fine-tuned on the Compress page"
     if st.session_state.get(state.EXPORT_MODEL) not in options:
         st.session_state[state.EXPORT_MODEL] = list(options)[-1 if len(options) < 3 else 1]

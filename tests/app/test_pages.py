@@ -241,3 +241,41 @@ def test_pages_show_errors_not_tracebacks(tmp_path, monkeypatch):
         assert not at.exception, page
         assert at.error, page
         assert "Traceback" not in at.error[0].value
+
+
+def test_compress_finetune_then_export_the_tuned_model(runs_dir):
+    at = open_page("compress", run=N3)
+    at.slider(key="compress.value.global").set_value(0.9).run()
+    at.number_input(key="compress.ft_epochs").set_value(1).run()
+    at.button(key="compress.ft_go").click().run()
+    assert_clean(at)
+    assert any("Fine-tuned" in s.value for s in at.success)
+    at.switch_page("pages/export.py").run()
+    assert_clean(at)
+    models = at.radio(key="export.model")
+    assert "Compressed and fine-tuned on the Compress page" in models.options
+    models.set_value("finetuned").run()
+    assert_clean(at)
+    m = metrics(at)
+    assert m["Test accuracy before saving"] == m["Test accuracy after reloading"]
+
+
+def test_train_live_panel_stop_button(runs_dir):
+    """A run that is training shows progress with a Stop button; Stop asks the run to stop."""
+    import json
+    import os
+    import time
+
+    path = runs_dir / N3 / "status.json"
+    st = json.loads(path.read_text())
+    now = time.time()
+    st.update(state="running", pid=os.getpid(), heartbeat=now, started=now - 10, ended=None,
+              step=50, total_steps=200)  # fmt: skip
+    path.write_text(json.dumps(st))
+    at = open_page("train", run=N3)
+    assert_clean(at)
+    bar = at.get("progress")[0]
+    assert "step 50/200" in bar.proto.text and "left" in bar.proto.text
+    at.button(key="train.stop").click().run()
+    assert not at.exception
+    assert (runs_dir / N3 / "STOP").exists()
