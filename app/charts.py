@@ -12,6 +12,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import plotly.graph_objects as go
 from plotly.colors import qualitative
 
@@ -170,14 +171,15 @@ def spectrum_heatmap(
     if not steps or not spectra:
         return empty_figure("no spectra yet", title=title, uirevision=uirevision)
     width = max(len(s) for s in spectra)
-    z: list[list[float | None]] = [[None] * len(spectra) for _ in range(width)]
+    z = np.full((width, len(spectra)), np.nan)  # rows: σ index, columns: snapshots
     for t, s in enumerate(spectra):
-        top = max((abs(v) for v in s), default=0.0)
-        for i, v in enumerate(s):
-            if top > 0 and v > 0:
-                z[i][t] = max(math.log10(v / top), LOG_FLOOR)
-            else:
-                z[i][t] = LOG_FLOOR
+        vals = np.asarray(s, dtype=float)
+        top = float(np.abs(vals).max()) if vals.size else 0.0
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = np.log10(vals / top) if top > 0 else np.full_like(vals, LOG_FLOOR)
+        z[: vals.size, t] = np.where(
+            (vals > 0) & np.isfinite(ratio), np.maximum(ratio, LOG_FLOOR), LOG_FLOOR
+        )
     heat = {
         "type": "heatmap",
         "x": list(steps),

@@ -22,6 +22,7 @@ from typing import Any
 
 RUNS_ENV = "LORITA_RUNS"
 MAX_CONCURRENT_ENV = "LORITA_MAX_CONCURRENT"  # training runs at once (default 1 per device)
+NICE_ENV = "LORITA_TRAIN_NICE"  # scheduling niceness of training children (default 10)
 DEFAULT_RUNS = "runs"
 APP_DIR = ".app"  # <runs>/.app/<name>.json (the request) and <name>.log (the child's output)
 ACTIVE = ("queued", "running")
@@ -184,8 +185,28 @@ def start(
             cwd=repo,
             env=env,
         )
+    _lower_priority(proc.pid)
     _PROCS[(str(root), name)] = proc
     return name
+
+
+def _lower_priority(pid: int) -> None:
+    """Give a training child a lower CPU priority than the server (``$LORITA_TRAIN_NICE``).
+
+    Set right after the child starts, while it is still one thread (the threads torch starts
+    later inherit it). The server's own work (pages, the Compress slider) then comes first,
+    and training takes every cycle the server leaves.
+    """
+    try:
+        nice = int(os.environ.get(NICE_ENV, "10"))
+    except ValueError:
+        nice = 10
+    if nice <= 0 or not hasattr(os, "setpriority"):
+        return
+    try:
+        os.setpriority(os.PRIO_PROCESS, pid, min(19, nice))
+    except OSError:
+        pass
 
 
 def start_pair(

@@ -22,6 +22,12 @@ FIELD_KEYS = {
     "device": state.TRAIN_DEVICE,
 }
 LIVE_EVERY_S = 1.0
+LIVE_KEY = "train-live"  # container of the live panel (its elements never fade; see _NO_FADE)
+# While a fragment reruns, Streamlit dims the elements it is about to replace. The live panel
+# replaces everything every second, so dimming would make it blink: keep it fully visible.
+_NO_FADE = f"""<style>
+.st-key-{LIVE_KEY} [data-stale="true"] {{ opacity: 1 !important; transition: none !important; }}
+</style>"""
 STATE_ICON = {
     "starting": ":material/hourglass_top:",
     "queued": ":material/schedule:",
@@ -253,7 +259,8 @@ def _panel(name: str) -> jobs.JobView:
 def _live(name: str) -> None:
     """Redrawn every second while the run is active; a full rerun once it ends."""
     try:
-        v = _panel(name)
+        with st.container(key=LIVE_KEY):
+            v = _panel(name)
     except Exception as exc:  # noqa: BLE001
         ui.report(exc, "Following the run")
         return
@@ -294,6 +301,7 @@ def _follow() -> None:
     v = jobs.view(name)
     baseline = _baseline(name)
     if v.active or (baseline and jobs.view(baseline).active):
+        st.html(_NO_FADE)
         _live(name)
     else:
         _panel(name)
