@@ -13,24 +13,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-# A digits run small enough to train in a couple of seconds on one core.
-TINY = {
-    "dataset": "digits",
-    "model": "mlp",
-    "model_kwargs": {"depth": 2, "width": 32},
-    "n_factors": 3,
-    "init": "balanced",
-    "optimizer": "adam",
-    "lr": 3e-3,
-    "weight_decay": 5e-4,
-    "epochs": 3,
-    "batch_size": 64,
-    "seed": 0,
-    "device": "cpu",
-    "spectra_every": 5,
-}
-N3 = "digits-tiny-n3"
-N1 = "digits-tiny-n1"
+from app_seed import N1, N3, TINY  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from conftest import N1, N3, TINY
+from app_seed import N1, N3, TINY
 
 from app import jobs, presets
 

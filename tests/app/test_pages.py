@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import N1, N3, ROOT
+from app_seed import N1, N3, ROOT
 from streamlit.testing.v1 import AppTest
 
 APP = str(ROOT / "streamlit_app.py")

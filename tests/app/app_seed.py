@@ -1,0 +1,24 @@
+"""Names and config of the runs the app tests seed (shared by conftest and the tests)."""
+
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]  # the repository
+
+# A digits run small enough to train in a couple of seconds on one core.
+TINY = {
+    "dataset": "digits",
+    "model": "mlp",
+    "model_kwargs": {"depth": 2, "width": 32},
+    "n_factors": 3,
+    "init": "balanced",
+    "optimizer": "adam",
+    "lr": 3e-3,
+    "weight_decay": 5e-4,
+    "epochs": 3,
+    "batch_size": 64,
+    "seed": 0,
+    "device": "cpu",
+    "spectra_every": 5,
+}
+N3 = "digits-tiny-n3"
+N1 = "digits-tiny-n1"
