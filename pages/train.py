@@ -242,13 +242,15 @@ def _panel(name: str) -> jobs.JobView:
     if baseline:
         _progress(jobs.view(baseline), small=True)
     _status_line(v)
-    if v.active:
-        if st.button("Stop", key="train.stop", icon=":material/stop:"):
-            jobs.stop(name)
-            if baseline and jobs.view(baseline).active:
-                jobs.stop(baseline)
-            st.toast("Stop requested: the run saves a checkpoint and ends.")
-    elif v.state in ("completed", "stopped"):
+    active = [n for n, a in ((name, v.active), (baseline, baseline and jobs.view(baseline).active))
+              if n and a]  # fmt: skip
+    if active:
+        label = "Stop" if len(active) == 1 else "Stop both"
+        if st.button(label, key="train.stop", icon=":material/stop:"):
+            for run in active:
+                jobs.stop(run)
+            st.toast("Stop requested: a run ends after its current step, with a checkpoint.")
+    if v.state in ("completed", "stopped"):
         st.page_link("pages/compress.py", label="Compress this run", icon=":material/compress:")
     if v.state not in ("starting", "missing"):
         _charts(name)
