@@ -68,7 +68,32 @@ def _balanced_svd_split(w: Tensor, rank: int, svd=None) -> tuple[Tensor, Tensor]
     return first.to(w.dtype), second.to(w.dtype)
 
 
-class FactorLinear(nn.Module):
+class _Composed:
+    """What FactorLinear and FactorConv2d share: the spec for saving and the options repr."""
+
+    def layer_spec(self) -> dict:
+        """JSON description used by :func:`lorita.save` to rebuild this layer."""
+        return {
+            "kind": "factor",
+            "n_factors": self.n_factors,
+            "inner": self.inner,
+            "order": self.order,
+        }
+
+    def _options_repr(self) -> str:
+        s = f", n_factors={self.n_factors}"
+        if self.inner != self._default_inner:
+            s += f", inner={self.inner}"
+        if self.bias is None:
+            s += ", bias=False"
+        if self.init != "balanced":
+            s += f", init={self.init!r}"
+        if self.order != "auto":
+            s += f", order={self.order!r}"
+        return s
+
+
+class FactorLinear(_Composed, nn.Module):
     """``nn.Linear`` whose weight is a product of ``n_factors`` bias-free factors.
 
     ``weight = W_N @ ... @ W_1`` with ``W_1`` (inner, in), middle factors (inner, inner) and
@@ -206,26 +231,8 @@ class FactorLinear(nn.Module):
                 layer.bias.copy_(linear.bias)
         return layer
 
-    def layer_spec(self) -> dict:
-        """JSON description used by :func:`lorita.save` to rebuild this layer."""
-        return {
-            "kind": "factor",
-            "n_factors": self.n_factors,
-            "inner": self.inner,
-            "order": self.order,
-        }
-
     def extra_repr(self) -> str:
-        s = f"in_features={self.in_features}, out_features={self.out_features}, n_factors={self.n_factors}"
-        if self.inner != self._default_inner:
-            s += f", inner={self.inner}"
-        if self.bias is None:
-            s += ", bias=False"
-        if self.init != "balanced":
-            s += f", init={self.init!r}"
-        if self.order != "auto":
-            s += f", order={self.order!r}"
-        return s
+        return f"in_features={self.in_features}, out_features={self.out_features}{self._options_repr()}"
 
 
 def _pair(v) -> tuple[int, int]:
@@ -314,7 +321,7 @@ def _check_conv(conv) -> None:
         )
 
 
-class FactorConv2d(_ConvGeometry, nn.Module):
+class FactorConv2d(_Composed, _ConvGeometry, nn.Module):
     """``nn.Conv2d`` written as the k x k conv to ``inner`` channels followed by N-1 1x1 factors.
 
     ``weight = D_{N-1} @ ... @ D_1 @ W_0.reshape(inner, -1)``, reshaped to (C_out, C_in, kh, kw);
@@ -465,25 +472,8 @@ class FactorConv2d(_ConvGeometry, nn.Module):
                 layer.bias.copy_(conv.bias)
         return layer
 
-    def layer_spec(self) -> dict:
-        return {
-            "kind": "factor",
-            "n_factors": self.n_factors,
-            "inner": self.inner,
-            "order": self.order,
-        }
-
     def extra_repr(self) -> str:
-        s = f"{self.in_channels}, {self.out_channels}, {self._geometry_repr()}, n_factors={self.n_factors}"
-        if self.inner != self._default_inner:
-            s += f", inner={self.inner}"
-        if self.bias is None:
-            s += ", bias=False"
-        if self.init != "balanced":
-            s += f", init={self.init!r}"
-        if self.order != "auto":
-            s += f", order={self.order!r}"
-        return s
+        return f"{self.in_channels}, {self.out_channels}, {self._geometry_repr()}{self._options_repr()}"
 
 
 class LowRankLinear(nn.Module):
