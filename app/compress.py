@@ -129,6 +129,17 @@ def materialize(dataset: Any) -> Any:
     return TensorDataset(x.contiguous(), y)
 
 
+def default_run(rows: list[dict[str, Any]], wanted: str | None = None) -> str | None:
+    """``wanted`` if it is among ``rows``, else the newest composed (N>1) run, else the newest."""
+    names = [r["name"] for r in rows]
+    if wanted in names:
+        return wanted
+    for row in rows:
+        if (row.get("N") or 1) > 1:
+            return row["name"]
+    return names[0] if names else None
+
+
 def evaluate(model: Any, splits: Any, parts: tuple[str, ...] = ("val", "test")) -> dict[str, float]:
     """Accuracy and loss of ``model`` on the given parts (library evaluate).
 

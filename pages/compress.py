@@ -57,7 +57,7 @@ def main() -> None:
     names = list(by_name)
     wanted = state.current_run()
     if st.session_state.get(state.COMPRESS_RUN) not in names:
-        st.session_state[state.COMPRESS_RUN] = wanted if wanted in names else names[0]
+        st.session_state[state.COMPRESS_RUN] = cz.default_run(rows, wanted)
     c1, c2 = st.columns([3, 1])
     name = c1.selectbox(
         "Run", names, key=state.COMPRESS_RUN, format_func=lambda n: _run_label(by_name[n])

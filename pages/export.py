@@ -41,7 +41,7 @@ def main() -> None:
     choice = st.session_state.get(state.COMPRESS_CHOICE)
     wanted = choice["run"] if choice else state.current_run()
     if st.session_state.get(state.EXPORT_RUN) not in names:
-        st.session_state[state.EXPORT_RUN] = wanted if wanted in names else names[0]
+        st.session_state[state.EXPORT_RUN] = cz.default_run(rows, wanted)
     c1, c2 = st.columns([3, 1])
     name = c1.selectbox("Run", names, key=state.EXPORT_RUN)
     if choice and choice.get("run") == name:
