@@ -9,7 +9,6 @@ splits in large batches and counts the cost (:func:`apply`). The pages cache con
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import time
 from dataclasses import dataclass, field
@@ -99,26 +98,6 @@ def finished_runs(root: str | Path | None = None) -> list[dict[str, Any]]:
     return out
 
 
-@contextlib.contextmanager
-def shared_cpu_threads(root: str | Path | None = None):
-    """One torch thread while a training run is using the CPU, torch's default otherwise.
-
-    Two processes each running as many threads as there are cores make matrix products slow
-    and erratic; one thread beside a training run keeps a slider move steady.
-    """
-    import torch
-
-    if not jobs.any_active(root):
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def materialize(dataset: Any) -> Any:
     """The split as one normalised float tensor in memory: no per-call uint8 conversion."""
     import torch
@@ -150,12 +129,11 @@ def evaluate(model: Any, splits: Any, parts: tuple[str, ...] = ("val", "test")) 
     held = splits.parts if isinstance(splits, Context) else {}
     data = splits.splits if isinstance(splits, Context) else splits
     out: dict[str, float] = {}
-    with shared_cpu_threads():
-        for part in parts:
-            ds = held[part] if part in held else getattr(data, part)
-            res = lib_evaluate(model, ds, batch_size=EVAL_BATCH)
-            out[f"{part}_acc"] = float(res["acc"])
-            out[f"{part}_loss"] = float(res["loss"])
+    for part in parts:
+        ds = held[part] if part in held else getattr(data, part)
+        res = lib_evaluate(model, ds, batch_size=EVAL_BATCH)
+        out[f"{part}_acc"] = float(res["acc"])
+        out[f"{part}_loss"] = float(res["loss"])
     return out
 
 

@@ -185,12 +185,12 @@ def start(
             cwd=repo,
             env=env,
         )
-    _lower_priority(proc.pid)
+    lower_priority(proc.pid)
     _PROCS[(str(root), name)] = proc
     return name
 
 
-def _lower_priority(pid: int) -> None:
+def lower_priority(pid: int) -> None:
     """Give a training child a lower CPU priority than the server (``$LORITA_TRAIN_NICE``).
 
     Set right after the child starts, while it is still one thread (the threads torch starts
@@ -366,8 +366,7 @@ _ACTIVE_CACHE: dict[str, tuple[float, bool]] = {}
 def any_active(root: str | Path | None = None, *, max_age_s: float = 2.0) -> bool:
     """Whether some run of ``root`` is queued or training now (heartbeat fresh); cached 2 s.
 
-    Cheap: reads only status.json files. Used to keep the server's own torch work on one
-    thread while a training process uses the cores.
+    Cheap: reads only status.json files.
     """
     root = Path(root) if root is not None else runs_dir()
     key, now = str(root), time.time()

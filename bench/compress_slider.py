@@ -93,7 +93,8 @@ def time_moves(ctx, moves: list[tuple[str, float]]) -> dict:
 
 
 class BusyRun:
-    """A long digits training child in ``root`` (what a user may be running while they slide)."""
+    """A long digits training child in ``root`` (what a user may be running while they slide),
+    at the lower CPU priority the app gives its training children."""
 
     def __init__(self, root: Path) -> None:
         import subprocess
@@ -106,6 +107,7 @@ class BusyRun:
         )  # fmt: skip
         from app import jobs
 
+        jobs.lower_priority(self.proc.pid)  # as the app starts its training children
         deadline = time.time() + 120
         while not jobs.any_active(root, max_age_s=0):
             if time.time() > deadline or self.proc.poll() is not None:
@@ -255,11 +257,13 @@ def main(argv: list[str] | None = None) -> int:
         "Columns after *max* are medians of each part, timed separately on the same moves. "
         "Moves are random positions of the uniform, global and energy sliders. *Beside a "
         "training run*: the same moves while `python -m lorita train` (the classroom run) "
-        "trains in another process on the same cores; the app then evaluates on one thread "
-        "(`app.compress.shared_cpu_threads`), which is slower than two threads on an idle "
-        "machine but steady when the cores are shared.",
+        "trains in another process on the same cores, at the lower CPU priority the app gives "
+        "its training children (`LORITA_TRAIN_NICE`, default 10).",
         "",
         "## Whole page rerun per move (Streamlit script, metrics, all charts; AppTest, no browser)",
+        "",
+        "Includes AppTest's own overhead (it polls the script thread); a browser adds drawing "
+        "time on the client.",
         "",
         "| model | median ms | p90 ms | max ms |",
         "|---|---|---|---|",
