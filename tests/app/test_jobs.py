@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -49,6 +50,8 @@ def test_start_pair_queue_and_stop(tmp_path):
     assert "queued" in v2.message
 
     v = wait_for(first, root, ("running",))
+    pid = v.status["pid"]
+    assert os.getpriority(os.PRIO_PROCESS, pid) >= 10  # training yields the CPU to the server
     deadline = time.time() + 60
     while v.step == 0 and time.time() < deadline:  # let it take a few steps
         time.sleep(0.2)
