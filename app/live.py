@@ -6,6 +6,13 @@ from collections.abc import Sequence
 from typing import Any
 
 
+def rank_rule() -> str:
+    """How the effective rank counts, for chart titles: 'σ > 1% of σ_max'."""
+    from lorita.spectra import EFFECTIVE_RANK_TOL
+
+    return f"σ > {100 * EFFECTIVE_RANK_TOL:g}% of σ_max"
+
+
 def layer_names(spectra_rows: Sequence[dict[str, Any]]) -> list[str]:
     """Layer names in the order of the latest snapshot."""
     for row in reversed(spectra_rows):

@@ -147,7 +147,7 @@ def _compare(picked: list[str]) -> None:
     for n, r in runs.items():
         s = r.summary()
         rows.append({"run": n, "N": r.config.get("n_factors"), **(s.get("effective_ranks") or {})})
-    st.markdown("**Effective rank per layer at the last snapshot** (σ > 1 % of σ_max)")
+    st.markdown(f"**Effective rank per layer at the last snapshot** ({live.rank_rule()})")
     st.dataframe(pd.DataFrame(rows), hide_index=True)
 
 

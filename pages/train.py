@@ -216,7 +216,7 @@ def _charts(name: str) -> None:
     r_steps, ranks = live.rank_series(spectra)
     c2.plotly_chart(
         charts.rank_curves(
-            r_steps, ranks, title="Effective rank of every layer (σ > 1% of σ_max)",
+            r_steps, ranks, title=f"Effective rank of every layer ({live.rank_rule()})",
             uirevision=f"ranks-{name}",
         ),
         key="train.chart.ranks",
