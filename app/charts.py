@@ -348,8 +348,12 @@ def tradeoff_chart(
     current: Mapping[str, Any] | None = None,
     title: str | None = None,
     uirevision: str | None = None,
+    focus: float | None = 0.2,
 ) -> go.Figure:
     """Accuracy against cost (% of the uncompressed model), one line per curve.
+
+    The y axis opens on the ``focus`` (a fraction: 0.2 = 20 points) below the best accuracy,
+    where the curves differ; double-clicking the chart shows the whole range.
 
     Args:
         curves: label -> points, each a flat dict with at least ``x``, ``y`` and "value".
@@ -400,12 +404,16 @@ def tradeoff_chart(
         )
     if not data:
         return empty_figure("no trade-off points", title=title, uirevision=uirevision)
+    yaxis: dict[str, Any] = {**_title(y_name.get(y, y)), "tickformat": ".0%"}
+    ys = [v for trace in data for v in trace["y"]]
+    if focus is not None and ys and max(ys) - min(ys) > focus:
+        yaxis["range"] = [max(0.0, max(ys) - focus), min(1.0, max(ys)) + 0.01]
     return _figure(
         data,
         title=title,
         uirevision=uirevision,
         xaxis={**_title(x_name.get(x, x)), "ticksuffix": " %"},
-        yaxis={**_title(y_name.get(y, y)), "tickformat": ".0%"},
+        yaxis=yaxis,
     )
 
 

@@ -177,6 +177,7 @@ def main() -> None:
                 ),
                 key="compress.tradeoff",
             )
+            st.caption("The chart opens on the top 20 points; double-click it to see all.")
             if not base_run and ctx.n_factors > 1:
                 st.caption(
                     "No N=1 baseline with the same setup found. Tick “also train N=1” on the "

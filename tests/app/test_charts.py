@@ -92,6 +92,10 @@ def test_tradeoff_chart_sorts_by_cost_and_marks_current():
     assert fig.data[-1].name == "current" and list(fig.data[-1].x) == [50.0]
     fig2 = charts.tradeoff_chart({"N=3": pts}, x="params_pct", y="val_acc")
     assert list(fig2.data[0].x) == [25.0, 55.0, 100.0]
+    assert fig2.layout.yaxis.range is None  # spread below the focus: the whole range
+    low = [*pts, {"value": 0.01, "flops_pct": 1.0, "params_pct": 1.0, "val_acc": 0.1}]
+    fig3 = charts.tradeoff_chart({"N=3": low})
+    assert fig3.layout.yaxis.range[0] == pytest.approx(0.75)  # opens on 20 points below the best
 
 
 def test_theory_spectrum_has_true_and_learned():
