@@ -19,6 +19,8 @@ CONFIRM_DELETE = "confirm_delete"  # str | None: run awaiting delete confirmatio
 LAST_ERROR = "last_error"  # str | None: one-line message shown after a failed action
 
 # --- widget keys (one namespace per page) ---------------------------------------------------
+# Train form fields: the page appends the preset ("train.lr.classroom"), so each preset has its
+# own widgets created with that preset's values.
 TRAIN_PRESET = "train.preset"
 TRAIN_DATASET = "train.dataset"
 TRAIN_MODEL = "train.model"
@@ -30,7 +32,6 @@ TRAIN_EPOCHS = "train.epochs"
 TRAIN_BATCH = "train.batch_size"
 TRAIN_SEED = "train.seed"
 TRAIN_DEVICE = "train.device"
-TRAIN_OPTIMIZER = "train.optimizer"
 TRAIN_BASELINE = "train.baseline"
 TRAIN_FOLLOW = "train.follow"
 TRAIN_LAYER = "train.layer"
