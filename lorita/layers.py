@@ -69,7 +69,7 @@ def _balanced_svd_split(w: Tensor, rank: int, svd=None) -> tuple[Tensor, Tensor]
 
 
 class _Composed:
-    """What FactorLinear and FactorConv2d share: the spec for saving and the options repr."""
+    """What FactorLinear and FactorConv2d share: merging, the spec for saving, the repr."""
 
     def layer_spec(self) -> dict:
         """JSON description used by :func:`lorita.save` to rebuild this layer."""
@@ -79,6 +79,16 @@ class _Composed:
             "inner": self.inner,
             "order": self.order,
         }
+
+    @torch.no_grad()
+    def merge(self) -> nn.Module:
+        """The plain layer (``nn.Linear`` / ``nn.Conv2d``) computing the same function, on the
+        same device and dtype."""
+        out = self._plain()
+        out.weight.copy_(self.weight)
+        if self.bias is not None:
+            out.bias.copy_(self.bias)
+        return out
 
     def _options_repr(self) -> str:
         s = f", n_factors={self.n_factors}"
@@ -182,21 +192,15 @@ class FactorLinear(_Composed, nn.Module):
             x = F.linear(x, f)
         return F.linear(x, self.factors[-1], self.bias)
 
-    @torch.no_grad()
-    def merge(self) -> nn.Linear:
-        """A plain ``nn.Linear`` computing the same function (same device and dtype)."""
+    def _plain(self) -> nn.Linear:
         p = self.factors[0]
-        out = nn.Linear(
+        return nn.Linear(
             self.in_features,
             self.out_features,
             bias=self.bias is not None,
             device=p.device,
             dtype=p.dtype,
         )
-        out.weight.copy_(self.weight)
-        if self.bias is not None:
-            out.bias.copy_(self.bias)
-        return out
 
     @classmethod
     def from_linear(
@@ -423,16 +427,10 @@ class FactorConv2d(_Composed, _ConvGeometry, nn.Module):
             y = F.conv2d(y, d[:, :, None, None], self.bias if i == len(rest) - 1 else None)
         return y
 
-    @torch.no_grad()
-    def merge(self) -> nn.Conv2d:
-        """A plain ``nn.Conv2d`` computing the same function (same device and dtype)."""
-        out = self._plain_conv(
+    def _plain(self) -> nn.Conv2d:
+        return self._plain_conv(
             self.in_channels, self.out_channels, self.bias is not None, self.factors[0]
         )
-        out.weight.copy_(self.weight)
-        if self.bias is not None:
-            out.bias.copy_(self.bias)
-        return out
 
     @classmethod
     def from_conv(
