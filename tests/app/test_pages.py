@@ -64,7 +64,7 @@ def test_train_form_presets_fill_the_fields(empty_runs):
     assert at.selectbox(key="train.dataset.classroom").value == "digits"
     at.selectbox(key="train.preset").set_value("fashion").run()
     assert at.selectbox(key="train.dataset.fashion").value == "fashion_mnist"
-    assert at.number_input(key="train.batch_size.fashion").value == 128
+    assert at.number_input(key="train.batch_size.fashion").value == 256
     at.selectbox(key="train.preset").set_value("planted").run()
     assert at.selectbox(key="train.dataset.planted").value == "lowrank"
     at.selectbox(key="train.preset").set_value("classroom").run()
