@@ -249,6 +249,25 @@ def read_spec(path: str | os.PathLike) -> dict:
     return _parse_spec(raw, f"path {str(path)!r}")
 
 
+def _empty_low_rank(plain: nn.Module, rank: int) -> nn.Module:
+    """A low-rank layer shaped like ``plain`` (no SVD: the weights are loaded afterwards)."""
+    if isinstance(plain, nn.Linear):
+        return LowRankLinear(
+            plain.in_features, plain.out_features, rank, bias=plain.bias is not None
+        )
+    return LowRankConv2d(
+        plain.in_channels,
+        plain.out_channels,
+        plain.kernel_size,
+        rank,
+        plain.stride,
+        plain.padding,
+        plain.dilation,
+        plain.bias is not None,
+        plain.padding_mode,
+    )
+
+
 def _build(spec: dict) -> nn.Module:
     arch = spec["arch"]
     if "registry" in arch:
@@ -283,12 +302,7 @@ def _build(spec: dict) -> nn.Module:
                     order=ls.get("order", "auto"),
                 )
         elif kind == "low_rank":
-            make = (
-                LowRankLinear.from_linear
-                if isinstance(plain, nn.Linear)
-                else LowRankConv2d.from_conv
-            )
-            new = make(plain, ls["rank"])
+            new = _empty_low_rank(plain, ls["rank"])  # weights come from the file
         else:
             raise ValueError(f"spec: layer {name!r} has unknown kind {kind!r}")
         set_module(model, name, new)
