@@ -58,24 +58,19 @@ def store(root: str | Path | None = None):
 
 def devices() -> list[str]:
     """Devices a run can use here, best first ("cuda" only where a GPU is visible)."""
-    import torch
+    from lorita.train import available_devices
 
-    out = []
-    if torch.cuda.is_available():
-        out.append("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        out.append("mps")
-    out.append("cpu")
-    return out
+    return available_devices()
 
 
 def device_label() -> str:
     """A human description of the best device, e.g. 'NVIDIA H100 (cuda)' or 'CPU, 2 threads'."""
     import torch
 
-    if torch.cuda.is_available():
+    best = devices()[0]
+    if best == "cuda":
         return f"{torch.cuda.get_device_name(0)} (cuda)"
-    if "mps" in devices():
+    if best == "mps":
         return "Apple GPU (mps)"
     return f"CPU, {torch.get_num_threads()} threads"
 

@@ -224,19 +224,22 @@ def _validate(c: TrainConfig) -> None:
 # --------------------------------------------------------------------------- pieces
 
 
+def available_devices() -> list[str]:
+    """Device kinds usable here, best first: "cuda" and "mps" where present, then "cpu"."""
+    out = ["cuda"] if torch.cuda.is_available() else []
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        out.append("mps")
+    return out + ["cpu"]
+
+
 def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     """ "auto": cuda (this process's GPU under torchrun), then mps, then cpu."""
+    kinds = available_devices()
     if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", local_rank % torch.cuda.device_count())
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
+        name = kinds[0]
+    if name.startswith("cuda") and "cuda" not in kinds:
         raise ValueError(f"device: {name!r} asked for but CUDA is not available; use cpu or auto")
-    if name == "mps" and not (
-        getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
-    ):
+    if name == "mps" and "mps" not in kinds:
         raise ValueError("device: 'mps' asked for but MPS is not available; use cpu or auto")
     if name == "cuda":
         return torch.device("cuda", local_rank % torch.cuda.device_count())
