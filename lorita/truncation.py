@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from .convert import iter_layers, merge_model, set_module
-from .cost import count_cost
+from .cost import Cost, count_cost
 from .layers import LowRankConv2d, LowRankLinear
 from .spectra import layer_matrix
 
@@ -184,7 +184,15 @@ class SVDCache:
                 u, s, vh = torch.linalg.svd(w.double(), full_matrices=False)
                 self.svd[n] = (u, s, vh)
         self.spectra = {n: s.float() for n, (_, s, _) in self.svd.items()}
-        self.shapes = {n: tuple(layer_matrix(available[n]).shape) for n in names}
+        self.shapes = {n: (u.shape[0], vh.shape[1]) for n, (u, _, vh) in self.svd.items()}
+        self._base_costs: dict[tuple, Cost] = {}
+
+    def base_cost(self, example_input: Tensor) -> Cost:
+        """Cost of the uncut merged model on inputs shaped like ``example_input`` (counted once)."""
+        key = (tuple(example_input.shape), example_input.dtype)
+        if key not in self._base_costs:
+            self._base_costs[key] = count_cost(self.model, example_input)
+        return self._base_costs[key]
 
 
 def layer_svd(model: nn.Module, layers: Iterable[str] | None = None) -> SVDCache:
@@ -279,7 +287,7 @@ def tradeoff_curve(
     """
     cache = _cache(model, svd, layers)
     values = default_values(policy_name) if values is None else list(values)
-    base = count_cost(cache.model, example_input)
+    base = cache.base_cost(example_input)
     out = []
     for v in values:
         small = truncate(model, make_policy(policy_name, v), form=form, svd=cache)
@@ -322,7 +330,8 @@ def smallest_within(
     if _number("max_drop", max_drop) < 0:
         raise ValueError(f"max_drop: expected >= 0 percentage points, got {max_drop!r}")
     cache = _cache(model, svd, layers)
-    base_metric = _metric_value(evaluate(cache.model), key)
+    base_result = evaluate(cache.model)
+    base_metric = _metric_value(base_result, key)
     floor = base_metric - max_drop / 100.0 - 1e-12
 
     def point(vals):
@@ -357,25 +366,24 @@ def smallest_within(
         curve += point([mid])
     feasible = [p for p in curve if ok(p)]
     if not feasible:  # even the first value fails: keep the full model
+        base = cache.base_cost(example_input)
         best = {
             "value": None,
             "ranks": {n: len(s) for n, s in cache.spectra.items()},
-            "metric": evaluate(cache.model),
+            "params": base.params,
+            "flops": base.flops,
+            "params_pct": 100.0,
+            "flops_pct": 100.0,
+            "metric": base_result,
         }
         chosen = copy.deepcopy(cache.model)
-    else:
+    else:  # the curve point already holds the chosen model's cost
         best = min(feasible, key=lambda p: (p["params"], -_metric_value(p["metric"], key)))
         chosen = truncate(model, make_policy(policy_name, best["value"]), form=form, svd=cache)
-    cost = count_cost(chosen, example_input)
-    base_cost = count_cost(cache.model, example_input)
     curve.sort(key=lambda p: p["params"])
     return {
         **best,
         "policy": policy_name,
-        "params": cost.params,
-        "flops": cost.flops,
-        "params_pct": 100.0 * cost.params / max(1, base_cost.params),
-        "flops_pct": 100.0 * cost.flops / max(1, base_cost.flops),
         "base_metric": base_metric,
         "model": chosen,
         "curve": curve,
