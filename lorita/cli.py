@@ -530,15 +530,18 @@ def cmd_compress(args) -> int:
     def val_eval(m):
         return evaluate(m, splits.val)
 
-    base_cost = lt.count_cost(merged, example)
-    base = {
-        "val": val_eval(merged),
-        "test": evaluate(merged, splits.test),
-        "params": base_cost.params,
-        "flops": base_cost.flops,
-    }
-    full_ranks = {n: len(s) for n, s in lt.layer_spectra(merged).items()}
+    def measure(m) -> dict:
+        cost = lt.count_cost(m, example)
+        return {
+            "val": val_eval(m),
+            "test": evaluate(m, splits.test),
+            "params": cost.params,
+            "flops": cost.flops,
+        }
+
+    base = measure(merged)
     svd = lt.layer_svd(merged)
+    full_ranks = {n: len(s) for n, s in svd.spectra.items()}
     search = None
     if args.max_drop is not None:
         if args.max_drop < 0:
@@ -589,13 +592,7 @@ def cmd_compress(args) -> int:
             seed=int(cfg.get("seed", 0)),
         )
         small.lorita_ranks = ranks
-    cost = lt.count_cost(small, example)
-    after = {
-        "val": val_eval(small),
-        "test": evaluate(small, splits.test),
-        "params": cost.params,
-        "flops": cost.flops,
-    }
+    after = measure(small)
     out = {
         "run": run.name,
         "checkpoint": args.which,
@@ -609,8 +606,8 @@ def cmd_compress(args) -> int:
             n: {"kept": ranks.get(n, full_ranks.get(n)), "full": full_ranks.get(n)}
             for n in full_ranks
         },
-        "params_pct": 100.0 * cost.params / max(1, base_cost.params),
-        "flops_pct": 100.0 * cost.flops / max(1, base_cost.flops),
+        "params_pct": 100.0 * after["params"] / max(1, base["params"]),
+        "flops_pct": 100.0 * after["flops"] / max(1, base["flops"]),
     }
     if args.out:
         lt.save(
