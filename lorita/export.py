@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import threading
 from pathlib import Path
 
 import torch
@@ -22,6 +21,8 @@ from safetensors.torch import save as st_save_bytes
 from torch import Tensor, nn
 
 from .convert import composed_layers, iter_layers, merge_model, set_module
+from .io import atomic_write_bytes
+from .io import temp_beside as _temp_beside
 from .layers import FactorConv2d, FactorLinear, LowRankConv2d, LowRankLinear
 
 __all__ = [
@@ -176,32 +177,6 @@ def model_spec(model: nn.Module, *, input_shape=None, metadata: dict | None = No
 
 def _state(model: nn.Module) -> dict[str, Tensor]:
     return {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-
-
-def _temp_beside(path: Path, suffix: str = ".tmp") -> Path:
-    """A temporary name in the same folder, unique per process and thread."""
-    return path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}{suffix}")
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, sync: bool = True) -> None:
-    """Write ``data`` to ``path`` via a temporary file and a rename (never half-written).
-
-    The file gets the usual permissions (the umask applies); ``sync`` flushes it to disk
-    before the rename, so a crash leaves the old file or the new one.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_beside(path)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            if sync:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def save_bytes(model: nn.Module, *, input_shape=None, metadata: dict | None = None) -> bytes:

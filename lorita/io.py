@@ -1,0 +1,222 @@
+"""Files: atomic writes, tolerant JSON / JSON-lines readers and the fault-injection hook.
+
+Every file a run folder holds is written here: whole files through a temporary name and one
+``os.replace`` (readers see the old file or the new one, never half of one), JSON lines by one
+``write`` call per line. Readers never raise on a file being written or left broken by a
+crash: a missing or unreadable file reads as the given default, a broken line is skipped.
+
+``fault(point)`` is the hook of the crash tests: with ``LORITA_FAULT=<point>:<n>`` in the
+environment the process kills itself (SIGKILL, or ``os._exit(137)`` where there is no
+SIGKILL) the n-th time it reaches ``point``. Unset, it costs one dictionary lookup.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "append_jsonl",
+    "atomic_write_bytes",
+    "fault",
+    "fsync_dir",
+    "read_json",
+    "read_jsonl",
+    "read_last_jsonl",
+    "rewrite_jsonl",
+    "temp_beside",
+    "write_json",
+]
+
+FAULT_ENV = "LORITA_FAULT"
+MAX_JSON_BYTES = 64 * 1024 * 1024  # a JSON file larger than this is not read (refused)
+_fault_hits: dict[str, int] = {}
+
+
+# --------------------------------------------------------------------------- fault hook
+
+
+def _parse_fault(spec: str) -> tuple[str, int] | None:
+    point, _, count = spec.partition(":")
+    try:
+        return point, max(1, int(count or "1"))
+    except ValueError:
+        return None
+
+
+def fault(point: str) -> None:
+    """Kill this process the n-th time it reaches ``point`` when ``LORITA_FAULT=point:n``."""
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    parsed = _parse_fault(spec)
+    if parsed is None or parsed[0] != point:
+        return
+    _fault_hits[point] = _fault_hits.get(point, 0) + 1
+    if _fault_hits[point] == parsed[1]:
+        kill_now()
+
+
+def kill_now() -> None:
+    """End this process at once, as ``kill -9`` would (no cleanup, no flushing)."""
+    if hasattr(signal, "SIGKILL"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    os._exit(137)
+
+
+# --------------------------------------------------------------------------- whole files
+
+
+def temp_beside(path: Path, suffix: str = ".tmp") -> Path:
+    """A temporary name in the same folder, unique per process and thread (a dot-file)."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}{suffix}")
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Make a rename in folder ``path`` durable (a no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(str(path), os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, sync: bool = True) -> None:
+    """Write ``data`` to ``path`` via a temporary file and a rename (never half-written).
+
+    The file gets the usual permissions (the umask applies); ``sync`` flushes it to disk
+    before the rename, so a crash leaves the old file or the new one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_beside(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            if sync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _json_default(o: Any):
+    if hasattr(o, "item"):
+        return o.item()
+    if isinstance(o, tuple | set):
+        return list(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def clean(o: Any) -> Any:
+    """Replace non-finite floats (not valid JSON) by None, recursively."""
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    if isinstance(o, dict):
+        return {k: clean(v) for k, v in o.items()}
+    if isinstance(o, list | tuple):
+        return [clean(v) for v in o]
+    return o
+
+
+def dumps(obj: Any, *, compact: bool = False) -> str:
+    """JSON text of ``obj`` (non-finite floats as null, tensors and numpy scalars as numbers)."""
+    if compact:
+        return json.dumps(clean(obj), separators=(",", ":"), default=_json_default)
+    return json.dumps(clean(obj), indent=1, default=_json_default)
+
+
+def write_json(path: str | os.PathLike, obj: Any, *, sync: bool = False) -> None:
+    """Write JSON atomically: a temporary file in the same folder, then ``os.replace``."""
+    atomic_write_bytes(path, (dumps(obj) + "\n").encode(), sync=sync)
+
+
+def read_json(path: str | os.PathLike, default: Any = None) -> Any:
+    """The JSON in ``path``, or ``default`` when it is missing, unreadable or not JSON."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_JSON_BYTES + 1)
+        if len(raw) > MAX_JSON_BYTES:
+            return default
+        return json.loads(raw)
+    except (OSError, ValueError, RecursionError):
+        return default
+
+
+# --------------------------------------------------------------------------- JSON lines
+
+
+def append_jsonl(path: str | os.PathLike, obj: Any) -> None:
+    """Append one JSON line (one ``write`` call, so a reader sees it whole or not at all)."""
+    line = (dumps(obj, compact=True) + "\n").encode()
+    with open(path, "ab") as f:
+        if os.environ.get(FAULT_ENV, "").startswith("append:"):
+            f.write(line[: len(line) // 2])  # the crash tests: die in the middle of a line
+            f.flush()
+            fault("append")
+        f.write(line)
+
+
+def _loads_row(line: bytes | str) -> dict | None:
+    try:
+        row = json.loads(line)
+    except (ValueError, RecursionError):
+        return None
+    return row if isinstance(row, dict) else None
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """All complete JSON-object lines of a file; a half-written or broken line is skipped."""
+    out = []
+    try:
+        with open(path, "rb") as f:
+            for line in f:
+                if not line.endswith(b"\n"):
+                    break  # being written right now
+                row = _loads_row(line)
+                if row is not None:
+                    out.append(row)
+    except OSError:
+        pass
+    return out
+
+
+def read_last_jsonl(path: str | os.PathLike) -> dict | None:
+    """The last complete JSON-object line, read from the end (cheap for large files)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            end = f.tell()
+            chunk, pos = 65536, end
+            while pos > 0:
+                pos = max(0, pos - chunk)
+                f.seek(pos)
+                lines = f.read(end - pos).split(b"\n")
+                # lines[-1] is the unterminated tail; lines[0] may be cut unless pos == 0
+                complete = lines[:-1] if pos == 0 else lines[1:-1]
+                for line in reversed(complete):
+                    row = _loads_row(line)
+                    if row is not None:
+                        return row
+                chunk *= 4
+    except OSError:
+        pass
+    return None
+
+
+def rewrite_jsonl(path: str | os.PathLike, rows: list[dict]) -> None:
+    """Replace a ``.jsonl`` file atomically (used when a resumed run drops lost lines)."""
+    text = "".join(dumps(r, compact=True) + "\n" for r in rows)
+    atomic_write_bytes(path, text.encode(), sync=False)
