@@ -1,18 +1,26 @@
-"""LoRITa Explorer: `streamlit run streamlit_app.py`. Navigation over the pages, nothing else."""
+"""LoRITa Explorer: `streamlit run streamlit_app.py`.
+
+The one place for set-up: ``import app`` (threads, heavy imports, folder mode; see
+app/boot.py), the page config, the session's state keys, then st.navigation over the pages.
+Pages only collect input, call app/ or the library, and display. Icons are emoji: a
+``:material/...:`` page icon is fetched from a font server, and the app sends nothing
+outside this machine.
+"""
 
 import streamlit as st
 
-from app.ui import leave_folder_mode
+import app  # noqa: F401  (one-time server set-up on first import)
+from app import state
 
-leave_folder_mode(rerun=False)  # see its docstring: Streamlit's start-up mode for apps with pages/
-st.set_page_config(page_title="LoRITa Explorer", page_icon=":material/compress:", layout="wide")
+st.set_page_config(page_title="LoRITa Explorer", page_icon="🗜️", layout="wide")
+state.init()
 
 pages = [
-    st.Page("pages/home.py", title="Home", icon=":material/home:", default=True),
-    st.Page("pages/train.py", title="Train", icon=":material/model_training:", url_path="train"),
-    st.Page("pages/runs.py", title="Runs", icon=":material/table_view:", url_path="runs"),
-    st.Page("pages/compress.py", title="Compress", icon=":material/compress:", url_path="compress"),
-    st.Page("pages/export.py", title="Export", icon=":material/download:", url_path="export"),
-    st.Page("pages/theory.py", title="Theory", icon=":material/functions:", url_path="theory"),
+    st.Page("pages/home.py", title="Home", icon="🏠", default=True),
+    st.Page("pages/train.py", title="Train", icon="🏋️", url_path="train"),
+    st.Page("pages/runs.py", title="Runs", icon="📋", url_path="runs"),
+    st.Page("pages/compress.py", title="Compress", icon="🗜️", url_path="compress"),
+    st.Page("pages/export.py", title="Export", icon="📦", url_path="export"),
+    st.Page("pages/theory.py", title="Theory", icon="📐", url_path="theory"),
 ]
 st.navigation(pages).run()

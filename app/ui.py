@@ -23,35 +23,6 @@ if not _log.handlers:
     _log.propagate = False
 
 
-def leave_folder_mode(*, rerun: bool = True) -> None:
-    """Make sure the app runs through ``streamlit_app.py``'s st.navigation.
-
-    Because the project has a ``pages/`` folder, Streamlit starts in its old folder mode until
-    some script run calls st.navigation: a first visit to ``/train`` after start-up would run
-    ``pages/train.py`` on its own, with the folder's file names as the menu. Every page calls
-    this first; in folder mode it switches Streamlit to navigation mode and reruns.
-    ``streamlit_app.py`` passes ``rerun=False``: its own st.navigation call follows at once.
-    """
-    from streamlit import runtime
-    from streamlit.runtime.scriptrunner_utils.script_run_context import get_script_run_ctx
-
-    # Only in a browser session of a served app: AppTest (whose runtime is a stand-in)
-    # replays folder mode on every run by design, and a rerun there would drop the clicks.
-    ctx = get_script_run_ctx()
-    if ctx is None or not runtime.exists():
-        return
-    if runtime.get_instance().is_active_session(ctx.session_id) is not True:
-        return
-    try:
-        from streamlit.runtime.pages_manager import PagesManager
-    except ImportError:  # pragma: no cover - other Streamlit versions
-        return
-    if PagesManager.uses_pages_directory:
-        PagesManager.uses_pages_directory = False
-        if rerun:
-            st.rerun()
-
-
 def one_line(exc: BaseException) -> str:
     """A short, single-line description of ``exc`` for the user."""
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
@@ -69,7 +40,7 @@ def report(exc: BaseException, context: str = "") -> None:
         "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)).rstrip(),
     )
     prefix = f"{context}: " if context else ""
-    st.error(prefix + one_line(exc), icon=":material/error:")
+    st.error(prefix + one_line(exc), icon="🚫")
 
 
 def report_later(exc: BaseException, context: str = "") -> None:
@@ -90,7 +61,7 @@ def show_pending_error() -> None:
     """Show (once) the message a callback left with :func:`report_later`."""
     msg = st.session_state.get("last_error")
     if msg:
-        st.error(msg, icon=":material/error:")
+        st.error(msg, icon="🚫")
         st.session_state["last_error"] = None
 
 

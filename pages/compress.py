@@ -8,9 +8,6 @@ import streamlit as st
 from app import cache, charts, jobs, state, ui
 from app import compress as cz
 
-ui.leave_folder_mode()  # before anything else: see app/ui.py
-state.init()
-
 
 def _slider_key(policy: str) -> str:
     return f"{state.COMPRESS_VALUE}.{policy}"
@@ -51,7 +48,7 @@ def main() -> None:
     rows = cz.finished_runs(root)
     if not rows:
         st.info("No run with a checkpoint yet. Train one first (the classroom preset takes ~15 s).")
-        st.page_link("pages/train.py", label="Go to Train", icon=":material/model_training:")
+        st.page_link("pages/train.py", label="Go to Train", icon="🏋️")
         return
     by_name = {r["name"]: r for r in rows}
     names = list(by_name)
@@ -226,7 +223,7 @@ def main() -> None:
                 f"Fine-tuned: validation {ui.fmt_pct(ft['metrics']['val_acc'])}, "
                 f"test {ui.fmt_pct(ft['metrics']['test_acc'])}. The Export page can save it."
             )
-    st.page_link("pages/export.py", label="Export this model", icon=":material/download:")
+    st.page_link("pages/export.py", label="Export this model", icon="📦")
 
 
 main()

@@ -8,9 +8,6 @@ from app import cache, jobs, state, ui
 from app import compress as cz
 from app import export as ex
 
-ui.leave_folder_mode()  # before anything else: see app/ui.py
-state.init()
-
 
 @st.cache_resource(show_spinner="Writing the file and loading it back…", max_entries=16)
 def _build(
@@ -35,7 +32,7 @@ def main() -> None:
     rows = cz.finished_runs(root)
     if not rows:
         st.info("No run with a checkpoint yet. Train one first.")
-        st.page_link("pages/train.py", label="Go to Train", icon=":material/model_training:")
+        st.page_link("pages/train.py", label="Go to Train", icon="🏋️")
         return
     names = [r["name"] for r in rows]
     choice = st.session_state.get(state.COMPRESS_CHOICE)
@@ -101,7 +98,7 @@ def main() -> None:
         key="export.download",
         on_click="ignore",
         type="primary",
-        icon=":material/download:",
+        icon="📦",
     )
     st.markdown("**Load it**")
     st.code(built.snippet, language="python")

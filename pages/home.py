@@ -2,10 +2,7 @@
 
 import streamlit as st
 
-from app import jobs, state, ui
-
-ui.leave_folder_mode()  # before anything else: see app/ui.py
-state.init()
+from app import jobs, ui
 
 st.title("LoRITa Explorer")
 st.markdown(
@@ -23,22 +20,22 @@ st.subheader("Where to start")
 col1, col2 = st.columns(2)
 with col1:
     st.page_link(
-        "pages/theory.py", label="1 · Theory: the idea in one second", icon=":material/functions:"
+        "pages/theory.py", label="1 · Theory: the idea in one second", icon="📐"
     )
     st.page_link(
         "pages/train.py",
         label="2 · Train: the classroom demo (digits, about 15 s on a CPU)",
-        icon=":material/model_training:",
+        icon="🏋️",
     )
     st.page_link(
-        "pages/runs.py", label="3 · Runs: put N=1 beside N=3", icon=":material/table_view:"
+        "pages/runs.py", label="3 · Runs: put N=1 beside N=3", icon="📋"
     )
 with col2:
     st.page_link(
-        "pages/compress.py", label="4 · Compress: slide the truncation", icon=":material/compress:"
+        "pages/compress.py", label="4 · Compress: slide the truncation", icon="🗜️"
     )
     st.page_link(
-        "pages/export.py", label="5 · Export: safetensors or ONNX", icon=":material/download:"
+        "pages/export.py", label="5 · Export: safetensors or ONNX", icon="📦"
     )
 
 st.subheader("This machine")

@@ -9,9 +9,6 @@ import streamlit as st
 
 from app import charts, jobs, live, state, ui
 
-ui.leave_folder_mode()  # before anything else: see app/ui.py
-state.init()
-
 COLUMNS = {
     "name": "run",
     "state": "state",
@@ -158,7 +155,7 @@ def main() -> None:
     if not rows:
         st.info("No runs yet.")
         st.page_link(
-            "pages/train.py", label="Start one on the Train page", icon=":material/model_training:"
+            "pages/train.py", label="Start one on the Train page", icon="🏋️"
         )
         return
     st.dataframe(

@@ -4,9 +4,6 @@ import streamlit as st
 
 from app import charts, state, ui
 
-ui.leave_folder_mode()  # before anything else: see app/ui.py
-state.init()
-
 
 @st.cache_data(show_spinner="Fitting…", max_entries=64)
 def _fit(n_factors: int, weight_decay: float, rank: int, noise: float, seed: int) -> dict:

@@ -6,9 +6,6 @@ import streamlit as st
 
 from app import charts, jobs, live, presets, state, ui
 
-ui.leave_folder_mode()  # before anything else: see app/ui.py
-state.init()
-
 FIELD_KEYS = {
     "dataset": state.TRAIN_DATASET,
     "model": state.TRAIN_MODEL,
@@ -29,13 +26,13 @@ _NO_FADE = f"""<style>
 .st-key-{LIVE_KEY} [data-stale="true"] {{ opacity: 1 !important; transition: none !important; }}
 </style>"""
 STATE_ICON = {
-    "starting": ":material/hourglass_top:",
-    "queued": ":material/schedule:",
-    "running": ":material/play_circle:",
-    "completed": ":material/check_circle:",
-    "stopped": ":material/stop_circle:",
-    "failed": ":material/error:",
-    "missing": ":material/help:",
+    "starting": "⏳",
+    "queued": "🕒",
+    "running": "▶️",
+    "completed": "✅",
+    "stopped": "⏹️",
+    "failed": "🚫",
+    "missing": "❓",
 }
 
 
@@ -127,7 +124,7 @@ def _start() -> None:
         with st.spinner("Starting the training process…"):
             name, baseline = jobs.start_pair(config, base_cfg)
     except ValueError as exc:
-        st.error(f"Cannot start: {ui.one_line(exc)}", icon=":material/error:")
+        st.error(f"Cannot start: {ui.one_line(exc)}", icon="🚫")
         return
     state.set_current_run(name)
     st.session_state[state.TRAIN_FOLLOW] = name
@@ -246,12 +243,12 @@ def _panel(name: str) -> jobs.JobView:
               if n and a]  # fmt: skip
     if active:
         label = "Stop" if len(active) == 1 else "Stop both"
-        if st.button(label, key="train.stop", icon=":material/stop:"):
+        if st.button(label, key="train.stop", icon="⏹️"):
             for run in active:
                 jobs.stop(run)
             st.toast("Stop requested: a run ends after its current step, with a checkpoint.")
     if v.state in ("completed", "stopped"):
-        st.page_link("pages/compress.py", label="Compress this run", icon=":material/compress:")
+        st.page_link("pages/compress.py", label="Compress this run", icon="🗜️")
     if v.state not in ("starting", "missing"):
         _charts(name)
     return v

@@ -1,0 +1,114 @@
+"""The app's one-time set-up, run when the ``app`` package is first imported by the server.
+
+Three jobs, each done once per server process:
+
+- **Threads.** The server computes (a Compress slider move, the Theory fit) on the same cores
+  as the training children it starts. With every torch thread it fights them for the cores
+  and a slider move takes a second; with one intra-op thread it takes tens of milliseconds
+  (docs/app_performance.md). ``$LORITA_APP_THREADS`` (default 1) sets the count. The training
+  children are separate processes with their own thread count and a lower CPU priority
+  (:mod:`app.jobs`).
+- **Heavy imports.** torch, pandas, plotly and the library are imported here, under the
+  ``app`` package's import lock, before any page runs. Two browser sessions that import them
+  lazily at the same moment could otherwise see a partially initialised module.
+- **Folder mode.** Because the project has a top-level ``pages/`` folder, Streamlit starts in
+  its legacy folder mode until some script run calls ``st.navigation`` (documented: "as soon
+  as any session executes st.navigation, the app ignores the pages/ directory"). A first visit
+  straight to ``/train`` would run ``pages/train.py`` alone, without the set-up in
+  ``streamlit_app.py``. No public API switches the mode off before the first run, so
+  :func:`leave_folder_mode` flips Streamlit's class flag and reruns; this is the only place
+  that touches a private Streamlit name, and ``tests/app/test_boot.py`` fails if an upgrade
+  removes or renames it.
+"""
+
+from __future__ import annotations
+
+import os
+
+THREADS_ENV = "LORITA_APP_THREADS"
+DEFAULT_THREADS = 1
+
+
+def server_threads() -> int:
+    """Intra-op torch threads for the server (``$LORITA_APP_THREADS``, default 1)."""
+    raw = os.environ.get(THREADS_ENV, str(DEFAULT_THREADS))
+    try:
+        return max(1, int(raw))
+    except ValueError:
+        return DEFAULT_THREADS
+
+
+def configure_threads() -> int:
+    """Give torch :func:`server_threads` intra-op threads (and one inter-op thread)."""
+    import torch
+
+    n = server_threads()
+    torch.set_num_threads(n)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:  # already set, or parallel work already ran in this process
+        pass
+    return n
+
+
+def import_heavy() -> None:
+    """Import every heavy module a page uses, once, in a fixed order."""
+    import numpy  # noqa: F401
+    import pandas  # noqa: F401
+    import plotly.graph_objects  # noqa: F401
+    import torch  # noqa: F401
+
+    import lorita  # noqa: F401
+    import lorita.data  # noqa: F401
+    import lorita.models  # noqa: F401
+    import lorita.runs  # noqa: F401
+    import lorita.spectra  # noqa: F401
+    import lorita.truncation  # noqa: F401
+
+
+def folder_mode_flag():
+    """Streamlit's class holding the folder-mode flag (private API; see the module docstring).
+
+    Raises ImportError or AttributeError when a Streamlit upgrade moved it: the test suite
+    calls this so that such an upgrade fails a test instead of a first visit.
+    """
+    from streamlit.runtime.pages_manager import PagesManager
+
+    if not hasattr(PagesManager, "uses_pages_directory"):
+        raise AttributeError("streamlit PagesManager.uses_pages_directory is gone")
+    return PagesManager
+
+
+def _in_served_session() -> bool:
+    """True inside a browser session of ``streamlit run`` (not AppTest, not a plain import)."""
+    from streamlit import runtime
+    from streamlit.runtime.scriptrunner_utils.script_run_context import get_script_run_ctx
+
+    ctx = get_script_run_ctx(suppress_warning=True)
+    if ctx is None or not runtime.exists():
+        return False
+    # AppTest's runtime is a stand-in that replays folder mode on every run by design; a
+    # rerun there would drop the test's clicks.
+    return runtime.get_instance().is_active_session(ctx.session_id) is True
+
+
+def leave_folder_mode() -> None:
+    """In a served session still in folder mode: switch to st.navigation's mode and rerun."""
+    if not _in_served_session():
+        return
+    try:
+        manager = folder_mode_flag()
+    except (ImportError, AttributeError):  # pragma: no cover - caught by tests/app/test_boot.py
+        return
+    if manager.uses_pages_directory:
+        manager.uses_pages_directory = False
+        import streamlit as st
+
+        st.rerun()
+
+
+def start() -> None:
+    """Everything above, in order (called by ``app/__init__.py``)."""
+    configure_threads()
+    import_heavy()
+    leave_folder_mode()
