@@ -1,4 +1,5 @@
-"""Datasets: digits (embedded), lowrank (synthetic, planted rank), MNIST, Fashion-MNIST, CIFAR.
+"""Datasets: a registry of named datasets (digits, lowrank, MNIST, Fashion-MNIST, CIFAR) and
+``folder:PATH`` for your own images (the ImageFolder layout).
 
 Every dataset is returned as :class:`Splits` with a train / validation / test part. The
 validation part is carved from the training data with a fixed seed, so every selection
@@ -9,32 +10,49 @@ augmentation are applied to a batch at a time (``ds[index_tensor]``), so a train
 evaluation pass need no per-sample Python work. The data folder is ``LORITA_DATA`` (default
 ``~/.cache/lorita/data``). Offline, standard local copies are used without touching the network
 (for example Debian's ``dataset-fashion-mnist`` in ``/usr/share/datasets/fashion-mnist``).
+
+Adding a dataset is one :class:`DatasetEntry` in ``_REGISTRY`` at the end of this file: a
+loader, a cheap availability check, and its options with their bounds. The command line and the
+app list datasets and their options from here.
 """
 
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import socket
 import tarfile
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 __all__ = [
+    "DatasetEntry",
     "DatasetUnavailable",
+    "MAX_DATA_BYTES",
+    "Option",
     "Splits",
     "TensorDataset",
+    "canonical_name",
+    "check_dataset",
     "data_root",
+    "dataset_entry",
+    "dataset_options",
+    "list_dataset_families",
     "list_datasets",
     "load_dataset",
+    "validate_dataset",
 ]
 
-_DATASETS = ("digits", "lowrank", "mnist", "fashion_mnist", "cifar10", "cifar100")
+# The most memory one dataset may hold (inputs as stored: uint8 images or float32 tensors).
+# Options that would need more are refused before anything is allocated.
+MAX_DATA_BYTES = 4 << 30
 
 # Where standard copies may already sit on this machine (searched before any download).
 _SYSTEM_DIRS = {
@@ -48,15 +66,202 @@ _IDX_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
 
 
 class DatasetUnavailable(ValueError):
     """A dataset's files are not on this machine and could not be downloaded."""
 
 
+# --------------------------------------------------------------------------- registry
+
+
+@dataclass(frozen=True)
+class Option:
+    """One dataset option: default, type, inclusive bounds or choices, and a help line."""
+
+    default: Any
+    help: str = ""
+    lo: float | None = None
+    hi: float | None = None
+    choices: tuple | None = None
+
+    def check(self, dataset: str, key: str, value: Any) -> Any:
+        """``value`` if it has this option's type and lies within its bounds, else ValueError."""
+        where = f"dataset option {key!r} of {dataset!r}"
+        if self.choices is not None:
+            if value not in self.choices or isinstance(value, bool) != isinstance(
+                self.default, bool
+            ):
+                allowed = ", ".join(map(str, self.choices))
+                raise ValueError(f"{where}: {value!r} is not allowed; expected one of {allowed}")
+            return value
+        if isinstance(self.default, bool):
+            if not isinstance(value, bool):
+                raise ValueError(f"{where}: {value!r} is not allowed; expected true or false")
+            return value
+        want_int = isinstance(self.default, int)
+        num = _as_number(value, want_int)
+        if num is None:
+            kind = "an integer" if want_int else "a finite number"
+            raise ValueError(f"{where}: {value!r} is not allowed; expected {kind}{self.range()}")
+        if (self.lo is not None and num < self.lo) or (self.hi is not None and num > self.hi):
+            raise ValueError(f"{where}: {value!r} is out of range; expected{self.range()}")
+        return num if want_int else float(num)
+
+    def range(self) -> str:
+        """`` in [lo, hi]`` (or the choices) for messages and help."""
+        if self.choices is not None:
+            return " one of " + ", ".join(map(str, self.choices))
+        if self.lo is None and self.hi is None:
+            return ""
+        lo = "-inf" if self.lo is None else f"{self.lo:g}"
+        hi = "inf" if self.hi is None else f"{self.hi:g}"
+        return f" in [{lo}, {hi}]"
+
+
+def _as_number(value: Any, want_int: bool) -> int | float | None:
+    """An int (or a float with an integral value) for int options, a finite number otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if want_int:
+        if isinstance(value, float):
+            return int(value) if value.is_integer() else None
+        return value
+    return value
+
+
+@dataclass
+class _Raw:
+    """What a loader returns: train (and optional validation) and test inputs and targets."""
+
+    x: torch.Tensor  # (N, C, H, W) uint8 or float
+    y: torch.Tensor  # (N,) int64 or (N, K) float
+    xt: torch.Tensor
+    yt: torch.Tensor
+    num_classes: int
+    task: str = "classification"
+    xv: torch.Tensor | None = None  # an explicit validation part (else carved from x)
+    yv: torch.Tensor | None = None
+    classes: list[str] | None = None
+
+
+@dataclass(frozen=True)
+class DatasetEntry:
+    """One dataset of the registry.
+
+    ``load(name, root, download, **options) -> _Raw``; ``check(name, root, download,
+    **options) -> str`` says cheaply (no decoding) where the data will come from or raises
+    :class:`DatasetUnavailable` with what to do; ``estimate(**options)`` is the memory in bytes
+    the options ask for, refused above :data:`MAX_DATA_BYTES` before loading. An entry with
+    ``takes_path`` is spelled ``NAME:PATH`` (``folder:~/images``).
+    """
+
+    name: str
+    about: str
+    source: str
+    load: Callable[..., _Raw]
+    check: Callable[..., str]
+    options: Mapping[str, Option] = field(default_factory=dict)
+    estimate: Callable[..., int] | None = None
+    takes_path: bool = False
+
+
 def list_datasets() -> list[str]:
-    """Names accepted by :func:`load_dataset`."""
-    return list(_DATASETS)
+    """Names accepted by :func:`load_dataset` (besides ``folder:PATH``)."""
+    return [n for n, e in _REGISTRY.items() if not e.takes_path]
+
+
+def list_dataset_families() -> list[str]:
+    """Dataset families spelled ``NAME:PATH`` (``["folder"]``)."""
+    return [n for n, e in _REGISTRY.items() if e.takes_path]
+
+
+def dataset_entry(name: str) -> tuple[DatasetEntry, str | None]:
+    """The registry entry of a dataset name and, for ``folder:PATH``, its path."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"dataset: {name!r} is not a dataset name; {_allowed_names()}")
+    family, sep, path = name.partition(":")
+    entry = _REGISTRY.get(family)
+    if entry is None or entry.takes_path != bool(sep):
+        raise ValueError(f"dataset: unknown name {name!r}; {_allowed_names()}")
+    if entry.takes_path and not path.strip():
+        raise ValueError(f"dataset: {name!r} needs a folder after '{family}:'")
+    if entry.takes_path and "\x00" in path:
+        raise ValueError(f"dataset: {name!r} is not a usable path")
+    return entry, (path if entry.takes_path else None)
+
+
+def _allowed_names() -> str:
+    fams = [f"{f}:PATH" for f in list_dataset_families()]
+    return "allowed: " + ", ".join(list_datasets() + fams)
+
+
+def canonical_name(name: str) -> str:
+    """``folder:PATH`` with PATH made absolute (``~`` expanded); other names unchanged.
+
+    A run's config keeps the canonical name, so the run reads the same folder from any working
+    directory.
+    """
+    entry, path = dataset_entry(name)
+    if path is None:
+        return name
+    return f"{entry.name}:{Path(path).expanduser().absolute()}"
+
+
+def dataset_options(name: str) -> dict[str, Option]:
+    """The options a dataset takes (``--data-arg KEY=VALUE``), with defaults and bounds."""
+    return dict(dataset_entry(name)[0].options)
+
+
+def validate_dataset(name: str, options: Mapping[str, Any] | None = None) -> dict:
+    """Check a dataset name and its options without touching any file.
+
+    Returns the options with defaults filled in. Raises ValueError naming the option, the value
+    and what is allowed; refuses options whose data would need more than :data:`MAX_DATA_BYTES`.
+    """
+    entry, _ = dataset_entry(name)
+    options = dict(options or {})
+    unknown = sorted(set(options) - set(entry.options))
+    if unknown:
+        allowed = ", ".join(entry.options) or "none"
+        raise ValueError(
+            f"dataset options: unknown {unknown}, not accepted by {name!r}; allowed: {allowed}"
+        )
+    full = {k: o.default for k, o in entry.options.items()}
+    for k, v in options.items():
+        full[k] = entry.options[k].check(name, k, v)
+    if entry.estimate is not None:
+        _refuse_if_too_big(name, entry.estimate(**full))
+    return full
+
+
+def _refuse_if_too_big(name: str, nbytes: int, what: str = "these options") -> None:
+    if nbytes > MAX_DATA_BYTES:
+        raise ValueError(
+            f"dataset {name!r}: {what} would hold {nbytes / 2**30:.1f} GiB in memory, more than "
+            f"the {MAX_DATA_BYTES / 2**30:.0f} GiB allowed; use fewer or smaller samples"
+        )
+
+
+def check_dataset(
+    name: str, root: str | os.PathLike | None = None, *, download: bool = True, **options
+) -> str:
+    """Cheaply check that a dataset can be loaded, without reading its data.
+
+    Returns one line saying where the data will come from (``"local files in ..."``, ``"will
+    download into ... (needs internet)"``, ``"folder ...: 3 classes, 120 images"``).
+
+    Raises:
+        ValueError: unknown name or bad option.
+        DatasetUnavailable: the files are missing (and ``download`` is off or impossible), or
+            the folder is not a usable image folder; the message says what to do.
+    """
+    full = validate_dataset(name, options)
+    entry, _ = dataset_entry(name)
+    return entry.check(name, data_root(root), download, **full)
 
 
 def data_root(root: str | os.PathLike | None = None) -> Path:
@@ -149,6 +354,7 @@ class Splits:
     num_classes: int  # classes, or output dimension for a regression task
     name: str
     task: str = "classification"  # or "regression" (lowrank with task="regression")
+    classes: list[str] | None = None  # class names, where the dataset has them (folder:PATH)
 
     def example_input(self, batch: int = 1) -> torch.Tensor:
         """A normalised input batch of the right shape (for cost counting and export)."""
@@ -169,65 +375,63 @@ def load_dataset(
     """Load a dataset as train / validation / test.
 
     Args:
-        name: one of :func:`list_datasets`.
+        name: one of :func:`list_datasets`, or ``folder:PATH`` (one sub-folder per class; or
+            ``train/``, ``val/``, ``test/`` sub-folders, each with one sub-folder per class).
         root: data folder (default ``$LORITA_DATA`` or ``~/.cache/lorita/data``).
-        val_fraction: share of the training data held out for validation, in (0, 0.5].
-        seed: seed of the validation carve-out (the test split is always the standard one).
+        val_fraction: share of the training data held out for validation, in (0, 0.5]
+            (unused when the folder has its own ``val/``).
+        seed: seed of the validation carve-out (the test split is always the same).
         augment: random crop + flip on the training part (meant for CIFAR).
         normalize: standardise each channel with the training part's mean and std.
         download: allow torchvision to download when no local copy exists.
-        **kw: dataset options; for ``lowrank``: rank, dim (side of the square 1-channel input,
-            default 8), num_classes, n_train, n_test, noise, task ("classification" or
-            "regression"), teacher_seed.
+        **kw: dataset options, :func:`dataset_options` lists them with their bounds (lowrank:
+            rank, dim, num_classes, n_train, ...; folder: size, channels, test_fraction).
 
     Raises:
-        ValueError: unknown name or bad option.
+        ValueError: unknown name or bad option; for a folder, no images, one class only, or a
+            file that is not a readable image (the message names it).
         DatasetUnavailable: files missing and no download possible.
     """
-    if name not in _DATASETS:
-        raise ValueError(f"dataset: unknown name {name!r}; allowed: {', '.join(_DATASETS)}")
+    options = validate_dataset(name, kw)
     if not isinstance(val_fraction, int | float) or not 0 < val_fraction <= 0.5:
         raise ValueError(f"val_fraction: {val_fraction!r} must be a number in (0, 0.5]")
-    if name != "lowrank" and kw:
-        raise ValueError(f"dataset options: {sorted(kw)} not accepted by {name!r}")
-    task = "classification"
-    if name == "digits":
-        x, y, xt, yt = _digits()
-        num_classes = 10
-    elif name == "lowrank":
-        x, y, xt, yt, num_classes, task = _lowrank(**kw)
-    elif name in ("mnist", "fashion_mnist"):
-        x, y, xt, yt = _idx_dataset(name, data_root(root), download)
-        num_classes = 10
+    entry, _ = dataset_entry(name)
+    raw = entry.load(name, data_root(root), download, **options)
+    if raw.xv is None:
+        n_val = max(1, int(round(len(raw.x) * val_fraction)))
+        if len(raw.x) - n_val < 1:
+            raise ValueError(
+                f"dataset {name!r}: {len(raw.x)} training samples are too few to hold out "
+                f"a validation part"
+            )
+        perm = torch.randperm(len(raw.x), generator=torch.Generator().manual_seed(int(seed)))
+        vi, ti = perm[:n_val].sort().values, perm[n_val:].sort().values
+        x, y, xv, yv = raw.x[ti], raw.y[ti], raw.x[vi], raw.y[vi]
     else:
-        x, y, xt, yt = _cifar(name, data_root(root), download)
-        num_classes = 10 if name == "cifar10" else 100
-
-    n_val = max(1, int(round(len(x) * val_fraction)))
-    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(int(seed)))
-    vi, ti = perm[:n_val].sort().values, perm[n_val:].sort().values
+        x, y, xv, yv = raw.x, raw.y, raw.xv, raw.yv
     mean = std = None
-    if normalize and task == "classification":
-        xf = x[ti].float() / (255.0 if x.dtype == torch.uint8 else 1.0)
+    if normalize and raw.task == "classification":
+        xf = x.float() / (255.0 if x.dtype == torch.uint8 else 1.0)
         mean = xf.mean(dim=(0, 2, 3))
-        std = xf.std(dim=(0, 2, 3)).clamp_min(1e-6)
+        std = xf.std(dim=(0, 2, 3)).nan_to_num(1.0).clamp_min(1e-6)
     common = {"mean": mean, "std": std}
     return Splits(
-        train=TensorDataset(x[ti], y[ti], augment=augment, **common),
-        val=TensorDataset(x[vi], y[vi], **common),
-        test=TensorDataset(xt, yt, **common),
+        train=TensorDataset(x, y, augment=augment, **common),
+        val=TensorDataset(xv, yv, **common),
+        test=TensorDataset(raw.xt, raw.yt, **common),
         in_channels=x.shape[1],
         image_size=x.shape[2],
-        num_classes=num_classes,
+        num_classes=raw.num_classes,
         name=name,
-        task=task,
+        task=raw.task,
+        classes=raw.classes,
     )
 
 
 # --------------------------------------------------------------------------- digits
 
 
-def _digits():
+def _digits(name: str, root: Path, download: bool) -> _Raw:
     """scikit-learn's 8x8 digits (shipped with scikit-learn); a fixed 80/20 train/test split."""
     data = None
     try:  # read the bundled CSV directly: avoids importing all of scikit-learn (~1 s)
@@ -254,25 +458,42 @@ def _digits():
     perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(1797))
     n_test = 360
     te, tr = perm[:n_test].sort().values, perm[n_test:].sort().values
-    return x[tr], y[tr], x[te], y[te]
+    return _Raw(x[tr], y[tr], x[te], y[te], num_classes=10)
+
+
+def _check_digits(name: str, root: Path, download: bool) -> str:
+    import importlib.util
+
+    if importlib.util.find_spec("sklearn") is None:
+        raise DatasetUnavailable("dataset 'digits' needs scikit-learn: pip install scikit-learn")
+    return "shipped with scikit-learn"
 
 
 # --------------------------------------------------------------------------- lowrank
 
-_LOWRANK_DEFAULTS = {
-    "rank": 4,
-    "dim": 8,
-    "num_classes": 10,
-    "n_train": 4000,
-    "n_test": 1000,
-    "noise": 0.1,
-    "task": "classification",
-    "teacher_seed": 0,
-    "smooth": 0,
+_LOWRANK_OPTIONS = {
+    "rank": Option(4, "rank of the teacher matrix", 1, 1024),
+    "dim": Option(8, "side of the square 1-channel input", 1, 512),
+    "num_classes": Option(10, "classes (or outputs for regression)", 1, 1000),
+    "n_train": Option(4000, "training samples (validation is carved from them)", 1, 10**7),
+    "n_test": Option(1000, "test samples", 1, 10**7),
+    "noise": Option(0.1, "noise added to the teacher's outputs", 0, 100),
+    "task": Option(
+        "classification", "what the targets are", choices=("classification", "regression")
+    ),
+    "teacher_seed": Option(0, "seed of the teacher and the samples", 0, 2**63 - 1),
+    "smooth": Option(0, "upsample inputs from an s x s latent (0 = off, <= dim)", 0, 512),
 }
 
 
-def _lowrank(**kw):
+def _lowrank_bytes(**o) -> int:
+    """Inputs (float32) plus the K x K x r work of spreading the teacher's rows."""
+    samples = (o["n_train"] + o["n_test"]) * (o["dim"] ** 2 + o["num_classes"]) * 4
+    spread = 3 * o["num_classes"] ** 2 * min(o["rank"], o["num_classes"]) * 4
+    return samples + spread
+
+
+def _lowrank(name: str, root: Path, download: bool, **o) -> _Raw:
     """A teacher with a planted rank: targets from ``M x + noise`` with ``rank(M) = rank``.
 
     Inputs are standard normal of shape (1, dim, dim) so every model accepts them. For
@@ -281,28 +502,10 @@ def _lowrank(**kw):
     reads an s x s normal latent and the input is that latent upsampled (bilinear) to
     dim x dim: images with spatial structure, which convolutional networks learn quickly.
     """
-    unknown = set(kw) - set(_LOWRANK_DEFAULTS)
-    if unknown:
-        raise ValueError(
-            f"lowrank options: unknown {sorted(unknown)}; allowed: {', '.join(_LOWRANK_DEFAULTS)}"
-        )
-    o = {**_LOWRANK_DEFAULTS, **kw}
-    for key in ("rank", "dim", "num_classes", "n_train", "n_test"):
-        if not isinstance(o[key], int) or isinstance(o[key], bool) or o[key] < 1:
-            raise ValueError(f"lowrank {key}: {o[key]!r} must be a positive integer")
+    _lowrank_check_shape(o)
     sm = o["smooth"]
-    if not isinstance(sm, int) or isinstance(sm, bool) or not 0 <= sm <= o["dim"]:
-        raise ValueError(f"lowrank smooth: {sm!r} must be an integer in [0, dim]")
-    if o["task"] not in ("classification", "regression"):
-        raise ValueError(f"lowrank task: {o['task']!r}; allowed: classification, regression")
-    if not isinstance(o["noise"], int | float) or o["noise"] < 0:
-        raise ValueError(f"lowrank noise: {o['noise']!r} must be a number >= 0")
     side = sm or o["dim"]  # the teacher's input is side x side
     d, k, r = side * side, o["num_classes"], o["rank"]
-    if r > min(d, k):
-        raise ValueError(
-            f"lowrank rank: {r} must be <= min({side}*{side}, num_classes) = {min(d, k)}"
-        )
     g = torch.Generator().manual_seed(int(o["teacher_seed"]))
     a = _spread_rows(torch.randn(k, r, generator=g))  # (K, r) unit rows, spread apart
     b = torch.linalg.qr(torch.randn(d, r, generator=g))[0]  # (D, r) orthonormal columns
@@ -320,7 +523,24 @@ def _lowrank(**kw):
 
     x, y = draw(o["n_train"])
     xt, yt = draw(o["n_test"])
-    return x, y, xt, yt, k, o["task"]
+    return _Raw(x, y, xt, yt, num_classes=k, task=o["task"])
+
+
+def _lowrank_check_shape(o: dict) -> None:
+    """The options that depend on each other (each alone is bounded by its Option)."""
+    if o["smooth"] > o["dim"]:
+        raise ValueError(f"lowrank smooth: {o['smooth']!r} must be an integer in [0, dim]")
+    side = o["smooth"] or o["dim"]
+    d, k, r = side * side, o["num_classes"], o["rank"]
+    if r > min(d, k):
+        raise ValueError(
+            f"lowrank rank: {r} must be <= min({side}*{side}, num_classes) = {min(d, k)}"
+        )
+
+
+def _check_lowrank(name: str, root: Path, download: bool, **o) -> str:
+    _lowrank_check_shape(o)
+    return "generated"
 
 
 def _spread_rows(a: torch.Tensor, iters: int = 200) -> torch.Tensor:
@@ -362,30 +582,57 @@ def _find_idx(folder: Path, stem: str) -> Path | None:
     return None
 
 
-def _idx_dataset(name: str, root: Path, download: bool):
-    """MNIST / Fashion-MNIST from local IDX files, else a torchvision download."""
-    tv = _TV_FOLDER[name]
-    folders = [root / tv / "raw", root / name, *map(Path, _SYSTEM_DIRS[name])]
-    for folder in folders:
+def _idx_folders(name: str, root: Path) -> list[Path]:
+    return [root / _TV_FOLDER[name] / "raw", root / name, *map(Path, _SYSTEM_DIRS[name])]
+
+
+def _idx_local(name: str, root: Path) -> dict[str, list[Path]] | None:
+    """The IDX files of the first folder that has all four, or None."""
+    for folder in _idx_folders(name, root):
         found = {part: [_find_idx(folder, s) for s in stems] for part, stems in _IDX_FILES.items()}
         if all(p is not None for ps in found.values() for p in ps):
-            out = []
-            for part in ("train", "test"):
-                img, lab = (_read_idx(p) for p in found[part])
-                out += [
-                    torch.from_numpy(img.copy())[:, None],
-                    torch.from_numpy(lab.astype(np.int64)),
-                ]
-            return tuple(out)
-    if download:
-        _tv_download(name, root)
-        return _idx_dataset(name, root, download=False)
+            return found
+    return None
+
+
+def _idx_missing(name: str, root: Path) -> DatasetUnavailable:
+    folders = _idx_folders(name, root)
     where = ", ".join(str(f) for f in folders[:1] + folders[2:])
     hint = " (Debian: apt install dataset-fashion-mnist)" if name == "fashion_mnist" else ""
-    raise DatasetUnavailable(
+    return DatasetUnavailable(
         f"dataset {name!r} not found and not downloadable: put the four IDX files "
         f"(train-images-idx3-ubyte[.gz], ...) in one of {where}{hint}, or run once with internet"
     )
+
+
+def _idx_dataset(name: str, root: Path, download: bool) -> _Raw:
+    """MNIST / Fashion-MNIST from local IDX files, else a torchvision download."""
+    found = _idx_local(name, root)
+    if found is not None:
+        out = []
+        for part in ("train", "test"):
+            img, lab = (_read_idx(p) for p in found[part])
+            out += [torch.from_numpy(img.copy())[:, None], torch.from_numpy(lab.astype(np.int64))]
+        return _Raw(*out, num_classes=10)
+    if download:
+        _tv_download(name, root)
+        return _idx_dataset(name, root, download=False)
+    raise _idx_missing(name, root)
+
+
+def _check_idx(name: str, root: Path, download: bool) -> str:
+    found = _idx_local(name, root)
+    if found is not None:
+        return f"local files in {found['train'][0].parent}"
+    return _download_or_raise(name, root, download, _idx_missing(name, root))
+
+
+def _download_or_raise(name: str, root: Path, download: bool, missing: Exception) -> str:
+    import importlib.util
+
+    if download and importlib.util.find_spec("torchvision") is not None:
+        return f"not on this machine: will download into {root} (needs internet)"
+    raise missing
 
 
 def _tv_download(name: str, root: Path) -> None:
@@ -420,32 +667,62 @@ def _tv_download(name: str, root: Path) -> None:
 # --------------------------------------------------------------------------- CIFAR
 
 
-def _cifar(name: str, root: Path, download: bool):
-    """CIFAR-10/100, preferably from the binary release (no unpickling needed)."""
-    ten = name == "cifar10"
-    bin_dir = "cifar-10-batches-bin" if ten else "cifar-100-binary"
-    archives = ["cifar-10-binary.tar.gz"] if ten else ["cifar-100-binary.tar.gz"]
+def _cifar_names(name: str) -> tuple[str, str, str]:
+    """(binary folder, binary archive, torchvision's python folder) of CIFAR-10 or -100."""
+    if name == "cifar10":
+        return "cifar-10-batches-bin", "cifar-10-binary.tar.gz", "cifar-10-batches-py"
+    return "cifar-100-binary", "cifar-100-binary.tar.gz", "cifar-100-python"
+
+
+def _cifar_local(name: str, root: Path) -> tuple[str, Path] | None:
+    """("bin" | "archive" | "py", path) of the first local copy, or None."""
+    bin_dir, archive, py_dir = _cifar_names(name)
     folders = [root, root / name, *map(Path, _SYSTEM_DIRS[name])]
     for folder in folders:
         if (folder / bin_dir).is_dir():
-            return _cifar_bin(folder / bin_dir, ten)
-        for a in archives:
-            if (folder / a).is_file():
-                root.mkdir(parents=True, exist_ok=True)
-                with tarfile.open(folder / a) as t:
-                    t.extractall(root, filter="data")
-                return _cifar_bin(root / bin_dir, ten)
-    py_dir = "cifar-10-batches-py" if ten else "cifar-100-python"
+            return "bin", folder / bin_dir
+        if (folder / archive).is_file():
+            return "archive", folder / archive
     for folder in folders:
         if (folder / py_dir).is_dir():
-            return _cifar_tv(name, folder)
-    if download:
-        _tv_download(name, root)
-        return _cifar_tv(name, root)
-    raise DatasetUnavailable(
-        f"dataset {name!r} not found and not downloadable: put {bin_dir}/ (or {archives[0]}, or "
+            return "py", folder
+    return None
+
+
+def _cifar_missing(name: str, root: Path) -> DatasetUnavailable:
+    bin_dir, archive, py_dir = _cifar_names(name)
+    return DatasetUnavailable(
+        f"dataset {name!r} not found and not downloadable: put {bin_dir}/ (or {archive}, or "
         f"torchvision's {py_dir}/) in {root}, set LORITA_DATA, or run once with internet"
     )
+
+
+def _cifar(name: str, root: Path, download: bool) -> _Raw:
+    """CIFAR-10/100, preferably from the binary release (no unpickling needed)."""
+    ten = name == "cifar10"
+    num_classes = 10 if ten else 100
+    local = _cifar_local(name, root)
+    if local is not None:
+        kind, path = local
+        if kind == "bin":
+            return _Raw(*_cifar_bin(path, ten), num_classes=num_classes)
+        if kind == "archive":
+            root.mkdir(parents=True, exist_ok=True)
+            with tarfile.open(path) as t:
+                t.extractall(root, filter="data")
+            return _Raw(*_cifar_bin(root / _cifar_names(name)[0], ten), num_classes=num_classes)
+        return _Raw(*_cifar_tv(name, path), num_classes=num_classes)
+    if download:
+        _tv_download(name, root)
+        return _Raw(*_cifar_tv(name, root), num_classes=num_classes)
+    raise _cifar_missing(name, root)
+
+
+def _check_cifar(name: str, root: Path, download: bool) -> str:
+    local = _cifar_local(name, root)
+    if local is not None:
+        return f"local files in {local[1]}"
+    return _download_or_raise(name, root, download, _cifar_missing(name, root))
 
 
 def _cifar_bin(folder: Path, ten: bool):
@@ -481,6 +758,235 @@ def _cifar_tv(name: str, root: Path):
         out.append(torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous())  # (N, 3, 32, 32)
         out.append(torch.as_tensor(ds.targets, dtype=torch.long))
     return tuple(out)
+
+
+# --------------------------------------------------------------------------- folder:PATH
+
+_FOLDER_OPTIONS = {
+    "size": Option(32, "images are resized and centre-cropped to size x size", 4, 512),
+    "channels": Option(3, "3 = colour (RGB), 1 = grey", choices=(1, 3)),
+    "test_fraction": Option(
+        0.2, "share held out for test when there is no test/ sub-folder", 0.05, 0.5
+    ),
+}
+_TEST_SEED = 20240  # the carved test part never moves with the run's seeds
+
+
+@dataclass
+class _FolderScan:
+    """The files of an image folder, by part, with their class index."""
+
+    root: Path
+    classes: list[str]
+    parts: dict[str, list[tuple[Path, int]]]  # "train" | "val" | "test" -> [(file, label)]
+
+    def count(self) -> int:
+        return sum(len(v) for v in self.parts.values())
+
+
+def _folder_path(name: str) -> Path:
+    return Path(dataset_entry(name)[1]).expanduser()
+
+
+def _scan_folder(name: str) -> _FolderScan:
+    """List the images of ``folder:PATH`` without opening them; clear errors for bad layouts."""
+    root = _folder_path(name)
+    try:
+        if not root.is_dir():
+            what = "is not a folder" if root.exists() else "does not exist"
+            raise DatasetUnavailable(
+                f"dataset {name!r}: {root} {what}; make a folder with one sub-folder of images "
+                f"per class (or train/, val/, test/ sub-folders, each with one per class)"
+            )
+        train_dir = root / "train"
+        if train_dir.is_dir() and _subdirs(train_dir):
+            classes = _class_dirs(name, train_dir)
+            parts = {"train": _class_files(name, train_dir, classes, classes)}
+            for part in ("val", "test"):
+                if (root / part).is_dir():
+                    parts[part] = _class_files(name, root / part, _subdirs(root / part), classes)
+        else:
+            classes = _class_dirs(name, root)
+            parts = {"train": _class_files(name, root, classes, classes)}
+    except PermissionError as e:
+        raise DatasetUnavailable(f"dataset {name!r}: {e.filename} is not readable") from None
+    return _FolderScan(root, classes, parts)
+
+
+def _subdirs(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _class_dirs(name: str, folder: Path) -> list[str]:
+    classes = _subdirs(folder)
+    if len(classes) < 2:
+        found = f"only one class folder ({classes[0]!r})" if classes else "no class folders"
+        raise DatasetUnavailable(
+            f"dataset {name!r}: {folder} has {found}; a classifier needs at least 2: put the "
+            f"images of each class in their own sub-folder"
+        )
+    return classes
+
+
+def _images_under(folder: Path) -> list[Path]:
+    out = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        out += [
+            Path(dirpath) / f
+            for f in sorted(filenames)
+            if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS)
+        ]
+    return out
+
+
+def _class_files(
+    name: str, folder: Path, subdirs: list[str], classes: list[str]
+) -> list[tuple[Path, int]]:
+    """Every image under ``folder/<class>/`` with its class index; each class must have one."""
+    out = []
+    for c in subdirs:
+        if c not in classes:
+            raise DatasetUnavailable(
+                f"dataset {name!r}: {folder / c} is not a class of the training part "
+                f"({', '.join(classes[:10])}{', ...' if len(classes) > 10 else ''})"
+            )
+        files = _images_under(folder / c)
+        if not files:
+            raise DatasetUnavailable(
+                f"dataset {name!r}: {folder / c} has no images "
+                f"({', '.join(e.lstrip('.') for e in IMAGE_EXTENSIONS)})"
+            )
+        out += [(f, classes.index(c)) for f in files]
+    return out
+
+
+def _read_image(name: str, path: Path, size: int, channels: int) -> np.ndarray:
+    """One image as (C, size, size) uint8: resized (shorter side) and centre-cropped."""
+    from PIL import Image, ImageOps
+
+    mode = "RGB" if channels == 3 else "L"
+    try:
+        with Image.open(path) as im:
+            im.draft(mode, (size, size))  # JPEG: decode at a reduced scale when possible
+            im = ImageOps.fit(im.convert(mode), (size, size), Image.Resampling.BILINEAR)
+            arr = np.asarray(im, dtype=np.uint8)
+    except Exception as e:  # noqa: BLE001 - a broken or hostile file fails in many ways
+        raise DatasetUnavailable(
+            f"dataset {name!r}: {path} is not a readable image ({type(e).__name__}: {e})"
+        ) from None
+    return arr.reshape(size, size, channels).transpose(2, 0, 1)
+
+
+def _read_part(name: str, files: list[tuple[Path, int]], size: int, channels: int):
+    x = np.empty((len(files), channels, size, size), dtype=np.uint8)  # (N, C, S, S)
+    for i, (path, _) in enumerate(files):
+        x[i] = _read_image(name, path, size, channels)
+    y = torch.tensor([label for _, label in files], dtype=torch.long)
+    return torch.from_numpy(x), y
+
+
+def _folder_refuse_if_too_big(name: str, scan: _FolderScan, size: int, channels: int) -> None:
+    n = scan.count()
+    _refuse_if_too_big(name, n * channels * size * size, f"{n} images at {size}x{size}")
+
+
+def _carve(n: int, share: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(held-out indices, kept indices), each sorted; at least one held out."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    k = max(1, int(round(n * share)))
+    return perm[:k].sort().values, perm[k:].sort().values
+
+
+def _folder(name: str, root: Path, download: bool, **o) -> _Raw:
+    """Your own images: one sub-folder per class (or train/, val/, test/ sub-folders)."""
+    scan = _scan_folder(name)
+    size, channels = o["size"], o["channels"]
+    _folder_refuse_if_too_big(name, scan, size, channels)
+    x, y = _read_part(name, scan.parts["train"], size, channels)
+    if "test" in scan.parts:
+        xt, yt = _read_part(name, scan.parts["test"], size, channels)
+    else:
+        if len(x) < 3:
+            raise DatasetUnavailable(
+                f"dataset {name!r}: {len(x)} images are too few for train, validation and test"
+            )
+        te, tr = _carve(len(x), o["test_fraction"], _TEST_SEED)
+        x, y, xt, yt = x[tr], y[tr], x[te], y[te]
+    xv = yv = None
+    if "val" in scan.parts:
+        xv, yv = _read_part(name, scan.parts["val"], size, channels)
+    return _Raw(x, y, xt, yt, len(scan.classes), xv=xv, yv=yv, classes=scan.classes)
+
+
+def _check_folder(name: str, root: Path, download: bool, **o) -> str:
+    scan = _scan_folder(name)
+    _folder_refuse_if_too_big(name, scan, o["size"], o["channels"])
+    n = {k: len(v) for k, v in scan.parts.items()}
+    parts = ", ".join(f"{k} {v}" for k, v in n.items())
+    return f"folder {scan.root}: {len(scan.classes)} classes, {scan.count()} images ({parts})"
+
+
+# --------------------------------------------------------------------------- the registry
+
+_REGISTRY: dict[str, DatasetEntry] = {
+    e.name: e
+    for e in (
+        DatasetEntry(
+            "digits",
+            "1,797 8x8 grey digits, 10 classes",
+            "shipped with scikit-learn: no download",
+            _digits,
+            _check_digits,
+        ),
+        DatasetEntry(
+            "lowrank",
+            "synthetic teacher with a planted rank: labels argmax(M x + noise), rank(M) = r",
+            "generated",
+            _lowrank,
+            _check_lowrank,
+            _LOWRANK_OPTIONS,
+            _lowrank_bytes,
+        ),
+        DatasetEntry(
+            "mnist",
+            "70,000 28x28 grey digits, 10 classes",
+            "local IDX files, else torchvision download",
+            _idx_dataset,
+            _check_idx,
+        ),
+        DatasetEntry(
+            "fashion_mnist",
+            "70,000 28x28 grey clothing images, 10 classes",
+            "local IDX files, else torchvision download",
+            _idx_dataset,
+            _check_idx,
+        ),
+        DatasetEntry(
+            "cifar10",
+            "60,000 32x32 colour images, 10 classes",
+            "local binary files, else torchvision download",
+            _cifar,
+            _check_cifar,
+        ),
+        DatasetEntry(
+            "cifar100",
+            "60,000 32x32 colour images, 100 classes",
+            "local binary files, else torchvision download",
+            _cifar,
+            _check_cifar,
+        ),
+        DatasetEntry(
+            "folder",
+            "your images: one sub-folder per class (or train/, val/, test/ sub-folders)",
+            "the folder PATH",
+            _folder,
+            _check_folder,
+            _FOLDER_OPTIONS,
+            takes_path=True,
+        ),
+    )
+}
 
 
 def batch_indices(

@@ -153,3 +153,201 @@ def test_fashion_mnist_from_the_debian_package(tmp_path):
     assert (len(s.train), len(s.val), len(s.test)) == (54000, 6000, 10000)
     assert s.train.x.dtype == torch.uint8  # kept compact, scaled per batch
     assert s.train[torch.arange(2)][0].shape == (2, 1, 28, 28)
+
+
+# --------------------------------------------------------------------------- bounds and checks
+
+
+def test_every_numeric_option_has_bounds():
+    from lorita.data import dataset_options, list_dataset_families
+
+    names = list_datasets() + [f"{f}:/x" for f in list_dataset_families()]
+    for name in names:
+        for key, opt in dataset_options(name).items():
+            if opt.choices is None and not isinstance(opt.default, bool | str):
+                assert opt.lo is not None and opt.hi is not None, (name, key)
+                assert opt.help, (name, key)
+
+
+@pytest.mark.parametrize(
+    "kw, needle",
+    [
+        ({"n_train": 10**12}, "out of range"),
+        ({"n_train": 1.5}, "integer"),
+        ({"n_train": True}, "integer"),
+        ({"n_train": "many"}, "integer"),
+        ({"noise": float("nan")}, "finite"),
+        ({"noise": float("inf")}, "finite"),
+        ({"dim": 0}, "out of range"),
+        ({"dim": 512, "n_train": 10**7}, "GiB"),
+        ({"num_classes": 1000, "rank": 1000, "dim": 32}, "GiB"),
+        ({"task": 3}, "task"),
+    ],
+)
+def test_lowrank_options_are_bounded_before_allocation(kw, needle):
+    from lorita.data import validate_dataset
+
+    with pytest.raises(ValueError, match=needle):
+        validate_dataset("lowrank", kw)
+    with pytest.raises(ValueError, match=needle):
+        load_dataset("lowrank", **kw)
+
+
+def test_integral_floats_are_integers():
+    from lorita.data import validate_dataset
+
+    assert validate_dataset("lowrank", {"n_train": 1e3})["n_train"] == 1000
+
+
+def test_check_dataset_is_cheap_and_says_where_the_data_comes_from(tmp_path):
+    from lorita.data import check_dataset
+
+    assert "scikit-learn" in check_dataset("digits")
+    assert check_dataset("lowrank", rank=2) == "generated"
+    with pytest.raises(ValueError, match="rank"):
+        check_dataset("lowrank", rank=20)
+    with pytest.raises(DatasetUnavailable) as e:
+        check_dataset("mnist", root=tmp_path, download=False)
+    assert str(tmp_path) in str(e.value) and "IDX" in str(e.value)
+    assert "will download into" in check_dataset("cifar10", root=tmp_path, download=True)
+    with pytest.raises(DatasetUnavailable, match="cifar-10-batches-bin"):
+        check_dataset("cifar10", root=tmp_path, download=False)
+    (tmp_path / "cifar-10-batches-bin").mkdir()
+    assert "local files" in check_dataset("cifar10", root=tmp_path, download=False)
+    with pytest.raises(ValueError, match="unknown name"):
+        check_dataset("imagenet")
+
+
+# --------------------------------------------------------------------------- folder:PATH
+
+
+def _image(path: Path, size=(20, 14), colour=(200, 30, 30), mode="RGB") -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(abs(hash(str(path))) % 2**32)
+    arr = rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+    arr[..., 0] = colour[0]
+    Image.fromarray(arr).convert(mode).save(path)
+
+
+def _folder(root: Path, classes=("cat", "dog", "eel"), per_class=6, part="") -> Path:
+    for k, c in enumerate(classes):
+        for i in range(per_class):
+            ext = ".png" if i % 2 else ".jpg"
+            _image(root / part / c / f"{i}{ext}", colour=(40 * k, 0, 0))
+    return root
+
+
+def test_folder_dataset_matches_torchvision_image_folder(tmp_path):
+    from torchvision.datasets import ImageFolder
+
+    root = _folder(tmp_path / "imgs")
+    (root / "cat" / "notes.txt").write_text("not an image")
+    s = load_dataset(f"folder:{root}", size=16)
+    assert (s.in_channels, s.image_size, s.num_classes) == (3, 16, 3)
+    assert s.classes == ["cat", "dog", "eel"] == ImageFolder(str(root)).classes
+    assert len(s.train) + len(s.val) + len(s.test) == 18
+    assert len(s.test) == round(18 * 0.2)
+    # same labels as torchvision's ImageFolder for the same files
+    tv = sorted(int(t) for _, t in ImageFolder(str(root)).samples)
+    ours = sorted(torch.cat([s.train.y, s.val.y, s.test.y]).tolist())
+    assert ours == tv
+    # the test part is fixed; the validation carve-out follows the seed
+    others = [load_dataset(f"folder:{root}", size=16, seed=k) for k in range(1, 4)]
+    assert all(torch.equal(o.test.x, s.test.x) for o in others)
+    assert any(not torch.equal(o.val.x, s.val.x) for o in others)
+    grey = load_dataset(f"folder:{root}", size=8, channels=1)
+    assert grey.train.x.shape[1:] == (1, 8, 8) and grey.train.x.dtype == torch.uint8
+
+
+def test_folder_pixels_are_the_resized_image(tmp_path):
+    from PIL import Image
+
+    root = tmp_path / "imgs"
+    for c in ("a", "b"):
+        for i in range(3):
+            arr = np.full((12, 12, 3), 60 * i + (100 if c == "b" else 0), dtype=np.uint8)
+            _path = root / c / f"{i}.png"
+            _path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(arr).save(_path)
+    s = load_dataset(f"folder:{root}", size=6, normalize=False, test_fraction=0.5)
+    x = torch.cat([s.train.x, s.val.x, s.test.x])
+    y = torch.cat([s.train.y, s.val.y, s.test.y])
+    values = sorted((int(lab), int(img[0, 0, 0])) for img, lab in zip(x, y))
+    assert values == [(0, 0), (0, 60), (0, 120), (1, 100), (1, 160), (1, 220)]
+
+
+def test_folder_with_train_val_test_sub_folders(tmp_path):
+    root = tmp_path / "split"
+    _folder(root, per_class=4, part="train")
+    _folder(root, per_class=2, part="val")
+    _folder(root, classes=("cat", "dog"), per_class=1, part="test")
+    s = load_dataset(f"folder:{root}", size=8, val_fraction=0.5)
+    assert (len(s.train), len(s.val), len(s.test)) == (12, 6, 2)  # nothing carved
+    assert s.classes == ["cat", "dog", "eel"] and s.num_classes == 3
+    assert sorted(s.test.y.tolist()) == [0, 1]
+    no_val = tmp_path / "noval"
+    _folder(no_val, per_class=4, part="train")
+    _folder(no_val, per_class=1, part="test")
+    t = load_dataset(f"folder:{no_val}", size=8, val_fraction=0.25)
+    assert (len(t.train), len(t.val), len(t.test)) == (9, 3, 3)
+
+
+def test_folder_errors_name_the_problem(tmp_path):
+    from lorita.data import check_dataset
+
+    def both(name, needle, **kw):
+        with pytest.raises(DatasetUnavailable, match=needle):
+            check_dataset(name, **kw)
+        with pytest.raises(DatasetUnavailable, match=needle):
+            load_dataset(name, **kw)
+
+    both(f"folder:{tmp_path / 'missing'}", "does not exist")
+    (tmp_path / "file").write_text("x")
+    both(f"folder:{tmp_path / 'file'}", "is not a folder")
+    (tmp_path / "empty").mkdir()
+    both(f"folder:{tmp_path / 'empty'}", "no class folders")
+    _folder(tmp_path / "one", classes=("only",))
+    both(f"folder:{tmp_path / 'one'}", "only one class folder")
+    _folder(tmp_path / "hole")
+    (tmp_path / "hole" / "fox").mkdir()
+    both(f"folder:{tmp_path / 'hole'}", "fox has no images")
+    _folder(tmp_path / "odd", per_class=2, part="train")
+    _folder(tmp_path / "odd", classes=("cat", "owl"), per_class=1, part="val")
+    both(f"folder:{tmp_path / 'odd'}", "owl is not a class")
+    with pytest.raises(ValueError, match="needs a folder"):
+        load_dataset("folder:")
+    with pytest.raises(ValueError, match="size"):
+        load_dataset(f"folder:{tmp_path / 'hole'}", size=10**6)
+    with pytest.raises(ValueError, match="channels"):
+        load_dataset(f"folder:{tmp_path / 'hole'}", channels=2)
+
+
+def test_an_unreadable_image_is_named(tmp_path):
+    from lorita.data import check_dataset
+
+    root = _folder(tmp_path / "imgs")
+    bad = root / "dog" / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
+    assert "19 images" in check_dataset(f"folder:{root}")  # cheap: files are not opened
+    with pytest.raises(DatasetUnavailable, match="broken.png is not a readable image"):
+        load_dataset(f"folder:{root}")
+
+
+def test_folder_memory_is_estimated_before_reading(tmp_path, monkeypatch):
+    import lorita.data as data
+
+    root = _folder(tmp_path / "imgs")
+    monkeypatch.setattr(data, "MAX_DATA_BYTES", 18 * 3 * 16 * 16 - 1)
+    with pytest.raises(ValueError, match="18 images at 16x16"):
+        load_dataset(f"folder:{root}", size=16)
+    assert load_dataset(f"folder:{root}", size=15).image_size == 15
+
+
+def test_canonical_name_makes_folder_paths_absolute(tmp_path, monkeypatch):
+    from lorita.data import canonical_name
+
+    monkeypatch.chdir(tmp_path)
+    assert canonical_name("folder:imgs") == f"folder:{tmp_path / 'imgs'}"
+    assert canonical_name("digits") == "digits"
