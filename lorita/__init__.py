@@ -10,6 +10,7 @@ factors back, and cut small singular values to get a model that is really smalle
 """
 
 from . import functional, train  # lt.train is the module: lt.train.train(config, run)
+from .compress import Compressor, CompressResult
 from .convert import composed_layers, iter_layers, merge_model, overparameterize
 from .cost import Cost, count_cost, measure_latency
 from .data import DatasetUnavailable, Splits, list_datasets, load_dataset
@@ -17,17 +18,30 @@ from .export import export_onnx, load, load_bytes, read_spec, save, save_bytes
 from .layers import FactorConv2d, FactorLinear, LowRankConv2d, LowRankLinear
 from .models import create_model, default_skip, list_models
 from .runs import Run, RunStore
-from .spectra import effective_rank, entropy_rank, layer_spectra, rank_summary, stable_rank
+from .spectra import (
+    effective_rank,
+    energy_rank,
+    entropy_rank,
+    layer_spectra,
+    rank_summary,
+    stable_rank,
+)
 from .train import TrainConfig, build_model, evaluate, finetune
 from .truncation import (
+    POLICIES,
+    Budget,
     Energy,
+    FlopBudget,
     Global,
+    Policy,
     Ranks,
     SVDCache,
     Uniform,
     iterative_search,
     layer_svd,
+    list_policies,
     make_policy,
+    parse_policy,
     plan_ranks,
     smallest_within,
     tradeoff_curve,
@@ -50,11 +64,20 @@ __all__ = [
     "effective_rank",
     "stable_rank",
     "entropy_rank",
+    "energy_rank",
     "rank_summary",
     "Uniform",
     "Global",
     "Energy",
     "Ranks",
+    "Budget",
+    "FlopBudget",
+    "Policy",
+    "POLICIES",
+    "list_policies",
+    "parse_policy",
+    "Compressor",
+    "CompressResult",
     "make_policy",
     "SVDCache",
     "layer_svd",

@@ -15,12 +15,16 @@ __all__ = [
     "effective_rank",
     "stable_rank",
     "entropy_rank",
+    "energy_rank",
     "rank_summary",
 ]
 
 #: Default relative threshold for :func:`effective_rank`: singular values below 1% of the
 #: largest are counted as gone.
 EFFECTIVE_RANK_TOL = 1e-2
+
+#: Default share of the energy ``sum sigma^2`` that :func:`energy_rank` keeps.
+ENERGY_KEEP = 0.99
 
 
 def layer_matrix(module: nn.Module) -> Tensor:
@@ -91,12 +95,33 @@ def entropy_rank(s: Tensor) -> float:
     return float(torch.exp(-(p * p.log()).sum()))
 
 
+def energy_rank(s: Tensor, keep: float = ENERGY_KEEP) -> int:
+    """The smallest rank whose top singular values hold ``keep`` of the energy ``sum sigma^2``.
+
+    This predicts compressibility better than :func:`effective_rank`: cutting a weight to its
+    energy rank leaves a relative Frobenius error of at most ``sqrt(1 - keep)`` (10% at 0.99),
+    whereas a long tail of values just above ``tol * sigma_max`` keeps the effective rank high
+    while holding little of the weight. 0 for an all-zero spectrum.
+    """
+    s = _check_1d(s)
+    if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0 < keep <= 1:
+        raise ValueError(f"keep: expected 0 < keep <= 1 (energy share), got {keep!r}")
+    e = s.pow(2)
+    total = float(e.sum())
+    if total <= 0:
+        return 0
+    share = torch.cumsum(e, 0) / total
+    return min(len(s), int((share < keep - 1e-12).sum()) + 1)
+
+
 def rank_summary(spectra: dict[str, Tensor], tol: float = EFFECTIVE_RANK_TOL) -> dict[str, dict]:
-    """Per layer: full rank, effective rank, stable rank and entropy rank."""
+    """Per layer: full rank, effective rank, energy rank (99% of sum sigma^2), stable rank and
+    entropy rank."""
     return {
         name: {
             "full": int(len(s)),
             "effective": effective_rank(s, tol),
+            "energy": energy_rank(s),
             "stable": stable_rank(s),
             "entropy": entropy_rank(s),
         }

@@ -12,6 +12,7 @@ import copy
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -19,14 +20,21 @@ from torch import Tensor, nn
 from .convert import iter_layers, merge_model, set_module
 from .cost import Cost, count_cost
 from .layers import LowRankConv2d, LowRankLinear
-from .spectra import layer_matrix
+from .spectra import energy_rank, layer_matrix
 
 __all__ = [
+    "Policy",
     "Uniform",
     "Global",
     "Energy",
+    "Budget",
+    "FlopBudget",
     "Ranks",
+    "LayerCosts",
     "make_policy",
+    "parse_policy",
+    "policy_class",
+    "list_policies",
     "POLICIES",
     "SVDCache",
     "layer_svd",
@@ -45,82 +53,311 @@ def _number(field: str, value) -> float:
     return float(value)
 
 
+#: Every rank policy by its CLI spelling; a subclass of :class:`Policy` with a ``name`` adds
+#: itself. The CLI and the app list policies from here (see :func:`list_policies`).
+POLICIES: dict[str, type[Policy]] = {}
+
+
+class Policy:
+    """A rank policy: ``plan(spectra) -> {layer: rank}``.
+
+    A scalar policy is a frozen dataclass with one number (``value_name``); the class itself
+    says how to show and sweep it: ``name`` (CLI spelling, ``"global:0.5"``), ``label`` and
+    ``help`` (a UI's words), ``low``/``high``/``step``/``default``/``fmt``/``unit`` (a slider),
+    :meth:`sweep` (a trade-off curve from the full model to the smallest sensible one).
+    ``needs_costs`` policies are planned with ``plan(spectra, costs)``, costs being the
+    :class:`LayerCosts` of the model being cut.
+    """
+
+    name: ClassVar[str] = ""
+    label: ClassVar[str] = ""
+    help: ClassVar[str] = ""
+    value_name: ClassVar[str | None] = None
+    low: ClassVar[float] = 0.0
+    high: ClassVar[float] = 1.0
+    step: ClassVar[float] = 0.01
+    default: ClassVar[float] = 0.5
+    fmt: ClassVar[str] = "%.2f"
+    unit: ClassVar[str] = ""
+    needs_costs: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if "name" in cls.__dict__ and cls.name:
+            POLICIES[cls.name] = cls
+
+    @property
+    def value(self) -> float | None:
+        return None if self.value_name is None else getattr(self, self.value_name)
+
+    def __str__(self) -> str:
+        return f"{self.name}:{self.value:g}"
+
+    def spec(self) -> dict:
+        """JSON-able description: ``{"policy": name, "value": number}``."""
+        return {"policy": self.name, "value": self.value}
+
+    @classmethod
+    def sweep(cls, points: int = 25) -> list[float]:
+        """Values for a trade-off curve, from the full model to the smallest sensible one."""
+        raise NotImplementedError
+
+    @classmethod
+    def describe(cls) -> dict:
+        """What a UI needs to offer this policy (JSON-able)."""
+        return {
+            "name": cls.name,
+            "label": cls.label,
+            "help": cls.help,
+            "kind": "scalar" if cls.value_name else "table",
+            "field": cls.value_name,
+            "min": cls.low,
+            "max": cls.high,
+            "step": cls.step,
+            "default": cls.default,
+            "format": cls.fmt,
+            "unit": cls.unit,
+        }
+
+    def plan(self, spectra: dict[str, Tensor]) -> dict[str, int]:
+        raise NotImplementedError
+
+
+def _points(points: int) -> int:
+    if isinstance(points, bool) or not isinstance(points, int) or points < 2:
+        raise ValueError(f"points: expected an integer >= 2, got {points!r}")
+    return points
+
+
+def _pooled_order(spectra: dict[str, Tensor]) -> list[str]:
+    """Layer names, one per droppable singular value, smallest normalised value first.
+
+    Each spectrum is divided by its largest value and all are pooled; a layer's top value is
+    never dropped. Ties keep layer order (a stable sort), so the order is deterministic.
+    """
+    pooled = []  # (normalised value, layer index)
+    names = list(spectra)
+    for i, n in enumerate(names):
+        s = spectra[n].double()
+        top = float(s[0]) if len(s) else 0.0
+        norm = s / top if top > 0 else torch.zeros_like(s)
+        pooled += [(float(v), i) for v in norm[1:]]
+    pooled.sort(key=lambda t: t[0])
+    return [names[i] for _, i in pooled]
+
+
 @dataclass(frozen=True)
-class Uniform:
+class Uniform(Policy):
     """Keep the top ``floor(ratio * full_rank)`` singular values (at least 1) in every layer."""
 
     ratio: float
 
+    name = "uniform"
+    label = "Uniform ratio"
+    help = "Every layer keeps the top ⌊ratio·rank⌋ singular values."
+    value_name = "ratio"
+    low, high, step, default, fmt = 0.01, 1.0, 0.01, 0.5, "%.2f"
+
     def __post_init__(self):
         if not 0 < _number("ratio", self.ratio) <= 1:
             raise ValueError(f"ratio: expected 0 < ratio <= 1, got {self.ratio!r}")
+
+    @classmethod
+    def sweep(cls, points: int = 25) -> list[float]:
+        points = _points(points)
+        return [1 - i / points for i in range(points)]  # 1.0 ... 1/points
 
     def plan(self, spectra: dict[str, Tensor]) -> dict[str, int]:
         return {n: max(1, math.floor(self.ratio * len(s) + 1e-9)) for n, s in spectra.items()}
 
 
 @dataclass(frozen=True)
-class Global:
+class Global(Policy):
     """Normalise each layer's spectrum by its largest value, pool all layers, and drop the
     globally smallest ``fraction`` of singular values (every layer keeps at least one)."""
 
     fraction: float
 
+    name = "global"
+    label = "Global (pooled spectra)"
+    help = (
+        "Spectra normalised by their largest value, pooled over layers, and the globally "
+        "smallest fraction dropped."
+    )
+    value_name = "fraction"
+    low, high, step, default, fmt = 0.0, 0.99, 0.01, 0.5, "%.2f"
+
     def __post_init__(self):
         if not 0 <= _number("fraction", self.fraction) < 1:
             raise ValueError(f"fraction: expected 0 <= fraction < 1, got {self.fraction!r}")
 
+    @classmethod
+    def sweep(cls, points: int = 25) -> list[float]:
+        points = _points(points)
+        return [0.99 * i / (points - 1) for i in range(points)]  # 0 ... 0.99
+
     def plan(self, spectra: dict[str, Tensor]) -> dict[str, int]:
-        names = list(spectra)
-        pooled = []  # (normalised value, layer index)
-        for i, n in enumerate(names):
-            s = spectra[n].double()
-            top = float(s[0]) if len(s) else 0.0
-            norm = s / top if top > 0 else torch.zeros_like(s)
-            pooled += [(float(v), i) for v in norm[1:]]  # the top value is never dropped
-        total = sum(len(spectra[n]) for n in names)
-        n_drop = min(math.floor(self.fraction * total + 1e-9), len(pooled))
-        pooled.sort(key=lambda t: t[0])
-        ranks = [len(spectra[n]) for n in names]
-        for _, i in pooled[:n_drop]:
-            ranks[i] -= 1
-        return dict(zip(names, ranks))
+        order = _pooled_order(spectra)
+        total = sum(len(s) for s in spectra.values())
+        n_drop = min(math.floor(self.fraction * total + 1e-9), len(order))
+        ranks = {n: len(s) for n, s in spectra.items()}
+        for n in order[:n_drop]:
+            ranks[n] -= 1
+        return ranks
 
 
 @dataclass(frozen=True)
-class Energy:
+class Energy(Policy):
     """Per layer, the smallest rank that keeps ``keep`` of the energy ``sum sigma^2``."""
 
     keep: float
+
+    name = "energy"
+    label = "Energy per layer"
+    help = "Per layer, the smallest rank that keeps this share of Σσ²."
+    value_name = "keep"
+    low, high, step, default, fmt = 0.5, 1.0, 0.001, 0.99, "%.3f"
 
     def __post_init__(self):
         if not 0 < _number("keep", self.keep) <= 1:
             raise ValueError(f"keep: expected 0 < keep <= 1 (energy share), got {self.keep!r}")
 
+    @classmethod
+    def sweep(cls, points: int = 25) -> list[float]:
+        points = _points(points)
+        return [1 - 0.5 * (i / (points - 1)) ** 2 for i in range(points)]  # 1.0 ... 0.5
+
     def plan(self, spectra: dict[str, Tensor]) -> dict[str, int]:
-        out = {}
-        for n, s in spectra.items():
-            e = s.double().pow(2)
-            total = float(e.sum())
-            if total <= 0:
-                out[n] = 1
-                continue
-            share = torch.cumsum(e, 0) / total
-            out[n] = min(len(s), int((share < self.keep - 1e-12).sum()) + 1)
+        return {n: max(1, energy_rank(s, self.keep)) for n, s in spectra.items()}
+
+
+@dataclass(frozen=True)
+class LayerCosts:
+    """What each cut layer costs at a given rank, and what the rest of the model costs.
+
+    A layer with an ``(m, n)`` weight matrix costs ``m*n`` parameters at full rank and, in the
+    low-rank form, ``r*(m+n)`` wherever that is smaller (the rule :func:`truncate` uses); its
+    FLOPs scale the same way (both thin layers run at the layer's output positions). Biases,
+    norms and layers left out are ``fixed``. Built by :meth:`SVDCache.costs`.
+    """
+
+    shapes: dict[str, tuple[int, int]]  # layer -> (m, n) of its weight matrix
+    flops_full: dict[str, int]  # layer -> its FLOPs uncut
+    fixed: dict[str, int]  # {"params", "flops"} of everything that is not a cut weight
+    base: dict[str, int]  # {"params", "flops"} of the uncut model
+    form: str = "low_rank"
+
+    def layer(self, name: str, rank: int) -> dict[str, int]:
+        m, n = self.shapes[name]
+        full = m * n
+        params = rank * (m + n) if self.form == "low_rank" and rank * (m + n) < full else full
+        return {"params": params, "flops": self.flops_full[name] * params // full}
+
+    def total(self, ranks: dict[str, int]) -> dict[str, int]:
+        out = dict(self.fixed)
+        for name, r in ranks.items():
+            c = self.layer(name, r)
+            out["params"] += c["params"]
+            out["flops"] += c["flops"]
         return out
 
 
 @dataclass(frozen=True)
-class Ranks:
+class Budget(Policy):
+    """The largest model within ``percent`` % of the uncut model's parameters (or FLOPs with
+    ``measure="flops"``): singular values are dropped in :class:`Global`'s order (smallest
+    sigma/sigma_max first, pooled over layers) until the cost fits. This is the smallest
+    ``Global`` fraction that meets the budget, found exactly instead of by bisection. When
+    even rank 1 everywhere does not fit, every layer keeps rank 1."""
+
+    percent: float
+    measure: str = "params"
+
+    name = "budget"
+    label = "Budget (share of the parameters)"
+    help = "The largest model (Global order) with at most this share of the parameters."
+    value_name = "percent"
+    low, high, step, default, fmt, unit = 1.0, 100.0, 0.5, 20.0, "%.1f", "%"
+    needs_costs = True
+
+    def __post_init__(self):
+        if not 0 < _number("percent", self.percent) <= 100:
+            raise ValueError(f"percent: expected 0 < percent <= 100, got {self.percent!r}")
+        if self.measure not in ("params", "flops"):
+            raise ValueError(f"measure: expected 'params' or 'flops', got {self.measure!r}")
+
+    def __str__(self) -> str:
+        return f"{self.name}:{self.percent:g}"
+
+    @classmethod
+    def sweep(cls, points: int = 25) -> list[float]:
+        points = _points(points)  # 100% ... 2%, denser at the small end
+        return [round(100 * 0.02 ** (i / (points - 1)), 3) for i in range(points)]
+
+    def target(self, costs: LayerCosts) -> float:
+        """The budget in parameters (or FLOPs) of the uncut model."""
+        return self.percent / 100.0 * costs.base[self.measure]
+
+    def plan(self, spectra: dict[str, Tensor], costs: LayerCosts | None = None) -> dict[str, int]:
+        if costs is None:
+            raise ValueError(
+                f"costs: {type(self).__name__} needs the model's layer costs; use plan_ranks() "
+                "or truncate() with example_input=, or lorita.Compressor"
+            )
+        if costs.form != "low_rank":
+            raise ValueError(
+                f"form: a budget needs form='low_rank' (the dense form keeps every weight's "
+                f"size), got {costs.form!r}"
+            )
+        target = self.target(costs)
+        ranks = {n: len(s) for n, s in spectra.items()}
+        total = costs.total(ranks)[self.measure]
+        for n in _pooled_order(spectra):
+            if total <= target:
+                break
+            before = costs.layer(n, ranks[n])[self.measure]
+            ranks[n] -= 1
+            total += costs.layer(n, ranks[n])[self.measure] - before
+        return ranks
+
+
+@dataclass(frozen=True)
+class FlopBudget(Budget):
+    """:class:`Budget` on FLOPs: the largest model within ``percent`` % of the FLOPs."""
+
+    percent: float
+    measure: str = "flops"
+
+    name = "flops-budget"
+    label = "Budget (share of the FLOPs)"
+    help = "The largest model (Global order) with at most this share of the FLOPs."
+
+
+@dataclass(frozen=True)
+class Ranks(Policy):
     """Explicit ranks ``{layer_name: rank}``; layers not named keep full rank."""
 
     ranks: dict
+
+    name = "ranks"
+    label = "Per-layer ranks (table)"
+    help = "Each named layer keeps the given rank; the others keep full rank."
 
     def __post_init__(self):
         if not isinstance(self.ranks, dict):
             raise ValueError(
                 f"ranks: expected a dict {{layer_name: rank}}, got {type(self.ranks).__name__}"
             )
+
+    def __str__(self) -> str:
+        return "ranks:" + ",".join(f"{n}={r}" for n, r in self.ranks.items())
+
+    def spec(self) -> dict:
+        return {"policy": self.name, "ranks": dict(self.ranks)}
+
+    @classmethod
+    def sweep(cls, points: int = 25) -> list[float]:
+        raise ValueError("policy: 'ranks' has no range to sweep; choose a scalar policy")
 
     def plan(self, spectra: dict[str, Tensor]) -> dict[str, int]:
         unknown = [n for n in self.ranks if n not in spectra]
@@ -139,25 +376,60 @@ class Ranks:
         return out
 
 
-POLICIES = {"uniform": Uniform, "global": Global, "energy": Energy}
+def policy_class(policy: str | type[Policy]) -> type[Policy]:
+    """The policy class for a name (``"global"``) or a class."""
+    if isinstance(policy, type) and issubclass(policy, Policy):
+        return policy
+    if isinstance(policy, str) and policy in POLICIES:
+        return POLICIES[policy]
+    raise ValueError(f"policy: expected one of {', '.join(POLICIES)}, got {policy!r}")
 
 
-def make_policy(name: str, value: float):
+def make_policy(name: str | type[Policy], value: float) -> Policy:
     """``make_policy("global", 0.5)`` -> ``Global(0.5)``."""
-    if name not in POLICIES:
-        raise ValueError(f"policy: expected one of {', '.join(POLICIES)}, got {name!r}")
-    return POLICIES[name](value)
+    cls = policy_class(name)
+    if cls.value_name is None:
+        raise ValueError(f"policy: {cls.name!r} takes no single value; build it directly")
+    return cls(value)
 
 
-def default_values(name: str, points: int = 25) -> list[float]:
+def _parse_ranks(text: str) -> Ranks:
+    ranks = {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        layer, sep, r = item.partition("=")
+        if not sep or not r.strip().isdigit():
+            raise ValueError(f"policy: expected ranks:LAYER=RANK,LAYER=RANK, got item {item!r}")
+        ranks[layer.strip()] = int(r)
+    return Ranks(ranks)
+
+
+def parse_policy(text: str) -> Policy:
+    """A policy from its CLI spelling: ``"global:0.9"``, ``"budget:10"``,
+    ``"ranks:fc1=4,fc2=8"``. Bad text raises ValueError naming the policy and what is allowed."""
+    if not isinstance(text, str):
+        raise ValueError(f"policy: expected text like 'global:0.5', got {text!r}")
+    name, sep, value = text.strip().partition(":")
+    name = name.strip().lower()
+    if not sep:
+        raise ValueError(f"policy: expected NAME:VALUE (e.g. global:0.5), got {text!r}")
+    cls = policy_class(name)
+    if cls is Ranks:
+        return _parse_ranks(value)
+    try:
+        number = float(value)
+    except ValueError:
+        raise ValueError(f"policy: {name} needs a number after ':', got {value!r}") from None
+    return cls(number)
+
+
+def list_policies() -> list[dict]:
+    """Every policy's :meth:`Policy.describe` (JSON-able), in registration order."""
+    return [cls.describe() for cls in POLICIES.values()]
+
+
+def default_values(name: str | type[Policy], points: int = 25) -> list[float]:
     """A sweep over a policy's range, from the full model to the smallest sensible one."""
-    if name == "uniform":
-        return [1 - i / points for i in range(points)]  # 1.0 ... 1/points
-    if name == "global":
-        return [0.99 * i / (points - 1) for i in range(points)]  # 0 ... 0.99
-    if name == "energy":
-        return [1 - 0.5 * (i / (points - 1)) ** 2 for i in range(points)]  # 1.0 ... 0.5
-    raise ValueError(f"policy: expected one of {', '.join(POLICIES)}, got {name!r}")
+    return policy_class(name).sweep(points)
 
 
 class SVDCache:
@@ -166,10 +438,18 @@ class SVDCache:
     Args:
         model: a plain, composed or truncated model; it is merged (copied) first.
         layers: names of the layers to truncate; default every Linear/Conv2d.
+        example_input: an input batch, for policies that plan by cost (:class:`Budget`).
     """
 
-    def __init__(self, model: nn.Module, layers: Iterable[str] | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: Iterable[str] | None = None,
+        *,
+        example_input: Tensor | None = None,
+    ) -> None:
         self.model = merge_model(model).eval()
+        self.example_input = example_input
         available = dict(iter_layers(self.model))
         names = list(available) if layers is None else list(layers)
         unknown = [n for n in names if n not in available]
@@ -194,10 +474,31 @@ class SVDCache:
             self._base_costs[key] = count_cost(self.model, example_input)
         return self._base_costs[key]
 
+    def costs(self, example_input: Tensor | None = None, form: str = "low_rank") -> LayerCosts:
+        """Each cached layer's cost as a function of its rank (see :class:`LayerCosts`)."""
+        x = self.example_input if example_input is None else example_input
+        if x is None:
+            raise ValueError(
+                "example_input: planning by cost needs one input batch; pass example_input= "
+                "(or build the SVD cache with one)"
+            )
+        base = self.base_cost(x)
+        flops_full = {n: int(base.per_layer[n]["flops"]) for n in self.svd}
+        weights = sum(m * n for m, n in self.shapes.values())
+        return LayerCosts(
+            shapes=dict(self.shapes),
+            flops_full=flops_full,
+            fixed={"params": base.params - weights, "flops": base.flops - sum(flops_full.values())},
+            base={"params": base.params, "flops": base.flops},
+            form=form,
+        )
 
-def layer_svd(model: nn.Module, layers: Iterable[str] | None = None) -> SVDCache:
+
+def layer_svd(
+    model: nn.Module, layers: Iterable[str] | None = None, *, example_input: Tensor | None = None
+) -> SVDCache:
     """Compute every layer's SVD once; pass the result as ``svd=`` to plan/truncate."""
-    return SVDCache(model, layers)
+    return SVDCache(model, layers, example_input=example_input)
 
 
 def _cache(model, svd, layers) -> SVDCache:
@@ -209,12 +510,25 @@ def _cache(model, svd, layers) -> SVDCache:
 
 
 def plan_ranks(
-    model: nn.Module, policy, *, svd: SVDCache | None = None, layers: Iterable[str] | None = None
+    model: nn.Module,
+    policy,
+    *,
+    svd: SVDCache | None = None,
+    layers: Iterable[str] | None = None,
+    example_input: Tensor | None = None,
+    form: str = "low_rank",
 ) -> dict[str, int]:
-    """``{layer_name: rank}`` that ``policy`` keeps for ``model``."""
+    """``{layer_name: rank}`` that ``policy`` keeps for ``model``.
+
+    Policies that plan by cost (``needs_costs``, e.g. :class:`Budget`) need ``example_input``
+    (or an SVD cache built with one) and the ``form`` the model will be cut to.
+    """
     if not hasattr(policy, "plan"):
-        raise ValueError(f"policy: expected Uniform, Global, Energy or Ranks, got {policy!r}")
-    return policy.plan(_cache(model, svd, layers).spectra)
+        raise ValueError(f"policy: expected one of {', '.join(POLICIES)} policies, got {policy!r}")
+    cache = _cache(model, svd, layers)
+    if getattr(policy, "needs_costs", False):
+        return policy.plan(cache.spectra, cache.costs(example_input, form))
+    return policy.plan(cache.spectra)
 
 
 def truncate(
@@ -224,6 +538,7 @@ def truncate(
     form: str = "low_rank",
     svd: SVDCache | None = None,
     layers: Iterable[str] | None = None,
+    example_input: Tensor | None = None,
 ) -> nn.Module:
     """A new model whose layers keep only the singular values ``policy`` chooses.
 
@@ -231,12 +546,13 @@ def truncate(
     approximation (structure-preserving). form="low_rank": each cut layer becomes a
     LowRankLinear / LowRankConv2d (two thin layers) wherever r*(m+n) < m*n, so the savings are
     real at run time; elsewhere it stays dense with the rank-r weight. Uncut layers are kept.
-    The chosen ranks are recorded as ``model.lorita_ranks``.
+    The chosen ranks are recorded as ``model.lorita_ranks``. ``example_input`` is needed only
+    by policies that plan by cost (:class:`Budget`) when ``svd`` was built without one.
     """
     if form not in ("low_rank", "dense"):
         raise ValueError(f"form: expected 'low_rank' or 'dense', got {form!r}")
     cache = _cache(model, svd, layers)
-    ranks = plan_ranks(model, policy, svd=cache)
+    ranks = plan_ranks(model, policy, svd=cache, example_input=example_input, form=form)
     new = copy.deepcopy(cache.model)
     for name, r in ranks.items():
         u, s, vh = cache.svd[name]
@@ -271,7 +587,7 @@ def _metric_value(result, key: str) -> float:
 
 def tradeoff_curve(
     model: nn.Module,
-    policy_name: str,
+    policy_name: str | type[Policy],
     values: Sequence[float] | None = None,
     *,
     evaluate: Callable[[nn.Module], dict | float],
@@ -279,18 +595,21 @@ def tradeoff_curve(
     form: str = "low_rank",
     svd: SVDCache | None = None,
     layers: Iterable[str] | None = None,
+    progress: Callable[[int, int, dict], object] | None = None,
 ) -> list[dict]:
-    """Evaluate the truncated model at each policy value.
+    """Evaluate the truncated model at each policy value (a name like ``"global"`` or a class).
 
     Returns one dict per value: ``value, ranks, params, flops, params_pct, flops_pct, metric``
     (whatever ``evaluate(model)`` returned), percentages relative to the merged model.
+    ``progress(done, total, point)`` is called after each point (e.g. to fill in a chart).
     """
+    cls = policy_class(policy_name)
     cache = _cache(model, svd, layers)
-    values = default_values(policy_name) if values is None else list(values)
+    values = cls.sweep() if values is None else list(values)
     base = cache.base_cost(example_input)
     out = []
     for v in values:
-        small = truncate(model, make_policy(policy_name, v), form=form, svd=cache)
+        small = truncate(model, cls(v), form=form, svd=cache, example_input=example_input)
         cost = count_cost(small, example_input)
         out.append(
             {
@@ -303,12 +622,14 @@ def tradeoff_curve(
                 "metric": evaluate(small),
             }
         )
+        if progress is not None:
+            progress(len(out), len(values), out[-1])
     return out
 
 
 def smallest_within(
     model: nn.Module,
-    policy_name: str = "global",
+    policy_name: str | type[Policy] = "global",
     *,
     evaluate: Callable[[nn.Module], dict | float],
     max_drop: float,
@@ -345,7 +666,7 @@ def smallest_within(
             svd=cache,
         )
 
-    curve = point(default_values(policy_name) if values is None else values)
+    curve = point(policy_class(policy_name).sweep() if values is None else values)
 
     def ok(p):
         return _metric_value(p["metric"], key) >= floor
@@ -379,11 +700,17 @@ def smallest_within(
         chosen = copy.deepcopy(cache.model)
     else:  # the curve point already holds the chosen model's cost
         best = min(feasible, key=lambda p: (p["params"], -_metric_value(p["metric"], key)))
-        chosen = truncate(model, make_policy(policy_name, best["value"]), form=form, svd=cache)
+        chosen = truncate(
+            model,
+            make_policy(policy_name, best["value"]),
+            form=form,
+            svd=cache,
+            example_input=example_input,
+        )
     curve.sort(key=lambda p: p["params"])
     return {
         **best,
-        "policy": policy_name,
+        "policy": policy_class(policy_name).name,
         "base_metric": base_metric,
         "model": chosen,
         "curve": curve,
