@@ -94,7 +94,7 @@ def config(preset: str) -> dict[str, Any]:
         raise ValueError(f"preset: unknown {preset!r}; allowed: {', '.join(PRESETS)}")
     cfg = PRESETS[preset]["config"]
     if cfg is None:
-        from lorita.train import TrainConfig
+        from lorita.engine import TrainConfig
 
         cfg = {**TrainConfig().to_dict(), "device": "auto"}
     return dict(cfg)

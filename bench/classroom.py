@@ -30,8 +30,8 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 import lorita as lt  # noqa: E402
+from lorita.engine import TrainConfig  # noqa: E402
 from lorita.runs import RunStore  # noqa: E402
-from lorita.train import TrainConfig  # noqa: E402
 
 
 def cli_wall(n_factors: int, runs: Path, name: str) -> float:
@@ -58,7 +58,7 @@ def in_process(spectra_every: int, runs: Path, name: str) -> dict:
     cfg = TrainConfig(spectra_every=spectra_every)
     run = RunStore(runs).create(cfg.to_dict(), name=name)
     t0 = time.perf_counter()
-    res = lt.train.train(cfg, run, threads="auto")
+    res = lt.train(cfg, run, threads="auto")
     res["wall"] = time.perf_counter() - t0
     res["snapshots"] = len(run.spectra())
     return res

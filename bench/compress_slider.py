@@ -41,8 +41,8 @@ def cpu_name() -> str:
 
 
 def train_run(root: Path, name: str, config: dict) -> float:
+    from lorita.engine import train
     from lorita.runs import RunStore
-    from lorita.train import train
 
     t0 = time.perf_counter()
     result = train(config, RunStore(root).create(config, name=name))

@@ -26,8 +26,8 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 import lorita as lt  # noqa: E402
+from lorita.engine import TrainConfig, evaluate  # noqa: E402
 from lorita.runs import RunStore  # noqa: E402
-from lorita.train import TrainConfig, evaluate  # noqa: E402
 
 SETUPS = {
     "digits": {},  # the classroom defaults
@@ -85,7 +85,7 @@ def main() -> None:
             cfg = TrainConfig(dataset=ds, n_factors=n, weight_decay=wd, **SETUPS.get(ds, {}))
             run = store.create(cfg.to_dict(), name=f"{ds}-wd{wd:g}-n{n}")
             t0 = time.time()
-            res = lt.train.train(cfg, run, threads="auto")
+            res = lt.train(cfg, run, threads="auto")
             model = run.load_model("best")
             splits = run.load_splits()
             spec = lt.layer_spectra(model)

@@ -9,11 +9,12 @@ factors back, and cut small singular values to get a model that is really smalle
     lt.count_cost(small, x), lt.save(small, "small.safetensors")
 """
 
-from . import functional, train  # lt.train is the module: lt.train.train(config, run)
+from . import functional
 from .compress import Compressor, CompressResult
 from .convert import composed_layers, iter_layers, merge_model, overparameterize
 from .cost import Cost, count_cost, measure_latency
 from .data import DatasetUnavailable, Splits, list_datasets, load_dataset
+from .engine import TrainConfig, build_model, evaluate, finetune, load_splits, train
 from .export import export_onnx, load, load_bytes, read_spec, save, save_bytes
 from .layers import FactorConv2d, FactorLinear, LowRankConv2d, LowRankLinear
 from .models import create_model, default_skip, list_models
@@ -26,7 +27,6 @@ from .spectra import (
     rank_summary,
     stable_rank,
 )
-from .train import TrainConfig, build_model, evaluate, finetune
 from .truncation import (
     POLICIES,
     Budget,
@@ -109,4 +109,5 @@ __all__ = [
     "build_model",
     "evaluate",
     "finetune",
+    "load_splits",
 ]

@@ -1,27 +1,32 @@
 """The run store: one folder per training run, the single source of truth for CLI and app.
 
-Layout of ``<root>/<name>/`` (root: ``LORITA_RUNS``, default ``./runs``)::
+This module is the only code that reads or writes ``<root>/<name>/`` (root: ``LORITA_RUNS``,
+default ``./runs``); it imports nothing from the training engine. Layout of a run folder::
 
     config.json       the TrainConfig as a dict
-    status.json       state (queued|running|completed|failed|stopped), message, pid, heartbeat,
-                      created / started / ended (unix seconds), step, total_steps, epoch, device
+    status.json       state (queued|running|completed|failed|stopped), message, pid, host,
+                      heartbeat, created / started / ended (unix seconds), step, total_steps,
+                      epoch, device
     metrics.jsonl     one line per measurement: step, epoch, split (train|val|test), loss, acc,
                       lr, time
     spectra.jsonl     one line per snapshot: step, epoch, layers {name: [singular values]}
     result.json       the final numbers (best validation accuracy, test accuracy, ...)
-    checkpoints/      best.safetensors, last.safetensors (lorita.save), train_state.safetensors
+    checkpoints/      step-NNNNNNNN/ (one transaction: model, training state, best model and a
+                      manifest, made visible by one rename), best.safetensors and
+                      last.safetensors (what readers load)
+    extra/<key>.json  derived results cached beside the run (e.g. trade-off curves)
+    writer.lock       held by the training process for its life (the OS drops it on death)
     STOP              present when a stop was requested
 
-JSON files are written atomically (temporary file, then rename); the ``.jsonl`` files are
-append-only and their readers skip a half-written last line. A run whose process is gone and
-whose heartbeat is stale reads as ``failed`` with the message ``process died``.
+Whole files are written atomically (temporary file, then rename); the ``.jsonl`` files are
+append-only and their readers skip a broken or half-written line. A run whose process is gone
+reads as ``failed`` with the message ``process died``. A folder whose files are not what they
+should be (e.g. a config.json holding ``[1]``) is listed as broken, never an error.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import json
 import math
 import os
 import re
@@ -32,14 +37,23 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .export import atomic_write_bytes
+import psutil
+from filelock import FileLock, Timeout
+
+from .io import append_jsonl, read_json, read_jsonl, read_last_jsonl, rewrite_jsonl, write_json
 
 __all__ = [
+    "ACTIVE",
     "Run",
     "RunStore",
+    "STATES",
     "acquire_slot",
     "append_jsonl",
+    "load_splits",
+    "process_alive",
+    "read_json",
     "read_jsonl",
+    "read_last_jsonl",
     "validate_name",
     "write_json",
 ]
@@ -48,133 +62,110 @@ STATES = ("queued", "running", "completed", "failed", "stopped")
 ACTIVE = ("queued", "running")
 HEARTBEAT_S = 2.0  # how often a live process refreshes status.json
 STALE_S = 15.0  # heartbeat older than this and pid gone: the process died
-STALE_ANY_S = (
-    180.0  # heartbeat older than this: dead even if the pid exists (reused pid, other host)
-)
+STALE_ANY_S = 180.0  # heartbeat older than this: dead even if the pid exists (other host)
+PAIR_WINDOW_S = 120.0  # a composed run and its N=1 baseline are created this close together
+WRITER_LOCK = "writer.lock"
+SETUP_KEYS = (
+    "dataset", "dataset_kwargs", "model", "model_kwargs", "init", "optimizer", "lr",
+    "weight_decay", "schedule", "epochs", "batch_size", "seed", "val_fraction", "split_seed",
+)  # fmt: skip
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+_TEMP_RE = re.compile(r"^\..+\.(\d+)\.\d+\.[a-z]+$")  # lorita.io.temp_beside names
 
 
-# --------------------------------------------------------------------------- files
+# --------------------------------------------------------------------------- names, processes
 
 
-def validate_name(name: str) -> str:
-    """Return ``name`` if it is a safe run name (letters, digits, ``._-``; no path tricks)."""
+def validate_name(name: Any) -> str:
+    """Return ``name`` if it is a safe run name (letters, digits, ``._-``; no path tricks).
+
+    THE name check: every function that turns a run name into a path calls it.
+    """
     if not isinstance(name, str) or not _NAME_RE.match(name) or ".." in name:
+        shown = repr(name) if len(repr(name)) <= 60 else repr(name)[:57] + "..."
         raise ValueError(
-            f"run name: {name!r} is not allowed; use 1-100 letters, digits, '.', '_' or '-', "
+            f"run name: {shown} is not allowed; use 1-100 letters, digits, '.', '_' or '-', "
             "starting with a letter or digit, without '..'"
         )
     return name
 
 
-def _json_default(o: Any):
-    if hasattr(o, "item"):
-        return o.item()
-    if isinstance(o, tuple | set):
-        return list(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
-
-
-def _clean(o: Any) -> Any:
-    """Replace non-finite floats (not valid JSON) by None."""
-    if isinstance(o, float) and not math.isfinite(o):
-        return None
-    if isinstance(o, dict):
-        return {k: _clean(v) for k, v in o.items()}
-    if isinstance(o, list | tuple):
-        return [_clean(v) for v in o]
-    return o
-
-
-def write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Write JSON atomically: a temporary file in the same folder, then ``os.replace``."""
-    text = json.dumps(_clean(obj), indent=1, default=_json_default) + "\n"
-    atomic_write_bytes(path, text.encode(), sync=False)
-
-
-def read_json(path: str | os.PathLike, default: Any = None) -> Any:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (FileNotFoundError, json.JSONDecodeError):
+def _num(v: Any, default: float = 0.0) -> float:
+    """A finite float from a value read from a file, else ``default``."""
+    if isinstance(v, bool) or not isinstance(v, int | float):
         return default
+    v = float(v)
+    return v if math.isfinite(v) else default
 
 
-def append_jsonl(path: str | os.PathLike, obj: Any) -> None:
-    """Append one JSON line (one ``write`` call, so a reader sees it whole or not at all)."""
-    line = json.dumps(_clean(obj), separators=(",", ":"), default=_json_default) + "\n"
-    with open(path, "a") as f:
-        f.write(line)
-
-
-def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    """All complete JSON lines of a file; a half-written or broken line is skipped."""
-    out = []
+def process_alive(pid: Any, started: Any = None) -> bool:
+    """Whether process ``pid`` exists here (and, given ``started``, is the one started then)."""
+    if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0:
+        return False
     try:
-        with open(path) as f:
-            for line in f:
-                if not line.endswith("\n"):
-                    break  # being written right now
-                try:
-                    out.append(json.loads(line))
-                except json.JSONDecodeError:
-                    continue
-    except FileNotFoundError:
-        pass
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return False
+        if isinstance(started, int | float) and abs(proc.create_time() - started) > 1.0:
+            return False  # the pid was reused by another process
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.Error:
+        return True
+    return True
+
+
+def _process_started(pid: int) -> float | None:
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
+        return None
+
+
+def load_splits(config: dict):
+    """The dataset splits of a run config (dict), with its validation carve-out."""
+    from .data import load_dataset
+
+    return load_dataset(
+        config["dataset"],
+        val_fraction=config.get("val_fraction", 0.1),
+        seed=config.get("split_seed", 0),
+        augment=config.get("augment", False),
+        normalize=config.get("normalize", True),
+        **(config.get("dataset_kwargs") or {}),
+    )
+
+
+def effective_ranks(layers: dict[str, list[float]], tol: float | None = None) -> dict[str, int]:
+    """Effective rank of each layer's singular values (via :func:`lorita.effective_rank`)."""
+    import torch
+
+    from .spectra import effective_rank
+
+    out = {}
+    for name, s in layers.items() if isinstance(layers, dict) else ():
+        if not isinstance(s, list) or not s:
+            continue
+        vals = [_num(v, math.nan) for v in s]
+        t = torch.nan_to_num(torch.tensor(vals, dtype=torch.float32), nan=0.0)
+        out[name] = int(effective_rank(t) if tol is None else effective_rank(t, tol=tol))
     return out
 
 
-def read_last_jsonl(path: str | os.PathLike) -> dict | None:
-    """The last complete JSON line, read from the end (cheap for large files)."""
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            end = f.tell()
-            chunk, pos, buf = 65536, end, b""
-            while pos > 0:
-                pos = max(0, pos - chunk)
-                f.seek(pos)
-                buf = f.read(end - pos)
-                lines = buf.split(b"\n")
-                # lines[-1] is the unterminated tail; lines[0] may be cut unless pos == 0
-                complete = lines[:-1] if pos == 0 else lines[1:-1]
-                for line in reversed(complete):
-                    try:
-                        return json.loads(line)
-                    except json.JSONDecodeError:
-                        continue
-                chunk *= 4
-    except FileNotFoundError:
-        pass
-    return None
-
-
-def rewrite_jsonl(path: str | os.PathLike, rows: list[dict]) -> None:
-    """Replace a ``.jsonl`` file atomically (used when a resumed run drops lost lines)."""
-    text = "".join(
-        json.dumps(_clean(r), separators=(",", ":"), default=_json_default) + "\n" for r in rows
-    )
-    atomic_write_bytes(path, text.encode(), sync=False)
-
-
-def pid_alive(pid: Any) -> bool:
-    """Whether a process with this id exists on this machine."""
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+def _clean_temp_files(folder: Path) -> None:
+    """Remove temporary files left in ``folder`` by processes that died mid-write."""
+    with contextlib.suppress(OSError):
+        for p in folder.iterdir():
+            m = _TEMP_RE.match(p.name)
+            if m and p.is_file() and not process_alive(int(m.group(1))):
+                p.unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------- one run
 
 
 class Run:
-    """A run folder. Reading methods never raise on a run that is still being written."""
+    """A run folder. Reading methods never raise, whatever the folder holds."""
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
@@ -183,50 +174,67 @@ class Run:
         self._status_cache: dict | None = None
         self._hb_stop: threading.Event | None = None
         self._hb_thread: threading.Thread | None = None
+        self._writer: FileLock | None = None
 
     def __repr__(self) -> str:
         return f"Run({self.name!r})"
 
-    # -- files
+    # -- reading
     @property
     def config(self) -> dict:
-        return read_json(self.path / "config.json", {}) or {}
+        cfg = read_json(self.path / "config.json", {})
+        return cfg if isinstance(cfg, dict) else {}
+
+    def problem(self) -> str | None:
+        """Why this folder is broken (config.json or status.json not a JSON object), or None."""
+        for fname in ("config.json", "status.json"):
+            p = self.path / fname
+            if fname == "status.json" and not p.exists():
+                return "status.json missing"
+            if not isinstance(read_json(p, None), dict):
+                return f"{fname} is not a readable JSON object"
+        return None
 
     @property
     def checkpoint_dir(self) -> Path:
         return self.path / "checkpoints"
 
     def checkpoint(self, which: str = "best") -> Path:
+        """The model file readers load: ``best`` (best validation accuracy) or ``last``."""
         if which not in ("best", "last"):
-            raise ValueError(f"which: {which!r}; allowed: best, last")
+            raise ValueError(f"which: {which!r} is not allowed; expected best or last")
         return self.checkpoint_dir / f"{which}.safetensors"
 
     def raw_status(self) -> dict:
-        """status.json as written (no liveness check)."""
-        return read_json(self.path / "status.json", {}) or {}
+        """status.json as written (no liveness check); {} if missing or broken."""
+        st = read_json(self.path / "status.json", {})
+        return st if isinstance(st, dict) else {}
 
     def is_alive(self) -> bool:
         """Whether the process behind a queued/running run still lives.
 
-        On the machine that runs it, the pid decides at once; elsewhere (a shared folder) a
-        heartbeat older than STALE_S seconds means dead. A heartbeat older than STALE_ANY_S
-        means dead in any case (the pid may have been reused).
+        On the machine that runs it, the pid (and its start time) decides at once; elsewhere
+        (a shared folder) a heartbeat older than STALE_S seconds means dead. A heartbeat older
+        than STALE_ANY_S means dead in any case.
         """
         st = self.raw_status()
         if st.get("state") not in ACTIVE:
             return False
-        age = time.time() - float(st.get("heartbeat") or st.get("created") or 0)
+        age = time.time() - _num(st.get("heartbeat") or st.get("created"))
         if age > STALE_ANY_S:
             return False
         if st.get("host") == socket.gethostname():
-            return pid_alive(st.get("pid"))
+            return process_alive(st.get("pid"), st.get("pid_started"))
         return age <= STALE_S
 
     def status(self) -> dict:
         """status.json; an active run whose process died reads as failed ("process died")."""
         st = self.raw_status()
         if not st:
-            return {"state": "failed", "message": "status.json missing"}
+            problem = self.problem() or "status.json missing"
+            return {"state": "failed", "message": f"broken run folder: {problem}"}
+        if st.get("state") not in STATES:
+            return {**st, "state": "failed", "message": f"unknown state {st.get('state')!r}"}
         if st.get("state") in ACTIVE and not self.is_alive():
             st = {**st, "state": "failed", "message": "process died", "ended": st.get("heartbeat")}
         return st
@@ -242,66 +250,122 @@ class Run:
         return read_last_jsonl(self.path / "spectra.jsonl")
 
     def result(self) -> dict:
-        return read_json(self.path / "result.json", {}) or {}
+        res = read_json(self.path / "result.json", {})
+        return res if isinstance(res, dict) else {}
+
+    def stop_requested(self) -> bool:
+        return (self.path / "STOP").exists()
 
     def request_stop(self) -> None:
         """Ask the training process to stop after its current step (it writes a checkpoint)."""
         (self.path / "STOP").touch()
 
-    def stop_requested(self) -> bool:
-        return (self.path / "STOP").exists()
+    def read_extra(self, key: str, default: Any = None) -> Any:
+        """A derived result cached beside the run (``extra/<key>.json``), or ``default``."""
+        return read_json(self.path / "extra" / f"{validate_name(key)}.json", default)
+
+    def write_extra(self, key: str, obj: Any) -> None:
+        """Cache a derived JSON result beside the run (atomic)."""
+        write_json(self.path / "extra" / f"{validate_name(key)}.json", obj)
 
     def summary(self, tol: float | None = None) -> dict:
-        """One row for tables: state, setup, accuracies and effective ranks of the last snapshot."""
+        """One row for tables: state, setup, accuracies and effective ranks of the last snapshot.
+
+        Never raises: a broken folder gives a row with ``broken`` set to the reason.
+        """
         cfg, st, res = self.config, self.status(), self.result()
-        vals = self.metrics("val")
-        best = max(vals, key=lambda r: r.get("acc") or -1.0) if vals else {}
-        ranks = {}
-        snap = self.last_spectra()
-        if snap:
-            ranks = effective_ranks(snap.get("layers", {}), tol=tol)
+        vals = [r for r in self.metrics("val") if isinstance(r.get("acc"), int | float)]
+        best = max(vals, key=lambda r: r["acc"]) if vals else {}
+        snap = self.last_spectra() or {}
+        layers = snap.get("layers")
         return {
             "name": self.name,
             "state": st.get("state"),
-            "message": st.get("message", ""),
-            "dataset": cfg.get("dataset"),
-            "model": cfg.get("model"),
-            "n_factors": cfg.get("n_factors"),
-            "optimizer": cfg.get("optimizer"),
-            "lr": cfg.get("lr"),
-            "weight_decay": cfg.get("weight_decay"),
-            "epochs": cfg.get("epochs"),
-            "seed": cfg.get("seed"),
-            "step": st.get("step"),
-            "total_steps": st.get("total_steps"),
-            "created": st.get("created"),
-            "started": st.get("started"),
-            "ended": st.get("ended"),
+            "message": str(st.get("message") or ""),
+            "broken": self.problem(),
+            **{k: cfg.get(k) for k in ("dataset", "model", "n_factors", "init", "optimizer")},
+            **{k: cfg.get(k) for k in ("lr", "weight_decay", "epochs", "seed")},
+            **{k: st.get(k) for k in ("step", "total_steps", "created", "started", "ended")},
             "best_val_acc": res.get("best_val_acc", best.get("acc")),
             "best_step": res.get("best_step", best.get("step")),
             "val_acc": vals[-1].get("acc") if vals else None,
             "test_acc": res.get("test_acc"),
-            "spectra_step": snap.get("step") if snap else None,
-            "effective_ranks": ranks,
+            "spectra_step": snap.get("step"),
+            "effective_ranks": effective_ranks(layers, tol=tol) if layers else {},
         }
 
     # -- loading
     def load_model(self, which: str = "best"):
         """The composed model of a checkpoint, on CPU, in eval mode."""
-        import lorita
+        from .export import load
 
         path = self.checkpoint(which)
         if not path.is_file():
             raise ValueError(f"run {self.name!r}: no {which} checkpoint at {path}")
-        return lorita.load(str(path)).eval()
+        return load(str(path)).eval()
 
     def load_splits(self):
         """The dataset splits this run trained on (same validation carve-out)."""
-        from .train import TrainConfig, load_splits
+        cfg = self.config
+        if "dataset" not in cfg:
+            raise ValueError(f"run {self.name!r}: config.json has no dataset")
+        return load_splits(cfg)
 
-        return load_splits(TrainConfig.from_dict(self.config))
+    # -- the writer (the training process only)
+    def hold(self, timeout: float = 1.0) -> None:
+        """Take the writer lock for the life of this process (re-entrant for this object).
 
-    # -- writing (the training process only)
+        ValueError when another live process holds it. The OS releases it when the holder
+        dies, however it dies.
+        """
+        if self._writer is None:
+            self._writer = FileLock(str(self.path / WRITER_LOCK), thread_local=False)
+        try:
+            self._writer.acquire(timeout=timeout)
+        except Timeout:
+            pid = self.raw_status().get("pid")
+            raise ValueError(
+                f"run {self.name!r} is in use by another process (pid {pid}); "
+                "stop it first or wait for it to end"
+            ) from None
+
+    def release(self) -> None:
+        """Give one hold of the writer lock back."""
+        if self._writer is not None and self._writer.is_locked:
+            self._writer.release()
+
+    def held_elsewhere(self) -> bool:
+        """Whether another process holds the writer lock right now."""
+        probe = FileLock(str(self.path / WRITER_LOCK), thread_local=False)
+        try:
+            probe.acquire(timeout=0)
+        except Timeout:
+            return not (self._writer is not None and self._writer.is_locked)
+        except OSError:
+            return False
+        probe.release()
+        return False
+
+    def check_resumable(self) -> None:
+        """ValueError (and nothing written) unless this run may be resumed now."""
+        st = self.raw_status()
+        if st.get("state") == "completed":
+            raise ValueError(
+                f"resume: run {self.name!r} already completed; nothing to resume "
+                "(its result is kept as it is)"
+            )
+        if self.is_alive() or self.held_elsewhere():
+            raise ValueError(
+                f"resume: run {self.name!r} is still {st.get('state')} (pid {st.get('pid')})"
+            )
+
+    def begin_resume(self) -> None:
+        """Check the run may be resumed, take the writer lock and mark it queued (resuming)."""
+        self.check_resumable()
+        self.hold()
+        self.check_resumable()  # checked again under the lock
+        self.update_status(state="queued", message="resuming", ended=None, **_me())
+
     def update_status(self, **fields) -> dict:
         """Merge fields into status.json (atomic) and refresh the heartbeat."""
         with self._lock:
@@ -316,14 +380,15 @@ class Run:
         if self._hb_thread is not None and self._hb_thread.is_alive():
             return
         self._hb_stop = threading.Event()
-
-        def beat(stop=self._hb_stop):
-            while not stop.wait(interval):
-                with contextlib.suppress(OSError):
-                    self.update_status()
-
-        self._hb_thread = threading.Thread(target=beat, name=f"heartbeat-{self.name}", daemon=True)
+        self._hb_thread = threading.Thread(
+            target=self._beat, args=(self._hb_stop, interval), name="heartbeat", daemon=True
+        )
         self._hb_thread.start()
+
+    def _beat(self, stop: threading.Event, interval: float) -> None:
+        while not stop.wait(interval):
+            with contextlib.suppress(OSError):
+                self.update_status()
 
     def stop_heartbeat(self) -> None:
         if self._hb_stop is not None:
@@ -332,31 +397,67 @@ class Run:
             self._hb_thread.join(timeout=5)
         self._hb_thread = None
 
+    def write_config(self, config: dict) -> None:
+        write_json(self.path / "config.json", config, sync=True)
+
+    def write_result(self, result: dict) -> None:
+        write_json(self.path / "result.json", result, sync=True)
+
     def log_metrics(self, row: dict) -> None:
         append_jsonl(self.path / "metrics.jsonl", row)
 
     def log_spectra(self, row: dict) -> None:
         append_jsonl(self.path / "spectra.jsonl", row)
 
+    def consume_stop(self) -> None:
+        """Remove the STOP request once it has been acted on."""
+        (self.path / "STOP").unlink(missing_ok=True)
 
-def effective_ranks(layers: dict[str, list[float]], tol: float | None = None) -> dict[str, int]:
-    """Effective rank of each layer's singular values (via :func:`lorita.effective_rank`)."""
-    import torch
+    def clean_temp(self) -> None:
+        """Remove temporary files left by a killed writer (run folder and checkpoints/)."""
+        _clean_temp_files(self.path)
+        _clean_temp_files(self.checkpoint_dir)
 
-    import lorita
+    def start_over(self) -> None:
+        """Forget everything a previous attempt wrote (logs, result, checkpoints); keep config,
+        status and a pending STOP request."""
+        for fname in ("metrics.jsonl", "spectra.jsonl", "result.json"):
+            (self.path / fname).unlink(missing_ok=True)
+        shutil.rmtree(self.checkpoint_dir, ignore_errors=True)
+        self.checkpoint_dir.mkdir(exist_ok=True)
+        for fname in ("metrics.jsonl", "spectra.jsonl"):
+            (self.path / fname).touch()
 
-    out = {}
-    for name, s in layers.items():
-        if not s:
-            continue
-        t = torch.tensor([v if v is not None else float("nan") for v in s], dtype=torch.float32)
-        t = torch.nan_to_num(t, nan=0.0)
-        r = lorita.effective_rank(t) if tol is None else lorita.effective_rank(t, tol=tol)
-        out[name] = int(r)
-    return out
+    def truncate_logs(self, step: int) -> None:
+        """Keep the log lines of steps up to ``step`` (the checkpoint a run resumes from)."""
+
+        def upto(r: dict) -> bool:
+            s = r.get("step")
+            return isinstance(s, int) and not isinstance(s, bool) and s <= step
+
+        rows = [r for r in self.metrics() if upto(r) and r.get("split") != "test"]
+        rewrite_jsonl(self.path / "metrics.jsonl", rows)
+        rewrite_jsonl(self.path / "spectra.jsonl", [r for r in self.spectra() if upto(r)])
+        (self.path / "result.json").unlink(missing_ok=True)
+
+
+def _me() -> dict:
+    """Status fields naming this process."""
+    pid = os.getpid()
+    return {"pid": pid, "pid_started": _process_started(pid), "host": socket.gethostname()}
 
 
 # --------------------------------------------------------------------------- the store
+
+
+def _created(run: Run) -> float:
+    created = _num(run.raw_status().get("created"), math.nan)
+    if math.isnan(created):
+        try:
+            return (run.path / "config.json").stat().st_mtime
+        except OSError:
+            return 0.0
+    return created
 
 
 class RunStore:
@@ -368,46 +469,52 @@ class RunStore:
     def __repr__(self) -> str:
         return f"RunStore({str(self.root)!r})"
 
+    def path(self, name: str) -> Path:
+        """The folder of run ``name`` (the name is checked first)."""
+        return self.root / validate_name(name)
+
     def list(self) -> list[Run]:
-        """Every run, newest first."""
-        if not self.root.is_dir():
+        """Every run, newest first; broken folders too (see :meth:`Run.problem`)."""
+        try:
+            entries = list(self.root.iterdir()) if self.root.is_dir() else []
+        except OSError:
             return []
         runs = []
-        for p in self.root.iterdir():
-            if p.is_dir() and _NAME_RE.match(p.name) and (p / "config.json").is_file():
-                runs.append(Run(p))
-
-        def created(r: Run) -> float:
-            return float(r.raw_status().get("created") or (r.path / "config.json").stat().st_mtime)
-
-        return sorted(runs, key=created, reverse=True)
+        for p in entries:
+            with contextlib.suppress(OSError):
+                if _NAME_RE.match(p.name) and p.is_dir() and (p / "config.json").is_file():
+                    runs.append(Run(p))
+        return sorted(runs, key=_created, reverse=True)
 
     def get(self, name: str) -> Run:
-        validate_name(name)
-        path = self.root / name
+        path = self.path(name)
         if not (path / "config.json").is_file():
             raise ValueError(f"run: no run named {name!r} in {self.root}")
         return Run(path)
 
     def exists(self, name: str) -> bool:
-        validate_name(name)
-        return (self.root / name).exists()
+        return self.path(name).exists()
 
-    def new_name(self, config: dict) -> str:
-        """A fresh readable name: dataset-model-N<n>-YYYYmmdd-HHMMSS[-k]."""
+    def new_name(self, config: dict, suffix: str = "") -> str:
+        """A fresh readable name: dataset-model-N<n>-YYYYmmdd-HHMMSS[-k][suffix]."""
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        base = f"{config.get('dataset', 'run')}-{config.get('model', 'model')}-N{config.get('n_factors', 1)}-{stamp}"
-        base = re.sub(r"[^A-Za-z0-9._-]", "_", base)[:90]
-        name, k = base, 1
+        cfg = config if isinstance(config, dict) else {}
+        parts = [cfg.get("dataset", "run"), cfg.get("model", "model")]
+        base = f"{parts[0]}-{parts[1]}-N{cfg.get('n_factors', 1)}-{stamp}"
+        base = re.sub(r"[^A-Za-z0-9._-]", "_", base).strip("._-")[:80] or "run"
+        suffix = re.sub(r"[^A-Za-z0-9._-]", "_", str(suffix))[:16]
+        name, k = base + suffix, 1
         while (self.root / name).exists():
             k += 1
-            name = f"{base}-{k}"
-        return name
+            name = f"{base}-{k}{suffix}"
+        return validate_name(name)
 
     def create(self, config: dict, name: str | None = None) -> Run:
         """Make a new run folder with config.json and a queued status.json."""
         if hasattr(config, "to_dict"):
             config = config.to_dict()
+        if self.root.exists() and not self.root.is_dir():
+            raise ValueError(f"runs folder: {str(self.root)!r} exists and is not a folder")
         self.root.mkdir(parents=True, exist_ok=True)
         name = validate_name(name) if name is not None else self.new_name(config)
         path = self.root / name
@@ -416,28 +523,26 @@ class RunStore:
         except FileExistsError:
             raise ValueError(f"run name: {name!r} already exists in {self.root}") from None
         (path / "checkpoints").mkdir()
-        write_json(path / "config.json", config)
-        now = time.time()
+        write_json(path / "config.json", config, sync=True)
         run = Run(path)
         run.update_status(
             state="queued",
             message="",
-            pid=os.getpid(),
-            host=socket.gethostname(),
-            created=now,
+            created=time.time(),
             started=None,
             ended=None,
             step=0,
             total_steps=None,
             epoch=0,
             device=None,
+            **_me(),
         )
         return run
 
     def delete(self, name: str) -> None:
         """Remove a run folder (refused while its process is alive)."""
         run = self.get(name)
-        if run.is_alive():
+        if run.is_alive() or run.held_elsewhere():
             raise ValueError(
                 f"run: {name!r} is still {run.raw_status().get('state')}; stop it first"
             )
@@ -450,16 +555,49 @@ class RunStore:
         """Summaries of the named runs, in the order given."""
         return [self.get(n).summary() for n in names]
 
+    def pair(self, run: Run | str, window_s: float = PAIR_WINDOW_S) -> Run | None:
+        """The run started beside ``run`` with the same setup and the other N.
+
+        For a composed run (N > 1): its N=1 baseline; for an N=1 run: the composed run it was
+        started with. Found from the folders alone (same SETUP_KEYS, created within
+        ``window_s`` seconds), so a restart finds the pair again.
+        """
+        me = self.get(run) if isinstance(run, str) else run
+        cfg, born = me.config, _created(me)
+        mine_n1 = cfg.get("n_factors", 1) == 1
+        best: tuple[float, Run] | None = None
+        for other in self.list():
+            ocfg = other.config
+            if other.name == me.name or (ocfg.get("n_factors", 1) == 1) == mine_n1:
+                continue
+            if any(cfg.get(k) != ocfg.get(k) for k in SETUP_KEYS):
+                continue
+            gap = abs(_created(other) - born)
+            if gap <= window_s and (best is None or gap < best[0]):
+                best = (gap, other)
+        return best[1] if best else None
+
 
 # --------------------------------------------------------------------------- concurrency
 
 
-def acquire_slot(root: str | os.PathLike, k: int, *, poll: float = 0.5, should_stop=None):
-    """Block until one of ``k`` slots under ``<root>/.slots`` is free; return its open file.
+class Slot:
+    """One held training slot; :meth:`close` gives it back (so does the process's death)."""
 
-    The slot is an ``fcntl.flock`` lock, held until the file is closed or the process exits
-    (the kernel drops it even on a crash), so a queue survives restarts of whoever started the
-    runs. Returns None if ``should_stop()`` becomes true while waiting.
+    def __init__(self, lock: FileLock) -> None:
+        self._lock = lock
+
+    def close(self) -> None:
+        if self._lock.is_locked:
+            self._lock.release()
+
+
+def acquire_slot(root: str | os.PathLike, k: int, *, poll: float = 0.5, should_stop=None):
+    """Block until one of ``k`` slots under ``<root>/.slots`` is free; return it (a Slot).
+
+    Each slot is a file lock (``filelock``: flock on POSIX, msvcrt on Windows), held until
+    ``close()`` or the process's exit (the OS drops it even on a crash), so a queue survives
+    restarts of whoever started the runs. Returns None if ``should_stop()`` becomes true.
     """
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"max_concurrent: expected an integer >= 1, got {k!r}")
@@ -467,13 +605,12 @@ def acquire_slot(root: str | os.PathLike, k: int, *, poll: float = 0.5, should_s
     folder.mkdir(parents=True, exist_ok=True)
     while True:
         for i in range(k):
-            f = open(folder / f"slot-{i}.lock", "a+")
+            lock = FileLock(str(folder / f"slot-{i}.lock"), thread_local=False)
             try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                f.close()
+                lock.acquire(timeout=0)
+            except Timeout:
                 continue
-            return f
+            return Slot(lock)
         if should_stop is not None and should_stop():
             return None
         time.sleep(poll)

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from lorita.engine import TrainConfig, train
 from lorita.runs import RunStore
-from lorita.train import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
 # no BatchNorm and plain SGD: then two processes with half batches each must follow the

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import lorita as lt
+from lorita.engine import TrainConfig, evaluate, finetune, load_splits, train
 from lorita.runs import RunStore
-from lorita.train import TrainConfig, evaluate, finetune, load_splits, train
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = {"model_kwargs": {"width": 32, "depth": 2}, "epochs": 2, "spectra_every": 5}
@@ -125,9 +125,9 @@ def test_divergence_after_a_checkpoint_keeps_it(tmp_path, monkeypatch):
     store = RunStore(tmp_path)
     cfg = TrainConfig(**{**SMALL, "epochs": 3})
     run = store.create(cfg.to_dict(), name="late")
-    import lorita.train as tr
+    import lorita.engine.loop as loop
 
-    real = tr._loss_fn
+    real = loop.loss_fn
 
     def poisoned(task, ls=0.0):
         f = real(task, ls)
@@ -140,7 +140,7 @@ def test_divergence_after_a_checkpoint_keeps_it(tmp_path, monkeypatch):
 
         return g
 
-    monkeypatch.setattr(tr, "_loss_fn", poisoned)
+    monkeypatch.setattr(loop, "loss_fn", poisoned)
     res = train(cfg, run)
     assert res["state"] == "failed" and res["step"] == 24
     assert "diverged at step 25" in run.status()["message"]
@@ -203,7 +203,7 @@ def test_resume_after_a_killed_process(tmp_path):
         "1",
     ]
     proc = subprocess.Popen(cmd, env=env, cwd=tmp_path)
-    ckpt = tmp_path / "k" / "checkpoints" / "train_state.safetensors"
+    ckpt = tmp_path / "k" / "checkpoints" / "last.safetensors"
     deadline = time.time() + 60
     while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.02)

@@ -19,8 +19,8 @@ from app_seed import N1, N3, TINY  # noqa: E402
 @pytest.fixture(scope="session")
 def seeded_store(tmp_path_factory) -> Path:
     """A runs folder with a finished N=3 run and its N=1 baseline (same seed and setup)."""
+    from lorita.engine import train
     from lorita.runs import RunStore
-    from lorita.train import train
 
     root = tmp_path_factory.mktemp("runs-seeded")
     store = RunStore(root)

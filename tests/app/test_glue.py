@@ -11,7 +11,7 @@ from app import live, presets, ui
 
 
 def test_classroom_preset_is_the_library_default():
-    from lorita.train import TrainConfig
+    from lorita.engine import TrainConfig
 
     cfg = presets.config("classroom")
     default = TrainConfig().to_dict()
@@ -32,7 +32,7 @@ def test_build_config_drops_options_of_another_dataset_or_model():
 
 @pytest.mark.parametrize("name", list(presets.PRESETS))
 def test_every_preset_is_a_valid_training_config(name):
-    from lorita.train import TrainConfig
+    from lorita.engine import TrainConfig
 
     TrainConfig.from_dict(presets.config(name))  # raises ValueError naming a bad field
 

@@ -1,0 +1,317 @@
+"""TrainConfig: everything that defines a training run, with its help text and bounds.
+
+Each field carries its documentation in ``dataclasses`` field metadata, so the command line and
+the app build their inputs from it without reading source code::
+
+    for f in dataclasses.fields(TrainConfig):
+        f.metadata["help"], f.metadata["kind"], f.metadata.get("min"), f.metadata.get("max")
+
+Metadata keys: ``help`` (one line), ``kind`` (int, float, bool, str, dict, list), ``min`` /
+``max`` (inclusive bounds; ``min_open`` / ``max_open`` make them exclusive), ``choices`` (a
+tuple, or a function returning the allowed values), ``nullable`` (None allowed). Validation
+(:func:`validate`, run by ``__post_init__``) is driven by the same metadata, and every failure
+is a ValueError naming the field, the value and what is allowed. The upper bounds keep a run
+within a workstation's means.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import numpy as np
+
+from .. import data as data_mod
+from .. import models as models_mod
+from ..kinds import INITS
+from ..kinds import INNER_CHOICES as INNER
+
+__all__ = [
+    "AMP_MODES",
+    "DEVICES",
+    "INITS",
+    "INNER",
+    "OPTIMIZERS",
+    "SCHEDULES",
+    "TrainConfig",
+    "validate",
+]
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULES = ("cosine", "step", "plateau", "none")
+AMP_MODES = ("auto", "bf16", "off")
+DEVICES = ("auto", "cpu", "cuda", "mps")  # and "cuda:<index>"
+SEED_MAX = 2**32 - 1  # numpy's seed range
+MAX_JSON_OPTIONS = 64  # keys in dataset_kwargs / model_kwargs
+MAX_PATH = 4096
+
+
+def _opt(default: Any, help: str, kind: str, **meta: Any) -> Any:
+    """A dataclass field with its help text, kind and bounds in the metadata."""
+    md = {"help": help, "kind": kind, **meta}
+    if isinstance(default, dict | list):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=md)
+    return field(default=default, metadata=md)
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run (saved as the run's config.json).
+
+    The defaults are the classroom run: digits, MLP, N=3, a few seconds on a laptop CPU.
+    """
+
+    # data
+    dataset: str = _opt("digits", "dataset name", "str", choices=data_mod.list_datasets)
+    dataset_kwargs: dict = _opt({}, "dataset options (lowrank: rank, ...)", "dict")
+    val_fraction: float = _opt(
+        0.1,
+        "share of the training data held out for validation",
+        "float",
+        min=0,
+        max=0.5,
+        min_open=True,
+    )
+    split_seed: int = _opt(0, "seed of the validation carve-out", "int", min=0, max=SEED_MAX)
+    augment: bool = _opt(False, "random crop + horizontal flip on training batches", "bool")
+    normalize: bool = _opt(True, "standardise channels with the training mean/std", "bool")
+    # model
+    model: str = _opt("mlp", "model name", "str", choices=models_mod.list_models)
+    model_kwargs: dict = _opt({}, "model options (mlp: depth, width, ...)", "dict")
+    n_factors: int = _opt(
+        3,
+        "N: each composed weight is a product of N factors; 1 = ordinary network",
+        "int",
+        min=1,
+        max=10,
+    )
+    init: str = _opt(
+        "balanced",
+        "factor init: balanced (same start as N=1) or independent",
+        "str",
+        choices=INITS,
+    )
+    inner: str | None = _opt(
+        None,
+        "factor inner width: null/min = min(in, out), paper = the authors'",
+        "str",
+        choices=INNER,
+        nullable=True,
+    )
+    skip: list[str] | None = _opt(
+        None,
+        "layer names/patterns left uncomposed; null = the model's default",
+        "list",
+        nullable=True,
+    )
+    init_from: str | None = _opt(
+        None,
+        "start from these weights (safetensors or a PyTorch state_dict file)",
+        "str",
+        nullable=True,
+    )
+    # optimisation
+    optimizer: str = _opt(
+        "adam",
+        "sgd or adam: decay is a true L2 penalty; adamw: decoupled",
+        "str",
+        choices=OPTIMIZERS,
+    )
+    lr: float = _opt(3e-3, "peak learning rate", "float", min=0, max=10, min_open=True)
+    momentum: float = _opt(0.9, "SGD momentum", "float", min=0, max=1, max_open=True)
+    weight_decay: float = _opt(
+        5e-3,
+        "L2 on every parameter, every factor included (the LoRITa knob)",
+        "float",
+        min=0,
+        max=1,
+    )
+    schedule: str = _opt(
+        "cosine",
+        "cosine (per step, to 0), step (x0.1 at 50%, 75%), plateau, none",
+        "str",
+        choices=SCHEDULES,
+    )
+    epochs: int = _opt(30, "passes over the training split", "int", min=1, max=10_000)
+    batch_size: int = _opt(
+        64,
+        "global batch (split across processes under torchrun); 0 = auto",
+        "int",
+        min=0,
+        max=65_536,
+    )
+    label_smoothing: float = _opt(
+        0.0, "cross-entropy label smoothing", "float", min=0, max=1, max_open=True
+    )
+    grad_clip: float = _opt(
+        0.0, "clip the gradient norm to this (0 = off)", "float", min=0, max=1e6
+    )
+    max_steps: int = _opt(0, "stop after this many steps (0 = all epochs)", "int", min=0, max=10**9)
+    seed: int = _opt(
+        0, "seeds initialisation, shuffling and augmentation", "int", min=0, max=SEED_MAX
+    )
+    # hardware
+    device: str = _opt(
+        "auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:<index>, mps", "str"
+    )
+    amp: str = _opt(
+        "auto", "auto (bf16 autocast on CUDA only), bf16, off", "str", choices=AMP_MODES
+    )
+    num_workers: int = _opt(
+        0, "DataLoader worker processes (0 is usually best)", "int", min=0, max=64
+    )
+    # logging
+    spectra_every: int = _opt(
+        10,
+        "steps between spectra snapshots (0 = only at start and end)",
+        "int",
+        min=0,
+        max=10**9,
+    )
+    spectra_budget: float = _opt(
+        0.05,
+        "skip a snapshot when snapshots would exceed this share of time",
+        "float",
+        min=0,
+        max=1,
+        min_open=True,
+    )
+    eval_every: int = _opt(
+        0, "steps between validation passes (0 = once per epoch)", "int", min=0, max=10**9
+    )
+    log_every: int = _opt(
+        10, "steps between training-loss lines in metrics.jsonl", "int", min=1, max=10**9
+    )
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        """Build from a dict (e.g. config.json); unknown keys are an error."""
+        if isinstance(d, TrainConfig):
+            return d
+        if not isinstance(d, dict):
+            raise ValueError(f"config: expected a JSON object, got {type(d).__name__}")
+        names = [f.name for f in fields(cls)]
+        unknown = sorted(str(k) for k in set(d) - set(names))
+        if unknown:
+            shown = unknown[:5] + (["..."] if len(unknown) > 5 else [])
+            raise ValueError(f"config: unknown field(s) {shown}; allowed: {', '.join(names)}")
+        return cls(**d)
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike) -> TrainConfig:
+        try:
+            with open(path, "rb") as f:
+                raw = f.read(1_000_001)
+            if len(raw) > 1_000_000:
+                raise ValueError(f"config: file {str(path)!r} is larger than 1 MB")
+            d = json.loads(raw)
+        except FileNotFoundError:
+            raise ValueError(f"config: file {str(path)!r} not found") from None
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+            why = type(e).__name__ if isinstance(e, RecursionError) else str(e)
+            raise ValueError(f"config: file {str(path)!r} is not readable JSON ({why})") from None
+        return cls.from_dict(d)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def is_int(v: Any) -> bool:
+    return isinstance(v, int | np.integer) and not isinstance(v, bool)
+
+
+def is_num(v: Any) -> bool:
+    return (is_int(v) or isinstance(v, float | np.floating)) and math.isfinite(float(v))
+
+
+def _bad(name: str, value: Any, allowed: str) -> ValueError:
+    shown = repr(value)
+    if len(shown) > 80:
+        shown = shown[:77] + "..."
+    return ValueError(f"{name}: {shown} is not allowed; expected {allowed}")
+
+
+def _range_text(md: dict) -> str:
+    lo, hi = md.get("min", -math.inf), md.get("max", math.inf)
+    return f"{'(' if md.get('min_open') else '['}{lo:g}, {hi:g}{')' if md.get('max_open') else ']'}"
+
+
+def _in_range(v: float, md: dict) -> bool:
+    lo, hi = md.get("min", -math.inf), md.get("max", math.inf)
+    lo_ok = v > lo if md.get("min_open") else v >= lo
+    hi_ok = v < hi if md.get("max_open") else v <= hi
+    return lo_ok and hi_ok
+
+
+def _check_number(name: str, v: Any, md: dict) -> int | float:
+    if md["kind"] == "int":
+        if not is_int(v) or not _in_range(int(v), md):
+            raise _bad(name, v, f"an integer in {_range_text(md)}")
+        return int(v)
+    if not is_num(v) or not _in_range(float(v), md):
+        raise _bad(name, v, f"a finite number in {_range_text(md)}")
+    return float(v)
+
+
+def _check_choice(name: str, v: Any, md: dict) -> Any:
+    choices = md.get("choices")
+    if choices is None:
+        if not isinstance(v, str) or not v:
+            raise _bad(name, v, "a non-empty string")
+        return v
+    allowed = tuple(choices() if callable(choices) else choices)
+    if v not in allowed:
+        raise _bad(name, v, "one of " + ", ".join(str(a) for a in allowed if a is not None))
+    return v
+
+
+def _check_field(name: str, v: Any, md: dict) -> Any:
+    kind = md["kind"]
+    if v is None and md.get("nullable"):
+        return None
+    if kind in ("int", "float"):
+        return _check_number(name, v, md)
+    if kind == "bool":
+        if not isinstance(v, bool):
+            raise _bad(name, v, "true or false")
+        return v
+    if kind == "dict":
+        if not isinstance(v, dict) or len(v) > MAX_JSON_OPTIONS:
+            raise _bad(name, v, f"a JSON object of at most {MAX_JSON_OPTIONS} options")
+        return dict(v)
+    if kind == "list":
+        v = [v] if isinstance(v, str) else v
+        if not isinstance(v, list | tuple) or not all(isinstance(s, str) and s for s in v):
+            raise _bad(name, v, "a list of layer names or patterns, or null")
+        return list(v)
+    return _check_choice(name, v, md)
+
+
+def _check_device(dev: Any) -> None:
+    ok = isinstance(dev, str) and (
+        dev in DEVICES or (dev.startswith("cuda:") and dev[5:].isdigit() and len(dev) < 10)
+    )
+    if not ok:
+        raise _bad("device", dev, "auto, cpu, cuda, cuda:<index> or mps")
+
+
+def validate(c: TrainConfig) -> None:
+    """Check every field against its metadata (normalising ints/floats); ValueError if bad."""
+    for f in fields(c):
+        setattr(c, f.name, _check_field(f.name, getattr(c, f.name), dict(f.metadata)))
+    allowed = models_mod.model_options(c.model)
+    unknown = sorted(str(k) for k in set(c.model_kwargs) - set(allowed))
+    if unknown:
+        raise _bad("model_kwargs", unknown, f"options of {c.model!r}: {', '.join(allowed)}")
+    _check_device(c.device)
+    if c.init_from is not None and len(c.init_from) > MAX_PATH:
+        raise _bad("init_from", c.init_from, f"a file path of at most {MAX_PATH} characters")

@@ -1,0 +1,134 @@
+"""Evaluation and fine-tuning of a model on a dataset split.
+
+``evaluate(model, split)`` gives the mean loss and accuracy (R² for regression);
+``finetune(model, splits, epochs=...)`` trains a (truncated) model a little more and returns
+the copy with the best validation accuracy.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import data as data_mod
+from .config import OPTIMIZERS, is_int, is_num
+from .optim import loss_fn, make_optimizer, task_of
+
+__all__ = ["evaluate", "finetune"]
+
+
+def _batches(dataset, batch_size: int):
+    n = len(dataset)
+    for i in range(0, n, batch_size):
+        yield dataset[torch.arange(i, min(n, i + batch_size))]
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    dataset,
+    *,
+    batch_size: int = 1024,
+    device: str | torch.device = "cpu",
+    amp: bool = False,
+) -> dict[str, float]:
+    """Mean loss and accuracy of ``model`` on ``dataset`` (accuracy as a fraction in [0, 1]).
+
+    For a regression dataset (float targets) ``acc`` is the coefficient of determination R².
+    The model's train/eval mode is restored afterwards.
+    """
+    device = torch.device(device)
+    task = task_of(dataset)
+    was_training = model.training
+    model.eval()
+    loss_sum, correct, n = 0.0, 0.0, 0
+    ys, sse = [], 0.0
+    try:
+        for x, y in _batches(dataset, batch_size):
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                out = model(x)
+            out = out.float()
+            if task == "regression":
+                loss_sum += F.mse_loss(out, y, reduction="sum").item() / y.shape[1]
+                sse += (out - y).pow(2).sum().item()
+                ys.append(y.cpu())
+            else:
+                loss_sum += F.cross_entropy(out, y, reduction="sum").item()
+                correct += (out.argmax(1) == y).sum().item()
+            n += len(y)
+    finally:
+        model.train(was_training)
+    if n == 0:
+        return {"loss": float("nan"), "acc": float("nan")}
+    if task == "regression":
+        yy = torch.cat(ys)
+        sst = (yy - yy.mean(0)).pow(2).sum().item()
+        return {"loss": loss_sum / n, "acc": 1.0 - sse / sst if sst > 0 else 0.0}
+    return {"loss": loss_sum / n, "acc": correct / n}
+
+
+def finetune(
+    model: nn.Module,
+    splits: data_mod.Splits,
+    *,
+    epochs: int,
+    lr: float = 1e-3,
+    optimizer: str = "adam",
+    weight_decay: float = 0.0,
+    batch_size: int = 128,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    label_smoothing: float = 0.0,
+    callback: Callable[[dict], Any] | None = None,
+) -> nn.Module:
+    """Fine-tune a (truncated) model on the training split; returns a copy with the best
+    validation accuracy seen (the starting point included), in eval mode on CPU."""
+    if not is_int(epochs) or epochs < 0:
+        raise ValueError(f"epochs: {epochs!r} is not allowed; expected an integer >= 0")
+    if not is_num(lr) or lr <= 0:
+        raise ValueError(f"lr: {lr!r} is not allowed; expected a number > 0")
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer: {optimizer!r} is not allowed; expected one of {OPTIMIZERS}")
+    device = torch.device(device)
+    work = copy.deepcopy(model).to(device)
+    best = evaluate(work, splits.val, device=device)["acc"]
+    best_state = copy.deepcopy(work.state_dict())
+    if epochs == 0:
+        return work.cpu().eval()
+    gen = torch.Generator().manual_seed(seed)
+    opt = make_optimizer(optimizer, work.parameters(), lr, weight_decay, 0.9)
+    steps = epochs * max(1, len(splits.train) // batch_size)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, steps))
+    criterion = loss_fn(splits.task, label_smoothing)
+    for ep in range(epochs):
+        work.train()
+        splits.train.seed(seed * 1000 + ep)
+        for idx in data_mod.batch_indices(
+            len(splits.train), batch_size, generator=gen, drop_last=True
+        ):
+            x, y = splits.train[idx]
+            loss = criterion(work(x.to(device)), y.to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+        val = evaluate(work, splits.val, device=device)
+        if callback is not None:
+            callback(
+                {
+                    "event": "finetune",
+                    "epoch": ep + 1,
+                    "val_acc": val["acc"],
+                    "val_loss": val["loss"],
+                }
+            )
+        if val["acc"] > best:
+            best, best_state = val["acc"], copy.deepcopy(work.state_dict())
+    work.load_state_dict(best_state)
+    return work.cpu().eval()

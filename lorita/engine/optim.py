@@ -1,0 +1,75 @@
+"""Optimizers, schedules and losses shared by training and fine-tuning.
+
+Weight decay and the theory: with ``optimizer="sgd"`` or ``"adam"`` the weight decay is added to
+the gradient (``g + lambda * W_i`` for every factor), i.e. a true L2 penalty
+``lambda/2 * sum_i ||W_i||^2`` -- the penalty whose minimum over factorisations is the
+Schatten-(2/N) quasi-norm of the product. (With Adam the decay term is then rescaled by the
+adaptive step like the rest of the gradient, so the penalty is exact in the objective but the
+path differs from SGD's.) ``"adamw"`` decouples the decay (``W <- W - lr * lambda * W``), which
+is not the gradient of any fixed penalty under Adam's preconditioning, so the theory does not
+apply to it directly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["loss_fn", "make_optimizer", "make_scheduler", "per_step", "task_of"]
+
+
+def make_optimizer(name: str, params, lr: float, weight_decay: float, momentum: float):
+    """SGD / Adam / AdamW, fused (one kernel for all parameters) where PyTorch supports it."""
+    params = list(params)
+    cls, kw = {
+        "sgd": (torch.optim.SGD, {"momentum": momentum}),
+        "adam": (torch.optim.Adam, {}),
+        "adamw": (torch.optim.AdamW, {}),
+    }[name]
+    dev = params[0].device.type if params else "cpu"
+    if dev in ("cpu", "cuda"):
+        with contextlib.suppress(RuntimeError, TypeError, ValueError):
+            return cls(params, lr=lr, weight_decay=weight_decay, fused=True, **kw)
+    return cls(params, lr=lr, weight_decay=weight_decay, **kw)
+
+
+def make_scheduler(name: str, opt, total_steps: int):
+    """Cosine and step schedules advance per step; plateau per validation pass."""
+    if name == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, total_steps))
+    if name == "step":
+        miles = sorted({max(1, int(total_steps * 0.5)), max(1, int(total_steps * 0.75))})
+        return torch.optim.lr_scheduler.MultiStepLR(opt, milestones=miles, gamma=0.1)
+    if name == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=0.1, patience=10)
+    return None
+
+
+def per_step(sched) -> bool:
+    """Whether ``sched`` advances after every optimizer step (all but plateau)."""
+    return sched is not None and not isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau)
+
+
+def _mse(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.mse_loss(out.float(), y.float())
+
+
+class _CrossEntropy:
+    def __init__(self, label_smoothing: float) -> None:
+        self.label_smoothing = label_smoothing
+
+    def __call__(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(out.float(), y, label_smoothing=self.label_smoothing)
+
+
+def loss_fn(task: str, label_smoothing: float = 0.0) -> Callable:
+    """The training loss: MSE for regression, cross-entropy (with smoothing) otherwise."""
+    return _mse if task == "regression" else _CrossEntropy(label_smoothing)
+
+
+def task_of(dataset) -> str:
+    y = getattr(dataset, "y", None)
+    return "regression" if y is not None and y.is_floating_point() else "classification"
