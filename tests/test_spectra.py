@@ -39,3 +39,38 @@ def test_rank_measures():
         lt.effective_rank(s, tol=2)
     with pytest.raises(ValueError, match="s:"):
         lt.stable_rank(torch.ones(2, 2))
+
+
+def test_energy_rank():
+    s = torch.tensor([10.0, 5.0, 1.0, 0.1])  # energies 100, 25, 1, 0.01 of 126.01
+    assert lt.energy_rank(s) == 2  # 125 / 126.01 = 0.992
+    assert lt.energy_rank(s, keep=0.999) == 3
+    assert lt.energy_rank(s, keep=1.0) == 4
+    assert lt.energy_rank(s, keep=0.5) == 1
+    assert lt.energy_rank(torch.zeros(3)) == 0
+    assert lt.rank_summary({"a": s})["a"]["energy"] == 2
+    with pytest.raises(ValueError, match="keep"):
+        lt.energy_rank(s, keep=0)
+    with pytest.raises(ValueError, match="keep"):
+        lt.energy_rank(s, keep=1.5)
+
+
+def test_energy_rank_bounds_the_cut_error_where_effective_rank_does_not():
+    """A weight with a long flat tail just above 1% of sigma_max: the effective rank counts the
+    whole tail, the energy rank says how far a cut can go with a relative error <= 10%."""
+    torch.manual_seed(0)
+    u, _ = torch.linalg.qr(torch.randn(60, 60, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(40, 40, dtype=torch.float64))
+    s = torch.cat([torch.tensor([10.0, 8.0, 6.0], dtype=torch.float64), torch.full((37,), 0.2)])
+    w = u[:, :40] @ torch.diag(s) @ v.T  # (60, 40)
+    spec = torch.linalg.svdvals(w)
+    assert lt.effective_rank(spec) == 40
+    r = lt.energy_rank(spec)
+    assert r < 10
+    net = nn.Sequential(nn.Linear(40, 60))
+    with torch.no_grad():
+        net[0].weight.copy_(w.float())
+    small = lt.truncate(net, lt.Ranks({"0": r}))
+    err = (lt.spectra.layer_matrix(small[0]).double() - w).norm() / w.norm()
+    assert err <= 0.1 + 1e-6
+    assert lt.Energy(0.99).plan({"0": spec}) == {"0": r}

@@ -132,3 +132,156 @@ def test_conv_truncation():
 def test_bad_arguments(call, field):
     with pytest.raises(ValueError, match=field):
         call()
+
+
+# --------------------------------------------------------------------------- policy registry
+
+
+def test_every_policy_describes_itself_and_parses_back():
+    import json
+
+    names = [d["name"] for d in lt.list_policies()]
+    assert names == list(lt.POLICIES)
+    assert {"uniform", "global", "energy", "budget", "flops-budget", "ranks"} <= set(names)
+    for cls in lt.POLICIES.values():
+        d = json.loads(json.dumps(cls.describe()))
+        assert d["label"] and d["help"]
+        if cls.value_name is None:
+            assert d["kind"] == "table"
+            continue
+        assert d["min"] <= d["default"] <= d["max"]
+        sweep = cls.sweep(9)
+        assert len(sweep) == 9 and all(d["min"] <= v <= d["max"] for v in sweep)
+        pol = cls(d["default"])
+        assert pol.value == d["default"] and pol.spec()["policy"] == cls.name
+        assert lt.parse_policy(str(pol)) == pol
+    assert lt.parse_policy(" Global:0.25 ") == lt.Global(0.25)
+    assert lt.parse_policy("ranks:0=4, 2=8") == lt.Ranks({"0": 4, "2": 8})
+    assert lt.truncation.default_values("energy", 5) == lt.Energy.sweep(5)
+
+
+def test_a_new_policy_is_one_class():
+    from dataclasses import dataclass
+
+    from lorita.truncation import Policy
+
+    @dataclass(frozen=True)
+    class Halve(Policy):
+        factor: float
+
+        name = "test-halve"
+        label = "Halve"
+        help = "Every layer keeps rank / factor."
+        value_name = "factor"
+        low, high, default = 1.0, 8.0, 2.0
+
+        @classmethod
+        def sweep(cls, points=25):
+            return [1.0 + 7.0 * i / (points - 1) for i in range(points)]
+
+        def plan(self, spectra):
+            return {n: max(1, int(len(s) / self.factor)) for n, s in spectra.items()}
+
+    try:
+        assert lt.parse_policy("test-halve:2") == Halve(2.0)
+        assert "test-halve" in [d["name"] for d in lt.list_policies()]
+        x = torch.randn(4, 20)
+        curve = lt.tradeoff_curve(
+            mlp(), "test-halve", [1.0, 4.0], evaluate=lambda m: 0.0, example_input=x
+        )
+        assert curve[1]["ranks"] == {"0": 4, "2": 3, "4": 1}
+    finally:
+        del lt.POLICIES["test-halve"]
+
+
+@pytest.mark.parametrize(
+    "text, field",
+    [
+        ("global", "NAME:VALUE"),
+        ("magnitude:0.5", "policy"),
+        ("global:abc", "number"),
+        ("global:1.5", "fraction"),
+        ("budget:0", "percent"),
+        ("budget:101", "percent"),
+        ("ranks:fc1", "LAYER=RANK"),
+        ("ranks:fc1=-2", "LAYER=RANK"),
+        (None, "policy"),
+    ],
+)
+def test_parse_policy_refuses(text, field):
+    with pytest.raises(ValueError, match=field):
+        lt.parse_policy(text)
+
+
+# --------------------------------------------------------------------------- budgets
+
+
+def wide_mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(64, 48), nn.BatchNorm1d(48), nn.ReLU(), nn.Linear(48, 40), nn.ReLU(),
+        nn.Linear(40, 10),
+    ).eval()  # fmt: skip
+
+
+def small_cnn():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 24, 3, stride=2),
+        nn.ReLU(), nn.Flatten(), nn.Linear(24 * 7 * 7, 10),
+    ).eval()  # fmt: skip
+
+
+@pytest.mark.parametrize("make, shape", [(wide_mlp, (1, 64)), (small_cnn, (1, 3, 16, 16))])
+def test_layer_costs_predict_the_counted_cost(make, shape):
+    net = make()
+    x = torch.randn(*shape)
+    cache = lt.layer_svd(net, example_input=x)
+    costs = cache.costs()
+    assert costs.total({n: len(s) for n, s in cache.spectra.items()}) == costs.base
+    g = torch.Generator().manual_seed(0)
+    for _ in range(6):
+        ranks = {
+            n: int(torch.randint(1, len(s) + 1, (1,), generator=g))
+            for n, s in cache.spectra.items()
+        }
+        got = lt.count_cost(lt.truncate(net, lt.Ranks(ranks), svd=cache), x)
+        assert costs.total(ranks) == {"params": got.params, "flops": got.flops}
+
+
+@pytest.mark.parametrize("measure", ["params", "flops"])
+@pytest.mark.parametrize("make, shape", [(wide_mlp, (1, 64)), (small_cnn, (1, 3, 16, 16))])
+def test_budget_is_the_largest_global_cut_within_budget(make, shape, measure):
+    net = make()
+    x = torch.randn(*shape)
+    cache = lt.layer_svd(net, example_input=x)
+    base = getattr(cache.base_cost(x), measure)
+    total = sum(len(s) for s in cache.spectra.values())
+    for pct in (15, 30, 60, 100):
+        pol = lt.Budget(pct, measure=measure)
+        ranks = lt.plan_ranks(net, pol, svd=cache)
+        small = lt.truncate(net, pol, svd=cache)
+        assert small.lorita_ranks == ranks
+        assert getattr(lt.count_cost(small, x), measure) <= pct / 100 * base  # met
+        dropped = total - sum(ranks.values())
+        assert ranks == lt.Global(dropped / total).plan(cache.spectra)  # Global's order
+        if dropped:  # one singular value fewer dropped would exceed the budget
+            bigger = lt.Global((dropped - 1) / total).plan(cache.spectra)
+            over = getattr(lt.count_cost(lt.truncate(net, lt.Ranks(bigger), svd=cache), x), measure)
+            assert over > pct / 100 * base
+    assert lt.FlopBudget(30).measure == "flops" and str(lt.FlopBudget(30)) == "flops-budget:30"
+
+
+def test_budget_needs_costs_and_the_low_rank_form():
+    net = wide_mlp()
+    with pytest.raises(ValueError, match="example_input"):
+        lt.truncate(net, lt.Budget(20))
+    x = torch.randn(1, 64)
+    small = lt.truncate(net, lt.Budget(20), example_input=x)
+    assert lt.count_cost(small, x).params <= 0.2 * lt.count_cost(net, x).params
+    with pytest.raises(ValueError, match="form"):
+        lt.truncate(net, lt.Budget(20), example_input=x, form="dense")
+    with pytest.raises(ValueError, match="costs"):
+        lt.Budget(20).plan(lt.layer_svd(net).spectra)
+    with pytest.raises(ValueError, match="measure"):
+        lt.Budget(20, measure="latency")
