@@ -1,13 +1,24 @@
-"""The ``lorita`` command line: train | runs | compress | export | stop.
+"""The ``lorita`` command line: train | runs | compress | compare | export | stop.
 
     python -m lorita train --dataset digits --model mlp --factors 3 --weight-decay 5e-4
-    python -m lorita runs
+    python -m lorita train --model torchvision:resnet18 --dataset folder:~/pets --init-from r18.pt
+    python -m lorita runs [--delete NAME]
     python -m lorita compress RUN --max-drop 1
+    python -m lorita compare RUN --baseline RUN_N1 --budgets 5,10,20,35,50 --finetune-epochs 2
     python -m lorita export RUN --policy energy:0.99 --format onnx --out model.onnx
 
-Bad input (unknown dataset or model, lr <= 0, N < 1, missing run, unreadable file) ends with
-exit code 2 and one line on stderr; a training run that fails ends with exit code 1.
-Under ``torchrun --nproc_per_node=K -m lorita train ...`` training uses DDP; rank 0 prints.
+Everything is read from the library: the training flags, their help and their bounds from
+TrainConfig's field metadata; the policies from ``lorita.truncation.POLICIES``; datasets, models
+and devices from their registries. Bad input (an unknown name, a value out of its documented
+bounds, an empty string, a missing or unreadable file, a model or dataset too big for this
+machine) ends with exit code 2 and one line on stderr, before anything is written; a training
+run that fails ends with exit code 1. Under ``torchrun --nproc_per_node=K -m lorita train ...``
+training uses DDP and rank 0 prints.
+
+Progress is a tqdm bar (tqdm is a dependency already; it gives the rate and time left and
+redraws cleanly) on a terminal and one line per epoch otherwise. Tables are plain aligned
+columns from :func:`_table`: ten lines, no extra dependency, and output that grep, awk and cut
+read as they are (rich would add a run-time dependency and box drawing for two tables).
 """
 
 from __future__ import annotations
@@ -15,19 +26,30 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import inspect
 import json
 import math
 import os
 import re
 import signal
-import socket
 import sys
 import threading
 import time
 from pathlib import Path
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "UsageError"]
+
+MAX_ARG = 4096  # characters in any one argument value
+MAX_OPTIONS = 64  # --model-arg / --data-arg items
+MAX_MESSAGE = 500  # characters of an error line
+_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+_FLAG_NAMES = {"n_factors": ("--factors", "--n-factors")}
+_NOT_FLAGS = ("dataset_kwargs", "model_kwargs")
+# CLI-only numbers and their inclusive bounds
+_THREADS = (1, 1024)
+_CONCURRENT = (1, 1024)
+_FINETUNE_EPOCHS = (0, 1000)
+_MAX_DROP = (0.0, 100.0)
+_MAX_BUDGETS = 20
 
 
 class UsageError(Exception):
@@ -35,92 +57,224 @@ class UsageError(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *a, **kw) -> None:
+        kw.setdefault("allow_abbrev", False)  # --epoch is an error, not --epochs
+        super().__init__(*a, **kw)
+
     def error(self, message: str):  # one line, never the usage block
         raise UsageError(message)
 
 
-# --------------------------------------------------------------------------- helpers
+# --------------------------------------------------------------------------- the library
 
 
-def _config_help() -> dict[str, str]:
-    """Each TrainConfig field's trailing comment, used as its flag's help."""
-    from .train import TrainConfig
+def _engine():
+    """The training engine (imported when a command needs it: ``--help`` stays quick)."""
+    from . import engine
 
-    out = {}
-    for line in inspect.getsource(TrainConfig).splitlines():
-        m = re.match(r"\s{4}(\w+): [^=]+=.*?#\s*(.*)$", line)
-        if m:
-            out[m.group(1)] = m.group(2).replace("%", "%%")
-    return out
+    return engine
 
 
-_FLAG_ALIASES = {
-    "n_factors": ["--factors", "--n-factors"],
-    "dataset_kwargs": [],
-    "model_kwargs": [],
-}
+def _config_class():
+    return _engine().TrainConfig
 
 
-def _parse_value(text: str):
+# --------------------------------------------------------------------------- value types
+
+
+def _text(flag: str, *, allow_empty: bool = False):
+    """An argparse type: a string that is not empty (unless allowed) and not too long."""
+
+    def conv(s: str) -> str:
+        if not allow_empty and not s.strip():
+            raise argparse.ArgumentTypeError(f"{flag}: an empty value is not allowed")
+        if len(s) > MAX_ARG:
+            raise argparse.ArgumentTypeError(
+                f"{flag}: a value of {len(s)} characters is too long (at most {MAX_ARG})"
+            )
+        return s
+
+    return conv
+
+
+def _number(flag: str, kind: str, lo: float | None = None, hi: float | None = None):
+    """An argparse type: an ASCII int or float, within ``[lo, hi]`` when given."""
+
+    def conv(s: str):
+        s = _text(flag)(s)
+        try:
+            if not s.isascii():
+                raise ValueError
+            v = int(s) if kind == "int" else float(s)
+        except ValueError:
+            expected = "an integer" if kind == "int" else "a number"
+            raise argparse.ArgumentTypeError(f"{flag}: {_short(s)!r} is not {expected}") from None
+        if lo is not None and hi is not None and not (math.isfinite(v) and lo <= v <= hi):
+            raise argparse.ArgumentTypeError(f"{flag}: {_short(s)} is not in [{lo:g}, {hi:g}]")
+        return v
+
+    return conv
+
+
+def _short(s: str, n: int = 60) -> str:
+    return s if len(s) <= n else s[: n - 3] + "..."
+
+
+def _parse_value(text: str, flag: str):
+    """A ``--model-arg`` / ``--data-arg`` value: JSON when it parses, else the text itself."""
     try:
         return json.loads(text)
-    except json.JSONDecodeError:
+    except RecursionError:
+        raise UsageError(f"{flag}: value {_short(text)!r} is nested too deeply") from None
+    except ValueError:
         return text
 
 
 def _key_values(items: list[str] | None, flag: str) -> dict:
+    if items and len(items) > MAX_OPTIONS:
+        raise UsageError(f"{flag}: {len(items)} options given; at most {MAX_OPTIONS}")
     out = {}
     for item in items or []:
-        if "=" not in item:
-            raise UsageError(f"{flag}: expected key=value, got {item!r}")
-        k, v = item.split("=", 1)
-        out[k.strip()] = _parse_value(v.strip())
+        k, sep, v = item.partition("=")
+        if not sep:
+            raise UsageError(f"{flag}: expected key=value, got {_short(item)!r}")
+        if not _KEY_RE.match(k.strip()):
+            raise UsageError(f"{flag}: {_short(k)!r} is not an option name (letters, digits, _)")
+        if not v.strip():
+            raise UsageError(f"{flag}: {k.strip()}= has an empty value")
+        out[k.strip()] = _parse_value(v.strip(), flag)
     return out
 
 
-def _add_train_flags(p: argparse.ArgumentParser) -> None:
-    from .train import TrainConfig
+def _out_path(flag: str):
+    """An argparse type: a file path to write, whose folder exists."""
 
-    helps = _config_help()
-    g = p.add_argument_group("training options (default: the classroom run; see TrainConfig)")
-    for f in dataclasses.fields(TrainConfig):
-        flags = _FLAG_ALIASES.get(f.name, ["--" + f.name.replace("_", "-")])
-        if not flags:
-            continue
-        h = helps.get(f.name, "")
-        default = f.default if f.default is not dataclasses.MISSING else None
-        if f.type in ("bool", bool):
-            g.add_argument(
-                *flags,
-                dest=f.name,
-                action=argparse.BooleanOptionalAction,
-                default=argparse.SUPPRESS,
-                help=f"{h} (default {default})",
-            )
-        elif f.name == "skip":
-            g.add_argument(
-                *flags,
-                dest="skip",
-                action="append",
-                default=argparse.SUPPRESS,
-                metavar="PATTERN",
-                help=f"{h}; repeat for several, 'none' composes all",
-            )
-        else:
-            typ = {"int": int, "float": float}.get(str(f.type), str)
-            g.add_argument(
-                *flags,
-                dest=f.name,
-                type=typ,
-                default=argparse.SUPPRESS,
-                metavar=f.name.upper().split("_")[-1],
-                help=f"{h} (default {default})",
-            )
+    def conv(s: str) -> Path:
+        p = Path(_text(flag)(s)).expanduser()
+        if p.is_dir():
+            raise argparse.ArgumentTypeError(f"{flag}: {_short(s)!r} is a folder, not a file")
+        if not p.parent.is_dir():
+            raise argparse.ArgumentTypeError(f"{flag}: folder {_short(str(p.parent))!r} not found")
+        return p
+
+    return conv
+
+
+def _in_file(flag: str):
+    """An argparse type: an existing readable file."""
+
+    def conv(s: str) -> str:
+        p = Path(_text(flag)(s)).expanduser()
+        if not p.is_file():
+            what = "is not a file" if p.exists() else "not found"
+            raise argparse.ArgumentTypeError(f"{flag}: {_short(s)!r} {what}")
+        return str(p)
+
+    return conv
+
+
+def _folder_arg(flag: str):
+    """An argparse type: a folder path that is not a file (it may not exist yet)."""
+
+    def conv(s: str) -> Path:
+        p = Path(_text(flag)(s)).expanduser()
+        if p.exists() and not p.is_dir():
+            raise argparse.ArgumentTypeError(f"{flag}: {_short(s)!r} is not a folder")
+        return p
+
+    return conv
+
+
+# --------------------------------------------------------------------------- training flags
+
+
+def _field_kind(f: dataclasses.Field) -> str:
+    kind = f.metadata.get("kind")
+    if kind:
+        return kind
+    t = str(f.type)
+    for k in ("bool", "int", "float", "dict", "list"):
+        if t.startswith(k):
+            return k
+    return "str"
+
+
+def _choices_text(md) -> str:
+    choices = md.get("choices")
+    if choices is None:
+        return ""
+    values = choices() if callable(choices) else choices
+    shown = [str(v) for v in values if v is not None]
+    if len(shown) > 12:
+        shown = shown[:12] + ["..."]
+    return "one of " + ", ".join(shown)
+
+
+def _bounds_text(md) -> str:
+    if "min" not in md and "max" not in md:
+        return ""
+    lo, hi = md.get("min", -math.inf), md.get("max", math.inf)
+    left = "(" if md.get("min_open") else "["
+    right = ")" if md.get("max_open") else "]"
+    return f"in {left}{lo:g}, {hi:g}{right}"
+
+
+def _field_help(f: dataclasses.Field, extra: str = "") -> str:
+    md = f.metadata
+    default = f.default if f.default is not dataclasses.MISSING else None
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        default = f.default_factory()  # type: ignore[misc]
+    parts = [md.get("help", ""), extra or _choices_text(md), _bounds_text(md)]
+    parts.append(f"default {json.dumps(default)}")
+    return "; ".join(p for p in parts if p).replace("%", "%%")
+
+
+def _families_text(name: str) -> str:
+    """Help for --dataset and --model: the names the library lists, and the families."""
+    if name == "dataset":
+        from .data import list_dataset_families, list_datasets
+
+        return "one of " + ", ".join(
+            list_datasets() + [f"{f}:PATH" for f in list_dataset_families()]
+        )
+    from .models import list_models
+
+    fams = ["torchvision:NAME"]
+    with contextlib.suppress(ImportError):
+        import importlib.util
+
+        if importlib.util.find_spec("timm") is not None:
+            fams.append("timm:NAME")
+    return "one of " + ", ".join(list_models() + fams)
+
+
+def _add_field(g, f: dataclasses.Field) -> None:
+    flags = _FLAG_NAMES.get(f.name, ("--" + f.name.replace("_", "-"),))
+    kind = _field_kind(f)
+    extra = _families_text(f.name) if f.name in ("dataset", "model") else ""
+    common = {"dest": f.name, "default": argparse.SUPPRESS, "help": _field_help(f, extra)}
+    if kind == "bool":
+        g.add_argument(*flags, action=argparse.BooleanOptionalAction, **common)
+    elif kind == "list":
+        common["help"] += "; repeat for several, 'none' composes every layer"
+        g.add_argument(*flags, action="append", metavar="PATTERN", type=_text(flags[0]), **common)
+    elif kind in ("int", "float"):
+        g.add_argument(*flags, type=_number(flags[0], kind), metavar=kind.upper(), **common)
+    else:
+        g.add_argument(*flags, type=_text(flags[0]), metavar="TEXT", **common)
+
+
+def _add_train_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("training options (defaults: the classroom run; see TrainConfig)")
+    for f in dataclasses.fields(_config_class()):
+        if f.name not in _NOT_FLAGS:
+            _add_field(g, f)
     g.add_argument(
         "--model-arg",
         dest="model_args",
         action="append",
         metavar="KEY=VALUE",
+        type=_text("--model-arg"),
         help="a model option, e.g. width=128 (repeatable; values are JSON or text)",
     )
     g.add_argument(
@@ -128,95 +282,253 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
         dest="data_args",
         action="append",
         metavar="KEY=VALUE",
-        help="a dataset option, e.g. rank=4 for lowrank (repeatable)",
+        type=_text("--data-arg"),
+        help="a dataset option, e.g. rank=4 for lowrank, size=64 for folder:PATH (repeatable)",
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="lorita", description="LoRITa Explorer: low-rank induced training.")
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+# --------------------------------------------------------------------------- the parser
 
+
+def _add_runs_dir(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--runs-dir",
+        metavar="DIR",
+        type=_folder_arg("--runs-dir"),
+        help="runs folder (default $LORITA_RUNS or ./runs)",
+    )
+
+
+def _add_train(sub) -> None:
     t = sub.add_parser("train", help="train a model and write a run folder")
-    t.add_argument("--config", metavar="FILE", help="a JSON TrainConfig; flags override it")
-    t.add_argument("--runs-dir", metavar="DIR", help="runs folder (default $LORITA_RUNS or ./runs)")
-    t.add_argument("--data-dir", metavar="DIR", help="data folder (default $LORITA_DATA)")
-    t.add_argument("--name", help="run name (default dataset-model-N<n>-<time>)")
+    t.set_defaults(func=cmd_train)
+    t.add_argument(
+        "--config",
+        metavar="FILE",
+        type=_in_file("--config"),
+        help="a JSON TrainConfig; flags override it",
+    )
+    _add_runs_dir(t)
+    t.add_argument(
+        "--data-dir",
+        metavar="DIR",
+        type=_folder_arg("--data-dir"),
+        help="data folder (default $LORITA_DATA)",
+    )
+    t.add_argument(
+        "--name", type=_text("--name"), help="run name (default dataset-model-N<n>-<time>)"
+    )
     t.add_argument("--quiet", action="store_true", help="print nothing but errors")
     t.add_argument(
         "--resume", action="store_true", help="continue the run --name from its last checkpoint"
     )
     t.add_argument(
         "--max-concurrent",
-        type=int,
+        type=_number("--max-concurrent", "int", *_CONCURRENT),
         metavar="K",
-        help="wait (state queued) until fewer than K runs of this runs folder train",
+        help=f"wait (state queued) until fewer than K runs of this runs folder train; "
+        f"in [{_CONCURRENT[0]}, {_CONCURRENT[1]}]",
     )
     t.add_argument(
         "--threads",
-        type=int,
+        type=_number("--threads", "int", *_THREADS),
         metavar="T",
-        help="torch CPU threads (default: 1 for a small model on the CPU, else torch's)",
+        help=f"torch CPU threads (default: 1 for a small model on the CPU, else torch's); "
+        f"in [{_THREADS[0]}, {_THREADS[1]}]",
     )
     _add_train_flags(t)
 
-    r = sub.add_parser("runs", help="list runs")
-    r.add_argument("--runs-dir", metavar="DIR")
-    r.add_argument("--json", action="store_true", help="print JSON summaries")
 
-    c = sub.add_parser("compress", help="truncate a trained run and report accuracy and cost")
-    c.add_argument("run")
+def _policy_value(cls):
+    def conv(s: str):
+        from .truncation import make_policy
+
+        v = _number(f"--{cls.name}", "float")(s)
+        try:
+            return make_policy(cls, v)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"--{cls.name}: {e}") from None
+
+    return conv
+
+
+def _policy_text(flag: str):
+    def conv(s: str):
+        from .truncation import parse_policy
+
+        s = _text(flag)(s)
+        if s.strip().lower() == "none":
+            return None
+        try:
+            return parse_policy(s)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"{flag}: {e}") from None
+
+    return conv
+
+
+def _add_policy_flags(c: argparse.ArgumentParser) -> None:
+    from .truncation import POLICIES
+
     how = c.add_mutually_exclusive_group(required=True)
-    how.add_argument("--ratio", type=float, help="uniform: keep this share of each layer's rank")
+    for cls in POLICIES.values():
+        if cls.value_name:
+            how.add_argument(
+                f"--{cls.name}",
+                dest="policy",
+                type=_policy_value(cls),
+                metavar=cls.value_name.upper(),
+                help=f"{cls.label}: {cls.help} (in [{cls.low:g}, {cls.high:g}]{cls.unit})".replace(
+                    "%", "%%"
+                ),
+            )
     how.add_argument(
-        "--global",
-        dest="global_",
-        type=float,
-        metavar="F",
-        help="global: drop this fraction of all (normalised) singular values",
+        "--policy",
+        dest="policy",
+        type=_policy_text("--policy"),
+        metavar="NAME:VALUE",
+        help="any policy as text, e.g. global:0.8 or ranks:fc1=4,fc2=8; policies: "
+        + ", ".join(POLICIES),
     )
-    how.add_argument("--energy", type=float, help="per layer: keep this share of sum sigma^2")
     how.add_argument(
         "--max-drop",
-        type=float,
+        type=_number("--max-drop", "float", *_MAX_DROP),
         metavar="P",
-        help="smallest model within P validation-accuracy points of the full one",
+        help="the smallest model within P validation-accuracy points of the full one",
     )
+    searches = [n for n, cls in POLICIES.items() if cls.value_name] + ["iterative"]
     c.add_argument(
         "--search",
-        choices=["global", "uniform", "energy", "iterative"],
+        choices=searches,
         default="global",
-        help="search used by --max-drop (default global)",
+        help="how --max-drop searches (default global; iterative is the paper's greedy search)",
     )
-    c.add_argument("--form", choices=["low_rank", "dense"], default="low_rank")
-    c.add_argument("--finetune-epochs", type=int, default=0, metavar="K")
-    c.add_argument(
-        "--finetune-lr",
-        type=float,
-        metavar="LR",
-        help="fine-tuning learning rate (default: the run's lr / 10)",
-    )
-    c.add_argument("--which", choices=["best", "last"], default="best", help="checkpoint")
-    c.add_argument("--out", metavar="FILE", help="save the compressed model (safetensors)")
-    c.add_argument("--json", action="store_true", help="print the result as JSON")
-    c.add_argument("--runs-dir", metavar="DIR")
 
+
+def _forms() -> tuple[str, ...]:
+    try:
+        from .kinds import FORMS
+    except ImportError:  # before the layer-kinds table: the two forms truncate() takes
+        FORMS = ("low_rank", "dense")
+    return tuple(FORMS)
+
+
+def _add_model_source(p: argparse.ArgumentParser) -> None:
+    FORMS = _forms()
+
+    p.add_argument("run", type=_text("RUN"))
+    p.add_argument(
+        "--form",
+        choices=FORMS,
+        default=FORMS[0],
+        help="a cut layer as two thin layers where cheaper, or a dense rank-r weight",
+    )
+    p.add_argument("--which", choices=["best", "last"], default="best", help="checkpoint")
+    _add_runs_dir(p)
+
+
+def _add_finetune(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--finetune-epochs",
+        type=_number("--finetune-epochs", "int", *_FINETUNE_EPOCHS),
+        default=0,
+        metavar="K",
+        help=f"fine-tune each cut model K epochs (epoch kept by validation); "
+        f"in [{_FINETUNE_EPOCHS[0]}, {_FINETUNE_EPOCHS[1]}]",
+    )
+    p.add_argument(
+        "--finetune-lr",
+        type=_number("--finetune-lr", "float", 1e-12, 10.0),
+        metavar="LR",
+        help="fine-tuning learning rate in (0, 10] (default: the run's lr / 10)",
+    )
+
+
+def _add_compress(sub) -> None:
+    c = sub.add_parser("compress", help="truncate a trained run and report accuracy and cost")
+    c.set_defaults(func=cmd_compress)
+    _add_model_source(c)
+    _add_policy_flags(c)
+    _add_finetune(c)
+    c.add_argument(
+        "--latency",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="measure CPU latency at batch 1 and 64 (median of repeats; default on)",
+    )
+    c.add_argument(
+        "--out", metavar="FILE", type=_out_path("--out"), help="save the model (safetensors)"
+    )
+    c.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def _budgets(s: str) -> list[float]:
+    items = [t.strip() for t in _text("--budgets")(s).split(",")]
+    if len(items) > _MAX_BUDGETS:
+        raise argparse.ArgumentTypeError(f"--budgets: at most {_MAX_BUDGETS} budgets")
+    conv = _number("--budgets", "float", 0.1, 100.0)
+    return sorted({conv(t) for t in items})
+
+
+def _add_compare(sub) -> None:
+    c = sub.add_parser(
+        "compare", help="LoRITa's cut against the SVD cut and pruning of the N=1 baseline"
+    )
+    c.set_defaults(func=cmd_compare)
+    c.add_argument("run", type=_text("RUN"))
+    c.add_argument(
+        "--baseline",
+        type=_text("--baseline"),
+        metavar="RUN_N1",
+        help="the N=1 run (default: the run's paired baseline)",
+    )
+    c.add_argument(
+        "--budgets",
+        type=_budgets,
+        default=[5.0, 10.0, 20.0, 35.0, 50.0],
+        metavar="P,P,...",
+        help="parameter budgets in percent, each in [0.1, 100] (default 5,10,20,35,50)",
+    )
+    _add_finetune(c)
+    c.add_argument("--json", action="store_true", help="print the rows as JSON")
+    _add_runs_dir(c)
+
+
+def _add_export(sub) -> None:
     e = sub.add_parser("export", help="write a run's model as safetensors or ONNX")
-    e.add_argument("run")
+    e.set_defaults(func=cmd_export)
+    _add_model_source(e)
     e.add_argument(
         "--policy",
-        default="none",
-        help="none (merged dense), uniform:R, global:F or energy:E (default none)",
+        type=_policy_text("--policy"),
+        default=None,
+        metavar="NAME:VALUE",
+        help="none (merged dense, the default) or a policy as text, e.g. energy:0.99",
     )
-    e.add_argument("--form", choices=["low_rank", "dense"], default="low_rank")
     e.add_argument("--format", choices=["safetensors", "onnx"], default="safetensors")
-    e.add_argument("--which", choices=["best", "last"], default="best")
-    e.add_argument("--out", required=True, metavar="FILE")
-    e.add_argument("--runs-dir", metavar="DIR")
+    e.add_argument("--out", required=True, metavar="FILE", type=_out_path("--out"))
 
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="lorita", description="LoRITa Explorer: low-rank induced training.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _add_train(sub)
+    r = sub.add_parser("runs", help="list runs (or delete one)")
+    r.set_defaults(func=cmd_runs)
+    _add_runs_dir(r)
+    r.add_argument("--json", action="store_true", help="print JSON summaries")
+    r.add_argument("--delete", metavar="NAME", type=_text("--delete"), help="delete a run")
+    _add_compress(sub)
+    _add_compare(sub)
+    _add_export(sub)
     s = sub.add_parser("stop", help="ask a training run to stop after its current step")
-    s.add_argument("run")
-    s.add_argument("--runs-dir", metavar="DIR")
+    s.set_defaults(func=cmd_stop)
+    s.add_argument("run", type=_text("RUN"))
+    _add_runs_dir(s)
     return p
+
+
+# --------------------------------------------------------------------------- helpers
 
 
 def _store(args):
@@ -225,85 +537,100 @@ def _store(args):
     return RunStore(args.runs_dir)
 
 
+def _get_run(args, name: str):
+    store = _store(args)
+    if not store.root.is_dir():
+        raise UsageError(f"run: no runs folder {str(store.root)!r}")
+    return store.get(name)
+
+
 def _pct(x) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.2f}%"
 
 
-def _table(rows: list[list[str]], header: list[str]) -> str:
+def _table(rows: list[list], header: list[str]) -> str:
+    """Plain aligned columns (readable by eye and by grep / awk / cut)."""
     cols = [header, *rows]
     widths = [max(len(str(r[i])) for r in cols) for i in range(len(header))]
-    lines = ["  ".join(str(v).ljust(w) for v, w in zip(header, widths))]
+    lines = ["  ".join(str(v).ljust(w) for v, w in zip(header, widths)).rstrip()]
     lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(str(v).ljust(w) for v, w in zip(r, widths)) for r in rows]
+    lines += ["  ".join(str(v).ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
     return "\n".join(lines)
 
 
-# --------------------------------------------------------------------------- train
+# --------------------------------------------------------------------------- train: progress
 
 
 class _Progress:
-    """A one-line progress bar with ETA on a terminal; epoch lines otherwise."""
+    """Training events -> a tqdm bar with rate and time left on a terminal, epoch lines else."""
 
     def __init__(self, stream=None, quiet: bool = False) -> None:
         self.stream, self.quiet = stream or sys.stderr, quiet
         self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
-        self.total, self.t0, self.t_last, self.val, self.first_step = 1, time.time(), 0.0, None, 0
-        self.loss = math.nan
+        self.bar = None
+        self.loss, self.val, self.total = math.nan, None, 0
 
     def __call__(self, ev: dict) -> None:
-        if self.quiet:
-            return
-        kind = ev["event"]
-        if kind == "start":
-            self.total, self.first_step, self.t0 = ev["total_steps"], ev["step"], time.time()
-            self.write(f"training on {ev['device']}: {self.total} steps", newline=True)
-        elif kind == "step":
-            self.loss = ev["loss"]
-            now = time.time()
-            if self.tty and (now - self.t_last > 0.1 or ev["step"] == self.total):
-                self.t_last = now
-                self.bar(ev["step"], ev["epoch"])
-        elif kind == "eval":
-            self.val = ev["acc"]
-            if not self.tty:
-                self.write(
-                    f"epoch {ev['epoch'] + 1}  step {ev['step']}/{self.total}  train loss "
-                    f"{self.loss:.4f}  val loss {ev['loss']:.4f}  val acc {_pct(ev['acc'])}",
-                    newline=True,
-                )
-        elif kind == "end":
-            if self.tty:
-                self.stream.write("\n")
-            test = ev.get("test") or {}
-            self.write(
-                f"{ev['state']}: step {ev['step']}, best val acc {_pct(ev['best_val_acc'])}, "
-                f"test acc {_pct(test.get('acc'))}, {ev['time']:.1f} s"
-                + (f" ({ev['message']})" if ev.get("message") else ""),
-                newline=True,
+        handler = getattr(self, f"_on_{ev.get('event')}", None)
+        if not self.quiet and handler is not None:
+            handler(ev)
+
+    def _on_start(self, ev: dict) -> None:
+        from tqdm import tqdm
+
+        self.total = ev["total_steps"]
+        self._line(f"training on {ev['device']}: {self.total} steps")
+        if self.tty:
+            self.bar = tqdm(
+                total=self.total,
+                initial=ev["step"],
+                unit="step",
+                file=self.stream,
+                dynamic_ncols=True,
+                leave=False,
             )
 
-    def bar(self, step: int, epoch: int) -> None:
-        frac = step / max(1, self.total)
-        done = step - self.first_step
-        eta = (time.time() - self.t0) / done * (self.total - step) if done > 0 else math.nan
-        n = 24
-        fill = int(frac * n)
-        val = f" val {_pct(self.val)}" if self.val is not None else ""
-        self.write(
-            f"\r[{'#' * fill}{'.' * (n - fill)}] {100 * frac:3.0f}% {step}/{self.total} "
-            f"ep {epoch} loss {self.loss:.4f}{val} ETA {eta:4.0f} s "
+    def _on_step(self, ev: dict) -> None:
+        self.loss = ev["loss"]
+        if self.bar is not None:
+            self.bar.update(ev["step"] - self.bar.n)
+            self.bar.set_postfix(
+                epoch=ev["epoch"], loss=f"{self.loss:.4f}", val=_pct(self.val), refresh=False
+            )
+
+    def _on_eval(self, ev: dict) -> None:
+        self.val = ev["acc"]
+        if self.bar is None:
+            self._line(
+                f"epoch {ev['epoch'] + 1}  step {ev['step']}/{self.total}  train loss "
+                f"{self.loss:.4f}  val loss {ev['loss']:.4f}  val acc {_pct(ev['acc'])}"
+            )
+
+    def _on_end(self, ev: dict) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        test = ev.get("test") or {}
+        self._line(
+            f"{ev['state']}: step {ev['step']}, best val acc {_pct(ev['best_val_acc'])}, "
+            f"test acc {_pct(test.get('acc'))}, {ev['time']:.1f} s"
+            + (f" ({ev['message']})" if ev.get("message") else "")
         )
 
-    def write(self, text: str, newline: bool = False) -> None:
-        if self.tty and newline and text and not text.startswith("\r"):
-            text = "\r" + text + " " * 10
-        self.stream.write(text + ("\n" if newline else ""))
-        self.stream.flush()
+    def _line(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(text, file=self.stream)
+        else:
+            print(text, file=self.stream, flush=True)
+
+
+# --------------------------------------------------------------------------- train: config
 
 
 def _train_config(args):
-    from .train import TrainConfig
+    from .data import canonical_name
 
+    TrainConfig = _config_class()
     base = TrainConfig.from_json(args.config).to_dict() if args.config else TrainConfig().to_dict()
     given = vars(args)
     # options belong to one model / dataset: a different one on the command line drops them
@@ -318,7 +645,87 @@ def _train_config(args):
         base["skip"] = [] if given["skip"] == ["none"] else given["skip"]
     base["model_kwargs"] = {**base["model_kwargs"], **_key_values(args.model_args, "--model-arg")}
     base["dataset_kwargs"] = {**base["dataset_kwargs"], **_key_values(args.data_args, "--data-arg")}
+    if isinstance(base.get("dataset"), str) and base["dataset"]:
+        base["dataset"] = canonical_name(base["dataset"])
+    if base.get("init_from"):
+        base["init_from"] = _in_file("--init-from")(base["init_from"])
     return TrainConfig.from_dict(base)
+
+
+def _train_config_from_run(run, args):
+    TrainConfig = _config_class()
+    given = [k for k in vars(args) if k in {f.name for f in dataclasses.fields(TrainConfig)}]
+    if given or args.config or args.model_args or args.data_args:
+        raise UsageError("--resume takes the run's own config; drop the training flags")
+    return TrainConfig.from_dict(run.config)
+
+
+def _machine_bytes() -> int:
+    import psutil
+
+    return int(psutil.virtual_memory().total)
+
+
+class _TooBig(Exception):
+    pass
+
+
+def _check_model_size(config) -> None:
+    """Build the model on the meta device (nothing allocated) and refuse it when its weights,
+    gradients and optimizer state (about 4 x 4 bytes per parameter, N factors each) exceed this
+    machine's memory; a build that registers over 20,000 weight tensors is refused as well."""
+    import torch
+
+    from .data import dataset_shape
+    from .models import create_model
+
+    channels, size, classes = dataset_shape(config.dataset, **config.dataset_kwargs)
+    limit = _machine_bytes()
+    per_param = 16 * max(1, config.n_factors)
+    seen = {"tensors": 0, "numel": 0}
+
+    def count(module, name, param):
+        if param is not None:
+            seen["tensors"] += 1
+            seen["numel"] += param.numel()
+            if seen["tensors"] > 20_000 or seen["numel"] * per_param > limit:
+                raise _TooBig
+
+    hook = torch.nn.modules.module.register_module_parameter_registration_hook(count)
+    try:
+        with torch.device("meta"):
+            create_model(
+                config.model,
+                in_channels=channels,
+                image_size=size,
+                num_classes=classes,
+                **config.model_kwargs,
+            )
+    except _TooBig:
+        opts = json.dumps(config.model_kwargs)
+        raise UsageError(
+            f"model: {config.model!r} with {_short(opts)} needs more than this machine's "
+            f"{limit / 2**30:.0f} GiB for its weights, gradients and optimizer state "
+            f"({seen['tensors']} tensors, {seen['numel']:.3g} parameters so far); use smaller "
+            f"options"
+        ) from None
+    except TypeError as e:
+        raise UsageError(f"model_kwargs: {e}") from None
+    except (RuntimeError, NotImplementedError, AssertionError):
+        return  # cannot be built on the meta device: the real build checks it
+    finally:
+        hook.remove()
+
+
+def _preflight(config) -> None:
+    """Everything cheap that can fail before a run folder exists: data, model size."""
+    from .data import check_dataset
+
+    check_dataset(config.dataset, **config.dataset_kwargs)
+    _check_model_size(config)
+
+
+# --------------------------------------------------------------------------- train: run
 
 
 def _share_name(name: str | None, d) -> str:
@@ -339,28 +746,46 @@ def _share_name(name: str | None, d) -> str:
     return bytes(buf[buf > 0].tolist()).decode()
 
 
-def cmd_train(args) -> int:
-    from .train import init_distributed
+@contextlib.contextmanager
+def _data_dir(path):
+    """``--data-dir`` for this command only (the loaders read ``$LORITA_DATA``)."""
+    old = os.environ.get("LORITA_DATA")
+    if path is not None:
+        os.environ["LORITA_DATA"] = str(path)
+    try:
+        yield
+    finally:
+        if path is not None:
+            if old is None:
+                os.environ.pop("LORITA_DATA", None)
+            else:
+                os.environ["LORITA_DATA"] = old
 
-    threads = "auto"
-    if args.threads is not None:
-        if args.threads < 1:
-            raise UsageError(f"--threads: {args.threads} must be >= 1")
-        threads = args.threads
-    if args.max_concurrent is not None and args.max_concurrent < 1:
-        raise UsageError(f"--max-concurrent: {args.max_concurrent} must be >= 1")
-    if args.data_dir:
-        os.environ["LORITA_DATA"] = args.data_dir
+
+def cmd_train(args) -> int:
+    with _data_dir(args.data_dir):
+        return _cmd_train(args)
+
+
+def _cmd_train(args) -> int:
+    from .runs import validate_name
+
+    threads = args.threads if args.threads is not None else "auto"
     store = _store(args)
     if args.resume:
         if not args.name:
             raise UsageError("--resume needs --name RUN")
-        run = store.get(args.name)
+        run = _get_run(args, args.name)
         config = _train_config_from_run(run, args)
     else:
+        if args.name is not None:
+            validate_name(args.name)
+            if store.exists(args.name):
+                raise UsageError(f"run: {args.name!r} already exists in {store.root}")
         config = _train_config(args)
+        _preflight(config)
         run = None
-    d = init_distributed(config.device)
+    d = _engine().init_distributed(config.device)
     quiet = args.quiet or not d.main
 
     stop_event = threading.Event()
@@ -379,9 +804,10 @@ def cmd_train(args) -> int:
             signal.signal(sig, handler)
 
 
-def _run_training(args, store, run, config, d, quiet, stop_event, threads) -> int:
-    from .runs import Run, acquire_slot
-    from .train import train
+def _open_run(args, store, run, config, d):
+    """The run to train: a new folder (rank 0 makes it, the others learn its name), or the
+    resumed one marked queued."""
+    from .runs import Run
 
     if run is None:
         if d.main:
@@ -389,36 +815,46 @@ def _run_training(args, store, run, config, d, quiet, stop_event, threads) -> in
         if d.on:
             name = _share_name(run.name if run else None, d)
             run = run or Run(store.root / name)
-    elif d.main:
-        if run.is_alive():
-            raise UsageError(f"--resume: run {run.name!r} is still {run.raw_status().get('state')}")
-        run.update_status(
-            state="queued",
-            message="resuming",
-            pid=os.getpid(),
-            host=socket.gethostname(),
-            ended=None,
-        )
+        return run
+    if d.main:
+        try:
+            run.begin_resume()  # refuses a live or completed run before writing anything
+        except ValueError as e:
+            raise UsageError(f"--resume: {e}") from None
+    return run
+
+
+def _wait_for_slot(args, store, run, stop_event, quiet):
+    """A slot of ``--max-concurrent`` (None when not asked), or False if stopped while queued."""
+    from .runs import acquire_slot
+
+    if not args.max_concurrent:
+        return None
+
+    def should_stop():
+        return stop_event.is_set() or run.stop_requested()
+
+    slot = acquire_slot(store.root, args.max_concurrent, should_stop=should_stop)
+    if slot is None:
+        run.update_status(state="stopped", message="stopped while queued", ended=time.time())
+        run.stop_heartbeat()
+        if not quiet:
+            print(f"stopped while queued: {run.path}")
+        return False
+    return slot
+
+
+def _run_training(args, store, run, config, d, quiet, stop_event, threads) -> int:
+    run = _open_run(args, store, run, config, d)
     if d.main:
         run.start_heartbeat()
     if not quiet:
         print(f"run folder: {run.path}", file=sys.stderr)
-
-    slot = None
-    if args.max_concurrent and d.main:
-
-        def should_stop():
-            return stop_event.is_set() or run.stop_requested()
-
-        slot = acquire_slot(store.root, args.max_concurrent, should_stop=should_stop)
-        if slot is None:
-            run.update_status(state="stopped", message="stopped while queued", ended=time.time())
-            run.stop_heartbeat()
-            if not quiet:
-                print(f"stopped while queued: {run.path}")
-            return 0
+    slot = _wait_for_slot(args, store, run, stop_event, quiet) if d.main else None
+    if slot is False:
+        return 0
     try:
-        result = train(
+        result = _engine().train(
             config,
             run,
             callback=_Progress(quiet=quiet),
@@ -438,298 +874,262 @@ def _run_training(args, store, run, config, d, quiet, stop_event, threads) -> in
         print(run.path)
     if result["state"] == "failed":
         if d.main:
-            print(f"lorita: training failed: {result['message']}", file=sys.stderr)
+            print(f"lorita: training failed: {_one_line(result['message'])}", file=sys.stderr)
         return 1
     return 0
 
 
-def _train_config_from_run(run, args):
-    from .train import TrainConfig
-
-    given = [k for k in vars(args) if k in {f.name for f in dataclasses.fields(TrainConfig)}]
-    if given or args.config or args.model_args or args.data_args:
-        raise UsageError("--resume takes the run's own config; drop the training flags")
-    return TrainConfig.from_dict(run.config)
-
-
-# --------------------------------------------------------------------------- runs
+# --------------------------------------------------------------------------- runs / stop
 
 
 def cmd_runs(args) -> int:
-    rows = _store(args).summaries()
+    store = _store(args)
+    if args.delete is not None:
+        run = _get_run(args, args.delete)
+        if run.is_alive():
+            raise UsageError(
+                f"run {run.name!r} is still {run.status().get('state')}; "
+                f"stop it first (lorita stop {run.name})"
+            )
+        store.delete(run.name)
+        print(f"deleted {run.name}")
+        return 0
+    rows = store.summaries()
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
     if not rows:
-        print(f"no runs in {_store(args).root}")
+        print(f"no runs in {store.root}")
         return 0
-    table = []
-    for s in rows:
-        ranks = s.get("effective_ranks") or {}
-        table.append(
-            [
-                s["name"],
-                s["state"] or "-",
-                s["dataset"] or "-",
-                s["model"] or "-",
-                s["n_factors"] if s["n_factors"] is not None else "-",
-                f"{s['weight_decay']:g}" if s["weight_decay"] is not None else "-",
-                f"{s['step'] or 0}/{s['total_steps'] or '?'}",
-                _pct(s["best_val_acc"]),
-                _pct(s["test_acc"]),
-                "/".join(str(v) for v in ranks.values()) or "-",
-            ]
-        )
-    print(
-        _table(
-            table,
-            [
-                "name",
-                "state",
-                "dataset",
-                "model",
-                "N",
-                "wd",
-                "step",
-                "best val",
-                "test",
-                "effective ranks",
-            ],
-        )
-    )
+    print(_table([_run_row(s) for s in rows], _RUN_COLUMNS))
     return 0
 
 
-# --------------------------------------------------------------------------- compress / export
+_RUN_COLUMNS = ["name", "state", "dataset", "model", "N", "wd", "step", "best val", "test"]
+_RUN_COLUMNS.append("effective ranks")
 
 
-def _load_for_compress(args):
-    run = _store(args).get(args.run)
-    model = run.load_model(args.which)
-    splits = run.load_splits()
-    return run, model, splits
+def _dash(v) -> str:
+    return "-" if v is None or v == "" else str(v)
 
 
-def _policy(name: str, value: float):
-    import lorita as lt
+def _run_row(s: dict) -> list:
+    ranks = s.get("effective_ranks") or {}
+    wd = s.get("weight_decay")
+    state = s.get("state") or "-"
+    if s.get("problem"):
+        state = f"broken ({_short(str(s['problem']), 40)})"
+    return [
+        s.get("name"),
+        state,
+        _dash(s.get("dataset")),
+        _dash(s.get("model")),
+        _dash(s.get("n_factors")),
+        f"{wd:g}" if isinstance(wd, int | float) else "-",
+        f"{s.get('step') or 0}/{s.get('total_steps') or '?'}",
+        _pct(s.get("best_val_acc")),
+        _pct(s.get("test_acc")),
+        "/".join(str(v) for v in ranks.values()) or "-",
+    ]
 
-    return lt.make_policy(name, value)
+
+def cmd_stop(args) -> int:
+    run = _get_run(args, args.run)
+    run.request_stop()
+    print(f"stop requested: {run.name} ({run.status().get('state')})")
+    return 0
+
+
+# --------------------------------------------------------------------------- compress
+
+
+def _compressor(args):
+    from .compress import Compressor
+
+    run = _get_run(args, args.run)
+    if not run.checkpoint(args.which).is_file():
+        raise UsageError(f"run {run.name!r} has no {args.which} checkpoint yet")
+    return Compressor(run, which=args.which)
+
+
+def _latency(model, example) -> dict:
+    from .cost import measure_latency
+
+    return {
+        f"latency_b{b}_ms": 1000 * measure_latency(model, example.expand(b, *example.shape[1:]))
+        for b in (1, 64)
+    }
 
 
 def cmd_compress(args) -> int:
-    import lorita as lt
-
-    from .train import evaluate, finetune
-
-    if args.finetune_epochs < 0:
-        raise UsageError(f"--finetune-epochs: {args.finetune_epochs} must be >= 0")
-    run, model, splits = _load_for_compress(args)
-    example = splits.example_input(1)
-    merged = lt.merge_model(model).eval()
-
-    def val_eval(m):
-        return evaluate(m, splits.val)
-
-    def measure(m) -> dict:
-        cost = lt.count_cost(m, example)
-        return {
-            "val": val_eval(m),
-            "test": evaluate(m, splits.test),
-            "params": cost.params,
-            "flops": cost.flops,
-        }
-
-    base = measure(merged)
-    svd = lt.layer_svd(merged)
-    full_ranks = {n: len(s) for n, s in svd.spectra.items()}
-    search = None
+    cz = _compressor(args)
     if args.max_drop is not None:
-        if args.max_drop < 0:
-            raise UsageError(f"--max-drop: {args.max_drop} must be >= 0 points")
         if args.search == "iterative":
-            found = lt.iterative_search(
-                merged,
-                evaluate=val_eval,
-                max_drop=args.max_drop,
-                example_input=example,
-                form=args.form,
-                svd=svd,
-            )
+            res = cz.iterative_search(args.max_drop, form=args.form)
         else:
-            found = lt.smallest_within(
-                merged,
-                args.search,
-                evaluate=val_eval,
-                max_drop=args.max_drop,
-                example_input=example,
-                form=args.form,
-                svd=svd,
-            )
-        small = found["model"]
-        search = {"search": args.search, "max_drop": args.max_drop, "value": found.get("value")}
-        policy_desc = f"{args.search} search within {args.max_drop:g} points"
+            res = cz.smallest_within(args.max_drop, args.search, form=args.form)
     else:
-        name, value = (
-            ("uniform", args.ratio)
-            if args.ratio is not None
-            else ("global", args.global_)
-            if args.global_ is not None
-            else ("energy", args.energy)
-        )
-        small = lt.truncate(merged, _policy(name, value), form=args.form, svd=svd)
-        policy_desc = f"{name} {value:g}"
-    ranks = dict(getattr(small, "lorita_ranks", {}) or {})
+        res = cz.apply(args.policy, form=args.form)
     if args.finetune_epochs:
-        cfg = run.config
-        lr = args.finetune_lr if args.finetune_lr is not None else float(cfg.get("lr", 1e-3)) / 10
-        small = finetune(
-            small,
-            splits,
-            epochs=args.finetune_epochs,
-            lr=lr,
-            optimizer=cfg.get("optimizer", "adam"),
-            batch_size=int(cfg.get("batch_size") or 128),
-            seed=int(cfg.get("seed", 0)),
-        )
-        small.lorita_ranks = ranks
-    after = measure(small)
-    out = {
-        "run": run.name,
-        "checkpoint": args.which,
-        "policy": policy_desc,
-        "form": args.form,
-        "search": search,
-        "finetune_epochs": args.finetune_epochs,
-        "before": base,
-        "after": after,
-        "ranks": {
-            n: {"kept": ranks.get(n, full_ranks.get(n)), "full": full_ranks.get(n)}
-            for n in full_ranks
-        },
-        "params_pct": 100.0 * after["params"] / max(1, base["params"]),
-        "flops_pct": 100.0 * after["flops"] / max(1, base["flops"]),
-    }
+        res = cz.finetune(res, args.finetune_epochs, lr=args.finetune_lr)
+    before, after = dict(cz.base), res.to_dict()
+    if args.latency:
+        before.update(_latency(cz.model, cz.example_input))
+        after.update(_latency(res.model, cz.example_input))
+    out = {"run": cz.run, "checkpoint": args.which, "before": before, "after": after}
     if args.out:
-        lt.save(
-            small,
-            args.out,
-            metadata={
-                "run": run.name,
-                "policy": policy_desc,
-                "val_acc": after["val"]["acc"],
-                "test_acc": after["test"]["acc"],
-            },
-        )
+        from .export import save
+
+        meta = {"run": cz.run, "policy": json.dumps(res.policy)}
+        save(res.model, args.out, metadata={**meta, "val_acc": res.val_acc})
         out["out"] = str(args.out)
     if args.json:
         print(json.dumps(out, indent=1))
         return 0
-    print(
-        f"run {run.name} ({args.which} checkpoint), {policy_desc}, form {args.form}"
-        + (f", fine-tuned {args.finetune_epochs} epochs" if args.finetune_epochs else "")
-    )
-    rows = [
-        [
-            label,
-            f"{m['params']:,}",
-            f"{m['flops']:,}",
-            _pct(m["val"]["acc"]),
-            _pct(m["test"]["acc"]),
-        ]
-        for label, m in (("before", base), ("after", after))
-    ]
-    rows.append(
-        [
-            "after/before",
-            f"{out['params_pct']:.1f}%",
-            f"{out['flops_pct']:.1f}%",
-            f"{100 * (after['val']['acc'] - base['val']['acc']):+.2f} pts",
-            f"{100 * (after['test']['acc'] - base['test']['acc']):+.2f} pts",
-        ]
-    )
-    print(_table(rows, ["", "params", "FLOPs", "val acc", "test acc"]))
-    print(
-        "ranks kept: " + ", ".join(f"{n} {v['kept']}/{v['full']}" for n, v in out["ranks"].items())
-    )
-    if args.out:
-        print(f"saved {args.out}")
+    _print_compress(out, args)
     return 0
+
+
+def _policy_words(policy: dict) -> str:
+    name = policy.get("policy", "?")
+    value = policy.get("value")
+    return f"{name} {value:g}" if isinstance(value, int | float) else str(name)
+
+
+def _print_compress(out: dict, args) -> None:
+    before, after = out["before"], out["after"]
+    tuned = f", fine-tuned {after['finetune_epochs']} epochs" if after["finetune_epochs"] else ""
+    search = after.get("search")
+    how = (
+        f"{search['search']} search within {search['max_drop']:g} points"
+        if search
+        else _policy_words(after["policy"])
+    )
+    print(f"run {out['run']} ({out['checkpoint']} checkpoint), {how}, form {args.form}{tuned}")
+    lat = "latency_b1_ms" in after
+    header = ["", "params", "FLOPs", "val acc", "test acc"]
+    header += ["ms (batch 1)", "ms (batch 64)"] if lat else []
+
+    def row(label, m):
+        cells = [label, f"{m['params']:,}", f"{m['flops']:,}"]
+        cells += [_pct(m.get("val_acc")), _pct(m.get("test_acc"))]
+        return cells + ([f"{m['latency_b1_ms']:.3f}", f"{m['latency_b64_ms']:.3f}"] if lat else [])
+
+    ratio = ["after/before", f"{after['params_pct']:.1f}%", f"{after['flops_pct']:.1f}%"]
+    ratio += [_points(after, before, "val_acc"), _points(after, before, "test_acc")]
+    if lat:
+        ratio += [
+            f"{100 * after[k] / max(before[k], 1e-12):.1f}%"
+            for k in ("latency_b1_ms", "latency_b64_ms")
+        ]
+    print(_table([row("before", before), row("after", after), ratio], header))
+    plan = after["plan"]
+    print("ranks kept: " + ", ".join(f"{n} {p['rank']}/{p['full']}" for n, p in plan.items()))
+    notes = {n: p["note"] for n, p in plan.items() if p.get("note")}
+    for n, note in notes.items():
+        print(f"  {n}: {note}")
+    if out.get("out"):
+        print(f"saved {out['out']}")
+
+
+def _points(after: dict, before: dict, key: str) -> str:
+    a, b = after.get(key), before.get(key)
+    return "-" if a is None or b is None else f"{100 * (a - b):+.2f} pts"
+
+
+# --------------------------------------------------------------------------- compare
+
+
+def cmd_compare(args) -> int:
+    from .baselines import compare
+
+    store = _store(args)
+    run = _get_run(args, args.run)
+    if args.baseline is not None:
+        baseline = _get_run(args, args.baseline)
+    else:
+        baseline = store.pair(run)
+        if baseline is None:
+            raise UsageError(f"run {run.name!r} has no paired N=1 run; name one with --baseline")
+    rows = compare(
+        run,
+        baseline,
+        budgets=args.budgets,
+        finetune_epochs=args.finetune_epochs,
+        **({"finetune_lr": args.finetune_lr} if args.finetune_lr is not None else {}),
+    )
+    if args.json:
+        print(json.dumps(rows, indent=1, default=str))
+        return 0
+    print(f"{run.name} against the N=1 run {baseline.name}; selected on validation, test reported")
+    header = ["budget", "method", "fine-tuned", "params %", "val acc", "test acc"]
+    table = [
+        [
+            f"{r.get('budget', 0):g}%",
+            r.get("method", "?"),
+            r.get("finetune_epochs", 0),
+            f"{r.get('params_pct', math.nan):.1f}",
+            _pct(r.get("val_acc")),
+            _pct(r.get("test_acc")),
+        ]
+        for r in rows
+    ]
+    print(_table(table, header))
+    return 0
+
+
+# --------------------------------------------------------------------------- export
 
 
 def cmd_export(args) -> int:
-    import lorita as lt
-
-    run, model, splits = _load_for_compress(args)
-    merged = lt.merge_model(model).eval()
-    pol = args.policy.strip().lower()
-    if pol == "none":
-        out_model = merged
+    cz = _compressor(args)
+    if args.policy is None:
+        model, words = cz.model, "none"
     else:
-        name, _, value = pol.partition(":")
-        try:
-            v = float(value)
-        except ValueError:
-            raise UsageError(
-                f"--policy: {args.policy!r}; expected none, uniform:R, global:F or energy:E"
-            ) from None
-        if name not in ("uniform", "global", "energy"):
-            raise UsageError(
-                f"--policy: {args.policy!r}; expected none, uniform:R, global:F or energy:E"
-            )
-        out_model = lt.truncate(merged, _policy(name, v), form=args.form)
-    example = splits.example_input(1)
-    out = Path(args.out)
+        model, _ = cz.cut(args.policy, form=args.form)
+        words = str(args.policy)
+    example = cz.example_input
     if args.format == "onnx":
-        lt.export_onnx(out_model, example, out)
+        from .export import export_onnx
+
+        export_onnx(model, example, args.out)
     else:
-        acc = evaluate_quiet(out_model, splits)
-        lt.save(
-            out_model,
-            out,
-            input_shape=list(example.shape[1:]),
-            metadata={"run": run.name, "policy": args.policy, **acc},
-        )
-    print(out)
-    return 0
+        from .export import save
 
-
-def evaluate_quiet(model, splits) -> dict:
-    from .train import evaluate
-
-    return {
-        "val_acc": evaluate(model, splits.val)["acc"],
-        "test_acc": evaluate(model, splits.test)["acc"],
-    }
-
-
-def cmd_stop(args) -> int:
-    run = _store(args).get(args.run)
-    run.request_stop()
-    print(f"stop requested: {run.name} ({run.status().get('state')})")
+        acc = cz.data.metrics(model)
+        meta = {"run": cz.run, "policy": words, "val_acc": acc["val_acc"]}
+        save(model, args.out, input_shape=list(example.shape[1:]), metadata=meta)
+    print(args.out)
     return 0
 
 
 # --------------------------------------------------------------------------- main
 
 
+def _one_line(message) -> str:
+    """A message as one line of at most MAX_MESSAGE characters."""
+    text = " ".join(part.strip() for part in str(message).splitlines() if part.strip())
+    return _short(text, MAX_MESSAGE) if text else ""
+
+
+def _fail(message) -> int:
+    print(f"lorita: error: {_one_line(message)}", file=sys.stderr)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    """Run one command; the exit code is 0, 1 (training failed) or 2 (bad input)."""
     try:
-        args = parser.parse_args(argv)
-        return {
-            "train": cmd_train,
-            "runs": cmd_runs,
-            "compress": cmd_compress,
-            "export": cmd_export,
-            "stop": cmd_stop,
-        }[args.command](args)
+        args = build_parser().parse_args(argv)
+        return args.func(args)
     except UsageError as e:
-        print(f"lorita: error: {e}", file=sys.stderr)
-        return 2
-    except (ValueError, FileNotFoundError, PermissionError, IsADirectoryError) as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        print(f"lorita: error: {msg}", file=sys.stderr)
-        return 2
+        return _fail(e)
+    except (ValueError, OSError) as e:  # includes DatasetUnavailable and JSON errors
+        return _fail(str(e) or type(e).__name__)
+    except RecursionError:
+        return _fail("input nested too deeply")
+    except MemoryError:
+        return _fail("not enough memory for this command")
     except KeyboardInterrupt:
         print("lorita: interrupted", file=sys.stderr)
         return 130

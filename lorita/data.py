@@ -44,6 +44,7 @@ __all__ = [
     "data_root",
     "dataset_entry",
     "dataset_options",
+    "dataset_shape",
     "list_dataset_families",
     "list_datasets",
     "load_dataset",
@@ -156,7 +157,9 @@ class DatasetEntry:
     **options) -> str`` says cheaply (no decoding) where the data will come from or raises
     :class:`DatasetUnavailable` with what to do; ``estimate(**options)`` is the memory in bytes
     the options ask for, refused above :data:`MAX_DATA_BYTES` before loading. An entry with
-    ``takes_path`` is spelled ``NAME:PATH`` (``folder:~/images``).
+    ``takes_path`` is spelled ``NAME:PATH`` (``folder:~/images``). ``shape(name, **options)``
+    gives ``(in_channels, image_size, num_classes)`` without loading (what a model is built
+    for; a constant for a fixed dataset).
     """
 
     name: str
@@ -167,6 +170,7 @@ class DatasetEntry:
     options: Mapping[str, Option] = field(default_factory=dict)
     estimate: Callable[..., int] | None = None
     takes_path: bool = False
+    shape: Callable[..., tuple[int, int, int]] | None = None
 
 
 def list_datasets() -> list[str]:
@@ -262,6 +266,14 @@ def check_dataset(
     full = validate_dataset(name, options)
     entry, _ = dataset_entry(name)
     return entry.check(name, data_root(root), download, **full)
+
+
+def dataset_shape(name: str, **options) -> tuple[int, int, int]:
+    """``(in_channels, image_size, num_classes)`` of a dataset without loading its data (a folder
+    is listed, not read)."""
+    full = validate_dataset(name, options)
+    entry, _ = dataset_entry(name)
+    return entry.shape(name, **full)
 
 
 def data_root(root: str | os.PathLike | None = None) -> Path:
@@ -536,6 +548,10 @@ def _lowrank_check_shape(o: dict) -> None:
         raise ValueError(
             f"lowrank rank: {r} must be <= min({side}*{side}, num_classes) = {min(d, k)}"
         )
+
+
+def _lowrank_shape(name: str, **o) -> tuple[int, int, int]:
+    return 1, o["dim"], o["num_classes"]
 
 
 def _check_lowrank(name: str, root: Path, download: bool, **o) -> str:
@@ -919,6 +935,10 @@ def _folder(name: str, root: Path, download: bool, **o) -> _Raw:
     return _Raw(x, y, xt, yt, len(scan.classes), xv=xv, yv=yv, classes=scan.classes)
 
 
+def _folder_shape(name: str, **o) -> tuple[int, int, int]:
+    return o["channels"], o["size"], len(_scan_folder(name).classes)
+
+
 def _check_folder(name: str, root: Path, download: bool, **o) -> str:
     scan = _scan_folder(name)
     _folder_refuse_if_too_big(name, scan, o["size"], o["channels"])
@@ -929,6 +949,11 @@ def _check_folder(name: str, root: Path, download: bool, **o) -> str:
 
 # --------------------------------------------------------------------------- the registry
 
+
+def _fixed(channels: int, size: int, classes: int) -> Callable[..., tuple[int, int, int]]:
+    return lambda name, **o: (channels, size, classes)
+
+
 _REGISTRY: dict[str, DatasetEntry] = {
     e.name: e
     for e in (
@@ -938,6 +963,7 @@ _REGISTRY: dict[str, DatasetEntry] = {
             "shipped with scikit-learn: no download",
             _digits,
             _check_digits,
+            shape=_fixed(1, 8, 10),
         ),
         DatasetEntry(
             "lowrank",
@@ -947,6 +973,7 @@ _REGISTRY: dict[str, DatasetEntry] = {
             _check_lowrank,
             _LOWRANK_OPTIONS,
             _lowrank_bytes,
+            shape=_lowrank_shape,
         ),
         DatasetEntry(
             "mnist",
@@ -954,6 +981,7 @@ _REGISTRY: dict[str, DatasetEntry] = {
             "local IDX files, else torchvision download",
             _idx_dataset,
             _check_idx,
+            shape=_fixed(1, 28, 10),
         ),
         DatasetEntry(
             "fashion_mnist",
@@ -961,6 +989,7 @@ _REGISTRY: dict[str, DatasetEntry] = {
             "local IDX files, else torchvision download",
             _idx_dataset,
             _check_idx,
+            shape=_fixed(1, 28, 10),
         ),
         DatasetEntry(
             "cifar10",
@@ -968,6 +997,7 @@ _REGISTRY: dict[str, DatasetEntry] = {
             "local binary files, else torchvision download",
             _cifar,
             _check_cifar,
+            shape=_fixed(3, 32, 10),
         ),
         DatasetEntry(
             "cifar100",
@@ -975,6 +1005,7 @@ _REGISTRY: dict[str, DatasetEntry] = {
             "local binary files, else torchvision download",
             _cifar,
             _check_cifar,
+            shape=_fixed(3, 32, 100),
         ),
         DatasetEntry(
             "folder",
@@ -984,6 +1015,7 @@ _REGISTRY: dict[str, DatasetEntry] = {
             _check_folder,
             _FOLDER_OPTIONS,
             takes_path=True,
+            shape=_folder_shape,
         ),
     )
 }

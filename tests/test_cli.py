@@ -60,7 +60,7 @@ def _one_line_error(capsys, argv, *needles):
         (["train", "--bogus"], ["unrecognized", "--bogus"]),
         (["train", "--resume"], ["--resume needs --name"]),
         (["frobnicate"], ["frobnicate"]),
-        (["compress", "nope", "--ratio", "0.5"], ["no run named 'nope'"]),
+        (["compress", "nope", "--uniform", "0.5"], ["no run named 'nope'"]),
         (["export", "nope", "--format", "onnx", "--out", "x.onnx"], ["no run named 'nope'"]),
         (["compress", "x"], ["one of the arguments"]),
     ],
@@ -141,13 +141,16 @@ def test_runs_table_and_json(runs_dir, capsys):
 
 
 def test_compress_ratio_json(runs_dir, capsys):
-    assert main(["compress", "r1", "--ratio", "0.25", "--json", "--runs-dir", str(runs_dir)]) == 0
+    assert main(["compress", "r1", "--uniform", "0.25", "--json", "--runs-dir", str(runs_dir)]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["after"]["params"] < out["before"]["params"]
     assert out["after"]["flops"] < out["before"]["flops"]
     for part in ("before", "after"):
-        assert 0 <= out[part]["val"]["acc"] <= 1 and 0 <= out[part]["test"]["acc"] <= 1
-    assert out["ranks"]["fc2"] == {"kept": 8, "full": 32}
+        assert 0 <= out[part]["val_acc"] <= 1 and 0 <= out[part]["test_acc"] <= 1
+        assert out[part]["latency_b1_ms"] > 0 and out[part]["latency_b64_ms"] > 0
+    plan = out["after"]["plan"]
+    assert (plan["fc2"]["rank"], plan["fc2"]["full"]) == (8, 32)
+    assert not plan["head"]["cut"] and "output layer" in plan["head"]["note"]
 
 
 def test_compress_max_drop_finetune_and_save(runs_dir, tmp_path, capsys):
@@ -172,7 +175,7 @@ def test_compress_max_drop_finetune_and_save(runs_dir, tmp_path, capsys):
     assert small.lorita_spec["metadata"]["run"] == "r1"
     assert main(["compress", "r1", "--max-drop", "1", "--json", "--runs-dir", str(runs_dir)]) == 0
     res = json.loads(capsys.readouterr().out)
-    assert res["after"]["val"]["acc"] >= res["before"]["val"]["acc"] - 0.01 - 1e-9
+    assert res["after"]["val_acc"] >= res["before"]["val_acc"] - 0.01 - 1e-9
     assert (
         main(
             [
@@ -190,7 +193,7 @@ def test_compress_max_drop_finetune_and_save(runs_dir, tmp_path, capsys):
         == 0
     )
     it = json.loads(capsys.readouterr().out)
-    assert it["after"]["val"]["acc"] >= it["before"]["val"]["acc"] - 0.02 - 1e-9
+    assert it["after"]["val_acc"] >= it["before"]["val_acc"] - 0.02 - 1e-9
 
 
 def test_export_safetensors_and_onnx(runs_dir, tmp_path, capsys):

@@ -351,3 +351,17 @@ def test_canonical_name_makes_folder_paths_absolute(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert canonical_name("folder:imgs") == f"folder:{tmp_path / 'imgs'}"
     assert canonical_name("digits") == "digits"
+
+
+def test_dataset_shape_without_loading_matches_the_loaded_splits(tmp_path):
+    from lorita.data import dataset_shape
+
+    root = _folder(tmp_path / "imgs")
+    for name, kw in [
+        ("digits", {}),
+        ("lowrank", {"dim": 12, "num_classes": 5, "n_train": 50, "n_test": 10}),
+        (f"folder:{root}", {"size": 10, "channels": 1}),
+    ]:
+        s = load_dataset(name, **kw)
+        assert dataset_shape(name, **kw) == (s.in_channels, s.image_size, s.num_classes)
+    assert dataset_shape("cifar100") == (3, 32, 100)
