@@ -1,48 +1,37 @@
-"""Whole-model passes: compose every Linear/Conv2d (overparameterize), multiply the factors back
-(merge_model), and find the layers LoRITa works on. Layer names are those that
-``model.named_modules()`` gives the plain model, so a composed model and its merge agree.
+"""Whole-model passes: compose every layer LoRITa can compose (overparameterize), multiply the
+factors back (merge_model). Which module becomes what is decided by the table in
+:mod:`lorita.kinds`. Layer names are those that ``model.named_modules()`` gives the plain
+model, so a composed model and its merge agree.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from fnmatch import fnmatchcase
 
-from torch import nn
+from torch import Tensor, nn
 
-from .layers import LAYER_TYPES, FactorConv2d, FactorLinear, LowRankConv2d, LowRankLinear
+from .kinds import INITS, INNER_CHOICES, ORDERS, LayerEntry, detect_direct, layer_table
+from .kinds import iter_layers as iter_layers
+from .kinds import set_module as set_module
+from .layers import FactorConv2d, FactorLinear, FactorMultiheadAttention
 
-__all__ = ["iter_layers", "composed_layers", "overparameterize", "merge_model", "set_module"]
+__all__ = [
+    "iter_layers",
+    "composed_layers",
+    "overparameterize",
+    "merge_model",
+    "set_module",
+    "composition_summary",
+]
 
-_INNER_CHOICES = (None, "min", "paper")
-
-
-def iter_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """Yield ``(name, module)`` for every layer with a weight matrix LoRITa can read: Linear,
-    Conv2d, composed and low-rank layers (not the pieces inside a composed or low-rank layer)."""
-    inside: str | None = None
-    for name, module in model.named_modules():
-        if inside is not None and name.startswith(inside):
-            continue
-        if isinstance(module, LAYER_TYPES):
-            if name == "":
-                raise ValueError("model: expected a container of layers, got a bare layer")
-            if isinstance(module, (FactorLinear, FactorConv2d, LowRankLinear, LowRankConv2d)):
-                inside = name + "."
-            yield name, module
+_COMPOSED = (FactorLinear, FactorConv2d, FactorMultiheadAttention)
 
 
 def composed_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """``{name: layer}`` for every FactorLinear / FactorConv2d in ``model``."""
-    return {n: m for n, m in iter_layers(model) if isinstance(m, (FactorLinear, FactorConv2d))}
-
-
-def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    """Replace the submodule called ``name`` (dotted path) by ``new``."""
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
+    """``{name: layer}`` for every composed layer (FactorLinear, FactorConv2d, attention)."""
+    return {n: m for n, m in iter_layers(model) if isinstance(m, _COMPOSED)}
 
 
 def _matches(name: str, patterns: tuple[str, ...]) -> bool:
@@ -62,12 +51,27 @@ def _check_skip(skip, names: list[str]) -> tuple[str, ...]:
     return skip
 
 
-def _inner_for(module: nn.Module, inner) -> int | None:
-    if inner in (None, "min"):
-        return None
-    if inner == "paper":  # the authors' widths: Linear input width, conv output channels
-        return module.in_features if isinstance(module, nn.Linear) else module.out_channels
-    raise ValueError(f"inner: expected one of None, 'min', 'paper', got {inner!r}")
+def _check_options(n_factors, init, inner, order) -> None:
+    if isinstance(n_factors, bool) or not isinstance(n_factors, int) or n_factors < 1:
+        raise ValueError(f"n_factors: expected an integer >= 1, got {n_factors!r}")
+    if init not in INITS:
+        raise ValueError(f"init: expected one of {', '.join(INITS)}, got {init!r}")
+    if inner not in INNER_CHOICES:
+        raise ValueError(f"inner: expected one of None, 'min', 'paper', got {inner!r}")
+    if order not in ORDERS:
+        raise ValueError(f"order: expected one of {', '.join(ORDERS)}, got {order!r}")
+
+
+def _why_left(e: LayerEntry, skip: tuple[str, ...], n_factors: int) -> str | None:
+    if not e.kind.composable:
+        return e.kind.why_left
+    if _matches(e.name, skip):
+        return "skipped (skip=...)"
+    if e.shared:
+        return "its weight is shared with another module (tied weights)"
+    if n_factors == 1:
+        return "n_factors=1: the ordinary network"
+    return None
 
 
 def overparameterize(
@@ -78,8 +82,14 @@ def overparameterize(
     skip: Iterable[str] | str = (),
     inner: str | None = None,
     order: str = "auto",
+    example_input: Tensor | None = None,
 ) -> nn.Module:
-    """Return a copy of ``model`` with every nn.Linear / nn.Conv2d written as N factors.
+    """Return a copy of ``model`` with every layer that has a kind written as N factors.
+
+    Linear, Conv2d (grouped too), MultiheadAttention's packed q, k, v and layers whose weight
+    is read directly are composed; depthwise convolutions and tied weights are left as they are.
+    The copy carries ``lorita_summary`` (see :func:`composition_summary`) and
+    ``lorita_direct`` (the layers whose weight the model reads itself: their cut stays dense).
 
     Args:
         model: any module; it is not changed.
@@ -90,40 +100,46 @@ def overparameterize(
         inner: inner width of the factors: None/"min" for min(in, out), "paper" for the
             authors' (Linear input width, conv output channels).
         order: evaluation order of the composed layers ("auto", "product", "sequential").
+        example_input: one batch the model accepts, used to trace which weights are read
+            directly; default a small input guessed from the model.
     """
-    if isinstance(n_factors, bool) or not isinstance(n_factors, int) or n_factors < 1:
-        raise ValueError(f"n_factors: expected an integer >= 1, got {n_factors!r}")
-    if init not in ("balanced", "independent"):
-        raise ValueError(f"init: expected 'balanced' or 'independent', got {init!r}")
-    if inner not in _INNER_CHOICES:
-        raise ValueError(f"inner: expected one of None, 'min', 'paper', got {inner!r}")
+    _check_options(n_factors, init, inner, order)
     new = copy.deepcopy(model)
-    layers = list(iter_layers(new))
-    if not layers:
+    table = layer_table(new, direct=())
+    if not any(e.kind.composable for e in table):
         raise ValueError("model: it has no nn.Linear or nn.Conv2d layer to compose")
-    skip = _check_skip(skip, [n for n, _ in layers])
-    for name, module in layers:
-        if _matches(name, skip):
-            continue
-        if not isinstance(module, (nn.Linear, nn.Conv2d)):
+    skip = _check_skip(skip, [e.name for e in table])
+    for e in table:
+        if e.kind.composable and isinstance(e.module, _COMPOSED):
             raise ValueError(
-                f"model: layer {name!r} is already a {type(module).__name__}; merge_model() first"
+                f"model: layer {e.name!r} is already a {type(e.module).__name__}; "
+                "merge_model() first"
             )
-        if n_factors == 1:
+    direct, how = detect_direct(new, example_input)
+    new.lorita_direct = tuple(direct)
+    summary = []
+    for e in layer_table(new):
+        why = _why_left(e, skip, n_factors)
+        row = {"name": e.name, "kind": e.kind.name, "type": type(e.module).__name__}
+        if why is not None:
+            summary.append({**row, "action": "left", "why": why})
             continue
-        kw = {"init": init, "inner": _inner_for(module, inner), "order": order}
-        if isinstance(module, nn.Linear):
-            new_layer = FactorLinear.from_linear(module, n_factors, **kw)
-        else:
-            if module.groups != 1:
-                raise ValueError(
-                    f"model: layer {name!r} is a grouped convolution (groups={module.groups}); "
-                    f"composed layers support groups=1 only, add it to skip"
-                )
-            new_layer = FactorConv2d.from_conv(module, n_factors, **kw)
-        new_layer.train(module.training)
-        set_module(new, name, new_layer)
+        width = e.kind.paper_inner(e.module) if inner == "paper" else None
+        layer = e.kind.compose(e.module, n_factors, init=init, inner=width, order=order)
+        layer.train(e.module.training)
+        set_module(new, e.name, layer)
+        summary.append({**row, "action": "composed", "why": ""})
+    new.lorita_summary = {"n_factors": n_factors, "direct_reads": how, "layers": summary}
     return new
+
+
+def composition_summary(model: nn.Module) -> dict:
+    """What :func:`overparameterize` did: ``{"n_factors", "direct_reads", "layers": [{"name",
+    "kind", "type", "action": "composed" | "left", "why"}]}`` (never printed)."""
+    summary = getattr(model, "lorita_summary", None)
+    if summary is None:
+        raise ValueError("model: it was not made by overparameterize (no lorita_summary)")
+    return summary
 
 
 def merge_model(model: nn.Module) -> nn.Module:
@@ -131,13 +147,10 @@ def merge_model(model: nn.Module) -> nn.Module:
     low-rank layer made dense: the original architecture, whose ``state_dict()`` loads with
     ``strict=True`` into the un-composed model."""
     new = copy.deepcopy(model)
-    for name, module in list(iter_layers(new)):
-        if isinstance(module, (FactorLinear, FactorConv2d)):
-            plain = module.merge()
-        elif isinstance(module, (LowRankLinear, LowRankConv2d)):
-            plain = module.to_dense()
-        else:
+    for e in layer_table(new):
+        plain = e.kind.merge(e.module)
+        if plain is e.module:
             continue
-        plain.train(module.training)
-        set_module(new, name, plain)
+        plain.train(e.module.training)
+        set_module(new, e.name, plain)
     return new

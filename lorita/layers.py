@@ -2,11 +2,13 @@
 that truncation produces. Each converts to and from the plain layer it replaces.
 
 Shapes use PyTorch's conventions: a Linear weight is (out, in); a conv weight is
-(C_out, C_in, kh, kw) and its matrix view is (C_out, C_in*kh*kw).
+(C_out, C_in/g, kh, kw) and its matrix view, one matrix per group g, is
+(g, C_out/g, C_in/g*kh*kw). Which module gets which layer is decided in :mod:`lorita.kinds`.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -15,10 +17,22 @@ from torch import Tensor, nn
 
 from .functional import balanced_factors, chain_product, prefer_product
 
-__all__ = ["FactorLinear", "FactorConv2d", "LowRankLinear", "LowRankConv2d", "LAYER_TYPES"]
+__all__ = [
+    "FactorLinear",
+    "FactorConv2d",
+    "FactorMultiheadAttention",
+    "LowRankLinear",
+    "LowRankConv2d",
+    "LAYER_TYPES",
+    "INITS",
+    "ORDERS",
+]
 
-_INITS = ("balanced", "independent")
-_ORDERS = ("auto", "product", "sequential")
+#: How composed factors start: "balanced" keeps the function, "independent" is the paper's.
+INITS = ("balanced", "independent")
+#: How a composed layer is evaluated (see :class:`FactorLinear`).
+ORDERS = ("auto", "product", "sequential")
+_INITS, _ORDERS = INITS, ORDERS
 
 
 def _check_n_factors(n_factors) -> int:
@@ -62,9 +76,9 @@ def _balanced_svd_split(w: Tensor, rank: int, svd=None) -> tuple[Tensor, Tensor]
 
     ``svd``: a precomputed thin SVD ``(U, S, Vh)`` of ``w`` (saves the decomposition)."""
     u, s, vh = torch.linalg.svd(w.double(), full_matrices=False) if svd is None else svd
-    root = s[:rank].sqrt()
-    first = root[:, None] * vh[:rank]  # (r, n)
-    second = u[:, :rank] * root[None, :]  # (m, r)
+    root = s[..., :rank].sqrt()
+    first = root[..., :, None] * vh[..., :rank, :]  # (..., r, n)
+    second = u[..., :, :rank] * root[..., None, :]  # (..., m, r)
     return first.to(w.dtype), second.to(w.dtype)
 
 
@@ -243,8 +257,20 @@ def _pair(v) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else tuple(v)
 
 
+def _check_groups(groups, c_in: int, c_out: int) -> int:
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"groups: expected an integer >= 1, got {groups!r}")
+    if c_in % groups or c_out % groups:
+        raise ValueError(
+            f"groups: {groups} must divide in_channels {c_in} and out_channels {c_out}"
+        )
+    return groups
+
+
 class _ConvGeometry:
     """The Conv2d options shared by the composed and low-rank convolutions."""
+
+    groups: int = 1
 
     def _init_geometry(self, kernel_size, stride, padding, dilation, padding_mode) -> None:
         self.kernel_size = _pair(kernel_size)
@@ -275,8 +301,8 @@ class _ConvGeometry:
     def _conv(self, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
         if self.padding_mode != "zeros":
             x = F.pad(x, self._pad, mode=self.padding_mode)
-            return F.conv2d(x, w, b, self.stride, 0, self.dilation)
-        return F.conv2d(x, w, b, self.stride, self.padding, self.dilation)
+            return F.conv2d(x, w, b, self.stride, 0, self.dilation, self.groups)
+        return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
 
     def _out_pixels(self, x: Tensor) -> int:
         """Batch x H_out x W_out for input ``x`` (B, C, H, W) or (C, H, W)."""
@@ -296,6 +322,8 @@ class _ConvGeometry:
             s += f", padding={self.padding}"
         if self.dilation != (1, 1):
             s += f", dilation={self.dilation}"
+        if self.groups != 1:
+            s += f", groups={self.groups}"
         if self.padding_mode != "zeros":
             s += f", padding_mode={self.padding_mode!r}"
         return s
@@ -308,6 +336,7 @@ class _ConvGeometry:
             self.stride,
             self.padding,
             self.dilation,
+            self.groups,
             bias=bias,
             padding_mode=self.padding_mode,
             device=ref.device,
@@ -318,21 +347,22 @@ class _ConvGeometry:
 def _check_conv(conv) -> None:
     if not isinstance(conv, nn.Conv2d):
         raise ValueError(f"conv: expected an nn.Conv2d, got {type(conv).__name__}")
-    if conv.groups != 1:
-        raise ValueError(
-            f"groups: composed and low-rank convolutions support groups=1 only, got "
-            f"groups={conv.groups}; leave this layer out (skip=...)"
-        )
+
+
+def _grouped(mats: list[Tensor], groups: int) -> list[Tensor]:
+    """Stack per-group factor lists ``[[W_1, ..., W_N] per group]`` into (g*rows, cols) each."""
+    return [torch.cat([m[i] for m in mats], 0) for i in range(len(mats[0]))]
 
 
 class FactorConv2d(_Composed, _ConvGeometry, nn.Module):
     """``nn.Conv2d`` written as the k x k conv to ``inner`` channels followed by N-1 1x1 factors.
 
-    ``weight = D_{N-1} @ ... @ D_1 @ W_0.reshape(inner, -1)``, reshaped to (C_out, C_in, kh, kw);
-    the bias is added once at the end. Options as :class:`FactorLinear`; every ``nn.Conv2d``
-    option is kept except groups (groups > 1 raises ``ValueError``). Default inner width
-    ``min(C_out, C_in*kh*kw)``; the paper uses C_out. Evaluating the product first is almost
-    always cheaper for convolutions, since 1x1 factors would otherwise run at every pixel.
+    Per group: ``weight_g = D_{N-1} @ ... @ D_1 @ W_0g.reshape(inner, -1)``, reshaped to
+    (C_out, C_in/g, kh, kw); the bias is added once at the end. With groups > 1 the k x k conv
+    and every 1x1 factor are grouped convolutions (one matrix chain per group). Options as
+    :class:`FactorLinear`; every ``nn.Conv2d`` option is kept. Default inner width (per group)
+    ``min(C_out/g, C_in/g*kh*kw)``; the paper uses C_out. Evaluating the product first is
+    almost always cheaper for convolutions, since 1x1 factors would otherwise run at every pixel.
     """
 
     def __init__(
@@ -355,24 +385,24 @@ class FactorConv2d(_Composed, _ConvGeometry, nn.Module):
         dtype=None,
     ) -> None:
         super().__init__()
-        if groups != 1:
-            raise ValueError(f"groups: FactorConv2d supports groups=1 only, got groups={groups}")
         kw = {"device": device, "dtype": dtype}
         self.in_channels = int(in_channels)
         self.out_channels = int(out_channels)
+        self.groups = _check_groups(groups, self.in_channels, self.out_channels)
         self._init_geometry(kernel_size, stride, padding, dilation, padding_mode)
         self.n_factors = _check_n_factors(n_factors)
         self.init = _check_choice("init", init, _INITS)
         self.order = _check_choice("order", order, _ORDERS)
         kh, kw_ = self.kernel_size
-        self._fan_in = self.in_channels * kh * kw_
-        self._default_inner = min(self.out_channels, self._fan_in)
+        g = self.groups
+        self._fan_in = self.in_channels // g * kh * kw_
+        self._default_inner = min(self.out_channels // g, self._fan_in)
         self.inner = _resolve_inner(inner, self._default_inner)
-        first_out = self.out_channels if self.n_factors == 1 else self.inner
-        params = [nn.Parameter(torch.empty(first_out, self.in_channels, kh, kw_, **kw))]
+        first_out = self.out_channels if self.n_factors == 1 else g * self.inner
+        params = [nn.Parameter(torch.empty(first_out, self.in_channels // g, kh, kw_, **kw))]
         w = self.widths
         params += [
-            nn.Parameter(torch.empty(w[i + 1], w[i], **kw)) for i in range(1, self.n_factors)
+            nn.Parameter(torch.empty(g * w[i + 1], w[i], **kw)) for i in range(1, self.n_factors)
         ]
         self.factors = nn.ParameterList(params)
         self.bias = nn.Parameter(torch.empty(self.out_channels, **kw)) if bias else None
@@ -380,15 +410,19 @@ class FactorConv2d(_Composed, _ConvGeometry, nn.Module):
 
     @property
     def widths(self) -> list[int]:
-        """``[C_in*kh*kw, inner, ..., inner, C_out]``: widths of the matrix chain."""
-        return [self._fan_in] + [self.inner] * (self.n_factors - 1) + [self.out_channels]
+        """``[C_in/g*kh*kw, inner, ..., inner, C_out/g]``: widths of each group's chain."""
+        return (
+            [self._fan_in]
+            + [self.inner] * (self.n_factors - 1)
+            + [self.out_channels // self.groups]
+        )
 
     def reset_parameters(self) -> None:
         with torch.no_grad():
             if self.init == "balanced":
                 dense = _default_init_(
                     self.factors[0].new_empty(
-                        self.out_channels, self.in_channels, *self.kernel_size
+                        self.out_channels, self.in_channels // self.groups, *self.kernel_size
                     )
                 )
                 self._set_matrix_factors(dense)
@@ -399,19 +433,24 @@ class FactorConv2d(_Composed, _ConvGeometry, nn.Module):
                 _default_bias_(self.bias, self._fan_in)
 
     def _set_matrix_factors(self, dense: Tensor) -> None:
-        mats = balanced_factors(dense.reshape(self.out_channels, -1), self.n_factors, self.inner)
+        g = self.groups
+        per_group = dense.reshape(g, self.out_channels // g, -1)  # (g, C_out/g, fan_in)
+        mats = _grouped([balanced_factors(m, self.n_factors, self.inner) for m in per_group], g)
         self.factors[0].copy_(mats[0].reshape(self.factors[0].shape))
         for p, m in zip(list(self.factors)[1:], mats[1:]):
             p.copy_(m)
 
     def _matrices(self) -> list[Tensor]:
-        return [self.factors[0].reshape(self.factors[0].shape[0], -1)] + list(self.factors)[1:]
+        """Each factor as a batch of per-group matrices (g, rows, cols)."""
+        g = self.groups
+        first = self.factors[0].reshape(g, -1, self._fan_in)
+        return [first] + [f.reshape(g, -1, f.shape[1]) for f in list(self.factors)[1:]]
 
     @property
     def weight(self) -> Tensor:
-        """The merged weight (C_out, C_in, kh, kw); differentiable."""
-        w = chain_product(self._matrices())  # (C_out, C_in*kh*kw)
-        return w.reshape(self.out_channels, self.in_channels, *self.kernel_size)
+        """The merged weight (C_out, C_in/g, kh, kw); differentiable."""
+        w = chain_product(self._matrices())  # (g, C_out/g, fan_in)
+        return w.reshape(self.out_channels, self.in_channels // self.groups, *self.kernel_size)
 
     def use_product(self, x: Tensor) -> bool:
         if self.order != "auto":
@@ -421,10 +460,11 @@ class FactorConv2d(_Composed, _ConvGeometry, nn.Module):
     def forward(self, x: Tensor) -> Tensor:  # (B, C_in, H, W) -> (B, C_out, H', W')
         if self.n_factors == 1 or self.use_product(x):
             return self._conv(x, self.weight, self.bias)
-        y = self._conv(x, self.factors[0], None)  # (B, inner, H', W')
+        y = self._conv(x, self.factors[0], None)  # (B, g*inner, H', W')
         rest = list(self.factors)[1:]
         for i, d in enumerate(rest):
-            y = F.conv2d(y, d[:, :, None, None], self.bias if i == len(rest) - 1 else None)
+            b = self.bias if i == len(rest) - 1 else None
+            y = F.conv2d(y, d[:, :, None, None], b, groups=self.groups)
         return y
 
     def _plain(self) -> nn.Conv2d:
@@ -452,7 +492,7 @@ class FactorConv2d(_Composed, _ConvGeometry, nn.Module):
             conv.stride,
             conv.padding,
             conv.dilation,
-            1,
+            conv.groups,
             conv.bias is not None,
             conv.padding_mode,
             n_factors=n_factors,
@@ -472,6 +512,79 @@ class FactorConv2d(_Composed, _ConvGeometry, nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.in_channels}, {self.out_channels}, {self._geometry_repr()}{self._options_repr()}"
+
+
+class FactorMultiheadAttention(nn.MultiheadAttention):
+    """``nn.MultiheadAttention`` whose packed q, k, v projection is three composed matrices.
+
+    ``in_proj_weight`` (3E, E) is served, wherever the attention reads it, as the concatenation
+    of three bias-free :class:`FactorLinear` chains ``in_proj[0..2]`` (q, k, v). ``out_proj`` is
+    an ordinary sub-layer (composed on its own). Build it with :meth:`from_mha`.
+    """
+
+    in_proj: nn.ModuleList
+
+    @property
+    def in_proj_weight(self) -> Tensor:  # (3E, E)
+        return torch.cat([c.weight for c in self.in_proj], 0)
+
+    @property
+    def n_factors(self) -> int:
+        return self.in_proj[0].n_factors
+
+    @property
+    def inner(self) -> int:
+        return self.in_proj[0].inner
+
+    @property
+    def order(self) -> str:
+        return self.in_proj[0].order
+
+    @classmethod
+    def from_mha(
+        cls,
+        mha: nn.MultiheadAttention,
+        n_factors: int = 3,
+        *,
+        init: str = "balanced",
+        inner: int | None = None,
+        order: str = "auto",
+    ) -> FactorMultiheadAttention:
+        """Compose the packed projection of ``mha`` (same function with init="balanced")."""
+        if not isinstance(mha, nn.MultiheadAttention) or not mha._qkv_same_embed_dim:
+            raise ValueError("mha: expected an nn.MultiheadAttention with packed q, k, v")
+        new = copy.deepcopy(mha)
+        w = new.in_proj_weight.detach()  # (3E, E)
+        chains = []
+        for part in w.chunk(3, 0):
+            fc = nn.Linear(part.shape[1], part.shape[0], bias=False, device=w.device, dtype=w.dtype)
+            with torch.no_grad():
+                fc.weight.copy_(part)
+            chains.append(
+                FactorLinear.from_linear(fc, n_factors, init=init, inner=inner, order=order)
+            )
+        delattr(new, "in_proj_weight")
+        new.__class__ = cls
+        new.in_proj = nn.ModuleList(chains)
+        return new
+
+    def layer_spec(self) -> dict:
+        return {
+            "kind": "factor",
+            "n_factors": self.n_factors,
+            "inner": self.inner,
+            "order": self.order,
+        }
+
+    @torch.no_grad()
+    def merge(self) -> nn.MultiheadAttention:
+        """The plain ``nn.MultiheadAttention`` computing the same function."""
+        w = self.in_proj_weight.detach().clone()
+        plain = copy.deepcopy(self)
+        delattr(plain, "in_proj")
+        plain.__class__ = nn.MultiheadAttention
+        plain.in_proj_weight = nn.Parameter(w)
+        return plain
 
 
 class LowRankLinear(nn.Module):
@@ -525,8 +638,8 @@ class LowRankLinear(nn.Module):
         )
         with torch.no_grad():
             first, second = _balanced_svd_split(w, layer.rank, svd)
-            layer.first.weight.copy_(first)
-            layer.second.weight.copy_(second)
+            layer.first.weight.copy_(first.reshape(layer.first.weight.shape))
+            layer.second.weight.copy_(second.reshape(layer.second.weight.shape))
             if linear.bias is not None:
                 layer.second.bias.copy_(linear.bias)
         return layer
@@ -554,7 +667,9 @@ class LowRankLinear(nn.Module):
 
 
 class LowRankConv2d(_ConvGeometry, nn.Module):
-    """A rank-r convolution: a k x k conv C_in -> r (no bias), then a 1x1 conv r -> C_out."""
+    """A rank-r convolution: a k x k conv C_in -> g*r (no bias), then a 1x1 conv g*r -> C_out.
+
+    With groups g > 1 both convolutions are grouped and every group keeps rank r."""
 
     def __init__(
         self,
@@ -568,32 +683,38 @@ class LowRankConv2d(_ConvGeometry, nn.Module):
         bias: bool = True,
         padding_mode: str = "zeros",
         *,
+        groups: int = 1,
         device=None,
         dtype=None,
     ) -> None:
         super().__init__()
         self.in_channels, self.out_channels = int(in_channels), int(out_channels)
+        self.groups = g = _check_groups(groups, self.in_channels, self.out_channels)
         self._init_geometry(kernel_size, stride, padding, dilation, padding_mode)
         kh, kw_ = self.kernel_size
-        self.rank = _check_rank(rank, min(self.out_channels, self.in_channels * kh * kw_))
+        fan_in = self.in_channels // g * kh * kw_
+        self.rank = _check_rank(rank, min(self.out_channels // g, fan_in))
         kw = {"device": device, "dtype": dtype}
         self.first = nn.Conv2d(
             self.in_channels,
-            self.rank,
+            g * self.rank,
             self.kernel_size,
             self.stride,
             self.padding,
             self.dilation,
+            g,
             bias=False,
             padding_mode=self.padding_mode,
             **kw,
         )
-        self.second = nn.Conv2d(self.rank, self.out_channels, 1, bias=bias, **kw)
+        self.second = nn.Conv2d(g * self.rank, self.out_channels, 1, groups=g, bias=bias, **kw)
 
     @property
     def weight(self) -> Tensor:
-        w = self.second.weight[:, :, 0, 0] @ self.first.weight.reshape(self.rank, -1)
-        return w.reshape(self.out_channels, self.in_channels, *self.kernel_size)
+        g = self.groups
+        second = self.second.weight.reshape(g, self.out_channels // g, self.rank)
+        w = second @ self.first.weight.reshape(g, self.rank, -1)  # (g, C_out/g, fan_in)
+        return w.reshape(self.out_channels, self.in_channels // g, *self.kernel_size)
 
     @property
     def bias(self) -> Tensor | None:
@@ -604,15 +725,15 @@ class LowRankConv2d(_ConvGeometry, nn.Module):
 
     @classmethod
     def from_conv(cls, conv: nn.Module, rank: int, *, svd=None) -> LowRankConv2d:
-        """Best rank-r approximation of ``conv`` (an nn.Conv2d or FactorConv2d).
+        """Best rank-r approximation (per group) of ``conv`` (an nn.Conv2d or FactorConv2d).
 
-        ``svd``: the thin SVD ``(U, S, Vh)`` of its weight matrix (C_out, C_in*kh*kw)."""
+        ``svd``: the thin SVD ``(U, S, Vh)`` of its per-group matrices (g, C_out/g, fan_in)."""
         if isinstance(conv, nn.Conv2d):
             _check_conv(conv)
         w = conv.weight.detach()
-        c_out = w.shape[0]
+        c_out, g = w.shape[0], getattr(conv, "groups", 1)
         layer = cls(
-            w.shape[1],
+            w.shape[1] * g,
             c_out,
             conv.kernel_size,
             rank,
@@ -621,13 +742,14 @@ class LowRankConv2d(_ConvGeometry, nn.Module):
             conv.dilation,
             conv.bias is not None,
             conv.padding_mode,
+            groups=g,
             device=w.device,
             dtype=w.dtype,
         )
         with torch.no_grad():
-            first, second = _balanced_svd_split(w.reshape(c_out, -1), layer.rank, svd)
+            first, second = _balanced_svd_split(w.reshape(g, c_out // g, -1), layer.rank, svd)
             layer.first.weight.copy_(first.reshape(layer.first.weight.shape))
-            layer.second.weight.copy_(second[:, :, None, None])
+            layer.second.weight.copy_(second.reshape(layer.second.weight.shape))
             if conv.bias is not None:
                 layer.second.bias.copy_(conv.bias)
         return layer
@@ -650,4 +772,12 @@ class LowRankConv2d(_ConvGeometry, nn.Module):
 
 
 #: Every layer kind whose weight LoRITa reads, composes or truncates.
-LAYER_TYPES = (nn.Linear, nn.Conv2d, FactorLinear, FactorConv2d, LowRankLinear, LowRankConv2d)
+LAYER_TYPES = (
+    nn.Linear,
+    nn.Conv2d,
+    nn.MultiheadAttention,
+    FactorLinear,
+    FactorConv2d,
+    LowRankLinear,
+    LowRankConv2d,
+)

@@ -1,4 +1,6 @@
-"""Model registry: the networks of the paper, sized for 1- or 3-channel images of 8, 28 or 32 px.
+"""Model registry: the networks of the paper, sized for 1- or 3-channel images of 8, 28 or 32 px,
+plus every torchvision classification model (``"torchvision:NAME"``) and timm's (``"timm:NAME"``,
+when timm is installed). This file is the one place a model family is added.
 
 ``create_model(name, in_channels=..., image_size=..., num_classes=..., **options)`` builds a
 plain network (N=1); :func:`lorita.overparameterize` composes its layers afterwards, skipping
@@ -305,22 +307,104 @@ _REGISTRY: dict[str, tuple[type[nn.Module], dict]] = {
 _DEFAULT_SKIP = {"vit": ("patch_embed", "head")}
 
 
-def list_models() -> list[str]:
-    """Names accepted by :func:`create_model`."""
-    return list(_REGISTRY)
+_SOURCES = ("lorita", "torchvision", "timm", "all")
+#: Upper bound on any integer option of an external model (a width of 10^9 is a typo).
+_MAX_OPTION = 1_000_000
+
+
+def _torchvision_names() -> list[str]:
+    import torchvision.models as tvm
+
+    return sorted(tvm.list_models(module=tvm))
+
+
+def _timm_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("timm") is not None
+
+
+def list_models(source: str = "lorita") -> list[str]:
+    """Names accepted by :func:`create_model`.
+
+    Args:
+        source: "lorita" (the built-in registry), "torchvision" (every torchvision
+            classification builder, as ``"torchvision:NAME"``), "timm" (``"timm:NAME"``, when
+            timm is installed) or "all".
+    """
+    if source not in _SOURCES:
+        raise ValueError(f"source: expected one of {', '.join(_SOURCES)}, got {source!r}")
+    out = list(_REGISTRY) if source in ("lorita", "all") else []
+    if source in ("torchvision", "all"):
+        out += [f"torchvision:{n}" for n in _torchvision_names()]
+    if source in ("timm", "all") and _timm_available():
+        import timm
+
+        out += [f"timm:{n}" for n in timm.list_models()]
+    return out
+
+
+def _external(name: str) -> tuple[str, str] | None:
+    prefix, sep, rest = name.partition(":") if isinstance(name, str) else ("", "", "")
+    return (prefix, rest) if sep and prefix in ("torchvision", "timm") else None
+
+
+def _check_known(name) -> None:
+    if not isinstance(name, str):
+        raise ValueError(f"model: expected a name (str), got {type(name).__name__}")
+    ext = _external(name)
+    if ext is None:
+        if name not in _REGISTRY:
+            raise ValueError(
+                f"model: unknown name {name!r}; allowed: {', '.join(_REGISTRY)}, "
+                "torchvision:NAME or timm:NAME"
+            )
+        return
+    source, rest = ext
+    if source == "torchvision" and rest not in _torchvision_names():
+        raise ValueError(
+            f"model: {rest!r} is not a torchvision classification model; "
+            "see lorita.list_models('torchvision')"
+        )
+    if source == "timm":
+        if not _timm_available():
+            raise ValueError("model: timm models need the optional package timm (pip install timm)")
+        import timm
+
+        if not timm.is_model(rest):
+            raise ValueError(f"model: {rest!r} is not a timm model; see timm.list_models()")
 
 
 def default_skip(name: str) -> tuple[str, ...]:
     """Layer names (fnmatch patterns) the paper leaves plain when composing this model."""
-    if name not in _REGISTRY:
-        raise ValueError(f"model: unknown name {name!r}; allowed: {', '.join(_REGISTRY)}")
+    _check_known(name)
     return _DEFAULT_SKIP.get(name, ())
+
+
+def _torchvision_class(name: str):
+    import typing
+
+    import torchvision.models as tvm
+
+    builder = tvm.get_model_builder(name)
+    return builder, typing.get_type_hints(builder).get("return")
 
 
 def model_options(name: str) -> dict:
     """The options of a model and their defaults (besides in_channels/image_size/num_classes)."""
-    if name not in _REGISTRY:
-        raise ValueError(f"model: unknown name {name!r}; allowed: {', '.join(_REGISTRY)}")
+    _check_known(name)
+    ext = _external(name)
+    if ext is not None:
+        if ext[0] == "timm":
+            return {}
+        _, cls = _torchvision_class(ext[1])
+        params = inspect.signature(cls.__init__).parameters if cls else {}
+        skip = ("self", "num_classes", "image_size", "args", "kwargs")
+        return {
+            k: (None if p.default is p.empty else p.default)
+            for k, p in params.items()
+            if k not in skip and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
+        }
     cls, preset = _REGISTRY[name]
     params = inspect.signature(cls.__init__).parameters
     out = {
@@ -332,19 +416,105 @@ def model_options(name: str) -> dict:
     return out
 
 
+def _check_bounded(kw: dict) -> None:
+    for k, v in kw.items():
+        if isinstance(v, int) and not isinstance(v, bool) and not -_MAX_OPTION <= v <= _MAX_OPTION:
+            raise ValueError(f"model options: {k}={v!r} is out of range (|value| <= {_MAX_OPTION})")
+
+
+def _set_in_channels(model: nn.Module, in_channels: int) -> None:
+    """Replace the first 3-channel input convolution by one taking ``in_channels``."""
+    from .kinds import set_module
+
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Conv2d):
+            if m.in_channels != 3 or m.groups != 1:
+                break
+            new = nn.Conv2d(
+                in_channels,
+                m.out_channels,
+                m.kernel_size,
+                m.stride,
+                m.padding,
+                m.dilation,
+                bias=m.bias is not None,
+                padding_mode=m.padding_mode,
+            )
+            set_module(model, name, new)
+            return
+    raise ValueError(
+        f"in_channels: this model's first layer is not a 3-channel Conv2d; use in_channels=3, "
+        f"got {in_channels!r}"
+    )
+
+
+def _create_external(name: str, in_channels, image_size, num_classes, kw: dict) -> nn.Module:
+    source, rest = _external(name)
+    _check_bounded(kw)
+    if "weights" in kw or "pretrained" in kw:
+        raise ValueError("model options: weights are not downloaded; start from --init-from FILE")
+    opts = dict(kw)
+    if num_classes is not None:
+        opts["num_classes"] = num_classes
+    try:
+        if source == "timm":
+            import timm
+
+            if in_channels is not None:
+                opts["in_chans"] = in_channels
+            model = timm.create_model(rest, pretrained=False, **opts)
+        else:
+            builder, cls = _torchvision_class(rest)
+            takes_size = cls is not None and "image_size" in inspect.signature(cls).parameters
+            if image_size is not None and takes_size:
+                opts["image_size"] = image_size
+            model = builder(weights=None, **opts)
+    except (TypeError, ValueError, AssertionError, RuntimeError) as e:
+        raise ValueError(f"model options: {rest} refused {sorted(kw)}: {e}") from None
+    if source == "torchvision" and in_channels not in (None, 3):
+        _set_in_channels(model, in_channels)
+    return model
+
+
 def create_model(
-    name: str, *, in_channels: int, image_size: int, num_classes: int, **kw
+    name: str,
+    *,
+    in_channels: int | None = None,
+    image_size: int | None = None,
+    num_classes: int | None = None,
+    **kw,
 ) -> nn.Module:
-    """Build a plain (N=1) model from the registry.
+    """Build a plain (N=1) model: from the registry, ``"torchvision:NAME"`` (any torchvision
+    classification builder, ``weights=None``) or ``"timm:NAME"`` (when timm is installed).
 
     Args:
-        name: one of :func:`list_models`.
-        in_channels, image_size, num_classes: input and output shape.
+        name: one of :func:`list_models` (any source).
+        in_channels, image_size, num_classes: input and output shape (required for the
+            registry's models; optional for torchvision / timm ones, whose defaults are 3, 224
+            and 1000; image_size is passed on where the model takes it, e.g. ViT).
         **kw: model options (see each class; :func:`model_options` lists them).
 
     Raises:
         ValueError: unknown name or option, or an option out of range.
     """
+    _check_known(name)
+    if _external(name) is not None:
+        for field, v in (("in_channels", in_channels), ("image_size", image_size)):
+            if v is not None:
+                _positive_int(field, v)
+        if num_classes is not None:
+            _positive_int("num_classes", num_classes)
+        model = _create_external(name, in_channels, image_size, num_classes, kw)
+        given = {"in_channels": in_channels, "image_size": image_size, "num_classes": num_classes}
+        kwargs = {k: v for k, v in given.items() if v is not None}
+        model.lorita_arch = {"name": name, "kwargs": {**kwargs, **kw}}
+        model.lorita_input_shape = (in_channels or 3, image_size or 224, image_size or 224)
+        return model
+    for field, v in (("in_channels", in_channels), ("image_size", image_size)):
+        if v is None:
+            raise ValueError(f"{field}: required for the built-in model {name!r}")
+    if num_classes is None:
+        raise ValueError(f"num_classes: required for the built-in model {name!r}")
     allowed = model_options(name)
     unknown = set(kw) - set(allowed)
     if unknown:
@@ -363,6 +533,7 @@ def create_model(
             **opts,
         },
     }
+    model.lorita_input_shape = (in_channels, image_size, image_size)
     return model
 
 

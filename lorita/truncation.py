@@ -17,10 +17,11 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from .convert import iter_layers, merge_model, set_module
+from . import kinds
+from .convert import iter_layers, merge_model
 from .cost import Cost, count_cost
-from .layers import LowRankConv2d, LowRankLinear
-from .spectra import energy_rank, layer_matrix
+from .kinds import detect_direct
+from .spectra import energy_rank
 
 __all__ = [
     "Policy",
@@ -450,6 +451,8 @@ class SVDCache:
     ) -> None:
         self.model = merge_model(model).eval()
         self.example_input = example_input
+        if getattr(self.model, "lorita_direct", None) is None:  # which cuts must stay dense
+            self.model.lorita_direct = tuple(detect_direct(self.model, example_input)[0])
         available = dict(iter_layers(self.model))
         names = list(available) if layers is None else list(layers)
         unknown = [n for n in names if n not in available]
@@ -459,12 +462,11 @@ class SVDCache:
             )
         self.svd: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
         with torch.no_grad():
-            for n in names:
-                w = layer_matrix(available[n])
-                u, s, vh = torch.linalg.svd(w.double(), full_matrices=False)
-                self.svd[n] = (u, s, vh)
-        self.spectra = {n: s.float() for n, (_, s, _) in self.svd.items()}
-        self.shapes = {n: (u.shape[0], vh.shape[1]) for n, (u, _, vh) in self.svd.items()}
+            for n in names:  # (G, m, n) per layer: G groups / q, k, v share one rank
+                self.svd[n] = kinds.layer_svd(available[n])
+        self.spectra = {n: kinds.pooled_spectrum(s).float() for n, (_, s, _) in self.svd.items()}
+        self.shapes = {n: (u.shape[-2], vh.shape[-1]) for n, (u, _, vh) in self.svd.items()}
+        self.groups = {n: u.shape[0] for n, (u, _, _) in self.svd.items()}  # matrices per layer
         self._base_costs: dict[tuple, Cost] = {}
 
     def base_cost(self, example_input: Tensor) -> Cost:
@@ -539,41 +541,30 @@ def truncate(
     svd: SVDCache | None = None,
     layers: Iterable[str] | None = None,
     example_input: Tensor | None = None,
+    by: str = "flops",
+    batch: int | None = 64,
 ) -> nn.Module:
     """A new model whose layers keep only the singular values ``policy`` chooses.
 
     form="dense": the original architecture with each weight replaced by its best rank-r
     approximation (structure-preserving). form="low_rank": each cut layer becomes a
-    LowRankLinear / LowRankConv2d (two thin layers) wherever r*(m+n) < m*n, so the savings are
-    real at run time; elsewhere it stays dense with the rank-r weight. Uncut layers are kept.
-    The chosen ranks are recorded as ``model.lorita_ranks``. ``example_input`` is needed only
-    by policies that plan by cost (:class:`Budget`) when ``svd`` was built without one.
+    LowRankLinear / LowRankConv2d (two thin layers) where that is what the model calls and it
+    is cheaper, by FLOPs (``by="flops"``, r*(m+n) < m*n) or by latency measured on this machine
+    (``by="latency"``, on ``example_input`` repeated to ``batch`` rows); elsewhere it stays
+    dense with the rank-r weight, so a cut never costs more. Uncut layers are kept.
+    The chosen ranks are recorded as ``model.lorita_ranks`` and the form of every layer as
+    ``model.lorita_plan`` (see :func:`lorita.kinds.cut_model`). ``example_input`` is also
+    needed by policies that plan by cost (:class:`Budget`) when ``svd`` was built without one.
     """
-    if form not in ("low_rank", "dense"):
-        raise ValueError(f"form: expected 'low_rank' or 'dense', got {form!r}")
+    kinds.check_cut_options(form, by, example_input)
     cache = _cache(model, svd, layers)
     ranks = plan_ranks(model, policy, svd=cache, example_input=example_input, form=form)
     new = copy.deepcopy(cache.model)
-    for name, r in ranks.items():
-        u, s, vh = cache.svd[name]
-        if r >= len(s):
-            continue
-        module = new.get_submodule(name)
-        m, n = cache.shapes[name]
-        if form == "low_rank" and r * (m + n) < m * n:
-            make = (
-                LowRankLinear.from_linear
-                if isinstance(module, nn.Linear)
-                else LowRankConv2d.from_conv
-            )
-            low = make(module, r, svd=(u, s, vh))
-            low.train(module.training)
-            set_module(new, name, low)
-        else:
-            with torch.no_grad():
-                w = (u[:, :r] * s[:r]) @ vh[:r]  # (m, n)
-                module.weight.copy_(w.reshape(module.weight.shape).to(module.weight.dtype))
+    plan = kinds.cut_model(
+        new, ranks, cache.svd, form=form, by=by, example_input=example_input, batch=batch
+    )
     new.lorita_ranks = dict(ranks)
+    new.lorita_plan = plan
     return new
 
 

@@ -4,6 +4,8 @@ from torch import nn
 from torch.testing import assert_close
 
 import lorita as lt
+from lorita.convert import composition_summary
+from lorita.layers import FactorConv2d, FactorMultiheadAttention
 
 
 def small_cnn() -> nn.Module:
@@ -69,13 +71,75 @@ def test_paper_inner_widths():
         (lambda: lt.overparameterize(small_cnn(), 3, skip=("head",)), "skip"),
         (lambda: lt.overparameterize(small_cnn(), 3, inner="max"), "inner"),
         (lambda: lt.overparameterize(nn.Sequential(nn.ReLU()), 3), "model"),
-        (
-            lambda: lt.overparameterize(nn.Sequential(nn.Conv2d(4, 4, 3, groups=2)), 3),
-            "groups|grouped",
-        ),
+        (lambda: lt.overparameterize(small_cnn(), 3, order="fast"), "order"),
+        (lambda: lt.overparameterize(nn.Sequential(nn.Conv2d(4, 4, 3, groups=4)), 3), "model"),
+        (lambda: composition_summary(small_cnn()), "overparameterize"),
         (lambda: lt.overparameterize(lt.overparameterize(small_cnn(), 2), 2), "already"),
     ],
 )
 def test_bad_arguments(call, field):
     with pytest.raises(ValueError, match=field):
         call()
+
+
+class Mixed(nn.Module):
+    """Every kind at once: a conv, a grouped conv, a depthwise conv, an attention and a Linear
+    whose weight is read directly (as torchvision's Swin does with F.linear(x, qkv.weight))."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(2, 8, 3, padding=1)
+        self.grouped = nn.Conv2d(8, 8, 3, padding=1, groups=2)
+        self.depthwise = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.read = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = self.depthwise(self.grouped(self.stem(x))).flatten(2).transpose(1, 2)  # (B, T, 8)
+        x = x + self.attn(x, x, x, need_weights=False)[0]
+        x = torch.nn.functional.linear(x, self.read.weight, self.read.bias)
+        return self.head(x.mean(1))
+
+
+def test_every_kind_composed_or_left_with_a_reason():
+    torch.manual_seed(0)
+    net = Mixed().eval()
+    x = torch.randn(2, 2, 4, 4)
+    model = lt.overparameterize(net, 3).eval()  # no options: input guessed and traced
+    assert_close(model(x), net(x), rtol=1e-5, atol=1e-5)
+    rows = {r["name"]: r for r in composition_summary(model)["layers"]}
+    kinds = {n: r["kind"] for n, r in rows.items()}
+    assert kinds == {
+        "stem": "conv",
+        "grouped": "grouped_conv",
+        "depthwise": "depthwise",
+        "attn": "attention",
+        "attn.out_proj": "direct",
+        "read": "direct",
+        "head": "linear",
+    }
+    assert rows["depthwise"]["action"] == "left" and "depthwise" in rows["depthwise"]["why"]
+    assert all(r["action"] == "composed" for n, r in rows.items() if n != "depthwise")
+    assert isinstance(model.grouped, FactorConv2d) and model.grouped.groups == 2
+    assert isinstance(model.attn, FactorMultiheadAttention)
+    assert set(model.lorita_direct) == {"attn.out_proj", "read"}
+    merged = lt.merge_model(model)
+    fresh = Mixed()
+    fresh.load_state_dict(merged.state_dict(), strict=True)
+    assert_close(fresh.eval()(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_find_direct_reads_needs_no_composed_model():
+    from lorita.kinds import find_direct_reads
+
+    assert find_direct_reads(Mixed(), torch.randn(1, 2, 4, 4)) == ["attn.out_proj", "read"]
+    assert find_direct_reads(small_cnn(), torch.randn(1, 1, 8, 8)) == []
+
+
+def test_tied_weights_are_left():
+    net = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4))
+    net[2].weight = net[0].weight
+    rows = composition_summary(lt.overparameterize(net, 3))["layers"]
+    assert [r["action"] for r in rows] == ["left", "left"]
+    assert "shared" in rows[0]["why"]

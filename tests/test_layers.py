@@ -6,6 +6,7 @@ from torch import nn
 from torch.testing import assert_close
 
 from lorita import FactorConv2d, FactorLinear, LowRankConv2d, LowRankLinear
+from lorita.layers import FactorMultiheadAttention
 
 CONVS = [
     dict(in_channels=3, out_channels=8, kernel_size=3),
@@ -157,7 +158,8 @@ def test_extra_repr_shows_only_non_defaults():
         (lambda: FactorLinear(4, 3, order="fast"), "order"),
         (lambda: FactorLinear(4, 3, inner=0), "inner"),
         (lambda: FactorLinear.from_linear(nn.Conv2d(1, 1, 1)), "linear"),
-        (lambda: FactorConv2d.from_conv(nn.Conv2d(4, 4, 3, groups=2)), "groups"),
+        (lambda: FactorConv2d(4, 6, 3, groups=4), "groups"),
+        (lambda: LowRankConv2d(4, 4, 3, 1, groups=3), "groups"),
         (lambda: FactorConv2d.from_conv(nn.Linear(2, 2)), "conv"),
         (lambda: FactorConv2d(2, 2, 3, padding="full"), "padding"),
         (lambda: FactorConv2d(2, 2, 3, padding_mode="mirror"), "padding_mode"),
@@ -169,3 +171,54 @@ def test_extra_repr_shows_only_non_defaults():
 def test_bad_arguments(call, field):
     with pytest.raises(ValueError, match=field):
         call()
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+@pytest.mark.parametrize("order", ["auto", "product", "sequential"])
+def test_grouped_conv_composes_per_group(n, order):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 9, 3, padding=1, stride=2, groups=3)
+    x = torch.randn(2, 6, 7, 8)
+    layer = FactorConv2d.from_conv(conv, n, order=order)
+    assert layer.groups == 3 and layer.widths == [2 * 9] + [3] * (n - 1) + [3]
+    assert_close(layer(x), conv(x), rtol=1e-5, atol=1e-5)
+    assert_close(layer.weight, conv.weight, rtol=1e-5, atol=1e-6)
+    merged = layer.merge()
+    assert isinstance(merged, nn.Conv2d) and merged.groups == 3
+    assert_close(merged(x), conv(x), rtol=1e-5, atol=1e-5)
+    if n > 1:  # every factor after the first is a grouped 1x1 conv: g blocks of (inner, inner)
+        assert layer.factors[1].shape == (3 * layer.inner, layer.inner)
+
+
+def test_grouped_low_rank_conv_is_per_group_eckart_young():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 6, 3, padding=1, groups=2)
+    x = torch.randn(2, 4, 5, 5)
+    w = conv.weight.detach().reshape(2, 3, -1).double()
+    s = torch.linalg.svdvals(w)  # (2, 3)
+    full = LowRankConv2d.from_conv(conv, 3)
+    assert_close(full(x), conv(x), rtol=1e-4, atol=1e-5)
+    low = LowRankConv2d.from_conv(conv, 1)
+    assert low.first.groups == 2 and low.second.groups == 2
+    err = (low.weight.double() - conv.weight.double()).pow(2).sum()
+    assert_close(err, s[:, 1:].pow(2).sum(), rtol=1e-4, atol=1e-7)
+    assert_close(low.to_dense()(x), low(x), rtol=1e-4, atol=1e-5)
+    assert sum(p.numel() for p in low.parameters()) == 2 * (2 * 9) + 6 * 1 + 6
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_factor_multihead_attention_matches_and_merges(n):
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(8, 2, batch_first=True).eval()
+    x = torch.randn(3, 5, 8)
+    comp = FactorMultiheadAttention.from_mha(mha, n).eval()
+    assert "in_proj_weight" not in dict(comp.named_parameters())
+    assert len(comp.in_proj) == 3 and comp.in_proj[0].n_factors == n
+    want = mha(x, x, x)[0]
+    assert_close(comp(x, x, x)[0], want, rtol=1e-5, atol=1e-5)
+    merged = comp.merge()
+    assert type(merged) is nn.MultiheadAttention
+    merged.load_state_dict(mha.state_dict(), strict=True)  # same keys as the plain layer
+    comp.train()
+    comp(x, x, x)[0].square().sum().backward()
+    assert all(p.grad is not None for p in comp.in_proj.parameters())

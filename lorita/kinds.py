@@ -1,0 +1,619 @@
+"""THE table of layer kinds: for each kind of layer, how to compose it, merge it, read its
+matrices, cut it, build its thin form and describe it in a saved spec.
+
+convert (compose, merge), truncation (cut, form), export (save, load) and cost all dispatch
+through :data:`KINDS`; adding a kind is one class here plus its tests. The kinds:
+
+==============  ==========================================  ===============================
+kind            module                                      matrices (G, m, n)
+==============  ==========================================  ===============================
+linear          nn.Linear                                   1 x (out, in)
+conv            nn.Conv2d, groups=1                         1 x (C_out, C_in*kh*kw)
+grouped_conv    nn.Conv2d, groups=g > 1                     g x (C_out/g, C_in/g*kh*kw)
+depthwise       nn.Conv2d with one input channel per group  none: left as it is
+attention       nn.MultiheadAttention, packed q, k, v       3 x (E, E)
+direct          a Linear / Conv2d whose weight the model    as linear / conv
+                reads without calling the layer
+==============  ==========================================  ===============================
+
+A layer has one rank; with G > 1 matrices every matrix keeps that rank. Its spectrum is the
+root mean square over the G matrices of each singular value, so the energy a cut drops is
+exactly G times the energy of the pooled tail.
+
+The thin two-layer form (LowRankLinear / LowRankConv2d) is only used where it is what the
+model calls: for ``attention`` and ``direct`` layers the cut keeps a dense rank-r weight.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+
+from .layers import (
+    INITS,
+    ORDERS,
+    FactorConv2d,
+    FactorLinear,
+    FactorMultiheadAttention,
+    LowRankConv2d,
+    LowRankLinear,
+)
+
+__all__ = [
+    "KINDS",
+    "Kind",
+    "INITS",
+    "ORDERS",
+    "INNER_CHOICES",
+    "FORMS",
+    "DECIDE_BY",
+    "LayerEntry",
+    "kind_of",
+    "layer_table",
+    "iter_layers",
+    "matrices",
+    "pooled_spectrum",
+    "layer_svd",
+    "find_direct_reads",
+    "guess_example_input",
+    "set_module",
+    "cut_model",
+    "median_seconds",
+]
+
+#: Inner widths of composed factors: None/"min" = min(in, out); "paper" = the authors' widths.
+INNER_CHOICES = (None, "min", "paper")
+#: Truncation forms: "low_rank" (thin layers where cheaper) or "dense" (rank-r dense weights).
+FORMS = ("low_rank", "dense")
+#: How truncate decides between the thin and the dense form of a cut layer.
+DECIDE_BY = ("flops", "latency")
+
+
+def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Replace the submodule called ``name`` (dotted path) by ``new``."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def _svd_weight(svd: tuple[Tensor, Tensor, Tensor], rank: int) -> Tensor:
+    u, s, vh = svd
+    return (u[..., :, :rank] * s[..., None, :rank]) @ vh[..., :rank, :]  # (G, m, n)
+
+
+class Kind:
+    """One kind of layer. Subclasses override what differs; every method takes the module."""
+
+    name = ""
+    label = ""
+    composable = True  # compose / cut it at all
+    thin_form = True  # the thin two-layer form can be what the model calls
+    why_left = ""  # for kinds that are not composable
+
+    def matches(self, module: nn.Module) -> bool:
+        raise NotImplementedError
+
+    def compose(self, module, n_factors, *, init, inner, order) -> nn.Module:
+        raise NotImplementedError
+
+    def merge(self, module: nn.Module) -> nn.Module:
+        """The plain module computing the same function."""
+        if hasattr(module, "merge"):
+            return module.merge()
+        if hasattr(module, "to_dense"):
+            return module.to_dense()
+        return module
+
+    def weight(self, module: nn.Module) -> Tensor:
+        return module.weight
+
+    def matrices(self, module: nn.Module) -> Tensor:
+        """The layer's merged weight as a batch of matrices (G, m, n), detached."""
+        w = self.weight(module).detach()
+        return w.reshape(1, w.shape[0], -1)
+
+    def paper_inner(self, module: nn.Module) -> int:
+        raise NotImplementedError
+
+    def thin(self, module: nn.Module, rank: int, svd) -> nn.Module:
+        raise NotImplementedError
+
+    def dense_cut(self, module: nn.Module, rank: int, svd) -> None:
+        """Replace the (plain) module's weight by its best rank-r approximation, in place."""
+        w = self.weight(module)
+        with torch.no_grad():
+            w.copy_(_svd_weight(svd, rank).reshape(w.shape).to(w.dtype))
+
+    def empty(self, plain: nn.Module, spec: dict) -> nn.Module:
+        """A module shaped as ``spec`` says, built from the plain one, weights to be loaded."""
+        form = spec.get("kind")
+        if form == "factor":
+            return self.compose(
+                plain,
+                spec["n_factors"],
+                init="independent",
+                inner=spec.get("inner"),
+                order=spec.get("order", "auto"),
+            )
+        if form == "low_rank" and self.thin_form:
+            return self.empty_thin(plain, spec["rank"])
+        raise ValueError(f"spec: a {self.name} layer cannot be stored as {form!r}")
+
+    def empty_thin(self, plain: nn.Module, rank: int) -> nn.Module:
+        raise NotImplementedError
+
+    def full_rank(self, module: nn.Module) -> int:
+        _, m, n = self.shape(module)
+        return min(m, n)
+
+    def shape(self, module: nn.Module) -> tuple[int, int, int]:
+        """(G, m, n) of :meth:`matrices` without computing them."""
+        w = self.weight(module)
+        return 1, w.shape[0], w[0].numel()
+
+
+class LinearKind(Kind):
+    name, label = "linear", "Linear"
+
+    def matches(self, module):
+        return isinstance(module, (nn.Linear, FactorLinear, LowRankLinear))
+
+    def compose(self, module, n_factors, *, init, inner, order):
+        return FactorLinear.from_linear(module, n_factors, init=init, inner=inner, order=order)
+
+    def paper_inner(self, module):
+        return module.in_features
+
+    def thin(self, module, rank, svd):
+        return LowRankLinear.from_linear(module, rank, svd=svd)
+
+    def empty_thin(self, plain, rank):
+        return LowRankLinear(
+            plain.in_features, plain.out_features, rank, bias=plain.bias is not None
+        )
+
+
+class ConvKind(Kind):
+    name, label = "conv", "Conv2d"
+
+    def _is_conv(self, module) -> bool:
+        return isinstance(module, (nn.Conv2d, FactorConv2d, LowRankConv2d))
+
+    def matches(self, module):
+        return self._is_conv(module) and getattr(module, "groups", 1) == 1
+
+    def compose(self, module, n_factors, *, init, inner, order):
+        return FactorConv2d.from_conv(module, n_factors, init=init, inner=inner, order=order)
+
+    def paper_inner(self, module):
+        return module.out_channels // module.groups
+
+    def thin(self, module, rank, svd):
+        return LowRankConv2d.from_conv(module, rank, svd=svd)
+
+    def empty_thin(self, plain, rank):
+        return LowRankConv2d(
+            plain.in_channels,
+            plain.out_channels,
+            plain.kernel_size,
+            rank,
+            plain.stride,
+            plain.padding,
+            plain.dilation,
+            plain.bias is not None,
+            plain.padding_mode,
+            groups=plain.groups,
+        )
+
+    def shape(self, module):
+        g = module.groups
+        w = self.weight(module)
+        return g, w.shape[0] // g, w[0].numel()
+
+    def matrices(self, module):
+        g, m, n = self.shape(module)
+        return self.weight(module).detach().reshape(g, m, n)
+
+
+class GroupedConvKind(ConvKind):
+    name, label = "grouped_conv", "grouped Conv2d"
+
+    def matches(self, module):
+        g = getattr(module, "groups", 1)
+        return self._is_conv(module) and g > 1 and module.in_channels // g > 1
+
+
+class DepthwiseKind(ConvKind):
+    name, label = "depthwise", "depthwise Conv2d"
+    composable = False
+    why_left = "depthwise convolution (one input channel per group): nothing to gain"
+
+    def matches(self, module):
+        g = getattr(module, "groups", 1)
+        return isinstance(module, nn.Conv2d) and g > 1 and module.in_channels // g == 1
+
+
+class AttentionKind(Kind):
+    name, label = "attention", "MultiheadAttention q, k, v"
+    thin_form = False
+
+    def matches(self, module):
+        return isinstance(module, nn.MultiheadAttention) and module._qkv_same_embed_dim
+
+    def compose(self, module, n_factors, *, init, inner, order):
+        return FactorMultiheadAttention.from_mha(
+            module, n_factors, init=init, inner=inner, order=order
+        )
+
+    def weight(self, module):
+        return module.in_proj_weight  # (3E, E), a property on the composed form
+
+    def paper_inner(self, module):
+        return module.embed_dim
+
+    def shape(self, module):
+        e = module.embed_dim
+        return 3, e, e
+
+    def matrices(self, module):
+        return self.weight(module).detach().reshape(3, module.embed_dim, module.embed_dim)
+
+
+class DirectKind(Kind):
+    """A Linear or Conv2d whose weight the model reads itself (``F.linear(x, m.weight)``):
+    composed like its base kind (the composed layer serves ``.weight``), cut dense."""
+
+    name, label = "direct", "weight read directly"
+    thin_form = False
+
+    def __init__(self) -> None:
+        self._bases = (LinearKind(), ConvKind(), GroupedConvKind())
+
+    def base(self, module) -> Kind:
+        for k in self._bases:
+            if k.matches(module):
+                return k
+        raise ValueError(f"layer: a {type(module).__name__} cannot be a directly read weight")
+
+    def matches(self, module):
+        return any(k.matches(module) for k in self._bases)
+
+    def compose(self, module, n_factors, **kw):
+        return self.base(module).compose(module, n_factors, **kw)
+
+    def paper_inner(self, module):
+        return self.base(module).paper_inner(module)
+
+    def shape(self, module):
+        return self.base(module).shape(module)
+
+    def matrices(self, module):
+        return self.base(module).matrices(module)
+
+
+#: Every kind by name, in the order they are tried (depthwise before grouped before conv).
+KINDS: dict[str, Kind] = {
+    k.name: k
+    for k in (
+        LinearKind(),
+        DepthwiseKind(),
+        GroupedConvKind(),
+        ConvKind(),
+        AttentionKind(),
+        DirectKind(),
+    )
+}
+
+
+def kind_of(module: nn.Module, *, direct: bool = False) -> Kind | None:
+    """The kind of ``module`` (None when LoRITa has nothing to do with it)."""
+    if direct and KINDS["direct"].matches(module):
+        return KINDS["direct"]
+    for k in KINDS.values():
+        if k.name != "direct" and k.matches(module):
+            return k
+    return None
+
+
+@dataclass
+class LayerEntry:
+    """One layer of a model as the kinds table sees it."""
+
+    name: str
+    module: nn.Module
+    kind: Kind
+    shared: bool = False  # its weight is also another module's parameter
+
+
+def _skip_inside(name: str, module: nn.Module) -> str | None:
+    """Prefix of the sub-modules that belong to this layer (not layers of their own)."""
+    if isinstance(module, FactorMultiheadAttention):
+        return name + ".in_proj."
+    if isinstance(module, (FactorLinear, FactorConv2d, LowRankLinear, LowRankConv2d)):
+        return name + "."
+    return None
+
+
+def _direct_names(model: nn.Module) -> set[str]:
+    return set(getattr(model, "lorita_direct", ()) or ())
+
+
+def layer_table(model: nn.Module, *, direct=None) -> list[LayerEntry]:
+    """Every layer of ``model`` that has a kind (depthwise ones included), in module order.
+
+    ``direct``: names of layers whose weight is read directly; default ``model.lorita_direct``.
+    """
+    direct = _direct_names(model) if direct is None else set(direct)
+    counts: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        counts[id(p)] = counts.get(id(p), 0) + 1
+    out, inside = [], []
+    for name, module in model.named_modules():
+        if any(name.startswith(p) for p in inside):
+            continue
+        kind = kind_of(module, direct=name in direct)
+        if kind is None:
+            continue
+        if name == "":
+            raise ValueError("model: expected a container of layers, got a bare layer")
+        prefix = _skip_inside(name, module)
+        if prefix:
+            inside.append(prefix)
+        w = getattr(module, "weight", None)
+        shared = isinstance(w, nn.Parameter) and counts.get(id(w), 0) > 1
+        out.append(LayerEntry(name, module, kind, shared))
+    return out
+
+
+def iter_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """Yield ``(name, module)`` for every layer with matrices LoRITa can read: Linear, Conv2d
+    (grouped too), MultiheadAttention's packed projection, composed and low-rank layers (not
+    the pieces inside them). Depthwise convolutions are left out."""
+    for e in layer_table(model):
+        if e.kind.composable:
+            yield e.name, e.module
+
+
+def matrices(module: nn.Module) -> Tensor:
+    """The merged weight of a layer as a batch of matrices (G, m, n), detached."""
+    kind = kind_of(module)
+    if kind is None or not kind.composable:
+        raise ValueError(f"module: a {type(module).__name__} has no matrices LoRITa reads")
+    with torch.no_grad():
+        return kind.matrices(module)
+
+
+def pooled_spectrum(s: Tensor) -> Tensor:
+    """One spectrum per layer from the singular values of its G matrices (G, k): the root mean
+    square over G of each singular value (descending; the same as ``s[0]`` when G = 1)."""
+    if s.dim() == 1:
+        return s
+    return s.double().pow(2).mean(0).sqrt().to(s.dtype)
+
+
+def layer_svd(module: nn.Module) -> tuple[Tensor, Tensor, Tensor]:
+    """Thin SVD (float64) of the layer's matrices: U (G, m, k), S (G, k), Vh (G, k, n)."""
+    return torch.linalg.svd(matrices(module).double(), full_matrices=False)
+
+
+# --------------------------------------------------------------------------- direct reads
+
+
+class _ReadTracer(TorchFunctionMode):
+    """Notes every layer weight passed to a torch function while its layer is not running."""
+
+    def __init__(self, owners: dict[int, str], active: list[str]) -> None:
+        super().__init__()
+        self.owners, self.active, self.found = owners, active, set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        for a in (*args, *kwargs.values()):
+            name = self.owners.get(id(a)) if isinstance(a, Tensor) else None
+            if name is not None and name not in self.active:
+                self.found.add(name)
+        return func(*args, **kwargs)
+
+
+def _push(active: list[str], name: str):
+    def pre(module, args):
+        active.append(name)
+
+    def post(module, args, out):
+        if active and active[-1] == name:
+            active.pop()
+
+    return pre, post
+
+
+def find_direct_reads(model: nn.Module, example_input: Tensor) -> list[str]:
+    """Names of the Linear / Conv2d layers whose weight the model reads without calling the
+    layer, found by tracing one forward pass (eval mode, no grad) on ``example_input``.
+
+    The ``out_proj`` of every ``nn.MultiheadAttention`` is one (its weight is passed to
+    ``F.multi_head_attention_forward``), as are torchvision Swin's ``qkv`` and ``proj``.
+    """
+    owners, handles, active = {}, [], []
+    for name, module in model.named_modules():
+        if name and KINDS["direct"].matches(module):
+            owners[id(module.weight)] = name
+        pre, post = _push(active, name)
+        handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+    was_training = model.training
+    model.eval()
+    tracer = _ReadTracer(owners, active)
+    try:
+        with torch.no_grad(), tracer:
+            model(example_input)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    order = {n: i for i, (n, _) in enumerate(model.named_modules())}
+    return sorted(tracer.found, key=order.__getitem__)
+
+
+def _static_direct(model: nn.Module) -> list[str]:
+    """Layers known to be read directly without tracing (MultiheadAttention's out_proj)."""
+    return [
+        f"{name}.out_proj" if name else "out_proj"
+        for name, m in model.named_modules()
+        if isinstance(m, nn.MultiheadAttention)
+    ]
+
+
+def guess_example_input(model: nn.Module) -> Tensor | None:
+    """A small input the model probably accepts: from ``model.lorita_input_shape`` (set by
+    :func:`lorita.create_model`), a ``image_size`` attribute, or the first layer's width."""
+    shape = getattr(model, "lorita_input_shape", None)
+    if shape is None:
+        first = next((m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))), None)
+        if first is None:
+            return None
+        if isinstance(first, nn.Linear):
+            shape = (first.in_features,)
+        else:
+            size = getattr(model, "image_size", 64)
+            size = size if isinstance(size, int) else 64
+            shape = (first.in_channels, size, size)
+    return torch.zeros(2, *shape)
+
+
+def detect_direct(model: nn.Module, example_input: Tensor | None) -> tuple[list[str], str]:
+    """Directly read layers (traced when an input is known) and a note on how they were found."""
+    static = _static_direct(model)
+    x = guess_example_input(model) if example_input is None else example_input
+    if x is None:
+        return static, "no example input: only MultiheadAttention's out_proj checked"
+    try:
+        traced = find_direct_reads(model, x)
+    except Exception as e:  # a guessed input the model refuses: say so, keep going
+        if example_input is not None:
+            raise ValueError(f"example_input: the model refused it ({e})") from None
+        return static, (
+            f"could not trace a forward pass on a guessed input {tuple(x.shape)} "
+            f"({type(e).__name__}); pass example_input= to find weights read directly"
+        )
+    return sorted(set(static) | set(traced), key=[*static, *traced].index), "traced"
+
+
+# --------------------------------------------------------------------------- cutting
+
+
+def median_seconds(fn, *, repeats: int = 7, warmup: int = 2) -> float:
+    """Median wall time of ``fn()`` over ``repeats`` calls after ``warmup`` calls."""
+    times = []
+    for i in range(warmup + repeats):
+        t0 = time.perf_counter()
+        fn()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _layer_inputs(model: nn.Module, names: list[str], example: Tensor) -> dict[str, tuple]:
+    """The positional inputs each named layer receives on one forward pass of ``example``."""
+    seen: dict[str, tuple] = {}
+    handles = []
+    for name in names:
+
+        def grab(module, args, name=name):
+            seen.setdefault(name, tuple(a.detach() if isinstance(a, Tensor) else a for a in args))
+
+        handles.append(model.get_submodule(name).register_forward_pre_hook(grab))
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+def _thin_is_faster(dense: nn.Module, thin: nn.Module, args: tuple | None) -> bool:
+    if args is None:  # the layer did not run on the example: fall back to FLOPs
+        return True
+    with torch.no_grad():
+        t_dense = median_seconds(lambda: dense(*args))
+        t_thin = median_seconds(lambda: thin(*args))
+    return t_thin < t_dense
+
+
+def _batch_of(example: Tensor, batch: int | None) -> Tensor:
+    if batch is None:
+        return example
+    if isinstance(batch, bool) or not isinstance(batch, int) or not 1 <= batch <= 4096:
+        raise ValueError(f"batch: expected an integer in [1, 4096], got {batch!r}")
+    return example[:1].expand(batch, *example.shape[1:]).contiguous()
+
+
+def check_cut_options(form, by, example_input) -> None:
+    if form not in FORMS:
+        raise ValueError(f"form: expected one of {', '.join(FORMS)}, got {form!r}")
+    if by not in DECIDE_BY:
+        raise ValueError(f"by: expected one of {', '.join(DECIDE_BY)}, got {by!r}")
+    if by == "latency" and not isinstance(example_input, Tensor):
+        raise ValueError("example_input: by='latency' measures each layer on an input batch")
+
+
+def cut_model(
+    model: nn.Module,
+    ranks: dict[str, int],
+    svd: dict[str, tuple[Tensor, Tensor, Tensor]],
+    *,
+    form: str = "low_rank",
+    by: str = "flops",
+    example_input: Tensor | None = None,
+    batch: int | None = 64,
+) -> dict[str, dict]:
+    """Cut the layers of the plain ``model`` (in place) to ``ranks``; return the plan.
+
+    Each cut layer takes the thin two-layer form only where the model calls it and it is
+    cheaper (``by="flops"``: r*(m+n) < m*n per matrix; ``by="latency"``: measured on this
+    machine on the layer's own input for ``example_input`` repeated to ``batch`` rows);
+    elsewhere it keeps a dense rank-r weight, so a cut never costs more than no cut.
+
+    Returns ``{name: {"rank", "full", "kind", "form": "thin" | "dense" | "full", "why"}}``.
+    """
+    check_cut_options(form, by, example_input)
+    table = {e.name: e for e in layer_table(model)}
+    unknown = [n for n in ranks if n not in table or n not in svd]
+    if unknown:
+        raise ValueError(f"ranks: unknown layer name(s) {unknown[:5]}")
+    inputs = {}
+    if form == "low_rank" and by == "latency":
+        inputs = _layer_inputs(model, list(ranks), _batch_of(example_input, batch))
+    plan = {}
+    for name, r in ranks.items():
+        e, (u, s, vh) = table[name], svd[name]
+        full = s.shape[-1]
+        row = {"rank": int(min(r, full)), "full": int(full), "kind": e.kind.name}
+        if r >= full:
+            plan[name] = {**row, "form": "full", "why": "full rank: not cut"}
+            continue
+        m, n = u.shape[-2], vh.shape[-1]
+        thin, why = None, ""
+        if form == "dense":
+            why = "form='dense'"
+        elif not e.kind.thin_form:
+            why = f"{e.kind.label}: the thin form cannot be what the model calls"
+        elif r * (m + n) >= m * n:
+            why = "the thin form would cost more FLOPs"
+        else:
+            thin = e.kind.thin(e.module, r, (u, s, vh))
+            if by == "latency" and not _thin_is_faster(e.module, thin, inputs.get(name)):
+                thin, why = None, f"the thin form measured slower at batch {batch}"
+        if thin is None:
+            e.kind.dense_cut(e.module, r, (u, s, vh))
+            plan[name] = {**row, "form": "dense", "why": why}
+        else:
+            thin.train(e.module.training)
+            set_module(model, name, thin)
+            plan[name] = {**row, "form": "thin", "why": ""}
+    return plan
