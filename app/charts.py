@@ -245,7 +245,7 @@ def layer_spectra_chart(
 
 
 def rank_curves(
-    steps: Sequence[int],
+    steps: Sequence[int] | Mapping[str, Sequence[int]],
     ranks: Mapping[str, Sequence[float]],
     *,
     title: str = "Effective rank of every layer",
@@ -253,20 +253,30 @@ def rank_curves(
     uirevision: str | None = None,
     legend_below: bool = False,
 ) -> go.Figure:
-    """One line per layer (or per run): a rank measure against step."""
-    data = [
-        {
-            "type": "scatter",
-            "x": list(steps)[: len(ys)],
-            "y": list(ys),
-            "mode": "lines+markers",
-            "name": name,
-            "line": {"color": PALETTE[i % len(PALETTE)], "width": 2},
-            "marker": {"size": 4},
-        }
-        for i, (name, ys) in enumerate(ranks.items())
-        if ys
-    ]
+    """One line per layer (or per run): a rank measure against step.
+
+    Args:
+        steps: the steps shared by every series, or name -> that series' own steps (runs
+            snapshot at different steps: each is drawn against its own).
+        ranks: name -> values, one per step.
+    """
+    data = []
+    for i, (name, ys) in enumerate(ranks.items()):
+        if not ys:
+            continue
+        xs = steps.get(name, []) if isinstance(steps, Mapping) else steps
+        n = min(len(xs), len(ys))
+        data.append(
+            {
+                "type": "scatter",
+                "x": list(xs)[:n],
+                "y": list(ys)[:n],
+                "mode": "lines+markers",
+                "name": name,
+                "line": {"color": PALETTE[i % len(PALETTE)], "width": 2},
+                "marker": {"size": 4},
+            }
+        )
     if not data:
         return empty_figure("no spectra yet", title=title, uirevision=uirevision)
     return _figure(
@@ -275,7 +285,7 @@ def rank_curves(
         uirevision=uirevision,
         xaxis=_title("step"),
         yaxis={**_title(y_title), "rangemode": "tozero"},
-        hovermode="x unified",
+        hovermode="closest" if isinstance(steps, Mapping) else "x unified",
         legend_below=legend_below,
     )
 

@@ -1,111 +1,74 @@
-"""Glue for the Compress and Export pages: everything a slider move needs, held in memory.
+"""Glue for the Compress and Export pages over the library's compress session.
 
-A :class:`Context` is built once per (run, checkpoint): the merged model, the SVD of every
-layer (``lt.layer_svd``), the validation and test splits as tensors, the uncompressed cost and
-accuracy. A slider move then only plans ranks, truncates from the cached SVD, evaluates the two
-splits in large batches and counts the cost (:func:`apply`). The pages cache contexts with
-``st.cache_resource``; this module itself does not need Streamlit.
+The session itself (merged model, SVD cache, held splits, base cost and accuracy, apply,
+curve, smallest-within, fine-tune) is :class:`lorita.Compressor`; the pages cache one per
+(run, checkpoint) with ``st.cache_resource`` (app/cache.py). This module only shapes what
+the pages show: the policies' sliders (from the policies' own descriptions), one value on
+the slider's grid everywhere, trade-off curves computed once per run and kept in the run
+folder (``Run.write_extra``), and the comparison with the baselines.
 """
 
 from __future__ import annotations
 
-import copy
-import time
-from dataclasses import dataclass, field
+import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from app import jobs
+from app import jobs, options
 
-# Slider settings per policy: label, min, max, step, default, help.
-POLICY_UI: dict[str, dict[str, Any]] = {
-    "uniform": {
-        "label": "keep this share of every layer's rank",
-        "min": 0.01, "max": 1.0, "step": 0.01, "default": 0.5, "format": "%.2f",
-        "help": "Uniform: every layer keeps the top ⌊ratio·rank⌋ singular values.",
-    },
-    "global": {
-        "label": "drop this share of all singular values (pooled, σ/σ_max)",
-        "min": 0.0, "max": 0.99, "step": 0.01, "default": 0.5, "format": "%.2f",
-        "help": "Global: spectra normalised by their largest value, pooled over layers, "
-        "and the globally smallest fraction dropped.",
-    },
-    "energy": {
-        "label": "keep this share of each layer's energy Σσ²",
-        "min": 0.5, "max": 1.0, "step": 0.001, "default": 0.99, "format": "%.3f",
-        "help": "Energy: per layer, the smallest rank that keeps this share of Σσ².",
-    },
-}  # fmt: skip
-POLICY_NAMES = {
-    "uniform": "Uniform ratio",
-    "global": "Global (pooled spectra)",
-    "energy": "Energy per layer",
-    "ranks": "Per-layer ranks (table)",
-}
-EVAL_BATCH = 2048
+CURVE_POINTS = 25
+SEARCH_POINTS = 40  # values tried by "smallest within X points" (on the slider's grid)
+CURVE_VERSION = 1  # bump when the stored curve's shape changes
 
 
-@dataclass
-class Context:
-    """A finished run's checkpoint, ready for fast truncation."""
-
-    run: str
-    which: str
-    config: dict[str, Any]
-    model: Any  # the merged plain model (nn.Module, eval mode)
-    svd: Any  # lt.SVDCache
-    splits: Any  # lorita.data.Splits
-    example_input: Any  # (1, C, H, W)
-    base_cost: Any  # lt.Cost of the merged model
-    base: dict[str, float]  # {"val_acc", "val_loss", "test_acc", "test_loss"}
-    spectra: dict[str, list[float]] = field(default_factory=dict)
-    load_seconds: float = 0.0
-    parts: dict[str, Any] = field(default_factory=dict)  # "val"/"test": normalised, in memory
-
-    @property
-    def layers(self) -> list[str]:
-        return list(self.spectra)
-
-    @property
-    def n_factors(self) -> int:
-        return int(self.config.get("n_factors", 1))
-
-    def full_ranks(self) -> dict[str, int]:
-        return {n: len(s) for n, s in self.spectra.items()}
+def scalar_policies() -> dict[str, dict[str, Any]]:
+    """name -> the library's description of each policy that a slider can set."""
+    return {d["name"]: d for d in options.policies() if d.get("kind") == "scalar"}
 
 
-def checkpoint_path(name: str, which: str = "best", root: str | Path | None = None) -> Path:
-    root = Path(root) if root is not None else jobs.runs_dir()
-    return root / name / "checkpoints" / f"{which}.safetensors"
+def policy_labels() -> dict[str, str]:
+    """name -> label of every policy (sliders first, then the rank table)."""
+    return {d["name"]: d["label"] for d in options.policies()}
+
+
+def snap(name: str, value: float) -> float:
+    """``value`` on the slider's grid of policy ``name``, inside its range.
+
+    The slider, the chart's marker, the Export page and the saved file all show this one
+    number (a search that finds 0.946172 is shown, cut and exported as 0.95).
+    """
+    d = scalar_policies()[name]
+    lo, hi, step = float(d["min"]), float(d["max"]), float(d["step"])
+    k = round((float(value) - lo) / step)
+    digits = max(0, -math.floor(math.log10(step))) if step < 1 else 0
+    return round(min(hi, max(lo, lo + k * step)), digits + 1)
+
+
+def make_policy(name: str, value: float | None = None, ranks: dict[str, int] | None = None):
+    """The library policy object for the page's choice."""
+    from lorita import truncation
+
+    if name == "ranks":
+        return truncation.Ranks({k: int(v) for k, v in (ranks or {}).items()})
+    return truncation.make_policy(name, float(value))
 
 
 def checkpoint_mtime(name: str, which: str = "best", root: str | Path | None = None) -> float:
-    """Modification time of the checkpoint (part of every cache key; 0 if missing)."""
+    """Modification time of a run's checkpoint (part of every cache key; 0 if missing)."""
     try:
-        return checkpoint_path(name, which, root).stat().st_mtime
-    except OSError:
+        return jobs.store(root).get(name).checkpoint(which).stat().st_mtime
+    except (OSError, ValueError):
         return 0.0
 
 
 def finished_runs(root: str | Path | None = None) -> list[dict[str, Any]]:
     """Rows of runs that have a checkpoint to compress (newest first)."""
-    out = []
-    for row in jobs.list_runs(root):
-        if checkpoint_mtime(row["name"], "best", root) or checkpoint_mtime(
-            row["name"], "last", root
-        ):
-            out.append(row)
-    return out
-
-
-def materialize(dataset: Any) -> Any:
-    """The split as one normalised float tensor in memory: no per-call uint8 conversion."""
-    import torch
-
-    from lorita.data import TensorDataset
-
-    x, y = dataset[torch.arange(len(dataset))]  # (N, C, H, W) float, normalised
-    return TensorDataset(x.contiguous(), y)
+    return [
+        r
+        for r in jobs.list_runs(root)
+        if checkpoint_mtime(r["name"], "best", root) or checkpoint_mtime(r["name"], "last", root)
+    ]
 
 
 def default_run(rows: list[dict[str, Any]], wanted: str | None = None) -> str | None:
@@ -114,58 +77,92 @@ def default_run(rows: list[dict[str, Any]], wanted: str | None = None) -> str | 
     if wanted in names:
         return wanted
     for row in rows:
-        if (row.get("N") or 1) > 1:
+        if (row.get("n_factors") or 1) > 1:
             return row["name"]
     return names[0] if names else None
 
 
-def evaluate(model: Any, splits: Any, parts: tuple[str, ...] = ("val", "test")) -> dict[str, float]:
-    """Accuracy and loss of ``model`` on the given parts (library evaluate).
-
-    ``splits`` is a :class:`Context` (its in-memory parts are used) or a lorita Splits.
-    """
-    from lorita.train import evaluate as lib_evaluate
-
-    held = splits.parts if isinstance(splits, Context) else {}
-    data = splits.splits if isinstance(splits, Context) else splits
-    out: dict[str, float] = {}
-    for part in parts:
-        ds = held[part] if part in held else getattr(data, part)
-        res = lib_evaluate(model, ds, batch_size=EVAL_BATCH)
-        out[f"{part}_acc"] = float(res["acc"])
-        out[f"{part}_loss"] = float(res["loss"])
-    return out
-
-
-def load_context(name: str, which: str = "best", root: str | Path | None = None) -> Context:
-    """Load run ``name``'s checkpoint, merge it, take every layer's SVD, evaluate it once."""
+def session(name: str, which: str = "best", root: str | Path | None = None):
+    """A :class:`lorita.Compressor` on run ``name``'s checkpoint."""
     import lorita as lt
 
-    t0 = time.perf_counter()
     run = jobs.store(root).get(name)
     if not checkpoint_mtime(name, which, root):
         raise ValueError(f"checkpoint: run {name!r} has no {which!r} checkpoint yet")
-    composed = run.load_model(which)
-    splits = run.load_splits()
-    svd = lt.layer_svd(composed)
-    model = svd.model  # merged, eval
-    example = splits.example_input(1)
-    ctx = Context(
-        run=name,
-        which=which,
-        config=dict(run.config or {}),
-        model=model,
-        svd=svd,
-        splits=splits,
-        example_input=example,
-        base_cost=lt.count_cost(model, example),
-        base={},
-        spectra={n: [float(v) for v in s] for n, s in svd.spectra.items()},
-        parts={"val": materialize(splits.val), "test": materialize(splits.test)},
+    return lt.Compressor(run, which=which)
+
+
+def result_view(res: Any) -> dict[str, Any]:
+    """What the page shows of a :class:`lorita.CompressResult` (plus the model, for export)."""
+    out = res.to_dict()
+    out.pop("plan", None)
+    out["ranks"] = dict(res.ranks)
+    out["model"] = res.model
+    return out
+
+
+def apply(cz: Any, policy: Any) -> dict[str, Any]:
+    """The work behind one slider move (the session's apply) as the page's dict."""
+    return result_view(cz.apply(policy))
+
+
+def smallest_within(cz: Any, name: str, max_drop: float) -> float | None:
+    """The slider value of the smallest model within ``max_drop`` points of validation
+    accuracy, searched on the slider's grid (so it is shown and exported as found)."""
+    d = scalar_policies()[name]
+    lo, hi = float(d["min"]), float(d["max"])
+    grid = sorted(
+        {snap(name, lo + (hi - lo) * i / (SEARCH_POINTS - 1)) for i in range(SEARCH_POINTS)}
     )
-    ctx.base = evaluate(model, ctx)
-    ctx.load_seconds = time.perf_counter() - t0
-    return ctx
+    res = cz.smallest_within(float(max_drop), name, values=grid, refine=0)
+    value = (res.extra.get("search") or {}).get("value")
+    return None if value is None else snap(name, value)
+
+
+def curve_key(which: str, policy: str) -> str:
+    return f"tradeoff-{which}-{policy}"
+
+
+def stored_curve(name: str, which: str, policy: str, root: str | Path | None = None):
+    """The trade-off curve kept in the run folder, if it was computed for this checkpoint."""
+    run = jobs.store(root).get(name)
+    kept = run.read_extra(curve_key(which, policy))
+    if not isinstance(kept, dict) or kept.get("version") != CURVE_VERSION:
+        return None
+    if kept.get("checkpoint_mtime") != checkpoint_mtime(name, which, root):
+        return None
+    points = kept.get("points")
+    return points if isinstance(points, list) else None
+
+
+def compute_curve(
+    cz: Any,
+    policy: str,
+    *,
+    root: str | Path | None = None,
+    progress: Callable[[int, int, dict], object] | None = None,
+) -> list[dict[str, Any]]:
+    """Sweep ``policy`` over its range once and keep the curve in the run folder."""
+    points = cz.curve(policy, progress=progress)
+    points = [{k: v for k, v in p.items() if k != "ranks"} for p in points]
+    if cz.run:
+        jobs.store(root).get(cz.run).write_extra(
+            curve_key(cz.which, policy),
+            {
+                "version": CURVE_VERSION,
+                "checkpoint_mtime": checkpoint_mtime(cz.run, cz.which, root),
+                "policy": policy,
+                "points": points,
+            },
+        )
+    return points
+
+
+def find_baseline(name: str, root: str | Path | None = None) -> str | None:
+    """The N=1 run started beside composed run ``name`` (the run store's pairing), if it has
+    a checkpoint."""
+    base = jobs.baseline_of(name, root)
+    return base if base and checkpoint_mtime(base, "best", root) else None
 
 
 def choice_token(choice: dict[str, Any]) -> tuple:
@@ -174,97 +171,23 @@ def choice_token(choice: dict[str, Any]) -> tuple:
     return (choice["run"], choice["which"], choice["policy"], choice.get("value"), ranks)
 
 
-def make_policy(kind: str, value: float | None = None, ranks: dict[str, int] | None = None):
-    """The library policy object for the page's choice."""
-    import lorita as lt
-
-    if kind == "ranks":
-        return lt.Ranks({k: int(v) for k, v in (ranks or {}).items()})
-    from lorita.truncation import make_policy as lib_make_policy
-
-    return lib_make_policy(kind, float(value))
-
-
-def apply(ctx: Context, policy: Any, *, form: str = "low_rank") -> dict[str, Any]:
-    """The work behind one slider move: plan + truncate + evaluate val/test + count cost."""
-    import lorita as lt
-
-    t0 = time.perf_counter()
-    small = lt.truncate(ctx.model, policy, form=form, svd=ctx.svd)
-    metrics = evaluate(small, ctx)
-    cost = lt.count_cost(small, ctx.example_input)
-    return {
-        "model": small,
-        "ranks": dict(small.lorita_ranks),
-        "params": cost.params,
-        "flops": cost.flops,
-        "params_pct": 100.0 * cost.params / max(1, ctx.base_cost.params),
-        "flops_pct": 100.0 * cost.flops / max(1, ctx.base_cost.flops),
-        "seconds": time.perf_counter() - t0,
-        **metrics,
-    }
+def choice_text(choice: dict[str, Any] | None) -> str:
+    """How a Compress page setting is named on the Export page (the slider's own number)."""
+    if not choice:
+        return "as trained (factors merged, nothing cut)"
+    if choice["policy"] == "ranks":
+        return "per-layer ranks " + ", ".join(f"{k}={v}" for k, v in choice["ranks"].items())
+    d = scalar_policies().get(choice["policy"], {})
+    fmt = d.get("format", "%g")
+    return f"{policy_labels().get(choice['policy'], choice['policy'])} at {fmt % choice['value']}"
 
 
-def _flatten(point: dict[str, Any]) -> dict[str, Any]:
-    flat = {k: v for k, v in point.items() if k != "metric"}
-    metric = point.get("metric")
-    if isinstance(metric, dict):
-        flat.update(metric)
-    return flat
+def finetune(cz: Any, model: Any, *, epochs: int, lr: float) -> tuple[Any, dict[str, float]]:
+    """Fine-tune a cut model with the session's recipe; returns (model, val/test metrics)."""
+    res = cz.finetune(model, int(epochs), lr=float(lr))
+    return res.model, {"val_acc": res.val_acc, "test_acc": res.test_acc}
 
 
-def curve(ctx: Context, policy_name: str, values: list[float] | None = None) -> list[dict]:
-    """Accuracy (val and test) and cost over the policy's whole range (lt.tradeoff_curve)."""
-    import lorita as lt
-
-    points = lt.tradeoff_curve(
-        ctx.model,
-        policy_name,
-        values,
-        evaluate=lambda m: evaluate(m, ctx),
-        example_input=ctx.example_input,
-        svd=ctx.svd,
-    )
-    return [_flatten(p) for p in points]
-
-
-def smallest_within(ctx: Context, policy_name: str, max_drop: float) -> dict[str, Any]:
-    """The smallest model within ``max_drop`` points of the full model's *validation* accuracy."""
-    import lorita as lt
-
-    res = lt.smallest_within(
-        ctx.model,
-        policy_name,
-        evaluate=lambda m: evaluate(m, ctx, ("val",)),
-        max_drop=float(max_drop),
-        example_input=ctx.example_input,
-        key="val_acc",
-        svd=ctx.svd,
-    )
-    return {k: v for k, v in res.items() if k not in ("model", "curve")}
-
-
-def find_baseline(name: str, root: str | Path | None = None) -> str | None:
-    """The newest finished N=1 run with the same dataset, model, options and seed as ``name``."""
-    run = jobs.store(root).get(name)
-    cfg = run.config or {}
-    if int(cfg.get("n_factors", 1)) == 1:
-        return None
-    paired = jobs.partner(name, root)
-    if paired and checkpoint_mtime(paired, "best", root):
-        return paired
-    for row in finished_runs(root):
-        if row["name"] == name or row.get("N") != 1:
-            continue
-        if jobs.same_setup(cfg, jobs.store(root).get(row["name"]).config or {}):
-            return row["name"]
-    return None
-
-
-def finetune(ctx: Context, model: Any, *, epochs: int, lr: float) -> tuple[Any, dict[str, float]]:
-    """Fine-tune a truncated model on the run's training split; returns (model, metrics)."""
-    from lorita.train import finetune as lib_finetune
-
-    tuned = lib_finetune(copy.deepcopy(model), ctx.splits, epochs=int(epochs), lr=float(lr))
-    tuned.eval()
-    return tuned, evaluate(tuned, ctx)
+def evaluate(cz: Any, model: Any) -> dict[str, float]:
+    """Validation and test accuracy of any model built from the session's (for reporting)."""
+    return cz.data.metrics(model)

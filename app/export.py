@@ -23,6 +23,25 @@ FORMATS = {
 MIME = {"low_rank": "application/octet-stream", "dense": "application/octet-stream",
         "onnx": "application/octet-stream"}  # fmt: skip
 SUFFIX = {"low_rank": "-lowrank.safetensors", "dense": "-dense.safetensors", "onnx": ".onnx"}
+ONNX_NEEDS = ("onnx", "onnxruntime")  # export, and the reload that verifies the file
+
+
+def formats() -> dict[str, str]:
+    """The formats this installation can write *and verify* (ONNX needs onnx and onnxruntime,
+    both in requirements.txt)."""
+    import importlib.util
+
+    out = dict(FORMATS)
+    if any(importlib.util.find_spec(m) is None for m in ONNX_NEEDS):
+        out.pop("onnx")
+    return out
+
+
+def missing_note() -> str | None:
+    """What to install for the formats :func:`formats` leaves out, or None."""
+    if "onnx" in formats():
+        return None
+    return "ONNX export needs `pip install onnx onnxruntime` (both are in requirements.txt)."
 
 
 @dataclass
@@ -80,15 +99,15 @@ class OnnxModule:
         return iter(())
 
 
-def metadata(ctx: cz.Context, choice: dict[str, Any] | None, fmt: str) -> dict[str, Any]:
+def metadata(session: Any, choice: dict[str, Any] | None, fmt: str) -> dict[str, Any]:
     """What goes into the file's metadata: where it came from and how to feed it."""
-    val = ctx.splits.val
+    val = session.splits.val
     meta: dict[str, Any] = {
-        "run": ctx.run,
-        "checkpoint": ctx.which,
-        "dataset": ctx.config.get("dataset"),
-        "n_factors_trained": ctx.n_factors,
-        "input_shape": list(ctx.example_input.shape[1:]),
+        "run": session.run,
+        "checkpoint": session.which,
+        "dataset": session.config.get("dataset"),
+        "n_factors_trained": int(session.config.get("n_factors") or 1),
+        "input_shape": list(session.example_input.shape[1:]),
         "form": fmt,
     }
     if getattr(val, "mean", None) is not None:
@@ -106,21 +125,20 @@ def metadata(ctx: cz.Context, choice: dict[str, Any] | None, fmt: str) -> dict[s
 
 
 def choose_model(
-    ctx: cz.Context,
+    session: Any,
     choice: dict[str, Any] | None,
     fmt: str,
     finetuned: Any = None,
 ) -> Any:
-    """The model to export: merged as trained, truncated by ``choice``, or a fine-tuned one."""
+    """The model to export: merged as trained, cut by ``choice``, or a fine-tuned one."""
     import lorita as lt
 
     if finetuned is not None:
         return lt.merge_model(finetuned) if fmt == "dense" else finetuned
     if not choice:
-        return ctx.model
+        return session.model
     policy = cz.make_policy(choice["policy"], choice.get("value"), choice.get("ranks"))
-    form = "dense" if fmt == "dense" else "low_rank"
-    return lt.truncate(ctx.model, policy, form=form, svd=ctx.svd)
+    return session.cut(policy, form="dense" if fmt == "dense" else "low_rank")[0]
 
 
 def snippet(fmt: str, file_name: str) -> str:
@@ -144,7 +162,7 @@ def snippet(fmt: str, file_name: str) -> str:
 
 
 def build(
-    ctx: cz.Context,
+    session: Any,
     model: Any,
     fmt: str,
     *,
@@ -158,18 +176,18 @@ def build(
         raise ValueError(f"format: {fmt!r}; allowed: {', '.join(FORMATS)}")
     t0 = time.perf_counter()
     model.eval()
-    original = cz.evaluate(model, ctx)
+    original = cz.evaluate(session, model)
     file_name = base_name + SUFFIX[fmt]
     with tempfile.TemporaryDirectory(prefix="lorita-export-") as tmp:
         path = Path(tmp) / file_name
         if fmt == "onnx":
-            lt.export_onnx(model, ctx.example_input, path)
+            lt.export_onnx(model, session.example_input, path)
             reloaded_model = OnnxModule(path)
         else:
             lt.save(model, path, metadata=meta or {})
             reloaded_model = lt.load(path).eval()
         data = path.read_bytes()
-        reloaded = cz.evaluate(reloaded_model, ctx)
+        reloaded = cz.evaluate(session, reloaded_model)
     return Built(
         data=data,
         file_name=file_name,

@@ -3,16 +3,19 @@
 The app starts ``python -m lorita train --config ... --runs-dir RUNS --name NAME --quiet
 --max-concurrent K`` as a child process in its own session and then only *reads* the run folder
 through :class:`lorita.runs.RunStore`. A browser refresh, a second tab or an app restart
-therefore loses nothing, and a crash in training cannot take the server down. The flock slots
+therefore loses nothing, and a crash in training cannot take the server down. The slots
 behind ``--max-concurrent`` live in the runs folder, so the limit holds across app restarts:
 extra runs wait as "queued".
+
+This module supervises processes only: start a child, lower its priority (psutil), stop it,
+tail its output. Everything about the run folder (names, summaries, liveness, pairing,
+status) is asked of the run store, :class:`lorita.runs.RunStore`; every run name goes through
+:func:`lorita.runs.validate_name` before it touches a path.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -20,13 +23,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lorita.io import write_json
+from lorita.runs import ACTIVE, STATES, validate_name
+
 RUNS_ENV = "LORITA_RUNS"
 MAX_CONCURRENT_ENV = "LORITA_MAX_CONCURRENT"  # training runs at once (default 1 per device)
 NICE_ENV = "LORITA_TRAIN_NICE"  # scheduling niceness of training children (default 10)
 DEFAULT_RUNS = "runs"
 APP_DIR = ".app"  # <runs>/.app/<name>.json (the request) and <name>.log (the child's output)
-ACTIVE = ("queued", "running")
-FINISHED = ("completed", "stopped", "failed")
+FINISHED = tuple(s for s in STATES if s not in ACTIVE)  # completed, failed, stopped
 
 # name -> Popen for the children this server started (lost on restart; the folder is the truth)
 _PROCS: dict[tuple[str, str], subprocess.Popen] = {}
@@ -58,9 +63,9 @@ def store(root: str | Path | None = None):
 
 def devices() -> list[str]:
     """Devices a run can use here, best first ("cuda" only where a GPU is visible)."""
-    from lorita.train import available_devices
+    from app import options
 
-    return available_devices()
+    return options.devices()[1:]
 
 
 def device_label() -> str:
@@ -91,40 +96,17 @@ def machine_info(root: str | Path | None = None) -> dict[str, Any]:
 # --- starting -------------------------------------------------------------------------------
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9]+", "-", str(text)).strip("-").lower() or "run"
-
-
-def new_name(config: dict[str, Any], root: str | Path | None = None, suffix: str = "") -> str:
-    """A readable unique run name: '<dataset>-<model>-n<N>-<yymmdd-hhmmss>[suffix]'."""
-    root = Path(root) if root is not None else runs_dir()
-    stamp = time.strftime("%y%m%d-%H%M%S")
-    base = "-".join(
-        [
-            _slug(config.get("dataset", "data")),
-            _slug(config.get("model", "model")),
-            f"n{int(config.get('n_factors', 1))}",
-            stamp,
-        ]
-    )
-    name = base + suffix
-    k = 2
-    while (root / name).exists():
-        name = f"{base}-{k}{suffix}"
-        k += 1
-    return name
-
-
 def validate(config: dict[str, Any]) -> dict[str, Any]:
     """Check ``config`` with the library's TrainConfig and that its device exists here.
 
     Raises ValueError naming the field (for example "device: 'cuda' asked for but CUDA is not
     available; use cpu or auto").
     """
-    from lorita.train import TrainConfig, resolve_device
+    import lorita as lt
+    from app import options
 
-    config = TrainConfig.from_dict(config).to_dict()
-    resolve_device(config.get("device", "auto"))
+    config = lt.TrainConfig.from_dict(config).to_dict()
+    options.engine().resolve_device(config.get("device", "auto"))
     return config
 
 
@@ -154,17 +136,12 @@ def start(
     """
     config = validate(config)
     root = Path(root) if root is not None else runs_dir()
-    name = name or new_name(config, root)
-    from lorita.runs import validate_name
-
-    validate_name(name)
+    name = validate_name(name) if name is not None else store(root).new_name(config)
     if (root / name).exists():
         raise ValueError(f"run name: {name!r} already exists in {root}")
     config_path = app_file(name, ".json", root)
     config_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = config_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(config, indent=2))
-    os.replace(tmp, config_path)
+    write_json(config_path, config)
     env = dict(os.environ)
     # The child must import this checkout's `lorita` whatever the server's working directory.
     repo = str(Path(__file__).resolve().parents[1])
@@ -190,17 +167,24 @@ def lower_priority(pid: int) -> None:
 
     Set right after the child starts, while it is still one thread (the threads torch starts
     later inherit it). The server's own work (pages, the Compress slider) then comes first,
-    and training takes every cycle the server leaves.
+    and training takes every cycle the server leaves. psutil maps the niceness to Windows'
+    below-normal priority class.
     """
+    import psutil
+
     try:
         nice = int(os.environ.get(NICE_ENV, "10"))
     except ValueError:
         nice = 10
-    if nice <= 0 or not hasattr(os, "setpriority"):
+    if nice <= 0:
         return
     try:
-        os.setpriority(os.PRIO_PROCESS, pid, min(19, nice))
-    except OSError:
+        proc = psutil.Process(pid)
+        if os.name == "nt":
+            proc.nice(psutil.BELOW_NORMAL_PRIORITY_CLASS)
+        else:
+            proc.nice(min(19, nice))
+    except psutil.Error:
         pass
 
 
@@ -269,8 +253,9 @@ class JobView:
 
 
 def app_file(name: str, suffix: str, root: str | Path | None = None) -> Path:
+    """``<root>/.app/<name><suffix>``; ValueError for a name that is not a safe run name."""
     root = Path(root) if root is not None else runs_dir()
-    return root / APP_DIR / f"{name}{suffix}"
+    return root / APP_DIR / f"{validate_name(name)}{suffix}"
 
 
 def log_path(name: str, root: str | Path | None = None) -> Path:
@@ -302,10 +287,10 @@ def _last_line(text: str) -> str:
 def view(name: str, root: str | Path | None = None) -> JobView:
     """Everything the live page needs about run ``name``, from the run folder."""
     root = Path(root) if root is not None else runs_dir()
+    validate_name(name)
     proc = _PROCS.get((str(root), name))
     exit_code = proc.poll() if proc is not None else None
-    status_path = root / name / "status.json"
-    if not status_path.exists():
+    if not (root / name / "status.json").exists():
         if proc is not None and exit_code is None:
             return JobView(name, "starting", "starting the training process…")
         if proc is not None:
@@ -355,31 +340,6 @@ def stop(name: str, root: str | Path | None = None) -> None:
     store(root).get(name).request_stop()
 
 
-_ACTIVE_CACHE: dict[str, tuple[float, bool]] = {}
-
-
-def any_active(root: str | Path | None = None, *, max_age_s: float = 2.0) -> bool:
-    """Whether some run of ``root`` is queued or training now (heartbeat fresh); cached 2 s.
-
-    Cheap: reads only status.json files.
-    """
-    root = Path(root) if root is not None else runs_dir()
-    key, now = str(root), time.time()
-    hit = _ACTIVE_CACHE.get(key)
-    if hit is not None and now - hit[0] < max_age_s:
-        return hit[1]
-    from lorita.runs import STALE_S, read_json
-
-    active = False
-    for path in root.glob("*/status.json"):
-        st = read_json(path, {}) or {}
-        if st.get("state") == "running" and now - float(st.get("heartbeat") or 0) < STALE_S:
-            active = True
-            break
-    _ACTIVE_CACHE[key] = (now, active)
-    return active
-
-
 def reap() -> None:
     """Collect finished children so they do not linger as zombies."""
     for key, proc in list(_PROCS.items()):
@@ -387,80 +347,100 @@ def reap() -> None:
             _PROCS.pop(key, None)
 
 
+_ROWS: dict[tuple[str, str], tuple[tuple, dict[str, Any]]] = {}
+
+
 def list_runs(root: str | Path | None = None) -> list[dict[str, Any]]:
-    """One flat row per run, newest first, for tables and pickers."""
+    """Every run's :meth:`lorita.runs.Run.summary`, newest first, for tables and pickers.
+
+    A finished run's row never changes, so it is read once and kept (keyed by its state and
+    last heartbeat); only active runs are read again.
+    """
     rows = []
     for run in store(root).list():
-        try:
-            rows.append(run_row(run))
-        except Exception:  # noqa: BLE001 - a broken folder must not hide the others
+        st = run.raw_status()
+        key = (str(run.path.parent), run.name)
+        stamp = (st.get("state"), st.get("heartbeat"), st.get("ended"))
+        hit = _ROWS.get(key)
+        if hit is not None and hit[0] == stamp and stamp[0] in FINISHED:
+            rows.append(hit[1])
             continue
+        row = run.summary()
+        _ROWS[key] = (stamp, row)
+        rows.append(row)
     return rows
 
 
-def run_row(run: Any) -> dict[str, Any]:
-    """A flat summary of ``run`` (state, config essentials, best accuracies)."""
-    cfg = run.config or {}
-    st = run.status()
-    summary = {}
+def run_config(name: str | None, root: str | Path | None = None) -> dict[str, Any] | None:
+    """The config of run ``name``, or None if there is no such run."""
     try:
-        summary = run.summary() or {}
-    except Exception:  # noqa: BLE001
-        summary = {}
-    return {
-        "name": run.name,
-        "state": st.get("state", "?"),
-        "dataset": cfg.get("dataset"),
-        "model": cfg.get("model"),
-        "N": cfg.get("n_factors"),
-        "init": cfg.get("init"),
-        "weight_decay": cfg.get("weight_decay"),
-        "lr": cfg.get("lr"),
-        "epochs": cfg.get("epochs"),
-        "seed": cfg.get("seed"),
-        "val_acc": summary.get("best_val_acc", summary.get("val_acc")),
-        "test_acc": summary.get("test_acc"),
-        "created": st.get("created"),
-        "message": st.get("message") or "",
-    }
-
-
-SETUP_KEYS = (
-    "dataset", "dataset_kwargs", "model", "model_kwargs", "init", "optimizer", "lr",
-    "weight_decay", "schedule", "epochs", "batch_size", "seed", "val_fraction", "split_seed",
-)  # fmt: skip
-
-
-def same_setup(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    """Whether two run configs differ at most in N (and device): a fair side-by-side pair."""
-    return all(a.get(k) == b.get(k) for k in SETUP_KEYS)
-
-
-def partner(name: str, root: str | Path | None = None, *, window_s: float = 120.0) -> str | None:
-    """The run started together with ``name`` on the Train page ("also train N=1").
-
-    For a composed run: the N=1 run with the same setup created within ``window_s`` seconds;
-    for an N=1 run: the composed run it was started beside. Found from the run folders alone,
-    so a refresh or an app restart finds the pair again.
-    """
-    s = store(root)
-    try:
-        me = s.get(name)
+        return dict(store(root).get(name).config) if name else None
     except ValueError:
         return None
-    cfg, born = me.config, float(me.raw_status().get("created") or 0)
-    mine_n1 = int(cfg.get("n_factors", 1)) == 1
-    best = None
-    for run in s.list():
-        if run.name == name:
-            continue
-        other = run.config
-        if (int(other.get("n_factors", 1)) == 1) == mine_n1 or not same_setup(cfg, other):
-            continue
-        gap = abs(float(run.raw_status().get("created") or 0) - born)
-        if gap <= window_s and (best is None or gap < best[0]):
-            best = (gap, run.name)
-    return best[1] if best else None
+
+
+def partner(name: str, root: str | Path | None = None) -> str | None:
+    """The run started together with ``name`` on the Train page (the run store's pairing)."""
+    try:
+        other = store(root).pair(name)
+    except ValueError:
+        return None
+    return other.name if other is not None else None
+
+
+def baseline_of(name: str, root: str | Path | None = None) -> str | None:
+    """The N=1 run started beside the composed run ``name``, if any."""
+    cfg = run_config(name, root) or {}
+    if int(cfg.get("n_factors") or 1) == 1:
+        return None
+    return partner(name, root)
+
+
+def pair_active(name: str, root: str | Path | None = None) -> bool:
+    """Whether ``name`` or its N=1 baseline is starting, queued or training."""
+    if view(name, root).active:
+        return True
+    baseline = baseline_of(name, root)
+    return bool(baseline and view(baseline, root).active)
+
+
+def default_follow(rows: list[dict[str, Any]]) -> str | None:
+    """With nothing chosen yet: the newest active run, else the newest composed (N>1) run."""
+    for row in rows:
+        if row.get("state") in ACTIVE:
+            return row["name"]
+    for row in rows:
+        if (row.get("n_factors") or 1) > 1:
+            return row["name"]
+    return None
+
+
+def progress_text(v: JobView) -> str:
+    """'running · step 50/200 · epoch 2 · 10 s elapsed · about 30 s left'."""
+    from app.ui import fmt_duration
+
+    total = f"/{v.total_steps}" if v.total_steps else ""
+    parts = [v.state, f"step {v.step}{total}"]
+    if v.epoch is not None:
+        parts.append(f"epoch {v.epoch}")
+    if v.elapsed is not None:
+        parts.append(f"{fmt_duration(v.elapsed)} elapsed")
+    if v.eta is not None:
+        parts.append(f"about {fmt_duration(v.eta)} left")
+    return " · ".join(parts)
+
+
+def result_text(name: str, root: str | Path | None = None) -> str:
+    """'Best validation accuracy 93.1 %, test accuracy of that checkpoint 92.8 %.'"""
+    from app.ui import fmt_pct
+
+    res = store(root).get(name).result()
+    parts = []
+    if res.get("best_val_acc") is not None:
+        parts.append(f"best validation accuracy {fmt_pct(res['best_val_acc'])}")
+    if res.get("test_acc") is not None:
+        parts.append(f"test accuracy of that checkpoint {fmt_pct(res['test_acc'])}")
+    return (", ".join(parts) + ".").capitalize() if parts else ""
 
 
 def delete(name: str, root: str | Path | None = None) -> None:
@@ -471,5 +451,6 @@ def delete(name: str, root: str | Path | None = None) -> None:
         raise ValueError(f"run {name!r} is {v.state}; stop it before deleting it")
     store(root).delete(name)
     _PROCS.pop((str(root), name), None)
+    _ROWS.pop((str(root), name), None)
     for suffix in (".json", ".log"):
         app_file(name, suffix, root).unlink(missing_ok=True)

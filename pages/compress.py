@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import pandas as pd
 import streamlit as st
 
-from app import cache, charts, jobs, state, ui
+from app import cache, charts, jobs, live, state, tables, ui
 from app import compress as cz
 
 
@@ -17,14 +16,12 @@ def _pick_smallest(root: str, name: str, which: str, policy: str) -> None:
     """Button callback: move the slider to the smallest model within X points (validation)."""
     try:
         drop = float(st.session_state[state.COMPRESS_MAX_DROP])
-        res = cz.smallest_within(cache.context(root, name, which), policy, drop)
-        if res.get("value") is None:
+        value = cz.smallest_within(cache.session(root, name, which), policy, drop)
+        if value is None:
             st.session_state[state.LAST_ERROR] = (
                 f"No {policy} setting keeps validation accuracy within {drop:g} points."
             )
             return
-        ui_cfg = cz.POLICY_UI[policy]
-        value = min(ui_cfg["max"], max(ui_cfg["min"], float(res["value"])))
         st.session_state[_slider_key(policy)] = value
         st.session_state[state.LAST_ERROR] = None
     except Exception as exc:  # noqa: BLE001 - shown as one line on the next run
@@ -32,29 +29,55 @@ def _pick_smallest(root: str, name: str, which: str, policy: str) -> None:
 
 
 def _run_label(row: dict) -> str:
-    acc = row.get("val_acc")
+    acc = row.get("best_val_acc")
     acc = f", val {ui.fmt_pct(acc)}" if acc is not None else ""
-    return f"{row['name']}  (N={row.get('N')}{acc})"
+    return f"{row['name']}  (N={row.get('n_factors')}{acc})"
 
 
-@ui.guarded
-def main() -> None:
-    st.title("Compress")
-    st.caption(
-        "Merge the factors, take each layer's SVD once, then cut. Every slider move truncates "
-        "from the cached SVD, evaluates validation and test in large batches and counts the cost."
-    )
-    root = str(jobs.runs_dir())
+class CurveDrawer:
+    """Progress callback of a trade-off sweep: a real progress bar, the chart filling in."""
+
+    def __init__(self, label: str, x_axis: str, total_hint: str) -> None:
+        self.label, self.x_axis = label, x_axis
+        self.points: list[dict] = []
+        self.bar = st.progress(0.0, text=f"Computing the {total_hint} trade-off curve…")
+        self.chart = st.empty()
+
+    def __call__(self, done: int, total: int, point: dict) -> None:
+        self.points.append(point)
+        self.bar.progress(done / max(1, total), text=f"{self.label}: {done} of {total} points")
+        if done % 3 == 0 or done == total:
+            self.chart.plotly_chart(
+                charts.tradeoff_chart({self.label: list(self.points)}, x=self.x_axis)
+            )
+
+    def clear(self) -> None:
+        self.bar.empty()
+        self.chart.empty()
+
+
+def _curve(root: str, name: str, which: str, policy: str, label: str, x_axis: str) -> list:
+    """The stored curve, or computed now (once per checkpoint) with a progress bar."""
+    points = cz.stored_curve(name, which, policy, root)
+    if points is not None:
+        return points
+    drawer = CurveDrawer(label, x_axis, label)
+    points = cz.compute_curve(cache.session(root, name, which), policy, root=root,
+                              progress=drawer)  # fmt: skip
+    drawer.clear()
+    return points
+
+
+def _choose_run(root: str) -> tuple[str, str] | None:
     rows = cz.finished_runs(root)
     if not rows:
         st.info("No run with a checkpoint yet. Train one first (the classroom preset takes ~15 s).")
         st.page_link("pages/train.py", label="Go to Train", icon="🏋️")
-        return
+        return None
     by_name = {r["name"]: r for r in rows}
     names = list(by_name)
-    wanted = state.current_run()
     if st.session_state.get(state.COMPRESS_RUN) not in names:
-        st.session_state[state.COMPRESS_RUN] = cz.default_run(rows, wanted)
+        st.session_state[state.COMPRESS_RUN] = cz.default_run(rows, state.current_run())
     c1, c2 = st.columns([3, 1])
     name = c1.selectbox(
         "Run", names, key=state.COMPRESS_RUN, format_func=lambda n: _run_label(by_name[n])
@@ -66,146 +89,127 @@ def main() -> None:
     )  # fmt: skip
     if not cz.checkpoint_mtime(name, which, root):
         st.warning(f"Run {name} has no {which} checkpoint yet.")
-        return
-    ctx = cache.context(root, name, which)
+        return None
+    return name, which
 
-    b = ctx.base
+
+def _base_metrics(session) -> None:
+    b = session.base
     m = st.columns(4)
     m[0].metric("Original validation accuracy", ui.fmt_pct(b["val_acc"]))
     m[1].metric("Original test accuracy", ui.fmt_pct(b["test_acc"]))
-    m[2].metric("Original parameters", ui.fmt_count(ctx.base_cost.params))
-    m[3].metric("Original FLOPs / input", ui.fmt_count(ctx.base_cost.flops))
+    m[2].metric("Original parameters", ui.fmt_count(b["params"]))
+    m[3].metric("Original FLOPs / input", ui.fmt_count(b["flops"]))
+    if session.left_out:
+        st.caption(" · ".join(f"**{n}** {why}" for n, why in session.left_out.items()))
 
-    ui.show_pending_error()
 
-    state.setdefault(state.COMPRESS_POLICY, "global")
-    policy = st.radio(
-        "Rank policy", list(cz.POLICY_NAMES), key=state.COMPRESS_POLICY, horizontal=True,
-        format_func=cz.POLICY_NAMES.get,
+def _slider(root: str, name: str, which: str, policy: str):
+    d = cz.scalar_policies()[policy]
+    key = _slider_key(policy)
+    state.setdefault(key, cz.snap(policy, d["default"]))
+    value = st.slider(
+        d["label"], float(d["min"]), float(d["max"]), step=float(d["step"]), key=key,
+        help=d["help"], format=d["format"],
     )  # fmt: skip
+    s1, s2 = st.columns([1, 3], vertical_alignment="bottom")
+    state.setdefault(state.COMPRESS_MAX_DROP, 1.0)
+    s1.number_input(
+        "within X points of validation accuracy", 0.0, 50.0, step=0.5, key=state.COMPRESS_MAX_DROP
+    )
+    s2.button(
+        "Smallest model within X points",
+        on_click=_pick_smallest, args=(root, name, which, policy),
+        help="Searches the slider's values on the validation split and moves the slider.",
+    )  # fmt: skip
+    return value, cz.make_policy(policy, value)
 
-    value = None
-    ranks_in: dict[str, int] | None = None
-    if policy in cz.POLICY_UI:
-        cfg = cz.POLICY_UI[policy]
-        key = _slider_key(policy)
-        state.setdefault(key, cfg["default"])
-        value = st.slider(
-            cfg["label"], cfg["min"], cfg["max"], step=cfg["step"], key=key, help=cfg["help"],
-            format=cfg["format"],
-        )  # fmt: skip
-        s1, s2 = st.columns([1, 3], vertical_alignment="bottom")
-        state.setdefault(state.COMPRESS_MAX_DROP, 1.0)
-        s1.number_input(
-            "within X points of validation accuracy", 0.0, 50.0, step=0.5,
-            key=state.COMPRESS_MAX_DROP,
-        )  # fmt: skip
-        s2.button(
-            "Smallest model within X points",
-            on_click=_pick_smallest, args=(root, name, which, policy),
-            help="Searches the policy's range on the validation split and moves the slider.",
-        )  # fmt: skip
-        policy_obj = cz.make_policy(policy, value)
-    else:
-        full = ctx.full_ranks()
-        prev = st.session_state.get(state.COMPRESS_CHOICE) or {}
-        start = prev.get("ranks") if prev.get("run") == name and prev.get("ranks") else full
-        table = pd.DataFrame(
-            {"layer": list(full), "full rank": list(full.values()),
-             "rank": [int(start.get(n, full[n])) for n in full]}
-        )  # fmt: skip
-        edited = st.data_editor(
-            table, key=f"{state.COMPRESS_RANKS}.{name}.{which}", hide_index=True,
-            disabled=["layer", "full rank"],
-            column_config={"rank": st.column_config.NumberColumn("rank", min_value=1, step=1)},
-        )  # fmt: skip
-        ranks_in = {}
-        for _, row in edited.iterrows():
-            r = row["rank"]
-            if pd.isna(r):
-                st.error(
-                    f"rank of {row['layer']}: empty; enter an integer from 1 to {row['full rank']}"
-                )
-                return
-            ranks_in[str(row["layer"])] = int(r)
-        policy_obj = cz.make_policy("ranks", ranks=ranks_in)
 
-    res = cz.apply(ctx, policy_obj)
-    st.session_state[state.COMPRESS_CHOICE] = {
-        "run": name, "which": which, "policy": policy, "value": value, "ranks": res["ranks"],
-    }  # fmt: skip
+def _rank_editor(session, name: str, which: str):
+    full = dict(session.full_ranks)
+    full = {n: full[n] for n in session.layers}
+    prev = st.session_state.get(state.COMPRESS_CHOICE) or {}
+    start = prev.get("ranks") if prev.get("run") == name and prev.get("ranks") else full
+    stages = sorted({live.stage_of(n) for n in full}, key=list(map(live.stage_of, full)).index)
+    ranks = {n: int(start.get(n, full[n])) for n in full}
+    groups = stages if len(full) > live.MAX_LAYERS_SHOWN else [None]
+    for stage in groups:
+        with st.expander(f"stage {stage}" if stage else "ranks", expanded=stage is None):
+            edited = st.data_editor(
+                tables.rank_table(full, start, stage=stage),
+                key=f"{state.COMPRESS_RANKS}.{name}.{which}.{stage}", hide_index=True,
+                disabled=["layer", "full rank"],
+                column_config={"rank": st.column_config.NumberColumn("rank", min_value=1, step=1)},
+            )  # fmt: skip
+            ranks.update(tables.read_rank_table(edited))
+    return cz.make_policy("ranks", ranks=ranks)
 
+
+def _result_metrics(res: dict, base: dict) -> None:
     r = st.columns(4)
-    r[0].metric(
-        "Validation accuracy", ui.fmt_pct(res["val_acc"]),
-        delta=f"{100 * (res['val_acc'] - b['val_acc']):+.1f} pts",
-    )  # fmt: skip
-    r[1].metric(
-        "Test accuracy", ui.fmt_pct(res["test_acc"]),
-        delta=f"{100 * (res['test_acc'] - b['test_acc']):+.1f} pts",
-    )  # fmt: skip
-    r[2].metric(
-        "Parameters", ui.fmt_count(res["params"]),
-        delta=f"{res['params_pct']:.1f} % of original",
-        delta_color="off", delta_arrow="off",
-    )  # fmt: skip
-    r[3].metric(
-        "FLOPs / input", ui.fmt_count(res["flops"]),
-        delta=f"{res['flops_pct']:.1f} % of original",
-        delta_color="off", delta_arrow="off",
-    )  # fmt: skip
+    for col, part in ((r[0], "val"), (r[1], "test")):
+        col.metric(
+            f"{'Validation' if part == 'val' else 'Test'} accuracy", ui.fmt_pct(res[f"{part}_acc"]),
+            delta=f"{100 * (res[f'{part}_acc'] - base[f'{part}_acc']):+.1f} pts",
+        )  # fmt: skip
+    r[2].metric("Parameters", ui.fmt_count(res["params"]),
+                delta=f"{res['params_pct']:.1f} % of original", delta_color="off",
+                delta_arrow="off")  # fmt: skip
+    r[3].metric("FLOPs / input", ui.fmt_count(res["flops"]),
+                delta=f"{res['flops_pct']:.1f} % of original", delta_color="off",
+                delta_arrow="off")  # fmt: skip
     st.caption(f"This setting was computed in {1000 * res['seconds']:.0f} ms.")
 
-    left, right = st.columns([3, 2])
-    with left:
-        state.setdefault(state.COMPRESS_X, "flops_pct")
-        x_axis = st.radio(
-            "Cost axis", ["flops_pct", "params_pct"], key=state.COMPRESS_X, horizontal=True,
-            format_func={"flops_pct": "FLOPs %", "params_pct": "parameters %"}.get,
-        )  # fmt: skip
-        if policy in cz.POLICY_UI:
-            curves = {f"this run (N={ctx.n_factors})": cache.curve(root, name, which, policy)}
-            base_run = cz.find_baseline(name, root)
-            if base_run and cz.checkpoint_mtime(base_run, which, root):
-                curves["N=1 baseline"] = cache.curve(root, base_run, which, policy)
-            st.plotly_chart(
-                charts.tradeoff_chart(
-                    curves, x=x_axis, y="val_acc", current=res, uirevision=f"tradeoff-{name}"
-                ),
-                key="compress.tradeoff",
-            )
-            st.caption("The chart opens on the top 20 points; double-click it to see all.")
-            if not base_run and ctx.n_factors > 1:
-                st.caption(
-                    "No N=1 baseline with the same setup found. Tick “also train N=1” on the "
-                    "Train page to get its curve here."
-                )
-        else:
-            st.info("The trade-off curve sweeps a policy's range; pick Uniform, Global or Energy.")
-    with right:
-        st.markdown("**Ranks kept**")
-        st.dataframe(
-            pd.DataFrame(
-                {"layer": list(res["ranks"]),
-                 "rank": list(res["ranks"].values()),
-                 "of": [len(ctx.spectra[n]) for n in res["ranks"]]}
-            ),
-            hide_index=True,
-        )  # fmt: skip
 
+def _tradeoff(root: str, name: str, which: str, policy: str, res: dict, n: int) -> None:
+    state.setdefault(state.COMPRESS_X, "params_pct")
+    x_axis = st.radio(
+        "Cost axis", ["params_pct", "flops_pct"], key=state.COMPRESS_X, horizontal=True,
+        format_func={"flops_pct": "FLOPs %", "params_pct": "parameters %"}.get,
+    )  # fmt: skip
+    if policy not in cz.scalar_policies():
+        st.info("The trade-off curve sweeps a policy's range; pick a policy with a slider.")
+        return
+    curves = {f"this run (N={n})": _curve(root, name, which, policy, f"N={n}", x_axis)}
+    base_run = cz.find_baseline(name, root)
+    if base_run:
+        curves["N=1 baseline"] = _curve(root, base_run, which, policy, "N=1", x_axis)
+    st.plotly_chart(
+        charts.tradeoff_chart(curves, x=x_axis, y="val_acc", current=res,
+                              uirevision=f"tradeoff-{name}"),
+        key="compress.tradeoff",
+    )  # fmt: skip
+    st.caption("The chart opens on the top 20 points; double-click it to see all.")
+    if not base_run and n > 1:
+        st.caption(
+            "No N=1 baseline with the same setup found. Tick “also train N=1” on the Train "
+            "page to get its curve here."
+        )
+
+
+def _spectra(session, res: dict, name: str) -> None:
     st.subheader("Spectrum of every layer, with the cut")
-    layer_names = list(ctx.spectra)
+    layers = session.layers
+    shown = layers
+    if len(layers) > live.MAX_LAYERS_SHOWN:
+        shown = st.multiselect(
+            "Layers to show", layers, default=live.pick_layers(layers, 6),
+            key=f"compress.layers.{name}",
+        )  # fmt: skip
+    spectra = session.spectra
     cols = st.columns(3)
-    for i, layer in enumerate(layer_names):
+    for i, layer in enumerate(shown):
         with cols[i % 3]:
             st.plotly_chart(
                 charts.spectrum_cut(
-                    ctx.spectra[layer], res["ranks"].get(layer, len(ctx.spectra[layer])),
+                    spectra[layer], res["ranks"].get(layer, len(spectra[layer])),
                     layer=layer, uirevision=f"cut-{name}-{layer}",
                 ),
                 key=f"compress.cut.{i}",
             )  # fmt: skip
 
+
+def _finetune(session, res: dict) -> None:
     with st.expander("Fine-tune after the cut (optional)"):
         f1, f2, f3 = st.columns([1, 1, 2], vertical_alignment="bottom")
         state.setdefault(state.COMPRESS_FT_EPOCHS, 2)
@@ -215,7 +219,8 @@ def main() -> None:
         token = cz.choice_token(st.session_state[state.COMPRESS_CHOICE])
         if f3.button("Fine-tune this model", key="compress.ft_go"):
             with st.spinner("Fine-tuning…"):
-                tuned, metrics = cz.finetune(ctx, res["model"], epochs=int(epochs), lr=float(lr))
+                tuned, metrics = cz.finetune(session, res["model"], epochs=int(epochs),
+                                             lr=float(lr))  # fmt: skip
             st.session_state[state.FINETUNED] = {"key": token, "model": tuned, "metrics": metrics}
         ft = st.session_state.get(state.FINETUNED)
         if ft and ft["key"] == token:
@@ -223,6 +228,46 @@ def main() -> None:
                 f"Fine-tuned: validation {ui.fmt_pct(ft['metrics']['val_acc'])}, "
                 f"test {ui.fmt_pct(ft['metrics']['test_acc'])}. The Export page can save it."
             )
+
+
+@ui.guarded
+def main() -> None:
+    st.title("Compress")
+    st.caption(
+        "Merge the factors, take each layer's SVD once, then cut. Every slider move truncates "
+        "from the cached SVD, evaluates validation and test in large batches and counts the cost."
+    )
+    root = str(jobs.runs_dir())
+    picked = _choose_run(root)
+    if picked is None:
+        return
+    name, which = picked
+    session = cache.session(root, name, which)
+    _base_metrics(session)
+    ui.show_pending_error()
+    labels = cz.policy_labels()
+    state.setdefault(state.COMPRESS_POLICY, "global")
+    policy = st.radio("Rank policy", list(labels), key=state.COMPRESS_POLICY, horizontal=True,
+                      format_func=labels.get)  # fmt: skip
+    value = None
+    if policy in cz.scalar_policies():
+        value, policy_obj = _slider(root, name, which, policy)
+    else:
+        policy_obj = _rank_editor(session, name, which)
+    res = cz.apply(session, policy_obj)
+    st.session_state[state.COMPRESS_CHOICE] = {
+        "run": name, "which": which, "policy": policy, "value": value, "ranks": res["ranks"],
+    }  # fmt: skip
+    _result_metrics(res, session.base)
+    left, right = st.columns([3, 2])
+    with left:
+        _tradeoff(root, name, which, policy, res, int(session.config.get("n_factors") or 1))
+    with right:
+        st.markdown("**Ranks kept**")
+        full = dict(session.full_ranks)
+        st.dataframe(tables.kept_table(res["ranks"], full), hide_index=True)
+    _spectra(session, res, name)
+    _finetune(session, res)
     st.page_link("pages/export.py", label="Export this model", icon="📦")
 
 

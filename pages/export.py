@@ -13,16 +13,8 @@ from app import export as ex
 def _build(
     root: str, name: str, which: str, mtime: float, choice_key: tuple, fmt: str, _model, _meta
 ) -> ex.Built:
-    ctx = cache.context(root, name, which)
-    return ex.build(ctx, _model, fmt, base_name=name, meta=_meta)
-
-
-def _choice_text(choice: dict | None) -> str:
-    if not choice:
-        return "as trained (factors merged, nothing cut)"
-    if choice["policy"] == "ranks":
-        return "per-layer ranks " + ", ".join(f"{k}={v}" for k, v in choice["ranks"].items())
-    return f"{cz.POLICY_NAMES[choice['policy']]} at {choice['value']:g}"
+    session = cache.session(root, name, which)
+    return ex.build(session, _model, fmt, base_name=name, meta=_meta)
 
 
 @ui.guarded
@@ -49,11 +41,11 @@ def main() -> None:
     if not mtime:
         st.warning(f"Run {name} has no {which} checkpoint.")
         return
-    ctx = cache.context(root, name, which)
+    session = cache.session(root, name, which)
 
     options = {"full": "As trained (factors merged, nothing cut)"}
     if choice and choice.get("run") == name and choice.get("which") == which:
-        options["compressed"] = "Compressed on the Compress page: " + _choice_text(choice)
+        options["compressed"] = "Compressed on the Compress page: " + cz.choice_text(choice)
         ft = st.session_state.get(state.FINETUNED)
         if ft and ft["key"] == cz.choice_token(choice):
             options["finetuned"] = "Compressed and fine-tuned on the Compress page"
@@ -63,17 +55,29 @@ def main() -> None:
     if len(options) == 1:
         st.caption("To export a cut model, set the truncation on the Compress page first.")
     state.setdefault(state.EXPORT_FORMAT, "low_rank")
-    fmt = st.radio("Format", list(ex.FORMATS), key=state.EXPORT_FORMAT, format_func=ex.FORMATS.get)
+    formats = ex.formats()
+    if st.session_state.get(state.EXPORT_FORMAT) not in formats:
+        st.session_state[state.EXPORT_FORMAT] = "low_rank"
+    fmt = st.radio("Format", list(formats), key=state.EXPORT_FORMAT, format_func=formats.get)
+    if ex.missing_note():
+        st.caption(ex.missing_note())
 
+    _file(root, name, which, mtime, session, choice, pick, fmt)
+
+
+def _file(root, name, which, mtime, session, choice, pick, fmt) -> None:  # noqa: PLR0913
+    """Build the file, show that it reloads to the same model, offer the download."""
     used = choice if pick in ("compressed", "finetuned") else None
     tuned = st.session_state[state.FINETUNED]["model"] if pick == "finetuned" else None
-    model = ex.choose_model(ctx, used, fmt, finetuned=tuned)
+    model = ex.choose_model(session, used, fmt, finetuned=tuned)
     choice_key = (
         pick,
         None if used is None else (used["policy"], used.get("value"), tuple(used["ranks"].items())),
         id(tuned) if tuned is not None else None,
     )
-    built = _build(root, name, which, mtime, choice_key, fmt, model, ex.metadata(ctx, used, fmt))
+    built = _build(
+        root, name, which, mtime, choice_key, fmt, model, ex.metadata(session, used, fmt)
+    )
 
     st.subheader("Check: the file loads back to the same model")
     m = st.columns(3)

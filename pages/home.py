@@ -19,24 +19,16 @@ compresses with little loss.
 st.subheader("Where to start")
 col1, col2 = st.columns(2)
 with col1:
-    st.page_link(
-        "pages/theory.py", label="1 · Theory: the idea in one second", icon="📐"
-    )
+    st.page_link("pages/theory.py", label="1 · Theory: the idea in one second", icon="📐")
     st.page_link(
         "pages/train.py",
         label="2 · Train: the classroom demo (digits, about 15 s on a CPU)",
         icon="🏋️",
     )
-    st.page_link(
-        "pages/runs.py", label="3 · Runs: put N=1 beside N=3", icon="📋"
-    )
+    st.page_link("pages/runs.py", label="3 · Runs: put N=1 beside N=3", icon="📋")
 with col2:
-    st.page_link(
-        "pages/compress.py", label="4 · Compress: slide the truncation", icon="🗜️"
-    )
-    st.page_link(
-        "pages/export.py", label="5 · Export: safetensors or ONNX", icon="📦"
-    )
+    st.page_link("pages/compress.py", label="4 · Compress: slide the truncation", icon="🗜️")
+    st.page_link("pages/export.py", label="5 · Export: safetensors or ONNX", icon="📦")
 
 st.subheader("This machine")
 with ui.guard("Reading the machine"):

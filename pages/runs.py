@@ -2,39 +2,9 @@
 
 from __future__ import annotations
 
-import datetime as dt
-
-import pandas as pd
 import streamlit as st
 
-from app import charts, jobs, live, state, ui
-
-COLUMNS = {
-    "name": "run",
-    "state": "state",
-    "dataset": "dataset",
-    "model": "model",
-    "N": "N",
-    "init": "init",
-    "weight_decay": "weight decay",
-    "lr": "lr",
-    "epochs": "epochs",
-    "seed": "seed",
-    "val_acc": "best val acc",
-    "test_acc": "test acc",
-    "created": "created",
-}
-
-
-def _table(rows: list[dict]) -> pd.DataFrame:
-    df = pd.DataFrame([{k: r.get(k) for k in COLUMNS} for r in rows])
-    df["created"] = [
-        dt.datetime.fromtimestamp(float(t)).strftime("%Y-%m-%d %H:%M:%S") if t else ""
-        for t in df["created"]
-    ]
-    for col in ("val_acc", "test_acc"):
-        df[col] = [None if v is None else 100.0 * float(v) for v in df[col]]
-    return df.rename(columns=COLUMNS)
+from app import charts, jobs, live, state, tables, ui
 
 
 def _default_pick(rows: list[dict]) -> list[str]:
@@ -111,21 +81,11 @@ def _compare(picked: list[str]) -> None:
         widest = [live.widest_layer(rows) for rows in spectra.values()]
         st.session_state[state.RUNS_LAYER] = next((w for w in widest if w), layers[0])
     layer = st.selectbox("Layer", layers, key=state.RUNS_LAYER)
-    final = {}
-    ranks = {}
-    steps_by_run = {}
-    for n, rows in spectra.items():
-        steps, vals = live.layer_series(rows, layer)
-        if vals:
-            final[labels[n]] = vals[-1]
-        r_steps, r = live.rank_series(rows)
-        if layer in r:
-            ranks[labels[n]] = r[layer]
-            steps_by_run[labels[n]] = r_steps
+    final, steps, ranks = tables.overlay(spectra, layer)
     c1, c2 = st.columns(2)
     c1.plotly_chart(
         charts.layer_spectra_chart(
-            final,
+            {labels[n]: v for n, v in final.items()},
             title=f"Final spectrum of {layer} (σ/σ_max)",
             uirevision=f"cmp-spec-{key}",
             legend_below=True,
@@ -134,18 +94,13 @@ def _compare(picked: list[str]) -> None:
     )
     c2.plotly_chart(
         charts.rank_curves(
-            max(steps_by_run.values(), key=len) if steps_by_run else [],
-            ranks, title=f"Effective rank of {layer}", uirevision=f"cmp-rank-{key}",
-            legend_below=True,
+            {labels[n]: v for n, v in steps.items()}, {labels[n]: v for n, v in ranks.items()},
+            title=f"Effective rank of {layer}", uirevision=f"cmp-rank-{key}", legend_below=True,
         ),
         key="runs.chart.ranks",
     )  # fmt: skip
-    rows = []
-    for n, r in runs.items():
-        s = r.summary()
-        rows.append({"run": n, "N": r.config.get("n_factors"), **(s.get("effective_ranks") or {})})
     st.markdown(f"**Effective rank per layer at the last snapshot** ({live.rank_rule()})")
-    st.dataframe(pd.DataFrame(rows), hide_index=True)
+    st.dataframe(tables.ranks_table([r.summary() for r in runs.values()]), hide_index=True)
 
 
 @ui.guarded
@@ -154,12 +109,10 @@ def main() -> None:
     rows = jobs.list_runs()
     if not rows:
         st.info("No runs yet.")
-        st.page_link(
-            "pages/train.py", label="Start one on the Train page", icon="🏋️"
-        )
+        st.page_link("pages/train.py", label="Start one on the Train page", icon="🏋️")
         return
     st.dataframe(
-        _table(rows),
+        tables.runs_table(rows),
         hide_index=True,
         column_config={
             "best val acc": st.column_config.NumberColumn(format="%.1f %%"),

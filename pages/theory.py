@@ -2,16 +2,12 @@
 
 import streamlit as st
 
-from app import charts, state, ui
+from app import charts, state, theory, ui
 
 
 @st.cache_data(show_spinner="Fitting…", max_entries=64)
-def _fit(n_factors: int, weight_decay: float, rank: int, noise: float, seed: int) -> dict:
-    from lorita.functional import fit_planted
-
-    return fit_planted(
-        n_factors=n_factors, weight_decay=weight_decay, rank=rank, noise=noise, seed=seed
-    )
+def _fit(n_factors: int, weight_decay: float, rank: int, seed: int) -> dict:
+    return theory.fit(n_factors, weight_decay, rank, seed)
 
 
 @ui.guarded
@@ -29,22 +25,17 @@ def main() -> None:
         e1, e2 = st.columns(2)
         rank = e1.slider("true rank", 1, 10, 3, key=state.THEORY_RANK)
         seed = e2.number_input("seed", 0, 10_000, 0, key=state.THEORY_SEED)
-    res = _fit(int(n), float(lam), int(rank), 0.3, int(seed))
+    res = _fit(int(n), float(lam), int(rank), int(seed))
 
     st.plotly_chart(
         charts.theory_spectrum(res["learned"], res["true"], n_factors=n, observed=res["observed"]),
         key="theory.chart",
     )
     st.caption("Log scale: values below 10⁻⁶ of the largest are drawn on the bottom line.")
-    import torch
-
-    from lorita.spectra import effective_rank
-
-    learned = torch.tensor(res["learned"])
     m1, m2, m3, m4 = st.columns(4)
     m1.metric("Σ‖Wᵢ‖² (learned factors)", f"{res['penalty']:.4f}")
     m2.metric(f"N·Σσ^(2/N) (N={n})", f"{res['balanced']:.4f}")
-    m3.metric("effective rank of W", int(effective_rank(learned)), help=f"true rank {rank}")
+    m3.metric("effective rank of W", res["effective_rank"], help=f"true rank {rank}")
     m4.metric("‖W − M‖ / ‖M‖", f"{res['residual']:.3f}", help="distance to the planted matrix")
     gap = res["penalty"] - res["balanced"]
     st.latex(

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import streamlit as st
 
-from app import charts, jobs, live, presets, state, ui
+from app import charts, jobs, live, options, presets, state, train_form, ui
 
 FIELD_KEYS = {
     "dataset": state.TRAIN_DATASET,
+    "dataset_path": state.TRAIN_DATA_PATH,
     "model": state.TRAIN_MODEL,
     "n_factors": state.TRAIN_N,
     "init": state.TRAIN_INIT,
@@ -36,87 +37,161 @@ STATE_ICON = {
 }
 
 
-def _key(field: str) -> str:
-    """Widget key of a form field for the current preset.
+def _suffix() -> str:
+    """Widget keys of the form end with the preset (and the run that filled the form).
 
-    Each preset gets its own widgets, created with the preset's values as their defaults, so
-    switching presets never writes widget values through session state and the browser always
-    knows every field's value (also when a click interrupts the page's first run).
+    Each preset (and each seeding run) gets its own widgets, created with its values as their
+    defaults, so switching presets never writes widget values through session state.
     """
-    return f"{FIELD_KEYS[field]}.{st.session_state[state.TRAIN_PRESET]}"
+    seed = st.session_state.get(state.TRAIN_SEED_RUN)
+    preset = st.session_state[state.TRAIN_PRESET]
+    return f"{preset}.{seed}" if seed else preset
+
+
+def _key(field: str) -> str:
+    return f"{FIELD_KEYS[field]}.{_suffix()}"
+
+
+def _seed_config() -> dict | None:
+    name = st.session_state.get(state.TRAIN_SEED_RUN)
+    return jobs.run_config(name) if name else None
 
 
 def _init_form() -> None:
-    state.setdefault(state.TRAIN_PRESET, presets.DEFAULT_PRESET)
+    """Once per session: a page opened on a run (``?run=``, a refresh) shows that run's config."""
+    if state.TRAIN_PRESET in st.session_state:
+        return
+    run = state.current_run()
+    cfg = jobs.run_config(run) if run else None
+    st.session_state[state.TRAIN_SEED_RUN] = run if cfg else None
+    st.session_state[state.TRAIN_PRESET] = (
+        train_form.seed_preset(cfg) if cfg else presets.DEFAULT_PRESET
+    )
 
 
-def _index(options: list, value) -> int:
-    return options.index(value) if value in options else 0
+def _forget_seed() -> None:
+    st.session_state[state.TRAIN_SEED_RUN] = None
+
+
+def _index(options_: list, value) -> int:
+    return options_.index(value) if value in options_ else 0
+
+
+def _choosers(values: dict) -> str:
+    """Preset and model family (outside the form: they change what the form offers)."""
+    c = st.columns([3, 1])
+    c[0].selectbox(
+        "Preset", list(presets.PRESETS), key=state.TRAIN_PRESET,
+        format_func=presets.labels().get, on_change=_forget_seed,
+    )  # fmt: skip
+    families = options.model_families()
+    fam_key = f"{state.TRAIN_FAMILY}.{_suffix()}"
+    state.setdefault(fam_key, options.family_of(str(values["model"])))
+    family = c[1].selectbox("Model family", families, key=fam_key)
+    seed = st.session_state.get(state.TRAIN_SEED_RUN)
+    if seed:
+        st.caption(f"The form shows the settings of run **{seed}**, the run this page follows.")
+    return family
+
+
+def _data_and_model(values: dict, family: str) -> None:
+    datasets = options.datasets()
+    choice, path = train_form.split_dataset(values["dataset"])
+    models = options.models(family)
+    c = st.columns(4)
+    c[0].selectbox(
+        "Dataset",
+        datasets,
+        index=_index(datasets, choice),
+        key=_key("dataset"),
+        help="folder: your own images, one sub-folder per class (the path below).",
+    )
+    c[1].text_input("Image folder (for folder)", value=path, key=_key("dataset_path"),
+                    placeholder="/path/to/images")  # fmt: skip
+    c[2].selectbox(
+        "Model", models, index=_index(models, values["model"]), key=f"{_key('model')}.{family}"
+    )
+    c[3].file_uploader(
+        "Start from weights (optional)", type=[s[1:] for s in train_form.INIT_SUFFIXES],
+        key=f"{state.TRAIN_INIT_FROM}.{_suffix()}",
+        help="safetensors, or a PyTorch state_dict (read with weights_only=True): loaded into "
+        "the plain model before composing.",
+    )  # fmt: skip
+
+
+def _numbers(values: dict) -> None:
+    inits, devices = options.inits(), options.devices()
+    c = st.columns(4)
+    c[0].number_input(
+        "N (factors per layer)",
+        step=1,
+        value=int(values["n_factors"]),
+        key=_key("n_factors"),
+        help="N=1 is the ordinary network; N≥2 composes every weight from N factors.",
+    )
+    c[1].selectbox(
+        "Init", inits, index=_index(inits, values["init"]), key=_key("init"),
+        help="balanced: the composed network starts as the same function as N=1 "
+        "(fair comparison); independent: every factor gets PyTorch's default init.",
+    )  # fmt: skip
+    c[2].number_input(
+        "Weight decay λ",
+        step=1e-4,
+        format="%g",
+        value=float(values["weight_decay"]),
+        key=_key("weight_decay"),
+    )
+    c[3].number_input("Learning rate", step=1e-4, format="%g", value=float(values["lr"]),
+                      key=_key("lr"))  # fmt: skip
+    c = st.columns(4)
+    c[0].number_input("Epochs", step=1, value=int(values["epochs"]), key=_key("epochs"))
+    c[1].number_input("Batch size", step=16, value=int(values["batch_size"]),
+                      key=_key("batch_size"))  # fmt: skip
+    c[2].number_input("Seed", step=1, value=int(values["seed"]), key=_key("seed"))
+    c[3].selectbox(
+        "Device", devices, index=_index(devices, values.get("device", options.AUTO)),
+        key=_key("device"), help="auto picks the best one available here.",
+    )  # fmt: skip
 
 
 def _form() -> None:
-    from lorita.data import list_datasets
-    from lorita.models import list_models
-
-    st.selectbox(
-        "Preset", list(presets.PRESETS), key=state.TRAIN_PRESET, format_func=presets.labels().get
-    )
-    v = presets.form_values(st.session_state[state.TRAIN_PRESET])
-    datasets, models = list_datasets(), list_models()
-    inits, devices = ["balanced", "independent"], ["auto", "cpu", "cuda", "mps"]
+    values = train_form.starting_values(st.session_state[state.TRAIN_PRESET], _seed_config())
+    family = _choosers(values)
     with st.form("train.form", border=True):
-        c = st.columns(4)
-        c[0].selectbox(
-            "Dataset", datasets, index=_index(datasets, v["dataset"]), key=_key("dataset")
-        )
-        c[1].selectbox("Model", models, index=_index(models, v["model"]), key=_key("model"))
-        c[2].number_input(
-            "N (factors per layer)", min_value=1, max_value=8, step=1, value=v["n_factors"],
-            key=_key("n_factors"),
-            help="N=1 is the ordinary network; N≥2 composes every weight from N factors.",
-        )  # fmt: skip
-        c[3].selectbox(
-            "Init", inits, index=_index(inits, v["init"]), key=_key("init"),
-            help="balanced: the composed network starts as the same function as N=1 "
-            "(fair comparison); independent: every factor gets PyTorch's default init.",
-        )  # fmt: skip
-        c = st.columns(4)
-        c[0].number_input(
-            "Weight decay λ", min_value=0.0, step=1e-4, format="%g",
-            value=float(v["weight_decay"]), key=_key("weight_decay"),
-        )  # fmt: skip
-        c[1].number_input(
-            "Learning rate", min_value=0.0, step=1e-4, format="%g", value=float(v["lr"]),
-            key=_key("lr"),
-        )  # fmt: skip
-        c[2].number_input(
-            "Epochs", min_value=1, max_value=1000, step=1, value=v["epochs"], key=_key("epochs")
-        )
-        c[3].number_input(
-            "Batch size", min_value=1, max_value=8192, step=16, value=v["batch_size"],
-            key=_key("batch_size"),
-        )  # fmt: skip
-        c = st.columns(4)
-        c[0].number_input(
-            "Seed", min_value=0, max_value=2**31 - 1, step=1, value=v["seed"], key=_key("seed")
-        )
-        c[1].selectbox(
-            "Device", devices, index=_index(devices, v["device"]), key=_key("device"),
-            help=f"Available here: {', '.join(jobs.devices())}. auto picks the best one.",
-        )  # fmt: skip
-        c[2].checkbox(
+        _data_and_model(values, family)
+        _numbers(values)
+        c = st.columns([3, 1])
+        c[0].checkbox(
             "also train N=1 (same seed)", value=True, key=state.TRAIN_BASELINE,
             help="Starts the ordinary network too (after this one when only one run may "
             "train at a time): the comparison the method is about.",
         )  # fmt: skip
-        submitted = c[3].form_submit_button("Start training", type="primary", width="stretch")
+        submitted = c[1].form_submit_button("Start training", type="primary", width="stretch")
     if submitted:
-        _start()
+        _start(family)
 
 
-def _start() -> None:
-    form = {field: st.session_state[_key(field)] for field in FIELD_KEYS}
-    config = presets.build_config(st.session_state[state.TRAIN_PRESET], form)
+def _form_values(family: str) -> dict:
+    form = {f: st.session_state.get(_key(f)) for f in FIELD_KEYS if f != "model"}
+    form["model"] = st.session_state.get(f"{_key('model')}.{family}")
+    upload = st.session_state.get(f"{state.TRAIN_INIT_FROM}.{_suffix()}")
+    if upload is not None:
+        form["init_from"] = train_form.save_upload(upload.name, upload.getvalue())
+    return form
+
+
+def _start(family: str) -> None:
+    preset = st.session_state[state.TRAIN_PRESET]
+    try:
+        config = train_form.build(preset, _form_values(family), _seed_config())
+    except ValueError as exc:
+        st.error(f"Cannot start: {ui.one_line(exc)}", icon="🚫")
+        return
+    errors = train_form.check(preset, config)
+    for message in errors:
+        st.error(f"Cannot start: {message}", icon="🚫")
+    if errors:
+        return
     base_cfg = None
     if st.session_state[state.TRAIN_BASELINE] and int(config.get("n_factors", 1)) != 1:
         base_cfg = presets.baseline_config(config)
@@ -132,26 +207,8 @@ def _start() -> None:
 
 
 def _progress(v: jobs.JobView, *, small: bool = False) -> None:
-    total = f"/{v.total_steps}" if v.total_steps else ""
-    parts = [f"{v.state}", f"step {v.step}{total}"]
-    if v.epoch is not None:
-        parts.append(f"epoch {v.epoch}")
-    if v.elapsed is not None:
-        parts.append(f"{ui.fmt_duration(v.elapsed)} elapsed")
-    if v.eta is not None:
-        parts.append(f"about {ui.fmt_duration(v.eta)} left")
     label = f"**{v.name}** · " if small else ""
-    st.progress(v.fraction, text=label + " · ".join(parts))
-
-
-def _result_text(name: str) -> str:
-    res = jobs.store().get(name).result()
-    parts = []
-    if res.get("best_val_acc") is not None:
-        parts.append(f"best validation accuracy {ui.fmt_pct(res['best_val_acc'])}")
-    if res.get("test_acc") is not None:
-        parts.append(f"test accuracy of that checkpoint {ui.fmt_pct(res['test_acc'])}")
-    return (", ".join(parts) + ".").capitalize() if parts else ""
+    st.progress(v.fraction, text=label + jobs.progress_text(v))
 
 
 def _status_line(v: jobs.JobView) -> None:
@@ -169,25 +226,32 @@ def _status_line(v: jobs.JobView) -> None:
     elif v.state == "stopped":
         st.warning(f"Stopped by request. {v.message}", icon=STATE_ICON["stopped"])
     elif v.state == "completed":
-        st.success(f"Completed. {_result_text(v.name)}", icon=STATE_ICON["completed"])
+        st.success(f"Completed. {jobs.result_text(v.name)}", icon=STATE_ICON["completed"])
     elif v.state == "missing":
         st.warning(v.message, icon=STATE_ICON["missing"])
 
 
+def _follower(name: str) -> live.RunFollower:
+    """The session's incremental reader of ``name``'s logs (new lines only, each second)."""
+    f = st.session_state.get(state.TRAIN_FOLLOWER)
+    if f is None or f.run.name != name:
+        f = live.RunFollower(jobs.store().get(name))
+        st.session_state[state.TRAIN_FOLLOWER] = f
+    f.update()
+    return f
+
+
 def _charts(name: str) -> None:
-    run = jobs.store().get(name)
-    metrics = run.metrics()
-    spectra = run.spectra()
+    f = _follower(name)
+    metrics = f.metric_rows()
     c1, c2 = st.columns(2)
-    c1.plotly_chart(
-        charts.training_curves({name: metrics}, "loss", uirevision=f"loss-{name}"),
-        key="train.chart.loss",
-    )
-    c2.plotly_chart(
-        charts.training_curves({name: metrics}, "acc", uirevision=f"acc-{name}"),
-        key="train.chart.acc",
-    )
+    for col, metric in ((c1, "loss"), (c2, "acc")):
+        col.plotly_chart(
+            charts.training_curves({name: metrics}, metric, uirevision=f"{metric}-{name}"),
+            key=f"train.chart.{metric}",
+        )
     st.subheader("Spectra")
+    spectra = f.spectra_rows()
     layers = live.layer_names(spectra)
     if not layers:
         st.caption("The first spectra snapshot appears after the first evaluation.")
@@ -202,56 +266,51 @@ def _charts(name: str) -> None:
     )
     c1, c2 = st.columns(2)
     step, current = live.latest(spectra)
+    shown = live.pick_layers(current)
     c1.plotly_chart(
         charts.layer_spectra_chart(
-            current,
-            title=f"Singular values of every layer at step {step} (σ/σ_max)",
+            {k: current[k] for k in shown},
+            title=f"Singular values at step {step} (σ/σ_max)" if len(shown) < len(current)
+            else f"Singular values of every layer at step {step} (σ/σ_max)",
             uirevision=f"spectra-{name}",
         ),
         key="train.chart.spectra",
-    )
-    r_steps, ranks = live.rank_series(spectra)
+    )  # fmt: skip
+    r_steps, ranks = f.rank_series()
     c2.plotly_chart(
         charts.rank_curves(
-            r_steps, ranks, title=f"Effective rank of every layer ({live.rank_rule()})",
-            uirevision=f"ranks-{name}",
+            r_steps, {k: ranks[k] for k in shown if k in ranks},
+            title=f"Effective rank ({live.rank_rule()})", uirevision=f"ranks-{name}",
         ),
         key="train.chart.ranks",
     )  # fmt: skip
 
 
-def _baseline(name: str) -> str | None:
-    """The N=1 run started beside ``name`` (found from the run folders)."""
-    try:
-        partner = jobs.partner(name)
-    except Exception:  # noqa: BLE001 - the pair is a nicety; never block the page on it
-        return None
-    if partner and int(jobs.store().get(partner).config.get("n_factors", 1)) == 1:
-        return partner
-    return None
+def _stop_button(active: list[str]) -> None:
+    label = "Stop" if len(active) == 1 else "Stop both"
+    if st.button(label, key="train.stop", icon="⏹️"):
+        for run in active:
+            jobs.stop(run)
+        st.toast("Stop requested: a run ends after its current step, with a checkpoint.")
 
 
-def _panel(name: str) -> jobs.JobView:
+def _panel(name: str) -> tuple[jobs.JobView, jobs.JobView | None]:
     v = jobs.view(name)
     st.markdown(f"### {v.name}")
     _progress(v)
-    baseline = _baseline(name)
-    if baseline:
-        _progress(jobs.view(baseline), small=True)
+    baseline = jobs.baseline_of(name)
+    bv = jobs.view(baseline) if baseline else None
+    if bv is not None:
+        _progress(bv, small=True)
     _status_line(v)
-    active = [n for n, a in ((name, v.active), (baseline, baseline and jobs.view(baseline).active))
-              if n and a]  # fmt: skip
+    active = [x.name for x in (v, bv) if x is not None and x.active]
     if active:
-        label = "Stop" if len(active) == 1 else "Stop both"
-        if st.button(label, key="train.stop", icon="⏹️"):
-            for run in active:
-                jobs.stop(run)
-            st.toast("Stop requested: a run ends after its current step, with a checkpoint.")
+        _stop_button(active)
     if v.state in ("completed", "stopped"):
         st.page_link("pages/compress.py", label="Compress this run", icon="🗜️")
     if v.state not in ("starting", "missing"):
         _charts(name)
-    return v
+    return v, bv
 
 
 @st.fragment(run_every=LIVE_EVERY_S)
@@ -259,25 +318,13 @@ def _live(name: str) -> None:
     """Redrawn every second while the run is active; a full rerun once it ends."""
     try:
         with st.container(key=LIVE_KEY):
-            v = _panel(name)
+            v, bv = _panel(name)
     except Exception as exc:  # noqa: BLE001
         ui.report(exc, "Following the run")
         return
     jobs.reap()
-    baseline = _baseline(name)
-    if not v.active and not (baseline and jobs.view(baseline).active):
+    if not v.active and not (bv is not None and bv.active):
         st.rerun()
-
-
-def _default_run(rows: list[dict]) -> str | None:
-    """With nothing chosen yet: the newest active run, else the newest composed (N>1) run."""
-    for row in rows:
-        if row["state"] in jobs.ACTIVE:
-            return row["name"]
-    for row in rows:
-        if (row.get("N") or 1) > 1:
-            return row["name"]
-    return None
 
 
 def _follow() -> None:
@@ -289,17 +336,15 @@ def _follow() -> None:
     if not names and not current:
         st.caption("No runs yet. Pick a preset and press Start.")
         return
-    options = names if current is None or current in names else [current, *names]
-    if st.session_state.get(state.TRAIN_FOLLOW) not in options:
-        st.session_state[state.TRAIN_FOLLOW] = current or _default_run(runs) or options[0]
-    name = st.selectbox("Follow run", options, key=state.TRAIN_FOLLOW)
+    options_ = names if current is None or current in names else [current, *names]
+    if st.session_state.get(state.TRAIN_FOLLOW) not in options_:
+        st.session_state[state.TRAIN_FOLLOW] = current or jobs.default_follow(runs) or options_[0]
+    name = st.selectbox("Follow run", options_, key=state.TRAIN_FOLLOW)
     if name != current:
         state.set_current_run(name)
     elif name:
         st.query_params[state.QUERY_RUN] = name
-    v = jobs.view(name)
-    baseline = _baseline(name)
-    if v.active or (baseline and jobs.view(baseline).active):
+    if jobs.pair_active(name):
         st.html(_NO_FADE)
         _live(name)
     else:

@@ -64,6 +64,16 @@ def test_layer_spectra_chart_normalises_and_uses_log_axis():
     assert [t.name for t in fig.data] == ["a", "b"]
 
 
+def test_rank_curves_draw_each_run_against_its_own_steps():
+    """Runs snapshot at different steps: N=1 at 0, 10, 20, 30, 60, 100 must end at 100."""
+    steps = {"N=1": [0, 10, 20, 30, 60, 100], "N=3": [0, 10, 20, 30, 40, 50, 60, 70]}
+    ranks = {"N=1": [9, 9, 8, 8, 8, 8], "N=3": [9, 7, 5, 4, 3, 3, 3, 3]}
+    fig = charts.rank_curves(steps, ranks)
+    by_name = {t.name: t for t in fig.data}
+    assert list(by_name["N=1"].x) == steps["N=1"] and list(by_name["N=1"].y) == ranks["N=1"]
+    assert list(by_name["N=3"].x) == steps["N=3"]
+
+
 def test_rank_curves_one_line_per_layer():
     fig = charts.rank_curves([0, 10, 20], {"fc1": [30, 12, 5], "fc2": [10, 8, 6]})
     assert [t.name for t in fig.data] == ["fc1", "fc2"]

@@ -7,7 +7,7 @@ from app_seed import N1, N3
 
 from app import compress as cz
 from app import export as ex
-from app import live, presets, ui
+from app import jobs, live, options, presets, tables, ui
 
 
 def test_classroom_preset_is_the_library_default():
@@ -38,10 +38,14 @@ def test_every_preset_is_a_valid_training_config(name):
 
 
 def test_default_run_prefers_the_wanted_then_a_composed_run():
-    rows = [{"name": "b1", "N": 1}, {"name": "a3", "N": 3}, {"name": "c1", "N": 1}]
+    rows = [
+        {"name": "b1", "n_factors": 1},
+        {"name": "a3", "n_factors": 3},
+        {"name": "c1", "n_factors": 1},
+    ]
     assert cz.default_run(rows, "c1") == "c1"
     assert cz.default_run(rows, "gone") == "a3"
-    assert cz.default_run([{"name": "b1", "N": 1}]) == "b1"
+    assert cz.default_run([{"name": "b1", "n_factors": 1}]) == "b1"
     assert cz.default_run([]) is None
 
 
@@ -78,15 +82,103 @@ def test_formatting_helpers():
     assert ui.one_line(KeyError("x")) == "KeyError: 'x'"
 
 
-def test_context_and_apply_on_a_real_run(runs_dir):
-    ctx = cz.load_context(N3, "best", runs_dir)
-    assert set(ctx.parts) == {"val", "test"} and ctx.n_factors == 3
-    full = cz.apply(ctx, cz.make_policy("uniform", 1.0))
-    assert full["val_acc"] == pytest.approx(ctx.base["val_acc"])
+def test_session_apply_and_snap_on_a_real_run(runs_dir):
+    session = cz.session(N3, "best", runs_dir)
+    full = cz.apply(session, cz.make_policy("uniform", 1.0))
+    assert full["val_acc"] == pytest.approx(session.base["val_acc"])
     assert full["params_pct"] == pytest.approx(100.0)
-    small = cz.apply(ctx, cz.make_policy("ranks", ranks={"fc1": 1, "fc2": 1}))
+    small = cz.apply(session, cz.make_policy("ranks", ranks={"fc1": 1, "fc2": 1}))
     assert small["ranks"]["fc1"] == 1 and small["params"] < full["params"]
-    with pytest.raises(ValueError, match="ranks"):
-        cz.apply(ctx, cz.make_policy("ranks", ranks={"fc1": 10_000}))
+    with pytest.raises(ValueError, match="rank"):
+        cz.apply(session, cz.make_policy("ranks", ranks={"fc1": 10_000}))
     assert cz.find_baseline(N3, runs_dir) == N1
     assert cz.find_baseline(N1, runs_dir) is None
+    # a search result is on the slider's grid: one number on the slider, the chart and Export
+    value = cz.smallest_within(session, "global", 5.0)
+    assert value == cz.snap("global", value)
+    choice = {"run": N3, "which": "best", "policy": "global", "value": value, "ranks": {}}
+    assert cz.choice_text(choice).endswith(f"at {value:.2f}")
+
+
+def test_snap_puts_values_on_the_slider_grid():
+    assert cz.snap("global", 0.946172) == 0.95
+    assert cz.snap("global", 5.0) == cz.scalar_policies()["global"]["max"]
+    d = cz.scalar_policies()["energy"]
+    assert cz.snap("energy", 0.99349) == pytest.approx(0.993 if d["step"] == 0.001 else 0.99)
+
+
+def test_tradeoff_curve_is_computed_once_and_kept_in_the_run(runs_dir):
+    session = cz.session(N3, "best", runs_dir)
+    assert cz.stored_curve(N3, "best", "global", runs_dir) is None
+    seen = []
+    points = cz.compute_curve(
+        session, "global", root=runs_dir, progress=lambda d, t, p: seen.append((d, t))
+    )
+    assert seen[-1][0] == seen[-1][1] == len(points) and len(points) > 5
+    assert cz.stored_curve(N3, "best", "global", runs_dir) == points
+    # a new checkpoint (a resumed run) makes the kept curve stale
+    import os
+    import time
+
+    ckpt = jobs.store(runs_dir).get(N3).checkpoint("best")
+    os.utime(ckpt, (time.time() + 5, time.time() + 5))
+    assert cz.stored_curve(N3, "best", "global", runs_dir) is None
+
+
+def test_policy_options_are_the_librarys():
+    from lorita import truncation
+
+    assert [d["name"] for d in options.policies()] == list(truncation.POLICIES)
+    assert set(cz.scalar_policies()) <= set(truncation.POLICIES)
+
+
+def test_option_lists_come_from_the_library():
+    from lorita.data import list_datasets
+    from lorita.layers import INITS
+    from lorita.models import list_models
+
+    assert options.inits() == list(INITS)
+    assert options.datasets()[: len(list_datasets())] == list_datasets()
+    assert options.models() == list(list_models())
+    assert options.devices()[0] == "auto" and "cpu" in options.devices()
+    assert "torchvision:resnet18" in options.models("torchvision")
+    assert options.family_of("torchvision:resnet18") == "torchvision"
+    assert options.family_of("mlp") == options.BUILT_IN
+
+
+def test_live_follower_reads_only_new_lines(runs_dir):
+    run = jobs.store(runs_dir).get(N3)
+    f = live.RunFollower(run)
+    assert f.update()
+    n_metrics, n_snaps = len(f.metric_rows()), len(f.snapshots)
+    assert n_metrics == len(run.metrics()) and n_snaps == len(run.spectra())
+    assert not f.update()  # nothing new: nothing read
+    with open(run.path / "spectra.jsonl", "a") as fh:  # a line being written: not read yet
+        fh.write('{"step": 999, "layers": {"fc1": [1.0, 0.5]')
+    assert not f.update()
+    with open(run.path / "spectra.jsonl", "a") as fh:
+        fh.write("}}\n")
+    assert f.update() and f.snapshots[-1]["step"] == 999 and f.snapshots[-1]["ranks"]["fc1"] == 2
+    steps, ranks = f.rank_series()
+    assert steps[-1] == 999 and len(ranks["fc1"]) == len(steps)
+
+
+def test_live_follower_keeps_a_bounded_number_of_points():
+    rows = list(range(5000))
+    thinned = live._thin(rows, 600)
+    assert len(thinned) <= 600 and thinned[0] == 0 and thinned[-1] == 4999
+    names = [f"layer{i // 4}.{i % 4}.conv" for i in range(53)]
+    picked = live.pick_layers(names)
+    assert len(picked) == live.MAX_LAYERS_SHOWN and picked[0] == names[0]
+    assert picked[-1] == names[-1]
+    assert live.stage_of("layer2.0.conv1") == "layer2"
+
+
+def test_tables_group_many_layers_by_stage():
+    ranks = {f"layer{i // 5}.{i % 5}": 10 + i for i in range(20)}
+    full = {n: 64 for n in ranks}
+    kept = tables.kept_table(ranks, full)
+    assert list(kept["stage"]) == ["layer0", "layer1", "layer2", "layer3"]
+    assert kept["ranks kept"].sum() == sum(ranks.values()) and kept["of"].sum() == 64 * 20
+    small = tables.kept_table({"fc1": 3}, {"fc1": 8})
+    assert list(small["layer"]) == ["fc1"]

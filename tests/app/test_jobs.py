@@ -95,6 +95,13 @@ def test_view_of_finished_and_missing_runs(runs_dir):
         jobs.start({**TINY}, name="../escape", root=runs_dir)
 
 
+@pytest.mark.parametrize("bad", ["../../x", "../escape", "/etc/passwd", "a/b", "", ".hidden"])
+def test_every_name_is_checked_before_it_touches_a_path(runs_dir, bad):
+    for call in (jobs.view, jobs.stop, jobs.log_path, jobs.log_tail, jobs.delete):
+        with pytest.raises(ValueError, match="run name"):
+            call(bad)
+
+
 def test_delete_refuses_an_active_run(runs_dir):
     import json
 

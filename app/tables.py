@@ -1,0 +1,136 @@
+"""Tables the pages show, built from the run store's summaries (pandas lives here, not in pages).
+
+Also the Runs page's overlay data: each run's curves against its *own* steps.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+from typing import Any
+
+import pandas as pd
+
+from app import live
+
+RUN_COLUMNS = {
+    "name": "run",
+    "state": "state",
+    "dataset": "dataset",
+    "model": "model",
+    "n_factors": "N",
+    "init": "init",
+    "weight_decay": "weight decay",
+    "lr": "lr",
+    "epochs": "epochs",
+    "seed": "seed",
+    "best_val_acc": "best val acc",
+    "test_acc": "test acc",
+    "created": "created",
+}
+
+
+def runs_table(rows: Sequence[dict[str, Any]]) -> pd.DataFrame:
+    """One line per run: setup, state, accuracies (percent) and when it was created."""
+    df = pd.DataFrame([{k: r.get(k) for k in RUN_COLUMNS} for r in rows], columns=list(RUN_COLUMNS))
+    df["created"] = [
+        dt.datetime.fromtimestamp(float(t)).strftime("%Y-%m-%d %H:%M:%S") if t else ""
+        for t in df["created"]
+    ]
+    for col in ("best_val_acc", "test_acc"):
+        df[col] = [None if v is None else 100.0 * float(v) for v in df[col]]
+    return df.rename(columns=RUN_COLUMNS)
+
+
+def ranks_table(summaries: Sequence[dict[str, Any]]) -> pd.DataFrame:
+    """Effective rank per layer at each run's last snapshot; one line per run.
+
+    With many layers the columns are the stages (the largest rank in each stage).
+    """
+    rows = []
+    for s in summaries:
+        ranks = s.get("effective_ranks") or {}
+        if len(ranks) > live.MAX_LAYERS_SHOWN:
+            ranks = group_by_stage(ranks)
+        rows.append({"run": s["name"], "N": s.get("n_factors"), **ranks})
+    return pd.DataFrame(rows)
+
+
+def group_by_stage(values: dict[str, int]) -> dict[str, int]:
+    """{layer: rank} -> {stage: largest rank in it} (``layer2.0.conv1`` is in ``layer2``)."""
+    out: dict[str, int] = {}
+    for name, v in values.items():
+        stage = live.stage_of(name)
+        out[stage] = max(out.get(stage, 0), int(v))
+    return out
+
+
+def overlay(
+    spectra: dict[str, list[dict[str, Any]]], layer: str
+) -> tuple[dict[str, list[float]], dict[str, list[int]], dict[str, list[int]]]:
+    """For each run (label -> spectra rows): the final spectrum of ``layer``, and its
+    effective rank with the steps *that run* logged it at."""
+    final: dict[str, list[float]] = {}
+    steps: dict[str, list[int]] = {}
+    ranks: dict[str, list[int]] = {}
+    for label, rows in spectra.items():
+        _, vals = live.layer_series(rows, layer)
+        if vals:
+            final[label] = vals[-1]
+        r_steps, r = live.rank_series(rows)
+        if layer in r:
+            ranks[label] = r[layer]
+            # a run's snapshots may skip the layer: keep the steps where it was logged
+            steps[label] = [s for s, row in zip(r_steps, _with_layers(rows)) if layer in row]
+    return final, steps, ranks
+
+
+def _with_layers(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [row.get("layers") or {} for row in rows if row.get("layers")]
+
+
+def rank_table(full: dict[str, int], start: dict[str, int], *, stage: str | None) -> pd.DataFrame:
+    """The Compress page's editable rank table, for one stage (or every layer with None)."""
+    names = [n for n in full if stage is None or live.stage_of(n) == stage]
+    return pd.DataFrame(
+        {
+            "layer": names,
+            "full rank": [full[n] for n in names],
+            "rank": [int(start.get(n, full[n])) for n in names],
+        }
+    )
+
+
+def read_rank_table(edited: pd.DataFrame) -> dict[str, int]:
+    """{layer: rank} from the edited table; ValueError naming the first empty or bad cell."""
+    out = {}
+    for _, row in edited.iterrows():
+        r = row["rank"]
+        if pd.isna(r):
+            raise ValueError(
+                f"rank of {row['layer']}: empty; enter an integer from 1 to {row['full rank']}"
+            )
+        out[str(row["layer"])] = int(r)
+    return out
+
+
+def kept_table(ranks: dict[str, int], full: dict[str, int]) -> pd.DataFrame:
+    """Ranks kept by a cut; grouped by stage (kept / full summed) when there are many layers."""
+    if len(ranks) > live.MAX_LAYERS_SHOWN:
+        kept: dict[str, list[int]] = {}
+        for n, r in ranks.items():
+            k = kept.setdefault(live.stage_of(n), [0, 0, 0])
+            k[0] += int(r)
+            k[1] += int(full.get(n, r))
+            k[2] += 1
+        return pd.DataFrame(
+            {
+                "stage": list(kept),
+                "layers": [v[2] for v in kept.values()],
+                "ranks kept": [v[0] for v in kept.values()],
+                "of": [v[1] for v in kept.values()],
+            }
+        )
+    return pd.DataFrame(
+        {"layer": list(ranks), "rank": list(ranks.values()), "of": [full[n] for n in ranks]}
+    )

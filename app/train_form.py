@@ -1,0 +1,145 @@
+"""The Train page's form: its starting values, the config it makes, and every check on Start.
+
+Checks are the library's: each form field is validated by ``TrainConfig`` on its own (so
+Start lists *every* invalid field, not just the first), then the whole config, the device
+(``resolve_device``) and the dataset (``lorita.data.check_dataset``: cheap, reads no data,
+says what to do when the files are missing offline).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+from app import jobs, options, presets
+
+UPLOAD_DIR = "uploads"  # <runs>/.app/uploads/<sha256>.<ext>: --init-from files
+INIT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+
+
+def starting_values(preset: str, run_config: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What the form shows: the followed run's config if given, else the preset's values."""
+    values = presets.form_values(preset)
+    if run_config:
+        values.update({k: run_config[k] for k in presets.FORM_FIELDS if k in run_config})
+    return values
+
+
+def seed_preset(run_config: dict[str, Any]) -> str:
+    """The preset closest to a run's config (same dataset and model), else the default."""
+    for name in presets.PRESETS:
+        cfg = presets.config(name)
+        if cfg.get("dataset") == run_config.get("dataset") and cfg.get("model") == run_config.get(
+            "model"
+        ):
+            return name
+    return presets.DEFAULT_PRESET
+
+
+def split_dataset(name: str) -> tuple[str, str]:
+    """``folder:/data/x`` -> ("folder", "/data/x"); ``digits`` -> ("digits", "")."""
+    family, sep, path = str(name).partition(":")
+    if sep and options.is_path_family(family):
+        return family, path
+    return str(name), ""
+
+
+def build(preset: str, form: dict[str, Any], base: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The run's config: ``base`` (a followed run's config) or the preset, with the form on top.
+
+    ``form["dataset"]`` is the dataset choice and ``form["dataset_path"]`` its folder for a
+    path family; ``form["init_from"]`` an uploaded file's saved path (or None).
+    """
+    form = dict(form)
+    form["dataset"] = options.dataset_name(form["dataset"], form.pop("dataset_path", ""))
+    init_from = form.pop("init_from", None)
+    start = dict(base) if base else presets.config(preset)
+    cfg = {**start, **{k: v for k, v in form.items() if k in presets.FORM_FIELDS}}
+    if cfg.get("dataset") != start.get("dataset"):
+        cfg.pop("dataset_kwargs", None)  # options belong to the other dataset only
+    if cfg.get("model") != start.get("model"):
+        cfg.pop("model_kwargs", None)
+    cfg.pop("init_from", None)
+    if init_from:
+        cfg["init_from"] = str(init_from)
+    return cfg
+
+
+def field_errors(preset: str, config: dict[str, Any]) -> list[str]:
+    """One message per invalid form field, then any problem of the whole config."""
+    import lorita as lt
+
+    good = presets.config(preset)
+    errors: list[str] = []
+    for field in presets.FORM_FIELDS:
+        if field not in config or field in ("dataset", "model", "device"):
+            continue
+        try:
+            lt.TrainConfig.from_dict({**good, field: config[field]})
+        except (ValueError, TypeError) as exc:
+            errors.append(_one_line(exc))
+    if errors:
+        return errors
+    try:
+        lt.TrainConfig.from_dict(config)
+    except (ValueError, TypeError) as exc:
+        return [_one_line(exc)]
+    return errors
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def check(preset: str, config: dict[str, Any]) -> list[str]:
+    """Every reason ``config`` cannot start, each naming its field; empty when it can."""
+    errors = field_errors(preset, config)
+    if errors:
+        return errors
+    try:
+        options.engine().resolve_device(config.get("device", options.AUTO))
+    except (ValueError, RuntimeError) as exc:
+        errors.append(_one_line(exc))
+    errors += dataset_errors(config)
+    return errors
+
+
+def dataset_errors(config: dict[str, Any]) -> list[str]:
+    """The library's cheap dataset check (no data read): missing files, empty folders."""
+    from lorita import data
+
+    if not hasattr(data, "check_dataset"):
+        return []
+    try:
+        data.check_dataset(config["dataset"], **(config.get("dataset_kwargs") or {}))
+    except ValueError as exc:  # DatasetUnavailable is a ValueError
+        text = _one_line(exc)
+        return [text if text.startswith("dataset") else f"dataset: {text}"]
+    return []
+
+
+def save_upload(file_name: str, data: bytes, root: str | Path | None = None) -> Path:
+    """Keep an uploaded ``--init-from`` file in the runs folder; returns its path.
+
+    The name is the content's SHA-256 (the same file uploaded twice is stored once; no user
+    text reaches the path). The training child reads it: safetensors, or a PyTorch
+    state_dict loaded with ``weights_only=True`` (no pickle code runs).
+    """
+    suffix = Path(file_name).suffix.lower()
+    if suffix not in INIT_SUFFIXES:
+        raise ValueError(
+            f"init from: {file_name!r} is not a weights file; allowed: {', '.join(INIT_SUFFIXES)}"
+        )
+    if not data:
+        raise ValueError(f"init from: {file_name!r} is empty")
+    root = Path(root) if root is not None else jobs.runs_dir()
+    folder = root / jobs.APP_DIR / UPLOAD_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{hashlib.sha256(data).hexdigest()}{suffix}"
+    if not path.exists():
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_bytes(data)
+        tmp.replace(path)
+    return path

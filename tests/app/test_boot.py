@@ -1,0 +1,68 @@
+"""The app's one-time set-up (app/boot.py) and the Streamlit internals it relies on."""
+
+from __future__ import annotations
+
+import ast
+import inspect
+
+from app_seed import ROOT
+
+from app import boot
+
+
+def test_folder_mode_flag_still_exists_in_this_streamlit():
+    """app.boot.leave_folder_mode flips this flag; an upgrade that moves it must fail here."""
+    manager = boot.folder_mode_flag()
+    from streamlit.runtime.scriptrunner import script_runner
+
+    # the script runner still chooses the legacy folder mode by this very flag
+    assert "PagesManager.uses_pages_directory" in inspect.getsource(script_runner)
+    assert manager.uses_pages_directory in (None, True, False)
+
+
+def test_server_threads_from_the_environment(monkeypatch):
+    monkeypatch.delenv(boot.THREADS_ENV, raising=False)
+    assert boot.server_threads() == 1
+    monkeypatch.setenv(boot.THREADS_ENV, "3")
+    assert boot.server_threads() == 3
+    monkeypatch.setenv(boot.THREADS_ENV, "many")
+    assert boot.server_threads() == 1
+
+
+def test_configure_threads_sets_torch(monkeypatch):
+    import torch
+
+    before = torch.get_num_threads()
+    monkeypatch.setenv(boot.THREADS_ENV, "1")
+    try:
+        assert boot.configure_threads() == 1
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_leave_folder_mode_is_a_no_op_outside_a_served_session():
+    manager = boot.folder_mode_flag()
+    before = manager.uses_pages_directory
+    boot.leave_folder_mode()  # no script run context here: nothing to do, no rerun raised
+    assert manager.uses_pages_directory == before
+
+
+def _imports(path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out.update(a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            out.add(node.module.split(".")[0])
+    return out
+
+
+def test_pages_hold_no_set_up_and_import_only_app_lorita_streamlit():
+    for page in sorted((ROOT / "pages").glob("*.py")):
+        text = page.read_text()
+        assert "leave_folder_mode" not in text and "set_page_config" not in text, page.name
+        assert "state.init()" not in text, page.name
+        extra = _imports(page) - {"__future__", "app", "lorita", "streamlit"}
+        assert not extra, f"{page.name} imports {sorted(extra)}"
