@@ -142,8 +142,9 @@ def compute_curve(
     root: str | Path | None = None,
     progress: Callable[[int, int, dict], object] | None = None,
 ) -> list[dict[str, Any]]:
-    """Sweep ``policy`` over its range once and keep the curve in the run folder."""
-    points = cz.curve(policy, progress=progress)
+    """Sweep ``policy`` over its range once (validation only: the chart plots it, and test is
+    for reporting a chosen model) and keep the curve in the run folder."""
+    points = cz.curve(policy, parts=("val",), progress=progress)
     points = [{k: v for k, v in p.items() if k != "ranks"} for p in points]
     if cz.run:
         jobs.store(root).get(cz.run).write_extra(
@@ -176,7 +177,10 @@ def choice_text(choice: dict[str, Any] | None) -> str:
     if not choice:
         return "as trained (factors merged, nothing cut)"
     if choice["policy"] == "ranks":
-        return "per-layer ranks " + ", ".join(f"{k}={v}" for k, v in choice["ranks"].items())
+        ranks = choice["ranks"]
+        if len(ranks) > 6:
+            return f"per-layer ranks ({len(ranks)} layers)"
+        return "per-layer ranks " + ", ".join(f"{k}={v}" for k, v in ranks.items())
     d = scalar_policies().get(choice["policy"], {})
     fmt = d.get("format", "%g")
     return f"{policy_labels().get(choice['policy'], choice['policy'])} at {fmt % choice['value']}"
@@ -191,3 +195,86 @@ def finetune(cz: Any, model: Any, *, epochs: int, lr: float) -> tuple[Any, dict[
 def evaluate(cz: Any, model: Any) -> dict[str, float]:
     """Validation and test accuracy of any model built from the session's (for reporting)."""
     return cz.data.metrics(model)
+
+
+# --- LoRITa against the baselines (lorita.baselines) ----------------------------------------
+
+COMPARE_BUDGETS = (5.0, 10.0, 20.0, 35.0, 50.0)
+MEASURES = {"budget": "params", "flops-budget": "flops"}  # budget policy -> what it counts
+
+
+def compare_key(which: str, measure: str) -> str:
+    return f"compare-{which}-{measure}"
+
+
+def stored_comparison(
+    name: str, base: str, which: str, measure: str, root: str | Path | None = None
+) -> list[dict[str, Any]] | None:
+    """The three methods' rows kept in run ``name``'s folder, if both checkpoints are the same."""
+    kept = jobs.store(root).get(name).read_extra(compare_key(which, measure))
+    if not isinstance(kept, dict) or kept.get("version") != CURVE_VERSION:
+        return None
+    stamps = [checkpoint_mtime(name, which, root), checkpoint_mtime(base, which, root)]
+    if kept.get("baseline") != base or kept.get("checkpoint_mtimes") != stamps:
+        return None
+    rows = kept.get("rows")
+    return rows if isinstance(rows, list) else None
+
+
+def compute_comparison(
+    ours: Any,
+    theirs: Any,
+    measure: str,
+    *,
+    root: str | Path | None = None,
+    progress: Callable[[int, int, dict], object] | None = None,
+) -> list[dict[str, Any]]:
+    """LoRITa's cut, the SVD cut and L1 pruning of the N=1 run at COMPARE_BUDGETS
+    (lorita.baselines.compare; selection on validation, test reported), kept in the run."""
+    from lorita import baselines
+
+    rows = baselines.compare(ours, theirs, COMPARE_BUDGETS, 0, measure=measure, progress=progress)
+    rows = [{k: v for k, v in r.items() if k != "ranks"} for r in rows]
+    if ours.run and theirs.run:
+        stamps = [
+            checkpoint_mtime(ours.run, ours.which, root),
+            checkpoint_mtime(theirs.run, theirs.which, root),
+        ]
+        jobs.store(root).get(ours.run).write_extra(
+            compare_key(ours.which, measure),
+            {"version": CURVE_VERSION, "baseline": theirs.run, "checkpoint_mtimes": stamps,
+             "rows": rows},
+        )  # fmt: skip
+    return rows
+
+
+def comparison_curves(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """label -> points (one per budget) for the trade-off chart."""
+    from lorita.baselines import METHODS
+
+    out: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        out.setdefault(METHODS.get(r["method"], r["method"]), []).append(
+            {**r, "value": r["budget"]}
+        )
+    return out
+
+
+def at_budget(ours: Any, theirs: Any, percent: float, measure: str) -> list[dict[str, Any]]:
+    """The three methods at one budget: method, share of params/FLOPs kept, val and test."""
+    from lorita import baselines
+
+    out = []
+    for method, label in baselines.METHODS.items():
+        session = ours if method == "lorita" else theirs
+        res = baselines.run_method(method, session, float(percent), measure=measure)
+        out.append(
+            {
+                "method": label,
+                "params %": round(res.params_pct, 1),
+                "FLOPs %": round(res.flops_pct, 1),
+                "val acc %": round(100 * res.val_acc, 2),
+                "test acc %": round(100 * res.test_acc, 2),
+            }
+        )
+    return out

@@ -5,7 +5,8 @@ SVD, evaluate validation and test, count params and FLOPs. The one-off work per 
 (load, merge, SVD of every layer, hold the splits in memory) and per policy (the trade-off
 curve) is timed too, and so is a whole page rerun through Streamlit's AppTest.
 
-    python bench/compress_slider.py                 # prints a table, writes docs/app_performance.md
+    python bench/compress_slider.py                 # prints the tables (the in-browser numbers
+                                                    # are bench/app_latency.py's)
     python bench/compress_slider.py --quick         # fewer moves, shorter Fashion-MNIST training
 
 Each model is trained first (digits: the classroom preset; Fashion-MNIST: the app's preset,
@@ -72,7 +73,7 @@ def time_moves(ctx, moves: list[tuple[str, float]]) -> dict:
         t1 = time.perf_counter()
         small = lt.truncate(ctx.model, pol, svd=ctx.svd)
         t2 = time.perf_counter()
-        cz.evaluate(small, ctx)
+        cz.evaluate(ctx, small)
         t3 = time.perf_counter()
         lt.count_cost(small, ctx.example_input)
         t4 = time.perf_counter()
@@ -109,7 +110,7 @@ class BusyRun:
 
         jobs.lower_priority(self.proc.pid)  # as the app starts its training children
         deadline = time.time() + 120
-        while not jobs.any_active(root, max_age_s=0):
+        while not any(r["state"] == "running" for r in jobs.list_runs(root)):
             if time.time() > deadline or self.proc.poll() is not None:
                 raise SystemExit("the background training run did not start")
             time.sleep(0.2)
@@ -144,82 +145,8 @@ def time_page(root: Path, name: str, moves: list[tuple[str, float]]) -> dict:
     return {"median": statistics.median(times), "p90": pct(times, 0.9), "max": max(times)}
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--moves", type=int, default=30, help="slider moves per model")
-    ap.add_argument("--fashion-steps", type=int, default=400, help="Fashion-MNIST training steps")
-    ap.add_argument("--quick", action="store_true", help="10 moves, 150 Fashion-MNIST steps")
-    ap.add_argument("--no-page", action="store_true", help="skip the AppTest page timing")
-    ap.add_argument(
-        "--no-busy", action="store_true", help="skip timing beside a running training process"
-    )
-    ap.add_argument("--out", default=str(ROOT / "docs" / "app_performance.md"))
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    args = ap.parse_args(argv)
-    if args.quick:
-        args.moves, args.fashion_steps = 10, 150
-
-    import torch
-
-    from app import compress as cz
-    from app.presets import config
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    rng = random.Random(0)
-    models = {
-        "digits MLP (classroom preset)": {**config("classroom"), "device": "cpu"},
-        "Fashion-MNIST MLP (app preset)": {
-            **config("fashion"),
-            "device": "cpu",
-            "max_steps": args.fashion_steps,
-        },
-    }
-    rows = []
-    with tempfile.TemporaryDirectory(prefix="lorita-bench-") as tmp:
-        root = Path(tmp)
-        os.environ["LORITA_RUNS"] = str(root)  # the app looks here for active runs
-        contexts = []
-        for i, (label, cfg) in enumerate(models.items()):
-            name = f"bench-{i}"
-            print(f"training {label} …", file=sys.stderr, flush=True)
-            t_train = train_run(root, name, cfg)
-            ctx = cz.load_context(name, "best", root)
-            t0 = time.perf_counter()
-            cz.curve(ctx, "global")
-            t_curve = time.perf_counter() - t0
-            moves = []
-            for _ in range(args.moves):
-                policy = rng.choice(["global", "uniform", "energy"])
-                ui = cz.POLICY_UI[policy]
-                steps = int(round((ui["max"] - ui["min"]) / ui["step"]))
-                moves.append((policy, round(ui["min"] + rng.randint(0, steps) * ui["step"], 6)))
-            cz.apply(ctx, cz.make_policy("global", 0.5))  # warm-up
-            work = time_moves(ctx, moves)
-            page = None if args.no_page else time_page(root, name, moves[: min(10, len(moves))])
-            contexts.append((ctx, moves))
-            rows.append(
-                {
-                    "label": label,
-                    "layers": ", ".join(f"{n} {len(s)}" for n, s in ctx.spectra.items()),
-                    "val": len(ctx.parts["val"]),
-                    "test": len(ctx.parts["test"]),
-                    "train_s": t_train,
-                    "load_s": ctx.load_seconds,
-                    "curve_s": t_curve,
-                    "work": work,
-                    "page": page,
-                }
-            )
-        if not args.no_busy:
-            print("the same moves beside a training run …", file=sys.stderr, flush=True)
-            busy = BusyRun(root)
-            try:
-                for row, (ctx, moves) in zip(rows, contexts):
-                    row["busy"] = time_moves(ctx, moves)
-            finally:
-                busy.stop()
-
+def report(rows: list[dict], torch) -> tuple[str, bool]:
+    """The Markdown tables of the measured rows, and whether the budget was met."""
     threads = torch.get_num_threads()
     lines = [
         "# App performance: the Compress slider",
@@ -304,12 +231,99 @@ def main(argv: list[str] | None = None) -> int:
         "busy it was.",
         "",
     ]
-    text = "\n".join(lines)
+    return "\n".join(lines), ok
+
+
+def measure(models: dict, args, rng) -> list[dict]:
+    """Train each model, time its moves (idle, then beside a training run)."""
+    from app import compress as cz
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="lorita-bench-") as tmp:
+        root = Path(tmp)
+        os.environ["LORITA_RUNS"] = str(root)  # the app looks here for active runs
+        contexts = []
+        for i, (label, cfg) in enumerate(models.items()):
+            name = f"bench-{i}"
+            print(f"training {label} …", file=sys.stderr, flush=True)
+            t_train = train_run(root, name, cfg)
+            ctx = cz.session(name, "best", root)  # a lorita.Compressor
+            t0 = time.perf_counter()
+            ctx.curve("global")
+            t_curve = time.perf_counter() - t0
+            moves = []
+            for _ in range(args.moves):
+                policy = rng.choice(["global", "uniform", "energy"])
+                ui = cz.scalar_policies()[policy]
+                steps = int(round((ui["max"] - ui["min"]) / ui["step"]))
+                moves.append((policy, round(ui["min"] + rng.randint(0, steps) * ui["step"], 6)))
+            cz.apply(ctx, cz.make_policy("global", 0.5))  # warm-up
+            work = time_moves(ctx, moves)
+            page = None if args.no_page else time_page(root, name, moves[: min(10, len(moves))])
+            contexts.append((ctx, moves))
+            rows.append(
+                {
+                    "label": label,
+                    "layers": ", ".join(f"{n} {len(s)}" for n, s in ctx.spectra.items()),
+                    "val": len(ctx.data.parts["val"]),
+                    "test": len(ctx.data.parts["test"]),
+                    "train_s": t_train,
+                    "load_s": ctx.load_seconds,
+                    "curve_s": t_curve,
+                    "work": work,
+                    "page": page,
+                }
+            )
+        if not args.no_busy:
+            print("the same moves beside a training run …", file=sys.stderr, flush=True)
+            busy = BusyRun(root)
+            try:
+                for row, (ctx, moves) in zip(rows, contexts):
+                    row["busy"] = time_moves(ctx, moves)
+            finally:
+                busy.stop()
+
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--moves", type=int, default=30, help="slider moves per model")
+    ap.add_argument("--fashion-steps", type=int, default=400, help="Fashion-MNIST training steps")
+    ap.add_argument("--quick", action="store_true", help="10 moves, 150 Fashion-MNIST steps")
+    ap.add_argument("--no-page", action="store_true", help="skip the AppTest page timing")
+    ap.add_argument(
+        "--no-busy", action="store_true", help="skip timing beside a running training process"
+    )
+    ap.add_argument("--out", default=None, help="also write the table to this file")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.moves, args.fashion_steps = 10, 150
+
+    import torch
+
+    from app.presets import config
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rng = random.Random(0)
+    models = {
+        "digits MLP (classroom preset)": {**config("classroom"), "device": "cpu"},
+        "Fashion-MNIST MLP (app preset)": {
+            **config("fashion"),
+            "device": "cpu",
+            "max_steps": args.fashion_steps,
+        },
+    }
+    rows = measure(models, args, rng)
+    text, ok = report(rows, torch)
     print(text)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
-    print(f"wrote {out}", file=sys.stderr)
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
+        print(f"wrote {out}", file=sys.stderr)
     return 0 if ok else 1
 
 

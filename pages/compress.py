@@ -48,8 +48,11 @@ class CurveDrawer:
         self.bar.progress(done / max(1, total), text=f"{self.label}: {done} of {total} points")
         if done % 3 == 0 or done == total:
             self.chart.plotly_chart(
-                charts.tradeoff_chart({self.label: list(self.points)}, x=self.x_axis)
-            )
+                charts.tradeoff_chart(
+                    {self.label: list(self.points)}, x=self.x_axis,
+                    title=f"Computing the trade-off curve ({self.label})…",
+                )
+            )  # fmt: skip
 
     def clear(self) -> None:
         self.bar.empty()
@@ -145,7 +148,7 @@ def _rank_editor(session, name: str, which: str):
     return cz.make_policy("ranks", ranks=ranks)
 
 
-def _result_metrics(res: dict, base: dict) -> None:
+def _result_metrics(res: dict, base: dict, setting: str) -> None:
     r = st.columns(4)
     for col, part in ((r[0], "val"), (r[1], "test")):
         col.metric(
@@ -158,7 +161,7 @@ def _result_metrics(res: dict, base: dict) -> None:
     r[3].metric("FLOPs / input", ui.fmt_count(res["flops"]),
                 delta=f"{res['flops_pct']:.1f} % of original", delta_color="off",
                 delta_arrow="off")  # fmt: skip
-    st.caption(f"This setting was computed in {1000 * res['seconds']:.0f} ms.")
+    st.caption(f"{setting}: computed in {1000 * res['seconds']:.0f} ms.")
 
 
 def _tradeoff(root: str, name: str, which: str, policy: str, res: dict, n: int) -> None:
@@ -185,6 +188,45 @@ def _tradeoff(root: str, name: str, which: str, policy: str, res: dict, n: int) 
             "No N=1 baseline with the same setup found. Tick “also train N=1” on the Train "
             "page to get its curve here."
         )
+
+
+@st.cache_data(show_spinner="Cutting and pruning to this budget…", max_entries=32)
+def _at_budget(
+    root: str, name: str, base: str, which: str, percent: float, measure: str, mtimes: tuple
+):
+    ours, theirs = cache.session(root, name, which), cache.session(root, base, which)
+    return cz.at_budget(ours, theirs, percent, measure)
+
+
+def _baselines(root: str, name: str, which: str, policy: str, value, x_axis: str) -> None:
+    """LoRITa's cut against the SVD cut and L1 pruning of the N=1 run (budget policies)."""
+    base = cz.find_baseline(name, root)
+    if policy not in cz.MEASURES or not base:
+        return
+    st.subheader("LoRITa against the baselines")
+    if not st.toggle("Compare with the SVD cut and L1 pruning of the N=1 run",
+                     key="compress.compare"):  # fmt: skip
+        st.caption("Sweeps 5–50 % budgets once per checkpoint (kept in the run folder).")
+        return
+    measure = cz.MEASURES[policy]
+    rows = cz.stored_comparison(name, base, which, measure, root)
+    if rows is None:
+        bar = st.progress(0.0, text="Cutting and pruning at 5–50 % budgets…")
+        rows = cz.compute_comparison(
+            cache.session(root, name, which), cache.session(root, base, which), measure,
+            root=root, progress=lambda d, t, r: bar.progress(d / t, text=f"{d} of {t} cuts"),
+        )  # fmt: skip
+        bar.empty()
+    st.plotly_chart(
+        charts.tradeoff_chart(cz.comparison_curves(rows), x=x_axis, y="test_acc",
+                              title="Test accuracy of each method at 5–50 % budgets"),
+        key="compress.compare_chart",
+    )  # fmt: skip
+    mtimes = (cz.checkpoint_mtime(name, which, root), cz.checkpoint_mtime(base, which, root))
+    table = _at_budget(root, name, base, which, float(value), measure, mtimes)
+    st.markdown(f"**At this budget ({value:g} % of the {measure})**, no fine-tuning; every cut "
+                "is chosen without the test split, which only reports.")  # fmt: skip
+    st.dataframe(table, hide_index=True)
 
 
 def _spectra(session, res: dict, name: str) -> None:
@@ -255,10 +297,10 @@ def main() -> None:
     else:
         policy_obj = _rank_editor(session, name, which)
     res = cz.apply(session, policy_obj)
-    st.session_state[state.COMPRESS_CHOICE] = {
-        "run": name, "which": which, "policy": policy, "value": value, "ranks": res["ranks"],
-    }  # fmt: skip
-    _result_metrics(res, session.base)
+    choice = {"run": name, "which": which, "policy": policy, "value": value,
+              "ranks": res["ranks"]}  # fmt: skip
+    st.session_state[state.COMPRESS_CHOICE] = choice
+    _result_metrics(res, session.base, cz.choice_text(choice))
     left, right = st.columns([3, 2])
     with left:
         _tradeoff(root, name, which, policy, res, int(session.config.get("n_factors") or 1))
@@ -266,6 +308,7 @@ def main() -> None:
         st.markdown("**Ranks kept**")
         full = dict(session.full_ranks)
         st.dataframe(tables.kept_table(res["ranks"], full), hide_index=True)
+    _baselines(root, name, which, policy, value, st.session_state[state.COMPRESS_X])
     _spectra(session, res, name)
     _finetune(session, res)
     st.page_link("pages/export.py", label="Export this model", icon="📦")

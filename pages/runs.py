@@ -111,6 +111,11 @@ def main() -> None:
         st.info("No runs yet.")
         st.page_link("pages/train.py", label="Start one on the Train page", icon="🏋️")
         return
+    for row in rows:
+        if row.get("state") in jobs.ACTIVE:
+            total = f"/{row['total_steps']}" if row.get("total_steps") else ""
+            st.info(f"Training now: **{row['name']}** ({row['state']}, step "
+                    f"{row.get('step') or 0}{total})", icon="▶️")  # fmt: skip
     st.dataframe(
         tables.runs_table(rows),
         hide_index=True,

@@ -310,3 +310,24 @@ def test_train_live_panel_stop_button(runs_dir):
     at.button(key="train.stop").click().run()
     assert not at.exception
     assert (runs_dir / N3 / "STOP").exists()
+
+
+def test_compress_budget_axis_and_the_baselines(runs_dir):
+    """The Budget policy's slider, and the three methods (LoRITa cut, SVD cut and L1 pruning
+    of the N=1 run) at 5-50 % and at the slider's budget."""
+    at = open_page("compress", run=N3)
+    at.radio(key="compress.policy").set_value("budget").run()
+    assert_clean(at)
+    at.slider(key="compress.value.budget").set_value(20.0).run()
+    assert_clean(at)
+    assert "% of original" in at.metric[6].delta
+    pct = float(at.metric[6].delta.split()[0])
+    assert pct <= 20.0 + 1e-6  # the budget is met
+    at.toggle(key="compress.compare").set_value(True).run()
+    assert_clean(at)
+    table = at.dataframe[-1].value
+    assert len(table) == 3 and all(table["params %"] <= 20.0 + 0.5)
+    assert "compress.compare_chart" in [c.key for c in at.get("plotly_chart")]
+    from app import compress as cz
+
+    assert cz.stored_comparison(N3, N1, "best", "params", runs_dir) is not None

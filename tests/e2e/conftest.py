@@ -1,16 +1,14 @@
-"""A real `streamlit run` on a free localhost port with its own run store, and Chromium."""
+"""A real `streamlit run` on a free localhost port with its own run store, and Chromium.
+
+Every page a test opens records the requests it makes; a test fails if any leaves this
+machine (the app must work offline: no fonts, icons or telemetry from outside).
+"""
 
 from __future__ import annotations
 
-import json
+import importlib.util
 import os
-import shutil
-import signal
-import socket
-import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -29,75 +27,16 @@ CHROMIUM_ARGS = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _stop_training_children(runs: Path) -> None:
-    """End any training process the server started in this temporary store."""
-    for status in runs.glob("*/status.json"):
-        try:
-            st = json.loads(status.read_text())
-        except (OSError, ValueError):
-            continue
-        if st.get("state") in ("queued", "running") and isinstance(st.get("pid"), int):
-            (status.parent / "STOP").touch()
-            try:
-                os.kill(st["pid"], signal.SIGTERM)
-            except (ProcessLookupError, PermissionError):
-                pass
-
-
 @pytest.fixture(scope="session")
 def app_server(tmp_path_factory):
-    """Base URL of a fresh app; the runs folder is ``<url>.runs``."""
-    if shutil.which("streamlit") is None and not _has_module("streamlit"):
+    """{"url", "runs", "log"} of a fresh app with its own run store."""
+    if importlib.util.find_spec("streamlit") is None:
         pytest.skip("streamlit is not installed")
+    from app.serve import serve
+
     runs = tmp_path_factory.mktemp("e2e-runs")
-    port = _free_port()
-    env = {**os.environ, "LORITA_RUNS": str(runs), "PYTHONUNBUFFERED": "1"}
-    log = open(runs.parent / "streamlit.log", "wb")
-    proc = subprocess.Popen(
-        [
-            sys.executable, "-m", "streamlit", "run", str(ROOT / "streamlit_app.py"),
-            "--server.port", str(port), "--server.address", "127.0.0.1",
-            "--server.headless", "true", "--browser.gatherUsageStats", "false",
-        ],
-        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
-                    if r.read().strip() == b"ok":
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError(
-                    "streamlit did not start: "
-                    + (runs.parent / "streamlit.log").read_text(errors="replace")[-2000:]
-                )
-            time.sleep(0.3)
-        yield {"url": url, "runs": runs, "log": runs.parent / "streamlit.log"}
-    finally:
-        _stop_training_children(runs)
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=15)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
-
-
-def _has_module(name: str) -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec(name) is not None
+    with serve(runs) as server:
+        yield {"url": server.url, "runs": runs, "log": server.log}
 
 
 @pytest.fixture(scope="session")
@@ -111,10 +50,37 @@ def browser():
         b.close()
 
 
+class Requests(list):
+    """Every URL a browser context asked for."""
+
+    def foreign(self) -> list[str]:
+        from app.serve import is_local
+
+        return [u for u in self if not is_local(u)]
+
+
 @pytest.fixture
-def page(browser):
-    context = browser.new_context(viewport={"width": 1400, "height": 1000}, accept_downloads=True)
-    pg = context.new_page()
-    pg.set_default_timeout(60_000)
-    yield pg
-    context.close()
+def new_page(browser):
+    """Open pages in fresh browser contexts (separate sessions); each records its requests,
+    and the test fails at the end if any request left localhost."""
+    contexts, seen = [], Requests()
+
+    def open_one():
+        context = browser.new_context(
+            viewport={"width": 1400, "height": 1000}, accept_downloads=True
+        )
+        context.on("request", lambda req: seen.append(req.url))
+        contexts.append(context)
+        pg = context.new_page()
+        pg.set_default_timeout(60_000)
+        return pg
+
+    yield open_one
+    for context in contexts:
+        context.close()
+    assert not seen.foreign(), f"requests outside this machine: {sorted(set(seen.foreign()))}"
+
+
+@pytest.fixture
+def page(new_page):
+    return new_page()

@@ -28,14 +28,14 @@ def spectra_title(page) -> str:
     return title.first.text_content(timeout=60_000)
 
 
-def test_train_watch_compress_export(app_server, page, tmp_path):
+def test_train_watch_compress_export(app_server, page, tmp_path):  # noqa: PLR0915
     url, runs = app_server["url"], app_server["runs"]
 
     # --- Train: the classroom preset, with its N=1 baseline queued behind it
     page.goto(f"{url}/train")  # the first visit after start-up, straight to a page
     page.get_by_role("button", name="Start training").wait_for()
     nav = page.locator('[data-testid="stSidebarNav"] a')
-    nav.filter(has_text="Home").first.wait_for(timeout=30_000)
+    nav.filter(has_text=re.compile("Theory")).first.wait_for(timeout=30_000)  # not "theory"
     assert nav.filter(has_text="streamlit app").count() == 0  # navigation, not folder listing
     page.get_by_role("button", name="Start training").click()
     page.wait_for_url(re.compile(r"[?&]run="), timeout=60_000)
