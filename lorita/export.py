@@ -1,29 +1,39 @@
 """Save and load models as safetensors with a JSON spec in the file's metadata (no pickle), and
 export to ONNX.
 
-The spec says how to rebuild the module tree: either a registry model
-(``{"registry": name, "kwargs": {...}}``, from ``model.lorita_arch``) or a tree of plain
-``torch.nn`` modules; then which layers are composed or low-rank (``layers``). Loading builds
-that model and loads the weights with ``strict=True``.
+The spec says how to rebuild the module tree: a registry model (``{"registry": name,
+"kwargs": {...}}``, from ``model.lorita_arch``: built-ins, ``torchvision:NAME``, ``timm:NAME``),
+a tree of plain ``torch.nn`` modules, or, for any other model, only its class name (then
+``load(path, model=fresh_instance)``); then which layers are composed or low-rank
+(``layers``, by name, as :mod:`lorita.kinds` describes them) and which read their weight
+directly (``direct``).
+
+``load`` is a gate: the header and the spec are checked against a schema (types, allowed
+module types and options, depth and size limits) and every tensor the rebuilt model declares
+is checked against the shapes stored in the file, on the meta device, before anything is
+allocated. Every refusal is a ``ValueError`` naming the field.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import threading
+from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load as st_load_bytes
 from safetensors.torch import load_file as st_load_file
 from safetensors.torch import save as st_save_bytes
 from torch import Tensor, nn
 
-from .convert import composed_layers, iter_layers, merge_model, set_module
+from .convert import composed_layers, merge_model
 from .io import atomic_write_bytes
 from .io import temp_beside as _temp_beside
-from .layers import FactorConv2d, FactorLinear, LowRankConv2d, LowRankLinear
+from .kinds import ORDERS, kind_of, layer_table, set_module
 
 __all__ = [
     "save",
@@ -34,11 +44,31 @@ __all__ = [
     "model_spec",
     "export_onnx",
     "atomic_write_bytes",
+    "LIMITS",
 ]
 
 FORMAT = "lorita"
 VERSION = 1
 _SPEC_KEY = "lorita_spec"
+
+#: What a file may declare. Anything larger is refused before it is read further.
+LIMITS = {
+    "header_bytes": 16 * 1024 * 1024,
+    "spec_bytes": 4 * 1024 * 1024,
+    "json_depth": 48,
+    "tensors": 100_000,
+    "tree_nodes": 20_000,
+    "name_chars": 512,
+    "n_factors": 64,
+    "dim": 2**31 - 1,
+}
+_DTYPE_BYTES = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+    "BOOL": 1,
+}  # fmt: skip
+
+
+# --------------------------------------------------------------------------- plain modules
 
 
 def _kw_linear(m):
@@ -73,105 +103,125 @@ def _kw_bn(m):
     }
 
 
+def _kw_ln(m):
+    return {
+        "normalized_shape": list(m.normalized_shape),
+        "eps": m.eps,
+        "elementwise_affine": m.elementwise_affine,
+        "bias": getattr(m, "bias", None) is not None,
+    }
+
+
 def _pool(m):
     return {"kernel_size": m.kernel_size, "stride": m.stride, "padding": m.padding}
 
 
+def _none(m):
+    return {}
+
+
 # Plain modules a spec may name, and how to read their constructor arguments.
-_PLAIN = {
+_PLAIN: dict[str, tuple[type[nn.Module], Callable]] = {
     "Linear": (nn.Linear, _kw_linear),
     "Conv2d": (nn.Conv2d, _kw_conv),
     "BatchNorm1d": (nn.BatchNorm1d, _kw_bn),
     "BatchNorm2d": (nn.BatchNorm2d, _kw_bn),
-    "LayerNorm": (
-        nn.LayerNorm,
-        lambda m: {
-            "normalized_shape": list(m.normalized_shape),
-            "eps": m.eps,
-            "elementwise_affine": m.elementwise_affine,
-            "bias": getattr(m, "bias", None) is not None,
-        },
-    ),
-    "ReLU": (nn.ReLU, lambda m: {}),
+    "LayerNorm": (nn.LayerNorm, _kw_ln),
+    "ReLU": (nn.ReLU, _none),
     "GELU": (nn.GELU, lambda m: {"approximate": m.approximate}),
-    "SiLU": (nn.SiLU, lambda m: {}),
-    "Tanh": (nn.Tanh, lambda m: {}),
-    "Sigmoid": (nn.Sigmoid, lambda m: {}),
+    "SiLU": (nn.SiLU, _none),
+    "Tanh": (nn.Tanh, _none),
+    "Sigmoid": (nn.Sigmoid, _none),
     "LeakyReLU": (nn.LeakyReLU, lambda m: {"negative_slope": m.negative_slope}),
-    "Identity": (nn.Identity, lambda m: {}),
+    "Identity": (nn.Identity, _none),
     "Flatten": (nn.Flatten, lambda m: {"start_dim": m.start_dim, "end_dim": m.end_dim}),
     "Dropout": (nn.Dropout, lambda m: {"p": m.p}),
     "MaxPool2d": (nn.MaxPool2d, _pool),
     "AvgPool2d": (nn.AvgPool2d, _pool),
     "AdaptiveAvgPool2d": (nn.AdaptiveAvgPool2d, lambda m: {"output_size": m.output_size}),
 }
-# The plain layer each LoRITa layer stands for in a module tree.
-_AS_PLAIN = {
-    FactorLinear: "Linear",
-    LowRankLinear: "Linear",
-    FactorConv2d: "Conv2d",
-    LowRankConv2d: "Conv2d",
-}
+# Option names each plain type may carry in a spec (all of them, no others).
+_KWARGS = {
+    "Linear": {"in_features", "out_features", "bias"},
+    "Conv2d": {
+        "in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
+        "bias", "padding_mode",
+    },
+    "BatchNorm1d": {"num_features", "eps", "momentum", "affine", "track_running_stats"},
+    "BatchNorm2d": {"num_features", "eps", "momentum", "affine", "track_running_stats"},
+    "LayerNorm": {"normalized_shape", "eps", "elementwise_affine", "bias"},
+    "GELU": {"approximate"},
+    "LeakyReLU": {"negative_slope"},
+    "Flatten": {"start_dim", "end_dim"},
+    "Dropout": {"p"},
+    "MaxPool2d": {"kernel_size", "stride", "padding"},
+    "AvgPool2d": {"kernel_size", "stride", "padding"},
+    "AdaptiveAvgPool2d": {"output_size"},
+}  # fmt: skip
 
 
-def _tree(module: nn.Module, path: str) -> dict:
-    kind = _AS_PLAIN.get(type(module))
-    if kind is not None:
-        kw = _kw_linear(module) if kind == "Linear" else _kw_conv(module)
-        return {"type": kind, "kwargs": kw}
+def _as_plain_type(module: nn.Module) -> str | None:
+    """The plain type a LoRITa layer stands for in a module tree (None for other modules)."""
+    kind = kind_of(module)
+    if kind is None or type(module) in (nn.Linear, nn.Conv2d):
+        return None
+    return {"linear": "Linear", "conv": "Conv2d", "grouped_conv": "Conv2d"}.get(kind.name)
+
+
+def _tree(module: nn.Module, path: str) -> dict | None:
+    """The module tree of a Sequential model of plain modules (None when it is not one)."""
+    plain = _as_plain_type(module)
+    if plain is not None:
+        return {"type": plain, "kwargs": _PLAIN[plain][1](module)}
     if type(module) is nn.Sequential:
-        return {
-            "type": "Sequential",
-            "children": [
-                [n, _tree(c, f"{path}.{n}" if path else n)] for n, c in module.named_children()
-            ],
-        }
+        children = []
+        for n, c in module.named_children():
+            sub = _tree(c, f"{path}.{n}" if path else n)
+            if sub is None:
+                return None
+            children.append([n, sub])
+        return {"type": "Sequential", "children": children}
     name = type(module).__name__
     if name in _PLAIN and type(module) is _PLAIN[name][0]:
         return {"type": name, "kwargs": _PLAIN[name][1](module)}
-    where = f" at {path!r}" if path else ""
-    raise ValueError(
-        f"model: cannot describe {type(module).__name__}{where} for saving; save supports models "
-        f"from lorita.create_model (they carry .lorita_arch) and nn.Sequential trees of "
-        f"{', '.join(_PLAIN)}"
-    )
+    return None
 
 
-def _build_tree(node: dict) -> nn.Module:
-    kind = node.get("type")
-    if kind == "Sequential":
-        seq = nn.Sequential()
-        for name, child in node["children"]:
-            seq.add_module(name, _build_tree(child))
-        return seq
-    if kind not in _PLAIN:
-        raise ValueError(f"spec: unknown module type {kind!r}")
-    kw = dict(node.get("kwargs", {}))
-    if kind == "LayerNorm" and not kw.get("bias", True) and not kw.get("elementwise_affine", True):
-        kw.pop("bias")
-    return _PLAIN[kind][0](**{k: tuple(v) if isinstance(v, list) else v for k, v in kw.items()})
+def _arch(model: nn.Module) -> dict:
+    arch = getattr(model, "lorita_arch", None)
+    if arch is not None:
+        return {"registry": arch["name"], "kwargs": arch.get("kwargs", {})}
+    tree = _tree(model, "")
+    if tree is not None:
+        return {"tree": tree}
+    cls = type(model)
+    return {"class": f"{cls.__module__}.{cls.__qualname__}"}
+
+
+# --------------------------------------------------------------------------- saving
 
 
 def model_spec(model: nn.Module, *, input_shape=None, metadata: dict | None = None) -> dict:
     """The JSON spec that :func:`save` stores: architecture, per-layer kinds, ranks, N."""
-    arch = getattr(model, "lorita_arch", None)
-    if arch is not None:
-        arch = {"registry": arch["name"], "kwargs": arch.get("kwargs", {})}
-    else:
-        arch = {"tree": _tree(model, "")}
-    layers = {n: m.layer_spec() for n, m in iter_layers(model) if hasattr(m, "layer_spec")}
+    layers = {
+        e.name: e.module.layer_spec() for e in layer_table(model) if hasattr(e.module, "layer_spec")
+    }
     n_factors = max([s.get("n_factors", 1) for s in layers.values()] or [1])
     spec = {
         "format": FORMAT,
         "version": VERSION,
-        "arch": arch,
+        "arch": _arch(model),
         "layers": layers,
+        "direct": list(getattr(model, "lorita_direct", None) or []),
         "n_factors": n_factors,
         "ranks": getattr(model, "lorita_ranks", None),
         "input_shape": list(input_shape) if input_shape is not None else None,
         "metadata": metadata or {},
     }
-    json.dumps(spec)  # fail here, not in the file, if anything is not JSON
+    try:
+        json.dumps(spec)  # fail here, not in the file, if anything is not JSON
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"metadata: must be JSON (numbers, strings, lists, dicts): {e}") from None
     return spec
 
 
@@ -188,129 +238,503 @@ def save_bytes(model: nn.Module, *, input_shape=None, metadata: dict | None = No
 def save(
     model: nn.Module, path: str | os.PathLike, *, input_shape=None, metadata: dict | None = None
 ) -> Path:
-    """Save ``model`` as safetensors with its spec; written atomically. Returns the path.
+    """Save any model as safetensors with its spec; written atomically. Returns the path.
 
+    Registry and Sequential models rebuild from the file alone (``load(path)``); any other
+    model rebuilds onto a fresh instance of its architecture (``load(path, model=...)``).
     ``metadata``: any JSON-able dict kept in the spec (e.g. accuracy, the training config).
     """
     atomic_write_bytes(path, save_bytes(model, input_shape=input_shape, metadata=metadata))
     return Path(path)
 
 
-def _parse_spec(raw: dict | None, where: str) -> dict:
-    if not raw or _SPEC_KEY not in raw:
-        raise ValueError(f"{where}: not a LoRITa model file (no {_SPEC_KEY!r} metadata)")
+# --------------------------------------------------------------------------- the header gate
+
+
+def _fail(field: str, msg: str) -> ValueError:
+    return ValueError(f"{field}: {msg}")
+
+
+def _json_depth_ok(text: str, limit: int) -> bool:
+    """True when the JSON text nests at most ``limit`` deep (strings are skipped)."""
+    depth = 0
+    for tok in re.finditer(r'"(?:[^"\\]|\\.)*"|[\[{]|[\]}]', text):
+        t = tok.group()
+        if t in "[{":
+            depth += 1
+            if depth > limit:
+                return False
+        elif t in "]}":
+            depth -= 1
+    return True
+
+
+def _loads(text: str, field: str):
+    if not _json_depth_ok(text, LIMITS["json_depth"]):
+        raise _fail(field, f"nested deeper than {LIMITS['json_depth']} levels")
     try:
-        spec = json.loads(raw[_SPEC_KEY])
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{where}: the model spec is not valid JSON ({e})") from None
-    if spec.get("format") != FORMAT or spec.get("version") != VERSION:
-        raise ValueError(
-            f"{where}: unsupported spec format {spec.get('format')!r} "
-            f"version {spec.get('version')!r}; expected {FORMAT!r} {VERSION}"
-        )
+        return json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise _fail(field, f"not valid JSON ({str(e)[:80]})") from None
+
+
+def _read_header_bytes(head: bytes, total: int, where: str) -> dict:
+    """Parse the safetensors header (``head`` = its first bytes, ``total`` = file size)."""
+    if total < 8 or len(head) < 8:
+        raise _fail(where, "not a safetensors file (shorter than its 8-byte header length)")
+    n = int.from_bytes(head[:8], "little")
+    if n > LIMITS["header_bytes"] or n > total - 8:
+        raise _fail(where, f"header length {n} exceeds the file or {LIMITS['header_bytes']} bytes")
+    if len(head) < 8 + n:
+        raise _fail(where, "truncated header")
+    try:
+        text = head[8 : 8 + n].decode("utf-8")
+    except UnicodeDecodeError:
+        raise _fail(where, "header is not UTF-8 text") from None
+    header = _loads(text, f"{where} header")
+    if not isinstance(header, dict):
+        raise _fail(f"{where} header", f"expected a JSON object, got {type(header).__name__}")
+    header["__data_bytes__"] = total - 8 - n  # what follows the header: the tensors' bytes
+    return header
+
+
+def _check_tensor_entry(name: str, entry, data_len: int) -> tuple[int, ...]:
+    field = f"tensor {name[:80]!r}"
+    if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+        raise _fail(field, "expected {dtype, shape, data_offsets}")
+    dtype, shape, offs = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if dtype not in _DTYPE_BYTES:
+        raise _fail(f"{field}.dtype", f"expected one of {', '.join(_DTYPE_BYTES)}, got {dtype!r}")
+    if not isinstance(shape, list) or len(shape) > 8 or not all(_is_int(d, 0) for d in shape):
+        raise _fail(f"{field}.shape", f"expected up to 8 integers >= 0, got {str(shape)[:80]}")
+    if not (isinstance(offs, list) and len(offs) == 2 and all(_is_int(o, 0) for o in offs)):
+        raise _fail(f"{field}.data_offsets", "expected [begin, end]")
+    numel = 1
+    for d in shape:
+        numel *= d
+    if offs[1] - offs[0] != numel * _DTYPE_BYTES[dtype] or offs[1] > data_len:
+        raise _fail(f"{field}.data_offsets", "do not match its shape or lie outside the file")
+    return tuple(shape)
+
+
+def _header_shapes(header: dict) -> dict[str, tuple[int, ...]]:
+    names = [k for k in header if k not in ("__metadata__", "__data_bytes__")]
+    if len(names) > LIMITS["tensors"]:
+        raise _fail("header", f"{len(names)} tensors (at most {LIMITS['tensors']})")
+    data_len = header["__data_bytes__"]
+    return {k: _check_tensor_entry(k, header[k], data_len) for k in names}
+
+
+def _spec_from_header(header: dict, where: str) -> dict:
+    raw = header.get("__metadata__")
+    if not isinstance(raw, dict) or _SPEC_KEY not in raw:
+        raise _fail(where, f"not a LoRITa model file (no {_SPEC_KEY!r} metadata)")
+    text = raw[_SPEC_KEY]
+    if not isinstance(text, str) or len(text) > LIMITS["spec_bytes"]:
+        raise _fail(f"{where} spec", f"expected JSON text of at most {LIMITS['spec_bytes']} bytes")
+    spec = _loads(text, f"{where} spec")
+    validate_spec(spec)
     return spec
 
 
-def read_spec(path: str | os.PathLike) -> dict:
-    """The spec stored in a file written by :func:`save`, without building the model."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"path: no such file {str(path)!r}")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            raw = f.metadata()
-    except Exception as e:  # safetensors raises its own error types for corrupt files
-        raise ValueError(f"path: {str(path)!r} is not a readable safetensors file ({e})") from None
-    return _parse_spec(raw, f"path {str(path)!r}")
+# --------------------------------------------------------------------------- the spec schema
 
 
-def _empty_low_rank(plain: nn.Module, rank: int) -> nn.Module:
-    """A low-rank layer shaped like ``plain`` (no SVD: the weights are loaded afterwards)."""
-    if isinstance(plain, nn.Linear):
-        return LowRankLinear(
-            plain.in_features, plain.out_features, rank, bias=plain.bias is not None
+def _is_int(v, low: int = 1, high: int | None = None) -> bool:
+    high = LIMITS["dim"] if high is None else high
+    return isinstance(v, int) and not isinstance(v, bool) and low <= v <= high
+
+
+def _check_scalar(field: str, v) -> None:
+    """An option value: a number, bool, short string, None or a short list of numbers."""
+    if v is None or isinstance(v, (bool, str)) and len(str(v)) <= 64:
+        return
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        if not -LIMITS["dim"] <= v <= LIMITS["dim"]:
+            raise _fail(field, f"out of range: {v!r}")
+        return
+    if isinstance(v, list) and len(v) <= 8:
+        for i, x in enumerate(v):
+            if isinstance(x, (list, dict)):
+                raise _fail(f"{field}[{i}]", "expected a number")
+            _check_scalar(f"{field}[{i}]", x)
+        return
+    raise _fail(field, f"expected a number, bool, short string or list, got {str(v)[:60]}")
+
+
+def _check_kwargs(field: str, kw, allowed: set[str] | None) -> None:
+    if not isinstance(kw, dict):
+        raise _fail(field, f"expected an object, got {type(kw).__name__}")
+    for k, v in kw.items():
+        if allowed is not None and k not in allowed:
+            raise _fail(
+                f"{field}.{k}", f"not an option here; allowed: {', '.join(sorted(allowed))}"
+            )
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,63}", k):
+            raise _fail(f"{field}.{k[:40]!r}", "not an option name")
+        _check_scalar(f"{field}.{k}", v)
+
+
+def _check_tree(node, field: str, budget: list[int], depth: int = 0) -> None:
+    if depth > 32:
+        raise _fail(field, "module tree nested deeper than 32 levels")
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise _fail(field, f"module tree has more than {LIMITS['tree_nodes']} nodes")
+    if not isinstance(node, dict):
+        raise _fail(field, f"expected an object, got {type(node).__name__}")
+    kind = node.get("type")
+    if kind == "Sequential":
+        if set(node) != {"type", "children"} or not isinstance(node["children"], list):
+            raise _fail(field, "a Sequential has exactly 'type' and 'children' (a list)")
+        for i, child in enumerate(node["children"]):
+            f = f"{field}.children[{i}]"
+            if not (isinstance(child, list) and len(child) == 2 and isinstance(child[0], str)):
+                raise _fail(f, "expected [name, module]")
+            if not re.fullmatch(r"[A-Za-z0-9_]{1,64}", child[0]):
+                raise _fail(f, f"bad child name {child[0][:40]!r}")
+            _check_tree(child[1], f, budget, depth + 1)
+        return
+    if kind not in _PLAIN:
+        raise _fail(
+            f"{field}.type",
+            f"unknown module type {str(kind)[:40]!r}; allowed: Sequential, {', '.join(_PLAIN)}",
         )
-    return LowRankConv2d(
-        plain.in_channels,
-        plain.out_channels,
-        plain.kernel_size,
-        rank,
-        plain.stride,
-        plain.padding,
-        plain.dilation,
-        plain.bias is not None,
-        plain.padding_mode,
+    if not set(node) <= {"type", "kwargs"}:
+        raise _fail(field, f"unexpected keys {sorted(set(node) - {'type', 'kwargs'})}")
+    _check_kwargs(f"{field}.kwargs", node.get("kwargs", {}), _KWARGS.get(kind, set()))
+
+
+def _check_arch(arch) -> None:
+    if not isinstance(arch, dict) or len(arch) not in (1, 2):
+        raise _fail("spec.arch", "expected {registry, kwargs}, {tree} or {class}")
+    if "registry" in arch:
+        if set(arch) - {"registry", "kwargs"} or not isinstance(arch["registry"], str):
+            raise _fail("spec.arch.registry", "expected a model name and its kwargs")
+        if len(arch["registry"]) > 128:
+            raise _fail("spec.arch.registry", "name too long")
+        _check_kwargs("spec.arch.kwargs", arch.get("kwargs", {}), None)
+    elif "tree" in arch:
+        _check_tree(arch["tree"], "spec.arch.tree", [LIMITS["tree_nodes"]])
+    elif "class" in arch:
+        if not isinstance(arch["class"], str) or len(arch["class"]) > 256:
+            raise _fail("spec.arch.class", "expected a class name")
+    else:
+        raise _fail("spec.arch", "names neither a registry model, a module tree nor a class")
+
+
+def _check_layer_spec(field: str, ls) -> None:
+    if not isinstance(ls, dict):
+        raise _fail(field, f"expected an object, got {type(ls).__name__}")
+    kind = ls.get("kind")
+    if kind == "factor":
+        if not set(ls) <= {"kind", "n_factors", "inner", "order"}:
+            raise _fail(
+                field,
+                f"unexpected keys {sorted(set(ls) - {'kind', 'n_factors', 'inner', 'order'})}",
+            )
+        if not _is_int(ls.get("n_factors"), 1, LIMITS["n_factors"]):
+            raise _fail(f"{field}.n_factors", f"expected an integer in [1, {LIMITS['n_factors']}]")
+        if ls.get("inner") is not None and not _is_int(ls["inner"], 1, 1 << 20):
+            raise _fail(f"{field}.inner", "expected None or an integer in [1, 2**20]")
+        if ls.get("order", "auto") not in ORDERS:
+            raise _fail(f"{field}.order", f"expected one of {', '.join(ORDERS)}")
+    elif kind == "low_rank":
+        if set(ls) != {"kind", "rank"} or not _is_int(ls["rank"], 1, 1 << 20):
+            raise _fail(f"{field}.rank", "expected an integer in [1, 2**20]")
+    else:
+        raise _fail(f"{field}.kind", f"expected 'factor' or 'low_rank', got {str(kind)[:40]!r}")
+
+
+def _check_names(field: str, names, values: Callable | None = None) -> None:
+    container = names if isinstance(names, (dict, list)) else None
+    if container is None:
+        raise _fail(field, f"expected a {'dict' if values else 'list'}, got {type(names).__name__}")
+    if len(container) > LIMITS["tensors"]:
+        raise _fail(field, "too many entries")
+    for i, name in enumerate(container):
+        if not isinstance(name, str) or not 0 < len(name) <= LIMITS["name_chars"]:
+            raise _fail(f"{field}[{i}]", "expected a layer name (a short string)")
+        if values is not None:
+            values(f"{field}[{name[:80]!r}]", container[name])
+
+
+_TOP = {
+    "format", "version", "arch", "layers", "direct", "n_factors", "ranks", "input_shape",
+    "metadata",
+}  # fmt: skip
+
+
+def _check_rank_value(field: str, r) -> None:
+    if not _is_int(r, 1, 1 << 20):
+        raise _fail(field, "expected an integer in [1, 2**20]")
+
+
+def validate_spec(spec) -> None:
+    """Check a spec against the schema (types, allowed keys, limits); ValueError naming the
+    first field that does not fit."""
+    if not isinstance(spec, dict):
+        raise _fail("spec", f"expected a JSON object, got {type(spec).__name__}")
+    if spec.get("format") != FORMAT or spec.get("version") != VERSION:
+        raise _fail(
+            "spec.format",
+            f"unsupported spec format {str(spec.get('format'))[:40]!r} version "
+            f"{str(spec.get('version'))[:20]!r}; expected {FORMAT!r} {VERSION}",
+        )
+    extra = set(spec) - _TOP
+    if extra:
+        raise _fail("spec", f"unexpected keys {sorted(str(k)[:40] for k in extra)[:5]}")
+    _check_arch(spec.get("arch"))
+    _check_names("spec.layers", spec.get("layers", {}), _check_layer_spec)
+    _check_names("spec.direct", spec.get("direct", []))
+    if not _is_int(spec.get("n_factors", 1), 1, LIMITS["n_factors"]):
+        raise _fail("spec.n_factors", f"expected an integer in [1, {LIMITS['n_factors']}]")
+    if spec.get("ranks") is not None:
+        _check_names("spec.ranks", spec["ranks"], _check_rank_value)
+    shape = spec.get("input_shape")
+    if shape is not None and not (
+        isinstance(shape, list) and len(shape) <= 4 and all(_is_int(d, 1, 1 << 16) for d in shape)
+    ):
+        raise _fail("spec.input_shape", "expected null or up to 4 integers in [1, 65536]")
+    if not isinstance(spec.get("metadata", {}), dict):
+        raise _fail("spec.metadata", "expected an object")
+
+
+# --------------------------------------------------------------------------- building
+
+
+class _GateError(ValueError):
+    """A limit hit while building: never retried."""
+
+
+@contextmanager
+def _bounded_build(max_modules: int):
+    """While building (on the meta device), refuse a model with more modules than the file
+    could back (a depth of 10^6 stops after a few thousand modules, in milliseconds)."""
+    owner = threading.get_ident()
+    seen = {"modules": 0}
+
+    def on_module(module, name, sub):
+        if threading.get_ident() != owner:
+            return
+        seen["modules"] += 1
+        if seen["modules"] > max_modules:
+            raise _GateError(f"spec: declares more than {max_modules} modules for this file")
+
+    from torch.nn.modules import module as M
+
+    handles = [M.register_module_module_registration_hook(on_module)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _build_tree(node: dict) -> nn.Module:
+    kind = node["type"]
+    if kind == "Sequential":
+        seq = nn.Sequential()
+        for name, child in node["children"]:
+            seq.add_module(name, _build_tree(child))
+        return seq
+    kw = dict(node.get("kwargs", {}))
+    if kind == "LayerNorm" and not kw.get("bias", True) and not kw.get("elementwise_affine", True):
+        kw.pop("bias")
+    return _PLAIN[kind][0](**{k: tuple(v) if isinstance(v, list) else v for k, v in kw.items()})
+
+
+def _build_arch(arch: dict) -> nn.Module:
+    if "registry" in arch:
+        from .models import create_model
+
+        return create_model(arch["registry"], **arch.get("kwargs", {}))
+    if "tree" in arch:
+        return _build_tree(arch["tree"])
+    raise _fail(
+        "model",
+        f"the file holds a {arch['class']} (not a registry or Sequential model): "
+        "pass a freshly built instance, load(path, model=...)",
     )
 
 
-def _build(spec: dict) -> nn.Module:
-    arch = spec["arch"]
-    if "registry" in arch:
-        from .models import create_model  # the registry lives with the training engine
-
-        model = create_model(arch["registry"], **arch.get("kwargs", {}))
-    elif "tree" in arch:
-        model = _build_tree(arch["tree"])
-    else:
-        raise ValueError("spec: 'arch' names neither a registry model nor a module tree")
-    layers = dict(iter_layers(model))
+def _apply_layers(model: nn.Module, spec: dict) -> nn.Module:
+    """Give every layer the form the spec stores (composed / low-rank), weights empty."""
+    table = {e.name: e for e in layer_table(model)}
     for name, ls in spec.get("layers", {}).items():
-        if name not in layers:
-            raise ValueError(f"spec: layer {name!r} is not in the rebuilt model")
-        plain = layers[name]
-        kind = ls.get("kind")
-        if kind == "factor":
-            if isinstance(plain, nn.Linear):
-                new = FactorLinear.from_linear(
-                    plain,
-                    ls["n_factors"],
-                    init="independent",
-                    inner=ls.get("inner"),
-                    order=ls.get("order", "auto"),
-                )
-            else:
-                new = FactorConv2d.from_conv(
-                    plain,
-                    ls["n_factors"],
-                    init="independent",
-                    inner=ls.get("inner"),
-                    order=ls.get("order", "auto"),
-                )
-        elif kind == "low_rank":
-            new = _empty_low_rank(plain, ls["rank"])  # weights come from the file
-        else:
-            raise ValueError(f"spec: layer {name!r} has unknown kind {kind!r}")
+        if name not in table:
+            raise _fail("model", f"layer {name!r} of the file is not in this model")
+        e = table[name]
+        if ls["kind"] == "low_rank" and ls["rank"] > e.kind.full_rank(e.module):
+            raise _fail(f"spec.layers[{name!r}].rank", "exceeds the layer's full rank")
+        new = e.kind.empty(e.module, ls)
+        new.train(e.module.training)
         set_module(model, name, new)
     if spec.get("ranks"):
         model.lorita_ranks = spec["ranks"]
+    model.lorita_direct = tuple(spec.get("direct", []))
     model.lorita_spec = spec
     return model
 
 
-def _finish(spec: dict, tensors: dict[str, Tensor], where: str) -> nn.Module:
-    model = _build(spec)
+def _first_mismatch(model: nn.Module, shapes: dict[str, tuple]) -> str | None:
+    """The first tensor (in the model's order) whose name or shape the file does not match."""
+    state = model.state_dict()
+    for key, t in state.items():
+        if key not in shapes:
+            return f"{key!r} is missing from the file"
+        if tuple(t.shape) != shapes[key]:
+            return f"{key!r} has shape {tuple(shapes[key])} in the file, {tuple(t.shape)} here"
+    extra = [k for k in shapes if k not in state]
+    return f"{extra[0]!r} in the file is not in this model" if extra else None
+
+
+def _layer_of(msg: str) -> str:
+    key = msg.split("'")[1] if "'" in msg else msg
+    return key.rsplit(".", 1)[0]
+
+
+def _check_against_file(model: nn.Module, shapes: dict[str, tuple], where: str) -> None:
+    bad = _first_mismatch(model, shapes)
+    if bad is not None:
+        raise _fail(where, f"layer {_layer_of(bad)!r} does not match the file: {bad}")
+
+
+def _meta_build(spec: dict, shapes: dict[str, tuple], where: str) -> tuple[nn.Module, int]:
+    """Build the declared model on the meta device (nothing allocated), bounded by what the
+    file holds, and compare every tensor shape with the header. Returns the model and the
+    number of values its plain (uncut) architecture holds."""
     try:
-        model.load_state_dict(tensors, strict=True)
+        model, plain = _build_declared(spec, shapes, "meta")
+    except _GateError:
+        raise
+    except Exception:  # a constructor that reads tensor data: built on the CPU instead
+        if "registry" not in spec["arch"]:
+            raise
+        model, plain = _build_declared(spec, shapes, "cpu")
+    _check_against_file(model, shapes, where)
+    return model, plain
+
+
+def _build_declared(spec: dict, shapes: dict, device: str) -> tuple[nn.Module, int]:
+    with _bounded_build(8 * len(shapes) + 512), torch.device(device):
+        try:
+            model = _build_arch(spec["arch"])
+            plain = sum(t.numel() for t in model.state_dict().values())
+            return _apply_layers(model, spec), plain
+        except ValueError:
+            raise
+        except Exception as e:  # a constructor refusing its options
+            raise _fail(
+                "spec.arch", f"cannot build it ({type(e).__name__}: {str(e)[:120]})"
+            ) from None
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _finish(model: nn.Module, tensors: dict[str, Tensor], where: str, assign=False) -> nn.Module:
+    try:
+        model.load_state_dict(tensors, strict=True, assign=assign)
     except RuntimeError as e:
-        raise ValueError(f"{where}: weights do not match the stored architecture ({e})") from None
+        raise _fail(
+            where, f"weights do not match the stored architecture ({str(e)[:300]})"
+        ) from None
     return model.eval()
 
 
-def load(path: str | os.PathLike) -> nn.Module:
-    """Rebuild the model saved by :func:`save` (eval mode, CPU). No pickle is involved."""
-    spec = read_spec(path)
-    return _finish(spec, st_load_file(str(path)), f"path {str(path)!r}")
+def _on_meta(model: nn.Module) -> bool:
+    return any(t.is_meta for t in [*model.parameters(), *model.buffers()])
 
 
-def load_bytes(data: bytes) -> nn.Module:
-    """Rebuild a model from the bytes of a file written by :func:`save` / :func:`save_bytes`."""
+def _rebuild(spec: dict, shapes: dict[str, tuple], where: str, read_tensors) -> nn.Module:
+    """The model from the file: built on the meta device and given the file's tensors; only a
+    model with non-persistent buffers is built for real, and only when the file backs it."""
+    model, plain = _meta_build(spec, shapes, where)
+    tensors = read_tensors()
+    model = _finish(model, tensors, where, assign=True)
+    if not _on_meta(model):
+        return model
+    held = sum(_numel(s) for s in shapes.values())
+    if plain > 4 * held + (1 << 26):
+        raise _fail("spec.arch", f"declares {plain} values where the file holds {held}")
+    return _finish(_apply_layers(_build_arch(spec["arch"]), spec), tensors, where)
+
+
+def _load(header: dict, where: str, read_tensors, model: nn.Module | None):
+    shapes = _header_shapes(header)
+    spec = _spec_from_header(header, where)
+    if model is None:
+        return _rebuild(spec, shapes, where, read_tensors)
+    if not isinstance(model, nn.Module):
+        raise _fail("model", f"expected an nn.Module, got {type(model).__name__}")
+    model = _apply_layers(model, spec)
+    _check_against_file(model, shapes, "model")
+    return _finish(model, read_tensors(), where)
+
+
+def read_spec(path: str | os.PathLike) -> dict:
+    """The spec stored in a file written by :func:`save`, validated, without building."""
+    header, total, where = _read_path_header(path)
+    _header_shapes(header)
+    return _spec_from_header(header, where)
+
+
+def _read_path_header(path) -> tuple[dict, int, str]:
+    path = Path(path)
+    where = f"path {str(path)!r}"
+    if not path.is_file():
+        raise _fail("path", f"no such file {str(path)!r}")
     try:
-        tensors = st_load_bytes(data)
-        header_len = int.from_bytes(data[:8], "little")
-        raw = json.loads(data[8 : 8 + header_len]).get("__metadata__")
-    except Exception as e:
-        raise ValueError(f"data: not a readable safetensors file ({e})") from None
-    return _finish(_parse_spec(raw, "data"), tensors, "data")
+        total = path.stat().st_size
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            f.seek(0)
+            head = f.read(8 + min(n, LIMITS["header_bytes"]))
+    except OSError as e:
+        raise _fail("path", f"cannot read {str(path)!r} ({e.strerror})") from None
+    return _read_header_bytes(head, total, where), total, where
+
+
+def load(path: str | os.PathLike, *, model: nn.Module | None = None) -> nn.Module:
+    """Rebuild the model saved by :func:`save` (eval mode, CPU). No pickle is involved.
+
+    Registry and Sequential models are rebuilt from the file. For any other model pass a
+    freshly built instance of its architecture as ``model``: the stored structure (N, ranks,
+    form per layer name) is applied to it (in place) and the weights loaded strictly; a layer
+    that does not match is named in the error. Everything is checked before it is built.
+    """
+    header, total, where = _read_path_header(path)
+
+    def read():
+        try:
+            return st_load_file(str(path))
+        except Exception as e:  # safetensors' own error types
+            raise _fail(where, f"not a readable safetensors file ({str(e)[:120]})") from None
+
+    return _load(header, where, read, model)
+
+
+def load_bytes(data: bytes, *, model: nn.Module | None = None) -> nn.Module:
+    """Rebuild a model from the bytes of a file written by :func:`save` / :func:`save_bytes`."""
+    if not isinstance(data, (bytes, bytearray)):
+        raise _fail("data", f"expected bytes, got {type(data).__name__}")
+    header = _read_header_bytes(bytes(data[: 8 + LIMITS["header_bytes"]]), len(data), "data")
+
+    def read():
+        try:
+            return st_load_bytes(bytes(data))
+        except Exception as e:
+            raise _fail("data", f"not a readable safetensors file ({str(e)[:120]})") from None
+
+    return _load(header, "data", read, model)
+
+
+# --------------------------------------------------------------------------- ONNX
 
 
 def export_onnx(

@@ -59,8 +59,16 @@ def test_save_refuses_unknown_modules_and_load_refuses_bad_files(tmp_path):
         def forward(self, x):
             return self.fc(x)
 
-    with pytest.raises(ValueError, match="cannot describe Custom"):
-        lt.save(Custom(), tmp_path / "c.safetensors")
+    torch.manual_seed(0)
+    custom = lt.overparameterize(Custom(), 3, example_input=torch.randn(1, 2))
+    lt.save(custom, tmp_path / "c.safetensors")  # any model saves
+    with pytest.raises(ValueError, match="model=") as err:
+        lt.load(tmp_path / "c.safetensors")
+    assert "Custom" in str(err.value)
+    back = lt.load(tmp_path / "c.safetensors", model=Custom())
+    x = torch.randn(3, 2)
+    assert_close(back(x), custom.eval()(x))
+    assert type(back.fc) is type(custom.fc)
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"not a safetensors file")
     with pytest.raises(ValueError, match="path"):
