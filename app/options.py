@@ -46,7 +46,12 @@ def dataset_name(choice: str, path: str | None) -> str:
     """The library's dataset name for a form choice: ``folder`` + a path -> ``folder:PATH``."""
     if choice in datasets() and choice not in _families():
         return choice
-    return f"{choice}:{(path or '').strip()}"
+    from lorita import data
+
+    name = f"{choice}:{(path or '').strip()}"
+    if not (path or "").strip():
+        return name  # the library's check says the folder is missing
+    return data.canonical_name(name) if hasattr(data, "canonical_name") else name
 
 
 def _families() -> list[str]:
