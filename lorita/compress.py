@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from . import kinds
 from .convert import iter_layers, merge_model
 from .cost import count_cost
 from .data import TensorDataset
@@ -239,7 +240,7 @@ class Compressor:
         self.data = HeldSplits(splits, device=self.device)
         self.example_input = splits.example_input(1).to(self.device)  # (1, C, H, W)
         merged = merge_model(model).eval().to(self.device)
-        every = {n: min(layer_matrix(m).shape) for n, m in iter_layers(merged)}
+        every = {n: min(kinds.matrices(m).shape[-2:]) for n, m in iter_layers(merged)}
         self.left_out = self._left_out(merged, every, keep_head, layers)
         cut = [n for n in every if n not in self.left_out]
         self.svd = SVDCache(merged, cut, example_input=self.example_input)
@@ -327,6 +328,7 @@ class Compressor:
 
     def _plan(self, model: nn.Module, ranks: dict[str, int]) -> dict[str, dict[str, Any]]:
         low_rank = (LowRankLinear, LowRankConv2d)
+        why = {n: p.get("why", "") for n, p in (getattr(model, "lorita_plan", None) or {}).items()}
         plan = {}
         for n, full in self.full_ranks.items():
             try:
@@ -339,7 +341,7 @@ class Compressor:
                 "full": full,
                 "form": "low_rank" if isinstance(module, low_rank) else "dense",
                 "cut": r < full,
-                "note": self.left_out.get(n, ""),
+                "note": self.left_out.get(n) or (why.get(n, "") if r < full else ""),
             }
         return plan
 

@@ -7,6 +7,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
+from . import kinds
 from .convert import iter_layers
 
 __all__ = [
@@ -29,7 +30,8 @@ ENERGY_KEEP = 0.99
 
 def layer_matrix(module: nn.Module) -> Tensor:
     """The layer's merged weight as a detached matrix: (out, in) for a Linear,
-    (C_out, C_in*kh*kw) for a conv."""
+    (C_out, C_in/groups*kh*kw) for a conv. For a layer's matrices one by one (a grouped conv's
+    groups, attention's q/k/v) see :func:`lorita.kinds.matrices`."""
     with torch.no_grad():
         w = module.weight
         return w.detach().reshape(w.shape[0], -1)
@@ -49,13 +51,15 @@ def _select(model: nn.Module, names: Iterable[str] | None) -> dict[str, nn.Modul
 def layer_spectra(model: nn.Module, names: Iterable[str] | None = None) -> dict[str, Tensor]:
     """``{layer_name: singular values (descending, float32, CPU)}`` of each merged weight.
 
-    Works for plain, composed and truncated models alike; computed without gradients.
+    Works for plain, composed and truncated models alike; computed without gradients. A layer
+    of several matrices (a grouped conv, attention's q/k/v) gives one spectrum, the root mean
+    square over its matrices (:func:`lorita.kinds.pooled_spectrum`), as it is cut at one rank.
     """
     out = {}
     with torch.no_grad():
         for name, module in _select(model, names).items():
-            w = layer_matrix(module)
-            out[name] = torch.linalg.svdvals(w.float()).cpu()
+            s = torch.linalg.svdvals(kinds.matrices(module).float())  # (G, k)
+            out[name] = kinds.pooled_spectrum(s).cpu()
     return out
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -236,22 +236,27 @@ class Energy(Policy):
 class LayerCosts:
     """What each cut layer costs at a given rank, and what the rest of the model costs.
 
-    A layer with an ``(m, n)`` weight matrix costs ``m*n`` parameters at full rank and, in the
-    low-rank form, ``r*(m+n)`` wherever that is smaller (the rule :func:`truncate` uses); its
+    A layer of ``G`` matrices of shape ``(m, n)`` (G > 1: a grouped conv, attention's q/k/v)
+    costs ``G*m*n`` parameters at full rank and, where its thin form can be used (``thin``),
+    ``G*r*(m+n)`` wherever ``r*(m+n) < m*n`` (the rule :func:`truncate` uses by FLOPs); its
     FLOPs scale the same way (both thin layers run at the layer's output positions). Biases,
     norms and layers left out are ``fixed``. Built by :meth:`SVDCache.costs`.
     """
 
-    shapes: dict[str, tuple[int, int]]  # layer -> (m, n) of its weight matrix
+    shapes: dict[str, tuple[int, int]]  # layer -> (m, n) of each of its matrices
     flops_full: dict[str, int]  # layer -> its FLOPs uncut
     fixed: dict[str, int]  # {"params", "flops"} of everything that is not a cut weight
     base: dict[str, int]  # {"params", "flops"} of the uncut model
     form: str = "low_rank"
+    groups: dict[str, int] = field(default_factory=dict)  # layer -> G (default 1)
+    thin: dict[str, bool] = field(default_factory=dict)  # layer -> thin form usable (default)
 
     def layer(self, name: str, rank: int) -> dict[str, int]:
         m, n = self.shapes[name]
-        full = m * n
-        params = rank * (m + n) if self.form == "low_rank" and rank * (m + n) < full else full
+        g = self.groups.get(name, 1)
+        full = g * m * n
+        thin = self.form == "low_rank" and self.thin.get(name, True) and rank * (m + n) < m * n
+        params = g * rank * (m + n) if thin else full
         return {"params": params, "flops": self.flops_full[name] * params // full}
 
     def total(self, ranks: dict[str, int]) -> dict[str, int]:
@@ -486,13 +491,18 @@ class SVDCache:
             )
         base = self.base_cost(x)
         flops_full = {n: int(base.per_layer[n]["flops"]) for n in self.svd}
-        weights = sum(m * n for m, n in self.shapes.values())
+        weights = sum(self.groups[n] * m * k for n, (m, k) in self.shapes.items())
+        thin = {
+            e.name: e.kind.thin_form for e in kinds.layer_table(self.model) if e.name in self.svd
+        }
         return LayerCosts(
             shapes=dict(self.shapes),
             flops_full=flops_full,
             fixed={"params": base.params - weights, "flops": base.flops - sum(flops_full.values())},
             base={"params": base.params, "flops": base.flops},
             form=form,
+            groups=dict(self.groups),
+            thin=thin,
         )
 
 
