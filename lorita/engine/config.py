@@ -135,6 +135,13 @@ class TrainConfig:
         "str",
         choices=SCHEDULES,
     )
+    warmup: float = _opt(
+        0.0,
+        "share of the steps with a linear learning-rate warm-up from lr/100 (0 = none)",
+        "float",
+        min=0,
+        max=0.5,
+    )
     epochs: int = _opt(30, "passes over the training split", "int", min=1, max=10_000)
     batch_size: int = _opt(
         64,
@@ -313,5 +320,7 @@ def validate(c: TrainConfig) -> None:
     if unknown:
         raise _bad("model_kwargs", unknown, f"options of {c.model!r}: {', '.join(allowed)}")
     _check_device(c.device)
+    if c.warmup and c.schedule == "plateau":
+        raise _bad("warmup", c.warmup, "0 with schedule 'plateau' (it follows validation)")
     if c.init_from is not None and len(c.init_from) > MAX_PATH:
         raise _bad("init_from", c.init_from, f"a file path of at most {MAX_PATH} characters")

@@ -246,7 +246,7 @@ def _setup(config, run, d, callback, stop, threads) -> Session:
         splits=splits,
         model=model,
         opt=opt,
-        sched=make_scheduler(config.schedule, opt, total_steps),
+        sched=make_scheduler(config.schedule, opt, total_steps, config.warmup),
         criterion=loss_fn(splits.task, config.label_smoothing),
         per_rank=per_rank,
         steps_per_epoch=steps_per_epoch,

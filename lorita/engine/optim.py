@@ -36,8 +36,25 @@ def make_optimizer(name: str, params, lr: float, weight_decay: float, momentum: 
     return cls(params, lr=lr, weight_decay=weight_decay, **kw)
 
 
-def make_scheduler(name: str, opt, total_steps: int):
-    """Cosine and step schedules advance per step; plateau per validation pass."""
+def make_scheduler(name: str, opt, total_steps: int, warmup: float = 0.0):
+    """Cosine and step schedules advance per step; plateau per validation pass.
+
+    ``warmup`` > 0: the first ``round(warmup * total_steps)`` steps raise the learning rate
+    linearly from lr/100 to lr, then the schedule runs over the remaining steps (not with
+    plateau). A product of N factors moves N times as fast as one matrix under the same step,
+    so a composed model's first Adam steps are the largest it takes; the warm-up tames them.
+    """
+    w = min(round(warmup * total_steps), total_steps - 1) if name != "plateau" else 0
+    if w <= 0:
+        return _schedule(name, opt, total_steps)
+    warm = torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.01, total_iters=w)
+    rest = _schedule(name, opt, total_steps - w)
+    if rest is None:
+        return warm
+    return torch.optim.lr_scheduler.SequentialLR(opt, [warm, rest], milestones=[w])
+
+
+def _schedule(name: str, opt, total_steps: int):
     if name == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, total_steps))
     if name == "step":
