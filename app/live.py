@@ -76,7 +76,7 @@ MAX_METRIC_POINTS = 600  # per split; older points are thinned to every second o
 MAX_SNAPSHOTS = 120  # spectra snapshots held for the heatmap and the rank curves
 
 
-def _thin(rows: list, limit: int) -> list:
+def thin(rows: list, limit: int) -> list:
     """Halve ``rows`` (every second one, the newest always kept) until at most ``limit``."""
     while len(rows) > limit:
         last = rows[-1]
@@ -108,7 +108,7 @@ class RunFollower:
         new_m = self._read("metrics")
         for row in new_m:
             split = str(row.get("split"))
-            self.metrics[split] = _thin([*self.metrics.get(split, []), row], MAX_METRIC_POINTS)
+            self.metrics[split] = thin([*self.metrics.get(split, []), row], MAX_METRIC_POINTS)
         new_s = self._read("spectra")
         if new_s:
             from lorita.runs import effective_ranks
@@ -121,7 +121,7 @@ class RunFollower:
                         "ranks": effective_ranks(layers)}  # fmt: skip
                 self.snapshots.append(snap)
                 self.last_snapshot = snap
-            self.snapshots = _thin(self.snapshots, MAX_SNAPSHOTS)
+            self.snapshots = thin(self.snapshots, MAX_SNAPSHOTS)
         return bool(new_m or new_s)
 
     def _read(self, kind: str) -> list[dict[str, Any]]:
@@ -200,3 +200,11 @@ def stage_of(layer: str) -> str:
     """The stage a layer belongs to, for grouping long rank tables: ``layer2.0.conv1`` ->
     ``layer2``; ``features.12`` -> ``features``; ``fc1`` -> ``fc1``."""
     return layer.split(".", 1)[0]
+
+
+def thin_metrics(rows: Sequence[dict[str, Any]], limit: int = MAX_METRIC_POINTS) -> list[dict]:
+    """A run's metrics rows with at most ``limit`` points per split (for overlays)."""
+    by_split: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        by_split.setdefault(str(row.get("split")), []).append(row)
+    return [r for split_rows in by_split.values() for r in thin(split_rows, limit)]

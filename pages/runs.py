@@ -50,7 +50,7 @@ def _delete_section(names: list[str]) -> None:
 def _compare(picked: list[str]) -> None:
     store = jobs.store()
     runs = {n: store.get(n) for n in picked}
-    metrics = {n: r.metrics() for n, r in runs.items()}
+    metrics = {n: live.thin_metrics(r.metrics()) for n, r in runs.items()}
     spectra = {n: r.spectra() for n, r in runs.items()}
     labels = {n: f"{n} (N={r.config.get('n_factors')})" for n, r in runs.items()}
     key = "-".join(picked)

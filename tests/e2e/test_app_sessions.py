@@ -76,10 +76,14 @@ def test_two_sessions_at_once(app_server, new_page, finished_run):
     a, b = new_page(), new_page()
     a.goto(f"{url}/train")
     b.goto(f"{url}/runs")
-    before = {p.name for p in runs.iterdir()}
+
+    def run_names() -> set[str]:
+        return {p.name for p in runs.iterdir() if (p / "status.json").exists()}
+
+    before = run_names()
     a.get_by_role("button", name="Start training").click()
     deadline = time.time() + 60
-    while not (new := sorted({p.name for p in runs.iterdir()} - before)):
+    while not (new := sorted(run_names() - before)):
         assert time.time() < deadline, "Start made no run"
         time.sleep(0.2)
     name = next((n for n in new if "N3" in n), new[0])
@@ -89,7 +93,7 @@ def test_two_sessions_at_once(app_server, new_page, finished_run):
     assert time.perf_counter() - t0 < 30
     for pg in (a, b):
         no_errors(pg)
-    for started in {p.name for p in runs.iterdir()} - before:
+    for started in run_names() - before:
         (runs / started / "STOP").touch()
 
 
