@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from . import kinds
 from .convert import iter_layers, merge_model
-from .cost import count_cost
+from .cost import Cost, count_cost
 from .data import TensorDataset
 from .layers import LowRankConv2d, LowRankLinear
 from .spectra import layer_matrix
@@ -311,9 +311,11 @@ class Compressor:
         ranks: dict[str, int] | None = None,
         parts: Sequence[str] = ("val", "test"),
         seconds: float = 0.0,
+        cost: Cost | None = None,
     ) -> CompressResult:
-        """Cost and val/test metrics (for reporting) of any model built from this one."""
-        cost = count_cost(model, self.example_input)
+        """Cost and val/test metrics (for reporting) of any model built from this one
+        (``cost``: the model's :class:`~lorita.cost.Cost` when already counted)."""
+        cost = count_cost(model, self.example_input) if cost is None else cost
         return CompressResult(
             model=model,
             policy=dict(policy or {"policy": "none"}),
@@ -361,29 +363,34 @@ class Compressor:
         A Budget is checked against the counted cost; should the count exceed the budget, the
         plan is redone with the budget shrunk by the overshoot (at most 5 times).
         """
+        small, extra, _ = self._cut(policy, form)
+        return small, extra
+
+    def _cut(self, policy: Policy, form: str) -> tuple[nn.Module, dict, Cost]:
         self._check_policy(policy)
         small = truncate(self.model, policy, form=form, svd=self.svd)
+        cost = count_cost(small, self.example_input)
         if not isinstance(policy, Budget):
-            return small, {}
+            return small, {}, cost
         target = policy.percent / 100.0 * getattr(self.base_cost, policy.measure)
         tries = policy
         for _ in range(5):
-            got = getattr(count_cost(small, self.example_input), policy.measure)
+            got = getattr(cost, policy.measure)
             if got <= target or all(r == 1 for r in small.lorita_ranks.values()):
                 break
             tries = dataclasses.replace(tries, percent=tries.percent * target / got * 0.999)
             small = truncate(self.model, tries, form=form, svd=self.svd)
-        got = getattr(count_cost(small, self.example_input), policy.measure)
+            cost = count_cost(small, self.example_input)
         budget = {"measure": policy.measure, "percent": float(policy.percent)}
-        budget.update(target=float(target), met=bool(got <= target))
-        return small, {"budget": budget}
+        budget.update(target=float(target), met=bool(getattr(cost, policy.measure) <= target))
+        return small, {"budget": budget}, cost
 
     def apply(self, policy: Policy, *, form: str = "low_rank") -> CompressResult:
         """Plan, cut (from the cached SVD), count the cost and evaluate val and test."""
         t0 = time.perf_counter()
-        small, extra = self.cut(policy, form=form)
+        small, extra, cost = self._cut(policy, form)
         spec = policy.spec() if hasattr(policy, "spec") else {"policy": str(policy)}
-        res = self.measure(small, policy={**spec, "form": form})
+        res = self.measure(small, policy={**spec, "form": form}, cost=cost)
         res.extra.update(extra)
         res.seconds = time.perf_counter() - t0
         return res

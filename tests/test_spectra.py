@@ -74,3 +74,13 @@ def test_energy_rank_bounds_the_cut_error_where_effective_rank_does_not():
     err = (lt.spectra.layer_matrix(small[0]).double() - w).norm() / w.norm()
     assert err <= 0.1 + 1e-6
     assert lt.Energy(0.99).plan({"0": spec}) == {"0": r}
+
+
+def test_grouped_conv_spectrum_is_the_rms_over_groups_and_matches_the_svd_cache():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(8, 12, 3, groups=4), nn.Flatten(), nn.Linear(12 * 4, 5))
+    s = lt.layer_spectra(net)["0"]
+    w = net[0].weight.detach().reshape(4, 3, -1)  # (groups, out per group, in per group * k*k)
+    per_group = torch.linalg.svdvals(w)  # (4, 3)
+    assert_close(s, per_group.pow(2).mean(0).sqrt())
+    assert_close(s, lt.layer_svd(net).spectra["0"], rtol=1e-5, atol=1e-6)
