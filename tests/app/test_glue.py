@@ -165,7 +165,7 @@ def test_live_follower_reads_only_new_lines(runs_dir):
 
 def test_live_follower_keeps_a_bounded_number_of_points():
     rows = list(range(5000))
-    thinned = live._thin(rows, 600)
+    thinned = live.thin(rows, 600)
     assert len(thinned) <= 600 and thinned[0] == 0 and thinned[-1] == 4999
     names = [f"layer{i // 4}.{i % 4}.conv" for i in range(53)]
     picked = live.pick_layers(names)
@@ -182,3 +182,35 @@ def test_tables_group_many_layers_by_stage():
     assert kept["ranks kept"].sum() == sum(ranks.values()) and kept["of"].sum() == 64 * 20
     small = tables.kept_table({"fc1": 3}, {"fc1": 8})
     assert list(small["layer"]) == ["fc1"]
+
+
+def test_init_from_upload_is_kept_once_and_named_by_its_content(tmp_path):
+    import torch
+    from safetensors.torch import save
+
+    from app import train_form
+
+    data = save({"fc.weight": torch.zeros(2, 2)})
+    a = train_form.save_upload("mine.safetensors", data, root=tmp_path)
+    b = train_form.save_upload("copy.safetensors", data, root=tmp_path)
+    assert a == b and a.read_bytes() == data and a.parent.parent.name == ".app"
+    with pytest.raises(ValueError, match="init from"):
+        train_form.save_upload("model.pkl", data, root=tmp_path)
+    with pytest.raises(ValueError, match="empty"):
+        train_form.save_upload("w.pt", b"", root=tmp_path)
+    form = {**presets.form_values("classroom"), "dataset_path": "", "init_from": a}
+    cfg = train_form.build("classroom", form)
+    assert cfg["init_from"] == str(a)
+    assert train_form.field_errors("classroom", cfg) == []
+
+
+def test_build_keeps_a_followed_runs_other_settings():
+    from app import train_form
+
+    base = {**presets.config("fashion"), "epochs": 3, "spectra_every": 7}
+    form = {k: base[k] for k in presets.FORM_FIELDS}
+    form["dataset_path"] = ""
+    cfg = train_form.build("fashion", {**form, "lr": 0.01}, base)
+    assert cfg["spectra_every"] == 7 and cfg["lr"] == 0.01 and cfg["epochs"] == 3
+    assert train_form.split_dataset("folder:/data/x") == ("folder", "/data/x")
+    assert train_form.split_dataset("digits") == ("digits", "")
