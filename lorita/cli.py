@@ -87,10 +87,10 @@ def _text(flag: str, *, allow_empty: bool = False):
 
     def conv(s: str) -> str:
         if not allow_empty and not s.strip():
-            raise argparse.ArgumentTypeError(f"{flag}: an empty value is not allowed")
+            raise argparse.ArgumentTypeError("an empty value is not allowed")
         if len(s) > MAX_ARG:
             raise argparse.ArgumentTypeError(
-                f"{flag}: a value of {len(s)} characters is too long (at most {MAX_ARG})"
+                f"a value of {len(s)} characters is too long (at most {MAX_ARG})"
             )
         return s
 
@@ -108,10 +108,20 @@ def _number(flag: str, kind: str, lo: float | None = None, hi: float | None = No
             v = int(s) if kind == "int" else float(s)
         except ValueError:
             expected = "an integer" if kind == "int" else "a number"
-            raise argparse.ArgumentTypeError(f"{flag}: {_short(s)!r} is not {expected}") from None
+            raise argparse.ArgumentTypeError(f"{_short(s)!r} is not {expected}") from None
         if lo is not None and hi is not None and not (math.isfinite(v) and lo <= v <= hi):
-            raise argparse.ArgumentTypeError(f"{flag}: {_short(s)} is not in [{lo:g}, {hi:g}]")
+            raise argparse.ArgumentTypeError(f"{_short(s)} is not in [{lo:g}, {hi:g}]")
         return v
+
+    return conv
+
+
+def _nullable(flag: str):
+    """An argparse type for a field that may be null: the text ``null`` is None."""
+
+    def conv(s: str):
+        s = _text(flag)(s)
+        return None if s.strip() == "null" else s
 
     return conv
 
@@ -152,9 +162,9 @@ def _out_path(flag: str):
     def conv(s: str) -> Path:
         p = Path(_text(flag)(s)).expanduser()
         if p.is_dir():
-            raise argparse.ArgumentTypeError(f"{flag}: {_short(s)!r} is a folder, not a file")
+            raise argparse.ArgumentTypeError(f"{_short(s)!r} is a folder, not a file")
         if not p.parent.is_dir():
-            raise argparse.ArgumentTypeError(f"{flag}: folder {_short(str(p.parent))!r} not found")
+            raise argparse.ArgumentTypeError(f"folder {_short(str(p.parent))!r} not found")
         return p
 
     return conv
@@ -167,7 +177,7 @@ def _in_file(flag: str):
         p = Path(_text(flag)(s)).expanduser()
         if not p.is_file():
             what = "is not a file" if p.exists() else "not found"
-            raise argparse.ArgumentTypeError(f"{flag}: {_short(s)!r} {what}")
+            raise argparse.ArgumentTypeError(f"{_short(s)!r} {what}")
         return str(p)
 
     return conv
@@ -179,7 +189,7 @@ def _folder_arg(flag: str):
     def conv(s: str) -> Path:
         p = Path(_text(flag)(s)).expanduser()
         if p.exists() and not p.is_dir():
-            raise argparse.ArgumentTypeError(f"{flag}: {_short(s)!r} is not a folder")
+            raise argparse.ArgumentTypeError(f"{_short(s)!r} is not a folder")
         return p
 
     return conv
@@ -216,7 +226,11 @@ def _bounds_text(md) -> str:
     lo, hi = md.get("min", -math.inf), md.get("max", math.inf)
     left = "(" if md.get("min_open") else "["
     right = ")" if md.get("max_open") else "]"
-    return f"in {left}{lo:g}, {hi:g}{right}"
+    return f"in {left}{_num_text(lo)}, {_num_text(hi)}{right}"
+
+
+def _num_text(v: float) -> str:
+    return str(int(v)) if math.isfinite(v) and float(v).is_integer() else f"{v:g}"
 
 
 def _field_help(f: dataclasses.Field, extra: str = "") -> str:
@@ -261,7 +275,11 @@ def _add_field(g, f: dataclasses.Field) -> None:
     elif kind in ("int", "float"):
         g.add_argument(*flags, type=_number(flags[0], kind), metavar=kind.upper(), **common)
     else:
-        g.add_argument(*flags, type=_text(flags[0]), metavar="TEXT", **common)
+        choices = f.metadata.get("choices")
+        shown = [c for c in choices if c is not None] if isinstance(choices, tuple) else []
+        metavar = "{" + ",".join(shown) + "}" if shown else "TEXT"
+        conv = _nullable(flags[0]) if f.metadata.get("nullable") else _text(flags[0])
+        g.add_argument(*flags, type=conv, metavar=metavar, **common)
 
 
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
@@ -347,7 +365,7 @@ def _policy_value(cls):
         try:
             return make_policy(cls, v)
         except ValueError as e:
-            raise argparse.ArgumentTypeError(f"--{cls.name}: {e}") from None
+            raise argparse.ArgumentTypeError(str(e)) from None
 
     return conv
 
@@ -362,7 +380,7 @@ def _policy_text(flag: str):
         try:
             return parse_policy(s)
         except ValueError as e:
-            raise argparse.ArgumentTypeError(f"{flag}: {e}") from None
+            raise argparse.ArgumentTypeError(str(e)) from None
 
     return conv
 
@@ -465,7 +483,7 @@ def _add_compress(sub) -> None:
 def _budgets(s: str) -> list[float]:
     items = [t.strip() for t in _text("--budgets")(s).split(",")]
     if len(items) > _MAX_BUDGETS:
-        raise argparse.ArgumentTypeError(f"--budgets: at most {_MAX_BUDGETS} budgets")
+        raise argparse.ArgumentTypeError(f"at most {_MAX_BUDGETS} budgets")
     conv = _number("--budgets", "float", 0.1, 100.0)
     return sorted({conv(t) for t in items})
 
@@ -647,8 +665,11 @@ def _train_config(args):
     base["dataset_kwargs"] = {**base["dataset_kwargs"], **_key_values(args.data_args, "--data-arg")}
     if isinstance(base.get("dataset"), str) and base["dataset"]:
         base["dataset"] = canonical_name(base["dataset"])
-    if base.get("init_from"):
-        base["init_from"] = _in_file("--init-from")(base["init_from"])
+    if isinstance(base.get("init_from"), str):
+        try:
+            base["init_from"] = _in_file("--init-from")(base["init_from"])
+        except argparse.ArgumentTypeError as e:
+            raise UsageError(f"init_from: {e}") from None
     return TrainConfig.from_dict(base)
 
 
@@ -670,10 +691,11 @@ class _TooBig(Exception):
     pass
 
 
-def _check_model_size(config) -> None:
+def _check_model_size(config):
     """Build the model on the meta device (nothing allocated) and refuse it when its weights,
     gradients and optimizer state (about 4 x 4 bytes per parameter, N factors each) exceed this
-    machine's memory; a build that registers over 20,000 weight tensors is refused as well."""
+    machine's memory; a build that registers over 20,000 weight tensors is refused as well.
+    Returns the meta model (None if it cannot be built on the meta device)."""
     import torch
 
     from .data import dataset_shape
@@ -694,7 +716,7 @@ def _check_model_size(config) -> None:
     hook = torch.nn.modules.module.register_module_parameter_registration_hook(count)
     try:
         with torch.device("meta"):
-            create_model(
+            return create_model(
                 config.model,
                 in_channels=channels,
                 image_size=size,
@@ -712,17 +734,37 @@ def _check_model_size(config) -> None:
     except TypeError as e:
         raise UsageError(f"model_kwargs: {e}") from None
     except (RuntimeError, NotImplementedError, AssertionError):
-        return  # cannot be built on the meta device: the real build checks it
+        return None  # cannot be built on the meta device: the real build checks it
     finally:
         hook.remove()
 
 
+def _check_init_from(meta_model, path: str) -> None:
+    """The weights file is readable (safetensors, or a state_dict read with weights_only) and
+    matches the model's names and shapes (checked against the meta model: nothing allocated
+    but the file's own tensors)."""
+    from .engine.build import read_weights
+
+    sd = read_weights(path)
+    if meta_model is None:
+        return
+    try:
+        meta_model.load_state_dict(sd, strict=True, assign=True)
+    except RuntimeError as e:
+        first = " ".join(str(e).split())[:300]
+        raise UsageError(f"init_from: the weights do not match the model ({first})") from None
+
+
 def _preflight(config) -> None:
-    """Everything cheap that can fail before a run folder exists: data, model size."""
+    """Everything cheap that can fail before a run folder exists: device, data, model size,
+    the starting weights."""
     from .data import check_dataset
 
+    _engine().resolve_device(config.device)
     check_dataset(config.dataset, **config.dataset_kwargs)
-    _check_model_size(config)
+    meta_model = _check_model_size(config)
+    if config.init_from is not None:
+        _check_init_from(meta_model, config.init_from)
 
 
 # --------------------------------------------------------------------------- train: run
@@ -846,15 +888,32 @@ def _wait_for_slot(args, store, run, stop_event, quiet):
 
 def _run_training(args, store, run, config, d, quiet, stop_event, threads) -> int:
     run = _open_run(args, store, run, config, d)
-    if d.main:
-        run.start_heartbeat()
-    if not quiet:
-        print(f"run folder: {run.path}", file=sys.stderr)
-    slot = _wait_for_slot(args, store, run, stop_event, quiet) if d.main else None
-    if slot is False:
-        return 0
     try:
-        result = _engine().train(
+        if d.main:
+            run.start_heartbeat()
+        if not quiet:
+            print(f"run folder: {run.path}", file=sys.stderr)
+        slot = _wait_for_slot(args, store, run, stop_event, quiet) if d.main else None
+        if slot is False:
+            return 0
+        result = _train(config, run, args, slot, d, quiet, stop_event, threads)
+    finally:
+        if d.main:  # the engine stops and releases its own; these are the CLI's
+            run.stop_heartbeat()
+            if args.resume:
+                run.release()
+    if not quiet:
+        print(run.path)
+    if result["state"] == "failed":
+        if d.main:
+            print(f"lorita: training failed: {_one_line(result['message'])}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _train(config, run, args, slot, d, quiet, stop_event, threads) -> dict:
+    try:
+        return _engine().train(
             config,
             run,
             callback=_Progress(quiet=quiet),
@@ -870,13 +929,6 @@ def _run_training(args, store, run, config, d, quiet, stop_event, threads) -> in
 
             with contextlib.suppress(Exception):
                 dist.destroy_process_group()
-    if not quiet:
-        print(run.path)
-    if result["state"] == "failed":
-        if d.main:
-            print(f"lorita: training failed: {_one_line(result['message'])}", file=sys.stderr)
-        return 1
-    return 0
 
 
 # --------------------------------------------------------------------------- runs / stop
@@ -1122,7 +1174,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         return args.func(args)
-    except UsageError as e:
+    except (UsageError, argparse.ArgumentTypeError) as e:
         return _fail(e)
     except (ValueError, OSError) as e:  # includes DatasetUnavailable and JSON errors
         return _fail(str(e) or type(e).__name__)
