@@ -471,6 +471,27 @@ class Compressor:
         }
         return res
 
+    def drop_ranks(self, points: float = 0.5, *, form: str = "low_rank") -> dict[str, int]:
+        """Per cut layer, the smallest rank it can be cut to *alone* (every other layer uncut)
+        while validation accuracy stays within ``points`` percentage points of the uncut
+        model's: a compressibility measure read from the model's behaviour rather than from
+        its spectrum. Found by bisection on validation (about log2(rank) cuts per layer)."""
+        if isinstance(points, bool) or not isinstance(points, (int, float)) or not points >= 0:
+            raise ValueError(f"points: expected a number >= 0, got {points!r}")
+        floor = self.base["val_acc"] - points / 100.0 - 1e-12
+        out = {}
+        for name, s in self.svd.spectra.items():
+            lo, hi = 0, len(s)  # rank lo fails (or is 0), rank hi holds
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                small = truncate(self.model, Ranks({name: mid}), form=form, svd=self.svd)
+                if self.data.evaluate(small, "val", "select")["acc"] >= floor:
+                    hi = mid
+                else:
+                    lo = mid
+            out[name] = hi
+        return out
+
     def iterative_search(
         self, points: float, *, step: float = 0.25, max_evals: int = 400, form: str = "low_rank"
     ) -> CompressResult:

@@ -190,3 +190,18 @@ def test_bad_recipe_and_policy(cz):
         cz.apply("global:0.5")
     with pytest.raises(ValueError, match="policy"):
         cz.curve("magnitude")
+
+
+def test_drop_ranks_are_the_smallest_single_layer_cuts_within_the_drop(cz):
+    before = cz.data.uses.copy()
+    ranks = cz.drop_ranks(1.0)
+    assert set(ranks) == set(cz.layers)
+    assert (cz.data.uses - before)[("test", "select")] == 0
+    floor = cz.base["val_acc"] - 0.01 - 1e-12
+    for name, r in ranks.items():
+        assert 1 <= r <= cz.full_ranks[name]
+        assert cz.apply(lt.Ranks({name: r})).val_acc >= floor
+        if r > 1:  # the bisection ends with rank r - 1 tried and failing
+            assert cz.apply(lt.Ranks({name: r - 1})).val_acc < floor
+    with pytest.raises(ValueError, match="points"):
+        cz.drop_ranks(-1)
