@@ -507,6 +507,13 @@ def _add_compare(sub) -> None:
         metavar="P,P,...",
         help="parameter budgets in percent, each in [0.1, 100] (default 5,10,20,35,50)",
     )
+    c.add_argument(
+        "--measure",
+        choices=["params", "flops"],
+        default="params",
+        help="what the budgets are a share of (default params)",
+    )
+    c.add_argument("--which", choices=["best", "last"], default="best", help="checkpoint")
     _add_finetune(c)
     c.add_argument("--json", action="store_true", help="print the rows as JSON")
     _add_runs_dir(c)
@@ -1103,24 +1110,35 @@ def cmd_compare(args) -> int:
         baseline = store.pair(run)
         if baseline is None:
             raise UsageError(f"run {run.name!r} has no paired N=1 run; name one with --baseline")
-    rows = compare(
-        run,
-        baseline,
-        budgets=args.budgets,
-        finetune_epochs=args.finetune_epochs,
-        **({"finetune_lr": args.finetune_lr} if args.finetune_lr is not None else {}),
-    )
+    for r in (run, baseline):
+        if not r.checkpoint(args.which).is_file():
+            raise UsageError(f"run {r.name!r} has no {args.which} checkpoint yet")
+    with _CountBar(not args.json, "cuts") as bar:
+        rows = compare(
+            run,
+            baseline,
+            budgets=args.budgets,
+            finetune_epochs=args.finetune_epochs,
+            measure=args.measure,
+            which=args.which,
+            finetune_lr=args.finetune_lr,
+            progress=bar,
+        )
     if args.json:
-        print(json.dumps(rows, indent=1, default=str))
+        print(json.dumps(rows, indent=1))
         return 0
-    print(f"{run.name} against the N=1 run {baseline.name}; selected on validation, test reported")
-    header = ["budget", "method", "fine-tuned", "params %", "val acc", "test acc"]
+    print(
+        f"{run.name} against the N=1 run {baseline.name}, budgets in % of {args.measure}; "
+        f"cuts chosen on validation, test reported"
+    )
+    header = ["budget", "method", "fine-tuned", "params %", "FLOPs %", "val acc", "test acc"]
     table = [
         [
-            f"{r.get('budget', 0):g}%",
-            r.get("method", "?"),
-            r.get("finetune_epochs", 0),
-            f"{r.get('params_pct', math.nan):.1f}",
+            f"{r['budget']:g}%" + ("" if r.get("met", True) else " (not met)"),
+            r["label"],
+            f"{r['finetune_epochs']} epochs" if r["finetune_epochs"] else "no",
+            f"{r['params_pct']:.1f}",
+            f"{r['flops_pct']:.1f}",
             _pct(r.get("val_acc")),
             _pct(r.get("test_acc")),
         ]
@@ -1128,6 +1146,30 @@ def cmd_compare(args) -> int:
     ]
     print(_table(table, header))
     return 0
+
+
+class _CountBar:
+    """A tqdm bar for ``progress(done, total, item)`` callbacks, on a terminal only."""
+
+    def __init__(self, show: bool, unit: str) -> None:
+        self.show = show and sys.stderr.isatty()
+        self.unit, self.bar = unit, None
+
+    def __enter__(self):
+        return self
+
+    def __call__(self, done: int, total: int, item=None) -> None:
+        if not self.show:
+            return
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit=self.unit, file=sys.stderr, leave=False)
+        self.bar.update(done - self.bar.n)
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 # --------------------------------------------------------------------------- export

@@ -24,10 +24,9 @@ def runs_dir(tmp_path_factory):
     """One small trained digits run shared by the read-only tests below."""
     d = tmp_path_factory.mktemp("runs")
     old = torch.get_num_threads()
-    assert (
-        main(["train", "--runs-dir", str(d), "--name", "r1", "--epochs", "3", "--quiet", *TINY])
-        == 0
-    )
+    for name, n in (("r1", "3"), ("r0", "1")):
+        argv = ["train", "--runs-dir", str(d), "--name", name, "--factors", n, "--epochs", "3"]
+        assert main([*argv, "--quiet", *TINY]) == 0
     torch.set_num_threads(old)
     return d
 
@@ -134,10 +133,43 @@ def test_runs_table_and_json(runs_dir, capsys):
     header, _, row = out.splitlines()[:3]
     for col in ["state", "dataset", "model", "N", "wd", "best val", "test", "effective ranks"]:
         assert col in header
-    assert row.split()[:5] == ["r1", "completed", "digits", "mlp", "3"]
+    assert sorted(r.split()[0] for r in out.splitlines()[2:]) == ["r0", "r1"]
+    r1 = next(r for r in out.splitlines() if r.startswith("r1"))
+    assert r1.split()[:5] == ["r1", "completed", "digits", "mlp", "3"]
     assert main(["runs", "--runs-dir", str(runs_dir), "--json"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    assert rows["r1"]["test_acc"] > 0.5 and rows["r0"]["n_factors"] == 1
+
+
+def test_runs_delete(tmp_path, capsys):
+    store = RunStore(tmp_path)
+    store.create({"dataset": "digits"}, name="gone").update_status(state="failed", pid=None)
+    assert main(["runs", "--runs-dir", str(tmp_path), "--delete", "gone"]) == 0
+    assert "deleted gone" in capsys.readouterr().out and not (tmp_path / "gone").exists()
+    _one_line_error(capsys, ["runs", "--runs-dir", str(tmp_path), "--delete", "gone"], "gone")
+    alive = store.create({"dataset": "digits"}, name="alive")
+    alive.update_status(state="running", pid=os.getpid())
+    _one_line_error(
+        capsys, ["runs", "--runs-dir", str(tmp_path), "--delete", "alive"], "stop it first"
+    )
+    assert (tmp_path / "alive").exists()
+
+
+def test_compare_against_the_n1_baseline(runs_dir, capsys):
+    argv = ["compare", "r1", "--baseline", "r0", "--budgets", "50,20", "--runs-dir", str(runs_dir)]
+    assert main([*argv, "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
-    assert rows[0]["name"] == "r1" and rows[0]["test_acc"] > 0.5
+    assert {(r["budget"], r["method"]) for r in rows} == {
+        (b, m) for b in (20.0, 50.0) for m in ("lorita", "svd", "prune")
+    }
+    for r in rows:
+        assert r["selected_on"] == "val" and r["reported_on"] == "test"
+        assert r["params_pct"] <= r["budget"] + 1e-9 or not r["met"]
+        assert 0 <= r["test_acc"] <= 1
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "r1 against the N=1 run r0" in out and "params %" in out and "test acc" in out
+    assert len([line for line in out.splitlines() if line.startswith(("20%", "50%"))]) == 6
 
 
 def test_compress_ratio_json(runs_dir, capsys):
