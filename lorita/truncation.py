@@ -2,8 +2,14 @@
 really smaller, and the accuracy / cost trade-off over a policy's range.
 
 A policy is a small object with ``plan(spectra) -> {layer: rank}``; everything else takes one.
+Each policy class (a :class:`Policy` subclass) also carries its CLI spelling, label, value range
+and default sweep, and registers itself in :data:`POLICIES`, the one list the CLI and the app
+read (:func:`parse_policy`, :func:`list_policies`): a new policy is one class plus its tests.
+:class:`Budget` plans by cost ("the largest model within 10% of the parameters").
+
 The SVD of every layer is computed once (:class:`SVDCache`) and reused for every cut, which is
-what makes a truncation slider fast.
+what makes a truncation slider fast. The compress session over all this is
+:class:`lorita.compress.Compressor`.
 """
 
 from __future__ import annotations
