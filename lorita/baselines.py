@@ -192,6 +192,7 @@ def _row(method: str, budget: float, measure: str, res: CompressResult, session)
         "method": method,
         "label": METHODS[method],
         "run": session.run,
+        "policy": dict(res.policy),
         "finetune_epochs": res.finetune_epochs,
         "params": int(res.params),
         "flops": int(res.flops),

@@ -102,6 +102,7 @@ def test_compare_selects_on_validation_and_reports_on_test(models, digits):
         (40, "lorita", 0), (40, "lorita", 1), (40, "svd", 0), (40, "svd", 1),
     ]  # fmt: skip
     assert all(r["met"] and r["params_pct"] <= r["budget"] for r in rows)
+    assert [r["policy"]["policy"] for r in rows[::2]] == ["budget", "budget", "l1-prune"]
     for s in (ours, theirs):  # the test split was read only to report
         assert s.data.uses[("test", "select")] == 0 and s.data.uses[("val", "select")] > 0
     # scrambling the test labels changes the reported test numbers and nothing else
