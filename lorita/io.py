@@ -24,9 +24,12 @@ __all__ = [
     "append_jsonl",
     "atomic_write_bytes",
     "fault",
+    "fault_due",
+    "kill_now",
     "fsync_dir",
     "read_json",
     "read_jsonl",
+    "read_jsonl_from",
     "read_last_jsonl",
     "rewrite_jsonl",
     "temp_beside",
@@ -51,15 +54,20 @@ def _parse_fault(spec: str) -> tuple[str, int] | None:
 
 def fault(point: str) -> None:
     """Kill this process the n-th time it reaches ``point`` when ``LORITA_FAULT=point:n``."""
+    if fault_due(point):
+        kill_now()
+
+
+def fault_due(point: str) -> bool:
+    """Count one arrival at ``point``; True when ``LORITA_FAULT`` says to die here now."""
     spec = os.environ.get(FAULT_ENV)
     if not spec:
-        return
+        return False
     parsed = _parse_fault(spec)
     if parsed is None or parsed[0] != point:
-        return
+        return False
     _fault_hits[point] = _fault_hits.get(point, 0) + 1
-    if _fault_hits[point] == parsed[1]:
-        kill_now()
+    return _fault_hits[point] == parsed[1]
 
 
 def kill_now() -> None:
@@ -162,10 +170,10 @@ def append_jsonl(path: str | os.PathLike, obj: Any) -> None:
     """Append one JSON line (one ``write`` call, so a reader sees it whole or not at all)."""
     line = (dumps(obj, compact=True) + "\n").encode()
     with open(path, "ab") as f:
-        if os.environ.get(FAULT_ENV, "").startswith("append:"):
-            f.write(line[: len(line) // 2])  # the crash tests: die in the middle of a line
+        if fault_due("append"):  # the crash tests: die in the middle of a line
+            f.write(line[: len(line) // 2])
             f.flush()
-            fault("append")
+            kill_now()
         f.write(line)
 
 
@@ -191,6 +199,26 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
     except OSError:
         pass
     return out
+
+
+def read_jsonl_from(path: str | os.PathLike, offset: int = 0) -> tuple[list[dict], int]:
+    """The complete JSON-object lines after byte ``offset``, and the offset to read from next.
+
+    Cheap for a live view: only the new bytes are read. A file now shorter than ``offset``
+    (rewritten when a run resumed) is read again from the start: the returned offset is then
+    smaller than the one given.
+    """
+    try:
+        with open(path, "rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            start = offset if 0 <= offset <= size else 0
+            f.seek(start)
+            data = f.read(size - start)
+    except OSError:
+        return [], offset
+    end = data.rfind(b"\n") + 1  # only whole lines; a line being written waits
+    rows = [r for r in map(_loads_row, data[:end].split(b"\n")[:-1]) if r is not None]
+    return rows, start + end
 
 
 def read_last_jsonl(path: str | os.PathLike) -> dict | None:

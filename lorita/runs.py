@@ -40,7 +40,16 @@ from typing import Any
 import psutil
 from filelock import FileLock, Timeout
 
-from .io import append_jsonl, read_json, read_jsonl, read_last_jsonl, rewrite_jsonl, write_json
+from .io import (
+    append_jsonl,
+    fault,
+    read_json,
+    read_jsonl,
+    read_jsonl_from,
+    read_last_jsonl,
+    rewrite_jsonl,
+    write_json,
+)
 
 __all__ = [
     "ACTIVE",
@@ -71,6 +80,7 @@ SETUP_KEYS = (
 )  # fmt: skip
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 _TEMP_RE = re.compile(r"^\..+\.(\d+)\.\d+\.[a-z]+$")  # lorita.io.temp_beside names
+_TEMP_DIR_RE = re.compile(r"^\.tmp-.+-(\d+)$")  # checkpoint folders being written
 
 
 # --------------------------------------------------------------------------- names, processes
@@ -153,12 +163,16 @@ def effective_ranks(layers: dict[str, list[float]], tol: float | None = None) ->
 
 
 def _clean_temp_files(folder: Path) -> None:
-    """Remove temporary files left in ``folder`` by processes that died mid-write."""
+    """Remove temporary files (and unfinished checkpoint folders) left in ``folder`` by
+    processes that died mid-write."""
     with contextlib.suppress(OSError):
         for p in folder.iterdir():
-            m = _TEMP_RE.match(p.name)
-            if m and p.is_file() and not process_alive(int(m.group(1))):
-                p.unlink(missing_ok=True)
+            m = _TEMP_RE.match(p.name) or _TEMP_DIR_RE.match(p.name)
+            if m and not process_alive(int(m.group(1))):
+                if p.is_dir():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    p.unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------- one run
@@ -246,6 +260,13 @@ class Run:
     def spectra(self) -> list[dict]:
         return read_jsonl(self.path / "spectra.jsonl")
 
+    def read_new(self, kind: str, offset: int = 0) -> tuple[list[dict], int]:
+        """New complete lines of ``metrics`` or ``spectra`` after byte ``offset`` (see
+        :func:`lorita.io.read_jsonl_from`): ``rows, offset = run.read_new("metrics", offset)``."""
+        if kind not in ("metrics", "spectra"):
+            raise ValueError(f"kind: {kind!r} is not allowed; expected metrics or spectra")
+        return read_jsonl_from(self.path / f"{kind}.jsonl", offset)
+
     def last_spectra(self) -> dict | None:
         return read_last_jsonl(self.path / "spectra.jsonl")
 
@@ -278,11 +299,14 @@ class Run:
         best = max(vals, key=lambda r: r["acc"]) if vals else {}
         snap = self.last_spectra() or {}
         layers = snap.get("layers")
+        broken = self.problem()
+        if broken:
+            st = {**st, "state": "failed", "message": f"broken run folder: {broken}"}
         return {
             "name": self.name,
             "state": st.get("state"),
             "message": str(st.get("message") or ""),
-            "broken": self.problem(),
+            "broken": broken,
             **{k: cfg.get(k) for k in ("dataset", "model", "n_factors", "init", "optimizer")},
             **{k: cfg.get(k) for k in ("lr", "weight_decay", "epochs", "seed")},
             **{k: st.get(k) for k in ("step", "total_steps", "created", "started", "ended")},
@@ -537,6 +561,7 @@ class RunStore:
             device=None,
             **_me(),
         )
+        fault("created")
         return run
 
     def delete(self, name: str) -> None:

@@ -139,3 +139,159 @@ def test_slots_limit_concurrency(tmp_path):
     third.close()
     with pytest.raises(ValueError, match="max_concurrent"):
         acquire_slot(tmp_path, 0)
+
+
+def test_a_broken_folder_is_listed_as_broken_and_never_breaks_the_listing(tmp_path):
+    store = RunStore(tmp_path)
+    good = store.create({"dataset": "digits", "model": "mlp", "n_factors": 3}, name="good")
+    good.update_status(state="completed")
+    cases = {
+        "cfg-list": ("config.json", "[1]"),
+        "status-str": ("status.json", '"x"'),
+        "status-bad": ("status.json", "{not json"),
+        "cfg-empty": ("config.json", ""),
+        "status-types": ("status.json", '{"state": "running", "heartbeat": "x", "pid": "y"}'),
+    }
+    for name, (fname, text) in cases.items():
+        run = store.create({"dataset": "digits"}, name=name)
+        run.update_status(state="completed")
+        (run.path / fname).write_text(text)
+    weird = store.create({"dataset": "digits"}, name="bad-lines")
+    weird.update_status(state="completed")
+    (weird.path / "metrics.jsonl").write_text('{"step": 1, "split": "val", "acc": "x"}\n[1]\n{\n')
+    (weird.path / "spectra.jsonl").write_text('{"step": 1, "layers": {"fc": ["a", null]}}\n')
+    (weird.path / "result.json").write_text("[]")
+    rows = {r["name"]: r for r in store.summaries()}
+    assert set(rows) == {"good", "bad-lines", *cases}
+    assert rows["good"]["broken"] is None and rows["good"]["state"] == "completed"
+    for name in ("cfg-list", "status-str", "status-bad", "cfg-empty"):
+        assert rows[name]["broken"] and rows[name]["state"] == "failed", rows[name]
+    assert rows["status-types"]["state"] == "failed"  # a running state with no live process
+    assert rows["bad-lines"]["broken"] is None and rows["bad-lines"]["best_val_acc"] is None
+    assert store.get("cfg-list").config == {} and store.get("status-str").raw_status() == {}
+    store.delete("cfg-list")
+    assert "cfg-list" not in {r.name for r in store.list()}
+
+
+def test_every_name_to_path_function_checks_the_name(tmp_path):
+    store = RunStore(tmp_path)
+    run = store.create({"dataset": "digits"}, name="ok")
+    for bad in ("../x", "a/b", "..", "/etc"):
+        for call in (store.get, store.exists, store.delete, store.path, run.read_extra):
+            with pytest.raises(ValueError, match="run name"):
+                call(bad)
+        with pytest.raises(ValueError, match="run name"):
+            store.create({}, name=bad)
+        with pytest.raises(ValueError, match="run name"):
+            run.write_extra(bad, {})
+    with pytest.raises(ValueError, match="run name"):
+        validate_name("x" * 300)
+    assert len(str(_error(validate_name, "y" * 300))) < 250  # one short line
+
+
+def _error(fn, *args) -> Exception:
+    try:
+        fn(*args)
+    except ValueError as e:
+        return e
+    raise AssertionError("no error")
+
+
+def test_new_name_pair_and_extras(tmp_path):
+    store = RunStore(tmp_path)
+    setup = {"dataset": "digits", "model": "mlp", "lr": 0.01, "epochs": 2}
+    n3 = store.create({**setup, "n_factors": 3})
+    n1 = store.create({**setup, "n_factors": 1}, name=store.new_name(setup, suffix="-base"))
+    assert n1.name.endswith("-base") and n3.name.startswith("digits-mlp-N3-")
+    other = store.create({**setup, "n_factors": 1, "lr": 0.1}, name="other-setup")
+    assert store.pair(n3).name == n1.name and store.pair(n1.name).name == n3.name
+    assert store.pair(other) is None
+    assert validate_name(store.new_name({"dataset": "../../x", "model": "a b"}))
+    n3.write_extra("curve-energy", {"points": [1, 2]})
+    assert n3.read_extra("curve-energy") == {"points": [1, 2]}
+    assert n3.read_extra("missing", default=[]) == []
+
+
+def test_writer_lock_is_held_for_the_life_of_the_process(tmp_path):
+    run = RunStore(tmp_path).create({"dataset": "digits"}, name="w")
+    code = (
+        "import sys, time; from lorita.runs import Run; r = Run(sys.argv[1]); r.hold(); "
+        "print('held', flush=True); time.sleep(60)"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code, str(run.path)], stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout.readline().strip() == b"held"
+        assert run.held_elsewhere()
+        with pytest.raises(ValueError, match="in use by another process"):
+            Run(run.path).hold(timeout=0.1)
+    finally:
+        proc.kill()  # SIGKILL: the OS drops the lock
+        proc.wait()
+    assert not run.held_elsewhere()
+    run.hold(timeout=0.1)
+    run.hold(timeout=0.1)  # re-entrant for the same Run object
+    run.release()
+    run.release()
+
+
+def test_temp_files_of_dead_writers_are_cleaned(tmp_path):
+    run = RunStore(tmp_path).create({"dataset": "digits"}, name="t")
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    dead = proc.pid
+    stale = [
+        run.path / f".status.json.{dead}.1.tmp",
+        run.checkpoint_dir / f".last.safetensors.{dead}.7.tmp",
+    ]
+    for p in stale:
+        p.write_bytes(b"")
+    (run.checkpoint_dir / f".tmp-ckpt-000002-{dead}").mkdir()
+    mine = run.path / f".result.json.{os.getpid()}.1.tmp"  # a live writer's: kept
+    mine.write_bytes(b"")
+    run.clean_temp()
+    assert not any(p.exists() for p in stale) and mine.exists()
+    assert not (run.checkpoint_dir / f".tmp-ckpt-000002-{dead}").exists()
+
+
+def test_resume_checks_refuse_a_completed_run_before_writing(tmp_path):
+    run = RunStore(tmp_path).create({"dataset": "digits"}, name="c")
+    run.update_status(state="completed", pid=12345678)
+    before = (run.path / "status.json").read_bytes()
+    with pytest.raises(ValueError, match="already completed"):
+        run.begin_resume()
+    assert (run.path / "status.json").read_bytes() == before
+    run.update_status(state="stopped")
+    run.begin_resume()
+    st = run.raw_status()
+    assert st["state"] == "queued" and st["message"] == "resuming" and st["pid"] == os.getpid()
+    run.release()
+
+
+def test_import_lorita_needs_no_posix_only_module():
+    code = (
+        "import sys; sys.modules['fcntl'] = None; "
+        "import lorita, lorita.runs, lorita.io; print('ok')"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_read_new_returns_only_complete_new_lines(tmp_path):
+    run = RunStore(tmp_path).create({"dataset": "digits"}, name="live")
+    rows, off = run.read_new("metrics", 0)
+    assert rows == [] and off == 0
+    run.log_metrics({"step": 1})
+    run.log_metrics({"step": 2})
+    with open(run.path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3')  # being written
+    rows, off = run.read_new("metrics", 0)
+    assert [r["step"] for r in rows] == [1, 2]
+    with open(run.path / "metrics.jsonl", "a") as f:
+        f.write("}\n")
+    rows, off2 = run.read_new("metrics", off)
+    assert [r["step"] for r in rows] == [3] and off2 > off
+    run.truncate_logs(1)  # a resume rewrites the file shorter: read again from the start
+    rows, off3 = run.read_new("metrics", off2)
+    assert [r["step"] for r in rows] == [1] and off3 < off2
+    with pytest.raises(ValueError, match="kind"):
+        run.read_new("../x", 0)

@@ -32,7 +32,7 @@ from torch import nn
 from ..export import save_bytes
 from ..io import atomic_write_bytes, fault, fsync_dir, read_json, temp_beside
 
-__all__ = ["latest", "load", "publish_best", "restore_best", "save", "sweep"]
+__all__ = ["latest", "load", "prune", "publish_best", "restore_best", "save", "sweep"]
 
 _DIR_RE = re.compile(r"^ckpt-(\d{6,})$")
 MANIFEST = "manifest.json"
@@ -51,6 +51,8 @@ def _write_synced(path: Path, data: bytes) -> None:
 
 def _link(src: Path, dst: Path) -> None:
     """``dst`` becomes ``src``'s content by one rename (a hard link where possible)."""
+    if dst.exists() and os.path.samefile(src, dst):
+        return  # already that file (a rename between two links of one file does nothing)
     tmp = temp_beside(dst)
     try:
         os.link(src, tmp)
@@ -164,9 +166,15 @@ def save(
     fault("ckpt_after_rename")
     _link(final / "model.safetensors", folder / "last.safetensors")
     fault("ckpt_before_prune")
-    for _, old in existing:
-        shutil.rmtree(old, ignore_errors=True)
+    prune(folder, keep=final)
     return final
+
+
+def prune(folder: Path, keep: Path) -> None:
+    """Remove every checkpoint folder but ``keep`` (call only once ``keep`` is durable)."""
+    for _, old in _folders(folder):
+        if old != keep:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def load(path: Path, model: nn.Module, opt, sched) -> tuple[dict, dict[str, torch.Tensor]]:

@@ -65,7 +65,9 @@ class TrainConfig:
     """
 
     # data
-    dataset: str = _opt("digits", "dataset name", "str", choices=data_mod.list_datasets)
+    dataset: str = _opt(
+        "digits", "dataset name (lorita.data.list_datasets() or folder:PATH)", "str"
+    )
     dataset_kwargs: dict = _opt({}, "dataset options (lowrank: rank, ...)", "dict")
     val_fraction: float = _opt(
         0.1,
@@ -79,8 +81,10 @@ class TrainConfig:
     augment: bool = _opt(False, "random crop + horizontal flip on training batches", "bool")
     normalize: bool = _opt(True, "standardise channels with the training mean/std", "bool")
     # model
-    model: str = _opt("mlp", "model name", "str", choices=models_mod.list_models)
-    model_kwargs: dict = _opt({}, "model options (mlp: depth, width, ...)", "dict")
+    model: str = _opt(
+        "mlp", "model name (lorita.models.list_models(), torchvision:NAME, ...)", "str"
+    )
+    model_kwargs: dict = _opt({"width": 512}, "model options (mlp: depth, width, ...)", "dict")
     n_factors: int = _opt(
         3,
         "N: each composed weight is a product of N factors; 1 = ordinary network",
@@ -142,7 +146,7 @@ class TrainConfig:
         min=0,
         max=0.5,
     )
-    epochs: int = _opt(30, "passes over the training split", "int", min=1, max=10_000)
+    epochs: int = _opt(15, "passes over the training split", "int", min=1, max=10_000)
     batch_size: int = _opt(
         64,
         "global batch (split across processes under torchrun); 0 = auto",
@@ -315,6 +319,7 @@ def validate(c: TrainConfig) -> None:
     """Check every field against its metadata (normalising ints/floats); ValueError if bad."""
     for f in fields(c):
         setattr(c, f.name, _check_field(f.name, getattr(c, f.name), dict(f.metadata)))
+    data_mod.validate_dataset(c.dataset, c.dataset_kwargs)  # names, option bounds, memory
     allowed = models_mod.model_options(c.model)
     unknown = sorted(str(k) for k in set(c.model_kwargs) - set(allowed))
     if unknown:

@@ -271,6 +271,7 @@ def _restore(s: Session, resume: bool) -> None:
         _set_rng(rng, s)
         if s.writer is not None:
             checkpoint.sweep(s.ckpt_dir)
+            checkpoint.prune(s.ckpt_dir, keep=last)
             checkpoint.restore_best(s.ckpt_dir, last)
             s.writer.truncate_logs(s.c.step)
     elif s.writer is not None:

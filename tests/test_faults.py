@@ -1,0 +1,274 @@
+"""Crash safety: kill -9 a real training process anywhere, resume, get the same run.
+
+Each case starts ``python -m lorita train`` (digits, a tiny MLP, 3 epochs, one thread) and
+kills it with SIGKILL, either at a named instant through the engine's fault hook
+(``LORITA_FAULT=<point>:<n>``: between the files of a checkpoint, before and after its
+rename, in the middle of a log line, after the final test pass, while queued, ...) or at a
+random time. After every kill each file of the run folder must still be readable; then
+``lorita train --resume`` must finish the run with results identical to the uninterrupted
+run: the same metrics lines (all but wall time), spectra, result.json and the same bytes in
+best.safetensors and last.safetensors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+
+import lorita as lt
+from lorita.cli import main as cli_main
+from lorita.engine import checkpoint
+from lorita.runs import RunStore
+
+ROOT = Path(__file__).resolve().parents[1]
+FLAGS = [
+    "--quiet", "--threads", "1", "--model-arg", "width=16", "--model-arg", "depth=2",
+    "--epochs", "3", "--batch-size", "64", "--spectra-every", "0", "--log-every", "4",
+]  # fmt: skip
+# 20 steps an epoch, 60 in all; 20 metrics lines and 2 spectra lines (22 appends)
+POINTS = [
+    "created:1",  # killed while queued (right after the run folder was made)
+    "open:1",  # killed after claiming the folder, before the first step
+    "step:1", "step:13", "step:20", "step:21", "step:47", "step:60",
+    "append:1", "append:6", "append:12", "append:18", "append:22",  # mid-line
+    "validate:1", "validate:3",  # after a validation line and the best model
+    "ckpt_between_files:1", "ckpt_between_files:3",  # model written, state not yet
+    "ckpt_before_rename:2",  # checkpoint complete under its temporary name
+    "ckpt_after_rename:1", "ckpt_after_rename:3",  # renamed, last.safetensors not published
+    "ckpt_before_prune:2",  # two checkpoints on disk
+    "test:1",  # after the final test pass, before its lines and result.json
+    "result:1",  # result.json written, status not yet completed
+]  # fmt: skip
+N_RANDOM = 5
+WORKERS = max(1, min(4, (os.cpu_count() or 2)))
+
+
+def _env(fault: str | None = None) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env.pop("LORITA_FAULT", None)
+    if fault:
+        env["LORITA_FAULT"] = fault
+    return env
+
+
+def _cmd(root: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "lorita", "train", "--runs-dir", str(root), "--name", "r"] + [
+        *FLAGS,
+        *extra,
+    ]
+
+
+def _resume(root: Path) -> int:
+    return cli_main(
+        ["train", "--runs-dir", str(root), "--name", "r", "--resume", "--quiet", "--threads", "1"]
+    )
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _strict_json(path: Path) -> dict:
+    obj = json.loads(path.read_text())
+    assert isinstance(obj, dict), path
+    return obj
+
+
+def _assert_readable(folder: Path) -> None:
+    """Every file the run folder holds reads cleanly (a torn last log line is allowed)."""
+    _strict_json(folder / "config.json")
+    _strict_json(folder / "status.json")
+    if (folder / "result.json").exists():
+        _strict_json(folder / "result.json")
+    for name in ("metrics.jsonl", "spectra.jsonl"):
+        p = folder / name
+        if p.exists():
+            lines = p.read_bytes().split(b"\n")
+            for line in lines[:-1]:
+                assert isinstance(json.loads(line), dict), (p, line)
+    ckpts = folder / "checkpoints"
+    for which in ("best", "last"):
+        if (ckpts / f"{which}.safetensors").exists():
+            lt.load(ckpts / f"{which}.safetensors")
+    for p in ckpts.glob("ckpt-*"):
+        assert checkpoint._complete(p) is not None, p
+    run = RunStore(folder.parent).get("r")
+    assert run.summary()["name"] == "r" and run.status()["state"] in ("failed", "completed")
+
+
+def _no_temp_files(folder: Path) -> None:
+    left = [p for p in folder.rglob(".*") if p.name != ".slots"]
+    assert not left, left
+
+
+def _fingerprint(folder: Path) -> dict:
+    """What a resumed run must reproduce exactly (everything but wall-clock times)."""
+    run = RunStore(folder.parent).get("r")
+    result = _strict_json(folder / "result.json")
+    for k in ("time", "timings"):
+        result.pop(k)
+    ck = folder / "checkpoints"
+    return {
+        "metrics": [{k: v for k, v in r.items() if k != "time"} for r in run.metrics()],
+        "spectra": (folder / "spectra.jsonl").read_text(),
+        "result": result,
+        "best": (ck / "best.safetensors").read_bytes(),
+        "last": (ck / "last.safetensors").read_bytes(),
+        "state": _strict_json(folder / "status.json")["state"],
+        "checkpoints": sorted(p.name for p in ck.iterdir() if p.name.startswith("ckpt-")),
+    }
+
+
+# --------------------------------------------------------------------------- the runs
+
+
+def _killed_at(root: Path, point: str) -> int:
+    out = subprocess.run(_cmd(root), env=_env(point), capture_output=True, timeout=300)
+    return out.returncode
+
+
+def _killed_at_random(root: Path, delay: float) -> int:
+    proc = subprocess.Popen(
+        _cmd(root), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    status = root / "r" / "status.json"
+    deadline = time.time() + 120
+    while proc.poll() is None and time.time() < deadline:
+        if status.exists() and '"running"' in status.read_text(errors="replace"):
+            break
+        time.sleep(0.01)
+    time.sleep(delay)
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    return proc.returncode
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("reference")
+    t0 = time.perf_counter()
+    out = subprocess.run(_cmd(root), env=_env(), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    fp = _fingerprint(root / "r")
+    assert fp["state"] == "completed" and fp["result"]["step"] == 60
+    assert len(fp["metrics"]) == 15 + 3 + 2  # train, validation and test lines
+    fp["wall"] = time.perf_counter() - t0
+    fp["train_s"] = _strict_json(root / "r" / "result.json")["time"]
+    return fp
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL")
+def test_kill_at_any_instant_then_resume_gives_the_same_run(tmp_path, reference, capsys):
+    rng = random.Random(8)
+    delays = [rng.uniform(0.0, 1.5 * reference["train_s"] + 0.2) for _ in range(N_RANDOM)]
+    cases = [(p, None) for p in POINTS] + [(f"random:{d:.2f}s", d) for d in delays]
+    t0 = time.perf_counter()
+    killed, identical, after_end = 0, 0, 0
+    with ThreadPoolExecutor(WORKERS) as pool:
+        jobs = []
+        for i, (label, delay) in enumerate(cases):
+            root = tmp_path / f"case{i}"
+            root.mkdir()
+            if delay is None:
+                jobs.append((label, root, pool.submit(_killed_at, root, label)))
+            else:
+                jobs.append((label, root, pool.submit(_killed_at_random, root, delay)))
+        for label, root, job in jobs:
+            rc = job.result()
+            if rc == 0 and label.startswith("random:"):
+                after_end += 1  # a random kill that came after the run had ended
+                continue
+            assert rc == -signal.SIGKILL, (label, rc)
+            killed += 1
+            _check_resume(root / "r", label, reference)
+            identical += 1
+    wall = time.perf_counter() - t0
+    with capsys.disabled():
+        print(
+            f"\nfault injection: {killed} kill points ({len(POINTS)} named instants, "
+            f"{killed - len(POINTS)} random times), {identical}/{killed} resumes identical to "
+            f"the uninterrupted run, {after_end} random kills after the end; {wall:.0f} s"
+        )
+    assert killed >= 20 and identical == killed
+
+
+def _check_resume(folder: Path, label: str, reference: dict) -> None:
+    _assert_readable(folder)
+    assert _resume(folder.parent) == 0, label
+    _no_temp_files(folder)
+    _assert_readable(folder)
+    got = _fingerprint(folder)
+    for key in ("metrics", "spectra", "result", "best", "last", "state", "checkpoints"):
+        assert got[key] == reference[key], (label, key)
+
+
+def test_resume_of_a_completed_run_is_refused_and_changes_nothing(tmp_path, capsys):
+    assert cli_main(["train", "--runs-dir", str(tmp_path), "--name", "r", *FLAGS]) == 0
+    folder = tmp_path / "r"
+    before = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    assert _resume(tmp_path) == 2
+    err = capsys.readouterr().err.strip()
+    assert "already completed" in err and len(err.splitlines()) == 1
+    after = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    assert after == before
+
+
+def test_a_live_run_cannot_be_resumed_or_trained_by_a_second_process(tmp_path, capsys):
+    assert _killed_at(tmp_path, "step:5") == -signal.SIGKILL
+    run = RunStore(tmp_path).get("r")
+    # another process holds the writer lock, as a live training process does
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(tmp_path)], env=_env(), stdout=subprocess.PIPE, text=True
+    )
+    assert holder.stdout.readline().strip() == "holding"
+    capsys.readouterr()
+    assert _resume(tmp_path) == 2
+    assert "still running" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="in use by another process"):
+        lt.train(run.config, run, resume=True)
+    holder.send_signal(signal.SIGKILL)  # the OS releases the lock with the process
+    holder.wait(timeout=30)
+    assert _resume(tmp_path) == 0
+    assert run.status()["state"] == "completed"
+
+
+HOLD = """
+import sys, time
+from lorita.runs import RunStore
+run = RunStore(sys.argv[1]).get("r")
+run.hold()
+run.update_status(state="running", message="", **__import__("lorita.runs").runs._me())
+print("holding", flush=True)
+time.sleep(120)
+"""
+
+
+def test_stop_asked_while_a_resume_starts_is_not_lost(tmp_path):
+    store = RunStore(tmp_path)
+    cfg = lt.TrainConfig(model_kwargs={"width": 16}, epochs=2, spectra_every=0)
+    run = store.create(cfg.to_dict(), name="s")
+    torch.set_num_threads(1)
+
+    def stopper(ev):
+        if ev["event"] == "step" and ev["step"] == 5:
+            run.request_stop()
+
+    assert lt.train(cfg, run, callback=stopper)["state"] == "stopped"
+    assert not run.stop_requested()  # the request was acted on, and consumed
+    run.request_stop()  # asked again while the resume is starting
+    res = lt.train(cfg, run, resume=True)
+    assert res["state"] == "stopped" and res["step"] == 7  # one step, then the stop holds
+    assert not run.stop_requested()
+    assert lt.train(cfg, run, resume=True)["state"] == "completed"
