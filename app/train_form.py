@@ -108,16 +108,20 @@ def check(preset: str, config: dict[str, Any]) -> list[str]:
 
 def dataset_errors(config: dict[str, Any]) -> list[str]:
     """The library's cheap dataset check (no data read): missing files, empty folders."""
-    from lorita import data
-
-    if not hasattr(data, "check_dataset"):
-        return []
     try:
-        data.check_dataset(config["dataset"], **(config.get("dataset_kwargs") or {}))
+        dataset_note(config)
     except ValueError as exc:  # DatasetUnavailable is a ValueError
         text = _one_line(exc)
         return [text if text.startswith("dataset") else f"dataset: {text}"]
     return []
+
+
+def dataset_note(config: dict[str, Any]) -> str:
+    """Where the run's data will come from (``"local files in ..."``, ``"will download into
+    ... (needs internet)"``); ValueError when it cannot be had."""
+    from lorita import data
+
+    return data.check_dataset(config["dataset"], **(config.get("dataset_kwargs") or {}))
 
 
 def save_upload(file_name: str, data: bytes, root: str | Path | None = None) -> Path:

@@ -141,7 +141,7 @@ async def measure_tradeoff_and_slider(browser, url: str, run: str, moves: int) -
     tradeoff_s = time.perf_counter() - t0
     load_tradeoff = load()
     await idle(page)
-    slider = page.locator('[data-testid="stSlider"] [role="slider"]').first
+    slider = page.locator('[data-testid="stSlider"] input[type="range"]').first
     await slider.focus()
     times = []
     for i in range(moves):
@@ -167,7 +167,7 @@ async def measure_theory(browser, url: str, moves: int) -> dict:
     await page.goto(f"{url}/theory")
     await page.get_by_text("effective rank of W").first.wait_for(timeout=120_000)
     await idle(page)
-    slider = page.locator('[data-testid="stSlider"] [role="slider"]').nth(1)  # λ
+    slider = page.locator('[data-testid="stSlider"] input[type="range"]').nth(1)  # λ
     await slider.focus()
     times = []
     for _ in range(moves):
@@ -183,7 +183,7 @@ async def measure_theory(browser, url: str, moves: int) -> dict:
             }""",
             arg=before,
             polling="raf",
-            timeout=60_000,
+            timeout=180_000,
         )
         times.append(time.perf_counter() - t0)
         await idle(page)
@@ -232,15 +232,27 @@ async def measure(url: str, runs: Path, n3: str, busy: str, args) -> dict:
     async with async_playwright() as p:
         browser = await p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         print("Runs page, second session …", file=sys.stderr, flush=True)
-        out.update(await measure_runs(browser, url, busy, args.repeats))
+        out.update(part := await measure_runs(browser, url, busy, args.repeats))
+        print(part, file=sys.stderr, flush=True)
         print("Compress page and slider …", file=sys.stderr, flush=True)
-        out.update(await measure_tradeoff_and_slider(browser, url, n3, args.moves))
+        out.update(part := await measure_tradeoff_and_slider(browser, url, n3, args.moves))
+        print(part, file=sys.stderr, flush=True)
         print("Theory …", file=sys.stderr, flush=True)
-        out.update(await measure_theory(browser, url, args.repeats))
+        out.update(part := await measure_theory(browser, url, args.repeats))
+        print(part, file=sys.stderr, flush=True)
         print(f"{SESSIONS} sessions at once …", file=sys.stderr, flush=True)
-        out.update(await measure_sessions(browser, url, n3, args.rounds))
+        out.update(part := await measure_sessions(browser, url, n3, args.rounds))
+        print(part, file=sys.stderr, flush=True)
         await browser.close()
     return out
+
+
+def jobs_nice() -> int:
+    """The niceness the app gives its training children."""
+    try:
+        return int(os.environ.get("LORITA_TRAIN_NICE", "10"))
+    except ValueError:
+        return 10
 
 
 def report(r: dict, steps: int) -> tuple[str, bool]:
@@ -273,6 +285,9 @@ def report(r: dict, steps: int) -> tuple[str, bool]:
         f"- Machine: {os.cpu_count()} logical CPUs, Python {platform.python_version()}, torch "
         f"{torch.__version__}; the server computes with {boot.server_threads()} torch thread "
         "(`LORITA_APP_THREADS`).",
+        f"- Niceness: the server {os.getpriority(os.PRIO_PROCESS, 0)}, the training child "
+        f"{jobs_nice()} (`LORITA_TRAIN_NICE`); the machine is shared, so other processes may "
+        "have run too: the load averages say how busy it was.",
         f"- Compressed run: the Fashion-MNIST preset (MLP 3 × 256, N=3) and its N=1 baseline, "
         f"{steps} training steps each.",
         "",

@@ -204,6 +204,9 @@ def _start(family: str) -> None:
     state.set_current_run(name)
     st.session_state[state.TRAIN_FOLLOW] = name
     st.toast(f"Started {name}" + (f" and its N=1 baseline {baseline}" if baseline else ""))
+    note = train_form.dataset_note(config)
+    if "download" in note:
+        st.info(f"Data: {note}. Without internet the run stops with what to do.", icon="🌐")
 
 
 def _progress(v: jobs.JobView, *, small: bool = False) -> None:

@@ -214,3 +214,13 @@ def test_build_keeps_a_followed_runs_other_settings():
     assert cfg["spectra_every"] == 7 and cfg["lr"] == 0.01 and cfg["epochs"] == 3
     assert train_form.split_dataset("folder:/data/x") == ("folder", "/data/x")
     assert train_form.split_dataset("digits") == ("digits", "")
+
+
+def test_is_local_tells_this_machine_from_the_rest():
+    from app.serve import is_local
+
+    for url in ("http://127.0.0.1:8501/_stcore/health", "http://localhost:8501/", "data:x",
+                "blob:http://127.0.0.1/1", "ws://[::1]:8501/_stcore/stream"):  # fmt: skip
+        assert is_local(url), url
+    for url in ("https://fonts.gstatic.com/s/i/x.svg", "http://example.com/", "https://1.2.3.4/"):
+        assert not is_local(url), url
