@@ -1,0 +1,320 @@
+"""Why is N=3 less accurate than N=1 before any cut, and which training recipe closes the gap?
+
+    python bench/training_recipe.py [--datasets fashion_mnist digits] [--seeds 0 1]
+                                    [--jobs 2] [--work DIR] [--doc docs/training_recipe.md]
+
+Trains the MLP (3 x 256, BatchNorm) with N=1 and N=3 under recipe variations and reports, per
+variant, the test accuracy of the best-validation epoch (mean over the seeds), the training
+accuracy at the end, the effective ranks of the hidden layers (sigma > 1% sigma_max) and the
+test accuracy of the Budget cut at 10% and 20% of the parameters. Variants the engine does not
+offer (weight-decay schedules, no decay on BatchNorm) need their own loop, so every variant
+runs in the same minimal loop here: Adam/SGD with the decay added to the gradient, per-step
+cosine schedule (after the warm-up), batches drawn without replacement, the ragged last batch
+dropped, validation once per epoch. Results are cached per (dataset, variant, seed) in
+``--work``; a rerun trains only what is missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import lorita as lt  # noqa: E402
+from app.presets import config as preset_config  # noqa: E402
+from lorita.compress import Compressor  # noqa: E402
+from lorita.engine import TrainConfig, build_model, load_splits  # noqa: E402
+from lorita.truncation import Budget  # noqa: E402
+
+BASE = {
+    "fashion_mnist": {"lr": 2e-3, "wd": 1e-3, "bs": 256, "epochs": 10, "width": 256},
+    "digits": {"lr": 3e-3, "wd": 5e-3, "bs": 64, "epochs": 15, "width": 512},
+}
+#: name -> (what it changes, overrides). Every variant trains N=3; "N=1" rows are the baselines.
+VARIANTS = {
+    "n1": ("N=1, the plain network (reference)", {"n": 1}),
+    "n1-warm": ("N=1 with the 10% warm-up", {"n": 1, "warmup": 0.1}),
+    "base": ("N=3, the same recipe as N=1", {}),
+    "lr/2-wd3": (
+        "N=3, half the learning rate, 3x the weight decay",
+        {"lr_scale": 0.5, "wd_scale": 3},
+    ),
+    "warm10": ("N=3, linear warm-up over 10% of the steps", {"warmup": 0.1}),
+    "warm20": ("N=3, linear warm-up over 20% of the steps", {"warmup": 0.2}),
+    "wd-ramp": ("N=3, weight decay ramped in over the first 30%", {"wd_sched": "ramp:0.3"}),
+    "wd-off-end": (
+        "N=3, warm-up 10%, no weight decay in the last 50%",
+        {"warmup": 0.1, "wd_sched": "drop:0.5"},
+    ),
+    "no-decay-bn": ("N=3, no decay on BatchNorm and biases", {"no_decay_bn": True}),
+    "sgd": (
+        "N=3, SGD momentum 0.9 lr 0.05, warm-up 10%, decay x5",
+        {"opt": "sgd", "lr_abs": 0.05, "warmup": 0.1, "wd_scale": 5},
+    ),
+    "sgd-n1": (
+        "N=1, SGD momentum 0.9 lr 0.05, warm-up 10%, decay x5",
+        {"n": 1, "opt": "sgd", "lr_abs": 0.05, "warmup": 0.1, "wd_scale": 5},
+    ),
+}
+DEFAULT_VARIANTS = list(VARIANTS)
+
+
+def _data(dataset: str):
+    splits = load_splits(TrainConfig(dataset=dataset))
+    whole = [part[torch.arange(len(part))] for part in (splits.train, splits.val, splits.test)]
+    return splits, whole
+
+
+@torch.no_grad()
+def _acc(model, xy) -> float:
+    model.eval()
+    x, y = xy
+    hits = sum(
+        (model(x[i : i + 2048]).argmax(1) == y[i : i + 2048]).sum().item()
+        for i in range(0, len(y), 2048)
+    )
+    model.train()
+    return hits / len(y)
+
+
+def _groups(model, wd: float, no_decay_bn: bool) -> list[dict]:
+    dec = [p for p in model.parameters() if not (no_decay_bn and p.ndim <= 1)]
+    nodec = [p for p in model.parameters() if no_decay_bn and p.ndim <= 1]
+    groups = [{"params": dec, "weight_decay": wd, "wd0": wd}]
+    return groups + ([{"params": nodec, "weight_decay": 0.0, "wd0": 0.0}] if nodec else [])
+
+
+def _wd_mult(kind: str, frac: float) -> float:
+    if kind == "const":
+        return 1.0
+    name, share = kind.split(":")
+    share = float(share)
+    if name == "ramp":
+        return min(1.0, frac / share)
+    return 0.0 if frac >= 1 - share else 1.0  # "drop"
+
+
+def _lr_at(lr: float, step: int, total: int, warm: int) -> float:
+    if step < warm:
+        return lr * (0.01 + 0.99 * step / warm)
+    return lr * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+
+
+def settings(dataset: str, variant: str) -> dict:
+    c = {**BASE[dataset], "n": 3, "opt": "adam", "warmup": 0.0, "wd_sched": "const"}
+    c.update(VARIANTS[variant][1])
+    c["lr"] = c.pop("lr_abs", c["lr"] * c.pop("lr_scale", 1.0))
+    c["wd"] = c["wd"] * c.pop("wd_scale", 1)
+    return c
+
+
+def train_one(dataset: str, variant: str, seed: int) -> dict:
+    """Train one (dataset, variant, seed) on one thread; metrics of the best-val epoch."""
+    torch.set_num_threads(1)
+    c = settings(dataset, variant)
+    splits, (tr, va, te) = _data(dataset)
+    cfg = TrainConfig(
+        dataset=dataset, n_factors=c["n"], seed=seed, model_kwargs={"width": c["width"]}
+    )
+    model = build_model(cfg, splits)
+    groups = _groups(model, c["wd"], c.get("no_decay_bn", False))
+    if c["opt"] == "sgd":
+        opt = torch.optim.SGD(groups, lr=c["lr"], momentum=0.9)
+    else:
+        opt = torch.optim.Adam(groups, lr=c["lr"])
+    steps = len(tr[1]) // c["bs"]
+    total, warm = c["epochs"] * steps, int(c["warmup"] * c["epochs"] * steps)
+    gen, step, best, best_state = torch.Generator().manual_seed(seed), 0, -1.0, None
+    t0 = time.perf_counter()
+    for _ in range(c["epochs"]):
+        order = torch.randperm(len(tr[1]), generator=gen)
+        for b in range(steps):
+            idx = order[b * c["bs"] : (b + 1) * c["bs"]]
+            for g in opt.param_groups:
+                g["lr"] = _lr_at(c["lr"], step, total, warm)
+                g["weight_decay"] = g["wd0"] * _wd_mult(c["wd_sched"], step / total)
+            loss = F.cross_entropy(model(tr[0][idx]), tr[1][idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+        val = _acc(model, va)
+        if val > best:
+            best, best_state = val, copy.deepcopy(model.state_dict())
+    seconds = time.perf_counter() - t0
+    train_acc = _acc(model, (tr[0][:10000], tr[1][:10000]))
+    model.load_state_dict(best_state)
+    ranks = [lt.effective_rank(s) for s in lt.layer_spectra(model).values()]
+    session = Compressor(model, splits)
+    cut = {b: session.apply(Budget(b)).metrics["test_acc"] for b in (10, 20)}
+    return {
+        "dataset": dataset,
+        "variant": variant,
+        "seed": seed,
+        "settings": c,
+        "val": best,
+        "test": _acc(model, te),
+        "train_end": train_acc,
+        "ranks": ranks,
+        "cut10": cut[10],
+        "cut20": cut[20],
+        "seconds": seconds,
+    }
+
+
+def _key(dataset: str, variant: str, seed: int) -> str:
+    return f"{dataset}|{variant}|{seed}"
+
+
+def run_all(jobs: list[tuple], work: Path, n_jobs: int) -> dict[str, dict]:
+    cache_file = work / "results.jsonl"
+    done: dict[str, dict] = {}
+    if cache_file.is_file():
+        for line in cache_file.read_text().splitlines():
+            r = json.loads(line)
+            done[_key(r["dataset"], r["variant"], r["seed"])] = r
+    todo = [j for j in jobs if _key(*j) not in done]
+    with ProcessPoolExecutor(max_workers=n_jobs) as pool:
+        futures = [pool.submit(train_one, *j) for j in todo]
+        for f in futures:
+            r = f.result()
+            done[_key(r["dataset"], r["variant"], r["seed"])] = r
+            with cache_file.open("a") as fh:
+                fh.write(json.dumps(r) + "\n")
+            print(
+                f"{r['dataset']} {r['variant']} seed {r['seed']}: test {100 * r['test']:.2f} "
+                f"ranks {r['ranks']} ({r['seconds']:.0f} s)",
+                flush=True,
+            )
+    return done
+
+
+def _mean(rows: list[dict], key: str) -> str:
+    v = [100 * r[key] for r in rows]
+    spread = f" ({min(v):.2f}-{max(v):.2f})" if len(v) > 1 else ""
+    return f"{statistics.fmean(v):.2f}{spread}"
+
+
+def section(dataset: str, variants: list[str], seeds: list[int], done: dict) -> list[str]:
+    b = BASE[dataset]
+    lines = [
+        f"## {dataset}",
+        "",
+        f"MLP 3 x {b['width']} with BatchNorm. "
+        f"Base recipe: Adam lr {b['lr']:g}, weight decay {b['wd']:g} (added to the gradient), "
+        f"cosine schedule, {b['epochs']} epochs of batch {b['bs']}, balanced init; seeds "
+        f"{', '.join(map(str, seeds))}. Test accuracy: mean (min-max) over the seeds.",
+        "",
+        "| variant | test acc (%) | minus N=1 (points) | train acc at the end (%) | effective "
+        "ranks fc1/fc2/fc3/head (seed " + str(seeds[0]) + ") | test acc cut to 10% / 20% "
+        "params | train time (s) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    ref = statistics.fmean(done[_key(dataset, "n1", s)]["test"] for s in seeds)
+    for v in variants:
+        rows = [done[_key(dataset, v, s)] for s in seeds]
+        gap = 100 * (statistics.fmean(r["test"] for r in rows) - ref)
+        lines.append(
+            f"| {VARIANTS[v][0]} | {_mean(rows, 'test')} | {gap:+.2f} | "
+            f"{_mean(rows, 'train_end')} | {'/'.join(map(str, rows[0]['ranks']))} | "
+            f"{_mean(rows, 'cut10')} / {_mean(rows, 'cut20')} | "
+            f"{statistics.fmean(r['seconds'] for r in rows):.0f} |"
+        )
+    return lines + [""]
+
+
+def findings(dataset: str, variants: list[str], seeds: list[int], done: dict) -> list[str]:
+    """The gap before and after, with the same recipe on both sides, and what ships."""
+
+    def mean(v: str) -> float:
+        return 100 * statistics.fmean(done[_key(dataset, v, s)]["test"] for s in seeds)
+
+    n3 = [v for v in variants if settings(dataset, v)["n"] == 3]
+    best = max(n3, key=mean)
+    same = "n1-warm" if settings(dataset, best)["warmup"] and "n1-warm" in variants else "n1"
+    gap = mean(best) - mean(same)
+    shipped = preset_config("fashion") if dataset == "fashion_mnist" else TrainConfig().to_dict()
+    where = "the Fashion-MNIST preset" if dataset == "fashion_mnist" else "TrainConfig's default"
+    verdict = "met" if gap >= -0.3 else f"missed by {-gap - 0.3:.2f} points"
+    return [
+        f"**{dataset}.** "
+        + (
+            f"Same recipe, N=3 minus N=1: {mean('base') - mean('n1'):+.2f} points. "
+            if "base" in variants
+            else ""
+        )
+        + f"Best N=3 variant: {VARIANTS[best][0]} ({mean(best):.2f}%), "
+        f"{gap:+.2f} points against {VARIANTS[same][0]} ({mean(same):.2f}%): the target "
+        f"(within 0.3 points) is {verdict}. {where[0].upper() + where[1:]} now trains with warm-up "
+        f"{shipped.get('warmup', 0.0):g}, lr {shipped['lr']:g}, weight decay "
+        f"{shipped['weight_decay']:g}, {shipped['epochs']} epochs.",
+        "",
+    ]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--datasets", nargs="+", default=list(BASE), choices=list(BASE))
+    ap.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=list(VARIANTS))
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--work", default=None)
+    ap.add_argument("--doc", default=str(ROOT / "docs" / "training_recipe.md"))
+    ap.add_argument(
+        "--cached-only", action="store_true", help="train nothing; write what --work holds"
+    )
+    args = ap.parse_args()
+    work = Path(args.work or tempfile.mkdtemp(prefix="lorita-recipe-"))
+    work.mkdir(parents=True, exist_ok=True)
+    variants = ["n1", *[v for v in args.variants if v != "n1"]]
+    jobs = [(d, v, s) for d in args.datasets for v in variants for s in args.seeds]
+    load0, t0 = os.getloadavg(), time.perf_counter()
+    done = run_all([] if args.cached_only else jobs, work, args.jobs)
+    if args.cached_only:
+        variants = [v for v in variants if all(_key(*j) in done for j in jobs if j[1] == v)]
+    head = [
+        "# Training recipe: closing N=3's dense-accuracy gap",
+        "",
+        "Written by `python bench/training_recipe.py` "
+        f"({time.perf_counter() - t0:.0f} s for what was not cached; {args.jobs} processes of "
+        f"one thread). Machine: {platform.machine()}, {os.cpu_count()} CPU cores shared with "
+        f"other work (load average {load0[0]:.1f} at the start, {os.getloadavg()[0]:.1f} at the "
+        f"end), torch {torch.__version__}.",
+        "",
+        "What the variants probe. With BatchNorm after every hidden layer the loss does not",
+        "depend on the scale of a hidden layer's product W = W3 W2 W1, so weight decay keeps",
+        "shrinking the factors while Adam's steps stay about lr per coordinate: the product moves",
+        "relatively further each step, which drives its small singular values to zero (the low",
+        "ranks) and also adds noise (the lost accuracy). Three factors move at once, so the first",
+        "steps from the balanced start are the largest: a warm-up tames them. Lowering the",
+        "learning rate, ramping the decay in or switching it off late, exempting BatchNorm,",
+        "and SGD (the paper's optimizer for CNNs) change the same balance elsewhere. The N=1",
+        "rows use the same loop, so each gap compares like with like; the adopted recipe is",
+        "compared with N=1 trained by the same recipe.",
+        "",
+    ]
+    body = [line for d in args.datasets for line in section(d, variants, args.seeds, done)]
+    body += ["## Findings", ""]
+    body += [line for d in args.datasets for line in findings(d, variants, args.seeds, done)]
+    text = "\n".join(head + body)
+    Path(args.doc).write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,260 @@
+"""LoRITa against the baselines an engineer would use instead, at the same parameter budget.
+
+    python bench/vs_pruning.py [--setups mlp cnn] [--seeds 0 1] [--budgets 5 10 20 35 50]
+                               [--finetune-epochs 2] [--work DIR] [--doc docs/vs_pruning.md]
+
+For each setup and seed: train the N=3 run and its N=1 twin (same config otherwise), then
+``lorita.baselines.compare``: LoRITa's Budget cut of the N=3 run, the SVD cut of the N=1 run and
+Torch-Pruning's L1 structured pruning of the N=1 run, each at every budget, with and without
+fine-tuning (same recipe for all three). Selection (checkpoint, fine-tuned epoch) reads
+validation only; the tables report test accuracy, mean and range over the seeds. Results of
+each (setup, seed) are cached as JSON in ``--work`` so an interrupted run picks up where it
+stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+import lorita as lt  # noqa: E402
+from app.presets import config as preset_config  # noqa: E402
+from lorita.baselines import METHODS, compare  # noqa: E402
+from lorita.engine import TrainConfig  # noqa: E402
+from lorita.runs import RunStore  # noqa: E402
+
+
+def _setups() -> dict[str, dict]:
+    mlp = {**preset_config("fashion"), "device": "cpu", "spectra_every": 0}
+    cnn = {
+        **TrainConfig().to_dict(),
+        "dataset": "digits",
+        "model": "vgg11",
+        "model_kwargs": {"width_mult": 0.25},
+        "device": "cpu",
+        "spectra_every": 0,
+        "epochs": 15,
+    }
+    return {
+        "mlp": {"title": "Fashion-MNIST MLP (the Fashion-MNIST preset)", "config": mlp},
+        "cnn": {"title": "Small CNN: VGG-11 (channels x0.25) on digits", "config": cnn},
+    }
+
+
+def describe(cfg: dict) -> str:
+    model = cfg["model"] + (f" {cfg['model_kwargs']}" if cfg.get("model_kwargs") else "")
+    warm = cfg.get("warmup", 0.0)
+    return (
+        f"{cfg['dataset']}, {model}; {cfg['optimizer']} lr {cfg['lr']:g}"
+        + (f" (linear warm-up over {100 * warm:g}% of the steps)" if warm else "")
+        + f", weight decay {cfg['weight_decay']:g}, {cfg['schedule']} schedule, "
+        f"{cfg['epochs']} epochs of batch {cfg['batch_size']}"
+    )
+
+
+def train_pair(cfg: dict, seed: int, store: RunStore, tag: str) -> dict:
+    """Train N=3 and N=1 (same config and seed); their run folders and wall times."""
+    out = {}
+    for n in (3, 1):
+        c = {**cfg, "n_factors": n, "seed": seed}
+        run = store.create(c, name=f"{tag}-s{seed}-n{n}")
+        t0 = time.perf_counter()
+        res = lt.train(c, run, threads="auto")
+        out[n] = {
+            "run": str(run.path),
+            "seconds": time.perf_counter() - t0,
+            "test_acc": res["test_acc"],
+            "best_val_acc": res["best_val_acc"],
+        }
+    return out
+
+
+def one_seed(name: str, setup: dict, seed: int, args, store: RunStore) -> dict:
+    cache = Path(args.work) / f"{name}-seed{seed}.json"
+    if cache.is_file():
+        return json.loads(cache.read_text())
+    t0 = time.perf_counter()
+    runs = train_pair(setup["config"], seed, store, name)
+    rows = compare(
+        runs[3]["run"],
+        runs[1]["run"],
+        budgets=args.budgets,
+        finetune_epochs=args.finetune_epochs,
+    )
+    for r in rows:
+        r.pop("ranks", None)
+    out = {"train": runs, "rows": rows, "seconds": time.perf_counter() - t0}
+    cache.write_text(json.dumps(out))
+    out = json.loads(cache.read_text())  # the same (string) keys as a cached result
+    print(f"{name} seed {seed}: done in {out['seconds']:.0f} s", flush=True)
+    return out
+
+
+def stats(values: list[float]) -> str:
+    """Mean (min-max) in percent."""
+    v = [100 * x for x in values]
+    if len(v) == 1:
+        return f"{v[0]:.2f}"
+    return f"{statistics.fmean(v):.2f} ({min(v):.2f}-{max(v):.2f})"
+
+
+def cell(results: list[dict], budget: float, method: str, ft: int) -> list[float]:
+    return [
+        r["test_acc"]
+        for res in results
+        for r in res["rows"]
+        if r["budget"] == budget and r["method"] == method and r["finetune_epochs"] == ft
+    ]
+
+
+def params_pct(results: list[dict], budget: float, method: str) -> float:
+    v = [
+        r["params_pct"]
+        for res in results
+        for r in res["rows"]
+        if r["budget"] == budget and r["method"] == method and r["finetune_epochs"] == 0
+    ]
+    return statistics.fmean(v)
+
+
+def winner(results: list[dict], budget: float, ft: int) -> tuple[str, float]:
+    """The method with the best mean test accuracy, and LoRITa's margin over the best other."""
+    mean = {m: statistics.fmean(cell(results, budget, m, ft)) for m in METHODS}
+    best = max(mean, key=mean.get)
+    other = max(v for m, v in mean.items() if m != "lorita")
+    return best, 100 * (mean["lorita"] - other)
+
+
+def table(results: list[dict], budgets, ft: int) -> tuple[list[str], int]:
+    head = " | ".join(METHODS[m] for m in METHODS)
+    lines = [
+        f"| budget (params) | {head} | best | LoRITa minus best baseline (points) |",
+        "|---" * (len(METHODS) + 3) + "|",
+    ]
+    wins = 0
+    for b in budgets:
+        cells = []
+        for m in METHODS:
+            cells.append(f"{stats(cell(results, b, m, ft))} [{params_pct(results, b, m):.1f}%]")
+        best, margin = winner(results, b, ft)
+        wins += margin >= 0
+        lines.append(f"| {b:g}% | " + " | ".join(cells) + f" | {METHODS[best]} | {margin:+.2f} |")
+    return lines, wins
+
+
+def dense_lines(results: list[dict]) -> list[str]:
+    lines = [
+        "| N | test acc (%), uncut | best val acc (%) | training wall time (s) |",
+        "|---|---|---|---|",
+    ]
+    for n in ("3", "1"):
+        tr = [res["train"][n] for res in results]
+        lines.append(
+            f"| {n} | {stats([t['test_acc'] for t in tr])} | "
+            f"{stats([t['best_val_acc'] for t in tr])} | "
+            + ", ".join(f"{t['seconds']:.0f}" for t in tr)
+            + " |"
+        )
+    return lines
+
+
+def section(name: str, setup: dict, results: list[dict], args) -> list[str]:
+    k = args.finetune_epochs
+    lines = [
+        f"## {setup['title']}",
+        "",
+        f"{describe(setup['config'])}; seeds {', '.join(map(str, args.seeds))}. "
+        f"Fine-tuning: {k} epochs, the recipe `Compressor.recipe()` gives all three "
+        "(the run's optimizer and batch size, a tenth of its learning rate, no weight decay), "
+        "the epoch kept chosen on validation.",
+        "",
+        "Uncut models (test accuracy of the best-validation checkpoint):",
+        "",
+        *dense_lines(results),
+        "",
+    ]
+    targets = {0: len(args.budgets), k: 3}  # the issue's bar: all without, >= 3 of 5 with
+    for ft in (0, k) if k else (0,):
+        body, wins = table(results, args.budgets, ft)
+        what = f"after {ft} epochs of fine-tuning" if ft else "without fine-tuning"
+        bar = targets[ft] if len(args.budgets) == 5 else len(args.budgets)
+        verdict = "met" if wins >= bar else f"missed by {bar - wins} budget(s)"
+        lines += [
+            f"Test accuracy (%) {what}: mean (min-max) over the seeds, [params kept, mean].",
+            "",
+            *body,
+            "",
+            f"LoRITa at or above both baselines {what}: {wins} of {len(args.budgets)} budgets "
+            f"(target {bar}: {verdict}).",
+            "",
+        ]
+    gap = 100 * statistics.fmean(
+        res["train"]["3"]["test_acc"] - res["train"]["1"]["test_acc"] for res in results
+    )
+    lines += [
+        f"Uncut, N=3 minus N=1: {gap:+.2f} points of test accuracy (target: within 0.3). "
+        "Fine-tuning starts every method from its cut; a cut of N=3 starts from the lower "
+        "uncut accuracy, which is what decides the large budgets. What was tried to close the "
+        "gap, and what it gave: docs/training_recipe.md.",
+        "",
+    ]
+    return lines
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--setups", nargs="+", default=["mlp", "cnn"], choices=["mlp", "cnn"])
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    ap.add_argument("--budgets", nargs="+", type=float, default=[5, 10, 20, 35, 50])
+    ap.add_argument("--finetune-epochs", type=int, default=2)
+    ap.add_argument("--work", default=None, help="folder for runs and per-seed JSON results")
+    ap.add_argument("--doc", default=str(ROOT / "docs" / "vs_pruning.md"))
+    args = ap.parse_args()
+    args.work = args.work or tempfile.mkdtemp(prefix="lorita-vs-pruning-")
+    Path(args.work).mkdir(parents=True, exist_ok=True)
+    store = RunStore(Path(args.work) / "runs")
+    load0, t_all = os.getloadavg(), time.perf_counter()
+    setups = _setups()
+    sections = []
+    for name in args.setups:
+        results = [one_seed(name, setups[name], s, args, store) for s in args.seeds]
+        sections += section(name, setups[name], results, args)
+    head = [
+        "# LoRITa versus SVD and structured pruning at the same budget",
+        "",
+        "Written by `python bench/vs_pruning.py` (rerun it to refresh; "
+        f"{time.perf_counter() - t_all:.0f} s here, trainings included). Machine: "
+        f"{platform.machine()}, {os.cpu_count()} CPU cores shared with other work (load average "
+        f"{load0[0]:.1f} at the start, {os.getloadavg()[0]:.1f} at the end), torch "
+        f"{torch.__version__}; every run on one thread.",
+        "",
+        "Methods, each at a budget of the uncut model's parameters: **LoRITa cut** = the N=3 run "
+        "merged and cut by the Budget policy (singular values dropped in the global policy's "
+        "order until the parameter count fits; cut layers stored as two thin layers); **SVD cut** "
+        "= the same cut of the N=1 run; **L1 pruning** = Torch-Pruning's magnitude (L1) "
+        "structured pruning of the N=1 run, whole neurons/channels removed at one uniform ratio "
+        "(the output layer kept), the smallest ratio that fits. The classifier head keeps at "
+        "least its number of classes. Budgets count the whole deployed network (BatchNorm and "
+        "biases included).",
+        "",
+    ]
+    text = "\n".join(head + sections)
+    Path(args.doc).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.doc).write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
