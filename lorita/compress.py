@@ -35,6 +35,8 @@ from . import kinds
 from .convert import iter_layers, merge_model
 from .cost import Cost, count_cost
 from .data import TensorDataset
+from .engine import evaluate as _evaluate
+from .engine import finetune as _finetune
 from .layers import LowRankConv2d, LowRankLinear
 from .spectra import layer_matrix
 from .truncation import (
@@ -48,13 +50,6 @@ from .truncation import (
     tradeoff_curve,
     truncate,
 )
-
-try:  # the training engine package; the single module before it
-    from .engine import evaluate as _evaluate
-    from .engine import finetune as _finetune
-except ImportError:
-    from .train import evaluate as _evaluate
-    from .train import finetune as _finetune
 
 __all__ = ["Compressor", "CompressResult", "HeldSplits", "output_layer", "EVAL_BATCH"]
 
