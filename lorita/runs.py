@@ -91,13 +91,17 @@ def validate_name(name: Any) -> str:
 
     THE name check: every function that turns a run name into a path calls it.
     """
-    if not isinstance(name, str) or not _NAME_RE.match(name) or ".." in name:
+    if not isinstance(name, str) or not _is_name(name):
         shown = repr(name) if len(repr(name)) <= 60 else repr(name)[:57] + "..."
         raise ValueError(
             f"run name: {shown} is not allowed; use 1-100 letters, digits, '.', '_' or '-', "
             "starting with a letter or digit, without '..'"
         )
     return name
+
+
+def _is_name(name: str) -> bool:
+    return bool(_NAME_RE.match(name)) and ".." not in name
 
 
 def _num(v: Any, default: float = 0.0) -> float:
@@ -506,7 +510,7 @@ class RunStore:
         runs = []
         for p in entries:
             with contextlib.suppress(OSError):
-                if _NAME_RE.match(p.name) and p.is_dir() and (p / "config.json").is_file():
+                if _is_name(p.name) and p.is_dir() and (p / "config.json").is_file():
                     runs.append(Run(p))
         return sorted(runs, key=_created, reverse=True)
 
