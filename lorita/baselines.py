@@ -106,7 +106,8 @@ def prune_to_budget(
         if c < lo_cost:  # pruning really happened (Torch-Pruning refuses ratios that empty a layer)
             lo, lo_cost, best = r, c, (r, m, c)
     if hi is not None:
-        step = 1.0 / (2 * max(layer_matrix(m).shape[0] for _, m in iter_layers(model)))
+        # a ratio step this small moves no layer by more than one channel
+        step = 1.0 / max(layer_matrix(m).shape[0] for _, m in iter_layers(model))
         while hi[0] - lo > step:
             mid = (lo + hi[0]) / 2
             m, c = prune(mid)
