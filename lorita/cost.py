@@ -1,5 +1,6 @@
 """What a deployable model costs: parameters, FLOPs (counted by PyTorch's FlopCounterMode, per
-layer) and measured latency. A composed model is merged first: it deploys as plain layers."""
+layer) and measured latency (whole model at batch 1 and 64, and per layer). A composed model is
+merged first: it deploys as plain layers."""
 
 from __future__ import annotations
 
@@ -12,8 +13,12 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .convert import composed_layers, iter_layers, merge_model
+from .kinds import median_seconds
 
-__all__ = ["Cost", "count_cost", "measure_latency"]
+__all__ = ["Cost", "count_cost", "measure_latency", "latency_profile", "layer_latency"]
+
+#: The batch sizes :func:`latency_profile` measures by default.
+LATENCY_BATCHES = (1, 64)
 
 
 @dataclass
@@ -59,27 +64,108 @@ def count_cost(model: nn.Module, example_input: Tensor) -> Cost:
     return Cost(params=params, flops=int(counter.get_total_flops()), per_layer=per_layer)
 
 
+def _check_repeats(repeats, warmup) -> None:
+    for name, v, low in (("repeats", repeats, 1), ("warmup", warmup, 0)):
+        if isinstance(v, bool) or not isinstance(v, int) or not low <= v <= 10_000:
+            raise ValueError(f"{name}: expected an integer in [{low}, 10000], got {v!r}")
+
+
+def _timed(example_input: Tensor):
+    """A wall-clock timer around a forward call (synchronising CUDA when it is used)."""
+    cuda = example_input.is_cuda
+
+    def run(fn):
+        if cuda:
+            torch.cuda.synchronize()
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+
+    return run
+
+
 def measure_latency(
     model: nn.Module, example_input: Tensor, *, repeats: int = 20, warmup: int = 3
 ) -> float:
     """Median wall time in seconds of one forward pass of the deployable model (no grad)."""
-    if repeats < 1:
-        raise ValueError(f"repeats: expected >= 1, got {repeats!r}")
+    _check_repeats(repeats, warmup)
     deploy = _deployable(model)
     was_training = deploy.training
     deploy.eval()
-    times = []
+    run = _timed(example_input)
+    try:
+        with torch.no_grad():
+            return median_seconds(
+                lambda: run(lambda: deploy(example_input)), repeats=repeats, warmup=warmup
+            )
+    finally:
+        deploy.train(was_training)
+
+
+def _batch(example_input: Tensor, b: int) -> Tensor:
+    return example_input[:1].expand(b, *example_input.shape[1:]).contiguous()
+
+
+def latency_profile(
+    model: nn.Module,
+    example_input: Tensor,
+    *,
+    batches: tuple[int, ...] = LATENCY_BATCHES,
+    repeats: int = 20,
+    warmup: int = 3,
+) -> dict[int, float]:
+    """``{batch: median seconds}`` of the deployable model on ``example_input``'s first sample
+    repeated to each batch size (default 1 and 64)."""
+    for b in batches:
+        if isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= 4096:
+            raise ValueError(f"batches: expected integers in [1, 4096], got {b!r}")
+    return {
+        b: measure_latency(model, _batch(example_input, b), repeats=repeats, warmup=warmup)
+        for b in batches
+    }
+
+
+def layer_latency(
+    model: nn.Module, example_input: Tensor, *, repeats: int = 10, warmup: int = 2
+) -> dict[str, float]:
+    """Where the time goes: ``{layer name: median seconds}`` spent inside each layer (Linear,
+    Conv2d, low-rank, attention) over one forward pass, summed over its calls."""
+    _check_repeats(repeats, warmup)
+    deploy = _deployable(model)
+    was_training = deploy.training
+    deploy.eval()
+    layers = dict(iter_layers(deploy))
+    samples: dict[str, list[float]] = {n: [] for n in layers}
+    pass_total: dict[str, float] = {}
+    starts: dict[str, list[float]] = {n: [] for n in layers}
+    handles = []
+    for name, module in layers.items():
+        handles.append(module.register_forward_pre_hook(_start_hook(starts[name])))
+        handles.append(module.register_forward_hook(_stop_hook(starts[name], pass_total, name)))
     try:
         with torch.no_grad():
             for i in range(warmup + repeats):
-                if example_input.is_cuda:
-                    torch.cuda.synchronize()
-                t0 = time.perf_counter()
+                pass_total.clear()
                 deploy(example_input)
-                if example_input.is_cuda:
-                    torch.cuda.synchronize()
                 if i >= warmup:
-                    times.append(time.perf_counter() - t0)
+                    for n in layers:
+                        samples[n].append(pass_total.get(n, 0.0))
     finally:
+        for h in handles:
+            h.remove()
         deploy.train(was_training)
-    return statistics.median(times)
+    return {n: statistics.median(v) for n, v in samples.items()}
+
+
+def _start_hook(stack: list[float]):
+    def hook(module, args):
+        stack.append(time.perf_counter())
+
+    return hook
+
+
+def _stop_hook(stack: list[float], total: dict[str, float], name: str):
+    def hook(module, args, out):
+        total[name] = total.get(name, 0.0) + time.perf_counter() - stack.pop()
+
+    return hook

@@ -55,7 +55,6 @@ _SPEC_KEY = "lorita_spec"
 LIMITS = {
     "header_bytes": 16 * 1024 * 1024,
     "spec_bytes": 4 * 1024 * 1024,
-    "json_depth": 48,
     "tensors": 100_000,
     "tree_nodes": 20_000,
     "name_chars": 512,
@@ -255,26 +254,14 @@ def _fail(field: str, msg: str) -> ValueError:
     return ValueError(f"{field}: {msg}")
 
 
-def _json_depth_ok(text: str, limit: int) -> bool:
-    """True when the JSON text nests at most ``limit`` deep (strings are skipped)."""
-    depth = 0
-    for tok in re.finditer(r'"(?:[^"\\]|\\.)*"|[\[{]|[\]}]', text):
-        t = tok.group()
-        if t in "[{":
-            depth += 1
-            if depth > limit:
-                return False
-        elif t in "]}":
-            depth -= 1
-    return True
-
-
 def _loads(text: str, field: str):
-    if not _json_depth_ok(text, LIMITS["json_depth"]):
-        raise _fail(field, f"nested deeper than {LIMITS['json_depth']} levels")
+    """Parse JSON; nesting deeper than Python's recursion limit is refused by the parser
+    itself (in C, in microseconds), and the validators below bound the depth they walk."""
     try:
         return json.loads(text)
-    except (ValueError, RecursionError) as e:
+    except RecursionError:
+        raise _fail(field, "nested too deep") from None
+    except ValueError as e:
         raise _fail(field, f"not valid JSON ({str(e)[:80]})") from None
 
 
@@ -387,6 +374,8 @@ def _check_tree(node, field: str, budget: list[int], depth: int = 0) -> None:
     if kind == "Sequential":
         if set(node) != {"type", "children"} or not isinstance(node["children"], list):
             raise _fail(field, "a Sequential has exactly 'type' and 'children' (a list)")
+        if len(node["children"]) > budget[0]:
+            raise _fail(field, f"module tree has more than {LIMITS['tree_nodes']} nodes")
         for i, child in enumerate(node["children"]):
             f = f"{field}.children[{i}]"
             if not (isinstance(child, list) and len(child) == 2 and isinstance(child[0], str)):
@@ -600,10 +589,23 @@ def _check_against_file(model: nn.Module, shapes: dict[str, tuple], where: str) 
         raise _fail(where, f"layer {_layer_of(bad)!r} does not match the file: {bad}")
 
 
+def _check_options_backed(arch: dict, shapes: dict[str, tuple]) -> None:
+    """A registry model's integer options (widths, depths, classes) must be backed by the file:
+    none larger than its largest tensor dimension or its number of tensors (or 4096)."""
+    backed = max([4096, len(shapes), *(d for s in shapes.values() for d in s)])
+    for k, v in arch.get("kwargs", {}).items():
+        limit = len(shapes) if "depth" in k or "layers" in k else backed  # a layer has a tensor
+        for x in v if isinstance(v, list) else [v]:
+            if isinstance(x, (int, float)) and not isinstance(x, bool) and abs(x) > limit:
+                raise _fail(f"spec.arch.kwargs.{k}", f"{x!r} is larger than the file backs")
+
+
 def _meta_build(spec: dict, shapes: dict[str, tuple], where: str) -> tuple[nn.Module, int]:
     """Build the declared model on the meta device (nothing allocated), bounded by what the
     file holds, and compare every tensor shape with the header. Returns the model and the
     number of values its plain (uncut) architecture holds."""
+    if "registry" in spec["arch"]:
+        _check_options_backed(spec["arch"], shapes)
     try:
         model, plain = _build_declared(spec, shapes, "meta")
     except _GateError:

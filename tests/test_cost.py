@@ -1,3 +1,4 @@
+import pytest
 import torch
 from torch import nn
 
@@ -36,3 +37,19 @@ def test_latency_is_positive_and_mode_restored():
     net = nn.Sequential(nn.Linear(8, 8)).train()
     assert lt.measure_latency(net, torch.randn(2, 8), repeats=3) > 0
     assert net.training
+
+
+def test_latency_profile_and_per_layer_latency():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 10)).train()
+    prof = lt.cost.latency_profile(net, torch.randn(3, 32), batches=(1, 8), repeats=3)
+    assert set(prof) == {1, 8} and all(t > 0 for t in prof.values())
+    per = lt.cost.layer_latency(net, torch.randn(4, 32), repeats=3)
+    assert set(per) == {"0", "2"} and all(t > 0 for t in per.values())
+    assert net.training  # mode restored
+    small = lt.truncate(net, lt.Ranks({"0": 4}))
+    assert set(lt.cost.layer_latency(small, torch.randn(4, 32), repeats=2)) == {"0", "2"}
+    with pytest.raises(ValueError, match="batches"):
+        lt.cost.latency_profile(net, torch.randn(1, 32), batches=(0,))
+    with pytest.raises(ValueError, match="repeats"):
+        lt.cost.layer_latency(net, torch.randn(1, 32), repeats=0)
