@@ -69,6 +69,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "config": {
             "dataset": "cifar10",
             "model": "vgg16",
+            "model_kwargs": {},
             "n_factors": 3,
             "init": "balanced",
             "optimizer": "sgd",
