@@ -196,7 +196,10 @@ def load(path: Path, model: nn.Module, opt, sched) -> tuple[dict, dict[str, torc
             state.setdefault(int(idx), {})[k] = v
     for idx, st in info["plain_state"].items():
         state.setdefault(int(idx), {}).update(st)
-    opt.load_state_dict({"state": state, "param_groups": info["param_groups"]})
+    groups = [
+        {k: tuple(v) if k == "betas" else v for k, v in g.items()} for g in info["param_groups"]
+    ]  # JSON has no tuples
+    opt.load_state_dict({"state": state, "param_groups": groups})
     if sched is not None and info["scheduler"] is not None:
         sched.load_state_dict(info["scheduler"])
     rng = {k[4:]: v for k, v in tensors.items() if k.startswith("rng.")}

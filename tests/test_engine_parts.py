@@ -1,0 +1,146 @@
+"""The engine's pieces on their own: config metadata and bounds, init_from, the checkpoint
+transaction, the spectra worker."""
+
+import dataclasses
+import math
+import pickle
+
+import pytest
+import torch
+
+import lorita as lt
+from lorita.engine import checkpoint
+from lorita.engine.config import TrainConfig
+from lorita.engine.optim import make_optimizer, make_scheduler
+from lorita.engine.spectra_worker import SpectraWorker
+from lorita.spectra import layer_matrix
+
+KINDS = {"int", "float", "bool", "str", "dict", "list"}
+
+
+def test_every_field_carries_help_kind_and_bounds():
+    for f in dataclasses.fields(TrainConfig):
+        md = f.metadata
+        assert md["help"] and md["kind"] in KINDS, f.name
+        if md["kind"] in ("int", "float"):
+            assert math.isfinite(md["min"]) and math.isfinite(md["max"]), f.name
+
+
+@pytest.mark.parametrize(
+    "name",
+    [f.name for f in dataclasses.fields(TrainConfig) if f.metadata["kind"] in ("int", "float")],
+)
+def test_numeric_fields_refuse_out_of_range_values_by_name(name):
+    md = next(f.metadata for f in dataclasses.fields(TrainConfig) if f.name == name)
+    for bad in (md["max"] * 10 + 1, md["min"] - 1, float("nan"), float("inf"), True, "3"):
+        with pytest.raises(ValueError, match=f"^{name}: "):
+            TrainConfig(**{name: bad})
+    TrainConfig(**{name: md["max"] if not md.get("max_open") else md["min"] + 1e-3})
+
+
+def test_strings_and_lists_are_checked():
+    for kw, field in [
+        ({"device": ""}, "device"),
+        ({"init": ""}, "init"),
+        ({"init_from": ""}, "init_from"),
+        ({"skip": [""]}, "skip"),
+        ({"model_kwargs": {str(i): i for i in range(100)}}, "model_kwargs"),
+        ({"dataset_kwargs": [1]}, "dataset_kwargs"),
+    ]:
+        with pytest.raises(ValueError, match=f"^{field}: "):
+            TrainConfig(**kw)
+    assert TrainConfig(skip="fc1").skip == ["fc1"]
+
+
+def test_init_from_loads_the_plain_weights_before_composing(tmp_path):
+    base = TrainConfig(model_kwargs={"width": 16}, epochs=1, n_factors=1, seed=5)
+    splits = lt.load_splits(base)
+    plain = lt.build_model(base, splits)  # N=1: the plain model itself
+    sd = {k: v.clone() for k, v in plain.state_dict().items()}
+    torch.save(sd, tmp_path / "w.pt")
+    lt.save(plain, tmp_path / "w.safetensors")
+    from safetensors.torch import save_file
+
+    save_file(sd, str(tmp_path / "raw.safetensors"))
+    for path in (tmp_path / "w.pt", tmp_path / "raw.safetensors"):
+        cfg = TrainConfig(model_kwargs={"width": 16}, n_factors=3, seed=0, init_from=str(path))
+        merged = lt.merge_model(lt.build_model(cfg, splits))
+        for k, v in merged.state_dict().items():
+            torch.testing.assert_close(v, sd[k], rtol=1e-4, atol=1e-5)
+    wrong = TrainConfig(model_kwargs={"width": 8}, init_from=str(tmp_path / "w.pt"))
+    with pytest.raises(ValueError, match="init_from: .*shape"):
+        lt.build_model(wrong, splits)
+    evil = tmp_path / "evil.pt"
+    evil.write_bytes(pickle.dumps(_Boom(), protocol=2))
+    for path in (evil, tmp_path / "missing.pt"):
+        with pytest.raises(ValueError, match="init_from"):
+            lt.build_model(TrainConfig(model_kwargs={"width": 16}, init_from=str(path)), splits)
+
+
+class _Boom:
+    def __reduce__(self):
+        return (print, ("code ran",))
+
+
+def _model_and_opt():
+    torch.manual_seed(0)
+    model = lt.overparameterize(
+        torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Linear(5, 3)), 2
+    )
+    opt = make_optimizer("adam", model.parameters(), 1e-2, 1e-3, 0.9)
+    sched = make_scheduler("cosine", opt, 10)
+    for _ in range(3):
+        model(torch.randn(4, 6)).sum().backward()
+        opt.step()
+        sched.step()
+    return model, opt, sched
+
+
+def test_checkpoint_round_trip_and_only_complete_folders_count(tmp_path):
+    model, opt, sched = _model_and_opt()
+    counters = {"step": 3, "epoch": 0}
+    rng = {"torch": torch.get_rng_state()}
+    first = checkpoint.save(tmp_path, model, opt, sched, counters=counters, rng=rng, meta={})
+    second = checkpoint.save(
+        tmp_path, model, opt, sched, counters={"step": 4}, rng=rng, meta={"step": 4}
+    )
+    assert not first.exists() and checkpoint.latest(tmp_path) == second  # pruned after
+    assert lt.read_spec(tmp_path / "last.safetensors")["metadata"]["step"] == 4
+
+    fresh, opt2, sched2 = _model_and_opt()
+    with torch.no_grad():
+        for p in fresh.parameters():
+            p.zero_()
+    got, rng2 = checkpoint.load(second, fresh, opt2, sched2)
+    assert got == {"step": 4} and torch.equal(rng2["torch"], rng["torch"])
+    for a, b in zip(fresh.state_dict().values(), model.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    a, b = opt2.state_dict(), opt.state_dict()
+    assert a["param_groups"] == b["param_groups"] and a["state"].keys() == b["state"].keys()
+    for i, st in b["state"].items():
+        assert all(torch.equal(a["state"][i][k], v) for k, v in st.items())
+    assert sched2.state_dict() == sched.state_dict()
+
+    # a folder whose files do not match its manifest (or with none) is never resumed from
+    (tmp_path / "ckpt-000009").mkdir()
+    (tmp_path / "ckpt-000010").mkdir()
+    for name in ("model.safetensors", "state.safetensors", "manifest.json"):
+        (tmp_path / "ckpt-000010" / name).write_bytes((second / name).read_bytes())
+    with open(tmp_path / "ckpt-000010" / "state.safetensors", "ab") as f:
+        f.write(b"x")
+    assert checkpoint.latest(tmp_path) == second
+
+
+def test_spectra_worker_gives_each_layers_singular_values_in_order():
+    model, _, _ = _model_and_opt()
+    worker = SpectraWorker()
+    try:
+        for step in range(4):
+            worker.submit(model, step, 0)
+        out = worker.results(wait=True)
+    finally:
+        worker.close()
+    assert [r[0] for r in out] == [0, 1, 2, 3]
+    for name, layer in lt.iter_layers(model):
+        want = torch.linalg.svdvals(layer_matrix(layer).float())
+        torch.testing.assert_close(out[-1][2][name], want)
