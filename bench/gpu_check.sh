@@ -45,7 +45,7 @@ import lorita as lt
 from lorita.data import DatasetUnavailable, load_dataset
 from lorita.runs import RunStore
 from lorita.spectra import layer_matrix
-from lorita.train import TrainConfig, build_model, load_splits
+from lorita.engine import TrainConfig, build_model, load_splits
 
 dev = os.environ.get("DEVICE", "cuda")
 steps = int(os.environ.get("STEPS", "300"))
@@ -97,7 +97,7 @@ for n in (1, 3):
             last[0] = None  # time training steps only
 
     t0 = time.time()
-    res = lt.train.train(cfg, run, callback=cb)
+    res = lt.train(cfg, run, callback=cb)
     warm = times[20:] or times
     step_s = statistics.median(warm)
     first, final = statistics.mean(losses[:20]), statistics.mean(losses[-20:])
@@ -139,7 +139,7 @@ for n in (1, 3):
              "spectra_every": 0, "eval_every": 0}
     ends = {}
     for d in dict.fromkeys((dev, "cpu")):
-        r = lt.train.train(TrainConfig.from_dict({**short, "device": d}), threads=None)
+        r = lt.train(TrainConfig.from_dict({**short, "device": d}), threads=None)
         ends[d] = lt.layer_spectra(r["model"].cpu())
     err10 = max(
         float((ends[dev][k] - ends["cpu"][k]).abs().max() / ends["cpu"][k].max())
