@@ -266,6 +266,10 @@ def _add_field(g, f: dataclasses.Field) -> None:
     flags = _FLAG_NAMES.get(f.name, ("--" + f.name.replace("_", "-"),))
     kind = _field_kind(f)
     extra = _families_text(f.name) if f.name in ("dataset", "model") else ""
+    if f.name == "device":
+        from .engine.devices import available_devices
+
+        extra = "available here: " + ", ".join(available_devices())
     common = {"dest": f.name, "default": argparse.SUPPRESS, "help": _field_help(f, extra)}
     if kind == "bool":
         g.add_argument(*flags, action=argparse.BooleanOptionalAction, **common)
@@ -423,16 +427,8 @@ def _add_policy_flags(c: argparse.ArgumentParser) -> None:
     )
 
 
-def _forms() -> tuple[str, ...]:
-    try:
-        from .kinds import FORMS
-    except ImportError:  # before the layer-kinds table: the two forms truncate() takes
-        FORMS = ("low_rank", "dense")
-    return tuple(FORMS)
-
-
 def _add_model_source(p: argparse.ArgumentParser) -> None:
-    FORMS = _forms()
+    from .kinds import FORMS
 
     p.add_argument("run", type=_text("RUN"))
     p.add_argument(
@@ -488,7 +484,21 @@ def _budgets(s: str) -> list[float]:
     return sorted({conv(t) for t in items})
 
 
+def _methods(s: str) -> list[str]:
+    from .baselines import METHODS
+
+    items = [t.strip() for t in _text("--methods")(s).split(",")]
+    unknown = [t for t in items if t not in METHODS]
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"{_short(', '.join(unknown))!r} not among {', '.join(METHODS)}"
+        )
+    return list(dict.fromkeys(items))
+
+
 def _add_compare(sub) -> None:
+    from .baselines import METHODS
+
     c = sub.add_parser(
         "compare", help="LoRITa's cut against the SVD cut and pruning of the N=1 baseline"
     )
@@ -505,7 +515,7 @@ def _add_compare(sub) -> None:
         type=_budgets,
         default=[5.0, 10.0, 20.0, 35.0, 50.0],
         metavar="P,P,...",
-        help="parameter budgets in percent, each in [0.1, 100] (default 5,10,20,35,50)",
+        help="budgets in percent of --measure, each in [0.1, 100] (default 5,10,20,35,50)",
     )
     c.add_argument(
         "--measure",
@@ -514,6 +524,13 @@ def _add_compare(sub) -> None:
         help="what the budgets are a share of (default params)",
     )
     c.add_argument("--which", choices=["best", "last"], default="best", help="checkpoint")
+    c.add_argument(
+        "--methods",
+        type=_methods,
+        default=None,
+        metavar="M,M,...",
+        help="which of " + ", ".join(METHODS) + " (default all)",
+    )
     _add_finetune(c)
     c.add_argument("--json", action="store_true", help="print the rows as JSON")
     _add_runs_dir(c)
@@ -1002,13 +1019,14 @@ def cmd_stop(args) -> int:
 # --------------------------------------------------------------------------- compress
 
 
-def _compressor(args):
+def _compressor(args, *, cut: bool = True):
+    """The compress session of the run; ``cut=False`` takes no SVDs (an uncut export)."""
     from .compress import Compressor
 
     run = _get_run(args, args.run)
     if not run.checkpoint(args.which).is_file():
         raise UsageError(f"run {run.name!r} has no {args.which} checkpoint yet")
-    return Compressor(run, which=args.which)
+    return Compressor(run, which=args.which, layers=None if cut else [])
 
 
 def _latency(model, example) -> dict:
@@ -1121,6 +1139,7 @@ def cmd_compare(args) -> int:
             finetune_epochs=args.finetune_epochs,
             measure=args.measure,
             which=args.which,
+            **({"methods": args.methods} if args.methods else {}),
             finetune_lr=args.finetune_lr,
             progress=bar,
         )
@@ -1176,7 +1195,7 @@ class _CountBar:
 
 
 def cmd_export(args) -> int:
-    cz = _compressor(args)
+    cz = _compressor(args, cut=args.policy is not None)
     if args.policy is None:
         model, words = cz.model, "none"
     else:
@@ -1190,7 +1209,7 @@ def cmd_export(args) -> int:
     else:
         from .export import save
 
-        acc = cz.data.metrics(model)
+        acc = cz.base if args.policy is None else cz.data.metrics(model)
         meta = {"run": cz.run, "policy": words, "val_acc": acc["val_acc"]}
         save(model, args.out, input_shape=list(example.shape[1:]), metadata=meta)
     print(args.out)

@@ -331,3 +331,75 @@ def test_module_entry_point_and_sigterm_stop_with_queue(tmp_path):
     bad = _cli("train", "--lr", "0", "--runs-dir", str(tmp_path), stderr=subprocess.PIPE, text=True)
     _, err = bad.communicate(timeout=60)
     assert bad.returncode == 2 and err.count("\n") == 1 and "lr" in err
+
+
+def _image_folder(root: Path, classes=("cat", "dog"), per_class=8, size=20) -> None:
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    for k, c in enumerate(classes):
+        (root / c).mkdir(parents=True)
+        for i in range(per_class):
+            noise = torch.randint(0, 60, (size, size, 3), generator=g)
+            pixels = (noise + 150 * k).clamp(0, 255).to(torch.uint8).numpy()
+            Image.fromarray(pixels).save(root / c / f"{i}.png")
+
+
+def _lorita(*args, cwd) -> str:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    p = subprocess.run(
+        [sys.executable, "-m", "lorita", *map(str, args)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert p.returncode == 0, p.stderr[-2000:]
+    return p.stdout
+
+
+@pytest.mark.slow
+def test_own_model_and_images_end_to_end(tmp_path):
+    """A torchvision ResNet-18 started from its own weights on a folder of images: train,
+    compress, export, and load back into a fresh ResNet-18, from the command line."""
+    from safetensors.torch import save_file
+    from torchvision.models import resnet18
+
+    images, runs = tmp_path / "pets", tmp_path / "runs"
+    _image_folder(images)
+    torch.manual_seed(0)
+    start = resnet18(num_classes=2)
+    save_file(start.state_dict(), str(tmp_path / "start.safetensors"))
+    common = ["--runs-dir", runs]
+    _lorita(
+        "train", "--model", "torchvision:resnet18", "--dataset", f"folder:{images}",
+        "--data-arg", "size=16", "--init-from", tmp_path / "start.safetensors",
+        "--skip", "layer[1234].*", "--epochs", "1", "--batch-size", "8", "--lr", "1e-9",
+        "--weight-decay", "0", "--spectra-every", "0", "--threads", "1", "--quiet",
+        "--name", "pets", *common, cwd=tmp_path,
+    )  # fmt: skip
+    run = RunStore(runs).get("pets")
+    assert run.status()["state"] == "completed"
+    assert run.config["dataset"] == f"folder:{images}"
+    # started from the file: with a learning rate of 1e-9 the trained weights are the file's
+    trained = lt.merge_model(run.load_model("last")).state_dict()
+    torch.testing.assert_close(trained["conv1.weight"], start.state_dict()["conv1.weight"])
+    torch.testing.assert_close(trained["fc.weight"], start.state_dict()["fc.weight"])
+
+    small = tmp_path / "small.safetensors"
+    out = _lorita("compress", "pets", "--global", "0.5", "--out", small, "--json", "--no-latency",
+                  *common, cwd=tmp_path)  # fmt: skip
+    res = json.loads(out)
+    assert res["after"]["params"] < res["before"]["params"]
+    dense = tmp_path / "dense.safetensors"
+    _lorita("export", "pets", "--out", dense, *common, cwd=tmp_path)  # as trained, merged
+
+    splits = run.load_splits()
+    x = splits.val[torch.arange(len(splits.val))][0]
+    for path in (small, dense):
+        fresh = resnet18(num_classes=2)
+        model = lt.load(path, model=fresh).eval()
+        with torch.no_grad():
+            acc = (model(x).argmax(1) == splits.val.y).float().mean().item()
+        assert acc == pytest.approx(lt.read_spec(path)["metadata"]["val_acc"], abs=1e-6)

@@ -342,6 +342,9 @@ def _other_command_cases(world) -> list:
     for flag, values in {
         "--finetune-epochs": _bad_numbers("int", {"min": 0, "max": 1000}),
         "--finetune-lr": ["0", "-1", "11", "nan", ""],
+        "--methods": ["", "nope", "lorita,nope", ",", LONG],
+        "--measure": ["", "bytes", "PARAMS"],
+        "--which": ["", "worst"],
     }.items():
         cases += [(["compare", "fake", flag, v], (flag,)) for v in values]
     out = ["--out", str(files / "m.safetensors")]
