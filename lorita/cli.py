@@ -715,6 +715,23 @@ class _TooBig(Exception):
     pass
 
 
+class _ParamCounter:
+    """A parameter-registration hook that counts tensors and elements and raises
+    :class:`_TooBig` past 20,000 tensors or ``limit`` bytes at ``per_param`` bytes each."""
+
+    def __init__(self, limit: int, per_param: int) -> None:
+        self.limit, self.per_param = limit, per_param
+        self.tensors = self.numel = 0
+
+    def __call__(self, module, name, param) -> None:
+        if param is None:
+            return
+        self.tensors += 1
+        self.numel += param.numel()
+        if self.tensors > 20_000 or self.numel * self.per_param > self.limit:
+            raise _TooBig
+
+
 def _check_model_size(config):
     """Build the model on the meta device (nothing allocated) and refuse it when its weights,
     gradients and optimizer state (about 4 x 4 bytes per parameter, N factors each) exceed this
@@ -727,16 +744,7 @@ def _check_model_size(config):
 
     channels, size, classes = dataset_shape(config.dataset, **config.dataset_kwargs)
     limit = _machine_bytes()
-    per_param = 16 * max(1, config.n_factors)
-    seen = {"tensors": 0, "numel": 0}
-
-    def count(module, name, param):
-        if param is not None:
-            seen["tensors"] += 1
-            seen["numel"] += param.numel()
-            if seen["tensors"] > 20_000 or seen["numel"] * per_param > limit:
-                raise _TooBig
-
+    count = _ParamCounter(limit, per_param=16 * max(1, config.n_factors))
     hook = torch.nn.modules.module.register_module_parameter_registration_hook(count)
     try:
         with torch.device("meta"):
@@ -752,7 +760,7 @@ def _check_model_size(config):
         raise UsageError(
             f"model: {config.model!r} with {_short(opts)} needs more than this machine's "
             f"{limit / 2**30:.0f} GiB for its weights, gradients and optimizer state "
-            f"({seen['tensors']} tensors, {seen['numel']:.3g} parameters so far); use smaller "
+            f"({count.tensors} tensors, {count.numel:.3g} parameters so far); use smaller "
             f"options"
         ) from None
     except TypeError as e:
@@ -855,19 +863,26 @@ def _cmd_train(args) -> int:
     quiet = args.quiet or not d.main
 
     stop_event = threading.Event()
-
-    def on_signal(signum, frame):
-        if stop_event.is_set():  # a second signal: stop now
-            signal.signal(signum, signal.SIG_DFL)
-            raise KeyboardInterrupt
-        stop_event.set()
-
+    on_signal = _StopOnSignal(stop_event)
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         return _run_training(args, store, run, config, d, quiet, stop_event, threads)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+class _StopOnSignal:
+    """SIGTERM / Ctrl-C: the first asks the run to stop after its step, a second stops now."""
+
+    def __init__(self, event: threading.Event) -> None:
+        self.event = event
+
+    def __call__(self, signum, frame) -> None:
+        if self.event.is_set():
+            signal.signal(signum, signal.SIG_DFL)
+            raise KeyboardInterrupt
+        self.event.set()
 
 
 def _open_run(args, store, run, config, d):

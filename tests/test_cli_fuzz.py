@@ -412,7 +412,8 @@ def test_valid_values_reach_training(harness):
         ["--lr", "0.01"], ["--epochs", "10000"], ["--factors", "10"], ["--momentum", "0"],
         ["--weight-decay", "1"], ["--seed", str(2**32 - 1)], ["--inner", "null"],
         ["--dataset", "lowrank", "--data-arg", "n_train=1e3"], ["--model-arg", "width=8"],
-        ["--threads", "1024"], ["--skip", "none"],
+        ["--threads", "1024"], ["--skip", "none"], ["--model", "torchvision:resnet18"],
+        ["--dataset", "lowrank", "--data-arg", "dim=32", "--model", "vgg11"],
     ]  # fmt: skip
     for i, argv in enumerate(good):
         code, _, err, wrote = harness(["train", "--name", f"ok{i}", *argv])
