@@ -77,7 +77,11 @@ def test_train_watch_compress_export(app_server, page, tmp_path):  # noqa: PLR09
     sidebar(page, "Export")
     button = page.get_by_role("button", name=re.compile(r"^Download "))
     button.wait_for(timeout=120_000)
-    assert page.get_by_text("identical to the model in memory", exact=False).count() == 1
+    alerts = page.locator('[data-testid="stAlert"]')
+    try:
+        page.get_by_text("identical to the model in memory", exact=False).wait_for(timeout=30_000)
+    except Exception as exc:  # noqa: BLE001 - say what the page showed instead
+        raise AssertionError(f"Export page says: {alerts.all_inner_texts()}") from exc
     with page.expect_download() as info:
         button.click()
     path = tmp_path / info.value.suggested_filename

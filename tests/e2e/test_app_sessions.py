@@ -139,7 +139,7 @@ def test_train_on_an_image_folder_then_compress_and_export(app_server, page, tmp
     url = app_server["url"]
     page.goto(f"{url}/train")
     page.get_by_role("button", name="Start training").wait_for()
-    page.get_by_label("Dataset").click()
+    page.get_by_role("combobox", name="Dataset").click()
     page.get_by_role("option", name="folder", exact=True).click()
     page.get_by_label("Image folder (for folder)").fill(str(folder))
     epochs = page.get_by_label("Epochs")
