@@ -82,6 +82,28 @@ def _balanced_svd_split(w: Tensor, rank: int, svd=None) -> tuple[Tensor, Tensor]
     return first.to(w.dtype), second.to(w.dtype)
 
 
+def _split(w: Tensor, n: int, inner: int) -> list[Tensor]:
+    """Balanced factors of ``w`` (m, k) whose null directions can still learn.
+
+    A direction with singular value 0 is 0 in every balanced factor, a point where gradient
+    descent never moves (a zero-initialised head would stay zero for ever). Such directions
+    get a small random row in the first factor and 1 on the middle diagonals, the last
+    factor keeping a zero column: the product is unchanged and the last factor's gradient
+    is not zero."""
+    mats = balanced_factors(w, n, inner)
+    if n == 1:
+        return mats
+    null = mats[0].norm(dim=1) <= 1e-12 * max(1.0, float(mats[0].norm()))  # (inner,)
+    if bool(null.any()):
+        fan_in = w.shape[1]
+        fill = _default_init_(mats[0].new_empty(int(null.sum()), fan_in))
+        mats[0][null] = fill
+        for mid in mats[1:-1]:
+            mid[null, null] = 1.0
+        mats[-1][:, null] = 0.0
+    return mats
+
+
 class _Composed:
     """What FactorLinear and FactorConv2d share: merging, the spec for saving, the repr."""
 
@@ -244,7 +266,7 @@ class FactorLinear(_Composed, nn.Module):
         layer.init = _check_choice("init", init, _INITS)
         with torch.no_grad():
             if init == "balanced":
-                layer._set_factors(balanced_factors(w.detach(), layer.n_factors, layer.inner))
+                layer._set_factors(_split(w.detach(), layer.n_factors, layer.inner))
             if linear.bias is not None:
                 layer.bias.copy_(linear.bias)
         return layer
@@ -435,7 +457,7 @@ class FactorConv2d(_Composed, _ConvGeometry, nn.Module):
     def _set_matrix_factors(self, dense: Tensor) -> None:
         g = self.groups
         per_group = dense.reshape(g, self.out_channels // g, -1)  # (g, C_out/g, fan_in)
-        mats = _grouped([balanced_factors(m, self.n_factors, self.inner) for m in per_group], g)
+        mats = _grouped([_split(m, self.n_factors, self.inner) for m in per_group], g)
         self.factors[0].copy_(mats[0].reshape(self.factors[0].shape))
         for p, m in zip(list(self.factors)[1:], mats[1:]):
             p.copy_(m)
@@ -443,8 +465,12 @@ class FactorConv2d(_Composed, _ConvGeometry, nn.Module):
     def _matrices(self) -> list[Tensor]:
         """Each factor as a batch of per-group matrices (g, rows, cols)."""
         g = self.groups
-        first = self.factors[0].reshape(g, -1, self._fan_in)
-        return [first] + [f.reshape(g, -1, f.shape[1]) for f in list(self.factors)[1:]]
+        first = self.factors[0].reshape(-1, self._fan_in)
+        if g == 1:  # plain 2-D matmuls: the common case stays as fast as it was
+            return [first] + list(self.factors)[1:]
+        return [first.reshape(g, -1, self._fan_in)] + [
+            f.reshape(g, -1, f.shape[1]) for f in list(self.factors)[1:]
+        ]
 
     @property
     def weight(self) -> Tensor:

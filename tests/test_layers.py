@@ -222,3 +222,22 @@ def test_factor_multihead_attention_matches_and_merges(n):
     comp.train()
     comp(x, x, x)[0].square().sum().backward()
     assert all(p.grad is not None for p in comp.in_proj.parameters())
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_zero_weight_composes_to_factors_that_can_learn(n):
+    """A zero-initialised layer (torchvision's ViT head) keeps computing 0 but trains."""
+    fc = nn.Linear(6, 4)
+    nn.init.zeros_(fc.weight)
+    layer = FactorLinear.from_linear(fc, n)
+    x = torch.randn(5, 6)
+    assert_close(layer(x), fc(x))
+    layer(x).square().sum().backward()
+    assert layer.factors[-1].grad.abs().sum() > 0
+    conv = nn.Conv2d(2, 4, 3)
+    nn.init.zeros_(conv.weight)
+    fconv = FactorConv2d.from_conv(conv, n)
+    y = torch.randn(1, 2, 5, 5)
+    assert_close(fconv(y), conv(y))
+    fconv(y).square().sum().backward()
+    assert fconv.factors[-1].grad.abs().sum() > 0
