@@ -610,7 +610,7 @@ class _Progress:
         self.stream, self.quiet = stream or sys.stderr, quiet
         self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
         self.bar = None
-        self.loss, self.val, self.total = math.nan, None, 0
+        self.loss, self.val, self.total, self.epoch = math.nan, None, 0, 0
 
     def __call__(self, ev: dict) -> None:
         handler = getattr(self, f"_on_{ev.get('event')}", None)
@@ -633,20 +633,25 @@ class _Progress:
             )
 
     def _on_step(self, ev: dict) -> None:
-        self.loss = ev["loss"]
+        self.loss, self.epoch = ev["loss"], ev["epoch"]
         if self.bar is not None:
             self.bar.update(ev["step"] - self.bar.n)
-            self.bar.set_postfix(
-                epoch=ev["epoch"], loss=f"{self.loss:.4f}", val=_pct(self.val), refresh=False
-            )
+            self._postfix()
 
     def _on_eval(self, ev: dict) -> None:
         self.val = ev["acc"]
-        if self.bar is None:
+        if self.bar is not None:
+            self._postfix()
+        else:
             self._line(
                 f"epoch {ev['epoch'] + 1}  step {ev['step']}/{self.total}  train loss "
                 f"{self.loss:.4f}  val loss {ev['loss']:.4f}  val acc {_pct(ev['acc'])}"
             )
+
+    def _postfix(self) -> None:
+        self.bar.set_postfix(
+            epoch=self.epoch, loss=f"{self.loss:.4f}", val=_pct(self.val), refresh=False
+        )
 
     def _on_end(self, ev: dict) -> None:
         if self.bar is not None:

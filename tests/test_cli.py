@@ -403,3 +403,40 @@ def test_own_model_and_images_end_to_end(tmp_path):
         with torch.no_grad():
             acc = (model(x).argmax(1) == splits.val.y).float().mean().item()
         assert acc == pytest.approx(lt.read_spec(path)["metadata"]["val_acc"], abs=1e-6)
+
+
+def test_progress_is_a_tqdm_bar_on_a_terminal_and_lines_otherwise():
+    import io
+
+    from lorita.cli import _Progress
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    events = [
+        {"event": "start", "total_steps": 4, "step": 0, "device": "cpu"},
+        *[{"event": "step", "step": s, "epoch": 0, "loss": 1.0 / s} for s in (1, 2, 3, 4)],
+        {"event": "eval", "epoch": 0, "step": 4, "loss": 0.5, "acc": 0.75},
+        {"event": "end", "state": "completed", "step": 4, "best_val_acc": 0.75, "time": 1.0},
+    ]
+    tty, log = Tty(), io.StringIO()
+    bar = _Progress(stream=tty)
+    for ev in events[:-1]:
+        bar(ev)
+    assert (bar.bar.n, bar.bar.total) == (4, 4) and "step/s" in tty.getvalue()  # tqdm's bar
+    assert bar.bar.postfix.startswith("epoch=0, loss=0.2500, val=75.00%")
+    bar(events[-1])
+    assert bar.bar is None and "completed: step 4, best val acc 75.00%" in tty.getvalue()
+    p = _Progress(stream=log)
+    for ev in events:
+        p(ev)
+    lines = log.getvalue().splitlines()  # no bar in a file: one line per event worth keeping
+    assert lines[0] == "training on cpu: 4 steps"
+    assert lines[1].startswith("epoch 1  step 4/4") and "val acc 75.00%" in lines[1]
+    assert lines[2].startswith("completed") and len(lines) == 3
+    quiet = io.StringIO()
+    q = _Progress(stream=quiet, quiet=True)
+    for ev in events:
+        q(ev)
+    assert quiet.getvalue() == ""

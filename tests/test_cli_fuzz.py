@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.util
 import io
 import json
 import os
@@ -415,6 +416,8 @@ def test_valid_values_reach_training(harness):
         ["--threads", "1024"], ["--skip", "none"], ["--model", "torchvision:resnet18"],
         ["--dataset", "lowrank", "--data-arg", "dim=32", "--model", "vgg11"],
     ]  # fmt: skip
+    if importlib.util.find_spec("timm") is not None:
+        good.append(["--model", "timm:resnet18"])
     for i, argv in enumerate(good):
         code, _, err, wrote = harness(["train", "--name", f"ok{i}", *argv])
         assert code == "train", (argv, err)
