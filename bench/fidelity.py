@@ -15,6 +15,7 @@ validation only; test is reported.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import statistics
@@ -41,7 +42,12 @@ BUDGETS = (5, 10, 20, 35, 50)  # % of params kept
 def setups() -> dict[str, dict]:
     return {
         "digits": {**TrainConfig().to_dict(), "device": "cpu"},
-        "fashion_mnist": {**preset_config("fashion"), "device": "cpu", "spectra_every": 0},
+        "fashion_mnist": {
+            **TrainConfig().to_dict(),
+            **preset_config("fashion"),
+            "device": "cpu",
+            "spectra_every": 0,
+        },
     }
 
 
@@ -58,6 +64,17 @@ def describe(cfg: dict) -> str:
 
 
 def one(cfg: dict, n: int, seed: int, store: RunStore) -> dict:
+    """Train, then cut at every budget; cached as JSON beside the runs (a rerun with the same
+    --work reuses it)."""
+    cache = store.root / f"{cfg['dataset']}-s{seed}-n{n}.json"
+    if cache.is_file():
+        return json.loads(cache.read_text())
+    out = _one(cfg, n, seed, store)
+    cache.write_text(json.dumps(out))
+    return json.loads(cache.read_text())
+
+
+def _one(cfg: dict, n: int, seed: int, store: RunStore) -> dict:
     c = {**cfg, "n_factors": n, "seed": seed}
     run = store.create(c, name=f"{c['dataset']}-s{seed}-n{n}")
     t0 = time.time()
@@ -68,7 +85,11 @@ def one(cfg: dict, n: int, seed: int, store: RunStore) -> dict:
     cuts = {}
     for b in BUDGETS:
         r = session.apply(Budget(b))
-        cuts[b] = {"val": r.metrics["val_acc"], "test": r.metrics["test_acc"], "pct": r.params_pct}
+        cuts[str(b)] = {
+            "val": r.metrics["val_acc"],
+            "test": r.metrics["test_acc"],
+            "pct": r.params_pct,
+        }
     return {
         "val": res["best_val_acc"],
         "test": res["test_acc"],
@@ -120,7 +141,7 @@ def section(ds: str, cfg: dict, rows: dict, seeds: list[int]) -> tuple[list[str]
     above = {"val": 0, "test": 0}
     for b in BUDGETS:
         m = {
-            (n, part): statistics.fmean(x["cuts"][b][part] for x in rows[n])
+            (n, part): statistics.fmean(x["cuts"][str(b)][part] for x in rows[n])
             for n in (1, 3)
             for part in ("val", "test")
         }
@@ -128,7 +149,9 @@ def section(ds: str, cfg: dict, rows: dict, seeds: list[int]) -> tuple[list[str]
         for part in ok:
             above[part] += ok[part]
         cells = [
-            pct(x["cuts"][b][part] for x in rows[n]) for n in (1, 3) for part in ("val", "test")
+            pct(x["cuts"][str(b)][part] for x in rows[n])
+            for n in (1, 3)
+            for part in ("val", "test")
         ]
         yes = " / ".join("yes" if ok[p] else "no" for p in ("val", "test"))
         lines.append(f"| {b}% | " + " | ".join(cells) + f" | {yes} |")
@@ -146,8 +169,11 @@ def main() -> None:
     ap.add_argument("--datasets", nargs="+", default=list(setups()), choices=list(setups()))
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     ap.add_argument("--doc", default=str(ROOT / "docs" / "fidelity.md"))
+    ap.add_argument("--work", default=None, help="folder for the runs and cached results")
     args = ap.parse_args()
-    store = RunStore(Path(tempfile.mkdtemp(prefix="lorita-fidelity-")))
+    work = Path(args.work or tempfile.mkdtemp(prefix="lorita-fidelity-"))
+    work.mkdir(parents=True, exist_ok=True)
+    store = RunStore(work)
     t_all, load0 = time.time(), os.getloadavg()
     sections, summary = [], []
     for ds in args.datasets:

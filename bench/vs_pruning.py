@@ -37,7 +37,8 @@ from lorita.runs import RunStore  # noqa: E402
 
 
 def _setups() -> dict[str, dict]:
-    mlp = {**preset_config("fashion"), "device": "cpu", "spectra_every": 0}
+    mlp = {**TrainConfig().to_dict(), **preset_config("fashion")}
+    mlp.update(device="cpu", spectra_every=0)
     cnn = {
         **TrainConfig().to_dict(),
         "dataset": "digits",
