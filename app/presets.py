@@ -33,8 +33,8 @@ PRESETS: dict[str, dict[str, Any]] = {
             "n_factors": 3,
             "init": "balanced",
             "optimizer": "adam",
-            # the settings of bench/fidelity.py, where N=3 ends at effective ranks ~20/26/14
-            # against ~255/223/202 for N=1 (docs/fidelity.md)
+            # the settings of bench/fidelity.py, where N=3 ends at effective ranks ~40/45/28
+            # against ~255/223/204 for N=1 (docs/fidelity.md, docs/training_recipe.md)
             "lr": 2e-3,
             "warmup": 0.1,  # N=3's dense accuracy +0.9 points (docs/training_recipe.md)
             "weight_decay": 1e-3,
