@@ -379,13 +379,11 @@ class Run:
         st = self.raw_status()
         if st.get("state") == "completed":
             raise ValueError(
-                f"resume: run {self.name!r} already completed; nothing to resume "
+                f"run {self.name!r} already completed; nothing to resume "
                 "(its result is kept as it is)"
             )
         if self.is_alive() or self.held_elsewhere():
-            raise ValueError(
-                f"resume: run {self.name!r} is still {st.get('state')} (pid {st.get('pid')})"
-            )
+            raise ValueError(f"run {self.name!r} is still {st.get('state')} (pid {st.get('pid')})")
 
     def begin_resume(self) -> None:
         """Check the run may be resumed, take the writer lock and mark it queued (resuming)."""
