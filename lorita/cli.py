@@ -997,7 +997,9 @@ def cmd_runs(args) -> int:
     if not rows:
         print(f"no runs in {store.root}")
         return 0
-    print(_table([_run_row(s) for s in rows], _RUN_COLUMNS))
+    energy = any(s.get("energy_ranks") for s in rows)  # where the run store provides them
+    table = [_run_row(s) + ([_ranks(s.get("energy_ranks"))] if energy else []) for s in rows]
+    print(_table(table, _RUN_COLUMNS + (["energy ranks"] if energy else [])))
     return 0
 
 
@@ -1005,16 +1007,19 @@ _RUN_COLUMNS = ["name", "state", "dataset", "model", "N", "wd", "step", "best va
 _RUN_COLUMNS.append("effective ranks")
 
 
+def _ranks(ranks) -> str:
+    return "/".join(str(v) for v in ranks.values()) if isinstance(ranks, dict) and ranks else "-"
+
+
 def _dash(v) -> str:
     return "-" if v is None or v == "" else str(v)
 
 
 def _run_row(s: dict) -> list:
-    ranks = s.get("effective_ranks") or {}
     wd = s.get("weight_decay")
     state = s.get("state") or "-"
-    if s.get("problem"):
-        state = f"broken ({_short(str(s['problem']), 40)})"
+    if s.get("broken"):
+        state = f"broken ({_short(str(s['broken']), 40)})"
     return [
         s.get("name"),
         state,
@@ -1025,7 +1030,7 @@ def _run_row(s: dict) -> list:
         f"{s.get('step') or 0}/{s.get('total_steps') or '?'}",
         _pct(s.get("best_val_acc")),
         _pct(s.get("test_acc")),
-        "/".join(str(v) for v in ranks.values()) or "-",
+        _ranks(s.get("effective_ranks")),
     ]
 
 
@@ -1074,6 +1079,7 @@ def cmd_compress(args) -> int:
         before.update(_latency(cz.model, cz.example_input))
         after.update(_latency(res.model, cz.example_input))
     out = {"run": cz.run, "checkpoint": args.which, "before": before, "after": after}
+    out["spectra"] = _rank_measures(cz)
     if args.out:
         from .export import save
 
@@ -1085,6 +1091,17 @@ def cmd_compress(args) -> int:
         return 0
     _print_compress(out, args)
     return 0
+
+
+def _rank_measures(cz) -> dict:
+    """Per cut layer: effective rank (sigma > 1% of sigma_max) and energy rank (99% of the sum
+    of sigma^2), the second being the one that predicts how far a layer can be cut."""
+    from .spectra import effective_rank, energy_rank
+
+    return {
+        n: {"effective": effective_rank(s), "energy": energy_rank(s)}
+        for n, s in cz.svd.spectra.items()
+    }
 
 
 def _policy_words(policy: dict) -> str:
@@ -1120,8 +1137,13 @@ def _print_compress(out: dict, args) -> None:
             for k in ("latency_b1_ms", "latency_b64_ms")
         ]
     print(_table([row("before", before), row("after", after), ratio], header))
-    plan = after["plan"]
+    plan, spectra = after["plan"], out["spectra"]
     print("ranks kept: " + ", ".join(f"{n} {p['rank']}/{p['full']}" for n, p in plan.items()))
+    if spectra:
+        print(
+            "energy rank (99% of sum sigma^2) / effective rank: "
+            + ", ".join(f"{n} {v['energy']}/{v['effective']}" for n, v in spectra.items())
+        )
     notes = {n: p["note"] for n, p in plan.items() if p.get("note")}
     for n, note in notes.items():
         print(f"  {n}: {note}")

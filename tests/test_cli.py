@@ -141,6 +141,21 @@ def test_runs_table_and_json(runs_dir, capsys):
     assert rows["r1"]["test_acc"] > 0.5 and rows["r0"]["n_factors"] == 1
 
 
+def test_runs_lists_and_marks_broken_folders(tmp_path, capsys):
+    store = RunStore(tmp_path)
+    store.create({"dataset": "digits"}, name="good").update_status(state="failed", pid=None)
+    for name, config, status in (("list", "[1]", "{}"), ("text", "{}", '"x"')):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(config)
+        (tmp_path / name / "status.json").write_text(status)
+    assert main(["runs", "--runs-dir", str(tmp_path)]) == 0
+    rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[2:]}
+    assert set(rows) == {"good", "list", "text"}
+    assert "broken" in rows["list"] and "broken" not in rows["good"]
+    assert main(["runs", "--runs-dir", str(tmp_path), "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)) == 3
+
+
 def test_runs_delete(tmp_path, capsys):
     store = RunStore(tmp_path)
     store.create({"dataset": "digits"}, name="gone").update_status(state="failed", pid=None)
@@ -182,6 +197,8 @@ def test_compress_ratio_json(runs_dir, capsys):
         assert out[part]["latency_b1_ms"] > 0 and out[part]["latency_b64_ms"] > 0
     plan = out["after"]["plan"]
     assert (plan["fc2"]["rank"], plan["fc2"]["full"]) == (8, 32)
+    ranks = out["spectra"]["fc2"]
+    assert 1 <= ranks["energy"] <= ranks["effective"] <= 32 and "head" not in out["spectra"]
     assert not plan["head"]["cut"] and "output layer" in plan["head"]["note"]
 
 
@@ -202,7 +219,7 @@ def test_compress_max_drop_finetune_and_save(runs_dir, tmp_path, capsys):
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "params" in out and "FLOPs" in out and "val acc" in out and "test acc" in out
-    assert "ranks kept" in out and f"saved {dest}" in out
+    assert "ranks kept" in out and f"saved {dest}" in out and "energy rank (99%" in out
     small = lt.load(dest)
     assert small.lorita_spec["metadata"]["run"] == "r1"
     assert main(["compress", "r1", "--max-drop", "1", "--json", "--runs-dir", str(runs_dir)]) == 0
