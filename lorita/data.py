@@ -18,7 +18,9 @@ app list datasets and their options from here.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
+import io
 import math
 import os
 import socket
@@ -914,14 +916,54 @@ def _carve(n: int, share: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]
     return perm[:k].sort().values, perm[k:].sort().values
 
 
+_CACHE_VERSION = 1
+
+
+def _cache_key(scan: _FolderScan, size: int, channels: int) -> str:
+    """A digest of every file's path, size and modification time and the decoding options."""
+    import hashlib
+
+    h = hashlib.sha256(f"{_CACHE_VERSION}|{scan.root}|{size}|{channels}".encode())
+    for part, files in sorted(scan.parts.items()):
+        for path, label in files:
+            st = path.stat()
+            h.update(f"|{part}|{path}|{label}|{st.st_size}|{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:32]
+
+
+def _decoded_parts(name: str, scan: _FolderScan, size: int, channels: int, root: Path) -> dict:
+    """``{part: (x, y)}``, decoded once and kept in ``<data>/folder-cache/`` (plain .npz
+    arrays, read without pickle); any change to a file, or to size/channels, decodes again."""
+    cache = root / "folder-cache" / f"{_cache_key(scan, size, channels)}.npz"
+    try:
+        with np.load(cache, allow_pickle=False) as z:
+            return {
+                p: (torch.from_numpy(z[f"{p}_x"]), torch.from_numpy(z[f"{p}_y"]))
+                for p in scan.parts
+            }
+    except (OSError, KeyError, ValueError):
+        pass  # not cached yet, or unreadable: decode
+    parts = {p: _read_part(name, files, size, channels) for p, files in scan.parts.items()}
+    arrays = {f"{p}_{k}": t.numpy() for p, xy in parts.items() for k, t in zip("xy", xy)}
+    with contextlib.suppress(OSError):  # a read-only data folder only costs the decoding
+        from .io import atomic_write_bytes
+
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(cache, buf.getvalue(), sync=False)
+    return parts
+
+
 def _folder(name: str, root: Path, download: bool, **o) -> _Raw:
     """Your own images: one sub-folder per class (or train/, val/, test/ sub-folders)."""
     scan = _scan_folder(name)
     size, channels = o["size"], o["channels"]
     _folder_refuse_if_too_big(name, scan, size, channels)
-    x, y = _read_part(name, scan.parts["train"], size, channels)
+    parts = _decoded_parts(name, scan, size, channels, root)
+    x, y = parts["train"]
     if "test" in scan.parts:
-        xt, yt = _read_part(name, scan.parts["test"], size, channels)
+        xt, yt = parts["test"]
     else:
         if len(x) < 3:
             raise DatasetUnavailable(
@@ -929,9 +971,7 @@ def _folder(name: str, root: Path, download: bool, **o) -> _Raw:
             )
         te, tr = _carve(len(x), o["test_fraction"], _TEST_SEED)
         x, y, xt, yt = x[tr], y[tr], x[te], y[te]
-    xv = yv = None
-    if "val" in scan.parts:
-        xv, yv = _read_part(name, scan.parts["val"], size, channels)
+    xv, yv = parts.get("val", (None, None))
     return _Raw(x, y, xt, yt, len(scan.classes), xv=xv, yv=yv, classes=scan.classes)
 
 

@@ -363,7 +363,7 @@ def _image_folder(root: Path, classes=("cat", "dog"), per_class=8, size=20) -> N
 
 
 def _lorita(*args, cwd) -> str:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "LORITA_DATA": str(cwd / "data")}
     p = subprocess.run(
         [sys.executable, "-m", "lorita", *map(str, args)],
         cwd=cwd,

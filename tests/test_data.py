@@ -11,6 +11,12 @@ import torch
 from lorita.data import DatasetUnavailable, data_root, list_datasets, load_dataset
 
 
+@pytest.fixture(autouse=True)
+def _data_folder(tmp_path, monkeypatch):
+    """Every test gets its own data folder (folder datasets keep a decoding cache there)."""
+    monkeypatch.setenv("LORITA_DATA", str(tmp_path / "data"))
+
+
 def test_list_datasets():
     assert list_datasets() == ["digits", "lowrank", "mnist", "fashion_mnist", "cifar10", "cifar100"]
 
@@ -136,6 +142,33 @@ def test_missing_dataset_offline_says_where_to_put_files(tmp_path):
     assert str(tmp_path) in str(e.value) and "IDX" in str(e.value)
     with pytest.raises(DatasetUnavailable, match="cifar-100"):
         load_dataset("cifar100", root=tmp_path, download=False)
+
+
+def test_folder_images_are_decoded_once_and_again_when_a_file_changes(tmp_path, monkeypatch):
+    import lorita.data as data
+
+    root = _folder(tmp_path / "imgs")
+    first = load_dataset(f"folder:{root}", size=8)
+    assert len(list((tmp_path / "data" / "folder-cache").glob("*.npz"))) == 1
+
+    def no_decoding(*a, **kw):
+        raise AssertionError("decoded although cached")
+
+    decode = data._read_image
+    monkeypatch.setattr(data, "_read_image", no_decoding)
+    again = load_dataset(f"folder:{root}", size=8)
+    for part in ("train", "val", "test"):
+        assert torch.equal(getattr(first, part).x, getattr(again, part).x)
+        assert torch.equal(getattr(first, part).y, getattr(again, part).y)
+    _image(root / "cat" / "0.jpg", colour=(255, 0, 0))  # a changed file decodes again
+    with pytest.raises(AssertionError, match="decoded although cached"):
+        load_dataset(f"folder:{root}", size=8)
+    with pytest.raises(AssertionError, match="decoded although cached"):
+        load_dataset(f"folder:{root}", size=9)  # other options too
+    monkeypatch.setattr(data, "_read_image", decode)
+    (tmp_path / "not-a-folder").write_text("x")  # a data folder where no cache can be written
+    monkeypatch.setenv("LORITA_DATA", str(tmp_path / "not-a-folder"))
+    assert load_dataset(f"folder:{root}", size=10).image_size == 10
 
 
 def test_data_root_env(monkeypatch, tmp_path):
