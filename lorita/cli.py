@@ -251,15 +251,12 @@ def _families_text(name: str) -> str:
         return "one of " + ", ".join(
             list_datasets() + [f"{f}:PATH" for f in list_dataset_families()]
         )
+    import importlib.util
+
     from .models import list_models
 
-    fams = ["torchvision:NAME"]
-    with contextlib.suppress(ImportError):
-        import importlib.util
-
-        if importlib.util.find_spec("timm") is not None:
-            fams.append("timm:NAME")
-    return "one of " + ", ".join(list_models() + fams)
+    timm = ["timm:NAME"] if importlib.util.find_spec("timm") is not None else []
+    return "one of " + ", ".join(list_models() + ["torchvision:NAME", *timm])
 
 
 def _add_field(g, f: dataclasses.Field) -> None:
