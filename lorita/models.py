@@ -504,6 +504,7 @@ def create_model(
                 _positive_int(field, v)
         if num_classes is not None:
             _positive_int("num_classes", num_classes)
+            _check_bounded({"num_classes": num_classes})
         model = _create_external(name, in_channels, image_size, num_classes, kw)
         given = {"in_channels": in_channels, "image_size": image_size, "num_classes": num_classes}
         kwargs = {k: v for k, v in given.items() if v is not None}

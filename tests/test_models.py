@@ -96,3 +96,43 @@ def test_bad_names_and_options():
     with pytest.raises(ValueError, match="heads"):
         create_model("vit", in_channels=1, image_size=8, num_classes=10, dim=10, heads=3)
     assert model_options("vgg16")["depth"] == 16
+
+
+def test_torchvision_models_by_name():
+    assert "torchvision:resnet18" in list_models("torchvision")
+    assert set(list_models("lorita")) <= set(list_models("all"))
+    m = create_model("torchvision:resnet18", num_classes=7)
+    assert m.fc.out_features == 7 and m.lorita_arch["name"] == "torchvision:resnet18"
+    assert m.lorita_input_shape == (3, 224, 224)
+    grey = create_model("torchvision:resnet18", num_classes=5, in_channels=1, image_size=32)
+    assert grey.conv1.in_channels == 1 and grey(torch.randn(2, 1, 32, 32)).shape == (2, 5)
+    vit = create_model("torchvision:vit_b_16", num_classes=3, image_size=32)
+    assert vit.image_size == 32  # passed on to a model that takes it
+    assert "zero_init_residual" in model_options("torchvision:resnet18")
+    assert default_skip("torchvision:resnet18") == ()
+
+
+def test_timm_models_by_name_when_installed():
+    pytest.importorskip("timm")
+    m = create_model("timm:resnet10t", num_classes=4, in_channels=1).eval()
+    assert m(torch.randn(1, 1, 32, 32)).shape == (1, 4)
+    assert "timm:resnet10t" in list_models("timm")
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda: create_model("torchvision:nonexistent"), "not a torchvision"),
+        (lambda: create_model("torchvision:resnet18", colour=3), "model options"),
+        (lambda: create_model("torchvision:resnet18", weights="DEFAULT"), "weights"),
+        (lambda: create_model("torchvision:resnet18", num_classes=0), "num_classes"),
+        (lambda: create_model("torchvision:resnet18", num_classes=10**9), "out of range"),
+        (lambda: create_model("torchvision:swin_t", in_channels=0), "in_channels"),
+        (lambda: create_model("mlp", image_size=8, num_classes=3), "in_channels"),
+        (lambda: create_model(3, in_channels=1, image_size=8, num_classes=3), "model"),
+        (lambda: list_models("pypi"), "source"),
+    ],
+)
+def test_bad_external_models(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
