@@ -224,3 +224,12 @@ def test_is_local_tells_this_machine_from_the_rest():
         assert is_local(url), url
     for url in ("https://fonts.gstatic.com/s/i/x.svg", "http://example.com/", "https://1.2.3.4/"):
         assert not is_local(url), url
+
+
+def test_theory_fit_in_the_worker_is_the_fit_here():
+    from app import theory
+
+    there = theory.fit(2, 0.3, 2, 1)
+    here = theory.fit_here(2, 0.3, 2, 1)
+    assert there["learned"] == pytest.approx(here["learned"], rel=1e-9, abs=1e-12)
+    assert there["effective_rank"] == here["effective_rank"]
