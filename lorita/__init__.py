@@ -11,8 +11,14 @@ factors back, and cut small singular values to get a model that is really smalle
 
 from . import functional
 from .compress import Compressor, CompressResult
-from .convert import composed_layers, iter_layers, merge_model, overparameterize
-from .cost import Cost, count_cost, measure_latency
+from .convert import (
+    composed_layers,
+    composition_summary,
+    iter_layers,
+    merge_model,
+    overparameterize,
+)
+from .cost import Cost, count_cost, latency_profile, layer_latency, measure_latency
 from .data import DatasetUnavailable, Splits, list_datasets, load_dataset
 from .engine import TrainConfig, build_model, evaluate, finetune, load_splits, train
 from .export import export_onnx, load, load_bytes, read_spec, save, save_bytes
@@ -59,6 +65,9 @@ __all__ = [
     "overparameterize",
     "merge_model",
     "composed_layers",
+    "composition_summary",
+    "latency_profile",
+    "layer_latency",
     "iter_layers",
     "layer_spectra",
     "effective_rank",
