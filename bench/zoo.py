@@ -78,10 +78,15 @@ def bench_model(name: str, size: int, ratio: float, repeats: int, tmp: Path) -> 
     composed = lt.overparameterize(plain, 3)
     rows = composition_summary(composed)["layers"]
     merged = lt.merge_model(composed).eval()
-    cut = lt.truncate(composed, lt.Uniform(ratio))
+    svd = lt.layer_svd(composed)
+    cut = lt.truncate(composed, lt.Uniform(ratio), svd=svd)
+    by_lat = lt.truncate(
+        composed, lt.Uniform(ratio), svd=svd, by="latency", example_input=x, batch=64
+    )
     base_cost, cut_cost = lt.count_cost(merged, x[:1]), lt.count_cost(cut, x[:1])
     t_base = latency_profile(merged, x, batches=BATCHES, repeats=repeats)
     t_cut = latency_profile(cut, x, batches=BATCHES, repeats=repeats)
+    t_lat = latency_profile(by_lat, x, batches=(64,), repeats=repeats)
     d_load, d_onnx = _parity(cut, name, x, size, tmp)
     flops = cut_cost.flops / base_cost.flops
     lat = {b: t_cut[b] / t_base[b] for b in BATCHES}
@@ -95,6 +100,9 @@ def bench_model(name: str, size: int, ratio: float, repeats: int, tmp: Path) -> 
         "lat": lat,
         "ms": {b: 1000 * t_base[b] for b in BATCHES},
         "ratio64": (1 - lat[64]) / (1 - flops) if flops < 1 else float("nan"),
+        "lat_by_latency": t_lat[64] / t_base[64],
+        "forms_by_latency": _forms(by_lat.lorita_plan),
+        "flops_by_latency": lt.count_cost(by_lat, x[:1]).flops / base_cost.flops,
         "d_load": d_load,
         "d_onnx": d_onnx,
         "seconds": time.perf_counter() - t0,
@@ -143,14 +151,16 @@ def render(rows, mlp_rows, args, load) -> str:
         "",
         "| model | composed | left as is | cut forms | params kept | FLOPs kept | latency kept "
         "b=1 | latency kept b=64 | latency cut / FLOP cut (b=64) | save->load(model=) max diff "
-        "| ONNX max diff |",
-        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| ONNX max diff | form by latency (b=64): forms, FLOPs kept, latency kept |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['model']} | {r['composed']} | {r['left']} | {r['forms']} | "
             f"{_pct(r['params'])} | {_pct(r['flops'])} | {_pct(r['lat'][1])} | "
-            f"{_pct(r['lat'][64])} | {r['ratio64']:.2f} | {r['d_load']:.1e} | {r['d_onnx']:.1e} |"
+            f"{_pct(r['lat'][64])} | {r['ratio64']:.2f} | {r['d_load']:.1e} | {r['d_onnx']:.1e} | "
+            f"{r['forms_by_latency']}; {_pct(r['flops_by_latency'])}; "
+            f"{_pct(r['lat_by_latency'])} |"
         )
     met = [r["model"] for r in rows if r["ratio64"] >= 0.8]
     lines += [
@@ -203,9 +213,10 @@ def main() -> None:
     print(text)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
+        cmd = " ".join(["python", "bench/zoo.py", *sys.argv[1:]])
         args.out.write_text(
-            "# torchvision zoo: what LoRITa composes, what a cut keeps\n\nWritten by "
-            f"`python bench/zoo.py --out {args.out}`.\n\n{text}\n"
+            f"# torchvision zoo: what LoRITa composes, what a cut keeps\n\nWritten by `{cmd}`."
+            f"\n\n{text}\n"
         )
 
 
