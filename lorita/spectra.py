@@ -32,8 +32,9 @@ def layer_matrix(module: nn.Module) -> Tensor:
     """The layer's merged weight as a detached matrix: (out, in) for a Linear,
     (C_out, C_in/groups*kh*kw) for a conv. For a layer's matrices one by one (a grouped conv's
     groups, attention's q/k/v) see :func:`lorita.kinds.matrices`."""
+    kind = kinds.kind_of(module)  # attention has no .weight: its packed (3E, E) projection
     with torch.no_grad():
-        w = module.weight
+        w = module.weight if kind is None else kind.weight(module)
         return w.detach().reshape(w.shape[0], -1)
 
 
