@@ -32,7 +32,7 @@ import torch  # noqa: E402
 import lorita as lt  # noqa: E402
 from app.presets import config as preset_config  # noqa: E402
 from lorita.compress import Compressor  # noqa: E402
-from lorita.engine import TrainConfig  # noqa: E402
+from lorita.engine import TrainConfig, load_splits  # noqa: E402
 from lorita.runs import RunStore  # noqa: E402
 from lorita.truncation import Budget  # noqa: E402
 
@@ -175,11 +175,14 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     store = RunStore(work)
     t_all, load0 = time.time(), os.getloadavg()
-    sections, summary = [], []
+    sections, summary, spent = [], [], 0.0
     for ds in args.datasets:
         cfg = setups()[ds]
         rows = {n: [one(cfg, n, s, store) for s in args.seeds] for n in (1, 3)}
+        spent += sum(x["time"] for n in rows for x in rows[n])
+        n_test = len(load_splits(TrainConfig.from_dict(cfg)).test)
         lines, facts = section(ds, cfg, rows, args.seeds)
+        lines.insert(3, f"Test split: {n_test} images (one image = {100 / n_test:.2f} points). ")
         sections += lines
         summary.append(
             f"| {ds} | {facts['gap']:+.2f} | {facts['val']} of {len(BUDGETS)} | "
@@ -189,8 +192,10 @@ def main() -> None:
     head = [
         "# Fidelity: N=1 versus N=3 under truncation",
         "",
-        "Written by `python bench/fidelity.py` (rerun it to refresh; it trains everything from",
-        f"scratch, {time.time() - t_all:.0f} s here). Machine: {platform.machine()}, "
+        "Written by `python bench/fidelity.py` (rerun it to refresh; "
+        f"{spent:.0f} s of training in all, {time.time() - t_all:.0f} s in the last invocation, "
+        "the rest read from its --work cache). Machine: "
+        f"{platform.machine()}, "
         f"{os.cpu_count()} CPU cores shared with other work (load average {load0[0]:.1f} at the "
         f"start, {os.getloadavg()[0]:.1f} at the end), torch {torch.__version__}; every run on "
         "one thread.",
