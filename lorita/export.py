@@ -579,15 +579,17 @@ def _first_mismatch(model: nn.Module, shapes: dict[str, tuple]) -> str | None:
     return f"{extra[0]!r} in the file is not in this model" if extra else None
 
 
-def _layer_of(msg: str) -> str:
+def _layer_of(model: nn.Module, msg: str) -> str:
+    """The layer (or module) a tensor named in ``msg`` belongs to."""
     key = msg.split("'")[1] if "'" in msg else msg
-    return key.rsplit(".", 1)[0]
+    owners = [e.name for e in layer_table(model) if key.startswith(e.name + ".")]
+    return max(owners, key=len) if owners else key.rsplit(".", 1)[0]
 
 
 def _check_against_file(model: nn.Module, shapes: dict[str, tuple], where: str) -> None:
     bad = _first_mismatch(model, shapes)
     if bad is not None:
-        raise _fail(where, f"layer {_layer_of(bad)!r} does not match the file: {bad}")
+        raise _fail(where, f"layer {_layer_of(model, bad)!r} does not match the file: {bad}")
 
 
 def _check_options_backed(arch: dict, shapes: dict[str, tuple]) -> None:
