@@ -16,6 +16,7 @@ allocated. Every refusal is a ``ValueError`` naming the field.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import re
@@ -55,9 +56,9 @@ _SPEC_KEY = "lorita_spec"
 #: What a file may declare. Anything larger is refused before it is read further.
 LIMITS = {
     "header_bytes": 16 * 1024 * 1024,
-    "spec_bytes": 4 * 1024 * 1024,
+    "spec_bytes": 512 * 1024,
     "tensors": 100_000,
-    "tree_nodes": 20_000,
+    "tree_nodes": 5_000,
     "name_chars": 512,
     "n_factors": 64,
     "dim": 2**31 - 1,
@@ -258,12 +259,17 @@ def _fail(field: str, msg: str) -> ValueError:
 def _loads(text: str, field: str):
     """Parse JSON; nesting deeper than Python's recursion limit is refused by the parser
     itself (in C, in microseconds), and the validators below bound the depth they walk."""
+    enabled = gc.isenabled()
+    gc.disable()  # a hostile header of many small objects would otherwise trigger full GCs
     try:
         return json.loads(text)
     except RecursionError:
         raise _fail(field, "nested too deep") from None
     except ValueError as e:
         raise _fail(field, f"not valid JSON ({str(e)[:80]})") from None
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def _read_header_bytes(head: bytes, total: int, where: str) -> dict:
@@ -622,7 +628,7 @@ def _meta_build(spec: dict, shapes: dict[str, tuple], where: str) -> tuple[nn.Mo
 
 
 def _build_declared(spec: dict, shapes: dict, device: str) -> tuple[nn.Module, int]:
-    with _bounded_build(8 * len(shapes) + 512), torch.device(device):
+    with _bounded_build(4 * len(shapes) + 128), torch.device(device):
         try:
             model = _build_arch(spec["arch"])
             plain = sum(t.numel() for t in model.state_dict().values())

@@ -217,6 +217,9 @@ CORPUS: dict[str, bytes] = {
     ),
     "tree nested 1000 deep": _nested_seq_file(1000),
     "tree nested 40 deep": _nested_seq_file(40),
+    "tree of 6000 nodes": seq_tree(
+        {"type": "Sequential", "children": [[str(i), {"type": "ReLU"}] for i in range(6000)]}
+    ),
     "tree of 30000 nodes": seq_tree(
         {"type": "Sequential", "children": [[str(i), {"type": "ReLU"}] for i in range(30_000)]}
     ),
