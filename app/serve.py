@@ -23,6 +23,17 @@ from lorita.io import read_json
 ROOT = Path(__file__).resolve().parents[1]
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "[::1]", "::1")
 
+# The browser that drives the app in tests and benchmarks: Debian's Chromium, headless, and
+# quiet (no background requests of its own, so every request seen is the page's).
+CHROMIUM = os.environ.get("LORITA_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+]
+
 
 @dataclass
 class Server:

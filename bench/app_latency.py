@@ -31,14 +31,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-CHROMIUM = os.environ.get("LORITA_CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--no-first-run",
-]
 TARGETS = {
     "slider_median_ms": 250,
     "slider_max_ms": 500,
@@ -240,6 +232,8 @@ async def measure_sessions(browser, url: str, run: str, rounds: int) -> dict:
 
 async def measure(url: str, runs: Path, n3: str, busy: str, args) -> dict:
     from playwright.async_api import async_playwright
+
+    from app.serve import CHROMIUM, CHROMIUM_ARGS
 
     out: dict = {}
     async with async_playwright() as p:

@@ -7,7 +7,6 @@ machine (the app must work offline: no fonts, icons or telemetry from outside).
 from __future__ import annotations
 
 import importlib.util
-import os
 import sys
 from pathlib import Path
 
@@ -16,15 +15,6 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
-
-CHROMIUM = os.environ.get("LORITA_CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--no-first-run",
-]
 
 
 @pytest.fixture(scope="session")
@@ -41,6 +31,8 @@ def app_server(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def browser():
+    from app.serve import CHROMIUM, CHROMIUM_ARGS
+
     if not Path(CHROMIUM).exists():
         pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium)")
     sync_api = pytest.importorskip("playwright.sync_api")
