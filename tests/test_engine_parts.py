@@ -144,3 +144,15 @@ def test_spectra_worker_gives_each_layers_singular_values_in_order():
     for name, layer in lt.iter_layers(model):
         want = torch.linalg.svdvals(layer_matrix(layer).float())
         torch.testing.assert_close(out[-1][2][name], want)
+
+
+def test_model_options_default_to_the_models_own():
+    """The classroom MLP's width is not forced on another model (a form that switches model)."""
+    from lorita.engine import TrainConfig
+    from lorita.engine.config import CLASSROOM_MODEL_KWARGS
+
+    assert TrainConfig().model_kwargs == CLASSROOM_MODEL_KWARGS["mlp"]
+    for name in ("vgg", "resnet20", "vit"):
+        assert TrainConfig(model=name).model_kwargs == {}
+        assert TrainConfig.from_dict({"model": name}).model_kwargs == {}
+    assert TrainConfig(model="mlp", model_kwargs={}).model_kwargs == {}  # given: kept as given

@@ -57,6 +57,11 @@ def _opt(default: Any, help: str, kind: str, **meta: Any) -> Any:
     return field(default=default, metadata=md)
 
 
+# Model options when a config names none. The classroom MLP is 512 wide: at 256, BatchNorm, the
+# biases and the uncut head alone take 64% of a 5% parameter budget (docs/classroom.md).
+CLASSROOM_MODEL_KWARGS: dict[str, dict] = {"mlp": {"width": 512}}
+
+
 @dataclass
 class TrainConfig:
     """Everything that defines a training run (saved as the run's config.json).
@@ -84,7 +89,11 @@ class TrainConfig:
     model: str = _opt(
         "mlp", "model name (lorita.models.list_models(), torchvision:NAME, ...)", "str"
     )
-    model_kwargs: dict = _opt({"width": 512}, "model options (mlp: depth, width, ...)", "dict")
+    model_kwargs: dict = _opt(
+        None,
+        "model options (mlp: depth, width, ...); left out: the model's classroom options",
+        "dict",
+    )
     n_factors: int = _opt(
         3,
         "N: each composed weight is a product of N factors; 1 = ordinary network",
@@ -198,6 +207,8 @@ class TrainConfig:
     )
 
     def __post_init__(self) -> None:
+        if self.model_kwargs is None:  # not given: the options this model's classroom run uses
+            self.model_kwargs = dict(CLASSROOM_MODEL_KWARGS.get(self.model, {}))
         validate(self)
 
     def to_dict(self) -> dict:
