@@ -172,7 +172,10 @@ def render(rows, mlp_rows, args, load) -> str:
         "model itself, so the thin form cannot be what it calls; they stay dense with the "
         "rank-r weight and the FLOPs above are the measured ones.",
         "",
-        "## The classroom MLP: a cut is never slower when the form is chosen by latency",
+        "Timings come from a shared 2-core machine and are noisy (see the load average); rerun "
+        "the command to check a number.",
+        "",
+        "## The classroom MLP: the thin or dense form chosen by latency at a batch size",
         "",
         "MLP 784 -> 3 x width -> 10, N=3 composed then cut to a quarter of its ranks "
         "(`Uniform(0.25)`); latency kept relative to the uncut merged model.",
