@@ -56,12 +56,14 @@ def layer_spectra(model: nn.Module, names: Iterable[str] | None = None) -> dict[
     of several matrices (a grouped conv, attention's q/k/v) gives one spectrum, the root mean
     square over its matrices (:func:`lorita.kinds.pooled_spectrum`), as it is cut at one rank.
     """
-    out = {}
     with torch.no_grad():
-        for name, module in _select(model, names).items():
-            s = torch.linalg.svdvals(kinds.matrices(module).float())  # (G, k)
-            out[name] = kinds.pooled_spectrum(s).cpu()
-    return out
+        return {name: module_spectrum(m) for name, m in _select(model, names).items()}
+
+
+def module_spectrum(module: nn.Module) -> Tensor:
+    """One layer's singular values (descending, float32, CPU): the RMS over its matrices."""
+    s = torch.linalg.svdvals(kinds.matrices(module).float().cpu())  # (G, k)
+    return kinds.pooled_spectrum(s)
 
 
 def _check_1d(s: Tensor) -> Tensor:

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..convert import iter_layers
-from ..spectra import layer_matrix
+from ..spectra import module_spectrum
 
 __all__ = ["SpectraWorker", "layer_singular_values"]
 
@@ -26,9 +26,7 @@ def layer_singular_values(layers: dict[str, nn.Module]) -> dict[str, torch.Tenso
     """Each layer's merged-weight singular values; None if any is not finite."""
     try:
         with torch.no_grad():
-            return {
-                n: torch.linalg.svdvals(layer_matrix(m).float().cpu()) for n, m in layers.items()
-            }
+            return {n: module_spectrum(m) for n, m in layers.items()}
     except RuntimeError:  # e.g. a non-finite weight: nothing to show
         return None
 
