@@ -17,6 +17,7 @@ counted by torch.utils.flop_counter over a whole training step).
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -121,7 +122,8 @@ def main() -> None:
     rows += bench("mlp 4x512", mlp, args.steps, args.batch)
     lines = [
         f"One SGD step, batch {args.batch}, CPU ({torch.get_num_threads()} threads), torch {torch.__version__}, "
-        f"median of {args.steps} interleaved steps.",
+        f"median of {args.steps} interleaved steps; load average at the end "
+        f"{', '.join(f'{x:.2f}' for x in os.getloadavg())}.",
         "",
         "| model | variant (N=3 unless plain) | ms/step | time vs plain | FLOPs vs plain |",
         "|---|---|---:|---:|---:|",
