@@ -582,6 +582,15 @@ def cut_model(
     Returns ``{name: {"rank", "full", "kind", "form": "thin" | "dense" | "full", "why"}}``.
     """
     check_cut_options(form, by, example_input)
+    was_training = model.training
+    model.eval()  # timing runs the model: BatchNorm's running statistics must not move
+    try:
+        return _cut(model, ranks, svd, form=form, by=by, example_input=example_input, batch=batch)
+    finally:
+        model.train(was_training)
+
+
+def _cut(model, ranks, svd, *, form, by, example_input, batch) -> dict[str, dict]:
     table = {e.name: e for e in layer_table(model)}
     unknown = [n for n in ranks if n not in table or n not in svd]
     if unknown:
@@ -616,4 +625,33 @@ def cut_model(
             thin.train(e.module.training)
             set_module(model, name, thin)
             plan[name] = {**row, "form": "thin", "why": ""}
+    if by == "latency" and form == "low_rank":
+        _keep_thin_only_if_faster(model, plan, _batch_of(example_input, batch))
     return plan
+
+
+def _keep_thin_only_if_faster(model: nn.Module, plan: dict[str, dict], x: Tensor) -> None:
+    """Layers timed alone can each be faster thin yet slower together (more, smaller kernels
+    in a row): time the whole model both ways and keep the thin layers only if it is faster.
+    With every layer dense the cut model costs what the uncut one does, so the cut is never
+    slower than the model it came from."""
+    thin = [n for n, p in plan.items() if p["form"] == "thin"]
+    if not thin:
+        return
+    dense = {n: model.get_submodule(n).to_dense() for n in thin}
+    with torch.no_grad():
+        t_thin = median_seconds(lambda: model(x))
+        swapped = {n: model.get_submodule(n) for n in thin}
+        for n, m in dense.items():
+            set_module(model, n, m)
+        t_dense = median_seconds(lambda: model(x))
+    if t_thin < t_dense:
+        for n, m in swapped.items():
+            set_module(model, n, m)
+        return
+    for n in thin:
+        plan[n] = {
+            **plan[n],
+            "form": "dense",
+            "why": f"the whole model measured slower with thin layers at batch {len(x)}",
+        }

@@ -332,3 +332,45 @@ def test_budget_needs_costs_and_the_low_rank_form():
         lt.Budget(20).plan(lt.layer_svd(net).spectra)
     with pytest.raises(ValueError, match="measure"):
         lt.Budget(20, measure="latency")
+
+
+def _bn_mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(32, 64), nn.BatchNorm1d(64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
+        nn.Linear(64, 10),
+    )  # fmt: skip
+
+
+def test_cut_by_latency_falls_back_to_dense_when_the_whole_model_is_slower(monkeypatch):
+    """Layers timed alone may each be faster thin, yet the whole model slower: then every cut
+    layer stays dense (rank-r weight, the uncut model's cost) and the plan says why."""
+    from lorita import kinds
+
+    model, x = _bn_mlp().train(), torch.randn(8, 32)
+    monkeypatch.setattr(kinds, "_thin_is_faster", lambda *a: True)
+    calls = iter([2.0, 1.0])  # whole model: thin 2 s, dense 1 s
+    monkeypatch.setattr(kinds, "median_seconds", lambda fn, **kw: (fn(), next(calls))[1])
+    stats = model[1].running_mean.clone()
+    small = lt.truncate(model, lt.Uniform(0.25), example_input=x, by="latency", batch=16)
+    cut = {n: p for n, p in small.lorita_plan.items() if p["form"] != "full"}
+    assert cut and all(p["form"] == "dense" for p in cut.values())
+    assert all("whole model measured slower" in p["why"] for p in cut.values())
+    assert not any(isinstance(m, (lt.LowRankLinear, lt.LowRankConv2d)) for m in small.modules())
+    assert model.training  # the model given is left as it was
+    torch.testing.assert_close(model[1].running_mean, stats)  # timing moved no BN statistics
+    dense = lt.truncate(model, lt.Uniform(0.25), form="dense")
+    small.eval(), dense.eval()
+    torch.testing.assert_close(small(x), dense(x))
+
+
+def test_cut_by_latency_keeps_thin_layers_when_the_whole_model_is_faster(monkeypatch):
+    from lorita import kinds
+
+    model, x = _bn_mlp().eval(), torch.randn(8, 32)
+    monkeypatch.setattr(kinds, "_thin_is_faster", lambda *a: True)
+    calls = iter([1.0, 2.0])  # whole model: thin 1 s, dense 2 s
+    monkeypatch.setattr(kinds, "median_seconds", lambda fn, **kw: (fn(), next(calls))[1])
+    small = lt.truncate(model, lt.Uniform(0.25), example_input=x, by="latency", batch=16)
+    assert any(p["form"] == "thin" for p in small.lorita_plan.values())
+    assert any(isinstance(m, lt.LowRankLinear) for m in small.modules())
