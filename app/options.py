@@ -75,20 +75,11 @@ def model_families() -> list[str]:
 
 def models(family: str = BUILT_IN) -> list[str]:
     """Model names of one family, spelled as TrainConfig takes them (``torchvision:resnet18``)."""
-    if family == BUILT_IN:
-        from lorita.models import list_models
+    from lorita.models import list_models
 
-        return list(list_models())
-    if family == "torchvision":
-        import torchvision
-
-        names = torchvision.models.list_models(module=torchvision.models)
-        return [f"torchvision:{n}" for n in sorted(names)]
-    if family == "timm":
-        import timm
-
-        return [f"timm:{n}" for n in timm.list_models()]
-    raise ValueError(f"model family: {family!r}; allowed: {', '.join(model_families())}")
+    if family not in model_families():
+        raise ValueError(f"model family: {family!r}; allowed: {', '.join(model_families())}")
+    return list(list_models(source="lorita" if family == BUILT_IN else family))
 
 
 def family_of(model: str) -> str:
