@@ -1,7 +1,7 @@
 """Every option list the pages offer, read from the library (never written out here).
 
 Adding a dataset, a model, an init or a rank policy to the library makes it appear in the
-app with no change to app/ or pages/ (tests/app/test_options.py checks the lists are the
+app with no change to app/ or pages/ (tests/app/test_glue.py checks the lists are the
 library's).
 """
 
@@ -38,8 +38,7 @@ def datasets() -> list[str]:
     """Built-in dataset names, then each path family (``folder``) the library accepts."""
     from lorita import data
 
-    families = data.list_dataset_families() if hasattr(data, "list_dataset_families") else []
-    return [*data.list_datasets(), *families]
+    return [*data.list_datasets(), *data.list_dataset_families()]
 
 
 def dataset_name(choice: str, path: str | None) -> str:
@@ -51,13 +50,13 @@ def dataset_name(choice: str, path: str | None) -> str:
     name = f"{choice}:{(path or '').strip()}"
     if not (path or "").strip():
         return name  # the library's check says the folder is missing
-    return data.canonical_name(name) if hasattr(data, "canonical_name") else name
+    return data.canonical_name(name)
 
 
 def _families() -> list[str]:
     from lorita import data
 
-    return data.list_dataset_families() if hasattr(data, "list_dataset_families") else []
+    return data.list_dataset_families()
 
 
 def is_path_family(choice: str) -> bool:
