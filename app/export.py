@@ -24,6 +24,12 @@ MIME = {"low_rank": "application/octet-stream", "dense": "application/octet-stre
         "onnx": "application/octet-stream"}  # fmt: skip
 SUFFIX = {"low_rank": "-lowrank.safetensors", "dense": "-dense.safetensors", "onnx": ".onnx"}
 ONNX_NEEDS = ("onnx", "onnxruntime")  # export, and the reload that verifies the file
+DECIDE_WORDS = {
+    "flops": "by FLOPs (thin two layers wherever they count fewer FLOPs)",
+    "latency": "by measured latency on this machine (thin only where it runs faster)",
+}
+DEFAULT_BATCH = 64  # the batch the latency choice measures at, unless the page says otherwise
+MAX_BATCH = 4096  # the library's limit
 
 
 def formats() -> dict[str, str]:
@@ -99,8 +105,17 @@ class OnnxModule:
         return iter(())
 
 
-def metadata(session: Any, choice: dict[str, Any] | None, fmt: str) -> dict[str, Any]:
-    """What goes into the file's metadata: where it came from and how to feed it."""
+def metadata(
+    session: Any,
+    choice: dict[str, Any] | None,
+    fmt: str,
+    *,
+    model: Any = None,
+    by: str = "flops",
+    batch: int = DEFAULT_BATCH,
+) -> dict[str, Any]:
+    """What goes into the file's metadata: where it came from and how to feed it, and for a
+    cut, how each layer's form was chosen and which form it got."""
     val = session.splits.val
     meta: dict[str, Any] = {
         "run": session.run,
@@ -120,8 +135,34 @@ def metadata(session: Any, choice: dict[str, Any] | None, fmt: str) -> dict[str,
             "policy": choice.get("policy"),
             "value": choice.get("value"),
             "ranks": choice.get("ranks"),
+            "forms_by": by if fmt != "dense" else "form='dense'",
         }
+        if by == "latency" and fmt != "dense":
+            meta["truncation"]["latency_batch"] = int(batch)
+        if model is not None:
+            meta["truncation"]["forms"] = forms_of(model)
     return meta
+
+
+def decide_options() -> dict[str, str]:
+    """How each cut layer's form can be chosen (the library's ``lorita.kinds.DECIDE_BY``)."""
+    from lorita.kinds import DECIDE_BY
+
+    return {b: DECIDE_WORDS.get(b, f"by {b}") for b in DECIDE_BY}
+
+
+def _check_by(by: str, batch: int) -> None:
+    from lorita.kinds import DECIDE_BY
+
+    if by not in DECIDE_BY:
+        raise ValueError(f"by: {by!r}; allowed: {', '.join(DECIDE_BY)}")
+    if isinstance(batch, bool) or not isinstance(batch, int) or not 1 <= batch <= MAX_BATCH:
+        raise ValueError(f"batch: {batch!r}; allowed: an integer from 1 to {MAX_BATCH}")
+
+
+def _cut_ranks(session: Any, ranks: dict[str, int] | None) -> dict[str, int]:
+    """The ranks of the layers the session cuts (the page's ranks also list the left-out head)."""
+    return {n: int(r) for n, r in (ranks or {}).items() if n in session.layers}
 
 
 def choose_model(
@@ -129,16 +170,81 @@ def choose_model(
     choice: dict[str, Any] | None,
     fmt: str,
     finetuned: Any = None,
+    *,
+    by: str = "flops",
+    batch: int = DEFAULT_BATCH,
 ) -> Any:
-    """The model to export: merged as trained, cut by ``choice``, or a fine-tuned one."""
-    import lorita as lt
+    """The model to export: merged as trained, cut by ``choice``, or a fine-tuned one.
 
+    ``by`` chooses each cut layer's form (``lorita.kinds.DECIDE_BY``): "flops" takes the thin
+    two-layer form wherever it counts fewer FLOPs; "latency" keeps it only where it measured
+    faster on this machine at ``batch`` rows, layer by layer and then for the whole model, so
+    the exported cut is never slower than the model it came from. The dense format has no
+    thin layers, so ``by`` does not apply to it.
+    """
+    import lorita as lt
+    from lorita import truncation
+
+    _check_by(by, batch)
+    timed = by == "latency" and fmt != "dense"
     if finetuned is not None:
-        return lt.merge_model(finetuned) if fmt == "dense" else finetuned
+        if fmt == "dense":
+            return lt.merge_model(finetuned)
+        if not timed:
+            return finetuned
+        ranks = _cut_ranks(session, (choice or {}).get("ranks"))
+        return truncation.truncate(
+            finetuned, truncation.Ranks(ranks), layers=list(ranks),
+            example_input=session.example_input, by="latency", batch=batch,
+        )  # fmt: skip
     if not choice:
         return session.model
+    if timed:
+        return truncation.truncate(
+            session.model, truncation.Ranks(_cut_ranks(session, choice.get("ranks"))),
+            svd=session.svd, example_input=session.example_input, by="latency", batch=batch,
+        )  # fmt: skip
     policy = cz.make_policy(choice["policy"], choice.get("value"), choice.get("ranks"))
     return session.cut(policy, form="dense" if fmt == "dense" else "low_rank")[0]
+
+
+def _form_of(model: Any, name: str, plan: dict[str, dict]) -> dict[str, Any] | None:
+    if name in plan:
+        return plan[name]
+    from lorita import LowRankConv2d, LowRankLinear
+
+    try:
+        module = model.get_submodule(name)
+    except AttributeError:
+        return None
+    if isinstance(module, LowRankLinear | LowRankConv2d):
+        return {"rank": int(module.rank), "form": "thin", "why": ""}
+    return None
+
+
+def layer_forms(session: Any, model: Any) -> list[dict[str, Any]]:
+    """One row per layer of the exported model: its rank and the form it got, and why."""
+    from app.latency import FORM_WORDS
+
+    plan = getattr(model, "lorita_plan", None) or {}
+    rows = []
+    for name, full in session.full_ranks.items():
+        p = _form_of(model, name, plan)
+        if p is None:
+            left = session.left_out.get(name)
+            form, rank, why = ("left out" if left else "full"), full, left or ""
+        else:
+            form, rank, why = p["form"], p.get("rank", full), p.get("why", "")
+        rows.append(
+            {"layer": name, "rank": f"{rank}/{full}", "form": FORM_WORDS.get(form, form),
+             "why": why}
+        )  # fmt: skip
+    return rows
+
+
+def forms_of(model: Any) -> dict[str, str]:
+    """``{layer: "thin" | "dense" | "full"}`` of a cut model (empty when nothing was cut)."""
+    return {n: str(p["form"]) for n, p in (getattr(model, "lorita_plan", None) or {}).items()}
 
 
 def snippet(fmt: str, file_name: str) -> str:

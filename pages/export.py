@@ -8,6 +8,9 @@ from app import cache, jobs, state, ui
 from app import compress as cz
 from app import export as ex
 
+EXPORT_BY = getattr(state, "EXPORT_BY", "export.by")
+EXPORT_BATCH = getattr(state, "EXPORT_BATCH", "export.batch")
+
 
 @st.cache_resource(show_spinner="Writing the file and loading it back…", max_entries=16)
 def _build(
@@ -15,6 +18,37 @@ def _build(
 ) -> ex.Built:
     session = cache.session(root, name, which)
     return ex.build(session, _model, fmt, base_name=name, meta=_meta)
+
+
+@st.cache_resource(show_spinner=False, max_entries=16)
+def _model(  # noqa: PLR0913 - the cache key is the whole choice
+    root: str, name: str, which: str, mtime: float, choice_key: tuple, fmt: str, by: str,
+    batch: int, _choice, _tuned,
+):  # fmt: skip
+    session = cache.session(root, name, which)
+    return ex.choose_model(session, _choice, fmt, finetuned=_tuned, by=by, batch=batch)
+
+
+def _decide(pick: str, fmt: str) -> tuple[str, int]:
+    """How each cut layer's form is chosen (by FLOPs or by latency measured at a batch)."""
+    if pick == "full":
+        return "flops", ex.DEFAULT_BATCH
+    if fmt == "dense":
+        st.caption("Dense: every layer keeps its original shape with a rank-r weight.")
+        return "flops", ex.DEFAULT_BATCH
+    choices = ex.decide_options()
+    state.setdefault(EXPORT_BY, "flops")
+    if st.session_state.get(EXPORT_BY) not in choices:
+        st.session_state[EXPORT_BY] = next(iter(choices))
+    c1, c2 = st.columns([3, 1], vertical_alignment="bottom")
+    by = c1.radio("Each cut layer's form", list(choices), key=EXPORT_BY,
+                  format_func=choices.get, horizontal=True)  # fmt: skip
+    state.setdefault(EXPORT_BATCH, ex.DEFAULT_BATCH)
+    batch = c2.number_input(
+        "batch", 1, ex.MAX_BATCH, step=1, key=EXPORT_BATCH, disabled=by != "latency",
+        help="The batch size the thin and dense forms are timed at (1: one image at a time).",
+    )  # fmt: skip
+    return by, int(batch)
 
 
 @ui.guarded
@@ -62,22 +96,44 @@ def main() -> None:
     if ex.missing_note():
         st.caption(ex.missing_note())
 
-    _file(root, name, which, mtime, session, choice, pick, fmt)
+    by, batch = _decide(pick, fmt)
+    _file(root, name, which, mtime, session, choice, pick, fmt, by, batch)
 
 
-def _file(root, name, which, mtime, session, choice, pick, fmt) -> None:  # noqa: PLR0913
+def _forms(session, model, fmt: str, by: str, batch: int) -> None:
+    """Which form each layer got in the file (and why)."""
+    rows = ex.layer_forms(session, model)
+    thin = sum(r["form"].startswith("thin") for r in rows)
+    how = f"chosen by latency measured at batch {batch}" if by == "latency" else "chosen by FLOPs"
+    how = "dense format" if fmt == "dense" else how
+    with st.expander(f"Each layer's form: {thin} of {len(rows)} thin ({how})"):
+        st.dataframe(rows, hide_index=True)
+        if by == "latency":
+            st.caption(
+                "Each cut layer was timed thin and dense on this machine, then the whole model "
+                "both ways: the thin layers are kept only if the model runs faster with them, so "
+                "this file is never slower than the model it came from (at that batch)."
+            )
+
+
+def _file(root, name, which, mtime, session, choice, pick, fmt, by, batch) -> None:  # noqa: PLR0913
     """Build the file, show that it reloads to the same model, offer the download."""
     used = choice if pick in ("compressed", "finetuned") else None
     tuned = st.session_state[state.FINETUNED]["model"] if pick == "finetuned" else None
-    model = ex.choose_model(session, used, fmt, finetuned=tuned)
     choice_key = (
         pick,
         None if used is None else (used["policy"], used.get("value"), tuple(used["ranks"].items())),
         id(tuned) if tuned is not None else None,
+        by,
+        batch,
     )
-    built = _build(
-        root, name, which, mtime, choice_key, fmt, model, ex.metadata(session, used, fmt)
-    )
+    timed = "Timing each layer thin and dense on this machine…" if by == "latency" else "Cutting…"
+    with st.spinner(timed):
+        model = _model(root, name, which, mtime, choice_key, fmt, by, batch, used, tuned)
+    meta = ex.metadata(session, used, fmt, model=model, by=by, batch=batch)
+    built = _build(root, name, which, mtime, choice_key, fmt, model, meta)
+    if used is not None:
+        _forms(session, model, fmt, by, batch)
 
     st.subheader("Check: the file loads back to the same model")
     m = st.columns(3)

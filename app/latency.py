@@ -1,0 +1,280 @@
+"""Measured latency of the Compress page's cut on this machine (issue 11, item 6).
+
+FLOPs say what a cut should save; the clock says what it does. On a button press this module
+times the session's merged model (the original) and the page's cut model with the library's
+:func:`lorita.latency_profile` (whole model, batch 1 and 64, median of repeats) and
+:func:`lorita.layer_latency` (time spent inside each layer, where the time goes), and shows
+them beside each other with the form each layer took in the cut (thin two-layer form, dense
+rank-r weight, or not cut). A result is kept in the session per cut (the run's checkpoint and
+the ranks and forms of the cut), so moving the slider never pays for a measurement, and moving
+it back shows the numbers measured before.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from app import compress as cz
+
+BATCHES = (1, 64)  # whole-model latency, as `lorita compress` prints it
+LAYER_BATCH = 64  # the batch the per-layer times are taken at
+REPEATS = 20  # whole-model timings per batch (the median is shown)
+LAYER_REPEATS = 10  # forward passes the per-layer medians are taken over
+KEEP = 8  # measured cuts kept per session
+STATE_KEY = "latency"  # st.session_state: {cut token: Latency}
+FORM_WORDS = {
+    "thin": "thin (two layers)",
+    "dense": "dense rank-r weight",
+    "full": "not cut",
+    "left out": "left out of cuts",
+}
+
+
+@dataclass
+class Latency:
+    """Whole-model and per-layer latency of an original model and its cut (milliseconds)."""
+
+    whole: list[dict[str, Any]]  # per batch: batch, original_ms, cut_ms, cut_pct
+    layers: list[dict[str, Any]]  # per layer: layer, form, rank, full, original_ms, cut_ms
+    layer_batch: int
+    threads: int
+    seconds: float = 0.0
+    other: dict[str, float] = field(default_factory=dict)  # time outside the layers, ms
+
+    def slower_at(self) -> list[int]:
+        """The batch sizes at which the cut measured slower than the original."""
+        return [w["batch"] for w in self.whole if w["cut_ms"] > w["original_ms"]]
+
+
+def cut_token(session: Any, model: Any) -> tuple:
+    """The identity of a cut: the run, its checkpoint file, and each layer's rank and form."""
+    plan = getattr(model, "lorita_plan", None) or {}
+    cut = tuple(sorted((n, int(p["rank"]), str(p["form"])) for n, p in plan.items()))
+    mtime = cz.checkpoint_mtime(session.run, session.which) if session.run else None
+    return (session.run, session.which, mtime, cut)
+
+
+def _forms(session: Any, model: Any) -> dict[str, dict[str, Any]]:
+    """Each layer of the original: its rank in the cut, full rank and form there."""
+    plan = getattr(model, "lorita_plan", None) or {}
+    out = {}
+    for name, full in session.full_ranks.items():
+        p = plan.get(name)
+        if p is not None:
+            out[name] = {"rank": int(p["rank"]), "full": int(p["full"]), "form": p["form"]}
+        else:
+            form = "left out" if name in session.left_out else "full"
+            out[name] = {"rank": int(full), "full": int(full), "form": form}
+    return out
+
+
+def _rows(forms: dict, original: dict[str, float], cut: dict[str, float]) -> list[dict]:
+    rows = []
+    for name, f in forms.items():
+        rows.append(
+            {
+                "layer": name,
+                "form": f["form"],
+                "rank": f["rank"],
+                "full": f["full"],
+                "original_ms": 1000 * original.get(name, 0.0),
+                "cut_ms": 1000 * cut.get(name, 0.0),
+            }
+        )
+    return rows
+
+
+def measure(
+    session: Any,
+    model: Any,
+    *,
+    batches: tuple[int, ...] = BATCHES,
+    layer_batch: int = LAYER_BATCH,
+    repeats: int = REPEATS,
+    layer_repeats: int = LAYER_REPEATS,
+    progress: Callable[[int, int, str], object] | None = None,
+) -> Latency:
+    """Time ``session``'s merged model and the cut ``model`` on the session's example input.
+
+    ``progress(done, total, text)`` is called before each of the four timings.
+    """
+    import torch
+
+    from lorita.cost import latency_profile, layer_latency
+
+    t0 = time.perf_counter()
+    x = session.example_input
+    xb = x[:1].expand(layer_batch, *x.shape[1:]).contiguous()
+    # a private copy: timing hooks on the cached, shared model would fire in other sessions
+    original = copy.deepcopy(session.model)
+    steps = [
+        (
+            "original",
+            "whole",
+            lambda: latency_profile(original, x, batches=batches, repeats=repeats),
+        ),
+        ("cut", "whole", lambda: latency_profile(model, x, batches=batches, repeats=repeats)),
+        ("original", "layers", lambda: layer_latency(original, xb, repeats=layer_repeats)),
+        ("cut", "layers", lambda: layer_latency(model, xb, repeats=layer_repeats)),
+    ]
+    got: dict[tuple[str, str], dict] = {}
+    for i, (which, what, run) in enumerate(steps):
+        if progress is not None:
+            where = "each layer" if what == "layers" else "the whole model"
+            progress(i, len(steps), f"Timing {where} of the {which} model…")
+        got[which, what] = run()
+    if progress is not None:
+        progress(len(steps), len(steps), "Done.")
+    whole = [
+        {
+            "batch": b,
+            "original_ms": 1000 * got["original", "whole"][b],
+            "cut_ms": 1000 * got["cut", "whole"][b],
+            "cut_pct": 100 * got["cut", "whole"][b] / max(got["original", "whole"][b], 1e-12),
+        }
+        for b in batches
+    ]
+    rows = _rows(_forms(session, model), got["original", "layers"], got["cut", "layers"])
+    other = {}
+    if layer_batch in batches:
+        w = next(w for w in whole if w["batch"] == layer_batch)
+        other = {
+            "original_ms": max(0.0, w["original_ms"] - sum(r["original_ms"] for r in rows)),
+            "cut_ms": max(0.0, w["cut_ms"] - sum(r["cut_ms"] for r in rows)),
+        }
+    return Latency(
+        whole=whole,
+        layers=rows,
+        layer_batch=layer_batch,
+        threads=torch.get_num_threads(),
+        seconds=time.perf_counter() - t0,
+        other=other,
+    )
+
+
+def remember(kept: dict, token: tuple, result: Latency, keep: int = KEEP) -> None:
+    """Keep ``result`` for ``token`` in ``kept``, dropping the oldest beyond ``keep``."""
+    kept.pop(token, None)
+    kept[token] = result
+    while len(kept) > keep:
+        kept.pop(next(iter(kept)))
+
+
+def layer_table(result: Latency) -> list[dict[str, Any]]:
+    """The per-layer rows as the page's table (milliseconds, share of the layers' time)."""
+    total = sum(r["cut_ms"] for r in result.layers) or 1.0
+    return [
+        {
+            "layer": r["layer"],
+            "form in the cut": FORM_WORDS.get(r["form"], r["form"]),
+            "rank": f"{r['rank']}/{r['full']}",
+            "original ms": round(r["original_ms"], 3),
+            "cut ms": round(r["cut_ms"], 3),
+            "cut / original %": round(100 * r["cut_ms"] / max(r["original_ms"], 1e-9), 1),
+            "share of the cut's layer time %": round(100 * r["cut_ms"] / total, 1),
+        }
+        for r in result.layers
+    ]
+
+
+def layer_chart(result: Latency):
+    """Horizontal bars: milliseconds inside each layer, original beside cut."""
+    import plotly.graph_objects as go
+
+    names = [r["layer"] for r in result.layers][::-1]
+    rows = result.layers[::-1]
+    fig = go.Figure()
+    fig.add_bar(y=names, x=[r["original_ms"] for r in rows], name="original", orientation="h")
+    fig.add_bar(
+        y=names,
+        x=[r["cut_ms"] for r in rows],
+        name="cut",
+        orientation="h",
+        text=[FORM_WORDS.get(r["form"], r["form"]) for r in rows],
+        textposition="auto",
+    )
+    fig.update_layout(
+        barmode="group",
+        title=f"Where the time goes: ms inside each layer at batch {result.layer_batch}",
+        xaxis_title="milliseconds (median)",
+        height=max(260, 60 + 34 * len(names)),
+        margin={"l": 10, "r": 10, "t": 50, "b": 40},
+        legend={"orientation": "h", "y": -0.15},
+    )
+    return fig
+
+
+def _metrics(result: Latency) -> None:
+    import streamlit as st
+
+    cols = st.columns(len(result.whole))
+    for col, w in zip(cols, result.whole, strict=True):
+        col.metric(
+            f"Latency, batch {w['batch']}",
+            f"{w['cut_ms']:.3f} ms",
+            delta=f"{w['cut_pct']:.0f} % of original ({w['original_ms']:.3f} ms)",
+            delta_color="off",
+            delta_arrow="off",
+        )
+
+
+def render(result: Latency, *, key: str = "compress.latency") -> None:
+    """The measured numbers: whole-model metrics, where the time goes (chart and table)."""
+    import streamlit as st
+
+    _metrics(result)
+    st.caption(
+        f"Median of {REPEATS} forward passes on this machine's CPU ({result.threads} threads), "
+        f"measured in {result.seconds:.1f} s; other work on the machine (a training run) "
+        "makes these numbers noisy."
+    )
+    slower = result.slower_at()
+    if slower:
+        st.warning(
+            "This cut measured slower than the original at batch "
+            + " and ".join(map(str, slower))
+            + ": small thin layers can cost more than one dense layer. On the Export page, "
+            "choose each layer's form by measured latency so the exported cut is never slower."
+        )
+    st.plotly_chart(layer_chart(result), key=f"{key}.chart")
+    st.dataframe(layer_table(result), hide_index=True)
+    if result.other:
+        st.caption(
+            f"Outside these layers (activations, pooling, normalisation) at batch "
+            f"{result.layer_batch}: {result.other['original_ms']:.3f} ms in the original, "
+            f"{result.other['cut_ms']:.3f} ms in the cut. A thin layer's original time is "
+            "what its dense form costs."
+        )
+
+
+def show(session: Any, res: dict[str, Any], *, key: str = "compress.latency") -> None:
+    """The Compress page's latency section for the cut ``res`` (from app.compress.apply).
+
+    Measures only when the button is pressed; the result is kept for this cut in the session.
+    """
+    import streamlit as st
+
+    model = res["model"]
+    token = cut_token(session, model)
+    kept = st.session_state.setdefault(STATE_KEY, {})
+    result = kept.get(token)
+    label = "Measure again" if result is not None else "Measure latency on this machine"
+    if st.button(label, key=f"{key}.go", help="Times the original and this cut on this CPU."):
+        bar = st.progress(0.0, text="Timing…")
+        with st.spinner("Measuring latency on this machine…"):
+            result = measure(
+                session, model, progress=lambda d, t, text: bar.progress(d / t, text=text)
+            )
+        bar.empty()
+        remember(kept, token, result)
+    if result is None:
+        st.caption(
+            "Times the original and this cut at batch 1 and 64 (median of repeats) and each "
+            "layer's share, on this machine's CPU. Kept for this cut while the session lasts."
+        )
+        return
+    render(result, key=key)

@@ -1,0 +1,213 @@
+"""Measured latency on the Compress page (app/latency.py) and the Export page's choice of each
+layer's form by FLOPs or by measured latency (app/export.py), on the seeded tiny digits run."""
+
+from __future__ import annotations
+
+import pytest
+from app_seed import N3, ROOT
+from streamlit.testing.v1 import AppTest
+
+from app import compress as cz
+from app import export as ex
+from app import latency
+
+APP = str(ROOT / "streamlit_app.py")
+TIMEOUT = 300
+
+
+@pytest.fixture
+def session(runs_dir):
+    return cz.session(N3, "best", runs_dir)
+
+
+def _cut(session, value: float = 0.8):
+    return cz.apply(session, cz.make_policy("global", value))
+
+
+def test_measure_numbers_are_positive_and_rows_match_the_cut(session):
+    import lorita as lt
+
+    res = _cut(session)
+    result = latency.measure(session, res["model"], repeats=3, layer_repeats=3)
+    assert [w["batch"] for w in result.whole] == [1, 64]
+    for w in result.whole:
+        assert w["original_ms"] > 0 and w["cut_ms"] > 0
+        assert w["cut_pct"] == pytest.approx(100 * w["cut_ms"] / w["original_ms"])
+    names = [r["layer"] for r in result.layers]
+    assert names == [n for n, _ in lt.iter_layers(res["model"])]
+    assert names == list(session.full_ranks)
+    plan = res["model"].lorita_plan
+    for r in result.layers:
+        assert r["original_ms"] > 0 and r["cut_ms"] > 0, r
+        if r["layer"] in plan:
+            assert (r["form"], r["rank"]) == (plan[r["layer"]]["form"], plan[r["layer"]]["rank"])
+        else:  # the output layer: left out of every cut
+            assert r["form"] == "left out" and r["rank"] == r["full"]
+    assert result.layer_batch == 64 and result.other["cut_ms"] >= 0
+    table = latency.layer_table(result)
+    assert [t["layer"] for t in table] == names
+    assert sum(t["share of the cut's layer time %"] for t in table) == pytest.approx(100, abs=0.5)
+
+
+def test_measure_leaves_the_shared_model_alone(session):
+    """Timing hooks go on a private copy: the cached session model keeps no hooks."""
+    res = _cut(session)
+    latency.measure(session, res["model"], repeats=1, layer_repeats=1)
+    for m in session.model.modules():
+        assert not m._forward_hooks and not m._forward_pre_hooks
+
+
+def test_cut_token_names_the_cut(session):
+    a, b = _cut(session, 0.8), _cut(session, 0.8)
+    c = _cut(session, 0.5)
+    assert latency.cut_token(session, a["model"]) == latency.cut_token(session, b["model"])
+    assert latency.cut_token(session, a["model"]) != latency.cut_token(session, c["model"])
+
+
+def test_remember_keeps_the_newest():
+    kept: dict = {}
+    for i in range(latency.KEEP + 3):
+        latency.remember(kept, (i,), i)
+    assert list(kept) == [(i,) for i in range(3, latency.KEEP + 3)]
+    latency.remember(kept, (3,), "again")  # measured again: now the newest
+    assert list(kept)[-1] == (3,) and len(kept) == latency.KEEP
+
+
+def _show_script(root: str, run: str, value: float) -> None:
+    from app import cache, latency
+    from app import compress as cz
+
+    session = cache.session(root, run, "best")
+    latency.show(session, cz.apply(session, cz.make_policy("global", value)))
+
+
+def _metric_labels(at: AppTest) -> list[str]:
+    return [m.label for m in at.metric]
+
+
+def test_show_measures_on_the_button_only_and_keeps_it_for_the_cut(runs_dir, monkeypatch):
+    calls = []
+    real = latency.measure
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **{**kwargs, "repeats": 3, "layer_repeats": 3})
+
+    monkeypatch.setattr(latency, "measure", counted)
+    at = AppTest.from_function(
+        _show_script, args=(str(runs_dir), N3, 0.8), default_timeout=TIMEOUT
+    ).run()
+    assert not at.exception and not calls
+    assert "Latency, batch 1" not in _metric_labels(at)
+    at.button(key="compress.latency.go").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert len(calls) == 1
+    assert _metric_labels(at) == ["Latency, batch 1", "Latency, batch 64"]
+    for m in at.metric:
+        assert float(m.value.split()[0]) > 0 and "% of original" in m.delta
+    assert len(at.get("plotly_chart")) == 1 and len(at.dataframe) == 1
+    at.run()  # a rerun (a widget elsewhere moved) with the same cut: kept, not measured again
+    assert len(calls) == 1 and _metric_labels(at) == ["Latency, batch 1", "Latency, batch 64"]
+    # another cut: nothing kept for it
+    at2 = AppTest.from_function(
+        _show_script, args=(str(runs_dir), N3, 0.5), default_timeout=TIMEOUT
+    )
+    at2.session_state[latency.STATE_KEY] = at.session_state[latency.STATE_KEY]
+    at2.run()
+    assert "Latency, batch 1" not in _metric_labels(at2) and len(calls) == 1
+
+
+# --- Export: each layer's form by FLOPs or by measured latency ---------------------------------
+
+
+def test_decide_options_are_the_librarys():
+    from lorita.kinds import DECIDE_BY
+
+    assert tuple(ex.decide_options()) == DECIDE_BY
+
+
+@pytest.mark.parametrize("bad", [{"by": "speed"}, {"batch": 0}, {"batch": 5000}, {"batch": 2.0}])
+def test_choose_model_refuses_bad_options(session, bad):
+    choice = {"run": N3, "which": "best", "policy": "global", "value": 0.8,
+              "ranks": _cut(session)["ranks"]}  # fmt: skip
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        ex.choose_model(session, choice, "low_rank", **bad)
+
+
+@pytest.mark.parametrize("batch", [1, 64])
+def test_choose_model_by_latency_keeps_ranks_and_says_each_form(session, batch):
+    import torch
+
+    res = _cut(session)
+    choice = {"run": N3, "which": "best", "policy": "global", "value": 0.8, "ranks": res["ranks"]}
+    by_flops = ex.choose_model(session, choice, "low_rank")
+    timed = ex.choose_model(session, choice, "low_rank", by="latency", batch=batch)
+    assert timed.lorita_ranks == by_flops.lorita_ranks
+    plan = timed.lorita_plan
+    assert set(plan) == set(session.layers)
+    for p in plan.values():
+        assert p["form"] in ("thin", "dense", "full")
+        if p["form"] == "dense":
+            assert "measured slower" in p["why"]
+    x = session.example_input.expand(16, *session.example_input.shape[1:])
+    with torch.no_grad():  # same ranks, same function, whichever form each layer took
+        torch.testing.assert_close(timed(x), by_flops(x), atol=1e-4, rtol=1e-4)
+    rows = ex.layer_forms(session, timed)
+    assert [r["layer"] for r in rows] == list(session.full_ranks)
+    for r in rows:
+        if r["layer"] in plan:
+            assert r["form"] == latency.FORM_WORDS[plan[r["layer"]]["form"]]
+            assert r["rank"] == f"{plan[r['layer']]['rank']}/{plan[r['layer']]['full']}"
+    meta = ex.metadata(session, choice, "low_rank", model=timed, by="latency", batch=batch)
+    assert meta["truncation"]["forms_by"] == "latency"
+    assert meta["truncation"]["latency_batch"] == batch
+    assert meta["truncation"]["forms"] == {n: p["form"] for n, p in plan.items()}
+
+
+def test_choose_model_by_latency_on_a_finetuned_model(session):
+    import torch
+
+    res = _cut(session)
+    choice = {"run": N3, "which": "best", "policy": "global", "value": 0.8, "ranks": res["ranks"]}
+    tuned, _ = cz.finetune(session, res["model"], epochs=1, lr=1e-3)
+    timed = ex.choose_model(session, choice, "low_rank", tuned, by="latency", batch=8)
+    assert {n: p["rank"] for n, p in timed.lorita_plan.items() if n in session.layers} == {
+        n: r for n, r in res["ranks"].items() if n in session.layers
+    }
+    x = session.example_input.expand(16, *session.example_input.shape[1:])
+    with torch.no_grad():
+        torch.testing.assert_close(timed(x), tuned.eval()(x), atol=1e-4, rtol=1e-4)
+
+
+def _open(page: str, **query) -> AppTest:
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
+    for k, v in query.items():
+        at.query_params[k] = v
+    at.run()
+    at.switch_page(f"pages/{page}.py").run()
+    return at
+
+
+def test_export_page_forms_by_latency(runs_dir):
+    at = _open("compress", run=N3)
+    at.slider(key="compress.value.global").set_value(0.8).run()
+    at.switch_page("pages/export.py").run()
+    assert not at.exception and not at.error
+    by = at.radio(key="export.by")
+    assert by.value == "flops" and tuple(by.options) == tuple(ex.decide_options().values())
+    assert at.number_input(key="export.batch").disabled
+    by.set_value("latency").run()
+    at.number_input(key="export.batch").set_value(1).run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert not at.error, [e.value for e in at.error]
+    m = {x.label: x.value for x in at.metric}
+    assert m["Test accuracy before saving"] == m["Test accuracy after reloading"]
+    forms = [e for e in at.expander if e.label.startswith("Each layer's form")]
+    assert forms and "chosen by latency measured at batch 1" in forms[0].label
+    rows = forms[0].dataframe[0].value
+    assert list(rows["layer"]) == list(cz.session(N3, "best", runs_dir).full_ranks)
+    at.radio(key="export.format").set_value("dense").run()
+    assert not at.exception
+    assert not [r for r in at.radio if r.key == "export.by"]  # no thin layers: nothing to choose
+    forms = [e for e in at.expander if e.label.startswith("Each layer's form")]
+    assert "0 of" in forms[0].label and "dense format" in forms[0].label
