@@ -17,6 +17,7 @@ COMPRESS_CHOICE = "compress_choice"  # dict | None: {"run", "which", "policy", "
 FINETUNED = "finetuned"  # dict | None: {"key": tuple, "model": nn.Module, "metrics": dict}
 CONFIRM_DELETE = "confirm_delete"  # str | None: run awaiting delete confirmation
 LAST_ERROR = "last_error"  # str | None: one-line message shown after a failed action
+LATENCY = "latency"  # dict: cut token -> measured latency of that cut (app/latency.py)
 
 # --- widget keys (one namespace per page) ---------------------------------------------------
 # Train form fields: the page appends the preset ("train.lr.classroom"), so each preset has its
@@ -59,6 +60,8 @@ EXPORT_RUN = "export.run"
 EXPORT_WHICH = "export.which"
 EXPORT_MODEL = "export.model"
 EXPORT_FORMAT = "export.format"
+EXPORT_BY = "export.by"  # choose each layer's form by "flops" | "latency" (lorita.kinds.DECIDE_BY)
+EXPORT_BATCH = "export.batch"  # the batch size the latency choice measures at
 
 THEORY_N = "theory.n_factors"
 THEORY_LAMBDA = "theory.weight_decay"
