@@ -132,8 +132,6 @@ def _file(root, name, which, mtime, session, choice, pick, fmt, by, batch) -> No
         model = _model(root, name, which, mtime, choice_key, fmt, by, batch, used, tuned)
     meta = ex.metadata(session, used, fmt, model=model, by=by, batch=batch)
     built = _build(root, name, which, mtime, choice_key, fmt, model, meta)
-    if used is not None:
-        _forms(session, model, fmt, by, batch)
 
     st.subheader("Check: the file loads back to the same model")
     m = st.columns(3)
@@ -162,6 +160,8 @@ def _file(root, name, which, mtime, session, choice, pick, fmt, by, batch) -> No
     )
     st.markdown("**Load it**")
     st.code(built.snippet, language="python")
+    if used is not None:  # last: once it shows, the download button above is this run's
+        _forms(session, model, fmt, by, batch)
 
 
 main()

@@ -1,0 +1,102 @@
+"""Measured latency in a real browser: the Compress page's button times the cut on this
+machine, and the Export page chooses each layer's form by measured latency."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+TINY = {
+    "dataset": "digits",
+    "model": "mlp",
+    "model_kwargs": {"depth": 2, "width": 32},
+    "n_factors": 3,
+    "init": "balanced",
+    "optimizer": "adam",
+    "lr": 3e-3,
+    "weight_decay": 5e-4,
+    "epochs": 2,
+    "batch_size": 64,
+    "seed": 0,
+    "device": "cpu",
+    "spectra_every": 5,
+}
+NAME = "e2e-latency-n3"
+
+
+@pytest.fixture(scope="module")
+def tiny_run(app_server):
+    """A short digits run trained in this process straight into the app's run store."""
+    from lorita.engine import train
+    from lorita.runs import RunStore
+
+    store = RunStore(app_server["runs"])
+    if not store.exists(NAME):
+        result = train(TINY, store.create(TINY, name=NAME))
+        assert result["state"] == "completed", result
+    return NAME
+
+
+def no_errors(page) -> None:
+    assert page.locator('[data-testid="stException"]').count() == 0
+    assert "Traceback" not in page.locator("body").inner_text()
+
+
+def wait_idle(page, timeout_s: float = 120) -> None:
+    """Until the page's script run is over (Streamlit's status widget gone)."""
+    page.wait_for_timeout(200)
+    page.locator('[data-testid="stStatusWidget"]').wait_for(state="hidden", timeout=timeout_s * 1e3)
+
+
+def metric(page, label: str):
+    return page.locator('[data-testid="stMetric"]').filter(has=page.get_by_text(label, exact=True))
+
+
+def test_measure_latency_on_the_compress_page(app_server, page, tiny_run):
+    page.goto(f"{app_server['url']}/compress?run={tiny_run}")
+    page.get_by_text("Original validation accuracy").wait_for(timeout=120_000)
+    page.get_by_text("Measured latency on this machine", exact=False).first.click()
+    button = page.get_by_role("button", name="Measure latency on this machine")
+    button.wait_for(timeout=60_000)
+    assert metric(page, "Latency, batch 1").count() == 0  # nothing is timed before the press
+    button.click()
+    for batch in (1, 64):
+        box = metric(page, f"Latency, batch {batch}")
+        box.first.wait_for(timeout=120_000)
+        value = box.locator('[data-testid="stMetricValue"]').first.inner_text()
+        assert re.fullmatch(r"\d+\.\d{3} ms", value) and float(value.split()[0]) > 0, value
+        delta = box.locator('[data-testid="stMetricDelta"]').first.inner_text()
+        assert "% of original" in delta, delta
+    page.locator("text.gtitle", has_text="Where the time goes").first.wait_for(timeout=60_000)
+    page.get_by_role("button", name="Measure again").wait_for()
+    no_errors(page)
+
+
+def test_export_forms_chosen_by_measured_latency(app_server, page, tiny_run, tmp_path):
+    page.goto(f"{app_server['url']}/compress?run={tiny_run}")
+    page.get_by_text("Original validation accuracy").wait_for(timeout=120_000)
+    page.locator('[data-testid="stSidebarNav"] a', has_text="Export").first.click()
+    page.get_by_role("button", name=re.compile(r"^Download ")).wait_for(timeout=120_000)
+    page.get_by_text("Each layer's form: ", exact=False).first.wait_for(timeout=60_000)
+    page.get_by_text("by measured latency on this machine", exact=False).first.click()
+    forms = page.get_by_text(re.compile(r"Each layer's form: .*latency measured at batch 64"))
+    forms.first.wait_for(timeout=120_000)
+    wait_idle(page)  # the download button below is the one this run drew
+    page.get_by_text("identical to the model in memory", exact=False).wait_for(timeout=60_000)
+    button = page.get_by_role("button", name=re.compile(r"^Download "))
+    with page.expect_download() as info:
+        button.click()
+    path = tmp_path / info.value.suggested_filename
+    info.value.save_as(path)
+
+    import lorita as lt
+
+    meta = lt.read_spec(path)["metadata"]
+    assert meta["truncation"]["forms_by"] == "latency"
+    assert meta["truncation"]["latency_batch"] == 64
+    assert set(meta["truncation"]["forms"]) == {"fc1", "fc2"}
+    assert set(meta["truncation"]["forms"].values()) <= {"thin", "dense", "full"}
+    no_errors(page)
