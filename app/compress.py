@@ -16,10 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from app import jobs, options
+from lorita import curves
 
 CURVE_POINTS = 25
 SEARCH_POINTS = 40  # values tried by "smallest within X points" (on the slider's grid)
-CURVE_VERSION = 1  # bump when the stored curve's shape changes
+CURVE_VERSION = 1  # bump when a stored comparison's shape changes
 
 
 def scalar_policies() -> dict[str, dict[str, Any]]:
@@ -120,19 +121,13 @@ def smallest_within(cz: Any, name: str, max_drop: float) -> float | None:
 
 
 def curve_key(which: str, policy: str) -> str:
-    return f"tradeoff-{which}-{policy}"
+    return curves.key(which, policy)
 
 
 def stored_curve(name: str, which: str, policy: str, root: str | Path | None = None):
-    """The trade-off curve kept in the run folder, if it was computed for this checkpoint."""
-    run = jobs.store(root).get(name)
-    kept = run.read_extra(curve_key(which, policy))
-    if not isinstance(kept, dict) or kept.get("version") != CURVE_VERSION:
-        return None
-    if kept.get("checkpoint_mtime") != checkpoint_mtime(name, which, root):
-        return None
-    points = kept.get("points")
-    return points if isinstance(points, list) else None
+    """The trade-off curve kept in the run folder, if it was computed for this checkpoint
+    (by the training process when the run completed, or by an earlier visit)."""
+    return curves.stored(jobs.store(root).get(name), which, policy)
 
 
 def compute_curve(
@@ -144,19 +139,8 @@ def compute_curve(
 ) -> list[dict[str, Any]]:
     """Sweep ``policy`` over its range once (validation only: the chart plots it, and test is
     for reporting a chosen model) and keep the curve in the run folder."""
-    points = cz.curve(policy, parts=("val",), progress=progress)
-    points = [{k: v for k, v in p.items() if k != "ranks"} for p in points]
-    if cz.run:
-        jobs.store(root).get(cz.run).write_extra(
-            curve_key(cz.which, policy),
-            {
-                "version": CURVE_VERSION,
-                "checkpoint_mtime": checkpoint_mtime(cz.run, cz.which, root),
-                "policy": policy,
-                "points": points,
-            },
-        )
-    return points
+    run = jobs.store(root).get(cz.run) if cz.run else None
+    return curves.compute(cz, policy, run, progress=progress)
 
 
 def find_baseline(name: str, root: str | Path | None = None) -> str | None:

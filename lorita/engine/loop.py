@@ -118,6 +118,7 @@ def train(
     stop: Callable[[], bool] | None = None,
     resume: bool = False,
     threads: int | str | None = None,
+    on_complete: Callable[[Run, data_mod.Splits], Any] | None = None,
 ) -> dict:
     """Train a composed model; write the run folder when ``run`` is given.
 
@@ -133,6 +134,10 @@ def train(
             has none). A completed run is refused before anything is written.
         threads: CPU threads for this run (restored afterwards): an integer, None (leave
             PyTorch's setting) or "auto" (one thread for a small model on the CPU).
+        on_complete: called as ``on_complete(run, splits)`` by the writing process once the
+            run has completed (result and status written), with this process's threads and
+            data; e.g. :func:`lorita.curves.prepare` (what ``lorita train`` does). An error
+            there never changes the run: it is returned as ``on_complete_error``.
 
     Returns:
         dict with state ("completed", "stopped" or "failed"), message, step, best_val_acc,
@@ -155,7 +160,8 @@ def train(
         s = _setup(config, run, d, callback, stop, threads)
         _restore(s, resume)
         _loop(s)
-        return _finish(s)
+        result = _finish(s)
+        used = torch.get_num_threads()
     except BaseException as e:
         if writer is not None:
             _mark_failed(writer, e)
@@ -167,6 +173,9 @@ def train(
         if writer is not None:
             writer.stop_heartbeat()
             writer.release()
+    if on_complete is not None and writer is not None and result["state"] == "completed":
+        _after(on_complete, writer, s, result, used)
+    return result
 
 
 def _open(run: Run, config: TrainConfig, resume: bool) -> None:
@@ -577,6 +586,19 @@ def _test(s: Session) -> tuple[dict, dict]:
         best = evaluate(best_model, s.splits.test, device=s.device, amp=s.amp)
     s.timings["eval"] += time.perf_counter() - t0
     return best, last
+
+
+def _after(on_complete, run: Run, s: Session, result: dict, threads: int) -> None:
+    """``on_complete(run, splits)`` with the threads training used, after the run is done and
+    released; its error is reported in ``result`` (the run stays completed)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        on_complete(run, s.splits)
+    except Exception as e:  # noqa: BLE001 - derived work must not turn a finished run failed
+        result["on_complete_error"] = f"{type(e).__name__}: {e}"
+    finally:
+        torch.set_num_threads(old)
 
 
 def _finish(s: Session) -> dict:

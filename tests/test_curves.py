@@ -1,0 +1,73 @@
+"""Trade-off curves kept in a run folder (lorita.curves) and the training process's hook
+that sweeps them when a run completes (lorita.engine.train(on_complete=...))."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+import lorita as lt
+from lorita import curves
+from lorita.engine import train
+from lorita.runs import RunStore
+
+TINY = {
+    "dataset": "digits",
+    "model": "mlp",
+    "model_kwargs": {"depth": 2, "width": 32},
+    "n_factors": 3,
+    "epochs": 1,
+    "batch_size": 64,
+    "seed": 0,
+    "device": "cpu",
+    "spectra_every": 50,
+}
+
+
+@pytest.fixture(scope="module")
+def done(tmp_path_factory):
+    """A finished run whose training process kept its default curves (and its result)."""
+    store = RunStore(tmp_path_factory.mktemp("curves"))
+    run = store.create(TINY, name="tiny")
+    result = train(TINY, run, on_complete=curves.prepare)
+    assert result["state"] == "completed" and "on_complete_error" not in result
+    return run
+
+
+def test_the_kept_curve_is_what_a_compress_session_sweeps(done):
+    kept = curves.stored(done, "best", "global")
+    assert kept is not None and len(kept) == len(lt.truncation.Global.sweep())
+    fresh = lt.Compressor(done, which="best").curve("global", parts=("val",))
+    assert kept == [{k: v for k, v in p.items() if k != "ranks"} for p in fresh]
+    assert {"value", "params_pct", "flops_pct", "val_acc"} <= set(kept[0])
+    assert "test_acc" not in kept[0]  # selection data only: test reports a chosen model
+
+
+def test_a_changed_checkpoint_makes_the_curve_stale(done):
+    assert curves.prepare(done) == {}  # already kept: nothing swept again
+    ckpt = done.checkpoint("best")
+    st = ckpt.stat()
+    os.utime(ckpt, (st.st_atime, st.st_mtime + 5))
+    try:
+        assert curves.stored(done, "best", "global") is None
+        assert curves.prepare(done, policies=("global", "uniform")) == {
+            "tradeoff-best-global": 25,
+            "tradeoff-best-uniform": 25,
+        }
+        assert curves.stored(done, "best", "uniform") is not None
+    finally:
+        os.utime(ckpt, (st.st_atime, st.st_mtime))
+
+
+def test_an_error_after_completion_leaves_the_run_completed(tmp_path):
+    run = RunStore(tmp_path).create(TINY, name="tiny")
+
+    def broken(run, splits):
+        raise RuntimeError("disk full")
+
+    result = train(TINY, run, on_complete=broken)
+    assert result["state"] == "completed"
+    assert result["on_complete_error"] == "RuntimeError: disk full"
+    assert run.status()["state"] == "completed"
+    assert curves.stored(run, "best", "global") is None
