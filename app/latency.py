@@ -19,13 +19,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from app import compress as cz
+from app import state
 
 BATCHES = (1, 64)  # whole-model latency, as `lorita compress` prints it
 LAYER_BATCH = 64  # the batch the per-layer times are taken at
 REPEATS = 20  # whole-model timings per batch (the median is shown)
 LAYER_REPEATS = 10  # forward passes the per-layer medians are taken over
 KEEP = 8  # measured cuts kept per session
-STATE_KEY = "latency"  # st.session_state: {cut token: Latency}
 FORM_WORDS = {
     "thin": "thin (two layers)",
     "dense": "dense rank-r weight",
@@ -260,7 +260,7 @@ def show(session: Any, res: dict[str, Any], *, key: str = "compress.latency") ->
 
     model = res["model"]
     token = cut_token(session, model)
-    kept = st.session_state.setdefault(STATE_KEY, {})
+    kept = st.session_state.setdefault(state.LATENCY, {})
     result = kept.get(token)
     label = "Measure again" if result is not None else "Measure latency on this machine"
     if st.button(label, key=f"{key}.go", help="Times the original and this cut on this CPU."):

@@ -8,9 +8,6 @@ from app import cache, jobs, state, ui
 from app import compress as cz
 from app import export as ex
 
-EXPORT_BY = getattr(state, "EXPORT_BY", "export.by")
-EXPORT_BATCH = getattr(state, "EXPORT_BATCH", "export.batch")
-
 
 @st.cache_resource(show_spinner="Writing the file and loading it back…", max_entries=16)
 def _build(
@@ -37,15 +34,15 @@ def _decide(pick: str, fmt: str) -> tuple[str, int]:
         st.caption("Dense: every layer keeps its original shape with a rank-r weight.")
         return "flops", ex.DEFAULT_BATCH
     choices = ex.decide_options()
-    state.setdefault(EXPORT_BY, "flops")
-    if st.session_state.get(EXPORT_BY) not in choices:
-        st.session_state[EXPORT_BY] = next(iter(choices))
+    state.setdefault(state.EXPORT_BY, "flops")
+    if st.session_state.get(state.EXPORT_BY) not in choices:
+        st.session_state[state.EXPORT_BY] = next(iter(choices))
     c1, c2 = st.columns([3, 1], vertical_alignment="bottom")
-    by = c1.radio("Each cut layer's form", list(choices), key=EXPORT_BY,
+    by = c1.radio("Each cut layer's form", list(choices), key=state.EXPORT_BY,
                   format_func=choices.get, horizontal=True)  # fmt: skip
-    state.setdefault(EXPORT_BATCH, ex.DEFAULT_BATCH)
+    state.setdefault(state.EXPORT_BATCH, ex.DEFAULT_BATCH)
     batch = c2.number_input(
-        "batch", 1, ex.MAX_BATCH, step=1, key=EXPORT_BATCH, disabled=by != "latency",
+        "batch", 1, ex.MAX_BATCH, step=1, key=state.EXPORT_BATCH, disabled=by != "latency",
         help="The batch size the thin and dense forms are timed at (1: one image at a time).",
     )  # fmt: skip
     return by, int(batch)

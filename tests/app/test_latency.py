@@ -9,7 +9,7 @@ from streamlit.testing.v1 import AppTest
 
 from app import compress as cz
 from app import export as ex
-from app import latency
+from app import latency, state
 
 APP = str(ROOT / "streamlit_app.py")
 TIMEOUT = 300
@@ -112,7 +112,7 @@ def test_show_measures_on_the_button_only_and_keeps_it_for_the_cut(runs_dir, mon
     at2 = AppTest.from_function(
         _show_script, args=(str(runs_dir), N3, 0.5), default_timeout=TIMEOUT
     )
-    at2.session_state[latency.STATE_KEY] = at.session_state[latency.STATE_KEY]
+    at2.session_state[state.LATENCY] = at.session_state[state.LATENCY]
     at2.run()
     assert "Latency, batch 1" not in _metric_labels(at2) and len(calls) == 1
 
