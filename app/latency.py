@@ -13,6 +13,7 @@ it back shows the numbers measured before.
 from __future__ import annotations
 
 import copy
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,9 +24,14 @@ from app import state
 
 BATCHES = (1, 64)  # whole-model latency, as `lorita compress` prints it
 LAYER_BATCH = 64  # the batch the per-layer times are taken at
-REPEATS = 20  # whole-model timings per batch (the median is shown)
-LAYER_REPEATS = 10  # forward passes the per-layer medians are taken over
+REPEATS = 20  # whole-model timings per batch at most (the median is shown)
+LAYER_REPEATS = 10  # forward passes the per-layer medians are taken over, at most
+MIN_REPEATS = 3
+BUDGET_S = 2.0  # about how long each of the four timings may take
 KEEP = 8  # measured cuts kept per session
+CHART_LAYERS = 15  # layers the chart shows at most (the slowest; the table has every layer)
+# One measurement at a time in this server: two sessions timing at once would slow each other.
+_MEASURING = threading.Lock()
 FORM_WORDS = {
     "thin": "thin (two layers)",
     "dense": "dense rank-r weight",
@@ -42,6 +48,8 @@ class Latency:
     layers: list[dict[str, Any]]  # per layer: layer, form, rank, full, original_ms, cut_ms
     layer_batch: int
     threads: int
+    repeats: int  # forward passes per whole-model median
+    layer_repeats: int  # forward passes per per-layer median
     seconds: float = 0.0
     other: dict[str, float] = field(default_factory=dict)  # time outside the layers, ms
 
@@ -88,48 +96,33 @@ def _rows(forms: dict, original: dict[str, float], cut: dict[str, float]) -> lis
     return rows
 
 
-def measure(
-    session: Any,
-    model: Any,
-    *,
-    batches: tuple[int, ...] = BATCHES,
-    layer_batch: int = LAYER_BATCH,
-    repeats: int = REPEATS,
-    layer_repeats: int = LAYER_REPEATS,
-    progress: Callable[[int, int, str], object] | None = None,
-) -> Latency:
-    """Time ``session``'s merged model and the cut ``model`` on the session's example input.
-
-    ``progress(done, total, text)`` is called before each of the four timings.
-    """
+def fit_repeats(model: Any, x: Any, most: int, budget_s: float = BUDGET_S) -> int:
+    """Repeats of a forward pass on ``x`` that fit in about ``budget_s`` (one pass timed
+    first), between MIN_REPEATS and ``most``: a large model at a large input is timed fewer
+    times rather than keeping the page waiting for minutes."""
     import torch
 
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        model(x)
+        seconds = time.perf_counter() - t0
+    return max(MIN_REPEATS, min(int(most), int(budget_s / max(seconds, 1e-9))))
+
+
+def _timings(original: Any, model: Any, x: Any, xb: Any, batches, repeats, layer_repeats):
+    """The four timings (whole model and per layer, original and cut), in the order run."""
     from lorita.cost import latency_profile, layer_latency
 
-    t0 = time.perf_counter()
-    x = session.example_input
-    xb = x[:1].expand(layer_batch, *x.shape[1:]).contiguous()
-    # a private copy: timing hooks on the cached, shared model would fire in other sessions
-    original = copy.deepcopy(session.model)
-    steps = [
-        (
-            "original",
-            "whole",
-            lambda: latency_profile(original, x, batches=batches, repeats=repeats),
-        ),
+    return [
+        ("original", "whole", lambda: latency_profile(original, x, batches=batches, repeats=repeats)),
         ("cut", "whole", lambda: latency_profile(model, x, batches=batches, repeats=repeats)),
         ("original", "layers", lambda: layer_latency(original, xb, repeats=layer_repeats)),
         ("cut", "layers", lambda: layer_latency(model, xb, repeats=layer_repeats)),
-    ]
-    got: dict[tuple[str, str], dict] = {}
-    for i, (which, what, run) in enumerate(steps):
-        if progress is not None:
-            where = "each layer" if what == "layers" else "the whole model"
-            progress(i, len(steps), f"Timing {where} of the {which} model…")
-        got[which, what] = run()
-    if progress is not None:
-        progress(len(steps), len(steps), "Done.")
-    whole = [
+    ]  # fmt: skip
+
+
+def _whole(got: dict, batches) -> list[dict[str, Any]]:
+    return [
         {
             "batch": b,
             "original_ms": 1000 * got["original", "whole"][b],
@@ -138,21 +131,67 @@ def measure(
         }
         for b in batches
     ]
+
+
+def _other(whole: list[dict], rows: list[dict], layer_batch: int) -> dict[str, float]:
+    """Time outside the layers at ``layer_batch`` (when it is one of the whole-model batches)."""
+    w = next((w for w in whole if w["batch"] == layer_batch), None)
+    if w is None:
+        return {}
+    return {
+        k: max(0.0, w[k] - sum(r[k] for r in rows)) for k in ("original_ms", "cut_ms")
+    }  # fmt: skip
+
+
+def measure(
+    session: Any,
+    model: Any,
+    *,
+    batches: tuple[int, ...] = BATCHES,
+    layer_batch: int = LAYER_BATCH,
+    repeats: int | None = None,
+    layer_repeats: int | None = None,
+    progress: Callable[[int, int, str], object] | None = None,
+) -> Latency:
+    """Time ``session``'s merged model and the cut ``model`` on the session's example input
+    repeated to each batch size (the library's latency_profile and layer_latency).
+
+    ``repeats`` / ``layer_repeats``: forward passes each median is taken over (default: as
+    many as fit in about BUDGET_S, at most REPEATS / LAYER_REPEATS). ``progress(done, total,
+    text)`` is called before each of the four timings.
+    """
+    import torch
+
+    t0 = time.perf_counter()
+    x = session.example_input
+    xb = x[:1].expand(layer_batch, *x.shape[1:]).contiguous()
+    # a private copy: timing hooks on the cached, shared model would fire in other sessions
+    original = copy.deepcopy(session.model).eval()
+    if repeats is None:
+        biggest = x[:1].expand(max(batches), *x.shape[1:]).contiguous()
+        repeats = fit_repeats(original, biggest, REPEATS, BUDGET_S / len(batches))
+    if layer_repeats is None:
+        layer_repeats = fit_repeats(original, xb, LAYER_REPEATS)
+    steps = _timings(original, model, x, xb, batches, repeats, layer_repeats)
+    got: dict[tuple[str, str], dict] = {}
+    for i, (which, what, run) in enumerate(steps):
+        if progress is not None:
+            where = "each layer" if what == "layers" else "the whole model"
+            progress(i, len(steps), f"Timing {where} of the {which} model…")
+        got[which, what] = run()
+    if progress is not None:
+        progress(len(steps), len(steps), "Done.")
+    whole = _whole(got, batches)
     rows = _rows(_forms(session, model), got["original", "layers"], got["cut", "layers"])
-    other = {}
-    if layer_batch in batches:
-        w = next(w for w in whole if w["batch"] == layer_batch)
-        other = {
-            "original_ms": max(0.0, w["original_ms"] - sum(r["original_ms"] for r in rows)),
-            "cut_ms": max(0.0, w["cut_ms"] - sum(r["cut_ms"] for r in rows)),
-        }
     return Latency(
         whole=whole,
         layers=rows,
         layer_batch=layer_batch,
         threads=torch.get_num_threads(),
+        repeats=int(repeats),
+        layer_repeats=int(layer_repeats),
         seconds=time.perf_counter() - t0,
-        other=other,
+        other=_other(whole, rows, layer_batch),
     )
 
 
@@ -181,12 +220,23 @@ def layer_table(result: Latency) -> list[dict[str, Any]]:
     ]
 
 
-def layer_chart(result: Latency):
-    """Horizontal bars: milliseconds inside each layer, original beside cut."""
+def slowest(result: Latency, most: int = CHART_LAYERS) -> list[dict[str, Any]]:
+    """The ``most`` layers that take the most time (original or cut), in the model's order."""
+    if len(result.layers) <= most:
+        return list(result.layers)
+    by_time = sorted(result.layers, key=lambda r: -max(r["original_ms"], r["cut_ms"]))
+    keep = {r["layer"] for r in by_time[:most]}
+    return [r for r in result.layers if r["layer"] in keep]
+
+
+def layer_chart(result: Latency, most: int = CHART_LAYERS):
+    """Horizontal bars: milliseconds inside each layer, original beside cut (the ``most``
+    slowest layers when there are more: the table lists them all)."""
     import plotly.graph_objects as go
 
-    names = [r["layer"] for r in result.layers][::-1]
-    rows = result.layers[::-1]
+    rows = slowest(result, most)[::-1]
+    names = [r["layer"] for r in rows]
+    which = "each layer" if len(rows) == len(result.layers) else f"the {len(rows)} slowest layers"
     fig = go.Figure()
     fig.add_bar(y=names, x=[r["original_ms"] for r in rows], name="original", orientation="h")
     fig.add_bar(
@@ -199,7 +249,7 @@ def layer_chart(result: Latency):
     )
     fig.update_layout(
         barmode="group",
-        title=f"Where the time goes: ms inside each layer at batch {result.layer_batch}",
+        title=f"Where the time goes: ms inside {which} at batch {result.layer_batch}",
         xaxis_title="milliseconds (median)",
         height=max(260, 60 + 34 * len(names)),
         margin={"l": 10, "r": 10, "t": 50, "b": 40},
@@ -228,7 +278,9 @@ def render(result: Latency, *, key: str = "compress.latency") -> None:
 
     _metrics(result)
     st.caption(
-        f"Median of {REPEATS} forward passes on this machine's CPU ({result.threads} threads), "
+        f"Median of {result.repeats} forward passes per batch size (per layer: of "
+        f"{result.layer_repeats} at batch {result.layer_batch}) on this machine's CPU "
+        f"({result.threads} threads), "
         f"measured in {result.seconds:.1f} s; other work on the machine (a training run) "
         "makes these numbers noisy."
     )
@@ -265,7 +317,7 @@ def show(session: Any, res: dict[str, Any], *, key: str = "compress.latency") ->
     label = "Measure again" if result is not None else "Measure latency on this machine"
     if st.button(label, key=f"{key}.go", help="Times the original and this cut on this CPU."):
         bar = st.progress(0.0, text="Timing…")
-        with st.spinner("Measuring latency on this machine…"):
+        with st.spinner("Measuring latency on this machine…"), _MEASURING:
             result = measure(
                 session, model, progress=lambda d, t, text: bar.progress(d / t, text=text)
             )

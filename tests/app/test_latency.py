@@ -57,6 +57,38 @@ def test_measure_leaves_the_shared_model_alone(session):
         assert not m._forward_hooks and not m._forward_pre_hooks
 
 
+def test_repeats_fit_the_time_budget(session):
+    x = session.example_input
+    assert latency.fit_repeats(session.model, x, 20, budget_s=10.0) == 20  # a tiny MLP: all
+    assert latency.fit_repeats(session.model, x, 20, budget_s=0.0) == latency.MIN_REPEATS
+    res = _cut(session)
+    result = latency.measure(session, res["model"])  # repeats chosen by the time budget
+    assert latency.MIN_REPEATS <= result.repeats <= latency.REPEATS
+    assert latency.MIN_REPEATS <= result.layer_repeats <= latency.LAYER_REPEATS
+
+
+def test_chart_shows_the_slowest_layers_in_model_order():
+    rows = [
+        {"layer": f"l{i}", "form": "thin", "rank": 1, "full": 2, "original_ms": float(i % 7),
+         "cut_ms": float(i % 5)}
+        for i in range(40)
+    ]  # fmt: skip
+    result = latency.Latency(whole=[], layers=rows, layer_batch=64, threads=1, repeats=3,
+                             layer_repeats=3)  # fmt: skip
+    shown = latency.slowest(result, 10)
+    assert len(shown) == 10
+    assert [r["layer"] for r in shown] == sorted((r["layer"] for r in shown), key=names_order)
+    slowest_time = min(max(r["original_ms"], r["cut_ms"]) for r in shown)
+    assert all(max(r["original_ms"], r["cut_ms"]) <= slowest_time for r in rows if r not in shown)
+    fig = latency.layer_chart(result, 10)
+    assert list(fig.data[0].y) == [r["layer"] for r in shown][::-1]
+    assert "the 10 slowest layers" in fig.layout.title.text
+
+
+def names_order(name: str) -> int:
+    return int(name[1:])
+
+
 def test_cut_token_names_the_cut(session):
     a, b = _cut(session, 0.8), _cut(session, 0.8)
     c = _cut(session, 0.5)
