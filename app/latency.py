@@ -16,7 +16,7 @@ import copy
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from app import compress as cz
@@ -51,7 +51,6 @@ class Latency:
     repeats: int  # forward passes per whole-model median
     layer_repeats: int  # forward passes per per-layer median
     seconds: float = 0.0
-    other: dict[str, float] = field(default_factory=dict)  # time outside the layers, ms
 
     def slower_at(self) -> list[int]:
         """The batch sizes at which the cut measured slower than the original."""
@@ -133,16 +132,6 @@ def _whole(got: dict, batches) -> list[dict[str, Any]]:
     ]
 
 
-def _other(whole: list[dict], rows: list[dict], layer_batch: int) -> dict[str, float]:
-    """Time outside the layers at ``layer_batch`` (when it is one of the whole-model batches)."""
-    w = next((w for w in whole if w["batch"] == layer_batch), None)
-    if w is None:
-        return {}
-    return {
-        k: max(0.0, w[k] - sum(r[k] for r in rows)) for k in ("original_ms", "cut_ms")
-    }  # fmt: skip
-
-
 def measure(
     session: Any,
     model: Any,
@@ -191,7 +180,6 @@ def measure(
         repeats=int(repeats),
         layer_repeats=int(layer_repeats),
         seconds=time.perf_counter() - t0,
-        other=_other(whole, rows, layer_batch),
     )
 
 
@@ -294,13 +282,11 @@ def render(result: Latency, *, key: str = "compress.latency") -> None:
         )
     st.plotly_chart(layer_chart(result), key=f"{key}.chart")
     st.dataframe(layer_table(result), hide_index=True)
-    if result.other:
-        st.caption(
-            f"Outside these layers (activations, pooling, normalisation) at batch "
-            f"{result.layer_batch}: {result.other['original_ms']:.3f} ms in the original, "
-            f"{result.other['cut_ms']:.3f} ms in the cut. A thin layer's original time is "
-            "what its dense form costs."
-        )
+    st.caption(
+        "Per layer: the time inside each layer (timed with hooks around it, so compare layers "
+        "with each other rather than their sum with the whole model). A thin layer's original "
+        "time is what its dense form costs."
+    )
 
 
 def show(session: Any, res: dict[str, Any], *, key: str = "compress.latency") -> None:

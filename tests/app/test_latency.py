@@ -43,7 +43,7 @@ def test_measure_numbers_are_positive_and_rows_match_the_cut(session):
             assert (r["form"], r["rank"]) == (plan[r["layer"]]["form"], plan[r["layer"]]["rank"])
         else:  # the output layer: left out of every cut
             assert r["form"] == "left out" and r["rank"] == r["full"]
-    assert result.layer_batch == 64 and result.other["cut_ms"] >= 0
+    assert result.layer_batch == 64
     table = latency.layer_table(result)
     assert [t["layer"] for t in table] == names
     assert sum(t["share of the cut's layer time %"] for t in table) == pytest.approx(100, abs=0.5)
