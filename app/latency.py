@@ -268,7 +268,7 @@ def render(result: Latency, *, key: str = "compress.latency") -> None:
     st.caption(
         f"Median of {result.repeats} forward passes per batch size (per layer: of "
         f"{result.layer_repeats} at batch {result.layer_batch}) on this machine's CPU "
-        f"({result.threads} threads), "
+        f"({result.threads} thread{'' if result.threads == 1 else 's'}, the server's setting), "
         f"measured in {result.seconds:.1f} s; other work on the machine (a training run) "
         "makes these numbers noisy."
     )
@@ -300,8 +300,10 @@ def show(session: Any, res: dict[str, Any], *, key: str = "compress.latency") ->
     token = cut_token(session, model)
     kept = st.session_state.setdefault(state.LATENCY, {})
     result = kept.get(token)
-    label = "Measure again" if result is not None else "Measure latency on this machine"
-    if st.button(label, key=f"{key}.go", help="Times the original and this cut on this CPU."):
+    if st.button(
+        "Measure latency on this machine", key=f"{key}.go",
+        help="Times the original and this cut on this CPU (again, if measured before).",
+    ):  # fmt: skip
         bar = st.progress(0.0, text="Timing…")
         with st.spinner("Measuring latency on this machine…"), _MEASURING:
             result = measure(

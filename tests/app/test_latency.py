@@ -243,3 +243,19 @@ def test_export_page_forms_by_latency(runs_dir):
     assert not [r for r in at.radio if r.key == "export.by"]  # no thin layers: nothing to choose
     forms = [e for e in at.expander if e.label.startswith("Each layer's form")]
     assert "0 of" in forms[0].label and "dense format" in forms[0].label
+
+
+def test_compress_page_measures_on_the_button_and_keeps_it_per_cut(runs_dir):
+    at = _open("compress", run=N3)
+    slider = at.slider(key="compress.value.global")
+    first = slider.value
+    assert "Latency, batch 1" not in _metric_labels(at)
+    at.button(key="compress.latency.go").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert {"Latency, batch 1", "Latency, batch 64"} <= set(_metric_labels(at))
+    other = 0.5 if first != 0.5 else 0.8
+    at.slider(key="compress.value.global").set_value(other).run()  # another cut: not measured
+    assert "Latency, batch 1" not in _metric_labels(at)
+    at.slider(key="compress.value.global").set_value(first).run()  # back: kept for that cut
+    assert {"Latency, batch 1", "Latency, batch 64"} <= set(_metric_labels(at))
+    assert len(at.session_state[state.LATENCY]) == 1
