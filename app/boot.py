@@ -57,6 +57,7 @@ def import_heavy() -> None:
     import pandas  # noqa: F401
     import plotly.graph_objects  # noqa: F401
     import torch  # noqa: F401
+    import torch._dynamo  # noqa: F401  (FlopCounterMode's first use imports it: seconds)
 
     import lorita  # noqa: F401
     import lorita.data  # noqa: F401

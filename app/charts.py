@@ -290,63 +290,68 @@ def rank_curves(
     )
 
 
-def spectrum_cut(
-    s: Sequence[float],
-    rank: int,
+def spectra_cut(
+    spectra: Mapping[str, Sequence[float]],
+    ranks: Mapping[str, int],
     *,
-    layer: str,
+    title: str = "Spectrum of every layer (σ/σ_max, log scale): kept solid, dropped faint",
     uirevision: str | None = None,
-    height: int = 240,
 ) -> go.Figure:
-    """One layer's singular values with the truncation marked: kept in colour, dropped in grey."""
-    title = f"{layer}: keep {rank} of {len(s)}"
-    vals = [float(v) for v in s]
-    if not vals:
+    """Every layer's singular values on one chart with its cut: the kept ones in the layer's
+    colour, the dropped ones faint, a dashed line of the same colour after the last kept one.
+
+    One figure for all layers: a slider move redraws one chart, not one per layer.
+
+    Args:
+        spectra: layer -> singular values, descending.
+        ranks: layer -> rank kept (a layer missing keeps everything).
+    """
+    data, shapes, all_y = [], [], []
+    for i, (layer, s) in enumerate(spectra.items()):
+        vals = [float(v) for v in s]
+        if not vals:
+            continue
+        top = max(vals) if max(vals) > 0 else 1.0
+        ys = [max(v / top, 1e-12) for v in vals]  # a log axis cannot draw zeros
+        all_y += ys
+        r = max(0, min(int(ranks.get(layer, len(vals))), len(vals)))
+        color = PALETTE[i % len(PALETTE)]
+        name = f"{layer}: keep {r} of {len(vals)}"
+        for part, lo, hi in (("kept", 0, r), ("dropped", r, len(vals))):
+            data.append(
+                {
+                    "type": "scatter",
+                    "x": list(range(lo + 1, hi + 1)),
+                    "y": ys[lo:hi],
+                    "customdata": vals[lo:hi],
+                    "mode": "lines+markers",
+                    "name": name,
+                    "legendgroup": layer,
+                    "showlegend": part == "kept",
+                    "opacity": 1.0 if part == "kept" else 0.3,
+                    "line": {"color": color, "width": 2 if part == "kept" else 1},
+                    "marker": {"color": color, "size": 4},
+                    "hovertemplate": f"{layer}<br>index %{{x}}<br>σ = %{{customdata:.4g}} "
+                    f"({part})<extra></extra>",
+                }
+            )
+        if 0 < r < len(vals):
+            shapes.append(
+                {
+                    "type": "line", "x0": r + 0.5, "x1": r + 0.5, "y0": 0, "y1": 1,
+                    "yref": "paper", "line": {"color": color, "dash": "dash", "width": 2},
+                }
+            )  # fmt: skip
+    if not data:
         return empty_figure("no singular values", title=title, uirevision=uirevision)
-    ys = [max(v, 1e-12) for v in vals]
-    data = [
-        {
-            "type": "scatter",
-            "x": list(range(1, rank + 1)),
-            "y": ys[:rank],
-            "mode": "markers",
-            "marker": {"color": PALETTE[0], "size": 5},
-            "showlegend": False,
-            "name": "kept",
-            "hovertemplate": "index %{x}<br>σ = %{y:.4g} (kept)<extra></extra>",
-        },
-        {
-            "type": "scatter",
-            "x": list(range(rank + 1, len(ys) + 1)),
-            "y": ys[rank:],
-            "mode": "markers",
-            "marker": {"color": DROPPED_COLOR, "size": 5},
-            "showlegend": False,
-            "name": "dropped",
-            "hovertemplate": "index %{x}<br>σ = %{y:.4g} (dropped)<extra></extra>",
-        },
-    ]
-    shapes = []
-    if 0 < rank < len(vals):
-        shapes.append(
-            {
-                "type": "line",
-                "x0": rank + 0.5,
-                "x1": rank + 0.5,
-                "y0": 0,
-                "y1": 1,
-                "yref": "paper",
-                "line": {"color": CUT_COLOR, "dash": "dash", "width": 2},
-            }
-        )
     return _figure(
         data,
         title=title,
         uirevision=uirevision,
-        xaxis=_title("index"),
-        yaxis=_log_axis(ys, "σ"),
+        xaxis=_title("singular value index"),
+        yaxis=_log_axis(all_y, "σ / σ_max"),
         shapes=shapes,
-        height=height,
+        legend_below=len(spectra) > 3,
     )
 
 

@@ -11,6 +11,7 @@ folder (``Run.write_extra``), and the comparison with the baselines.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -102,8 +103,29 @@ def result_view(res: Any) -> dict[str, Any]:
     return out
 
 
-def apply(cz: Any, policy: Any) -> dict[str, Any]:
-    """The work behind one slider move (the session's apply) as the page's dict."""
+def apply(cz: Any, policy: Any, root: str | Path | None = None) -> dict[str, Any]:
+    """The work behind one slider move as the page's dict: the session's apply, or, for a cut
+    measured ahead when the run completed (:func:`lorita.curves.kept_cuts`), the cut alone
+    with its kept numbers (``res["kept"]`` True). Budget policies are always applied (their
+    result carries whether the budget was met)."""
+    t0 = time.perf_counter()
+    try:
+        kept = curves.kept_cuts(jobs.store(root).get(cz.run), cz.which) if cz.run else {}
+    except ValueError:  # the session's run is not in this store
+        kept = {}
+    if kept and policy.name not in MEASURES:
+        small, _ = cz.cut(policy)
+        row = kept.get(curves.ranks_key(small.lorita_ranks))
+        if row is not None:
+            return {
+                "policy": {**policy.spec(), "form": "low_rank"},
+                **row,
+                "seconds": time.perf_counter() - t0,
+                "finetune_epochs": 0,
+                "ranks": {n: int(small.lorita_ranks.get(n, f)) for n, f in cz.full_ranks.items()},
+                "model": small,
+                "kept": True,
+            }
     return result_view(cz.apply(policy))
 
 

@@ -55,6 +55,7 @@ COMPRESS_X = "compress.x_axis"
 COMPRESS_MAX_DROP = "compress.max_drop"
 COMPRESS_FT_EPOCHS = "compress.ft_epochs"
 COMPRESS_FT_LR = "compress.ft_lr"
+COMPRESS_LOADED = "compress.loaded"  # (run, checkpoint, mtime) of the session this one has seen
 
 EXPORT_RUN = "export.run"
 EXPORT_WHICH = "export.which"

@@ -9,20 +9,41 @@ checkpoint file's modification time, and read back only while that checkpoint is
 The training process calls :func:`prepare` when a run completes (``lorita train``), so the
 curves of the default policies are ready before anyone opens the run; the app reads them
 with :func:`stored` and sweeps any other policy on demand with :func:`compute`.
+
+:func:`prepare` also measures every cut the default policy's slider can reach (each value on
+its grid, each distinct set of ranks once: cost, validation and test) and keeps them under
+``cuts-<which>``; :func:`kept_cuts` reads them back keyed by :func:`ranks_key`, so a slider
+move on a finished run only cuts (milliseconds) and reads its numbers. A model whose single
+evaluation takes longer than :data:`GRID_MAX_SECONDS` is not measured ahead.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import time
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from .compress import Compressor
 from .runs import Run
+from .truncation import policy_class
 
-__all__ = ["DEFAULT_POLICIES", "VERSION", "compute", "key", "prepare", "stored"]
+__all__ = [
+    "DEFAULT_POLICIES",
+    "GRID_MAX_SECONDS",
+    "VERSION",
+    "compute",
+    "grid",
+    "kept_cuts",
+    "key",
+    "measure_grid",
+    "prepare",
+    "ranks_key",
+    "stored",
+]
 
 VERSION = 1  # bump when a stored curve's shape changes
 DEFAULT_POLICIES = ("global",)  # the Compress page's default policy
+GRID_MAX_SECONDS = 0.5  # one cut's evaluation above this: the slider's grid is not measured ahead
 
 
 def key(which: str, policy: str) -> str:
@@ -71,6 +92,64 @@ def compute(
     return points
 
 
+def grid(policy: str) -> list[float]:
+    """Every value of ``policy``'s slider: ``low`` to ``high`` in steps of ``step``."""
+    cls = policy_class(policy)
+    n = int(round((float(cls.high) - float(cls.low)) / float(cls.step)))
+    return [round(float(cls.low) + k * float(cls.step), 10) for k in range(n + 1)]
+
+
+def ranks_key(ranks: Mapping[str, int]) -> str:
+    """A cut's identity for :func:`kept_cuts`: ``"fc1=14,fc2=37"`` (layers sorted)."""
+    return ",".join(f"{n}={int(r)}" for n, r in sorted(ranks.items()))
+
+
+def _cuts_key(which: str) -> str:
+    return f"cuts-{which}"
+
+
+def kept_cuts(run: Run, which: str) -> dict[str, dict[str, Any]]:
+    """The cuts measured ahead on the current ``which`` checkpoint: ``{ranks_key: row}``, each
+    row ``params, flops, params_pct, flops_pct, val_acc, val_loss, test_acc, test_loss`` of
+    the low-rank form ({} when none are kept or the checkpoint changed)."""
+    kept = run.read_extra(_cuts_key(which))
+    if not isinstance(kept, dict) or kept.get("version") != VERSION:
+        return {}
+    if kept.get("checkpoint_mtime") != _mtime(run, which) or not _mtime(run, which):
+        return {}
+    rows = kept.get("cuts")
+    return rows if isinstance(rows, dict) else {}
+
+
+def measure_grid(session: Compressor, policy: str, run: Run | None = None) -> dict[str, dict]:
+    """Cut at every value of ``policy``'s slider, measure each distinct cut once (cost,
+    validation and test, as :meth:`Compressor.apply` reports them) and keep them in ``run``'s
+    folder beside those kept before. Stops without keeping anything if the first evaluation
+    takes longer than :data:`GRID_MAX_SECONDS`."""
+    mtime = _mtime(run, session.which) if run is not None else 0.0
+    rows = dict(kept_cuts(run, session.which)) if run is not None else {}
+    make = policy_class(policy)
+    for value in grid(policy):
+        small, _ = session.cut(make(value))
+        k = ranks_key(small.lorita_ranks)
+        if k in rows:
+            continue
+        t0 = time.perf_counter()
+        res = session.measure(small)
+        rows[k] = {
+            "params": res.params, "flops": res.flops, "params_pct": res.params_pct,
+            "flops_pct": res.flops_pct, **res.metrics,
+        }  # fmt: skip
+        if len(rows) == 1 and time.perf_counter() - t0 > GRID_MAX_SECONDS:
+            return {}
+    if run is not None and mtime and mtime == _mtime(run, session.which):
+        run.write_extra(
+            _cuts_key(session.which),
+            {"version": VERSION, "checkpoint_mtime": mtime, "cuts": rows},
+        )
+    return rows
+
+
 def prepare(
     run: Run,
     splits=None,
@@ -79,7 +158,8 @@ def prepare(
     policies: Iterable[str] = DEFAULT_POLICIES,
 ) -> dict[str, int]:
     """Sweep and keep the curves of ``policies`` on each ``which`` checkpoint of ``run`` that
-    are not kept yet; returns ``{key: number of points}`` of those swept now.
+    are not kept yet, and measure their sliders' cuts (:func:`measure_grid`); returns
+    ``{key: number of points or cuts}`` of what was done now.
 
     ``splits``: the run's data splits when the caller holds them (the training process does),
     else they are loaded from the run's config. Evaluation runs on the CPU, as the app does, so
@@ -94,4 +174,5 @@ def prepare(
         session = Compressor(run, splits, which=w)
         for policy in todo:
             done[key(w, policy)] = len(compute(session, policy, run))
+            done[_cuts_key(w)] = len(measure_grid(session, policy, run))
     return done

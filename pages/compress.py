@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from app import cache, charts, jobs, live, state, tables, ui
+from app import cache, charts, jobs, latency, live, state, tables, ui
 from app import compress as cz
 
 
@@ -161,29 +161,47 @@ def _result_metrics(res: dict, base: dict, setting: str) -> None:
     r[3].metric("FLOPs / input", ui.fmt_count(res["flops"]),
                 delta=f"{res['flops_pct']:.1f} % of original", delta_color="off",
                 delta_arrow="off")  # fmt: skip
-    st.caption(f"{setting}: computed in {1000 * res['seconds']:.0f} ms.")
+    how = " (cut now; its accuracy was measured when the run completed)" if res.get("kept") else ""
+    st.caption(f"{setting}: computed in {1000 * res['seconds']:.0f} ms{how}.")
 
 
-def _tradeoff(root: str, name: str, which: str, policy: str, res: dict, n: int) -> None:
+def _cost_axis() -> str:
     state.setdefault(state.COMPRESS_X, "params_pct")
-    x_axis = st.radio(
+    return st.radio(
         "Cost axis", ["params_pct", "flops_pct"], key=state.COMPRESS_X, horizontal=True,
         format_func={"flops_pct": "FLOPs %", "params_pct": "parameters %"}.get,
     )  # fmt: skip
-    if policy not in cz.scalar_policies():
-        st.info("The trade-off curve sweeps a policy's range; pick a policy with a slider.")
-        return
+
+
+def _kept_curves(root: str, name: str, which: str, policy: str, n: int) -> dict | None:
+    """The trade-off curves kept in the run folders (this run and its N=1 baseline), or None
+    if one of them still has to be swept (the session is needed for that)."""
+    out = {f"this run (N={n})": cz.stored_curve(name, which, policy, root)}
+    base_run = cz.find_baseline(name, root)
+    if base_run:
+        out["N=1 baseline"] = cz.stored_curve(base_run, which, policy, root)
+    return None if any(v is None for v in out.values()) else out
+
+
+def _swept_curves(root: str, name: str, which: str, policy: str, n: int, x_axis: str) -> dict:
     curves = {f"this run (N={n})": _curve(root, name, which, policy, f"N={n}", x_axis)}
     base_run = cz.find_baseline(name, root)
     if base_run:
         curves["N=1 baseline"] = _curve(root, base_run, which, policy, "N=1", x_axis)
-    st.plotly_chart(
+    return curves
+
+
+def _draw_tradeoff(slot, curves: dict, x_axis: str, name: str, res: dict | None = None) -> None:
+    slot.plotly_chart(
         charts.tradeoff_chart(curves, x=x_axis, y="val_acc", current=res,
                               uirevision=f"tradeoff-{name}"),
-        key="compress.tradeoff",
+        key="compress.tradeoff" if res is not None else None,
     )  # fmt: skip
+
+
+def _tradeoff_notes(root: str, name: str, n: int) -> None:
     st.caption("The chart opens on the top 20 points; double-click it to see all.")
-    if not base_run and n > 1:
+    if n > 1 and not cz.find_baseline(name, root):
         st.caption(
             "No N=1 baseline with the same setup found. Tick “also train N=1” on the Train "
             "page to get its curve here."
@@ -238,17 +256,12 @@ def _spectra(session, res: dict, name: str) -> None:
             "Layers to show", layers, default=live.pick_layers(layers, 6),
             key=f"compress.layers.{name}",
         )  # fmt: skip
-    spectra = session.spectra
-    cols = st.columns(3)
-    for i, layer in enumerate(shown):
-        with cols[i % 3]:
-            st.plotly_chart(
-                charts.spectrum_cut(
-                    spectra[layer], res["ranks"].get(layer, len(spectra[layer])),
-                    layer=layer, uirevision=f"cut-{name}-{layer}",
-                ),
-                key=f"compress.cut.{i}",
-            )  # fmt: skip
+    spectra = session.svd.spectra
+    st.plotly_chart(
+        charts.spectra_cut({n: spectra[n].tolist() for n in shown}, res["ranks"],
+                           uirevision=f"cut-{name}"),
+        key="compress.cut",
+    )  # fmt: skip
 
 
 def _finetune(session, res: dict) -> None:
@@ -272,6 +285,71 @@ def _finetune(session, res: dict) -> None:
             )
 
 
+def _controls(root: str, name: str, which: str):
+    """The policy radio and its slider (no session needed); the rank table comes later."""
+    labels = cz.policy_labels()
+    state.setdefault(state.COMPRESS_POLICY, "global")
+    policy = st.radio("Rank policy", list(labels), key=state.COMPRESS_POLICY, horizontal=True,
+                      format_func=labels.get)  # fmt: skip
+    if policy in cz.scalar_policies():
+        return policy, *_slider(root, name, which, policy)
+    return policy, None, None
+
+
+@st.fragment
+@ui.guarded
+def workbench(root: str, name: str, which: str) -> None:
+    """Everything a slider move changes, rerun alone when a widget in it changes.
+
+    Drawn in an order that shows the most at once: the controls and the trade-off chart from
+    the curves kept in the run folder come first; the session (checkpoint, SVDs) is loaded
+    next, then the numbers of this setting.
+    """
+    base_box = st.container()
+    policy, value, policy_obj = _controls(root, name, which)
+    ui.show_pending_error()
+    table_box, result_box = st.container(), st.container()
+    left, right = st.columns([3, 2])
+    with left:
+        x_axis = _cost_axis()
+        slot = st.empty()
+    n = int((jobs.run_config(name, root) or {}).get("n_factors") or 1)
+    curves = _kept_curves(root, name, which, policy, n) if value is not None else None
+    loaded = (name, which, cz.checkpoint_mtime(name, which, root))
+    if curves is not None and st.session_state.get(state.COMPRESS_LOADED) != loaded:
+        _draw_tradeoff(slot, curves, x_axis, name)  # at once, while the session loads
+    session = cache.session(root, name, which)
+    st.session_state[state.COMPRESS_LOADED] = loaded
+    with base_box:
+        _base_metrics(session)
+    if policy_obj is None:
+        with table_box:
+            policy_obj = _rank_editor(session, name, which)
+    res = cz.apply(session, policy_obj, root)
+    choice = {"run": name, "which": which, "policy": policy, "value": value,
+              "ranks": res["ranks"]}  # fmt: skip
+    st.session_state[state.COMPRESS_CHOICE] = choice
+    with result_box:
+        _result_metrics(res, session.base, cz.choice_text(choice))
+        with st.expander(
+            "Measured latency on this machine (batch 1 and 64) and where the time goes"
+        ):
+            latency.show(session, res)
+    with left:
+        if value is None:
+            slot.info("The trade-off curve sweeps a policy's range; pick a policy with a slider.")
+        else:
+            curves = curves or _swept_curves(root, name, which, policy, n, x_axis)
+            _draw_tradeoff(slot, curves, x_axis, name, res)
+            _tradeoff_notes(root, name, n)
+    with right:
+        st.markdown("**Ranks kept**")
+        st.dataframe(tables.kept_table(res["ranks"], dict(session.full_ranks)), hide_index=True)
+    _baselines(root, name, which, policy, value, x_axis)
+    _spectra(session, res, name)
+    _finetune(session, res)
+
+
 @ui.guarded
 def main() -> None:
     st.title("Compress")
@@ -283,34 +361,7 @@ def main() -> None:
     picked = _choose_run(root)
     if picked is None:
         return
-    name, which = picked
-    session = cache.session(root, name, which)
-    _base_metrics(session)
-    ui.show_pending_error()
-    labels = cz.policy_labels()
-    state.setdefault(state.COMPRESS_POLICY, "global")
-    policy = st.radio("Rank policy", list(labels), key=state.COMPRESS_POLICY, horizontal=True,
-                      format_func=labels.get)  # fmt: skip
-    value = None
-    if policy in cz.scalar_policies():
-        value, policy_obj = _slider(root, name, which, policy)
-    else:
-        policy_obj = _rank_editor(session, name, which)
-    res = cz.apply(session, policy_obj)
-    choice = {"run": name, "which": which, "policy": policy, "value": value,
-              "ranks": res["ranks"]}  # fmt: skip
-    st.session_state[state.COMPRESS_CHOICE] = choice
-    _result_metrics(res, session.base, cz.choice_text(choice))
-    left, right = st.columns([3, 2])
-    with left:
-        _tradeoff(root, name, which, policy, res, int(session.config.get("n_factors") or 1))
-    with right:
-        st.markdown("**Ranks kept**")
-        full = dict(session.full_ranks)
-        st.dataframe(tables.kept_table(res["ranks"], full), hide_index=True)
-    _baselines(root, name, which, policy, value, st.session_state[state.COMPRESS_X])
-    _spectra(session, res, name)
-    _finetune(session, res)
+    workbench(root, *picked)
     st.page_link("pages/export.py", label="Export this model", icon="📦")
 
 

@@ -42,6 +42,11 @@ def test_the_kept_curve_is_what_a_compress_session_sweeps(done):
     assert kept == [{k: v for k, v in p.items() if k != "ranks"} for p in fresh]
     assert {"value", "params_pct", "flops_pct", "val_acc"} <= set(kept[0])
     assert "test_acc" not in kept[0]  # selection data only: test reports a chosen model
+    cuts = curves.kept_cuts(done, "best")  # every distinct cut of the slider, measured once
+    res = lt.Compressor(done, which="best").apply(lt.Global(0.42))
+    row = cuts[curves.ranks_key(res.model.lorita_ranks)]
+    assert row == {"params": res.params, "flops": res.flops, "params_pct": res.params_pct,
+                   "flops_pct": res.flops_pct, **res.metrics}  # fmt: skip
 
 
 def test_a_changed_checkpoint_makes_the_curve_stale(done):
@@ -51,10 +56,9 @@ def test_a_changed_checkpoint_makes_the_curve_stale(done):
     os.utime(ckpt, (st.st_atime, st.st_mtime + 5))
     try:
         assert curves.stored(done, "best", "global") is None
-        assert curves.prepare(done, policies=("global", "uniform")) == {
-            "tradeoff-best-global": 25,
-            "tradeoff-best-uniform": 25,
-        }
+        done_now = curves.prepare(done, policies=("global", "uniform"))
+        assert done_now["tradeoff-best-global"] == done_now["tradeoff-best-uniform"] == 25
+        assert done_now["cuts-best"] == len(curves.kept_cuts(done, "best")) > 25
         assert curves.stored(done, "best", "uniform") is not None
     finally:
         os.utime(ckpt, (st.st_atime, st.st_mtime))

@@ -80,15 +80,16 @@ def test_rank_curves_one_line_per_layer():
     assert list(fig.data[0].x) == [0, 10, 20]
 
 
-def test_spectrum_cut_marks_the_rank():
-    fig = charts.spectrum_cut([5.0, 3.0, 1.0, 0.1], 2, layer="fc1")
-    kept, dropped = fig.data
-    assert list(kept.y) == [5.0, 3.0] and list(dropped.x) == [3, 4]
-    assert kept.marker.color != dropped.marker.color
-    assert fig.layout.shapes[0].x0 == 2.5
-    assert "keep 2 of 4" in fig.layout.title.text
-    # full rank: no cut line
-    assert len(charts.spectrum_cut([1.0, 0.5], 2, layer="x").layout.shapes) == 0
+def test_spectra_cut_marks_each_layers_rank_on_one_chart():
+    fig = charts.spectra_cut({"fc1": [5.0, 3.0, 1.0, 0.1], "fc2": [2.0, 1.0]}, {"fc1": 2})
+    kept, dropped, kept2, dropped2 = fig.data
+    assert list(kept.y) == [1.0, 0.6] and list(dropped.x) == [3, 4]  # σ/σ_max
+    assert list(dropped.customdata) == [1.0, 0.1]  # hover shows σ itself
+    assert kept.opacity > dropped.opacity and kept.line.color == dropped.line.color
+    assert kept.name == "fc1: keep 2 of 4" and not dropped.showlegend
+    assert list(kept2.x) == [1, 2] and list(dropped2.x) == []  # fc2 not in ranks: kept whole
+    assert [sh.x0 for sh in fig.layout.shapes] == [2.5]  # no cut line for a full rank
+    assert fig.layout.yaxis.type == "log"
 
 
 def test_tradeoff_chart_sorts_by_cost_and_marks_current():
@@ -130,7 +131,7 @@ def test_log_axis_ticks_whole_decades_only_over_a_wide_range():
         lambda: charts.spectrum_heatmap([0], [[1.0]], layer="a"),
         lambda: charts.layer_spectra_chart({"a": [1.0]}),
         lambda: charts.rank_curves([0], {"a": [1]}),
-        lambda: charts.spectrum_cut([1.0], 1, layer="a"),
+        lambda: charts.spectra_cut({"a": [1.0]}, {"a": 1}),
         lambda: charts.tradeoff_chart({"a": [{"flops_pct": 1, "val_acc": 0.5, "value": 1}]}),
         lambda: charts.theory_spectrum([1.0], [1.0], n_factors=1),
     ],

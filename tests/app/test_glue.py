@@ -74,6 +74,25 @@ def test_export_snippets_name_the_file():
     assert 'InferenceSession("m.onnx")' in ex.snippet("onnx", "m.onnx")
 
 
+def test_a_cut_measured_when_the_run_completed_is_read_not_evaluated(runs_dir):
+    from lorita import curves
+
+    run = jobs.store(runs_dir).get(N3)
+    assert curves.prepare(run)["cuts-best"] > 1  # what `lorita train` does at completion
+    session = cz.session(N3, "best", runs_dir)
+    for value in (0.3, 0.77):
+        policy = cz.make_policy("global", value)
+        kept = cz.apply(session, policy, runs_dir)
+        live = cz.result_view(session.apply(policy))
+        assert kept["kept"] and "kept" not in live
+        for k in ("ranks", "params", "flops", "params_pct", "val_acc", "test_acc", "test_loss"):
+            assert kept[k] == live[k], k
+        assert kept["policy"] == live["policy"]
+        assert kept["model"].lorita_ranks == {n: r for n, r in live["ranks"].items() if n != "head"}
+    budget = cz.apply(session, cz.make_policy("budget", 20.0), runs_dir)
+    assert "kept" not in budget and budget["budget"]["met"]  # budgets say if they were met
+
+
 def test_formatting_helpers():
     assert ui.fmt_count(1234) == "1.23 k" and ui.fmt_count(12) == "12"
     assert ui.fmt_duration(75) == "1 min 15 s" and ui.fmt_duration(None) == "—"

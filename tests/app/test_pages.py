@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from app_seed import N1, N3, ROOT
 from streamlit.testing.v1 import AppTest
@@ -201,10 +203,13 @@ def test_compress_slider_changes_the_numbers(runs_dir):
     m1 = metrics(at)
     assert m1["Parameters"] != m0["Parameters"]
     assert "% of original" in at.metric[6].delta
-    # trade-off chart (with the N=1 baseline's curve) + one spectrum per cut layer (the
-    # output layer is left out of cuts, as the page says)
+    # the trade-off chart (with the N=1 baseline's curve) and one chart of every cut layer's
+    # spectrum (the output layer is left out of cuts, as the page says)
     charts = at.get("plotly_chart")
-    assert len(charts) == 1 + 2
+    assert [c.key for c in charts] == ["compress.tradeoff", "compress.cut"]
+    cut = json.loads(charts[1].proto.spec)
+    assert [t["name"] for t in cut["data"] if t["showlegend"]][0].startswith("fc1: keep ")
+    assert len(cut["data"]) == 2 * 2  # kept and dropped of fc1 and fc2
     assert any("head" in c.value and "left out" in c.value for c in at.caption)
 
     at.radio(key="compress.policy").set_value("uniform").run()
@@ -234,7 +239,7 @@ def test_compress_rank_table(runs_dir):
     at = open_page("compress", run=N3)
     at.radio(key="compress.policy").set_value("ranks").run()
     assert_clean(at)
-    assert len(at.get("plotly_chart")) == 2  # no trade-off curve for explicit ranks
+    assert [c.key for c in at.get("plotly_chart")] == ["compress.cut"]  # no trade-off curve
     assert any("sweeps a policy's range" in i.value for i in at.info)
 
 
