@@ -30,6 +30,10 @@ MIN_REPEATS = 3
 BUDGET_S = 2.0  # about how long each of the four timings may take
 KEEP = 8  # measured cuts kept per session
 CHART_LAYERS = 15  # layers the chart shows at most (the slowest; the table has every layer)
+EXPORT_HINT = (
+    "On the Export page, choose each layer's form by measured latency so the exported cut is "
+    "never slower."
+)
 # One measurement at a time in this server: two sessions timing at once would slow each other.
 _MEASURING = threading.Lock()
 FORM_WORDS = {
@@ -260,7 +264,9 @@ def _metrics(result: Latency) -> None:
         )
 
 
-def render(result: Latency, *, key: str = "compress.latency") -> None:
+def render(
+    result: Latency, *, key: str = "compress.latency", slower_hint: str | None = None
+) -> None:
     """The measured numbers: whole-model metrics, where the time goes (chart and table)."""
     import streamlit as st
 
@@ -277,8 +283,8 @@ def render(result: Latency, *, key: str = "compress.latency") -> None:
         st.warning(
             "This cut measured slower than the original at batch "
             + " and ".join(map(str, slower))
-            + ": small thin layers can cost more than one dense layer. On the Export page, "
-            "choose each layer's form by measured latency so the exported cut is never slower."
+            + ": small thin layers can cost more than one dense layer. "
+            + (slower_hint or EXPORT_HINT)
         )
     st.plotly_chart(layer_chart(result), key=f"{key}.chart")
     st.dataframe(layer_table(result), hide_index=True)
@@ -289,10 +295,19 @@ def render(result: Latency, *, key: str = "compress.latency") -> None:
     )
 
 
-def show(session: Any, res: dict[str, Any], *, key: str = "compress.latency") -> None:
-    """The Compress page's latency section for the cut ``res`` (from app.compress.apply).
+def show(
+    session: Any,
+    res: dict[str, Any],
+    *,
+    key: str = "compress.latency",
+    slower_hint: str | None = None,
+) -> None:
+    """The latency section for the cut ``res`` (a dict with its ``"model"``, as
+    app.compress.apply returns): the Compress page's cut, or the Export page's model.
 
     Measures only when the button is pressed; the result is kept for this cut in the session.
+    ``slower_hint``: what to advise when the cut measured slower (default: the Export page's
+    choice of forms by latency).
     """
     import streamlit as st
 
@@ -317,4 +332,4 @@ def show(session: Any, res: dict[str, Any], *, key: str = "compress.latency") ->
             "layer's share, on this machine's CPU. Kept for this cut while the session lasts."
         )
         return
-    render(result, key=key)
+    render(result, key=key, slower_hint=slower_hint)

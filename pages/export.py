@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from app import cache, jobs, state, ui
+from app import cache, jobs, latency, state, ui
 from app import compress as cz
 from app import export as ex
 
@@ -113,6 +113,19 @@ def _forms(session, model, fmt: str, by: str, batch: int) -> None:
             )
 
 
+def _latency(session, model, fmt: str, by: str, batch: int) -> None:
+    """This model's measured latency against the model it came from (on a button press)."""
+    if by == "latency":
+        hint = (f"The forms were chosen at batch {batch}: choose them at the batch size you "
+                "will deploy with.")  # fmt: skip
+    elif fmt == "dense":
+        hint = "The dense format keeps every layer's original cost."
+    else:
+        hint = "Choose each cut layer's form by measured latency above."
+    with st.expander("Measured latency of this model on this machine (PyTorch, batch 1 and 64)"):
+        latency.show(session, {"model": model}, key="export.latency", slower_hint=hint)
+
+
 def _file(root, name, which, mtime, session, choice, pick, fmt, by, batch) -> None:  # noqa: PLR0913
     """Build the file, show that it reloads to the same model, offer the download."""
     used = choice if pick in ("compressed", "finetuned") else None
@@ -159,6 +172,7 @@ def _file(root, name, which, mtime, session, choice, pick, fmt, by, batch) -> No
     st.code(built.snippet, language="python")
     if used is not None:  # last: once it shows, the download button above is this run's
         _forms(session, model, fmt, by, batch)
+        _latency(session, model, fmt, by, batch)
 
 
 main()

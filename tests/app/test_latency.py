@@ -238,6 +238,9 @@ def test_export_page_forms_by_latency(runs_dir):
     assert forms and "chosen by latency measured at batch 1" in forms[0].label
     rows = forms[0].dataframe[0].value
     assert list(rows["layer"]) == list(cz.session(N3, "best", runs_dir).full_ranks)
+    at.button(key="export.latency.go").click().run()  # this model's latency against the original
+    assert not at.exception, [e.value for e in at.exception]
+    assert {"Latency, batch 1", "Latency, batch 64"} <= set(_metric_labels(at))
     at.radio(key="export.format").set_value("dense").run()
     assert not at.exception
     assert not [r for r in at.radio if r.key == "export.by"]  # no thin layers: nothing to choose
