@@ -107,9 +107,10 @@ def _forms(session, model, fmt: str, by: str, batch: int) -> None:
         st.dataframe(rows, hide_index=True)
         if by == "latency":
             st.caption(
-                "Each cut layer was timed thin and dense on this machine, then the whole model "
-                "both ways: the thin layers are kept only if the model runs faster with them, so "
-                "this file is never slower than the model it came from (at that batch)."
+                "Each cut layer was timed thin and dense on this machine (in PyTorch), then the "
+                "whole model both ways: the thin layers are kept only if the model runs faster "
+                "with them, so this file is never slower than the model it came from (at that "
+                "batch)."
             )
 
 
