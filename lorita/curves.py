@@ -43,7 +43,7 @@ __all__ = [
 
 VERSION = 1  # bump when a stored curve's shape changes
 DEFAULT_POLICIES = ("global",)  # the Compress page's default policy
-GRID_MAX_SECONDS = 0.5  # one cut's evaluation above this: the slider's grid is not measured ahead
+GRID_MAX_SECONDS = 0.25  # one cut's evaluation above this: the slider's grid is not measured ahead
 
 
 def key(which: str, policy: str) -> str:
@@ -158,8 +158,9 @@ def prepare(
     policies: Iterable[str] = DEFAULT_POLICIES,
 ) -> dict[str, int]:
     """Sweep and keep the curves of ``policies`` on each ``which`` checkpoint of ``run`` that
-    are not kept yet, and measure their sliders' cuts (:func:`measure_grid`); returns
-    ``{key: number of points or cuts}`` of what was done now.
+    are not kept yet, and, for a composed run (``n_factors`` > 1: the one a class slides on;
+    its N=1 baseline is drawn as a curve), measure their sliders' cuts (:func:`measure_grid`);
+    returns ``{key: number of points or cuts}`` of what was done now.
 
     ``splits``: the run's data splits when the caller holds them (the training process does),
     else they are loaded from the run's config. Evaluation runs on the CPU, as the app does, so
@@ -174,5 +175,6 @@ def prepare(
         session = Compressor(run, splits, which=w)
         for policy in todo:
             done[key(w, policy)] = len(compute(session, policy, run))
-            done[_cuts_key(w)] = len(measure_grid(session, policy, run))
+            if int((run.config or {}).get("n_factors") or 1) > 1:
+                done[_cuts_key(w)] = len(measure_grid(session, policy, run))
     return done
