@@ -45,7 +45,7 @@ def _decide(pick: str, fmt: str) -> tuple[str, int]:
         "batch", 1, ex.MAX_BATCH, step=1, key=state.EXPORT_BATCH, disabled=by != "latency",
         help="The batch size the thin and dense forms are timed at (1: one image at a time).",
     )  # fmt: skip
-    return by, int(batch)
+    return by, int(batch) if by == "latency" else ex.DEFAULT_BATCH  # one build for FLOPs
 
 
 @ui.guarded
