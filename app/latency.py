@@ -1,4 +1,5 @@
-"""Measured latency of the Compress page's cut on this machine (issue 11, item 6).
+"""Measured latency of a cut on this machine: the Compress page's cut, and the Export page's
+model (forms chosen by FLOPs or by measured latency).
 
 FLOPs say what a cut should save; the clock says what it does. On a button press this module
 times the session's merged model (the original) and the page's cut model with the library's
@@ -7,7 +8,8 @@ times the session's merged model (the original) and the page's cut model with th
 them beside each other with the form each layer took in the cut (thin two-layer form, dense
 rank-r weight, or not cut). A result is kept in the session per cut (the run's checkpoint and
 the ranks and forms of the cut), so moving the slider never pays for a measurement, and moving
-it back shows the numbers measured before.
+it back shows the numbers measured before. The chart builder is a pure function (data in,
+plotly Figure out) like those in app/charts.py.
 """
 
 from __future__ import annotations
