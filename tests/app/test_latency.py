@@ -179,8 +179,8 @@ def test_choose_model_by_latency_keeps_ranks_and_says_each_form(session, batch):
     assert set(plan) == set(session.layers)
     for p in plan.values():
         assert p["form"] in ("thin", "dense", "full")
-        if p["form"] == "dense":
-            assert "measured slower" in p["why"]
+        if p["form"] == "dense":  # each dense layer says why
+            assert "measured slower" in p["why"] or "more FLOPs" in p["why"], p
     x = session.example_input.expand(16, *session.example_input.shape[1:])
     with torch.no_grad():  # same ranks, same function, whichever form each layer took
         torch.testing.assert_close(timed(x), by_flops(x), atol=1e-4, rtol=1e-4)
