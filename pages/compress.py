@@ -86,6 +86,10 @@ def _choose_run(root: str) -> tuple[str, str] | None:
         "Run", names, key=state.COMPRESS_RUN, format_func=lambda n: _run_label(by_name[n])
     )
     state.setdefault(state.COMPRESS_WHICH, "best")
+    have = [w for w in ("best", "last") if cz.checkpoint_mtime(name, w, root)]
+    if have and st.session_state[state.COMPRESS_WHICH] not in have:
+        # e.g. a run stopped before its first validation has a last checkpoint but no best
+        st.session_state[state.COMPRESS_WHICH] = have[0]
     which = c2.radio(
         "Checkpoint", ["best", "last"], key=state.COMPRESS_WHICH, horizontal=True,
         help="best: highest validation accuracy during training; last: the final weights.",

@@ -243,6 +243,15 @@ def test_compress_rank_table(runs_dir):
     assert any("sweeps a policy's range" in i.value for i in at.info)
 
 
+def test_compress_a_run_without_a_best_checkpoint_opens_its_last(runs_dir):
+    # a run stopped before its first validation has a last checkpoint and no best
+    (runs_dir / N3 / "checkpoints" / "best.safetensors").unlink()
+    at = open_page("compress", run=N3)
+    assert_clean(at)
+    assert at.radio(key="compress.which").value == "last"
+    assert not at.warning and "compress.tradeoff" in [c.key for c in at.get("plotly_chart")]
+
+
 def test_compress_without_runs_points_to_train(empty_runs):
     at = open_page("compress")
     assert_clean(at)

@@ -132,9 +132,19 @@ def _image_folder(root, classes=3, per_class=24, size=12):
     return root
 
 
+def _state(store, name: str) -> str:
+    """A run's state from its folder ("starting" until the training process made it)."""
+    try:
+        return store.get(name).status().get("state") or "starting"
+    except ValueError:
+        return "starting"
+
+
 def test_train_on_an_image_folder_then_compress_and_export(app_server, page, tmp_path):
     """Your own images: the Train page's folder path, a run that completes, its Compress and
     Export pages."""
+    from lorita.runs import RunStore
+
     folder = _image_folder(tmp_path / "images")
     url = app_server["url"]
     page.goto(f"{url}/train")
@@ -146,10 +156,17 @@ def test_train_on_an_image_folder_then_compress_and_export(app_server, page, tmp
     epochs.fill("2")
     page.get_by_text("also train N=1", exact=False).click()  # just the composed run
     page.get_by_role("button", name="Start training").click()
-    page.wait_for_url(re.compile(r"[?&]run="), timeout=60_000)
-    page.get_by_text("Completed.", exact=False).first.wait_for(timeout=240_000)
-    no_errors(page)
+    page.wait_for_url(re.compile(r"[?&]run=folder"), timeout=60_000)
     name = re.search(r"[?&]run=([^&]+)", page.url).group(1)
+    # The page followed another (completed) run before Start, and its "Completed." stays on
+    # screen while the page reruns: wait for this run's own folder, then for the page.
+    store, deadline = RunStore(app_server["runs"]), time.time() + 240
+    while (got := _state(store, name)) != "completed":
+        assert got in ("starting", "queued", "running"), f"{name}: {got}"
+        assert time.time() < deadline, f"{name} did not complete"
+        time.sleep(0.5)
+    page.get_by_text("Completed.", exact=False).first.wait_for(timeout=60_000)
+    no_errors(page)
     page.goto(f"{url}/compress?run={name}")
     page.locator("text.gtitle", has_text="Trade-off").first.wait_for(timeout=120_000)
     no_errors(page)
