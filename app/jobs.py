@@ -162,6 +162,16 @@ def start(
     return name
 
 
+def wait(name: str, root: str | Path | None = None, timeout: float | None = None) -> int | None:
+    """Wait until the training child this process started for ``name`` has exited (after
+    training it keeps the run's trade-off curves, :func:`lorita.curves.prepare`); its exit
+    code, or None if this process did not start it. ``subprocess.TimeoutExpired`` past
+    ``timeout`` seconds."""
+    root_p = Path(root) if root is not None else runs_dir()
+    proc = _PROCS.get((str(root_p), name))
+    return None if proc is None else proc.wait(timeout)
+
+
 def lower_priority(pid: int) -> None:
     """Give a training child a lower CPU priority than the server (``$LORITA_TRAIN_NICE``).
 
