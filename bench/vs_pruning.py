@@ -36,8 +36,22 @@ from lorita.engine import TrainConfig  # noqa: E402
 from lorita.runs import RunStore  # noqa: E402
 
 
-def _setups() -> dict[str, dict]:
-    mlp = {**TrainConfig().to_dict(), **preset_config("fashion")}
+def _overrides(pairs: list[str]) -> dict:
+    """``KEY=VALUE`` pairs (VALUE as JSON, else a string) for the MLP's training config."""
+    out = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or key not in TrainConfig.__dataclass_fields__:
+            sys.exit(f"--mlp-set: {pair!r} is not KEY=VALUE with KEY a TrainConfig field")
+        try:
+            out[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key] = raw
+    return out
+
+
+def _setups(mlp_set: dict | None = None) -> dict[str, dict]:
+    mlp = {**TrainConfig().to_dict(), **preset_config("fashion"), **(mlp_set or {})}
     mlp.update(device="cpu", spectra_every=0)
     cnn = {
         **TrainConfig().to_dict(),
@@ -49,7 +63,12 @@ def _setups() -> dict[str, dict]:
         "epochs": 15,
     }
     return {
-        "mlp": {"title": "Fashion-MNIST MLP (the Fashion-MNIST preset)", "config": mlp},
+        "mlp": {
+            "title": "Fashion-MNIST MLP (the Fashion-MNIST preset"
+            + (f", with {mlp_set}" if mlp_set else "")
+            + ")",
+            "config": mlp,
+        },
         "cnn": {"title": "Small CNN: VGG-11 (channels x0.25) on digits", "config": cnn},
     }
 
@@ -101,6 +120,48 @@ def one_seed(name: str, setup: dict, seed: int, args, store: RunStore) -> dict:
     out = json.loads(cache.read_text())  # the same (string) keys as a cached result
     print(f"{name} seed {seed}: done in {out['seconds']:.0f} s", flush=True)
     return out
+
+
+def other_lrs(name: str, setup: dict, seed: int, res: dict, args) -> dict:
+    """Fine-tuned rows at other fine-tuning learning rates (x the run's lr), cached beside."""
+    out = {}
+    for scale in args.finetune_lr_scales:
+        cache = Path(args.work) / f"{name}-seed{seed}-ftlr{scale:g}.json"
+        if not cache.is_file():
+            rows = compare(
+                res["train"]["3"]["run"],
+                res["train"]["1"]["run"],
+                budgets=args.budgets,
+                finetune_epochs=args.finetune_epochs,
+                finetune_lr=setup["config"]["lr"] * scale,
+            )
+            rows = [{k: v for k, v in r.items() if k != "ranks"} for r in rows]
+            cache.write_text(json.dumps(rows))
+        out[scale] = json.loads(cache.read_text())
+    return out
+
+
+def lr_table(results: list[dict], per_lr: list[dict], args) -> list[str]:
+    """LoRITa minus the best baseline after fine-tuning, per budget and fine-tuning lr."""
+    k, scales = args.finetune_epochs, [0.1, *args.finetune_lr_scales]
+    lines = [
+        "| fine-tuning lr (x the run's) | "
+        + " | ".join(f"{b:g}%" for b in args.budgets)
+        + " | budgets won |",
+        "|---" * (len(args.budgets) + 2) + "|",
+    ]
+    for scale in scales:
+        if scale == 0.1:
+            res = results
+        else:
+            res = [{"rows": d[scale]} for d in per_lr]
+        margins = [winner(res, b, k)[1] for b in args.budgets]
+        lines.append(
+            f"| {scale:g} | "
+            + " | ".join(f"{m:+.2f}" for m in margins)
+            + f" | {sum(m >= 0 for m in margins)} of {len(margins)} |"
+        )
+    return lines
 
 
 def stats(values: list[float]) -> str:
@@ -222,17 +283,43 @@ def main() -> None:
     ap.add_argument("--finetune-epochs", type=int, default=2)
     ap.add_argument("--work", default=None, help="folder for runs and per-seed JSON results")
     ap.add_argument("--doc", default=str(ROOT / "docs" / "vs_pruning.md"))
+    ap.add_argument(
+        "--finetune-lr-scales",
+        nargs="*",
+        type=float,
+        default=[0.3, 1.0],
+        help="for the MLP, also fine-tune at these multiples of the run's lr (0.1 is the recipe)",
+    )
+    ap.add_argument(
+        "--mlp-set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="train the MLP with these TrainConfig fields instead of the preset's (use a new --work)",
+    )
     args = ap.parse_args()
     args.work = args.work or tempfile.mkdtemp(prefix="lorita-vs-pruning-")
     Path(args.work).mkdir(parents=True, exist_ok=True)
     store = RunStore(Path(args.work) / "runs")
     load0, t_all = os.getloadavg(), time.perf_counter()
-    setups = _setups()
+    setups = _setups(_overrides(args.mlp_set))
     sections, spent = [], 0.0
     for name in args.setups:
         results = [one_seed(name, setups[name], s, args, store) for s in args.seeds]
         spent += sum(r["seconds"] for r in results)
         sections += section(name, setups[name], results, args)
+        if name == "mlp" and args.finetune_lr_scales and args.finetune_epochs:
+            per_lr = [
+                other_lrs(name, setups[name], s, r, args) for s, r in zip(args.seeds, results)
+            ]
+            sections += [
+                "Fine-tuning at other learning rates (the same for all three methods, "
+                f"{args.finetune_epochs} epochs, cosine to 0, no weight decay): LoRITa minus "
+                "the best baseline after fine-tuning, test accuracy points, mean over the seeds.",
+                "",
+                *lr_table(results, per_lr, args),
+                "",
+            ]
     head = [
         "# LoRITa versus SVD and structured pruning at the same budget",
         "",
