@@ -48,6 +48,7 @@ _NOT_FLAGS = ("dataset_kwargs", "model_kwargs")
 _THREADS = (1, 1024)
 _CONCURRENT = (1, 1024)
 _FINETUNE_EPOCHS = (0, 1000)
+_FORM_BATCH = (1, 4096)
 _MAX_DROP = (0.0, 100.0)
 _MAX_BUDGETS = 20
 
@@ -425,7 +426,7 @@ def _add_policy_flags(c: argparse.ArgumentParser) -> None:
 
 
 def _add_model_source(p: argparse.ArgumentParser) -> None:
-    from .kinds import FORMS
+    from .kinds import DECIDE_BY, FORMS
 
     p.add_argument("run", type=_text("RUN"))
     p.add_argument(
@@ -433,6 +434,22 @@ def _add_model_source(p: argparse.ArgumentParser) -> None:
         choices=FORMS,
         default=FORMS[0],
         help="a cut layer as two thin layers where cheaper, or a dense rank-r weight",
+    )
+    p.add_argument(
+        "--form-by",
+        choices=DECIDE_BY,
+        default=DECIDE_BY[0],
+        help="with --form low_rank, how each cut layer's thin or dense form is chosen: "
+        + " or ".join(DECIDE_BY)
+        + " (latency: measured on this machine at --form-batch; never slower than dense)",
+    )
+    p.add_argument(
+        "--form-batch",
+        type=_number("--form-batch", "int", *_FORM_BATCH),
+        default=64,
+        metavar="B",
+        help=f"batch size --form-by latency measures at, in [{_FORM_BATCH[0]}, {_FORM_BATCH[1]}]"
+        " (default 64)",
     )
     p.add_argument("--which", choices=["best", "last"], default="best", help="checkpoint")
     _add_runs_dir(p)
@@ -952,6 +969,13 @@ def _run_training(args, store, run, config, d, quiet, stop_event, threads) -> in
     return 0
 
 
+def _keep_curves(run, splits) -> None:
+    """The default policies' trade-off curves kept beside the finished run (lorita.curves)."""
+    from .curves import prepare
+
+    prepare(run, splits)
+
+
 def _train(config, run, args, slot, d, quiet, stop_event, threads) -> dict:
     try:
         return _engine().train(
@@ -961,6 +985,7 @@ def _train(config, run, args, slot, d, quiet, stop_event, threads) -> dict:
             stop=stop_event.is_set,
             resume=args.resume,
             threads=threads,
+            on_complete=_keep_curves,
         )
     finally:
         if slot is not None:
@@ -1071,6 +1096,8 @@ def cmd_compress(args) -> int:
         res = cz.apply(args.policy, form=args.form)
     if args.finetune_epochs:
         res = cz.finetune(res, args.finetune_epochs, lr=args.finetune_lr)
+    if args.form_by != "flops" and args.form == "low_rank":
+        res = _forms_by(cz, res, args)
     before, after = dict(cz.base), res.to_dict()
     if args.latency:
         before.update(_latency(cz.model, cz.example_input))
@@ -1088,6 +1115,35 @@ def cmd_compress(args) -> int:
         return 0
     _print_compress(out, args)
     return 0
+
+
+def _forms_by(cz, res, args):
+    """The result with each cut layer's form chosen by ``--form-by`` (the function is the
+    same, so the metrics stand; the cost is counted again)."""
+    import copy
+    import dataclasses
+
+    from .cost import count_cost
+    from .kinds import choose_forms
+
+    model = copy.deepcopy(res.model)
+    forms = choose_forms(model, cz.example_input, by=args.form_by, batch=args.form_batch)
+    cost = count_cost(model, cz.example_input)
+    plan = {n: dict(p) for n, p in res.plan.items()}
+    for n, p in forms.items():
+        if n in plan and p["form"] == "dense" and plan[n]["form"] == "low_rank":
+            plan[n].update(form="dense", note=p["why"])
+    base = cz.base_cost
+    return dataclasses.replace(
+        res,
+        model=model,
+        plan=plan,
+        policy={**res.policy, "form_by": args.form_by, "form_batch": args.form_batch},
+        params=cost.params,
+        flops=cost.flops,
+        params_pct=100.0 * cost.params / max(1, base.params),
+        flops_pct=100.0 * cost.flops / max(1, base.flops),
+    )
 
 
 def _rank_measures(cz) -> dict:
@@ -1116,7 +1172,10 @@ def _print_compress(out: dict, args) -> None:
         if search
         else _policy_words(after["policy"])
     )
-    print(f"run {out['run']} ({out['checkpoint']} checkpoint), {how}, form {args.form}{tuned}")
+    form = args.form
+    if args.form_by != "flops" and args.form == "low_rank":
+        form += f" (chosen by {args.form_by} at batch {args.form_batch})"
+    print(f"run {out['run']} ({out['checkpoint']} checkpoint), {how}, form {form}{tuned}")
     lat = "latency_b1_ms" in after
     header = ["", "params", "FLOPs", "val acc", "test acc"]
     header += ["ms (batch 1)", "ms (batch 64)"] if lat else []
@@ -1240,6 +1299,11 @@ def cmd_export(args) -> int:
     else:
         model, _ = cz.cut(args.policy, form=args.form)
         words = str(args.policy)
+        if args.form_by != "flops" and args.form == "low_rank":
+            from .kinds import choose_forms
+
+            choose_forms(model, cz.example_input, by=args.form_by, batch=args.form_batch)
+            words += f", forms by {args.form_by} at batch {args.form_batch}"
     example = cz.example_input
     if args.format == "onnx":
         from .export import export_onnx

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .convert import composed_layers, iter_layers, merge_model
-from .kinds import median_seconds
+from .kinds import layer_table, median_seconds
 
 __all__ = ["Cost", "count_cost", "measure_latency", "latency_profile", "layer_latency"]
 
@@ -126,15 +126,31 @@ def latency_profile(
 
 
 def layer_latency(
-    model: nn.Module, example_input: Tensor, *, repeats: int = 10, warmup: int = 2
+    model: nn.Module,
+    example_input: Tensor,
+    *,
+    repeats: int = 10,
+    warmup: int = 2,
+    batch: int | None = None,
 ) -> dict[str, float]:
     """Where the time goes: ``{layer name: median seconds}`` spent inside each layer (Linear,
-    Conv2d, low-rank, attention) over one forward pass, summed over its calls."""
+    Conv2d, grouped and depthwise conv, low-rank, attention) over one forward pass of the
+    deployable model, summed over its calls (0.0 for a layer that did not run).
+
+    ``batch``: time ``example_input``'s first sample repeated to that many rows (default: the
+    input as given). A cut model and the model it came from share layer names (a thin layer
+    keeps the name of the layer it replaces), so their dicts compare key by key; the whole
+    pass (:func:`measure_latency`) minus the sum is the time spent outside these layers.
+    """
     _check_repeats(repeats, warmup)
+    if batch is not None:
+        if isinstance(batch, bool) or not isinstance(batch, int) or not 1 <= batch <= 4096:
+            raise ValueError(f"batch: expected an integer in [1, 4096], got {batch!r}")
+        example_input = _batch(example_input, batch)
     deploy = _deployable(model)
     was_training = deploy.training
     deploy.eval()
-    layers = dict(iter_layers(deploy))
+    layers = {e.name: e.module for e in layer_table(deploy)}
     samples: dict[str, list[float]] = {n: [] for n in layers}
     pass_total: dict[str, float] = {}
     starts: dict[str, list[float]] = {n: [] for n in layers}

@@ -22,6 +22,7 @@ import os
 import re
 import threading
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
@@ -649,8 +650,12 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 
 def _finish(model: nn.Module, tensors: dict[str, Tensor], where: str, assign=False) -> nn.Module:
+    # the module versions a state_dict carries (a file holds none): the model's own, which
+    # layers that check them when loading (torchvision's MNASNet) require
+    state = OrderedDict(tensors)
+    state._metadata = getattr(model.state_dict(), "_metadata", None)  # type: ignore[attr-defined]
     try:
-        model.load_state_dict(tensors, strict=True, assign=assign)
+        model.load_state_dict(state, strict=True, assign=assign)
     except RuntimeError as e:
         raise _fail(
             where, f"weights do not match the stored architecture ({str(e)[:300]})"
@@ -748,6 +753,24 @@ def load_bytes(data: bytes, *, model: nn.Module | None = None) -> nn.Module:
 # --------------------------------------------------------------------------- ONNX
 
 
+_ONNX_NAMES = {"input_names": ["input"], "output_names": ["output"]}
+
+
+def _onnx_torchscript(model: nn.Module, x: Tensor, path: Path, opset: int) -> None:
+    axes = {"input": {0: "batch"}, "output": {0: "batch"}}
+    torch.onnx.export(
+        model, (x,), path, dynamic_axes=axes, dynamo=False, opset_version=opset, **_ONNX_NAMES
+    )
+
+
+def _onnx_dynamo(model: nn.Module, x: Tensor, path: Path, opset: int) -> None:
+    batch = torch.export.Dim("batch", min=1)
+    torch.onnx.export(
+        model, (x,), path, dynamic_shapes=({0: batch},), dynamo=True, external_data=False,
+        verbose=False, opset_version=opset, **_ONNX_NAMES,
+    )  # fmt: skip
+
+
 def export_onnx(
     model: nn.Module,
     example_input: Tensor,
@@ -770,19 +793,19 @@ def export_onnx(
     tmp = _temp_beside(path, ".onnx")
     # torch.export specialises a batch of 1; trace with 2 so the batch axis stays dynamic
     x = example_input[:1].expand(2, *example_input.shape[1:]).contiguous()
-    names = {"input_names": ["input"], "output_names": ["output"], "opset_version": opset}
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # exporter chatter; failures still raise
             if dynamo:
-                batch = torch.export.Dim("batch", min=1)
-                torch.onnx.export(
-                    deploy, (x,), tmp, dynamic_shapes=({0: batch},), dynamo=True,
-                    external_data=False, verbose=False, **names,
-                )  # fmt: skip
+                _onnx_dynamo(deploy, x, tmp, opset)
             else:
-                axes = {"input": {0: "batch"}, "output": {0: "batch"}}
-                torch.onnx.export(deploy, (x,), tmp, dynamic_axes=axes, dynamo=False, **names)
+                try:
+                    _onnx_torchscript(deploy, x, tmp, opset)
+                except torch.onnx.errors.OnnxExporterError:
+                    # an operator the TorchScript exporter lacks (an adaptive pool whose
+                    # output does not divide its input): torch.export handles it
+                    tmp.unlink(missing_ok=True)
+                    _onnx_dynamo(deploy, x, tmp, opset)
         os.replace(tmp, path)
     finally:
         deploy.train(was_training)

@@ -64,6 +64,7 @@ __all__ = [
     "guess_example_input",
     "set_module",
     "cut_model",
+    "choose_forms",
     "median_seconds",
 ]
 
@@ -595,9 +596,6 @@ def _cut(model, ranks, svd, *, form, by, example_input, batch) -> dict[str, dict
     unknown = [n for n in ranks if n not in table or n not in svd]
     if unknown:
         raise ValueError(f"ranks: unknown layer name(s) {unknown[:5]}")
-    inputs = {}
-    if form == "low_rank" and by == "latency":
-        inputs = _layer_inputs(model, list(ranks), _batch_of(example_input, batch))
     plan = {}
     for name, r in ranks.items():
         e, (u, s, vh) = table[name], svd[name]
@@ -607,27 +605,75 @@ def _cut(model, ranks, svd, *, form, by, example_input, batch) -> dict[str, dict
             plan[name] = {**row, "form": "full", "why": "full rank: not cut"}
             continue
         m, n = u.shape[-2], vh.shape[-1]
-        thin, why = None, ""
+        why = ""
         if form == "dense":
             why = "form='dense'"
         elif not e.kind.thin_form:
             why = f"{e.kind.label}: the thin form cannot be what the model calls"
         elif r * (m + n) >= m * n:
             why = "the thin form would cost more FLOPs"
-        else:
-            thin = e.kind.thin(e.module, r, (u, s, vh))
-            if by == "latency" and not _thin_is_faster(e.module, thin, inputs.get(name)):
-                thin, why = None, f"the thin form measured slower at batch {batch}"
-        if thin is None:
+        if why:
             e.kind.dense_cut(e.module, r, (u, s, vh))
             plan[name] = {**row, "form": "dense", "why": why}
         else:
+            thin = e.kind.thin(e.module, r, (u, s, vh))
             thin.train(e.module.training)
             set_module(model, name, thin)
             plan[name] = {**row, "form": "thin", "why": ""}
     if by == "latency" and form == "low_rank":
-        _keep_thin_only_if_faster(model, plan, _batch_of(example_input, batch))
+        _faster_forms(model, plan, _batch_of(example_input, batch))
     return plan
+
+
+def _thin_plan(model: nn.Module) -> dict[str, dict]:
+    """The plan of a cut model: ``model.lorita_plan`` or, without one, its thin layers."""
+    plan = {n: dict(p) for n, p in (getattr(model, "lorita_plan", None) or {}).items()}
+    for e in layer_table(model):
+        if isinstance(e.module, (LowRankLinear, LowRankConv2d)) and e.name not in plan:
+            rank = e.module.rank
+            plan[e.name] = {"rank": rank, "full": None, "kind": e.kind.name, "form": "thin"}
+            plan[e.name]["why"] = ""
+    return plan
+
+
+def choose_forms(
+    model: nn.Module, example_input: Tensor, *, by: str = "latency", batch: int | None = 64
+) -> dict[str, dict]:
+    """Give each thin layer of a cut model (from :func:`cut_model` / ``truncate``, fine-tuned
+    or not) the faster of its thin and dense rank-r forms, in place; the function is unchanged.
+
+    ``by="latency"``: each thin layer is timed against its dense form on its own input for
+    ``example_input`` repeated to ``batch`` rows, then the whole model with the remaining thin
+    layers against all of them dense (kept only if faster), so the result is never slower than
+    the same ranks all dense. ``by="flops"`` changes nothing (thin layers are already the ones
+    that save FLOPs). Returns the plan (also stored as ``model.lorita_plan``).
+    """
+    check_cut_options("low_rank", by, example_input)
+    plan = _thin_plan(model)
+    if by == "latency":
+        was_training = model.training
+        model.eval()
+        try:
+            _faster_forms(model, plan, _batch_of(example_input, batch))
+        finally:
+            model.train(was_training)
+    model.lorita_plan = plan
+    return plan
+
+
+def _faster_forms(model: nn.Module, plan: dict[str, dict], x: Tensor) -> None:
+    """Each thin layer timed alone against its dense form; then the whole model."""
+    thin = [n for n, p in plan.items() if p["form"] == "thin"]
+    inputs = _layer_inputs(model, thin, x)
+    for name in thin:
+        layer = model.get_submodule(name)
+        dense = layer.to_dense()
+        dense.train(layer.training)
+        if not _thin_is_faster(dense, layer, inputs.get(name)):
+            set_module(model, name, dense)
+            why = f"the thin form measured slower at batch {len(x)}"
+            plan[name] = {**plan[name], "form": "dense", "why": why}
+    _keep_thin_only_if_faster(model, plan, x)
 
 
 def _keep_thin_only_if_faster(model: nn.Module, plan: dict[str, dict], x: Tensor) -> None:

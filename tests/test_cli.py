@@ -457,3 +457,37 @@ def test_progress_is_a_tqdm_bar_on_a_terminal_and_lines_otherwise():
     for ev in events:
         q(ev)
     assert quiet.getvalue() == ""
+
+
+def test_compress_and_export_choose_forms_by_latency(runs_dir, tmp_path, capsys, monkeypatch):
+    """--form-by latency: each cut layer's form measured on this machine (here every thin form
+    "measures" slower, so all go dense); the function and the accuracy stay, the plan says why."""
+    from lorita import kinds
+
+    monkeypatch.setattr(kinds, "_thin_is_faster", lambda dense, layer, args: False)
+    base = ["r1", "--uniform", "0.25", "--runs-dir", str(runs_dir)]
+    assert main(["compress", *base, "--json", "--no-latency"]) == 0
+    flops = json.loads(capsys.readouterr().out)["after"]
+    argv = ["compress", *base, "--json", "--no-latency", "--form-by", "latency"]
+    assert main([*argv, "--form-batch", "8"]) == 0
+    out = json.loads(capsys.readouterr().out)["after"]
+    thin = [n for n, p in flops["plan"].items() if p["form"] == "low_rank"]
+    assert thin and all(out["plan"][n]["form"] == "dense" for n in thin)
+    assert all("slower at batch 8" in out["plan"][n]["note"] for n in thin)
+    assert out["flops"] > flops["flops"] and out["val_acc"] == flops["val_acc"]
+    assert out["policy"]["form_by"] == "latency" and out["policy"]["form_batch"] == 8
+    assert main(["compress", *base, "--no-latency", "--form-by", "latency"]) == 0
+    assert "chosen by latency at batch 64" in capsys.readouterr().out
+    paths = {}
+    for by in ("flops", "latency"):
+        paths[by] = tmp_path / f"{by}.safetensors"
+        argv = ["export", *base[:1], "--policy", "uniform:0.25", "--form-by", by]
+        assert main([*argv, "--out", str(paths[by]), "--runs-dir", str(runs_dir)]) == 0
+    a, b = lt.load(paths["flops"]), lt.load(paths["latency"])
+    assert any(isinstance(m, lt.LowRankLinear) for m in a.modules())
+    assert not any(isinstance(m, lt.LowRankLinear) for m in b.modules())
+    x = torch.randn(3, *a.lorita_spec["input_shape"])
+    with torch.no_grad():
+        torch.testing.assert_close(b(x), a(x), rtol=1e-4, atol=1e-5)
+    _one_line_error(capsys, ["compress", *base, "--form-by", "speed"], "--form-by")
+    _one_line_error(capsys, ["compress", *base, "--form-batch", "0"], "--form-batch")

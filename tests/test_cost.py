@@ -53,3 +53,55 @@ def test_latency_profile_and_per_layer_latency():
         lt.cost.latency_profile(net, torch.randn(1, 32), batches=(0,))
     with pytest.raises(ValueError, match="repeats"):
         lt.cost.layer_latency(net, torch.randn(1, 32), repeats=0)
+
+
+def test_layer_latency_at_a_batch_size_names_the_same_layers_before_and_after_a_cut():
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3, groups=8), nn.Flatten(), nn.Linear(8 * 4 * 4, 10)
+    )  # fmt: skip
+    x = torch.randn(1, 3, 8, 8)
+    per = lt.cost.layer_latency(net, x, repeats=2, batch=16)
+    assert set(per) == {"0", "1", "3"}  # the depthwise conv is timed too
+    small = lt.truncate(net, lt.Ranks({"3": 2}))
+    assert set(lt.cost.layer_latency(small, x, repeats=2, batch=16)) == set(per)
+    with pytest.raises(ValueError, match="batch"):
+        lt.cost.layer_latency(net, x, batch=0)
+
+
+def _cut_mlp():
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10)
+    )
+    return lt.truncate(net, lt.Uniform(0.25)).eval(), torch.randn(4, 32)
+
+
+def test_choose_forms_by_latency_makes_slower_thin_layers_dense_keeping_the_function(monkeypatch):
+    from lorita import kinds
+
+    small, x = _cut_mlp()
+    thin = [n for n, p in small.lorita_plan.items() if p["form"] == "thin"]
+    assert thin
+    want = small(x)
+    monkeypatch.setattr(kinds, "_thin_is_faster", lambda dense, layer, args: False)
+    plan = kinds.choose_forms(small, x, by="latency", batch=8)
+    assert all(plan[n]["form"] == "dense" and "slower at batch 8" in plan[n]["why"] for n in thin)
+    assert small.lorita_plan is plan
+    assert not any(isinstance(m, lt.LowRankLinear) for m in small.modules())
+    torch.testing.assert_close(small(x), want)
+
+
+def test_choose_forms_by_flops_keeps_thin_layers_and_works_without_a_plan():
+    from lorita import kinds
+
+    small, x = _cut_mlp()
+    thin = {n for n, p in small.lorita_plan.items() if p["form"] == "thin"}
+    assert {
+        n for n, p in kinds.choose_forms(small, x, by="flops").items() if p["form"] == "thin"
+    } == thin
+    del small.lorita_plan  # e.g. a model loaded or fine-tuned elsewhere: found from its layers
+    plan = kinds.choose_forms(small, x, by="flops")
+    assert {n for n, p in plan.items() if p["form"] == "thin"} == thin
+    with pytest.raises(ValueError, match="by"):
+        kinds.choose_forms(small, x, by="speed")
