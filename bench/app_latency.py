@@ -263,14 +263,17 @@ def _cpu(procs) -> float:
 
 
 def cpu_split(server_pid: int) -> dict[str, float]:
-    """CPU seconds so far of the server, its children (training, workers) and Chromium."""
+    """CPU seconds so far of the server (and its workers), the training children and the
+    browsers, all children of this process."""
     import psutil
 
     server = psutil.Process(server_pid)
-    browsers = [c for c in psutil.Process().children(recursive=True) if "chrom" in c.name()]
+    mine = set(psutil.Process().children(recursive=True))
+    ours = {server, *server.children(recursive=True)}
+    browsers = {c for c in mine if "chrom" in c.name()}
     return {
-        "server": _cpu([server]),
-        "children": _cpu(server.children(recursive=True)),
+        "server": _cpu(ours),
+        "training": _cpu(mine - ours - browsers),
         "chromium": _cpu(browsers),
     }
 
@@ -385,8 +388,8 @@ def _sessions(r: dict) -> list[str]:
         "",
         f"Where the CPU went in those {wall:.0f} s ({os.cpu_count()} cores: at most "
         f"{os.cpu_count() * wall:.0f} CPU seconds): the app's server {cpu['server']:.1f} s "
-        f"({share['server']:.0f} %), the server's children (the training run) "
-        f"{cpu['children']:.1f} s ({share['children']:.0f} %), the {SESSIONS} browsers "
+        f"({share['server']:.0f} %), the training child {cpu['training']:.1f} s "
+        f"({share['training']:.0f} %), the {SESSIONS} browsers "
         f"{cpu['chromium']:.1f} s ({share['chromium']:.0f} %). In a classroom each browser runs "
         "on its own machine; here they share the server's cores.",
     ]
