@@ -62,6 +62,7 @@ __all__ = [
     "layer_svd",
     "find_direct_reads",
     "guess_example_input",
+    "guess_example_inputs",
     "set_module",
     "cut_model",
     "choose_forms",
@@ -469,39 +470,58 @@ def _static_direct(model: nn.Module) -> list[str]:
     ]
 
 
-def guess_example_input(model: nn.Module) -> Tensor | None:
-    """A small input the model probably accepts: from ``model.lorita_input_shape`` (set by
-    :func:`lorita.create_model`), a ``image_size`` attribute, or the first layer's width."""
+#: Square input sides tried, in order, when a model does not say what it takes.
+GUESSED_SIDES = (64, 224, 299)
+
+
+def guess_example_inputs(model: nn.Module) -> list[Tensor]:
+    """Small inputs the model probably accepts, most likely first: ``model.lorita_input_shape``
+    (set by :func:`lorita.create_model`) alone when set; else from the first layer: a Linear's
+    width, or a Conv2d's channels at the model's ``image_size`` attribute (a ViT) or at
+    :data:`GUESSED_SIDES` (64 px, then the sizes ImageNet models are built for)."""
     shape = getattr(model, "lorita_input_shape", None)
-    if shape is None:
-        first = next((m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))), None)
-        if first is None:
-            return None
-        if isinstance(first, nn.Linear):
-            shape = (first.in_features,)
-        else:
-            size = getattr(model, "image_size", 64)
-            size = size if isinstance(size, int) else 64
-            shape = (first.in_channels, size, size)
-    return torch.zeros(2, *shape)
+    if shape is not None:
+        return [torch.zeros(2, *shape)]
+    first = next((m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))), None)
+    if first is None:
+        return []
+    if isinstance(first, nn.Linear):
+        return [torch.zeros(2, first.in_features)]
+    size = getattr(model, "image_size", None)
+    sides = [size] if isinstance(size, int) and not isinstance(size, bool) else []
+    sides += [s for s in GUESSED_SIDES if s not in sides]
+    return [torch.zeros(2, first.in_channels, s, s) for s in sides]
+
+
+def guess_example_input(model: nn.Module) -> Tensor | None:
+    """The most likely of :func:`guess_example_inputs` (None when there is none)."""
+    guesses = guess_example_inputs(model)
+    return guesses[0] if guesses else None
 
 
 def detect_direct(model: nn.Module, example_input: Tensor | None) -> tuple[list[str], str]:
-    """Directly read layers (traced when an input is known) and a note on how they were found."""
+    """Directly read layers (traced when an input is known) and a note on how they were found.
+
+    Without ``example_input`` each guessed input is tried until the model accepts one."""
     static = _static_direct(model)
-    x = guess_example_input(model) if example_input is None else example_input
-    if x is None:
+    guesses = guess_example_inputs(model) if example_input is None else [example_input]
+    if not guesses:
         return static, "no example input: only MultiheadAttention's out_proj checked"
-    try:
-        traced = find_direct_reads(model, x)
-    except Exception as e:  # a guessed input the model refuses: say so, keep going
-        if example_input is not None:
-            raise ValueError(f"example_input: the model refused it ({e})") from None
-        return static, (
-            f"could not trace a forward pass on a guessed input {tuple(x.shape)} "
-            f"({type(e).__name__}); pass example_input= to find weights read directly"
-        )
-    return sorted(set(static) | set(traced), key=[*static, *traced].index), "traced"
+    errors = []
+    for x in guesses:
+        try:
+            traced = find_direct_reads(model, x)
+        except Exception as e:  # a guessed input the model refuses: try the next one
+            if example_input is not None:
+                raise ValueError(f"example_input: the model refused it ({e})") from None
+            errors.append(f"{tuple(x.shape)} ({type(e).__name__})")
+            continue
+        order = [*static, *traced]
+        return sorted(set(order), key=order.index), "traced"
+    return static, (
+        f"could not trace a forward pass on a guessed input: {', '.join(errors)}; "
+        "pass example_input= to find weights read directly"
+    )
 
 
 # --------------------------------------------------------------------------- cutting

@@ -143,3 +143,37 @@ def test_tied_weights_are_left():
     rows = composition_summary(lt.overparameterize(net, 3))["layers"]
     assert [r["action"] for r in rows] == ["left", "left"]
     assert "shared" in rows[0]["why"]
+
+
+class _Only224(nn.Module):
+    """Accepts 224 px inputs only and reads its head's weight itself (F.linear)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 2, 32, stride=32)  # 224 px -> 7 x 7
+        self.head = nn.Linear(2 * 7 * 7, 10)
+
+    def forward(self, x):
+        return nn.functional.linear(self.stem(x).flatten(1), self.head.weight, self.head.bias)
+
+
+def test_direct_reads_are_traced_on_the_first_guessed_side_the_model_accepts():
+    torch.manual_seed(0)
+    model = _Only224().eval()
+    composed = lt.overparameterize(model, 3)
+    assert composed.lorita_direct == ("head",)
+    assert composed.lorita_summary["direct_reads"] == "traced"
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(composed(x), model(x), rtol=1e-4, atol=1e-5)
+    small = lt.truncate(composed, lt.Ranks({"head": 2}))
+    assert small.lorita_plan["head"]["form"] == "dense"  # read directly: the cut stays dense
+
+
+def test_a_model_no_guessed_side_fits_is_still_composed_and_says_why():
+    model = nn.Sequential(nn.Conv2d(3, 2, 3), nn.Flatten(), nn.Linear(2 * 5 * 5, 4))  # 7 px
+    composed = lt.overparameterize(model, 3)
+    note = composed.lorita_summary["direct_reads"]
+    assert "could not trace" in note and "(2, 3, 299, 299)" in note and "example_input=" in note
+    composed = lt.overparameterize(model, 3, example_input=torch.randn(2, 3, 7, 7))
+    assert composed.lorita_summary["direct_reads"] == "traced"
