@@ -324,7 +324,9 @@ def spectra_cut(
                     "x": list(range(lo + 1, hi + 1)),
                     "y": ys[lo:hi],
                     "customdata": vals[lo:hi],
-                    "mode": "lines+markers",
+                    # markers are one SVG node each: only for short spectra (each slider move
+                    # redraws the chart, and hundreds of markers made that the slow part)
+                    "mode": "lines+markers" if len(vals) <= 40 else "lines",
                     "name": name,
                     "legendgroup": layer,
                     "showlegend": part == "kept",

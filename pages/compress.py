@@ -265,7 +265,10 @@ def _spectra(session, res: dict, name: str) -> None:
         charts.spectra_cut({n: spectra[n].tolist() for n in shown}, res["ranks"],
                            uirevision=f"cut-{name}"),
         key="compress.cut",
+        config={"staticPlot": True},  # redrawn on every slider move: a picture is cheapest
     )  # fmt: skip
+    st.caption("Each line is a layer's singular values over its largest; the dashed line is "
+               "its cut. The table beside the trade-off chart lists the ranks.")  # fmt: skip
 
 
 def _finetune(session, res: dict) -> None:

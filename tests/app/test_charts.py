@@ -90,6 +90,8 @@ def test_spectra_cut_marks_each_layers_rank_on_one_chart():
     assert list(kept2.x) == [1, 2] and list(dropped2.x) == []  # fc2 not in ranks: kept whole
     assert [sh.x0 for sh in fig.layout.shapes] == [2.5]  # no cut line for a full rank
     assert fig.layout.yaxis.type == "log"
+    wide = charts.spectra_cut({"fc1": [1.0 / (i + 1) for i in range(256)]}, {"fc1": 20})
+    assert {t.mode for t in wide.data} == {"lines"}  # no marker per value on a long spectrum
 
 
 def test_tradeoff_chart_sorts_by_cost_and_marks_current():
