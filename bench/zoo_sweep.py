@@ -10,7 +10,10 @@ smallest input side it accepts from SIZES (32 px where it can; a model that take
 result replaces the sweep section of that markdown file.
 
     nice -n 10 python bench/zoo_sweep.py [--models resnet18 vit_b_16] [--timeout 1800]
-        [--out docs/zoo.md]
+        [--log bench/zoo_sweep.jsonl] [--out docs/zoo.md]
+
+With ``--log`` every result is appended as it comes and models already there are skipped, so
+an interrupted sweep resumes where it stopped (``--rerun`` runs them again).
 """
 
 from __future__ import annotations
@@ -262,7 +265,7 @@ def run_isolated(name: str, timeout: float) -> dict:
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
-        return {"model": name, "error": f"timed out after {timeout:.0f} s"}
+        return {"model": name, "error": f"timed out after {timeout:.0f} s", "seconds": timeout}
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
     if p.returncode != 0 or not lines:
         tail = (p.stderr.strip().splitlines() or ["no output"])[-1][:300]
@@ -280,7 +283,7 @@ def render(results: list[dict], args, load_before: str, load_after: str, total: 
         "## Every torchvision classification model, no options",
         "",
         f"Written by `nice -n 10 python bench/zoo_sweep.py --timeout {args.timeout:.0f} "
-        f"--out docs/zoo.md` ({len(results)} models from "
+        f"--log bench/zoo_sweep.jsonl --out docs/zoo.md` ({len(results)} models from "
         "`torchvision.models.list_models(module=torchvision.models)`, weights=None, 10 classes, "
         "each in its own process at the smallest side it accepts in eval and train mode, from "
         f"{', '.join(map(str, SIZES))} px). Checks: plain `overparameterize(model, 3)` "
@@ -290,9 +293,11 @@ def render(results: list[dict], args, load_before: str, load_after: str, total: 
         "identity; `Uniform(0.25)` lowers measured FLOPs and params with thin layers; `save` -> "
         "`load(model=fresh)` gives the same outputs; ONNX (onnxruntime, batch 3) agrees.",
         "",
-        f"**{len(passed)} of {len(results)} models pass every check.** Total "
-        f"{total / 60:.0f} min on {os.cpu_count()} cores, load average before {load_before}, "
-        f"after {load_after}.",
+        f"**{len(passed)} of {len(results)} models pass every check** (of "
+        f"{len(tvm.list_models(module=tvm))} torchvision classification models). The models' "
+        f"own times add up to {sum(r.get('seconds', 0) for r in results) / 60:.0f} min "
+        f"(one thread each, {os.cpu_count()} cores shared with other work; load average "
+        f"{load_before} when this run started, {load_after} at its last model).",
         "",
         "| model | side (px) | seconds | result |",
         "|---|---:|---:|---|",
@@ -323,6 +328,10 @@ def main() -> None:
     ap.add_argument("--models", nargs="*", default=None)
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per model")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument(
+        "--log", type=Path, default=None, help="JSON lines: results kept, models in it skipped"
+    )
+    ap.add_argument("--rerun", action="store_true", help="run models already in --log again")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     warnings.simplefilter("ignore")
@@ -331,15 +340,30 @@ def main() -> None:
         print(json.dumps(check_model(args.one)))
         return
     names = args.models or tvm.list_models(module=tvm)
+    done = _read_log(args.log) if args.log and not args.rerun else {}
     load_before = ", ".join(f"{v:.2f}" for v in os.getloadavg())
-    t0, results = time.perf_counter(), []
+    t0 = time.perf_counter()
     for name in names:
-        results.append(run_isolated(name, args.timeout))
-        print(_one_line(results[-1]), flush=True)
-    load_after = ", ".join(f"{v:.2f}" for v in os.getloadavg())
-    if args.out:
-        section = render(results, args, load_before, load_after, time.perf_counter() - t0)
-        write_section(args.out, section)
+        if name in done:
+            continue
+        done[name] = run_isolated(name, args.timeout)
+        print(_one_line(done[name]), flush=True)
+        if args.log:
+            with open(args.log, "a") as f:
+                f.write(json.dumps(done[name]) + "\n")
+        if args.out:  # after every model: a long sweep cut short still leaves its results
+            load_after = ", ".join(f"{v:.2f}" for v in os.getloadavg())
+            results = [done[n] for n in tvm.list_models(module=tvm) if n in done]
+            section = render(results, args, load_before, load_after, time.perf_counter() - t0)
+            write_section(args.out, section)
+
+
+def _read_log(path: Path) -> dict[str, dict]:
+    """Results already in the log (the last one of each model)."""
+    if not path.exists():
+        return {}
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return {r["model"]: r for r in rows}
 
 
 if __name__ == "__main__":
