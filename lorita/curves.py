@@ -23,6 +23,8 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+import torch
+
 from .compress import Compressor
 from .runs import Run
 from .truncation import policy_class
@@ -163,18 +165,24 @@ def prepare(
     returns ``{key: number of points or cuts}`` of what was done now.
 
     ``splits``: the run's data splits when the caller holds them (the training process does),
-    else they are loaded from the run's config. Evaluation runs on the CPU, as the app does, so
-    the kept numbers are the ones the app would compute.
+    else they are loaded from the run's config. Evaluation runs on the CPU with one thread, as
+    the app's server computes, so the kept numbers are the ones the app would compute (and
+    small evaluations do not stall on a busy machine's other cores).
     """
     policies = list(policies)
     done: dict[str, int] = {}
-    for w in which:
-        todo = [p for p in policies if stored(run, w, p) is None]
-        if not todo or not _mtime(run, w):
-            continue
-        session = Compressor(run, splits, which=w)
-        for policy in todo:
-            done[key(w, policy)] = len(compute(session, policy, run))
-            if int((run.config or {}).get("n_factors") or 1) > 1:
-                done[_cuts_key(w)] = len(measure_grid(session, policy, run))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for w in which:
+            todo = [p for p in policies if stored(run, w, p) is None]
+            if not todo or not _mtime(run, w):
+                continue
+            session = Compressor(run, splits, which=w)
+            for policy in todo:
+                done[key(w, policy)] = len(compute(session, policy, run))
+                if int((run.config or {}).get("n_factors") or 1) > 1:
+                    done[_cuts_key(w)] = len(measure_grid(session, policy, run))
+    finally:
+        torch.set_num_threads(threads)
     return done
