@@ -6,6 +6,7 @@ import re
 import time
 
 import pytest
+from e2e_helpers import download_button
 
 pytestmark = pytest.mark.e2e
 
@@ -75,7 +76,7 @@ def test_train_watch_compress_export(app_server, page, tmp_path):  # noqa: PLR09
 
     # --- Export: download the compressed model and load it with the library
     sidebar(page, "Export")
-    button = page.get_by_role("button", name=re.compile(r"^Download "))
+    button = download_button(page)
     button.wait_for(timeout=120_000)
     alerts = page.locator('[data-testid="stAlert"]')
     try:

@@ -7,6 +7,7 @@ import re
 import time
 
 import pytest
+from e2e_helpers import download_button
 
 pytestmark = pytest.mark.e2e
 
@@ -102,7 +103,7 @@ def test_onnx_download_after_a_plain_install(app_server, page, finished_run, tmp
     reloading the file, and the download runs in onnxruntime."""
     page.goto(f"{app_server['url']}/export?run={finished_run}")
     page.get_by_text("ONNX", exact=False).first.click()
-    button = page.get_by_role("button", name=re.compile(r"^Download .*\.onnx"))
+    button = download_button(page, r"\.onnx")
     button.wait_for(timeout=120_000)
     with page.expect_download() as info:
         button.click()
@@ -171,5 +172,5 @@ def test_train_on_an_image_folder_then_compress_and_export(app_server, page, tmp
     page.locator("text.gtitle", has_text="Trade-off").first.wait_for(timeout=120_000)
     no_errors(page)
     page.goto(f"{url}/export?run={name}")
-    page.get_by_role("button", name=re.compile(r"^Download ")).wait_for(timeout=120_000)
+    download_button(page).wait_for(timeout=120_000)
     no_errors(page)
