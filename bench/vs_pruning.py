@@ -216,6 +216,39 @@ def table(results: list[dict], budgets, ft: int) -> tuple[list[str], int]:
     return lines, wins
 
 
+def tried_table(main: list[dict], dirs: list[str], args) -> list[str]:
+    """One line per MLP training config: the uncut gap and the budgets LoRITa wins, from the
+    per-seed results cached in each ``--tried`` work folder (the first line: this doc's)."""
+    k = args.finetune_epochs
+    lines = [
+        "| MLP training config | N=3 minus N=1, uncut (points) | budgets won without "
+        f"fine-tuning | budgets won after {k} epochs | margins after fine-tuning "
+        f"({', '.join(f'{b:g}%' for b in args.budgets)}) |",
+        "|---|---|---|---|---|",
+    ]
+    sets = [("the config of the tables above", main)]
+    for d in dirs:
+        files = sorted(Path(d).glob("mlp-seed[0-9]*.json"))
+        files = [f for f in files if f.stem.removeprefix("mlp-seed").isdigit()]
+        res = [json.loads(f.read_text()) for f in files]
+        if res:
+            cfg = json.loads((Path(res[0]["train"]["3"]["run"]) / "config.json").read_text())
+            label = (
+                f"{cfg['optimizer']} lr {cfg['lr']:g}, warm-up {cfg.get('warmup', 0.0):g}, "
+                f"weight decay {cfg['weight_decay']:g}, {cfg['epochs']} epochs; "
+                f"seeds {', '.join(f.stem.removeprefix('mlp-seed') for f in files)}"
+            )
+            sets.append((label, res))
+    for label, res in sets:
+        gap = 100 * statistics.fmean(
+            r["train"]["3"]["test_acc"] - r["train"]["1"]["test_acc"] for r in res
+        )
+        won = [sum(winner(res, b, ft)[1] >= 0 for b in args.budgets) for ft in (0, k)]
+        margins = ", ".join(f"{winner(res, b, k)[1]:+.2f}" for b in args.budgets)
+        lines.append(f"| {label} | {gap:+.2f} | {won[0]} | {won[1]} | {margins} |")
+    return lines
+
+
 def dense_lines(results: list[dict]) -> list[str]:
     lines = [
         "| N | test acc (%), uncut | best val acc (%) | training wall time (s) |",
@@ -291,6 +324,13 @@ def main() -> None:
         help="for the MLP, also fine-tune at these multiples of the run's lr (0.1 is the recipe)",
     )
     ap.add_argument(
+        "--tried",
+        nargs="*",
+        default=[],
+        metavar="WORK",
+        help="work folders of earlier --mlp-set runs to summarise beside the MLP's results",
+    )
+    ap.add_argument(
         "--mlp-set",
         nargs="*",
         default=[],
@@ -318,6 +358,15 @@ def main() -> None:
                 "the best baseline after fine-tuning, test accuracy points, mean over the seeds.",
                 "",
                 *lr_table(results, per_lr, args),
+                "",
+            ]
+        if name == "mlp" and args.tried:
+            sections += [
+                "Other training configs tried for the MLP (the same comparison, its N=1 twin "
+                "trained with the same config; from `--tried` work folders of this script run "
+                "with `--mlp-set`):",
+                "",
+                *tried_table(results, args.tried, args),
                 "",
             ]
     head = [
