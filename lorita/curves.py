@@ -14,7 +14,7 @@ with :func:`stored` and sweeps any other policy on demand with :func:`compute`.
 its grid, each distinct set of ranks once: cost, validation and test) and keeps them under
 ``cuts-<which>``; :func:`kept_cuts` reads them back keyed by :func:`ranks_key`, so a slider
 move on a finished run only cuts (milliseconds) and reads its numbers. A model whose single
-evaluation takes longer than :data:`GRID_MAX_SECONDS` is not measured ahead.
+cut takes longer than :data:`GRID_MAX_SECONDS` is not measured ahead.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from .truncation import policy_class
 
 __all__ = [
     "DEFAULT_POLICIES",
+    "GRID_BUDGET_SECONDS",
     "GRID_MAX_SECONDS",
     "VERSION",
     "compute",
@@ -45,7 +46,8 @@ __all__ = [
 
 VERSION = 1  # bump when a stored curve's shape changes
 DEFAULT_POLICIES = ("global",)  # the Compress page's default policy
-GRID_MAX_SECONDS = 0.25  # one cut's evaluation above this: the slider's grid is not measured ahead
+GRID_MAX_SECONDS = 0.5  # one cut above this: the slider's grid is not measured ahead
+GRID_BUDGET_SECONDS = 15.0  # the grid's measuring stops here (the cuts measured are kept)
 
 
 def key(which: str, policy: str) -> str:
@@ -95,10 +97,13 @@ def compute(
 
 
 def grid(policy: str) -> list[float]:
-    """Every value of ``policy``'s slider: ``low`` to ``high`` in steps of ``step``."""
+    """Every value of ``policy``'s slider (``low`` to ``high`` in steps of ``step``), nearest
+    to its default first: where a slider starts is measured first."""
     cls = policy_class(policy)
-    n = int(round((float(cls.high) - float(cls.low)) / float(cls.step)))
-    return [round(float(cls.low) + k * float(cls.step), 10) for k in range(n + 1)]
+    lo, step = float(cls.low), float(cls.step)
+    n = int(round((float(cls.high) - lo) / step))
+    home = round((float(cls.default) - lo) / step)
+    return [round(lo + k * step, 10) for k in sorted(range(n + 1), key=lambda k: abs(k - home))]
 
 
 def ranks_key(ranks: Mapping[str, int]) -> str:
@@ -126,24 +131,29 @@ def kept_cuts(run: Run, which: str) -> dict[str, dict[str, Any]]:
 def measure_grid(session: Compressor, policy: str, run: Run | None = None) -> dict[str, dict]:
     """Cut at every value of ``policy``'s slider, measure each distinct cut once (cost,
     validation and test, as :meth:`Compressor.apply` reports them) and keep them in ``run``'s
-    folder beside those kept before. Stops without keeping anything if the first evaluation
-    takes longer than :data:`GRID_MAX_SECONDS`."""
+    folder beside those kept before, the slider's default first. Nothing is measured if that
+    first cut (cutting, counting and evaluating) takes longer than :data:`GRID_MAX_SECONDS`;
+    the cuts measured within :data:`GRID_BUDGET_SECONDS` are kept (the page evaluates the
+    others when a slider reaches them)."""
     mtime = _mtime(run, session.which) if run is not None else 0.0
     rows = dict(kept_cuts(run, session.which)) if run is not None else {}
     make = policy_class(policy)
-    for value in grid(policy):
+    start = time.perf_counter()
+    for i, value in enumerate(grid(policy)):
+        t0 = time.perf_counter()
         small, _ = session.cut(make(value))
         k = ranks_key(small.lorita_ranks)
-        if k in rows:
-            continue
-        t0 = time.perf_counter()
-        res = session.measure(small)
-        rows[k] = {
-            "params": res.params, "flops": res.flops, "params_pct": res.params_pct,
-            "flops_pct": res.flops_pct, **res.metrics,
-        }  # fmt: skip
-        if len(rows) == 1 and time.perf_counter() - t0 > GRID_MAX_SECONDS:
+        if k not in rows:
+            res = session.measure(small)
+            rows[k] = {
+                "params": res.params, "flops": res.flops, "params_pct": res.params_pct,
+                "flops_pct": res.flops_pct, **res.metrics,
+            }  # fmt: skip
+        now = time.perf_counter()
+        if i == 0 and now - t0 > GRID_MAX_SECONDS:
             return {}
+        if now - start > GRID_BUDGET_SECONDS:
+            break
     if run is not None and mtime and mtime == _mtime(run, session.which):
         run.write_extra(
             _cuts_key(session.which),
