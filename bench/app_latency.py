@@ -431,13 +431,14 @@ def report(r: dict, steps: int) -> tuple[str, bool]:
         *_sessions(r),
         "",
         "When a run completes, its training process sweeps the default policy's trade-off curve "
-        "(validation) and, for a composed run, measures every cut the Global slider can reach "
-        "(cost, validation and test), and keeps both in the run folder (`lorita.curves`). The "
+        "(validation) and, for a composed run, measures the cuts the Global slider reaches, "
+        "from its default outwards for up to 15 s (cost, validation and test), and keeps both "
+        "in the run folder (`lorita.curves`). The "
         "Compress page draws the kept curves at once, then loads the session (checkpoint, "
         "merged factors, every layer's SVD); a Global slider move cuts from the cached SVD and "
         "reads the kept numbers of that cut (the same numbers as evaluating it, which "
-        "`tests/app/test_glue.py` checks); a Uniform move evaluates its cut on validation and "
-        "test. Slider moves go right by one step (a new value each time); the time runs from "
+        "`tests/app/test_glue.py` checks; a cut not kept is evaluated); a Uniform move "
+        "evaluates its cut on validation and test. Slider moves go right by one step (a new value each time); the time runs from "
         'the key press to the page\'s new "computed in" line. A page counts as drawn when its '
         "own text appears (its heading for Home, the Start button for Train, the running run "
         "for Runs, the metrics for Compress, the reload check for Export and the effective "
