@@ -194,7 +194,9 @@ def _learning_layers(composed: nn.Module, size: int) -> set[str]:
     plain = lt.merge_model(composed)
     before = _train_steps(plain, size)
     changed = {k for k, p in plain.named_parameters() if not torch.equal(p.detach(), before[k])}
-    return {n for n in lt.composed_layers(composed) if any(k.startswith(n + ".") for k in changed)}
+    return {
+        n for n in lt.composed_layers(composed) if {f"{n}.weight", f"{n}.in_proj_weight"} & changed
+    }
 
 
 def _check_train(composed, size) -> str:
