@@ -174,33 +174,37 @@ def _check_onnx(small, x, tmp: Path) -> str:
 STEPS = 2  # a zero-initialised head (torchvision's ViT) or last norm (timm) learns first
 
 
-def _train_steps(model: nn.Module, size: int) -> dict[str, torch.Tensor]:
-    """STEPS SGD steps (train mode, fixed seed for dropout and stochastic depth); returns the
-    parameters as they were before."""
-    before = {k: p.detach().clone() for k, p in model.named_parameters()}
+def _train_steps(model: nn.Module, size: int) -> set[str]:
+    """STEPS SGD steps (train mode, fixed seed for dropout and stochastic depth); the names of
+    the parameters that got a gradient other than zero (one too small to move a float32
+    weight still counts: what matters is that it reaches it)."""
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     model.train()
     torch.manual_seed(0)
+    reached: set[str] = set()
     for _ in range(STEPS):
         _loss(model(_x(size, 4))).backward()
+        reached |= {
+            k for k, p in model.named_parameters() if p.grad is not None and bool(p.grad.any())
+        }
         opt.step()
         model.zero_grad(set_to_none=True)
     model.eval()
-    return before
+    return reached
 
 
 def _learning_layers(composed: nn.Module, size: int) -> set[str]:
-    """Layers whose plain weight changes over the same steps (all of them in torchvision)."""
-    plain = lt.merge_model(composed)
-    before = _train_steps(plain, size)
-    changed = {k for k, p in plain.named_parameters() if not torch.equal(p.detach(), before[k])}
+    """Layers whose plain weight gets a gradient over the same steps (a squeeze-excitation
+    whose few ReLU units are all off passes none to the weight after them, composed or not)."""
+    reached = _train_steps(lt.merge_model(composed), size)
     return {
-        n for n in lt.composed_layers(composed) if {f"{n}.weight", f"{n}.in_proj_weight"} & changed
+        n for n in lt.composed_layers(composed) if {f"{n}.weight", f"{n}.in_proj_weight"} & reached
     }
 
 
 def _check_train(composed, size) -> str:
-    """Training steps update every factor of every layer whose plain weight learns."""
+    """Gradients reach every factor of every layer whose plain weight they reach, and the
+    steps move (nearly) all of them."""
     learning = _learning_layers(composed, size)
     factors = [
         f"{n}.{k}"
@@ -209,12 +213,15 @@ def _check_train(composed, size) -> str:
         for k, _ in m.named_parameters()
         if "factors" in k
     ]
-    before = _train_steps(composed, size)
+    before = {k: p.detach().clone() for k, p in composed.named_parameters() if k in factors}
+    reached = _train_steps(composed, size)
+    missed = [k for k in factors if k not in reached]
+    _expect(bool(factors) and not missed, f"{len(missed)} factors get no gradient: {missed[:2]}")
     now = dict(composed.named_parameters())
-    same = [k for k in factors if torch.equal(now[k].detach(), before[k])]
-    _expect(bool(factors) and not same, f"{len(same)} factors unchanged, e.g. {same[:2]}")
+    moved = sum(not torch.equal(now[k].detach(), before[k]) for k in factors)
+    _expect(moved >= 0.9 * len(factors), f"only {moved} of {len(factors)} factors moved")
     idle = len(lt.composed_layers(composed)) - len(learning)
-    note = f" ({idle} layers do not learn plain either)" if idle else ""
+    note = f" ({idle} layers get no gradient plain either)" if idle else ""
     return f"{len(factors)} factors" + note
 
 
@@ -303,7 +310,7 @@ def run_isolated(name: str, timeout: float) -> dict:
     return json.loads(lines[-1])
 
 
-def render(results: list[dict], args, load_before: str, load_after: str, total: float) -> str:
+def render(results: list[dict], args, load_before: str, load_after: str) -> str:
     passed = [r for r in results if _one_line(r).split(": ", 1)[1] == "ok"]
     lines = [
         BEGIN,
@@ -315,8 +322,8 @@ def render(results: list[dict], args, load_before: str, load_after: str, total: 
         "each in its own process at the smallest side it accepts in eval and train mode, from "
         f"{', '.join(map(str, SIZES))} px). Checks: plain `overparameterize(model, 3)` "
         "succeeds, keeps the function (relative difference < 1e-4) and leaves only depthwise "
-        "layers; two SGD steps (every output head in the loss) update every factor of every "
-        "layer whose plain weight the same steps change; "
+        "layers; over two SGD steps (every output head in the loss) gradients reach every factor "
+        "of every layer whose plain weight they reach, and move at least 90% of them; "
         "`merge_model` loads strictly into a fresh instance; `truncate` at full rank is the "
         "identity; `Uniform(0.25)` lowers measured FLOPs and params with thin layers; `save` -> "
         "`load(model=fresh)` gives the same outputs; ONNX (onnxruntime, batch 3) agrees.",
@@ -370,7 +377,6 @@ def main() -> None:
     names = args.models or tvm.list_models(module=tvm)
     done = _read_log(args.log) if args.log and not args.rerun else {}
     load_before = ", ".join(f"{v:.2f}" for v in os.getloadavg())
-    t0 = time.perf_counter()
     for name in names:
         if name in done:
             continue
@@ -380,10 +386,15 @@ def main() -> None:
             with open(args.log, "a") as f:
                 f.write(json.dumps(done[name]) + "\n")
         if args.out:  # after every model: a long sweep cut short still leaves its results
-            load_after = ", ".join(f"{v:.2f}" for v in os.getloadavg())
-            results = [done[n] for n in tvm.list_models(module=tvm) if n in done]
-            section = render(results, args, load_before, load_after, time.perf_counter() - t0)
-            write_section(args.out, section)
+            _write(args, _read_log(args.log) if args.log else done, load_before)
+    if args.out:  # every result in the log (another run may have added some)
+        _write(args, _read_log(args.log) if args.log else done, load_before)
+
+
+def _write(args, done: dict[str, dict], load_before: str) -> None:
+    load_after = ", ".join(f"{v:.2f}" for v in os.getloadavg())
+    results = [done[n] for n in tvm.list_models(module=tvm) if n in done]
+    write_section(args.out, render(results, args, load_before, load_after))
 
 
 def _read_log(path: Path) -> dict[str, dict]:
