@@ -315,6 +315,8 @@ def _compress_cases(world) -> list:
         "--max-drop": _bad_numbers("float", {"min": 0, "max": 100}),
         "--search": ["", "nope", "ranks", LONG],
         "--form": ["", "thin", "LOW_RANK"],
+        "--form-by": ["", "speed", "LATENCY", LONG],
+        "--form-batch": _bad_numbers("int", {"min": 1, "max": 4096}),
         "--which": ["", "worst", "../best"],
         "--finetune-epochs": _bad_numbers("int", {"min": 0, "max": 1000}),
         "--finetune-lr": _bad_numbers("float", {"min": 0, "max": 10, "min_open": True}),
@@ -326,7 +328,7 @@ def _compress_cases(world) -> list:
         cases += [(["compress", "fake", *pol, flag, v], (flag,)) for v in values]
     cases += [(["compress", "fake", *ok, "--latency=1"], ("--latency",))]
     out = ["--out", str(files / "m.onnx")]
-    for flag in ("--form", "--which", "--runs-dir"):
+    for flag in ("--form", "--form-by", "--form-batch", "--which", "--runs-dir"):
         cases += [(["export", "fake", *out, flag, v], (flag,)) for v in opts[flag]]
     return cases
 
