@@ -312,6 +312,8 @@ def run_isolated(name: str, timeout: float) -> dict:
 
 def render(results: list[dict], args, load_before: str, load_after: str) -> str:
     passed = [r for r in results if _one_line(r).split(": ", 1)[1] == "ok"]
+    ran = {r["model"] for r in results}
+    missing = [n for n in tvm.list_models(module=tvm) if n not in ran]
     lines = [
         BEGIN,
         "## Every torchvision classification model, no options",
@@ -328,8 +330,9 @@ def render(results: list[dict], args, load_before: str, load_after: str) -> str:
         "identity; `Uniform(0.25)` lowers measured FLOPs and params with thin layers; `save` -> "
         "`load(model=fresh)` gives the same outputs; ONNX (onnxruntime, batch 3) agrees.",
         "",
-        f"**{len(passed)} of {len(results)} models pass every check** (of "
-        f"{len(tvm.list_models(module=tvm))} torchvision classification models). The models' "
+        f"**{len(passed)} of {len(results)} models run pass every check**; "
+        f"{len(missing)} of the {len(results) + len(missing)} torchvision classification "
+        "models have not been run yet (listed last: the sweep resumes from its log). The models' "
         f"own times add up to {sum(r.get('seconds', 0) for r in results) / 60:.0f} min "
         f"(one thread each, {os.cpu_count()} cores shared with other work; load average "
         f"{load_before} when this run started, {load_after} at its last model).",
@@ -343,6 +346,7 @@ def render(results: list[dict], args, load_before: str, load_after: str) -> str:
         lines.append(
             f"| {r['model']} | {r.get('size', '-')} | {r.get('seconds', '-')} | {status} |"
         )
+    lines += [f"| {n} | - | - | not run yet |" for n in missing]
     lines.append(END)
     return "\n".join(lines)
 
