@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 
 import pytest
+from e2e_helpers import download_button
 
 pytestmark = pytest.mark.e2e
 
@@ -88,14 +89,14 @@ def test_export_forms_chosen_by_measured_latency(app_server, page, tiny_run, tmp
     page.goto(f"{app_server['url']}/compress?run={tiny_run}")
     page.get_by_text("Original validation accuracy").wait_for(timeout=120_000)
     page.locator('[data-testid="stSidebarNav"] a', has_text="Export").first.click()
-    page.get_by_role("button", name=re.compile(r"^Download ")).wait_for(timeout=120_000)
+    download_button(page).wait_for(timeout=120_000)
     page.get_by_text("Each layer's form: ", exact=False).first.wait_for(timeout=60_000)
     page.get_by_text("by measured latency on this machine", exact=False).first.click()
     forms = page.get_by_text(re.compile(r"Each layer's form: .*latency measured at batch 64"))
     forms.first.wait_for(timeout=120_000)
     wait_idle(page)  # the download button below is the one this run drew
     page.get_by_text("identical to the model in memory", exact=False).wait_for(timeout=60_000)
-    button = page.get_by_role("button", name=re.compile(r"^Download "))
+    button = download_button(page)
     with page.expect_download() as info:
         button.click()
     path = tmp_path / info.value.suggested_filename
