@@ -1,8 +1,25 @@
-"""Locators shared by the browser tests."""
+"""Locators and the tiny run config shared by the browser tests."""
 
 from __future__ import annotations
 
 import re
+
+# A digits run small enough to train in a couple of seconds on one core.
+TINY = {
+    "dataset": "digits",
+    "model": "mlp",
+    "model_kwargs": {"depth": 2, "width": 32},
+    "n_factors": 3,
+    "init": "balanced",
+    "optimizer": "adam",
+    "lr": 3e-3,
+    "weight_decay": 5e-4,
+    "epochs": 2,
+    "batch_size": 64,
+    "seed": 0,
+    "device": "cpu",
+    "spectra_every": 5,
+}
 
 
 def download_button(page, name: str = ""):

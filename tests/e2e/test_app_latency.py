@@ -6,25 +6,10 @@ from __future__ import annotations
 import re
 
 import pytest
-from e2e_helpers import download_button
+from e2e_helpers import TINY, download_button
 
 pytestmark = pytest.mark.e2e
 
-TINY = {
-    "dataset": "digits",
-    "model": "mlp",
-    "model_kwargs": {"depth": 2, "width": 32},
-    "n_factors": 3,
-    "init": "balanced",
-    "optimizer": "adam",
-    "lr": 3e-3,
-    "weight_decay": 5e-4,
-    "epochs": 2,
-    "batch_size": 64,
-    "seed": 0,
-    "device": "cpu",
-    "spectra_every": 5,
-}
 NAME = "e2e-latency-n3"
 
 
