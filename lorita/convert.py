@@ -10,9 +10,21 @@ import copy
 from collections.abc import Iterable
 from fnmatch import fnmatchcase
 
+import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
+from torch.utils._pytree import tree_leaves
 
-from .kinds import INITS, INNER_CHOICES, ORDERS, LayerEntry, detect_direct, layer_table
+from .kinds import (
+    INITS,
+    INNER_CHOICES,
+    ORDERS,
+    LayerEntry,
+    detect_direct,
+    guess_example_inputs,
+    layer_table,
+    trace_forward,
+)
 from .kinds import iter_layers as iter_layers
 from .kinds import set_module as set_module
 from .layers import FactorConv2d, FactorLinear, FactorMultiheadAttention
@@ -24,6 +36,10 @@ __all__ = [
     "merge_model",
     "set_module",
     "composition_summary",
+    "fold_batchnorm",
+    "apply_folds",
+    "deploy_model",
+    "deploy_input",
 ]
 
 _COMPOSED = (FactorLinear, FactorConv2d, FactorMultiheadAttention)
@@ -154,3 +170,199 @@ def merge_model(model: nn.Module) -> nn.Module:
         plain.train(e.module.training)
         set_module(new, e.name, plain)
     return new
+
+
+# --------------------------------------------------------------------------- deploying
+
+_BN = (nn.BatchNorm1d, nn.BatchNorm2d)
+#: BatchNorm type -> the plain layer it folds into and that layer's output rank.
+_FOLDS_INTO = {nn.BatchNorm2d: (nn.Conv2d, 4), nn.BatchNorm1d: (nn.Linear, 2)}
+
+
+def _fold_target(model: nn.Module, name: str) -> bool:
+    m = model.get_submodule(name)
+    return type(m) in (nn.Linear, nn.Conv2d) and not parametrize.is_parametrized(m)
+
+
+def _shared_weights(model: nn.Module) -> set[int]:
+    seen: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        seen[id(p)] = seen.get(id(p), 0) + 1
+    return {i for i, k in seen.items() if k > 1}
+
+
+def _why_not_fold(model: nn.Module, bn_name: str, trace, producers: dict, shared: set) -> str:
+    """Why ``bn_name`` does not fold, or ``"=" + layer`` when it folds into ``layer``."""
+    bn = model.get_submodule(bn_name)
+    if bn.running_mean is None or bn.running_var is None:
+        return "no running statistics (track_running_stats=False)"
+    if trace.calls.get(bn_name, 0) != 1:
+        return f"it ran {trace.calls.get(bn_name, 0)} times on the example, not once"
+    x = trace.inputs[bn_name][0]
+    layer = producers.get(id(x)) if isinstance(x, Tensor) else None
+    if layer is None:
+        return "its input is not the output of a Linear or Conv2d layer"
+    plain, rank = _FOLDS_INTO[type(bn)]
+    if type(model.get_submodule(layer)) is not plain or x.dim() != rank:
+        return f"{type(bn).__name__} after {layer!r} ({x.dim()}-D output) does not fold into it"
+    if trace.calls.get(layer, 0) != 1:
+        return f"{layer!r} runs more than once"
+    others = sorted({u for u in trace.uses.get(id(x), []) if u != bn_name})
+    if others or any(t is x for t in tree_leaves(trace.result)):
+        return f"the output of {layer!r} is also used elsewhere ({', '.join(others) or 'output'})"
+    if id(model.get_submodule(layer).weight) in shared or layer in trace.direct:
+        return f"the weight of {layer!r} is shared or read directly"
+    return "=" + layer
+
+
+@torch.no_grad()
+def _fold_into(layer: nn.Module, bn: nn.Module) -> None:
+    """``bn(layer(x))`` becomes ``layer(x)``: scale each output row, shift the bias."""
+    var, mean = bn.running_var.double(), bn.running_mean.double()
+    gamma = bn.weight.double() if bn.weight is not None else torch.ones_like(var)
+    beta = bn.bias.double() if bn.bias is not None else torch.zeros_like(var)
+    scale = gamma / torch.sqrt(var + bn.eps)  # (C,)
+    w = layer.weight
+    bias = layer.bias.double() if layer.bias is not None else torch.zeros_like(var)
+    w.copy_((w.double() * scale.reshape(-1, *[1] * (w.dim() - 1))).to(w.dtype))
+    new_bias = ((bias - mean) * scale + beta).to(w.dtype)
+    if layer.bias is None:
+        layer.bias = nn.Parameter(new_bias, requires_grad=w.requires_grad)
+    else:
+        layer.bias.copy_(new_bias)
+
+
+def _example(model: nn.Module, example_input: Tensor | None) -> list[Tensor]:
+    if example_input is not None:
+        if not isinstance(example_input, Tensor):
+            raise ValueError(
+                f"example_input: expected a tensor, got {type(example_input).__name__}"
+            )
+        return [example_input]
+    guesses = guess_example_inputs(model)
+    if not guesses:
+        raise ValueError("example_input: needed to trace the model (none could be guessed)")
+    return guesses
+
+
+def _trace(model: nn.Module, example_input: Tensor | None, bns: list[str], layers: list[str]):
+    errors = []
+    for x in _example(model, example_input):
+        try:
+            return trace_forward(model, x, inputs_of=tuple(bns), outputs_of=tuple(layers))
+        except Exception as e:  # a guessed input the model refuses: try the next one
+            if example_input is not None:
+                raise ValueError(f"example_input: the model refused it ({e})") from None
+            errors.append(f"{tuple(x.shape)} ({type(e).__name__})")
+    raise ValueError(f"example_input: no guessed input ran the model: {', '.join(errors)}")
+
+
+def fold_batchnorm(
+    model: nn.Module, example_input: Tensor | None = None, *, inplace: bool = False
+) -> nn.Module:
+    """The deployable model with every eval-mode BatchNorm folded into the layer before it.
+
+    One forward pass on ``example_input`` (guessed from the model when None) is traced; a
+    BatchNorm2d (BatchNorm1d) folds into a plain Conv2d (Linear, 2-D output) only when its
+    input is that layer's output and nothing else uses that output, so the function is kept.
+    A thin layer folds into its last factor, a dense or plain layer into itself (which gains
+    a bias if it had none); the BatchNorm becomes ``nn.Identity``. Composed layers are merged
+    first. The result's ``lorita_folded`` maps each folded BatchNorm to its layer (what
+    :func:`apply_folds` and a saved spec need) and ``lorita_unfolded`` says why others stay.
+
+    Raises ValueError for a model in training mode: BatchNorm then normalises by the batch,
+    which no fixed weight can do (call ``model.eval()`` first; fine-tuning keeps BatchNorm).
+    """
+    if model.training:
+        raise ValueError(
+            "model: in training mode; fold_batchnorm folds BatchNorm's running statistics, "
+            "call model.eval() first (keep BatchNorm for fine-tuning)"
+        )
+    if composed_layers(model):
+        model = merge_model(model)
+    elif not inplace:
+        model = copy.deepcopy(model)
+    folded = dict(getattr(model, "lorita_folded", None) or {})
+    bns = [n for n, m in model.named_modules() if type(m) in _FOLDS_INTO]
+    unfolded: dict[str, str] = {}
+    if bns:
+        layers = [n for n, _ in model.named_modules() if n and _fold_target(model, n)]
+        trace = _trace(model, example_input, bns, layers)
+        shared = _shared_weights(model)
+        producers = {id(o): n for n, outs in trace.outputs.items() for o in outs}
+        for bn in bns:
+            why = _why_not_fold(model, bn, trace, producers, shared)
+            if not why.startswith("="):
+                unfolded[bn] = why
+                continue
+            _fold_into(model.get_submodule(why[1:]), model.get_submodule(bn))
+            set_module(model, bn, nn.Identity())
+            folded[bn] = why[1:]
+    model.lorita_folded = folded
+    model.lorita_unfolded = unfolded
+    return model
+
+
+def apply_folds(model: nn.Module, folded: dict[str, str]) -> nn.Module:
+    """Give a freshly built ``model`` the structure :func:`fold_batchnorm` leaves (in place,
+    weights empty): each BatchNorm named in ``folded`` becomes ``nn.Identity`` and its layer
+    gains a bias. Already folded entries are left as they are. ValueError names the first
+    entry that does not fit the model."""
+    for bn, layer in folded.items():
+        field = f"folded[{bn[:80]!r}]"
+        try:
+            m, target = model.get_submodule(bn), model.get_submodule(layer)
+        except AttributeError:
+            raise ValueError(f"{field}: {bn!r} or {layer!r} is not in this model") from None
+        if type(target) not in (nn.Linear, nn.Conv2d):
+            raise ValueError(f"{field}: {layer!r} is a {type(target).__name__}, not Linear/Conv2d")
+        if isinstance(m, _BN):
+            set_module(model, bn, nn.Identity())
+        elif not isinstance(m, nn.Identity):
+            raise ValueError(f"{field}: {bn!r} is a {type(m).__name__}, not a BatchNorm")
+        if target.bias is None:
+            w = target.weight
+            target.bias = nn.Parameter(torch.empty(w.shape[0], dtype=w.dtype, device=w.device))
+    model.lorita_folded = {**(getattr(model, "lorita_folded", None) or {}), **folded}
+    return model
+
+
+def uses_conv(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.Conv2d) for m in model.modules())
+
+
+def deploy_model(
+    model: nn.Module,
+    example_input: Tensor | None = None,
+    *,
+    fold_bn: bool = True,
+    channels_last: bool | None = None,
+) -> nn.Module:
+    """The model as it deploys: a copy, composed layers merged, eval mode, BatchNorm folded
+    (``fold_bn``, see :func:`fold_batchnorm`) and, for a convolutional model on 4-D inputs,
+    weights in ``torch.channels_last`` memory format (``channels_last=None``: decided so;
+    measured faster on CPU for plain and cut convolutional models, bench/zoo.py). The result's
+    ``lorita_deploy`` records what was done; give it inputs in the same memory format
+    (:func:`deploy_input`)."""
+    new = merge_model(model) if composed_layers(model) else copy.deepcopy(model)
+    new.eval()
+    if fold_bn:
+        new = fold_batchnorm(new, example_input, inplace=True)
+    if channels_last is None:
+        four_d = example_input is None or example_input.dim() == 4
+        channels_last = four_d and uses_conv(new)
+    if channels_last:
+        new = new.to(memory_format=torch.channels_last)
+    new.lorita_deploy = {
+        "folded": sorted(getattr(new, "lorita_folded", None) or {}),
+        "memory_format": "channels_last" if channels_last else "contiguous",
+    }
+    return new
+
+
+def deploy_input(model: nn.Module, x: Tensor) -> Tensor:
+    """``x`` in the memory format :func:`deploy_model` gave ``model``."""
+    info = getattr(model, "lorita_deploy", None) or {}
+    if info.get("memory_format") == "channels_last" and x.dim() == 4:
+        return x.contiguous(memory_format=torch.channels_last)
+    return x

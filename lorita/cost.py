@@ -1,6 +1,9 @@
 """What a deployable model costs: parameters, FLOPs (counted by PyTorch's FlopCounterMode, per
 layer) and measured latency (whole model at batch 1 and 64, and per layer). A composed model is
-merged first: it deploys as plain layers."""
+merged first: it deploys as plain layers. Latency is measured on the model as it deploys
+(:func:`lorita.convert.deploy_model`: BatchNorm folded into the layer before it and, for a
+convolutional model, channels_last memory format), so an original and its cut are always timed
+the same way."""
 
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .convert import composed_layers, iter_layers, merge_model
+from .convert import composed_layers, deploy_input, deploy_model, iter_layers, merge_model
 from .kinds import layer_table, median_seconds
 
 __all__ = ["Cost", "count_cost", "measure_latency", "latency_profile", "layer_latency"]
@@ -84,22 +87,38 @@ def _timed(example_input: Tensor):
     return run
 
 
+def _prepared(model: nn.Module, example_input: Tensor, fold_bn: bool, channels_last) -> nn.Module:
+    if not isinstance(fold_bn, bool):
+        raise ValueError(f"fold_bn: expected True or False, got {fold_bn!r}")
+    if channels_last not in (None, True, False):
+        raise ValueError(f"channels_last: expected None, True or False, got {channels_last!r}")
+    return deploy_model(model, example_input, fold_bn=fold_bn, channels_last=channels_last)
+
+
+def _time(deploy: nn.Module, x: Tensor, repeats: int, warmup: int) -> float:
+    x = deploy_input(deploy, x)
+    run = _timed(x)
+    with torch.no_grad():
+        return median_seconds(lambda: run(lambda: deploy(x)), repeats=repeats, warmup=warmup)
+
+
 def measure_latency(
-    model: nn.Module, example_input: Tensor, *, repeats: int = 20, warmup: int = 3
+    model: nn.Module,
+    example_input: Tensor,
+    *,
+    repeats: int = 20,
+    warmup: int = 3,
+    fold_bn: bool = True,
+    channels_last: bool | None = None,
 ) -> float:
-    """Median wall time in seconds of one forward pass of the deployable model (no grad)."""
+    """Median wall time in seconds of one forward pass of the deployable model (no grad).
+
+    The model is timed as it deploys (:func:`lorita.convert.deploy_model`): a copy, composed
+    layers merged, eval mode, BatchNorm folded (``fold_bn``) and channels_last memory format
+    for a convolutional model (``channels_last=None``: decided so; True / False to force)."""
     _check_repeats(repeats, warmup)
-    deploy = _deployable(model)
-    was_training = deploy.training
-    deploy.eval()
-    run = _timed(example_input)
-    try:
-        with torch.no_grad():
-            return median_seconds(
-                lambda: run(lambda: deploy(example_input)), repeats=repeats, warmup=warmup
-            )
-    finally:
-        deploy.train(was_training)
+    deploy = _prepared(model, example_input, fold_bn, channels_last)
+    return _time(deploy, example_input, repeats, warmup)
 
 
 def _batch(example_input: Tensor, b: int) -> Tensor:
@@ -113,16 +132,17 @@ def latency_profile(
     batches: tuple[int, ...] = LATENCY_BATCHES,
     repeats: int = 20,
     warmup: int = 3,
+    fold_bn: bool = True,
+    channels_last: bool | None = None,
 ) -> dict[int, float]:
     """``{batch: median seconds}`` of the deployable model on ``example_input``'s first sample
-    repeated to each batch size (default 1 and 64)."""
+    repeated to each batch size (default 1 and 64); deployed as :func:`measure_latency` says."""
+    _check_repeats(repeats, warmup)
     for b in batches:
         if isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= 4096:
             raise ValueError(f"batches: expected integers in [1, 4096], got {b!r}")
-    return {
-        b: measure_latency(model, _batch(example_input, b), repeats=repeats, warmup=warmup)
-        for b in batches
-    }
+    deploy = _prepared(model, example_input, fold_bn, channels_last)
+    return {b: _time(deploy, _batch(example_input, b), repeats, warmup) for b in batches}
 
 
 def layer_latency(
@@ -132,10 +152,13 @@ def layer_latency(
     repeats: int = 10,
     warmup: int = 2,
     batch: int | None = None,
+    fold_bn: bool = True,
+    channels_last: bool | None = None,
 ) -> dict[str, float]:
     """Where the time goes: ``{layer name: median seconds}`` spent inside each layer (Linear,
     Conv2d, grouped and depthwise conv, low-rank, attention) over one forward pass of the
-    deployable model, summed over its calls (0.0 for a layer that did not run).
+    deployable model (deployed as :func:`measure_latency` says), summed over its calls (0.0
+    for a layer that did not run).
 
     ``batch``: time ``example_input``'s first sample repeated to that many rows (default: the
     input as given). A cut model and the model it came from share layer names (a thin layer
@@ -147,9 +170,8 @@ def layer_latency(
         if isinstance(batch, bool) or not isinstance(batch, int) or not 1 <= batch <= 4096:
             raise ValueError(f"batch: expected an integer in [1, 4096], got {batch!r}")
         example_input = _batch(example_input, batch)
-    deploy = _deployable(model)
-    was_training = deploy.training
-    deploy.eval()
+    deploy = _prepared(model, example_input, fold_bn, channels_last)
+    x = deploy_input(deploy, example_input)
     layers = {e.name: e.module for e in layer_table(deploy)}
     samples: dict[str, list[float]] = {n: [] for n in layers}
     pass_total: dict[str, float] = {}
@@ -162,14 +184,13 @@ def layer_latency(
         with torch.no_grad():
             for i in range(warmup + repeats):
                 pass_total.clear()
-                deploy(example_input)
+                deploy(x)
                 if i >= warmup:
                     for n in layers:
                         samples[n].append(pass_total.get(n, 0.0))
     finally:
         for h in handles:
             h.remove()
-        deploy.train(was_training)
     return {n: statistics.median(v) for n, v in samples.items()}
 
 

@@ -5,8 +5,9 @@ The spec says how to rebuild the module tree: a registry model (``{"registry": n
 "kwargs": {...}}``, from ``model.lorita_arch``: built-ins, ``torchvision:NAME``, ``timm:NAME``),
 a tree of plain ``torch.nn`` modules, or, for any other model, only its class name (then
 ``load(path, model=fresh_instance)``); then which layers are composed or low-rank
-(``layers``, by name, as :mod:`lorita.kinds` describes them) and which read their weight
-directly (``direct``).
+(``layers``, by name, as :mod:`lorita.kinds` describes them), which read their weight
+directly (``direct``) and which BatchNorms were folded into the layer before them (``folded``:
+``{batchnorm: layer}``, see :func:`lorita.convert.fold_batchnorm`).
 
 ``load`` is a gate: the header and the spec are checked against a schema (types, allowed
 module types and options, depth and size limits) and every tensor the rebuilt model declares
@@ -16,6 +17,7 @@ allocated. Every refusal is a ``ValueError`` naming the field.
 
 from __future__ import annotations
 
+import copy
 import gc
 import json
 import os
@@ -33,7 +35,7 @@ from safetensors.torch import load_file as st_load_file
 from safetensors.torch import save as st_save_bytes
 from torch import Tensor, nn
 
-from .convert import composed_layers, merge_model
+from .convert import apply_folds, composed_layers, deploy_model, fold_batchnorm, merge_model
 from .io import atomic_write_bytes
 from .io import temp_beside as _temp_beside
 from .kinds import ORDERS, kind_of, layer_table, set_module
@@ -215,6 +217,7 @@ def model_spec(model: nn.Module, *, input_shape=None, metadata: dict | None = No
         "arch": _arch(model),
         "layers": layers,
         "direct": list(getattr(model, "lorita_direct", None) or []),
+        "folded": dict(getattr(model, "lorita_folded", None) or {}),
         "n_factors": n_factors,
         "ranks": getattr(model, "lorita_ranks", None),
         "input_shape": list(input_shape) if input_shape is not None else None,
@@ -231,22 +234,46 @@ def _state(model: nn.Module) -> dict[str, Tensor]:
     return {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
 
 
-def save_bytes(model: nn.Module, *, input_shape=None, metadata: dict | None = None) -> bytes:
+def _folded(model: nn.Module, input_shape) -> nn.Module:
+    """A copy of ``model`` (eval mode) with its BatchNorms folded, traced on zeros of
+    ``input_shape`` (or a guessed input)."""
+    x = torch.zeros(2, *input_shape) if input_shape is not None else None
+    deploy = merge_model(model) if composed_layers(model) else copy.deepcopy(model)
+    return fold_batchnorm(deploy.eval(), x, inplace=True)
+
+
+def save_bytes(
+    model: nn.Module, *, input_shape=None, metadata: dict | None = None, fold_bn: bool = False
+) -> bytes:
     """The bytes of a safetensors file holding ``model`` (see :func:`save`)."""
+    if not isinstance(fold_bn, bool):
+        raise ValueError(f"fold_bn: expected True or False, got {fold_bn!r}")
+    if fold_bn:
+        model = _folded(model, input_shape)
     spec = model_spec(model, input_shape=input_shape, metadata=metadata)
     return st_save_bytes(_state(model), metadata={_SPEC_KEY: json.dumps(spec)})
 
 
 def save(
-    model: nn.Module, path: str | os.PathLike, *, input_shape=None, metadata: dict | None = None
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    input_shape=None,
+    metadata: dict | None = None,
+    fold_bn: bool = False,
 ) -> Path:
     """Save any model as safetensors with its spec; written atomically. Returns the path.
 
     Registry and Sequential models rebuild from the file alone (``load(path)``); any other
     model rebuilds onto a fresh instance of its architecture (``load(path, model=...)``).
     ``metadata``: any JSON-able dict kept in the spec (e.g. accuracy, the training config).
+    ``fold_bn=True`` saves the model for inference: eval mode, every BatchNorm that can be
+    folded into the layer before it folded (traced on zeros of ``input_shape``, or a guessed
+    input), the folds recorded in the spec so both loads rebuild the same structure. Off by
+    default: a saved model (a checkpoint) may be trained further, which needs its BatchNorms.
     """
-    atomic_write_bytes(path, save_bytes(model, input_shape=input_shape, metadata=metadata))
+    data = save_bytes(model, input_shape=input_shape, metadata=metadata, fold_bn=fold_bn)
+    atomic_write_bytes(path, data)
     return Path(path)
 
 
@@ -457,9 +484,14 @@ def _check_names(field: str, names, values: Callable | None = None) -> None:
 
 
 _TOP = {
-    "format", "version", "arch", "layers", "direct", "n_factors", "ranks", "input_shape",
-    "metadata",
+    "format", "version", "arch", "layers", "direct", "folded", "n_factors", "ranks",
+    "input_shape", "metadata",
 }  # fmt: skip
+
+
+def _check_layer_name(field: str, name) -> None:
+    if not isinstance(name, str) or not 0 < len(name) <= LIMITS["name_chars"]:
+        raise _fail(field, "expected a layer name (a short string)")
 
 
 def _check_rank_value(field: str, r) -> None:
@@ -484,6 +516,7 @@ def validate_spec(spec) -> None:
     _check_arch(spec.get("arch"))
     _check_names("spec.layers", spec.get("layers", {}), _check_layer_spec)
     _check_names("spec.direct", spec.get("direct", []))
+    _check_names("spec.folded", spec.get("folded", {}), _check_layer_name)
     if not _is_int(spec.get("n_factors", 1), 1, LIMITS["n_factors"]):
         raise _fail("spec.n_factors", f"expected an integer in [1, {LIMITS['n_factors']}]")
     if spec.get("ranks") is not None:
@@ -567,6 +600,11 @@ def _apply_layers(model: nn.Module, spec: dict) -> nn.Module:
         new = e.kind.empty(e.module, ls)
         new.train(e.module.training)
         set_module(model, name, new)
+    if spec.get("folded"):
+        try:
+            apply_folds(model, spec["folded"])
+        except ValueError as e:
+            raise _fail("spec", str(e)) from None
     if spec.get("ranks"):
         model.lorita_ranks = spec["ranks"]
     model.lorita_direct = tuple(spec.get("direct", []))
@@ -778,16 +816,19 @@ def export_onnx(
     *,
     opset: int = 18,
     dynamo: bool = False,
+    fold_bn: bool = True,
 ) -> Path:
     """Export the deployable model (composed layers merged) to ONNX with a dynamic batch axis.
 
     Written atomically. The graph takes ``input`` and returns ``output``. ``dynamo=False``
     (default) uses the TorchScript exporter, several times faster on CPU; ``dynamo=True`` uses
-    ``torch.export``.
+    ``torch.export``. ``fold_bn`` (default): BatchNorm folded into the layer before it, as
+    :func:`lorita.convert.fold_batchnorm` does (an ONNX graph is for inference only).
     """
-    deploy = merge_model(model) if composed_layers(model) else model
+    if not isinstance(fold_bn, bool):
+        raise ValueError(f"fold_bn: expected True or False, got {fold_bn!r}")
+    deploy = deploy_model(model, example_input, fold_bn=fold_bn, channels_last=False)
     was_training = deploy.training
-    deploy.eval()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temp_beside(path, ".onnx")

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves
 
 from .layers import (
     INITS,
@@ -61,6 +62,8 @@ __all__ = [
     "pooled_spectrum",
     "layer_svd",
     "find_direct_reads",
+    "trace_forward",
+    "Trace",
     "guess_example_input",
     "guess_example_inputs",
     "set_module",
@@ -408,18 +411,25 @@ def layer_svd(module: nn.Module) -> tuple[Tensor, Tensor, Tensor]:
 
 
 class _ReadTracer(TorchFunctionMode):
-    """Notes every layer weight passed to a torch function while its layer is not running."""
+    """Notes every layer weight passed to a torch function while its layer is not running, and
+    which module was running at each use of a watched tensor (the dataflow a fold needs)."""
 
-    def __init__(self, owners: dict[int, str], active: list[str]) -> None:
+    def __init__(self, owners: dict[int, str], active: list[str], watched: dict) -> None:
         super().__init__()
         self.owners, self.active, self.found = owners, active, set()
+        self.watched = watched  # id -> tensor, kept alive so an id is never reused
+        self.uses: dict[int, list[str]] = {}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        for a in (*args, *kwargs.values()):
-            name = self.owners.get(id(a)) if isinstance(a, Tensor) else None
+        for a in tree_leaves((args, kwargs)):
+            if not isinstance(a, Tensor):
+                continue
+            name = self.owners.get(id(a))
             if name is not None and name not in self.active:
                 self.found.add(name)
+            if id(a) in self.watched:
+                self.uses.setdefault(id(a), []).append(self.active[-1] if self.active else "")
         return func(*args, **kwargs)
 
 
@@ -434,6 +444,83 @@ def _push(active: list[str], name: str):
     return pre, post
 
 
+@dataclass
+class Trace:
+    """What one forward pass did (:func:`trace_forward`)."""
+
+    direct: list[str]  # layers whose weight the model read without calling them
+    calls: dict[str, int]  # module name -> times it ran
+    inputs: dict[str, list]  # name -> first positional input of each call (modules asked for)
+    outputs: dict[str, list]  # name -> output of each call (modules asked for)
+    uses: dict[int, list[str]]  # id(output) -> innermost module running at each use of it
+    result: object  # what the model returned
+
+
+def _recorder(store: dict[str, list], watched: dict | None, name: str, *, output: bool):
+    def pre(module, args):
+        store.setdefault(name, []).append(args[0] if args else None)
+
+    def post(module, args, out):
+        store.setdefault(name, []).append(out)
+        if isinstance(out, Tensor):
+            watched[id(out)] = out
+
+    return post if output else pre
+
+
+def trace_forward(
+    model: nn.Module,
+    example_input: Tensor,
+    *,
+    inputs_of: tuple[str, ...] = (),
+    outputs_of: tuple[str, ...] = (),
+) -> Trace:
+    """Run one forward pass (eval mode, no grad) on ``example_input`` and note which layer
+    weights are read directly, how often each module runs, the inputs of ``inputs_of`` and
+    the outputs of ``outputs_of`` modules, and every use of those outputs by torch functions
+    (with the module running at the time)."""
+    owners, handles, active = {}, [], []
+    calls: dict[str, int] = {}
+    ins: dict[str, list] = {}
+    outs: dict[str, list] = {}
+    watched: dict[int, Tensor] = {}
+    want_in, want_out = set(inputs_of), set(outputs_of)
+    for name, module in model.named_modules():
+        if name and KINDS["direct"].matches(module):
+            owners[id(module.weight)] = name
+        pre, post = _push(active, name)
+        handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+        handles.append(module.register_forward_pre_hook(_counter(calls, name)))
+        if name in want_in:
+            handles.append(
+                module.register_forward_pre_hook(_recorder(ins, None, name, output=False))
+            )
+        if name in want_out:
+            handles.append(
+                module.register_forward_hook(_recorder(outs, watched, name, output=True))
+            )
+    was_training = model.training
+    model.eval()
+    tracer = _ReadTracer(owners, active, watched)
+    try:
+        with torch.no_grad(), tracer:
+            result = model(example_input)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    order = {n: i for i, (n, _) in enumerate(model.named_modules())}
+    direct = sorted(tracer.found, key=order.__getitem__)
+    return Trace(direct, calls, ins, outs, tracer.uses, result)
+
+
+def _counter(calls: dict[str, int], name: str):
+    def pre(module, args):
+        calls[name] = calls.get(name, 0) + 1
+
+    return pre
+
+
 def find_direct_reads(model: nn.Module, example_input: Tensor) -> list[str]:
     """Names of the Linear / Conv2d layers whose weight the model reads without calling the
     layer, found by tracing one forward pass (eval mode, no grad) on ``example_input``.
@@ -441,24 +528,7 @@ def find_direct_reads(model: nn.Module, example_input: Tensor) -> list[str]:
     The ``out_proj`` of every ``nn.MultiheadAttention`` is one (its weight is passed to
     ``F.multi_head_attention_forward``), as are torchvision Swin's ``qkv`` and ``proj``.
     """
-    owners, handles, active = {}, [], []
-    for name, module in model.named_modules():
-        if name and KINDS["direct"].matches(module):
-            owners[id(module.weight)] = name
-        pre, post = _push(active, name)
-        handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
-    was_training = model.training
-    model.eval()
-    tracer = _ReadTracer(owners, active)
-    try:
-        with torch.no_grad(), tracer:
-            model(example_input)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
-    order = {n: i for i, (n, _) in enumerate(model.named_modules())}
-    return sorted(tracer.found, key=order.__getitem__)
+    return trace_forward(model, example_input).direct
 
 
 def _static_direct(model: nn.Module) -> list[str]:

@@ -4,7 +4,13 @@ from torch import nn
 from torch.testing import assert_close
 
 import lorita as lt
-from lorita.convert import composition_summary
+from lorita.convert import (
+    apply_folds,
+    composition_summary,
+    deploy_input,
+    deploy_model,
+    fold_batchnorm,
+)
 from lorita.layers import FactorConv2d, FactorMultiheadAttention
 
 
@@ -177,3 +183,157 @@ def test_a_model_no_guessed_side_fits_is_still_composed_and_says_why():
     assert "could not trace" in note and "(2, 3, 299, 299)" in note and "example_input=" in note
     composed = lt.overparameterize(model, 3, example_input=torch.randn(2, 3, 7, 7))
     assert composed.lorita_summary["direct_reads"] == "traced"
+
+
+# --------------------------------------------------------------------------- BatchNorm folding
+
+
+def _random_stats(model: nn.Module) -> nn.Module:
+    """Give every BatchNorm running statistics and an affine map far from the identity."""
+    g = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            c = m.num_features
+            m.running_mean.copy_(torch.randn(c, generator=g) * 0.5)
+            m.running_var.copy_(torch.rand(c, generator=g) * 2 + 0.2)
+            if m.affine:
+                m.weight.data.copy_(torch.randn(c, generator=g) * 0.5 + 1)
+                m.bias.data.copy_(torch.randn(c, generator=g) * 0.3)
+    return model.eval()
+
+
+def conv_bn_net() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, groups=8),  # depthwise, with a bias
+        nn.BatchNorm2d(8, affine=False),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(8 * 4 * 4, 16),
+        nn.BatchNorm1d(16),
+        nn.Linear(16, 5),
+    )
+
+
+def test_fold_batchnorm_keeps_the_function_of_a_conv_bn_net():
+    net = _random_stats(conv_bn_net())
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    x = torch.randn(4, 3, 4, 4)
+    folded = fold_batchnorm(net, x)
+    assert_close(folded(x), net(x), rtol=1e-5, atol=1e-5)
+    assert folded.lorita_folded == {"1": "0", "4": "3", "8": "7"}
+    assert folded.lorita_unfolded == {}
+    assert all(isinstance(folded[i], nn.Identity) for i in (1, 4, 8))
+    assert folded[0].bias is not None  # the conv without a bias gained one
+    for k, v in net.state_dict().items():  # the input model is not changed
+        assert torch.equal(v, before[k])
+    assert isinstance(net[1], nn.BatchNorm2d)
+
+
+class _Branches(nn.Module):
+    """BatchNorms that must not fold: input also used elsewhere, not a layer's output, a layer
+    that runs twice, an output the model returns; and one that folds."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shared_out = nn.Conv2d(4, 4, 1)
+        self.bn_shared = nn.BatchNorm2d(4)
+        self.bn_after_relu = nn.BatchNorm2d(4)
+        self.twice = nn.Conv2d(4, 4, 1)
+        self.bn_twice = nn.BatchNorm2d(4)
+        self.returned = nn.Conv2d(4, 4, 1)
+        self.bn_returned = nn.BatchNorm2d(4)
+        self.ok = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn_ok = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.shared_out(x)
+        x = self.bn_shared(y) + y  # the conv's output has a second consumer
+        x = self.bn_after_relu(torch.relu(x))
+        x = self.bn_twice(self.twice(self.twice(x)))
+        r = self.returned(x)
+        x = self.bn_returned(r)
+        return self.bn_ok(self.ok(x)), r
+
+
+def test_fold_batchnorm_leaves_a_batchnorm_whose_input_is_not_only_a_layer_output():
+    net = _random_stats(_Branches())
+    x = torch.randn(2, 4, 5, 5)
+    folded = fold_batchnorm(net, x)
+    assert folded.lorita_folded == {"bn_ok": "ok"}
+    assert set(folded.lorita_unfolded) == {
+        "bn_shared", "bn_after_relu", "bn_twice", "bn_returned"
+    }  # fmt: skip
+    assert "also used" in folded.lorita_unfolded["bn_shared"]
+    assert "not the output" in folded.lorita_unfolded["bn_after_relu"]
+    assert "more than once" in folded.lorita_unfolded["bn_twice"]
+    assert "also used" in folded.lorita_unfolded["bn_returned"]
+    for a, b in zip(folded(x), net(x), strict=True):
+        assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_fold_batchnorm_refuses_a_model_in_training_mode():
+    net = conv_bn_net().train()
+    with pytest.raises(ValueError, match="training mode.*eval"):
+        fold_batchnorm(net, torch.randn(4, 3, 4, 4))
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small"])
+def test_fold_batchnorm_on_torchvision_models(name):
+    model = _random_stats(lt.create_model(f"torchvision:{name}", num_classes=10, image_size=32))
+    x = torch.randn(2, 3, 32, 32)
+    n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    folded = fold_batchnorm(model, x)
+    assert len(folded.lorita_folded) == n_bn  # every BatchNorm follows its conv alone
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    assert_close(folded(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_fold_batchnorm_on_thin_cut_and_composed_models():
+    model = _random_stats(
+        lt.create_model("torchvision:mobilenet_v3_small", num_classes=10, image_size=32)
+    )
+    x = torch.randn(2, 3, 32, 32)
+    cut = lt.truncate(model, lt.Uniform(0.25)).eval()
+    folded_cut = fold_batchnorm(cut, x)
+    assert_close(folded_cut(x), cut(x), rtol=1e-4, atol=1e-5)
+    thin = [b for b, layer in folded_cut.lorita_folded.items() if layer.endswith(".second")]
+    assert thin  # thin pairs fold into their last factor
+    composed = lt.overparameterize(model, 3).eval()  # merged first
+    assert_close(fold_batchnorm(composed, x)(x), model(x), rtol=1e-4, atol=1e-5)
+    small = _random_stats(conv_bn_net())
+    small_cut = lt.truncate(small, lt.Ranks({"0": 2, "7": 3})).eval()
+    xs = torch.randn(4, 3, 4, 4)
+    folded_small = fold_batchnorm(small_cut, xs)
+    assert folded_small.lorita_folded == {"1": "0.second", "4": "3", "8": "7.second"}
+    assert_close(folded_small(xs), small_cut(xs), rtol=1e-5, atol=1e-5)
+
+
+def test_apply_folds_rebuilds_the_structure_and_names_a_bad_entry():
+    net = _random_stats(conv_bn_net())
+    x = torch.randn(4, 3, 4, 4)
+    folded = fold_batchnorm(net, x)
+    fresh = apply_folds(conv_bn_net(), folded.lorita_folded)
+    fresh.load_state_dict(folded.state_dict(), strict=True)
+    assert_close(fresh.eval()(x), net(x), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"folded\['2'\].*ReLU, not a BatchNorm"):
+        apply_folds(conv_bn_net(), {"2": "0"})
+    with pytest.raises(ValueError, match="not Linear/Conv2d"):
+        apply_folds(conv_bn_net(), {"1": "2"})
+    with pytest.raises(ValueError, match="not in this model"):
+        apply_folds(conv_bn_net(), {"nope": "0"})
+
+
+def test_deploy_model_folds_and_uses_channels_last_for_conv_models():
+    net = _random_stats(conv_bn_net())
+    x = torch.randn(4, 3, 4, 4)
+    deploy = deploy_model(net, x)
+    assert deploy.lorita_deploy == {"folded": ["1", "4", "8"], "memory_format": "channels_last"}
+    assert deploy[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert_close(deploy(deploy_input(deploy, x)), net(x), rtol=1e-5, atol=1e-5)
+    mlp = nn.Sequential(nn.Linear(6, 4), nn.BatchNorm1d(4)).train()
+    plain = deploy_model(mlp, torch.randn(3, 6), fold_bn=False)
+    assert plain.lorita_deploy == {"folded": [], "memory_format": "contiguous"}
+    assert not plain.training and mlp.training  # a copy in eval mode; the input is unchanged
