@@ -105,3 +105,30 @@ def test_choose_forms_by_flops_keeps_thin_layers_and_works_without_a_plan():
     assert {n for n, p in plan.items() if p["form"] == "thin"} == thin
     with pytest.raises(ValueError, match="by"):
         kinds.choose_forms(small, x, by="speed")
+
+
+def test_latency_times_the_deployed_model_folded_and_channels_last(monkeypatch):
+    from lorita import convert, cost
+
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten()).train()
+    x = torch.randn(2, 3, 6, 6)
+    seen = []
+    real = convert.deploy_model
+
+    def spy(model, example_input=None, **kw):
+        out = real(model, example_input, **kw)
+        seen.append(out.lorita_deploy)
+        return out
+
+    monkeypatch.setattr(cost, "deploy_model", spy)
+    assert cost.measure_latency(net, x, repeats=2) > 0
+    assert set(cost.latency_profile(net, x, batches=(1, 3), repeats=2)) == {1, 3}
+    assert set(cost.layer_latency(net, x, repeats=2, batch=3)) == {"0"}
+    assert seen == 3 * [{"folded": ["1"], "memory_format": "channels_last"}]
+    cost.measure_latency(net, x, repeats=2, fold_bn=False, channels_last=False)
+    assert seen[-1] == {"folded": [], "memory_format": "contiguous"}
+    assert net.training and isinstance(net[1], nn.BatchNorm2d)  # the model itself unchanged
+    with pytest.raises(ValueError, match="fold_bn"):
+        cost.measure_latency(net, x, fold_bn=1)
+    with pytest.raises(ValueError, match="channels_last"):
+        cost.latency_profile(net, x, channels_last="yes")

@@ -80,3 +80,73 @@ def test_save_refuses_unknown_modules_and_load_refuses_bad_files(tmp_path):
     save_file({"w": torch.zeros(2)}, str(tmp_path / "plain.safetensors"))
     with pytest.raises(ValueError, match="not a LoRITa model file"):
         lt.load(tmp_path / "plain.safetensors")
+
+
+def _bn_stats(model):
+    g = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.5)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+    return model.eval()
+
+
+def test_save_fold_bn_records_the_folds_and_both_loads_rebuild_them(tmp_path):
+    from torchvision.models import mobilenet_v3_small
+
+    model = lt.create_model("torchvision:mobilenet_v3_small", num_classes=10, image_size=32)
+    model = _bn_stats(model)
+    cut = lt.truncate(model, lt.Uniform(0.25)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    path = lt.save(cut, tmp_path / "m.safetensors", input_shape=(3, 32, 32), fold_bn=True)
+    folded = lt.read_spec(path)["folded"]
+    assert len(folded) == sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    assert any(layer.endswith(".second") for layer in folded.values())  # thin pairs
+    for back in (lt.load(path), lt.load(path, model=mobilenet_v3_small(num_classes=10))):
+        assert not any(isinstance(m, nn.BatchNorm2d) for m in back.modules())
+        assert_close(back(x), cut(x), rtol=1e-4, atol=1e-5)
+    assert isinstance(cut.features[0][1], nn.BatchNorm2d)  # the saved model keeps its own
+    plain = lt.save(cut, tmp_path / "p.safetensors")  # default: BatchNorm kept (checkpoints)
+    assert lt.read_spec(plain)["folded"] == {}
+
+
+def test_save_fold_bn_sequential_and_a_bad_folded_entry(tmp_path):
+    model = _bn_stats(net())
+    x = torch.randn(3, 1, 8, 8)
+    path = lt.save(model, tmp_path / "m.safetensors", fold_bn=True, input_shape=(1, 8, 8))
+    assert lt.read_spec(path)["folded"] == {"1": "0"}
+    back = lt.load(path)
+    assert isinstance(back[1], nn.Identity)
+    assert_close(back(x), model(x), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="fold_bn"):
+        lt.save(model, tmp_path / "x.safetensors", fold_bn="yes")
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    spec = lt.read_spec(path)
+    fresh = lt.save(model, tmp_path / "r.safetensors")  # BatchNorm kept
+    for bad, msg in (({"3": "0"}, "MaxPool2d, not a BatchNorm"), ({"1": 5}, "spec.folded")):
+        spec_bad = {**lt.read_spec(fresh), "folded": bad}
+        save_file(
+            load_file(str(fresh)), str(tmp_path / "b.safetensors"),
+            metadata={"lorita_spec": json.dumps(spec_bad)},
+        )  # fmt: skip
+        with pytest.raises(ValueError, match=msg):
+            lt.load(tmp_path / "b.safetensors")
+    assert spec["folded"] == {"1": "0"}
+
+
+def test_onnx_folds_batchnorm_by_default(tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    onnx = pytest.importorskip("onnx")
+    model = _bn_stats(net())
+    x = torch.randn(4, 1, 8, 8)
+    ops = {}
+    for fold in (True, False):
+        path = lt.export_onnx(model, x, tmp_path / f"m{fold}.onnx", fold_bn=fold)
+        ops[fold] = {n.op_type for n in onnx.load(str(path)).graph.node}
+        (out,) = ort.InferenceSession(str(path)).run(None, {"input": x.numpy()})
+        np.testing.assert_allclose(out, model(x).detach().numpy(), rtol=1e-4, atol=1e-5)
+    assert "BatchNormalization" not in ops[True]  # (the exporter itself folds conv + BN too)
+    assert isinstance(model[1], nn.BatchNorm2d)
