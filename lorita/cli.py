@@ -482,11 +482,13 @@ def _add_compress(sub) -> None:
         "--latency",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="measure CPU latency at batch 1 and 64 (median of repeats; default on)",
+        help="measure CPU latency at batch 1 and 64 (median of repeats; default on), of the "
+        "model before and after as they deploy: BatchNorm folded, channels_last for conv models",
     )
     c.add_argument(
         "--out", metavar="FILE", type=_out_path("--out"), help="save the model (safetensors)"
     )
+    _add_fold_bn(c, "--out")
     c.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
@@ -563,6 +565,18 @@ def _add_export(sub) -> None:
     )
     e.add_argument("--format", choices=["safetensors", "onnx"], default="safetensors")
     e.add_argument("--out", required=True, metavar="FILE", type=_out_path("--out"))
+    _add_fold_bn(e, "the file")
+
+
+def _add_fold_bn(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument(
+        "--fold-bn",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help=f"fold each BatchNorm into the layer before it in {what} (a file for inference: "
+        "fewer layers, the same outputs; --no-fold-bn keeps them for training further; "
+        "default on)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1077,12 +1091,26 @@ def _compressor(args, *, cut: bool = True):
 
 
 def _latency(model, example) -> dict:
+    """Latency at batch 1 and 64 of the model as it deploys (the library's deploy_model:
+    BatchNorm folded, channels_last for a conv model), and what that deployment did."""
+    from torch import nn
+
+    from .convert import deploy_model
     from .cost import measure_latency
 
-    return {
-        f"latency_b{b}_ms": 1000 * measure_latency(model, example.expand(b, *example.shape[1:]))
+    deploy = deploy_model(model, example)
+    out = {
+        f"latency_b{b}_ms": 1000 * measure_latency(deploy, example.expand(b, *example.shape[1:]))
         for b in (1, 64)
     }
+    bns = sum(isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) for m in model.modules())
+    info = deploy.lorita_deploy
+    out["latency_as"] = {
+        "batchnorm_folded": len(info["folded"]),
+        "batchnorm": bns,
+        "memory_format": info["memory_format"],
+    }
+    return out
 
 
 def cmd_compress(args) -> int:
@@ -1108,7 +1136,8 @@ def cmd_compress(args) -> int:
         from .export import save
 
         meta = {"run": cz.run, "policy": json.dumps(res.policy)}
-        save(res.model, args.out, metadata={**meta, "val_acc": res.val_acc})
+        meta["val_acc"] = res.val_acc
+        save(res.model, args.out, metadata=meta, fold_bn=args.fold_bn, input_shape=_shape(cz))
         out["out"] = str(args.out)
     if args.json:
         print(json.dumps(out, indent=1))
@@ -1193,6 +1222,8 @@ def _print_compress(out: dict, args) -> None:
             for k in ("latency_b1_ms", "latency_b64_ms")
         ]
     print(_table([row("before", before), row("after", after), ratio], header))
+    if lat:
+        print(_latency_words(before.get("latency_as"), after.get("latency_as")))
     plan, spectra = after["plan"], out["spectra"]
     print("ranks kept: " + ", ".join(f"{n} {p['rank']}/{p['full']}" for n, p in plan.items()))
     if spectra:
@@ -1205,6 +1236,20 @@ def _print_compress(out: dict, args) -> None:
         print(f"  {n}: {note}")
     if out.get("out"):
         print(f"saved {out['out']}")
+
+
+def _latency_words(before: dict | None, after: dict | None) -> str:
+    """How both models were timed (the same way: as they deploy)."""
+    if not before or not after:
+        return "latency: both models timed the same way"
+    folds = (
+        f"BatchNorm folded into the layer before it ({before['batchnorm_folded']} of "
+        f"{before['batchnorm']} before, {after['batchnorm_folded']} of {after['batchnorm']} "
+        "after)"
+        if before["batchnorm"] or after["batchnorm"]
+        else "no BatchNorm to fold"
+    )
+    return f"latency: both models timed as they deploy: {folds}, {after['memory_format']} memory"
 
 
 def _points(after: dict, before: dict, key: str) -> str:
@@ -1292,6 +1337,10 @@ class _CountBar:
 # --------------------------------------------------------------------------- export
 
 
+def _shape(cz) -> list[int]:
+    return list(cz.example_input.shape[1:])
+
+
 def cmd_export(args) -> int:
     cz = _compressor(args, cut=args.policy is not None)
     if args.policy is None:
@@ -1308,13 +1357,13 @@ def cmd_export(args) -> int:
     if args.format == "onnx":
         from .export import export_onnx
 
-        export_onnx(model, example, args.out)
+        export_onnx(model, example, args.out, fold_bn=args.fold_bn)
     else:
         from .export import save
 
         acc = cz.base if args.policy is None else cz.data.metrics(model)
         meta = {"run": cz.run, "policy": words, "val_acc": acc["val_acc"]}
-        save(model, args.out, input_shape=list(example.shape[1:]), metadata=meta)
+        save(model, args.out, input_shape=_shape(cz), metadata=meta, fold_bn=args.fold_bn)
     print(args.out)
     return 0
 

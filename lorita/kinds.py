@@ -26,6 +26,7 @@ model calls: for ``attention`` and ``direct`` layers the cut keeps a dense rank-
 
 from __future__ import annotations
 
+import copy
 import statistics
 import time
 from collections.abc import Iterator
@@ -627,6 +628,24 @@ def _layer_inputs(model: nn.Module, names: list[str], example: Tensor) -> dict[s
     return seen
 
 
+def _channels_last(model: nn.Module, x: Tensor) -> bool:
+    """Whether the model deploys in channels_last memory format (a convolutional model on 4-D
+    inputs, as :func:`lorita.convert.deploy_model` decides): forms are timed that way."""
+    return x.dim() == 4 and any(isinstance(m, nn.Conv2d) for m in model.modules())
+
+
+def _as_deployed(module: nn.Module, args: tuple, channels_last: bool) -> tuple[nn.Module, tuple]:
+    """A copy of ``module`` and its inputs in the memory format it deploys in."""
+    if not channels_last:
+        return module, args
+    fmt = torch.channels_last
+    args = tuple(
+        a.contiguous(memory_format=fmt) if isinstance(a, Tensor) and a.dim() == 4 else a
+        for a in args
+    )
+    return copy.deepcopy(module).to(memory_format=fmt), args
+
+
 def _thin_is_faster(dense: nn.Module, thin: nn.Module, args: tuple | None) -> bool:
     if args is None:  # the layer did not run on the example: fall back to FLOPs
         return True
@@ -752,18 +771,29 @@ def choose_forms(
 
 
 def _faster_forms(model: nn.Module, plan: dict[str, dict], x: Tensor) -> None:
-    """Each thin layer timed alone against its dense form; then the whole model."""
+    """Each thin layer timed alone against its dense form; then the whole model. A
+    convolutional model is timed in channels_last memory format, as it deploys."""
     thin = [n for n, p in plan.items() if p["form"] == "thin"]
     inputs = _layer_inputs(model, thin, x)
+    cl = _channels_last(model, x)
     for name in thin:
         layer = model.get_submodule(name)
         dense = layer.to_dense()
         dense.train(layer.training)
-        if not _thin_is_faster(dense, layer, inputs.get(name)):
+        dense_t, layer_t, args = dense, layer, inputs.get(name)
+        if args is not None:  # timed in the memory format the model deploys in
+            dense_t, _ = _as_deployed(dense, args, cl)
+            layer_t, args = _as_deployed(layer, args, cl)
+        if not _thin_is_faster(dense_t, layer_t, args):
             set_module(model, name, dense)
             why = f"the thin form measured slower at batch {len(x)}"
             plan[name] = {**plan[name], "form": "dense", "why": why}
     _keep_thin_only_if_faster(model, plan, x)
+
+
+def _whole_seconds(model: nn.Module, x: Tensor, channels_last: bool) -> float:
+    deployed, (x,) = _as_deployed(model, (x,), channels_last)
+    return median_seconds(lambda: deployed(x))
 
 
 def _keep_thin_only_if_faster(model: nn.Module, plan: dict[str, dict], x: Tensor) -> None:
@@ -775,12 +805,13 @@ def _keep_thin_only_if_faster(model: nn.Module, plan: dict[str, dict], x: Tensor
     if not thin:
         return
     dense = {n: model.get_submodule(n).to_dense() for n in thin}
+    cl = _channels_last(model, x)
     with torch.no_grad():
-        t_thin = median_seconds(lambda: model(x))
+        t_thin = _whole_seconds(model, x, cl)
         swapped = {n: model.get_submodule(n) for n in thin}
         for n, m in dense.items():
             set_module(model, n, m)
-        t_dense = median_seconds(lambda: model(x))
+        t_dense = _whole_seconds(model, x, cl)
     if t_thin < t_dense:
         for n, m in swapped.items():
             set_module(model, n, m)

@@ -491,3 +491,25 @@ def test_compress_and_export_choose_forms_by_latency(runs_dir, tmp_path, capsys,
         torch.testing.assert_close(b(x), a(x), rtol=1e-4, atol=1e-5)
     _one_line_error(capsys, ["compress", *base, "--form-by", "speed"], "--form-by")
     _one_line_error(capsys, ["compress", *base, "--form-batch", "0"], "--form-batch")
+
+
+def test_export_folds_batchnorm_unless_asked_not_to_and_compress_says_how_it_timed(
+    runs_dir, tmp_path, capsys
+):
+    base = ["r1", "--policy", "uniform:0.5", "--runs-dir", str(runs_dir)]
+    paths = {fold: tmp_path / f"m_{fold}.safetensors" for fold in ("fold-bn", "no-fold-bn")}
+    for flag, path in paths.items():
+        assert main(["export", *base, "--out", str(path), f"--{flag}"]) == 0
+    folded = lt.read_spec(paths["fold-bn"])["folded"]
+    assert folded and lt.read_spec(paths["no-fold-bn"])["folded"] == {}
+    a, b = lt.load(paths["fold-bn"]), lt.load(paths["no-fold-bn"])
+    assert not any(isinstance(m, torch.nn.BatchNorm1d) for m in a.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm1d) for m in b.modules())
+    x = torch.randn(5, *lt.read_spec(paths["fold-bn"])["input_shape"])
+    torch.testing.assert_close(a(x), b(x), rtol=1e-4, atol=1e-5)
+    capsys.readouterr()
+    assert main(["compress", "r1", "--global", "0.5", "--runs-dir", str(runs_dir)]) == 0
+    out = capsys.readouterr().out
+    n = len(folded)
+    assert "latency: both models timed as they deploy: BatchNorm folded into the layer " in out
+    assert f"({n} of {n} before, {n} of {n} after), contiguous memory" in out
