@@ -14,7 +14,6 @@ plotly Figure out) like those in app/charts.py.
 
 from __future__ import annotations
 
-import copy
 import threading
 import time
 from collections.abc import Callable
@@ -57,6 +56,7 @@ class Latency:
     repeats: int  # forward passes per whole-model median
     layer_repeats: int  # forward passes per per-layer median
     seconds: float = 0.0
+    deployed: str = ""  # how both models were timed (as they deploy: BatchNorm folded, ...)
 
     def slower_at(self) -> list[int]:
         """The batch sizes at which the cut measured slower than the original."""
@@ -149,7 +149,8 @@ def measure(
     progress: Callable[[int, int, str], object] | None = None,
 ) -> Latency:
     """Time ``session``'s merged model and the cut ``model`` on the session's example input
-    repeated to each batch size (the library's latency_profile and layer_latency).
+    repeated to each batch size (the library's latency_profile and layer_latency), both as
+    they deploy (BatchNorm folded, channels_last for a conv model: ``Latency.deployed``).
 
     ``repeats`` / ``layer_repeats``: forward passes each median is taken over (default: as
     many as fit in about BUDGET_S, at most REPEATS / LAYER_REPEATS). ``progress(done, total,
@@ -157,17 +158,23 @@ def measure(
     """
     import torch
 
+    from lorita.convert import deploy_input, deploy_model
+
     t0 = time.perf_counter()
     x = session.example_input
     xb = x[:1].expand(layer_batch, *x.shape[1:]).contiguous()
-    # a private copy: timing hooks on the cached, shared model would fire in other sessions
-    original = copy.deepcopy(session.model).eval()
+    # private copies as they deploy (the library's deploy_model: BatchNorm folded,
+    # channels_last for a conv model), both timed the same way; and timing hooks on the
+    # cached, shared model would fire in other sessions
+    bns = _batchnorms(session.model), _batchnorms(model)
+    original, cut = deploy_model(session.model, x), deploy_model(model, x)
     if repeats is None:
         biggest = x[:1].expand(max(batches), *x.shape[1:]).contiguous()
-        repeats = fit_repeats(original, biggest, REPEATS, BUDGET_S / len(batches))
+        big = deploy_input(original, biggest)
+        repeats = fit_repeats(original, big, REPEATS, BUDGET_S / len(batches))
     if layer_repeats is None:
-        layer_repeats = fit_repeats(original, xb, LAYER_REPEATS)
-    steps = _timings(original, model, x, xb, batches, repeats, layer_repeats)
+        layer_repeats = fit_repeats(original, deploy_input(original, xb), LAYER_REPEATS)
+    steps = _timings(original, cut, x, xb, batches, repeats, layer_repeats)
     got: dict[tuple[str, str], dict] = {}
     for i, (which, what, run) in enumerate(steps):
         if progress is not None:
@@ -186,7 +193,26 @@ def measure(
         repeats=int(repeats),
         layer_repeats=int(layer_repeats),
         seconds=time.perf_counter() - t0,
+        deployed=deployed_words(original, cut, bns),
     )
+
+
+def _batchnorms(model: Any) -> int:
+    from torch import nn
+
+    return sum(isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) for m in model.modules())
+
+
+def deployed_words(original: Any, cut: Any, bns: tuple[int, int]) -> str:
+    """How both models were timed: as they deploy (from their ``lorita_deploy``)."""
+    a, b = original.lorita_deploy, cut.lorita_deploy
+    folds = (
+        f"BatchNorm folded into the layer before it ({len(a['folded'])} of {bns[0]} in the "
+        f"original, {len(b['folded'])} of {bns[1]} in the cut)"
+        if any(bns)
+        else "no BatchNorm to fold"
+    )
+    return f"Both timed as they deploy: {folds}, {b['memory_format']} memory format."
 
 
 def remember(kept: dict, token: tuple, result: Latency, keep: int = KEEP) -> None:
@@ -278,7 +304,7 @@ def render(
         f"{result.layer_repeats} at batch {result.layer_batch}) on this machine's CPU "
         f"({result.threads} thread{'' if result.threads == 1 else 's'}, the server's setting), "
         f"measured in {result.seconds:.1f} s; other work on the machine (a training run) "
-        "makes these numbers noisy."
+        f"makes these numbers noisy. {result.deployed}"
     )
     slower = result.slower_at()
     if slower:

@@ -25,6 +25,8 @@ def _cut(session, value: float = 0.8):
 
 
 def test_measure_numbers_are_positive_and_rows_match_the_cut(session):
+    import torch
+
     import lorita as lt
 
     res = _cut(session)
@@ -44,6 +46,11 @@ def test_measure_numbers_are_positive_and_rows_match_the_cut(session):
         else:  # the output layer: left out of every cut
             assert r["form"] == "left out" and r["rank"] == r["full"]
     assert result.layer_batch == 64
+    n_bn = sum(isinstance(m, torch.nn.BatchNorm1d) for m in session.model.modules())
+    assert n_bn and result.deployed == (
+        f"Both timed as they deploy: BatchNorm folded into the layer before it ({n_bn} of "
+        f"{n_bn} in the original, {n_bn} of {n_bn} in the cut), contiguous memory format."
+    )
     table = latency.layer_table(result)
     assert [t["layer"] for t in table] == names
     assert sum(t["share of the cut's layer time %"] for t in table) == pytest.approx(100, abs=0.5)
