@@ -1,6 +1,6 @@
 """The app's one-time set-up, run when the ``app`` package is first imported by the server.
 
-Three jobs, each done once per server process:
+Four jobs, each done once per server process:
 
 - **Threads.** The server computes (a Compress slider move, the Theory fit) on the same cores
   as the training children it starts. With every torch thread it fights them for the cores
@@ -11,6 +11,8 @@ Three jobs, each done once per server process:
 - **Heavy imports.** torch, pandas, plotly and the library are imported here, under the
   ``app`` package's import lock, before any page runs. Two browser sessions that import them
   lazily at the same moment could otherwise see a partially initialised module.
+- **Theory in the background.** The Theory page's fits run in a worker process; it is started,
+  and the page's default setting fitted, in a background thread (:func:`prewarm`).
 - **Folder mode.** Because the project has a top-level ``pages/`` folder, Streamlit starts in
   its legacy folder mode until some script run calls ``st.navigation`` (documented: "as soon
   as any session executes st.navigation, the app ignores the pages/ directory"). A first visit
@@ -108,8 +110,19 @@ def leave_folder_mode() -> None:
         st.rerun()
 
 
+def prewarm() -> None:
+    """In a served session: start the Theory page's worker and fit its default setting in
+    the background, so the first visit to Theory does not wait for them."""
+    if not _in_served_session():
+        return
+    from app import theory
+
+    theory.prewarm()
+
+
 def start() -> None:
     """Everything above, in order (called by ``app/__init__.py``)."""
     configure_threads()
     import_heavy()
+    prewarm()
     leave_folder_mode()

@@ -3,14 +3,22 @@
 The fit (1500 small autograd steps) runs in one worker process, not in the server: a long
 stretch of tiny torch calls in the server's own process competes with every session's script
 and the server's event loop for the interpreter lock, and was many times slower there than on
-its own. Results come back as plain lists and numbers; the page caches them per setting.
+its own. Results come back as plain lists and numbers, kept per setting for every session
+(:func:`fit`). The server starts the worker and fits the page's default setting in the
+background when it starts (:func:`prewarm`), so the first visitor does not wait for a fresh
+interpreter to import torch.
 """
 
 from __future__ import annotations
 
 import multiprocessing
+import threading
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
+
+# The page's starting setting: N, λ, true rank, seed (the sliders read these).
+DEFAULTS = {"n_factors": 3, "weight_decay": 0.2, "rank": 3, "seed": 0}
+_KEPT = 64  # settings kept in memory (each a few kB)
 
 
 class _Worker:
@@ -47,7 +55,35 @@ def fit_here(n_factors: int, weight_decay: float, rank: int, seed: int, noise: f
     return res
 
 
+class _Kept:
+    """Fits already made, shared by every session; one lock per setting so that two
+    sessions asking for the same one at once wait for a single fit."""
+
+    lock = threading.Lock()
+    results: dict[tuple, dict] = {}
+    pending: dict[tuple, threading.Lock] = {}
+
+
 def fit(n_factors: int, weight_decay: float, rank: int, seed: int, noise: float = 0.3) -> dict:
-    """:func:`fit_here`, computed in the worker process."""
-    job = _Worker.get().submit(fit_here, n_factors, weight_decay, rank, seed, noise)
-    return job.result()
+    """:func:`fit_here`, computed in the worker process once per setting (then kept)."""
+    key = (int(n_factors), round(float(weight_decay), 6), int(rank), int(seed), float(noise))
+    with _Kept.lock:
+        if key in _Kept.results:
+            return _Kept.results[key]
+        one = _Kept.pending.setdefault(key, threading.Lock())
+    with one:
+        if key not in _Kept.results:
+            res = _Worker.get().submit(fit_here, *key).result()
+            with _Kept.lock:
+                if len(_Kept.results) >= _KEPT:
+                    _Kept.results.pop(next(iter(_Kept.results)))
+                _Kept.results[key] = res
+                _Kept.pending.pop(key, None)
+    return _Kept.results[key]
+
+
+def prewarm() -> threading.Thread:
+    """Start the worker and fit :data:`DEFAULTS` in a background thread."""
+    t = threading.Thread(target=fit, kwargs=DEFAULTS, name="lorita-theory-prewarm", daemon=True)
+    t.start()
+    return t

@@ -5,11 +5,6 @@ import streamlit as st
 from app import charts, state, theory, ui
 
 
-@st.cache_data(show_spinner="Fitting…", max_entries=64)
-def _fit(n_factors: int, weight_decay: float, rank: int, seed: int) -> dict:
-    return theory.fit(n_factors, weight_decay, rank, seed)
-
-
 @ui.guarded
 def main() -> None:
     st.title("Theory: why factors prefer low rank")
@@ -19,13 +14,16 @@ def main() -> None:
         "weight decay on every factor. It trains in-process in about a second."
     )
     c1, c2 = st.columns(2)
-    n = c1.slider("N (number of factors)", 1, 5, 3, key=state.THEORY_N)
-    lam = c2.slider("λ (weight decay)", 0.0, 1.0, 0.2, step=0.01, key=state.THEORY_LAMBDA)
+    d = theory.DEFAULTS
+    n = c1.slider("N (number of factors)", 1, 5, d["n_factors"], key=state.THEORY_N)
+    lam = c2.slider("λ (weight decay)", 0.0, 1.0, d["weight_decay"], step=0.01,
+                    key=state.THEORY_LAMBDA)  # fmt: skip
     with st.expander("Planted matrix"):
         e1, e2 = st.columns(2)
-        rank = e1.slider("true rank", 1, 10, 3, key=state.THEORY_RANK)
-        seed = e2.number_input("seed", 0, 10_000, 0, key=state.THEORY_SEED)
-    res = _fit(int(n), float(lam), int(rank), int(seed))
+        rank = e1.slider("true rank", 1, 10, d["rank"], key=state.THEORY_RANK)
+        seed = e2.number_input("seed", 0, 10_000, d["seed"], key=state.THEORY_SEED)
+    with st.spinner("Fitting…"):
+        res = theory.fit(int(n), float(lam), int(rank), int(seed))
 
     st.plotly_chart(
         charts.theory_spectrum(res["learned"], res["true"], n_factors=n, observed=res["observed"]),

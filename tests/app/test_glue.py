@@ -252,3 +252,41 @@ def test_theory_fit_in_the_worker_is_the_fit_here():
     here = theory.fit_here(2, 0.3, 2, 1)
     assert there["learned"] == pytest.approx(here["learned"], rel=1e-9, abs=1e-12)
     assert there["effective_rank"] == here["effective_rank"]
+
+
+def test_theory_fits_are_kept_and_concurrent_asks_fit_once(monkeypatch):
+    import threading
+
+    from app import theory
+
+    calls = []
+
+    class Pool:
+        def submit(self, fn, *args):
+            calls.append(args)
+            done = threading.Event()
+
+            class Job:
+                def result(self):
+                    done.wait(0.2)  # slow enough that the other asks arrive meanwhile
+                    return {"args": args}
+
+            return Job()
+
+    monkeypatch.setattr(theory._Worker, "get", classmethod(lambda cls: Pool()))
+    monkeypatch.setattr(theory._Kept, "results", {})
+    monkeypatch.setattr(theory._Kept, "pending", {})
+    out = []
+    threads = [threading.Thread(target=lambda: out.append(theory.fit(3, 0.25, 2, 7)))
+               for _ in range(4)]  # fmt: skip
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and len(out) == 4 and all(o is out[0] for o in out)
+    assert theory.fit(3, 0.25, 2, 7) is out[0] and len(calls) == 1
+    theory.fit(3, 0.26, 2, 7)
+    assert len(calls) == 2
+    t = theory.prewarm()
+    t.join(5)
+    assert calls[-1] == (3, 0.2, 3, 0, 0.3) == (*theory.DEFAULTS.values(), 0.3)
