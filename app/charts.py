@@ -296,6 +296,8 @@ def spectra_cut(
     *,
     title: str = "Spectrum of every layer (σ/σ_max, log scale): kept solid, dropped faint",
     uirevision: str | None = None,
+    hover: bool = True,
+    max_points: int | None = None,
 ) -> go.Figure:
     """Every layer's singular values on one chart with its cut: the kept ones in the layer's
     colour, the dropped ones faint, a dashed line of the same colour after the last kept one.
@@ -305,6 +307,9 @@ def spectra_cut(
     Args:
         spectra: layer -> singular values, descending.
         ranks: layer -> rank kept (a layer missing keeps everything).
+        hover: carry each σ for hovering (leave out for a static picture: less to send).
+        max_points: draw at most about this many values per layer (evenly spaced, always
+            the first, the last and both sides of the cut); None draws them all.
     """
     data, shapes, all_y = [], [], []
     for i, (layer, s) in enumerate(spectra.items()):
@@ -317,26 +322,31 @@ def spectra_cut(
         r = max(0, min(int(ranks.get(layer, len(vals))), len(vals)))
         color = PALETTE[i % len(PALETTE)]
         name = f"{layer}: keep {r} of {len(vals)}"
+        idx = _shown_indices(len(vals), r, max_points)
         for part, lo, hi in (("kept", 0, r), ("dropped", r, len(vals))):
-            data.append(
-                {
-                    "type": "scatter",
-                    "x": list(range(lo + 1, hi + 1)),
-                    "y": ys[lo:hi],
-                    "customdata": vals[lo:hi],
-                    # markers are one SVG node each: only for short spectra (each slider move
-                    # redraws the chart, and hundreds of markers made that the slow part)
-                    "mode": "lines+markers" if len(vals) <= 40 else "lines",
-                    "name": name,
-                    "legendgroup": layer,
-                    "showlegend": part == "kept",
-                    "opacity": 1.0 if part == "kept" else 0.3,
-                    "line": {"color": color, "width": 2 if part == "kept" else 1},
-                    "marker": {"color": color, "size": 4},
-                    "hovertemplate": f"{layer}<br>index %{{x}}<br>σ = %{{customdata:.4g}} "
-                    f"({part})<extra></extra>",
-                }
-            )
+            at = [i for i in idx if lo <= i < hi]
+            trace = {
+                "type": "scatter",
+                "x": [i + 1 for i in at],
+                "y": [ys[i] for i in at],
+                # markers are one SVG node each: only for short spectra (each slider move
+                # redraws the chart, and hundreds of markers made that the slow part)
+                "mode": "lines+markers" if len(vals) <= 40 else "lines",
+                "name": name,
+                "legendgroup": layer,
+                "showlegend": part == "kept",
+                "opacity": 1.0 if part == "kept" else 0.3,
+                "line": {"color": color, "width": 2 if part == "kept" else 1},
+                "marker": {"color": color, "size": 4},
+            }
+            if hover:
+                trace["customdata"] = [vals[i] for i in at]
+                trace["hovertemplate"] = (
+                    f"{layer}<br>index %{{x}}<br>σ = %{{customdata:.4g}} ({part})<extra></extra>"
+                )
+            else:
+                trace["hoverinfo"] = "skip"
+            data.append(trace)
         if 0 < r < len(vals):
             shapes.append(
                 {
@@ -355,6 +365,16 @@ def spectra_cut(
         shapes=shapes,
         legend_below=len(spectra) > 3,
     )
+
+
+def _shown_indices(n: int, r: int, max_points: int | None) -> list[int]:
+    """Indices of a length-``n`` spectrum to draw: all of them, or about ``max_points``
+    evenly spaced ones plus the first, the last and both sides of the cut at ``r``."""
+    if max_points is None or n <= max_points:
+        return list(range(n))
+    step = -(-n // max(2, max_points))  # ceil
+    keep = set(range(0, n, step)) | {0, n - 1} | {i for i in (r - 1, r) if 0 <= i < n}
+    return sorted(keep)
 
 
 def tradeoff_chart(

@@ -142,3 +142,16 @@ def test_every_chart_serialises_and_has_uirevision(make):
     fig = make()
     assert fig.layout.uirevision is not None
     fig.to_json()  # what st.plotly_chart sends to the browser
+
+
+def test_spectra_cut_thinned_keeps_ends_and_both_sides_of_the_cut():
+    vals = [1.0 / (i + 1) for i in range(500)]
+    fig = charts.spectra_cut({"fc1": vals}, {"fc1": 137}, hover=False, max_points=50)
+    kept, dropped = fig.data
+    assert kept.x[0] == 1 and kept.x[-1] == 137 and dropped.x[0] == 138 and dropped.x[-1] == 500
+    assert len(kept.x) + len(dropped.x) <= 54
+    assert list(dropped.y) == [vals[x - 1] for x in dropped.x]  # σ/σ_max at the drawn indices
+    assert kept.customdata is None and kept.hoverinfo == "skip"
+    assert [sh.x0 for sh in fig.layout.shapes] == [137.5]
+    full = charts.spectra_cut({"fc1": vals}, {"fc1": 137})
+    assert len(full.data[0].x) + len(full.data[1].x) == 500 and full.data[1].customdata
