@@ -159,6 +159,7 @@ def spectrum_heatmap(
     layer: str,
     title: str | None = None,
     uirevision: str | None = None,
+    max_rows: int | None = None,
 ) -> go.Figure:
     """Heatmap of log10(σ_i / σ_max) for one layer: singular value index against step.
 
@@ -166,6 +167,8 @@ def spectrum_heatmap(
         steps: the training step of each snapshot.
         spectra: one list of singular values (descending) per snapshot.
         layer: the layer's name (for the title).
+        max_rows: draw about this many singular value indices at most (evenly spaced,
+            always the first and the last); None draws every one.
     """
     title = title or f"Spectrum of {layer} over training: log10(σ/σ_max)"
     if not steps or not spectra:
@@ -180,11 +183,12 @@ def spectrum_heatmap(
         z[: vals.size, t] = np.where(
             (vals > 0) & np.isfinite(ratio), np.maximum(ratio, LOG_FLOOR), LOG_FLOOR
         )
+    rows = _shown_indices(width, 0, max_rows)
     heat = {
         "type": "heatmap",
         "x": list(steps),
-        "y": list(range(1, width + 1)),
-        "z": z,
+        "y": [i + 1 for i in rows],
+        "z": z[rows].astype(np.float32),  # sent as binary: half the bytes of float64
         "zmin": LOG_FLOOR,
         "zmax": 0.0,
         "colorscale": "Viridis",
@@ -207,8 +211,10 @@ def layer_spectra_chart(
     title: str = "Singular values of every layer (σ/σ_max, log scale)",
     uirevision: str | None = None,
     legend_below: bool = False,
+    max_points: int | None = None,
 ) -> go.Figure:
-    """The current spectrum of each layer (or each run), one line each, on a log y axis."""
+    """The current spectrum of each layer (or each run), one line each, on a log y axis;
+    ``max_points`` thins each line as :func:`spectra_cut` does (None: every value)."""
     data = []
     all_y: list[float] = []
     for i, (name, s) in enumerate(layers.items()):
@@ -219,16 +225,17 @@ def layer_spectra_chart(
         # log axes cannot draw zeros: clip to 1e-12 so the line stays visible.
         ys = [max(v / top if top > 0 else 0.0, 1e-12) for v in vals]
         all_y += ys
+        idx = _shown_indices(len(vals), 0, max_points)
         data.append(
             {
                 "type": "scatter",
-                "x": list(range(1, len(ys) + 1)),
-                "y": ys,
+                "x": [j + 1 for j in idx],
+                "y": [ys[j] for j in idx],
                 "mode": "lines+markers" if len(ys) <= 40 else "lines",
                 "name": name,
                 "line": {"color": PALETTE[i % len(PALETTE)], "width": 2},
                 "marker": {"size": 4},
-                "customdata": vals,
+                "customdata": [vals[j] for j in idx],
                 "hovertemplate": f"{name}<br>index %{{x}}<br>σ = %{{customdata:.4g}}<extra></extra>",
             }
         )
@@ -365,6 +372,11 @@ def spectra_cut(
         shapes=shapes,
         legend_below=len(spectra) > 3,
     )
+
+
+# Values drawn per spectrum line (or heatmap column) on pages that redraw often: the shape
+# of a spectrum survives, the bytes sent and drawn do not grow with the layer's width.
+SHOWN_POINTS = 128
 
 
 def _shown_indices(n: int, r: int, max_points: int | None) -> list[int]:

@@ -251,9 +251,6 @@ def _baselines(root: str, name: str, which: str, policy: str, value, x_axis: str
     st.dataframe(table, hide_index=True)
 
 
-SPECTRUM_POINTS = 120  # per layer on the cut chart: redrawn on every slider move
-
-
 def _spectra(session, res: dict, name: str) -> None:
     st.subheader("Spectrum of every layer, with the cut")
     layers = session.layers
@@ -266,7 +263,7 @@ def _spectra(session, res: dict, name: str) -> None:
     spectra = session.svd.spectra
     st.plotly_chart(
         charts.spectra_cut({n: spectra[n].tolist() for n in shown}, res["ranks"],
-                           uirevision=f"cut-{name}", hover=False, max_points=SPECTRUM_POINTS),
+                           uirevision=f"cut-{name}", hover=False, max_points=charts.SHOWN_POINTS),
         key="compress.cut",
         config={"staticPlot": True},  # redrawn on every slider move: a picture is cheapest
     )  # fmt: skip

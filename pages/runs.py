@@ -88,6 +88,7 @@ def _compare(picked: list[str]) -> None:
             {labels[n]: v for n, v in final.items()},
             title=f"Final spectrum of {layer} (σ/σ_max)",
             uirevision=f"cmp-spec-{key}",
+            max_points=charts.SHOWN_POINTS,
             legend_below=True,
         ),
         key="runs.chart.spectra",

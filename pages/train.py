@@ -264,7 +264,13 @@ def _charts(name: str) -> None:
     layer = st.selectbox("Layer for the heatmap", layers, key=state.TRAIN_LAYER)
     steps, values = live.layer_series(spectra, layer)
     st.plotly_chart(
-        charts.spectrum_heatmap(steps, values, layer=layer, uirevision=f"heat-{name}-{layer}"),
+        charts.spectrum_heatmap(
+            steps,
+            values,
+            layer=layer,
+            uirevision=f"heat-{name}-{layer}",
+            max_rows=charts.SHOWN_POINTS,
+        ),  # fmt: skip
         key="train.chart.heatmap",
     )
     c1, c2 = st.columns(2)
@@ -275,7 +281,7 @@ def _charts(name: str) -> None:
             {k: current[k] for k in shown},
             title=f"Singular values at step {step} (σ/σ_max)" if len(shown) < len(current)
             else f"Singular values of every layer at step {step} (σ/σ_max)",
-            uirevision=f"spectra-{name}",
+            uirevision=f"spectra-{name}", max_points=charts.SHOWN_POINTS,
         ),
         key="train.chart.spectra",
     )  # fmt: skip

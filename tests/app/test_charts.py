@@ -46,10 +46,22 @@ def test_spectrum_heatmap_is_log_ratio_to_largest():
     z = [list(row) for row in hm.z]  # rows: σ index, columns: snapshots
     assert len(z) == 3 and len(z[0]) == 2
     assert z[0] == [0.0, 0.0]
-    assert math.isclose(z[1][0], math.log10(0.5))
-    assert math.isclose(z[2][1], -2.0)
+    assert math.isclose(z[1][0], math.log10(0.5), rel_tol=1e-6)  # sent as float32
+    assert math.isclose(z[2][1], -2.0, rel_tol=1e-6)
     assert z[2][0] == charts.LOG_FLOOR  # an exact zero sits on the floor, not at -inf
     assert "fc1" in fig.layout.title.text
+
+
+def test_spectrum_heatmap_thinned_rows_keep_first_last_and_true_indices():
+    spectra = [[1.0 / (i + 1) ** k for i in range(300)] for k in (0.5, 1.0, 2.0)]
+    fig = charts.spectrum_heatmap([0, 10, 20], spectra, layer="fc1", max_rows=50)
+    hm = fig.data[0]
+    ys = list(hm.y)
+    assert ys[0] == 1 and ys[-1] == 300 and len(ys) <= 52 and ys == sorted(ys)
+    z = [list(row) for row in hm.z]
+    assert len(z) == len(ys) and len(z[0]) == 3
+    i = ys[7]  # the row drawn for σ index i is that index's value
+    assert math.isclose(z[7][2], math.log10(1.0 / i**2), rel_tol=1e-5)
 
 
 def test_spectrum_heatmap_empty():
