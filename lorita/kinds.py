@@ -650,9 +650,21 @@ def _thin_is_faster(dense: nn.Module, thin: nn.Module, args: tuple | None) -> bo
     if args is None:  # the layer did not run on the example: fall back to FLOPs
         return True
     with torch.no_grad():
-        t_dense = median_seconds(lambda: dense(*args))
-        t_thin = median_seconds(lambda: thin(*args))
+        t_dense, t_thin = paired_medians([lambda: dense(*args), lambda: thin(*args)], repeats=9)
     return t_thin < t_dense
+
+
+def paired_medians(fns: list, *, repeats: int = 7, warmup: int = 2) -> list[float]:
+    """Median wall time of each of ``fns``, called in turn in every round: a burst of other
+    work on the machine slows them alike instead of whichever was being timed."""
+    times: list[list[float]] = [[] for _ in fns]
+    for i in range(warmup + repeats):
+        for fn, t in zip(fns, times, strict=True):
+            t0 = time.perf_counter()
+            fn()
+            if i >= warmup:
+                t.append(time.perf_counter() - t0)
+    return [statistics.median(t) for t in times]
 
 
 def _batch_of(example: Tensor, batch: int | None) -> Tensor:

@@ -132,3 +132,22 @@ def test_latency_times_the_deployed_model_folded_and_channels_last(monkeypatch):
         cost.measure_latency(net, x, fold_bn=1)
     with pytest.raises(ValueError, match="channels_last"):
         cost.latency_profile(net, x, channels_last="yes")
+
+
+def test_paired_medians_time_the_candidates_in_turn(monkeypatch):
+    from lorita import kinds
+
+    clock, order = iter(range(1000)), []
+    monkeypatch.setattr(kinds.time, "perf_counter", lambda: next(clock))
+
+    def fn(name, steps):
+        def call():
+            order.append(name)
+            for _ in range(steps - 1):  # each call lasts `steps` ticks of the fake clock
+                next(clock)
+
+        return call
+
+    got = kinds.paired_medians([fn("a", 3), fn("b", 1)], repeats=3, warmup=1)
+    assert order == ["a", "b"] * 4  # interleaved, warm-up round included
+    assert got == [3, 1]
