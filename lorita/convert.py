@@ -191,28 +191,31 @@ def _shared_weights(model: nn.Module) -> set[int]:
     return {i for i, k in seen.items() if k > 1}
 
 
-def _why_not_fold(model: nn.Module, bn_name: str, trace, producers: dict, shared: set) -> str:
-    """Why ``bn_name`` does not fold, or ``"=" + layer`` when it folds into ``layer``."""
+def _fold_layer(model: nn.Module, bn_name: str, trace, producers, shared) -> tuple[str, str]:
+    """``(layer, "")`` when ``bn_name`` folds into ``layer``, else ``("", why not)``."""
     bn = model.get_submodule(bn_name)
     if bn.running_mean is None or bn.running_var is None:
-        return "no running statistics (track_running_stats=False)"
+        return "", "no running statistics (track_running_stats=False)"
     if trace.calls.get(bn_name, 0) != 1:
-        return f"it ran {trace.calls.get(bn_name, 0)} times on the example, not once"
+        return "", f"it ran {trace.calls.get(bn_name, 0)} times on the example, not once"
     x = trace.inputs[bn_name][0]
     layer = producers.get(id(x)) if isinstance(x, Tensor) else None
     if layer is None:
-        return "its input is not the output of a Linear or Conv2d layer"
+        return "", "its input is not the output of a Linear or Conv2d layer"
     plain, rank = _FOLDS_INTO[type(bn)]
     if type(model.get_submodule(layer)) is not plain or x.dim() != rank:
-        return f"{type(bn).__name__} after {layer!r} ({x.dim()}-D output) does not fold into it"
+        return "", f"{type(bn).__name__} after {layer!r} ({x.dim()}-D output) does not fold into it"
     if trace.calls.get(layer, 0) != 1:
-        return f"{layer!r} runs more than once"
+        return "", f"{layer!r} runs more than once"
     others = sorted({u for u in trace.uses.get(id(x), []) if u != bn_name})
     if others or any(t is x for t in tree_leaves(trace.result)):
-        return f"the output of {layer!r} is also used elsewhere ({', '.join(others) or 'output'})"
+        return (
+            "",
+            f"the output of {layer!r} is also used elsewhere ({', '.join(others) or 'output'})",
+        )
     if id(model.get_submodule(layer).weight) in shared or layer in trace.direct:
-        return f"the weight of {layer!r} is shared or read directly"
-    return "=" + layer
+        return "", f"the weight of {layer!r} is shared or read directly"
+    return layer, ""
 
 
 @torch.no_grad()
@@ -291,13 +294,13 @@ def fold_batchnorm(
         shared = _shared_weights(model)
         producers = {id(o): n for n, outs in trace.outputs.items() for o in outs}
         for bn in bns:
-            why = _why_not_fold(model, bn, trace, producers, shared)
-            if not why.startswith("="):
+            layer, why = _fold_layer(model, bn, trace, producers, shared)
+            if not layer:
                 unfolded[bn] = why
                 continue
-            _fold_into(model.get_submodule(why[1:]), model.get_submodule(bn))
+            _fold_into(model.get_submodule(layer), model.get_submodule(bn))
             set_module(model, bn, nn.Identity())
-            folded[bn] = why[1:]
+            folded[bn] = layer
     model.lorita_folded = folded
     model.lorita_unfolded = unfolded
     return model
