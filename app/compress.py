@@ -152,6 +152,39 @@ def stored_curve(name: str, which: str, policy: str, root: str | Path | None = N
     return curves.stored(jobs.store(root).get(name), which, policy)
 
 
+def curve_being_kept(name: str, root: str | Path | None = None) -> bool:
+    """Whether run ``name``'s training process is still alive: it keeps the default
+    policy's curve (and the slider's cuts) after marking the run completed, so a page that
+    opens the run in those seconds waits for them instead of sweeping a second time."""
+    return jobs.store(root).get(name).held_elsewhere()
+
+
+def wait_for_curve(
+    name: str,
+    which: str,
+    policy: str,
+    root: str | Path | None = None,
+    *,
+    timeout: float = 120.0,
+    poll: float = 0.25,
+    tick: Callable[[float], object] | None = None,
+) -> list[dict[str, Any]] | None:
+    """The curve the training process of ``name`` is keeping, once it is kept; None when
+    that process ends (or ``timeout`` seconds pass) without keeping it. ``tick(elapsed)``
+    is called on every poll."""
+    t0 = time.monotonic()
+    while True:
+        points = stored_curve(name, which, policy, root)
+        if points is not None:
+            return points
+        elapsed = time.monotonic() - t0
+        if elapsed > timeout or not curve_being_kept(name, root):
+            return stored_curve(name, which, policy, root)
+        if tick is not None:
+            tick(elapsed)
+        time.sleep(poll)
+
+
 def compute_curve(
     cz: Any,
     policy: str,

@@ -62,6 +62,12 @@ class CurveDrawer:
 def _curve(root: str, name: str, which: str, policy: str, label: str, x_axis: str) -> list:
     """The stored curve, or computed now (once per checkpoint) with a progress bar."""
     points = cz.stored_curve(name, which, policy, root)
+    if points is None and cz.curve_being_kept(name, root):
+        note = st.empty()
+        text = f"The training process of {label} is keeping its trade-off curve"
+        points = cz.wait_for_curve(name, which, policy, root,
+                                   tick=lambda t: note.info(f"{text} ({t:.0f} s)…"))  # fmt: skip
+        note.empty()
     if points is not None:
         return points
     drawer = CurveDrawer(label, x_axis, label)

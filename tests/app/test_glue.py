@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from app_seed import N1, N3
 
@@ -142,6 +144,39 @@ def test_tradeoff_curve_is_computed_once_and_kept_in_the_run(runs_dir):
     ckpt = jobs.store(runs_dir).get(N3).checkpoint("best")
     os.utime(ckpt, (time.time() + 5, time.time() + 5))
     assert cz.stored_curve(N3, "best", "global", runs_dir) is None
+
+
+def test_a_page_waits_for_the_curve_the_training_process_is_keeping(runs_dir):
+    """Between "completed" and its exit the training process keeps the curve: a page opening
+    the run then waits for it instead of sweeping a second time; without that process (or
+    once it ends without keeping one) there is nothing to wait for."""
+    import threading
+
+    from filelock import FileLock
+
+    from lorita.runs import WRITER_LOCK
+
+    assert not cz.curve_being_kept(N3, runs_dir)
+    assert cz.wait_for_curve(N3, "best", "global", runs_dir, timeout=5) is None
+    writer = FileLock(str(runs_dir / N3 / WRITER_LOCK), thread_local=False)
+    writer.acquire()  # the training process, still alive
+    try:
+        assert cz.curve_being_kept(N3, runs_dir)
+        session = cz.session(N3, "best", runs_dir)
+        kept = threading.Timer(0.6, lambda: cz.compute_curve(session, "global", root=runs_dir))
+        ticks: list[float] = []
+        kept.start()
+        points = cz.wait_for_curve(N3, "best", "global", runs_dir, timeout=60, poll=0.05,
+                                   tick=ticks.append)  # fmt: skip
+        kept.join()
+        assert points and points == cz.stored_curve(N3, "best", "global", runs_dir)
+        assert ticks and ticks[-1] >= 0.5  # it waited for the other writer
+        assert cz.wait_for_curve(N3, "best", "global", runs_dir) == points  # kept: at once
+        t0 = time.monotonic()
+        assert cz.wait_for_curve(N3, "best", "uniform", runs_dir, timeout=0.3) is None
+        assert time.monotonic() - t0 < 5  # gives up after its timeout
+    finally:
+        writer.release()
 
 
 def test_policy_options_are_the_librarys():
