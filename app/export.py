@@ -290,7 +290,8 @@ def build(
             lt.export_onnx(model, session.example_input, path)
             reloaded_model = OnnxModule(path)
         else:
-            lt.save(model, path, metadata=meta or {})
+            # an inference file, as `lorita export` writes one: BatchNorm folded into its layer
+            lt.save(model, path, metadata=meta or {}, fold_bn=True)
             reloaded_model = lt.load(path).eval()
         data = path.read_bytes()
         reloaded = cz.evaluate(session, reloaded_model)

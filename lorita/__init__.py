@@ -14,6 +14,8 @@ from .compress import Compressor, CompressResult
 from .convert import (
     composed_layers,
     composition_summary,
+    deploy_model,
+    fold_batchnorm,
     iter_layers,
     merge_model,
     overparameterize,
@@ -66,6 +68,8 @@ __all__ = [
     "merge_model",
     "composed_layers",
     "composition_summary",
+    "deploy_model",
+    "fold_batchnorm",
     "latency_profile",
     "layer_latency",
     "iter_layers",
