@@ -57,10 +57,10 @@ def make_policy(name: str, value: float | None = None, ranks: dict[str, int] | N
 
 
 def checkpoint_mtime(name: str, which: str = "best", root: str | Path | None = None) -> float:
-    """Modification time of a run's checkpoint (part of every cache key; 0 if missing)."""
+    """:meth:`lorita.runs.Run.checkpoint_mtime` of run ``name`` (0.0 for a bad name)."""
     try:
-        return jobs.store(root).get(name).checkpoint(which).stat().st_mtime
-    except (OSError, ValueError):
+        return jobs.store(root).get(name).checkpoint_mtime(which)
+    except ValueError:
         return 0.0
 
 

@@ -55,19 +55,13 @@ def key(which: str, policy: str) -> str:
     return f"tradeoff-{which}-{policy}"
 
 
-def _mtime(run: Run, which: str) -> float:
-    try:
-        return run.checkpoint(which).stat().st_mtime
-    except (OSError, ValueError):
-        return 0.0
-
-
 def stored(run: Run, which: str, policy: str) -> list[dict[str, Any]] | None:
     """The curve kept in ``run``'s folder, if it was swept on the current ``which`` checkpoint."""
     kept = run.read_extra(key(which, policy))
     if not isinstance(kept, dict) or kept.get("version") != VERSION:
         return None
-    if kept.get("checkpoint_mtime") != _mtime(run, which) or not _mtime(run, which):
+    mtime = run.checkpoint_mtime(which)
+    if not mtime or kept.get("checkpoint_mtime") != mtime:
         return None
     points = kept.get("points")
     return points if isinstance(points, list) else None
@@ -85,10 +79,10 @@ def compute(
     Points are :meth:`Compressor.curve`'s without the per-layer ranks: ``policy, value,
     params, flops, params_pct, flops_pct, val_acc, val_loss``.
     """
-    mtime = _mtime(run, session.which) if run is not None else 0.0
+    mtime = run.checkpoint_mtime(session.which) if run is not None else 0.0
     points = session.curve(policy, parts=("val",), progress=progress)
     points = [{k: v for k, v in p.items() if k != "ranks"} for p in points]
-    if run is not None and mtime and mtime == _mtime(run, session.which):
+    if run is not None and mtime and mtime == run.checkpoint_mtime(session.which):
         run.write_extra(
             key(session.which, policy),
             {"version": VERSION, "checkpoint_mtime": mtime, "policy": policy, "points": points},
@@ -122,7 +116,8 @@ def kept_cuts(run: Run, which: str) -> dict[str, dict[str, Any]]:
     kept = run.read_extra(_cuts_key(which))
     if not isinstance(kept, dict) or kept.get("version") != VERSION:
         return {}
-    if kept.get("checkpoint_mtime") != _mtime(run, which) or not _mtime(run, which):
+    mtime = run.checkpoint_mtime(which)
+    if not mtime or kept.get("checkpoint_mtime") != mtime:
         return {}
     rows = kept.get("cuts")
     return rows if isinstance(rows, dict) else {}
@@ -135,7 +130,7 @@ def measure_grid(session: Compressor, policy: str, run: Run | None = None) -> di
     first cut (cutting, counting and evaluating) takes longer than :data:`GRID_MAX_SECONDS`;
     the cuts measured within :data:`GRID_BUDGET_SECONDS` are kept (the page evaluates the
     others when a slider reaches them)."""
-    mtime = _mtime(run, session.which) if run is not None else 0.0
+    mtime = run.checkpoint_mtime(session.which) if run is not None else 0.0
     rows = dict(kept_cuts(run, session.which)) if run is not None else {}
     make = policy_class(policy)
     start = time.perf_counter()
@@ -154,7 +149,7 @@ def measure_grid(session: Compressor, policy: str, run: Run | None = None) -> di
             return {}
         if now - start > GRID_BUDGET_SECONDS:
             break
-    if run is not None and mtime and mtime == _mtime(run, session.which):
+    if run is not None and mtime and mtime == run.checkpoint_mtime(session.which):
         run.write_extra(
             _cuts_key(session.which),
             {"version": VERSION, "checkpoint_mtime": mtime, "cuts": rows},
@@ -186,7 +181,7 @@ def prepare(
     try:
         for w in which:
             todo = [p for p in policies if stored(run, w, p) is None]
-            if not todo or not _mtime(run, w):
+            if not todo or not run.checkpoint_mtime(w):
                 continue
             session = Compressor(run, splits, which=w)
             for policy in todo:

@@ -223,6 +223,14 @@ class Run:
             raise ValueError(f"which: {which!r} is not allowed; expected best or last")
         return self.checkpoint_dir / f"{which}.safetensors"
 
+    def checkpoint_mtime(self, which: str = "best") -> float:
+        """Modification time of :meth:`checkpoint` (0.0 if there is none): what the kept
+        curves and every cache of a checkpoint are keyed on, so a resumed run is not stale."""
+        try:
+            return self.checkpoint(which).stat().st_mtime
+        except OSError:
+            return 0.0
+
     def raw_status(self) -> dict:
         """status.json as written (no liveness check); {} if missing or broken."""
         st = read_json(self.path / "status.json", {})
