@@ -803,11 +803,6 @@ def _faster_forms(model: nn.Module, plan: dict[str, dict], x: Tensor) -> None:
     _keep_thin_only_if_faster(model, plan, x)
 
 
-def _whole_seconds(model: nn.Module, x: Tensor, channels_last: bool) -> float:
-    deployed, (x,) = _as_deployed(model, (x,), channels_last)
-    return median_seconds(lambda: deployed(x))
-
-
 def _keep_thin_only_if_faster(model: nn.Module, plan: dict[str, dict], x: Tensor) -> None:
     """Layers timed alone can each be faster thin yet slower together (more, smaller kernels
     in a row): time the whole model both ways and keep the thin layers only if it is faster.
@@ -816,19 +811,20 @@ def _keep_thin_only_if_faster(model: nn.Module, plan: dict[str, dict], x: Tensor
     thin = [n for n, p in plan.items() if p["form"] == "thin"]
     if not thin:
         return
-    dense = {n: model.get_submodule(n).to_dense() for n in thin}
+    all_dense = copy.deepcopy(model)
+    for n in thin:
+        layer = all_dense.get_submodule(n)
+        set_module(all_dense, n, layer.to_dense().train(layer.training))
     cl = _channels_last(model, x)
-    with torch.no_grad():
-        t_thin = _whole_seconds(model, x, cl)
-        swapped = {n: model.get_submodule(n) for n in thin}
-        for n, m in dense.items():
-            set_module(model, n, m)
-        t_dense = _whole_seconds(model, x, cl)
+    (m_thin, (x_thin,)), (m_dense, (x_dense,)) = (
+        _as_deployed(m, (x,), cl) for m in (model, all_dense)
+    )
+    with torch.no_grad():  # timed in turn: a burst of other work slows both alike
+        t_thin, t_dense = paired_medians([lambda: m_thin(x_thin), lambda: m_dense(x_dense)])
     if t_thin < t_dense:
-        for n, m in swapped.items():
-            set_module(model, n, m)
         return
     for n in thin:
+        set_module(model, n, all_dense.get_submodule(n))
         plan[n] = {
             **plan[n],
             "form": "dense",

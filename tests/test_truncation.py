@@ -350,7 +350,9 @@ def test_cut_by_latency_falls_back_to_dense_when_the_whole_model_is_slower(monke
     model, x = _bn_mlp().train(), torch.randn(8, 32)
     monkeypatch.setattr(kinds, "_thin_is_faster", lambda *a: True)
     calls = iter([2.0, 1.0])  # whole model: thin 2 s, dense 1 s
-    monkeypatch.setattr(kinds, "median_seconds", lambda fn, **kw: (fn(), next(calls))[1])
+    monkeypatch.setattr(
+        kinds, "paired_medians", lambda fns, **kw: [(f(), next(calls))[1] for f in fns]
+    )
     stats = model[1].running_mean.clone()
     small = lt.truncate(model, lt.Uniform(0.25), example_input=x, by="latency", batch=16)
     cut = {n: p for n, p in small.lorita_plan.items() if p["form"] != "full"}
@@ -370,7 +372,9 @@ def test_cut_by_latency_keeps_thin_layers_when_the_whole_model_is_faster(monkeyp
     model, x = _bn_mlp().eval(), torch.randn(8, 32)
     monkeypatch.setattr(kinds, "_thin_is_faster", lambda *a: True)
     calls = iter([1.0, 2.0])  # whole model: thin 1 s, dense 2 s
-    monkeypatch.setattr(kinds, "median_seconds", lambda fn, **kw: (fn(), next(calls))[1])
+    monkeypatch.setattr(
+        kinds, "paired_medians", lambda fns, **kw: [(f(), next(calls))[1] for f in fns]
+    )
     small = lt.truncate(model, lt.Uniform(0.25), example_input=x, by="latency", batch=16)
     assert any(p["form"] == "thin" for p in small.lorita_plan.values())
     assert any(isinstance(m, lt.LowRankLinear) for m in small.modules())

@@ -257,6 +257,36 @@ def test_save_load_onto_a_fresh_instance_and_onnx_agree(name, tmp_path):
         np.testing.assert_allclose(out, small(x3).numpy(), rtol=1e-3, atol=1e-4)
 
 
+def _random_bn_stats(model: nn.Module) -> None:
+    """BatchNorm statistics far from the identity (a fold of fresh ones would prove little)."""
+    g = torch.Generator().manual_seed(2)
+    for m in model.modules():
+        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) and m.running_var is not None:
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.2)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+
+
+@pytest.mark.parametrize("name", list(ZOO))
+def test_a_file_saved_with_batchnorm_folded_keeps_the_function(name, tmp_path):
+    small = lt.truncate(_composed(name), lt.Uniform(0.5), svd=_svd(name)).eval()
+    _random_bn_stats(small)
+    x = _x(name)
+    with torch.no_grad():
+        want = small(x)
+    shape = (3, ZOO[name][1], ZOO[name][1])
+    path = lt.save(small, tmp_path / "m.safetensors", input_shape=shape, fold_bn=True)
+    folded = lt.read_spec(path)["folded"]
+    back = lt.load(path, model=_fresh(name))
+    with torch.no_grad():
+        _close(back(x), want, 1e-4)
+
+    def bns(m):
+        return sum(isinstance(b, (nn.BatchNorm1d, nn.BatchNorm2d)) for b in m.modules())
+
+    assert bns(back) == bns(small) - len(folded)
+    assert bool(folded) == (bns(small) > 0)  # every family with BatchNorm has some after a conv
+
+
 def test_load_onto_the_wrong_architecture_names_the_layer(tmp_path):
     name = "mobilenet_v3_small"
     small = lt.truncate(_composed(name), lt.Uniform(0.5), svd=_svd(name))
