@@ -28,7 +28,10 @@ from lorita.runs import ACTIVE, STATES, validate_name
 
 RUNS_ENV = "LORITA_RUNS"
 MAX_CONCURRENT_ENV = "LORITA_MAX_CONCURRENT"  # training runs at once (default 1 per device)
-NICE_ENV = "LORITA_TRAIN_NICE"  # scheduling niceness of training children (default 10)
+NICE_ENV = "LORITA_TRAIN_NICE"  # scheduling niceness of training children
+# The lowest priority: a training child takes every cycle the pages leave and none they want
+# (bench/app_latency.py measures the pages beside a child at this priority).
+DEFAULT_NICE = 19
 DEFAULT_RUNS = "runs"
 APP_DIR = ".app"  # <runs>/.app/<name>.json (the request) and <name>.log (the child's output)
 FINISHED = tuple(s for s in STATES if s not in ACTIVE)  # completed, failed, stopped
@@ -172,8 +175,17 @@ def wait(name: str, root: str | Path | None = None, timeout: float | None = None
     return None if proc is None else proc.wait(timeout)
 
 
+def train_nice() -> int:
+    """The niceness given to training children: ``$LORITA_TRAIN_NICE`` (0 leaves them at the
+    server's priority), else :data:`DEFAULT_NICE`."""
+    try:
+        return min(19, int(os.environ.get(NICE_ENV, str(DEFAULT_NICE))))
+    except ValueError:
+        return DEFAULT_NICE
+
+
 def lower_priority(pid: int) -> None:
-    """Give a training child a lower CPU priority than the server (``$LORITA_TRAIN_NICE``).
+    """Give a training child a lower CPU priority than the server (:func:`train_nice`).
 
     Set right after the child starts, while it is still one thread (the threads torch starts
     later inherit it). The server's own work (pages, the Compress slider) then comes first,
@@ -182,10 +194,7 @@ def lower_priority(pid: int) -> None:
     """
     import psutil
 
-    try:
-        nice = int(os.environ.get(NICE_ENV, "10"))
-    except ValueError:
-        nice = 10
+    nice = train_nice()
     if nice <= 0:
         return
     try:
@@ -193,7 +202,7 @@ def lower_priority(pid: int) -> None:
         if os.name == "nt":
             proc.nice(psutil.BELOW_NORMAL_PRIORITY_CLASS)
         else:
-            proc.nice(min(19, nice))
+            proc.nice(nice)
     except psutil.Error:
         pass
 

@@ -448,10 +448,9 @@ async def measure(url: str, runs: Path, n3: str, busy: str, args, server_pid: in
 
 def jobs_nice() -> int:
     """The niceness the app gives its training children."""
-    try:
-        return int(os.environ.get("LORITA_TRAIN_NICE", "10"))
-    except ValueError:
-        return 10
+    from app import jobs
+
+    return jobs.train_nice()
 
 
 def _checks(r: dict) -> dict[str, float]:

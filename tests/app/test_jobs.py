@@ -117,3 +117,24 @@ def test_machine_info(runs_dir):
     info = jobs.machine_info()
     assert info["n_runs"] == 2 and info["n_active"] == 0 and info["max_concurrent"] == 1
     assert info["runs_dir"] == str(runs_dir)
+
+
+def test_training_children_get_the_lowest_priority_unless_told(monkeypatch):
+    import subprocess
+    import sys
+
+    import psutil
+
+    monkeypatch.delenv(jobs.NICE_ENV, raising=False)
+    assert jobs.train_nice() == jobs.DEFAULT_NICE == 19
+    for raw, want in (("5", 5), ("0", 0), ("40", 19), ("x", jobs.DEFAULT_NICE)):
+        monkeypatch.setenv(jobs.NICE_ENV, raw)
+        assert jobs.train_nice() == want, raw
+    monkeypatch.setenv(jobs.NICE_ENV, "7")
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        jobs.lower_priority(child.pid)
+        assert psutil.Process(child.pid).nice() >= 7  # (never raised above the parent)
+    finally:
+        child.kill()
+        child.wait()
