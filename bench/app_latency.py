@@ -386,6 +386,16 @@ def _cpu(procs) -> float:
     return total
 
 
+def _name(proc) -> str:
+    """A process's name, or "" once it has exited."""
+    import psutil
+
+    try:
+        return proc.name()
+    except psutil.Error:
+        return ""
+
+
 def cpu_split(server_pid: int) -> dict[str, float]:
     """CPU seconds so far of the server (and its workers), the training children and the
     browsers, all children of this process."""
@@ -394,8 +404,8 @@ def cpu_split(server_pid: int) -> dict[str, float]:
     server = psutil.Process(server_pid)
     mine = set(psutil.Process().children(recursive=True))
     ours = {server, *server.children(recursive=True)}
-    browsers = {c for c in mine if "chrom" in c.name()}
-    driver = {c for c in mine if c.name().startswith("node")}  # Playwright's driver
+    browsers = {c for c in mine if "chrom" in _name(c)}
+    driver = {c for c in mine if _name(c).startswith("node")}  # Playwright's driver
     return {
         "server": _cpu(ours),
         "training": _cpu(mine - ours - browsers - driver),
