@@ -7,8 +7,10 @@ the same way."""
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -40,6 +42,21 @@ def _deployable(model: nn.Module) -> nn.Module:
     return merge_model(model) if composed_layers(model) else model
 
 
+@contextlib.contextmanager
+def _counted_attention() -> Iterator[None]:
+    """Attention computed by its plain ops while FLOPs are counted. In eval mode without
+    gradients nn.MultiheadAttention (and nn.TransformerEncoderLayer) run one fused kernel
+    that FlopCounterMode counts as 0 FLOPs: a ViT's q, k, v and output projections would be
+    missing from the total, and a cut that leaves them dense would look cheaper than it runs.
+    """
+    was = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(was)
+
+
 def count_cost(model: nn.Module, example_input: Tensor) -> Cost:
     """Count parameters and FLOPs of ``model`` on ``example_input`` (e.g. one batch).
 
@@ -50,7 +67,7 @@ def count_cost(model: nn.Module, example_input: Tensor) -> Cost:
     was_training = deploy.training
     deploy.eval()
     try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        with torch.no_grad(), _counted_attention(), FlopCounterMode(display=False) as counter:
             deploy(example_input)
     finally:
         deploy.train(was_training)

@@ -21,6 +21,27 @@ def test_conv_flops_closed_form():
     assert cost.params == 16 * 27 + 16
 
 
+class _Attend(nn.Module):
+    def __init__(self, e: int, heads: int) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(e, heads, batch_first=True)
+
+    def forward(self, x):
+        return self.attn(x, x, x, need_weights=False)[0]
+
+
+def test_attention_projections_are_counted_in_eval_mode_and_the_fast_path_restored():
+    # eval + no_grad runs MultiheadAttention as one fused kernel, which FlopCounterMode sees
+    # as 0 FLOPs: the q, k, v and output projections must still be counted
+    b, t, e = 2, 10, 64
+    net = _Attend(e, 4).eval()
+    cost = lt.count_cost(net, torch.randn(b, t, e))
+    projections = 2 * b * t * e * e * 4
+    assert cost.flops >= projections
+    assert cost.per_layer["attn"]["flops"] >= projections
+    assert torch.backends.mha.get_fastpath_enabled()
+
+
 def test_composed_model_costs_like_its_merge_and_low_rank_saves():
     net = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
     x = torch.randn(4, 64)
