@@ -74,6 +74,7 @@ STALE_S = 15.0  # heartbeat older than this and pid gone: the process died
 STALE_ANY_S = 180.0  # heartbeat older than this: dead even if the pid exists (other host)
 PAIR_WINDOW_S = 120.0  # a composed run and its N=1 baseline are created this close together
 WRITER_LOCK = "writer.lock"
+PAIR_SETTLED_S = 5.0  # a runs folder unchanged this long has every new run's config written
 SETUP_KEYS = (
     "dataset", "dataset_kwargs", "model", "model_kwargs", "init", "optimizer", "lr",
     "weight_decay", "schedule", "epochs", "batch_size", "seed", "val_fraction", "split_seed",
@@ -494,6 +495,22 @@ def _created(run: Run) -> float:
     return created
 
 
+#: (runs folder, run, window) -> (its pair's name or None, the folder's listing stamp then).
+#: Pairing reads every run's config; the Compress page asks on every slider move, so a pair
+#: found is kept (setup and creation time never change), and "no pair" is kept while the
+#: folder's listing is unchanged and settled (older than PAIR_SETTLED_S: a run is created as
+#: its folder, then its config a moment later).
+_PAIRS: dict[tuple[str, str, float], tuple[str | None, int | None]] = {}
+
+
+def _listing_stamp(root: Path) -> int | None:
+    """When runs were last added to or removed from ``root`` (its mtime, ns)."""
+    try:
+        return root.stat().st_mtime_ns
+    except OSError:
+        return None
+
+
 class RunStore:
     """All runs under one folder (``root``, else ``$LORITA_RUNS``, else ``./runs``)."""
 
@@ -598,6 +615,22 @@ class RunStore:
         ``window_s`` seconds), so a restart finds the pair again.
         """
         me = self.get(run) if isinstance(run, str) else run
+        key = (str(self.root), me.name, float(window_s))
+        listing = _listing_stamp(self.root)
+        known = _PAIRS.get(key)
+        if known is not None and known[0] is not None and self.exists(known[0]):
+            return self.get(known[0])  # a pair, once found, stays one
+        if known is not None and known[0] is None and known[1] == listing:
+            return None  # no pair, and no run added or removed since
+        best = self._find_pair(me, window_s)
+        settled = listing is not None and time.time() - listing / 1e9 > PAIR_SETTLED_S
+        if best is not None or settled:
+            if len(_PAIRS) > 4096:
+                _PAIRS.clear()
+            _PAIRS[key] = (best.name if best else None, listing)
+        return best
+
+    def _find_pair(self, me: Run, window_s: float) -> Run | None:
         cfg, born = me.config, _created(me)
         mine_n1 = cfg.get("n_factors", 1) == 1
         best: tuple[float, Run] | None = None

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -210,6 +211,26 @@ def test_new_name_pair_and_extras(tmp_path):
     n3.write_extra("curve-energy", {"points": [1, 2]})
     assert n3.read_extra("curve-energy") == {"points": [1, 2]}
     assert n3.read_extra("missing", default=[]) == []
+
+
+def test_pairing_is_kept_but_follows_new_and_deleted_runs(tmp_path, monkeypatch):
+    from lorita import runs as runs_mod
+
+    store = RunStore(tmp_path)
+    setup = {"dataset": "digits", "model": "mlp", "lr": 0.01, "epochs": 2}
+    n3 = store.create({**setup, "n_factors": 3}, name="a-n3")
+    monkeypatch.setattr(runs_mod, "PAIR_SETTLED_S", 0.0)  # every listing counts as settled
+    assert store.pair(n3) is None  # kept as "no pair" for this listing
+    reads = []
+    real = runs_mod.RunStore._find_pair
+    monkeypatch.setattr(runs_mod.RunStore, "_find_pair",
+                        lambda self, *a: reads.append(1) or real(self, *a))  # fmt: skip
+    assert store.pair(n3) is None and not reads  # the listing did not change: no scan
+    n1 = store.create({**setup, "n_factors": 1}, name="a-n1")  # the listing changes
+    assert store.pair(n3).name == n1.name and len(reads) == 1
+    assert store.pair(n3).name == n1.name and len(reads) == 1  # kept
+    shutil.rmtree(n1.path)  # (delete() refuses: its queued status names this live process)
+    assert store.pair(n3) is None  # the kept partner is gone: scanned again
 
 
 def test_writer_lock_is_held_for_the_life_of_the_process(tmp_path):
