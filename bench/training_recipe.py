@@ -131,6 +131,18 @@ VARIANTS = {
     "warm-wd0.3": ("N=3, warm-up 10%, weight decay x0.3", {"warmup": 0.1, "wd_scale": 0.3}),
     "warm-wd0.5": ("N=3, warm-up 10%, weight decay x0.5", {"warmup": 0.1, "wd_scale": 0.5}),
     "warm-wd2": ("N=3, warm-up 10%, weight decay x2", {"warmup": 0.1, "wd_scale": 2}),
+    "warm-indep": (
+        "N=3, warm-up 10%, independent factor init (the paper's)",
+        {"warmup": 0.1, "init": "independent"},
+    ),
+    "warm-paper-inner": (
+        "N=3, warm-up 10%, the paper's inner width",
+        {"warmup": 0.1, "inner": "paper"},
+    ),
+    "warm-indep-paper-inner": (
+        "N=3, warm-up 10%, independent init and the paper's inner width",
+        {"warmup": 0.1, "init": "independent", "inner": "paper"},
+    ),
     "sgd-n1": (
         "N=1, SGD momentum 0.9 lr 0.05, warm-up 10%, decay x5",
         {"n": 1, "opt": "sgd", "lr_abs": 0.05, "warmup": 0.1, "wd_scale": 5},
@@ -194,7 +206,8 @@ def train_one(dataset: str, variant: str, seed: int) -> dict:
     c = settings(dataset, variant)
     splits, (tr, va, te) = _data(dataset)
     cfg = TrainConfig(
-        dataset=dataset, n_factors=c["n"], seed=seed, model_kwargs={"width": c["width"]}
+        dataset=dataset, n_factors=c["n"], seed=seed, model_kwargs={"width": c["width"]},
+        init=c.get("init", "balanced"), inner=c.get("inner"),
     )
     model = build_model(cfg, splits)
     groups = _groups(model, c["wd"], c.get("no_decay_bn", False))
