@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import statistics
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -42,19 +43,32 @@ def _deployable(model: nn.Module) -> nn.Module:
     return merge_model(model) if composed_layers(model) else model
 
 
+_ATTENTION_LOCK = threading.Lock()
+_attention_counting = {"depth": 0, "was": True}  # counters open now; the setting before them
+
+
 @contextlib.contextmanager
 def _counted_attention() -> Iterator[None]:
     """Attention computed by its plain ops while FLOPs are counted. In eval mode without
     gradients nn.MultiheadAttention (and nn.TransformerEncoderLayer) run one fused kernel
     that FlopCounterMode counts as 0 FLOPs: a ViT's q, k, v and output projections would be
     missing from the total, and a cut that leaves them dense would look cheaper than it runs.
+
+    The switch is process-wide: counts running at once in several threads (app sessions)
+    share it, and the last one out restores the setting found by the first one in.
     """
-    was = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
+    with _ATTENTION_LOCK:
+        if _attention_counting["depth"] == 0:
+            _attention_counting["was"] = torch.backends.mha.get_fastpath_enabled()
+            torch.backends.mha.set_fastpath_enabled(False)
+        _attention_counting["depth"] += 1
     try:
         yield
     finally:
-        torch.backends.mha.set_fastpath_enabled(was)
+        with _ATTENTION_LOCK:
+            _attention_counting["depth"] -= 1
+            if _attention_counting["depth"] == 0:
+                torch.backends.mha.set_fastpath_enabled(_attention_counting["was"])
 
 
 def count_cost(model: nn.Module, example_input: Tensor) -> Cost:

@@ -42,6 +42,29 @@ def test_attention_projections_are_counted_in_eval_mode_and_the_fast_path_restor
     assert torch.backends.mha.get_fastpath_enabled()
 
 
+def test_attention_counts_in_several_threads_at_once_restore_the_fast_path():
+    import threading
+
+    from lorita import cost
+
+    inside, release = threading.Barrier(3), threading.Event()
+
+    def count():
+        with cost._counted_attention():
+            inside.wait()  # both counting at once, and the test looking
+            release.wait(10)
+
+    threads = [threading.Thread(target=count) for _ in range(2)]
+    for t in threads:
+        t.start()
+    inside.wait()
+    assert not torch.backends.mha.get_fastpath_enabled()
+    release.set()
+    for t in threads:
+        t.join()
+    assert torch.backends.mha.get_fastpath_enabled()
+
+
 def test_composed_model_costs_like_its_merge_and_low_rank_saves():
     net = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
     x = torch.randn(4, 64)
