@@ -39,6 +39,22 @@ def test_overparameterize_keeps_function_names_and_input():
     assert all(type(m) in (nn.Conv2d, nn.Linear) for _, m in lt.iter_layers(net))
 
 
+def test_listing_layers_multiplies_no_factors(monkeypatch):
+    """layer_table only looks at registered weights: a composed layer's .weight multiplies its
+    factors (seconds for a VGG classifier), and listing runs on every merge, cut and count."""
+    from lorita import layers
+    from lorita.kinds import layer_table
+
+    composed = lt.overparameterize(
+        nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.Linear(8 * 4 * 4, 10)), 3
+    )
+    products = []
+    real = layers.chain_product
+    monkeypatch.setattr(layers, "chain_product", lambda f: products.append(1) or real(f))
+    assert [e.name for e in layer_table(composed)] == ["0", "2"]
+    assert not products
+
+
 def test_merge_model_loads_strict_into_plain_architecture():
     net = small_cnn().eval()
     model = lt.overparameterize(net, 3, init="independent").eval()
