@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
+from .functional import svd64
 from .layers import (
     INITS,
     ORDERS,
@@ -407,7 +408,7 @@ def pooled_spectrum(s: Tensor) -> Tensor:
 
 def layer_svd(module: nn.Module) -> tuple[Tensor, Tensor, Tensor]:
     """Thin SVD (float64) of the layer's matrices: U (G, m, k), S (G, k), Vh (G, k, n)."""
-    return torch.linalg.svd(matrices(module).double(), full_matrices=False)
+    return svd64(matrices(module))
 
 
 # --------------------------------------------------------------------------- direct reads

@@ -90,3 +90,36 @@ def test_fit_planted_shows_rank_preference():
 def test_bad_arguments(call, field):
     with pytest.raises(ValueError, match=field):
         call()
+
+
+@pytest.mark.parametrize(
+    "shape", [(300, 1500), (1500, 300), (3, 280, 1200), (64, 64), (200, 900), (400, 900)]
+)
+def test_svd64_matches_the_full_svd_on_long_narrow_matrices(shape):
+    """Wide and tall (the Gram route), batched (grouped convolutions), square and short ones
+    (the plain SVD): same singular values, the same matrix back, orthonormal short-side
+    singular vectors."""
+    from lorita.functional import svd64
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(*shape, generator=g) / shape[-1] ** 0.5
+    u, s, vh = svd64(w)
+    full = torch.linalg.svdvals(w.double())
+    assert s.dtype == torch.float64 and s.shape == full.shape
+    torch.testing.assert_close(s, full, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close((u * s.unsqueeze(-2)) @ vh, w.double(), rtol=0, atol=1e-12)
+    short = u if shape[-2] <= shape[-1] else vh.transpose(-2, -1)
+    gram = short.transpose(-2, -1) @ short
+    eye = torch.eye(short.shape[-1], dtype=torch.float64).expand_as(gram)
+    torch.testing.assert_close(gram, eye, atol=1e-10, rtol=0)
+
+
+def test_svd64_on_a_rank_deficient_matrix_keeps_it_and_zeroes_the_empty_directions():
+    from lorita.functional import svd64
+
+    g = torch.Generator().manual_seed(1)
+    w = (torch.randn(300, 7, generator=g) @ torch.randn(7, 1500, generator=g)).double()
+    u, s, vh = svd64(w)
+    assert torch.isfinite(u).all() and torch.isfinite(vh).all()
+    assert (s[7:] < 1e-6 * s[0]).all()
+    torch.testing.assert_close((u * s) @ vh, w, rtol=0, atol=1e-9 * s[0].item())
