@@ -206,8 +206,12 @@ def train_one(dataset: str, variant: str, seed: int) -> dict:
     c = settings(dataset, variant)
     splits, (tr, va, te) = _data(dataset)
     cfg = TrainConfig(
-        dataset=dataset, n_factors=c["n"], seed=seed, model_kwargs={"width": c["width"]},
-        init=c.get("init", "balanced"), inner=c.get("inner"),
+        dataset=dataset,
+        n_factors=c["n"],
+        seed=seed,
+        model_kwargs={"width": c["width"]},
+        init=c.get("init", "balanced"),
+        inner=c.get("inner"),
     )
     model = build_model(cfg, splits)
     groups = _groups(model, c["wd"], c.get("no_decay_bn", False))

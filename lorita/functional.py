@@ -75,8 +75,8 @@ def svd64(w: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     Vh (..., p, k), with p = min(m, k).
 
     A long, narrow matrix (a 3x3 convolution's C_out x 9 C_in, a classifier's 4096 x 25088)
-    goes through the eigendecomposition of its p x p Gram matrix, 10-20x faster than the full
-    SVD: the short side's singular vectors come out orthonormal and complete, so
+    goes through the eigendecomposition of its p x p Gram matrix, 5-7x faster than the full
+    SVD (2048 x 12544: 4.4 s against 30 s): the short side's singular vectors come out orthonormal and complete, so
     U diag(S) Vh reproduces ``w`` to float64 rounding; a singular value below about 1e-6 of
     the largest loses relative accuracy (in a float32 weight it is rounding noise anyway), and
     one that rounds to zero gets a zero singular vector on the long side.

@@ -616,11 +616,11 @@ class RunStore:
         """
         me = self.get(run) if isinstance(run, str) else run
         key = (str(self.root), me.name, float(window_s))
-        listing = _listing_stamp(self.root)
         known = _PAIRS.get(key)
         if known is not None and known[0] is not None:
             with contextlib.suppress(ValueError):  # gone since: look again
                 return self.get(known[0])  # a pair, once found, stays one
+        listing = _listing_stamp(self.root)
         if known is not None and known[0] is None and known[1] == listing:
             return None  # no pair, and no run added or removed since
         best = self._find_pair(me, window_s)

@@ -342,17 +342,23 @@ def _bn_mlp():
     )  # fmt: skip
 
 
-def test_cut_by_latency_falls_back_to_dense_when_the_whole_model_is_slower(monkeypatch):
-    """Layers timed alone may each be faster thin, yet the whole model slower: then every cut
-    layer stays dense (rank-r weight, the uncut model's cost) and the plan says why."""
+def _whole_model_times(monkeypatch, thin_s: float, dense_s: float) -> None:
+    """Every layer measured faster thin; the whole model then times ``thin_s`` with its thin
+    layers and ``dense_s`` with all of them dense."""
     from lorita import kinds
 
-    model, x = _bn_mlp().train(), torch.randn(8, 32)
     monkeypatch.setattr(kinds, "_thin_is_faster", lambda *a: True)
-    calls = iter([2.0, 1.0])  # whole model: thin 2 s, dense 1 s
+    calls = iter([thin_s, dense_s])
     monkeypatch.setattr(
         kinds, "paired_medians", lambda fns, **kw: [(f(), next(calls))[1] for f in fns]
     )
+
+
+def test_cut_by_latency_falls_back_to_dense_when_the_whole_model_is_slower(monkeypatch):
+    """Layers timed alone may each be faster thin, yet the whole model slower: then every cut
+    layer stays dense (rank-r weight, the uncut model's cost) and the plan says why."""
+    model, x = _bn_mlp().train(), torch.randn(8, 32)
+    _whole_model_times(monkeypatch, 2.0, 1.0)
     stats = model[1].running_mean.clone()
     small = lt.truncate(model, lt.Uniform(0.25), example_input=x, by="latency", batch=16)
     cut = {n: p for n, p in small.lorita_plan.items() if p["form"] != "full"}
@@ -372,11 +378,7 @@ def test_cut_by_latency_keeps_dense_layers_on_a_near_tie(monkeypatch):
     from lorita import kinds
 
     model, x = _bn_mlp().eval(), torch.randn(8, 32)
-    monkeypatch.setattr(kinds, "_thin_is_faster", lambda *a: True)
-    calls = iter([0.98, 1.0])  # whole model: thin 0.98 s, dense 1 s
-    monkeypatch.setattr(
-        kinds, "paired_medians", lambda fns, **kw: [(f(), next(calls))[1] for f in fns]
-    )
+    _whole_model_times(monkeypatch, 0.98, 1.0)
     small = lt.truncate(model, lt.Uniform(0.25), example_input=x, by="latency", batch=16)
     cut = {n: p for n, p in small.lorita_plan.items() if p["form"] != "full"}
     assert cut and all(p["form"] == "dense" for p in cut.values())
@@ -384,14 +386,8 @@ def test_cut_by_latency_keeps_dense_layers_on_a_near_tie(monkeypatch):
 
 
 def test_cut_by_latency_keeps_thin_layers_when_the_whole_model_is_faster(monkeypatch):
-    from lorita import kinds
-
     model, x = _bn_mlp().eval(), torch.randn(8, 32)
-    monkeypatch.setattr(kinds, "_thin_is_faster", lambda *a: True)
-    calls = iter([1.0, 2.0])  # whole model: thin 1 s, dense 2 s
-    monkeypatch.setattr(
-        kinds, "paired_medians", lambda fns, **kw: [(f(), next(calls))[1] for f in fns]
-    )
+    _whole_model_times(monkeypatch, 1.0, 2.0)
     small = lt.truncate(model, lt.Uniform(0.25), example_input=x, by="latency", batch=16)
     assert any(p["form"] == "thin" for p in small.lorita_plan.values())
     assert any(isinstance(m, lt.LowRankLinear) for m in small.modules())
