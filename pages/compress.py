@@ -316,9 +316,9 @@ def workbench(root: str, name: str, which: str) -> None:
 
     Drawn in an order that shows the most at once: the controls and the trade-off chart from
     the curves kept in the run folder come first; the session (checkpoint, SVDs) is loaded
-    next, then the numbers of this setting.
+    next, then the numbers of this setting. The uncut model's numbers are drawn by the page,
+    outside the fragment.
     """
-    base_box = st.container()
     policy, value, policy_obj = _controls(root, name, which)
     ui.show_pending_error()
     table_box, result_box = st.container(), st.container()
@@ -333,8 +333,6 @@ def workbench(root: str, name: str, which: str) -> None:
         _draw_tradeoff(slot, curves, x_axis, name)  # at once, while the session loads
     session = cache.session(root, name, which)
     st.session_state[state.COMPRESS_LOADED] = loaded
-    with base_box:
-        _base_metrics(session)
     if policy_obj is None:
         with table_box:
             policy_obj = _rank_editor(session, name, which)
@@ -374,7 +372,18 @@ def main() -> None:
     picked = _choose_run(root)
     if picked is None:
         return
+    # The uncut model's numbers do not change with the slider: drawn outside the fragment (a
+    # slider move resends only what it changes), above it, once the fragment loaded the session.
+    base_box = st.container()
     workbench(root, *picked)
+    name, which = picked
+    if st.session_state.get(state.COMPRESS_LOADED) == (
+        name,
+        which,
+        cz.checkpoint_mtime(name, which, root),
+    ):
+        with base_box:  # the session loaded (a checkpoint that failed to load reports once)
+            _base_metrics(cache.session(root, name, which))
     st.page_link("pages/export.py", label="Export this model", icon="📦")
 
 
