@@ -1,6 +1,6 @@
 """The app's one-time set-up, run when the ``app`` package is first imported by the server.
 
-Five jobs, each done once per server process:
+Six jobs, each done once per server process:
 
 - **Threads.** The server computes (a Compress slider move, the Theory fit) on the same cores
   as the training children it starts. With every torch thread it fights them for the cores
@@ -16,6 +16,9 @@ Five jobs, each done once per server process:
   a pause that lands on whichever script run (a slider move) triggers it. :func:`freeze_heap`
   moves them to the permanent generation (``gc.freeze``), so a full collection walks only
   what the pages created since (milliseconds).
+- **plotly.js served here.** Charts are drawn by plotly.js from this server's ``static/``
+  folder (:mod:`app.plot`); :func:`app.plot.serve_plotly_js` copies the plotly package's file
+  there.
 - **Theory in the background.** The Theory page's fits run in a worker process; it is started,
   and the page's default setting fitted, in a background thread (:func:`prewarm`).
 - **Folder mode.** Because the project has a top-level ``pages/`` folder, Streamlit starts in
@@ -139,6 +142,9 @@ def start() -> None:
     """Everything above, in order (called by ``app/__init__.py``)."""
     configure_threads()
     import_heavy()
+    from app import plot
+
+    plot.serve_plotly_js()
     freeze_heap()
     prewarm()
     leave_folder_mode()

@@ -314,7 +314,9 @@ def render(
             + ": small thin layers can cost more than one dense layer. "
             + (slower_hint or EXPORT_HINT)
         )
-    st.plotly_chart(layer_chart(result), key=f"{key}.chart")
+    from app import plot
+
+    plot.show(layer_chart(result), key=f"{key}.chart")
     st.dataframe(layer_table(result), hide_index=True)
     st.caption(
         "Per layer: the time inside each layer (timed with hooks around it, so compare layers "

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from app import cache, charts, jobs, latency, live, state, tables, ui
+from app import cache, charts, jobs, latency, live, plot, state, tables, ui
 from app import compress as cz
 
 
@@ -47,11 +47,12 @@ class CurveDrawer:
         self.points.append(point)
         self.bar.progress(done / max(1, total), text=f"{self.label}: {done} of {total} points")
         if done % 3 == 0 or done == total:
-            self.chart.plotly_chart(
+            plot.show(
                 charts.tradeoff_chart(
                     {self.label: list(self.points)}, x=self.x_axis,
                     title=f"Computing the trade-off curve ({self.label})…",
-                )
+                ),
+                where=self.chart,
             )  # fmt: skip
 
     def clear(self) -> None:
@@ -202,10 +203,10 @@ def _swept_curves(root: str, name: str, which: str, policy: str, n: int, x_axis:
 
 
 def _draw_tradeoff(slot, curves: dict, x_axis: str, name: str, res: dict | None = None) -> None:
-    slot.plotly_chart(
+    plot.show(
         charts.tradeoff_chart(curves, x=x_axis, y="val_acc", current=res,
                               uirevision=f"tradeoff-{name}"),
-        key="compress.tradeoff" if res is not None else None,
+        where=slot, key="compress.tradeoff" if res is not None else None,
     )  # fmt: skip
 
 
@@ -245,7 +246,7 @@ def _baselines(root: str, name: str, which: str, policy: str, value, x_axis: str
             root=root, progress=lambda d, t, r: bar.progress(d / t, text=f"{d} of {t} cuts"),
         )  # fmt: skip
         bar.empty()
-    st.plotly_chart(
+    plot.show(
         charts.tradeoff_chart(cz.comparison_curves(rows), x=x_axis, y="test_acc",
                               title="Test accuracy of each method at 5–50 % budgets"),
         key="compress.compare_chart",
@@ -267,7 +268,7 @@ def _spectra(session, res: dict, name: str) -> None:
             key=f"compress.layers.{name}",
         )  # fmt: skip
     spectra = session.svd.spectra
-    st.plotly_chart(
+    plot.show(
         charts.spectra_cut({n: spectra[n].tolist() for n in shown}, res["ranks"],
                            uirevision=f"cut-{name}", hover=False, max_points=charts.SHOWN_POINTS),
         key="compress.cut",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from app import charts, jobs, live, state, tables, ui
+from app import charts, jobs, live, plot, state, tables, ui
 
 
 def _default_pick(rows: list[dict]) -> list[str]:
@@ -55,19 +55,19 @@ def _compare(picked: list[str]) -> None:
     labels = {n: f"{n} (N={r.config.get('n_factors')})" for n, r in runs.items()}
     key = "-".join(picked)
     c1, c2 = st.columns(2)
-    c1.plotly_chart(
+    plot.show(
         charts.training_curves(
             {labels[n]: m for n, m in metrics.items()}, "loss", splits=("val",),
             title="Validation loss", uirevision=f"cmp-loss-{key}",
         ),
-        key="runs.chart.loss",
+        key="runs.chart.loss", where=c1,
     )  # fmt: skip
-    c2.plotly_chart(
+    plot.show(
         charts.training_curves(
             {labels[n]: m for n, m in metrics.items()}, "acc", splits=("val",),
             title="Validation accuracy", uirevision=f"cmp-acc-{key}",
         ),
-        key="runs.chart.acc",
+        key="runs.chart.acc", where=c2,
     )  # fmt: skip
     layers: list[str] = []
     for rows in spectra.values():
@@ -83,7 +83,7 @@ def _compare(picked: list[str]) -> None:
     layer = st.selectbox("Layer", layers, key=state.RUNS_LAYER)
     final, steps, ranks = tables.overlay(spectra, layer)
     c1, c2 = st.columns(2)
-    c1.plotly_chart(
+    plot.show(
         charts.layer_spectra_chart(
             {labels[n]: v for n, v in final.items()},
             title=f"Final spectrum of {layer} (σ/σ_max)",
@@ -92,13 +92,14 @@ def _compare(picked: list[str]) -> None:
             legend_below=True,
         ),
         key="runs.chart.spectra",
+        where=c1,
     )
-    c2.plotly_chart(
+    plot.show(
         charts.rank_curves(
             {labels[n]: v for n, v in steps.items()}, {labels[n]: v for n, v in ranks.items()},
             title=f"Effective rank of {layer}", uirevision=f"cmp-rank-{key}", legend_below=True,
         ),
-        key="runs.chart.ranks",
+        key="runs.chart.ranks", where=c2,
     )  # fmt: skip
     st.markdown(f"**Effective rank per layer at the last snapshot** ({live.rank_rule()})")
     st.dataframe(tables.ranks_table([r.summary() for r in runs.values()]), hide_index=True)

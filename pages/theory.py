@@ -2,7 +2,7 @@
 
 import streamlit as st
 
-from app import charts, state, theory, ui
+from app import charts, plot, state, theory, ui
 
 
 @ui.guarded
@@ -25,7 +25,7 @@ def main() -> None:
     with st.spinner("Fitting…"):
         res = theory.fit(int(n), float(lam), int(rank), int(seed))
 
-    st.plotly_chart(
+    plot.show(
         charts.theory_spectrum(res["learned"], res["true"], n_factors=n, observed=res["observed"]),
         key="theory.chart",
     )

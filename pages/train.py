@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from app import charts, jobs, live, options, presets, state, train_form, ui
+from app import charts, jobs, live, options, plot, presets, state, train_form, ui
 
 FIELD_KEYS = {
     "dataset": state.TRAIN_DATASET,
@@ -249,9 +249,10 @@ def _charts(name: str) -> None:
     metrics = f.metric_rows()
     c1, c2 = st.columns(2)
     for col, metric in ((c1, "loss"), (c2, "acc")):
-        col.plotly_chart(
+        plot.show(
             charts.training_curves({name: metrics}, metric, uirevision=f"{metric}-{name}"),
             key=f"train.chart.{metric}",
+            where=col,
         )
     st.subheader("Spectra")
     spectra = f.spectra_rows()
@@ -263,7 +264,7 @@ def _charts(name: str) -> None:
         st.session_state[state.TRAIN_LAYER] = live.widest_layer(spectra) or layers[0]
     layer = st.selectbox("Layer for the heatmap", layers, key=state.TRAIN_LAYER)
     steps, values = live.layer_series(spectra, layer)
-    st.plotly_chart(
+    plot.show(
         charts.spectrum_heatmap(
             steps,
             values,
@@ -276,22 +277,22 @@ def _charts(name: str) -> None:
     c1, c2 = st.columns(2)
     step, current = live.latest(spectra)
     shown = live.pick_layers(current)
-    c1.plotly_chart(
+    plot.show(
         charts.layer_spectra_chart(
             {k: current[k] for k in shown},
             title=f"Singular values at step {step} (σ/σ_max)" if len(shown) < len(current)
             else f"Singular values of every layer at step {step} (σ/σ_max)",
             uirevision=f"spectra-{name}", max_points=charts.SHOWN_POINTS,
         ),
-        key="train.chart.spectra",
+        key="train.chart.spectra", where=c1,
     )  # fmt: skip
     r_steps, ranks = f.rank_series()
-    c2.plotly_chart(
+    plot.show(
         charts.rank_curves(
             r_steps, {k: ranks[k] for k in shown if k in ranks},
             title=f"Effective rank ({live.rank_rule()})", uirevision=f"ranks-{name}",
         ),
-        key="train.chart.ranks",
+        key="train.chart.ranks", where=c2,
     )  # fmt: skip
 
 

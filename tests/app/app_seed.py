@@ -22,3 +22,24 @@ TINY = {
 }
 N3 = "digits-tiny-n3"
 N1 = "digits-tiny-n1"
+
+
+class Chart:
+    """A chart a page drew (app.plot.show): its key and its plotly figure as a dict."""
+
+    def __init__(self, key: str | None, figure: dict) -> None:
+        self.key, self.figure = key, figure
+
+
+def shown_charts(at) -> list[Chart]:
+    """Every chart on an AppTest page, in page order (app.plot's component, or the
+    st.plotly_chart it falls back to)."""
+    import json
+
+    out = []
+    for el in at.get("bidi_component"):
+        if el.proto.component_name == "lorita_plot":
+            data = json.loads(el.proto.json)
+            out.append(Chart(data["key"], json.loads(data["figure"])))
+    out += [Chart(el.key, json.loads(el.proto.spec)) for el in at.get("plotly_chart")]
+    return out

@@ -4,7 +4,7 @@ layer's form by FLOPs or by measured latency (app/export.py), on the seeded tiny
 from __future__ import annotations
 
 import pytest
-from app_seed import N3, ROOT
+from app_seed import N3, ROOT, shown_charts
 from streamlit.testing.v1 import AppTest
 
 from app import compress as cz
@@ -144,7 +144,7 @@ def test_show_measures_on_the_button_only_and_keeps_it_for_the_cut(runs_dir, mon
     assert _metric_labels(at) == ["Latency, batch 1", "Latency, batch 64"]
     for m in at.metric:
         assert float(m.value.split()[0]) > 0 and "% of original" in m.delta
-    assert len(at.get("plotly_chart")) == 1 and len(at.dataframe) == 1
+    assert len(shown_charts(at)) == 1 and len(at.dataframe) == 1
     at.run()  # a rerun (a widget elsewhere moved) with the same cut: kept, not measured again
     assert len(calls) == 1 and _metric_labels(at) == ["Latency, batch 1", "Latency, batch 64"]
     # another cut: nothing kept for it

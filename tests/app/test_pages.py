@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
-from app_seed import N1, N3, ROOT
+from app_seed import N1, N3, ROOT, shown_charts
 from streamlit.testing.v1 import AppTest
 
 from app import presets
@@ -56,7 +54,7 @@ def test_theory_identity_and_rank_preference(empty_runs):
     assert_clean(at)
     m = metrics(at)
     assert int(m["effective rank of W"]) > 3  # N=1 keeps the noise directions
-    assert len(at.get("plotly_chart")) == 1
+    assert len(shown_charts(at)) == 1
 
 
 # --- train ------------------------------------------------------------------------------------
@@ -134,7 +132,7 @@ def test_train_follows_finished_run_from_the_url(runs_dir):
     assert_clean(at)
     assert at.selectbox(key="train.follow").value == N3
     assert any("Completed" in s.value for s in at.success)
-    charts = at.get("plotly_chart")
+    charts = shown_charts(at)
     assert len(charts) == 5  # loss, accuracy, heatmap, spectra of every layer, effective rank
     layer = at.selectbox(key="train.layer")
     assert layer.options[0] == "fc1"
@@ -165,7 +163,7 @@ def test_runs_table_overlay_and_delete(runs_dir):
     pick = at.multiselect(key="runs.pick")
     pick.set_value([N3, N1]).run()
     assert_clean(at)
-    assert len(at.get("plotly_chart")) == 4
+    assert len(shown_charts(at)) == 4
     ranks = at.dataframe[1].value
     assert list(ranks["N"]) == [3, 1]
 
@@ -205,9 +203,9 @@ def test_compress_slider_changes_the_numbers(runs_dir):
     assert "% of original" in at.metric[6].delta
     # the trade-off chart (with the N=1 baseline's curve) and one chart of every cut layer's
     # spectrum (the output layer is left out of cuts, as the page says)
-    charts = at.get("plotly_chart")
+    charts = shown_charts(at)
     assert [c.key for c in charts] == ["compress.tradeoff", "compress.cut"]
-    cut = json.loads(charts[1].proto.spec)
+    cut = charts[1].figure
     assert [t["name"] for t in cut["data"] if t["showlegend"]][0].startswith("fc1: keep ")
     assert len(cut["data"]) == 2 * 2  # kept and dropped of fc1 and fc2
     assert any("head" in c.value and "left out" in c.value for c in at.caption)
@@ -239,7 +237,7 @@ def test_compress_rank_table(runs_dir):
     at = open_page("compress", run=N3)
     at.radio(key="compress.policy").set_value("ranks").run()
     assert_clean(at)
-    assert [c.key for c in at.get("plotly_chart")] == ["compress.cut"]  # no trade-off curve
+    assert [c.key for c in shown_charts(at)] == ["compress.cut"]  # no trade-off curve
     assert any("sweeps a policy's range" in i.value for i in at.info)
 
 
@@ -249,7 +247,7 @@ def test_compress_a_run_without_a_best_checkpoint_opens_its_last(runs_dir):
     at = open_page("compress", run=N3)
     assert_clean(at)
     assert at.radio(key="compress.which").value == "last"
-    assert not at.warning and "compress.tradeoff" in [c.key for c in at.get("plotly_chart")]
+    assert not at.warning and "compress.tradeoff" in [c.key for c in shown_charts(at)]
 
 
 def test_compress_without_runs_points_to_train(empty_runs):
@@ -346,7 +344,7 @@ def test_compress_budget_axis_and_the_baselines(runs_dir):
     assert_clean(at)
     table = at.dataframe[-1].value
     assert len(table) == 3 and all(table["params %"] <= 20.0 + 0.5)
-    assert "compress.compare_chart" in [c.key for c in at.get("plotly_chart")]
+    assert "compress.compare_chart" in [c.key for c in shown_charts(at)]
     from app import compress as cz
 
     assert cz.stored_comparison(N3, N1, "best", "params", runs_dir) is not None

@@ -1,0 +1,141 @@
+"""Show a plotly figure on a page, redrawn in place when it changes.
+
+``st.plotly_chart`` (Streamlit 1.67) derives a chart's element id from the figure itself, so a
+changed figure is a new element: the browser throws the old plot away and builds another
+(Plotly.newPlot: the DOM, the axes, the hover layer, the toolbar). A Compress slider move
+rebuilt two charts that way (about 150 ms of the browser's main thread per move, measured with
+Chromium's profiler), and the live Train page rebuilt five every second. :func:`show` mounts a
+small component that keeps one element per key and calls ``Plotly.react`` on it: only what
+changed is redrawn, and a user's zoom survives (``layout.uirevision``).
+
+plotly.js is the copy the plotly package ships (the version that wrote the figure), copied once
+to ``static/`` beside ``streamlit_app.py`` by :func:`serve_plotly_js` and served by this same
+server (``enableStaticServing`` in ``.streamlit/config.toml``): nothing comes from outside.
+Where that copy cannot be made (a read-only install), charts fall back to ``st.plotly_chart``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+from pathlib import Path
+from typing import Any
+
+import streamlit as st
+
+ROOT = Path(__file__).resolve().parents[1]
+STATIC = ROOT / "static"  # Streamlit serves this folder at ./app/static/
+SCRIPT = "plotly.min.js"
+SCRIPT_URL = f"./app/static/{SCRIPT}"
+
+# Charts follow the page: transparent backgrounds, the page's font and text colour (read in
+# the browser, so a dark theme gets light text), light grid lines.
+_JS = """
+const GRID = "rgba(128, 128, 128, 0.22)";
+const TEMPLATE = {layout: {
+  paper_bgcolor: "rgba(0,0,0,0)", plot_bgcolor: "rgba(0,0,0,0)",
+  colorway: ["#636efa", "#EF553B", "#00cc96", "#ab63fa", "#FFA15A", "#19d3f3", "#FF6692",
+             "#B6E880", "#FF97FF", "#FECB52"],
+  xaxis: {gridcolor: GRID, zerolinecolor: GRID, linecolor: GRID, automargin: true},
+  yaxis: {gridcolor: GRID, zerolinecolor: GRID, linecolor: GRID, automargin: true},
+  legend: {bgcolor: "rgba(0,0,0,0)"},
+}};
+
+function loadPlotly(src) {
+  if (!window.__loritaPlotly) {
+    window.__loritaPlotly = new Promise((resolve, reject) => {
+      if (window.Plotly) return resolve(window.Plotly);
+      const s = document.createElement("script");
+      s.src = src;
+      s.onload = () => resolve(window.Plotly);
+      s.onerror = () => { window.__loritaPlotly = null; reject(new Error("plotly.js")); };
+      document.head.appendChild(s);
+    });
+  }
+  return window.__loritaPlotly;
+}
+
+export default function ({ parentElement, data }) {
+  let div = parentElement.querySelector("div.lorita-plot");
+  if (!div) {
+    div = document.createElement("div");
+    div.className = "lorita-plot";
+    parentElement.appendChild(div);
+  }
+  const fig = JSON.parse(data.figure);
+  const layout = fig.layout || {};
+  const css = getComputedStyle(div);
+  layout.template = TEMPLATE;
+  layout.font = Object.assign({family: css.fontFamily, color: css.color}, layout.font || {});
+  layout.autosize = true;
+  delete layout.width;
+  div.style.height = (layout.height || 400) + "px";
+  const config = Object.assign({displaylogo: false, responsive: true}, data.config || {});
+  const draw = (Plotly) => Plotly.react(div, fig.data || [], layout, config);
+  if (window.Plotly) draw(window.Plotly);
+  else loadPlotly(data.src).then(draw);
+}
+"""
+
+_registered: Any = None
+_register_lock = threading.Lock()
+
+
+def _component() -> Any:
+    """The component, registered on first use (inside a script run, where Streamlit wants it)."""
+    global _registered
+    with _register_lock:
+        if _registered is None:
+            _registered = st.components.v2.component("lorita_plot", js=_JS, isolate_styles=False)
+        return _registered
+
+
+def plotly_js_source() -> Path:
+    """The plotly.js file of the installed plotly package."""
+    import plotly
+
+    return Path(plotly.__file__).resolve().parent / "package_data" / SCRIPT
+
+
+def serve_plotly_js() -> bool:
+    """Put the plotly package's plotly.js in ``static/`` (once; again after an upgrade).
+
+    Written to a temporary name and renamed, so a browser never reads half a file. False if
+    the folder cannot be written: :func:`show` then falls back to ``st.plotly_chart``.
+    """
+    src, dst = plotly_js_source(), STATIC / SCRIPT
+    try:
+        if dst.is_file() and dst.stat().st_size == src.stat().st_size:
+            return True
+        STATIC.mkdir(exist_ok=True)
+        tmp = dst.with_name(f".{SCRIPT}.{os.getpid()}.tmp")
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+        return True
+    except OSError:
+        return False
+
+
+def _payload(fig: Any, key: str | None, config: dict | None) -> dict:
+    from plotly.io.json import to_json_plotly
+
+    spec = fig.to_dict()
+    spec.get("layout", {}).pop("template", None)  # the page's own look is set in the browser
+    return {"figure": to_json_plotly(spec), "config": config or {}, "src": SCRIPT_URL,
+            "key": key}  # fmt: skip
+
+
+def show(fig: Any, *, key: str | None = None, where: Any = None, config: dict | None = None):
+    """Draw ``fig`` in ``where`` (a container, a column, a placeholder; the page if None).
+
+    The same ``key`` on the next run redraws the same element in place. ``config`` is
+    plotly.js's (``{"staticPlot": True}`` for a picture without hover).
+    """
+    if not (STATIC / SCRIPT).is_file():
+        return (st if where is None else where).plotly_chart(fig, key=key, config=config or {})
+    mount = _component()
+    if where is None:
+        return mount(data=_payload(fig, key, config), key=key, width="stretch")
+    with where:
+        return mount(data=_payload(fig, key, config), key=key, width="stretch")
