@@ -153,7 +153,7 @@ def test_log_axis_ticks_whole_decades_only_over_a_wide_range():
 def test_every_chart_serialises_and_has_uirevision(make):
     fig = make()
     assert fig.layout.uirevision is not None
-    fig.to_json()  # what st.plotly_chart sends to the browser
+    fig.to_json()  # what app.plot.show sends to the browser
 
 
 def test_spectra_cut_thinned_keeps_ends_and_both_sides_of_the_cut():

@@ -95,3 +95,31 @@ def test_export_forms_chosen_by_measured_latency(app_server, page, tiny_run, tmp
     assert set(meta["truncation"]["forms"]) == {"fc1", "fc2"}
     assert set(meta["truncation"]["forms"].values()) <= {"thin", "dense", "full"}
     no_errors(page)
+
+
+def test_a_slider_move_redraws_the_charts_in_place(app_server, page, tiny_run):
+    """The charts are the same elements after a move (Plotly.react), with the new cut."""
+    page.goto(f"{app_server['url']}/compress?run={tiny_run}")
+    page.get_by_text("Original validation accuracy").wait_for(timeout=120_000)
+    legend = page.locator("text.legendtext", has_text="keep").first
+    legend.wait_for(timeout=60_000)
+    wait_idle(page)
+    before = legend.text_content()
+    plots = page.locator(".js-plotly-plot")
+    n = plots.count()
+    assert n >= 2  # the trade-off curve and the spectra with the cut
+    page.evaluate("() => document.querySelectorAll('.js-plotly-plot')"
+                  ".forEach((el, i) => { el.dataset.mark = String(i); })")  # fmt: skip
+    slider = page.locator('[data-testid="stSlider"] input[type="range"]').first
+    slider.focus()
+    page.keyboard.press("ArrowLeft")
+    page.wait_for_function(
+        "t => { const e = document.querySelector('text.legendtext'); "
+        "return e && e.textContent !== t; }", arg=before, timeout=60_000,
+    )  # fmt: skip
+    wait_idle(page)
+    assert plots.count() == n
+    marks = page.evaluate("() => [...document.querySelectorAll('.js-plotly-plot')]"
+                          ".map(el => el.dataset.mark)")  # fmt: skip
+    assert marks == [str(i) for i in range(n)]  # not one chart was rebuilt
+    no_errors(page)
