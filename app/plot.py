@@ -46,11 +46,15 @@ function loadPlotly(src) {
   if (!window.__loritaPlotly) {
     window.__loritaPlotly = new Promise((resolve, reject) => {
       if (window.Plotly) return resolve(window.Plotly);
-      const s = document.createElement("script");
-      s.src = src;
-      s.onload = () => resolve(window.Plotly);
-      s.onerror = () => { window.__loritaPlotly = null; reject(new Error("plotly.js")); };
-      document.head.appendChild(s);
+      const start = () => {
+        const s = document.createElement("script");
+        s.src = src;
+        s.onload = () => resolve(window.Plotly);
+        s.onerror = () => { window.__loritaPlotly = null; reject(new Error("plotly.js")); };
+        document.head.appendChild(s);
+      };
+      // Paint the page's text first: the 4.8 MB script is read after the next frame.
+      requestAnimationFrame(() => setTimeout(start, 0));
     });
   }
   return window.__loritaPlotly;
