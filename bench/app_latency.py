@@ -11,7 +11,7 @@ cores busy, Playwright with Debian's Chromium measures:
   link -> trade-off chart drawn (the curves the training processes kept in the run folders),
   and -> the numbers shown; and a new browser tab straight to the page -> chart drawn;
 - Theory: slider move -> redrawn;
-- Runs page: a second session opens it -> the running run shown;
+- Runs page: a second session opens it -> the running run shown (read inside the page);
 - 5 sessions at once, each opening the app and then every page from the sidebar: p95 per
   page (click -> drawn, and click -> the server's answer complete), one session alone for
   comparison, and where the CPU went (server, training child, the browsers, Playwright);
@@ -266,18 +266,40 @@ async def warm_up(browser, url: str) -> None:
     await ctx.close()
 
 
+# Inside a new page, before any of its scripts: the first animation frame in which the given
+# text is on the page, in ms from the start of the navigation (performance.now()'s origin).
+_TEXT_SEEN = """text => {
+    window.__loritaSeen = null;
+    const look = () => {
+        if (window.__loritaSeen === null && document.body
+                && document.body.textContent.includes(text)) {
+            window.__loritaSeen = 0;
+            requestAnimationFrame(() => { window.__loritaSeen = performance.now(); });
+        }
+    };
+    new MutationObserver(look).observe(document, {subtree: true, childList: true,
+                                                  characterData: true});
+}"""
+
+
 async def measure_runs(browser, url: str, busy: str, tries: int) -> dict:
-    """A new session opens the Runs page: time until the running run is shown."""
-    times = []
+    """A new session (a new browser context: nothing cached) opens the Runs page: from the
+    start of the navigation to the first frame showing the running run, read inside the page;
+    and the same as the automation saw it (asking for the page -> finding the text)."""
+    times, outside = [], []
     for _ in range(tries):
         ctx = await browser.new_context(viewport={"width": 1400, "height": 1000})
+        text = f"Training now: {busy}"
+        await ctx.add_init_script(f"({_TEXT_SEEN})({text!r})")
         page = await ctx.new_page()
         t0 = time.perf_counter()
         await page.goto(f"{url}/runs")
-        await page.get_by_text(f"Training now: {busy}", exact=False).first.wait_for(timeout=60_000)
-        times.append(time.perf_counter() - t0)
+        await page.get_by_text(text, exact=False).first.wait_for(timeout=60_000)
+        outside.append(time.perf_counter() - t0)
+        await page.wait_for_function("() => window.__loritaSeen > 0", timeout=60_000)
+        times.append(await page.evaluate("window.__loritaSeen") / 1000)
         await ctx.close()
-    return {"runs_s": times, "runs_load": load()}
+    return {"runs_s": times, "runs_outside_s": outside, "runs_load": load()}
 
 
 TITLES = {"": "Home", "train": "Train", "runs": "Runs", "compress": "Compress",
@@ -599,8 +621,12 @@ def _rows(r: dict, checks: dict[str, float], yes) -> list[str]:
         f"| Theory: slider move → redrawn, median of {len(r['theory_s'])} | "
         f"{checks['theory_s']:.2f} s | ≤ {t['theory_s']} s | {yes('theory_s')} | "
         f"{r['theory_load']} |",
-        f"| Runs page: a new session sees the running run, slowest of {len(r['runs_s'])} | "
-        f"{checks['runs_s']:.2f} s | ≤ {t['runs_s']:.0f} s | {yes('runs_s')} | "
+        f"| Runs page: a new session (a new browser context, nothing cached) sees the running "
+        f"run: from the start of the navigation to the first frame showing it, slowest of "
+        f"{len(r['runs_s'])} | {checks['runs_s']:.2f} s | ≤ {t['runs_s']:.0f} s | "
+        f"{yes('runs_s')} | {r['runs_load']} |",
+        f"| Runs page, the same visits as the automation saw them (asking for the page, "
+        f"finding the text): slowest | {max(r['runs_outside_s']):.2f} s | — | — | "
         f"{r['runs_load']} |",
         f"| {SESSIONS} people at once as in a class (one browser on this machine, "
         f"{SESSIONS - 1} whose browsers run elsewhere): the slowest page's p95, click → drawn "
