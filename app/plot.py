@@ -11,11 +11,14 @@ changed is redrawn, and a user's zoom survives (``layout.uirevision``).
 plotly.js is the copy the plotly package ships (the version that wrote the figure), copied once
 to ``static/`` beside ``streamlit_app.py`` by :func:`serve_plotly_js` and served by this same
 server (``enableStaticServing`` in ``.streamlit/config.toml``): nothing comes from outside.
-Where that copy cannot be made (a read-only install), charts fall back to ``st.plotly_chart``.
+Where that copy cannot be made (a read-only install), or static serving is off (the app started
+from another folder, so ``.streamlit/config.toml`` was not read), charts fall back to
+``st.plotly_chart``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import threading
@@ -109,16 +112,25 @@ def serve_plotly_js() -> bool:
     the folder cannot be written: :func:`show` then falls back to ``st.plotly_chart``.
     """
     src, dst = plotly_js_source(), STATIC / SCRIPT
+    tmp = dst.with_name(f".{SCRIPT}.{os.getpid()}.tmp")
     try:
         if dst.is_file() and dst.stat().st_size == src.stat().st_size:
             return True
         STATIC.mkdir(exist_ok=True)
-        tmp = dst.with_name(f".{SCRIPT}.{os.getpid()}.tmp")
         shutil.copyfile(src, tmp)
         os.replace(tmp, dst)
         return True
     except OSError:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
         return False
+
+
+def served() -> bool:
+    """Whether this server can hand plotly.js to the browser: the copy is in ``static/`` and
+    static serving is on (it is in ``.streamlit/config.toml``, which Streamlit reads from the
+    folder ``streamlit run`` is started in)."""
+    return bool(st.get_option("server.enableStaticServing")) and (STATIC / SCRIPT).is_file()
 
 
 def _payload(fig: Any, key: str | None, config: dict | None) -> dict:
@@ -136,7 +148,7 @@ def show(fig: Any, *, key: str | None = None, where: Any = None, config: dict | 
     The same ``key`` on the next run redraws the same element in place. ``config`` is
     plotly.js's (``{"staticPlot": True}`` for a picture without hover).
     """
-    if not (STATIC / SCRIPT).is_file():
+    if not served():
         return (st if where is None else where).plotly_chart(fig, key=key, config=config or {})
     mount = _component()
     if where is None:

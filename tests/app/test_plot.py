@@ -61,3 +61,15 @@ def test_without_plotly_js_to_serve_charts_fall_back_to_st_plotly_chart(tmp_path
     at = _theory(tmp_path, monkeypatch, tmp_path / "nothing-here")
     assert not at.get("bidi_component") and len(at.get("plotly_chart")) == 1
     assert [c.key for c in shown_charts(at)] == ["theory.chart"]
+
+
+def test_nothing_is_served_without_static_serving(monkeypatch):
+    """Started from another folder, the app's config (and its static serving) is not read."""
+    import streamlit as st
+
+    assert plot.served()  # this repository's .streamlit/config.toml turns it on
+    real = st.get_option
+    monkeypatch.setattr(
+        st, "get_option", lambda name: False if name == "server.enableStaticServing" else real(name)
+    )
+    assert not plot.served()
