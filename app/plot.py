@@ -90,11 +90,17 @@ _register_lock = threading.Lock()
 
 
 def _component() -> Any:
-    """The component, registered on first use (inside a script run, where Streamlit wants it)."""
+    """The component, registered on first use (inside a script run, where Streamlit wants it);
+    False on a Streamlit without ``st.components.v2`` (charts then use ``st.plotly_chart``)."""
     global _registered
     with _register_lock:
         if _registered is None:
-            _registered = st.components.v2.component("lorita_plot", js=_JS, isolate_styles=False)
+            try:
+                _registered = st.components.v2.component(
+                    "lorita_plot", js=_JS, isolate_styles=False
+                )
+            except (AttributeError, TypeError):  # an older Streamlit
+                _registered = False
         return _registered
 
 
@@ -148,9 +154,9 @@ def show(fig: Any, *, key: str | None = None, where: Any = None, config: dict | 
     The same ``key`` on the next run redraws the same element in place. ``config`` is
     plotly.js's (``{"staticPlot": True}`` for a picture without hover).
     """
-    if not served():
+    mount = _component() if served() else False
+    if not mount:
         return (st if where is None else where).plotly_chart(fig, key=key, config=config or {})
-    mount = _component()
     if where is None:
         return mount(data=_payload(fig, key, config), key=key, width="stretch")
     with where:

@@ -73,3 +73,11 @@ def test_nothing_is_served_without_static_serving(monkeypatch):
         st, "get_option", lambda name: False if name == "server.enableStaticServing" else real(name)
     )
     assert not plot.served()
+
+
+def test_a_streamlit_without_components_v2_falls_back(monkeypatch):
+    import streamlit as st
+
+    monkeypatch.setattr(plot, "_registered", None)
+    monkeypatch.setattr(st.components, "v2", None)
+    assert plot._component() is False  # show() then draws with st.plotly_chart
