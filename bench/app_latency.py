@@ -496,38 +496,29 @@ def cpu_split(server_pid: int) -> dict[str, float]:
     }
 
 
-async def measure_sessions(browser, url: str, run: str, rounds: int, server_pid: int) -> dict:
+async def measure_sessions(
+    browser, url: str, run: str, rounds: int, server_pid: int, browsers: int = SESSIONS
+) -> dict:
     """One session alone (one round), then ``SESSIONS`` people at once, each opening the app
-    and then every page ``rounds`` times."""
-    alone: dict[str, dict] = {"drawn": {}, "automation": {}, "served": {}}
-    await one_session(browser, url, run, 1, alone)
-    rec: dict[str, dict] = {"drawn": {}, "automation": {}, "served": {}}
-    before, t0 = cpu_split(server_pid), time.perf_counter()
-    await asyncio.gather(*(one_session(browser, url, run, rounds, rec) for _ in range(SESSIONS)))
-    after, wall = cpu_split(server_pid), time.perf_counter() - t0
-    cpu = {k: after[k] - before[k] for k in after}
-    return {"pages_s": rec["drawn"], "automation_s": rec["automation"], "served_s": rec["served"],
-            "alone_s": alone["drawn"], "pages_load": load(), "pages_cpu": cpu,
-            "pages_wall": wall, "rounds": rounds}  # fmt: skip
-
-
-async def measure_class(browser, url: str, run: str, rounds: int, server_pid: int) -> dict:
-    """``SESSIONS`` people at once as in a class: one in a browser on this machine (drawn and
-    served, as above), the others as :class:`Visitor` sessions, their browsers elsewhere."""
+    and then every page ``rounds`` times: ``browsers`` of them in Chromium on this machine,
+    the others as :class:`Visitor` sessions (their browsers elsewhere, as in a class)."""
     alone: dict[str, dict] = {"drawn": {}, "automation": {}, "served": {}}
     await one_session(browser, url, run, 1, alone)
     rec: dict[str, dict] = {"drawn": {}, "automation": {}, "served": {}}
     others: dict[str, dict] = {"served": {}}
     before, t0 = cpu_split(server_pid), time.perf_counter()
     await asyncio.gather(
-        one_session(browser, url, run, rounds, rec),
-        *(Visitor(url, run).session(rounds, others) for _ in range(SESSIONS - 1)),
+        *(one_session(browser, url, run, rounds, rec) for _ in range(browsers)),
+        *(Visitor(url, run).session(rounds, others) for _ in range(SESSIONS - browsers)),
     )
     after, wall = cpu_split(server_pid), time.perf_counter() - t0
     cpu = {k: after[k] - before[k] for k in after}
-    return {"pages_s": rec["drawn"], "automation_s": rec["automation"], "served_s": rec["served"],
-            "others_s": others["served"], "alone_s": alone["drawn"], "pages_load": load(),
-            "pages_cpu": cpu, "pages_wall": wall, "rounds": rounds}  # fmt: skip
+    out = {"pages_s": rec["drawn"], "automation_s": rec["automation"], "served_s": rec["served"],
+           "alone_s": alone["drawn"], "pages_load": load(), "pages_cpu": cpu,
+           "pages_wall": wall, "rounds": rounds}  # fmt: skip
+    if browsers < SESSIONS:
+        out["others_s"] = others["served"]
+    return out
 
 
 async def measure(url: str, runs: Path, n3: str, busy: str, args, server_pid: int) -> dict:
@@ -555,7 +546,9 @@ async def measure(url: str, runs: Path, n3: str, busy: str, args, server_pid: in
         print(part, file=sys.stderr, flush=True)
         print(f"{SESSIONS} sessions at once as in a class (one browser here) …", file=sys.stderr,
               flush=True)  # fmt: skip
-        out["class"] = part = await measure_class(browser, url, n3, args.class_rounds, server_pid)
+        out["class"] = part = await measure_sessions(
+            browser, url, n3, args.class_rounds, server_pid, browsers=1
+        )
         print(part, file=sys.stderr, flush=True)
         await browser.close()
     return out
@@ -642,10 +635,14 @@ def _rows(r: dict, checks: dict[str, float], yes) -> list[str]:
     ]
 
 
+def _section(title: str, text: str, r: dict, cpu_line: str) -> list[str]:
+    """A sessions section: heading, what was measured, the per-page table, where the CPU went."""
+    return [f"## {title} (seconds from the click)", "", text, "", *_page_table(r), "", cpu_line]
+
+
 def _class_section(r: dict) -> list[str]:
-    return [
-        f"## {SESSIONS} people at once, as in a class (seconds from the click)",
-        "",
+    return _section(
+        f"{SESSIONS} people at once, as in a class",
         f"In a class the server runs on one machine and each person's browser on their own. "
         f"Here one person uses a real browser on this machine and {SESSIONS - 1} others "
         "use the app through its own websocket protocol (`Visitor` in the script: the messages "
@@ -657,17 +654,14 @@ def _class_section(r: dict) -> list[str]:
         "browser, as in the next section. *Others*: the other people's pages, from their "
         "click's message sent to the server's script run finished, timed as the messages go "
         "and come (their drawing happens on their own machines).",
-        "",
-        *_page_table(r),
-        "",
+        r,
         _cpu_line(r, browsers=1),
-    ]
+    )
 
 
 def _all_browsers_section(r: dict) -> list[str]:
-    return [
-        f"## {SESSIONS} browsers on this machine at once (seconds from the click)",
-        "",
+    return _section(
+        f"{SESSIONS} browsers on this machine at once",
         f"All {SESSIONS} people in real browsers on the server's own {os.cpu_count()} cores: "
         f"each opens the app (a full page load: the browser loads and starts the app's front "
         f"end), then every page from the sidebar, {r['rounds']} times round, looking at each "
@@ -680,14 +674,12 @@ def _all_browsers_section(r: dict) -> list[str]:
         "timed when the automation hears of them from the browser (a busy browser delays "
         "them too). "
         "*Alone*: one session by itself just before, one round, drawn.",
-        "",
-        *_page_table(r),
-        "",
+        r,
         _cpu_line(r, browsers=SESSIONS) + " Here five browsers draw on the 2 cores the "
         "server and the training child use, so *drawn* is mostly the browsers' own work; a "
         "class does not run its browsers on the server's cores, which the section above "
         "measures.",
-    ]
+    )
 
 
 def _page_table(r: dict) -> list[str]:
