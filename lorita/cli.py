@@ -5,7 +5,7 @@
     python -m lorita runs [--delete NAME]
     python -m lorita compress RUN --max-drop 1
     python -m lorita compare RUN --baseline RUN_N1 --budgets 5,10,20,35,50 --finetune-epochs 2
-    python -m lorita export RUN --policy energy:0.99 --format onnx --out model.onnx
+    python -m lorita export RUN --budget 10 --format onnx --out model.onnx
 
 Everything is read from the library: the training flags, their help and their bounds from
 TrainConfig's field metadata; the policies from ``lorita.truncation.POLICIES``; datasets, models
@@ -387,10 +387,12 @@ def _policy_text(flag: str):
     return conv
 
 
-def _add_policy_flags(c: argparse.ArgumentParser) -> None:
+def _add_policy_flags(c: argparse.ArgumentParser, *, required: bool = True) -> None:
+    """One flag per policy, ``--policy NAME:VALUE`` and ``--max-drop P``; at most one given.
+    ``required=False``: none given means no cut (``--policy none`` says so too)."""
     from .truncation import POLICIES
 
-    how = c.add_mutually_exclusive_group(required=True)
+    how = c.add_mutually_exclusive_group(required=required)
     for cls in POLICIES.values():
         if cls.value_name:
             how.add_argument(
@@ -407,7 +409,8 @@ def _add_policy_flags(c: argparse.ArgumentParser) -> None:
         dest="policy",
         type=_policy_text("--policy"),
         metavar="NAME:VALUE",
-        help="any policy as text, e.g. global:0.8 or ranks:fc1=4,fc2=8; policies: "
+        help=("" if required else "none (merged dense, the default) or ")
+        + "any policy as text, e.g. global:0.8 or ranks:fc1=4,fc2=8; policies: "
         + ", ".join(POLICIES),
     )
     how.add_argument(
@@ -556,13 +559,7 @@ def _add_export(sub) -> None:
     e = sub.add_parser("export", help="write a run's model as safetensors or ONNX")
     e.set_defaults(func=cmd_export)
     _add_model_source(e)
-    e.add_argument(
-        "--policy",
-        type=_policy_text("--policy"),
-        default=None,
-        metavar="NAME:VALUE",
-        help="none (merged dense, the default) or a policy as text, e.g. energy:0.99",
-    )
+    _add_policy_flags(e, required=False)
     e.add_argument("--format", choices=["safetensors", "onnx"], default="safetensors")
     e.add_argument("--out", required=True, metavar="FILE", type=_out_path("--out"))
     _add_fold_bn(e, "the file")
@@ -1113,15 +1110,18 @@ def _latency(model, example) -> dict:
     return out
 
 
+def _chosen_cut(cz, args):
+    """The cut the policy flags ask for: ``--max-drop`` searches, any other applies."""
+    if args.max_drop is None:
+        return cz.apply(args.policy, form=args.form)
+    if args.search == "iterative":
+        return cz.iterative_search(args.max_drop, form=args.form)
+    return cz.smallest_within(args.max_drop, args.search, form=args.form)
+
+
 def cmd_compress(args) -> int:
     cz = _compressor(args)
-    if args.max_drop is not None:
-        if args.search == "iterative":
-            res = cz.iterative_search(args.max_drop, form=args.form)
-        else:
-            res = cz.smallest_within(args.max_drop, args.search, form=args.form)
-    else:
-        res = cz.apply(args.policy, form=args.form)
+    res = _chosen_cut(cz, args)
     if args.finetune_epochs:
         res = cz.finetune(res, args.finetune_epochs, lr=args.finetune_lr)
     if args.form_by != "flops" and args.form == "low_rank":
@@ -1342,12 +1342,18 @@ def _shape(cz) -> list[int]:
 
 
 def cmd_export(args) -> int:
-    cz = _compressor(args, cut=args.policy is not None)
-    if args.policy is None:
+    cut = args.policy is not None or args.max_drop is not None
+    cz = _compressor(args, cut=cut)
+    if not cut:
         model, words = cz.model, "none"
     else:
-        model, _ = cz.cut(args.policy, form=args.form)
-        words = str(args.policy)
+        if args.max_drop is None:
+            model, _ = cz.cut(args.policy, form=args.form)
+            words = str(args.policy)
+        else:
+            res = _chosen_cut(cz, args)
+            model = res.model
+            words = f"{_policy_words(res.policy)} ({args.search} search within {args.max_drop:g} points)"
         if args.form_by != "flops" and args.form == "low_rank":
             from .kinds import choose_forms
 

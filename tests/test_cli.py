@@ -291,6 +291,28 @@ def test_export_safetensors_and_onnx(runs_dir, tmp_path, capsys):
     )
 
 
+def test_export_takes_the_policy_flags_of_compress(runs_dir, tmp_path, capsys):
+    """``export --budget 20`` writes the model ``compress --budget 20`` reports; --max-drop too."""
+    base = ["r1", "--runs-dir", str(runs_dir)]
+    assert main(["compress", *base, "--budget", "20", "--json", "--no-latency"]) == 0
+    reported = json.loads(capsys.readouterr().out)["after"]["params"]
+    x = torch.randn(1, 1, 8, 8)
+    for flags in (["--budget", "20"], ["--max-drop", "1"]):
+        path = tmp_path / f"{flags[0][2:]}.safetensors"
+        assert main(["export", *base, *flags, "--no-fold-bn", "--out", str(path)]) == 0
+        model = lt.load(path)
+        said = lt.read_spec(path)["metadata"]["policy"]
+        assert said.startswith("budget") if flags[0] == "--budget" else "search within 1" in said
+        if flags[0] == "--budget":
+            assert lt.count_cost(model, x).params == reported
+    capsys.readouterr()
+    _one_line_error(
+        capsys,
+        ["export", *base, "--budget", "20", "--uniform", "0.5", "--out", str(path)],
+        "not allowed with",
+    )
+
+
 def test_stop_command_writes_the_stop_file(runs_dir, capsys):
     assert main(["stop", "r1", "--runs-dir", str(runs_dir)]) == 0
     assert (runs_dir / "r1" / "STOP").exists()

@@ -328,8 +328,13 @@ def _compress_cases(world) -> list:
         cases += [(["compress", "fake", *pol, flag, v], (flag,)) for v in values]
     cases += [(["compress", "fake", *ok, "--latency=1"], ("--latency",))]
     out = ["--out", str(files / "m.onnx")]
-    for flag in ("--form", "--form-by", "--form-batch", "--which", "--runs-dir"):
+    cases += [(["export", "fake", *c, *out], n) for c, n in _policy_cases()]  # compress's flags
+    cases += [(["export", "fake", *both, *out], ("not allowed with",))]
+    for flag in ("--max-drop", "--search", "--form", "--form-by", "--form-batch", "--which"):
         cases += [(["export", "fake", *out, flag, v], (flag,)) for v in opts[flag]]
+    cases += [
+        (["export", "fake", *out, "--runs-dir", v], ("--runs-dir",)) for v in opts["--runs-dir"]
+    ]
     return cases
 
 
