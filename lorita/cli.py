@@ -1163,15 +1163,26 @@ def _forms_by(cz, res, args):
         if n in plan and p["form"] == "dense" and plan[n]["form"] == "low_rank":
             plan[n].update(form="dense", note=p["why"])
     base = cz.base_cost
+    shares = {"params": 100.0 * cost.params / max(1, base.params)}
+    shares["flops"] = 100.0 * cost.flops / max(1, base.flops)
+    extra = dict(res.extra)
+    measure = {"budget": "params", "flops-budget": "flops"}.get(res.policy.get("policy"))
+    if measure and shares[measure] > res.policy["value"] + 1e-6:
+        extra["note"] = (
+            f"{measure} {shares[measure]:.1f}% is over the budget of {res.policy['value']:g}%: "
+            f"the layers kept dense because of {args.form_by} carry their whole weight "
+            "(--form-by flops keeps the budget)"
+        )
     return dataclasses.replace(
         res,
+        extra=extra,
         model=model,
         plan=plan,
         policy={**res.policy, "form_by": args.form_by, "form_batch": args.form_batch},
         params=cost.params,
         flops=cost.flops,
-        params_pct=100.0 * cost.params / max(1, base.params),
-        flops_pct=100.0 * cost.flops / max(1, base.flops),
+        params_pct=shares["params"],
+        flops_pct=shares["flops"],
     )
 
 
@@ -1231,6 +1242,8 @@ def _print_compress(out: dict, args) -> None:
             "energy rank (99% of sum sigma^2) / effective rank: "
             + ", ".join(f"{n} {v['energy']}/{v['effective']}" for n, v in spectra.items())
         )
+    if after.get("note"):
+        print(f"note: {after['note']}")
     notes = {n: p["note"] for n, p in plan.items() if p.get("note")}
     for n, note in notes.items():
         print(f"  {n}: {note}")

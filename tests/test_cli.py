@@ -500,6 +500,16 @@ def test_compress_and_export_choose_forms_by_latency(runs_dir, tmp_path, capsys,
     assert out["policy"]["form_by"] == "latency" and out["policy"]["form_batch"] == 8
     assert main(["compress", *base, "--no-latency", "--form-by", "latency"]) == 0
     assert "chosen by latency at batch 64" in capsys.readouterr().out
+    # a budget that the dense forms break is said, not hidden
+    budget = ["r1", "--budget", "30", "--runs-dir", str(runs_dir), "--no-latency"]
+    assert main(["compress", *budget, "--form-by", "latency", "--json"]) == 0
+    over = json.loads(capsys.readouterr().out)["after"]
+    assert over["params_pct"] > 30 and "over the budget of 30%" in over["note"]
+    assert main(["compress", *budget, "--form-by", "latency"]) == 0
+    assert "note: params" in capsys.readouterr().out
+    assert main(["compress", *budget, "--json"]) == 0
+    kept = json.loads(capsys.readouterr().out)["after"]
+    assert kept["params_pct"] <= 30 and "note" not in kept
     paths = {}
     for by in ("flops", "latency"):
         paths[by] = tmp_path / f"{by}.safetensors"
