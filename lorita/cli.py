@@ -805,16 +805,16 @@ def _check_init_from(meta_model, path: str) -> None:
     """The weights file is readable (safetensors, or a state_dict read with weights_only) and
     matches the model's names and shapes (checked against the meta model: nothing allocated
     but the file's own tensors)."""
-    from .engine.build import read_weights
+    from .engine.build import check_weights, read_weights
 
-    sd = read_weights(path)
     if meta_model is None:
+        read_weights(path)
         return
+    sd = read_weights(path, meta_model)
     try:
-        meta_model.load_state_dict(sd, strict=True, assign=True)
-    except RuntimeError as e:
-        first = " ".join(str(e).split())[:300]
-        raise UsageError(f"init_from: the weights do not match the model ({first})") from None
+        check_weights(meta_model, sd)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def _preflight(config) -> None:

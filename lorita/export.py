@@ -54,7 +54,7 @@ __all__ = [
 
 FORMAT = "lorita"
 VERSION = 1
-_SPEC_KEY = "lorita_spec"
+SPEC_KEY = "lorita_spec"  # the safetensors metadata key of the spec
 
 #: What a file may declare. Anything larger is refused before it is read further.
 LIMITS = {
@@ -251,7 +251,7 @@ def save_bytes(
     if fold_bn:
         model = _folded(model, input_shape)
     spec = model_spec(model, input_shape=input_shape, metadata=metadata)
-    return st_save_bytes(_state(model), metadata={_SPEC_KEY: json.dumps(spec)})
+    return st_save_bytes(_state(model), metadata={SPEC_KEY: json.dumps(spec)})
 
 
 def save(
@@ -349,9 +349,9 @@ def _header_shapes(header: dict) -> dict[str, tuple[int, ...]]:
 
 def _spec_from_header(header: dict, where: str) -> dict:
     raw = header.get("__metadata__")
-    if not isinstance(raw, dict) or _SPEC_KEY not in raw:
-        raise _fail(where, f"not a LoRITa model file (no {_SPEC_KEY!r} metadata)")
-    text = raw[_SPEC_KEY]
+    if not isinstance(raw, dict) or SPEC_KEY not in raw:
+        raise _fail(where, f"not a LoRITa model file (no {SPEC_KEY!r} metadata)")
+    text = raw[SPEC_KEY]
     if not isinstance(text, str) or len(text) > LIMITS["spec_bytes"]:
         raise _fail(f"{where} spec", f"expected JSON text of at most {LIMITS['spec_bytes']} bytes")
     spec = _loads(text, f"{where} spec")

@@ -77,6 +77,56 @@ def test_init_from_loads_the_plain_weights_before_composing(tmp_path):
             lt.build_model(TrainConfig(model_kwargs={"width": 16}, init_from=str(path)), splits)
 
 
+def test_init_from_reads_the_checkpoints_people_have(tmp_path):
+    """A DistributedDataParallel or torch.compile state_dict, a checkpoint dict, and a model
+    saved by lorita.save (composed and cut) all start the run from their weights; a whole
+    pickled model and a file saved with BatchNorm folded are refused with what to do."""
+    base = TrainConfig(model_kwargs={"width": 16}, epochs=1, n_factors=1, seed=5)
+    splits = lt.load_splits(base)
+    plain = lt.build_model(base, splits)
+    sd = {k: v.clone() for k, v in plain.state_dict().items()}
+    files = {
+        "ddp.pt": {f"module.{k}": v for k, v in sd.items()},
+        "compiled.pt": {f"_orig_mod.{k}": v for k, v in sd.items()},
+        "ckpt.pt": {"model": sd, "epoch": torch.tensor(3)},
+        "ckpt2.pt": {"model_state_dict": sd, "optimizer": {"lr": 0.1}},
+    }
+    for name, obj in files.items():
+        torch.save(obj, tmp_path / name)
+
+    def start(path, n=3):
+        cfg = TrainConfig(model_kwargs={"width": 16}, n_factors=n, seed=0, init_from=str(path))
+        return lt.merge_model(lt.build_model(cfg, splits)).state_dict()
+
+    for name in files:
+        got = start(tmp_path / name)
+        for k, v in sd.items():
+            torch.testing.assert_close(got[k], v, rtol=1e-4, atol=1e-5, msg=name)
+    # a LoRITa file: composed, then cut to thin layers; the run starts from the cut's function
+    composed = lt.overparameterize(plain, 3)
+    cut = lt.truncate(composed, lt.Uniform(0.25))
+    lt.save(cut, tmp_path / "cut.safetensors")
+    want = lt.merge_model(cut).state_dict()
+    got = start(tmp_path / "cut.safetensors", n=1)
+    for k, v in want.items():
+        torch.testing.assert_close(got[k], v, rtol=1e-4, atol=1e-5)
+    lt.save(cut, tmp_path / "folded.safetensors", fold_bn=True, input_shape=[1, 8, 8])
+    torch.save(plain, tmp_path / "whole.pt")
+    torch.save({"weights": [1, 2]}, tmp_path / "odd.pt")
+    refusals = {
+        "folded.safetensors": "--no-fold-bn",
+        "whole.pt": "model.state_dict()",
+        "odd.pt": "keys: weights",
+    }
+    for name, needle in refusals.items():
+        with pytest.raises(ValueError, match="init_from") as e:
+            start(tmp_path / name)
+        assert needle in str(e.value), str(e.value)
+    torch.save({f"x.{k}": v for k, v in sd.items()}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="missing from the file: 'bn1.*not in the model: 'x.bn1"):
+        start(tmp_path / "other.pt")
+
+
 class _Boom:
     def __reduce__(self):
         return (print, ("code ran",))

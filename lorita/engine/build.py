@@ -15,7 +15,7 @@ from ..convert import overparameterize
 from ..runs import load_splits as _run_splits
 from .config import TrainConfig
 
-__all__ = ["build_model", "load_splits", "read_weights"]
+__all__ = ["build_model", "check_weights", "load_splits", "read_weights"]
 
 
 def load_splits(config: TrainConfig | dict) -> data_mod.Splits:
@@ -23,42 +23,143 @@ def load_splits(config: TrainConfig | dict) -> data_mod.Splits:
     return _run_splits(config.to_dict() if isinstance(config, TrainConfig) else config)
 
 
-def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+#: keys under which training scripts keep the weights in a checkpoint dict, tried in order
+_WRAPPERS = ("state_dict", "model_state_dict", "model_state", "model", "net", "module")
+#: name prefixes that wrappers add (DistributedDataParallel, torch.compile, Lightning-style)
+_PREFIXES = ("module.", "_orig_mod.", "model.")
+
+
+def _tensors(obj) -> bool:
+    return isinstance(obj, dict) and bool(obj) and all(torch.is_tensor(v) for v in obj.values())
+
+
+def _unwrapped(obj, path) -> dict[str, torch.Tensor]:
+    """The state_dict in ``obj``: itself, or under a usual checkpoint key."""
+    if _tensors(obj):
+        return obj
+    if isinstance(obj, dict):
+        for key in _WRAPPERS:
+            if _tensors(obj.get(key)):
+                return obj[key]
+    keys = f" (keys: {', '.join(map(str, list(obj)[:6]))})" if isinstance(obj, dict) else ""
+    raise ValueError(
+        f"init_from: {str(path)!r} does not hold a state_dict of tensors{keys}; expected "
+        f"a model's state_dict, alone or under one of {', '.join(_WRAPPERS)}"
+    )
+
+
+def _renamed(sd: dict[str, torch.Tensor], own: set[str]) -> dict[str, torch.Tensor]:
+    """``sd`` with the prefixes of wrappers stripped while every key carries one and the
+    model's own names do not."""
+    while not set(sd) <= own:
+        prefix = next((p for p in _PREFIXES if all(k.startswith(p) for k in sd)), None)
+        if prefix is None:
+            break
+        sd = {k[len(prefix) :]: v for k, v in sd.items()}
+    return sd
+
+
+def _lorita_file(p: Path) -> bool:
+    """Whether ``p`` is a safetensors file written by ``lorita.save`` (it carries a spec)."""
+    if p.suffix != ".safetensors":
+        return False
+    from safetensors import safe_open
+
+    from ..export import SPEC_KEY
+
+    try:
+        with safe_open(str(p), "pt") as f:
+            return SPEC_KEY in (f.metadata() or {})
+    except Exception:  # noqa: BLE001 - unreadable: the plain reader says why
+        return False
+
+
+def _from_lorita_file(p: Path, model: nn.Module) -> dict[str, torch.Tensor]:
+    """The plain weights of a model saved by ``lorita.save`` (composed or cut): rebuilt onto a
+    copy of ``model``'s architecture and merged back into its plain layers."""
+    import copy
+
+    from ..convert import merge_model
+    from ..export import load, read_spec
+
+    if read_spec(p).get("folded"):
+        raise ValueError(
+            f"init_from: {str(p)!r} was saved for inference with BatchNorm folded into the "
+            "layers; write it with the BatchNorms kept (`lorita export RUN --no-fold-bn`, or "
+            "lorita.save without fold_bn) to train from it"
+        )
+    arch = copy.deepcopy(model)
+    if any(t.is_meta for t in arch.state_dict().values()):
+        arch = arch.to_empty(device="cpu")  # the command line's size check builds on meta
+    try:
+        rebuilt = load(p, model=arch)
+    except ValueError as e:
+        raise ValueError(f"init_from: {e}") from None
+    return merge_model(rebuilt).state_dict()
+
+
+def read_weights(
+    path: str | os.PathLike, model: nn.Module | None = None
+) -> dict[str, torch.Tensor]:
     """A state_dict from a safetensors file or a PyTorch file read with ``weights_only=True``
-    (never unpickling code). ValueError naming ``init_from`` if it cannot be read."""
+    (never unpickling code). ValueError naming ``init_from`` if it cannot be read.
+
+    A checkpoint dict is unwrapped (``{"state_dict": ...}``, ``{"model": ...}``, ...). Given
+    the ``model`` it is for, names are fitted to it (the ``module.`` of DistributedDataParallel,
+    ``_orig_mod.`` of torch.compile stripped) and a file written by ``lorita.save`` (composed
+    or cut) is rebuilt on its architecture and merged into plain weights.
+    """
     p = Path(path)
     if not p.is_file():
         raise ValueError(f"init_from: {str(path)!r} is not a file")
+    if model is not None and _lorita_file(p):
+        return _from_lorita_file(p, model)
     try:
         if p.suffix == ".safetensors":
             from safetensors.torch import load_file
 
-            sd = load_file(str(p))
+            obj = load_file(str(p))
         else:
-            sd = torch.load(str(p), map_location="cpu", weights_only=True)
+            obj = torch.load(str(p), map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file is one clear error
+        if "Weights only load failed" in str(e):
+            raise ValueError(
+                f"init_from: {str(path)!r} holds Python objects, not only tensors (a whole "
+                "model saved with torch.save(model)?), and is not unpickled; save "
+                "model.state_dict() instead, or a safetensors file"
+            ) from None
         raise ValueError(f"init_from: {str(path)!r} is not a readable weights file ({e})") from None
-    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
-        sd = sd["state_dict"]
-    if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
-        raise ValueError(f"init_from: {str(path)!r} does not hold a state_dict of tensors")
-    return sd
+    sd = _unwrapped(obj, path)
+    return sd if model is None else _renamed(sd, set(model.state_dict()))
 
 
-def _load_into(plain: nn.Module, path: str) -> None:
-    sd = read_weights(path)
-    own = plain.state_dict()
+def _first(names) -> str:
+    names = sorted(names)
+    more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+    return ", ".join(repr(n) for n in names[:3]) + more
+
+
+def check_weights(model: nn.Module, sd: dict[str, torch.Tensor]) -> None:
+    """ValueError naming ``init_from`` and the first names or shapes where ``sd`` and
+    ``model``'s state_dict differ."""
+    own = model.state_dict()
     for k, v in sd.items():
-        if k in own and own[k].shape != v.shape:
+        if k in own and tuple(own[k].shape) != tuple(v.shape):
             raise ValueError(
                 f"init_from: {k!r} has shape {tuple(v.shape)} in the file but "
                 f"{tuple(own[k].shape)} in the model"
             )
-    try:
-        plain.load_state_dict(sd, strict=True)
-    except RuntimeError as e:
-        first = str(e).splitlines()[0][:300]
-        raise ValueError(f"init_from: the weights do not match the model ({first})") from None
+    missing, extra = set(own) - set(sd), set(sd) - set(own)
+    if missing or extra:
+        parts = [f"missing from the file: {_first(missing)}"] if missing else []
+        parts += [f"not in the model: {_first(extra)}"] if extra else []
+        raise ValueError("init_from: the weights do not match the model (" + "; ".join(parts) + ")")
+
+
+def _load_into(plain: nn.Module, path: str) -> None:
+    sd = read_weights(path, plain)
+    check_weights(plain, sd)
+    plain.load_state_dict(sd, strict=True)
 
 
 def build_model(config: TrainConfig, splits: data_mod.Splits) -> nn.Module:
