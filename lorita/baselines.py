@@ -13,7 +13,6 @@ made on validation; the test split only reports. :func:`compare` returns JSON-ab
 
 from __future__ import annotations
 
-import copy
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -21,6 +20,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from . import kinds
+from .clone import clone_model
 from .compress import Compressor, CompressResult, output_layer
 from .convert import iter_layers
 from .cost import count_cost
@@ -61,7 +61,7 @@ class _Pruner:
     def __call__(self, ratio: float) -> tuple[nn.Module, int]:
         import torch_pruning as tp
 
-        work = copy.deepcopy(self.model).eval()
+        work = clone_model(self.model).eval()
         if ratio > 0:
             tp.pruner.MetaPruner(
                 work,
@@ -94,7 +94,7 @@ def prune_to_budget(
     full = getattr(count_cost(model, example_input), measure)
     target = percent / 100.0 * full
     lo, lo_cost = 0.0, full  # the largest ratio known to miss the budget
-    best = (0.0, copy.deepcopy(model).eval(), full)  # the pruned model nearest the budget
+    best = (0.0, clone_model(model).eval(), full)  # the pruned model nearest the budget
     hi = None
     if full <= target:
         hi = best

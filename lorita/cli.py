@@ -1149,13 +1149,13 @@ def cmd_compress(args) -> int:
 def _forms_by(cz, res, args):
     """The result with each cut layer's form chosen by ``--form-by`` (the function is the
     same, so the metrics stand; the cost is counted again)."""
-    import copy
     import dataclasses
 
+    from .clone import clone_model
     from .cost import count_cost
     from .kinds import choose_forms
 
-    model = copy.deepcopy(res.model)
+    model = clone_model(res.model)
     forms = choose_forms(model, cz.example_input, by=args.form_by, batch=args.form_batch)
     cost = count_cost(model, cz.example_input)
     plan = {n: dict(p) for n, p in res.plan.items()}

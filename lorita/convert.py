@@ -6,7 +6,6 @@ model, so a composed model and its merge agree.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterable
 from fnmatch import fnmatchcase
 
@@ -15,6 +14,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.utils._pytree import tree_leaves
 
+from .clone import clone_model
 from .kinds import (
     INITS,
     INNER_CHOICES,
@@ -120,7 +120,7 @@ def overparameterize(
             directly; default a small input guessed from the model.
     """
     _check_options(n_factors, init, inner, order)
-    new = copy.deepcopy(model)
+    new = clone_model(model)
     table = layer_table(new, direct=())
     if not any(e.kind.composable for e in table):
         raise ValueError("model: it has no nn.Linear or nn.Conv2d layer to compose")
@@ -162,7 +162,7 @@ def merge_model(model: nn.Module) -> nn.Module:
     """Return a copy with every composed layer multiplied back into one plain layer and every
     low-rank layer made dense: the original architecture, whose ``state_dict()`` loads with
     ``strict=True`` into the un-composed model."""
-    new = copy.deepcopy(model)
+    new = clone_model(model)
     for e in layer_table(new):
         plain = e.kind.merge(e.module)
         if plain is e.module:
@@ -284,7 +284,7 @@ def fold_batchnorm(
     if composed_layers(model):
         model = merge_model(model)
     elif not inplace:
-        model = copy.deepcopy(model)
+        model = clone_model(model)
     folded = dict(getattr(model, "lorita_folded", None) or {})
     bns = [n for n, m in model.named_modules() if type(m) in _FOLDS_INTO]
     unfolded: dict[str, str] = {}
@@ -347,7 +347,7 @@ def deploy_model(
     measured faster on CPU for plain and cut convolutional models, bench/zoo.py). The result's
     ``lorita_deploy`` records what was done; give it inputs in the same memory format
     (:func:`deploy_input`)."""
-    new = merge_model(model) if composed_layers(model) else copy.deepcopy(model)
+    new = merge_model(model) if composed_layers(model) else clone_model(model)
     new.eval()
     if fold_bn:
         new = fold_batchnorm(new, example_input, inplace=True)

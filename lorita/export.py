@@ -17,7 +17,6 @@ allocated. Every refusal is a ``ValueError`` naming the field.
 
 from __future__ import annotations
 
-import copy
 import gc
 import json
 import os
@@ -35,6 +34,7 @@ from safetensors.torch import load_file as st_load_file
 from safetensors.torch import save as st_save_bytes
 from torch import Tensor, nn
 
+from .clone import clone_model
 from .convert import apply_folds, composed_layers, deploy_model, fold_batchnorm, merge_model
 from .io import atomic_write_bytes
 from .io import temp_beside as _temp_beside
@@ -238,7 +238,7 @@ def _folded(model: nn.Module, input_shape) -> nn.Module:
     """A copy of ``model`` (eval mode) with its BatchNorms folded, traced on zeros of
     ``input_shape`` (or a guessed input)."""
     x = torch.zeros(2, *input_shape) if input_shape is not None else None
-    deploy = merge_model(model) if composed_layers(model) else copy.deepcopy(model)
+    deploy = merge_model(model) if composed_layers(model) else clone_model(model)
     return fold_batchnorm(deploy.eval(), x, inplace=True)
 
 

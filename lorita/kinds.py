@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
+from .clone import clone_model
 from .functional import svd64
 from .layers import (
     INITS,
@@ -826,7 +827,7 @@ def _keep_thin_only_if_faster(model: nn.Module, plan: dict[str, dict], x: Tensor
     thin = [n for n, p in plan.items() if p["form"] == "thin"]
     if not thin:
         return
-    all_dense = copy.deepcopy(model)
+    all_dense = clone_model(model)
     for n in thin:
         layer = all_dense.get_submodule(n)
         set_module(all_dense, n, layer.to_dense().train(layer.training))

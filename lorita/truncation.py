@@ -14,7 +14,6 @@ what makes a truncation slider fast. The compress session over all this is
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from . import kinds
+from .clone import clone_model
 from .convert import iter_layers, merge_model
 from .cost import Cost, count_cost
 from .kinds import detect_direct
@@ -575,7 +575,7 @@ def truncate(
     kinds.check_cut_options(form, by, example_input)
     cache = _cache(model, svd, layers)
     ranks = plan_ranks(model, policy, svd=cache, example_input=example_input, form=form)
-    new = copy.deepcopy(cache.model)
+    new = clone_model(cache.model)
     plan = kinds.cut_model(
         new, ranks, cache.svd, form=form, by=by, example_input=example_input, batch=batch
     )
@@ -704,7 +704,7 @@ def smallest_within(
             "flops_pct": 100.0,
             "metric": base_result,
         }
-        chosen = copy.deepcopy(cache.model)
+        chosen = clone_model(cache.model)
     else:  # the curve point already holds the chosen model's cost
         best = min(feasible, key=lambda p: (p["params"], -_metric_value(p["metric"], key)))
         chosen = truncate(

@@ -167,6 +167,43 @@ def test_tied_weights_are_left():
     assert "shared" in rows[0]["why"]
 
 
+class _CachesBias(nn.Module):
+    """Keeps a tensor computed from its parameters between calls in eval mode, as timm's
+    LeViT does with its attention biases: ``copy.deepcopy`` refuses such a module."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 3)
+        self.scale = nn.Parameter(torch.ones(6))
+        self.cache: dict[str, torch.Tensor] = {}
+
+    def forward(self, x):
+        if self.training or "s" not in self.cache:
+            self.cache["s"] = self.scale * 2  # not a leaf: made with autograd
+        return self.head(torch.relu(self.fc(x)) * self.cache["s"])
+
+
+def test_a_model_caching_autograd_tensors_is_copied_everywhere(tmp_path):
+    torch.manual_seed(0)
+    net, x = _CachesBias().eval(), torch.randn(4, 6)
+    ref = net(x)  # fills the cache with a non-leaf tensor
+    with pytest.raises(RuntimeError):
+        import copy
+
+        copy.deepcopy(net)
+    model = lt.overparameterize(net, 3, example_input=x)
+    assert_close(model(x), ref, rtol=1e-5, atol=1e-6)
+    assert net.cache["s"].grad_fn is not None  # the original is left as it was
+    merged = lt.merge_model(model)
+    small = lt.truncate(model, lt.Uniform(0.5), example_input=x)
+    assert lt.count_cost(small, x).flops < lt.count_cost(merged, x).flops
+    lt.save(small, tmp_path / "s.safetensors")
+    again = lt.load(tmp_path / "s.safetensors", model=_CachesBias().eval())
+    assert_close(again(x), small(x))
+    assert_close(lt.deploy_model(small, x)(x), small(x), rtol=1e-5, atol=1e-6)
+
+
 class _Only224(nn.Module):
     """Accepts 224 px inputs only and reads its head's weight itself (F.linear)."""
 

@@ -11,6 +11,7 @@ from torch import nn
 
 from .. import data as data_mod
 from .. import models as models_mod
+from ..clone import clone_model
 from ..convert import overparameterize
 from ..runs import load_splits as _run_splits
 from .config import TrainConfig
@@ -77,7 +78,6 @@ def _lorita_file(p: Path) -> bool:
 def _from_lorita_file(p: Path, model: nn.Module) -> dict[str, torch.Tensor]:
     """The plain weights of a model saved by ``lorita.save`` (composed or cut): rebuilt onto a
     copy of ``model``'s architecture and merged back into its plain layers."""
-    import copy
 
     from ..convert import merge_model
     from ..export import load, read_spec
@@ -88,7 +88,7 @@ def _from_lorita_file(p: Path, model: nn.Module) -> dict[str, torch.Tensor]:
             "layers; write it with the BatchNorms kept (`lorita export RUN --no-fold-bn`, or "
             "lorita.save without fold_bn) to train from it"
         )
-    arch = copy.deepcopy(model)
+    arch = clone_model(model)
     if any(t.is_meta for t in arch.state_dict().values()):
         arch = arch.to_empty(device="cpu")  # the command line's size check builds on meta
     try:

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import data as data_mod
+from ..clone import clone_model
 from .config import OPTIMIZERS, is_int, is_num
 from .optim import loss_fn, make_optimizer, task_of
 
@@ -96,7 +97,7 @@ def finetune(
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer: {optimizer!r} is not allowed; expected one of {OPTIMIZERS}")
     device = torch.device(device)
-    work = copy.deepcopy(model).to(device)
+    work = clone_model(model).to(device)
     best = evaluate(work, splits.val, device=device)["acc"]
     best_state = copy.deepcopy(work.state_dict())
     if epochs == 0:

@@ -1,0 +1,35 @@
+"""A copy of any model: ``copy.deepcopy``, also for modules that keep tensors computed with
+autograd between calls (timm's LeViT caches its attention biases in eval mode), which
+``deepcopy`` refuses; those are copied detached, as the values they are."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+__all__ = ["clone_model"]
+
+
+def _non_leaves(value, found: dict[int, torch.Tensor], depth: int = 0) -> None:
+    if torch.is_tensor(value):
+        if not value.is_leaf:
+            found[id(value)] = value.detach().clone()
+    elif depth < 3 and isinstance(value, dict):
+        for v in value.values():
+            _non_leaves(v, found, depth + 1)
+    elif depth < 3 and isinstance(value, list | tuple):
+        for v in value:
+            _non_leaves(v, found, depth + 1)
+
+
+def clone_model(model: nn.Module) -> nn.Module:
+    """``copy.deepcopy(model)`` with every cached non-leaf tensor (an attribute of a module, or
+    inside a dict, list or tuple attribute) copied detached."""
+    memo: dict[int, torch.Tensor] = {}
+    for m in model.modules():
+        for k, v in vars(m).items():
+            if not k.startswith("_"):
+                _non_leaves(v, memo)
+    return copy.deepcopy(model, memo)
