@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from .clone import clone_model
 from .convert import composed_layers, deploy_input, deploy_model, iter_layers, merge_model
 from .kinds import layer_table, median_seconds
 
@@ -71,13 +72,7 @@ def _counted_attention() -> Iterator[None]:
                 torch.backends.mha.set_fastpath_enabled(_attention_counting["was"])
 
 
-def count_cost(model: nn.Module, example_input: Tensor) -> Cost:
-    """Count parameters and FLOPs of ``model`` on ``example_input`` (e.g. one batch).
-
-    Composed layers are merged first (their factors are a training device, not a deployed
-    cost). ``per_layer`` maps each Linear/Conv2d/low-rank layer name to its params and FLOPs.
-    """
-    deploy = _deployable(model)
+def _count(deploy: nn.Module, example_input: Tensor) -> FlopCounterMode:
     was_training = deploy.training
     deploy.eval()
     try:
@@ -85,6 +80,24 @@ def count_cost(model: nn.Module, example_input: Tensor) -> Cost:
             deploy(example_input)
     finally:
         deploy.train(was_training)
+    return counter
+
+
+def count_cost(model: nn.Module, example_input: Tensor) -> Cost:
+    """Count parameters and FLOPs of ``model`` on ``example_input`` (e.g. one batch).
+
+    Composed layers are merged first (their factors are a training device, not a deployed
+    cost). ``per_layer`` maps each Linear/Conv2d/low-rank layer name to its params and FLOPs.
+    """
+    deploy = _deployable(model)
+    try:
+        counter = _count(deploy, example_input)
+    except AssertionError:
+        # FlopCounterMode's module tracker hooks the gradient of every module input that
+        # requires it and fails on a parameter view passed as one (timm's CaiT and PiT pass
+        # their expanded class tokens): count on a copy whose parameters need no gradient
+        deploy = clone_model(deploy).requires_grad_(False)
+        counter = _count(deploy, example_input)
     counts = counter.get_flop_counts()
     prefix = type(deploy).__name__
     per_layer = {}

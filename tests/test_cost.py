@@ -195,3 +195,29 @@ def test_paired_medians_time_the_candidates_in_turn(monkeypatch):
     got = kinds.paired_medians([fn("a", 3), fn("b", 1)], repeats=3, warmup=1)
     assert order == ["a", "b"] * 4  # interleaved, warm-up round included
     assert got == [3, 1]
+
+
+class _ClassToken(nn.Module):
+    """Passes a view of a parameter to a sub-module, as timm's CaiT and PiT do with their
+    class tokens: FlopCounterMode's module tracker fails on such an input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cls = nn.Parameter(torch.randn(1, 1, 4))
+        self.block = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        token = self.block(self.cls.expand(x.shape[0], -1, -1))
+        return self.head(x + token[:, 0])
+
+
+def test_count_cost_of_a_model_passing_a_parameter_view_to_a_module():
+    from lorita.cost import _count
+
+    net, x = _ClassToken(), torch.randn(5, 4)
+    with pytest.raises(AssertionError):
+        _count(net, x)  # what count_cost works around
+    cost = lt.count_cost(net, x)
+    assert cost.flops == 2 * 5 * 4 * 3 + 2 * 5 * 4 * 4
+    assert cost.params == 4 + 20 + 15 and all(p.requires_grad for p in net.parameters())
