@@ -80,7 +80,7 @@ def _check_options(n_factors, init, inner, order) -> None:
 
 def _why_left(e: LayerEntry, skip: tuple[str, ...], n_factors: int) -> str | None:
     if not e.kind.composable:
-        return e.kind.why_left
+        return e.kind.why(e.module)
     if _matches(e.name, skip):
         return "skipped (skip=...)"
     if e.shared:
@@ -103,7 +103,8 @@ def overparameterize(
     """Return a copy of ``model`` with every layer that has a kind written as N factors.
 
     Linear, Conv2d (grouped too), MultiheadAttention's packed q, k, v and layers whose weight
-    is read directly are composed; depthwise convolutions and tied weights are left as they are.
+    is read directly are composed; depthwise convolutions, tied weights and subclasses whose
+    own forward does more with the weight (weight standardisation) are left as they are.
     The copy carries ``lorita_summary`` (see :func:`composition_summary`) and
     ``lorita_direct`` (the layers whose weight the model reads itself: their cut stays dense).
 

@@ -104,6 +104,10 @@ class Kind:
     thin_form = True  # the thin two-layer form can be what the model calls
     why_left = ""  # for kinds that are not composable
 
+    def why(self, module: nn.Module) -> str:
+        """Why a layer of this kind is left as it is (kinds that are not composable)."""
+        return self.why_left
+
     def matches(self, module: nn.Module) -> bool:
         raise NotImplementedError
 
@@ -247,6 +251,68 @@ class DepthwiseKind(ConvKind):
         return isinstance(module, nn.Conv2d) and g > 1 and module.in_channels // g == 1
 
 
+#: forwards of the plain layers: a subclass that keeps one of them computes the same function
+_PLAIN = (nn.Linear, nn.Conv2d)
+#: class -> why its own forward makes it a layer to leave ("" when it computes the plain one)
+_OWN_FORWARD: dict[type, str] = {}
+
+
+def _probe_input(module: nn.Module) -> Tensor:
+    w = module.weight
+    if isinstance(module, nn.Linear):
+        return torch.randn(3, module.in_features, dtype=w.dtype, device=w.device)
+    sides = [d * (k - 1) + 1 + 3 * s for k, d, s in zip(module.kernel_size, module.dilation,
+                                                         module.stride, strict=True)]  # fmt: skip
+    return torch.randn(2, module.in_channels, *sides, dtype=w.dtype, device=w.device)
+
+
+@torch.no_grad()
+def _own_forward(module: nn.Module) -> str:
+    """Why ``module``, of a subclass with its own forward, computes more than the plain layer
+    from its weight (timm's ScaledStdConv2d standardises it), checked once per class on a
+    random input; "" when the two agree."""
+    cls = type(module)
+    if cls in _OWN_FORWARD:
+        return _OWN_FORWARD[cls]
+    base = next(b for b in cls.__mro__ if b in _PLAIN)
+    was = module.training
+    module.eval()
+    try:
+        x = _probe_input(module)
+        want, plain = module(x), base.forward(module, x)
+        same = torch.is_tensor(want) and want.shape == plain.shape
+        same = same and bool((want - plain).abs().max() <= 1e-4 * (plain.abs().max() + 1e-6))
+    except Exception:  # noqa: BLE001 - a forward that refuses a plain layer's input
+        same = False
+    finally:
+        module.train(was)
+    why = "" if same else (
+        f"{cls.__name__} has its own forward, which computes more than a plain "
+        f"{base.__name__} from its weight: composing or cutting it would change the function"
+    )  # fmt: skip
+    _OWN_FORWARD[cls] = why
+    return why
+
+
+class OwnForwardKind(Kind):
+    """A Linear or Conv2d subclass whose own forward does more with its weight than the plain
+    layer (weight standardisation, ...): left as it is, with the reason."""
+
+    name, label = "own_forward", "layer with its own forward"
+    composable = False
+    why_left = "its own forward computes more than a plain layer from its weight"
+
+    def matches(self, module):
+        if not isinstance(module, _PLAIN) or type(module) in _PLAIN:
+            return False
+        if any(type(module).forward is b.forward for b in _PLAIN):
+            return False
+        return bool(_own_forward(module))
+
+    def why(self, module) -> str:
+        return _own_forward(module)
+
+
 class AttentionKind(Kind):
     name, label = "attention", "MultiheadAttention q, k, v"
     thin_form = False
@@ -309,6 +375,7 @@ class DirectKind(Kind):
 KINDS: dict[str, Kind] = {
     k.name: k
     for k in (
+        OwnForwardKind(),
         LinearKind(),
         DepthwiseKind(),
         GroupedConvKind(),

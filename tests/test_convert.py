@@ -152,6 +152,42 @@ def test_every_kind_composed_or_left_with_a_reason():
     assert_close(fresh.eval()(x), model(x), rtol=1e-5, atol=1e-5)
 
 
+class _StdConv(nn.Conv2d):
+    """Weight standardisation in its own forward (timm's ScaledStdConv2d)."""
+
+    def forward(self, x):
+        w = self.weight
+        w = (w - w.mean((1, 2, 3), keepdim=True)) / (w.std((1, 2, 3), keepdim=True) + 1e-5)
+        return self._conv_forward(x, w, self.bias)
+
+
+class _SameLinear(nn.Linear):
+    """Its own forward, computing what nn.Linear does (timm's Linear)."""
+
+    def forward(self, x):
+        return nn.functional.linear(x, self.weight, self.bias)
+
+
+def test_a_subclass_whose_forward_does_more_is_left_and_never_cut():
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        _StdConv(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.Flatten(),
+        _SameLinear(8 * 6 * 6, 16), nn.ReLU(), nn.Linear(16, 4),
+    ).eval()  # fmt: skip
+    x = torch.randn(2, 3, 8, 8)
+    model = lt.overparameterize(net, 3, example_input=x).eval()
+    assert_close(model(x), net(x), rtol=1e-5, atol=1e-5)
+    rows = {r["name"]: r for r in composition_summary(model)["layers"]}
+    assert rows["0"]["action"] == "left" and rows["0"]["kind"] == "own_forward"
+    assert "_StdConv has its own forward" in rows["0"]["why"]
+    assert [rows[n]["action"] for n in ("2", "4", "6")] == ["composed"] * 3
+    assert type(model[0]) is _StdConv and "0" not in dict(lt.iter_layers(model))
+    small = lt.truncate(model, lt.Uniform(0.25), example_input=x)
+    assert type(small[0]) is _StdConv  # a cut would change its function too
+    assert_close(small[0].weight, net[0].weight)
+    assert lt.count_cost(small, x).flops < lt.count_cost(net, x).flops
+
+
 def test_find_direct_reads_needs_no_composed_model():
     from lorita.kinds import find_direct_reads
 
