@@ -10,7 +10,9 @@ RegNet (grouped, squeeze-excitation), DenseNet (concatenations), GoogLeNet (auxi
 Inception v3, AlexNet and VGG (adaptive pool to 6x6 / 7x7: ONNX through torch.export),
 ConvNeXt, Swin and Swin v2 (weights read by F.linear, cpb_mlp, logit_scale), ViT
 (MultiheadAttention, class token and position Parameters), MaxViT (its own attention, relative
-position bias). bench/zoo_sweep.py runs the same checks on every torchvision builder.
+position bias). bench/zoo_sweep.py runs the same checks on every torchvision builder. Three timm
+models (when timm is installed) handle their weights their own way: weight standardisation,
+cached attention biases, a class token passed to a module.
 """
 
 from __future__ import annotations
@@ -295,3 +297,33 @@ def test_load_onto_the_wrong_architecture_names_the_layer(tmp_path):
         lt.load(path, model=tvm.mobilenet_v3_small(num_classes=7))
     with pytest.raises(ValueError, match="not in this model"):
         lt.load(path, model=tvm.shufflenet_v2_x0_5(num_classes=10))
+
+
+@pytest.mark.parametrize(
+    "name, side",
+    [
+        ("nf_resnet26", 32),  # ScaledStdConv2d: weight standardised in its own forward
+        ("levit_128s", 224),  # attention biases cached in eval mode (deepcopy refuses them)
+        ("pit_ti_224", 224),  # the class token's view passed to a module (FLOP counting)
+    ],
+)
+def test_timm_models_that_handle_their_weights_their_own_way(name, side, tmp_path):
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    net = timm.create_model(name, num_classes=10).eval()
+    x = torch.randn(2, 3, side, side)
+    ref = net(x)  # in eval mode: caches fill
+    model = lt.overparameterize(net, 3, example_input=x).eval()
+    _close(model(x).detach(), ref.detach())
+    rows = composition_summary(model)["layers"]
+    left = {r["why"].split(" has ")[0] for r in rows if r["action"] == "left"}
+    assert left <= {
+        "ScaledStdConv2d",
+        "depthwise convolution (one input channel per group): nothing to gain",
+    }
+    small = lt.truncate(model, lt.Uniform(0.25), example_input=x)
+    assert lt.count_cost(small, x).flops < lt.count_cost(net, x).flops
+    lt.save(small, tmp_path / "m.safetensors")
+    torch.manual_seed(1)
+    again = lt.load(tmp_path / "m.safetensors", model=timm.create_model(name, num_classes=10))
+    _close(again(x).detach(), small(x).detach())
