@@ -196,12 +196,6 @@ def pick_layers(layers: Sequence[str] | dict[str, Any], limit: int = MAX_LAYERS_
     return [names[round(i * step)] for i in range(limit)]
 
 
-def stage_of(layer: str) -> str:
-    """The stage a layer belongs to, for grouping long rank tables: ``layer2.0.conv1`` ->
-    ``layer2``; ``features.12`` -> ``features``; ``fc1`` -> ``fc1``."""
-    return layer.split(".", 1)[0]
-
-
 def thin_metrics(rows: Sequence[dict[str, Any]], limit: int = MAX_METRIC_POINTS) -> list[dict]:
     """A run's metrics rows with at most ``limit`` points per split (for overlays)."""
     by_split: dict[str, list[dict[str, Any]]] = {}

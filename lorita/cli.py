@@ -1203,6 +1203,39 @@ def _policy_words(policy: dict) -> str:
     return f"{name} {value:g}" if isinstance(value, int | float) else str(name)
 
 
+#: more layers than this are listed one line per stage
+_LAYERS_ON_ONE_LINE = 12
+
+
+def _names(names: list[str], shown: int = 4) -> str:
+    more = f", ... {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
+
+
+def _stages(names: list[str], depth: int = 1) -> dict[str, list[str]]:
+    """Layer names grouped by their first ``depth`` name parts, a group of more than
+    _LAYERS_ON_ONE_LINE split by one more part (torchvision's ``features.5.block...``)."""
+    groups: dict[str, list[str]] = {}
+    for n in names:
+        groups.setdefault(".".join(n.split(".")[:depth]), []).append(n)
+    out: dict[str, list[str]] = {}
+    for key, members in groups.items():
+        deeper = len(members) > _LAYERS_ON_ONE_LINE and any(n.count(".") > depth for n in members)
+        out.update(_stages(members, depth + 1) if deeper else {key: members})
+    return out
+
+
+def _print_layers(title: str, values: dict[str, str]) -> None:
+    """``title: layer value, ...`` on one line, or one line per stage for a deep network."""
+    if len(values) <= _LAYERS_ON_ONE_LINE:
+        print(f"{title}: " + ", ".join(f"{n} {v}" for n, v in values.items()))
+        return
+    print(f"{title}, by stage:")
+    for stage, names in _stages(list(values)).items():
+        items = [f"{n[len(stage) + 1 :]} {values[n]}" if n != stage else values[n] for n in names]
+        print(f"  {stage}: " + ", ".join(items))
+
+
 def _print_compress(out: dict, args) -> None:
     before, after = out["before"], out["after"]
     tuned = f", fine-tuned {after['finetune_epochs']} epochs" if after["finetune_epochs"] else ""
@@ -1236,17 +1269,23 @@ def _print_compress(out: dict, args) -> None:
     if lat:
         print(_latency_words(before.get("latency_as"), after.get("latency_as")))
     plan, spectra = after["plan"], out["spectra"]
-    print("ranks kept: " + ", ".join(f"{n} {p['rank']}/{p['full']}" for n, p in plan.items()))
+    _print_layers("ranks kept", {n: f"{p['rank']}/{p['full']}" for n, p in plan.items()})
     if spectra:
-        print(
-            "energy rank (99% of sum sigma^2) / effective rank: "
-            + ", ".join(f"{n} {v['energy']}/{v['effective']}" for n, v in spectra.items())
+        _print_layers(
+            "energy rank (99% of sum sigma^2) / effective rank",
+            {n: f"{v['energy']}/{v['effective']}" for n, v in spectra.items()},
         )
     if after.get("note"):
         print(f"note: {after['note']}")
-    notes = {n: p["note"] for n, p in plan.items() if p.get("note")}
-    for n, note in notes.items():
-        print(f"  {n}: {note}")
+    notes: dict[str, list[str]] = {}
+    for n, p in plan.items():
+        if p.get("note"):
+            notes.setdefault(p["note"], []).append(n)
+    for note, names in notes.items():
+        if len(names) > 2:
+            print(f"  {len(names)} layers ({_names(names)}): {note}")
+        else:
+            print("\n".join(f"  {n}: {note}" for n in names))
     if out.get("out"):
         print(f"saved {out['out']}")
 

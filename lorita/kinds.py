@@ -415,6 +415,12 @@ def _skip_inside(name: str, module: nn.Module) -> str | None:
     return None
 
 
+def stage_of(layer: str) -> str:
+    """The stage a layer belongs to, for grouping long per-layer listings: ``layer2.0.conv1``
+    -> ``layer2``; ``features.12`` -> ``features``; ``fc1`` -> ``fc1``."""
+    return layer.split(".", 1)[0]
+
+
 def _direct_names(model: nn.Module) -> set[str]:
     return set(getattr(model, "lorita_direct", ()) or ())
 

@@ -6,6 +6,7 @@ import streamlit as st
 
 from app import cache, charts, jobs, latency, live, plot, state, tables, ui
 from app import compress as cz
+from lorita.kinds import stage_of
 
 
 def _slider_key(policy: str) -> str:
@@ -144,7 +145,7 @@ def _rank_editor(session, name: str, which: str):
     full = {n: full[n] for n in session.layers}
     prev = st.session_state.get(state.COMPRESS_CHOICE) or {}
     start = prev.get("ranks") if prev.get("run") == name and prev.get("ranks") else full
-    stages = sorted({live.stage_of(n) for n in full}, key=list(map(live.stage_of, full)).index)
+    stages = sorted({stage_of(n) for n in full}, key=list(map(stage_of, full)).index)
     ranks = {n: int(start.get(n, full[n])) for n in full}
     groups = stages if len(full) > live.MAX_LAYERS_SHOWN else [None]
     for stage in groups:

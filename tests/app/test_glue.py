@@ -10,6 +10,7 @@ from app_seed import N1, N3
 from app import compress as cz
 from app import export as ex
 from app import jobs, live, options, presets, tables, ui
+from lorita.kinds import stage_of
 
 
 def test_classroom_preset_is_the_library_default():
@@ -225,7 +226,7 @@ def test_live_follower_keeps_a_bounded_number_of_points():
     picked = live.pick_layers(names)
     assert len(picked) == live.MAX_LAYERS_SHOWN and picked[0] == names[0]
     assert picked[-1] == names[-1]
-    assert live.stage_of("layer2.0.conv1") == "layer2"
+    assert stage_of("layer2.0.conv1") == "layer2"
 
 
 def test_tables_group_many_layers_by_stage():
