@@ -274,6 +274,8 @@ def _own_forward(module: nn.Module) -> str:
     cls = type(module)
     if cls in _OWN_FORWARD:
         return _OWN_FORWARD[cls]
+    if module.weight.is_meta:
+        return ""  # nothing to compute with: checked on the first real instance
     base = next(b for b in cls.__mro__ if b in _PLAIN)
     was = module.training
     module.eval()
