@@ -259,11 +259,12 @@ _OWN_FORWARD: dict[type, str] = {}
 
 def _probe_input(module: nn.Module) -> Tensor:
     w = module.weight
+    g = torch.Generator().manual_seed(0)  # the global random state is the user's
     if isinstance(module, nn.Linear):
-        return torch.randn(3, module.in_features, dtype=w.dtype, device=w.device)
+        return torch.randn(3, module.in_features, generator=g).to(w)
     sides = [d * (k - 1) + 1 + 3 * s for k, d, s in zip(module.kernel_size, module.dilation,
                                                          module.stride, strict=True)]  # fmt: skip
-    return torch.randn(2, module.in_channels, *sides, dtype=w.dtype, device=w.device)
+    return torch.randn(2, module.in_channels, *sides, generator=g).to(w)
 
 
 @torch.no_grad()

@@ -175,6 +175,12 @@ def test_a_subclass_whose_forward_does_more_is_left_and_never_cut():
         _SameLinear(8 * 6 * 6, 16), nn.ReLU(), nn.Linear(16, 4),
     ).eval()  # fmt: skip
     x = torch.randn(2, 3, 8, 8)
+    from lorita import kinds
+
+    kinds._OWN_FORWARD.pop(_StdConv, None)
+    state = torch.get_rng_state()
+    assert "its own forward" in kinds._own_forward(net[0])
+    assert torch.equal(torch.get_rng_state(), state)  # the check draws from its own generator
     model = lt.overparameterize(net, 3, example_input=x).eval()
     assert_close(model(x), net(x), rtol=1e-5, atol=1e-5)
     rows = {r["name"]: r for r in composition_summary(model)["layers"]}
