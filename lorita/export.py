@@ -54,7 +54,7 @@ __all__ = [
 
 FORMAT = "lorita"
 VERSION = 1
-SPEC_KEY = "lorita_spec"  # the safetensors metadata key of the spec
+_SPEC_KEY = "lorita_spec"
 
 #: What a file may declare. Anything larger is refused before it is read further.
 LIMITS = {
@@ -251,7 +251,7 @@ def save_bytes(
     if fold_bn:
         model = _folded(model, input_shape)
     spec = model_spec(model, input_shape=input_shape, metadata=metadata)
-    return st_save_bytes(_state(model), metadata={SPEC_KEY: json.dumps(spec)})
+    return st_save_bytes(_state(model), metadata={_SPEC_KEY: json.dumps(spec)})
 
 
 def save(
@@ -349,9 +349,9 @@ def _header_shapes(header: dict) -> dict[str, tuple[int, ...]]:
 
 def _spec_from_header(header: dict, where: str) -> dict:
     raw = header.get("__metadata__")
-    if not isinstance(raw, dict) or SPEC_KEY not in raw:
-        raise _fail(where, f"not a LoRITa model file (no {SPEC_KEY!r} metadata)")
-    text = raw[SPEC_KEY]
+    if not isinstance(raw, dict) or _SPEC_KEY not in raw:
+        raise _fail(where, f"not a LoRITa model file (no {_SPEC_KEY!r} metadata)")
+    text = raw[_SPEC_KEY]
     if not isinstance(text, str) or len(text) > LIMITS["spec_bytes"]:
         raise _fail(f"{where} spec", f"expected JSON text of at most {LIMITS['spec_bytes']} bytes")
     spec = _loads(text, f"{where} spec")
@@ -729,6 +729,17 @@ def _load(header: dict, where: str, read_tensors, model: nn.Module | None):
     model = _apply_layers(model, spec)
     _check_against_file(model, shapes, "model")
     return _finish(model, read_tensors(), where)
+
+
+def is_lorita_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a safetensors file carrying a LoRITa spec (written by :func:`save`);
+    only its header is read, within the same limits as :func:`load`."""
+    try:
+        header, _, _ = _read_path_header(path)
+    except ValueError:
+        return False
+    raw = header.get("__metadata__")
+    return isinstance(raw, dict) and _SPEC_KEY in raw
 
 
 def read_spec(path: str | os.PathLike) -> dict:

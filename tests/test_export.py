@@ -150,3 +150,19 @@ def test_onnx_folds_batchnorm_by_default(tmp_path):
         np.testing.assert_allclose(out, model(x).detach().numpy(), rtol=1e-4, atol=1e-5)
     assert "BatchNormalization" not in ops[True]  # (the exporter itself folds conv + BN too)
     assert isinstance(model[1], nn.BatchNorm2d)
+
+
+def test_is_lorita_file_reads_only_a_bounded_header(tmp_path):
+    from safetensors.torch import save_file
+
+    from lorita.export import is_lorita_file
+
+    net = nn.Sequential(nn.Linear(4, 3))
+    lt.save(net, tmp_path / "ours.safetensors")
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "plain.safetensors"))
+    huge = tmp_path / "huge.safetensors"
+    huge.write_bytes((2**40).to_bytes(8, "little") + b"{}")  # a header length beyond the file
+    (tmp_path / "empty.safetensors").write_bytes(b"")
+    assert is_lorita_file(tmp_path / "ours.safetensors")
+    for name in ("plain", "huge", "empty", "missing"):
+        assert not is_lorita_file(tmp_path / f"{name}.safetensors")

@@ -13,6 +13,7 @@ from .. import data as data_mod
 from .. import models as models_mod
 from ..clone import clone_model
 from ..convert import overparameterize
+from ..export import is_lorita_file
 from ..runs import load_splits as _run_splits
 from .config import TrainConfig
 
@@ -60,21 +61,6 @@ def _renamed(sd: dict[str, torch.Tensor], own: set[str]) -> dict[str, torch.Tens
     return sd
 
 
-def _lorita_file(p: Path) -> bool:
-    """Whether ``p`` is a safetensors file written by ``lorita.save`` (it carries a spec)."""
-    if p.suffix != ".safetensors":
-        return False
-    from safetensors import safe_open
-
-    from ..export import SPEC_KEY
-
-    try:
-        with safe_open(str(p), "pt") as f:
-            return SPEC_KEY in (f.metadata() or {})
-    except Exception:  # noqa: BLE001 - unreadable: the plain reader says why
-        return False
-
-
 def _from_lorita_file(p: Path, model: nn.Module) -> dict[str, torch.Tensor]:
     """The plain weights of a model saved by ``lorita.save`` (composed or cut): rebuilt onto a
     copy of ``model``'s architecture and merged back into its plain layers."""
@@ -112,7 +98,7 @@ def read_weights(
     p = Path(path)
     if not p.is_file():
         raise ValueError(f"init_from: {str(path)!r} is not a file")
-    if model is not None and _lorita_file(p):
+    if model is not None and p.suffix == ".safetensors" and is_lorita_file(p):
         return _from_lorita_file(p, model)
     try:
         if p.suffix == ".safetensors":
