@@ -103,7 +103,23 @@ def check(preset: str, config: dict[str, Any]) -> list[str]:
     except (ValueError, RuntimeError) as exc:
         errors.append(_one_line(exc))
     errors += dataset_errors(config)
-    return errors
+    return errors or model_errors(config)
+
+
+def model_errors(config: dict[str, Any]) -> list[str]:
+    """The library's model checks before a run exists: its size against this machine's
+    memory (built on the meta device) and the uploaded starting weights against its layers."""
+    import lorita as lt
+    from lorita.engine import preflight
+
+    cfg = lt.TrainConfig.from_dict(config)
+    try:
+        meta = preflight.check_model_size(cfg)
+        if cfg.init_from is not None:
+            preflight.check_init_from(meta, cfg.init_from)
+    except ValueError as exc:  # DatasetUnavailable too
+        return [_one_line(exc)]
+    return []
 
 
 def dataset_errors(config: dict[str, Any]) -> list[str]:

@@ -123,7 +123,7 @@ def test_init_from_reads_the_checkpoints_people_have(tmp_path):
             start(tmp_path / name)
         assert needle in str(e.value), str(e.value)
     torch.save({f"x.{k}": v for k, v in sd.items()}, tmp_path / "other.pt")
-    with pytest.raises(ValueError, match="missing from the file: 'bn1.*not in the model: 'x.bn1"):
+    with pytest.raises(ValueError, match="missing from the file: 'fc1.*not in the model: 'x.fc1"):
         start(tmp_path / "other.pt")
 
 

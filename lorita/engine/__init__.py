@@ -3,6 +3,7 @@
     config.py          TrainConfig (help text and bounds in field metadata), option tuples
     devices.py         available_devices, resolve_device, torchrun / DDP set-up
     build.py           load_splits, build_model (optionally from a weights file)
+    preflight.py       check_start: device, data, model size, starting weights, before a run
     optim.py           optimizers, schedules, losses
     loop.py            train(config, run): the loop, readable top to bottom
     checkpoint.py      one checkpoint = one transaction (folder + manifest, one rename)

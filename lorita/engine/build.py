@@ -119,8 +119,7 @@ def read_weights(
     return sd if model is None else _renamed(sd, set(model.state_dict()))
 
 
-def _first(names) -> str:
-    names = sorted(names)
+def _first(names: list[str]) -> str:
     more = f" and {len(names) - 3} more" if len(names) > 3 else ""
     return ", ".join(repr(n) for n in names[:3]) + more
 
@@ -135,7 +134,8 @@ def check_weights(model: nn.Module, sd: dict[str, torch.Tensor]) -> None:
                 f"init_from: {k!r} has shape {tuple(v.shape)} in the file but "
                 f"{tuple(own[k].shape)} in the model"
             )
-    missing, extra = set(own) - set(sd), set(sd) - set(own)
+    missing = [k for k in own if k not in sd]  # in the model's order: the first layer first
+    extra = [k for k in sd if k not in own]
     if missing or extra:
         parts = [f"missing from the file: {_first(missing)}"] if missing else []
         parts += [f"not in the model: {_first(extra)}"] if extra else []

@@ -257,6 +257,28 @@ def test_init_from_upload_is_kept_once_and_named_by_its_content(tmp_path):
     cfg = train_form.build("classroom", form)
     assert cfg["init_from"] == str(a)
     assert train_form.field_errors("classroom", cfg) == []
+    # the check before a run starts reads the file against the model: these weights are not its
+    (message,) = train_form.check("classroom", cfg)
+    assert message.startswith("init_from: the weights do not match the model (missing")
+    assert "'fc1.weight'" in message and "not in the model: 'fc.weight'" in message
+    import lorita as lt
+
+    plain = lt.build_model(lt.TrainConfig.from_dict({**cfg, "init_from": None, "n_factors": 1}),
+                           lt.load_splits(cfg))  # fmt: skip
+    good = train_form.save_upload("good.pt", _state_bytes(plain.state_dict()), root=tmp_path)
+    assert train_form.check("classroom", {**cfg, "init_from": str(good)}) == []
+    huge = {**cfg, "init_from": None, "model_kwargs": {"width": 10**9}}
+    assert "needs more than this machine" in train_form.check("classroom", huge)[0]
+
+
+def _state_bytes(state: dict) -> bytes:
+    import io
+
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    return buf.getvalue()
 
 
 def test_build_keeps_a_followed_runs_other_settings():
