@@ -242,6 +242,23 @@ def layer_forms(session: Any, model: Any) -> list[dict[str, Any]]:
     return rows
 
 
+def params_note(session: Any, model: Any) -> str | None:
+    """What the file's parameters are against the cut the Compress page counted, when some cut
+    layers were kept dense because of their measured latency (they carry their whole weight);
+    None otherwise."""
+    plan = getattr(model, "lorita_plan", None) or {}
+    dense = [n for n, p in plan.items() if p.get("form") == "dense" and p.get("timed")]
+    if not dense:
+        return None
+    params = sum(p.numel() for p in model.parameters())
+    pct = 100.0 * params / max(1, session.base_cost.params)
+    return (
+        f"This file holds {pct:.1f}% of the original parameters ({params:,}): "
+        f"{len(dense)} cut layer(s) kept dense for their measured latency carry their whole "
+        "weight, where the Compress page counted them thin."
+    )
+
+
 def forms_of(model: Any) -> dict[str, str]:
     """``{layer: "thin" | "dense" | "full"}`` of a cut model (empty when nothing was cut)."""
     return {n: str(p["form"]) for n, p in (getattr(model, "lorita_plan", None) or {}).items()}

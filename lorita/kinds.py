@@ -891,7 +891,7 @@ def _faster_forms(model: nn.Module, plan: dict[str, dict], x: Tensor) -> None:
         if not _thin_is_faster(dense_t, layer_t, args):
             set_module(model, name, dense)
             why = f"the thin form measured slower at batch {len(x)}"
-            plan[name] = {**plan[name], "form": "dense", "why": why}
+            plan[name] = {**plan[name], "form": "dense", "why": why, "timed": True}
     _keep_thin_only_if_faster(model, plan, x)
 
 
@@ -921,4 +921,5 @@ def _keep_thin_only_if_faster(model: nn.Module, plan: dict[str, dict], x: Tensor
             **plan[n],
             "form": "dense",
             "why": f"the whole model measured slower with thin layers at batch {len(x)}",
+            "timed": True,  # dense because of the timing, not the FLOPs
         }

@@ -105,6 +105,9 @@ def _forms(session, model, fmt: str, by: str, batch: int) -> None:
     how = "dense format" if fmt == "dense" else how
     with st.expander(f"Each layer's form: {thin} of {len(rows)} thin ({how})"):
         st.dataframe(rows, hide_index=True)
+        note = ex.params_note(session, model) if fmt != "dense" else None
+        if note:
+            st.info(note, icon="ℹ️")
         if by == "latency":
             st.caption(
                 "Each cut layer was timed thin and dense on this machine (in PyTorch), then the "

@@ -197,6 +197,15 @@ def test_choose_model_by_latency_keeps_ranks_and_says_each_form(session, batch):
         if r["layer"] in plan:
             assert r["form"] == latency.FORM_WORDS[plan[r["layer"]]["form"]]
             assert r["rank"] == f"{plan[r['layer']]['rank']}/{plan[r['layer']]['full']}"
+    note = ex.params_note(session, timed)
+    dense = [n for n, p in plan.items() if p["form"] == "dense" and p.get("timed")]
+    assert (note is None) == (not dense) and ex.params_note(session, by_flops) is None
+    if note:  # the dense layers' whole weights, against the uncut model
+        params = sum(p.numel() for p in timed.parameters())
+        assert (
+            f"{100 * params / session.base_cost.params:.1f}%" in note
+            and f"{len(dense)} cut" in note
+        )
     meta = ex.metadata(session, choice, "low_rank", model=timed, by="latency", batch=batch)
     assert meta["truncation"]["forms_by"] == "latency"
     assert meta["truncation"]["latency_batch"] == batch
@@ -269,3 +278,18 @@ def test_compress_page_measures_on_the_button_and_keeps_it_per_cut(runs_dir):
     at.slider(key="compress.value.global").set_value(first).run()  # back: kept for that cut
     assert {"Latency, batch 1", "Latency, batch 64"} <= set(_metric_labels(at))
     assert len(at.session_state[state.LATENCY]) == 1
+
+
+def test_params_note_says_what_the_dense_layers_weigh(session, monkeypatch):
+    from lorita import kinds
+
+    monkeypatch.setattr(kinds, "_thin_is_faster", lambda dense, layer, args: False)
+    res = _cut(session)
+    choice = {"run": N3, "which": "best", "policy": "global", "value": 0.8, "ranks": res["ranks"]}
+    timed = ex.choose_model(session, choice, "low_rank", by="latency", batch=4)
+    cut = [n for n, p in timed.lorita_plan.items() if p["form"] == "dense"]
+    assert cut and all(timed.lorita_plan[n]["timed"] for n in cut)
+    params = sum(p.numel() for p in timed.parameters())
+    note = ex.params_note(session, timed)
+    assert f"{100 * params / session.base_cost.params:.1f}% of the original" in note
+    assert ex.params_note(session, ex.choose_model(session, choice, "low_rank")) is None
