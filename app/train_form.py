@@ -112,11 +112,8 @@ def model_errors(config: dict[str, Any]) -> list[str]:
     import lorita as lt
     from lorita.engine import preflight
 
-    cfg = lt.TrainConfig.from_dict(config)
     try:
-        meta = preflight.check_model_size(cfg)
-        if cfg.init_from is not None:
-            preflight.check_init_from(meta, cfg.init_from)
+        preflight.check_model(lt.TrainConfig.from_dict(config))
     except ValueError as exc:  # DatasetUnavailable too
         return [_one_line(exc)]
     return []

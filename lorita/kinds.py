@@ -303,13 +303,12 @@ class OwnForwardKind(Kind):
 
     name, label = "own_forward", "layer with its own forward"
     composable = False
-    why_left = "its own forward computes more than a plain layer from its weight"
 
     def matches(self, module):
-        if not isinstance(module, _PLAIN) or type(module) in _PLAIN:
+        if not isinstance(module, _PLAIN):
             return False
         if any(type(module).forward is b.forward for b in _PLAIN):
-            return False
+            return False  # the plain layers and subclasses that keep their forward
         return bool(_own_forward(module))
 
     def why(self, module) -> str:

@@ -64,7 +64,6 @@ def _renamed(sd: dict[str, torch.Tensor], own: set[str]) -> dict[str, torch.Tens
 def _from_lorita_file(p: Path, model: nn.Module) -> dict[str, torch.Tensor]:
     """The plain weights of a model saved by ``lorita.save`` (composed or cut): rebuilt onto a
     copy of ``model``'s architecture and merged back into its plain layers."""
-
     from ..convert import merge_model
     from ..export import load, read_spec
 

@@ -17,7 +17,7 @@ from .build import check_weights, read_weights
 from .config import TrainConfig
 from .devices import resolve_device
 
-__all__ = ["check_init_from", "check_model_size", "check_start"]
+__all__ = ["check_init_from", "check_model", "check_model_size", "check_start"]
 
 
 def _machine_bytes() -> int:
@@ -91,11 +91,16 @@ def check_init_from(meta_model: nn.Module | None, path: str) -> None:
     check_weights(meta_model, sd)
 
 
+def check_model(config: TrainConfig) -> None:
+    """The model's size on the meta device, then the starting weights against it."""
+    meta_model = check_model_size(config)
+    if config.init_from is not None:
+        check_init_from(meta_model, config.init_from)
+
+
 def check_start(config: TrainConfig) -> None:
     """Everything cheap that can fail before a run folder exists: device, data, model size,
     the starting weights."""
     resolve_device(config.device)
     check_dataset(config.dataset, **config.dataset_kwargs)
-    meta_model = check_model_size(config)
-    if config.init_from is not None:
-        check_init_from(meta_model, config.init_from)
+    check_model(config)
