@@ -154,7 +154,9 @@ class Kind:
                 order=spec.get("order", "auto"),
             )
         if form == "low_rank" and self.thin_form:
-            return self.empty_thin(plain, spec["rank"])
+            thin = self.empty_thin(plain, spec["rank"])
+            ref = next(plain.parameters(), None)  # the fresh model's dtype and device
+            return thin if ref is None else thin.to(device=ref.device, dtype=ref.dtype)
         raise ValueError(f"spec: a {self.name} layer cannot be stored as {form!r}")
 
     def empty_thin(self, plain: nn.Module, rank: int) -> nn.Module:
@@ -626,21 +628,27 @@ GUESSED_SIDES = (64, 224, 299)
 
 def guess_example_inputs(model: nn.Module) -> list[Tensor]:
     """Small inputs the model probably accepts, most likely first: ``model.lorita_input_shape``
-    (set by :func:`lorita.create_model`) alone when set; else from the first layer: a Linear's
-    width, or a Conv2d's channels at the model's ``image_size`` attribute (a ViT) or at
-    :data:`GUESSED_SIDES` (64 px, then the sizes ImageNet models are built for)."""
+    (set by :func:`lorita.create_model`) alone when set; else from the first layer: token ids
+    for an Embedding, a Linear's width, or a Conv2d's channels at the model's ``image_size``
+    attribute (a ViT) or at :data:`GUESSED_SIDES` (64 px, then the sizes ImageNet models are
+    built for). Float inputs take the dtype and device of the model's first floating weight."""
+    ref = next((p for p in model.parameters() if p.is_floating_point()), None)
+    kw = {} if ref is None else {"dtype": ref.dtype, "device": ref.device}
     shape = getattr(model, "lorita_input_shape", None)
     if shape is not None:
-        return [torch.zeros(2, *shape)]
-    first = next((m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))), None)
+        return [torch.zeros(2, *shape, **kw)]
+    kinds = (nn.Embedding, nn.Linear, nn.Conv2d)
+    first = next((m for m in model.modules() if isinstance(m, kinds)), None)
     if first is None:
         return []
+    if isinstance(first, nn.Embedding):
+        return [torch.zeros(2, 8, dtype=torch.long, device=first.weight.device)]
     if isinstance(first, nn.Linear):
-        return [torch.zeros(2, first.in_features)]
+        return [torch.zeros(2, first.in_features, **kw)]
     size = getattr(model, "image_size", None)
     sides = [size] if isinstance(size, int) and not isinstance(size, bool) else []
     sides += [s for s in GUESSED_SIDES if s not in sides]
-    return [torch.zeros(2, first.in_channels, s, s) for s in sides]
+    return [torch.zeros(2, first.in_channels, s, s, **kw) for s in sides]
 
 
 def guess_example_input(model: nn.Module) -> Tensor | None:

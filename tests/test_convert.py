@@ -280,6 +280,31 @@ def test_a_model_no_guessed_side_fits_is_still_composed_and_says_why():
     assert composed.lorita_summary["direct_reads"] == "traced"
 
 
+class _TokenModel(nn.Module):
+    """Token ids in, an Embedding first, a head read by F.linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(20, 8)
+        self.fc = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.fc(self.emb(x).mean(1)))
+        return nn.functional.linear(h, self.head.weight, self.head.bias)
+
+
+def test_guessed_inputs_follow_the_model_token_ids_and_float64():
+    composed = lt.overparameterize(_TokenModel(), 3)
+    assert composed.lorita_summary["direct_reads"] == "traced"
+    assert composed.lorita_direct == ("head",)
+    double = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2)).double()
+    composed = lt.overparameterize(double, 3)
+    assert composed.lorita_summary["direct_reads"] == "traced"
+    x = torch.randn(3, 4, dtype=torch.float64)
+    torch.testing.assert_close(composed(x), double(x))
+
+
 # --------------------------------------------------------------------------- BatchNorm folding
 
 

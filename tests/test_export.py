@@ -69,6 +69,12 @@ def test_save_refuses_unknown_modules_and_load_refuses_bad_files(tmp_path):
     x = torch.randn(3, 2)
     assert_close(back(x), custom.eval()(x))
     assert type(back.fc) is type(custom.fc)
+    # a float64 model's cut loads into a fresh float64 instance in float64
+    double = lt.truncate(custom.double(), lt.Ranks({"fc": 1}), example_input=x.double())
+    lt.save(double, tmp_path / "d.safetensors")
+    back = lt.load(tmp_path / "d.safetensors", model=Custom().double())
+    assert {p.dtype for p in back.parameters()} == {torch.float64}
+    assert_close(back(x.double()), double.eval()(x.double()))
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"not a safetensors file")
     with pytest.raises(ValueError, match="path"):
