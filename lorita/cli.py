@@ -605,6 +605,15 @@ def _store(args):
 
 
 def _get_run(args, name: str):
+    """The run ``name`` of --runs-dir, or the run folder at the path ``name`` (what
+    ``lorita train`` prints last)."""
+    from .runs import RunStore
+
+    where = Path(name)
+    if len(where.parts) > 1:
+        if not (where / "config.json").is_file():
+            raise UsageError(f"run: {name!r} is not a run folder (it holds no config.json)")
+        return RunStore(where.parent).get(where.name)
     store = _store(args)
     if not store.root.is_dir():
         raise UsageError(f"run: no runs folder {str(store.root)!r}")
@@ -925,6 +934,8 @@ def _train(config, run, args, slot, d, quiet, stop_event, threads) -> dict:
 
 
 def cmd_runs(args) -> int:
+    from .runs import RunStore
+
     store = _store(args)
     if args.delete is not None:
         run = _get_run(args, args.delete)
@@ -933,7 +944,7 @@ def cmd_runs(args) -> int:
                 f"run {run.name!r} is still {run.status().get('state')}; "
                 f"stop it first (lorita stop {run.name})"
             )
-        store.delete(run.name)
+        RunStore(run.path.parent).delete(run.name)
         print(f"deleted {run.name}")
         return 0
     rows = store.summaries()
@@ -1194,6 +1205,8 @@ def _print_compress(out: dict, args) -> None:
     for n, p in plan.items():
         if p.get("note"):
             notes.setdefault(p["note"], []).append(n)
+    if notes:
+        print("notes:")
     for note, names in notes.items():
         if len(names) > 2:
             print(f"  {len(names)} layers ({_names(names)}): {note}")

@@ -202,6 +202,18 @@ def test_compress_ratio_json(runs_dir, capsys):
     assert not plan["head"]["cut"] and "output layer" in plan["head"]["note"]
 
 
+def test_a_run_folder_path_stands_for_its_name(runs_dir, tmp_path, capsys):
+    """The path ``lorita train`` prints last is accepted wherever a run name is."""
+    argv = ["compress", str(runs_dir / "r1"), "--uniform", "0.5", "--json", "--no-latency"]
+    assert main(argv) == 0
+    assert json.loads(capsys.readouterr().out)["after"]["params"] > 0
+    _one_line_error(capsys, ["compress", str(tmp_path / "nowhere"), "--uniform", "0.5"], "no config")
+    store = RunStore(tmp_path / "other")
+    store.create({"dataset": "digits"}, name="gone").update_status(state="failed", pid=None)
+    assert main(["runs", "--delete", str(tmp_path / "other" / "gone")]) == 0
+    assert not (tmp_path / "other" / "gone").exists()
+
+
 def test_compress_max_drop_finetune_and_save(runs_dir, tmp_path, capsys):
     dest = tmp_path / "small.safetensors"
     argv = [
