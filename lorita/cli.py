@@ -1160,6 +1160,21 @@ def _print_layers(title: str, values: dict[str, str]) -> None:
         print(f"  {stage}: " + ", ".join(items))
 
 
+def _print_notes(plan: dict) -> None:
+    """The plan's per-layer notes, one line per note (layers sharing it named together)."""
+    notes: dict[str, list[str]] = {}
+    for n, p in plan.items():
+        if p.get("note"):
+            notes.setdefault(p["note"], []).append(n)
+    if notes:
+        print("notes:")
+    for note, names in notes.items():
+        if len(names) > 2:
+            print(f"  {len(names)} layers ({_names(names)}): {note}")
+        else:
+            print("\n".join(f"  {n}: {note}" for n in names))
+
+
 def _print_compress(out: dict, args) -> None:
     before, after = out["before"], out["after"]
     tuned = f", fine-tuned {after['finetune_epochs']} epochs" if after["finetune_epochs"] else ""
@@ -1201,17 +1216,7 @@ def _print_compress(out: dict, args) -> None:
         )
     if after.get("note"):
         print(f"note: {after['note']}")
-    notes: dict[str, list[str]] = {}
-    for n, p in plan.items():
-        if p.get("note"):
-            notes.setdefault(p["note"], []).append(n)
-    if notes:
-        print("notes:")
-    for note, names in notes.items():
-        if len(names) > 2:
-            print(f"  {len(names)} layers ({_names(names)}): {note}")
-        else:
-            print("\n".join(f"  {n}: {note}" for n in names))
+    _print_notes(plan)
     if out.get("out"):
         print(f"saved {out['out']}")
 

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import kinds
+from . import inputs, kinds
 from .convert import iter_layers, merge_model
 from .cost import Cost, count_cost
 from .data import TensorDataset
@@ -119,7 +119,7 @@ def output_layer(model: nn.Module, example_input: Tensor) -> str | None:
     model.eval()
     try:
         with torch.no_grad():
-            model(example_input)
+            inputs.call(model, example_input)
     finally:
         for h in hooks:
             h.remove()

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.utils._pytree import tree_leaves
 
+from . import inputs
 from .clone import clone_model
 from .kinds import (
     INITS,
@@ -98,7 +99,7 @@ def overparameterize(
     skip: Iterable[str] | str = (),
     inner: str | None = None,
     order: str = "auto",
-    example_input: Tensor | None = None,
+    example_input: inputs.Example | None = None,
 ) -> nn.Module:
     """Return a copy of ``model`` with every layer that has a kind written as N factors.
 
@@ -117,8 +118,9 @@ def overparameterize(
         inner: inner width of the factors: None/"min" for min(in, out), "paper" for the
             authors' (Linear input width, conv output channels).
         order: evaluation order of the composed layers ("auto", "product", "sequential").
-        example_input: one batch the model accepts, used to trace which weights are read
-            directly; default a small input guessed from the model.
+        example_input: one batch the model accepts (a tuple of tensors for a model with
+            several inputs), used to trace which weights are read directly; default a small
+            input guessed from the model.
     """
     _check_options(n_factors, init, inner, order)
     new = clone_model(model)
@@ -236,20 +238,18 @@ def _fold_into(layer: nn.Module, bn: nn.Module) -> None:
         layer.bias.copy_(new_bias)
 
 
-def _example(model: nn.Module, example_input: Tensor | None) -> list[Tensor]:
+def _example(model: nn.Module, example_input) -> list[inputs.Example]:
     if example_input is not None:
-        if not isinstance(example_input, Tensor):
-            raise ValueError(
-                f"example_input: expected a tensor, got {type(example_input).__name__}"
-            )
-        return [example_input]
+        return [inputs.check_example(example_input)]
     guesses = guess_example_inputs(model)
     if not guesses:
         raise ValueError("example_input: needed to trace the model (none could be guessed)")
     return guesses
 
 
-def _trace(model: nn.Module, example_input: Tensor | None, bns: list[str], layers: list[str]):
+def _trace(
+    model: nn.Module, example_input: inputs.Example | None, bns: list[str], layers: list[str]
+):
     errors = []
     for x in _example(model, example_input):
         try:
@@ -257,12 +257,15 @@ def _trace(model: nn.Module, example_input: Tensor | None, bns: list[str], layer
         except Exception as e:  # a guessed input the model refuses: try the next one
             if example_input is not None:
                 raise ValueError(f"example_input: the model refused it ({e})") from None
-            errors.append(f"{tuple(x.shape)} ({type(e).__name__})")
-    raise ValueError(f"example_input: no guessed input ran the model: {', '.join(errors)}")
+            errors.append(f"{inputs.shape_words(x)} ({type(e).__name__})")
+    raise ValueError(
+        f"example_input: no guessed input ran the model: {', '.join(errors)}; pass "
+        "example_input= (a tensor, or a tuple of tensors for a model with several inputs)"
+    )
 
 
 def fold_batchnorm(
-    model: nn.Module, example_input: Tensor | None = None, *, inplace: bool = False
+    model: nn.Module, example_input: inputs.Example | None = None, *, inplace: bool = False
 ) -> nn.Module:
     """The deployable model with every eval-mode BatchNorm folded into the layer before it.
 
@@ -337,7 +340,7 @@ def uses_conv(model: nn.Module) -> bool:
 
 def deploy_model(
     model: nn.Module,
-    example_input: Tensor | None = None,
+    example_input: inputs.Example | None = None,
     *,
     fold_bn: bool = True,
     channels_last: bool | None = None,
@@ -353,7 +356,7 @@ def deploy_model(
     if fold_bn:
         new = fold_batchnorm(new, example_input, inplace=True)
     if channels_last is None:
-        four_d = example_input is None or example_input.dim() == 4
+        four_d = example_input is None or inputs.lead(example_input).dim() == 4
         channels_last = four_d and uses_conv(new)
     if channels_last:
         new = new.to(memory_format=torch.channels_last)
@@ -364,9 +367,9 @@ def deploy_model(
     return new
 
 
-def deploy_input(model: nn.Module, x: Tensor) -> Tensor:
+def deploy_input(model: nn.Module, x: inputs.Example) -> inputs.Example:
     """``x`` in the memory format :func:`deploy_model` gave ``model``."""
     info = getattr(model, "lorita_deploy", None) or {}
-    if info.get("memory_format") == "channels_last" and x.dim() == 4:
-        return x.contiguous(memory_format=torch.channels_last)
+    if info.get("memory_format") == "channels_last":
+        return inputs.channels_last(x)
     return x

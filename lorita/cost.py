@@ -15,9 +15,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from . import inputs
 from .clone import clone_model
 from .convert import composed_layers, deploy_input, deploy_model, iter_layers, merge_model
 from .kinds import layer_table, median_seconds
@@ -72,23 +73,25 @@ def _counted_attention() -> Iterator[None]:
                 torch.backends.mha.set_fastpath_enabled(_attention_counting["was"])
 
 
-def _count(deploy: nn.Module, example_input: Tensor) -> FlopCounterMode:
+def _count(deploy: nn.Module, example_input: inputs.Example) -> FlopCounterMode:
     was_training = deploy.training
     deploy.eval()
     try:
         with torch.no_grad(), _counted_attention(), FlopCounterMode(display=False) as counter:
-            deploy(example_input)
+            inputs.call(deploy, example_input)
     finally:
         deploy.train(was_training)
     return counter
 
 
-def count_cost(model: nn.Module, example_input: Tensor) -> Cost:
+def count_cost(model: nn.Module, example_input: inputs.Example) -> Cost:
     """Count parameters and FLOPs of ``model`` on ``example_input`` (e.g. one batch).
 
     Composed layers are merged first (their factors are a training device, not a deployed
     cost). ``per_layer`` maps each Linear/Conv2d/low-rank layer name to its params and FLOPs.
+    ``example_input``: a tensor, or a tuple of tensors for a model with several inputs.
     """
+    example_input = inputs.check_example(example_input)
     deploy = _deployable(model)
     try:
         counter = _count(deploy, example_input)
@@ -117,9 +120,9 @@ def _check_repeats(repeats, warmup) -> None:
             raise ValueError(f"{name}: expected an integer in [{low}, 10000], got {v!r}")
 
 
-def _timed(example_input: Tensor):
+def _timed(example_input: inputs.Example):
     """A wall-clock timer around a forward call (synchronising CUDA when it is used)."""
-    cuda = example_input.is_cuda
+    cuda = inputs.is_cuda(example_input)
 
     def run(fn):
         if cuda:
@@ -131,7 +134,7 @@ def _timed(example_input: Tensor):
     return run
 
 
-def _prepared(model: nn.Module, example_input: Tensor, fold_bn: bool, channels_last) -> nn.Module:
+def _prepared(model: nn.Module, example_input, fold_bn: bool, channels_last) -> nn.Module:
     if not isinstance(fold_bn, bool):
         raise ValueError(f"fold_bn: expected True or False, got {fold_bn!r}")
     if channels_last not in (None, True, False):
@@ -139,16 +142,18 @@ def _prepared(model: nn.Module, example_input: Tensor, fold_bn: bool, channels_l
     return deploy_model(model, example_input, fold_bn=fold_bn, channels_last=channels_last)
 
 
-def _time(deploy: nn.Module, x: Tensor, repeats: int, warmup: int) -> float:
+def _time(deploy: nn.Module, x: inputs.Example, repeats: int, warmup: int) -> float:
     x = deploy_input(deploy, x)
     run = _timed(x)
     with torch.no_grad():
-        return median_seconds(lambda: run(lambda: deploy(x)), repeats=repeats, warmup=warmup)
+        return median_seconds(
+            lambda: run(lambda: inputs.call(deploy, x)), repeats=repeats, warmup=warmup
+        )
 
 
 def measure_latency(
     model: nn.Module,
-    example_input: Tensor,
+    example_input: inputs.Example,
     *,
     repeats: int = 20,
     warmup: int = 3,
@@ -161,17 +166,14 @@ def measure_latency(
     layers merged, eval mode, BatchNorm folded (``fold_bn``) and channels_last memory format
     for a convolutional model (``channels_last=None``: decided so; True / False to force)."""
     _check_repeats(repeats, warmup)
+    example_input = inputs.check_example(example_input)
     deploy = _prepared(model, example_input, fold_bn, channels_last)
     return _time(deploy, example_input, repeats, warmup)
 
 
-def _batch(example_input: Tensor, b: int) -> Tensor:
-    return example_input[:1].expand(b, *example_input.shape[1:]).contiguous()
-
-
 def latency_profile(
     model: nn.Module,
-    example_input: Tensor,
+    example_input: inputs.Example,
     *,
     batches: tuple[int, ...] = LATENCY_BATCHES,
     repeats: int = 20,
@@ -182,16 +184,17 @@ def latency_profile(
     """``{batch: median seconds}`` of the deployable model on ``example_input``'s first sample
     repeated to each batch size (default 1 and 64); deployed as :func:`measure_latency` says."""
     _check_repeats(repeats, warmup)
+    example_input = inputs.check_example(example_input)
     for b in batches:
         if isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= 4096:
             raise ValueError(f"batches: expected integers in [1, 4096], got {b!r}")
     deploy = _prepared(model, example_input, fold_bn, channels_last)
-    return {b: _time(deploy, _batch(example_input, b), repeats, warmup) for b in batches}
+    return {b: _time(deploy, inputs.rows(example_input, b), repeats, warmup) for b in batches}
 
 
 def layer_latency(
     model: nn.Module,
-    example_input: Tensor,
+    example_input: inputs.Example,
     *,
     repeats: int = 10,
     warmup: int = 2,
@@ -210,10 +213,11 @@ def layer_latency(
     pass (:func:`measure_latency`) minus the sum is the time spent outside these layers.
     """
     _check_repeats(repeats, warmup)
+    example_input = inputs.check_example(example_input)
     if batch is not None:
         if isinstance(batch, bool) or not isinstance(batch, int) or not 1 <= batch <= 4096:
             raise ValueError(f"batch: expected an integer in [1, 4096], got {batch!r}")
-        example_input = _batch(example_input, batch)
+        example_input = inputs.rows(example_input, batch)
     deploy = _prepared(model, example_input, fold_bn, channels_last)
     x = deploy_input(deploy, example_input)
     layers = {e.name: e.module for e in layer_table(deploy)}
@@ -228,7 +232,7 @@ def layer_latency(
         with torch.no_grad():
             for i in range(warmup + repeats):
                 pass_total.clear()
-                deploy(x)
+                inputs.call(deploy, x)
                 if i >= warmup:
                     for n in layers:
                         samples[n].append(pass_total.get(n, 0.0))

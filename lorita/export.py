@@ -34,6 +34,7 @@ from safetensors.torch import load_file as st_load_file
 from safetensors.torch import save as st_save_bytes
 from torch import Tensor, nn
 
+from . import inputs
 from .clone import clone_model
 from .convert import apply_folds, composed_layers, deploy_model, fold_batchnorm, merge_model
 from .io import atomic_write_bytes
@@ -234,22 +235,29 @@ def _state(model: nn.Module) -> dict[str, Tensor]:
     return {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
 
 
-def _folded(model: nn.Module, input_shape) -> nn.Module:
-    """A copy of ``model`` (eval mode) with its BatchNorms folded, traced on zeros of
-    ``input_shape`` (or a guessed input)."""
-    x = torch.zeros(2, *input_shape) if input_shape is not None else None
+def _folded(model: nn.Module, input_shape, example_input) -> nn.Module:
+    """A copy of ``model`` (eval mode) with its BatchNorms folded, traced on
+    ``example_input``, else zeros of ``input_shape``, else a guessed input."""
+    x = example_input
+    if x is None and input_shape is not None:
+        x = torch.zeros(2, *input_shape)
     deploy = merge_model(model) if composed_layers(model) else clone_model(model)
     return fold_batchnorm(deploy.eval(), x, inplace=True)
 
 
 def save_bytes(
-    model: nn.Module, *, input_shape=None, metadata: dict | None = None, fold_bn: bool = False
+    model: nn.Module,
+    *,
+    input_shape=None,
+    metadata: dict | None = None,
+    fold_bn: bool = False,
+    example_input: inputs.Example | None = None,
 ) -> bytes:
     """The bytes of a safetensors file holding ``model`` (see :func:`save`)."""
     if not isinstance(fold_bn, bool):
         raise ValueError(f"fold_bn: expected True or False, got {fold_bn!r}")
     if fold_bn:
-        model = _folded(model, input_shape)
+        model = _folded(model, input_shape, example_input)
     spec = model_spec(model, input_shape=input_shape, metadata=metadata)
     return st_save_bytes(_state(model), metadata={_SPEC_KEY: json.dumps(spec)})
 
@@ -261,6 +269,7 @@ def save(
     input_shape=None,
     metadata: dict | None = None,
     fold_bn: bool = False,
+    example_input: inputs.Example | None = None,
 ) -> Path:
     """Save any model as safetensors with its spec; written atomically. Returns the path.
 
@@ -268,11 +277,18 @@ def save(
     model rebuilds onto a fresh instance of its architecture (``load(path, model=...)``).
     ``metadata``: any JSON-able dict kept in the spec (e.g. accuracy, the training config).
     ``fold_bn=True`` saves the model for inference: eval mode, every BatchNorm that can be
-    folded into the layer before it folded (traced on zeros of ``input_shape``, or a guessed
+    folded into the layer before it folded (traced on ``example_input``, a tensor or a tuple
+    for a model with several inputs, else on zeros of ``input_shape``, else on a guessed
     input), the folds recorded in the spec so both loads rebuild the same structure. Off by
     default: a saved model (a checkpoint) may be trained further, which needs its BatchNorms.
     """
-    data = save_bytes(model, input_shape=input_shape, metadata=metadata, fold_bn=fold_bn)
+    data = save_bytes(
+        model,
+        input_shape=input_shape,
+        metadata=metadata,
+        fold_bn=fold_bn,
+        example_input=example_input,
+    )
     atomic_write_bytes(path, data)
     return Path(path)
 
@@ -802,27 +818,34 @@ def load_bytes(data: bytes, *, model: nn.Module | None = None) -> nn.Module:
 # --------------------------------------------------------------------------- ONNX
 
 
-_ONNX_NAMES = {"input_names": ["input"], "output_names": ["output"]}
+def onnx_input_names(x: inputs.Example) -> list[str]:
+    """The graph's input names: ``input``, then ``input_1``, ``input_2``... for a model with
+    several inputs."""
+    return ["input"] + [f"input_{i}" for i in range(1, len(inputs.as_args(x)))]
 
 
-def _onnx_torchscript(model: nn.Module, x: Tensor, path: Path, opset: int) -> None:
-    axes = {"input": {0: "batch"}, "output": {0: "batch"}}
+def _onnx_torchscript(model: nn.Module, x: inputs.Example, path: Path, opset: int) -> None:
+    names = onnx_input_names(x)
+    axes = {name: {0: "batch"} for name in names} | {"output": {0: "batch"}}
     torch.onnx.export(
-        model, (x,), path, dynamic_axes=axes, dynamo=False, opset_version=opset, **_ONNX_NAMES
-    )
+        model, inputs.as_args(x), path, dynamic_axes=axes, dynamo=False, opset_version=opset,
+        input_names=names, output_names=["output"],
+    )  # fmt: skip
 
 
-def _onnx_dynamo(model: nn.Module, x: Tensor, path: Path, opset: int) -> None:
+def _onnx_dynamo(model: nn.Module, x: inputs.Example, path: Path, opset: int) -> None:
     batch = torch.export.Dim("batch", min=1)
+    args = inputs.as_args(x)
     torch.onnx.export(
-        model, (x,), path, dynamic_shapes=({0: batch},), dynamo=True, external_data=False,
-        verbose=False, opset_version=opset, **_ONNX_NAMES,
+        model, args, path, dynamic_shapes=tuple({0: batch} for _ in args), dynamo=True,
+        external_data=False, verbose=False, opset_version=opset,
+        input_names=onnx_input_names(x), output_names=["output"],
     )  # fmt: skip
 
 
 def export_onnx(
     model: nn.Module,
-    example_input: Tensor,
+    example_input: inputs.Example,
     path: str | os.PathLike,
     *,
     opset: int = 18,
@@ -831,7 +854,8 @@ def export_onnx(
 ) -> Path:
     """Export the deployable model (composed layers merged) to ONNX with a dynamic batch axis.
 
-    Written atomically. The graph takes ``input`` and returns ``output``. ``dynamo=False``
+    Written atomically. The graph takes ``input`` (and ``input_1``... when ``example_input``
+    is a tuple: a model with several inputs) and returns ``output``. ``dynamo=False``
     (default) uses the TorchScript exporter, several times faster on CPU; ``dynamo=True`` uses
     ``torch.export``. ``fold_bn`` (default): BatchNorm folded into the layer before it, as
     :func:`lorita.convert.fold_batchnorm` does (an ONNX graph is for inference only).
@@ -844,7 +868,7 @@ def export_onnx(
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temp_beside(path, ".onnx")
     # torch.export specialises a batch of 1; trace with 2 so the batch axis stays dynamic
-    x = example_input[:1].expand(2, *example_input.shape[1:]).contiguous()
+    x = inputs.rows(inputs.check_example(example_input), 2)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # exporter chatter; failures still raise

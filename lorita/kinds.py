@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
+from . import inputs
 from .clone import clone_model
 from .functional import svd64
 from .layers import (
@@ -552,7 +553,7 @@ def _recorder(store: dict[str, list], watched: dict | None, name: str, *, output
 
 def trace_forward(
     model: nn.Module,
-    example_input: Tensor,
+    example_input: inputs.Example,
     *,
     inputs_of: tuple[str, ...] = (),
     outputs_of: tuple[str, ...] = (),
@@ -586,7 +587,7 @@ def trace_forward(
     tracer = _ReadTracer(owners, active, watched)
     try:
         with torch.no_grad(), tracer:
-            result = model(example_input)
+            result = inputs.call(model, inputs.check_example(example_input))
     finally:
         for h in handles:
             h.remove()
@@ -603,7 +604,7 @@ def _counter(calls: dict[str, int], name: str):
     return pre
 
 
-def find_direct_reads(model: nn.Module, example_input: Tensor) -> list[str]:
+def find_direct_reads(model: nn.Module, example_input: inputs.Example) -> list[str]:
     """Names of the Linear / Conv2d layers whose weight the model reads without calling the
     layer, found by tracing one forward pass (eval mode, no grad) on ``example_input``.
 
@@ -657,11 +658,13 @@ def guess_example_input(model: nn.Module) -> Tensor | None:
     return guesses[0] if guesses else None
 
 
-def detect_direct(model: nn.Module, example_input: Tensor | None) -> tuple[list[str], str]:
+def detect_direct(model: nn.Module, example_input: inputs.Example | None) -> tuple[list[str], str]:
     """Directly read layers (traced when an input is known) and a note on how they were found.
 
     Without ``example_input`` each guessed input is tried until the model accepts one."""
     static = _static_direct(model)
+    if example_input is not None:
+        example_input = inputs.check_example(example_input)
     guesses = guess_example_inputs(model) if example_input is None else [example_input]
     if not guesses:
         return static, "no example input: only MultiheadAttention's out_proj checked"
@@ -672,7 +675,7 @@ def detect_direct(model: nn.Module, example_input: Tensor | None) -> tuple[list[
         except Exception as e:  # a guessed input the model refuses: try the next one
             if example_input is not None:
                 raise ValueError(f"example_input: the model refused it ({e})") from None
-            errors.append(f"{tuple(x.shape)} ({type(e).__name__})")
+            errors.append(f"{inputs.shape_words(x)} ({type(e).__name__})")
             continue
         order = [*static, *traced]
         return sorted(set(order), key=order.index), "traced"
@@ -707,7 +710,7 @@ def median_seconds(fn, *, repeats: int = 7, warmup: int = 2) -> float:
     return statistics.median(times)
 
 
-def _layer_inputs(model: nn.Module, names: list[str], example: Tensor) -> dict[str, tuple]:
+def _layer_inputs(model: nn.Module, names: list[str], example: inputs.Example) -> dict[str, tuple]:
     """The positional inputs each named layer receives on one forward pass of ``example``."""
     seen: dict[str, tuple] = {}
     handles = []
@@ -719,17 +722,17 @@ def _layer_inputs(model: nn.Module, names: list[str], example: Tensor) -> dict[s
         handles.append(model.get_submodule(name).register_forward_pre_hook(grab))
     try:
         with torch.no_grad():
-            model(example)
+            inputs.call(model, example)
     finally:
         for h in handles:
             h.remove()
     return seen
 
 
-def _channels_last(model: nn.Module, x: Tensor) -> bool:
+def _channels_last(model: nn.Module, x: inputs.Example) -> bool:
     """Whether the model deploys in channels_last memory format (a convolutional model on 4-D
     inputs, as :func:`lorita.convert.deploy_model` decides): forms are timed that way."""
-    return x.dim() == 4 and any(isinstance(m, nn.Conv2d) for m in model.modules())
+    return inputs.lead(x).dim() == 4 and any(isinstance(m, nn.Conv2d) for m in model.modules())
 
 
 def _as_deployed(module: nn.Module, args: tuple, channels_last: bool) -> tuple[nn.Module, tuple]:
@@ -765,12 +768,13 @@ def paired_medians(fns: list, *, repeats: int = 7, warmup: int = 2) -> list[floa
     return [statistics.median(t) for t in times]
 
 
-def _batch_of(example: Tensor, batch: int | None) -> Tensor:
+def _batch_of(example: inputs.Example, batch: int | None) -> inputs.Example:
+    example = inputs.check_example(example)
     if batch is None:
         return example
     if isinstance(batch, bool) or not isinstance(batch, int) or not 1 <= batch <= 4096:
         raise ValueError(f"batch: expected an integer in [1, 4096], got {batch!r}")
-    return example[:1].expand(batch, *example.shape[1:]).contiguous()
+    return inputs.rows(example, batch)
 
 
 def check_cut_options(form, by, example_input) -> None:
@@ -778,8 +782,10 @@ def check_cut_options(form, by, example_input) -> None:
         raise ValueError(f"form: expected one of {', '.join(FORMS)}, got {form!r}")
     if by not in DECIDE_BY:
         raise ValueError(f"by: expected one of {', '.join(DECIDE_BY)}, got {by!r}")
-    if by == "latency" and not isinstance(example_input, Tensor):
+    if by == "latency" and example_input is None:
         raise ValueError("example_input: by='latency' measures each layer on an input batch")
+    if example_input is not None:
+        inputs.check_example(example_input)
 
 
 def cut_model(
@@ -789,7 +795,7 @@ def cut_model(
     *,
     form: str = "low_rank",
     by: str = "flops",
-    example_input: Tensor | None = None,
+    example_input: inputs.Example | None = None,
     batch: int | None = 64,
 ) -> dict[str, dict]:
     """Cut the layers of the plain ``model`` (in place) to ``ranks``; return the plan.
@@ -856,7 +862,7 @@ def _thin_plan(model: nn.Module) -> dict[str, dict]:
 
 
 def choose_forms(
-    model: nn.Module, example_input: Tensor, *, by: str = "latency", batch: int | None = 64
+    model: nn.Module, example_input: inputs.Example, *, by: str = "latency", batch: int | None = 64
 ) -> dict[str, dict]:
     """Give each thin layer of a cut model (from :func:`cut_model` / ``truncate``, fine-tuned
     or not) the faster of its thin and dense rank-r forms, in place; the function is unchanged.
@@ -881,28 +887,28 @@ def choose_forms(
     return plan
 
 
-def _faster_forms(model: nn.Module, plan: dict[str, dict], x: Tensor) -> None:
+def _faster_forms(model: nn.Module, plan: dict[str, dict], x: inputs.Example) -> None:
     """Each thin layer timed alone against its dense form; then the whole model. A
     convolutional model is timed in channels_last memory format, as it deploys."""
     thin = [n for n, p in plan.items() if p["form"] == "thin"]
-    inputs = _layer_inputs(model, thin, x)
+    layer_args = _layer_inputs(model, thin, x)
     cl = _channels_last(model, x)
     for name in thin:
         layer = model.get_submodule(name)
         dense = layer.to_dense()
         dense.train(layer.training)
-        dense_t, layer_t, args = dense, layer, inputs.get(name)
+        dense_t, layer_t, args = dense, layer, layer_args.get(name)
         if args is not None:  # timed in the memory format the model deploys in
             dense_t, _ = _as_deployed(dense, args, cl)
             layer_t, args = _as_deployed(layer, args, cl)
         if not _thin_is_faster(dense_t, layer_t, args):
             set_module(model, name, dense)
-            why = f"the thin form measured slower at batch {len(x)}"
+            why = f"the thin form measured slower at batch {len(inputs.lead(x))}"
             plan[name] = {**plan[name], "form": "dense", "why": why, "timed": True}
     _keep_thin_only_if_faster(model, plan, x)
 
 
-def _keep_thin_only_if_faster(model: nn.Module, plan: dict[str, dict], x: Tensor) -> None:
+def _keep_thin_only_if_faster(model: nn.Module, plan: dict[str, dict], x: inputs.Example) -> None:
     """Layers timed alone can each be faster thin yet slower together (more, smaller kernels
     in a row): time the whole model both ways and keep the thin layers only if it is faster.
     With every layer dense the cut model costs what the uncut one does, so the cut is never
@@ -915,11 +921,11 @@ def _keep_thin_only_if_faster(model: nn.Module, plan: dict[str, dict], x: Tensor
         layer = all_dense.get_submodule(n)
         set_module(all_dense, n, layer.to_dense().train(layer.training))
     cl = _channels_last(model, x)
-    (m_thin, (x_thin,)), (m_dense, (x_dense,)) = (
-        _as_deployed(m, (x,), cl) for m in (model, all_dense)
+    (m_thin, x_thin), (m_dense, x_dense) = (
+        _as_deployed(m, inputs.as_args(x), cl) for m in (model, all_dense)
     )
     with torch.no_grad():  # timed in turn: a burst of other work slows both alike
-        t_thin, t_dense = paired_medians([lambda: m_thin(x_thin), lambda: m_dense(x_dense)])
+        t_thin, t_dense = paired_medians([lambda: m_thin(*x_thin), lambda: m_dense(*x_dense)])
     if is_faster(t_thin, t_dense):
         return
     for n in thin:
@@ -927,6 +933,7 @@ def _keep_thin_only_if_faster(model: nn.Module, plan: dict[str, dict], x: Tensor
         plan[n] = {
             **plan[n],
             "form": "dense",
-            "why": f"the whole model measured slower with thin layers at batch {len(x)}",
+            "why": "the whole model measured slower with thin layers at batch "
+            f"{len(inputs.lead(x))}",
             "timed": True,  # dense because of the timing, not the FLOPs
         }

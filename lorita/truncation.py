@@ -22,7 +22,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from . import kinds
+from . import inputs, kinds
 from .clone import clone_model
 from .convert import iter_layers, merge_model
 from .cost import Cost, count_cost
@@ -482,7 +482,8 @@ class SVDCache:
 
     def base_cost(self, example_input: Tensor) -> Cost:
         """Cost of the uncut merged model on inputs shaped like ``example_input`` (counted once)."""
-        key = (tuple(example_input.shape), example_input.dtype)
+        example_input = inputs.check_example(example_input)
+        key = inputs.key(example_input)
         if key not in self._base_costs:
             self._base_costs[key] = count_cost(self.model, example_input)
         return self._base_costs[key]

@@ -207,7 +207,9 @@ def test_a_run_folder_path_stands_for_its_name(runs_dir, tmp_path, capsys):
     argv = ["compress", str(runs_dir / "r1"), "--uniform", "0.5", "--json", "--no-latency"]
     assert main(argv) == 0
     assert json.loads(capsys.readouterr().out)["after"]["params"] > 0
-    _one_line_error(capsys, ["compress", str(tmp_path / "nowhere"), "--uniform", "0.5"], "no config")
+    _one_line_error(
+        capsys, ["compress", str(tmp_path / "nowhere"), "--uniform", "0.5"], "no config"
+    )
     store = RunStore(tmp_path / "other")
     store.create({"dataset": "digits"}, name="gone").update_status(state="failed", pid=None)
     assert main(["runs", "--delete", str(tmp_path / "other" / "gone")]) == 0
