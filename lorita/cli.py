@@ -656,6 +656,8 @@ class _Progress:
 
         self.total = ev["total_steps"]
         self._line(f"training on {ev['device']}: {self.total} steps")
+        if ev.get("note"):
+            self._line(ev["note"])
         if self.tty:
             self.bar = tqdm(
                 total=self.total,

@@ -493,6 +493,9 @@ def test_progress_is_a_tqdm_bar_on_a_terminal_and_lines_otherwise():
     for ev in events:
         q(ev)
     assert quiet.getvalue() == ""
+    noted = io.StringIO()
+    _Progress(stream=noted)({**events[0], "note": "init_from: the output layer 'fc' ..."})
+    assert noted.getvalue().splitlines()[1] == "init_from: the output layer 'fc' ..."
 
 
 def test_compress_and_export_choose_forms_by_latency(runs_dir, tmp_path, capsys, monkeypatch):

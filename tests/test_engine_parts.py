@@ -127,6 +127,40 @@ def test_init_from_reads_the_checkpoints_people_have(tmp_path):
         start(tmp_path / "other.pt")
 
 
+def test_init_from_pretrained_for_other_classes_starts_only_the_output_layer_fresh(tmp_path):
+    """An ImageNet-style checkpoint (another number of classes): every layer but the output
+    layer starts from the file, which the run says; a different hidden shape is refused."""
+    from lorita.engine.preflight import check_model
+
+    base = TrainConfig(model_kwargs={"width": 16}, epochs=1, n_factors=1, seed=5)
+    splits = lt.load_splits(base)
+    plain = lt.build_model(base, splits)
+    sd = {k: v.clone() for k, v in plain.state_dict().items()}
+    head = [k for k in sd if k.endswith(".weight")][-1].rsplit(".", 1)[0]
+    pretrained = dict(sd)
+    pretrained[f"{head}.weight"] = torch.randn(1000, sd[f"{head}.weight"].shape[1])
+    pretrained[f"{head}.bias"] = torch.randn(1000)
+    torch.save(pretrained, tmp_path / "imagenet.pt")
+    cfg = TrainConfig(
+        model_kwargs={"width": 16}, n_factors=3, init_from=str(tmp_path / "imagenet.pt")
+    )
+    check_model(cfg)  # the check before a run passes too
+    model = lt.build_model(cfg, splits)
+    assert f"{head!r} has 1000 outputs in the file and 10" in model.lorita_init_note
+    got = lt.merge_model(model).state_dict()
+    for k, v in sd.items():
+        if not k.startswith(head + "."):
+            torch.testing.assert_close(got[k], v, rtol=1e-4, atol=1e-5)
+    assert got[f"{head}.weight"].shape == (10, sd[f"{head}.weight"].shape[1])
+    wider = dict(pretrained)
+    wider[f"{head}.weight"] = torch.randn(1000, 7)  # its inputs differ too: not a new head
+    torch.save(wider, tmp_path / "wider.pt")
+    with pytest.raises(ValueError, match="init_from: .*shape"):
+        check_model(TrainConfig(model_kwargs={"width": 16}, init_from=str(tmp_path / "wider.pt")))
+    plain_cfg = TrainConfig(model_kwargs={"width": 16}, n_factors=1)
+    assert lt.build_model(plain_cfg, splits).lorita_init_note is None
+
+
 class _Boom:
     def __reduce__(self):
         return (print, ("code ran",))

@@ -17,7 +17,7 @@ from ..export import is_lorita_file
 from ..runs import load_splits as _run_splits
 from .config import TrainConfig
 
-__all__ = ["build_model", "check_weights", "load_splits", "read_weights"]
+__all__ = ["build_model", "check_weights", "fit_head", "load_splits", "read_weights"]
 
 
 def load_splits(config: TrainConfig | dict) -> data_mod.Splits:
@@ -141,10 +141,43 @@ def check_weights(model: nn.Module, sd: dict[str, torch.Tensor]) -> None:
         raise ValueError("init_from: the weights do not match the model (" + "; ".join(parts) + ")")
 
 
-def _load_into(plain: nn.Module, path: str) -> None:
-    sd = read_weights(path, plain)
+def _last_layer(model: nn.Module) -> str | None:
+    """The last Linear / Conv2d in the model's order: a classifier's output layer."""
+    names = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    return names[-1] if names else None
+
+
+def fit_head(model: nn.Module, sd: dict[str, torch.Tensor]) -> tuple[dict, str | None]:
+    """Pretrained weights for another number of classes (an ImageNet checkpoint, 1000 classes,
+    for a 10-class dataset): when the output layer's weight and bias are the only tensors whose
+    shapes differ, and only in their number of outputs, they are dropped from ``sd`` so that
+    layer starts from the model's own init. Returns the weights and a note saying so (None
+    when nothing was dropped); any other mismatch is left for :func:`check_weights`."""
+    own = model.state_dict()
+    differ = [k for k, v in sd.items() if k in own and tuple(own[k].shape) != tuple(v.shape)]
+    head = _last_layer(model)
+    if not differ or head is None:
+        return sd, None
+    if not set(differ) <= {f"{head}.weight", f"{head}.bias"}:
+        return sd, None
+    if any(sd[k].shape[1:] != own[k].shape[1:] for k in differ):
+        return sd, None
+    theirs, ours = sd[differ[0]].shape[0], own[differ[0]].shape[0]
+    kept = {k: v for k, v in sd.items() if k not in differ}
+    for k in differ:
+        kept[k] = own[k]  # the model's own init (on the meta device for a preflight check)
+    note = (
+        f"init_from: the output layer {head!r} has {theirs} outputs in the file and {ours} "
+        "in this model: it starts from a fresh init, every other layer from the file"
+    )
+    return kept, note
+
+
+def _load_into(plain: nn.Module, path: str) -> str | None:
+    sd, note = fit_head(plain, read_weights(path, plain))
     check_weights(plain, sd)
     plain.load_state_dict(sd, strict=True)
+    return note
 
 
 def build_model(config: TrainConfig, splits: data_mod.Splits) -> nn.Module:
@@ -160,9 +193,10 @@ def build_model(config: TrainConfig, splits: data_mod.Splits) -> nn.Module:
         num_classes=splits.num_classes,
         **config.model_kwargs,
     )
-    if config.init_from is not None:
-        _load_into(plain, config.init_from)
+    note = _load_into(plain, config.init_from) if config.init_from is not None else None
     skip = models_mod.default_skip(config.model) if config.skip is None else tuple(config.skip)
-    return overparameterize(
+    model = overparameterize(
         plain, config.n_factors, init=config.init, skip=skip, inner=config.inner
     )
+    model.lorita_init_note = note
+    return model

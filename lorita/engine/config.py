@@ -334,7 +334,15 @@ def validate(c: TrainConfig) -> None:
     allowed = models_mod.model_options(c.model)
     unknown = sorted(str(k) for k in set(c.model_kwargs) - set(allowed))
     if unknown:
-        raise _bad("model_kwargs", unknown, f"options of {c.model!r}: {', '.join(allowed)}")
+        known = {"num_classes": "set by the dataset", "in_channels": "set by the dataset",
+                 "image_size": "set by the dataset", "weights": "pretrained weights come "
+                 "from a file: init_from (--init-from FILE) with a saved state_dict"}  # fmt: skip
+        why = "; ".join(f"{k}: {known[k]}" for k in unknown if k in known)
+        raise _bad(
+            "model_kwargs",
+            unknown,
+            f"options of {c.model!r}: {', '.join(allowed)}" + (f" ({why})" if why else ""),
+        )
     _check_device(c.device)
     if c.warmup and c.schedule == "plateau":
         raise _bad("warmup", c.warmup, "0 with schedule 'plateau' (it follows validation)")

@@ -301,6 +301,7 @@ def _restore(s: Session, resume: bool) -> None:
     _emit(
         s, "start", total_steps=s.total_steps, steps_per_epoch=s.steps_per_epoch,
         device=str(s.device), step=s.c.step, run=str(s.run.path) if s.run else None,
+        note=getattr(s.model, "lorita_init_note", None),
     )  # fmt: skip
 
 

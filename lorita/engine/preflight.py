@@ -13,7 +13,7 @@ from torch import nn
 
 from ..data import check_dataset, dataset_shape
 from ..models import create_model
-from .build import check_weights, read_weights
+from .build import check_weights, fit_head, read_weights
 from .config import TrainConfig
 from .devices import resolve_device
 
@@ -87,7 +87,7 @@ def check_init_from(meta_model: nn.Module | None, path: str) -> None:
     if meta_model is None:
         read_weights(path)
         return
-    sd = read_weights(path, meta_model)
+    sd, _ = fit_head(meta_model, read_weights(path, meta_model))
     check_weights(meta_model, sd)
 
 
