@@ -24,6 +24,7 @@ from .kinds import (
     detect_direct,
     guess_example_inputs,
     layer_table,
+    like,
     trace_forward,
 )
 from .kinds import iter_layers as iter_layers
@@ -145,8 +146,7 @@ def overparameterize(
             continue
         width = e.kind.paper_inner(e.module) if inner == "paper" else None
         layer = e.kind.compose(e.module, n_factors, init=init, inner=width, order=order)
-        layer.train(e.module.training)
-        set_module(new, e.name, layer)
+        set_module(new, e.name, like(e.module, layer))
         summary.append({**row, "action": "composed", "why": ""})
     new.lorita_summary = {"n_factors": n_factors, "direct_reads": how, "layers": summary}
     return new
@@ -170,8 +170,7 @@ def merge_model(model: nn.Module) -> nn.Module:
         plain = e.kind.merge(e.module)
         if plain is e.module:
             continue
-        plain.train(e.module.training)
-        set_module(new, e.name, plain)
+        set_module(new, e.name, like(e.module, plain))
     return new
 
 

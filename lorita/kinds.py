@@ -91,6 +91,17 @@ def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+def like(old: nn.Module, new: nn.Module) -> nn.Module:
+    """``new`` (the layer replacing ``old``) in ``old``'s training mode, and frozen
+    (``requires_grad=False``) when every parameter of ``old`` was: a frozen backbone stays
+    frozen when composed, merged or cut."""
+    new.train(old.training)
+    params = list(old.parameters())
+    if params and not any(p.requires_grad for p in params):
+        new.requires_grad_(False)
+    return new
+
+
 def _svd_weight(svd: tuple[Tensor, Tensor, Tensor], rank: int) -> Tensor:
     u, s, vh = svd
     return (u[..., :, :rank] * s[..., None, :rank]) @ vh[..., :rank, :]  # (G, m, n)
@@ -841,9 +852,7 @@ def _cut(model, ranks, svd, *, form, by, example_input, batch) -> dict[str, dict
             e.kind.dense_cut(e.module, r, (u, s, vh))
             plan[name] = {**row, "form": "dense", "why": why}
         else:
-            thin = e.kind.thin(e.module, r, (u, s, vh))
-            thin.train(e.module.training)
-            set_module(model, name, thin)
+            set_module(model, name, like(e.module, e.kind.thin(e.module, r, (u, s, vh))))
             plan[name] = {**row, "form": "thin", "why": ""}
     if by == "latency" and form == "low_rank":
         _faster_forms(model, plan, _batch_of(example_input, batch))
@@ -895,8 +904,7 @@ def _faster_forms(model: nn.Module, plan: dict[str, dict], x: inputs.Example) ->
     cl = _channels_last(model, x)
     for name in thin:
         layer = model.get_submodule(name)
-        dense = layer.to_dense()
-        dense.train(layer.training)
+        dense = like(layer, layer.to_dense())
         dense_t, layer_t, args = dense, layer, layer_args.get(name)
         if args is not None:  # timed in the memory format the model deploys in
             dense_t, _ = _as_deployed(dense, args, cl)
@@ -919,7 +927,7 @@ def _keep_thin_only_if_faster(model: nn.Module, plan: dict[str, dict], x: inputs
     all_dense = clone_model(model)
     for n in thin:
         layer = all_dense.get_submodule(n)
-        set_module(all_dense, n, layer.to_dense().train(layer.training))
+        set_module(all_dense, n, like(layer, layer.to_dense()))
     cl = _channels_last(model, x)
     (m_thin, x_thin), (m_dense, x_dense) = (
         _as_deployed(m, inputs.as_args(x), cl) for m in (model, all_dense)

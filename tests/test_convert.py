@@ -457,3 +457,20 @@ def test_deploy_model_folds_and_uses_channels_last_for_conv_models():
     plain = deploy_model(mlp, torch.randn(3, 6), fold_bn=False)
     assert plain.lorita_deploy == {"folded": [], "memory_format": "contiguous"}
     assert not plain.training and mlp.training  # a copy in eval mode; the input is unchanged
+
+
+def test_a_frozen_layer_stays_frozen_when_composed_merged_and_cut():
+    net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    net[0].requires_grad_(False)  # a frozen backbone layer
+
+    def frozen(model):
+        return {n.split(".")[0] for n, p in model.named_parameters() if not p.requires_grad}
+
+    composed = lt.overparameterize(net, 3)
+    assert frozen(composed) == {"0"} and frozen(lt.merge_model(composed)) == {"0"}
+    cut = lt.truncate(composed, lt.Uniform(0.25))
+    assert type(cut[0]).__name__ == "LowRankLinear" and frozen(cut) == {"0"}
+    x = torch.randn(5, 8)
+    cut(x).sum().backward()
+    assert all(p.grad is None for p in cut[0].parameters())
+    assert all(p.grad is not None for p in cut[2].parameters())
