@@ -6,7 +6,8 @@ default ``./runs``); it imports nothing from the training engine. Layout of a ru
     config.json       the TrainConfig as a dict
     status.json       state (queued|running|completed|failed|stopped), message, pid, host,
                       heartbeat, created / started / ended (unix seconds), step, total_steps,
-                      epoch, device
+                      epoch, device, note (what the run decided for itself: a pretrained
+                      output layer for other classes left fresh; null else)
     metrics.jsonl     one line per measurement: step, epoch, split (train|val|test), loss, acc,
                       lr, time
     spectra.jsonl     one line per snapshot: step, epoch, layers {name: [singular values]}

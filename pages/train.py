@@ -215,6 +215,8 @@ def _progress(v: jobs.JobView, *, small: bool = False) -> None:
 
 
 def _status_line(v: jobs.JobView) -> None:
+    if v.status.get("note"):  # what the run chose for itself (a pretrained head left fresh)
+        st.caption(str(v.status["note"]))
     if v.state == "queued":
         st.info(
             f"Queued: waiting for a free training slot (at most {jobs.max_concurrent()} run(s) "

@@ -159,6 +159,12 @@ def test_init_from_pretrained_for_other_classes_starts_only_the_output_layer_fre
         check_model(TrainConfig(model_kwargs={"width": 16}, init_from=str(tmp_path / "wider.pt")))
     plain_cfg = TrainConfig(model_kwargs={"width": 16}, n_factors=1)
     assert lt.build_model(plain_cfg, splits).lorita_init_note is None
+    # a run keeps the note in its status (the Train page shows it)
+    run = lt.RunStore(tmp_path / "runs").create(
+        {**cfg.to_dict(), "max_steps": 1, "spectra_every": 0}, name="pre"
+    )
+    lt.train(run.config, run, threads=1)
+    assert "starts from a fresh init" in run.status()["note"]
 
 
 class _Boom:

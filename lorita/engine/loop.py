@@ -297,6 +297,7 @@ def _restore(s: Session, resume: bool) -> None:
             state="running", message="", started=time.time(), ended=None,
             step=s.c.step, total_steps=s.total_steps, epoch=s.c.epoch,
             device=str(s.device), world_size=s.d.world,
+            note=getattr(s.model, "lorita_init_note", None),
         )  # fmt: skip
     _emit(
         s, "start", total_steps=s.total_steps, steps_per_epoch=s.steps_per_epoch,
