@@ -25,7 +25,9 @@ from .kinds import (
     guess_example_inputs,
     layer_table,
     like,
+    other_layers,
     trace_forward,
+    why_other,
 )
 from .kinds import iter_layers as iter_layers
 from .kinds import set_module as set_module
@@ -92,6 +94,16 @@ def _why_left(e: LayerEntry, skip: tuple[str, ...], n_factors: int) -> str | Non
     return None
 
 
+def _check_initialised(model: nn.Module) -> None:
+    for name, p in model.named_parameters():
+        if isinstance(p, nn.parameter.UninitializedParameter):
+            layer = name.rsplit(".", 1)[0] if "." in name else name
+            raise ValueError(
+                f"model: layer {layer!r} has uninitialised (lazy) parameters; run one batch "
+                "through the model first, so that they get their shapes and values"
+            )
+
+
 def overparameterize(
     model: nn.Module,
     n_factors: int = 3,
@@ -106,7 +118,9 @@ def overparameterize(
 
     Linear, Conv2d (grouped too), MultiheadAttention's packed q, k, v and layers whose weight
     is read directly are composed; depthwise convolutions, tied weights and subclasses whose
-    own forward does more with the weight (weight standardisation) are left as they are.
+    own forward does more with the weight (weight standardisation) or whose weight a
+    parametrization computes (weight_norm) are left as they are; so are other weight-bearing
+    modules (Conv1d, RNNs, ...), listed in the summary with kind "other".
     The copy carries ``lorita_summary`` (see :func:`composition_summary`) and
     ``lorita_direct`` (the layers whose weight the model reads itself: their cut stays dense).
 
@@ -124,6 +138,7 @@ def overparameterize(
             input guessed from the model.
     """
     _check_options(n_factors, init, inner, order)
+    _check_initialised(model)
     new = clone_model(model)
     table = layer_table(new, direct=())
     if not any(e.kind.composable for e in table):
@@ -148,6 +163,9 @@ def overparameterize(
         layer = e.kind.compose(e.module, n_factors, init=init, inner=width, order=order)
         set_module(new, e.name, like(e.module, layer))
         summary.append({**row, "action": "composed", "why": ""})
+    for name, module in other_layers(new, table):
+        row = {"name": name, "kind": "other", "type": type(module).__name__}
+        summary.append({**row, "action": "left", "why": why_other(module)})
     new.lorita_summary = {"n_factors": n_factors, "direct_reads": how, "layers": summary}
     return new
 
@@ -337,6 +355,25 @@ def uses_conv(model: nn.Module) -> bool:
     return any(isinstance(m, nn.Conv2d) for m in model.modules())
 
 
+def _bake_parametrizations(model: nn.Module) -> list[str]:
+    """Replace every parametrized tensor (weight_norm, spectral_norm, ...) of ``model`` by
+    the value it computes now, in place: at inference it is a constant. Returns their names.
+
+    Done by hand rather than with ``parametrize.remove_parametrizations``, which deletes the
+    property from the parametrized class, a class the copy shares with the user's model."""
+    baked = []
+    for name, module in model.named_modules():
+        if not parametrize.is_parametrized(module):
+            continue
+        values = {t: getattr(module, t).detach().clone() for t in module.parametrizations}
+        module.__class__ = type(module).__bases__[0]  # the class before parametrization
+        del module._modules["parametrizations"]
+        for tensor, value in values.items():
+            module.register_parameter(tensor, nn.Parameter(value, requires_grad=False))
+            baked.append(f"{name}.{tensor}" if name else tensor)
+    return baked
+
+
 def deploy_model(
     model: nn.Module,
     example_input: inputs.Example | None = None,
@@ -349,9 +386,11 @@ def deploy_model(
     weights in ``torch.channels_last`` memory format (``channels_last=None``: decided so;
     measured faster on CPU for plain and cut convolutional models, bench/zoo.py). The result's
     ``lorita_deploy`` records what was done; give it inputs in the same memory format
-    (:func:`deploy_input`)."""
+    (:func:`deploy_input`). Weights computed by a parametrization (weight_norm, ...) are
+    replaced by their current values (``lorita_deploy["baked"]``)."""
     new = merge_model(model) if composed_layers(model) else clone_model(model)
     new.eval()
+    baked = _bake_parametrizations(new)
     if fold_bn:
         new = fold_batchnorm(new, example_input, inplace=True)
     if channels_last is None:
@@ -361,6 +400,7 @@ def deploy_model(
         new = new.to(memory_format=torch.channels_last)
     new.lorita_deploy = {
         "folded": sorted(getattr(new, "lorita_folded", None) or {}),
+        "baked": baked,
         "memory_format": "channels_last" if channels_last else "contiguous",
     }
     return new

@@ -11,6 +11,9 @@ linear          nn.Linear                                   1 x (out, in)
 conv            nn.Conv2d, groups=1                         1 x (C_out, C_in*kh*kw)
 grouped_conv    nn.Conv2d, groups=g > 1                     g x (C_out/g, C_in/g*kh*kw)
 depthwise       nn.Conv2d with one input channel per group  none: left as it is
+parametrized    a Linear / Conv2d / MultiheadAttention      none: left as it is
+                whose weight a parametrization computes
+                (weight_norm, spectral_norm, ...)
 attention       nn.MultiheadAttention, packed q, k, v       3 x (E, E)
 direct          a Linear / Conv2d whose weight the model    as linear / conv
                 reads without calling the layer
@@ -34,6 +37,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
@@ -61,6 +65,8 @@ __all__ = [
     "LayerEntry",
     "kind_of",
     "layer_table",
+    "other_layers",
+    "why_other",
     "iter_layers",
     "matrices",
     "pooled_spectrum",
@@ -311,6 +317,61 @@ def _own_forward(module: nn.Module) -> str:
     return why
 
 
+class ParametrizedKind(Kind):
+    """A layer whose weight is computed by a ``torch.nn.utils.parametrize`` parametrization
+    (weight_norm, spectral_norm, orthogonal, your own): left as it is, since composing it
+    would replace what the parametrization computes and drop it from training."""
+
+    name, label = "parametrized", "parametrized weight"
+    composable = False
+
+    def matches(self, module):
+        return isinstance(module, (*_PLAIN, nn.MultiheadAttention)) and (
+            parametrize.is_parametrized(module)
+        )
+
+    def why(self, module) -> str:
+        names = sorted(
+            {type(p).__name__.lstrip("_") for ps in module.parametrizations.values() for p in ps}
+        )
+        return (
+            f"its weight is computed by a parametrization ({', '.join(names)}): "
+            "composing would drop it"
+        )
+
+
+#: weight-bearing modules that are no kind of the table: listed by overparameterize as left
+_OTHER = (nn.modules.conv._ConvNd, nn.RNNBase, nn.Bilinear, nn.MultiheadAttention)
+
+
+def other_layers(model: nn.Module, table: list[LayerEntry]) -> list[tuple[str, nn.Module]]:
+    """Modules with a weight that no kind handles (Conv1d, Conv3d, transposed convolutions,
+    RNNs, Bilinear, MultiheadAttention with separate q, k, v), outside the layers of
+    ``table``, in module order."""
+    taken = [e.name for e in table]
+    out = []
+    for name, module in model.named_modules():
+        if not isinstance(module, _OTHER) or kind_of(module) is not None:
+            continue
+        if any(name == t or name.startswith(t + ".") for t in taken):
+            continue
+        out.append((name, module))
+    return out
+
+
+def why_other(module: nn.Module) -> str:
+    """Why a module of :func:`other_layers` is left as it is."""
+    if isinstance(module, nn.MultiheadAttention):
+        return (
+            "MultiheadAttention with separate q, k, v projections (kdim or vdim differ from "
+            "embed_dim): only the packed form is composed"
+        )
+    return (
+        f"{type(module).__name__} is not a kind LoRITa composes "
+        "(Linear, Conv2d, MultiheadAttention)"
+    )
+
+
 class OwnForwardKind(Kind):
     """A Linear or Conv2d subclass whose own forward does more with its weight than the plain
     layer (weight standardisation, ...): left as it is, with the reason."""
@@ -391,6 +452,7 @@ class DirectKind(Kind):
 KINDS: dict[str, Kind] = {
     k.name: k
     for k in (
+        ParametrizedKind(),
         OwnForwardKind(),
         LinearKind(),
         DepthwiseKind(),
@@ -404,7 +466,7 @@ KINDS: dict[str, Kind] = {
 
 def kind_of(module: nn.Module, *, direct: bool = False) -> Kind | None:
     """The kind of ``module`` (None when LoRITa has nothing to do with it)."""
-    if direct and KINDS["direct"].matches(module):
+    if direct and KINDS["direct"].matches(module) and not KINDS["parametrized"].matches(module):
         return KINDS["direct"]
     for k in KINDS.values():
         if k.name != "direct" and k.matches(module):

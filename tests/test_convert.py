@@ -209,6 +209,74 @@ def test_tied_weights_are_left():
     assert "shared" in rows[0]["why"]
 
 
+def test_a_parametrized_weight_is_left_kept_in_training_and_baked_when_deployed(tmp_path):
+    from torch.nn.utils import parametrize
+    from torch.nn.utils.parametrizations import spectral_norm, weight_norm
+
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Flatten(), weight_norm(nn.Linear(16, 12)), nn.ReLU(),
+        spectral_norm(nn.Linear(12, 12)), nn.ReLU(), nn.Linear(12, 4),
+    ).eval()  # fmt: skip
+    x = torch.randn(3, 1, 4, 4)
+    model = lt.overparameterize(net, 3, example_input=x).eval()
+    rows = {r["name"]: r for r in composition_summary(model)["layers"]}
+    assert rows["1"]["kind"] == rows["3"]["kind"] == "parametrized"
+    assert rows["1"]["action"] == "left" and "WeightNorm" in rows["1"]["why"]
+    assert "SpectralNorm" in rows["3"]["why"] and rows["5"]["action"] == "composed"
+    assert parametrize.is_parametrized(model[1]) and parametrize.is_parametrized(model[3])
+    assert_close(model(x), net(x))
+    fresh = nn.Sequential(
+        nn.Flatten(), weight_norm(nn.Linear(16, 12)), nn.ReLU(),
+        spectral_norm(nn.Linear(12, 12)), nn.ReLU(), nn.Linear(12, 4),
+    )  # fmt: skip
+    fresh.load_state_dict(lt.merge_model(model).state_dict(), strict=True)
+    small = lt.truncate(model, lt.Uniform(0.5), example_input=x)
+    assert sorted(small.lorita_plan) == ["5"]  # the parametrized layers are never cut
+    deploy = deploy_model(small, x)
+    assert deploy.lorita_deploy["baked"] == ["1.weight", "3.weight"]
+    assert not any(parametrize.is_parametrized(m) for m in deploy.modules())
+    assert_close(deploy(x), small(x))
+    assert parametrize.is_parametrized(small[1])  # the model itself keeps them
+    lt.save(small, tmp_path / "s.safetensors")
+    back = lt.load(tmp_path / "s.safetensors", model=fresh).eval()
+    assert_close(back(x), small(x))
+
+
+def test_other_weight_layers_are_listed_as_left_and_lazy_ones_refused():
+    class Net(nn.Module):
+        def __init__(self, lazy: bool = False):
+            super().__init__()
+            self.c1 = nn.Conv1d(1, 4, 3)
+            self.lstm = nn.LSTM(4, 8, batch_first=True)
+            self.att = nn.MultiheadAttention(8, 2, kdim=4, vdim=4, batch_first=True)
+            self.fc = nn.LazyLinear(5) if lazy else nn.Linear(8, 5)
+
+        def forward(self, x):
+            z = self.c1(x).transpose(1, 2)  # (B, L, 4)
+            h, _ = self.lstm(z)
+            a, _ = self.att(h, z, z)
+            return self.fc(a.mean(1))
+
+    x = torch.randn(2, 1, 10)
+    rows = composition_summary(lt.overparameterize(Net(), 3, example_input=x))["layers"]
+    got = {r["name"]: (r["kind"], r["action"]) for r in rows}
+    assert got == {
+        "fc": ("linear", "composed"),
+        "att.out_proj": ("direct", "composed"),
+        "c1": ("other", "left"),
+        "lstm": ("other", "left"),
+        "att": ("other", "left"),
+    }
+    why = {r["name"]: r["why"] for r in rows}
+    assert why["c1"].startswith("Conv1d is not a kind") and "separate q, k, v" in why["att"]
+    with pytest.raises(ValueError, match=r"layer 'fc' has uninitialised \(lazy\) param"):
+        lt.overparameterize(Net(lazy=True), 3, example_input=x)
+    lazy = Net(lazy=True)
+    lazy(x)  # one batch gives the lazy layer its shape
+    assert lt.overparameterize(lazy, 3, example_input=x).fc.__class__.__name__ == "FactorLinear"
+
+
 class _CachesBias(nn.Module):
     """Keeps a tensor computed from its parameters between calls in eval mode, as timm's
     LeViT does with its attention biases: ``copy.deepcopy`` refuses such a module."""
@@ -450,12 +518,13 @@ def test_deploy_model_folds_and_uses_channels_last_for_conv_models():
     net = _random_stats(conv_bn_net())
     x = torch.randn(4, 3, 4, 4)
     deploy = deploy_model(net, x)
-    assert deploy.lorita_deploy == {"folded": ["1", "4", "8"], "memory_format": "channels_last"}
+    want = {"folded": ["1", "4", "8"], "baked": [], "memory_format": "channels_last"}
+    assert deploy.lorita_deploy == want
     assert deploy[0].weight.is_contiguous(memory_format=torch.channels_last)
     assert_close(deploy(deploy_input(deploy, x)), net(x), rtol=1e-5, atol=1e-5)
     mlp = nn.Sequential(nn.Linear(6, 4), nn.BatchNorm1d(4)).train()
     plain = deploy_model(mlp, torch.randn(3, 6), fold_bn=False)
-    assert plain.lorita_deploy == {"folded": [], "memory_format": "contiguous"}
+    assert plain.lorita_deploy == {"folded": [], "baked": [], "memory_format": "contiguous"}
     assert not plain.training and mlp.training  # a copy in eval mode; the input is unchanged
 
 

@@ -168,9 +168,9 @@ def test_latency_times_the_deployed_model_folded_and_channels_last(monkeypatch):
     assert cost.measure_latency(net, x, repeats=2) > 0
     assert set(cost.latency_profile(net, x, batches=(1, 3), repeats=2)) == {1, 3}
     assert set(cost.layer_latency(net, x, repeats=2, batch=3)) == {"0"}
-    assert seen == 3 * [{"folded": ["1"], "memory_format": "channels_last"}]
+    assert seen == 3 * [{"folded": ["1"], "baked": [], "memory_format": "channels_last"}]
     cost.measure_latency(net, x, repeats=2, fold_bn=False, channels_last=False)
-    assert seen[-1] == {"folded": [], "memory_format": "contiguous"}
+    assert seen[-1] == {"folded": [], "baked": [], "memory_format": "contiguous"}
     assert net.training and isinstance(net[1], nn.BatchNorm2d)  # the model itself unchanged
     with pytest.raises(ValueError, match="fold_bn"):
         cost.measure_latency(net, x, fold_bn=1)
