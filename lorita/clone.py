@@ -1,6 +1,8 @@
 """A copy of any model: ``copy.deepcopy``, also for modules that keep tensors computed with
 autograd between calls (timm's LeViT caches its attention biases in eval mode), which
-``deepcopy`` refuses; those are copied detached, as the values they are."""
+``deepcopy`` refuses; those are copied detached, as the values they are. A ``torch.compile``
+wrapper is taken off first (:func:`unwrap`): its compiled graph would not survive the change
+anyway, and its ``_orig_mod.`` prefix would be in every layer name."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ import copy
 import torch
 from torch import nn
 
-__all__ = ["clone_model"]
+__all__ = ["clone_model", "unwrap"]
 
 
 def _non_leaves(value, found: dict[int, torch.Tensor], depth: int = 0) -> None:
@@ -24,9 +26,18 @@ def _non_leaves(value, found: dict[int, torch.Tensor], depth: int = 0) -> None:
             _non_leaves(v, found, depth + 1)
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module a ``torch.compile(model)`` wrapper holds; ``model`` itself otherwise."""
+    inner = getattr(model, "_orig_mod", None)
+    while isinstance(inner, nn.Module) and type(model).__name__ == "OptimizedModule":
+        model, inner = inner, getattr(inner, "_orig_mod", None)
+    return model
+
+
 def clone_model(model: nn.Module) -> nn.Module:
-    """``copy.deepcopy(model)`` with every cached non-leaf tensor (an attribute of a module, or
-    inside a dict, list or tuple attribute) copied detached."""
+    """``copy.deepcopy(unwrap(model))`` with every cached non-leaf tensor (an attribute of a
+    module, or inside a dict, list or tuple attribute) copied detached."""
+    model = unwrap(model)
     memo: dict[int, torch.Tensor] = {}
     for m in model.modules():
         for k, v in vars(m).items():

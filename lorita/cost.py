@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from . import inputs
-from .clone import clone_model
+from .clone import clone_model, unwrap
 from .convert import composed_layers, deploy_input, deploy_model, iter_layers, merge_model
 from .kinds import layer_table, median_seconds
 
@@ -42,6 +42,7 @@ class Cost:
 
 
 def _deployable(model: nn.Module) -> nn.Module:
+    model = unwrap(model)
     return merge_model(model) if composed_layers(model) else model
 
 

@@ -35,7 +35,7 @@ from safetensors.torch import save as st_save_bytes
 from torch import Tensor, nn
 
 from . import inputs
-from .clone import clone_model
+from .clone import clone_model, unwrap
 from .convert import apply_folds, composed_layers, deploy_model, fold_batchnorm, merge_model
 from .io import atomic_write_bytes
 from .io import temp_beside as _temp_beside
@@ -256,6 +256,7 @@ def save_bytes(
     """The bytes of a safetensors file holding ``model`` (see :func:`save`)."""
     if not isinstance(fold_bn, bool):
         raise ValueError(f"fold_bn: expected True or False, got {fold_bn!r}")
+    model = unwrap(model)
     if fold_bn:
         model = _folded(model, input_shape, example_input)
     spec = model_spec(model, input_shape=input_shape, metadata=metadata)
@@ -742,7 +743,7 @@ def _load(header: dict, where: str, read_tensors, model: nn.Module | None):
         return _rebuild(spec, shapes, where, read_tensors)
     if not isinstance(model, nn.Module):
         raise _fail("model", f"expected an nn.Module, got {type(model).__name__}")
-    model = _apply_layers(model, spec)
+    model = _apply_layers(unwrap(model), spec)
     _check_against_file(model, shapes, "model")
     return _finish(model, read_tensors(), where)
 

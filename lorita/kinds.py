@@ -42,7 +42,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
 from . import inputs
-from .clone import clone_model
+from .clone import clone_model, unwrap
 from .functional import svd64
 from .layers import (
     INITS,
@@ -508,6 +508,7 @@ def layer_table(model: nn.Module, *, direct=None) -> list[LayerEntry]:
 
     ``direct``: names of layers whose weight is read directly; default ``model.lorita_direct``.
     """
+    model = unwrap(model)  # a torch.compile wrapper: the layers of the model it holds
     direct = _direct_names(model) if direct is None else set(direct)
     counts: dict[int, int] = {}
     for _, p in model.named_parameters(remove_duplicate=False):

@@ -543,3 +543,25 @@ def test_a_frozen_layer_stays_frozen_when_composed_merged_and_cut():
     cut(x).sum().backward()
     assert all(p.grad is None for p in cut[0].parameters())
     assert all(p.grad is not None for p in cut[2].parameters())
+
+
+def test_a_torch_compile_wrapper_is_taken_off_everywhere(tmp_path):
+    def plain():
+        return nn.Sequential(nn.Flatten(), nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 4))
+
+    torch.manual_seed(0)
+    net, x = plain(), torch.randn(3, 1, 4, 4)
+    compiled = torch.compile(net)  # compiles lazily: nothing below runs the wrapper
+    assert [n for n, _ in lt.iter_layers(compiled)] == ["1", "3"]
+    model = lt.overparameterize(compiled, 3, example_input=x)
+    assert isinstance(model, nn.Sequential)
+    assert [r["name"] for r in composition_summary(model)["layers"]] == ["1", "3"]
+    assert isinstance(lt.merge_model(torch.compile(model)), nn.Sequential)
+    small = lt.truncate(torch.compile(model), lt.Uniform(0.5), example_input=x)
+    assert isinstance(small, nn.Sequential) and sorted(small.lorita_plan) == ["1", "3"]
+    assert lt.count_cost(torch.compile(small), x) == lt.count_cost(small, x)
+    lt.save(torch.compile(small), tmp_path / "s.safetensors")
+    assert_close(lt.load(tmp_path / "s.safetensors")(x), small.eval()(x))
+    back = lt.load(tmp_path / "s.safetensors", model=torch.compile(plain()))
+    assert isinstance(back, nn.Sequential)
+    assert_close(back(x), small(x))
