@@ -643,8 +643,9 @@ def trace_forward(
     watched: dict[int, Tensor] = {}
     want_in, want_out = set(inputs_of), set(outputs_of)
     for name, module in model.named_modules():
-        if name and KINDS["direct"].matches(module):
-            owners[id(module.weight)] = name
+        w = module._parameters.get("weight")  # a registered tensor: a property (a composed
+        if name and w is not None and KINDS["direct"].matches(module):  # or parametrized
+            owners[id(w)] = name  # layer's) makes a new one per read, whose id is reused
         pre, post = _push(active, name)
         handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
         handles.append(module.register_forward_pre_hook(_counter(calls, name)))
