@@ -699,15 +699,16 @@ def _static_direct(model: nn.Module) -> list[str]:
 
 
 #: Square input sides tried, in order, when a model does not say what it takes.
-GUESSED_SIDES = (64, 224, 299)
+GUESSED_SIDES = (32, 28, 64, 224, 299)
 
 
 def guess_example_inputs(model: nn.Module) -> list[Tensor]:
     """Small inputs the model probably accepts, most likely first: ``model.lorita_input_shape``
     (set by :func:`lorita.create_model`) alone when set; else from the first layer: token ids
     for an Embedding, a Linear's width, or a Conv2d's channels at the model's ``image_size``
-    attribute (a ViT) or at :data:`GUESSED_SIDES` (64 px, then the sizes ImageNet models are
-    built for). Float inputs take the dtype and device of the model's first floating weight."""
+    attribute (a ViT) or at :data:`GUESSED_SIDES` (CIFAR's and MNIST's sides, which
+    hand-written networks with a fixed flatten size are built for and which cost least, 64 px,
+    then the sizes ImageNet models are built for). Float inputs take the dtype and device of the model's first floating weight."""
     ref = next((p for p in model.parameters() if p.is_floating_point()), None)
     kw = {} if ref is None else {"dtype": ref.dtype, "device": ref.device}
     shape = getattr(model, "lorita_input_shape", None)

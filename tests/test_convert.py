@@ -348,6 +348,28 @@ def test_a_model_no_guessed_side_fits_is_still_composed_and_says_why():
     assert composed.lorita_summary["direct_reads"] == "traced"
 
 
+class _LeNet(nn.Module):
+    """Built for 28 px (a flatten of a fixed size), with its head read by F.linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(1, 6, 5), nn.Conv2d(6, 16, 5)
+        self.fc, self.head = nn.Linear(16 * 4 * 4, 32), nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = torch.max_pool2d(torch.relu(self.c1(x)), 2)
+        x = torch.max_pool2d(torch.relu(self.c2(x)), 2)
+        h = torch.relu(self.fc(x.flatten(1)))
+        return nn.functional.linear(h, self.head.weight, self.head.bias)
+
+
+def test_a_network_built_for_mnist_sized_inputs_needs_no_example_input():
+    composed = lt.overparameterize(_LeNet(), 3)
+    assert composed.lorita_summary["direct_reads"] == "traced"
+    assert composed.lorita_direct == ("head",)
+    assert lt.fold_batchnorm(lt.merge_model(composed).eval()) is not None
+
+
 class _TokenModel(nn.Module):
     """Token ids in, an Embedding first, a head read by F.linear."""
 
