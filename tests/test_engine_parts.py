@@ -246,3 +246,60 @@ def test_model_options_default_to_the_models_own():
         assert TrainConfig(model=name).model_kwargs == {}
         assert TrainConfig.from_dict({"model": name}).model_kwargs == {}
     assert TrainConfig(model="mlp", model_kwargs={}).model_kwargs == {}  # given: kept as given
+
+
+def test_side_classifier_outputs_train_and_evaluate_on_the_main_logits():
+    from collections import namedtuple
+
+    from lorita.engine.evaluate import evaluate
+    from lorita.engine.optim import AUX_WEIGHT, loss_fn, main_output
+
+    Out = namedtuple("Out", "logits aux2 aux1")  # GoogLeNet's outputs in train mode
+    torch.manual_seed(0)
+    main, a2, a1, y = (
+        torch.randn(4, 3),
+        torch.randn(4, 3),
+        torch.randn(4, 3),
+        torch.tensor([0, 1, 2, 0]),
+    )
+    ce = torch.nn.functional.cross_entropy
+    want = ce(main, y) + AUX_WEIGHT * (ce(a2, y) + ce(a1, y))
+    loss = loss_fn("classification")
+    torch.testing.assert_close(loss(Out(main, a2, a1), y), want)
+    torch.testing.assert_close(loss(Out(main, None, a1), y), ce(main, y) + AUX_WEIGHT * ce(a1, y))
+    torch.testing.assert_close(
+        loss({"aux": a1, "logits": main}, y), ce(main, y) + AUX_WEIGHT * ce(a1, y)
+    )
+    torch.testing.assert_close(loss((main, torch.randn(4, 7)), y), ce(main, y))  # not a classifier
+    assert main_output(main) is main and main_output({"out": a1, "x": a2}) is a1
+    with pytest.raises(ValueError, match="model output: expected a tensor"):
+        loss("logits", y)
+
+    class Dict(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(64, 10)
+
+        def forward(self, x):
+            return {"logits": self.fc(x.flatten(1)), "features": x}
+
+    splits = lt.load_splits(TrainConfig())
+    assert 0 <= evaluate(Dict(), splits.val)["acc"] <= 1
+
+
+def test_googlenet_trains_with_its_side_classifiers(tmp_path):
+    from PIL import Image
+
+    rng = torch.Generator().manual_seed(0)
+    for c in ("a", "b"):
+        for i in range(6):
+            (tmp_path / "imgs" / c).mkdir(parents=True, exist_ok=True)
+            arr = torch.randint(0, 255, (20, 20, 3), generator=rng, dtype=torch.uint8).numpy()
+            Image.fromarray(arr).save(tmp_path / "imgs" / c / f"{i}.png")
+    cfg = TrainConfig(
+        model="torchvision:googlenet", dataset=f"folder:{tmp_path / 'imgs'}",
+        dataset_kwargs={"size": 32}, n_factors=1, batch_size=4, epochs=1, spectra_every=0,
+    )  # fmt: skip
+    run = lt.RunStore(tmp_path / "runs").create(cfg.to_dict(), name="g")
+    lt.train(run.config, run, threads=1)
+    assert run.status()["state"] == "completed"

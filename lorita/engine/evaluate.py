@@ -18,7 +18,7 @@ from torch import nn
 from .. import data as data_mod
 from ..clone import clone_model
 from .config import OPTIMIZERS, is_int, is_num
-from .optim import loss_fn, make_optimizer, task_of
+from .optim import loss_fn, main_output, make_optimizer, task_of
 
 __all__ = ["evaluate", "finetune"]
 
@@ -53,7 +53,7 @@ def evaluate(
         for x, y in _batches(dataset, batch_size):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                out = model(x)
+                out = main_output(model(x))
             out = out.float()
             if task == "regression":
                 loss_sum += F.mse_loss(out, y, reduction="sum").item() / y.shape[1]

@@ -45,7 +45,7 @@ from .devices import (
     resolve_device,
 )
 from .evaluate import evaluate
-from .optim import loss_fn, make_optimizer, make_scheduler, per_step
+from .optim import loss_fn, main_output, make_optimizer, make_scheduler, per_step
 from .spectra_worker import SpectraWorker
 
 __all__ = ["Counters", "Session", "train"]
@@ -421,7 +421,7 @@ def _step(s: Session, x: torch.Tensor, y: torch.Tensor) -> None:
     c.step += 1
     c.step_in_epoch += 1
     if s.splits.task == "classification":
-        c.run_correct += (out.argmax(1) == y).sum().item()
+        c.run_correct += (main_output(out).argmax(1) == y).sum().item()
     c.run_loss += loss_v * len(y)
     c.run_n += len(y)
     s.timings["steps"] += time.perf_counter() - t0

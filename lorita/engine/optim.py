@@ -18,7 +18,15 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-__all__ = ["loss_fn", "make_optimizer", "make_scheduler", "per_step", "task_of"]
+__all__ = [
+    "AUX_WEIGHT",
+    "loss_fn",
+    "main_output",
+    "make_optimizer",
+    "make_scheduler",
+    "per_step",
+    "task_of",
+]
 
 
 def make_optimizer(name: str, params, lr: float, weight_decay: float, momentum: float):
@@ -70,6 +78,33 @@ def per_step(sched) -> bool:
     return sched is not None and not isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau)
 
 
+#: weight of each auxiliary output in the training loss (GoogLeNet's side classifiers, 0.3)
+AUX_WEIGHT = 0.3
+_MAIN_KEYS = ("logits", "out", "output")
+
+
+def _split_output(out) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    if torch.is_tensor(out):
+        return out, []
+    if isinstance(out, dict) and out:
+        key = next((k for k in _MAIN_KEYS if k in out), next(iter(out)))
+        rest = [v for k, v in out.items() if k != key]
+        return out[key], [v for v in rest if torch.is_tensor(v)]
+    if isinstance(out, (tuple, list)) and out and torch.is_tensor(out[0]):
+        return out[0], [v for v in out[1:] if torch.is_tensor(v)]
+    raise ValueError(
+        f"model output: expected a tensor of logits (or a tuple or dict with them first), "
+        f"got {type(out).__name__}"
+    )
+
+
+def main_output(out) -> torch.Tensor:
+    """The logits of a model's output: the tensor itself; the first of a tuple (GoogLeNet's
+    and Inception's outputs in train mode: logits, then their side classifiers); a dict's
+    "logits" / "out" / "output" entry, else its first."""
+    return _split_output(out)[0]
+
+
 def _mse(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(out.float(), y.float())
 
@@ -82,9 +117,26 @@ class _CrossEntropy:
         return F.cross_entropy(out.float(), y, label_smoothing=self.label_smoothing)
 
 
+class _WithAux:
+    """A loss over the main output plus :data:`AUX_WEIGHT` times each auxiliary one."""
+
+    def __init__(self, base: Callable) -> None:
+        self.base = base
+
+    def __call__(self, out, y: torch.Tensor) -> torch.Tensor:
+        main, aux = _split_output(out)
+        loss = self.base(main, y)
+        for a in aux:
+            if a.shape == main.shape:  # side classifiers; other extras are not outputs to fit
+                loss = loss + AUX_WEIGHT * self.base(a, y)
+        return loss
+
+
 def loss_fn(task: str, label_smoothing: float = 0.0) -> Callable:
-    """The training loss: MSE for regression, cross-entropy (with smoothing) otherwise."""
-    return _mse if task == "regression" else _CrossEntropy(label_smoothing)
+    """The training loss: MSE for regression, cross-entropy (with smoothing) otherwise; for a
+    model with side classifiers (a tuple or dict output) the main output's loss plus
+    :data:`AUX_WEIGHT` times each side classifier's."""
+    return _WithAux(_mse if task == "regression" else _CrossEntropy(label_smoothing))
 
 
 def task_of(dataset) -> str:
