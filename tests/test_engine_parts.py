@@ -287,19 +287,39 @@ def test_side_classifier_outputs_train_and_evaluate_on_the_main_logits():
     assert 0 <= evaluate(Dict(), splits.val)["acc"] <= 1
 
 
-def test_googlenet_trains_with_its_side_classifiers(tmp_path):
+def _image_folder(root):
     from PIL import Image
 
     rng = torch.Generator().manual_seed(0)
     for c in ("a", "b"):
+        (root / c).mkdir(parents=True, exist_ok=True)
         for i in range(6):
-            (tmp_path / "imgs" / c).mkdir(parents=True, exist_ok=True)
             arr = torch.randint(0, 255, (20, 20, 3), generator=rng, dtype=torch.uint8).numpy()
-            Image.fromarray(arr).save(tmp_path / "imgs" / c / f"{i}.png")
+            Image.fromarray(arr).save(root / c / f"{i}.png")
+    return root
+
+
+def test_googlenet_trains_with_its_side_classifiers(tmp_path):
     cfg = TrainConfig(
-        model="torchvision:googlenet", dataset=f"folder:{tmp_path / 'imgs'}",
+        model="torchvision:googlenet", dataset=f"folder:{_image_folder(tmp_path / 'imgs')}",
         dataset_kwargs={"size": 32}, n_factors=1, batch_size=4, epochs=1, spectra_every=0,
     )  # fmt: skip
     run = lt.RunStore(tmp_path / "runs").create(cfg.to_dict(), name="g")
     lt.train(run.config, run, threads=1)
     assert run.status()["state"] == "completed"
+
+
+def test_a_model_too_big_for_the_images_is_refused_before_the_run_with_the_size_it_needs(
+    tmp_path,
+):
+    from lorita.engine.preflight import check_start
+
+    folder = f"folder:{_image_folder(tmp_path / 'imgs')}"
+    cfg = TrainConfig(model="torchvision:alexnet", dataset=folder, dataset_kwargs={"size": 32})
+    with pytest.raises(ValueError, match=r"^model: 'torchvision:alexnet' does not run on the "
+                       r"3x32x32 images of .*it runs from 64 px: .*size=64"):  # fmt: skip
+        check_start(cfg)
+    check_start(dataclasses.replace(cfg, dataset_kwargs={"size": 64}))
+    with pytest.raises(ValueError, match="1x8x8 images of 'digits'.*pick a model built for"):
+        check_start(TrainConfig(model="torchvision:alexnet"))
+    check_start(TrainConfig(model="torchvision:resnet18"))  # runs on 8 px digits

@@ -1,5 +1,6 @@
 """What can be checked before a run folder exists, cheaply and without allocating the model:
-the device, the data, the model's size on the meta device, and the starting weights. The
+the device, the data, the model's size on the meta device, that it runs on the dataset's image
+size (a forward pass on the meta device: shapes only), and the starting weights. The
 command line runs :func:`check_start` before it writes anything; the app's Train page the same
 checks before it starts a run. Each failure is a ValueError naming the field."""
 
@@ -11,13 +12,22 @@ import psutil
 import torch
 from torch import nn
 
-from ..data import check_dataset, dataset_shape
+from ..data import check_dataset, dataset_options, dataset_shape
 from ..models import create_model
 from .build import check_weights, fit_head, read_weights
 from .config import TrainConfig
 from .devices import resolve_device
 
-__all__ = ["check_init_from", "check_model", "check_model_size", "check_start"]
+__all__ = [
+    "check_init_from",
+    "check_input_fits",
+    "check_model",
+    "check_model_size",
+    "check_start",
+]
+
+#: image sides tried, smallest first, to say from which size a model runs
+IMAGE_SIDES = (28, 32, 64, 75, 96, 112, 128, 160, 224, 299)
 
 
 def _machine_bytes() -> int:
@@ -91,9 +101,53 @@ def check_init_from(meta_model: nn.Module | None, path: str) -> None:
     check_weights(meta_model, sd)
 
 
+def _meta_forward(meta_model: nn.Module, channels: int, side: int) -> Exception | None:
+    """The error a training-mode forward pass of two images raises on the meta device."""
+    was = meta_model.training
+    meta_model.train()
+    try:
+        with torch.no_grad():
+            meta_model(torch.empty(2, channels, side, side, device="meta"))
+    except Exception as e:  # noqa: BLE001 - any failure is reported or set aside below
+        return e
+    finally:
+        meta_model.train(was)
+    return None
+
+
+def check_input_fits(meta_model: nn.Module | None, config: TrainConfig) -> None:
+    """The model runs on the dataset's images (a torchvision ImageNet model on 32 px CIFAR
+    images may not: AlexNet, Inception v3 and MaxViT need larger ones). Checked on the meta
+    device (shapes only, microseconds per layer). A failure counts only when a larger side
+    runs: a model the meta device cannot run at any size is left to the real run."""
+    if meta_model is None:
+        return
+    channels, size, _ = dataset_shape(config.dataset, **config.dataset_kwargs)
+    err = _meta_forward(meta_model, channels, size)
+    if err is None:
+        return
+    fits = next(
+        (s for s in IMAGE_SIDES if s > size and not _meta_forward(meta_model, channels, s)), None
+    )
+    if fits is None:
+        return
+    what = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    what = what if len(what) <= 160 else what[:157] + "..."
+    if "size" in dataset_options(config.dataset):
+        fix = f"use larger images (dataset option size={fits}, --data-arg size={fits})"
+    else:
+        fix = "pick a model built for small images, or a dataset with larger ones"
+    raise ValueError(
+        f"model: {config.model!r} does not run on the {channels}x{size}x{size} images of "
+        f"{config.dataset!r} ({type(err).__name__}: {what}); it runs from {fits} px: {fix}"
+    )
+
+
 def check_model(config: TrainConfig) -> None:
-    """The model's size on the meta device, then the starting weights against it."""
+    """The model's size on the meta device, that it runs on the dataset's images, then the
+    starting weights against it."""
     meta_model = check_model_size(config)
+    check_input_fits(meta_model, config)
     if config.init_from is not None:
         check_init_from(meta_model, config.init_from)
 
