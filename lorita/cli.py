@@ -1179,7 +1179,8 @@ def _print_notes(plan: dict) -> None:
 
 def _print_compress(out: dict, args) -> None:
     before, after = out["before"], out["after"]
-    tuned = f", fine-tuned {after['finetune_epochs']} epochs" if after["finetune_epochs"] else ""
+    k = after["finetune_epochs"]
+    tuned = f", fine-tuned {k} epoch{'s' if k != 1 else ''}" if k else ""
     search = after.get("search")
     how = (
         f"{search['search']} search within {search['max_drop']:g} points"
