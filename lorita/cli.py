@@ -966,8 +966,17 @@ _RUN_COLUMNS = ["name", "state", "dataset", "model", "N", "wd", "step", "best va
 _RUN_COLUMNS.append("effective ranks")
 
 
+#: a run with more layers shows its first and last ranks in the runs table (--json: all)
+_RANKS_SHOWN = 8
+
+
 def _ranks(ranks) -> str:
-    return "/".join(str(v) for v in ranks.values()) if isinstance(ranks, dict) and ranks else "-"
+    if not isinstance(ranks, dict) or not ranks:
+        return "-"
+    v = [str(r) for r in ranks.values()]
+    if len(v) <= _RANKS_SHOWN:
+        return "/".join(v)
+    return "/".join([*v[:4], "...", *v[-2:]]) + f" ({len(v)} layers)"
 
 
 def _dash(v) -> str:

@@ -141,6 +141,15 @@ def test_runs_table_and_json(runs_dir, capsys):
     assert rows["r1"]["test_acc"] > 0.5 and rows["r0"]["n_factors"] == 1
 
 
+def test_runs_table_shortens_the_ranks_of_a_deep_model():
+    from lorita.cli import _ranks
+
+    assert _ranks({"fc1": 5, "fc2": 4, "head": 10}) == "5/4/10"
+    deep = {f"layer{i}": i for i in range(21)}
+    assert _ranks(deep) == "0/1/2/3/.../19/20 (21 layers)"
+    assert _ranks({}) == _ranks(None) == "-"
+
+
 def test_runs_lists_and_marks_broken_folders(tmp_path, capsys):
     store = RunStore(tmp_path)
     store.create({"dataset": "digits"}, name="good").update_status(state="failed", pid=None)
