@@ -200,7 +200,21 @@ def _arch(model: nn.Module) -> dict:
     if tree is not None:
         return {"tree": tree}
     cls = type(model)
-    return {"class": f"{cls.__module__}.{cls.__qualname__}"}
+    arch = {"class": f"{cls.__module__}.{cls.__qualname__}"}
+    blocker = _undescribed(model, "") if cls is nn.Sequential else None
+    if blocker:
+        arch["why"] = blocker
+    return arch
+
+
+def _undescribed(module: nn.Module, path: str) -> str | None:
+    """Which module keeps a Sequential tree from being described (for the load message)."""
+    for n, c in module.named_children():
+        sub = f"{path}.{n}" if path else n
+        if _tree(c, sub) is None:
+            deeper = _undescribed(c, sub) if type(c) is nn.Sequential else None
+            return deeper or f"its layer {sub!r} is a {type(c).__name__}"[:200]
+    return None
 
 
 # --------------------------------------------------------------------------- saving
@@ -460,6 +474,9 @@ def _check_arch(arch) -> None:
     elif "class" in arch:
         if not isinstance(arch["class"], str) or len(arch["class"]) > 256:
             raise _fail("spec.arch.class", "expected a class name")
+        why = arch.get("why", "")
+        if set(arch) - {"class", "why"} or not isinstance(why, str) or len(why) > 256:
+            raise _fail("spec.arch.why", "expected a short text")
     else:
         raise _fail("spec.arch", "names neither a registry model, a module tree nor a class")
 
@@ -598,10 +615,13 @@ def _build_arch(arch: dict) -> nn.Module:
         return create_model(arch["registry"], **arch.get("kwargs", {}))
     if "tree" in arch:
         return _build_tree(arch["tree"])
+    what = (
+        f"a {arch['class']} ({arch['why']}, which a file cannot describe)"
+        if arch.get("why")
+        else f"a {arch['class']} (not a registry or Sequential model)"
+    )
     raise _fail(
-        "model",
-        f"the file holds a {arch['class']} (not a registry or Sequential model): "
-        "pass a freshly built instance, load(path, model=...)",
+        "model", f"the file holds {what}: pass a freshly built instance, load(path, model=...)"
     )
 
 

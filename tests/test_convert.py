@@ -241,6 +241,8 @@ def test_a_parametrized_weight_is_left_kept_in_training_and_baked_when_deployed(
     lt.save(small, tmp_path / "s.safetensors")
     back = lt.load(tmp_path / "s.safetensors", model=fresh).eval()
     assert_close(back(x), small(x))
+    with pytest.raises(ValueError, match=r"Sequential \(its layer '1' is a ParametrizedLinear"):
+        lt.load(tmp_path / "s.safetensors")  # a file describes plain layers only
 
 
 def test_other_weight_layers_are_listed_as_left_and_lazy_ones_refused():
