@@ -70,6 +70,8 @@ THEORY_RANK = "theory.rank"
 THEORY_SEED = "theory.seed"
 
 QUERY_RUN = "run"  # URL query parameter that holds the current run
+QUERY_POLICY = "policy"  # the Compress page's rank policy, kept in the URL with its value
+QUERY_VALUE = "value"
 
 DEFAULTS: dict[str, Any] = {
     CURRENT_RUN: None,
@@ -105,6 +107,18 @@ def set_current_run(name: str | None) -> None:
         st.query_params[QUERY_RUN] = name
     elif QUERY_RUN in st.query_params:
         del st.query_params[QUERY_RUN]
+
+
+def from_url(param: str) -> str | None:
+    """A URL query parameter (what a refresh brings back), None when absent."""
+    value = st.query_params.get(param)
+    return str(value) if value else None
+
+
+def to_url(param: str, value: str) -> None:
+    """Keep ``value`` in the URL so that a refresh comes back to it (written only on change)."""
+    if st.query_params.get(param) != value:
+        st.query_params[param] = value
 
 
 def setdefault(key: str, value: Any) -> Any:

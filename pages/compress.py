@@ -119,14 +119,28 @@ def _base_metrics(session) -> None:
         st.caption(" · ".join(f"**{n}** {why}" for n, why in session.left_out.items()))
 
 
-def _slider(root: str, name: str, which: str, policy: str):
+def _url_value(policy: str, d: dict, url_policy: str | None) -> float:
+    """The slider value a refreshed page had (from the URL, when it was ``policy``'s), else
+    the policy's default; a value that is not a number in the slider's range is ignored."""
+    text = state.from_url(state.QUERY_VALUE)
+    if url_policy != policy or text is None:
+        return d["default"]
+    try:
+        value = float(text)
+    except ValueError:
+        return d["default"]
+    return value if float(d["min"]) <= value <= float(d["max"]) else d["default"]
+
+
+def _slider(root: str, name: str, which: str, policy: str, url_policy: str | None = None):
     d = cz.scalar_policies()[policy]
     key = _slider_key(policy)
-    state.setdefault(key, cz.snap(policy, d["default"]))
+    state.setdefault(key, cz.snap(policy, _url_value(policy, d, url_policy)))
     value = st.slider(
         d["label"], float(d["min"]), float(d["max"]), step=float(d["step"]), key=key,
         help=d["help"], format=d["format"],
     )  # fmt: skip
+    state.to_url(state.QUERY_VALUE, f"{value:g}")
     s1, s2 = st.columns([1, 3], vertical_alignment="bottom")
     state.setdefault(state.COMPRESS_MAX_DROP, 1.0)
     s1.number_input(
@@ -303,11 +317,13 @@ def _finetune(session, res: dict) -> None:
 def _controls(root: str, name: str, which: str):
     """The policy radio and its slider (no session needed); the rank table comes later."""
     labels = cz.policy_labels()
-    state.setdefault(state.COMPRESS_POLICY, "global")
+    from_url = state.from_url(state.QUERY_POLICY)
+    state.setdefault(state.COMPRESS_POLICY, from_url if from_url in labels else "global")
     policy = st.radio("Rank policy", list(labels), key=state.COMPRESS_POLICY, horizontal=True,
                       format_func=labels.get)  # fmt: skip
+    state.to_url(state.QUERY_POLICY, policy)
     if policy in cz.scalar_policies():
-        return policy, *_slider(root, name, which, policy)
+        return policy, *_slider(root, name, which, policy, from_url)
     return policy, None, None
 
 

@@ -218,6 +218,32 @@ def test_compress_slider_changes_the_numbers(runs_dir):
     assert choice["policy"] == "uniform" and choice["ranks"]["fc1"] == 3
 
 
+def test_compress_policy_and_slider_come_back_after_a_refresh(runs_dir):
+    from app import compress as cz
+
+    at = open_page("compress", run=N3)
+    at.radio(key="compress.policy").set_value("uniform").run()
+    at.slider(key="compress.value.uniform").set_value(0.3).run()
+    assert_clean(at)
+    url = {k: at.query_params[k] for k in ("run", "policy", "value")}
+    assert url == {"run": N3, "policy": "uniform", "value": "0.3"}
+    again = open_page("compress", **url)  # a refresh: a new session on the same URL
+    assert_clean(again)
+    assert again.radio(key="compress.policy").value == "uniform"
+    assert again.slider(key="compress.value.uniform").value == pytest.approx(0.3)
+    assert (
+        again.session_state["compress_choice"]["ranks"]
+        == at.session_state["compress_choice"]["ranks"]
+    )
+    default = cz.snap("global", cz.scalar_policies()["global"]["default"])
+    for bad in ({"policy": "evil", "value": "0.3"}, {"policy": "global", "value": "nan"},
+                {"policy": "global", "value": "1e9"}, {"policy": "global", "value": "x"}):  # fmt: skip
+        page = open_page("compress", run=N3, **bad)
+        assert_clean(page)
+        assert page.radio(key="compress.policy").value == "global"
+        assert page.slider(key="compress.value.global").value == pytest.approx(default)
+
+
 def test_compress_smallest_within_moves_the_slider(runs_dir):
     from app import compress as cz
 
