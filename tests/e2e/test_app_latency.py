@@ -123,3 +123,32 @@ def test_a_slider_move_redraws_the_charts_in_place(app_server, page, tiny_run):
                           ".map(el => el.dataset.mark)")  # fmt: skip
     assert marks == [str(i) for i in range(n)]  # not one chart was rebuilt
     no_errors(page)
+
+
+def test_a_refresh_comes_back_to_the_same_cut(app_server, page, tiny_run):
+    """The slider lives in a fragment; its value still reaches the URL, and a reload of that
+    URL (a new session) shows the same policy and value."""
+    page.goto(f"{app_server['url']}/compress?run={tiny_run}")
+    page.get_by_text("Original validation accuracy").wait_for(timeout=120_000)
+    wait_idle(page)
+    handle = page.locator('[data-testid="stSlider"] input[type="range"]').first
+    start = handle.input_value()
+    handle.focus()
+    page.keyboard.press("ArrowLeft")
+    page.wait_for_function(
+        "v => { const e = document.querySelector('[data-testid=\"stSlider\"] input');"
+        " return e && e.value !== v; }", arg=start, timeout=60_000,
+    )  # fmt: skip
+    wait_idle(page)
+    moved = float(handle.input_value())
+    page.wait_for_function(
+        "v => new URL(location.href).searchParams.get('value') === v", arg=f"{moved:g}",
+        timeout=30_000,
+    )  # fmt: skip
+    assert "policy=global" in page.url and f"run={tiny_run}" in page.url
+    page.reload()
+    page.get_by_text("Original validation accuracy").wait_for(timeout=120_000)
+    wait_idle(page)
+    again = page.locator('[data-testid="stSlider"] input[type="range"]').first
+    assert float(again.input_value()) == moved
+    no_errors(page)
