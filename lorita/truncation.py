@@ -422,6 +422,8 @@ def parse_policy(text: str) -> Policy:
         raise ValueError(f"policy: expected text like 'global:0.5', got {text!r}")
     name, sep, value = text.strip().partition(":")
     name = name.strip().lower()
+    if name not in POLICIES and name.replace("_", "-") in POLICIES:
+        name = name.replace("_", "-")  # flops_budget reads as flops-budget
     if not sep:
         raise ValueError(f"policy: expected NAME:VALUE (e.g. global:0.5), got {text!r}")
     cls = policy_class(name)

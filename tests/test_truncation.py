@@ -213,6 +213,11 @@ def test_parse_policy_refuses(text, field):
         lt.parse_policy(text)
 
 
+def test_parse_policy_reads_underscores_as_hyphens():
+    assert lt.parse_policy("flops_budget:10") == lt.FlopBudget(10.0)
+    assert lt.parse_policy(" Budget : 5") == lt.Budget(5.0)
+
+
 # --------------------------------------------------------------------------- budgets
 
 
