@@ -959,6 +959,11 @@ def cmd_runs(args) -> int:
     energy = any(s.get("energy_ranks") for s in rows)  # where the run store provides them
     table = [_run_row(s) + ([_ranks(s.get("energy_ranks"))] if energy else []) for s in rows]
     print(_table(table, _RUN_COLUMNS + (["energy ranks"] if energy else [])))
+    said = [s for s in rows if s.get("state") in ("failed", "stopped") and s.get("message")]
+    if said:  # why a run ended early, which the state column has no room for
+        print("\nmessages:")
+        for s in said:
+            print(f"  {s['name']}: {_short(str(s['message']), 200)}")
     return 0
 
 

@@ -158,11 +158,17 @@ def test_runs_lists_and_marks_broken_folders(tmp_path, capsys):
         (tmp_path / name / "config.json").write_text(config)
         (tmp_path / name / "status.json").write_text(status)
     assert main(["runs", "--runs-dir", str(tmp_path)]) == 0
-    rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[2:]}
+    table, messages = capsys.readouterr().out.split("\n\nmessages:\n")
+    rows = {line.split()[0]: line for line in table.splitlines()[2:]}
     assert set(rows) == {"good", "list", "text"}
+    assert "  list: broken run folder: config.json is not a readable JSON object" in messages
     assert "broken" in rows["list"] and "broken" not in rows["good"]
     assert main(["runs", "--runs-dir", str(tmp_path), "--json"]) == 0
     assert len(json.loads(capsys.readouterr().out)) == 3
+    store.get("good").update_status(message="DatasetUnavailable: dataset 'folder:x': gone")
+    assert main(["runs", "--runs-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "\n  good: DatasetUnavailable: dataset 'folder:x': gone\n" in out
 
 
 def test_runs_delete(tmp_path, capsys):
