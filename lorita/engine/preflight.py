@@ -55,12 +55,16 @@ class _ParamCounter:
             raise _TooBig
 
 
-def check_model_size(config: TrainConfig) -> nn.Module | None:
+def check_model_size(
+    config: TrainConfig, shape: tuple[int, int, int] | None = None
+) -> nn.Module | None:
     """Build the model on the meta device (nothing allocated) and refuse it when its weights,
     gradients and optimizer state (about 4 x 4 bytes per parameter, N factors each) exceed this
     machine's memory; a build that registers over 20,000 weight tensors is refused as well.
-    Returns the meta model (None if it cannot be built on the meta device)."""
-    channels, size, classes = dataset_shape(config.dataset, **config.dataset_kwargs)
+    Returns the meta model (None if it cannot be built on the meta device). ``shape``: the
+    dataset's :func:`~lorita.data.dataset_shape` when the caller has it (a folder is listed
+    to find it)."""
+    channels, size, classes = shape or dataset_shape(config.dataset, **config.dataset_kwargs)
     limit = _machine_bytes()
     count = _ParamCounter(limit, per_param=16 * max(1, config.n_factors))
     hook = torch.nn.modules.module.register_module_parameter_registration_hook(count)
@@ -115,14 +119,16 @@ def _meta_forward(meta_model: nn.Module, channels: int, side: int) -> Exception 
     return None
 
 
-def check_input_fits(meta_model: nn.Module | None, config: TrainConfig) -> None:
+def check_input_fits(
+    meta_model: nn.Module | None, config: TrainConfig, shape: tuple[int, int, int] | None = None
+) -> None:
     """The model runs on the dataset's images (a torchvision ImageNet model on 32 px CIFAR
     images may not: AlexNet, Inception v3 and MaxViT need larger ones). Checked on the meta
     device (shapes only, microseconds per layer). A failure counts only when a larger side
     runs: a model the meta device cannot run at any size is left to the real run."""
     if meta_model is None:
         return
-    channels, size, _ = dataset_shape(config.dataset, **config.dataset_kwargs)
+    channels, size, _ = shape or dataset_shape(config.dataset, **config.dataset_kwargs)
     err = _meta_forward(meta_model, channels, size)
     if err is None:
         return
@@ -146,8 +152,9 @@ def check_input_fits(meta_model: nn.Module | None, config: TrainConfig) -> None:
 def check_model(config: TrainConfig) -> None:
     """The model's size on the meta device, that it runs on the dataset's images, then the
     starting weights against it."""
-    meta_model = check_model_size(config)
-    check_input_fits(meta_model, config)
+    shape = dataset_shape(config.dataset, **config.dataset_kwargs)  # lists a folder: once
+    meta_model = check_model_size(config, shape)
+    check_input_fits(meta_model, config, shape)
     if config.init_from is not None:
         check_init_from(meta_model, config.init_from)
 
