@@ -389,11 +389,14 @@ class Ranks(Policy):
 
 
 def policy_class(policy: str | type[Policy]) -> type[Policy]:
-    """The policy class for a name (``"global"``) or a class."""
+    """The policy class for a name (``"global"``; an underscore may stand for a hyphen,
+    ``"flops_budget"``) or a class."""
     if isinstance(policy, type) and issubclass(policy, Policy):
         return policy
-    if isinstance(policy, str) and policy in POLICIES:
-        return POLICIES[policy]
+    if isinstance(policy, str):
+        for name in (policy, policy.replace("_", "-")):
+            if name in POLICIES:
+                return POLICIES[name]
     raise ValueError(f"policy: expected one of {', '.join(POLICIES)}, got {policy!r}")
 
 
@@ -422,8 +425,6 @@ def parse_policy(text: str) -> Policy:
         raise ValueError(f"policy: expected text like 'global:0.5', got {text!r}")
     name, sep, value = text.strip().partition(":")
     name = name.strip().lower()
-    if name not in POLICIES and name.replace("_", "-") in POLICIES:
-        name = name.replace("_", "-")  # flops_budget reads as flops-budget
     if not sep:
         raise ValueError(f"policy: expected NAME:VALUE (e.g. global:0.5), got {text!r}")
     cls = policy_class(name)
