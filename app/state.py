@@ -88,9 +88,7 @@ def init() -> None:
         if key not in st.session_state:
             st.session_state[key] = value
     if st.session_state[CURRENT_RUN] is None:
-        from_url = st.query_params.get(QUERY_RUN)
-        if from_url:
-            st.session_state[CURRENT_RUN] = str(from_url)
+        st.session_state[CURRENT_RUN] = from_url(QUERY_RUN)
 
 
 def current_run() -> str | None:
@@ -104,7 +102,7 @@ def set_current_run(name: str | None) -> None:
     init()
     st.session_state[CURRENT_RUN] = name
     if name:
-        st.query_params[QUERY_RUN] = name
+        to_url(QUERY_RUN, name)
     elif QUERY_RUN in st.query_params:
         del st.query_params[QUERY_RUN]
 
