@@ -37,6 +37,17 @@ def wait_idle(page, timeout_s: float = 120) -> None:
     page.locator('[data-testid="stStatusWidget"]').wait_for(state="hidden", timeout=timeout_s * 1e3)
 
 
+def slider_input(page):
+    """The first slider on the page (the Compress page's policy value)."""
+    return page.locator('[data-testid="stSlider"] input[type="range"]').first
+
+
+def nudge_slider(page) -> None:
+    """Move the first slider one step to the left, as a keyboard user would."""
+    slider_input(page).focus()
+    page.keyboard.press("ArrowLeft")
+
+
 def metric(page, label: str):
     return page.locator('[data-testid="stMetric"]').filter(has=page.get_by_text(label, exact=True))
 
@@ -110,9 +121,7 @@ def test_a_slider_move_redraws_the_charts_in_place(app_server, page, tiny_run):
     assert n >= 2  # the trade-off curve and the spectra with the cut
     page.evaluate("() => document.querySelectorAll('.js-plotly-plot')"
                   ".forEach((el, i) => { el.dataset.mark = String(i); })")  # fmt: skip
-    slider = page.locator('[data-testid="stSlider"] input[type="range"]').first
-    slider.focus()
-    page.keyboard.press("ArrowLeft")
+    nudge_slider(page)
     page.wait_for_function(
         "t => { const e = document.querySelector('text.legendtext'); "
         "return e && e.textContent !== t; }", arg=before, timeout=60_000,
@@ -131,10 +140,9 @@ def test_a_refresh_comes_back_to_the_same_cut(app_server, page, tiny_run):
     page.goto(f"{app_server['url']}/compress?run={tiny_run}")
     page.get_by_text("Original validation accuracy").wait_for(timeout=120_000)
     wait_idle(page)
-    handle = page.locator('[data-testid="stSlider"] input[type="range"]').first
+    handle = slider_input(page)
     start = handle.input_value()
-    handle.focus()
-    page.keyboard.press("ArrowLeft")
+    nudge_slider(page)
     page.wait_for_function(
         "v => { const e = document.querySelector('[data-testid=\"stSlider\"] input');"
         " return e && e.value !== v; }", arg=start, timeout=60_000,
@@ -149,6 +157,5 @@ def test_a_refresh_comes_back_to_the_same_cut(app_server, page, tiny_run):
     page.reload()
     page.get_by_text("Original validation accuracy").wait_for(timeout=120_000)
     wait_idle(page)
-    again = page.locator('[data-testid="stSlider"] input[type="range"]').first
-    assert float(again.input_value()) == moved
+    assert float(slider_input(page).input_value()) == moved
     no_errors(page)
