@@ -159,6 +159,18 @@ VARIANTS = {
         "N=3 from the plain network: 5 epochs N=1, then 5 epochs N=3 with weight decay x2",
         {"from_n1": 0.5, "warmup": 0.1, "wd_scale": 2},
     ),
+    "warm-ema": (
+        "N=3, warm-up 10%, evaluated on an exponential moving average of the weights (0.995)",
+        {"warmup": 0.1, "ema": 0.995},
+    ),
+    "n1-warm-ema": (
+        "N=1, warm-up 10%, evaluated on an exponential moving average of the weights (0.995)",
+        {"n": 1, "warmup": 0.1, "ema": 0.995},
+    ),
+    "warm-head1": (
+        "N=3, warm-up 10%, the classifier head left plain (N=1)",
+        {"warmup": 0.1, "skip": ["head"]},
+    ),
     "sgd-n1": (
         "N=1, SGD momentum 0.9 lr 0.05, warm-up 10%, decay x5",
         {"n": 1, "opt": "sgd", "lr_abs": 0.05, "warmup": 0.1, "wd_scale": 5},
@@ -230,6 +242,8 @@ def _fit(model, c: dict, epochs: int, data: tuple, gen) -> tuple[float, dict | N
     steps = len(tr[1]) // c["bs"]
     total, warm = epochs * steps, int(c["warmup"] * epochs * steps)
     step, best, best_state = 0, -1.0, None
+    ema = c.get("ema")  # an exponential moving average of the weights, evaluated instead
+    avg = copy.deepcopy(model) if ema else None
     for _ in range(epochs):
         order = torch.randperm(len(tr[1]), generator=gen)
         for b in range(steps):
@@ -242,10 +256,23 @@ def _fit(model, c: dict, epochs: int, data: tuple, gen) -> tuple[float, dict | N
             loss.backward()
             opt.step()
             step += 1
-        val = _acc(model, va)
+            if avg is not None:
+                _ema_update(avg, model, ema)
+        kept = avg if avg is not None else model
+        val = _acc(kept, va)
         if val > best:
-            best, best_state = val, copy.deepcopy(model.state_dict())
+            best, best_state = val, copy.deepcopy(kept.state_dict())
     return best, best_state
+
+
+@torch.no_grad()
+def _ema_update(avg, model, decay: float) -> None:
+    """avg <- decay * avg + (1 - decay) * model, parameters and BatchNorm statistics alike."""
+    for a, m in zip(avg.state_dict().values(), model.state_dict().values(), strict=True):
+        if a.is_floating_point():
+            a.lerp_(m, 1 - decay)
+        else:
+            a.copy_(m)
 
 
 def train_one(dataset: str, variant: str, seed: int) -> dict:
@@ -265,6 +292,7 @@ def train_one(dataset: str, variant: str, seed: int) -> dict:
         model_kwargs={"width": c["width"]},
         init=c.get("init", "balanced"),
         inner=c.get("inner"),
+        skip=c.get("skip"),
     )
     model = build_model(cfg, splits)
     gen = torch.Generator().manual_seed(seed)

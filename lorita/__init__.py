@@ -24,7 +24,13 @@ from .cost import Cost, count_cost, latency_profile, layer_latency, measure_late
 from .data import DatasetUnavailable, Splits, list_datasets, load_dataset
 from .engine import TrainConfig, build_model, evaluate, finetune, load_splits, train
 from .export import export_onnx, load, load_bytes, read_spec, save, save_bytes
-from .layers import FactorConv2d, FactorLinear, LowRankConv2d, LowRankLinear
+from .layers import (
+    FactorConv2d,
+    FactorLinear,
+    LowRankConv2d,
+    LowRankLinear,
+    LowRankMultiheadAttention,
+)
 from .models import create_model, default_skip, list_models
 from .runs import Run, RunStore
 from .spectra import (
@@ -64,6 +70,7 @@ __all__ = [
     "FactorConv2d",
     "LowRankLinear",
     "LowRankConv2d",
+    "LowRankMultiheadAttention",
     "overparameterize",
     "merge_model",
     "composed_layers",

@@ -37,7 +37,7 @@ from .cost import Cost, count_cost
 from .data import TensorDataset
 from .engine import evaluate as _evaluate
 from .engine import finetune as _finetune
-from .layers import LowRankConv2d, LowRankLinear
+from .layers import THIN_LAYERS
 from .spectra import layer_matrix
 from .truncation import (
     Budget,
@@ -324,7 +324,6 @@ class Compressor:
         )
 
     def _plan(self, model: nn.Module, ranks: dict[str, int]) -> dict[str, dict[str, Any]]:
-        low_rank = (LowRankLinear, LowRankConv2d)
         why = {n: p.get("why", "") for n, p in (getattr(model, "lorita_plan", None) or {}).items()}
         plan = {}
         for n, full in self.full_ranks.items():
@@ -336,7 +335,7 @@ class Compressor:
             plan[n] = {
                 "rank": r,
                 "full": full,
-                "form": "low_rank" if isinstance(module, low_rank) else "dense",
+                "form": "low_rank" if isinstance(module, THIN_LAYERS) else "dense",
                 "cut": r < full,
                 "note": self.left_out.get(n) or (why.get(n, "") if r < full else ""),
             }

@@ -16,14 +16,21 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from . import inputs
 from .clone import clone_model, unwrap
 from .convert import composed_layers, deploy_input, deploy_model, iter_layers, merge_model
 from .kinds import layer_table, median_seconds
 
-__all__ = ["Cost", "count_cost", "measure_latency", "latency_profile", "layer_latency"]
+__all__ = [
+    "Cost",
+    "count_cost",
+    "attention_projection_flops",
+    "measure_latency",
+    "latency_profile",
+    "layer_latency",
+]
 
 #: The batch sizes :func:`latency_profile` measures by default.
 LATENCY_BATCHES = (1, 64)
@@ -74,15 +81,58 @@ def _counted_attention() -> Iterator[None]:
                 torch.backends.mha.set_fastpath_enabled(_attention_counting["was"])
 
 
+def _cpu_attention_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query, key, value)  # (shapes) the two products q k^T and (.) v
+
+
+#: Ops FlopCounterMode has no formula for: scaled_dot_product_attention on the CPU runs this
+#: kernel (a ViT's attention products, nn.MultiheadAttention with need_weights=False).
+_EXTRA_FLOPS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops}
+
+
 def _count(deploy: nn.Module, example_input: inputs.Example) -> FlopCounterMode:
     was_training = deploy.training
     deploy.eval()
+    counter = FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOPS)
     try:
-        with torch.no_grad(), _counted_attention(), FlopCounterMode(display=False) as counter:
+        with torch.no_grad(), _counted_attention(), counter:
             inputs.call(deploy, example_input)
     finally:
         deploy.train(was_training)
     return counter
+
+
+def attention_projection_flops(
+    model: nn.Module, example_input: inputs.Example, names: list[str]
+) -> dict[str, int]:
+    """FLOPs of the q, k and v projections of each named attention layer on one forward pass
+    (2 x E x E per token of query, key and value, over every call), as FlopCounterMode counts
+    them. A rank cut scales these and not the rest of the attention (its products, its
+    out_proj: a layer of its own), which :func:`count_cost` puts under the attention's name."""
+    found = dict.fromkeys(names, 0)
+
+    def counter(name: str):
+        def pre(module, args, kwargs):
+            given = list(args[:3]) + [kwargs.get(k) for k in ("query", "key", "value")[len(args) :]]
+            tokens = sum(t.numel() // module.embed_dim for t in given[:3] if t is not None)
+            found[name] += 2 * module.embed_dim * module.embed_dim * tokens
+
+        return pre
+
+    handles = [
+        model.get_submodule(n).register_forward_pre_hook(counter(n), with_kwargs=True)
+        for n in names
+    ]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            inputs.call(model, inputs.check_example(example_input))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return found
 
 
 def count_cost(model: nn.Module, example_input: inputs.Example) -> Cost:

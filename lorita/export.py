@@ -39,7 +39,7 @@ from .clone import clone_model, unwrap
 from .convert import apply_folds, composed_layers, deploy_model, fold_batchnorm, merge_model
 from .io import atomic_write_bytes
 from .io import temp_beside as _temp_beside
-from .kinds import ORDERS, kind_of, layer_table, set_module
+from .kinds import ORDERS, kind_of, layer_table, set_module, unfuse_encoders
 
 __all__ = [
     "save",
@@ -637,6 +637,7 @@ def _apply_layers(model: nn.Module, spec: dict) -> nn.Module:
         new = e.kind.empty(e.module, ls)
         new.train(e.module.training)
         set_module(model, name, new)
+    unfuse_encoders(model)
     if spec.get("folded"):
         try:
             apply_folds(model, spec["folded"])

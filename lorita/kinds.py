@@ -23,8 +23,12 @@ A layer has one rank; with G > 1 matrices every matrix keeps that rank. Its spec
 root mean square over the G matrices of each singular value, so the energy a cut drops is
 exactly G times the energy of the pooled tail.
 
-The thin two-layer form (LowRankLinear / LowRankConv2d) is only used where it is what the
-model calls: for ``attention`` and ``direct`` layers the cut keeps a dense rank-r weight.
+The thin form (LowRankLinear / LowRankConv2d, and for ``attention`` LowRankMultiheadAttention:
+thin q, k, v projections, out_proj called as a layer) is only used where it is what the model
+calls: ``direct`` layers (an attention's out_proj among them) keep a dense rank-r weight, as
+does an ``attention`` layer with ``add_bias_kv`` / ``add_zero_attn``. An
+nn.TransformerEncoderLayer holding a thin layer is kept off its fused inference path, which
+would read the weights instead of calling the layers (:func:`unfuse_encoders`).
 """
 
 from __future__ import annotations
@@ -47,11 +51,13 @@ from .functional import svd64
 from .layers import (
     INITS,
     ORDERS,
+    THIN_LAYERS,
     FactorConv2d,
     FactorLinear,
     FactorMultiheadAttention,
     LowRankConv2d,
     LowRankLinear,
+    LowRankMultiheadAttention,
 )
 
 __all__ = [
@@ -80,6 +86,7 @@ __all__ = [
     "cut_model",
     "choose_forms",
     "median_seconds",
+    "unfuse_encoders",
 ]
 
 #: Inner widths of composed factors: None/"min" = min(in, out); "paper" = the authors' widths.
@@ -126,6 +133,12 @@ class Kind:
         """Why a layer of this kind is left as it is (kinds that are not composable)."""
         return self.why_left
 
+    def why_dense(self, module: nn.Module) -> str:
+        """Why this layer cannot take the thin form ("" when it can)."""
+        return (
+            "" if self.thin_form else f"{self.label}: the thin form cannot be what the model calls"
+        )
+
     def matches(self, module: nn.Module) -> bool:
         raise NotImplementedError
 
@@ -171,7 +184,7 @@ class Kind:
                 inner=spec.get("inner"),
                 order=spec.get("order", "auto"),
             )
-        if form == "low_rank" and self.thin_form:
+        if form == "low_rank" and not self.why_dense(plain):
             thin = self.empty_thin(plain, spec["rank"])
             ref = next(plain.parameters(), None)  # the fresh model's dtype and device
             return thin if ref is None else thin.to(device=ref.device, dtype=ref.dtype)
@@ -392,10 +405,23 @@ class OwnForwardKind(Kind):
 
 class AttentionKind(Kind):
     name, label = "attention", "MultiheadAttention q, k, v"
-    thin_form = False
 
     def matches(self, module):
+        if isinstance(module, LowRankMultiheadAttention):
+            return True
         return isinstance(module, nn.MultiheadAttention) and module._qkv_same_embed_dim
+
+    def why_dense(self, module):
+        if isinstance(module, LowRankMultiheadAttention):
+            return ""
+        why = LowRankMultiheadAttention.supports(module)
+        return f"{self.label}: {why}" if why else ""
+
+    def thin(self, module, rank, svd):
+        return LowRankMultiheadAttention.from_mha(module, rank, svd=svd)
+
+    def empty_thin(self, plain, rank):
+        return LowRankMultiheadAttention.empty_like(plain, rank)
 
     def compose(self, module, n_factors, *, init, inner, order):
         return FactorMultiheadAttention.from_mha(
@@ -486,7 +512,7 @@ class LayerEntry:
 
 def _skip_inside(name: str, module: nn.Module) -> str | None:
     """Prefix of the sub-modules that belong to this layer (not layers of their own)."""
-    if isinstance(module, FactorMultiheadAttention):
+    if isinstance(module, (FactorMultiheadAttention, LowRankMultiheadAttention)):
         return name + ".in_proj."
     if isinstance(module, (FactorLinear, FactorConv2d, LowRankLinear, LowRankConv2d)):
         return name + "."
@@ -909,8 +935,8 @@ def _cut(model, ranks, svd, *, form, by, example_input, batch) -> dict[str, dict
         why = ""
         if form == "dense":
             why = "form='dense'"
-        elif not e.kind.thin_form:
-            why = f"{e.kind.label}: the thin form cannot be what the model calls"
+        elif e.kind.why_dense(e.module):
+            why = e.kind.why_dense(e.module)
         elif r * (m + n) >= m * n:
             why = "the thin form would cost more FLOPs"
         if why:
@@ -919,16 +945,49 @@ def _cut(model, ranks, svd, *, form, by, example_input, batch) -> dict[str, dict
         else:
             set_module(model, name, like(e.module, e.kind.thin(e.module, r, (u, s, vh))))
             plan[name] = {**row, "form": "thin", "why": ""}
+    unfuse_encoders(model)
     if by == "latency" and form == "low_rank":
         _faster_forms(model, plan, _batch_of(example_input, batch))
     return plan
+
+
+def _unfuse(module: nn.Module, args: tuple) -> None:
+    """A forward pre-hook that does nothing: its presence turns off an encoder layer's fused
+    inference path (PyTorch takes that path only for a layer without hooks)."""
+
+
+def unfuse_encoders(model: nn.Module) -> None:
+    """Keep every nn.TransformerEncoderLayer holding a thin layer off its fused inference path.
+
+    In eval mode without gradients that path passes the layer's packed attention weight and
+    ``linear1`` / ``linear2``'s ``.weight`` to one kernel instead of calling them: thin layers
+    would be multiplied back into dense weights on every call. A layer with a thin part gets
+    a no-op forward pre-hook (PyTorch's documented condition for leaving the path) and its
+    nn.TransformerEncoder stops packing padded inputs as nested tensors (which only that path
+    takes); a layer without one runs fused as before. Idempotent: call it after every change
+    of forms (cut, choose_forms, load)."""
+    for m in model.modules():
+        if not isinstance(m, nn.TransformerEncoderLayer):
+            continue
+        thin = any(isinstance(x, THIN_LAYERS) for x in m.modules())
+        ours = [k for k, hook in m._forward_pre_hooks.items() if hook is _unfuse]
+        if thin and not ours:
+            m.register_forward_pre_hook(_unfuse)
+        elif not thin:
+            for k in ours:
+                del m._forward_pre_hooks[k]
+    for m in model.modules():
+        if isinstance(m, nn.TransformerEncoder) and any(
+            _unfuse in layer._forward_pre_hooks.values() for layer in m.layers
+        ):
+            m.use_nested_tensor = False
 
 
 def _thin_plan(model: nn.Module) -> dict[str, dict]:
     """The plan of a cut model: ``model.lorita_plan`` or, without one, its thin layers."""
     plan = {n: dict(p) for n, p in (getattr(model, "lorita_plan", None) or {}).items()}
     for e in layer_table(model):
-        if isinstance(e.module, (LowRankLinear, LowRankConv2d)) and e.name not in plan:
+        if isinstance(e.module, THIN_LAYERS) and e.name not in plan:
             rank = e.module.rank
             plan[e.name] = {"rank": rank, "full": None, "kind": e.kind.name, "form": "thin"}
             plan[e.name]["why"] = ""
@@ -978,7 +1037,9 @@ def _faster_forms(model: nn.Module, plan: dict[str, dict], x: inputs.Example) ->
             set_module(model, name, dense)
             why = f"the thin form measured slower at batch {len(inputs.lead(x))}"
             plan[name] = {**plan[name], "form": "dense", "why": why, "timed": True}
+    unfuse_encoders(model)
     _keep_thin_only_if_faster(model, plan, x)
+    unfuse_encoders(model)
 
 
 def _keep_thin_only_if_faster(model: nn.Module, plan: dict[str, dict], x: inputs.Example) -> None:

@@ -23,6 +23,8 @@ __all__ = [
     "FactorMultiheadAttention",
     "LowRankLinear",
     "LowRankConv2d",
+    "LowRankMultiheadAttention",
+    "THIN_LAYERS",
     "LAYER_TYPES",
     "INITS",
     "ORDERS",
@@ -692,6 +694,207 @@ class LowRankLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
 
 
+def _additive_mask(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """A boolean mask (True = not attended) as 0 / -inf; a float mask as it is."""
+    if mask is None:
+        return None
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(
+            mask, float("-inf")
+        )
+    return mask.to(dtype)
+
+
+class LowRankMultiheadAttention(nn.Module):
+    """``nn.MultiheadAttention`` whose q, k and v projections are thin rank-r layers.
+
+    Called as the attention it replaces (same arguments, masks, ``batch_first``, unbatched
+    inputs, ``need_weights``, dropout in training) and computing the same function at full
+    rank; ``in_proj`` holds the three :class:`LowRankLinear` (q, k, v) and ``out_proj`` is
+    called as a layer, so it can be thin too. Its packed ``in_proj_weight`` is served for code
+    that reads it, but ``_qkv_same_embed_dim`` is False: PyTorch's fused inference kernels
+    (MultiheadAttention's, TransformerEncoderLayer's), which read the packed weight instead
+    of calling the projections, are not taken. Supports the packed attention without
+    ``add_bias_kv`` / ``add_zero_attn``; build it with :meth:`from_mha`.
+    """
+
+    _qkv_same_embed_dim = False  # no fused path: it would read in_proj_weight, not the layers
+    bias_k = bias_v = None
+    add_zero_attn = False
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        rank: int,
+        *,
+        dropout: float = 0.0,
+        bias: bool = True,
+        batch_first: bool = False,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        if embed_dim % num_heads:
+            raise ValueError(f"num_heads: {num_heads} does not divide embed_dim {embed_dim}")
+        self.embed_dim, self.num_heads = int(embed_dim), int(num_heads)
+        self.head_dim = self.embed_dim // self.num_heads
+        self.dropout, self.batch_first = float(dropout), bool(batch_first)
+        kw = {"device": device, "dtype": dtype}
+        e = self.embed_dim
+        self.in_proj = nn.ModuleList(LowRankLinear(e, e, rank, bias=bias, **kw) for _ in range(3))
+        self.out_proj = nn.Linear(e, e, bias=bias, **kw)
+
+    @property
+    def rank(self) -> int:
+        return self.in_proj[0].rank
+
+    @property
+    def in_proj_weight(self) -> Tensor:  # (3E, E), for code that reads it
+        return torch.cat([p.weight for p in self.in_proj], 0)
+
+    @property
+    def in_proj_bias(self) -> Tensor | None:
+        biases = [p.bias for p in self.in_proj]
+        return None if biases[0] is None else torch.cat(biases, 0)
+
+    @staticmethod
+    def supports(mha: nn.Module) -> str:
+        """Why ``mha`` cannot take this form ("" when it can)."""
+        if not isinstance(mha, nn.MultiheadAttention) or not mha._qkv_same_embed_dim:
+            return "not an nn.MultiheadAttention with packed q, k, v"
+        if mha.bias_k is not None or mha.add_zero_attn:
+            return "add_bias_kv / add_zero_attn are not supported by the thin form"
+        return ""
+
+    @classmethod
+    def from_mha(cls, mha: nn.Module, rank: int, *, svd=None) -> LowRankMultiheadAttention:
+        """The best rank-r approximation of each of ``mha``'s q, k, v projections.
+
+        ``mha``: an ``nn.MultiheadAttention`` (or its composed form); ``svd``: the thin SVD of
+        its three (E, E) matrices stacked, ``(U (3,E,k), S (3,k), Vh (3,k,E))``. The new
+        attention takes ``mha.out_proj`` itself (not a copy)."""
+        why = cls.supports(mha)
+        if why:
+            raise ValueError(f"mha: {why}")
+        w = mha.in_proj_weight.detach()
+        b = mha.in_proj_bias
+        new = cls.empty_like(mha, rank)
+        for i, (part, thin) in enumerate(zip(w.chunk(3, 0), new.in_proj, strict=True)):
+            plain = nn.Linear(part.shape[1], part.shape[0], bias=b is not None)
+            plain.weight = nn.Parameter(part, requires_grad=False)
+            if b is not None:
+                plain.bias = nn.Parameter(b.detach().chunk(3, 0)[i], requires_grad=False)
+            one = None if svd is None else tuple(t[i] for t in svd)
+            new.in_proj[i] = LowRankLinear.from_linear(plain, rank, svd=one)
+            new.in_proj[i].train(thin.training)
+        return new
+
+    @classmethod
+    def empty_like(cls, mha: nn.Module, rank: int) -> LowRankMultiheadAttention:
+        """Shaped as ``mha`` at ``rank`` (weights to be loaded), holding ``mha.out_proj``."""
+        ref = mha.out_proj.weight
+        new = cls(
+            mha.embed_dim,
+            mha.num_heads,
+            rank,
+            dropout=mha.dropout,
+            bias=mha.in_proj_bias is not None,
+            batch_first=mha.batch_first,
+            device=ref.device,
+            dtype=ref.dtype,
+        )
+        new.out_proj = mha.out_proj
+        return new.train(mha.training)
+
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        key_padding_mask: Tensor | None = None,
+        need_weights: bool = True,
+        attn_mask: Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        batched = query.dim() == 3
+        if not batched:  # (L, E): one sequence
+            query, key, value = (t.unsqueeze(0) for t in (query, key, value))
+            if key_padding_mask is not None:
+                key_padding_mask = key_padding_mask.unsqueeze(0)
+        elif not self.batch_first:  # (L, B, E)
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        b, n_q, e = query.shape
+        n_k, h, d = key.shape[1], self.num_heads, self.head_dim
+        q, k, v = (
+            proj(t).reshape(b, -1, h, d).transpose(1, 2)  # (B, H, L, d)
+            for proj, t in zip(self.in_proj, (query, key, value), strict=True)
+        )
+        if is_causal and attn_mask is None:
+            raise RuntimeError(
+                "Need attn_mask if specifying the is_causal hint (as nn.MultiheadAttention)"
+            )
+        mask = None
+        if not (is_causal and key_padding_mask is None and not need_weights):
+            is_causal = False  # the mask given says it all
+            mask = _additive_mask(attn_mask, q.dtype)
+            if mask is not None and mask.dim() == 3:  # (B*H, L, S)
+                mask = mask.reshape(b, h, n_q, n_k)
+            pad = _additive_mask(key_padding_mask, q.dtype)
+            if pad is not None:
+                pad = pad.reshape(b, 1, 1, n_k)
+                mask = pad if mask is None else mask + pad
+        p = self.dropout if self.training else 0.0
+        weights = None
+        if need_weights:
+            scores = (q * d**-0.5) @ k.transpose(-2, -1)  # (B, H, L, S)
+            if mask is not None:
+                scores = scores + mask
+            weights = scores.softmax(-1)
+            out = F.dropout(weights, p) @ v if p > 0 else weights @ v
+            weights = weights.mean(1) if average_attn_weights else weights
+        else:
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=p, is_causal=is_causal
+            )
+        out = self.out_proj(out.transpose(1, 2).reshape(b, n_q, e))
+        if not batched:
+            return out.squeeze(0), None if weights is None else weights.squeeze(0)
+        if not self.batch_first:
+            out = out.transpose(0, 1)
+        return out, weights
+
+    @torch.no_grad()
+    def to_dense(self) -> nn.MultiheadAttention:
+        """The plain ``nn.MultiheadAttention`` computing the same function (same out_proj)."""
+        w = self.in_proj_weight
+        bias = self.in_proj_bias
+        plain = nn.MultiheadAttention(
+            self.embed_dim,
+            self.num_heads,
+            dropout=self.dropout,
+            bias=bias is not None,
+            batch_first=self.batch_first,
+            device=w.device,
+            dtype=w.dtype,
+        )
+        plain.in_proj_weight.copy_(w)
+        if bias is not None:
+            plain.in_proj_bias.copy_(bias)
+        plain.out_proj = self.out_proj
+        return plain.train(self.training)
+
+    def layer_spec(self) -> dict:
+        return {"kind": "low_rank", "rank": self.rank}
+
+    def extra_repr(self) -> str:
+        return (
+            f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, rank={self.rank}, "
+            f"batch_first={self.batch_first}"
+        )
+
+
 class LowRankConv2d(_ConvGeometry, nn.Module):
     """A rank-r convolution: a k x k conv C_in -> g*r (no bias), then a 1x1 conv g*r -> C_out.
 
@@ -806,4 +1009,7 @@ LAYER_TYPES = (
     FactorConv2d,
     LowRankLinear,
     LowRankConv2d,
+    LowRankMultiheadAttention,
 )
+#: The thin forms a cut layer takes (each has ``rank``, ``to_dense()`` and ``layer_spec()``).
+THIN_LAYERS = (LowRankLinear, LowRankConv2d, LowRankMultiheadAttention)

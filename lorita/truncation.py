@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from . import inputs, kinds
 from .clone import clone_model
 from .convert import iter_layers, merge_model
-from .cost import Cost, count_cost
+from .cost import Cost, attention_projection_flops, count_cost
 from .kinds import detect_direct
 from .spectra import energy_rank
 
@@ -482,6 +482,7 @@ class SVDCache:
         self.shapes = {n: (u.shape[-2], vh.shape[-1]) for n, (u, _, vh) in self.svd.items()}
         self.groups = {n: u.shape[0] for n, (u, _, _) in self.svd.items()}  # matrices per layer
         self._base_costs: dict[tuple, Cost] = {}
+        self._projections: dict[tuple, dict[str, int]] = {}  # attention layer -> q, k, v FLOPs
 
     def base_cost(self, example_input: Tensor) -> Cost:
         """Cost of the uncut merged model on inputs shaped like ``example_input`` (counted once)."""
@@ -490,6 +491,12 @@ class SVDCache:
         if key not in self._base_costs:
             self._base_costs[key] = count_cost(self.model, example_input)
         return self._base_costs[key]
+
+    def _projection_flops(self, example_input: inputs.Example, names: list[str]) -> dict:
+        key = inputs.key(inputs.check_example(example_input))
+        if key not in self._projections:
+            self._projections[key] = attention_projection_flops(self.model, example_input, names)
+        return self._projections[key]
 
     def costs(self, example_input: Tensor | None = None, form: str = "low_rank") -> LayerCosts:
         """Each cached layer's cost as a function of its rank (see :class:`LayerCosts`)."""
@@ -501,10 +508,12 @@ class SVDCache:
             )
         base = self.base_cost(x)
         flops_full = {n: int(base.per_layer[n]["flops"]) for n in self.svd}
+        table = [e for e in kinds.layer_table(self.model) if e.name in self.svd]
+        attention = [e.name for e in table if e.kind.name == "attention"]
+        if attention:  # their counted FLOPs hold the products and out_proj too: q, k, v only
+            flops_full.update(self._projection_flops(x, attention))
         weights = sum(self.groups[n] * m * k for n, (m, k) in self.shapes.items())
-        thin = {
-            e.name: e.kind.thin_form for e in kinds.layer_table(self.model) if e.name in self.svd
-        }
+        thin = {e.name: not e.kind.why_dense(e.module) for e in table}
         return LayerCosts(
             shapes=dict(self.shapes),
             flops_full=flops_full,

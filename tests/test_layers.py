@@ -5,7 +5,13 @@ import torch
 from torch import nn
 from torch.testing import assert_close
 
-from lorita import FactorConv2d, FactorLinear, LowRankConv2d, LowRankLinear
+from lorita import (
+    FactorConv2d,
+    FactorLinear,
+    LowRankConv2d,
+    LowRankLinear,
+    LowRankMultiheadAttention,
+)
 from lorita.layers import FactorMultiheadAttention
 
 CONVS = [
@@ -241,3 +247,92 @@ def test_zero_weight_composes_to_factors_that_can_learn(n):
     assert_close(fconv(y), conv(y))
     fconv(y).square().sum().backward()
     assert fconv.factors[-1].grad.abs().sum() > 0
+
+
+# --------------------------------------------------------------------------- thin attention
+
+
+def _mha_call_args(batch_first: bool, batched: bool, masks: str, g: torch.Generator):
+    e, b, lq, lk = 16, 3, 5, 7
+    lead = (b,) if batched else ()
+    shape = (lambda n: (*lead, n, e)) if batch_first or not batched else (lambda n: (n, b, e))
+    q, k, v = (torch.randn(*shape(n), generator=g) for n in (lq, lk, lk))
+    kw = {}
+    if "attn" in masks:
+        kw["attn_mask"] = torch.rand(lq, lk, generator=g) < 0.3
+    if "float" in masks:
+        kw["attn_mask"] = torch.randn(lq, lk, generator=g)
+    if "per-head" in masks:
+        kw["attn_mask"] = (
+            torch.rand(b if batched else 1, 4, lq, lk, generator=g).flatten(0, 1) < 0.3
+        )
+    if "padding" in masks:
+        kw["key_padding_mask"] = torch.rand(*lead, lk, generator=g) < 0.3
+    return (q, k, v), kw
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("batched", [True, False])
+@pytest.mark.parametrize("masks", ["", "attn", "float", "per-head+padding", "attn+padding"])
+@pytest.mark.parametrize("need_weights, average", [(False, True), (True, True), (True, False)])
+def test_thin_attention_at_full_rank_is_the_attention_it_replaces(
+    batch_first, batched, masks, need_weights, average
+):
+    g = torch.Generator().manual_seed(0)
+    mha = nn.MultiheadAttention(16, 4, batch_first=batch_first).eval()
+    thin = LowRankMultiheadAttention.from_mha(mha, 16).eval()
+    args, kw = _mha_call_args(batch_first, batched, masks, g)
+    kw.update(need_weights=need_weights, average_attn_weights=average)
+    with torch.no_grad():
+        want, got = mha(*args, **kw), thin(*args, **kw)
+    for w, o in zip(want, got, strict=True):
+        if w is None:
+            assert o is None
+            continue
+        assert o.shape == w.shape
+        assert torch.equal(torch.isfinite(o), torch.isfinite(w))  # fully masked rows: NaN alike
+        assert_close(o[torch.isfinite(o)], w[torch.isfinite(w)], atol=1e-5, rtol=1e-5)
+
+
+def test_thin_attention_causal_hint_and_no_bias_and_training_dropout():
+    mha = nn.MultiheadAttention(16, 2, bias=False, batch_first=True, dropout=0.5)
+    thin = LowRankMultiheadAttention.from_mha(mha, 16)
+    x = torch.randn(2, 6, 16)
+    causal = nn.Transformer.generate_square_subsequent_mask(6)
+    mha.eval(), thin.eval()
+    with torch.no_grad():
+        for need in (True, False):
+            kw = {"attn_mask": causal, "is_causal": True, "need_weights": need}
+            assert_close(thin(x, x, x, **kw)[0], mha(x, x, x, **kw)[0], atol=1e-5, rtol=1e-5)
+    with pytest.raises(RuntimeError, match="attn_mask"):
+        thin(x, x, x, is_causal=True)
+    thin.train()
+    torch.manual_seed(0)
+    a = thin(x, x, x, need_weights=False)[0]
+    torch.manual_seed(1)
+    b = thin(x, x, x, need_weights=False)[0]
+    assert not torch.equal(a, b)  # dropout on the attention weights in training mode
+    a.sum().backward()
+    assert all(p.grad is not None for p in thin.parameters())
+
+
+def test_thin_attention_is_the_eckart_young_cut_of_each_projection():
+    mha = nn.MultiheadAttention(24, 4)
+    thin = LowRankMultiheadAttention.from_mha(mha, 5)
+    assert thin.rank == 5 and thin.out_proj is mha.out_proj
+    for part, layer in zip(mha.in_proj_weight.detach().chunk(3, 0), thin.in_proj, strict=True):
+        s = torch.linalg.svdvals(part.double())
+        err = torch.linalg.matrix_norm((layer.weight - part).double())
+        assert_close(err, s[5:].norm(), atol=1e-4, rtol=1e-4)
+    assert_close(thin.in_proj_bias, mha.in_proj_bias)
+    dense = thin.to_dense()
+    assert isinstance(dense, nn.MultiheadAttention)
+    assert_close(dense.in_proj_weight, thin.in_proj_weight)
+    assert thin.layer_spec() == {"kind": "low_rank", "rank": 5}
+
+
+def test_thin_attention_refuses_what_it_cannot_compute():
+    with pytest.raises(ValueError, match="add_bias_kv"):
+        LowRankMultiheadAttention.from_mha(nn.MultiheadAttention(8, 2, add_bias_kv=True), 2)
+    with pytest.raises(ValueError, match="packed"):
+        LowRankMultiheadAttention.from_mha(nn.MultiheadAttention(8, 2, kdim=4, vdim=4), 2)

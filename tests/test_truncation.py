@@ -269,10 +269,17 @@ def mha_model():
     return _Attn().eval()
 
 
+def encoder_model():
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
+    return nn.Sequential(nn.Linear(6, 32), nn.TransformerEncoder(layer, 2)).eval()
+
+
 @pytest.mark.parametrize(
     "make, shape",
     [
         (mha_model, (1, 5, 6)),
+        (encoder_model, (2, 5, 6)),
         (wide_mlp, (1, 64)),
         (small_cnn, (1, 3, 16, 16)),
         (grouped_cnn, (1, 4, 8, 8)),
@@ -396,3 +403,51 @@ def test_cut_by_latency_keeps_thin_layers_when_the_whole_model_is_faster(monkeyp
     small = lt.truncate(model, lt.Uniform(0.25), example_input=x, by="latency", batch=16)
     assert any(p["form"] == "thin" for p in small.lorita_plan.values())
     assert any(isinstance(m, lt.LowRankLinear) for m in small.modules())
+
+
+def _calls(model: nn.Module, name: str) -> list[int]:
+    seen = [0]
+    model.get_submodule(name).register_forward_hook(lambda *a: seen.__setitem__(0, seen[0] + 1))
+    return seen
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")
+def test_a_cut_encoder_calls_its_thin_layers_in_inference_and_matches_the_dense_cut(tmp_path):
+    # eval + no_grad: nn.TransformerEncoderLayer's fused path would pass linear1.weight (a
+    # product of the thin factors, recomputed per call) to one kernel instead of calling it
+    net, x = encoder_model(), torch.randn(3, 5, 6)
+    pad = torch.zeros(3, 5, dtype=torch.bool)
+    pad[:, 3:] = True  # padded positions: the stack would pack them as nested tensors
+    thin = lt.truncate(net, lt.Uniform(0.25), example_input=x)
+    dense = lt.truncate(net, lt.Uniform(0.25), example_input=x, form="dense")
+    assert {p["form"] for p in thin.lorita_plan.values()} >= {"thin"}
+    attn = thin.get_submodule("1.layers.0.self_attn")
+    assert isinstance(attn, lt.LowRankMultiheadAttention)
+    calls = _calls(thin, "1.layers.1.linear1.first")
+    with torch.no_grad():
+        assert_close(thin(x), dense(x), atol=1e-5, rtol=1e-5)
+        got = thin[1](thin[0](x), src_key_padding_mask=pad)
+        want = dense[1](dense[0](x), src_key_padding_mask=pad)
+    assert calls[0] == 2
+    keep = ~pad  # the fused path zeroes padded rows of its nested output: compare the rest
+    assert_close(got[keep], want[keep], atol=1e-5, rtol=1e-5)
+    back = lt.load(lt.save(thin, tmp_path / "enc.safetensors"), model=encoder_model())
+    calls = _calls(back, "1.layers.1.linear1.first")
+    with torch.no_grad():
+        assert_close(back(x), thin(x), atol=1e-6, rtol=1e-6)
+    assert calls[0] == 1
+
+
+def test_only_encoder_layers_with_a_thin_part_leave_the_fused_path():
+    net, x = encoder_model(), torch.randn(3, 5, 6)
+    ranks = {"1.layers.1.linear1": 4}  # layer 0 untouched, layer 1's attention not cut
+    cut = lt.truncate(net, lt.Ranks(ranks), example_input=x)
+    assert isinstance(cut.get_submodule("1.layers.1.linear1"), lt.LowRankLinear)
+    hooked = [len(layer._forward_pre_hooks) for layer in cut[1].layers]
+    assert hooked == [0, 1]
+    calls = _calls(cut, "1.layers.1.linear1.first")
+    with torch.no_grad():
+        cut(x)
+    assert calls[0] == 1
+    same = lt.truncate(net, lt.Ranks(ranks), example_input=x, form="dense")
+    assert all(len(layer._forward_pre_hooks) == 0 for layer in same[1].layers)

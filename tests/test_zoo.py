@@ -236,8 +236,11 @@ def test_a_real_cut_lowers_the_measured_flops(name):
     forms = {p["form"] for p in small.lorita_plan.values()}
     assert "thin" in forms
     for n, p in small.lorita_plan.items():  # a thin form only where the model calls the layer
-        if p["kind"] in ("attention", "direct"):
+        if p["kind"] == "direct":
             assert p["form"] == "dense" and p["why"], n
+        if p["kind"] == "attention":  # q, k, v thin (LowRankMultiheadAttention), called
+            assert p["form"] == "thin", n
+            assert isinstance(small.get_submodule(n), lt.LowRankMultiheadAttention)
 
 
 @pytest.mark.parametrize("name", list(ZOO))
