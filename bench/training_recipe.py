@@ -128,6 +128,27 @@ VARIANTS = {
         {"warmup": 0.1, "bs": 128, "wd_scale": 0.5},
     ),
     "n1-bs128-warm10": ("N=1, warm-up 10%, batch 128", {"n": 1, "warmup": 0.1, "bs": 128}),
+    "bs512-warm10": (
+        "N=3, warm-up 10%, batch 512 (half the steps, less noise per step)",
+        {"warmup": 0.1, "bs": 512},
+    ),
+    "bs512-warm10-wd2": (
+        "N=3, warm-up 10%, batch 512, weight decay x2",
+        {"warmup": 0.1, "bs": 512, "wd_scale": 2},
+    ),
+    "n1-bs512-warm10": ("N=1, warm-up 10%, batch 512", {"n": 1, "warmup": 0.1, "bs": 512}),
+    "bs512-warm10-wd3": (
+        "N=3, warm-up 10%, batch 512, weight decay x3",
+        {"warmup": 0.1, "bs": 512, "wd_scale": 3},
+    ),
+    "bs1024-warm10-lr2-wd2": (
+        "N=3, warm-up 10%, batch 1024, learning rate x2, weight decay x2",
+        {"warmup": 0.1, "bs": 1024, "lr_scale": 2, "wd_scale": 2},
+    ),
+    "n1-bs1024-warm10-lr2-wd2": (
+        "N=1, warm-up 10%, batch 1024, learning rate x2, weight decay x2",
+        {"n": 1, "warmup": 0.1, "bs": 1024, "lr_scale": 2, "wd_scale": 2},
+    ),
     "warm-wd0.3": ("N=3, warm-up 10%, weight decay x0.3", {"warmup": 0.1, "wd_scale": 0.3}),
     "warm-wd0.5": ("N=3, warm-up 10%, weight decay x0.5", {"warmup": 0.1, "wd_scale": 0.5}),
     "warm-wd2": ("N=3, warm-up 10%, weight decay x2", {"warmup": 0.1, "wd_scale": 2}),
