@@ -1054,6 +1054,7 @@ def _keep_thin_only_if_faster(model: nn.Module, plan: dict[str, dict], x: inputs
     for n in thin:
         layer = all_dense.get_submodule(n)
         set_module(all_dense, n, like(layer, layer.to_dense()))
+    unfuse_encoders(all_dense)  # all dense: encoder layers run fused again, as they would
     cl = _channels_last(model, x)
     (m_thin, x_thin), (m_dense, x_dense) = (
         _as_deployed(m, inputs.as_args(x), cl) for m in (model, all_dense)
