@@ -528,6 +528,20 @@ def width_note() -> list[str]:
     ]
 
 
+def _command(args) -> str:
+    """The command that writes this doc (options other than their defaults)."""
+    words = ["python bench/training_recipe.py"]
+    if args.datasets != list(BASE):
+        words.append("--datasets " + " ".join(args.datasets))
+    if args.variants != DEFAULT_VARIANTS:
+        words.append("--variants " + " ".join(args.variants))
+    if args.seeds != [0, 1]:
+        words.append("--seeds " + " ".join(map(str, args.seeds)))
+    if Path(args.doc).resolve() != (ROOT / "docs" / "training_recipe.md").resolve():
+        words.append(f"--doc {os.path.relpath(args.doc, ROOT)}")
+    return " ".join(words)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--datasets", nargs="+", default=list(BASE), choices=list(BASE))
@@ -551,7 +565,7 @@ def main() -> None:
     head = [
         "# Training recipe: closing N=3's dense-accuracy gap",
         "",
-        "Written by `python bench/training_recipe.py` "
+        f"Written by `{_command(args)}` "
         f"({sum(r['seconds'] for r in done.values()):.0f} s of training in all, the runs cached "
         f"in --work; {args.jobs} processes of one thread). Machine: {platform.machine()}, {os.cpu_count()} CPU cores shared with "
         f"other work (load average {load0[0]:.1f} at the start, {os.getloadavg()[0]:.1f} at the "
@@ -577,7 +591,10 @@ def main() -> None:
         "the same loop, so each gap compares like",
         "with like: every N=3 variant is compared with the N=1 variant trained by the same",
         "settings where the table has one, else with the plain N=1 row. A variant keeps the",
-        "low ranks when its cut to 10% of the parameters loses at most 1 point.",
+        "low ranks when its cut to 10% of the parameters loses at most 1 point. Later probes:",
+        "evaluating an exponential moving average of the weights asks whether the noise can be",
+        "averaged out; a plain (N=1) classifier head whether composing the head is the cause;",
+        "larger batches (fewer, less noisy steps) whether the noise per step is.",
         "",
     ]
     body = [line for d in args.datasets for line in section(d, variants, args.seeds, done)]
