@@ -852,7 +852,9 @@ class LowRankMultiheadAttention(nn.Module):
             if mask is not None:
                 scores = scores + mask
             weights = scores.softmax(-1)
-            out = F.dropout(weights, p) @ v if p > 0 else weights @ v
+            if p > 0:  # the weights returned are the dropped-out ones, as nn.MultiheadAttention's
+                weights = F.dropout(weights, p)
+            out = weights @ v
             weights = weights.mean(1) if average_attn_weights else weights
         else:
             out = F.scaled_dot_product_attention(

@@ -306,7 +306,13 @@ def test_thin_attention_causal_hint_and_no_bias_and_training_dropout():
             assert_close(thin(x, x, x, **kw)[0], mha(x, x, x, **kw)[0], atol=1e-5, rtol=1e-5)
     with pytest.raises(RuntimeError, match="attn_mask"):
         thin(x, x, x, is_causal=True)
-    thin.train()
+    mha.train(), thin.train()
+    torch.manual_seed(3)  # the same dropout mask: outputs and returned weights agree
+    want = mha(x, x, x)
+    torch.manual_seed(3)
+    got = thin(x, x, x)
+    for w, o in zip(want, got, strict=True):
+        assert_close(o, w, atol=1e-5, rtol=1e-5)
     torch.manual_seed(0)
     a = thin(x, x, x, need_weights=False)[0]
     torch.manual_seed(1)
