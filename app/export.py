@@ -211,13 +211,13 @@ def choose_model(
 def _form_of(model: Any, name: str, plan: dict[str, dict]) -> dict[str, Any] | None:
     if name in plan:
         return plan[name]
-    from lorita.layers import THIN_LAYERS
+    from lorita.layers import is_thin
 
     try:
         module = model.get_submodule(name)
     except AttributeError:
         return None
-    if isinstance(module, THIN_LAYERS):
+    if is_thin(module):
         return {"rank": int(module.rank), "form": "thin", "why": ""}
     return None
 

@@ -280,12 +280,11 @@ def render(rows, mlp_rows, args, load) -> str:
         "rank cut can reach at this input size, and `layers alone` is how close the thin "
         "layers themselves come.",
         "",
-        "Dense-cut layers (`direct`: Swin's `qkv` and `proj`, an nn.MultiheadAttention's "
-        "`out_proj`) keep their cost: their weight is read by the model itself, so the thin "
-        "form cannot be what it calls; they stay dense with the rank-r weight and the FLOPs "
-        "above are the measured ones. An `attention` layer (nn.MultiheadAttention's packed q, "
-        "k, v) is cut into thin projections: the attention is replaced by "
-        "`LowRankMultiheadAttention`, which is called as it was.",
+        "Dense-cut layers (`direct`: Swin's `qkv` and `proj`) keep their cost: their weight "
+        "is read by the model itself, so the thin form cannot be what it calls; they stay "
+        "dense with the rank-r weight and the FLOPs above are the measured ones. An "
+        "nn.MultiheadAttention (a ViT's) is replaced by `LowRankMultiheadAttention`, called "
+        "as it was, whose thin q, k, v projections and output projection are layers it calls.",
         "",
         "Timings come from a shared 2-core machine and are noisy (see the load average); rerun "
         "the command to check a number.",

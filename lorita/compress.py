@@ -37,7 +37,7 @@ from .cost import Cost, count_cost
 from .data import TensorDataset
 from .engine import evaluate as _evaluate
 from .engine import finetune as _finetune
-from .layers import THIN_LAYERS
+from .layers import is_thin
 from .spectra import layer_matrix
 from .truncation import (
     Budget,
@@ -335,7 +335,7 @@ class Compressor:
             plan[n] = {
                 "rank": r,
                 "full": full,
-                "form": "low_rank" if isinstance(module, THIN_LAYERS) else "dense",
+                "form": "low_rank" if is_thin(module) else "dense",
                 "cut": r < full,
                 "note": self.left_out.get(n) or (why.get(n, "") if r < full else ""),
             }

@@ -107,15 +107,18 @@ def attention_projection_flops(
 ) -> dict[str, int]:
     """FLOPs of the q, k and v projections of each named attention layer on one forward pass
     (2 x E x E per token of query, key and value, over every call), as FlopCounterMode counts
-    them. A rank cut scales these and not the rest of the attention (its products, its
-    out_proj: a layer of its own), which :func:`count_cost` puts under the attention's name."""
-    found = dict.fromkeys(names, 0)
+    them, and of its output projection under ``NAME.out_proj`` (2 x E x E per query token).
+    A rank cut scales these and not the rest of the attention (its products), all of which
+    :func:`count_cost` puts under the attention's name when nn.MultiheadAttention reads the
+    out_proj's weight itself."""
+    found = dict.fromkeys(names, 0) | {f"{n}.out_proj": 0 for n in names}
 
     def counter(name: str):
         def pre(module, args, kwargs):
             given = list(args[:3]) + [kwargs.get(k) for k in ("query", "key", "value")[len(args) :]]
-            tokens = sum(t.numel() // module.embed_dim for t in given[:3] if t is not None)
-            found[name] += 2 * module.embed_dim * module.embed_dim * tokens
+            tokens = [t.numel() // module.embed_dim for t in given[:3] if t is not None]
+            found[name] += 2 * module.embed_dim * module.embed_dim * sum(tokens)
+            found[f"{name}.out_proj"] += 2 * module.embed_dim * module.embed_dim * tokens[0]
 
         return pre
 

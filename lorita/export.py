@@ -500,8 +500,14 @@ def _check_layer_spec(field: str, ls) -> None:
     elif kind == "low_rank":
         if set(ls) != {"kind", "rank"} or not _is_int(ls["rank"], 1, 1 << 20):
             raise _fail(f"{field}.rank", "expected an integer in [1, 2**20]")
+    elif kind == "unpacked":  # an attention with dense q, k, v that calls its (thin) out_proj
+        if set(ls) != {"kind"}:
+            raise _fail(field, f"unexpected keys {sorted(set(ls) - {'kind'})}")
     else:
-        raise _fail(f"{field}.kind", f"expected 'factor' or 'low_rank', got {str(kind)[:40]!r}")
+        raise _fail(
+            f"{field}.kind",
+            f"expected 'factor', 'low_rank' or 'unpacked', got {str(kind)[:40]!r}",
+        )
 
 
 def _check_names(field: str, names, values: Callable | None = None) -> None:

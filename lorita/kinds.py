@@ -25,8 +25,10 @@ exactly G times the energy of the pooled tail.
 
 The thin form (LowRankLinear / LowRankConv2d, and for ``attention`` LowRankMultiheadAttention:
 thin q, k, v projections, out_proj called as a layer) is only used where it is what the model
-calls: ``direct`` layers (an attention's out_proj among them) keep a dense rank-r weight, as
-does an ``attention`` layer with ``add_bias_kv`` / ``add_zero_attn``. An
+calls: ``direct`` layers keep a dense rank-r weight, as does an ``attention`` layer with
+``add_bias_kv`` / ``add_zero_attn``. An attention's out_proj, which nn.MultiheadAttention
+reads itself, is thin only in a LowRankMultiheadAttention (with dense q, k, v, "unpacked",
+when the attention itself is not cut thin). An
 nn.TransformerEncoderLayer holding a thin layer is kept off its fused inference path, which
 would read the weights instead of calling the layers (:func:`unfuse_encoders`).
 """
@@ -58,6 +60,7 @@ from .layers import (
     LowRankConv2d,
     LowRankLinear,
     LowRankMultiheadAttention,
+    is_thin,
 )
 
 __all__ = [
@@ -87,6 +90,8 @@ __all__ = [
     "choose_forms",
     "median_seconds",
     "unfuse_encoders",
+    "can_be_thin",
+    "callable_out_proj",
 ]
 
 #: Inner widths of composed factors: None/"min" = min(in, out); "paper" = the authors' widths.
@@ -423,6 +428,11 @@ class AttentionKind(Kind):
     def empty_thin(self, plain, rank):
         return LowRankMultiheadAttention.empty_like(plain, rank)
 
+    def empty(self, plain, spec):
+        if spec.get("kind") == "unpacked" and not self.why_dense(plain):
+            return LowRankMultiheadAttention.empty_like(plain, None)
+        return super().empty(plain, spec)
+
     def compose(self, module, n_factors, *, init, inner, order):
         return FactorMultiheadAttention.from_mha(
             module, n_factors, init=init, inner=inner, order=order
@@ -526,7 +536,42 @@ def stage_of(layer: str) -> str:
 
 
 def _direct_names(model: nn.Module) -> set[str]:
-    return set(getattr(model, "lorita_direct", ()) or ())
+    """``model.lorita_direct`` (found when the model was composed), less the out_proj of
+    every attention now in lorita's form, which calls it."""
+    names = getattr(model, "lorita_direct", ()) or ()
+    return {n for n in names if not _parent_is(model, n, LowRankMultiheadAttention)}
+
+
+def _parent_is(model: nn.Module, name: str, cls: type) -> bool:
+    """Whether ``name`` is the out_proj of a ``cls`` module."""
+    parent, _, leaf = name.rpartition(".")
+    if leaf != "out_proj":
+        return False
+    try:
+        return isinstance(model.get_submodule(parent), cls)
+    except AttributeError:
+        return False
+
+
+def callable_out_proj(model: nn.Module, name: str) -> bool:
+    """Whether ``name`` is the out_proj of an attention that can be in lorita's form
+    (LowRankMultiheadAttention calls its out_proj, so it can be thin)."""
+    parent, _, leaf = name.rpartition(".")
+    if leaf != "out_proj":
+        return False
+    try:
+        module = model.get_submodule(parent)
+    except AttributeError:
+        return False
+    return KINDS["attention"].matches(module) and not KINDS["attention"].why_dense(module)
+
+
+def can_be_thin(model: nn.Module, entry: LayerEntry) -> bool:
+    """Whether a cut of ``entry`` can take the thin form (where it saves FLOPs): its kind
+    allows it, or it is the out_proj of an attention that can be in lorita's form."""
+    return not entry.kind.why_dense(entry.module) or (
+        entry.kind.name == "direct" and callable_out_proj(model, entry.name)
+    )
 
 
 def layer_table(model: nn.Module, *, direct=None) -> list[LayerEntry]:
@@ -926,6 +971,8 @@ def _cut(model, ranks, svd, *, form, by, example_input, batch) -> dict[str, dict
     plan = {}
     for name, r in ranks.items():
         e, (u, s, vh) = table[name], svd[name]
+        if e.kind.name == "direct" and callable_out_proj(model, name):  # called once unpacked
+            e = LayerEntry(name, e.module, KINDS["linear"], e.shared)
         full = s.shape[-1]
         row = {"rank": int(min(r, full)), "full": int(full), "kind": e.kind.name}
         if r >= full:
@@ -943,12 +990,23 @@ def _cut(model, ranks, svd, *, form, by, example_input, batch) -> dict[str, dict
             e.kind.dense_cut(e.module, r, (u, s, vh))
             plan[name] = {**row, "form": "dense", "why": why}
         else:
+            _unpack_parent(model, name)
             set_module(model, name, like(e.module, e.kind.thin(e.module, r, (u, s, vh))))
             plan[name] = {**row, "form": "thin", "why": ""}
     unfuse_encoders(model)
     if by == "latency" and form == "low_rank":
         _faster_forms(model, plan, _batch_of(example_input, batch))
     return plan
+
+
+def _unpack_parent(model: nn.Module, name: str) -> None:
+    """Before an attention's out_proj takes the thin form: an nn.MultiheadAttention (which
+    would read the out_proj's weight itself) becomes a LowRankMultiheadAttention with dense
+    q, k, v projections, which calls it."""
+    if _parent_is(model, name, nn.MultiheadAttention):
+        parent = name.rpartition(".")[0]
+        mha = model.get_submodule(parent)
+        set_module(model, parent, like(mha, LowRankMultiheadAttention.from_mha(mha, None)))
 
 
 def _unfuse(module: nn.Module, args: tuple) -> None:
@@ -987,7 +1045,7 @@ def _thin_plan(model: nn.Module) -> dict[str, dict]:
     """The plan of a cut model: ``model.lorita_plan`` or, without one, its thin layers."""
     plan = {n: dict(p) for n, p in (getattr(model, "lorita_plan", None) or {}).items()}
     for e in layer_table(model):
-        if isinstance(e.module, THIN_LAYERS) and e.name not in plan:
+        if is_thin(e.module) and e.name not in plan:
             rank = e.module.rank
             plan[e.name] = {"rank": rank, "full": None, "kind": e.kind.name, "form": "thin"}
             plan[e.name]["why"] = ""
@@ -1028,7 +1086,8 @@ def _faster_forms(model: nn.Module, plan: dict[str, dict], x: inputs.Example) ->
     cl = _channels_last(model, x)
     for name in thin:
         layer = model.get_submodule(name)
-        dense = like(layer, layer.to_dense())
+        out_thin = is_thin(getattr(layer, "out_proj", None) or nn.Identity())
+        dense = like(layer, layer.unpacked() if out_thin else layer.to_dense())
         dense_t, layer_t, args = dense, layer, layer_args.get(name)
         if args is not None:  # timed in the memory format the model deploys in
             dense_t, _ = _as_deployed(dense, args, cl)
@@ -1054,6 +1113,9 @@ def _keep_thin_only_if_faster(model: nn.Module, plan: dict[str, dict], x: inputs
     for n in thin:
         layer = all_dense.get_submodule(n)
         set_module(all_dense, n, like(layer, layer.to_dense()))
+    for n, m in list(all_dense.named_modules()):  # unpacked attentions: packed again
+        if isinstance(m, LowRankMultiheadAttention):
+            set_module(all_dense, n, like(m, m.to_dense()))
     unfuse_encoders(all_dense)  # all dense: encoder layers run fused again, as they would
     cl = _channels_last(model, x)
     (m_thin, x_thin), (m_dense, x_dense) = (

@@ -25,6 +25,7 @@ __all__ = [
     "LowRankConv2d",
     "LowRankMultiheadAttention",
     "THIN_LAYERS",
+    "is_thin",
     "LAYER_TYPES",
     "INITS",
     "ORDERS",
@@ -705,14 +706,32 @@ def _additive_mask(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     return mask.to(dtype)
 
 
+def _merged_mask(
+    attn_mask: Tensor | None, padding: Tensor | None, shape: tuple, dtype: torch.dtype
+) -> Tensor | None:
+    """``attn_mask`` ((L, S) or (B*H, L, S)) plus ``key_padding_mask`` ((B, S)), additive,
+    broadcastable to the scores' ``shape`` (B, H, L, S)."""
+    b, h, n_q, n_k = shape
+    mask = _additive_mask(attn_mask, dtype)
+    if mask is not None and mask.dim() == 3:
+        mask = mask.reshape(b, h, n_q, n_k)
+    pad = _additive_mask(padding, dtype)
+    if pad is not None:
+        pad = pad.reshape(b, 1, 1, n_k)
+        mask = pad if mask is None else mask + pad
+    return mask
+
+
 class LowRankMultiheadAttention(nn.Module):
     """``nn.MultiheadAttention`` whose q, k and v projections are thin rank-r layers.
 
     Called as the attention it replaces (same arguments, masks, ``batch_first``, unbatched
     inputs, ``need_weights``, dropout in training) and computing the same function at full
     rank; ``in_proj`` holds the three :class:`LowRankLinear` (q, k, v) and ``out_proj`` is
-    called as a layer, so it can be thin too. Its packed ``in_proj_weight`` is served for code
-    that reads it, but ``_qkv_same_embed_dim`` is False: PyTorch's fused inference kernels
+    called as a layer, so it can be thin too. With ``rank=None`` the projections are dense
+    ``nn.Linear`` ("unpacked"): the form an attention takes when only its out_proj is cut
+    thin. Its packed ``in_proj_weight`` is served for code that reads it, but
+    ``_qkv_same_embed_dim`` is False: PyTorch's fused inference kernels
     (MultiheadAttention's, TransformerEncoderLayer's), which read the packed weight instead
     of calling the projections, are not taken. Supports the packed attention without
     ``add_bias_kv`` / ``add_zero_attn``; build it with :meth:`from_mha`.
@@ -726,7 +745,7 @@ class LowRankMultiheadAttention(nn.Module):
         self,
         embed_dim: int,
         num_heads: int,
-        rank: int,
+        rank: int | None,
         *,
         dropout: float = 0.0,
         bias: bool = True,
@@ -742,12 +761,18 @@ class LowRankMultiheadAttention(nn.Module):
         self.dropout, self.batch_first = float(dropout), bool(batch_first)
         kw = {"device": device, "dtype": dtype}
         e = self.embed_dim
-        self.in_proj = nn.ModuleList(LowRankLinear(e, e, rank, bias=bias, **kw) for _ in range(3))
+        self.in_proj = nn.ModuleList(
+            nn.Linear(e, e, bias=bias, **kw)
+            if rank is None
+            else LowRankLinear(e, e, rank, bias=bias, **kw)
+            for _ in range(3)
+        )
         self.out_proj = nn.Linear(e, e, bias=bias, **kw)
 
     @property
-    def rank(self) -> int:
-        return self.in_proj[0].rank
+    def rank(self) -> int | None:
+        """The q, k, v projections' rank (None: dense, the unpacked form)."""
+        return getattr(self.in_proj[0], "rank", None)
 
     @property
     def in_proj_weight(self) -> Tensor:  # (3E, E), for code that reads it
@@ -761,6 +786,8 @@ class LowRankMultiheadAttention(nn.Module):
     @staticmethod
     def supports(mha: nn.Module) -> str:
         """Why ``mha`` cannot take this form ("" when it can)."""
+        if isinstance(mha, LowRankMultiheadAttention):
+            return ""
         if not isinstance(mha, nn.MultiheadAttention) or not mha._qkv_same_embed_dim:
             return "not an nn.MultiheadAttention with packed q, k, v"
         if mha.bias_k is not None or mha.add_zero_attn:
@@ -768,8 +795,9 @@ class LowRankMultiheadAttention(nn.Module):
         return ""
 
     @classmethod
-    def from_mha(cls, mha: nn.Module, rank: int, *, svd=None) -> LowRankMultiheadAttention:
-        """The best rank-r approximation of each of ``mha``'s q, k, v projections.
+    def from_mha(cls, mha: nn.Module, rank: int | None, *, svd=None) -> LowRankMultiheadAttention:
+        """The best rank-r approximation of each of ``mha``'s q, k, v projections (``rank=None``:
+        the same projections, dense).
 
         ``mha``: an ``nn.MultiheadAttention`` (or its composed form); ``svd``: the thin SVD of
         its three (E, E) matrices stacked, ``(U (3,E,k), S (3,k), Vh (3,k,E))``. The new
@@ -785,13 +813,19 @@ class LowRankMultiheadAttention(nn.Module):
             plain.weight = nn.Parameter(part, requires_grad=False)
             if b is not None:
                 plain.bias = nn.Parameter(b.detach().chunk(3, 0)[i], requires_grad=False)
+            if rank is None:
+                with torch.no_grad():
+                    thin.weight.copy_(part)
+                    if b is not None:
+                        thin.bias.copy_(plain.bias)
+                continue
             one = None if svd is None else tuple(t[i] for t in svd)
             new.in_proj[i] = LowRankLinear.from_linear(plain, rank, svd=one)
             new.in_proj[i].train(thin.training)
         return new
 
     @classmethod
-    def empty_like(cls, mha: nn.Module, rank: int) -> LowRankMultiheadAttention:
+    def empty_like(cls, mha: nn.Module, rank: int | None) -> LowRankMultiheadAttention:
         """Shaped as ``mha`` at ``rank`` (weights to be loaded), holding ``mha.out_proj``."""
         ref = mha.out_proj.weight
         new = cls(
@@ -838,13 +872,7 @@ class LowRankMultiheadAttention(nn.Module):
         mask = None
         if not (is_causal and key_padding_mask is None and not need_weights):
             is_causal = False  # the mask given says it all
-            mask = _additive_mask(attn_mask, q.dtype)
-            if mask is not None and mask.dim() == 3:  # (B*H, L, S)
-                mask = mask.reshape(b, h, n_q, n_k)
-            pad = _additive_mask(key_padding_mask, q.dtype)
-            if pad is not None:
-                pad = pad.reshape(b, 1, 1, n_k)
-                mask = pad if mask is None else mask + pad
+            mask = _merged_mask(attn_mask, key_padding_mask, (b, h, n_q, n_k), q.dtype)
         p = self.dropout if self.training else 0.0
         weights = None
         if need_weights:
@@ -867,6 +895,11 @@ class LowRankMultiheadAttention(nn.Module):
             out = out.transpose(0, 1)
         return out, weights
 
+    def unpacked(self) -> LowRankMultiheadAttention:
+        """This attention with dense q, k, v projections (same out_proj): its dense form when
+        the out_proj is thin (an nn.MultiheadAttention would read that weight itself)."""
+        return LowRankMultiheadAttention.from_mha(self, None)
+
     @torch.no_grad()
     def to_dense(self) -> nn.MultiheadAttention:
         """The plain ``nn.MultiheadAttention`` computing the same function (same out_proj)."""
@@ -888,11 +921,14 @@ class LowRankMultiheadAttention(nn.Module):
         return plain.train(self.training)
 
     def layer_spec(self) -> dict:
-        return {"kind": "low_rank", "rank": self.rank}
+        return (
+            {"kind": "unpacked"} if self.rank is None else {"kind": "low_rank", "rank": self.rank}
+        )
 
     def extra_repr(self) -> str:
         return (
-            f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, rank={self.rank}, "
+            f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, "
+            f"rank={self.rank if self.rank is not None else 'dense (unpacked)'}, "
             f"batch_first={self.batch_first}"
         )
 
@@ -1015,3 +1051,8 @@ LAYER_TYPES = (
 )
 #: The thin forms a cut layer takes (each has ``rank``, ``to_dense()`` and ``layer_spec()``).
 THIN_LAYERS = (LowRankLinear, LowRankConv2d, LowRankMultiheadAttention)
+
+
+def is_thin(module: nn.Module) -> bool:
+    """Whether ``module`` is a cut layer in its thin form (an unpacked attention is not)."""
+    return isinstance(module, THIN_LAYERS) and module.rank is not None

@@ -510,10 +510,11 @@ class SVDCache:
         flops_full = {n: int(base.per_layer[n]["flops"]) for n in self.svd}
         table = [e for e in kinds.layer_table(self.model) if e.name in self.svd]
         attention = [e.name for e in table if e.kind.name == "attention"]
-        if attention:  # their counted FLOPs hold the products and out_proj too: q, k, v only
-            flops_full.update(self._projection_flops(x, attention))
+        if attention:  # counted, their FLOPs hold the products and out_proj: q, k, v only
+            flops = self._projection_flops(x, attention)
+            flops_full.update({n: f for n, f in flops.items() if n in self.svd})
         weights = sum(self.groups[n] * m * k for n, (m, k) in self.shapes.items())
-        thin = {e.name: not e.kind.why_dense(e.module) for e in table}
+        thin = {e.name: kinds.can_be_thin(self.model, e) for e in table}
         return LayerCosts(
             shapes=dict(self.shapes),
             flops_full=flops_full,

@@ -236,6 +236,8 @@ CORPUS: dict[str, bytes] = {
     "layer order unknown": seq_layers({"1": {"kind": "factor", "n_factors": 3, "order": "x"}}),
     "layer injected key": seq_layers({"1": {"kind": "low_rank", "rank": 2, "cls": "x"}}),
     "layer rank 0": seq_layers({"1": {"kind": "low_rank", "rank": 0}}),
+    "layer unpacked with a key": seq_layers({"1": {"kind": "unpacked", "rank": 2}}),
+    "layer unpacked not an attention": seq_layers({"1": {"kind": "unpacked"}}),
     "layer rank above full": seq_layers({"1": {"kind": "low_rank", "rank": 9}}),
     "layer not in the model": seq_layers({"9": {"kind": "low_rank", "rank": 2}}),
     "layer form disagrees with tensors": seq_layers({"1": {"kind": "low_rank", "rank": 2}}),

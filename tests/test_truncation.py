@@ -451,3 +451,23 @@ def test_only_encoder_layers_with_a_thin_part_leave_the_fused_path():
     assert calls[0] == 1
     same = lt.truncate(net, lt.Ranks(ranks), example_input=x, form="dense")
     assert all(len(layer._forward_pre_hooks) == 0 for layer in same[1].layers)
+
+
+def test_an_attention_out_proj_cut_alone_is_thin_in_an_unpacked_attention(tmp_path):
+    # nn.MultiheadAttention reads out_proj.weight itself: to call a thin out_proj the
+    # attention becomes LowRankMultiheadAttention with dense q, k, v ("unpacked")
+    net, x = mha_model(), torch.randn(2, 5, 6)
+    cut = lt.truncate(net, lt.Ranks({"attn.out_proj": 3}), example_input=x)
+    dense = lt.truncate(net, lt.Ranks({"attn.out_proj": 3}), example_input=x, form="dense")
+    assert cut.lorita_plan["attn.out_proj"]["form"] == "thin"
+    assert isinstance(cut.attn, lt.LowRankMultiheadAttention) and cut.attn.rank is None
+    assert isinstance(cut.attn.out_proj, lt.LowRankLinear)
+    assert isinstance(dense.attn, nn.MultiheadAttention)  # dense: nothing to unpack
+    with torch.no_grad():
+        assert_close(cut(x), dense(x), atol=1e-6, rtol=1e-6)
+    assert lt.count_cost(cut, x).params < lt.count_cost(dense, x).params
+    path = lt.save(cut, tmp_path / "m.safetensors")
+    assert lt.read_spec(path)["layers"]["attn"] == {"kind": "unpacked"}
+    back = lt.load(path, model=mha_model())
+    with torch.no_grad():
+        assert_close(back(x), cut(x), atol=1e-6, rtol=1e-6)
