@@ -1096,9 +1096,19 @@ def _faster_forms(model: nn.Module, plan: dict[str, dict], x: inputs.Example) ->
             set_module(model, name, dense)
             why = f"the thin form measured slower at batch {len(inputs.lead(x))}"
             plan[name] = {**plan[name], "form": "dense", "why": why, "timed": True}
+    _repack(model)
     unfuse_encoders(model)
     _keep_thin_only_if_faster(model, plan, x)
+    _repack(model)
     unfuse_encoders(model)
+
+
+def _repack(model: nn.Module) -> None:
+    """An unpacked attention (dense q, k, v) whose out_proj is no longer thin goes back to
+    nn.MultiheadAttention, which PyTorch runs faster (and fused in an encoder layer)."""
+    for name, m in list(model.named_modules()):
+        if isinstance(m, LowRankMultiheadAttention) and m.rank is None and not is_thin(m.out_proj):
+            set_module(model, name, like(m, m.to_dense()))
 
 
 def _keep_thin_only_if_faster(model: nn.Module, plan: dict[str, dict], x: inputs.Example) -> None:
@@ -1113,9 +1123,7 @@ def _keep_thin_only_if_faster(model: nn.Module, plan: dict[str, dict], x: inputs
     for n in thin:
         layer = all_dense.get_submodule(n)
         set_module(all_dense, n, like(layer, layer.to_dense()))
-    for n, m in list(all_dense.named_modules()):  # unpacked attentions: packed again
-        if isinstance(m, LowRankMultiheadAttention):
-            set_module(all_dense, n, like(m, m.to_dense()))
+    _repack(all_dense)
     unfuse_encoders(all_dense)  # all dense: encoder layers run fused again, as they would
     cl = _channels_last(model, x)
     (m_thin, x_thin), (m_dense, x_dense) = (
