@@ -471,3 +471,18 @@ def test_an_attention_out_proj_cut_alone_is_thin_in_an_unpacked_attention(tmp_pa
     back = lt.load(path, model=mha_model())
     with torch.no_grad():
         assert_close(back(x), cut(x), atol=1e-6, rtol=1e-6)
+
+
+def test_forms_chosen_by_latency_pack_an_attention_again_when_its_out_proj_goes_dense(
+    monkeypatch,
+):
+    from lorita import kinds
+
+    monkeypatch.setattr(kinds, "is_faster", lambda thin, dense: False)  # every thin form loses
+    net, x = mha_model(), torch.randn(2, 5, 6)
+    cut = lt.truncate(net, lt.Ranks({"attn.out_proj": 3}), example_input=x, by="latency")
+    assert cut.lorita_plan["attn.out_proj"]["form"] == "dense"
+    assert type(cut.attn) is nn.MultiheadAttention  # not left unpacked
+    dense = lt.truncate(net, lt.Ranks({"attn.out_proj": 3}), example_input=x, form="dense")
+    with torch.no_grad():
+        assert_close(cut(x), dense(x), atol=1e-6, rtol=1e-6)
