@@ -417,8 +417,6 @@ class AttentionKind(Kind):
         return isinstance(module, nn.MultiheadAttention) and module._qkv_same_embed_dim
 
     def why_dense(self, module):
-        if isinstance(module, LowRankMultiheadAttention):
-            return ""
         why = LowRankMultiheadAttention.supports(module)
         return f"{self.label}: {why}" if why else ""
 
@@ -542,28 +540,28 @@ def _direct_names(model: nn.Module) -> set[str]:
     return {n for n in names if not _parent_is(model, n, LowRankMultiheadAttention)}
 
 
-def _parent_is(model: nn.Module, name: str, cls: type) -> bool:
-    """Whether ``name`` is the out_proj of a ``cls`` module."""
+def _out_proj_owner(model: nn.Module, name: str) -> nn.Module | None:
+    """The module ``name`` is the ``out_proj`` of (None when it is not an out_proj)."""
     parent, _, leaf = name.rpartition(".")
     if leaf != "out_proj":
-        return False
+        return None
     try:
-        return isinstance(model.get_submodule(parent), cls)
+        return model.get_submodule(parent)
     except AttributeError:
-        return False
+        return None
+
+
+def _parent_is(model: nn.Module, name: str, cls: type) -> bool:
+    """Whether ``name`` is the out_proj of a ``cls`` module."""
+    return isinstance(_out_proj_owner(model, name), cls)
 
 
 def callable_out_proj(model: nn.Module, name: str) -> bool:
     """Whether ``name`` is the out_proj of an attention that can be in lorita's form
     (LowRankMultiheadAttention calls its out_proj, so it can be thin)."""
-    parent, _, leaf = name.rpartition(".")
-    if leaf != "out_proj":
-        return False
-    try:
-        module = model.get_submodule(parent)
-    except AttributeError:
-        return False
-    return KINDS["attention"].matches(module) and not KINDS["attention"].why_dense(module)
+    owner = _out_proj_owner(model, name)
+    attention = KINDS["attention"]
+    return owner is not None and attention.matches(owner) and not attention.why_dense(owner)
 
 
 def can_be_thin(model: nn.Module, entry: LayerEntry) -> bool:
@@ -1003,10 +1001,10 @@ def _unpack_parent(model: nn.Module, name: str) -> None:
     """Before an attention's out_proj takes the thin form: an nn.MultiheadAttention (which
     would read the out_proj's weight itself) becomes a LowRankMultiheadAttention with dense
     q, k, v projections, which calls it."""
-    if _parent_is(model, name, nn.MultiheadAttention):
-        parent = name.rpartition(".")[0]
-        mha = model.get_submodule(parent)
-        set_module(model, parent, like(mha, LowRankMultiheadAttention.from_mha(mha, None)))
+    mha = _out_proj_owner(model, name)
+    if isinstance(mha, nn.MultiheadAttention):
+        unpacked = LowRankMultiheadAttention.from_mha(mha, None)
+        set_module(model, name.rpartition(".")[0], like(mha, unpacked))
 
 
 def _unfuse(module: nn.Module, args: tuple) -> None:
@@ -1086,7 +1084,7 @@ def _faster_forms(model: nn.Module, plan: dict[str, dict], x: inputs.Example) ->
     cl = _channels_last(model, x)
     for name in thin:
         layer = model.get_submodule(name)
-        out_thin = is_thin(getattr(layer, "out_proj", None) or nn.Identity())
+        out_thin = is_thin(getattr(layer, "out_proj", None))  # an attention's
         dense = like(layer, layer.unpacked() if out_thin else layer.to_dense())
         dense_t, layer_t, args = dense, layer, layer_args.get(name)
         if args is not None:  # timed in the memory format the model deploys in

@@ -807,21 +807,17 @@ class LowRankMultiheadAttention(nn.Module):
             raise ValueError(f"mha: {why}")
         w = mha.in_proj_weight.detach()
         b = mha.in_proj_bias
+        biases = (None,) * 3 if b is None else b.detach().chunk(3, 0)
         new = cls.empty_like(mha, rank)
-        for i, (part, thin) in enumerate(zip(w.chunk(3, 0), new.in_proj, strict=True)):
-            plain = nn.Linear(part.shape[1], part.shape[0], bias=b is not None)
-            plain.weight = nn.Parameter(part, requires_grad=False)
-            if b is not None:
-                plain.bias = nn.Parameter(b.detach().chunk(3, 0)[i], requires_grad=False)
-            if rank is None:
-                with torch.no_grad():
-                    thin.weight.copy_(part)
-                    if b is not None:
-                        thin.bias.copy_(plain.bias)
-                continue
-            one = None if svd is None else tuple(t[i] for t in svd)
-            new.in_proj[i] = LowRankLinear.from_linear(plain, rank, svd=one)
-            new.in_proj[i].train(thin.training)
+        for i, (part, bias) in enumerate(zip(w.chunk(3, 0), biases, strict=True)):
+            layer = nn.Linear(part.shape[1], part.shape[0], bias=bias is not None, device="meta")
+            layer.weight = nn.Parameter(part.clone())  # own tensors, not views of mha's
+            if bias is not None:
+                layer.bias = nn.Parameter(bias.clone())
+            if rank is not None:
+                one = None if svd is None else tuple(t[i] for t in svd)
+                layer = LowRankLinear.from_linear(layer, rank, svd=one)
+            new.in_proj[i] = layer.train(new.training)
         return new
 
     @classmethod
@@ -1053,6 +1049,6 @@ LAYER_TYPES = (
 THIN_LAYERS = (LowRankLinear, LowRankConv2d, LowRankMultiheadAttention)
 
 
-def is_thin(module: nn.Module) -> bool:
+def is_thin(module: nn.Module | None) -> bool:
     """Whether ``module`` is a cut layer in its thin form (an unpacked attention is not)."""
     return isinstance(module, THIN_LAYERS) and module.rank is not None
