@@ -44,6 +44,7 @@ from .truncation import (
     Policy,
     Ranks,
     SVDCache,
+    as_policy,
     iterative_search,
     policy_class,
     smallest_within,
@@ -341,15 +342,15 @@ class Compressor:
             }
         return plan
 
-    def _check_policy(self, policy) -> None:
-        if not hasattr(policy, "plan"):
-            raise ValueError(f"policy: expected a rank policy object, got {policy!r}")
+    def _check_policy(self, policy) -> Policy:
+        policy = as_policy(policy)
         if isinstance(policy, Ranks):
             out = [n for n in policy.ranks if n in self.left_out]
             if out:
                 raise ValueError(
                     f"ranks: layer(s) {out} are left out of cuts ({self.left_out[out[0]]})"
                 )
+        return policy
 
     def cut(self, policy: Policy, *, form: str = "low_rank") -> tuple[nn.Module, dict]:
         """The cut model and budget facts (empty unless ``policy`` is a Budget); no evaluation.
@@ -361,7 +362,7 @@ class Compressor:
         return small, extra
 
     def _cut(self, policy: Policy, form: str) -> tuple[nn.Module, dict, Cost]:
-        self._check_policy(policy)
+        policy = self._check_policy(policy)
         small = truncate(self.model, policy, form=form, svd=self.svd)
         cost = count_cost(small, self.example_input)
         if not isinstance(policy, Budget):
@@ -382,6 +383,7 @@ class Compressor:
     def apply(self, policy: Policy, *, form: str = "low_rank") -> CompressResult:
         """Plan, cut (from the cached SVD), count the cost and evaluate val and test."""
         t0 = time.perf_counter()
+        policy = self._check_policy(policy)
         small, extra, cost = self._cut(policy, form)
         spec = policy.spec() if hasattr(policy, "spec") else {"policy": str(policy)}
         res = self.measure(small, policy={**spec, "form": form}, cost=cost)

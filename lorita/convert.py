@@ -31,7 +31,7 @@ from .kinds import (
 )
 from .kinds import iter_layers as iter_layers
 from .kinds import set_module as set_module
-from .layers import FactorConv2d, FactorLinear, FactorMultiheadAttention
+from .layers import THIN_LAYERS, FactorConv2d, FactorLinear, FactorMultiheadAttention
 
 __all__ = [
     "iter_layers",
@@ -59,8 +59,12 @@ def _matches(name: str, patterns: tuple[str, ...]) -> bool:
 
 
 def _check_skip(skip, names: list[str]) -> tuple[str, ...]:
+    if skip is None:
+        return ()
     if isinstance(skip, str):
         skip = (skip,)
+    if not isinstance(skip, Iterable):
+        raise ValueError(f"skip: expected a layer name or pattern, or a list of them, got {skip!r}")
     skip = tuple(skip)
     for p in skip:
         if not isinstance(p, str) or not any(_matches(n, (p,)) for n in names):
@@ -69,6 +73,14 @@ def _check_skip(skip, names: list[str]) -> tuple[str, ...]:
                 + (" ..." if len(names) > 12 else "")
             )
     return skip
+
+
+def check_module(model, field: str = "model") -> None:
+    """A ValueError naming ``field`` unless ``model`` is an nn.Module instance."""
+    if isinstance(model, type) and issubclass(model, nn.Module):
+        raise ValueError(f"{field}: pass an instance ({model.__name__}(...)), got the class")
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"{field}: expected a torch nn.Module, got {type(model).__name__}")
 
 
 def _check_options(n_factors, init, inner, order) -> None:
@@ -137,6 +149,7 @@ def overparameterize(
             several inputs), used to trace which weights are read directly; default a small
             input guessed from the model.
     """
+    check_module(model)
     _check_options(n_factors, init, inner, order)
     _check_initialised(model)
     new = clone_model(model)
@@ -149,6 +162,12 @@ def overparameterize(
             raise ValueError(
                 f"model: layer {e.name!r} is already a {type(e.module).__name__}; "
                 "merge_model() first"
+            )
+        if e.kind.composable and isinstance(e.module, THIN_LAYERS):
+            raise ValueError(
+                f"model: layer {e.name!r} is already cut ({type(e.module).__name__}); compose "
+                "the model it was cut from, or merge_model() the cut one first (dense rank-r "
+                "layers, the same function)"
             )
     direct, how = detect_direct(new, example_input)
     new.lorita_direct = tuple(direct)
@@ -183,6 +202,7 @@ def merge_model(model: nn.Module) -> nn.Module:
     """Return a copy with every composed layer multiplied back into one plain layer and every
     low-rank layer made dense: the original architecture, whose ``state_dict()`` loads with
     ``strict=True`` into the un-composed model."""
+    check_module(model)
     new = clone_model(model)
     for e in layer_table(new):
         plain = e.kind.merge(e.module)

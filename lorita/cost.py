@@ -95,7 +95,7 @@ def _count(deploy: nn.Module, example_input: inputs.Example) -> FlopCounterMode:
     deploy.eval()
     counter = FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOPS)
     try:
-        with torch.no_grad(), _counted_attention(), counter:
+        with torch.no_grad(), _counted_attention(), counter, inputs.refused():
             inputs.call(deploy, example_input)
     finally:
         deploy.train(was_training)
@@ -129,7 +129,7 @@ def attention_projection_flops(
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), inputs.refused():
             inputs.call(model, inputs.check_example(example_input))
     finally:
         for h in handles:

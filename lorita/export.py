@@ -39,7 +39,7 @@ from .clone import clone_model, unwrap
 from .convert import apply_folds, composed_layers, deploy_model, fold_batchnorm, merge_model
 from .io import atomic_write_bytes
 from .io import temp_beside as _temp_beside
-from .kinds import ORDERS, kind_of, layer_table, set_module, unfuse_encoders
+from .kinds import ORDERS, kind_of, layer_table, like, set_module, unfuse_encoders
 
 __all__ = [
     "save",
@@ -117,8 +117,30 @@ def _kw_ln(m):
     }
 
 
-def _pool(m):
-    return {"kernel_size": m.kernel_size, "stride": m.stride, "padding": m.padding}
+def _max_pool(m):
+    return {
+        "kernel_size": m.kernel_size,
+        "stride": m.stride,
+        "padding": m.padding,
+        "dilation": m.dilation,
+        "ceil_mode": m.ceil_mode,
+    }
+
+
+def _avg_pool(m):
+    return {
+        "kernel_size": m.kernel_size,
+        "stride": m.stride,
+        "padding": m.padding,
+        "ceil_mode": m.ceil_mode,
+        "count_include_pad": m.count_include_pad,
+        "divisor_override": m.divisor_override,
+    }
+
+
+def _kw_gn(m):
+    return {"num_groups": m.num_groups, "num_channels": m.num_channels, "eps": m.eps,
+            "affine": m.affine}  # fmt: skip
 
 
 def _none(m):
@@ -141,9 +163,21 @@ _PLAIN: dict[str, tuple[type[nn.Module], Callable]] = {
     "Identity": (nn.Identity, _none),
     "Flatten": (nn.Flatten, lambda m: {"start_dim": m.start_dim, "end_dim": m.end_dim}),
     "Dropout": (nn.Dropout, lambda m: {"p": m.p}),
-    "MaxPool2d": (nn.MaxPool2d, _pool),
-    "AvgPool2d": (nn.AvgPool2d, _pool),
+    "Dropout2d": (nn.Dropout2d, lambda m: {"p": m.p}),
+    "MaxPool2d": (nn.MaxPool2d, _max_pool),
+    "AvgPool2d": (nn.AvgPool2d, _avg_pool),
     "AdaptiveAvgPool2d": (nn.AdaptiveAvgPool2d, lambda m: {"output_size": m.output_size}),
+    "AdaptiveMaxPool2d": (nn.AdaptiveMaxPool2d, lambda m: {"output_size": m.output_size}),
+    "GroupNorm": (nn.GroupNorm, _kw_gn),
+    "ReLU6": (nn.ReLU6, _none),
+    "ELU": (nn.ELU, lambda m: {"alpha": m.alpha}),
+    "Hardswish": (nn.Hardswish, _none),
+    "Hardsigmoid": (nn.Hardsigmoid, _none),
+    "Mish": (nn.Mish, _none),
+    "Softplus": (nn.Softplus, lambda m: {"beta": m.beta, "threshold": m.threshold}),
+    "PReLU": (nn.PReLU, lambda m: {"num_parameters": m.num_parameters}),
+    "Softmax": (nn.Softmax, lambda m: {"dim": m.dim}),
+    "LogSoftmax": (nn.LogSoftmax, lambda m: {"dim": m.dim}),
 }
 # Option names each plain type may carry in a spec (all of them, no others).
 _KWARGS = {
@@ -159,9 +193,19 @@ _KWARGS = {
     "LeakyReLU": {"negative_slope"},
     "Flatten": {"start_dim", "end_dim"},
     "Dropout": {"p"},
-    "MaxPool2d": {"kernel_size", "stride", "padding"},
-    "AvgPool2d": {"kernel_size", "stride", "padding"},
+    "Dropout2d": {"p"},
+    "MaxPool2d": {"kernel_size", "stride", "padding", "dilation", "ceil_mode"},
+    "AvgPool2d": {
+        "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override",
+    },
     "AdaptiveAvgPool2d": {"output_size"},
+    "AdaptiveMaxPool2d": {"output_size"},
+    "GroupNorm": {"num_groups", "num_channels", "eps", "affine"},
+    "ELU": {"alpha"},
+    "Softplus": {"beta", "threshold"},
+    "PReLU": {"num_parameters"},
+    "Softmax": {"dim"},
+    "LogSoftmax": {"dim"},
 }  # fmt: skip
 
 
@@ -188,6 +232,8 @@ def _tree(module: nn.Module, path: str) -> dict | None:
         return {"type": "Sequential", "children": children}
     name = type(module).__name__
     if name in _PLAIN and type(module) is _PLAIN[name][0]:
+        if getattr(module, "return_indices", False):
+            return None  # a pool returning (values, indices): not a plain Sequential step
         return {"type": name, "kwargs": _PLAIN[name][1](module)}
     return None
 
@@ -331,10 +377,26 @@ def _loads(text: str, field: str):
             gc.enable()
 
 
+def _other_format(head: bytes) -> str:
+    """What a file that is not safetensors looks like, from its first bytes ("" if unknown)."""
+    if head[:4] == b"PK\x03\x04" or head[:2] in (b"\x80\x02", b"\x80\x04", b"\x80\x05"):
+        return (
+            "it looks like a torch.save / pickle file, which lorita never unpickles (save the "
+            "model with lorita.save, or pass a state_dict as --init-from, read with "
+            "weights_only=True)"
+        )
+    if head[:1] == b"\x08" and any(w in head[:64].lower() for w in (b"pytorch", b"onnx")):
+        return "it looks like an ONNX model (run it with onnxruntime)"  # ir_version, producer
+    return ""
+
+
 def _read_header_bytes(head: bytes, total: int, where: str) -> dict:
     """Parse the safetensors header (``head`` = its first bytes, ``total`` = file size)."""
     if total < 8 or len(head) < 8:
         raise _fail(where, "not a safetensors file (shorter than its 8-byte header length)")
+    other = _other_format(head)
+    if other:
+        raise _fail(where, f"not a safetensors file: {other}")
     n = int.from_bytes(head[:8], "little")
     if n > LIMITS["header_bytes"] or n > total - 8:
         raise _fail(where, f"header length {n} exceeds the file or {LIMITS['header_bytes']} bytes")
@@ -640,9 +702,7 @@ def _apply_layers(model: nn.Module, spec: dict) -> nn.Module:
         e = table[name]
         if ls["kind"] == "low_rank" and ls["rank"] > e.kind.full_rank(e.module):
             raise _fail(f"spec.layers[{name!r}].rank", "exceeds the layer's full rank")
-        new = e.kind.empty(e.module, ls)
-        new.train(e.module.training)
-        set_module(model, name, new)
+        set_module(model, name, like(e.module, e.kind.empty(e.module, ls)))
     unfuse_encoders(model)
     if spec.get("folded"):
         try:
@@ -897,6 +957,9 @@ def export_onnx(
     tmp = _temp_beside(path, ".onnx")
     # torch.export specialises a batch of 1; trace with 2 so the batch axis stays dynamic
     x = inputs.rows(inputs.check_example(example_input), 2)
+    deploy.eval()
+    with torch.no_grad(), inputs.refused():  # a clear error before the exporter's own
+        inputs.call(deploy, x)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # exporter chatter; failures still raise
@@ -905,9 +968,10 @@ def export_onnx(
             else:
                 try:
                     _onnx_torchscript(deploy, x, tmp, opset)
-                except torch.onnx.errors.OnnxExporterError:
+                except (torch.onnx.errors.OnnxExporterError, TypeError):
                     # an operator the TorchScript exporter lacks (an adaptive pool whose
-                    # output does not divide its input): torch.export handles it
+                    # output does not divide its input), or a forward with keyword-only
+                    # arguments, which it passes positionally: torch.export handles both
                     tmp.unlink(missing_ok=True)
                     _onnx_dynamo(deploy, x, tmp, opset)
         os.replace(tmp, path)

@@ -8,7 +8,8 @@ dimension is the batch.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
@@ -90,3 +91,15 @@ def channels_last(x: Example) -> Example:
     """Every 4-D input in ``torch.channels_last`` memory format."""
     fmt = torch.channels_last
     return each(lambda t: t.contiguous(memory_format=fmt) if t.dim() == 4 else t, x)
+
+
+@contextmanager
+def refused(field: str = "example_input") -> Iterator[None]:
+    """Turn the error of a model that cannot run on the given input (a wrong shape, dtype or
+    number of inputs) into a ValueError naming ``field``."""
+    try:
+        yield
+    except (RuntimeError, TypeError, ValueError, IndexError) as e:
+        if isinstance(e, ValueError) and str(e).startswith(f"{field}:"):
+            raise
+        raise ValueError(f"{field}: the model refused it ({type(e).__name__}: {e})") from e

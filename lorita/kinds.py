@@ -102,21 +102,84 @@ FORMS = ("low_rank", "dense")
 DECIDE_BY = ("flops", "latency")
 
 
+#: What every nn.Module keeps in its ``__dict__`` (never a user's alias of a layer).
+_MODULE_STATE = frozenset(vars(nn.Module()))
+
+
 def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    """Replace the submodule called ``name`` (dotted path) by ``new``."""
+    """Replace the submodule called ``name`` (dotted path) by ``new``, also where the model
+    keeps the old one in a plain list, tuple or dict attribute (``self.order =
+    list(self.blocks)``), which its forward may call instead of the registered name."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
+    old = getattr(parent, child)
     setattr(parent, child, new)
+    for m in model.modules():
+        for k, v in vars(m).items():
+            if type(v) in (list, tuple, dict) and k not in _MODULE_STATE:
+                relinked = _relink(v, old, new, depth=0)
+                if relinked is not v:
+                    object.__setattr__(m, k, relinked)
+
+
+def _relink(v, old: nn.Module, new: nn.Module, *, depth: int):
+    """``v`` with ``old`` replaced by ``new`` (lists and dicts in place, tuples rebuilt),
+    through at most three levels of plain containers."""
+    if v is old:
+        return new
+    if depth > 2 or type(v) not in (list, tuple, dict):
+        return v
+    if type(v) is dict:
+        for k, item in v.items():
+            v[k] = _relink(item, old, new, depth=depth + 1)
+        return v
+    items = [_relink(item, old, new, depth=depth + 1) for item in v]
+    if type(v) is list:
+        v[:] = items
+        return v
+    return v if all(a is b for a, b in zip(items, v)) else tuple(items)
+
+
+#: Forward and backward hook tables of an nn.Module; a replacing layer takes them over.
+_HOOK_TABLES = (
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_backward_pre_hooks",
+    "_backward_hooks",
+)
+
+
+def _weight_hook(hook) -> bool:
+    """Hooks that recompute the old layer's ``weight`` (pruning masks, the old-style
+    weight_norm and spectral_norm): their effect is already in the weight composed or cut."""
+    from torch.nn.utils.prune import BasePruningMethod
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    return isinstance(hook, (BasePruningMethod, WeightNorm, SpectralNorm))
 
 
 def like(old: nn.Module, new: nn.Module) -> nn.Module:
-    """``new`` (the layer replacing ``old``) in ``old``'s training mode, and frozen
-    (``requires_grad=False``) when every parameter of ``old`` was: a frozen backbone stays
-    frozen when composed, merged or cut."""
+    """``new`` (the layer replacing ``old``) in ``old``'s training mode, frozen
+    (``requires_grad=False``) when every parameter of ``old`` was (a frozen backbone stays
+    frozen when composed, merged or cut), and with ``old``'s forward and backward hooks (a
+    user's hook keeps acting on the layer's output; hooks that recompute the weight are
+    dropped: their effect is in it). ``old`` is being replaced: its hook tables move."""
     new.train(old.training)
     params = list(old.parameters())
     if params and not any(p.requires_grad for p in params):
         new.requires_grad_(False)
+    if any(getattr(old, t) for t in _HOOK_TABLES):
+        for t in _HOOK_TABLES:  # the same tables: a user's handle.remove() still works
+            table = getattr(old, t)
+            for k in [k for k, h in table.items() if _weight_hook(h)]:
+                del table[k]
+            setattr(new, t, table)
+        if old._is_full_backward_hook is not None:
+            new._is_full_backward_hook = old._is_full_backward_hook
     return new
 
 
@@ -648,15 +711,48 @@ class _ReadTracer(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        reads = _values_read(func, args)
         for a in tree_leaves((args, kwargs)):
             if not isinstance(a, Tensor):
                 continue
             name = self.owners.get(id(a))
-            if name is not None and name not in self.active:
+            if name is not None and name not in self.active and (reads is None or a is reads):
                 self.found.add(name)
             if id(a) in self.watched:
                 self.uses.setdefault(id(a), []).append(self.active[-1] if self.active else "")
         return func(*args, **kwargs)
+
+
+#: Tensor attributes and functions that read a tensor's metadata, not its values: a model
+#: that asks a layer's weight for its device or dtype (``x.to(self.fc.weight.dtype)``,
+#: ``next(self.parameters()).device``) does not compute with it.
+_METADATA_PROPERTIES = frozenset(
+    "device dtype shape layout ndim is_cuda is_cpu is_meta is_mps is_xpu is_sparse is_quantized "
+    "is_leaf requires_grad grad grad_fn names itemsize nbytes output_nr _version".split()
+)
+_METADATA_FUNCTIONS = frozenset(
+    "size dim ndimension numel nelement stride element_size storage_offset data_ptr get_device "
+    "is_floating_point is_complex is_contiguous is_signed __len__ new_zeros new_ones new_empty "
+    "new_full zeros_like ones_like empty_like full_like rand_like randn_like".split()
+)
+
+
+def _values_read(func, args: tuple):
+    """Which tensor argument ``func`` reads the values of: None for all of them, ``args[0]``
+    alone for ``x.to(w)`` / ``x.type_as(w)`` (``w`` gives only a dtype and device), and
+    nothing (a sentinel) for metadata reads."""
+    name = getattr(func, "__name__", "")
+    if name == "__get__":
+        prop = getattr(getattr(func, "__self__", None), "__name__", "")
+        return _NOTHING if prop in _METADATA_PROPERTIES else None
+    if name in _METADATA_FUNCTIONS:
+        return _NOTHING
+    if name in ("to", "type_as") and args:
+        return args[0]
+    return None
+
+
+_NOTHING = object()
 
 
 def _push(active: list[str], name: str):
@@ -971,7 +1067,7 @@ def _cut(model, ranks, svd, *, form, by, example_input, batch) -> dict[str, dict
         e, (u, s, vh) = table[name], svd[name]
         if e.kind.name == "direct" and callable_out_proj(model, name):  # called once unpacked
             e = LayerEntry(name, e.module, KINDS["linear"], e.shared)
-        full = s.shape[-1]
+        full = e.kind.full_rank(e.module)  # the SVD may hold fewer values (a model cut before)
         row = {"rank": int(min(r, full)), "full": int(full), "kind": e.kind.name}
         if r >= full:
             plan[name] = {**row, "form": "full", "why": "full rank: not cut"}

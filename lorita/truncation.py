@@ -15,6 +15,7 @@ what makes a truncation slider fast. The compress session over all this is
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -27,6 +28,7 @@ from .clone import clone_model
 from .convert import iter_layers, merge_model
 from .cost import Cost, attention_projection_flops, count_cost
 from .kinds import detect_direct
+from .layers import is_thin
 from .spectra import energy_rank
 
 __all__ = [
@@ -279,8 +281,10 @@ class Budget(Policy):
     """The largest model within ``percent`` % of the uncut model's parameters (or FLOPs with
     ``measure="flops"``): singular values are dropped in :class:`Global`'s order (smallest
     sigma/sigma_max first, pooled over layers) until the cost fits. This is the smallest
-    ``Global`` fraction that meets the budget, found exactly instead of by bisection. When
-    even rank 1 everywhere does not fit, every layer keeps rank 1."""
+    ``Global`` fraction that meets the budget, found exactly instead of by bisection. A layer
+    whose cut must stay dense (its weight read by the model itself) saves nothing and is not
+    cut. When even rank 1 everywhere does not fit, every layer keeps rank 1 (the cut model's
+    ``lorita_budget`` says so)."""
 
     percent: float
     measure: str = "params"
@@ -327,6 +331,8 @@ class Budget(Policy):
         for n in _pooled_order(spectra):
             if total <= target:
                 break
+            if not costs.thin.get(n, True):
+                continue  # a layer that stays dense saves nothing when cut: keep it whole
             before = costs.layer(n, ranks[n])[self.measure]
             ranks[n] -= 1
             total += costs.layer(n, ranks[n])[self.measure] - before
@@ -451,7 +457,8 @@ class SVDCache:
     """The merged plain model and the thin SVD of every chosen layer, computed once.
 
     Args:
-        model: a plain, composed or truncated model; it is merged (copied) first.
+        model: a plain, composed or truncated model; it is merged (copied) first. A layer
+            cut before to rank r in its thin form keeps at most its r singular values.
         layers: names of the layers to truncate; default every Linear/Conv2d.
         example_input: an input batch, for policies that plan by cost (:class:`Budget`).
     """
@@ -463,6 +470,9 @@ class SVDCache:
         *,
         example_input: Tensor | None = None,
     ) -> None:
+        held = {  # a model cut before: its thin layers' ranks bound what a new cut keeps
+            n: m.rank for n, m in iter_layers(model) if is_thin(m) and m.rank is not None
+        }
         self.model = merge_model(model).eval()
         self.example_input = example_input
         if getattr(self.model, "lorita_direct", None) is None:  # which cuts must stay dense
@@ -477,7 +487,9 @@ class SVDCache:
         self.svd: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
         with torch.no_grad():
             for n in names:  # (G, m, n) per layer: G groups / q, k, v share one rank
-                self.svd[n] = kinds.layer_svd(available[n])
+                u, sv, vh = kinds.layer_svd(available[n])
+                r = held.get(n, sv.shape[-1])  # beyond a held rank the values are zero
+                self.svd[n] = (u[..., :r], sv[..., :r], vh[..., :r, :])
         self.spectra = {n: kinds.pooled_spectrum(s).float() for n, (_, s, _) in self.svd.items()}
         self.shapes = {n: (u.shape[-2], vh.shape[-1]) for n, (u, _, vh) in self.svd.items()}
         self.groups = {n: u.shape[0] for n, (u, _, _) in self.svd.items()}  # matrices per layer
@@ -533,6 +545,23 @@ def layer_svd(
     return SVDCache(model, layers, example_input=example_input)
 
 
+def as_policy(policy) -> Policy:
+    """A policy object, or its text (``"budget:10"``, see :func:`parse_policy`)."""
+    if isinstance(policy, str):
+        return parse_policy(policy)
+    if isinstance(policy, type) and issubclass(policy, Policy):
+        raise ValueError(
+            f"policy: pass an instance with its value, e.g. {policy.__name__}(...) or "
+            f"'{policy.name}:VALUE', got the class {policy.__name__}"
+        )
+    if not isinstance(policy, Policy):
+        raise ValueError(
+            f"policy: expected a policy ({', '.join(p.__name__ for p in POLICIES.values())}) "
+            f"or its text like 'global:0.5', got {type(policy).__name__}"
+        )
+    return policy
+
+
 def _cache(model, svd, layers) -> SVDCache:
     if svd is None:
         return SVDCache(model, layers)
@@ -555,8 +584,7 @@ def plan_ranks(
     Policies that plan by cost (``needs_costs``, e.g. :class:`Budget`) need ``example_input``
     (or an SVD cache built with one) and the ``form`` the model will be cut to.
     """
-    if not hasattr(policy, "plan"):
-        raise ValueError(f"policy: expected one of {', '.join(POLICIES)} policies, got {policy!r}")
+    policy = as_policy(policy)
     cache = _cache(model, svd, layers)
     if getattr(policy, "needs_costs", False):
         return policy.plan(cache.spectra, cache.costs(example_input, form))
@@ -595,7 +623,29 @@ def truncate(
     )
     new.lorita_ranks = dict(ranks)
     new.lorita_plan = plan
+    if isinstance(policy, Budget):
+        new.lorita_budget = _budget_facts(as_policy(policy), cache.costs(example_input), ranks)
     return new
+
+
+def _budget_facts(policy: Budget, costs: LayerCosts, ranks: dict[str, int]) -> dict:
+    """How a budget cut's planned cost compares with the budget (warns when it cannot fit)."""
+    got = costs.total(ranks)[policy.measure]
+    target = policy.target(costs)
+    facts = {
+        "measure": policy.measure,
+        "percent": float(policy.percent),
+        "kept_pct": 100.0 * got / max(1, costs.base[policy.measure]),
+        "met": bool(got <= target),
+    }
+    if not facts["met"]:
+        warnings.warn(
+            "budget: the cut cannot fit the budget (the smallest cut, every cut layer at rank 1 "
+            "or left whole where a cut saves nothing, keeps more); the model's lorita_budget "
+            "gives the share kept",
+            stacklevel=3,
+        )
+    return facts
 
 
 def _metric_value(result, key: str) -> float:

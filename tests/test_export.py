@@ -172,3 +172,29 @@ def test_is_lorita_file_reads_only_a_bounded_header(tmp_path):
     assert is_lorita_file(tmp_path / "ours.safetensors")
     for name in ("plain", "huge", "empty", "missing"):
         assert not is_lorita_file(tmp_path / f"{name}.safetensors")
+
+
+def test_sequential_models_keep_every_option_of_their_plain_modules(tmp_path):
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(2, 8), nn.ReLU6(),
+        nn.MaxPool2d(2, ceil_mode=True), nn.AvgPool2d(3, 1, 1, ceil_mode=True, count_include_pad=False),
+        nn.Hardswish(), nn.Dropout2d(0.1), nn.PReLU(8), nn.AdaptiveMaxPool2d(2), nn.Flatten(),
+        nn.Linear(32, 4), nn.ELU(0.5), nn.Softplus(2, 10), nn.LogSoftmax(1),
+    )  # fmt: skip
+    small = lt.truncate(lt.overparameterize(net, 3), lt.Uniform(0.5)).eval()
+    lt.save(small, tmp_path / "p.safetensors")
+    again = lt.load(tmp_path / "p.safetensors").eval()
+    assert again[3].ceil_mode and not again[4].count_include_pad and again[4].ceil_mode
+    x = torch.randn(2, 3, 15, 15)  # odd sides: ceil_mode changes the output
+    assert torch.equal(again(x), small(x))
+
+
+def test_load_says_what_a_file_that_is_not_safetensors_is(tmp_path):
+    net = nn.Sequential(nn.Linear(4, 4))
+    torch.save(net.state_dict(), tmp_path / "sd.pt")
+    with pytest.raises(ValueError, match="not a safetensors file: it looks like a torch.save"):
+        lt.load(tmp_path / "sd.pt")
+    lt.export_onnx(net, torch.randn(1, 4), tmp_path / "m.onnx")
+    with pytest.raises(ValueError, match="not a safetensors file: it looks like an ONNX model"):
+        lt.load(tmp_path / "m.onnx")

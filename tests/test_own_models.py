@@ -1,0 +1,172 @@
+"""Hand-written models as users write them: hooks on layers, layers kept in plain lists,
+weights asked only for their device or dtype, a model cut before, and the errors users see."""
+
+import pytest
+import torch
+import torch.nn.utils.prune as prune
+from torch import nn
+from torch.testing import assert_close
+
+import lorita as lt
+from lorita.layers import FactorLinear, LowRankLinear
+
+
+class Hooked(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 4)
+        self.handle = self.conv.register_forward_hook(lambda m, i, o: o * 2)
+        self.fc.register_forward_pre_hook(lambda m, args: (args[0] + 1,))
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x)).mean((2, 3)))
+
+
+def test_a_users_hooks_move_to_the_composed_merged_and_cut_layers():
+    torch.manual_seed(0)
+    net, x = Hooked().eval(), torch.randn(2, 3, 8, 8)
+    model = lt.overparameterize(net, 3).eval()
+    assert isinstance(model.fc, FactorLinear)
+    assert_close(model(x), net(x), rtol=1e-5, atol=1e-5)
+    assert_close(lt.merge_model(model)(x), net(x), rtol=1e-5, atol=1e-5)
+    full = lt.truncate(model, lt.Uniform(1.0))
+    assert_close(full(x), net(x), rtol=1e-5, atol=1e-5)
+    cut = lt.truncate(model, lt.Uniform(0.5))
+    assert isinstance(cut.fc, LowRankLinear) and cut.fc._forward_pre_hooks
+    model.handle.remove()  # the user's handle still removes the hook from the composed layer
+    assert not model.conv._forward_hooks
+
+
+def test_a_pruning_mask_is_baked_in_not_carried_as_a_hook():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    prune.l1_unstructured(net[0], "weight", 0.5)
+    x = torch.randn(3, 8)
+    model = lt.overparameterize(net, 3)
+    assert not model[0]._forward_pre_hooks
+    assert_close(model(x), net(x), rtol=1e-5, atol=1e-5)
+
+
+class Aliased(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([nn.Linear(8, 8) for _ in range(2)])
+        self.order = list(self.blocks)  # the forward calls these, not self.blocks
+        self._keep = {"first": (self.blocks[0],)}
+
+    @property
+    def first(self):
+        return self._keep["first"][0]
+
+    def forward(self, x):
+        x = self.first(x)
+        for b in self.order:
+            x = torch.relu(b(x))
+        return x
+
+
+def test_layers_kept_in_plain_lists_are_replaced_there_too(tmp_path):
+    torch.manual_seed(0)
+    net, x = Aliased(), torch.randn(2, 8)
+    model = lt.overparameterize(net, 3)
+    assert model.order[0] is model.blocks[0] and model.first is model.blocks[0]
+    assert_close(model(x), net(x), rtol=1e-5, atol=1e-5)
+    model(x).sum().backward()
+    assert all(f.grad is not None for f in model.blocks[0].factors)
+    cut = lt.truncate(model, lt.Uniform(0.25))
+    assert isinstance(cut.order[1], LowRankLinear) and cut.first is cut.blocks[0]
+    assert lt.count_cost(cut, x).flops < lt.count_cost(lt.merge_model(model), x).flops
+    lt.save(cut, tmp_path / "a.safetensors")
+    again = lt.load(tmp_path / "a.safetensors", model=Aliased())
+    assert_close(again(x), cut(x))
+
+
+class AsksForDevice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(64, 128), nn.Linear(128, 10), nn.Linear(10, 10)
+
+    def forward(self, x):
+        x = x.to(next(self.parameters()).device).to(self.fc2.weight.dtype).type_as(self.fc1.weight)
+        assert self.fc1.weight.shape[1] == x.shape[1] and self.fc1.weight.dim() == 2
+        return self.fc2(torch.relu(self.fc1(x))) @ self.fc3.weight.T  # fc3: read directly
+
+
+def test_reading_a_weights_device_or_dtype_is_not_reading_it_directly():
+    x = torch.randn(1, 64)
+    model = lt.overparameterize(AsksForDevice(), 3)
+    assert model.lorita_direct == ("fc3",)
+    small = lt.truncate(model, lt.Budget(30), example_input=x)
+    assert small.lorita_plan["fc1"]["form"] == "thin"
+    assert small.lorita_plan["fc3"]["form"] == "full"  # a dense cut saves nothing: kept whole
+    assert lt.count_cost(small, x).params <= 0.3 * lt.count_cost(lt.merge_model(model), x).params
+
+
+def test_a_budget_that_cannot_be_met_warns_and_says_what_it_kept():
+    net = nn.Sequential(nn.Embedding(50, 16), nn.Flatten(), nn.Linear(64, 32), nn.Linear(32, 4))
+    x = torch.zeros(2, 4, dtype=torch.long)
+    model = lt.overparameterize(net, 3, example_input=x)
+    with pytest.warns(UserWarning, match="budget: the cut cannot fit"):
+        small = lt.truncate(model, lt.Budget(10), example_input=x)
+    facts = small.lorita_budget
+    assert facts["met"] is False and facts["kept_pct"] > 10 and facts["percent"] == 10
+    fits = lt.truncate(model, lt.Budget(80), example_input=x).lorita_budget
+    assert fits["met"] is True and fits["kept_pct"] <= 80
+
+
+def test_a_cut_model_cut_again_keeps_at_most_its_ranks():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 10))
+    x = torch.randn(3, 64)
+    small = lt.truncate(lt.overparameterize(net, 3), lt.Uniform(0.25))
+    assert small.lorita_ranks == {"0": 16, "2": 2}
+    same = lt.truncate(small, lt.Uniform(1.0))
+    assert same.lorita_ranks == {"0": 16, "2": 2}
+    assert_close(same(x), small(x), rtol=1e-5, atol=1e-5)
+    assert lt.count_cost(same, x).params == lt.count_cost(small, x).params
+    half = lt.truncate(small, lt.Uniform(0.5))
+    assert half.lorita_ranks == {"0": 8, "2": 1}
+    assert lt.count_cost(half, x).params < lt.count_cost(small, x).params
+    with pytest.raises(
+        ValueError, match=r"layer '0' is already cut \(LowRankLinear\).*merge_model"
+    ):
+        lt.overparameterize(small, 3)
+    again = lt.overparameterize(lt.merge_model(small), 3)  # the advised way: same function
+    assert_close(again(x), small(x), rtol=1e-5, atol=1e-5)
+
+
+def test_policies_given_as_text_and_clear_errors_for_wrong_arguments():
+    net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    model = lt.overparameterize(net, 3)
+    assert (
+        lt.truncate(model, "uniform:0.5").lorita_ranks
+        == lt.truncate(model, lt.Uniform(0.5)).lorita_ranks
+    )
+    with pytest.raises(ValueError, match=r"policy: pass an instance .*Uniform\(\.\.\.\)"):
+        lt.truncate(model, lt.Uniform)
+    with pytest.raises(ValueError, match="policy: expected a policy"):
+        lt.truncate(model, 0.5)
+    with pytest.raises(ValueError, match="policy: expected NAME:VALUE"):
+        lt.truncate(model, "uniform")
+    with pytest.raises(ValueError, match="skip: expected a layer name or pattern"):
+        lt.overparameterize(net, 3, skip=0)
+    with pytest.raises(ValueError, match="model: expected a torch nn.Module, got function"):
+        lt.overparameterize(lambda x: x, 3)
+    with pytest.raises(ValueError, match=r"model: pass an instance \(Linear\(\.\.\.\)\)"):
+        lt.overparameterize(nn.Linear, 3)
+
+
+def test_an_input_the_model_refuses_is_named_in_the_error(tmp_path):
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.LazyLinear(4))
+    net(torch.randn(1, 3, 8, 8))
+    model = lt.overparameterize(net, 3)
+    bad = torch.randn(1, 4, 8, 8)
+    for call in (
+        lambda: lt.count_cost(model, bad),
+        lambda: lt.truncate(model, lt.Budget(30), example_input=bad),
+        lambda: lt.export_onnx(model, bad, tmp_path / "m.onnx"),
+    ):
+        with pytest.raises(ValueError, match=r"example_input: the model refused it \(RuntimeError"):
+            call()
+    assert not list(tmp_path.iterdir())
