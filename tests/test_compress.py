@@ -186,8 +186,9 @@ def test_bad_arguments(call, field, digits):
 def test_bad_recipe_and_policy(cz):
     with pytest.raises(ValueError, match="recipe"):
         cz.recipe(momentum=0.5)
-    with pytest.raises(ValueError, match="policy"):
-        cz.apply("global:0.5")
+    with pytest.raises(ValueError, match="policy: expected a policy"):
+        cz.apply(0.5)
+    assert cz.apply("global:0.5").plan == cz.apply(lt.Global(0.5)).plan  # text is a policy
     with pytest.raises(ValueError, match="policy"):
         cz.curve("magnitude")
 

@@ -7,6 +7,7 @@ import pickle
 
 import pytest
 import torch
+from torch import nn
 
 import lorita as lt
 from lorita.engine import checkpoint
@@ -323,3 +324,33 @@ def test_a_model_too_big_for_the_images_is_refused_before_the_run_with_the_size_
     with pytest.raises(ValueError, match="1x8x8 images of 'digits'.*pick a model built for"):
         check_start(TrainConfig(model="torchvision:alexnet"))
     check_start(TrainConfig(model="torchvision:resnet18"))  # runs on 8 px digits
+
+
+def test_init_from_refuses_files_that_would_train_nothing_with_the_reason(tmp_path):
+    from lorita.engine.build import check_weights, read_weights
+
+    net = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+    sd = net.state_dict()
+    floats = {k: v for k, v in sd.items() if v.is_floating_point()}
+    files = {
+        "nan.pt": (
+            {**sd, **{k: v * float("nan") for k, v in floats.items()}},
+            "holds NaN or infinity",
+        ),
+        "int.pt": ({**sd, **{k: v.long() for k, v in floats.items()}}, "holds int64 values"),
+        "sparse.pt": ({**sd, "0.weight": sd["0.weight"].to_sparse()}, "is not a dense tensor"),
+    }
+    for name, (state, why) in files.items():
+        torch.save(state, tmp_path / name)
+        with pytest.raises(ValueError, match=f"init_from: '0.weight'.*{why}"):
+            check_weights(net, read_weights(tmp_path / name, net))
+    (tmp_path / "empty.pt").write_bytes(b"")
+    (tmp_path / "notes.txt").write_text("hello")
+    lt.export_onnx(net.eval(), torch.randn(2, 4), tmp_path / "m.onnx")
+    for name, why in (
+        ("empty.pt", "is empty"),
+        ("notes.txt", "is neither a safetensors file nor a PyTorch state_dict"),
+        ("m.onnx", "is an ONNX model, which cannot be trained from"),
+    ):
+        with pytest.raises(ValueError, match=f"init_from: '.*{name}' {why}"):
+            read_weights(tmp_path / name, net)

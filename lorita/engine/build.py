@@ -4,6 +4,7 @@ model (optionally started from a weights file) composed with N factors."""
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -67,7 +68,11 @@ def _from_lorita_file(p: Path, model: nn.Module) -> dict[str, torch.Tensor]:
     from ..convert import merge_model
     from ..export import load, read_spec
 
-    if read_spec(p).get("folded"):
+    try:
+        folded = read_spec(p).get("folded")
+    except ValueError as e:
+        raise ValueError(f"init_from: {str(p)!r}: {e}") from None
+    if folded:
         raise ValueError(
             f"init_from: {str(p)!r} was saved for inference with BatchNorm folded into the "
             "layers; write it with the BatchNorms kept (`lorita export RUN --no-fold-bn`, or "
@@ -79,8 +84,10 @@ def _from_lorita_file(p: Path, model: nn.Module) -> dict[str, torch.Tensor]:
     try:
         rebuilt = load(p, model=arch)
     except ValueError as e:
-        raise ValueError(f"init_from: {e}") from None
-    return merge_model(rebuilt).state_dict()
+        raise ValueError(f"init_from: {str(p)!r}: {e}") from None
+    sd = merge_model(rebuilt).state_dict()
+    _check_values(sd, p)
+    return sd
 
 
 def read_weights(
@@ -97,15 +104,20 @@ def read_weights(
     p = Path(path)
     if not p.is_file():
         raise ValueError(f"init_from: {str(path)!r} is not a file")
+    what = _not_weights(p)
+    if what:
+        raise ValueError(f"init_from: {str(path)!r} {what}")
     if model is not None and p.suffix == ".safetensors" and is_lorita_file(p):
         return _from_lorita_file(p, model)
     try:
-        if p.suffix == ".safetensors":
+        if _is_safetensors(p):
             from safetensors.torch import load_file
 
             obj = load_file(str(p))
         else:
-            obj = torch.load(str(p), map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # torch's advice on weights_only: ours follows
+                warnings.simplefilter("ignore")
+                obj = torch.load(str(p), map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file is one clear error
         if "Weights only load failed" in str(e):
             raise ValueError(
@@ -113,9 +125,46 @@ def read_weights(
                 "model saved with torch.save(model)?), and is not unpickled; save "
                 "model.state_dict() instead, or a safetensors file"
             ) from None
-        raise ValueError(f"init_from: {str(path)!r} is not a readable weights file ({e})") from None
+        raise ValueError(
+            f"init_from: {str(path)!r} is neither a safetensors file nor a PyTorch state_dict "
+            f"({type(e).__name__}: {str(e)[:120]})"
+        ) from None
     sd = _unwrapped(obj, path)
+    _check_values(sd, path)
     return sd if model is None else _renamed(sd, set(model.state_dict()))
+
+
+def _not_weights(p: Path) -> str:
+    """Why a file is plainly not a weights file ("" when it may be one)."""
+    with open(p, "rb") as f:
+        head = f.read(64)
+    if not head:
+        return "is empty"
+    if head[:1] == b"\x08" and any(w in head.lower() for w in (b"pytorch", b"onnx")):
+        return (
+            "is an ONNX model, which cannot be trained from; pass the run's safetensors file "
+            "(lorita export RUN --no-fold-bn) or a state_dict"
+        )
+    return ""
+
+
+def _is_safetensors(p: Path) -> bool:
+    """A safetensors file: by its name, or by its header (8-byte length, then a JSON object)."""
+    if p.suffix == ".safetensors":
+        return True
+    with open(p, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{"
+
+
+def _check_values(sd: dict[str, torch.Tensor], path) -> None:
+    """Every tensor dense and finite: NaN or infinity would train nothing, and a sparse or
+    quantized tensor cannot be copied into a layer."""
+    for k, v in sd.items():
+        if v.layout != torch.strided or v.is_quantized:
+            raise ValueError(f"init_from: {k!r} in {str(path)!r} is not a dense tensor")
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            raise ValueError(f"init_from: {k!r} in {str(path)!r} holds NaN or infinity")
 
 
 def _first(names: list[str]) -> str:
@@ -132,6 +181,11 @@ def check_weights(model: nn.Module, sd: dict[str, torch.Tensor]) -> None:
             raise ValueError(
                 f"init_from: {k!r} has shape {tuple(v.shape)} in the file but "
                 f"{tuple(own[k].shape)} in the model"
+            )
+        if k in own and own[k].is_floating_point() and not v.is_floating_point():
+            raise ValueError(
+                f"init_from: {k!r} holds {str(v.dtype).removeprefix('torch.')} values in the "
+                "file; a weight needs floating-point values"
             )
     missing = [k for k in own if k not in sd]  # in the model's order: the first layer first
     extra = [k for k in sd if k not in own]
