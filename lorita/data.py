@@ -255,7 +255,8 @@ def _refuse_if_too_big(name: str, nbytes: int, what: str = "these options") -> N
 def check_dataset(
     name: str, root: str | os.PathLike | None = None, *, download: bool = True, **options
 ) -> str:
-    """Cheaply check that a dataset can be loaded, without reading its data.
+    """Cheaply check that a dataset can be loaded, without reading its data (a folder is listed
+    and each file's header read: empty files and files that are not images are named).
 
     Returns one line saying where the data will come from (``"local files in ..."``, ``"will
     download into ... (needs internet)"``, ``"folder ...: 3 classes, 120 images"``).
@@ -402,8 +403,9 @@ def load_dataset(
             rank, dim, num_classes, n_train, ...; folder: size, channels, test_fraction).
 
     Raises:
-        ValueError: unknown name or bad option; for a folder, no images, one class only, or a
-            file that is not a readable image (the message names it).
+        ValueError: unknown name or bad option; for a folder, no images, one class only, a
+            confusing train/ val/ test/ layout, a broken link, or a file that is not a readable
+            image (the message names it).
         DatasetUnavailable: files missing and no download possible.
     """
     options = validate_dataset(name, kw)
@@ -816,19 +818,53 @@ def _scan_folder(name: str) -> _FolderScan:
                 f"dataset {name!r}: {root} {what}; make a folder with one sub-folder of images "
                 f"per class (or train/, val/, test/ sub-folders, each with one per class)"
             )
-        train_dir = root / "train"
-        if train_dir.is_dir() and _subdirs(train_dir):
+        top = _subdirs(root)
+        splits = [p for p in _SPLITS if p in top]
+        if splits:
+            _check_split_layout(name, root, top, splits)
+            train_dir = root / "train"
             classes = _class_dirs(name, train_dir)
             parts = {"train": _class_files(name, train_dir, classes, classes)}
             for part in ("val", "test"):
-                if (root / part).is_dir():
-                    parts[part] = _class_files(name, root / part, _subdirs(root / part), classes)
+                if part in splits:
+                    sub = _subdirs(root / part)
+                    if not sub:
+                        raise DatasetUnavailable(
+                            f"dataset {name!r}: {root / part}/ has no class folders with "
+                            f"images; put its images in {part}/<class>/ with the classes of "
+                            f"train/ ({_some(classes)}), or remove {part}/"
+                        )
+                    parts[part] = _class_files(name, root / part, sub, classes)
         else:
             classes = _class_dirs(name, root)
             parts = {"train": _class_files(name, root, classes, classes)}
     except PermissionError as e:
         raise DatasetUnavailable(f"dataset {name!r}: {e.filename} is not readable") from None
     return _FolderScan(root, classes, parts)
+
+
+_SPLITS = ("train", "val", "test")
+
+
+def _some(names: list[str], k: int = 10) -> str:
+    return ", ".join(names[:k]) + (", ..." if len(names) > k else "")
+
+
+def _check_split_layout(name: str, root: Path, top: list[str], splits: list[str]) -> None:
+    """A folder with train/, val/ or test/ holds nothing else, and has a train/."""
+    if "train" not in splits:
+        have = " and ".join(f"{p}/" for p in splits)
+        raise DatasetUnavailable(
+            f"dataset {name!r}: {root} has {have} but no train/ folder; put the training "
+            f"images in train/<class>/ beside {splits[0]}/ (or, without train/, val/ and "
+            f"test/, use one sub-folder per class)"
+        )
+    others = [d for d in top if d not in _SPLITS]
+    if others:
+        raise DatasetUnavailable(
+            f"dataset {name!r}: {root} has train/ and also other folders ({_some(others)}): "
+            f"put the classes inside train/ (and val/, test/), or remove train/"
+        )
 
 
 def _subdirs(folder: Path) -> list[str]:
@@ -846,15 +882,25 @@ def _class_dirs(name: str, folder: Path) -> list[str]:
     return classes
 
 
-def _images_under(folder: Path) -> list[Path]:
+def _images_under(name: str, folder: Path) -> list[Path]:
+    """The image files under ``folder`` (sub-folders too, not followed through links), sorted;
+    a link to nothing (or to something that is not a file) is refused by name."""
     out = []
-    for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        out += [
-            Path(dirpath) / f
-            for f in sorted(filenames)
-            if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS)
-        ]
+    with os.scandir(folder) as it:
+        entries = sorted(it, key=lambda e: e.name)
+    for e in entries:
+        if e.name.startswith("."):
+            continue
+        if e.is_dir(follow_symlinks=False):
+            out += _images_under(name, Path(e.path))
+        elif e.name.lower().endswith(IMAGE_EXTENSIONS):
+            if not e.is_file():  # follows a link: false for a broken one
+                if e.is_dir():
+                    continue  # a linked folder is not walked (as before)
+                raise DatasetUnavailable(
+                    f"dataset {name!r}: {e.path} is a broken link (or unreadable)"
+                )
+            out.append(Path(e.path))
     return out
 
 
@@ -867,9 +913,9 @@ def _class_files(
         if c not in classes:
             raise DatasetUnavailable(
                 f"dataset {name!r}: {folder / c} is not a class of the training part "
-                f"({', '.join(classes[:10])}{', ...' if len(classes) > 10 else ''})"
+                f"({_some(classes)})"
             )
-        files = _images_under(folder / c)
+        files = _images_under(name, folder / c)
         if not files:
             raise DatasetUnavailable(
                 f"dataset {name!r}: {folder / c} has no images "
@@ -879,14 +925,40 @@ def _class_files(
     return out
 
 
+def _to_8bit(im):
+    """A 16-bit, 32-bit integer or float grey image as an 8-bit one ("L"), its range scaled
+    (``convert`` would clip every value above 255); other images unchanged. 16-bit modes are
+    divided by 257; 32-bit integers the same when they fit 16 bits, else by their own maximum;
+    floats in [0, 1] are multiplied by 255, others stretched from their own min..max."""
+    from PIL import Image
+
+    mode = im.mode
+    if not (mode.startswith("I;16") or mode in ("I", "F")):
+        return im
+    a = np.asarray(im).astype(np.float64)
+    a = np.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0)
+    lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+    if mode.startswith("I;16"):
+        a = a / 257
+    elif mode == "I":
+        a = a / 257 if hi <= 65535 else a * (255 / hi)
+    elif lo >= 0 and hi <= 1:
+        a = a * 255
+    else:
+        a = (a - lo) * (255 / (hi - lo)) if hi > lo else np.zeros_like(a)
+    return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L")
+
+
 def _read_image(name: str, path: Path, size: int, channels: int) -> np.ndarray:
-    """One image as (C, size, size) uint8: resized (shorter side) and centre-cropped."""
+    """One image as (C, size, size) uint8: resized (shorter side) and centre-cropped. 16-bit and
+    float images are scaled to 8 bits first (:func:`_to_8bit`)."""
     from PIL import Image, ImageOps
 
     mode = "RGB" if channels == 3 else "L"
     try:
         with Image.open(path) as im:
             im.draft(mode, (size, size))  # JPEG: decode at a reduced scale when possible
+            im = _to_8bit(im)
             im = ImageOps.fit(im.convert(mode), (size, size), Image.Resampling.BILINEAR)
             arr = np.asarray(im, dtype=np.uint8)
     except Exception as e:  # noqa: BLE001 - a broken or hostile file fails in many ways
@@ -894,6 +966,28 @@ def _read_image(name: str, path: Path, size: int, channels: int) -> np.ndarray:
             f"dataset {name!r}: {path} is not a readable image ({type(e).__name__}: {e})"
         ) from None
     return arr.reshape(size, size, channels).transpose(2, 0, 1)
+
+
+def _check_headers(name: str, scan: _FolderScan) -> None:
+    """Every listed file is non-empty and opens as an image (its header only: a file whose
+    pixels are cut short still fails later, at decoding, by name). About 0.1 ms a file."""
+    from PIL import Image
+
+    for files in scan.parts.values():
+        for path, _ in files:
+            try:
+                if path.stat().st_size == 0:
+                    raise DatasetUnavailable(
+                        f"dataset {name!r}: {path} is empty (0 bytes), not a readable image"
+                    )
+                with Image.open(path):
+                    pass
+            except DatasetUnavailable:
+                raise
+            except Exception as e:  # noqa: BLE001 - a broken or hostile file fails in many ways
+                raise DatasetUnavailable(
+                    f"dataset {name!r}: {path} is not a readable image ({type(e).__name__}: {e})"
+                ) from None
 
 
 def _read_part(name: str, files: list[tuple[Path, int]], size: int, channels: int):
@@ -916,17 +1010,22 @@ def _carve(n: int, share: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]
     return perm[:k].sort().values, perm[k:].sort().values
 
 
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2  # 2: 16-bit and float images scaled, not clipped
 
 
-def _cache_key(scan: _FolderScan, size: int, channels: int) -> str:
+def _cache_key(name: str, scan: _FolderScan, size: int, channels: int) -> str:
     """A digest of every file's path, size and modification time and the decoding options."""
     import hashlib
 
     h = hashlib.sha256(f"{_CACHE_VERSION}|{scan.root}|{size}|{channels}".encode())
     for part, files in sorted(scan.parts.items()):
         for path, label in files:
-            st = path.stat()
+            try:
+                st = path.stat()
+            except OSError:
+                raise DatasetUnavailable(
+                    f"dataset {name!r}: {path} is a broken link (or unreadable)"
+                ) from None
             h.update(f"|{part}|{path}|{label}|{st.st_size}|{st.st_mtime_ns}".encode())
     return h.hexdigest()[:32]
 
@@ -934,7 +1033,7 @@ def _cache_key(scan: _FolderScan, size: int, channels: int) -> str:
 def _decoded_parts(name: str, scan: _FolderScan, size: int, channels: int, root: Path) -> dict:
     """``{part: (x, y)}``, decoded once and kept in ``<data>/folder-cache/`` (plain .npz
     arrays, read without pickle); any change to a file, or to size/channels, decodes again."""
-    cache = root / "folder-cache" / f"{_cache_key(scan, size, channels)}.npz"
+    cache = root / "folder-cache" / f"{_cache_key(name, scan, size, channels)}.npz"
     try:
         with np.load(cache, allow_pickle=False) as z:
             return {
@@ -980,8 +1079,10 @@ def _folder_shape(name: str, **o) -> tuple[int, int, int]:
 
 
 def _check_folder(name: str, root: Path, download: bool, **o) -> str:
+    """The layout, the memory estimate, then every file's header (no pixels are decoded)."""
     scan = _scan_folder(name)
     _folder_refuse_if_too_big(name, scan, o["size"], o["channels"])
+    _check_headers(name, scan)
     n = {k: len(v) for k, v in scan.parts.items()}
     parts = ", ".join(f"{k} {v}" for k, v in n.items())
     return f"folder {scan.root}: {len(scan.classes)} classes, {scan.count()} images ({parts})"

@@ -363,9 +363,114 @@ def test_an_unreadable_image_is_named(tmp_path):
     root = _folder(tmp_path / "imgs")
     bad = root / "dog" / "broken.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
-    assert "19 images" in check_dataset(f"folder:{root}")  # cheap: files are not opened
+    with pytest.raises(DatasetUnavailable, match="broken.png is not a readable image"):
+        check_dataset(f"folder:{root}")
     with pytest.raises(DatasetUnavailable, match="broken.png is not a readable image"):
         load_dataset(f"folder:{root}")
+
+
+def test_unreadable_files_are_found_before_a_run_by_their_header(tmp_path):
+    """Empty files and files that do not open as images are refused by check_dataset (and so
+    by the checks before a run); a file cut short after a good header fails at decoding, named."""
+    from lorita.data import check_dataset
+    from lorita.engine.config import TrainConfig
+    from lorita.engine.preflight import check_start
+
+    for bad, data, needle in [
+        ("zero.png", b"", "zero.png is empty \\(0 bytes\\)"),
+        ("junk.jpg", b"this is not a jpeg" * 5, "junk.jpg is not a readable image"),
+    ]:
+        root = _folder(tmp_path / bad.split(".")[0], per_class=2)
+        (root / "dog" / bad).write_bytes(data)
+        with pytest.raises(DatasetUnavailable, match=needle):
+            check_dataset(f"folder:{root}")
+        with pytest.raises(DatasetUnavailable, match=needle):
+            check_start(TrainConfig(model="mlp", dataset=f"folder:{root}"))
+    root = _folder(tmp_path / "cut", per_class=2)
+    whole = (root / "cat" / "1.png").read_bytes()
+    (root / "cat" / "1.png").write_bytes(whole[: len(whole) // 2])  # header intact
+    assert "6 images" in check_dataset(f"folder:{root}")
+    with pytest.raises(DatasetUnavailable, match=r"cat/1.png is not a readable image"):
+        load_dataset(f"folder:{root}")
+
+
+def test_a_broken_link_is_named_while_listing(tmp_path):
+    from lorita.data import check_dataset, dataset_shape
+
+    root = _folder(tmp_path / "imgs", per_class=2)
+    os.symlink(tmp_path / "nowhere.png", root / "cat" / "gone.png")
+    os.symlink(root / "dog" / "1.png", root / "cat" / "alias.png")  # a working link is fine
+    for f in (check_dataset, dataset_shape, load_dataset):
+        with pytest.raises(DatasetUnavailable, match=r"cat/gone.png is a broken link"):
+            f(f"folder:{root}")
+    (root / "cat" / "gone.png").unlink()
+    assert "7 images" in check_dataset(f"folder:{root}")
+
+
+def test_empty_val_or_test_folders_are_refused(tmp_path):
+    from lorita.data import check_dataset
+
+    for part, loose in [("val", False), ("test", False), ("val", True)]:
+        root = _folder(tmp_path / f"{part}{loose}", per_class=2, part="train")
+        (root / part).mkdir()
+        if loose:
+            _image(root / part / "stray.png")
+        for f in (check_dataset, load_dataset):
+            with pytest.raises(DatasetUnavailable) as e:
+                f(f"folder:{root}")
+            assert f"{part}/ has no class folders with images" in str(e.value)
+            assert str(root / part) in str(e.value)
+
+
+def test_confusing_split_layouts_are_refused(tmp_path):
+    from lorita.data import check_dataset
+
+    beside = _folder(tmp_path / "beside", per_class=2, part="train")
+    _folder(beside, classes=("owl", "yak"), per_class=1)
+    with pytest.raises(DatasetUnavailable) as e:
+        check_dataset(f"folder:{beside}")
+    want = "has train/ and also other folders (owl, yak): put the classes inside train/ (and "
+    assert f"{beside} {want}val/, test/), or remove train/" in str(e.value)
+    only_val = _folder(tmp_path / "onlyval", per_class=2, part="val")
+    with pytest.raises(DatasetUnavailable, match="has val/ but no train/ folder.*beside val/"):
+        check_dataset(f"folder:{only_val}")
+    _folder(only_val, per_class=1, part="test")
+    with pytest.raises(DatasetUnavailable, match="has val/ and test/ but no train/ folder"):
+        load_dataset(f"folder:{only_val}")
+
+
+def test_16_bit_and_float_images_are_scaled_not_clipped(tmp_path):
+    from PIL import Image
+
+    from lorita.data import _read_image
+
+    ramp = np.linspace(0, 1, 64)[None, :].repeat(64, 0)  # dark to bright, left to right
+    cases = {
+        "g16.png": (ramp * 65535).astype(np.uint16),  # mode I;16
+        "g32.tif": (ramp * 65535).astype(np.int32),  # mode I within 16 bits
+        "big32.tif": (ramp * 10**6).astype(np.int32),  # mode I beyond 16 bits: its own max
+        "unit.tif": ramp.astype(np.float32),  # mode F in [0, 1]
+        "wide.tif": (ramp * 3000 - 500).astype(np.float32),  # mode F: its own min..max
+    }
+    for fname, arr in cases.items():
+        Image.fromarray(arr).save(tmp_path / fname)
+        for channels in (1, 3):
+            x = _read_image("t", tmp_path / fname, 16, channels).astype(int)
+            assert x.shape == (channels, 16, 16), fname
+            row = x[0, 8]
+            assert (np.diff(row) >= 0).all() and len(np.unique(row)) >= 12, (fname, row)
+            assert row[0] <= 12 and row[-1] >= 243, (fname, row)  # the whole range, not clipped
+            assert (x == x[:1]).all()  # grey replicated to every channel
+    root = tmp_path / "deep"  # and through the loader, with its cache
+    for c, scale in (("dim", 0.25), ("bright", 1.0)):
+        for i in range(3):
+            (root / c).mkdir(parents=True, exist_ok=True)
+            Image.fromarray((ramp * scale * 65535).astype(np.uint16)).save(root / c / f"{i}.png")
+    s = load_dataset(f"folder:{root}", size=8, channels=1, normalize=False, test_fraction=0.34)
+    x = torch.cat([s.train.x, s.val.x, s.test.x]).float()
+    y = torch.cat([s.train.y, s.val.y, s.test.y])
+    dim = s.classes.index("dim")
+    assert x.max() >= 230 and 50 <= x[y == dim].max() <= 70 and len(x.unique()) >= 10
 
 
 def test_folder_memory_is_estimated_before_reading(tmp_path, monkeypatch):
