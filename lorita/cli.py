@@ -34,6 +34,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
 __all__ = ["main", "build_parser", "UsageError"]
@@ -319,6 +320,15 @@ def _add_runs_dir(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_data_dir(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--data-dir",
+        metavar="DIR",
+        type=_folder_arg("--data-dir"),
+        help="data folder for this command (default $LORITA_DATA)",
+    )
+
+
 def _add_train(sub) -> None:
     t = sub.add_parser("train", help="train a model and write a run folder")
     t.set_defaults(func=cmd_train)
@@ -329,12 +339,7 @@ def _add_train(sub) -> None:
         help="a JSON TrainConfig; flags override it",
     )
     _add_runs_dir(t)
-    t.add_argument(
-        "--data-dir",
-        metavar="DIR",
-        type=_folder_arg("--data-dir"),
-        help="data folder (default $LORITA_DATA)",
-    )
+    _add_data_dir(t)
     t.add_argument(
         "--name", type=_text("--name"), help="run name (default dataset-model-N<n>-<time>)"
     )
@@ -363,7 +368,7 @@ def _policy_value(cls):
     def conv(s: str):
         from .truncation import make_policy
 
-        v = _number(f"--{cls.name}", "float")(s)
+        v = _number(f"--{cls.name}", "float", cls.low, cls.high)(s)
         try:
             return make_policy(cls, v)
         except ValueError as e:
@@ -380,9 +385,16 @@ def _policy_text(flag: str):
         if s.strip().lower() == "none":
             return None
         try:
-            return parse_policy(s)
+            policy = parse_policy(s)
         except ValueError as e:
             raise argparse.ArgumentTypeError(str(e)) from None
+        cls = type(policy)
+        v = getattr(policy, cls.value_name) if cls.value_name else None
+        if v is not None and not cls.low <= v <= cls.high:  # the bounds of its own flag
+            raise argparse.ArgumentTypeError(
+                f"{cls.name}: {v:g} is not in [{cls.low:g}, {cls.high:g}] (see --{cls.name})"
+            )
+        return policy
 
     return conv
 
@@ -478,6 +490,7 @@ def _add_finetune(p: argparse.ArgumentParser) -> None:
 def _add_compress(sub) -> None:
     c = sub.add_parser("compress", help="truncate a trained run and report accuracy and cost")
     c.set_defaults(func=cmd_compress)
+    _add_data_dir(c)
     _add_model_source(c)
     _add_policy_flags(c)
     _add_finetune(c)
@@ -522,6 +535,7 @@ def _add_compare(sub) -> None:
         "compare", help="LoRITa's cut against the SVD cut and pruning of the N=1 baseline"
     )
     c.set_defaults(func=cmd_compare)
+    _add_data_dir(c)
     c.add_argument("run", type=_text("RUN"))
     c.add_argument(
         "--baseline",
@@ -558,9 +572,15 @@ def _add_compare(sub) -> None:
 def _add_export(sub) -> None:
     e = sub.add_parser("export", help="write a run's model as safetensors or ONNX")
     e.set_defaults(func=cmd_export)
+    _add_data_dir(e)
     _add_model_source(e)
     _add_policy_flags(e, required=False)
-    e.add_argument("--format", choices=["safetensors", "onnx"], default="safetensors")
+    e.add_argument(
+        "--format",
+        choices=["safetensors", "onnx"],
+        default=None,
+        help="the file's format (default: from --out's extension, .onnx or else safetensors)",
+    )
     e.add_argument("--out", required=True, metavar="FILE", type=_out_path("--out"))
     _add_fold_bn(e, "the file")
 
@@ -791,11 +811,6 @@ def _data_dir(path):
 
 
 def cmd_train(args) -> int:
-    with _data_dir(args.data_dir):
-        return _cmd_train(args)
-
-
-def _cmd_train(args) -> int:
     from .runs import validate_name
 
     threads = args.threads if args.threads is not None else "auto"
@@ -1008,9 +1023,14 @@ def _run_row(s: dict) -> list:
 
 
 def cmd_stop(args) -> int:
+    from .runs import ACTIVE
+
     run = _get_run(args, args.run)
+    state = run.status().get("state")
+    if state not in ACTIVE:
+        raise UsageError(f"run {run.name!r} is not training ({state}): there is nothing to stop")
     run.request_stop()
-    print(f"stop requested: {run.name} ({run.status().get('state')})")
+    print(f"stop requested: {run.name} ({state})")
     return 0
 
 
@@ -1341,7 +1361,21 @@ def _shape(cz) -> list[int]:
     return list(cz.example_input.shape[1:])
 
 
+def _export_format(args) -> str:
+    """--format, else the one --out's extension names; a clash of the two is refused."""
+    suffix = Path(args.out).suffix.lower()
+    named = {".onnx": "onnx", ".safetensors": "safetensors"}.get(suffix)
+    fmt = args.format or named or "safetensors"
+    if named and named != fmt:
+        raise UsageError(
+            f"--out: {_short(str(args.out))!r} ends in {suffix} but --format is {fmt}; "
+            f"name the file .{'onnx' if fmt == 'onnx' else 'safetensors'} or drop --format"
+        )
+    return fmt
+
+
 def cmd_export(args) -> int:
+    args.format = _export_format(args)
     cut = args.policy is not None or args.max_drop is not None
     cz = _compressor(args, cut=cut)
     if not cut:
@@ -1388,11 +1422,30 @@ def _fail(message) -> int:
     return 2
 
 
+def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning as one line on stderr, like the errors (no source line)."""
+    try:
+        print(f"lorita: warning: {_one_line(message)}", file=sys.stderr)
+    except (OSError, ValueError):
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command; the exit code is 0, 1 (training failed) or 2 (bad input)."""
+    with warnings.catch_warnings():
+        warnings.showwarning = _warning_line
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        return args.func(args)
+        with _data_dir(getattr(args, "data_dir", None)):
+            return args.func(args)
+    except BrokenPipeError:  # `lorita runs | head`: the reader has what it wanted
+        with contextlib.suppress(OSError, ValueError):  # and Python's last flush goes nowhere
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (UsageError, argparse.ArgumentTypeError) as e:
         return _fail(e)
     except (ValueError, OSError) as e:  # includes DatasetUnavailable and JSON errors

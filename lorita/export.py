@@ -711,6 +711,9 @@ def _apply_layers(model: nn.Module, spec: dict) -> nn.Module:
             raise _fail("spec", str(e)) from None
     if spec.get("ranks"):
         model.lorita_ranks = spec["ranks"]
+    unknown = [n for n in spec.get("direct", []) if n not in table]
+    if unknown:
+        raise _fail("spec.direct", f"{unknown[0][:80]!r} is not a layer of this model")
     model.lorita_direct = tuple(spec.get("direct", []))
     model.lorita_spec = spec
     return model

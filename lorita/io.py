@@ -15,10 +15,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import threading
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 __all__ = [
     "append_jsonl",
@@ -80,9 +83,51 @@ def kill_now() -> None:
 # --------------------------------------------------------------------------- whole files
 
 
+def process_alive(pid: Any, started: Any = None) -> bool:
+    """Whether process ``pid`` exists here (and, given ``started``, is the one started then)."""
+    if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return False
+        if isinstance(started, int | float) and abs(proc.create_time() - started) > 1.0:
+            return False  # the pid was reused by another process
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.Error:
+        return True
+    return True
+
+
 def temp_beside(path: Path, suffix: str = ".tmp") -> Path:
-    """A temporary name in the same folder, unique per process and thread (a dot-file)."""
+    """A temporary name in the same folder, unique per process and thread (a dot-file).
+
+    Temporary files for the same ``path`` left by a process that died mid-write (killed
+    before its rename) are removed first, so a killed export or save leaves nothing behind
+    once the next one runs."""
+    _remove_dead_temps(path)
     return path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}{suffix}")
+
+
+def _remove_dead_temps(path: Path) -> None:
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.(\d+)\.\d+\.[A-Za-z0-9]+")
+    try:
+        with os.scandir(path.parent) as entries:
+            dead = [
+                e.path
+                for e in entries
+                if e.name.startswith(f".{path.name}.")
+                and (m := pattern.fullmatch(e.name))
+                and not process_alive(int(m.group(1)))
+            ]
+    except OSError:
+        return
+    for p in dead:
+        try:
+            os.unlink(p)
+        except OSError:
+            pass
 
 
 def fsync_dir(path: str | os.PathLike) -> None:

@@ -44,6 +44,7 @@ from filelock import FileLock, Timeout
 from .io import (
     append_jsonl,
     fault,
+    process_alive,
     read_json,
     read_jsonl,
     read_jsonl_from,
@@ -112,23 +113,6 @@ def _num(v: Any, default: float = 0.0) -> float:
         return default
     v = float(v)
     return v if math.isfinite(v) else default
-
-
-def process_alive(pid: Any, started: Any = None) -> bool:
-    """Whether process ``pid`` exists here (and, given ``started``, is the one started then)."""
-    if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        proc = psutil.Process(pid)
-        if proc.status() == psutil.STATUS_ZOMBIE:
-            return False
-        if isinstance(started, int | float) and abs(proc.create_time() - started) > 1.0:
-            return False  # the pid was reused by another process
-    except psutil.NoSuchProcess:
-        return False
-    except psutil.Error:
-        return True
-    return True
 
 
 def _process_started(pid: int) -> float | None:
@@ -396,10 +380,12 @@ class Run:
             raise ValueError(f"run {self.name!r} is still {st.get('state')} (pid {st.get('pid')})")
 
     def begin_resume(self) -> None:
-        """Check the run may be resumed, take the writer lock and mark it queued (resuming)."""
+        """Check the run may be resumed, take the writer lock, drop a stale STOP request and
+        mark it queued (resuming)."""
         self.check_resumable()
         self.hold()
         self.check_resumable()  # checked again under the lock
+        self.consume_stop()  # a stop asked of an earlier attempt (the run was not live)
         self.update_status(state="queued", message="resuming", ended=None, **_me())
 
     def update_status(self, **fields) -> dict:

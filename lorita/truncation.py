@@ -420,6 +420,8 @@ def _parse_ranks(text: str) -> Ranks:
         layer, sep, r = item.partition("=")
         if not sep or not r.strip().isdigit():
             raise ValueError(f"policy: expected ranks:LAYER=RANK,LAYER=RANK, got item {item!r}")
+        if layer.strip() in ranks:
+            raise ValueError(f"policy: layer {layer.strip()!r} is given two ranks")
         ranks[layer.strip()] = int(r)
     return Ranks(ranks)
 
@@ -639,10 +641,11 @@ def _budget_facts(policy: Budget, costs: LayerCosts, ranks: dict[str, int]) -> d
         "met": bool(got <= target),
     }
     if not facts["met"]:
+        what = "parameters" if policy.measure == "params" else "FLOPs"
         warnings.warn(
-            "budget: the cut cannot fit the budget (the smallest cut, every cut layer at rank 1 "
-            "or left whole where a cut saves nothing, keeps more); the model's lorita_budget "
-            "gives the share kept",
+            f"budget: {policy.percent:g}% of the {what} cannot be reached; the smallest cut (each "
+            f"cut layer at rank 1, or whole where a cut saves nothing) keeps "
+            f"{facts['kept_pct']:.1f}%",
             stacklevel=3,
         )
     return facts

@@ -62,6 +62,12 @@ def _one_line_error(capsys, argv, *needles):
         (["compress", "nope", "--uniform", "0.5"], ["no run named 'nope'"]),
         (["export", "nope", "--format", "onnx", "--out", "x.onnx"], ["no run named 'nope'"]),
         (["compress", "x"], ["one of the arguments"]),
+        (["compress", "x", "--uniform", "0.001"], ["--uniform", "not in [0.01, 1]"]),
+        (["compress", "x", "--policy", "budget:1e-300"], ["budget", "not in [1, 100]"]),
+        (["compress", "x", "--policy", "ranks:fc1=4,fc1=5"], ["'fc1' is given two ranks"]),
+        (["compress", "nope", "--uniform", "0.5", "--data-dir", "."], ["no run named 'nope'"]),
+        (["export", "x", "--format", "onnx", "--out", "x.safetensors"], ["but --format is onnx"]),
+        (["export", "nope", "--out", "x.onnx", "--data-dir", "."], ["no run named 'nope'"]),
     ],
 )
 def test_bad_input_exits_2_with_one_line(capsys, tmp_path, argv, needles):
@@ -342,10 +348,20 @@ def test_export_takes_the_policy_flags_of_compress(runs_dir, tmp_path, capsys):
     )
 
 
-def test_stop_command_writes_the_stop_file(runs_dir, capsys):
-    assert main(["stop", "r1", "--runs-dir", str(runs_dir)]) == 0
-    assert (runs_dir / "r1" / "STOP").exists()
-    (runs_dir / "r1" / "STOP").unlink()
+def test_stop_command_writes_the_stop_file_of_a_live_run_only(runs_dir, capsys):
+    from lorita.runs import Run, _me
+
+    _one_line_error(capsys, ["stop", "r1", "--runs-dir", str(runs_dir)], "is not training")
+    assert not (runs_dir / "r1" / "STOP").exists()
+    run = Run(runs_dir / "r1")
+    before = run.raw_status()
+    run.update_status(state="running", **_me())  # as if this process trained it
+    try:
+        assert main(["stop", "r1", "--runs-dir", str(runs_dir)]) == 0
+        assert (runs_dir / "r1" / "STOP").exists()
+    finally:
+        (runs_dir / "r1" / "STOP").unlink(missing_ok=True)
+        run.update_status(**before)
 
 
 def _cli(*args, **kw):

@@ -322,6 +322,7 @@ def _compress_cases(world) -> list:
         "--finetune-lr": _bad_numbers("float", {"min": 0, "max": 10, "min_open": True}),
         "--out": ["", str(files / "a_dir"), "/nonexistent/x.safetensors", LONG],
         "--runs-dir": ["", str(files / "text.json"), LONG],
+        "--data-dir": ["", str(files / "text.json"), LONG],
     }
     for flag, values in opts.items():  # the same for compress and export
         pol = [] if flag == "--max-drop" else ok
@@ -330,7 +331,9 @@ def _compress_cases(world) -> list:
     out = ["--out", str(files / "m.onnx")]
     cases += [(["export", "fake", *c, *out], n) for c, n in _policy_cases()]  # compress's flags
     cases += [(["export", "fake", *both, *out], ("not allowed with",))]
-    for flag in ("--max-drop", "--search", "--form", "--form-by", "--form-batch", "--which"):
+    for flag in (
+        "--max-drop", "--search", "--form", "--form-by", "--form-batch", "--which", "--data-dir",
+    ):  # fmt: skip
         cases += [(["export", "fake", *out, flag, v], (flag,)) for v in opts[flag]]
     cases += [
         (["export", "fake", *out, "--runs-dir", v], ("--runs-dir",)) for v in opts["--runs-dir"]
@@ -353,6 +356,7 @@ def _other_command_cases(world) -> list:
         "--methods": ["", "nope", "lorita,nope", ",", LONG],
         "--measure": ["", "bytes", "PARAMS"],
         "--which": ["", "worst"],
+        "--data-dir": ["", str(files / "text.json"), LONG],
     }.items():
         cases += [(["compare", "fake", flag, v], (flag,)) for v in values]
     out = ["--out", str(files / "m.safetensors")]

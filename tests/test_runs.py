@@ -282,7 +282,9 @@ def test_resume_checks_refuse_a_completed_run_before_writing(tmp_path):
         run.begin_resume()
     assert (run.path / "status.json").read_bytes() == before
     run.update_status(state="stopped")
+    run.request_stop()  # asked of the attempt that ended: not of the resumed one
     run.begin_resume()
+    assert not run.stop_requested()
     st = run.raw_status()
     assert st["state"] == "queued" and st["message"] == "resuming" and st["pid"] == os.getpid()
     run.release()
@@ -316,3 +318,21 @@ def test_read_new_returns_only_complete_new_lines(tmp_path):
     assert [r["step"] for r in rows] == [1] and off3 < off2
     with pytest.raises(ValueError, match="kind"):
         run.read_new("../x", 0)
+
+
+def test_a_write_removes_the_temp_files_a_killed_writer_left_for_the_same_file(tmp_path):
+    from lorita.io import atomic_write_bytes
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    dead, live = proc.pid, os.getpid()
+    stale = [tmp_path / f".model.onnx.{dead}.140.onnx", tmp_path / f".model.onnx.{dead}.9.tmp"]
+    kept = [
+        tmp_path / f".model.onnx.{live}.3.tmp",  # a live writer's
+        tmp_path / f".other.onnx.{dead}.1.tmp",  # another file's: its own write cleans it
+    ]
+    for p in stale + kept:
+        p.write_bytes(b"half")
+    atomic_write_bytes(tmp_path / "model.onnx", b"whole")
+    assert (tmp_path / "model.onnx").read_bytes() == b"whole"
+    assert not any(p.exists() for p in stale) and all(p.exists() for p in kept)
