@@ -911,7 +911,9 @@ def load_bytes(data: bytes, *, model: nn.Module | None = None) -> nn.Module:
 
 def onnx_input_names(x: inputs.Example) -> list[str]:
     """The graph's input names: ``input``, then ``input_1``, ``input_2``... for a model with
-    several inputs."""
+    several inputs; the argument names for keyword inputs (a dict)."""
+    if isinstance(x, dict):
+        return list(x)
     return ["input"] + [f"input_{i}" for i in range(1, len(inputs.as_args(x)))]
 
 
@@ -919,16 +921,17 @@ def _onnx_torchscript(model: nn.Module, x: inputs.Example, path: Path, opset: in
     names = onnx_input_names(x)
     axes = {name: {0: "batch"} for name in names} | {"output": {0: "batch"}}
     torch.onnx.export(
-        model, inputs.as_args(x), path, dynamic_axes=axes, dynamo=False, opset_version=opset,
-        input_names=names, output_names=["output"],
+        model, inputs.as_args(x), path, kwargs=inputs.as_kwargs(x) or None, dynamic_axes=axes,
+        dynamo=False, opset_version=opset, input_names=names, output_names=["output"],
     )  # fmt: skip
 
 
 def _onnx_dynamo(model: nn.Module, x: inputs.Example, path: Path, opset: int) -> None:
     batch = torch.export.Dim("batch", min=1)
-    args = inputs.as_args(x)
+    args, kwargs = inputs.as_args(x), inputs.as_kwargs(x)
+    shapes = {k: {0: batch} for k in kwargs} if kwargs else tuple({0: batch} for _ in args)
     torch.onnx.export(
-        model, args, path, dynamic_shapes=tuple({0: batch} for _ in args), dynamo=True,
+        model, args, path, kwargs=kwargs or None, dynamic_shapes=shapes, dynamo=True,
         external_data=False, verbose=False, opset_version=opset,
         input_names=onnx_input_names(x), output_names=["output"],
     )  # fmt: skip

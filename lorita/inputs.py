@@ -1,9 +1,10 @@
-"""A model's example input: one tensor, or a tuple of tensors for a model that takes several.
+"""A model's example input: one tensor, a tuple of tensors for a model that takes several,
+or a dict of tensors passed by keyword (``forward(self, x, *, mask)``).
 
 Every function of the library that runs a model on an example (tracing, counting, timing,
 exporting) reads it through this module, so a model whose ``forward(x, y)`` takes two inputs
-works wherever a one-input model does: pass ``example_input=(x, y)``. Each tensor's first
-dimension is the batch.
+works wherever a one-input model does: pass ``example_input=(x, y)``, or
+``example_input={"x": x, "mask": mask}``. Each tensor's first dimension is the batch.
 """
 
 from __future__ import annotations
@@ -14,28 +15,42 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
-#: One tensor, or a tuple of tensors passed as positional arguments.
-Example = Tensor | tuple[Tensor, ...]
+#: One tensor, a tuple of tensors passed as positional arguments, or a dict of tensors passed
+#: as keyword arguments.
+Example = Tensor | tuple[Tensor, ...] | dict[str, Tensor]
+
+
+def _tensors(x) -> list | None:
+    """The tensors of a tuple or dict example (None for anything else)."""
+    if isinstance(x, tuple):
+        return list(x)
+    if isinstance(x, dict) and all(isinstance(k, str) and k.isidentifier() for k in x):
+        return list(x.values())
+    return None
 
 
 def check_example(x, field: str = "example_input") -> Example:
-    """``x`` itself when it is a tensor or a non-empty tuple of tensors (each with a batch
-    dimension), else a ValueError naming ``field``."""
-    if isinstance(x, Tensor) and x.dim() > 0:
-        return x
-    if isinstance(x, tuple) and x and all(isinstance(t, Tensor) and t.dim() > 0 for t in x):
-        return x
-    if isinstance(x, Tensor) or (
-        isinstance(x, tuple) and x and all(isinstance(t, Tensor) for t in x)
-    ):
+    """``x`` itself when it is a tensor, or a non-empty tuple or dict (str keys) of tensors,
+    each with a batch dimension; else a ValueError naming ``field``."""
+    if isinstance(x, Tensor):
+        if x.dim() > 0:
+            return x
         raise ValueError(f"{field}: every tensor needs a batch dimension (got a 0-d tensor)")
-    if not isinstance(x, tuple):
-        got = type(x).__name__
+    items = _tensors(x)
+    if items and all(isinstance(t, Tensor) for t in items):
+        if all(t.dim() > 0 for t in items):
+            return x
+        raise ValueError(f"{field}: every tensor needs a batch dimension (got a 0-d tensor)")
+    if items is None:
+        got = (
+            "a dict whose keys are not argument names" if isinstance(x, dict) else type(x).__name__
+        )
     else:
-        got = "a tuple holding something else than tensors" if x else "an empty tuple"
+        kind = type(x).__name__
+        got = f"a {kind} holding something else than tensors" if items else f"an empty {kind}"
     raise ValueError(
-        f"{field}: expected a tensor, or a tuple of tensors for a model with several "
-        f"inputs, got {got}"
+        f"{field}: expected a tensor, or a tuple of tensors (positional) or a dict of tensors "
+        f"(keyword arguments) for a model with several inputs, got {got}"
     )
 
 
@@ -49,23 +64,39 @@ def is_example(x) -> bool:
 
 
 def call(model: nn.Module, x: Example):
-    """``model(x)``, or ``model(*x)`` for a tuple of inputs."""
+    """``model(x)``, ``model(*x)`` for a tuple of inputs, ``model(**x)`` for a dict."""
+    if isinstance(x, dict):
+        return model(**x)
     return model(*x) if isinstance(x, tuple) else model(x)
 
 
 def as_args(x: Example) -> tuple[Tensor, ...]:
-    """The positional arguments ``x`` stands for."""
+    """The positional arguments ``x`` stands for (none for a dict)."""
+    if isinstance(x, dict):
+        return ()
     return x if isinstance(x, tuple) else (x,)
 
 
+def as_kwargs(x: Example) -> dict[str, Tensor]:
+    """The keyword arguments ``x`` stands for (none unless it is a dict)."""
+    return dict(x) if isinstance(x, dict) else {}
+
+
+def tensors(x: Example) -> list[Tensor]:
+    """Every input tensor, in order."""
+    return list(x.values()) if isinstance(x, dict) else list(as_args(x))
+
+
 def each(fn: Callable[[Tensor], Tensor], x: Example) -> Example:
-    """``fn`` applied to the tensor, or to each tensor of the tuple."""
+    """``fn`` applied to the tensor, or to each tensor of the tuple or dict."""
+    if isinstance(x, dict):
+        return {k: fn(t) for k, t in x.items()}
     return tuple(fn(t) for t in x) if isinstance(x, tuple) else fn(x)
 
 
 def lead(x: Example) -> Tensor:
     """The first input (the one whose dtype, device and layout stand for all)."""
-    return x[0] if isinstance(x, tuple) else x
+    return tensors(x)[0]
 
 
 def rows(x: Example, batch: int) -> Example:
@@ -74,17 +105,21 @@ def rows(x: Example, batch: int) -> Example:
 
 
 def key(x: Example) -> tuple:
-    """A hashable description (shapes and dtypes) of what ``x`` looks like."""
-    return tuple((tuple(t.shape), t.dtype) for t in as_args(x))
+    """A hashable description (names, shapes and dtypes) of what ``x`` looks like."""
+    names = list(x) if isinstance(x, dict) else [None] * len(as_args(x))
+    return tuple((n, tuple(t.shape), t.dtype) for n, t in zip(names, tensors(x)))
 
 
 def shape_words(x: Example) -> str:
-    """``(2, 3, 64, 64)``, or ``(2, 8) and (2, 6)`` for several inputs (for messages)."""
+    """``(2, 3, 64, 64)``, ``(2, 8) and (2, 6)`` for several inputs, ``x (2, 8) and mask
+    (2, 8)`` for keyword inputs (for messages)."""
+    if isinstance(x, dict):
+        return " and ".join(f"{k} {tuple(t.shape)}" for k, t in x.items())
     return " and ".join(str(tuple(t.shape)) for t in as_args(x))
 
 
 def is_cuda(x: Example) -> bool:
-    return any(t.is_cuda for t in as_args(x))
+    return any(t.is_cuda for t in tensors(x))
 
 
 def channels_last(x: Example) -> Example:

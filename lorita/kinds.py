@@ -1220,11 +1220,12 @@ def _keep_thin_only_if_faster(model: nn.Module, plan: dict[str, dict], x: inputs
     _repack(all_dense)
     unfuse_encoders(all_dense)  # all dense: encoder layers run fused again, as they would
     cl = _channels_last(model, x)
-    (m_thin, x_thin), (m_dense, x_dense) = (
-        _as_deployed(m, inputs.as_args(x), cl) for m in (model, all_dense)
-    )
+    (m_thin, _), (m_dense, _) = (_as_deployed(m, (), cl) for m in (model, all_dense))
+    xd = inputs.channels_last(x) if cl else x
     with torch.no_grad():  # timed in turn: a burst of other work slows both alike
-        t_thin, t_dense = paired_medians([lambda: m_thin(*x_thin), lambda: m_dense(*x_dense)])
+        t_thin, t_dense = paired_medians(
+            [lambda: inputs.call(m_thin, xd), lambda: inputs.call(m_dense, xd)]
+        )
     if is_faster(t_thin, t_dense):
         return
     for n in thin:

@@ -1,5 +1,6 @@
 """A model with several inputs (``forward(img, meta)``): every library step takes
-``example_input=(img, meta)`` where a one-input model takes a tensor."""
+``example_input=(img, meta)`` where a one-input model takes a tensor, and a model with
+keyword-only inputs (``forward(x, *, mask)``) takes ``example_input={"x": x, "mask": m}``."""
 
 import numpy as np
 import pytest
@@ -67,9 +68,9 @@ def test_cost_cut_latency_save_load_and_onnx_take_a_tuple(net, tmp_path):
     base, cut = lt.count_cost(net, x), lt.count_cost(small, x)
     assert cut.params <= 0.6 * base.params and cut.flops < base.flops
     assert set(cut.per_layer) == {"conv", "meta", "mid", "head"}
-    assert small.lorita_plan["head"]["form"] == "dense"  # read directly: stays dense
+    assert small.lorita_plan["head"]["form"] == "full"  # read directly: a cut saves nothing
     timed = lt.truncate(composed, lt.Budget(60), example_input=x, by="latency", batch=4)
-    assert {p["form"] for p in timed.lorita_plan.values()} <= {"thin", "dense"}
+    assert {p["form"] for p in timed.lorita_plan.values()} <= {"thin", "dense", "full"}
     assert set(lt.latency_profile(small, x, batches=(1, 3), repeats=1, warmup=0)) == {1, 3}
     per_layer = lt.layer_latency(small, x, repeats=1, warmup=0, batch=3)
     assert set(per_layer) == {"conv", "meta", "mid", "head"}
@@ -102,6 +103,10 @@ def test_structured_pruning_takes_a_tuple(net):
         ([torch.zeros(1, 2)], "got list"),
         ((torch.zeros(1, 2), 3), "something else than tensors"),
         ((), "empty tuple"),
+        ({}, "empty dict"),
+        ({"x": torch.zeros(1, 2), "m": 1}, "dict holding something else than tensors"),
+        ({"1x": torch.zeros(1, 2)}, "keys are not argument names"),
+        ({"x": torch.tensor(1.0)}, "batch dimension"),
         (torch.tensor(1.0), "batch dimension"),
         ("x", "got str"),
     ],
@@ -115,3 +120,39 @@ def test_an_example_that_is_not_a_tensor_or_a_tuple_of_them_is_named(bad, words)
         lt.count_cost(model, bad)
     with pytest.raises(ValueError, match="example_input"):
         lt.overparameterize(model, 3, example_input=bad)
+
+
+class KeywordOnly(nn.Module):
+    """Token features and a mask passed by keyword only, as many sequence models take them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.fc, self.head = nn.Linear(8, 32), nn.Linear(32, 32), nn.Linear(32, 3)
+
+    def forward(self, x, *, mask):
+        h = torch.relu(self.emb(x)) * mask[..., None]
+        return self.head(torch.relu(self.fc(h)).mean(1))
+
+
+def test_keyword_inputs_go_through_every_step_as_a_dict(tmp_path):
+    torch.manual_seed(0)
+    net = KeywordOnly().eval()
+    x = {"x": torch.randn(2, 5, 8), "mask": torch.ones(2, 5)}
+    model = lt.overparameterize(net, 3, example_input=x).eval()
+    assert torch.allclose(model(**x), net(**x), atol=1e-5)
+    small = lt.truncate(model, lt.Budget(40), example_input=x)
+    assert small.lorita_plan["fc"]["form"] == "thin"
+    assert lt.count_cost(small, x).params <= 0.4 * lt.count_cost(model, x).params
+    timed = lt.truncate(model, lt.Uniform(0.25), example_input=x, by="latency")
+    assert set(timed.lorita_plan) == {"emb", "fc", "head"}
+    assert lt.measure_latency(small, x, repeats=2) > 0
+    lt.save(small, tmp_path / "s.safetensors", fold_bn=True, example_input=x)
+    again = lt.load(tmp_path / "s.safetensors", model=KeywordOnly()).eval()
+    assert torch.allclose(again(**x), small(**x))
+    ort = pytest.importorskip("onnxruntime")
+    lt.export_onnx(small, x, tmp_path / "s.onnx")
+    sess = ort.InferenceSession(str(tmp_path / "s.onnx"))
+    assert [i.name for i in sess.get_inputs()] == ["x", "mask"]
+    xb = {"x": torch.randn(4, 5, 8), "mask": torch.ones(4, 5)}  # another batch size
+    out = sess.run(None, {k: v.numpy() for k, v in xb.items()})[0]
+    np.testing.assert_allclose(out, small(**xb).detach().numpy(), atol=1e-5)
