@@ -124,11 +124,11 @@ def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
 
 def _relink(v, old: nn.Module, new: nn.Module, *, depth: int):
     """``v`` with ``old`` replaced by ``new`` (lists and dicts in place, tuples rebuilt),
-    through at most three levels of plain containers."""
+    through at most three levels of plain containers of at most 4096 items."""
     if v is old:
         return new
-    if depth > 2 or type(v) not in (list, tuple, dict):
-        return v
+    if depth > 2 or type(v) not in (list, tuple, dict) or len(v) > 4096:
+        return v  # a large container (a vocabulary, a lookup table) holds no layer aliases
     if type(v) is dict:
         for k, item in v.items():
             v[k] = _relink(item, old, new, depth=depth + 1)
