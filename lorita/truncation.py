@@ -615,8 +615,12 @@ def truncate(
     The chosen ranks are recorded as ``model.lorita_ranks`` and the form of every layer as
     ``model.lorita_plan`` (see :func:`lorita.kinds.cut_model`). ``example_input`` is also
     needed by policies that plan by cost (:class:`Budget`) when ``svd`` was built without one.
+    A Budget cut records ``model.lorita_budget`` (``percent``, ``kept_pct``, ``met``) and warns
+    when the budget cannot be met, unless ``svd`` is given (callers that sweep budgets on a
+    shared cache, like the trade-off curves, report the shares themselves).
     """
     kinds.check_cut_options(form, by, example_input)
+    policy = as_policy(policy)
     cache = _cache(model, svd, layers)
     ranks = plan_ranks(model, policy, svd=cache, example_input=example_input, form=form)
     new = clone_model(cache.model)
@@ -626,12 +630,14 @@ def truncate(
     new.lorita_ranks = dict(ranks)
     new.lorita_plan = plan
     if isinstance(policy, Budget):
-        new.lorita_budget = _budget_facts(as_policy(policy), cache.costs(example_input), ranks)
+        facts = _budget_facts(policy, cache.costs(example_input), ranks, warn=svd is None)
+        new.lorita_budget = facts
     return new
 
 
-def _budget_facts(policy: Budget, costs: LayerCosts, ranks: dict[str, int]) -> dict:
-    """How a budget cut's planned cost compares with the budget (warns when it cannot fit)."""
+def _budget_facts(policy: Budget, costs: LayerCosts, ranks: dict[str, int], *, warn: bool) -> dict:
+    """How a budget cut's planned cost compares with the budget (``warn``: say so when it
+    cannot fit)."""
     got = costs.total(ranks)[policy.measure]
     target = policy.target(costs)
     facts = {
@@ -640,7 +646,7 @@ def _budget_facts(policy: Budget, costs: LayerCosts, ranks: dict[str, int]) -> d
         "kept_pct": 100.0 * got / max(1, costs.base[policy.measure]),
         "met": bool(got <= target),
     }
-    if not facts["met"]:
+    if warn and not facts["met"]:
         what = "parameters" if policy.measure == "params" else "FLOPs"
         warnings.warn(
             f"budget: {policy.percent:g}% of the {what} cannot be reached; the smallest cut (each "
