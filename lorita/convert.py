@@ -81,6 +81,11 @@ def check_module(model, field: str = "model") -> None:
         raise ValueError(f"{field}: pass an instance ({model.__name__}(...)), got the class")
     if not isinstance(model, nn.Module):
         raise ValueError(f"{field}: expected a torch nn.Module, got {type(model).__name__}")
+    if isinstance(model, torch.jit.ScriptModule):
+        raise ValueError(
+            f"{field}: a TorchScript module (torch.jit.script / trace) cannot be rebuilt; pass "
+            "the nn.Module it was made from"
+        )
 
 
 def _check_options(n_factors, init, inner, order) -> None:

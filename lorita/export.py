@@ -305,6 +305,14 @@ def _folded(model: nn.Module, input_shape, example_input) -> nn.Module:
     return fold_batchnorm(deploy.eval(), x, inplace=True)
 
 
+def _check_file_path(path) -> None:
+    """A path a file can be written at (not a folder), else a ValueError naming ``path``."""
+    if not isinstance(path, (str, os.PathLike)) or not str(path).strip():
+        raise ValueError(f"path: expected a file name, got {path!r}")
+    if Path(path).is_dir():
+        raise ValueError(f"path: {str(path)!r} is a folder; give a file name in it")
+
+
 def save_bytes(
     model: nn.Module,
     *,
@@ -343,6 +351,7 @@ def save(
     input), the folds recorded in the spec so both loads rebuild the same structure. Off by
     default: a saved model (a checkpoint) may be trained further, which needs its BatchNorms.
     """
+    _check_file_path(path)
     data = save_bytes(
         model,
         input_shape=input_shape,
@@ -956,6 +965,7 @@ def export_onnx(
     """
     if not isinstance(fold_bn, bool):
         raise ValueError(f"fold_bn: expected True or False, got {fold_bn!r}")
+    _check_file_path(path)
     deploy = deploy_model(model, example_input, fold_bn=fold_bn, channels_last=False)
     was_training = deploy.training
     path = Path(path)

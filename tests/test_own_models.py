@@ -170,3 +170,15 @@ def test_an_input_the_model_refuses_is_named_in_the_error(tmp_path):
         with pytest.raises(ValueError, match=r"example_input: the model refused it \(RuntimeError"):
             call()
     assert not list(tmp_path.iterdir())
+
+
+def test_a_folder_as_the_file_and_a_torchscript_module_are_named(tmp_path):
+    net = nn.Sequential(nn.Linear(4, 4))
+    with pytest.raises(ValueError, match="path: .* is a folder"):
+        lt.save(net, tmp_path)
+    with pytest.raises(ValueError, match="path: .* is a folder"):
+        lt.export_onnx(net, torch.randn(1, 4), tmp_path)
+    assert not list(tmp_path.iterdir())
+    traced = torch.jit.trace(net, torch.randn(1, 4))
+    with pytest.raises(ValueError, match="model: a TorchScript module"):
+        lt.overparameterize(traced, 3)
