@@ -386,17 +386,26 @@ def _loads(text: str, field: str):
             gc.enable()
 
 
+def foreign_format(head: bytes) -> str | None:
+    """From a file's first bytes: "pickle" (torch.save, zip or plain pickle), "onnx" (an ONNX
+    model: its ir_version field, then its producer), or None."""
+    if head[:4] == b"PK\x03\x04" or head[:2] in (b"\x80\x02", b"\x80\x04", b"\x80\x05"):
+        return "pickle"
+    if head[:1] == b"\x08" and any(w in head[:64].lower() for w in (b"pytorch", b"onnx")):
+        return "onnx"
+    return None
+
+
 def _other_format(head: bytes) -> str:
     """What a file that is not safetensors looks like, from its first bytes ("" if unknown)."""
-    if head[:4] == b"PK\x03\x04" or head[:2] in (b"\x80\x02", b"\x80\x04", b"\x80\x05"):
-        return (
+    return {
+        "pickle": (
             "it looks like a torch.save / pickle file, which lorita never unpickles (save the "
             "model with lorita.save, or pass a state_dict as --init-from, read with "
             "weights_only=True)"
-        )
-    if head[:1] == b"\x08" and any(w in head[:64].lower() for w in (b"pytorch", b"onnx")):
-        return "it looks like an ONNX model (run it with onnxruntime)"  # ir_version, producer
-    return ""
+        ),
+        "onnx": "it looks like an ONNX model (run it with onnxruntime)",
+    }.get(foreign_format(head), "")
 
 
 def _read_header_bytes(head: bytes, total: int, where: str) -> dict:

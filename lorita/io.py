@@ -110,16 +110,26 @@ def temp_beside(path: Path, suffix: str = ".tmp") -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}{suffix}")
 
 
+#: The names :func:`temp_beside` gives: ``.<file>.<pid>.<thread><suffix>``.
+_TEMP_NAME_RE = re.compile(r"^\.(.+)\.(\d+)\.\d+\.[a-z]+$")
+
+
+def dead_writers_temp(name: str, target: str | None = None) -> bool:
+    """Whether ``name`` is a :func:`temp_beside` file (for the file ``target`` when given)
+    whose writing process is gone."""
+    m = _TEMP_NAME_RE.match(name)
+    if m is None or (target is not None and m.group(1) != target):
+        return False
+    return not process_alive(int(m.group(2)))
+
+
 def _remove_dead_temps(path: Path) -> None:
-    pattern = re.compile(rf"\.{re.escape(path.name)}\.(\d+)\.\d+\.[A-Za-z0-9]+")
     try:
         with os.scandir(path.parent) as entries:
             dead = [
                 e.path
                 for e in entries
-                if e.name.startswith(f".{path.name}.")
-                and (m := pattern.fullmatch(e.name))
-                and not process_alive(int(m.group(1)))
+                if e.name.startswith(f".{path.name}.") and dead_writers_temp(e.name, path.name)
             ]
     except OSError:
         return

@@ -43,6 +43,7 @@ from filelock import FileLock, Timeout
 
 from .io import (
     append_jsonl,
+    dead_writers_temp,
     fault,
     process_alive,
     read_json,
@@ -82,7 +83,6 @@ SETUP_KEYS = (
     "weight_decay", "schedule", "epochs", "batch_size", "seed", "val_fraction", "split_seed",
 )  # fmt: skip
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
-_TEMP_RE = re.compile(r"^\..+\.(\d+)\.\d+\.[a-z]+$")  # lorita.io.temp_beside names
 _TEMP_DIR_RE = re.compile(r"^\.tmp-.+-(\d+)$")  # checkpoint folders being written
 
 
@@ -157,8 +157,8 @@ def _clean_temp_files(folder: Path) -> None:
     processes that died mid-write."""
     with contextlib.suppress(OSError):
         for p in folder.iterdir():
-            m = _TEMP_RE.match(p.name) or _TEMP_DIR_RE.match(p.name)
-            if m and not process_alive(int(m.group(1))):
+            m = _TEMP_DIR_RE.match(p.name)
+            if dead_writers_temp(p.name) or (m and not process_alive(int(m.group(1)))):
                 if p.is_dir():
                     shutil.rmtree(p, ignore_errors=True)
                 else:

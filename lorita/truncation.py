@@ -473,7 +473,7 @@ class SVDCache:
         example_input: Tensor | None = None,
     ) -> None:
         held = {  # a model cut before: its thin layers' ranks bound what a new cut keeps
-            n: m.rank for n, m in iter_layers(model) if is_thin(m) and m.rank is not None
+            n: m.rank for n, m in iter_layers(model) if is_thin(m)
         }
         self.model = merge_model(model).eval()
         self.example_input = example_input
@@ -497,6 +497,7 @@ class SVDCache:
         self.groups = {n: u.shape[0] for n, (u, _, _) in self.svd.items()}  # matrices per layer
         self._base_costs: dict[tuple, Cost] = {}
         self._projections: dict[tuple, dict[str, int]] = {}  # attention layer -> q, k, v FLOPs
+        self._costs: dict[tuple, LayerCosts] = {}  # (input key, form) -> the layers' costs
 
     def base_cost(self, example_input: Tensor) -> Cost:
         """Cost of the uncut merged model on inputs shaped like ``example_input`` (counted once)."""
@@ -513,13 +514,20 @@ class SVDCache:
         return self._projections[key]
 
     def costs(self, example_input: Tensor | None = None, form: str = "low_rank") -> LayerCosts:
-        """Each cached layer's cost as a function of its rank (see :class:`LayerCosts`)."""
+        """Each cached layer's cost as a function of its rank (see :class:`LayerCosts`),
+        worked out once per input shape and form."""
         x = self.example_input if example_input is None else example_input
         if x is None:
             raise ValueError(
                 "example_input: planning by cost needs one input batch; pass example_input= "
                 "(or build the SVD cache with one)"
             )
+        key = (inputs.key(inputs.check_example(x)), form)
+        if key not in self._costs:
+            self._costs[key] = self._layer_costs(x, form)
+        return self._costs[key]
+
+    def _layer_costs(self, x: inputs.Example, form: str) -> LayerCosts:
         base = self.base_cost(x)
         flops_full = {n: int(base.per_layer[n]["flops"]) for n in self.svd}
         table = [e for e in kinds.layer_table(self.model) if e.name in self.svd]

@@ -14,7 +14,7 @@ from .. import data as data_mod
 from .. import models as models_mod
 from ..clone import clone_model
 from ..convert import overparameterize
-from ..export import is_lorita_file
+from ..export import foreign_format, is_lorita_file
 from ..runs import load_splits as _run_splits
 from .config import TrainConfig
 
@@ -140,7 +140,7 @@ def _not_weights(p: Path) -> str:
         head = f.read(64)
     if not head:
         return "is empty"
-    if head[:1] == b"\x08" and any(w in head.lower() for w in (b"pytorch", b"onnx")):
+    if foreign_format(head) == "onnx":
         return (
             "is an ONNX model, which cannot be trained from; pass the run's safetensors file "
             "(lorita export RUN --no-fold-bn) or a state_dict"
