@@ -100,22 +100,40 @@ def folder_mode_flag():
     return PagesManager
 
 
+def _served_runtime() -> bool:
+    """True in a script run of ``streamlit run`` (not AppTest, not a plain import), whether or
+    not the browser session that started the run is still connected."""
+    from streamlit import runtime
+    from streamlit.runtime import Runtime
+    from streamlit.runtime.scriptrunner_utils.script_run_context import get_script_run_ctx
+
+    if get_script_run_ctx(suppress_warning=True) is None or not runtime.exists():
+        return False
+    # AppTest's runtime is a stand-in (a mock of Runtime) that replays folder mode on every
+    # run by design; a rerun there would drop the test's clicks.
+    return type(runtime.get_instance()) is Runtime
+
+
 def _in_served_session() -> bool:
-    """True inside a browser session of ``streamlit run`` (not AppTest, not a plain import)."""
+    """True inside a browser session of ``streamlit run`` that is still connected."""
     from streamlit import runtime
     from streamlit.runtime.scriptrunner_utils.script_run_context import get_script_run_ctx
 
-    ctx = get_script_run_ctx(suppress_warning=True)
-    if ctx is None or not runtime.exists():
+    if not _served_runtime():
         return False
-    # AppTest's runtime is a stand-in that replays folder mode on every run by design; a
-    # rerun there would drop the test's clicks.
-    return runtime.get_instance().is_active_session(ctx.session_id) is True
+    ctx = get_script_run_ctx(suppress_warning=True)
+    return ctx is not None and runtime.get_instance().is_active_session(ctx.session_id) is True
 
 
 def leave_folder_mode() -> None:
-    """In a served session still in folder mode: switch to st.navigation's mode and rerun."""
-    if not _in_served_session():
+    """In ``streamlit run`` still in folder mode: switch to st.navigation's mode and rerun.
+
+    The flag belongs to the server, not to the session: it is flipped even when the session
+    that first imported the app has gone (a first visitor who reloads or closes the tab while
+    the heavy imports run), else every later visit straight to a page's address would stay in
+    folder mode. Only a session still connected is rerun.
+    """
+    if not _served_runtime():
         return
     try:
         manager = folder_mode_flag()
@@ -123,9 +141,10 @@ def leave_folder_mode() -> None:
         return
     if manager.uses_pages_directory:
         manager.uses_pages_directory = False
-        import streamlit as st
+        if _in_served_session():
+            import streamlit as st
 
-        st.rerun()
+            st.rerun()
 
 
 def prewarm() -> None:

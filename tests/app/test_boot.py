@@ -48,6 +48,32 @@ def test_leave_folder_mode_is_a_no_op_outside_a_served_session():
     assert manager.uses_pages_directory == before
 
 
+class _GoneSession:
+    """A served script run whose browser session has already gone."""
+
+    session_id = "gone"
+
+
+def test_leave_folder_mode_when_the_first_session_has_gone(monkeypatch):
+    """The first visitor reloads (or closes the tab) while the heavy imports run: the server
+    still leaves folder mode, so the next visit straight to /train gets the navigation."""
+    from streamlit import runtime
+    from streamlit.runtime import Runtime
+    from streamlit.runtime.scriptrunner_utils import script_run_context
+
+    served = Runtime.__new__(Runtime)  # the server's own Runtime class, not AppTest's mock
+    monkeypatch.setattr(served, "is_active_session", lambda session_id: False, raising=False)
+    monkeypatch.setattr(runtime, "exists", lambda: True)
+    monkeypatch.setattr(Runtime, "_instance", served)
+    monkeypatch.setattr(
+        script_run_context, "get_script_run_ctx", lambda suppress_warning=False: _GoneSession()
+    )
+    manager = boot.folder_mode_flag()
+    monkeypatch.setattr(manager, "uses_pages_directory", True)
+    boot.leave_folder_mode()  # no session to rerun: no RerunException either
+    assert manager.uses_pages_directory is False
+
+
 def _imports(path) -> set[str]:
     tree = ast.parse(path.read_text())
     out = set()
