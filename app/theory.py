@@ -11,9 +11,14 @@ interpreter to import torch.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
+import sys
 import threading
+import types
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 # The page's starting setting: N, λ, true rank, seed (the sliders read these).
@@ -22,16 +27,58 @@ _KEPT = 64  # settings kept in memory (each a few kB)
 
 
 class _Worker:
-    """One lazily started worker process (spawned: no copy of the server's threads)."""
+    """One lazily started worker process (spawned: no copy of the server's threads), started
+    again if it dies (killed for memory, say): one fit is retried once on a fresh worker."""
 
     pool: ProcessPoolExecutor | None = None
+    lock = threading.Lock()
 
     @classmethod
     def get(cls) -> ProcessPoolExecutor:
-        if cls.pool is None:
-            ctx = multiprocessing.get_context("spawn")
-            cls.pool = ProcessPoolExecutor(max_workers=1, mp_context=ctx, initializer=_one_thread)
-        return cls.pool
+        with cls.lock:
+            if cls.pool is None:
+                ctx = multiprocessing.get_context("spawn")
+                cls.pool = ProcessPoolExecutor(
+                    max_workers=1, mp_context=ctx, initializer=_one_thread
+                )
+            return cls.pool
+
+    @classmethod
+    def run(cls, fn, *args) -> Any:
+        """``fn(*args)`` in the worker; a broken worker is replaced and the call made again."""
+        for attempt in (1, 2):
+            pool = cls.get()
+            try:
+                with _plain_main():  # the worker process starts on the first submit
+                    future = pool.submit(fn, *args)
+                return future.result()
+            except BrokenProcessPool:
+                with cls.lock:
+                    if cls.pool is pool:
+                        cls.pool = None
+                pool.shutdown(wait=False, cancel_futures=True)
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+
+@contextlib.contextmanager
+def _plain_main() -> Iterator[None]:
+    """While the worker process starts: a ``__main__`` with no file.
+
+    Streamlit leaves the last page script it ran as ``sys.modules["__main__"]``, and a spawned
+    process runs its parent's ``__main__`` file first: the worker would run a page script
+    without a session (dozens of "missing ScriptRunContext" warnings in the server's terminal,
+    and the page's work for nothing). A module without a file makes it run nothing.
+    """
+    saved = sys.modules.get("__main__")
+    plain = types.ModuleType("__main__")
+    sys.modules["__main__"] = plain
+    try:
+        yield
+    finally:
+        if sys.modules.get("__main__") is plain and saved is not None:
+            sys.modules["__main__"] = saved
 
 
 def _one_thread() -> None:
@@ -73,7 +120,7 @@ def fit(n_factors: int, weight_decay: float, rank: int, seed: int, noise: float 
         one = _Kept.pending.setdefault(key, threading.Lock())
     with one:
         if key not in _Kept.results:
-            res = _Worker.get().submit(fit_here, *key).result()
+            res = _Worker.run(fit_here, *key)
             with _Kept.lock:
                 if len(_Kept.results) >= _KEPT:
                     _Kept.results.pop(next(iter(_Kept.results)))

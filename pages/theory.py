@@ -11,7 +11,7 @@ def main() -> None:
     st.markdown(
         "A planted matrix of low rank plus a little noise is fitted by a product of **N** "
         "square factors `W = W_N ⋯ W_1`, minimising `½‖W − Y‖² + ½λ Σᵢ‖Wᵢ‖²` — ordinary "
-        "weight decay on every factor. It trains in-process in about a second."
+        "weight decay on every factor. It trains in about a second."
     )
     c1, c2 = st.columns(2)
     d = theory.DEFAULTS

@@ -303,13 +303,39 @@ def test_is_local_tells_this_machine_from_the_rest():
         assert not is_local(url), url
 
 
-def test_theory_fit_in_the_worker_is_the_fit_here():
+def test_theory_worker_fits_runs_no_page_script_and_is_replaced_when_it_dies(monkeypatch, tmp_path):
+    """The fit in the worker is :func:`fit_here`'s. Streamlit leaves the last page script as
+    ``__main__``: the spawned worker must not run it (no session there). A worker that dies
+    (killed for memory) is started again."""
+    import os
+    import signal
+    import sys
+    import types
+
     from app import theory
 
-    there = theory.fit(2, 0.3, 2, 1)
-    here = theory.fit_here(2, 0.3, 2, 1)
-    assert there["learned"] == pytest.approx(here["learned"], rel=1e-9, abs=1e-12)
-    assert there["effective_rank"] == here["effective_rank"]
+    marker = tmp_path / "ran"
+    page = tmp_path / "page.py"
+    page.write_text(f"open({str(marker)!r}, 'w').close()\n")
+    fake_main = types.ModuleType("__main__")
+    fake_main.__file__ = str(page)
+    monkeypatch.setitem(sys.modules, "__main__", fake_main)
+    monkeypatch.setattr(theory._Worker, "pool", None)
+    monkeypatch.setattr(theory._Kept, "results", {})
+    monkeypatch.setattr(theory._Kept, "pending", {})
+    try:
+        first = theory.fit(2, 0.3, 2, 1)
+        here = theory.fit_here(2, 0.3, 2, 1)
+        assert first["learned"] == pytest.approx(here["learned"], rel=1e-9, abs=1e-12)
+        assert first["effective_rank"] == here["effective_rank"]
+        assert not marker.exists(), "the worker ran the page script"
+        assert sys.modules["__main__"] is fake_main  # put back after the worker started
+        os.kill(theory._Worker.run(os.getpid), signal.SIGKILL)
+        again = theory.fit(2, 0.31, 2, 1)  # not BrokenProcessPool
+        assert len(again["learned"]) == len(first["learned"])
+    finally:
+        if theory._Worker.pool is not None:
+            theory._Worker.pool.shutdown(wait=True)
 
 
 def test_theory_fits_are_kept_and_concurrent_asks_fit_once(monkeypatch):
