@@ -41,7 +41,10 @@ def test_train_watch_compress_export(app_server, page, tmp_path):  # noqa: PLR09
     page.get_by_role("button", name="Start training").click()
     page.wait_for_url(re.compile(r"[?&]run="), timeout=60_000)
     name = re.search(r"[?&]run=([^&]+)", page.url).group(1)
-    assert (runs / name).exists()
+    deadline = time.time() + 60  # the training child makes its folder once torch is imported
+    while not (runs / name).exists():
+        assert time.time() < deadline, f"run folder {name} never appeared"
+        time.sleep(0.2)
 
     # the spectra chart updates while the run is going
     first = spectra_title(page)
