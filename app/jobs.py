@@ -38,6 +38,10 @@ FINISHED = tuple(s for s in STATES if s not in ACTIVE)  # completed, failed, sto
 
 # name -> Popen for the children this server started (lost on restart; the folder is the truth)
 _PROCS: dict[tuple[str, str], subprocess.Popen] = {}
+# (root, composed run) -> the N=1 baseline this server started beside it. The run store pairs
+# runs by their folders, and a baseline's child creates its folder only once it has imported
+# torch (seconds, at the lowest priority beside a training run): until then only this knows.
+_STARTED_BASELINE: dict[tuple[str, str], str] = {}
 
 
 def runs_dir() -> Path:
@@ -233,7 +237,9 @@ def start_pair(
         if proc is not None and proc.poll() is not None:
             break
         time.sleep(0.1)
-    return name, start(baseline, root=root, concurrent=concurrent)
+    base_name = start(baseline, root=root, concurrent=concurrent)
+    _STARTED_BASELINE[(str(root_p), name)] = base_name
+    return name, base_name
 
 
 # --- following ------------------------------------------------------------------------------
@@ -408,7 +414,16 @@ def partner(name: str, root: str | Path | None = None) -> str | None:
 
 
 def baseline_of(name: str, root: str | Path | None = None) -> str | None:
-    """The N=1 run started beside the composed run ``name``, if any."""
+    """The N=1 run started beside the composed run ``name``, if any (also while its child is
+    still starting and has no folder yet, when this server started it)."""
+    root_p = Path(root) if root is not None else runs_dir()
+    started = _STARTED_BASELINE.get((str(root_p), name))
+    if started is not None and (
+        (root_p / started).exists()
+        or (str(root_p), started) in _PROCS
+        or log_path(started, root_p).exists()
+    ):
+        return started
     cfg = run_config(name, root) or {}
     if int(cfg.get("n_factors") or 1) == 1:
         return None
@@ -471,5 +486,6 @@ def delete(name: str, root: str | Path | None = None) -> None:
     store(root).delete(name)
     _PROCS.pop((str(root), name), None)
     _ROWS.pop((str(root), name), None)
+    _STARTED_BASELINE.pop((str(root), name), None)
     for suffix in (".json", ".log"):
         app_file(name, suffix, root).unlink(missing_ok=True)

@@ -138,3 +138,35 @@ def test_training_children_get_the_lowest_priority_unless_told(monkeypatch):
     finally:
         child.kill()
         child.wait()
+
+
+def test_a_baseline_still_starting_is_followed_with_its_run(seeded_store, tmp_path, monkeypatch):
+    """The composed run can end before its N=1 baseline's child has made its folder (the child
+    imports torch at the lowest priority beside a training run): the Train page must still see
+    the baseline, starting, and keep following the pair."""
+    import shutil
+
+    root = tmp_path / "runs"
+    shutil.copytree(seeded_store / N3, root / N3)  # a finished composed run, no N=1 folder yet
+
+    class Starting:  # a child that has not made its folder yet
+        def poll(self):
+            return None
+
+    started = iter([N3, "late-n1"])
+
+    def fake_start(config, *, root=None, concurrent=None, name=None):
+        name = next(started)
+        if name != N3:
+            jobs._PROCS[(str(root), name)] = Starting()
+        return name
+
+    monkeypatch.setattr(jobs, "start", fake_start)
+    monkeypatch.setattr(jobs, "_PROCS", {})
+    monkeypatch.setattr(jobs, "_STARTED_BASELINE", {})
+    cfg = jobs.run_config(N3, root)
+    assert jobs.start_pair(cfg, presets.baseline_config(cfg), root=root) == (N3, "late-n1")
+    assert jobs.view(N3, root).state == "completed"
+    assert jobs.baseline_of(N3, root) == "late-n1"
+    assert jobs.view("late-n1", root).state == "starting"
+    assert jobs.pair_active(N3, root)
