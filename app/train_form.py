@@ -137,6 +137,15 @@ def dataset_note(config: dict[str, Any]) -> str:
     return data.check_dataset(config["dataset"], **(config.get("dataset_kwargs") or {}))
 
 
+def name_upload(message: str, saved: str | Path | None, file_name: str | None) -> str:
+    """``message`` naming the uploaded file as the user knows it (``'mine.safetensors'``), not
+    where the app keeps it (``<runs>/.app/uploads/<sha256>.safetensors``)."""
+    if not saved or not file_name:
+        return message
+    saved = str(saved)
+    return message.replace(repr(saved), repr(file_name)).replace(saved, file_name)
+
+
 def save_upload(file_name: str, data: bytes, root: str | Path | None = None) -> Path:
     """Keep an uploaded ``--init-from`` file in the runs folder; returns its path.
 

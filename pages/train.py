@@ -171,13 +171,24 @@ def _form() -> None:
         _start(family)
 
 
+def _upload():
+    """The uploaded starting weights (a Streamlit UploadedFile), or None."""
+    return st.session_state.get(f"{state.TRAIN_INIT_FROM}.{_suffix()}")
+
+
 def _form_values(family: str) -> dict:
     form = {f: st.session_state.get(_key(f)) for f in FIELD_KEYS if f != "model"}
     form["model"] = st.session_state.get(f"{_key('model')}.{family}")
-    upload = st.session_state.get(f"{state.TRAIN_INIT_FROM}.{_suffix()}")
+    upload = _upload()
     if upload is not None:
         form["init_from"] = train_form.save_upload(upload.name, upload.getvalue())
     return form
+
+
+def _cannot_start(message: str, saved=None) -> None:
+    upload = _upload()
+    shown = train_form.name_upload(message, saved, upload.name if upload is not None else None)
+    st.error(f"Cannot start: {shown}", icon="🚫")
 
 
 def _start(family: str) -> None:
@@ -185,11 +196,12 @@ def _start(family: str) -> None:
     try:
         config = train_form.build(preset, _form_values(family), _seed_config())
     except ValueError as exc:
-        st.error(f"Cannot start: {ui.one_line(exc)}", icon="🚫")
+        _cannot_start(ui.one_line(exc))
         return
+    saved = config.get("init_from")
     errors = train_form.check(preset, config)
     for message in errors:
-        st.error(f"Cannot start: {message}", icon="🚫")
+        _cannot_start(message, saved)
     if errors:
         return
     base_cfg = None
@@ -199,7 +211,7 @@ def _start(family: str) -> None:
         with st.spinner("Starting the training process…"):
             name, baseline = jobs.start_pair(config, base_cfg)
     except ValueError as exc:
-        st.error(f"Cannot start: {ui.one_line(exc)}", icon="🚫")
+        _cannot_start(ui.one_line(exc), saved)
         return
     state.set_current_run(name)
     st.session_state[state.TRAIN_FOLLOW] = name
