@@ -439,14 +439,13 @@ def pair_active(name: str, root: str | Path | None = None) -> bool:
 
 
 def default_follow(rows: list[dict[str, Any]]) -> str | None:
-    """With nothing chosen yet: the newest active run, else the newest composed (N>1) run."""
-    for row in rows:
-        if row.get("state") in ACTIVE:
-            return row["name"]
-    for row in rows:
-        if (row.get("n_factors") or 1) > 1:
-            return row["name"]
-    return None
+    """With nothing chosen yet (``rows`` newest first): the newest active composed (N>1) run,
+    whose panel also shows its N=1 baseline (started after it, so newer, and queued behind
+    it); else the newest active run; else the newest composed run."""
+    active = [r for r in rows if r.get("state") in ACTIVE]
+    composed = [r for r in rows if (r.get("n_factors") or 1) > 1]
+    ordered = [r for r in active if r in composed] + active + composed
+    return ordered[0]["name"] if ordered else None
 
 
 def progress_text(v: JobView) -> str:

@@ -170,3 +170,19 @@ def test_a_baseline_still_starting_is_followed_with_its_run(seeded_store, tmp_pa
     assert jobs.baseline_of(N3, root) == "late-n1"
     assert jobs.view("late-n1", root).state == "starting"
     assert jobs.pair_active(N3, root)
+
+
+def test_a_new_session_follows_the_composed_run_not_its_queued_baseline():
+    """A second person opens Train while the N=3 run trains and its N=1 baseline waits behind
+    it (newer): the page follows the N=3 run, whose panel shows both."""
+    rows = [  # newest first, as list_runs gives them
+        {"name": "b-n1", "state": "queued", "n_factors": 1},
+        {"name": "b-n3", "state": "running", "n_factors": 3},
+        {"name": "a-n3", "state": "completed", "n_factors": 3},
+    ]
+    assert jobs.default_follow(rows) == "b-n3"
+    rows[1]["state"] = "completed"  # the baseline trains now: follow it
+    rows[0]["state"] = "running"
+    assert jobs.default_follow(rows) == "b-n1"
+    assert jobs.default_follow([{**r, "state": "completed"} for r in rows]) == "b-n3"
+    assert jobs.default_follow([{"name": "x", "state": "completed", "n_factors": 1}]) is None
