@@ -46,6 +46,7 @@ from .truncation import (
     SVDCache,
     as_policy,
     iterative_search,
+    plan_ranks,
     policy_class,
     smallest_within,
     tradeoff_curve,
@@ -351,6 +352,14 @@ class Compressor:
                     f"ranks: layer(s) {out} are left out of cuts ({self.left_out[out[0]]})"
                 )
         return policy
+
+    def ranks(self, policy: Policy) -> dict[str, int] | None:
+        """The ranks :meth:`cut` keeps for ``policy``, planned from the spectra without
+        cutting; None for a Budget (its cut is checked against the counted cost)."""
+        policy = self._check_policy(policy)
+        if isinstance(policy, Budget):
+            return None
+        return dict(plan_ranks(self.model, policy, svd=self.svd))
 
     def cut(self, policy: Policy, *, form: str = "low_rank") -> tuple[nn.Module, dict]:
         """The cut model and budget facts (empty unless ``policy`` is a Budget); no evaluation.
