@@ -26,6 +26,7 @@ from .kinds import (
     layer_table,
     like,
     other_layers,
+    set_modules,
     trace_forward,
     why_other,
 )
@@ -176,7 +177,7 @@ def overparameterize(
             )
     direct, how = detect_direct(new, example_input)
     new.lorita_direct = tuple(direct)
-    summary = []
+    summary, composed = [], []
     for e in layer_table(new):
         why = _why_left(e, skip, n_factors)
         row = {"name": e.name, "kind": e.kind.name, "type": type(e.module).__name__}
@@ -185,8 +186,9 @@ def overparameterize(
             continue
         width = e.kind.paper_inner(e.module) if inner == "paper" else None
         layer = e.kind.compose(e.module, n_factors, init=init, inner=width, order=order)
-        set_module(new, e.name, like(e.module, layer))
+        composed.append((e.name, like(e.module, layer)))
         summary.append({**row, "action": "composed", "why": ""})
+    set_modules(new, composed)
     for name, module in other_layers(new, table):
         row = {"name": name, "kind": "other", "type": type(module).__name__}
         summary.append({**row, "action": "left", "why": why_other(module)})
@@ -209,11 +211,12 @@ def merge_model(model: nn.Module) -> nn.Module:
     ``strict=True`` into the un-composed model."""
     check_module(model)
     new = clone_model(model)
+    merged = []
     for e in layer_table(new):
         plain = e.kind.merge(e.module)
-        if plain is e.module:
-            continue
-        set_module(new, e.name, like(e.module, plain))
+        if plain is not e.module:
+            merged.append((e.name, like(e.module, plain)))
+    set_modules(new, merged)
     return new
 
 

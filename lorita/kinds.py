@@ -38,7 +38,7 @@ from __future__ import annotations
 import copy
 import statistics
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -86,6 +86,7 @@ __all__ = [
     "guess_example_input",
     "guess_example_inputs",
     "set_module",
+    "set_modules",
     "cut_model",
     "choose_forms",
     "median_seconds",
@@ -110,30 +111,45 @@ def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     """Replace the submodule called ``name`` (dotted path) by ``new``, also where the model
     keeps the old one in a plain list, tuple or dict attribute (``self.order =
     list(self.blocks)``), which its forward may call instead of the registered name."""
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    old = getattr(parent, child)
-    setattr(parent, child, new)
+    set_modules(model, [(name, new)])
+
+
+def set_modules(model: nn.Module, replacements: Iterable[tuple[str, nn.Module]]) -> None:
+    """:func:`set_module` for each ``(name, new)`` in turn, the model's plain containers
+    scanned once for all of them (a scan per layer is most of the time of cutting a deep
+    model)."""
+    swaps: dict[int, tuple[nn.Module, nn.Module]] = {}  # id(old) -> (old, new): old kept alive
+    for name, new in replacements:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        old = getattr(parent, child)
+        setattr(parent, child, new)
+        swaps[id(old)] = (old, new)
+    if not swaps:
+        return
     for m in model.modules():
         for k, v in vars(m).items():
             if type(v) in (list, tuple, dict) and k not in _MODULE_STATE:
-                relinked = _relink(v, old, new, depth=0)
+                relinked = _relink(v, swaps, depth=0)
                 if relinked is not v:
                     object.__setattr__(m, k, relinked)
 
 
-def _relink(v, old: nn.Module, new: nn.Module, *, depth: int):
-    """``v`` with ``old`` replaced by ``new`` (lists and dicts in place, tuples rebuilt),
-    through at most three levels of plain containers of at most 4096 items."""
-    if v is old:
-        return new
+def _relink(v, swaps: dict[int, tuple[nn.Module, nn.Module]], *, depth: int):
+    """``v`` with each replaced module swapped for its replacement (lists and dicts in place,
+    tuples rebuilt), through at most three levels of plain containers of at most 4096 items."""
+    seen = 0
+    while id(v) in swaps and swaps[id(v)][0] is v and seen < len(swaps):
+        v, seen = swaps[id(v)][1], seen + 1  # replaced, perhaps replaced again
+    if seen:
+        return v
     if depth > 2 or type(v) not in (list, tuple, dict) or len(v) > 4096:
         return v  # a large container (a vocabulary, a lookup table) holds no layer aliases
     if type(v) is dict:
         for k, item in v.items():
-            v[k] = _relink(item, old, new, depth=depth + 1)
+            v[k] = _relink(item, swaps, depth=depth + 1)
         return v
-    items = [_relink(item, old, new, depth=depth + 1) for item in v]
+    items = [_relink(item, swaps, depth=depth + 1) for item in v]
     if type(v) is list:
         v[:] = items
         return v
@@ -1062,7 +1078,7 @@ def _cut(model, ranks, svd, *, form, by, example_input, batch) -> dict[str, dict
     unknown = [n for n in ranks if n not in table or n not in svd]
     if unknown:
         raise ValueError(f"ranks: unknown layer name(s) {unknown[:5]}")
-    plan = {}
+    plan, thin = {}, []
     for name, r in ranks.items():
         e, (u, s, vh) = table[name], svd[name]
         if e.kind.name == "direct" and callable_out_proj(model, name):  # called once unpacked
@@ -1085,8 +1101,9 @@ def _cut(model, ranks, svd, *, form, by, example_input, batch) -> dict[str, dict
             plan[name] = {**row, "form": "dense", "why": why}
         else:
             _unpack_parent(model, name)
-            set_module(model, name, like(e.module, e.kind.thin(e.module, r, (u, s, vh))))
+            thin.append((name, like(e.module, e.kind.thin(e.module, r, (u, s, vh)))))
             plan[name] = {**row, "form": "thin", "why": ""}
+    set_modules(model, thin)
     unfuse_encoders(model)
     if by == "latency" and form == "low_rank":
         _faster_forms(model, plan, _batch_of(example_input, batch))
