@@ -354,3 +354,33 @@ def test_init_from_refuses_files_that_would_train_nothing_with_the_reason(tmp_pa
     ):
         with pytest.raises(ValueError, match=f"init_from: '.*{name}' {why}"):
             read_weights(tmp_path / name, net)
+
+
+def test_an_unreadable_starting_weights_file_is_described_in_plain_words(tmp_path):
+    """A text file renamed .pt, a torch.save archive or a legacy pickle cut in half, a broken
+    safetensors header, random bytes: each says what the file looks like, in one line."""
+    from safetensors.torch import save_file
+
+    from lorita.engine.build import read_weights
+
+    sd = {"w": torch.randn(64, 64)}
+    torch.save(sd, tmp_path / "zip.pt")
+    torch.save(sd, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    save_file(sd, str(tmp_path / "w.safetensors"))
+    (tmp_path / "text.pt").write_text("hello\n")
+    (tmp_path / "random.pt").write_bytes(bytes(range(256)) * 4)
+    for name in ("zip.pt", "legacy.pt", "w.safetensors"):
+        data = (tmp_path / name).read_bytes()
+        (tmp_path / f"cut-{name}").write_bytes(
+            data[: len(data) // 2 if "safet" not in name else 60]
+        )
+    for name, why in (
+        ("text.pt", "its first bytes are those of neither format$"),
+        ("random.pt", "its first bytes are those of neither format$"),
+        ("cut-zip.pt", r"a zip archive \(torch.save's format\) that is damaged or cut short \("),
+        ("cut-legacy.pt", r"a pickle stream that is damaged or cut short \(RuntimeError: "),
+        ("cut-w.safetensors", "its safetensors header is damaged or the file is cut short"),
+    ):
+        with pytest.raises(ValueError, match=f"nor a PyTorch state_dict: {why}") as got:
+            read_weights(tmp_path / name)
+        assert "\n" not in str(got.value) and len(str(got.value)) < 300

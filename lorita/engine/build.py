@@ -119,19 +119,41 @@ def read_weights(
                 warnings.simplefilter("ignore")
                 obj = torch.load(str(p), map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file is one clear error
-        if "Weights only load failed" in str(e):
+        if "Weights only load failed" in str(e) and _head(p).startswith((b"PK", b"\x80")):
             raise ValueError(
                 f"init_from: {str(path)!r} holds Python objects, not only tensors (a whole "
                 "model saved with torch.save(model)?), and is not unpickled; save "
                 "model.state_dict() instead, or a safetensors file"
             ) from None
         raise ValueError(
-            f"init_from: {str(path)!r} is neither a safetensors file nor a PyTorch state_dict "
-            f"({type(e).__name__}: {str(e)[:120]})"
+            f"init_from: {str(path)!r} is neither a safetensors file nor a PyTorch state_dict: "
+            f"{_why_unreadable(p, e)}"
         ) from None
     sd = _unwrapped(obj, path)
     _check_values(sd, path)
     return sd if model is None else _renamed(sd, set(model.state_dict()))
+
+
+def _head(p: Path) -> bytes:
+    with open(p, "rb") as f:
+        return f.read(8)
+
+
+def _why_unreadable(p: Path, err: Exception) -> str:
+    """What is wrong with a file neither safetensors nor torch could read, in plain words."""
+    head = _head(p)
+    if head.startswith(b"PK"):
+        what = "a zip archive (torch.save's format) that is damaged or cut short"
+    elif head[:1] == b"\x80":
+        what = "a pickle stream that is damaged or cut short"
+    elif len(head) >= 8 and int.from_bytes(head, "little") < 100_000_000:
+        what = "its safetensors header is damaged or the file is cut short"
+    else:
+        return "its first bytes are those of neither format"
+    reason = str(err).strip().split("\n")[0].split(". ")[0].strip()
+    if len(reason) > 100:
+        reason = reason[:100].rsplit(" ", 1)[0] + " ..."
+    return f"{what} ({type(err).__name__}: {reason})" if reason else what
 
 
 def _not_weights(p: Path) -> str:
