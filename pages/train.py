@@ -241,7 +241,8 @@ def _status_line(v: jobs.JobView) -> None:
         st.error(f"The run failed: {v.message or 'no message'}", icon=STATE_ICON["failed"])
         st.caption(f"Full output of the training process: `{jobs.log_path(v.name)}`")
     elif v.state == "stopped":
-        st.warning(f"Stopped by request. {v.message}", icon=STATE_ICON["stopped"])
+        text = v.message[:1].upper() + v.message[1:] if v.message else "Stopped"
+        st.warning(f"{text.rstrip('.')}.", icon=STATE_ICON["stopped"])
     elif v.state == "completed":
         st.success(f"Completed. {jobs.result_text(v.name)}", icon=STATE_ICON["completed"])
     elif v.state == "missing":
