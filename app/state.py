@@ -53,6 +53,7 @@ COMPRESS_VALUE = "compress.value"
 COMPRESS_RANKS = "compress.ranks"
 COMPRESS_X = "compress.x_axis"
 COMPRESS_MAX_DROP = "compress.max_drop"
+COMPRESS_FOUND = "compress.found"  # (policy, value) the smallest-within search moves the slider to
 COMPRESS_FT_EPOCHS = "compress.ft_epochs"
 COMPRESS_FT_LR = "compress.ft_lr"
 COMPRESS_LOADED = "compress.loaded"  # (run, checkpoint, mtime) of the session this one has seen

@@ -695,21 +695,27 @@ def tradeoff_curve(
     cache = _cache(model, svd, layers)
     values = cls.sweep() if values is None else list(values)
     base = cache.base_cost(example_input)
-    out = []
+    out, seen = [], {}
     for v in values:
-        small = truncate(model, cls(v), form=form, svd=cache, example_input=example_input)
-        cost = count_cost(small, example_input)
-        out.append(
-            {
-                "value": float(v),
-                "ranks": small.lorita_ranks,
-                "params": cost.params,
-                "flops": cost.flops,
-                "params_pct": 100.0 * cost.params / max(1, base.params),
-                "flops_pct": 100.0 * cost.flops / max(1, base.flops),
-                "metric": evaluate(small),
-            }
-        )
+        ranks = plan_ranks(model, cls(v), svd=cache, example_input=example_input, form=form)
+        again = seen.get(tuple(sorted(ranks.items())))
+        if again is not None:  # another value, the same cut: cut and evaluated once
+            out.append({**again, "value": float(v), "ranks": dict(again["ranks"])})
+        else:
+            small = truncate(model, cls(v), form=form, svd=cache, example_input=example_input)
+            cost = count_cost(small, example_input)
+            out.append(
+                {
+                    "value": float(v),
+                    "ranks": small.lorita_ranks,
+                    "params": cost.params,
+                    "flops": cost.flops,
+                    "params_pct": 100.0 * cost.params / max(1, base.params),
+                    "flops_pct": 100.0 * cost.flops / max(1, base.flops),
+                    "metric": evaluate(small),
+                }
+            )
+            seen[tuple(sorted(small.lorita_ranks.items()))] = out[-1]
         if progress is not None:
             progress(len(out), len(values), out[-1])
     return out

@@ -14,7 +14,8 @@ def _slider_key(policy: str) -> str:
 
 
 def _pick_smallest(root: str, name: str, which: str, policy: str) -> None:
-    """Button callback: move the slider to the smallest model within X points (validation)."""
+    """The smallest model within X points (validation), for the slider to move to on the
+    next run of the page (a widget's value cannot change once it is drawn)."""
     try:
         drop = float(st.session_state[state.COMPRESS_MAX_DROP])
         value = cz.smallest_within(cache.session(root, name, which), policy, drop)
@@ -23,7 +24,7 @@ def _pick_smallest(root: str, name: str, which: str, policy: str) -> None:
                 f"No {policy} setting keeps validation accuracy within {drop:g} points."
             )
             return
-        st.session_state[_slider_key(policy)] = value
+        st.session_state[state.COMPRESS_FOUND] = (policy, value)
         st.session_state[state.LAST_ERROR] = None
     except Exception as exc:  # noqa: BLE001 - shown as one line on the next run
         ui.report_later(exc, "Smallest model")
@@ -135,6 +136,9 @@ def _url_value(policy: str, d: dict, url_policy: str | None) -> float:
 def _slider(root: str, name: str, which: str, policy: str, url_policy: str | None = None):
     d = cz.scalar_policies()[policy]
     key = _slider_key(policy)
+    found = st.session_state.pop(state.COMPRESS_FOUND, None)
+    if found is not None and found[0] == policy:
+        st.session_state[key] = found[1]
     state.setdefault(key, cz.snap(policy, _url_value(policy, d, url_policy)))
     value = st.slider(
         d["label"], float(d["min"]), float(d["max"]), step=float(d["step"]), key=key,
@@ -146,11 +150,13 @@ def _slider(root: str, name: str, which: str, policy: str, url_policy: str | Non
     s1.number_input(
         "within X points of validation accuracy", 0.0, 50.0, step=0.5, key=state.COMPRESS_MAX_DROP
     )
-    s2.button(
+    if s2.button(
         "Smallest model within X points",
-        on_click=_pick_smallest, args=(root, name, which, policy),
         help="Searches the slider's values on the validation split and moves the slider.",
-    )  # fmt: skip
+    ):
+        with st.spinner("Cutting and evaluating the slider's values on validation…"):
+            _pick_smallest(root, name, which, policy)
+        st.rerun()
     return value, cz.make_policy(policy, value)
 
 

@@ -100,6 +100,26 @@ def test_tradeoff_curve_and_smallest_within():
     assert it["metric"] >= 0.9 - 1e-9 and it["params"] <= curve[0]["params"]
 
 
+def test_a_curve_cuts_and_evaluates_each_distinct_cut_once():
+    net = mlp()
+    x = torch.randn(64, 20)
+    calls = []
+
+    def evaluate(model):
+        calls.append(dict(model.lorita_ranks))
+        return {"acc": 1.0}
+
+    values = [0.5, 0.49, 0.5, 0.1, 0.999, 1.0]  # 16 * 0.49 and 16 * 0.5 round alike
+    curve = lt.tradeoff_curve(net, "uniform", values, evaluate=evaluate, example_input=x[:1])
+    assert [p["value"] for p in curve] == values
+    alone = [lt.tradeoff_curve(net, "uniform", [v], evaluate=evaluate, example_input=x[:1])[0]
+             for v in values]  # fmt: skip
+    for got, want in zip(curve, alone):
+        assert got == want
+    distinct = {tuple(sorted(p["ranks"].items())) for p in curve}
+    assert len(calls) == len(distinct) + len(values) and len(distinct) < len(values)
+
+
 def test_conv_truncation():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 8, 1)).eval()
