@@ -47,6 +47,19 @@ def snap(name: str, value: float) -> float:
     return round(min(hi, max(lo, lo + k * step)), digits + 1)
 
 
+def url_value(policy: str, text: str | None) -> float | None:
+    """A slider value of ``policy`` read from the page address: a number in the slider's
+    range, on its grid; None for anything else (the address is user input)."""
+    d = scalar_policies().get(policy)
+    if d is None or text is None:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return snap(policy, value) if float(d["min"]) <= value <= float(d["max"]) else None
+
+
 def make_policy(name: str, value: float | None = None, ranks: dict[str, int] | None = None):
     """The library policy object for the page's choice."""
     from lorita import truncation
@@ -103,6 +116,11 @@ def result_view(res: Any) -> dict[str, Any]:
     return out
 
 
+def every_rank(cz: Any, small: Any) -> dict[str, int]:
+    """The rank of every layer of the session's model in the cut ``small`` (uncut: full)."""
+    return {n: int(small.lorita_ranks.get(n, f)) for n, f in cz.full_ranks.items()}
+
+
 def apply(cz: Any, policy: Any, root: str | Path | None = None) -> dict[str, Any]:
     """The work behind one slider move as the page's dict: the session's apply, or, for a cut
     measured ahead when the run completed (:func:`lorita.curves.kept_cuts`), the cut alone
@@ -122,7 +140,7 @@ def apply(cz: Any, policy: Any, root: str | Path | None = None) -> dict[str, Any
                 **row,
                 "seconds": time.perf_counter() - t0,
                 "finetune_epochs": 0,
-                "ranks": {n: int(small.lorita_ranks.get(n, f)) for n, f in cz.full_ranks.items()},
+                "ranks": every_rank(cz, small),
                 "model": small,
                 "kept": True,
             }

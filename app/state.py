@@ -73,6 +73,7 @@ THEORY_SEED = "theory.seed"
 QUERY_RUN = "run"  # URL query parameter that holds the current run
 QUERY_POLICY = "policy"  # the Compress page's rank policy, kept in the URL with its value
 QUERY_VALUE = "value"
+QUERY_WHICH = "which"  # the Export page's checkpoint, beside the cut it exports
 
 DEFAULTS: dict[str, Any] = {
     CURRENT_RUN: None,

@@ -123,14 +123,10 @@ def _base_metrics(session) -> None:
 def _url_value(policy: str, d: dict, url_policy: str | None) -> float:
     """The slider value a refreshed page had (from the URL, when it was ``policy``'s), else
     the policy's default; a value that is not a number in the slider's range is ignored."""
-    text = state.from_url(state.QUERY_VALUE)
-    if url_policy != policy or text is None:
-        return d["default"]
-    try:
-        value = float(text)
-    except ValueError:
-        return d["default"]
-    return value if float(d["min"]) <= value <= float(d["max"]) else d["default"]
+    value = (
+        cz.url_value(policy, state.from_url(state.QUERY_VALUE)) if url_policy == policy else None
+    )
+    return d["default"] if value is None else value
 
 
 def _slider(root: str, name: str, which: str, policy: str, url_policy: str | None = None):

@@ -58,7 +58,7 @@ def main() -> None:
         st.page_link("pages/train.py", label="Go to Train", icon="🏋️")
         return
     names = [r["name"] for r in rows]
-    choice = st.session_state.get(state.COMPRESS_CHOICE)
+    choice = st.session_state.get(state.COMPRESS_CHOICE) or _choice_from_url(root, names)
     wanted = choice["run"] if choice else state.current_run()
     if st.session_state.get(state.EXPORT_RUN) not in names:
         st.session_state[state.EXPORT_RUN] = cz.default_run(rows, wanted)
@@ -93,8 +93,44 @@ def main() -> None:
     if ex.missing_note():
         st.caption(ex.missing_note())
 
+    _choice_to_url(choice if pick != "full" else None)
     by, batch = _decide(pick, fmt)
     _file(root, name, which, mtime, session, choice, pick, fmt, by, batch)
+
+
+_URL_CHOICE = (state.QUERY_POLICY, state.QUERY_VALUE, state.QUERY_WHICH)
+
+
+def _choice_to_url(choice: dict | None) -> None:
+    """Keep a slider's cut in the address, so that a refresh of this page exports it again
+    (a per-layer rank table and a fine-tuned model live in the session only)."""
+    if choice and choice.get("value") is not None:
+        state.to_url(state.QUERY_POLICY, choice["policy"])
+        state.to_url(state.QUERY_VALUE, f"{choice['value']:g}")
+        state.to_url(state.QUERY_WHICH, choice["which"])
+    else:
+        for param in _URL_CHOICE:
+            if param in st.query_params:
+                del st.query_params[param]
+
+
+def _choice_from_url(root: str, names: list[str]) -> dict | None:
+    """The Compress page's setting rebuilt from the address of a refreshed Export page (run,
+    checkpoint, policy and slider value), cut once to learn its ranks; None when there is
+    none or it is not valid."""
+    name, policy = state.current_run(), state.from_url(state.QUERY_POLICY)
+    which = state.from_url(state.QUERY_WHICH) or "best"
+    value = cz.url_value(policy or "", state.from_url(state.QUERY_VALUE))
+    if name not in names or value is None or which not in ("best", "last"):
+        return None
+    if not cz.checkpoint_mtime(name, which, root):
+        return None
+    session = cache.session(root, name, which)
+    small, _ = session.cut(cz.make_policy(policy, value))
+    choice = {"run": name, "which": which, "policy": policy, "value": value,
+              "ranks": cz.every_rank(session, small)}  # fmt: skip
+    st.session_state[state.COMPRESS_CHOICE] = choice
+    return choice
 
 
 def _forms(session, model, fmt: str, by: str, batch: int) -> None:

@@ -306,6 +306,27 @@ def test_export_compressed_choice_from_compress_page(runs_dir):
     assert "Global" in at.radio(key="export.model").options[1]
 
 
+def test_a_refreshed_export_page_still_exports_the_cut(runs_dir):
+    """The cut chosen on the Compress page is in the Export page's address: a refresh (a new
+    session) offers and builds the same cut; a hostile address is ignored."""
+    at = open_page("compress", run=N3)
+    at.slider(key="compress.value.global").set_value(0.8).run()
+    at.switch_page("pages/export.py").run()
+    ranks = at.session_state["compress_choice"]["ranks"]
+    url = dict(at.query_params)
+    assert (url["policy"], url["value"], url["which"]) == ("global", "0.8", "best")
+    fresh = open_page("export", **url)  # what a refresh sends
+    assert_clean(fresh)
+    assert fresh.radio(key="export.model").value == "compressed"
+    assert fresh.session_state["compress_choice"]["ranks"] == ranks
+    assert metrics(fresh) == metrics(at)  # the same file: accuracy and size
+    for bad in ({"policy": "global", "value": "7"}, {"policy": "evil", "value": "0.5"},
+                {"policy": "global", "value": "0.5", "which": "../x"}):  # fmt: skip
+        page = open_page("export", run=N3, **bad)
+        assert_clean(page)
+        assert len(page.radio(key="export.model").options) == 1  # as trained only
+
+
 def test_pages_show_errors_not_tracebacks(tmp_path, monkeypatch):
     bad = tmp_path / "not-a-folder"
     bad.write_text("x")
