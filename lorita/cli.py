@@ -1318,7 +1318,9 @@ def cmd_compare(args) -> int:
         [
             f"{r['budget']:g}%" + ("" if r.get("met", True) else " (not met)"),
             r["label"],
-            f"{r['finetune_epochs']} epochs" if r["finetune_epochs"] else "no",
+            f"{r['finetune_epochs']} epoch{'s' if r['finetune_epochs'] > 1 else ''}"
+            if r["finetune_epochs"]
+            else "no",
             f"{r['params_pct']:.1f}",
             f"{r['flops_pct']:.1f}",
             _pct(r.get("val_acc")),
