@@ -192,6 +192,11 @@ def _folder_arg(flag: str):
         p = Path(_text(flag)(s)).expanduser()
         if p.exists() and not p.is_dir():
             raise argparse.ArgumentTypeError(f"{_short(s)!r} is not a folder")
+        inside = next((a for a in p.parents if a.exists() and not a.is_dir()), None)
+        if inside is not None:
+            raise argparse.ArgumentTypeError(
+                f"{_short(s)!r} cannot be a folder: {_short(str(inside))!r} is a file"
+            )
         return p
 
     return conv
@@ -919,11 +924,18 @@ def _run_training(args, store, run, config, d, quiet, stop_event, threads) -> in
     return 0
 
 
-def _keep_curves(run, splits) -> None:
-    """The default policies' trade-off curves kept beside the finished run (lorita.curves)."""
-    from .curves import prepare
+class _KeepCurves:
+    """``on_complete``: the default policies' trade-off curves kept beside the finished run
+    (lorita.curves); Ctrl-C or SIGTERM meanwhile ends that at once (the run is complete;
+    the app sweeps a curve not kept when it is asked for)."""
 
-    prepare(run, splits)
+    def __init__(self, stop_event: threading.Event) -> None:
+        self.stop_event = stop_event
+
+    def __call__(self, run, splits) -> None:
+        from .curves import prepare
+
+        prepare(run, splits, stop=self.stop_event.is_set)
 
 
 def _train(config, run, args, slot, d, quiet, stop_event, threads) -> dict:
@@ -935,7 +947,7 @@ def _train(config, run, args, slot, d, quiet, stop_event, threads) -> dict:
             stop=stop_event.is_set,
             resume=args.resume,
             threads=threads,
-            on_complete=_keep_curves,
+            on_complete=_KeepCurves(stop_event),
         )
     finally:
         if slot is not None:
@@ -1097,7 +1109,8 @@ def cmd_compress(args) -> int:
 
         meta = {"run": cz.run, "policy": json.dumps(res.policy)}
         meta["val_acc"] = res.val_acc
-        save(res.model, args.out, metadata=meta, fold_bn=args.fold_bn, input_shape=_shape(cz))
+        with _writing("--out"):
+            save(res.model, args.out, metadata=meta, fold_bn=args.fold_bn, input_shape=_shape(cz))
         out["out"] = str(args.out)
     if args.json:
         print(json.dumps(out, indent=1))
@@ -1376,6 +1389,15 @@ def _export_format(args) -> str:
     return fmt
 
 
+@contextlib.contextmanager
+def _writing(flag: str):
+    """A file that cannot be written (disk full, read-only folder) as an error naming ``flag``."""
+    try:
+        yield
+    except OSError as e:
+        raise UsageError(f"{flag}: {e.strerror or e}") from None
+
+
 def cmd_export(args) -> int:
     args.format = _export_format(args)
     cut = args.policy is not None or args.max_drop is not None
@@ -1399,13 +1421,15 @@ def cmd_export(args) -> int:
     if args.format == "onnx":
         from .export import export_onnx
 
-        export_onnx(model, example, args.out, fold_bn=args.fold_bn)
+        with _writing("--out"):
+            export_onnx(model, example, args.out, fold_bn=args.fold_bn)
     else:
         from .export import save
 
         acc = cz.base if args.policy is None else cz.data.metrics(model)
         meta = {"run": cz.run, "policy": words, "val_acc": acc["val_acc"]}
-        save(model, args.out, input_shape=_shape(cz), metadata=meta, fold_bn=args.fold_bn)
+        with _writing("--out"):
+            save(model, args.out, input_shape=_shape(cz), metadata=meta, fold_bn=args.fold_bn)
     print(args.out)
     return 0
 

@@ -123,13 +123,19 @@ def kept_cuts(run: Run, which: str) -> dict[str, dict[str, Any]]:
     return rows if isinstance(rows, dict) else {}
 
 
-def measure_grid(session: Compressor, policy: str, run: Run | None = None) -> dict[str, dict]:
+def measure_grid(
+    session: Compressor,
+    policy: str,
+    run: Run | None = None,
+    *,
+    stop: Callable[[], bool] | None = None,
+) -> dict[str, dict]:
     """Cut at every value of ``policy``'s slider, measure each distinct cut once (cost,
     validation and test, as :meth:`Compressor.apply` reports them) and keep them in ``run``'s
     folder beside those kept before, the slider's default first. Nothing is measured if that
     first cut (cutting, counting and evaluating) takes longer than :data:`GRID_MAX_SECONDS`;
     the cuts measured within :data:`GRID_BUDGET_SECONDS` are kept (the page evaluates the
-    others when a slider reaches them)."""
+    others when a slider reaches them); so are those measured before ``stop()`` turned true."""
     mtime = run.checkpoint_mtime(session.which) if run is not None else 0.0
     rows = dict(kept_cuts(run, session.which)) if run is not None else {}
     make = policy_class(policy)
@@ -150,7 +156,7 @@ def measure_grid(session: Compressor, policy: str, run: Run | None = None) -> di
         now = time.perf_counter()
         if i == 0 and now - t0 > GRID_MAX_SECONDS:
             return {}
-        if now - start > GRID_BUDGET_SECONDS:
+        if now - start > GRID_BUDGET_SECONDS or (stop is not None and stop()):
             break
     if run is not None and mtime and mtime == run.checkpoint_mtime(session.which):
         run.write_extra(
@@ -160,12 +166,17 @@ def measure_grid(session: Compressor, policy: str, run: Run | None = None) -> di
     return rows
 
 
+class _Stopped(Exception):
+    """Raised out of a sweep when :func:`prepare`'s ``stop`` turns true."""
+
+
 def prepare(
     run: Run,
     splits=None,
     *,
     which: Iterable[str] = ("best",),
     policies: Iterable[str] = DEFAULT_POLICIES,
+    stop: Callable[[], bool] | None = None,
 ) -> dict[str, int]:
     """Sweep and keep the curves of ``policies`` on each ``which`` checkpoint of ``run`` that
     are not kept yet, and, for a composed run (``n_factors`` > 1: the one a class slides on;
@@ -176,9 +187,19 @@ def prepare(
     else they are loaded from the run's config. Evaluation runs on the CPU with one thread, as
     the app's server computes, so the kept numbers are the ones the app would compute (and
     small evaluations do not stall on a busy machine's other cores).
+
+    ``stop``: checked between the points of a sweep (and the cuts of a grid); once it is
+    true nothing more is swept (``lorita train`` interrupted while it keeps the curves): a
+    curve cut short is not kept, the cuts measured so far are.
     """
     policies = list(policies)
     done: dict[str, int] = {}
+    stopped = stop if stop is not None else (lambda: False)
+
+    def halt(*_) -> None:
+        if stopped():
+            raise _Stopped
+
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -186,11 +207,15 @@ def prepare(
             todo = [p for p in policies if stored(run, w, p) is None]
             if not todo or not run.checkpoint_mtime(w):
                 continue
+            halt()
             session = Compressor(run, splits, which=w)
             for policy in todo:
-                done[key(w, policy)] = len(compute(session, policy, run))
+                halt()
+                done[key(w, policy)] = len(compute(session, policy, run, progress=halt))
                 if int((run.config or {}).get("n_factors") or 1) > 1:
-                    done[_cuts_key(w)] = len(measure_grid(session, policy, run))
+                    done[_cuts_key(w)] = len(measure_grid(session, policy, run, stop=stopped))
+    except _Stopped:
+        pass
     finally:
         torch.set_num_threads(threads)
     return done

@@ -1030,26 +1030,42 @@ def _cache_key(name: str, scan: _FolderScan, size: int, channels: int) -> str:
     return h.hexdigest()[:32]
 
 
+def _read_cache(cache: Path, scan: _FolderScan, size: int, channels: int) -> dict | None:
+    """The parts kept in ``cache``, or None when it is missing, damaged (cut short, emptied
+    by a crash, bit rot: any failure to read it) or not of the expected shapes: decode."""
+    try:
+        with np.load(cache, allow_pickle=False) as z:
+            parts = {
+                p: (torch.from_numpy(z[f"{p}_x"]), torch.from_numpy(z[f"{p}_y"]))
+                for p in scan.parts
+            }
+    except Exception:  # noqa: BLE001 - EOFError, BadZipFile, zlib.error, ... all mean decode
+        return None
+    for p, (x, y) in parts.items():
+        n = len(scan.parts[p])
+        if x.dtype != torch.uint8 or tuple(x.shape) != (n, channels, size, size):
+            return None
+        if y.dtype != torch.long or tuple(y.shape) != (n,):
+            return None
+    return parts
+
+
 def _decoded_parts(name: str, scan: _FolderScan, size: int, channels: int, root: Path) -> dict:
     """``{part: (x, y)}``, decoded once and kept in ``<data>/folder-cache/`` (plain .npz
     arrays, read without pickle); any change to a file, or to size/channels, decodes again."""
     cache = root / "folder-cache" / f"{_cache_key(name, scan, size, channels)}.npz"
-    try:
-        with np.load(cache, allow_pickle=False) as z:
-            return {
-                p: (torch.from_numpy(z[f"{p}_x"]), torch.from_numpy(z[f"{p}_y"]))
-                for p in scan.parts
-            }
-    except (OSError, KeyError, ValueError):
-        pass  # not cached yet, or unreadable: decode
+    kept = _read_cache(cache, scan, size, channels)
+    if kept is not None:
+        return kept
     parts = {p: _read_part(name, files, size, channels) for p, files in scan.parts.items()}
     arrays = {f"{p}_{k}": t.numpy() for p, xy in parts.items() for k, t in zip("xy", xy)}
     with contextlib.suppress(OSError):  # a read-only data folder only costs the decoding
-        from .io import atomic_write_bytes
+        from .io import atomic_write_bytes, remove_dead_temps
 
         buf = io.BytesIO()
         np.savez(buf, **arrays)
         cache.parent.mkdir(parents=True, exist_ok=True)
+        remove_dead_temps(cache.parent)  # of a decoding killed while it wrote, any key
         atomic_write_bytes(cache, buf.getvalue(), sync=False)
     return parts
 

@@ -25,7 +25,7 @@ import threading
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import torch
@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from . import inputs
 from .clone import clone_model, unwrap
 from .convert import apply_folds, composed_layers, deploy_model, fold_batchnorm, merge_model
-from .io import atomic_write_bytes
+from .io import atomic_write_bytes, cannot_write
 from .io import temp_beside as _temp_beside
 from .kinds import ORDERS, kind_of, layer_table, like, set_module, unfuse_encoders
 
@@ -999,8 +999,18 @@ def export_onnx(
                     # arguments, which it passes positionally: torch.export handles both
                     tmp.unlink(missing_ok=True)
                     _onnx_dynamo(deploy, x, tmp, opset)
+        _fsync_file(tmp)
         os.replace(tmp, path)
+    except OSError as e:  # disk full, read-only: name the file meant, not the temporary one
+        raise cannot_write(path, e) from e
     finally:
         deploy.train(was_training)
-        tmp.unlink(missing_ok=True)
+        with suppress(OSError):
+            tmp.unlink(missing_ok=True)
     return path
+
+
+def _fsync_file(path: Path) -> None:
+    """Flush a written file to disk (before the rename that publishes it)."""
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())

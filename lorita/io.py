@@ -26,6 +26,7 @@ import psutil
 __all__ = [
     "append_jsonl",
     "atomic_write_bytes",
+    "cannot_write",
     "fault",
     "fault_due",
     "kill_now",
@@ -34,6 +35,7 @@ __all__ = [
     "read_jsonl",
     "read_jsonl_from",
     "read_last_jsonl",
+    "remove_dead_temps",
     "rewrite_jsonl",
     "temp_beside",
     "write_json",
@@ -124,12 +126,19 @@ def dead_writers_temp(name: str, target: str | None = None) -> bool:
 
 
 def _remove_dead_temps(path: Path) -> None:
+    remove_dead_temps(path.parent, path.name)
+
+
+def remove_dead_temps(folder: str | os.PathLike, target: str | None = None) -> None:
+    """Remove the :func:`temp_beside` files in ``folder`` (for the file ``target`` when
+    given) whose writing process is gone."""
+    prefix = f".{target}." if target is not None else "."
     try:
-        with os.scandir(path.parent) as entries:
+        with os.scandir(folder) as entries:
             dead = [
                 e.path
                 for e in entries
-                if e.name.startswith(f".{path.name}.") and dead_writers_temp(e.name, path.name)
+                if e.name.startswith(prefix) and dead_writers_temp(e.name, target)
             ]
     except OSError:
         return
@@ -170,9 +179,28 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, sync: bool = Tru
                 f.flush()
                 os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        _discard(tmp)
+        raise cannot_write(path, e) from e
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        _discard(tmp)
         raise
+
+
+def _discard(tmp: Path) -> None:
+    """Remove a temporary file after a failed write (a failure here must not hide that one)."""
+    try:
+        tmp.unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
+def cannot_write(path: str | os.PathLike, e: OSError) -> OSError:
+    """``e`` (a failed write: disk full, read-only, permission) as an error of the same kind
+    naming the file meant, not the temporary name the write went through."""
+    if e.errno is None:
+        return e
+    return OSError(e.errno, f"cannot write {str(path)!r}: {e.strerror or e}")
 
 
 def _json_default(o: Any):
@@ -224,12 +252,15 @@ def read_json(path: str | os.PathLike, default: Any = None) -> Any:
 def append_jsonl(path: str | os.PathLike, obj: Any) -> None:
     """Append one JSON line (one ``write`` call, so a reader sees it whole or not at all)."""
     line = (dumps(obj, compact=True) + "\n").encode()
-    with open(path, "ab") as f:
-        if fault_due("append"):  # the crash tests: die in the middle of a line
-            f.write(line[: len(line) // 2])
-            f.flush()
-            kill_now()
-        f.write(line)
+    try:
+        with open(path, "ab") as f:
+            if fault_due("append"):  # the crash tests: die in the middle of a line
+                f.write(line[: len(line) // 2])
+                f.flush()
+                kill_now()
+            f.write(line)
+    except OSError as e:
+        raise cannot_write(path, e) from e
 
 
 def _loads_row(line: bytes | str) -> dict | None:

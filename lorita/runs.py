@@ -285,6 +285,7 @@ class Run:
 
     def write_extra(self, key: str, obj: Any) -> None:
         """Cache a derived JSON result beside the run (atomic)."""
+        self._require_folder()
         write_json(self.path / "extra" / f"{validate_name(key)}.json", obj)
 
     def summary(self, tol: float | None = None) -> dict:
@@ -388,9 +389,20 @@ class Run:
         self.consume_stop()  # a stop asked of an earlier attempt (the run was not live)
         self.update_status(state="queued", message="resuming", ended=None, **_me())
 
+    def _require_folder(self) -> None:
+        """FileNotFoundError when the run folder is gone: a writer never brings back a folder
+        removed or renamed while it was in use (it would hold no config.json, be listed
+        nowhere and still block its name)."""
+        if not self.path.is_dir():
+            raise FileNotFoundError(
+                f"run {self.name!r}: its folder {str(self.path)!r} is gone "
+                "(removed or renamed while in use)"
+            )
+
     def update_status(self, **fields) -> dict:
         """Merge fields into status.json (atomic) and refresh the heartbeat."""
         with self._lock:
+            self._require_folder()
             st = self._status_cache if self._status_cache is not None else self.raw_status()
             st = {**st, **fields, "heartbeat": time.time()}
             write_json(self.path / "status.json", st)
@@ -423,13 +435,21 @@ class Run:
         write_json(self.path / "config.json", config, sync=True)
 
     def write_result(self, result: dict) -> None:
+        self._require_folder()
         write_json(self.path / "result.json", result, sync=True)
 
     def log_metrics(self, row: dict) -> None:
-        append_jsonl(self.path / "metrics.jsonl", row)
+        self._append("metrics.jsonl", row)
 
     def log_spectra(self, row: dict) -> None:
-        append_jsonl(self.path / "spectra.jsonl", row)
+        self._append("spectra.jsonl", row)
+
+    def _append(self, fname: str, row: dict) -> None:
+        try:
+            append_jsonl(self.path / fname, row)
+        except FileNotFoundError:
+            self._require_folder()  # says the folder is gone, if it is
+            raise
 
     def consume_stop(self) -> None:
         """Remove the STOP request once it has been acted on."""
@@ -553,13 +573,22 @@ class RunStore:
             config = config.to_dict()
         if self.root.exists() and not self.root.is_dir():
             raise ValueError(f"runs folder: {str(self.root)!r} exists and is not a folder")
-        self.root.mkdir(parents=True, exist_ok=True)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ValueError(
+                f"runs folder: cannot make {str(self.root)!r} ({e.strerror or e})"
+            ) from None
         name = validate_name(name) if name is not None else self.new_name(config)
         path = self.root / name
         try:
             path.mkdir()
         except FileExistsError:
             raise ValueError(f"run name: {name!r} already exists in {self.root}") from None
+        except OSError as e:
+            raise ValueError(
+                f"runs folder: cannot make a run folder in {str(self.root)!r} ({e.strerror or e})"
+            ) from None
         (path / "checkpoints").mkdir()
         write_json(path / "config.json", config, sync=True)
         run = Run(path)

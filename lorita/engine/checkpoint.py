@@ -30,7 +30,7 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 from ..export import save_bytes
-from ..io import atomic_write_bytes, fault, fsync_dir, read_json, temp_beside
+from ..io import atomic_write_bytes, cannot_write, fault, fsync_dir, read_json, temp_beside
 
 __all__ = ["latest", "load", "prune", "publish_best", "restore_best", "save", "sweep"]
 
@@ -43,10 +43,13 @@ STATE_KEY = "lorita_train_state"
 
 
 def _write_synced(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(path, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise cannot_write(path, e) from e
 
 
 def _link(src: Path, dst: Path) -> None:
@@ -142,8 +145,11 @@ def save(
     rng: dict[str, torch.Tensor],
     meta: dict,
 ) -> Path:
-    """Write one checkpoint transaction under ``folder``; publish last.safetensors; prune."""
-    folder.mkdir(parents=True, exist_ok=True)
+    """Write one checkpoint transaction under ``folder``; publish last.safetensors; prune.
+
+    ``folder``'s parent (the run folder) must exist: a run folder removed or renamed while
+    its training runs is not brought back (FileNotFoundError)."""
+    folder.mkdir(exist_ok=True)
     existing = _folders(folder)
     seq = existing[-1][0] + 1 if existing else 1
     final = folder / f"ckpt-{seq:06d}"
@@ -207,7 +213,9 @@ def load(path: Path, model: nn.Module, opt, sched) -> tuple[dict, dict[str, torc
 
 
 def publish_best(folder: Path, model: nn.Module, meta: dict) -> None:
-    """Replace the published best.safetensors (atomic, flushed)."""
+    """Replace the published best.safetensors (atomic, flushed); as :func:`save`, never
+    brings back a removed run folder."""
+    folder.mkdir(exist_ok=True)
     atomic_write_bytes(folder / "best.safetensors", save_bytes(model, metadata=meta))
 
 

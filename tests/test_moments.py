@@ -1,0 +1,201 @@
+"""The moments around training a user meets: a damaged decoding cache, a run folder removed
+while its writer runs, a disk that is full or read-only, a --runs-dir inside a file, and an
+interrupt while a finished run's trade-off curves are being kept."""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import lorita as lt
+from lorita import curves
+from lorita.cli import main
+from lorita.engine import checkpoint, train
+from lorita.io import atomic_write_bytes, temp_beside
+from lorita.runs import Run, RunStore
+
+TINY = {
+    "dataset": "digits",
+    "model": "mlp",
+    "model_kwargs": {"depth": 2, "width": 16},
+    "n_factors": 3,
+    "epochs": 1,
+    "batch_size": 64,
+    "seed": 0,
+    "device": "cpu",
+    "spectra_every": 50,
+}
+
+
+@pytest.fixture(autouse=True)
+def _data_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("LORITA_DATA", str(tmp_path / "data"))
+
+
+def _images(root, classes=("a", "b"), per_class=4):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for k, c in enumerate(classes):
+        (root / c).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            arr = rng.integers(0, 255, (6, 6, 3), dtype=np.uint8)
+            arr[..., 0] = 100 * k
+            Image.fromarray(arr).save(root / c / f"{i}.png")
+    return root
+
+
+# --------------------------------------------------------------------------- decoding cache
+
+
+def _damage(path, how: str) -> None:
+    good = path.read_bytes()
+    if how == "empty":  # what a power cut after the rename can leave
+        path.write_bytes(b"")
+    elif how == "cut short":
+        path.write_bytes(good[: len(good) // 2])
+    elif how == "bit rot":
+        bad = bytearray(good)
+        for i in range(200, 260):
+            bad[i] ^= 0xFF
+        path.write_bytes(bytes(bad))
+    elif how == "other shapes":
+        with open(path, "wb") as f:  # a readable archive, but not of these images
+            np.savez(f, train_x=np.zeros((1, 3, 2, 2), np.uint8), train_y=np.zeros(1, np.int64))
+
+
+@pytest.mark.parametrize("how", ["empty", "cut short", "bit rot", "other shapes"])
+def test_a_damaged_decoding_cache_is_decoded_again_and_replaced(tmp_path, how):
+    root = _images(tmp_path / "imgs")
+    first = lt.load_dataset(f"folder:{root}", size=6)
+    (cache,) = (tmp_path / "data" / "folder-cache").glob("*.npz")
+    good = cache.read_bytes()
+    _damage(cache, how)
+    again = lt.load_dataset(f"folder:{root}", size=6)
+    assert torch.equal(again.train.x, first.train.x) and torch.equal(again.test.y, first.test.y)
+    assert cache.read_bytes() == good
+
+
+def test_a_killed_decodings_temporary_file_is_removed_whatever_its_key(tmp_path):
+    root = _images(tmp_path / "imgs")
+    folder = tmp_path / "data" / "folder-cache"
+    folder.mkdir(parents=True)
+    dead = folder / ".0123456789abcdef.npz.999999999.1.tmp"  # a pid no process has
+    dead.write_bytes(b"PK\x03\x04half")
+    lt.load_dataset(f"folder:{root}", size=6)
+    assert sorted(p.suffix for p in folder.iterdir()) == [".npz"]
+
+
+# --------------------------------------------------------------------------- a run folder removed
+
+
+def test_a_writer_never_brings_back_a_removed_run_folder(tmp_path):
+    store = RunStore(tmp_path)
+    run = store.create({"dataset": "digits"}, name="gone")
+    shutil.rmtree(run.path)
+    for write in (
+        lambda: run.update_status(state="running"),
+        lambda: run.log_metrics({"step": 1}),
+        lambda: run.log_spectra({"step": 1}),
+        lambda: run.write_result({"state": "completed"}),
+        lambda: run.write_extra("tradeoff-best-global", {}),
+    ):
+        with pytest.raises(FileNotFoundError, match="'gone'.*gone .removed or renamed"):
+            write()
+    with pytest.raises(FileNotFoundError):
+        checkpoint.publish_best(run.checkpoint_dir, torch.nn.Sequential(), {})
+    with pytest.raises(FileNotFoundError):
+        checkpoint.save(run.checkpoint_dir, None, None, None, counters={}, rng={}, meta={})
+    assert not run.path.exists()
+    assert store.list() == [] and not store.exists("gone")
+
+
+def test_training_stops_with_a_clear_error_when_its_folder_is_renamed(tmp_path):
+    store = RunStore(tmp_path)
+    run = store.create(TINY, name="a")
+    moved = []
+
+    def event(ev):
+        if ev.get("event") == "step" and not moved:
+            moved.append(run.path.rename(tmp_path / "b"))
+
+    with pytest.raises(OSError, match="'a'"):
+        train({**TINY, "epochs": 2}, run, callback=event)
+    assert not (tmp_path / "a").exists()
+    assert [r.name for r in store.list()] == ["b"]  # resumable under its new name, once
+    # this process is gone (here it lives on, so the run still reads as running)
+
+
+# --------------------------------------------------------------------------- disk full, read-only
+
+
+def test_a_failed_write_names_the_file_and_leaves_no_temporary_file(tmp_path, monkeypatch):
+    target = tmp_path / "model.safetensors"
+    target.write_bytes(b"old")
+
+    def full(src, dst):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", full)
+    with pytest.raises(OSError, match=f"cannot write '{target}': No space left") as e:
+        atomic_write_bytes(target, b"new")
+    assert e.value.errno == errno.ENOSPC
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
+    assert target.read_bytes() == b"old"
+
+
+def test_a_temporary_file_that_cannot_be_removed_does_not_hide_the_error(tmp_path, monkeypatch):
+    def read_only(*a, **kw):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(os, "fsync", read_only)
+    monkeypatch.setattr(type(temp_beside(tmp_path / "x")), "unlink", read_only)
+    with pytest.raises(OSError, match="cannot write .*x.json': Read-only"):
+        atomic_write_bytes(tmp_path / "x.json", b"{}")
+
+
+def test_runs_dir_inside_a_file_is_refused_naming_the_flag(tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    below = tmp_path / "afile" / "sub" / "runs"
+    for argv in (["runs", "--runs-dir", str(below)], ["train", "--runs-dir", str(below)]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("lorita: error: argument --runs-dir:") and "is a file" in err
+    with pytest.raises(ValueError, match="runs folder: cannot make"):
+        RunStore(below).create({"dataset": "digits"}, name="r")
+
+
+# --------------------------------------------------------------------------- curves interrupted
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A finished composed run whose curves were not kept (training called nothing after)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    run = RunStore(tmp_path_factory.mktemp("moments")).create(TINY, name="tiny")
+    assert train(TINY, run)["state"] == "completed"
+    torch.set_num_threads(threads)
+    return run
+
+
+def test_an_interrupt_while_the_curves_are_kept_ends_that_at_once(finished, tmp_path):
+    run = Run(shutil.copytree(finished.path, tmp_path / "tiny"))
+    assert curves.prepare(run, stop=lambda: True) == {}
+    asked = iter([False] * 3 + [True] * 1000)
+    assert curves.prepare(run, stop=lambda: next(asked)) == {}  # stopped inside the sweep
+    assert not (run.path / "extra").exists() or not list((run.path / "extra").iterdir())
+    assert curves.stored(run, "best", "global") is None
+
+
+def test_the_cuts_measured_before_an_interrupt_are_kept(finished, tmp_path):
+    run = Run(shutil.copytree(finished.path, tmp_path / "tiny"))
+    session = lt.Compressor(run, which="best")
+    asked = iter([False] * 2 + [True] * 1000)
+    rows = curves.measure_grid(session, "global", run, stop=lambda: next(asked))
+    assert 1 <= len(rows) <= 3 and curves.kept_cuts(run, "best") == rows
