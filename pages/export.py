@@ -105,6 +105,7 @@ def _choice_to_url(choice: dict | None) -> None:
     """Keep a slider's cut in the address, so that a refresh of this page exports it again
     (a per-layer rank table and a fine-tuned model live in the session only)."""
     if choice and choice.get("value") is not None:
+        state.to_url(state.QUERY_RUN, choice["run"])
         state.to_url(state.QUERY_POLICY, choice["policy"])
         state.to_url(state.QUERY_VALUE, f"{choice['value']:g}")
         state.to_url(state.QUERY_WHICH, choice["which"])

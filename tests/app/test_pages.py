@@ -314,7 +314,7 @@ def test_a_refreshed_export_page_still_exports_the_cut(runs_dir):
     at.switch_page("pages/export.py").run()
     ranks = at.session_state["compress_choice"]["ranks"]
     url = dict(at.query_params)
-    assert (url["policy"], url["value"], url["which"]) == ("global", "0.8", "best")
+    assert (url["run"], url["policy"], url["value"], url["which"]) == (N3, "global", "0.8", "best")
     fresh = open_page("export", **url)  # what a refresh sends
     assert_clean(fresh)
     assert fresh.radio(key="export.model").value == "compressed"

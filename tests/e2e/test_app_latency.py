@@ -159,3 +159,26 @@ def test_a_refresh_comes_back_to_the_same_cut(app_server, page, tiny_run):
     wait_idle(page)
     assert float(slider_input(page).input_value()) == moved
     no_errors(page)
+
+
+def test_a_refresh_of_the_export_page_keeps_the_cut(app_server, page, tiny_run):
+    """Compress, then Export through the sidebar: the cut is offered, and still offered (the
+    same one) after a reload of the Export page, which starts a new session."""
+    page.goto(f"{app_server['url']}/compress?run={tiny_run}")
+    page.get_by_text("Original validation accuracy").wait_for(timeout=120_000)
+    wait_idle(page)
+    nudge_slider(page)
+    wait_idle(page)
+    page.locator('[data-testid="stSidebarNav"] a').filter(has_text="Export").first.click()
+    offered = page.get_by_text("Compressed on the Compress page", exact=False)
+    offered.wait_for(timeout=120_000)
+    wait_idle(page)
+    text = offered.inner_text()
+    page.wait_for_function(
+        "() => new URL(location.href).searchParams.get('policy') === 'global'", timeout=30_000
+    )
+    page.reload()
+    page.get_by_text("Compressed on the Compress page", exact=False).wait_for(timeout=120_000)
+    assert page.get_by_text("Compressed on the Compress page", exact=False).inner_text() == text
+    download_button(page).wait_for(timeout=120_000)
+    no_errors(page)
