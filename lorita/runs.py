@@ -579,16 +579,13 @@ class RunStore:
             raise ValueError(
                 f"runs folder: cannot make {str(self.root)!r} ({e.strerror or e})"
             ) from None
-        name = validate_name(name) if name is not None else self.new_name(config)
+        chosen = name is not None
+        name = validate_name(name) if chosen else self.new_name(config)
+        while not self._claim(self.root / name):
+            if chosen:
+                raise ValueError(f"run name: {name!r} already exists in {self.root}")
+            name = self.new_name(config)  # taken since new_name looked (runs started together)
         path = self.root / name
-        try:
-            path.mkdir()
-        except FileExistsError:
-            raise ValueError(f"run name: {name!r} already exists in {self.root}") from None
-        except OSError as e:
-            raise ValueError(
-                f"runs folder: cannot make a run folder in {str(self.root)!r} ({e.strerror or e})"
-            ) from None
         (path / "checkpoints").mkdir()
         write_json(path / "config.json", config, sync=True)
         run = Run(path)
@@ -606,6 +603,18 @@ class RunStore:
         )
         fault("created")
         return run
+
+    def _claim(self, path: Path) -> bool:
+        """Make the run folder ``path``; False if it exists (made by another process)."""
+        try:
+            path.mkdir()
+        except FileExistsError:
+            return False
+        except OSError as e:
+            raise ValueError(
+                f"runs folder: cannot make a run folder in {str(self.root)!r} ({e.strerror or e})"
+            ) from None
+        return True
 
     def delete(self, name: str) -> None:
         """Remove a run folder (refused while its process is alive)."""

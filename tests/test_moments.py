@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import threading
 
 import numpy as np
 import pytest
@@ -89,6 +90,32 @@ def test_a_killed_decodings_temporary_file_is_removed_whatever_its_key(tmp_path)
     dead.write_bytes(b"PK\x03\x04half")
     lt.load_dataset(f"folder:{root}", size=6)
     assert sorted(p.suffix for p in folder.iterdir()) == [".npz"]
+
+
+# --------------------------------------------------------------------------- runs started together
+
+
+def test_runs_started_together_without_a_name_each_get_one(tmp_path, monkeypatch):
+    store = RunStore(tmp_path)
+    store.create({"dataset": "digits"}, name="digits-run")
+    names = iter(["digits-run", "digits-run-2"])  # the first one taken since it was chosen
+    monkeypatch.setattr(RunStore, "new_name", lambda self, config, suffix="": next(names))
+    assert store.create({"dataset": "digits"}).name == "digits-run-2"
+    with pytest.raises(ValueError, match="run name: 'digits-run' already exists"):
+        store.create({"dataset": "digits"}, name="digits-run")  # a name asked for is kept
+    monkeypatch.undo()
+    start, made = threading.Barrier(6), []
+
+    def create():
+        start.wait()
+        made.append(RunStore(tmp_path / "together").create({"dataset": "digits"}).name)
+
+    threads = [threading.Thread(target=create) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(made)) == 6
 
 
 # --------------------------------------------------------------------------- a run folder removed
