@@ -1458,9 +1458,27 @@ def _warning_line(message, category, filename, lineno, file=None, line=None) -> 
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command; the exit code is 0, 1 (training failed) or 2 (bad input)."""
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _term_interrupts():
         warnings.showwarning = _warning_line
         return _main(argv)
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _term_interrupts():
+    """SIGTERM ends a command as Ctrl-C does (a file being written is removed, not left
+    under its temporary name); ``lorita train`` sets its own (stop after the step)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _main(argv: list[str] | None) -> int:

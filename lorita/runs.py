@@ -50,6 +50,7 @@ from .io import (
     read_jsonl,
     read_jsonl_from,
     read_last_jsonl,
+    remove_dead_temps,
     rewrite_jsonl,
     write_json,
 )
@@ -286,6 +287,7 @@ class Run:
     def write_extra(self, key: str, obj: Any) -> None:
         """Cache a derived JSON result beside the run (atomic)."""
         self._require_folder()
+        remove_dead_temps(self.path / "extra")  # of a writer killed while it wrote, any key
         write_json(self.path / "extra" / f"{validate_name(key)}.json", obj)
 
     def summary(self, tol: float | None = None) -> dict:

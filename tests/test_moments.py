@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import signal
 import threading
 
 import numpy as np
@@ -226,3 +227,37 @@ def test_the_cuts_measured_before_an_interrupt_are_kept(finished, tmp_path):
     asked = iter([False] * 2 + [True] * 1000)
     rows = curves.measure_grid(session, "global", run, stop=lambda: next(asked))
     assert 1 <= len(rows) <= 3 and curves.kept_cuts(run, "best") == rows
+
+
+def test_a_killed_writers_temporary_file_beside_the_curves_is_removed(tmp_path):
+    run = RunStore(tmp_path).create({"dataset": "digits"}, name="r")
+    (run.path / "extra").mkdir()
+    dead = run.path / "extra" / ".cuts-best.json.999999999.1.tmp"  # a pid no process has
+    dead.write_text('{"half')
+    run.write_extra("tradeoff-best-global", {"points": []})
+    assert sorted(p.name for p in (run.path / "extra").iterdir()) == ["tradeoff-best-global.json"]
+
+
+# --------------------------------------------------------------------------- SIGTERM
+
+
+def test_sigterm_while_a_file_is_written_leaves_nothing_behind(finished, tmp_path, monkeypatch):
+    def ignore(signum, frame):  # without the command's own handler: a plain failure
+        pass
+
+    before = signal.signal(signal.SIGTERM, ignore)
+    fsync = os.fsync
+
+    def term(fd):  # SIGTERM arrives while the file is half written
+        os.kill(os.getpid(), signal.SIGTERM)
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", term)
+    out = tmp_path / "out"
+    out.mkdir()
+    try:
+        assert main(["export", str(finished.path), "--out", str(out / "m.safetensors")]) == 130
+        assert signal.getsignal(signal.SIGTERM) is ignore
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert list(out.iterdir()) == []
