@@ -799,6 +799,7 @@ class _FolderScan:
     root: Path
     classes: list[str]
     parts: dict[str, list[tuple[Path, int]]]  # "train" | "val" | "test" -> [(file, label)]
+    loose: tuple[Path, ...] = ()  # images beside the class folders: in no class, left out
 
     def count(self) -> int:
         return sum(len(v) for v in self.parts.values())
@@ -838,9 +839,19 @@ def _scan_folder(name: str) -> _FolderScan:
         else:
             classes = _class_dirs(name, root)
             parts = {"train": _class_files(name, root, classes, classes)}
+        holders = [root / p for p in splits] if splits else [root]
+        loose = tuple(f for d in holders for f in sorted(d.iterdir()) if _is_image_file(f))
     except PermissionError as e:
         raise DatasetUnavailable(f"dataset {name!r}: {e.filename} is not readable") from None
-    return _FolderScan(root, classes, parts)
+    return _FolderScan(root, classes, parts, loose)
+
+
+def _is_image_file(path: Path) -> bool:
+    return (
+        not path.name.startswith(".")
+        and path.name.lower().endswith(IMAGE_EXTENSIONS)
+        and path.is_file()
+    )
 
 
 _SPLITS = ("train", "val", "test")
@@ -1101,7 +1112,13 @@ def _check_folder(name: str, root: Path, download: bool, **o) -> str:
     _check_headers(name, scan)
     n = {k: len(v) for k, v in scan.parts.items()}
     parts = ", ".join(f"{k} {v}" for k, v in n.items())
-    return f"folder {scan.root}: {len(scan.classes)} classes, {scan.count()} images ({parts})"
+    note = f"folder {scan.root}: {len(scan.classes)} classes, {scan.count()} images ({parts})"
+    if scan.loose:
+        note += (
+            f"; {len(scan.loose)} image(s) beside the class folders (e.g. {scan.loose[0]}) are "
+            "in no class and are left out"
+        )
+    return note
 
 
 # --------------------------------------------------------------------------- the registry

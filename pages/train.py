@@ -219,6 +219,8 @@ def _start(family: str) -> None:
     note = train_form.dataset_note(config)
     if "download" in note:
         st.info(f"Data: {note}. Without internet the run stops with what to do.", icon="🌐")
+    elif "left out" in note:
+        st.info(f"Data: {note}.", icon="🗂️")
 
 
 def _progress(v: jobs.JobView, *, small: bool = False) -> None:

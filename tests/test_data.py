@@ -294,6 +294,23 @@ def test_folder_dataset_matches_torchvision_image_folder(tmp_path):
     assert grey.train.x.shape[1:] == (1, 8, 8) and grey.train.x.dtype == torch.uint8
 
 
+def test_images_beside_the_class_folders_are_left_out_and_said_so(tmp_path):
+    from lorita.data import check_dataset
+
+    root = _folder(tmp_path / "imgs", per_class=2)
+    assert "left out" not in check_dataset(f"folder:{root}")
+    _image(root / "stray.jpg")
+    (root / "notes.txt").write_text("not an image")
+    note = check_dataset(f"folder:{root}")
+    assert f"1 image(s) beside the class folders (e.g. {root / 'stray.jpg'})" in note
+    assert "left out" in note and "6 images" in note
+    assert len(load_dataset(f"folder:{root}", size=8, test_fraction=0.34).train.x) < 6
+    split = _folder(tmp_path / "split", per_class=2, part="train")
+    _image(split / "train" / "a.png")
+    _image(split / "train" / "b.png")
+    assert "2 image(s) beside the class folders" in check_dataset(f"folder:{split}")
+
+
 def test_folder_pixels_are_the_resized_image(tmp_path):
     from PIL import Image
 
