@@ -162,6 +162,26 @@ def test_training_stops_with_a_clear_error_when_its_folder_is_renamed(tmp_path):
 # --------------------------------------------------------------------------- disk full, read-only
 
 
+def test_the_error_that_ended_a_run_is_raised_even_when_its_status_cannot_be_written(
+    tmp_path, monkeypatch
+):
+    run = RunStore(tmp_path).create(TINY, name="a")
+    write = Run.update_status
+
+    def full_disk(self, **fields):
+        if fields.get("state") == "failed":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write(self, **fields)
+
+    def event(ev):
+        if ev.get("event") == "step":
+            raise RuntimeError("the run's own failure")
+
+    monkeypatch.setattr(Run, "update_status", full_disk)
+    with pytest.raises(RuntimeError, match="the run's own failure"):
+        train(TINY, run, callback=event)
+
+
 def test_a_failed_write_names_the_file_and_leaves_no_temporary_file(tmp_path, monkeypatch):
     target = tmp_path / "model.safetensors"
     target.write_bytes(b"old")

@@ -201,9 +201,14 @@ def _open(run: Run, config: TrainConfig, resume: bool) -> None:
 
 
 def _mark_failed(run: Run, e: BaseException) -> None:
-    if run.raw_status().get("state") in ("queued", "running"):
-        msg = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
-        run.update_status(state="failed", message=msg[:500], ended=time.time())
+    """Say in the run's status why it ended; if even that cannot be written (a full disk, the
+    folder gone), the error raised stays the one that ended the run."""
+    try:
+        if run.raw_status().get("state") in ("queued", "running"):
+            msg = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+            run.update_status(state="failed", message=msg[:500], ended=time.time())
+    except OSError:
+        pass
 
 
 def _set_threads(threads, model: nn.Module, device: torch.device, d: DistInfo) -> None:
