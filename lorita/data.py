@@ -23,6 +23,7 @@ import gzip
 import io
 import math
 import os
+import re
 import socket
 import tarfile
 from collections.abc import Callable, Mapping, Sequence
@@ -1063,8 +1064,10 @@ def _read_cache(cache: Path, scan: _FolderScan, size: int, channels: int) -> dic
 
 def _decoded_parts(name: str, scan: _FolderScan, size: int, channels: int, root: Path) -> dict:
     """``{part: (x, y)}``, decoded once and kept in ``<data>/folder-cache/`` (plain .npz
-    arrays, read without pickle); any change to a file, or to size/channels, decodes again."""
-    cache = root / "folder-cache" / f"{_cache_key(name, scan, size, channels)}.npz"
+    arrays, read without pickle); any change to a file, or to size/channels, decodes again.
+    One file is kept per folder, size and channels: writing it removes the one it replaces."""
+    prefix = _cache_prefix(scan, size, channels)
+    cache = root / "folder-cache" / f"{prefix}-{_cache_key(name, scan, size, channels)}.npz"
     kept = _read_cache(cache, scan, size, channels)
     if kept is not None:
         return kept
@@ -1078,7 +1081,21 @@ def _decoded_parts(name: str, scan: _FolderScan, size: int, channels: int, root:
         cache.parent.mkdir(parents=True, exist_ok=True)
         remove_dead_temps(cache.parent)  # of a decoding killed while it wrote, any key
         atomic_write_bytes(cache, buf.getvalue(), sync=False)
+        for old in cache.parent.iterdir():  # this folder's older decodings, and unnamed ones
+            stale = old.name.startswith(f"{prefix}-") or _UNNAMED_CACHE.fullmatch(old.name)
+            if stale and old != cache:
+                old.unlink(missing_ok=True)
     return parts
+
+
+_UNNAMED_CACHE = re.compile(r"[0-9a-f]{32}\.npz")  # before the folder's prefix was in the name
+
+
+def _cache_prefix(scan: _FolderScan, size: int, channels: int) -> str:
+    """Which folder, size and channels a cache file holds (the start of its name)."""
+    import hashlib
+
+    return hashlib.sha256(f"{scan.root}|{size}|{channels}".encode()).hexdigest()[:16]
 
 
 def _folder(name: str, root: Path, download: bool, **o) -> _Raw:

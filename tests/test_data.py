@@ -166,6 +166,14 @@ def test_folder_images_are_decoded_once_and_again_when_a_file_changes(tmp_path, 
     with pytest.raises(AssertionError, match="decoded although cached"):
         load_dataset(f"folder:{root}", size=9)  # other options too
     monkeypatch.setattr(data, "_read_image", decode)
+    cache = tmp_path / "data" / "folder-cache"
+    (cache / ("0" * 32 + ".npz")).write_bytes(b"a cache named before prefixes")
+    other = load_dataset(f"folder:{_folder(tmp_path / 'other', per_class=2)}", size=8)
+    load_dataset(f"folder:{root}", size=8)  # decoded again: replaces its older decoding
+    load_dataset(f"folder:{root}", size=9)
+    names = sorted(p.name.split("-")[0] for p in cache.glob("*.npz"))
+    assert len(names) == 3 and len(set(names)) == 3  # one per folder and size; none unnamed
+    assert len(other.train) + len(other.val) + len(other.test) == 6
     (tmp_path / "not-a-folder").write_text("x")  # a data folder where no cache can be written
     monkeypatch.setenv("LORITA_DATA", str(tmp_path / "not-a-folder"))
     assert load_dataset(f"folder:{root}", size=10).image_size == 10
