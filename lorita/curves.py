@@ -142,10 +142,11 @@ def measure_grid(
     start = time.perf_counter()
     for i, value in enumerate(grid(policy)):
         t0 = time.perf_counter()
-        planned = session.ranks(make(value))  # many values give the same cut: planned once
+        cut_by = make(value)
+        planned = session.ranks(cut_by)  # many values give the same cut: planned once
         if planned is not None and ranks_key(planned) in rows:
             continue
-        small, _ = session.cut(make(value))
+        small, _ = session.cut(cut_by)
         k = ranks_key(small.lorita_ranks)
         if k not in rows:
             res = session.measure(small)

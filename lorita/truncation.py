@@ -697,12 +697,13 @@ def tradeoff_curve(
     base = cache.base_cost(example_input)
     out, seen = [], {}
     for v in values:
-        ranks = plan_ranks(model, cls(v), svd=cache, example_input=example_input, form=form)
-        again = seen.get(tuple(sorted(ranks.items())))
-        if again is not None:  # another value, the same cut: cut and evaluated once
-            out.append({**again, "value": float(v), "ranks": dict(again["ranks"])})
+        policy = cls(v)
+        ranks = plan_ranks(model, policy, svd=cache, example_input=example_input, form=form)
+        key = tuple(sorted(ranks.items()))  # the ranks truncate keeps for this policy
+        if key in seen:  # another value, the same cut: cut and evaluated once
+            out.append({**seen[key], "value": float(v), "ranks": dict(seen[key]["ranks"])})
         else:
-            small = truncate(model, cls(v), form=form, svd=cache, example_input=example_input)
+            small = truncate(model, policy, form=form, svd=cache, example_input=example_input)
             cost = count_cost(small, example_input)
             out.append(
                 {
@@ -715,7 +716,7 @@ def tradeoff_curve(
                     "metric": evaluate(small),
                 }
             )
-            seen[tuple(sorted(small.lorita_ranks.items()))] = out[-1]
+            seen[key] = out[-1]
         if progress is not None:
             progress(len(out), len(values), out[-1])
     return out
