@@ -122,10 +122,8 @@ def _choice_from_url(root: str, names: list[str]) -> dict | None:
     name, policy = state.current_run(), state.from_url(state.QUERY_POLICY)
     which = state.from_url(state.QUERY_WHICH) or "best"
     value = cz.url_value(policy or "", state.from_url(state.QUERY_VALUE))
-    if name not in names or value is None or which not in ("best", "last"):
-        return None
-    if not cz.checkpoint_mtime(name, which, root):
-        return None
+    if name not in names or value is None or not cz.checkpoint_mtime(name, which, root):
+        return None  # checkpoint_mtime is 0.0 for a checkpoint that is not there or not valid
     session = cache.session(root, name, which)
     small, _ = session.cut(cz.make_policy(policy, value))
     choice = {"run": name, "which": which, "policy": policy, "value": value,
