@@ -848,11 +848,12 @@ def _scan_folder(name: str) -> _FolderScan:
 
 
 def _is_image_file(path: Path) -> bool:
-    return (
-        not path.name.startswith(".")
-        and path.name.lower().endswith(IMAGE_EXTENSIONS)
-        and path.is_file()
-    )
+    return _image_name(path.name) and path.is_file()
+
+
+def _image_name(name: str) -> bool:
+    """Whether a file called ``name`` is taken as an image (not hidden, an image extension)."""
+    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
 
 
 _SPLITS = ("train", "val", "test")
@@ -905,7 +906,7 @@ def _images_under(name: str, folder: Path) -> list[Path]:
             continue
         if e.is_dir(follow_symlinks=False):
             out += _images_under(name, Path(e.path))
-        elif e.name.lower().endswith(IMAGE_EXTENSIONS):
+        elif _image_name(e.name):
             if not e.is_file():  # follows a link: false for a broken one
                 if e.is_dir():
                     continue  # a linked folder is not walked (as before)
