@@ -50,8 +50,10 @@ def _overrides(pairs: list[str]) -> dict:
     return out
 
 
-def _setups(mlp_set: dict | None = None) -> dict[str, dict]:
+def _setups(mlp_set: dict | None = None, from_n1: int = 0) -> dict[str, dict]:
     mlp = {**TrainConfig().to_dict(), **preset_config("fashion"), **(mlp_set or {})}
+    if not 0 <= from_n1 < mlp["epochs"]:
+        sys.exit(f"--mlp-from-n1: expected 0 to {mlp['epochs'] - 1} epochs, got {from_n1}")
     mlp.update(device="cpu", spectra_every=0)
     cnn = {
         **TrainConfig().to_dict(),
@@ -66,8 +68,15 @@ def _setups(mlp_set: dict | None = None) -> dict[str, dict]:
         "mlp": {
             "title": "Fashion-MNIST MLP (the Fashion-MNIST preset"
             + (f", with {mlp_set}" if mlp_set else "")
+            + (
+                f"; N=3 composed from the plain network after {from_n1} of its "
+                f"{mlp['epochs']} epochs"
+                if from_n1
+                else ""
+            )
             + ")",
             "config": mlp,
+            "from_n1": from_n1,
         },
         "cnn": {"title": "Small CNN: VGG-11 (channels x0.25) on digits", "config": cnn},
     }
@@ -84,13 +93,22 @@ def describe(cfg: dict) -> str:
     )
 
 
-def train_pair(cfg: dict, seed: int, store: RunStore, tag: str) -> dict:
-    """Train N=3 and N=1 (same config and seed); their run folders and wall times."""
+def train_pair(cfg: dict, seed: int, store: RunStore, tag: str, from_n1: int = 0) -> dict:
+    """Train N=3 and N=1 (same config and seed); their run folders and wall times.
+
+    With ``from_n1`` epochs, N=3 starts from a plain network trained that many epochs with the
+    same recipe (its best checkpoint, composed: the same function) and trains the remaining
+    epochs, so both take the same number of epochs; its wall time counts both runs."""
     out = {}
     for n in (3, 1):
         c = {**cfg, "n_factors": n, "seed": seed}
-        run = store.create(c, name=f"{tag}-s{seed}-n{n}")
         t0 = time.perf_counter()
+        if n == 3 and from_n1:
+            pre = {**c, "n_factors": 1, "epochs": from_n1}
+            pre_run = store.create(pre, name=f"{tag}-s{seed}-pre{from_n1}")
+            lt.train(pre, pre_run, threads="auto")
+            c.update(epochs=cfg["epochs"] - from_n1, init_from=str(pre_run.checkpoint("best")))
+        run = store.create(c, name=f"{tag}-s{seed}-n{n}")
         res = lt.train(c, run, threads="auto")
         out[n] = {
             "run": str(run.path),
@@ -106,7 +124,7 @@ def one_seed(name: str, setup: dict, seed: int, args, store: RunStore) -> dict:
     if cache.is_file():
         return json.loads(cache.read_text())
     t0 = time.perf_counter()
-    runs = train_pair(setup["config"], seed, store, name)
+    runs = train_pair(setup["config"], seed, store, name, setup.get("from_n1", 0))
     rows = compare(
         runs[3]["run"],
         runs[1]["run"],
@@ -233,9 +251,15 @@ def tried_table(main: list[dict], dirs: list[str], args) -> list[str]:
         res = [json.loads(f.read_text()) for f in files]
         if res:
             cfg = json.loads((Path(res[0]["train"]["3"]["run"]) / "config.json").read_text())
+            pre = json.loads((Path(res[0]["train"]["1"]["run"]) / "config.json").read_text())
+            start = (
+                f" (N=3 from the plain network after {pre['epochs'] - cfg['epochs']})"
+                if cfg.get("init_from")
+                else ""
+            )
             label = (
                 f"{cfg['optimizer']} lr {cfg['lr']:g}, warm-up {cfg.get('warmup', 0.0):g}, "
-                f"weight decay {cfg['weight_decay']:g}, {cfg['epochs']} epochs; "
+                f"weight decay {cfg['weight_decay']:g}, {pre['epochs']} epochs{start}; "
                 f"seeds {', '.join(f.stem.removeprefix('mlp-seed') for f in files)}"
             )
             sets.append((label, res))
@@ -337,12 +361,20 @@ def main() -> None:
         metavar="KEY=VALUE",
         help="train the MLP with these TrainConfig fields instead of the preset's (use a new --work)",
     )
+    ap.add_argument(
+        "--mlp-from-n1",
+        type=int,
+        default=0,
+        metavar="EPOCHS",
+        help="N=3 MLP: train the plain network this many epochs, compose it (the same function) "
+        "and train the remaining epochs with N=3 (use a new --work)",
+    )
     args = ap.parse_args()
     args.work = args.work or tempfile.mkdtemp(prefix="lorita-vs-pruning-")
     Path(args.work).mkdir(parents=True, exist_ok=True)
     store = RunStore(Path(args.work) / "runs")
     load0, t_all = os.getloadavg(), time.perf_counter()
-    setups = _setups(_overrides(args.mlp_set))
+    setups = _setups(_overrides(args.mlp_set), args.mlp_from_n1)
     sections, spent = [], 0.0
     for name in args.setups:
         results = [one_seed(name, setups[name], s, args, store) for s in args.seeds]
