@@ -1,9 +1,12 @@
 """LoRITa against the baselines an engineer would use instead, at the same parameter budget.
 
-    python bench/vs_pruning.py [--setups mlp cnn] [--seeds 0 1] [--budgets 5 10 20 35 50]
-                               [--finetune-epochs 2] [--work DIR] [--doc docs/vs_pruning.md]
+    python bench/vs_pruning.py [--setups mlp mlp-from-plain cnn] [--seeds 0 1]
+                               [--budgets 5 10 20 35 50] [--finetune-epochs 2]
+                               [--from-plain 5] [--work DIR] [--doc docs/vs_pruning.md]
 
-For each setup and seed: train the N=3 run and its N=1 twin (same config otherwise), then
+For each setup and seed: train the N=3 run and its N=1 twin (same config otherwise; in
+``mlp-from-plain`` the N=3 run starts from the plain network trained ``--from-plain`` epochs of
+the same recipe, and trains the remaining epochs composed, so both see the same epochs), then
 ``lorita.baselines.compare``: LoRITa's Budget cut of the N=3 run, the SVD cut of the N=1 run and
 Torch-Pruning's L1 structured pruning of the N=1 run, each at every budget, with and without
 fine-tuning (same recipe for all three). Selection (checkpoint, fine-tuned epoch) reads
@@ -25,6 +28,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+SETUPS = ("mlp", "mlp-from-plain", "cnn")
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
@@ -50,10 +54,10 @@ def _overrides(pairs: list[str]) -> dict:
     return out
 
 
-def _setups(mlp_set: dict | None = None, from_n1: int = 0) -> dict[str, dict]:
+def _setups(mlp_set: dict | None = None, from_plain: int = 5) -> dict[str, dict]:
     mlp = {**TrainConfig().to_dict(), **preset_config("fashion"), **(mlp_set or {})}
-    if not 0 <= from_n1 < mlp["epochs"]:
-        sys.exit(f"--mlp-from-n1: expected 0 to {mlp['epochs'] - 1} epochs, got {from_n1}")
+    if not 1 <= from_plain < mlp["epochs"]:
+        sys.exit(f"--from-plain: expected 1 to {mlp['epochs'] - 1} epochs, got {from_plain}")
     mlp.update(device="cpu", spectra_every=0)
     cnn = {
         **TrainConfig().to_dict(),
@@ -68,15 +72,16 @@ def _setups(mlp_set: dict | None = None, from_n1: int = 0) -> dict[str, dict]:
         "mlp": {
             "title": "Fashion-MNIST MLP (the Fashion-MNIST preset"
             + (f", with {mlp_set}" if mlp_set else "")
-            + (
-                f"; N=3 composed from the plain network after {from_n1} of its "
-                f"{mlp['epochs']} epochs"
-                if from_n1
-                else ""
-            )
             + ")",
             "config": mlp,
-            "from_n1": from_n1,
+        },
+        "mlp-from-plain": {
+            "title": f"Fashion-MNIST MLP, N=3 from the plain network ({from_plain} epochs N=1, "
+            f"composed, {mlp['epochs'] - from_plain} epochs N=3"
+            + (f"; with {mlp_set}" if mlp_set else "")
+            + ")",
+            "config": mlp,
+            "from_n1": from_plain,
         },
         "cnn": {"title": "Small CNN: VGG-11 (channels x0.25) on digits", "config": cnn},
     }
@@ -234,9 +239,24 @@ def table(results: list[dict], budgets, ft: int) -> tuple[list[str], int]:
     return lines, wins
 
 
-def tried_table(main: list[dict], dirs: list[str], args) -> list[str]:
+def _tried_label(res: list[dict], seeds: list[str]) -> str:
+    cfg = json.loads((Path(res[0]["train"]["3"]["run"]) / "config.json").read_text())
+    twin = json.loads((Path(res[0]["train"]["1"]["run"]) / "config.json").read_text())
+    start = (
+        f" (N=3 from the plain network after {twin['epochs'] - cfg['epochs']})"
+        if cfg.get("init_from")
+        else ""
+    )
+    return (
+        f"{cfg['optimizer']} lr {cfg['lr']:g}, warm-up {cfg.get('warmup', 0.0):g}, "
+        f"weight decay {cfg['weight_decay']:g}, {twin['epochs']} epochs{start}; "
+        f"seeds {', '.join(seeds)}"
+    )
+
+
+def tried_table(main: dict[str, list[dict]], dirs: list[str], args) -> list[str]:
     """One line per MLP training config: the uncut gap and the budgets LoRITa wins, from the
-    per-seed results cached in each ``--tried`` work folder (the first line: this doc's)."""
+    per-seed results cached in each ``--tried`` work folder (the first lines: this doc's)."""
     k = args.finetune_epochs
     lines = [
         "| MLP training config | N=3 minus N=1, uncut (points) | budgets won without "
@@ -244,25 +264,15 @@ def tried_table(main: list[dict], dirs: list[str], args) -> list[str]:
         f"({', '.join(f'{b:g}%' for b in args.budgets)}) |",
         "|---|---|---|---|---|",
     ]
-    sets = [("the config of the tables above", main)]
+    sets = [(f"the tables above: {name}", res) for name, res in main.items()]
     for d in dirs:
-        files = sorted(Path(d).glob("mlp-seed[0-9]*.json"))
-        files = [f for f in files if f.stem.removeprefix("mlp-seed").isdigit()]
-        res = [json.loads(f.read_text()) for f in files]
-        if res:
-            cfg = json.loads((Path(res[0]["train"]["3"]["run"]) / "config.json").read_text())
-            pre = json.loads((Path(res[0]["train"]["1"]["run"]) / "config.json").read_text())
-            start = (
-                f" (N=3 from the plain network after {pre['epochs'] - cfg['epochs']})"
-                if cfg.get("init_from")
-                else ""
-            )
-            label = (
-                f"{cfg['optimizer']} lr {cfg['lr']:g}, warm-up {cfg.get('warmup', 0.0):g}, "
-                f"weight decay {cfg['weight_decay']:g}, {pre['epochs']} epochs{start}; "
-                f"seeds {', '.join(f.stem.removeprefix('mlp-seed') for f in files)}"
-            )
-            sets.append((label, res))
+        for name in ("mlp", "mlp-from-plain"):
+            files = sorted(Path(d).glob(f"{name}-seed[0-9]*.json"))
+            seeds = [f.stem.removeprefix(f"{name}-seed") for f in files]
+            files = [f for f, s in zip(files, seeds, strict=True) if s.isdigit()]
+            res = [json.loads(f.read_text()) for f in files]
+            if res:
+                sets.append((_tried_label(res, [s for s in seeds if s.isdigit()]), res))
     for label, res in sets:
         gap = 100 * statistics.fmean(
             r["train"]["3"]["test_acc"] - r["train"]["1"]["test_acc"] for r in res
@@ -289,6 +299,42 @@ def dense_lines(results: list[dict]) -> list[str]:
     return lines
 
 
+def _cli_flags(cfg: dict) -> str:
+    """The ``lorita train`` flags that give ``cfg`` (where it differs from TrainConfig's)."""
+    default = TrainConfig().to_dict()
+    flags = [
+        f"--{key.replace('_', '-')} {cfg[key]:g}"
+        if isinstance(cfg[key], float)
+        else f"--{key.replace('_', '-')} {cfg[key]}"
+        for key in ("dataset", "optimizer", "lr", "warmup", "weight_decay", "batch_size")
+        if cfg[key] != default[key]
+    ]
+    flags += [f"--model-arg {k}={v}" for k, v in (cfg.get("model_kwargs") or {}).items()]
+    return " ".join(flags)
+
+
+def _from_plain_lines(setup: dict) -> list[str]:
+    k = setup.get("from_n1", 0)
+    if not k:
+        return []
+    cfg = setup["config"]
+    rest = cfg["epochs"] - k
+    flags = _cli_flags(cfg)
+    return [
+        f"The N=3 run starts from the plain network (N=1) trained {k} epochs with the same "
+        "recipe (its own warm-up and cosine schedule; its best checkpoint), composed with the "
+        f"balanced init (the same function), and trains the remaining {rest} epochs with N=3: "
+        f"{cfg['epochs']} epochs in all, as its N=1 twin. Its wall time counts both parts. "
+        "The same from the command line:",
+        "",
+        "```",
+        f"python -m lorita train {flags} --factors 1 --epochs {k} --name plain",
+        f"python -m lorita train {flags} --epochs {rest} --init-from plain --name lorita",
+        "```",
+        "",
+    ]
+
+
 def section(name: str, setup: dict, results: list[dict], args) -> list[str]:
     k = args.finetune_epochs
     lines = [
@@ -299,6 +345,7 @@ def section(name: str, setup: dict, results: list[dict], args) -> list[str]:
         "(the run's optimizer and batch size, a tenth of its learning rate, no weight decay), "
         "the epoch kept chosen on validation.",
         "",
+        *_from_plain_lines(setup),
         "Uncut models (test accuracy of the best-validation checkpoint):",
         "",
         *dense_lines(results),
@@ -334,7 +381,7 @@ def section(name: str, setup: dict, results: list[dict], args) -> list[str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--setups", nargs="+", default=["mlp", "cnn"], choices=["mlp", "cnn"])
+    ap.add_argument("--setups", nargs="+", default=list(SETUPS), choices=SETUPS)
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     ap.add_argument("--budgets", nargs="+", type=float, default=[5, 10, 20, 35, 50])
     ap.add_argument("--finetune-epochs", type=int, default=2)
@@ -362,20 +409,20 @@ def main() -> None:
         help="train the MLP with these TrainConfig fields instead of the preset's (use a new --work)",
     )
     ap.add_argument(
-        "--mlp-from-n1",
+        "--from-plain",
         type=int,
-        default=0,
+        default=5,
         metavar="EPOCHS",
-        help="N=3 MLP: train the plain network this many epochs, compose it (the same function) "
-        "and train the remaining epochs with N=3 (use a new --work)",
+        help="mlp-from-plain: the plain network trains this many epochs, then is composed (the "
+        "same function) and trains the remaining epochs with N=3",
     )
     args = ap.parse_args()
     args.work = args.work or tempfile.mkdtemp(prefix="lorita-vs-pruning-")
     Path(args.work).mkdir(parents=True, exist_ok=True)
     store = RunStore(Path(args.work) / "runs")
     load0, t_all = os.getloadavg(), time.perf_counter()
-    setups = _setups(_overrides(args.mlp_set), args.mlp_from_n1)
-    sections, spent = [], 0.0
+    setups = _setups(_overrides(args.mlp_set), args.from_plain)
+    sections, spent, mlp_results = [], 0.0, {}
     for name in args.setups:
         results = [one_seed(name, setups[name], s, args, store) for s in args.seeds]
         spent += sum(r["seconds"] for r in results)
@@ -392,13 +439,16 @@ def main() -> None:
                 *lr_table(results, per_lr, args),
                 "",
             ]
-        if name == "mlp" and args.tried:
+        if name.startswith("mlp"):
+            mlp_results[name] = results
+        last_mlp = [s for s in args.setups if s.startswith("mlp")][-1:]
+        if [name] == last_mlp and args.tried:
             sections += [
                 "Other training configs tried for the MLP (the same comparison, its N=1 twin "
                 "trained with the same config; from `--tried` work folders of this script run "
-                "with `--mlp-set`):",
+                "with `--mlp-set` or `--from-plain`):",
                 "",
-                *tried_table(results, args.tried, args),
+                *tried_table(mlp_results, args.tried, args),
                 "",
             ]
     head = [

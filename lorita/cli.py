@@ -756,11 +756,36 @@ def _train_config(args):
     if isinstance(base.get("dataset"), str) and base["dataset"]:
         base["dataset"] = canonical_name(base["dataset"])
     if isinstance(base.get("init_from"), str):
-        try:
-            base["init_from"] = _in_file("--init-from")(base["init_from"])
-        except argparse.ArgumentTypeError as e:
-            raise UsageError(f"init_from: {e}") from None
+        base["init_from"] = _init_file(args, base["init_from"])
     return TrainConfig.from_dict(base)
+
+
+def _init_file(args, value: str) -> str:
+    """--init-from: a weights file, else a run (name in --runs-dir, or folder): its best
+    checkpoint, so a plain run trained first can be composed and trained on."""
+    try:
+        return _in_file("--init-from")(value)
+    except argparse.ArgumentTypeError as e:
+        why = e
+    if value and not Path(value).expanduser().exists() and len(Path(value).parts) == 1:
+        from .runs import RunStore
+
+        store = RunStore(args.runs_dir)
+        if not (store.root / value / "config.json").is_file():
+            raise UsageError(f"init_from: {why}; nor is it a run in {str(store.root)!r}") from None
+        run = store.get(value)
+    elif (Path(value).expanduser() / "config.json").is_file():
+        run = _get_run(args, str(Path(value).expanduser()))
+    else:
+        raise UsageError(f"init_from: {why}") from None
+    best = run.checkpoint("best")
+    if not best.is_file():
+        state = run.status()["state"]
+        raise UsageError(
+            f"init_from: run {run.name!r} has no best checkpoint yet (it is {state}); "
+            "wait for its first evaluation or name a weights file"
+        )
+    return str(best.resolve())
 
 
 def _train_config_from_run(run, args):

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -113,6 +114,32 @@ def test_config_file_with_flag_overrides(tmp_path, capsys):
     assert run.config["n_factors"] == 1 and run.config["epochs"] == 1
     assert run.config["model_kwargs"] == {"width": 16}
     assert capsys.readouterr().out == ""  # --quiet
+
+
+def test_init_from_a_run_starts_from_its_best_checkpoint(runs_dir, tmp_path, capsys):
+    """The plain network trained first, then composed and trained on: --init-from RUN."""
+    base = ["train", "--runs-dir", str(runs_dir), "--epochs", "1", "--quiet", *TINY]
+    base += ["--lr", "1e-9", "--weight-decay", "0"]  # the weights stay the plain run's
+    for i, ref in enumerate(("r0", str(runs_dir / "r0"))):
+        assert main([*base, "--name", f"from-r0-{i}", "--init-from", ref]) == 0
+        run = RunStore(runs_dir).get(f"from-r0-{i}")
+        best = RunStore(runs_dir).get("r0").checkpoint("best")
+        assert run.config["init_from"] == str(best.resolve())
+        trained = lt.merge_model(run.load_model("last")).state_dict()
+        plain = RunStore(runs_dir).get("r0").load_model("best").state_dict()
+        torch.testing.assert_close(trained["fc1.weight"], plain["fc1.weight"])
+        shutil.rmtree(run.path)  # the shared folder keeps its two runs
+    _one_line_error(
+        capsys, [*base, "--init-from", "nosuch"], "init_from", "nosuch", "nor is it a run"
+    )
+    empty = RunStore(tmp_path).create({**lt.TrainConfig().to_dict()}, name="queued")
+    _one_line_error(
+        capsys,
+        ["train", "--runs-dir", str(tmp_path), "--init-from", "queued", "--epochs", "1"],
+        "init_from",
+        "'queued' has no best checkpoint yet",
+    )
+    assert empty.path.is_dir()
 
 
 def test_train_prints_progress_and_the_run_folder(runs_dir, tmp_path, capsys):

@@ -122,7 +122,8 @@ class TrainConfig:
     )
     init_from: str | None = _opt(
         None,
-        "start from these weights (safetensors or a PyTorch state_dict file)",
+        "start from these weights (safetensors or a PyTorch state_dict file; on the command "
+        "line also a run, by name or folder: its best checkpoint)",
         "str",
         nullable=True,
     )
