@@ -396,6 +396,26 @@ def list_runs(root: str | Path | None = None) -> list[dict[str, Any]]:
     return rows
 
 
+def start_points(rows: list[dict[str, Any]], root: str | Path | None = None) -> list[str]:
+    """The finished runs of ``rows`` (:func:`list_runs`) that a new run can start from: those
+    with a best checkpoint, newest first."""
+    runs = store(root)
+    names = [r["name"] for r in rows if r.get("state") in FINISHED and not r.get("broken")]
+    return [n for n in names if runs.get(n).checkpoint("best").is_file()]
+
+
+def start_point(name: str, root: str | Path | None = None) -> str:
+    """The best checkpoint of run ``name`` (what ``init_from`` names to start from it);
+    ValueError naming init_from when the run is gone or has none."""
+    try:
+        best = store(root).get(name).checkpoint("best")
+    except ValueError:
+        raise ValueError(f"init_from: no run named {name!r} (deleted?)") from None
+    if not best.is_file():
+        raise ValueError(f"init_from: run {name!r} has no best checkpoint to start from")
+    return str(best.resolve())
+
+
 def run_config(name: str | None, root: str | Path | None = None) -> dict[str, Any] | None:
     """The config of run ``name``, or None if there is no such run."""
     try:

@@ -117,6 +117,14 @@ def _data_and_model(values: dict, family: str) -> None:
         help="safetensors, or a PyTorch state_dict (read with weights_only=True): loaded into "
         "the plain model before composing.",
     )  # fmt: skip
+    points = jobs.start_points(jobs.list_runs())
+    st.selectbox(
+        "…or start from a finished run", [None, *points], key=f"{state.TRAIN_INIT_RUN}.{_suffix()}",
+        format_func=lambda name: "no: fresh weights" if name is None else name,
+        help="Its best checkpoint, loaded into the plain model before composing (the same "
+        "function). Train N=1 for half the epochs, then N=3 from it for the other half: the "
+        "recipe that keeps N=3 closest to N=1 (docs/vs_pruning.md).",
+    )  # fmt: skip
 
 
 def _numbers(values: dict) -> None:
@@ -180,8 +188,13 @@ def _form_values(family: str) -> dict:
     form = {f: st.session_state.get(_key(f)) for f in FIELD_KEYS if f != "model"}
     form["model"] = st.session_state.get(f"{_key('model')}.{family}")
     upload = _upload()
+    run = st.session_state.get(f"{state.TRAIN_INIT_RUN}.{_suffix()}")
+    if upload is not None and run:
+        raise ValueError("init_from: start from the uploaded weights or from a run, not both")
     if upload is not None:
         form["init_from"] = train_form.save_upload(upload.name, upload.getvalue())
+    elif run:
+        form["init_from"] = jobs.start_point(run)
     return form
 
 

@@ -127,6 +127,38 @@ def test_train_refresh_shows_the_followed_runs_config(runs_dir):
     assert any(N3 in c.value for c in at.caption)
 
 
+def test_train_starts_from_a_finished_runs_best_checkpoint(runs_dir, monkeypatch):
+    """N=3 started from the N=1 run's weights (the plain network trained first)."""
+    from lorita.runs import RunStore
+
+    from app import jobs
+
+    started = []
+
+    def start_pair(config, baseline):
+        started.append((config, baseline))
+        return N3, None
+
+    monkeypatch.setattr(jobs, "start_pair", start_pair)
+    at = open_page("train", run=N3)
+    pick = at.selectbox(key=f"train.init_run.classroom.{N3}")
+    assert pick.value is None and set(pick.options) >= {N1, N3}  # shown by format_func
+    pick.set_value(N1)
+    at.button(key="FormSubmitter:train.form-Start training").click().run()
+    assert_clean(at)
+    (config, baseline), best = started[0], RunStore(runs_dir).get(N1).checkpoint("best")
+    assert config["init_from"] == str(best.resolve()) and config["n_factors"] == 3
+    assert baseline["init_from"] == config["init_from"] and baseline["n_factors"] == 1
+
+    (runs_dir / N1 / "checkpoints" / "best.safetensors").unlink()
+    at.run()
+    assert N1 not in at.selectbox(key=f"train.init_run.classroom.{N3}").options
+    with pytest.raises(ValueError, match=f"init_from: run '{N1}' has no best checkpoint"):
+        jobs.start_point(N1)
+    with pytest.raises(ValueError, match="init_from: no run named 'gone'"):
+        jobs.start_point("gone")
+
+
 def test_train_follows_finished_run_from_the_url(runs_dir):
     at = open_page("train", run=N3)
     assert_clean(at)
