@@ -142,6 +142,27 @@ def test_init_from_a_run_starts_from_its_best_checkpoint(runs_dir, tmp_path, cap
     assert empty.path.is_dir()
 
 
+def test_resume_does_not_need_the_start_file_any_more(tmp_path):
+    """A run started from another run resumes from its own checkpoint after that run (its
+    start file) was deleted, and ends as if never stopped."""
+    store = RunStore(tmp_path)
+    plain = {**lt.TrainConfig().to_dict(), "n_factors": 1, "epochs": 1, "spectra_every": 0}
+    plain.update(model_kwargs={"width": 32, "depth": 2}, device="cpu")
+    lt.train(plain, store.create(plain, name="plain"), threads=1)
+    cfg = {**plain, "n_factors": 3, "epochs": 2}
+    cfg["init_from"] = str(store.get("plain").checkpoint("best"))
+    whole = lt.train(cfg, store.create(cfg, name="whole"), threads=1)
+    steps = iter(range(10**6))
+    cut = lt.train(cfg, store.create(cfg, name="cut"), threads=1, stop=lambda: next(steps) >= 25)
+    assert cut["state"] == "stopped"
+    shutil.rmtree(store.get("plain").path)
+    assert main(["train", "--runs-dir", str(tmp_path), "--resume", "--name", "cut", "--quiet",
+                 "--threads", "1"]) == 0  # fmt: skip
+    a, b = (store.get(n).load_model("last").state_dict() for n in ("whole", "cut"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert store.get("cut").result()["test_acc"] == whole["test_acc"]
+
+
 def test_train_prints_progress_and_the_run_folder(runs_dir, tmp_path, capsys):
     code = main(["train", "--runs-dir", str(tmp_path), "--name", "p", "--epochs", "1", *TINY])
     cap = capsys.readouterr()

@@ -256,10 +256,13 @@ def _load_into(plain: nn.Module, path: str) -> str | None:
     return note
 
 
-def build_model(config: TrainConfig, splits: data_mod.Splits) -> nn.Module:
+def build_model(
+    config: TrainConfig, splits: data_mod.Splits, *, load_init: bool = True
+) -> nn.Module:
     """The plain model of the config, composed with N factors (seeded by ``config.seed``).
 
-    With ``config.init_from`` the plain model's weights are loaded from that file first.
+    With ``config.init_from`` the plain model's weights are loaded from that file first
+    (``load_init=False``: not, for a model whose every weight a checkpoint will replace).
     """
     torch.manual_seed(config.seed)
     plain = models_mod.create_model(
@@ -269,7 +272,8 @@ def build_model(config: TrainConfig, splits: data_mod.Splits) -> nn.Module:
         num_classes=splits.num_classes,
         **config.model_kwargs,
     )
-    note = _load_into(plain, config.init_from) if config.init_from is not None else None
+    start = config.init_from if load_init else None
+    note = _load_into(plain, start) if start is not None else None
     skip = models_mod.default_skip(config.model) if config.skip is None else tuple(config.skip)
     model = overparameterize(
         plain, config.n_factors, init=config.init, skip=skip, inner=config.inner

@@ -157,7 +157,7 @@ def train(
     old_threads = torch.get_num_threads()
     s = None
     try:
-        s = _setup(config, run, d, callback, stop, threads)
+        s = _setup(config, run, d, callback, stop, threads, resume)
         _restore(s, resume)
         _loop(s)
         result = _finish(s)
@@ -229,7 +229,7 @@ def _set_threads(threads, model: nn.Module, device: torch.device, d: DistInfo) -
 # --------------------------------------------------------------------------- set-up
 
 
-def _setup(config, run, d, callback, stop, threads) -> Session:
+def _setup(config, run, d, callback, stop, threads, resume=False) -> Session:
     """Seed everything, load the data, build the model, optimizer and schedule."""
     device = resolve_device(config.device, d.local_rank)
     cuda = device.type == "cuda"
@@ -237,7 +237,10 @@ def _setup(config, run, d, callback, stop, threads) -> Session:
     np.random.seed(config.seed)
     torch.manual_seed(config.seed)
     splits = load_splits(config)
-    model = build_model(config, splits).to(device)
+    # resumed from a checkpoint: its weights replace the starting ones, so a start file
+    # (init_from) removed since, e.g. with the run it came from, does not matter
+    resuming = resume and run is not None and checkpoint.latest(run.checkpoint_dir) is not None
+    model = build_model(config, splits, load_init=not resuming).to(device)
     _set_threads(threads, model, device, d)
     if cuda and any(isinstance(m, nn.Conv2d) for m in model.modules()):
         model = model.to(memory_format=torch.channels_last)

@@ -129,9 +129,8 @@ def test_train_refresh_shows_the_followed_runs_config(runs_dir):
 
 def test_train_starts_from_a_finished_runs_best_checkpoint(runs_dir, monkeypatch):
     """N=3 started from the N=1 run's weights (the plain network trained first)."""
-    from lorita.runs import RunStore
-
     from app import jobs
+    from lorita.runs import RunStore
 
     started = []
 
