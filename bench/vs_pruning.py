@@ -1,6 +1,6 @@
 """LoRITa against the baselines an engineer would use instead, at the same parameter budget.
 
-    python bench/vs_pruning.py [--setups mlp mlp-from-plain cnn] [--seeds 0 1]
+    python bench/vs_pruning.py [--setups mlp mlp-from-plain cnn] [--seeds 0 1 2]
                                [--budgets 5 10 20 35 50] [--finetune-epochs 2]
                                [--from-plain 5] [--work DIR] [--doc docs/vs_pruning.md]
 
@@ -406,7 +406,7 @@ def section(name: str, setup: dict, results: list[dict], args) -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--setups", nargs="+", default=list(SETUPS), choices=SETUPS)
-    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--budgets", nargs="+", type=float, default=[5, 10, 20, 35, 50])
     ap.add_argument("--finetune-epochs", type=int, default=2)
     ap.add_argument("--work", default=None, help="folder for runs and per-seed JSON results")
