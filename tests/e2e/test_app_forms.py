@@ -23,3 +23,40 @@ def test_a_bad_weights_upload_is_named_as_the_user_named_it(app_server, page):
     assert "init_from: 'mine.safetensors' is neither a safetensors file" in text, text
     assert "uploads" not in text and str(app_server["runs"]) not in text, text
     assert page.locator('[data-testid="stException"]').count() == 0
+
+
+def test_n3_starts_from_a_finished_plain_run(app_server, page):
+    """The plain network trained first, then N=3 from its best checkpoint, chosen on the page."""
+    import re
+    import time
+
+    from app import presets
+    from lorita.engine import train
+    from lorita.runs import RunStore
+
+    store, plain = RunStore(app_server["runs"]), "e2e-plain-start"
+    if not store.exists(plain):
+        cfg = {**presets.config("classroom"), "n_factors": 1, "epochs": 1, "max_steps": 3}
+        cfg.update(device="cpu", spectra_every=0)
+        assert train(cfg, store.create(cfg, name=plain))["state"] == "completed"
+    page.goto(f"{app_server['url']}/train")
+    page.get_by_role("button", name="Start training").wait_for(timeout=60_000)
+    page.get_by_role("combobox", name="…or start from a finished run").click()
+    page.get_by_role("option", name=plain, exact=True).click()
+    page.get_by_label("Epochs").fill("1")
+    page.get_by_text("also train N=1", exact=False).click()  # just the composed run
+    page.get_by_role("button", name="Start training").click()
+    page.wait_for_url(re.compile(r"[?&]run=(?!" + plain + ")"), timeout=60_000)
+    name = re.search(r"[?&]run=([^&]+)", page.url).group(1)
+    deadline = time.time() + 240
+    while not (store.root / name / "config.json").is_file():
+        assert time.time() < deadline, f"run folder {name} never appeared"
+        time.sleep(0.2)
+    config = store.get(name).config
+    assert config["init_from"] == str(store.get(plain).checkpoint("best").resolve())
+    assert config["n_factors"] == 3
+    while store.get(name).status()["state"] != "completed":
+        assert store.get(name).status()["state"] in ("queued", "running"), store.get(name).status()
+        assert time.time() < deadline, f"{name} did not complete"
+        time.sleep(0.5)
+    assert page.locator('[data-testid="stException"]').count() == 0
