@@ -157,8 +157,11 @@ def train(
     old_threads = torch.get_num_threads()
     s = None
     try:
-        s = _setup(config, run, d, callback, stop, threads, resume)
-        _restore(s, resume)
+        # a resumed run's checkpoint replaces every weight: its start file (init_from) is not
+        # read again (it may be gone since, with the run it came from)
+        last = checkpoint.latest(run.checkpoint_dir) if resume else None
+        s = _setup(config, run, d, callback, stop, threads, load_init=last is None)
+        _restore(s, last)
         _loop(s)
         result = _finish(s)
         used = torch.get_num_threads()
@@ -229,7 +232,7 @@ def _set_threads(threads, model: nn.Module, device: torch.device, d: DistInfo) -
 # --------------------------------------------------------------------------- set-up
 
 
-def _setup(config, run, d, callback, stop, threads, resume=False) -> Session:
+def _setup(config, run, d, callback, stop, threads, *, load_init: bool = True) -> Session:
     """Seed everything, load the data, build the model, optimizer and schedule."""
     device = resolve_device(config.device, d.local_rank)
     cuda = device.type == "cuda"
@@ -237,10 +240,7 @@ def _setup(config, run, d, callback, stop, threads, resume=False) -> Session:
     np.random.seed(config.seed)
     torch.manual_seed(config.seed)
     splits = load_splits(config)
-    # resumed from a checkpoint: its weights replace the starting ones, so a start file
-    # (init_from) removed since, e.g. with the run it came from, does not matter
-    resuming = resume and run is not None and checkpoint.latest(run.checkpoint_dir) is not None
-    model = build_model(config, splits, load_init=not resuming).to(device)
+    model = build_model(config, splits, load_init=load_init).to(device)
     _set_threads(threads, model, device, d)
     if cuda and any(isinstance(m, nn.Conv2d) for m in model.modules()):
         model = model.to(memory_format=torch.channels_last)
@@ -279,9 +279,8 @@ def _emit(s: Session, event: str, **kw) -> None:
         s.callback({"event": event, **kw})
 
 
-def _restore(s: Session, resume: bool) -> None:
-    """Load the last checkpoint on resume (or start over), then mark the run running."""
-    last = checkpoint.latest(s.ckpt_dir) if resume else None
+def _restore(s: Session, last: Path | None) -> None:
+    """Load the ``last`` checkpoint (a resume; None: start over), then mark the run running."""
     if last is not None:
         counters, rng = checkpoint.load(last, s.model, s.opt, s.sched)
         s.c = Counters(**counters)
