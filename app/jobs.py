@@ -408,12 +408,10 @@ def start_point(name: str, root: str | Path | None = None) -> str:
     """The best checkpoint of run ``name`` (what ``init_from`` names to start from it);
     ValueError naming init_from when the run is gone or has none."""
     try:
-        best = store(root).get(name).checkpoint("best")
+        run = store(root).get(name)
     except ValueError:
         raise ValueError(f"init_from: no run named {name!r} (deleted?)") from None
-    if not best.is_file():
-        raise ValueError(f"init_from: run {name!r} has no best checkpoint to start from")
-    return str(best.resolve())
+    return run.start_file()
 
 
 def run_config(name: str | None, root: str | Path | None = None) -> dict[str, Any] | None:

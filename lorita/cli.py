@@ -767,25 +767,20 @@ def _init_file(args, value: str) -> str:
         return _in_file("--init-from")(value)
     except argparse.ArgumentTypeError as e:
         why = e
-    if value and not Path(value).expanduser().exists() and len(Path(value).parts) == 1:
-        from .runs import RunStore
-
-        store = RunStore(args.runs_dir)
+    where = Path(value).expanduser()
+    if (where / "config.json").is_file():  # a run folder
+        run = _get_run(args, str(where.resolve()))
+    elif value and not where.exists() and len(where.parts) == 1:  # a run's name
+        store = _store(args)
         if not (store.root / value / "config.json").is_file():
             raise UsageError(f"init_from: {why}; nor is it a run in {str(store.root)!r}") from None
         run = store.get(value)
-    elif (Path(value).expanduser() / "config.json").is_file():
-        run = _get_run(args, str(Path(value).expanduser()))
     else:
         raise UsageError(f"init_from: {why}") from None
-    best = run.checkpoint("best")
-    if not best.is_file():
-        state = run.status()["state"]
-        raise UsageError(
-            f"init_from: run {run.name!r} has no best checkpoint yet (it is {state}); "
-            "wait for its first evaluation or name a weights file"
-        )
-    return str(best.resolve())
+    try:
+        return run.start_file()
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def _train_config_from_run(run, args):

@@ -210,6 +210,18 @@ class Run:
             raise ValueError(f"which: {which!r} is not allowed; expected best or last")
         return self.checkpoint_dir / f"{which}.safetensors"
 
+    def start_file(self) -> str:
+        """The file a run started from this one loads (its ``init_from``): the best
+        checkpoint, as an absolute path. ValueError naming init_from when there is none yet."""
+        best = self.checkpoint("best")
+        if not best.is_file():
+            state = self.status()["state"]
+            raise ValueError(
+                f"init_from: run {self.name!r} has no best checkpoint yet (it is {state}); "
+                "wait for its first evaluation or start from a weights file"
+            )
+        return str(best.resolve())
+
     def checkpoint_mtime(self, which: str = "best") -> float:
         """Modification time of :meth:`checkpoint` (0.0 if there is none): what the kept
         curves and every cache of a checkpoint are keyed on, so a resumed run is not stale."""
