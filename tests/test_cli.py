@@ -116,7 +116,7 @@ def test_config_file_with_flag_overrides(tmp_path, capsys):
     assert capsys.readouterr().out == ""  # --quiet
 
 
-def test_init_from_a_run_starts_from_its_best_checkpoint(runs_dir, tmp_path, capsys):
+def test_init_from_a_run_starts_from_its_best_checkpoint(runs_dir, tmp_path, capsys, monkeypatch):
     """The plain network trained first, then composed and trained on: --init-from RUN."""
     base = ["train", "--runs-dir", str(runs_dir), "--epochs", "1", "--quiet", *TINY]
     base += ["--lr", "1e-9", "--weight-decay", "0"]  # the weights stay the plain run's
@@ -132,6 +132,12 @@ def test_init_from_a_run_starts_from_its_best_checkpoint(runs_dir, tmp_path, cap
     _one_line_error(
         capsys, [*base, "--init-from", "nosuch"], "init_from", "nosuch", "nor is it a run"
     )
+    # a run folder beside you, named by its one-part path: read from there, not --runs-dir
+    monkeypatch.chdir(runs_dir)
+    here = ["--runs-dir", str(tmp_path / "elsewhere"), "--name", "from-here"]
+    assert main([*base[:1], *here, *base[3:], "--init-from", "r0"]) == 0
+    best = RunStore(runs_dir).get("r0").checkpoint("best").resolve()
+    assert RunStore(tmp_path / "elsewhere").get("from-here").config["init_from"] == str(best)
     empty = RunStore(tmp_path).create({**lt.TrainConfig().to_dict()}, name="queued")
     _one_line_error(
         capsys,
