@@ -709,6 +709,12 @@ class _Progress:
                 f"{self.loss:.4f}  val loss {ev['loss']:.4f}  val acc {_pct(ev['acc'])}"
             )
 
+    def _on_compose(self, ev: dict) -> None:
+        self._line(
+            f"step {ev['step']}: the plain epochs are over; composed into N={ev['n_factors']} "
+            "factors (the same function), optimizer and schedule start again"
+        )
+
     def _postfix(self) -> None:
         self.bar.set_postfix(
             epoch=self.epoch, loss=f"{self.loss:.4f}", val=_pct(self.val), refresh=False

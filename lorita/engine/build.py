@@ -18,7 +18,15 @@ from ..export import foreign_format, is_lorita_file
 from ..runs import load_splits as _run_splits
 from .config import TrainConfig
 
-__all__ = ["build_model", "check_weights", "fit_head", "load_splits", "read_weights"]
+__all__ = [
+    "build_model",
+    "check_weights",
+    "compose",
+    "fit_head",
+    "load_splits",
+    "plain_phase",
+    "read_weights",
+]
 
 
 def load_splits(config: TrainConfig | dict) -> data_mod.Splits:
@@ -256,10 +264,27 @@ def _load_into(plain: nn.Module, path: str) -> str | None:
     return note
 
 
-def build_model(
-    config: TrainConfig, splits: data_mod.Splits, *, load_init: bool = True
+def plain_phase(config: TrainConfig, epoch: int) -> bool:
+    """Whether a run of ``config`` trains the plain network in ``epoch`` (its first
+    ``plain_epochs`` epochs, when N > 1)."""
+    return config.n_factors > 1 and epoch < config.plain_epochs
+
+
+def compose(
+    plain: nn.Module, config: TrainConfig, *, n_factors: int | None = None, init: str | None = None
 ) -> nn.Module:
-    """The plain model of the config, composed with N factors (seeded by ``config.seed``).
+    """A copy of ``plain`` written with N factors (the config's unless ``n_factors``), with the
+    config's init (unless ``init``), skip list and inner width; N=1 is the plain copy."""
+    skip = models_mod.default_skip(config.model) if config.skip is None else tuple(config.skip)
+    n = config.n_factors if n_factors is None else n_factors
+    return overparameterize(plain, n, init=init or config.init, skip=skip, inner=config.inner)
+
+
+def build_model(
+    config: TrainConfig, splits: data_mod.Splits, *, load_init: bool = True, epoch: int = 0
+) -> nn.Module:
+    """The plain model of the config, composed with N factors (seeded by ``config.seed``);
+    left plain when ``epoch`` is one of the run's plain epochs (``plain_epochs``).
 
     With ``config.init_from`` the plain model's weights are loaded from that file first
     (``load_init=False``: not, for a model whose every weight a checkpoint will replace).
@@ -274,9 +299,6 @@ def build_model(
     )
     start = config.init_from if load_init else None
     note = _load_into(plain, start) if start is not None else None
-    skip = models_mod.default_skip(config.model) if config.skip is None else tuple(config.skip)
-    model = overparameterize(
-        plain, config.n_factors, init=config.init, skip=skip, inner=config.inner
-    )
+    model = compose(plain, config, n_factors=1 if plain_phase(config, epoch) else None)
     model.lorita_init_note = note
     return model

@@ -32,7 +32,7 @@ from torch import nn
 from ..export import save_bytes
 from ..io import atomic_write_bytes, cannot_write, fault, fsync_dir, read_json, temp_beside
 
-__all__ = ["latest", "load", "prune", "publish_best", "restore_best", "save", "sweep"]
+__all__ = ["counters", "latest", "load", "prune", "publish_best", "restore_best", "save", "sweep"]
 
 _DIR_RE = re.compile(r"^ckpt-(\d{6,})$")
 MANIFEST = "manifest.json"
@@ -210,6 +210,13 @@ def load(path: Path, model: nn.Module, opt, sched) -> tuple[dict, dict[str, torc
         sched.load_state_dict(info["scheduler"])
     rng = {k[4:]: v for k, v in tensors.items() if k.startswith("rng.")}
     return info["counters"], rng
+
+
+def counters(path: Path) -> dict:
+    """The loop's counters saved in checkpoint folder ``path`` (what it holds, before loading:
+    a run with plain epochs builds the plain or the composed model from them)."""
+    with safe_open(str(path / "state.safetensors"), framework="pt") as f:
+        return json.loads(f.metadata()[STATE_KEY])["counters"]
 
 
 def publish_best(folder: Path, model: nn.Module, meta: dict) -> None:

@@ -120,6 +120,15 @@ class TrainConfig:
         "list",
         nullable=True,
     )
+    plain_epochs: int = _opt(
+        0,
+        "epochs the plain network trains before it is composed into N factors (balanced: the "
+        "same function); optimizer and schedule start again for the remaining epochs; 0 = "
+        "composed from the start; ignored for N=1",
+        "int",
+        min=0,
+        max=9_999,
+    )
     init_from: str | None = _opt(
         None,
         "start from these weights (safetensors or a PyTorch state_dict file; on the command "
@@ -347,5 +356,11 @@ def validate(c: TrainConfig) -> None:
     _check_device(c.device)
     if c.warmup and c.schedule == "plateau":
         raise _bad("warmup", c.warmup, "0 with schedule 'plateau' (it follows validation)")
+    if c.n_factors > 1 and c.plain_epochs >= c.epochs:
+        raise _bad(
+            "plain_epochs",
+            c.plain_epochs,
+            f"fewer than epochs ({c.epochs}): the composed network needs epochs to train",
+        )
     if c.init_from is not None and len(c.init_from) > MAX_PATH:
         raise _bad("init_from", c.init_from, f"a file path of at most {MAX_PATH} characters")

@@ -9,6 +9,10 @@ loop writes metrics, spectra snapshots of every layer, a checkpoint at each epoc
 transaction, see :mod:`lorita.engine.checkpoint`) and the best model by validation accuracy.
 Under ``torchrun`` it trains with DistributedDataParallel and only rank 0 writes.
 
+With ``plain_epochs`` the first epochs train the plain network; at the end of the last of them
+the model is composed (balanced, so the same function), gets a new optimizer and a schedule over
+the remaining steps, and becomes the first best model (the best is always a composed one).
+
 Resume is exact: a run killed at any instant and resumed from its last checkpoint ends with
 the same numbers as the uninterrupted run (same seed, device and thread count). A run killed
 before its first checkpoint starts over with the same config.
@@ -34,7 +38,7 @@ from ..export import load as load_model_file
 from ..io import fault
 from ..runs import Run
 from . import checkpoint
-from .build import build_model, load_splits
+from .build import build_model, compose, load_splits, plain_phase
 from .config import TrainConfig, is_int
 from .devices import (
     DistInfo,
@@ -127,7 +131,8 @@ def train(
         run: a :class:`lorita.runs.Run` to write (config.json, status.json, metrics.jsonl,
             spectra.jsonl, checkpoints/); None trains in memory only.
         callback: called with event dicts ({"event": "start" | "step" | "eval" | "spectra" |
-            "checkpoint" | "end", ...}), e.g. for a progress bar.
+            "checkpoint" | "compose" | "end", ...}), e.g. for a progress bar; "compose" comes
+            once, when a run with ``plain_epochs`` composes its plain network.
         stop: polled after every step; True ends the run after that step with a checkpoint
             (state "stopped"). A STOP file in the run folder does the same.
         resume: continue ``run`` from its last checkpoint (from the start, same config, if it
@@ -157,10 +162,9 @@ def train(
     old_threads = torch.get_num_threads()
     s = None
     try:
-        # a resumed run's checkpoint replaces every weight: its start file (init_from) is not
-        # read again (it may be gone since, with the run it came from)
         last = checkpoint.latest(run.checkpoint_dir) if resume else None
-        s = _setup(config, run, d, callback, stop, threads, load_init=last is None)
+        epoch = checkpoint.counters(last)["epoch"] if last is not None else 0
+        s = _setup(config, run, d, callback, stop, threads, epoch=epoch, resume=last is not None)
         _restore(s, last)
         _loop(s)
         result = _finish(s)
@@ -232,18 +236,18 @@ def _set_threads(threads, model: nn.Module, device: torch.device, d: DistInfo) -
 # --------------------------------------------------------------------------- set-up
 
 
-def _setup(config, run, d, callback, stop, threads, *, load_init: bool = True) -> Session:
-    """Seed everything, load the data, build the model, optimizer and schedule."""
+def _setup(config, run, d, callback, stop, threads, *, epoch: int, resume: bool) -> Session:
+    """Seed everything, load the data, build the model (plain or composed, as at ``epoch``),
+    optimizer and schedule. A resumed run's checkpoint replaces every weight: its start file
+    (init_from) is not read again (it may be gone since, with the run it came from)."""
     device = resolve_device(config.device, d.local_rank)
     cuda = device.type == "cuda"
     random.seed(config.seed)
     np.random.seed(config.seed)
     torch.manual_seed(config.seed)
     splits = load_splits(config)
-    model = build_model(config, splits, load_init=load_init).to(device)
+    model = _place(build_model(config, splits, load_init=not resume, epoch=epoch), device)
     _set_threads(threads, model, device, d)
-    if cuda and any(isinstance(m, nn.Conv2d) for m in model.modules()):
-        model = model.to(memory_format=torch.channels_last)
     batch_size = config.batch_size or (512 if cuda else 128)
     per_rank = max(1, batch_size // d.world)
     shard = math.ceil(len(splits.train) / d.world)
@@ -251,9 +255,11 @@ def _setup(config, run, d, callback, stop, threads, *, load_init: bool = True) -
     total_steps = config.epochs * steps_per_epoch
     if config.max_steps:
         total_steps = min(total_steps, config.max_steps)
-    opt = make_optimizer(
-        config.optimizer, model.parameters(), config.lr, config.weight_decay, config.momentum
-    )
+    switch = config.plain_epochs * steps_per_epoch if config.n_factors > 1 else 0
+    if plain_phase(config, epoch):  # the plain epochs' schedule ends at the switch
+        opt, sched = _optimizer(config, model, min(switch, total_steps))
+    else:
+        opt, sched = _optimizer(config, model, total_steps - min(switch, total_steps))
     return Session(
         config=config,
         run=run,
@@ -263,7 +269,7 @@ def _setup(config, run, d, callback, stop, threads, *, load_init: bool = True) -
         splits=splits,
         model=model,
         opt=opt,
-        sched=make_scheduler(config.schedule, opt, total_steps, config.warmup),
+        sched=sched,
         criterion=loss_fn(splits.task, config.label_smoothing),
         per_rank=per_rank,
         steps_per_epoch=steps_per_epoch,
@@ -272,6 +278,33 @@ def _setup(config, run, d, callback, stop, threads, *, load_init: bool = True) -
         stop=stop,
         worker=SpectraWorker() if d.main else None,
     )
+
+
+def _place(model: nn.Module, device: torch.device) -> nn.Module:
+    """``model`` on ``device``; convolutions in channels-last memory on CUDA."""
+    model = model.to(device)
+    if device.type == "cuda" and any(isinstance(m, nn.Conv2d) for m in model.modules()):
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def _optimizer(config: TrainConfig, model: nn.Module, steps: int):
+    """The optimizer of ``model``'s parameters and its schedule over ``steps`` steps."""
+    opt = make_optimizer(
+        config.optimizer, model.parameters(), config.lr, config.weight_decay, config.momentum
+    )
+    return opt, make_scheduler(config.schedule, opt, steps, config.warmup)
+
+
+def _wrap(s: Session) -> nn.Module:
+    """The module the steps call: the model, or under torchrun the model in DDP (which
+    broadcasts rank 0's weights)."""
+    if not s.d.on:
+        return s.model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    ids = [s.device.index] if s.device.type == "cuda" else None
+    return DDP(s.model, device_ids=ids)
 
 
 def _emit(s: Session, event: str, **kw) -> None:
@@ -293,12 +326,7 @@ def _restore(s: Session, last: Path | None) -> None:
     elif s.writer is not None:
         s.writer.start_over()
     barrier(s.d)  # rank 0 has finished rewriting the run folder
-    s.net = s.model
-    if s.d.on:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        ids = [s.device.index] if s.device.type == "cuda" else None
-        s.net = DDP(s.model, device_ids=ids)  # broadcasts rank 0's weights
+    s.net = _wrap(s)
     if s.writer is not None:
         s.writer.update_status(
             state="running", message="", started=time.time(), ended=None,
@@ -485,9 +513,29 @@ def _end_of_epoch(s: Session) -> None:
         c.epoch += 1
         c.step_in_epoch = 0
     s.state = "completed" if c.step >= s.total_steps else "running"
+    if s.state == "running" and plain_phase(cfg, c.epoch - 1) and not plain_phase(cfg, c.epoch):
+        _compose(s)
     _checkpoint(s)
     if s.writer is not None:
         s.writer.update_status(step=c.step, epoch=c.epoch)
+
+
+def _compose(s: Session) -> None:
+    """The plain epochs are over: the same function written as N factors (balanced), a new
+    optimizer and schedule over the remaining steps. From here on the best model is a composed
+    one; the first is the composed model itself (its validation is the plain model's)."""
+    c, cfg = s.c, s.config
+    s.model = _place(compose(s.model, cfg, init="balanced"), s.device)
+    s.opt, s.sched = _optimizer(cfg, s.model, s.total_steps - c.step)
+    s.net = _wrap(s)
+    s.net.train()
+    if s.d.main:
+        c.best_val, c.best_step = c.last_val["acc"], c.step
+        if s.writer is not None:
+            t0 = time.perf_counter()
+            checkpoint.publish_best(s.ckpt_dir, s.model, _meta(s, "best"))
+            s.timings["checkpoint"] += time.perf_counter() - t0
+    _emit(s, "compose", step=c.step, epoch=c.epoch, n_factors=cfg.n_factors)
 
 
 # --------------------------------------------------------------------------- pieces

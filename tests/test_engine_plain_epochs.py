@@ -1,0 +1,152 @@
+"""Plain epochs first (TrainConfig.plain_epochs): the plain network trains, is composed into N
+factors (the same function) at an epoch's end, and trains on with a new optimizer and schedule;
+the best model is a composed one, and a run stopped before, at or after the switch resumes to
+the uninterrupted run's weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lorita as lt
+from lorita.cli import main
+from lorita.engine import TrainConfig, evaluate, train
+from lorita.engine.optim import make_scheduler
+from lorita.runs import RunStore
+
+CFG = {
+    "dataset": "digits",
+    "model": "mlp",
+    "model_kwargs": {"depth": 2, "width": 16},
+    "n_factors": 3,
+    "plain_epochs": 1,
+    "epochs": 3,
+    "batch_size": 64,
+    "warmup": 0.1,
+    "seed": 0,
+    "device": "cpu",
+    "spectra_every": 0,
+}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def _steps(events: list[dict]) -> int:
+    return next(e["steps_per_epoch"] for e in events if e["event"] == "start")
+
+
+def test_plain_epochs_must_leave_epochs_to_the_composed_network():
+    with pytest.raises(ValueError, match=r"plain_epochs: 3 is not allowed; expected fewer than"):
+        TrainConfig(**{**CFG, "plain_epochs": 3})
+    with pytest.raises(ValueError, match="plain_epochs"):
+        TrainConfig(**{**CFG, "plain_epochs": -1})
+    TrainConfig(**{**CFG, "n_factors": 1, "plain_epochs": 3})  # N=1: nothing to compose
+
+
+def test_the_switch_composes_the_same_function_and_restarts_the_schedule(tmp_path):
+    run = RunStore(tmp_path).create(CFG, name="p")
+    events: list[dict] = []
+    composed = []
+
+    def stop() -> bool:
+        return bool(composed)
+
+    def keep(ev: dict) -> None:
+        events.append(ev)
+        if ev["event"] == "compose":
+            composed.append(ev)
+
+    res = train(CFG, run, callback=keep, stop=stop)
+    spe = _steps(events)
+    # stopped on the first composed step: the checkpoint holds the composed model
+    assert res["state"] == "stopped" and res["step"] == spe + 1
+    assert [(e["step"], e["epoch"], e["n_factors"]) for e in composed] == [(spe, 1, 3)]
+
+    # the plain epoch trained a plain network; the best model is the composed one at the switch
+    best = run.load_model("best")
+    assert lt.read_spec(run.checkpoint("best"))["metadata"]["step"] == spe
+    assert any(hasattr(m, "factors") for m in best.modules())
+    val = [r for r in run.metrics("val") if r["step"] == spe]
+    assert len(val) == 1
+    again = evaluate(best, run.load_splits().val)
+    assert again["acc"] == pytest.approx(val[0]["acc"], abs=1e-9)
+    assert again["loss"] == pytest.approx(val[0]["loss"], rel=1e-4)
+
+    # learning rates: one schedule over the plain epoch, a second over the other two
+    lrs = [e["lr"] for e in events if e["event"] == "step"]
+    res = train(CFG, run, callback=lambda e: lrs.append(e["lr"]) if e["event"] == "step" else 0,
+                resume=True)  # fmt: skip
+    assert res["state"] == "completed"
+    total = res["total_steps"]
+    assert total == 3 * spe and len(lrs) == total
+
+    def trace(steps: int) -> list[float]:
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=TrainConfig(**CFG).lr)
+        sched = make_scheduler("cosine", opt, steps, CFG["warmup"])
+        out = []
+        for _ in range(steps):
+            opt.step()
+            sched.step()
+            out.append(opt.param_groups[0]["lr"])
+        return out
+
+    want = trace(spe) + trace(total - spe)
+    torch.testing.assert_close(torch.tensor(lrs), torch.tensor(want), rtol=1e-9, atol=1e-12)
+
+
+def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("where", ["plain", "last plain step", "composed"])
+def test_stop_before_at_or_after_the_switch_resumes_to_the_same_weights(tmp_path, where):
+    ref = train(CFG)
+    spe = ref["total_steps"] // CFG["epochs"]
+    at = {"plain": spe - 5, "last plain step": spe - 1, "composed": spe + 4}[where]
+    run = RunStore(tmp_path).create(CFG, name="r")
+
+    def stopper(ev: dict) -> None:
+        if ev["event"] == "step" and ev["step"] == at:
+            run.request_stop()
+
+    first = train(CFG, run, callback=stopper)
+    assert first["state"] == "stopped" and first["step"] == at + 1
+    res = train(CFG, run, resume=True)
+    assert res["state"] == "completed" and res["step"] == ref["step"]
+    got, want = _weights(res["model"]), _weights(ref["model"])
+    assert got.keys() == want.keys() and any(".factors." in k for k in got)
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+    assert res["best_val_acc"] == ref["best_val_acc"]
+    assert res["test_acc"] == ref["test_acc"]
+
+
+def test_n1_ignores_plain_epochs():
+    a = train({**CFG, "n_factors": 1, "epochs": 2})
+    b = train({**CFG, "n_factors": 1, "epochs": 2, "plain_epochs": 0})
+    for k, v in _weights(a["model"]).items():
+        assert torch.equal(v, _weights(b["model"])[k]), k
+
+
+def test_the_command_line_takes_plain_epochs_and_says_when_it_composes(tmp_path, capsys):
+    code = main(
+        ["train", "--runs-dir", str(tmp_path), "--name", "c", "--threads", "1",
+         "--model-arg", "width=16", "--model-arg", "depth=2", "--epochs", "2",
+         "--plain-epochs", "1", "--spectra-every", "0"]
+    )  # fmt: skip
+    assert code == 0
+    err = capsys.readouterr().err
+    assert "composed into N=3 factors" in err
+    run = RunStore(tmp_path).get("c")
+    assert run.config["plain_epochs"] == 1
+    assert any(".factors." in k for k in run.load_model("best").state_dict())
+    code = main(["train", "--runs-dir", str(tmp_path), "--name", "d", "--epochs", "2",
+                 "--plain-epochs", "2"])  # fmt: skip
+    assert code != 0
+    assert "plain_epochs: 2 is not allowed" in capsys.readouterr().err
