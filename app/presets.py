@@ -13,6 +13,7 @@ FORM_FIELDS = (
     "model",
     "n_factors",
     "init",
+    "plain_epochs",
     "weight_decay",
     "lr",
     "epochs",

@@ -21,6 +21,7 @@ RUN_COLUMNS = {
     "model": "model",
     "n_factors": "N",
     "init": "init",
+    "plain_epochs": "plain epochs",
     "weight_decay": "weight decay",
     "lr": "lr",
     "epochs": "epochs",

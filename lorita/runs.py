@@ -322,6 +322,7 @@ class Run:
             "broken": broken,
             **{k: cfg.get(k) for k in ("dataset", "model", "n_factors", "init", "optimizer")},
             **{k: cfg.get(k) for k in ("lr", "weight_decay", "epochs", "seed")},
+            "plain_epochs": cfg.get("plain_epochs", 0),
             **{k: st.get(k) for k in ("step", "total_steps", "created", "started", "ended")},
             "best_val_acc": res.get("best_val_acc", best.get("acc")),
             "best_step": res.get("best_step", best.get("step")),

@@ -15,6 +15,7 @@ FIELD_KEYS = {
     "weight_decay": state.TRAIN_WD,
     "lr": state.TRAIN_LR,
     "epochs": state.TRAIN_EPOCHS,
+    "plain_epochs": state.TRAIN_PLAIN,
     "batch_size": state.TRAIN_BATCH,
     "seed": state.TRAIN_SEED,
     "device": state.TRAIN_DEVICE,
@@ -122,8 +123,7 @@ def _data_and_model(values: dict, family: str) -> None:
         "…or start from a finished run", [None, *points], key=f"{state.TRAIN_INIT_RUN}.{_suffix()}",
         format_func=lambda name: "no: fresh weights" if name is None else name,
         help="Its best checkpoint, loaded into the plain model before composing (the same "
-        "function). Train N=1 for half the epochs, then N=3 from it for the other half: the "
-        "recipe that keeps N=3 closest to N=1 (docs/vs_pruning.md).",
+        "function): e.g. your own trained network, or a finished N=1 run.",
     )  # fmt: skip
 
 
@@ -151,12 +151,19 @@ def _numbers(values: dict) -> None:
     )
     c[3].number_input("Learning rate", step=1e-4, format="%g", value=float(values["lr"]),
                       key=_key("lr"))  # fmt: skip
-    c = st.columns(4)
+    c = st.columns(5)
     c[0].number_input("Epochs", step=1, value=int(values["epochs"]), key=_key("epochs"))
-    c[1].number_input("Batch size", step=16, value=int(values["batch_size"]),
+    c[1].number_input(
+        "Plain epochs first", step=1, min_value=0, value=int(values.get("plain_epochs", 0)),
+        key=_key("plain_epochs"),
+        help="Train the ordinary network for these epochs, then compose it into N factors (the "
+        "same function) for the rest: N=3 ends closest to N=1's accuracy and keeps its low "
+        "ranks (docs/vs_pruning.md). 0: composed from the start. Ignored for N=1.",
+    )  # fmt: skip
+    c[2].number_input("Batch size", step=16, value=int(values["batch_size"]),
                       key=_key("batch_size"))  # fmt: skip
-    c[2].number_input("Seed", step=1, value=int(values["seed"]), key=_key("seed"))
-    c[3].selectbox(
+    c[3].number_input("Seed", step=1, value=int(values["seed"]), key=_key("seed"))
+    c[4].selectbox(
         "Device", devices, index=_index(devices, values.get("device", options.AUTO)),
         key=_key("device"), help="auto picks the best one available here.",
     )  # fmt: skip

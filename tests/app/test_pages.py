@@ -67,12 +67,14 @@ def test_train_form_presets_fill_the_fields(empty_runs):
     at.selectbox(key="train.preset").set_value("fashion").run()
     assert at.selectbox(key="train.dataset.fashion").value == "fashion_mnist"
     assert at.number_input(key="train.batch_size.fashion").value == 256
+    assert at.number_input(key="train.plain_epochs.fashion").value == 5  # the measured recipe
     at.selectbox(key="train.preset").set_value("planted").run()
     assert at.selectbox(key="train.dataset.planted").value == "lowrank"
     at.selectbox(key="train.preset").set_value("classroom").run()
     assert (
         at.number_input(key="train.epochs.classroom").value == presets.config("classroom")["epochs"]
     )
+    assert at.number_input(key="train.plain_epochs.classroom").value == 0
     assert "No runs yet" in " ".join(c.value for c in at.caption)
 
 
@@ -82,6 +84,7 @@ def test_train_form_presets_fill_the_fields(empty_runs):
         ("train.lr.classroom", 0.0, "lr"),
         ("train.epochs.classroom", 0, "epochs"),
         ("train.weight_decay.classroom", -1.0, "weight_decay"),
+        ("train.plain_epochs.classroom", 15, "plain_epochs"),  # all 15 epochs plain
     ],
 )
 def test_train_bad_input_names_the_field(empty_runs, key, value, field):
@@ -156,6 +159,20 @@ def test_train_starts_from_a_finished_runs_best_checkpoint(runs_dir, monkeypatch
         jobs.start_point(N1)
     with pytest.raises(ValueError, match="init_from: no run named 'gone'"):
         jobs.start_point("gone")
+
+
+def test_train_starts_with_plain_epochs_first(empty_runs, monkeypatch):
+    from app import jobs
+
+    started = []
+    monkeypatch.setattr(jobs, "start_pair", lambda c, b: started.append((c, b)) or ("x", None))
+    at = open_page("train")
+    at.number_input(key="train.plain_epochs.classroom").set_value(4)
+    at.button(key="FormSubmitter:train.form-Start training").click().run()
+    assert_clean(at)
+    ((config, baseline),) = started
+    assert config["plain_epochs"] == 4 and config["n_factors"] == 3
+    assert baseline["n_factors"] == 1  # its twin: the ordinary network all along
 
 
 def test_train_follows_finished_run_from_the_url(runs_dir):

@@ -54,7 +54,7 @@ def test_n3_starts_from_a_finished_plain_run(app_server, page):
     page.get_by_role("combobox", name="…or start from a finished run").click()
     page.get_by_role("option", name=plain, exact=True).click()
     page.get_by_role("spinbutton", name="N (factors per layer)").fill("3")
-    page.get_by_label("Epochs").fill("1")
+    page.get_by_role("spinbutton", name="Epochs", exact=True).fill("1")
     page.get_by_text("also train N=1", exact=False).click()  # just the composed run
     before = {plain, run_in(page.url)}
     page.get_by_role("button", name="Start training").click()

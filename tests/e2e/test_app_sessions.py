@@ -138,7 +138,7 @@ def test_train_on_an_image_folder_then_compress_and_export(app_server, page, tmp
     page.get_by_role("combobox", name="Dataset").click()
     page.get_by_role("option", name="folder", exact=True).click()
     page.get_by_label("Image folder (for folder)").fill(str(folder))
-    epochs = page.get_by_label("Epochs")
+    epochs = page.get_by_role("spinbutton", name="Epochs", exact=True)
     epochs.fill("2")
     page.get_by_text("also train N=1", exact=False).click()  # just the composed run
     page.get_by_role("button", name="Start training").click()
