@@ -9,6 +9,13 @@ and the cut model are timed as they deploy (``lorita.convert.deploy_model``: Bat
 into the layer before it, channels_last memory format for a conv model); the contiguous format
 is timed too, in the same process, to show what channels_last changes.
 
+Each cut model is timed paired with the uncut model it came from: at each batch size, every
+repeat calls the uncut model and each cut (and, at batch 64, their contiguous copies) in turn
+(``lorita.kinds.paired_medians``), so a burst of other work on the machine slows them alike
+and the "latency kept" ratios stay put. This is done ROUNDS times, the order rotated each
+round, and the medians of the quietest round (smallest sum) are kept, all from that one round
+so the pairs stay paired. The per-layer times are timed model by model (smallest median).
+
     python bench/zoo.py [--size 64] [--ratio 0.25] [--repeats 10] [--out docs/zoo.md]
 """
 
@@ -29,7 +36,8 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import lorita as lt  # noqa: E402
 from lorita.convert import composition_summary, deploy_model  # noqa: E402
-from lorita.cost import latency_profile, layer_latency  # noqa: E402
+from lorita.cost import deployed_forward, layer_latency  # noqa: E402
+from lorita.kinds import paired_medians  # noqa: E402
 
 MODELS = (
     "resnet18",
@@ -42,7 +50,8 @@ MODELS = (
     "vit_b_16",
 )
 BATCHES = (1, 64)
-ROUNDS = 3  # each model timed in turn this many times; the smallest median is kept
+ROUNDS = 3  # paired timings per batch size; the quietest round's medians are kept
+WARMUP = 3  # calls of each model before a round's paired timing (as latency_profile)
 SWEEP = ("<!-- zoo_sweep: begin -->", "<!-- zoo_sweep: end -->")
 
 
@@ -95,22 +104,48 @@ def _keep(best: dict, key, value: float) -> None:
     best[key] = min(best.get(key, value), value)
 
 
+def _paired(groups: list[dict], repeats: int, rounds: int = ROUNDS) -> dict:
+    """``{key: median seconds}`` of every group ``{key: forward}`` (the forwards of one batch
+    size) timed paired: ``paired_medians`` calls each forward in turn in every repeat, so a
+    burst of other work slows every model of the group alike and their ratios hold. Done
+    ``rounds`` times (the order rotated each round); each group keeps all its medians from
+    its quietest round (smallest sum), never one model's best round against another's."""
+    quietest: list[dict] = [{} for _ in groups]
+    for r in range(rounds):
+        for i, group in enumerate(groups):
+            g = _rotated(group, r)
+            ts = dict(zip(g, paired_medians(list(g.values()), repeats=repeats, warmup=WARMUP)))
+            if not quietest[i] or sum(ts.values()) < sum(quietest[i].values()):
+                quietest[i] = ts
+    return {k: v for q in quietest for k, v in q.items()}
+
+
+def _rotated(group: dict, r: int) -> dict:
+    """``group`` in an order rotated by ``r``: no model always runs right after the same one."""
+    keys = list(group)
+    r %= len(keys)
+    return {k: group[k] for k in keys[r:] + keys[:r]}
+
+
 def _timings(models: dict, x, repeats: int, rounds: int = ROUNDS) -> dict:
-    """Each model's latency at BATCHES as it deploys, the time inside its layers and (uncut
-    and FLOPs-cut only) its latency in the contiguous memory format at batch 64: the models
-    timed in turn, ``rounds`` times, keeping each number's smallest median (other work on a
-    shared machine only ever adds time, and a burst of it hits every model alike)."""
+    """Each model's latency at BATCHES as it deploys, every cut timed paired with the uncut
+    model (``models["base"]``) round by round (:func:`_paired`), the time inside its layers
+    (model by model) and, uncut and FLOPs-cut only, its latency in the contiguous memory
+    format at batch 64, paired with the batch-64 timing. Paired times come from each batch
+    size's quietest round; the layer times are the smallest of ``rounds`` medians."""
+    fwd = {k: deployed_forward(m, x, batches=BATCHES) for k, m in models.items()}
+    groups = [{(k, b): fwd[k][b] for k in models} for b in BATCHES]
+    groups[BATCHES.index(64)] |= {
+        (k, "contiguous"): deployed_forward(models[k], x, batches=(64,), channels_last=False)[64]
+        for k in ("base", "cut")
+    }
+    paired = _paired(groups, repeats, rounds)
     best: dict = {}
     for _ in range(rounds):
         for k, m in models.items():
-            for b, v in latency_profile(m, x, batches=BATCHES, repeats=repeats).items():
-                _keep(best, (k, b), v)
             _keep(best, (k, "layers"), sum(layer_latency(m, x, repeats=repeats, batch=64).values()))
-            if k in ("base", "cut"):
-                kw = {"repeats": repeats, "channels_last": False}
-                _keep(best, (k, "contiguous"), latency_profile(m, x, batches=(64,), **kw)[64])
-    out = {k: {b: best[k, b] for b in BATCHES} for k in models}
-    return out | {key: v for key, v in best.items() if key[1] in ("layers", "contiguous")}
+    out = {k: {b: paired[k, b] for b in BATCHES} for k in models}
+    return out | best | {key: v for key, v in paired.items() if key[1] == "contiguous"}
 
 
 def bench_model(name: str, size: int, ratio: float, repeats: int, tmp: Path) -> dict:
@@ -180,11 +215,9 @@ def bench_mlp(width: int, repeats: int) -> list[dict]:
         for by, batch in variants
     }
     models = {"base": svd.model, **cuts}
-    best: dict = {}
-    for _ in range(ROUNDS):  # in turn, keeping the smallest median (as _timings)
-        for k, m in models.items():
-            for b, v in latency_profile(m, x, batches=BATCHES, repeats=repeats).items():
-                _keep(best, (k, b), v)
+    fwd = {k: deployed_forward(m, x, batches=BATCHES) for k, m in models.items()}
+    groups = [{(k, b): fwd[k][b] for k in models} for b in BATCHES]
+    best = _paired(groups, repeats)  # every cut paired with the uncut model (as _timings)
     return [
         {
             "width": width,
@@ -210,8 +243,11 @@ def render(rows, mlp_rows, args, load) -> str:
         f"torchvision models (weights=None, 10 classes) at {args.size}x{args.size} px, composed "
         f"with `overparameterize(model, 3)` and cut with `Uniform({args.ratio})` (form chosen "
         f"by FLOPs unless said). CPU, {torch.get_num_threads()} threads, torch "
-        f"{torch.__version__}; latency is the smallest of {ROUNDS} medians of {args.repeats} "
-        "runs each, the models timed in turn. Both the uncut "
+        f"{torch.__version__}. Latency is timed paired: at each batch size the uncut model and "
+        f"each of its cuts run in turn within every one of {args.repeats} repeats, round by "
+        f"round, so a burst of other work slows them alike; of {ROUNDS} such rounds (the order "
+        "rotated each round) the quietest one's medians are kept, all from that one round. "
+        "Both the uncut "
         "and the cut model are timed as they deploy (`lorita.convert.deploy_model`: eval mode, "
         "every BatchNorm that follows a Conv2d/Linear alone folded into it, channels_last "
         f"memory format for a convolutional model). Load average while measuring: {load}.",
@@ -260,8 +296,8 @@ def render(rows, mlp_rows, args, load) -> str:
         f"{len(met_lat)} meet the target ({', '.join(met_lat) or '-'}); elsewhere the cut "
         "stays dense and runs as fast as the uncut model.",
         "",
-        "Memory format, measured in the same process at batch 64 (BatchNorm folded both "
-        "times): how many times faster each model runs in the format it deploys in than in "
+        "Memory format, measured at batch 64 paired with the deployed models, round by round "
+        "(BatchNorm folded both times): how many times faster each model runs in the format it deploys in than in "
         "the contiguous format, and the latency cut / FLOP cut ratio in each.",
         "",
         "| model | deployed as | uncut: speed-up | cut: speed-up | ratio contiguous "
@@ -293,7 +329,8 @@ def render(rows, mlp_rows, args, load) -> str:
         "",
         "MLP 784 -> 3 x width -> 10, N=3 composed then cut to a quarter of its ranks "
         "(`Uniform(0.25)`); latency kept relative to the uncut merged model, both timed as "
-        "they deploy (BatchNorm folded).",
+        "they deploy (BatchNorm folded), each cut paired with it round by round "
+        f"({args.repeats * 5} repeats, the quietest of {ROUNDS} rounds).",
         "",
         "| width | form chosen by | cut forms | FLOPs kept | latency kept b=1 | latency kept b=64 |",
         "|---:|---|---|---:|---:|---:|",

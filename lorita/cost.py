@@ -11,7 +11,7 @@ import contextlib
 import statistics
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -29,6 +29,7 @@ __all__ = [
     "attention_projection_flops",
     "measure_latency",
     "latency_profile",
+    "deployed_forward",
     "layer_latency",
 ]
 
@@ -196,13 +197,21 @@ def _prepared(model: nn.Module, example_input, fold_bn: bool, channels_last) -> 
     return deploy_model(model, example_input, fold_bn=fold_bn, channels_last=channels_last)
 
 
-def _time(deploy: nn.Module, x: inputs.Example, repeats: int, warmup: int) -> float:
+def _forward(deploy: nn.Module, x: inputs.Example) -> Callable[[], None]:
+    """One timed forward pass of a deployed model on ``x`` (put in its memory format), without
+    gradients, synchronising CUDA when it is used."""
     x = deploy_input(deploy, x)
     run = _timed(x)
-    with torch.no_grad():
-        return median_seconds(
-            lambda: run(lambda: inputs.call(deploy, x)), repeats=repeats, warmup=warmup
-        )
+
+    def forward() -> None:
+        with torch.no_grad():
+            run(lambda: inputs.call(deploy, x))
+
+    return forward
+
+
+def _time(deploy: nn.Module, x: inputs.Example, repeats: int, warmup: int) -> float:
+    return median_seconds(_forward(deploy, x), repeats=repeats, warmup=warmup)
 
 
 def measure_latency(
@@ -236,14 +245,35 @@ def latency_profile(
     channels_last: bool | None = None,
 ) -> dict[int, float]:
     """``{batch: median seconds}`` of the deployable model on ``example_input``'s first sample
-    repeated to each batch size (default 1 and 64); deployed as :func:`measure_latency` says."""
+    repeated to each batch size (default 1 and 64); deployed as :func:`measure_latency` says.
+    What is timed at each batch size is :func:`deployed_forward`'s call."""
     _check_repeats(repeats, warmup)
+    forwards = deployed_forward(
+        model, example_input, batches=batches, fold_bn=fold_bn, channels_last=channels_last
+    )
+    return {b: median_seconds(f, repeats=repeats, warmup=warmup) for b, f in forwards.items()}
+
+
+def deployed_forward(
+    model: nn.Module,
+    example_input: inputs.Example,
+    *,
+    batches: tuple[int, ...] = LATENCY_BATCHES,
+    fold_bn: bool = True,
+    channels_last: bool | None = None,
+) -> dict[int, Callable[[], None]]:
+    """``{batch: forward}``: ``forward()`` runs one forward pass of the model as it deploys
+    (deployed once, as :func:`measure_latency` says) on ``example_input``'s first sample
+    repeated to that batch size, in the deployed memory format, without gradients (and
+    synchronising CUDA when it is used). This is the call :func:`latency_profile` times; time
+    it yourself to measure several models together, e.g. a cut model paired with the model it
+    came from, round by round (:func:`lorita.kinds.paired_medians`)."""
     example_input = inputs.check_example(example_input)
     for b in batches:
         if isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= 4096:
             raise ValueError(f"batches: expected integers in [1, 4096], got {b!r}")
     deploy = _prepared(model, example_input, fold_bn, channels_last)
-    return {b: _time(deploy, inputs.rows(example_input, b), repeats, warmup) for b in batches}
+    return {b: _forward(deploy, inputs.rows(example_input, b)) for b in batches}
 
 
 def layer_latency(
