@@ -32,7 +32,17 @@ from torch import nn
 from ..export import save_bytes
 from ..io import atomic_write_bytes, cannot_write, fault, fsync_dir, read_json, temp_beside
 
-__all__ = ["counters", "latest", "load", "prune", "publish_best", "restore_best", "save", "sweep"]
+__all__ = [
+    "counters",
+    "drop_best",
+    "latest",
+    "load",
+    "prune",
+    "publish_best",
+    "restore_best",
+    "save",
+    "sweep",
+]
 
 _DIR_RE = re.compile(r"^ckpt-(\d{6,})$")
 MANIFEST = "manifest.json"
@@ -224,6 +234,13 @@ def publish_best(folder: Path, model: nn.Module, meta: dict) -> None:
     brings back a removed run folder."""
     folder.mkdir(exist_ok=True)
     atomic_write_bytes(folder / "best.safetensors", save_bytes(model, metadata=meta))
+
+
+def drop_best(folder: Path) -> None:
+    """Unpublish the best model (a run whose plain epochs are over chooses its best anew); the
+    next checkpoint holds none until a new best is published."""
+    (folder / "best.safetensors").unlink(missing_ok=True)
+    fsync_dir(folder)
 
 
 def restore_best(folder: Path, path: Path) -> None:

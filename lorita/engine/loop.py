@@ -10,8 +10,8 @@ transaction, see :mod:`lorita.engine.checkpoint`) and the best model by validati
 Under ``torchrun`` it trains with DistributedDataParallel and only rank 0 writes.
 
 With ``plain_epochs`` the first epochs train the plain network; at the end of the last of them
-the model is composed (balanced, so the same function), gets a new optimizer and a schedule over
-the remaining steps, and becomes the first best model (the best is always a composed one).
+the model is composed (balanced, so the same function) and gets a new optimizer and a schedule
+over the remaining steps; the best model is chosen among the composed epochs only.
 
 Resume is exact: a run killed at any instant and resumed from its last checkpoint ends with
 the same numbers as the uninterrupted run (same seed, device and thread count). A run killed
@@ -522,19 +522,17 @@ def _end_of_epoch(s: Session) -> None:
 
 def _compose(s: Session) -> None:
     """The plain epochs are over: the same function written as N factors (balanced), a new
-    optimizer and schedule over the remaining steps. From here on the best model is a composed
-    one; the first is the composed model itself (its validation is the plain model's)."""
+    optimizer and schedule over the remaining steps. The best model is chosen among the
+    composed epochs only (the plain one's best is dropped): the run's model is a composed one,
+    trained with weight decay on its factors."""
     c, cfg = s.c, s.config
     s.model = _place(compose(s.model, cfg, init="balanced"), s.device)
     s.opt, s.sched = _optimizer(cfg, s.model, s.total_steps - c.step)
     s.net = _wrap(s)
     s.net.train()
-    if s.d.main:
-        c.best_val, c.best_step = c.last_val["acc"], c.step
-        if s.writer is not None:
-            t0 = time.perf_counter()
-            checkpoint.publish_best(s.ckpt_dir, s.model, _meta(s, "best"))
-            s.timings["checkpoint"] += time.perf_counter() - t0
+    c.best_val, c.best_step = None, None
+    if s.writer is not None:
+        checkpoint.drop_best(s.ckpt_dir)
     _emit(s, "compose", step=c.step, epoch=c.epoch, n_factors=cfg.n_factors)
 
 
