@@ -73,7 +73,8 @@ def train_fashion(root: Path, steps: int) -> tuple[str, str]:
     both children have exited, i.e. after each kept its trade-off curves."""
     from app import jobs, presets
 
-    cfg = {**presets.config("fashion"), "device": "cpu", "max_steps": steps}
+    # composed from the start: ``steps`` may end before the preset's plain epochs would
+    cfg = {**presets.config("fashion"), "device": "cpu", "max_steps": steps, "plain_epochs": 0}
     print(f"training the Fashion-MNIST pair ({steps} steps each) …", file=sys.stderr, flush=True)
     n3, n1 = jobs.start_pair({**cfg, "n_factors": 3}, {**cfg, "n_factors": 1}, root=root)
     for name in (n3, n1):

@@ -314,6 +314,7 @@ def main(argv: list[str] | None = None) -> int:
             **config("fashion"),
             "device": "cpu",
             "max_steps": args.fashion_steps,
+            "plain_epochs": 0,  # composed from the start: max_steps ends before plain epochs
         },
     }
     rows = measure(models, args, rng)

@@ -48,6 +48,8 @@ def test_plain_epochs_must_leave_epochs_to_the_composed_network():
     with pytest.raises(ValueError, match="plain_epochs"):
         TrainConfig(**{**CFG, "plain_epochs": -1})
     TrainConfig(**{**CFG, "n_factors": 1, "plain_epochs": 3})  # N=1: nothing to compose
+    with pytest.raises(ValueError, match=r"plain_epochs: 1 plain epochs take \d+ steps, but"):
+        train({**CFG, "max_steps": 5})  # the run would end before it composes
 
 
 def test_the_switch_composes_the_same_function_and_restarts_the_schedule(tmp_path, monkeypatch):
