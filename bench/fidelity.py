@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -63,12 +64,25 @@ def describe(cfg: dict) -> str:
     )
 
 
+def _trained_with(folder: Path, cfg: dict) -> bool:
+    """Whether the run in ``folder`` was trained with ``cfg`` (fields its config file lacks
+    read as their defaults)."""
+    try:
+        had = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return TrainConfig.from_dict(had).to_dict() == TrainConfig.from_dict(cfg).to_dict()
+
+
 def one(cfg: dict, n: int, seed: int, store: RunStore) -> dict:
     """Train, then cut at every budget; cached as JSON beside the runs (a rerun with the same
-    --work reuses it)."""
+    --work reuses it, if its run was trained with this config)."""
     cache = store.root / f"{cfg['dataset']}-s{seed}-n{n}.json"
-    if cache.is_file():
+    if cache.is_file() and _trained_with(
+        store.root / cache.stem, {**cfg, "n_factors": n, "seed": seed}
+    ):
         return json.loads(cache.read_text())
+    shutil.rmtree(store.root / cache.stem, ignore_errors=True)  # interrupted, or another config
     out = _one(cfg, n, seed, store)
     cache.write_text(json.dumps(out))
     return json.loads(cache.read_text())

@@ -443,6 +443,8 @@ def _shipped(dataset: str) -> tuple[str | None, str, dict]:
         "warmup": cfg.get("warmup", 0.0),
         "wd_sched": "const",
     }
+    if cfg.get("plain_epochs"):  # the plain network first, for this share of the epochs
+        want["from_n1"] = cfg["plain_epochs"] / cfg["epochs"]
     match = [v for v in VARIANTS if settings(dataset, v) == want]
     return (match[0] if match else None), where, cfg
 
@@ -486,6 +488,7 @@ def findings(dataset: str, variants: list[str], seeds: list[int], done: dict) ->
         )
         + f" {where} trains with {cfg['optimizer']}, warm-up {cfg.get('warmup', 0.0):g}, "
         f"lr {cfg['lr']:g}, weight decay {cfg['weight_decay']:g}, {cfg['epochs']} epochs"
+        + (f", the first {cfg['plain_epochs']} plain" if cfg.get("plain_epochs") else "")
         + (
             ": the variant just named."
             if ship in (best, best_low)

@@ -1,18 +1,20 @@
 """LoRITa against the baselines an engineer would use instead, at the same parameter budget.
 
-    python bench/vs_pruning.py [--setups mlp mlp-from-plain cnn] [--seeds 0 1 2]
+    python bench/vs_pruning.py [--setups mlp mlp-from-start cnn] [--seeds 0 1 2]
                                [--budgets 5 10 20 35 50] [--finetune-epochs 2]
-                               [--from-plain 5] [--work DIR] [--doc docs/vs_pruning.md]
+                               [--work DIR] [--doc docs/vs_pruning.md]
 
-For each setup and seed: train the N=3 run and its N=1 twin (same config otherwise; in
-``mlp-from-plain`` the N=3 run starts from the plain network trained ``--from-plain`` epochs of
-the same recipe, and trains the remaining epochs composed, so both see the same epochs), then
+For each setup and seed: train the N=3 run and its N=1 twin (same config otherwise), then
 ``lorita.baselines.compare``: LoRITa's Budget cut of the N=3 run, the SVD cut of the N=1 run and
 Torch-Pruning's L1 structured pruning of the N=1 run, each at every budget, with and without
 fine-tuning (same recipe for all three). Selection (checkpoint, fine-tuned epoch) reads
 validation only; the tables report test accuracy, mean and range over the seeds. Results of
 each (setup, seed) are cached as JSON in ``--work`` so an interrupted run picks up where it
-stopped.
+stopped; a cached result is used only if its runs were trained with the setup's config.
+
+Setups: ``mlp`` is the app's Fashion-MNIST preset (the plain network for its first
+``plain_epochs``, then composed into N=3 factors), ``mlp-from-start`` the same with N=3
+composed from the start (``plain_epochs`` 0), ``cnn`` VGG-11 x0.25 on digits.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -28,7 +31,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SETUPS = ("mlp", "mlp-from-plain", "cnn")
+SETUPS = ("mlp", "mlp-from-start", "cnn")
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
@@ -54,11 +57,14 @@ def _overrides(pairs: list[str]) -> dict:
     return out
 
 
-def _setups(mlp_set: dict | None = None, from_plain: int = 5) -> dict[str, dict]:
+def _setups(mlp_set: dict | None = None) -> dict[str, dict]:
     mlp = {**TrainConfig().to_dict(), **preset_config("fashion"), **(mlp_set or {})}
-    if not 1 <= from_plain < mlp["epochs"]:
-        sys.exit(f"--from-plain: expected 1 to {mlp['epochs'] - 1} epochs, got {from_plain}")
     mlp.update(device="cpu", spectra_every=0)
+    try:
+        TrainConfig.from_dict(mlp)
+    except (TypeError, ValueError) as e:
+        sys.exit(f"--mlp-set: {e}")
+    plain = mlp.get("plain_epochs", 0)
     cnn = {
         **TrainConfig().to_dict(),
         "dataset": "digits",
@@ -70,18 +76,17 @@ def _setups(mlp_set: dict | None = None, from_plain: int = 5) -> dict[str, dict]
     }
     return {
         "mlp": {
-            "title": "Fashion-MNIST MLP (the Fashion-MNIST preset"
-            + (f", with {mlp_set}" if mlp_set else "")
-            + ")",
-            "config": mlp,
-        },
-        "mlp-from-plain": {
-            "title": f"Fashion-MNIST MLP, N=3 from the plain network ({from_plain} epochs N=1, "
-            f"composed, {mlp['epochs'] - from_plain} epochs N=3"
+            "title": "Fashion-MNIST MLP, the preset ("
+            + (f"{plain} plain epochs, then N=3" if plain else "N=3 from the start")
             + (f"; with {mlp_set}" if mlp_set else "")
             + ")",
             "config": mlp,
-            "from_n1": from_plain,
+        },
+        "mlp-from-start": {
+            "title": "Fashion-MNIST MLP, N=3 from the start (the preset with plain_epochs 0"
+            + (f"; with {mlp_set}" if mlp_set else "")
+            + ")",
+            "config": {**mlp, "plain_epochs": 0},
         },
         "cnn": {"title": "Small CNN: VGG-11 (channels x0.25) on digits", "config": cnn},
     }
@@ -98,22 +103,15 @@ def describe(cfg: dict) -> str:
     )
 
 
-def train_pair(cfg: dict, seed: int, store: RunStore, tag: str, from_n1: int = 0) -> dict:
-    """Train N=3 and N=1 (same config and seed); their run folders and wall times.
-
-    With ``from_n1`` epochs, N=3 starts from a plain network trained that many epochs with the
-    same recipe (its best checkpoint, composed: the same function) and trains the remaining
-    epochs, so both take the same number of epochs; its wall time counts both runs."""
+def train_pair(cfg: dict, seed: int, store: RunStore, tag: str) -> dict:
+    """Train N=3 and N=1 (same config and seed); their run folders and wall times."""
     out = {}
     for n in (3, 1):
         c = {**cfg, "n_factors": n, "seed": seed}
         t0 = time.perf_counter()
-        if n == 3 and from_n1:
-            pre = {**c, "n_factors": 1, "epochs": from_n1}
-            pre_run = store.create(pre, name=f"{tag}-s{seed}-pre{from_n1}")
-            lt.train(pre, pre_run, threads="auto")
-            c.update(epochs=cfg["epochs"] - from_n1, init_from=str(pre_run.checkpoint("best")))
-        run = store.create(c, name=f"{tag}-s{seed}-n{n}")
+        name = f"{tag}-s{seed}-n{n}"
+        shutil.rmtree(store.root / name, ignore_errors=True)  # an interrupted or stale try
+        run = store.create(c, name=name)
         res = lt.train(c, run, threads="auto")
         out[n] = {
             "run": str(run.path),
@@ -124,12 +122,28 @@ def train_pair(cfg: dict, seed: int, store: RunStore, tag: str, from_n1: int = 0
     return out
 
 
+def _trained_with(res: dict, cfg: dict, seed: int) -> bool:
+    """Whether a cached result's N=3 run was trained with ``cfg`` at ``seed`` (the fields
+    a config file lacks read as their defaults)."""
+    try:
+        had = json.loads((Path(res["train"]["3"]["run"]) / "config.json").read_text())
+    except (OSError, KeyError, ValueError):
+        return False
+    want = TrainConfig.from_dict({**cfg, "n_factors": 3, "seed": seed}).to_dict()
+    return TrainConfig.from_dict(had).to_dict() == want
+
+
 def one_seed(name: str, setup: dict, seed: int, args, store: RunStore) -> dict:
     cache = Path(args.work) / f"{name}-seed{seed}.json"
     if cache.is_file():
-        return json.loads(cache.read_text())
+        res = json.loads(cache.read_text())
+        if _trained_with(res, setup["config"], seed):
+            return res
+        print(f"{name} seed {seed}: the cached runs used another config; training again")
+        for old in Path(args.work).glob(f"{name}-seed{seed}-ftlr*.json"):
+            old.unlink()
     t0 = time.perf_counter()
-    runs = train_pair(setup["config"], seed, store, name, setup.get("from_n1", 0))
+    runs = train_pair(setup["config"], seed, store, name)
     rows = compare(
         runs[3]["run"],
         runs[1]["run"],
@@ -242,11 +256,12 @@ def table(results: list[dict], budgets, ft: int) -> tuple[list[str], int]:
 def _tried_label(res: list[dict], seeds: list[str]) -> str:
     cfg = json.loads((Path(res[0]["train"]["3"]["run"]) / "config.json").read_text())
     twin = json.loads((Path(res[0]["train"]["1"]["run"]) / "config.json").read_text())
-    start = (
-        f" (N=3 from the plain network after {twin['epochs'] - cfg['epochs']})"
-        if cfg.get("init_from")
-        else ""
-    )
+    if cfg.get("init_from"):  # two runs: the plain run's best checkpoint, then N=3
+        start = f" (N=3 from the plain network after {twin['epochs'] - cfg['epochs']}, two runs)"
+    elif cfg.get("plain_epochs"):
+        start = f" (plain for {cfg['plain_epochs']}, then N=3)"
+    else:
+        start = ""
     return (
         f"{cfg['optimizer']} lr {cfg['lr']:g}, warm-up {cfg.get('warmup', 0.0):g}, "
         f"weight decay {cfg['weight_decay']:g}, {twin['epochs']} epochs{start}; "
@@ -266,7 +281,7 @@ def tried_table(main: dict[str, list[dict]], dirs: list[str], args) -> list[str]
     ]
     sets = [(f"the tables above: {title}", res) for title, res in main.items()]
     for d in dirs:
-        for name in ("mlp", "mlp-from-plain"):
+        for name in ("mlp", "mlp-from-plain", "mlp-from-start"):
             files = sorted(Path(d).glob(f"{name}-seed[0-9]*.json"))
             seeds = [f.stem.removeprefix(f"{name}-seed") for f in files]
             files = [f for f, s in zip(files, seeds, strict=True) if s.isdigit()]
@@ -306,30 +321,35 @@ def _cli_flags(cfg: dict) -> str:
         f"--{key.replace('_', '-')} {cfg[key]:g}"
         if isinstance(cfg[key], float)
         else f"--{key.replace('_', '-')} {cfg[key]}"
-        for key in ("dataset", "optimizer", "lr", "warmup", "weight_decay", "batch_size")
+        for key in (
+            "dataset",
+            "optimizer",
+            "lr",
+            "warmup",
+            "weight_decay",
+            "epochs",
+            "plain_epochs",
+            "batch_size",
+        )  # fmt: skip
         if cfg[key] != default[key]
     ]
     flags += [f"--model-arg {k}={v}" for k, v in (cfg.get("model_kwargs") or {}).items()]
     return " ".join(flags)
 
 
-def _from_plain_lines(setup: dict) -> list[str]:
-    k = setup.get("from_n1", 0)
+def _recipe_lines(setup: dict) -> list[str]:
+    cfg = setup["config"]
+    k = cfg.get("plain_epochs", 0)
     if not k:
         return []
-    cfg = setup["config"]
-    rest = cfg["epochs"] - k
-    flags = _cli_flags(cfg)
     return [
-        f"The N=3 run starts from the plain network (N=1) trained {k} epochs with the same "
-        "recipe (its own warm-up and cosine schedule; its best checkpoint), composed with the "
-        f"balanced init (the same function), and trains the remaining {rest} epochs with N=3: "
-        f"{cfg['epochs']} epochs in all, as its N=1 twin. Its wall time counts both parts. "
-        "The same from the command line:",
+        f"One run: the plain network (N=1) trains the first {k} epochs (its own warm-up and "
+        "cosine schedule), is composed into N=3 factors with the balanced init (the same "
+        f"function), and trains the remaining {cfg['epochs'] - k} epochs with a new optimizer "
+        "and schedule; its N=1 twin trains all epochs plain. From the command line:",
         "",
         "```",
-        f"python -m lorita train {flags} --factors 1 --epochs {k} --name plain",
-        f"python -m lorita train {flags} --epochs {rest} --init-from plain --name lorita",
+        f"python -m lorita train {_cli_flags(cfg)}",
         "```",
         "",
     ]
@@ -369,7 +389,7 @@ def section(name: str, setup: dict, results: list[dict], args) -> list[str]:
         "(the run's optimizer and batch size, a tenth of its learning rate, no weight decay), "
         "the epoch kept chosen on validation.",
         "",
-        *_from_plain_lines(setup),
+        *_recipe_lines(setup),
         "Uncut models (test accuracy of the best-validation checkpoint):",
         "",
         *dense_lines(results),
@@ -432,26 +452,18 @@ def main() -> None:
         metavar="KEY=VALUE",
         help="train the MLP with these TrainConfig fields instead of the preset's (use a new --work)",
     )
-    ap.add_argument(
-        "--from-plain",
-        type=int,
-        default=5,
-        metavar="EPOCHS",
-        help="mlp-from-plain: the plain network trains this many epochs, then is composed (the "
-        "same function) and trains the remaining epochs with N=3",
-    )
     args = ap.parse_args()
     args.work = args.work or tempfile.mkdtemp(prefix="lorita-vs-pruning-")
     Path(args.work).mkdir(parents=True, exist_ok=True)
     store = RunStore(Path(args.work) / "runs")
     load0, t_all = os.getloadavg(), time.perf_counter()
-    setups = _setups(_overrides(args.mlp_set), args.from_plain)
+    setups = _setups(_overrides(args.mlp_set))
     sections, spent, mlp_results, all_results = [], 0.0, {}, {}
     for name in args.setups:
         results = [one_seed(name, setups[name], s, args, store) for s in args.seeds]
         spent += sum(r["seconds"] for r in results)
         sections += section(name, setups[name], results, args)
-        if name == "mlp" and args.finetune_lr_scales and args.finetune_epochs:
+        if name == "mlp-from-start" and args.finetune_lr_scales and args.finetune_epochs:
             per_lr = [
                 other_lrs(name, setups[name], s, r, args) for s, r in zip(args.seeds, results)
             ]
@@ -471,7 +483,10 @@ def main() -> None:
             sections += [
                 "Other training configs tried for the MLP (the same comparison, its N=1 twin "
                 "trained with the same config; from `--tried` work folders of this script run "
-                "with `--mlp-set` or `--from-plain`):",
+                "with `--mlp-set`). Rows marked *two runs* trained the plain network as a run of "
+                "its own and started N=3 from its best checkpoint (`--init-from`): the recipe "
+                "`plain_epochs` runs in one, with other random draws (the composition's and the "
+                "data order's), so the spread between such rows is the seeds' spread:",
                 "",
                 *tried_table(mlp_results, args.tried, args),
                 "",
@@ -494,8 +509,9 @@ def main() -> None:
         "(the output layer kept), the smallest ratio that fits. The classifier head is left "
         "uncut by every method, as in the paper. Budgets count the whole deployed network "
         "(BatchNorm and biases included). Training: the MLP as the app's Fashion-MNIST preset "
-        "(10 epochs; N=3 once from the start, once from the plain network after "
-        f"{args.from_plain} epochs), the CNN 15 epochs on digits, chosen so that every seed, "
+        f"({setups['mlp']['config']['epochs']} epochs; N=3 once after "
+        f"{setups['mlp']['config'].get('plain_epochs', 0)} plain epochs as the preset does, once "
+        "from the start), the CNN 15 epochs on digits, chosen so that every seed, "
         "setup and fine-tuning takes about 30 minutes of this 2-core CPU; other work shared "
         "the cores while the cached runs trained, so the wall times here are inflated by it.",
         "",
