@@ -34,12 +34,16 @@ PRESETS: dict[str, dict[str, Any]] = {
             "n_factors": 3,
             "init": "balanced",
             "optimizer": "adam",
-            # the settings of bench/fidelity.py, where N=3 ends at effective ranks ~40/45/28
-            # against ~255/223/204 for N=1 (docs/fidelity.md, docs/training_recipe.md)
+            # the settings of bench/fidelity.py and bench/vs_pruning.py (docs/fidelity.md has
+            # the effective ranks of N=1 and N=3, docs/training_recipe.md the recipes tried)
             "lr": 2e-3,
             "warmup": 0.1,  # N=3's dense accuracy +0.9 points (docs/training_recipe.md)
             "weight_decay": 1e-3,
             "epochs": 10,
+            # the plain network first, composed after half the epochs: N=3 ends closer to N=1
+            # uncut than composed from the start, its cuts ahead at small budgets
+            # (docs/vs_pruning.md)
+            "plain_epochs": 5,
             "batch_size": 256,
             "seed": 0,
             "device": "auto",
