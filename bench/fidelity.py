@@ -60,7 +60,13 @@ def describe(cfg: dict) -> str:
         f"{cfg['lr']:g}"
         + (f" with a linear warm-up over {100 * warm:g}% of the steps" if warm else "")
         + f", weight decay {cfg['weight_decay']:g}, {cfg['schedule']} schedule, "
-        f"{cfg['epochs']} epochs of batch {cfg['batch_size']}, {cfg['init']} init"
+        f"{cfg['epochs']} epochs of batch {cfg['batch_size']}"
+        + (
+            f" (N=3: the first {cfg['plain_epochs']} plain, then composed)"
+            if cfg.get("plain_epochs")
+            else ""
+        )
+        + f", {cfg['init']} init"
     )
 
 
