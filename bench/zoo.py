@@ -9,12 +9,16 @@ and the cut model are timed as they deploy (``lorita.convert.deploy_model``: Bat
 into the layer before it, channels_last memory format for a conv model); the contiguous format
 is timed too, in the same process, to show what channels_last changes.
 
-Each cut model is timed paired with the uncut model it came from: at each batch size, every
-repeat calls the uncut model and each cut (and, at batch 64, their contiguous copies) in turn
-(``lorita.kinds.paired_medians``), so a burst of other work on the machine slows them alike
-and the "latency kept" ratios stay put. This is done ROUNDS times, the order rotated each
+Each cut model is timed paired with the uncut model it came from: in every round, at each
+batch size, the uncut model and each cut (and, at batch 64, their contiguous copies) are timed
+one right after the other, each as it runs when deployed (warm-up calls, then the median of the
+repeats, the same model over and over). This is done ROUNDS times, the order rotated each
 round, and the medians of the quietest round (smallest sum) are kept, all from that one round
-so the pairs stay paired. The per-layer times are timed model by model (smallest median).
+so the pairs stay paired: other work on the machine hits the neighbours of a round alike.
+Alternating the models call by call (``lorita.kinds.paired_medians``) pairs more tightly but
+times each call cold, after the other model's buffers: measured once that way, the cuts of
+ConvNeXt and Swin read 10-20% slower than timed on their own, the uncut models much less. The per-layer times are timed
+model by model (smallest median).
 
     python bench/zoo.py [--size 64] [--ratio 0.25] [--repeats 10] [--out docs/zoo.md]
 """
@@ -37,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import lorita as lt  # noqa: E402
 from lorita.convert import composition_summary, deploy_model  # noqa: E402
 from lorita.cost import deployed_forward, layer_latency  # noqa: E402
-from lorita.kinds import paired_medians  # noqa: E402
+from lorita.kinds import median_seconds  # noqa: E402
 
 MODELS = (
     "resnet18",
@@ -106,15 +110,16 @@ def _keep(best: dict, key, value: float) -> None:
 
 def _paired(groups: list[dict], repeats: int, rounds: int = ROUNDS) -> dict:
     """``{key: median seconds}`` of every group ``{key: forward}`` (the forwards of one batch
-    size) timed paired: ``paired_medians`` calls each forward in turn in every repeat, so a
-    burst of other work slows every model of the group alike and their ratios hold. Done
-    ``rounds`` times (the order rotated each round); each group keeps all its medians from
-    its quietest round (smallest sum), never one model's best round against another's."""
+    size) timed paired: in each round every forward of a group is timed right after the other
+    (its warm-up, then the median of ``repeats`` calls), so the models of a group share the
+    machine's state of that moment. Done ``rounds`` times (the order rotated each round); each
+    group keeps all its medians from its quietest round (smallest sum), never one model's best
+    round against another's."""
     quietest: list[dict] = [{} for _ in groups]
     for r in range(rounds):
         for i, group in enumerate(groups):
             g = _rotated(group, r)
-            ts = dict(zip(g, paired_medians(list(g.values()), repeats=repeats, warmup=WARMUP)))
+            ts = {k: median_seconds(f, repeats=repeats, warmup=WARMUP) for k, f in g.items()}
             if not quietest[i] or sum(ts.values()) < sum(quietest[i].values()):
                 quietest[i] = ts
     return {k: v for q in quietest for k, v in q.items()}
@@ -243,9 +248,10 @@ def render(rows, mlp_rows, args, load) -> str:
         f"torchvision models (weights=None, 10 classes) at {args.size}x{args.size} px, composed "
         f"with `overparameterize(model, 3)` and cut with `Uniform({args.ratio})` (form chosen "
         f"by FLOPs unless said). CPU, {torch.get_num_threads()} threads, torch "
-        f"{torch.__version__}. Latency is timed paired: at each batch size the uncut model and "
-        f"each of its cuts run in turn within every one of {args.repeats} repeats, round by "
-        f"round, so a burst of other work slows them alike; of {ROUNDS} such rounds (the order "
+        f"{torch.__version__}. Latency is timed paired: in each round, at each batch size, the "
+        "uncut model and each of its cuts are timed one right after the other (warm-up calls, "
+        f"then the median of {args.repeats} calls of the same model, as it runs deployed), so "
+        f"other work on the machine hits them alike; of {ROUNDS} such rounds (the order "
         "rotated each round) the quietest one's medians are kept, all from that one round. "
         "Both the uncut "
         "and the cut model are timed as they deploy (`lorita.convert.deploy_model`: eval mode, "
