@@ -34,7 +34,9 @@ FLAGS = [
 
 
 @pytest.mark.slow
-def test_torchrun_two_gloo_processes_match_one_process(tmp_path):
+@pytest.mark.parametrize("plain", [[], ["--plain-epochs", "1"]], ids=["composed", "plain first"])
+def test_torchrun_two_gloo_processes_match_one_process(tmp_path, plain):
+    """With a plain epoch first, the composed model is wrapped in DDP anew at the switch."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     cmd = [
         sys.executable,
@@ -50,6 +52,7 @@ def test_torchrun_two_gloo_processes_match_one_process(tmp_path):
         "--name",
         "ddp",
         *FLAGS,
+        *plain,
     ]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -70,5 +73,6 @@ def test_torchrun_two_gloo_processes_match_one_process(tmp_path):
     single = train(cfg)
     assert vals[-1]["loss"] == pytest.approx(single["val"]["loss"], rel=1e-3)
     model = run.load_model("last")
+    assert any(".factors." in k for k in model.state_dict())  # composed, plain epoch or not
     x = run.load_splits().val[torch.arange(32)][0]
     torch.testing.assert_close(model(x), single["model"].eval()(x), rtol=1e-3, atol=1e-3)
