@@ -16,3 +16,15 @@ def device() -> torch.device:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test (restored after): seeded runs then repeat bit for bit, as
+    the app's server and lorita.curves.prepare compute (sums in another order would change
+    the losses in their last digits). A module asks for it with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -18,12 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SMALL = {"model_kwargs": {"width": 32, "depth": 2}, "epochs": 2, "spectra_every": 5}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_config_validation_names_field_value_and_allowed():
