@@ -157,8 +157,9 @@ def _numbers(values: dict) -> None:
         "Plain epochs first", step=1, min_value=0, value=int(values.get("plain_epochs", 0)),
         key=_key("plain_epochs"),
         help="Train the ordinary network for these epochs, then compose it into N factors (the "
-        "same function) for the rest: N=3 ends closest to N=1's accuracy and keeps its low "
-        "ranks (docs/vs_pruning.md). 0: composed from the start. Ignored for N=1.",
+        "same function) for the rest: N=3 ends closer to N=1's accuracy than composed from the "
+        "start, and its cuts keep less at the smallest budgets (docs/vs_pruning.md). 0: "
+        "composed from the start. Ignored for N=1.",
     )  # fmt: skip
     c[2].number_input("Batch size", step=16, value=int(values["batch_size"]),
                       key=_key("batch_size"))  # fmt: skip

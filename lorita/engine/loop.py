@@ -256,16 +256,15 @@ def _setup(config, run, d, callback, stop, threads, *, epoch: int, resume: bool)
     if config.max_steps:
         total_steps = min(total_steps, config.max_steps)
     switch = config.plain_epochs * steps_per_epoch if config.n_factors > 1 else 0
-    if switch >= total_steps > 0 and config.plain_epochs:
+    if switch >= total_steps:
         raise ValueError(
             f"plain_epochs: {config.plain_epochs} plain epochs take {switch} steps, but the run "
             f"ends at step {total_steps} (max_steps {config.max_steps}): nothing would be "
             "composed; lower plain_epochs or raise max_steps"
         )
-    if plain_phase(config, epoch):  # the plain epochs' schedule ends at the switch
-        opt, sched = _optimizer(config, model, min(switch, total_steps))
-    else:
-        opt, sched = _optimizer(config, model, total_steps - min(switch, total_steps))
+    # the plain epochs' schedule ends at the switch; the composed one runs from there
+    steps = switch if plain_phase(config, epoch) else total_steps - switch
+    opt, sched = _optimizer(config, model, steps)
     return Session(
         config=config,
         run=run,
