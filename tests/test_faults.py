@@ -55,6 +55,17 @@ POINTS = [
     "result:1",  # result.json written, status not yet completed
 ]  # fmt: skip
 N_RANDOM = 5
+# the same run with its first epoch plain (composed into N=3 at step 20): kills around the switch
+PLAIN = ["--plain-epochs", "1"]
+PLAIN_POINTS = [
+    "step:20",  # the last plain step
+    "validate:1",  # the plain network's validation and best published, not yet composed
+    "compose:1",  # composed, the plain best dropped, the switch's checkpoint not yet written
+    "ckpt_between_files:1", "ckpt_before_rename:1", "ckpt_after_rename:1",  # that checkpoint
+    "step:21",  # the first composed step
+    "validate:2",  # the composed network's first best
+]  # fmt: skip
+N_RANDOM_PLAIN = 2
 WORKERS = max(1, min(4, (os.cpu_count() or 2)))
 
 
@@ -64,8 +75,8 @@ def _env() -> dict:
     return env
 
 
-def _argv(root: Path) -> list[str]:
-    return ["train", "--runs-dir", str(root), "--name", "r", *FLAGS]
+def _argv(root: Path, extra: tuple[str, ...] = ()) -> list[str]:
+    return ["train", "--runs-dir", str(root), "--name", "r", *FLAGS, *extra]
 
 
 _FORK = multiprocessing.get_context("forkserver")
@@ -85,9 +96,13 @@ def _train_child(argv: list[str], fault: str | None) -> None:
     sys.exit(cli_main(argv))
 
 
-def _train_process(root: Path, fault: str | None = None, *, resume: bool = False):
+def _train_process(
+    root: Path, fault: str | None = None, *, resume: bool = False, extra: tuple[str, ...] = ()
+):
     argv = (
-        _argv(root) if not resume else [*_argv(root)[:5], "--resume", "--quiet", "--threads", "1"]
+        _argv(root, extra)
+        if not resume
+        else [*_argv(root)[:5], "--resume", "--quiet", "--threads", "1"]
     )
     proc = _FORK.Process(target=_train_child, args=(argv, fault), daemon=True)
     proc.start()
@@ -157,14 +172,14 @@ def _fingerprint(folder: Path) -> dict:
 # --------------------------------------------------------------------------- the runs
 
 
-def _killed_at(root: Path, point: str) -> int:
-    proc = _train_process(root, point)
+def _killed_at(root: Path, point: str, extra: tuple[str, ...] = ()) -> int:
+    proc = _train_process(root, point, extra=extra)
     proc.join(300)
     return proc.exitcode
 
 
-def _killed_at_random(root: Path, delay: float) -> int:
-    proc = _train_process(root)
+def _killed_at_random(root: Path, delay: float, extra: tuple[str, ...] = ()) -> int:
+    proc = _train_process(root, extra=extra)
     status = root / "r" / "status.json"
     deadline = time.time() + 120
     while proc.is_alive() and time.time() < deadline:
@@ -178,11 +193,9 @@ def _killed_at_random(root: Path, delay: float) -> int:
     return proc.exitcode
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> dict:
-    root = tmp_path_factory.mktemp("reference")
+def _reference(root: Path, extra: tuple[str, ...] = ()) -> dict:
     t0 = time.perf_counter()
-    proc = _train_process(root)
+    proc = _train_process(root, extra=extra)
     proc.join(300)
     assert proc.exitcode == 0, (root / "r" / "status.json").read_text()
     fp = _fingerprint(root / "r")
@@ -193,20 +206,33 @@ def reference(tmp_path_factory) -> dict:
     return fp
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL")
-def test_kill_at_any_instant_then_resume_gives_the_same_run(tmp_path, reference, capsys):
-    rng = random.Random(8)
-    delays = [rng.uniform(0.0, 1.5 * reference["train_s"] + 0.2) for _ in range(N_RANDOM)]
-    cases = [(p, None) for p in POINTS] + [(f"random:{d:.2f}s", d) for d in delays]
-    t0 = time.perf_counter()
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> dict:
+    return _reference(tmp_path_factory.mktemp("reference"))
+
+
+@pytest.fixture(scope="module")
+def reference_plain(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("reference_plain")
+    fp = _reference(root, tuple(PLAIN))
+    events = [r for r in RunStore(root).get("r").metrics() if r.get("split") == "val"]
+    assert [r["epoch"] for r in events] == [0, 1, 2]
+    return fp
+
+
+def _kill_cases(tmp_path, points, n_random, seed, reference, extra=()) -> tuple[int, int, int]:
+    """Kill a run at each named point and at ``n_random`` random times (in parallel), resume
+    each; (kills, resumes identical to the reference, random kills after the end)."""
+    rng = random.Random(seed)
+    delays = [rng.uniform(0.0, 1.5 * reference["train_s"] + 0.2) for _ in range(n_random)]
+    cases = [(p, None) for p in points] + [(f"random:{d:.2f}s", d) for d in delays]
     killed, identical, after_end = 0, 0, 0
     with ThreadPoolExecutor(WORKERS) as pool:
         jobs = []
         for i, (label, delay) in enumerate(cases):
             root = tmp_path / f"case{i}"
             root.mkdir()
-            jobs.append(pool.submit(_kill_then_resume, root, label, delay, reference))
+            jobs.append(pool.submit(_kill_then_resume, root, label, delay, reference, extra))
         for job in jobs:
             outcome = job.result()
             if outcome == "after the end":
@@ -214,6 +240,14 @@ def test_kill_at_any_instant_then_resume_gives_the_same_run(tmp_path, reference,
                 continue
             killed += 1
             identical += outcome == "identical"
+    return killed, identical, after_end
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL")
+def test_kill_at_any_instant_then_resume_gives_the_same_run(tmp_path, reference, capsys):
+    t0 = time.perf_counter()
+    killed, identical, after_end = _kill_cases(tmp_path, POINTS, N_RANDOM, 8, reference)
     wall = time.perf_counter() - t0
     with capsys.disabled():
         print(
@@ -224,9 +258,27 @@ def test_kill_at_any_instant_then_resume_gives_the_same_run(tmp_path, reference,
     assert killed >= 20 and identical == killed
 
 
-def _kill_then_resume(root: Path, label: str, delay: float | None, reference: dict) -> str:
+@pytest.mark.slow
+@pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL")
+def test_kill_around_the_plain_to_composed_switch_then_resume_gives_the_same_run(
+    tmp_path, reference_plain
+):
+    """A run whose first epoch trains the plain network: killed as it composes (the plain
+    best dropped, the switch's checkpoint half written) or just before or after, the resume
+    rebuilds the network the checkpoint holds and ends as the uninterrupted run did."""
+    killed, identical, _ = _kill_cases(
+        tmp_path, PLAIN_POINTS, N_RANDOM_PLAIN, 9, reference_plain, tuple(PLAIN)
+    )
+    assert killed >= len(PLAIN_POINTS) and identical == killed
+    best = lt.load(tmp_path / "case2" / "r" / "checkpoints" / "best.safetensors").state_dict()
+    assert "fc1.factors.2" in best  # the published best is a composed model
+
+
+def _kill_then_resume(
+    root: Path, label: str, delay: float | None, reference: dict, extra: tuple[str, ...] = ()
+) -> str:
     """One case, in a worker thread: kill, check the files, resume in another process, compare."""
-    rc = _killed_at(root, label) if delay is None else _killed_at_random(root, delay)
+    rc = _killed_at(root, label, extra) if delay is None else _killed_at_random(root, delay, extra)
     folder = root / "r"
     if delay is not None and _strict_json(folder / "status.json")["state"] == "completed":
         proc = _train_process(root, resume=True)  # the kill came after the run had ended

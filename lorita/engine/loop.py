@@ -538,6 +538,7 @@ def _compose(s: Session) -> None:
     c.best_val, c.best_step = None, None
     if s.writer is not None:
         checkpoint.drop_best(s.ckpt_dir)
+    fault("compose")
     _emit(s, "compose", step=c.step, epoch=c.epoch, n_factors=cfg.n_factors)
 
 
