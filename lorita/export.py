@@ -388,7 +388,11 @@ def _loads(text: str, field: str):
 
 def foreign_format(head: bytes) -> str | None:
     """From a file's first bytes: "pickle" (torch.save, zip or plain pickle), "onnx" (an ONNX
-    model: its ir_version field, then its producer), or None."""
+    model: its ir_version field, then its producer), or None. A safetensors prelude (an 8-byte
+    length, then a JSON object) is never foreign, whatever its length's bytes look like: a
+    header of 1152 bytes starts with the same two bytes as a protocol-4 pickle."""
+    if head[8:9] == b"{":
+        return None
     if head[:4] == b"PK\x03\x04" or head[:2] in (b"\x80\x02", b"\x80\x04", b"\x80\x05"):
         return "pickle"
     if head[:1] == b"\x08" and any(w in head[:64].lower() for w in (b"pytorch", b"onnx")):

@@ -5,6 +5,7 @@ from torch import nn
 from torch.testing import assert_close
 
 import lorita as lt
+from lorita.export import is_lorita_file
 
 
 def net():
@@ -198,3 +199,29 @@ def test_load_says_what_a_file_that_is_not_safetensors_is(tmp_path):
     lt.export_onnx(net, torch.randn(1, 4), tmp_path / "m.onnx")
     with pytest.raises(ValueError, match="not a safetensors file: it looks like an ONNX model"):
         lt.load(tmp_path / "m.onnx")
+    import pickle
+
+    (tmp_path / "p4.pkl").write_bytes(pickle.dumps({"w": [1.0] * 300}, protocol=4))
+    with pytest.raises(ValueError, match="not a safetensors file: it looks like a torch.save"):
+        lt.load(tmp_path / "p4.pkl")
+
+
+@pytest.mark.parametrize("header_len", [0x0480, 0x0580, 0x0408])
+def test_a_safetensors_header_whose_length_bytes_look_like_another_format_still_loads(
+    tmp_path, header_len
+):
+    """The 8-byte header length is little-endian: a 1152-byte header starts with the two bytes
+    of a protocol-4 pickle (80 04), 1408 bytes those of protocol 5, 1032 bytes ONNX's first
+    byte (08). Such files are safetensors all the same (their header is padded here with
+    the spaces the format allows), written by save, and load reads them."""
+    net = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)).eval()
+    path = tmp_path / "m.safetensors"
+    lt.save(net, path)
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    assert n < header_len
+    padded = header_len.to_bytes(8, "little") + raw[8 : 8 + n] + b" " * (header_len - n)
+    path.write_bytes(padded + raw[8 + n :])
+    assert is_lorita_file(path)
+    x = torch.randn(5, 4)
+    assert torch.equal(lt.load(path)(x), net(x))
