@@ -112,7 +112,8 @@ def _why_left(e: LayerEntry, skip: tuple[str, ...], n_factors: int) -> str | Non
     return None
 
 
-def _check_initialised(model: nn.Module) -> None:
+def check_initialised(model: nn.Module) -> None:
+    """Refuse a model with lazy layers that have not seen a batch yet (no shapes to work on)."""
     for name, p in model.named_parameters():
         if isinstance(p, nn.parameter.UninitializedParameter):
             layer = name.rsplit(".", 1)[0] if "." in name else name
@@ -157,7 +158,7 @@ def overparameterize(
     """
     check_module(model)
     _check_options(n_factors, init, inner, order)
-    _check_initialised(model)
+    check_initialised(model)
     new = clone_model(model)
     table = layer_table(new, direct=())
     if not any(e.kind.composable for e in table):

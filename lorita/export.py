@@ -36,7 +36,14 @@ from torch import Tensor, nn
 
 from . import inputs
 from .clone import clone_model, unwrap
-from .convert import apply_folds, composed_layers, deploy_model, fold_batchnorm, merge_model
+from .convert import (
+    apply_folds,
+    check_initialised,
+    composed_layers,
+    deploy_model,
+    fold_batchnorm,
+    merge_model,
+)
 from .io import atomic_write_bytes, cannot_write
 from .io import temp_beside as _temp_beside
 from .kinds import ORDERS, kind_of, layer_table, like, set_module, unfuse_encoders
@@ -325,6 +332,7 @@ def save_bytes(
     if not isinstance(fold_bn, bool):
         raise ValueError(f"fold_bn: expected True or False, got {fold_bn!r}")
     model = unwrap(model)
+    check_initialised(model)
     if fold_bn:
         model = _folded(model, input_shape, example_input)
     spec = model_spec(model, input_shape=input_shape, metadata=metadata)
@@ -855,6 +863,7 @@ def _load(header: dict, where: str, read_tensors, model: nn.Module | None):
         return _rebuild(spec, shapes, where, read_tensors)
     if not isinstance(model, nn.Module):
         raise _fail("model", f"expected an nn.Module, got {type(model).__name__}")
+    check_initialised(unwrap(model))
     model = _apply_layers(unwrap(model), spec)
     _check_against_file(model, shapes, "model")
     return _finish(model, read_tensors(), where)

@@ -276,7 +276,27 @@ def test_other_weight_layers_are_listed_as_left_and_lazy_ones_refused():
         lt.overparameterize(Net(lazy=True), 3, example_input=x)
     lazy = Net(lazy=True)
     lazy(x)  # one batch gives the lazy layer its shape
-    assert lt.overparameterize(lazy, 3, example_input=x).fc.__class__.__name__ == "FactorLinear"
+    composed = lt.overparameterize(lazy, 3, example_input=x)
+    assert composed.fc.__class__.__name__ == "FactorLinear"
+
+
+def test_save_and_load_onto_a_lazy_model_that_saw_no_batch_say_so(tmp_path):
+    def net():
+        return nn.Sequential(nn.LazyLinear(8), nn.ReLU(), nn.Linear(8, 2))
+
+    with pytest.raises(ValueError, match=r"model: layer '0' has uninitialised \(lazy\) param"):
+        lt.save(net(), tmp_path / "never.safetensors")
+    assert not (tmp_path / "never.safetensors").exists()
+    trained = net()
+    x = torch.randn(3, 5)
+    trained(x)
+    small = lt.truncate(lt.overparameterize(trained, 3), lt.Uniform(0.5)).eval()
+    lt.save(small, tmp_path / "m.safetensors")
+    with pytest.raises(ValueError, match=r"model: layer '0' has uninitialised \(lazy\) param"):
+        lt.load(tmp_path / "m.safetensors", model=net())
+    fresh = net()
+    fresh(x)  # one batch gives it its shapes; then the file loads onto it
+    assert_close(lt.load(tmp_path / "m.safetensors", model=fresh)(x), small(x))
 
 
 class _CachesBias(nn.Module):
