@@ -7,11 +7,13 @@ anyway, and its ``_orig_mod.`` prefix would be in every layer name."""
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
 
-__all__ = ["clone_model", "unwrap"]
+__all__ = ["clone_model", "evaluating", "unwrap"]
 
 
 def _non_leaves(value, found: dict[int, torch.Tensor], depth: int = 0) -> None:
@@ -32,6 +34,25 @@ def unwrap(model: nn.Module) -> nn.Module:
     while isinstance(inner, nn.Module) and type(model).__name__ == "OptimizedModule":
         model, inner = inner, getattr(inner, "_orig_mod", None)
     return model
+
+
+@contextmanager
+def evaluating(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode inside the block; after it, every module back in the mode it had,
+    each its own: ``model.train(was)`` would put a BatchNorm that a fine-tuning user froze in
+    eval mode back in training. A module put in inside the block (a layer replaced by its cut)
+    takes the mode of the module it replaced (same name), or of its nearest ancestor that was
+    there before."""
+    modes = {name: m.training for name, m in model.named_modules()}
+    model.eval()
+    try:
+        yield model
+    finally:
+        for name, m in model.named_modules():
+            key = name
+            while key not in modes:
+                key = key.rpartition(".")[0]
+            m.training = modes[key]
 
 
 def clone_model(model: nn.Module) -> nn.Module:

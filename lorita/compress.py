@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from . import inputs, kinds
+from .clone import evaluating
 from .convert import iter_layers, merge_model
 from .cost import Cost, count_cost
 from .data import TensorDataset
@@ -117,15 +118,12 @@ def output_layer(model: nn.Module, example_input: Tensor) -> str | None:
         m.register_forward_hook(lambda *_, name=n: order.append(name))
         for n, m in iter_layers(model)
     ]
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
+        with evaluating(model), torch.no_grad():
             inputs.call(model, example_input)
     finally:
         for h in hooks:
             h.remove()
-        model.train(was_training)
     return order[-1] if order else None
 
 

@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from . import inputs
-from .clone import clone_model, unwrap
+from .clone import clone_model, evaluating, unwrap
 from .convert import composed_layers, deploy_input, deploy_model, iter_layers, merge_model
 from .kinds import layer_table, median_seconds
 
@@ -92,14 +92,9 @@ _EXTRA_FLOPS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu
 
 
 def _count(deploy: nn.Module, example_input: inputs.Example) -> FlopCounterMode:
-    was_training = deploy.training
-    deploy.eval()
     counter = FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOPS)
-    try:
-        with torch.no_grad(), _counted_attention(), counter, inputs.refused():
-            inputs.call(deploy, example_input)
-    finally:
-        deploy.train(was_training)
+    with evaluating(deploy), torch.no_grad(), _counted_attention(), counter, inputs.refused():
+        inputs.call(deploy, example_input)
     return counter
 
 
@@ -127,15 +122,12 @@ def attention_projection_flops(
         model.get_submodule(n).register_forward_pre_hook(counter(n), with_kwargs=True)
         for n in names
     ]
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad(), inputs.refused():
+        with evaluating(model), torch.no_grad(), inputs.refused():
             inputs.call(model, inputs.check_example(example_input))
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
     return found
 
 

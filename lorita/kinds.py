@@ -48,7 +48,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
 from . import inputs
-from .clone import clone_model, unwrap
+from .clone import clone_model, evaluating, unwrap
 from .functional import svd64
 from .layers import (
     INITS,
@@ -838,16 +838,13 @@ def trace_forward(
             handles.append(
                 module.register_forward_hook(_recorder(outs, watched, name, output=True))
             )
-    was_training = model.training
-    model.eval()
     tracer = _ReadTracer(owners, active, watched)
     try:
-        with torch.no_grad(), tracer:
+        with evaluating(model), torch.no_grad(), tracer:
             result = inputs.call(model, inputs.check_example(example_input))
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
     order = {n: i for i, (n, _) in enumerate(model.named_modules())}
     direct = sorted(tracer.found, key=order.__getitem__)
     return Trace(direct, calls, ins, outs, tracer.uses, result)
@@ -1065,12 +1062,8 @@ def cut_model(
     Returns ``{name: {"rank", "full", "kind", "form": "thin" | "dense" | "full", "why"}}``.
     """
     check_cut_options(form, by, example_input)
-    was_training = model.training
-    model.eval()  # timing runs the model: BatchNorm's running statistics must not move
-    try:
+    with evaluating(model):  # timing runs the model: BatchNorm's statistics must not move
         return _cut(model, ranks, svd, form=form, by=by, example_input=example_input, batch=batch)
-    finally:
-        model.train(was_training)
 
 
 def _cut(model, ranks, svd, *, form, by, example_input, batch) -> dict[str, dict]:
@@ -1179,12 +1172,8 @@ def choose_forms(
     check_cut_options("low_rank", by, example_input)
     plan = _thin_plan(model)
     if by == "latency":
-        was_training = model.training
-        model.eval()
-        try:
+        with evaluating(model):
             _faster_forms(model, plan, _batch_of(example_input, batch))
-        finally:
-            model.train(was_training)
     model.lorita_plan = plan
     return plan
 

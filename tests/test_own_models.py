@@ -182,3 +182,31 @@ def test_a_folder_as_the_file_and_a_torchscript_module_are_named(tmp_path):
     traced = torch.jit.trace(net, torch.randn(1, 4))
     with pytest.raises(ValueError, match="model: a TorchScript module"):
         lt.overparameterize(traced, 3)
+
+
+def test_a_frozen_batchnorm_stays_frozen_and_a_dataparallel_model_keeps_its_function():
+    """Fine-tuning often keeps a BatchNorm in eval mode inside a model that trains. Composing
+    (which traces a forward pass), counting costs and evaluating run the model in eval mode,
+    then give each module back its own mode, not the root's."""
+    from lorita.data import TensorDataset
+    from lorita.engine.evaluate import evaluate
+
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 4)
+    ).train()
+    net[1].eval()
+    x = torch.randn(4, 3, 8, 8)
+    model = lt.overparameterize(net, 3)
+    modes = [m.training for m in model]
+    assert modes == [True, False, True, True, True]
+    lt.count_cost(model, x)
+    evaluate(model, TensorDataset(x, torch.tensor([0, 1, 2, 3])))
+    assert [m.training for m in model] == modes
+
+    plain = nn.Sequential(*[m for m in net]).eval()  # the same layers, all in eval mode
+    wrapped = nn.DataParallel(plain)  # the wrapper itself is made in training mode
+    assert wrapped.training and not plain[1].training
+    composed = lt.overparameterize(wrapped, 3)
+    assert not composed.module[1].training
+    assert_close(composed(x), plain(x))

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import data as data_mod
-from ..clone import clone_model
+from ..clone import clone_model, evaluating
 from .config import OPTIMIZERS, is_int, is_num
 from .optim import loss_fn, main_output, make_optimizer, task_of
 
@@ -45,11 +45,9 @@ def evaluate(
     """
     device = torch.device(device)
     task = task_of(dataset)
-    was_training = model.training
-    model.eval()
     loss_sum, correct, n = 0.0, 0.0, 0
     ys, sse = [], 0.0
-    try:
+    with evaluating(model):
         for x, y in _batches(dataset, batch_size):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
@@ -63,8 +61,6 @@ def evaluate(
                 loss_sum += F.cross_entropy(out, y, reduction="sum").item()
                 correct += (out.argmax(1) == y).sum().item()
             n += len(y)
-    finally:
-        model.train(was_training)
     if n == 0:
         return {"loss": float("nan"), "acc": float("nan")}
     if task == "regression":
