@@ -10,6 +10,7 @@ plain network (N=1); :func:`lorita.overparameterize` composes its layers afterwa
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections import OrderedDict
 
@@ -390,16 +391,28 @@ def _torchvision_class(name: str):
     return builder, typing.get_type_hints(builder).get("return")
 
 
+@functools.lru_cache(maxsize=64)
+def _timm_class(name: str):
+    """The class timm builds for ``name`` (its constructor's parameters are the model's
+    options: drop_rate, drop_path_rate, img_size...), found by building it on the meta device
+    (no memory, no weights); None if that fails."""
+    import timm
+
+    try:
+        with torch.device("meta"):
+            return type(timm.create_model(name, pretrained=False))
+    except Exception:  # noqa: BLE001 - a model that cannot be built so: no options listed
+        return None
+
+
 def model_options(name: str) -> dict:
     """The options of a model and their defaults (besides in_channels/image_size/num_classes)."""
     _check_known(name)
     ext = _external(name)
     if ext is not None:
-        if ext[0] == "timm":
-            return {}
-        _, cls = _torchvision_class(ext[1])
+        cls = _timm_class(ext[1]) if ext[0] == "timm" else _torchvision_class(ext[1])[1]
         params = inspect.signature(cls.__init__).parameters if cls else {}
-        skip = ("self", "num_classes", "image_size", "args", "kwargs")
+        skip = ("self", "num_classes", "image_size", "in_chans", "device", "dtype")
         return {
             k: (None if p.default is p.empty else p.default)
             for k, p in params.items()
@@ -470,7 +483,9 @@ def _create_external(name: str, in_channels, image_size, num_classes, kw: dict) 
                 opts["image_size"] = image_size
             model = builder(weights=None, **opts)
     except (TypeError, ValueError, AssertionError, RuntimeError) as e:
-        raise ValueError(f"model options: {rest} refused {sorted(kw)}: {e}") from None
+        given = f"the options {sorted(kw)}" if kw else "its default options"
+        size = f" at {image_size}x{image_size} px" if image_size is not None else ""
+        raise ValueError(f"model options: {name} refused {given}{size}: {e}") from None
     if source == "torchvision" and in_channels not in (None, 3):
         _set_in_channels(model, in_channels)
     return model

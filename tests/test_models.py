@@ -119,6 +119,28 @@ def test_timm_models_by_name_when_installed():
     assert "timm:resnet10t" in list_models("timm")
 
 
+def test_timm_models_take_their_own_options_through_the_config_and_the_command_line(tmp_path):
+    """timm's builders take ``**kwargs``: the options are those of the class they build
+    (drop_rate, img_size, ...), which the config and ``--model-arg`` accept."""
+    pytest.importorskip("timm")
+    from lorita.cli import main
+    from lorita.engine import TrainConfig
+
+    opts = model_options("timm:resnet10t")
+    assert {"drop_rate", "drop_path_rate"} <= set(opts) and "num_classes" not in opts
+    assert "img_size" in model_options("timm:vit_tiny_patch16_224")
+    TrainConfig(model="timm:resnet10t", model_kwargs={"drop_rate": 0.2}, epochs=1)  # valid
+    m = create_model("timm:resnet10t", num_classes=3, in_channels=1, drop_rate=0.2)
+    assert m.drop_rate == 0.2
+    with pytest.raises(ValueError, match="model_kwargs"):
+        TrainConfig(model="timm:resnet10t", model_kwargs={"colour": 1})
+    argv = ["train", "--runs-dir", str(tmp_path), "--quiet", "--threads", "1", "--epochs", "1"]
+    argv += ["--max-steps", "1", "--model", "timm:vit_tiny_patch16_224", "--spectra-every", "0"]
+    argv += ["--model-arg", "img_size=8", "--model-arg", "patch_size=4"]
+    argv += ["--model-arg", "depth=1", "--model-arg", "embed_dim=32", "--model-arg", "num_heads=2"]
+    assert main(argv) == 0
+
+
 @pytest.mark.parametrize(
     "call, match",
     [
