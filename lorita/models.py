@@ -475,6 +475,10 @@ def _create_external(name: str, in_channels, image_size, num_classes, kw: dict) 
 
             if in_channels is not None:
                 opts["in_chans"] = in_channels
+            cls = _timm_class(rest)
+            takes_size = cls is not None and "img_size" in inspect.signature(cls).parameters
+            if image_size is not None and takes_size:
+                opts.setdefault("img_size", image_size)  # a ViT's patch grid for these images
             model = timm.create_model(rest, pretrained=False, **opts)
         else:
             builder, cls = _torchvision_class(rest)

@@ -121,7 +121,8 @@ def test_timm_models_by_name_when_installed():
 
 def test_timm_models_take_their_own_options_through_the_config_and_the_command_line(tmp_path):
     """timm's builders take ``**kwargs``: the options are those of the class they build
-    (drop_rate, img_size, ...), which the config and ``--model-arg`` accept."""
+    (drop_rate, patch_size, ...), which the config and ``--model-arg`` accept; a model whose
+    class takes ``img_size`` (a ViT) is built for the dataset's image size."""
     pytest.importorskip("timm")
     from lorita.cli import main
     from lorita.engine import TrainConfig
@@ -129,6 +130,8 @@ def test_timm_models_take_their_own_options_through_the_config_and_the_command_l
     opts = model_options("timm:resnet10t")
     assert {"drop_rate", "drop_path_rate"} <= set(opts) and "num_classes" not in opts
     assert "img_size" in model_options("timm:vit_tiny_patch16_224")
+    vit = create_model("timm:vit_tiny_patch16_224", num_classes=3, image_size=32)
+    assert vit.patch_embed.img_size == (32, 32)  # built for the dataset's images, as torchvision
     TrainConfig(model="timm:resnet10t", model_kwargs={"drop_rate": 0.2}, epochs=1)  # valid
     m = create_model("timm:resnet10t", num_classes=3, in_channels=1, drop_rate=0.2)
     assert m.drop_rate == 0.2
@@ -136,7 +139,7 @@ def test_timm_models_take_their_own_options_through_the_config_and_the_command_l
         TrainConfig(model="timm:resnet10t", model_kwargs={"colour": 1})
     argv = ["train", "--runs-dir", str(tmp_path), "--quiet", "--threads", "1", "--epochs", "1"]
     argv += ["--max-steps", "1", "--model", "timm:vit_tiny_patch16_224", "--spectra-every", "0"]
-    argv += ["--model-arg", "img_size=8", "--model-arg", "patch_size=4"]
+    argv += ["--model-arg", "patch_size=4"]  # img_size: the dataset's 8 px
     argv += ["--model-arg", "depth=1", "--model-arg", "embed_dim=32", "--model-arg", "num_heads=2"]
     assert main(argv) == 0
 
