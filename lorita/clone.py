@@ -42,7 +42,16 @@ def evaluating(model: nn.Module) -> Iterator[nn.Module]:
     each its own: ``model.train(was)`` would put a BatchNorm that a fine-tuning user froze in
     eval mode back in training. A module put in inside the block (a layer replaced by its cut)
     takes the mode of the module it replaced (same name), or of its nearest ancestor that was
-    there before."""
+    there before. Anything else with ``training``, ``eval()`` and ``train(mode)`` gets its
+    one mode back."""
+    if not isinstance(model, nn.Module):  # a module-like callable (an ONNX session's wrapper)
+        was = model.training
+        model.eval()
+        try:
+            yield model
+        finally:
+            model.train(was)
+        return
     modes = {name: m.training for name, m in model.named_modules()}
     model.eval()
     try:

@@ -210,3 +210,29 @@ def test_a_frozen_batchnorm_stays_frozen_and_a_dataparallel_model_keeps_its_func
     composed = lt.overparameterize(wrapped, 3)
     assert not composed.module[1].training
     assert_close(composed(x), plain(x))
+
+
+def test_evaluate_takes_a_module_like_callable():
+    """evaluate runs anything with training, eval() and train(mode), as the app's wrapper of
+    an onnxruntime session."""
+    from lorita.data import TensorDataset
+    from lorita.engine.evaluate import evaluate
+
+    class Callable:
+        training = True
+
+        def __call__(self, x):
+            return torch.nn.functional.one_hot(x[:, 0, 0, 0].long(), 3).float()
+
+        def eval(self):
+            self.training = False
+            return self
+
+        def train(self, mode: bool = True):
+            self.training = mode
+            return self
+
+    f = Callable()
+    x = torch.tensor([0.0, 1.0, 2.0, 1.0]).view(4, 1, 1, 1)
+    assert evaluate(f, TensorDataset(x, torch.tensor([0, 1, 2, 0])))["acc"] == 0.75
+    assert f.training
