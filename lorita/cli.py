@@ -1424,9 +1424,37 @@ def _writing(flag: str):
         raise UsageError(f"{flag}: {e.strerror or e}") from None
 
 
+def _as_trained(args):
+    """(merged model, one example input, its validation accuracy) of the run's checkpoint as
+    trained, read without its dataset: the model records its input shape and the checkpoint
+    its validation accuracy. None when either is missing (the dataset is read instead)."""
+    import torch
+
+    from .convert import merge_model
+    from .export import read_spec
+
+    run = _get_run(args, args.run)
+    path = run.checkpoint(args.which)
+    if not path.is_file():
+        raise UsageError(f"run {run.name!r} has no {args.which} checkpoint yet")
+    val_acc = read_spec(path)["metadata"].get("val_acc")
+    model = merge_model(run.load_model(args.which)).eval()
+    shape = getattr(model, "lorita_input_shape", None)
+    if shape is None or val_acc is None:
+        return None
+    return model, torch.zeros(1, *shape), val_acc
+
+
 def cmd_export(args) -> int:
     args.format = _export_format(args)
     cut = args.policy is not None or args.max_drop is not None
+    light = None if cut else _as_trained(args)
+    if light is not None:  # as trained: no dataset needed (it may be on another machine)
+        model, example, val_acc = light
+        meta = {"run": _get_run(args, args.run).name, "policy": "none", "val_acc": val_acc}
+        _write_export(args, model, example, meta)
+        print(args.out)
+        return 0
     cz = _compressor(args, cut=cut)
     if not cut:
         model, words = cz.model, "none"
@@ -1443,7 +1471,17 @@ def cmd_export(args) -> int:
 
             choose_forms(model, cz.example_input, by=args.form_by, batch=args.form_batch)
             words += f", forms by {args.form_by} at batch {args.form_batch}"
-    example = cz.example_input
+    meta = None
+    if args.format != "onnx":
+        acc = cz.base if args.policy is None else cz.data.metrics(model)
+        meta = {"run": cz.run, "policy": words, "val_acc": acc["val_acc"]}
+    _write_export(args, model, cz.example_input, meta)
+    print(args.out)
+    return 0
+
+
+def _write_export(args, model, example, meta: dict | None) -> None:
+    """``model`` to ``--out`` as ONNX or safetensors (with ``meta`` and the input shape)."""
     if args.format == "onnx":
         from .export import export_onnx
 
@@ -1452,12 +1490,9 @@ def cmd_export(args) -> int:
     else:
         from .export import save
 
-        acc = cz.base if args.policy is None else cz.data.metrics(model)
-        meta = {"run": cz.run, "policy": words, "val_acc": acc["val_acc"]}
+        shape = list(example.shape[1:])
         with _writing("--out"):
-            save(model, args.out, input_shape=_shape(cz), metadata=meta, fold_bn=args.fold_bn)
-    print(args.out)
-    return 0
+            save(model, args.out, input_shape=shape, metadata=meta, fold_bn=args.fold_bn)
 
 
 # --------------------------------------------------------------------------- main

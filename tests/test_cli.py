@@ -498,7 +498,7 @@ def _lorita(*args, cwd) -> str:
 
 
 @pytest.mark.slow
-def test_own_model_and_images_end_to_end(tmp_path):
+def test_own_model_and_images_end_to_end(tmp_path, capsys):
     """A torchvision ResNet-18 started from its own weights on a folder of images: train,
     compress, export, and load back into a fresh ResNet-18, from the command line."""
     from safetensors.torch import save_file
@@ -541,6 +541,19 @@ def test_own_model_and_images_end_to_end(tmp_path):
         with torch.no_grad():
             acc = (model(x).argmax(1) == splits.val.y).float().mean().item()
         assert acc == pytest.approx(lt.read_spec(path)["metadata"]["val_acc"], abs=1e-6)
+
+    # the images gone (the run copied to another machine): the model as trained still exports,
+    # the same file; a cut, which measures accuracy, says which dataset it needs
+    images.rename(tmp_path / "elsewhere")
+    again = tmp_path / "again.safetensors"
+    assert main(["export", "pets", "--out", str(again), "--runs-dir", str(runs)]) == 0
+    assert again.read_bytes() == dense.read_bytes()
+    assert main(["export", "pets", "--out", str(tmp_path / "m.onnx"), "--runs-dir", str(runs)]) == 0
+    assert (tmp_path / "m.onnx").stat().st_size > 0
+    capsys.readouterr()
+    cut = ["export", "pets", "--budget", "30", "--out", str(tmp_path / "c.safetensors")]
+    assert main([*cut, "--runs-dir", str(runs)]) == 2
+    assert f"dataset 'folder:{images}'" in capsys.readouterr().err
 
 
 def test_progress_is_a_tqdm_bar_on_a_terminal_and_lines_otherwise():
