@@ -35,13 +35,19 @@ RUN_COLUMNS = {
 def runs_table(rows: Sequence[dict[str, Any]]) -> pd.DataFrame:
     """One line per run: setup, state, accuracies (percent) and when it was created."""
     df = pd.DataFrame([{k: r.get(k) for k in RUN_COLUMNS} for r in rows], columns=list(RUN_COLUMNS))
-    df["created"] = [
-        dt.datetime.fromtimestamp(float(t)).strftime("%Y-%m-%d %H:%M:%S") if t else ""
-        for t in df["created"]
-    ]
+    df["created"] = [_when(t) for t in df["created"]]
     for col in ("best_val_acc", "test_acc"):
         df[col] = [None if v is None else 100.0 * float(v) for v in df[col]]
     return df.rename(columns=RUN_COLUMNS)
+
+
+def _when(t) -> str:
+    """A creation time as local date and time; "" for none (a broken run folder has none,
+    which the table's column holds as NaN beside the others' numbers)."""
+    try:
+        return dt.datetime.fromtimestamp(float(t)).strftime("%Y-%m-%d %H:%M:%S")
+    except (TypeError, ValueError, OverflowError, OSError):
+        return ""
 
 
 def ranks_table(summaries: Sequence[dict[str, Any]]) -> pd.DataFrame:

@@ -228,6 +228,19 @@ def test_runs_table_overlay_and_delete(runs_dir):
     assert set(at.dataframe[0].value["run"]) == {N3}
 
 
+def test_a_broken_run_folder_is_listed_beside_the_others(runs_dir):
+    """A folder whose config.json is not JSON has no creation time; the table still shows
+    every run, the broken one with its state."""
+    (runs_dir / "broken").mkdir()
+    (runs_dir / "broken" / "config.json").write_text("{garbage")
+    at = open_page("runs")
+    assert_clean(at)
+    table = at.dataframe[0].value
+    assert set(table["run"]) == {N3, N1, "broken"}
+    created = dict(zip(table["run"], table["created"], strict=True))
+    assert created["broken"] == "" and created[N3].startswith("20")
+
+
 def test_runs_empty(empty_runs):
     at = open_page("runs")
     assert_clean(at)
