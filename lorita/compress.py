@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -177,7 +178,9 @@ class CompressResult:
 
 
 def _open(source, splits, which: str):
-    """(model, splits, run name, config) from a Run, a run folder or a model."""
+    """(model, splits, run name, config, data note) from a Run, a run folder or a model; the
+    note says why the run's validation and test results may not mean what they did (its folder
+    changed since it trained), else None."""
     if isinstance(source, (str, os.PathLike)):
         from .runs import Run
 
@@ -190,14 +193,16 @@ def _open(source, splits, which: str):
             raise ValueError(
                 "splits: a model needs its data splits, e.g. lorita.load_dataset('digits')"
             )
-        return source, splits, None, {}
+        return source, splits, None, {}, None
     if hasattr(source, "load_model") and hasattr(source, "load_splits"):
         model = source.load_model(which)
+        note = source.data_changed() if splits is None and hasattr(source, "data_changed") else None
         return (
             model,
             splits if splits is not None else source.load_splits(),
             source.name,
             dict(source.config or {}),
+            note,
         )
     raise ValueError(
         f"source: expected a Run, a run folder or an nn.Module, got {type(source).__name__}"
@@ -228,7 +233,9 @@ class Compressor:
         layers: Iterable[str] | None = None,
     ) -> None:
         t0 = time.perf_counter()
-        model, splits, self.run, self.config = _open(source, splits, which)
+        model, splits, self.run, self.config, self.data_note = _open(source, splits, which)
+        if self.data_note:
+            warnings.warn(self.data_note, stacklevel=2)
         self.which = which
         self.device = torch.device(device)
         self.splits = splits

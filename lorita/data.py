@@ -45,6 +45,7 @@ __all__ = [
     "canonical_name",
     "check_dataset",
     "data_root",
+    "dataset_digest",
     "dataset_entry",
     "dataset_options",
     "dataset_shape",
@@ -278,6 +279,18 @@ def dataset_shape(name: str, **options) -> tuple[int, int, int]:
     full = validate_dataset(name, options)
     entry, _ = dataset_entry(name)
     return entry.shape(name, **full)
+
+
+def dataset_digest(name: str, **options) -> str | None:
+    """A digest of what a dataset holds that can change from one read to the next: a folder's
+    files (path, size, modification time) and the decoding options; None for a fixed dataset.
+    A folder's validation and test images are drawn at random from what it holds, so after an
+    image is added or removed they are other images: a run compares this digest to tell."""
+    full = validate_dataset(name, options)
+    entry, _ = dataset_entry(name)
+    if not entry.takes_path:
+        return None
+    return _cache_key(name, _scan_folder(name), full["size"], full["channels"])
 
 
 def data_root(root: str | os.PathLike | None = None) -> Path:

@@ -342,6 +342,37 @@ class Run:
             raise ValueError(f"run {self.name!r}: no {which} checkpoint at {path}")
         return load(str(path)).eval()
 
+    def record_data(self) -> None:
+        """Keep the digest of the run's dataset as it is now (a folder's files), so that a later
+        read can tell whether it changed (:meth:`data_changed`); nothing for a fixed dataset."""
+        from .data import dataset_digest
+
+        cfg = self.config
+        digest = dataset_digest(cfg["dataset"], **(cfg.get("dataset_kwargs") or {}))
+        if digest is not None:
+            self.write_extra("data", {"dataset": cfg["dataset"], "digest": digest})
+
+    def data_changed(self) -> str | None:
+        """What changed when the run's dataset (a folder) no longer holds what the run trained
+        on, else None (the same files, a fixed dataset, or nothing recorded)."""
+        from .data import dataset_digest
+
+        kept = self.read_extra("data")
+        cfg = self.config
+        if not isinstance(kept, dict) or kept.get("dataset") != cfg.get("dataset"):
+            return None
+        try:
+            now = dataset_digest(cfg["dataset"], **(cfg.get("dataset_kwargs") or {}))
+        except ValueError:  # gone or unreadable: the load that follows says so
+            return None
+        if now is None or now == kept.get("digest"):
+            return None
+        return (
+            f"dataset {cfg['dataset']!r}: the folder changed since run {self.name!r} trained "
+            "on it (images added, removed or modified), so its validation and test images are "
+            "drawn anew and may include images the run trained on"
+        )
+
     def load_splits(self):
         """The dataset splits this run trained on (same validation carve-out)."""
         cfg = self.config

@@ -353,6 +353,9 @@ def workbench(root: str, name: str, which: str) -> None:
         _draw_tradeoff(slot, curves, x_axis, name)  # at once, while the session loads
     session = cache.session(root, name, which)
     st.session_state[state.COMPRESS_LOADED] = loaded
+    if session.data_note:
+        with table_box:
+            st.warning(session.data_note, icon="⚠️")
     if policy_obj is None:
         with table_box:
             policy_obj = _rank_editor(session, name, which)

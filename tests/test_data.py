@@ -528,3 +528,46 @@ def test_dataset_shape_without_loading_matches_the_loaded_splits(tmp_path):
         s = load_dataset(name, **kw)
         assert dataset_shape(name, **kw) == (s.in_channels, s.image_size, s.num_classes)
     assert dataset_shape("cifar100") == (3, 32, 100)
+
+
+def test_a_run_tells_when_its_folder_changed_since_it_trained(tmp_path, monkeypatch):
+    """A folder's validation and test images are drawn at random from what it holds: after an
+    image is added they are other images, possibly ones the run trained on. The run keeps a
+    digest of the folder; compressing says so, a resume is refused, and with the folder as it
+    was nothing is said."""
+    import warnings
+
+    import lorita as lt
+    from lorita.runs import RunStore
+
+    monkeypatch.setenv("LORITA_DATA", str(tmp_path / "data"))
+    root = _folder(tmp_path / "imgs", per_class=8)
+    store = RunStore(tmp_path / "runs")
+    cfg = lt.TrainConfig(
+        dataset=f"folder:{root}", dataset_kwargs={"size": 8}, model_kwargs={"width": 8},
+        epochs=1, spectra_every=0,
+    ).to_dict()  # fmt: skip
+    run = store.create(cfg, name="r")
+    assert lt.train(cfg, run)["state"] == "completed"
+    assert run.data_changed() is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert lt.Compressor(run).data_note is None
+
+    _image(root / "dog" / "new.png")
+    note = run.data_changed()
+    assert f"dataset 'folder:{root}'" in note and "changed since run 'r'" in note
+    with pytest.warns(UserWarning, match="changed since run 'r'"):
+        assert lt.Compressor(run).data_note == note
+    run.update_status(state="failed")  # as a run that stopped part-way: resumable
+    with pytest.raises(ValueError, match="resume: dataset .* changed since run 'r'"):
+        lt.train(cfg, run, resume=True)
+
+    (root / "dog" / "new.png").unlink()
+    assert run.data_changed() is None
+    assert RunStore(tmp_path / "runs").get("r").data_changed() is None
+
+    fixed = {**cfg, "dataset": "digits", "dataset_kwargs": {}, "max_steps": 1}  # no digest
+    digits = store.create(fixed, name="d")
+    assert lt.train(fixed, digits)["state"] == "completed"
+    assert digits.read_extra("data") is None and digits.data_changed() is None

@@ -197,6 +197,9 @@ def _open(run: Run, config: TrainConfig, resume: bool) -> None:
             )
         if st.get("pid") != os.getpid() and run.is_alive():
             raise ValueError(f"run {run.name!r} is still {st.get('state')} (pid {st.get('pid')})")
+        changed = run.data_changed() if resume else None
+        if changed:
+            raise ValueError(f"resume: {changed}; train a new run on the folder as it is now")
     except BaseException:
         run.release()
         raise
@@ -330,6 +333,7 @@ def _restore(s: Session, last: Path | None) -> None:
             s.writer.truncate_logs(s.c.step)
     elif s.writer is not None:
         s.writer.start_over()
+        s.writer.record_data()  # what the splits were drawn from, to tell a change later
     barrier(s.d)  # rank 0 has finished rewriting the run folder
     s.net = _wrap(s)
     if s.writer is not None:

@@ -250,6 +250,34 @@ def test_runs_empty(empty_runs):
 # --- compress ---------------------------------------------------------------------------------
 
 
+def test_compress_says_when_the_runs_folder_changed_since_it_trained(
+    runs_dir, tmp_path, monkeypatch
+):
+    import numpy as np
+    from PIL import Image
+
+    import lorita as lt
+    from lorita.runs import RunStore
+
+    monkeypatch.setenv("LORITA_DATA", str(tmp_path / "data"))  # the decoded folder's cache
+    root = tmp_path / "imgs"
+    for k, c in enumerate(("a", "b")):
+        (root / c).mkdir(parents=True)
+        for i in range(8):
+            arr = np.full((8, 8, 3), 60 * k + 5 * i, dtype=np.uint8)
+            Image.fromarray(arr).save(root / c / f"{i}.png")
+    cfg = lt.TrainConfig(
+        dataset=f"folder:{root}", dataset_kwargs={"size": 8}, model_kwargs={"width": 8},
+        epochs=1, spectra_every=0,
+    ).to_dict()  # fmt: skip
+    run = RunStore(runs_dir).create(cfg, name="pics")
+    assert lt.train(cfg, run)["state"] == "completed"
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(root / "b" / "new.png")
+    at = open_page("compress", run="pics")
+    assert not at.exception and not at.error
+    assert any("the folder changed since run 'pics'" in w.value for w in at.warning)
+
+
 def test_compress_slider_changes_the_numbers(runs_dir):
     at = open_page("compress", run=N3)
     assert_clean(at)
