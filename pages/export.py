@@ -73,6 +73,8 @@ def main() -> None:
         st.warning(f"Run {name} has no {which} checkpoint.")
         return
     session = cache.session(root, name, which)
+    if session.data_note:  # the accuracy shown after export is measured on other images
+        st.warning(session.data_note, icon="⚠️")
 
     options = {"full": "As trained (factors merged, nothing cut)"}
     if choice and choice.get("run") == name and choice.get("which") == which:

@@ -250,7 +250,7 @@ def test_runs_empty(empty_runs):
 # --- compress ---------------------------------------------------------------------------------
 
 
-def test_compress_says_when_the_runs_folder_changed_since_it_trained(
+def test_compress_and_export_say_when_the_runs_folder_changed_since_it_trained(
     runs_dir, tmp_path, monkeypatch
 ):
     import numpy as np
@@ -273,9 +273,10 @@ def test_compress_says_when_the_runs_folder_changed_since_it_trained(
     run = RunStore(runs_dir).create(cfg, name="pics")
     assert lt.train(cfg, run)["state"] == "completed"
     Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(root / "b" / "new.png")
-    at = open_page("compress", run="pics")
-    assert not at.exception and not at.error
-    assert any("the folder changed since run 'pics'" in w.value for w in at.warning)
+    for page in ("compress", "export"):
+        at = open_page(page, run="pics")
+        assert not at.exception and not at.error
+        assert any("the folder changed since run 'pics'" in w.value for w in at.warning), page
 
 
 def test_compress_slider_changes_the_numbers(runs_dir):
