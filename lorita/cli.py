@@ -1080,9 +1080,13 @@ def _compressor(args, *, cut: bool = True):
     from .compress import Compressor
 
     run = _get_run(args, args.run)
-    if not run.checkpoint(args.which).is_file():
-        raise UsageError(f"run {run.name!r} has no {args.which} checkpoint yet")
+    _require_checkpoint(run, args.which)
     return Compressor(run, which=args.which, layers=None if cut else [])
+
+
+def _require_checkpoint(run, which: str) -> None:
+    if not run.checkpoint(which).is_file():
+        raise UsageError(f"run {run.name!r} has no {which} checkpoint yet")
 
 
 def _latency(model, example) -> dict:
@@ -1331,8 +1335,7 @@ def cmd_compare(args) -> int:
         if baseline is None:
             raise UsageError(f"run {run.name!r} has no paired N=1 run; name one with --baseline")
     for r in (run, baseline):
-        if not r.checkpoint(args.which).is_file():
-            raise UsageError(f"run {r.name!r} has no {args.which} checkpoint yet")
+        _require_checkpoint(r, args.which)
     with _CountBar(not args.json, "cuts") as bar:
         rows = compare(
             run,
@@ -1425,24 +1428,23 @@ def _writing(flag: str):
 
 
 def _as_trained(args):
-    """(merged model, one example input, its validation accuracy) of the run's checkpoint as
-    trained, read without its dataset: the model records its input shape and the checkpoint
-    its validation accuracy. None when either is missing (the dataset is read instead)."""
+    """(run name, merged model, one example input, its validation accuracy) of the run's
+    checkpoint as trained, read without its dataset: the model records its input shape and the
+    checkpoint its validation accuracy. None when either is missing (the dataset is read
+    instead)."""
     import torch
 
     from .convert import merge_model
     from .export import read_spec
 
     run = _get_run(args, args.run)
-    path = run.checkpoint(args.which)
-    if not path.is_file():
-        raise UsageError(f"run {run.name!r} has no {args.which} checkpoint yet")
-    val_acc = read_spec(path)["metadata"].get("val_acc")
+    _require_checkpoint(run, args.which)
+    val_acc = read_spec(run.checkpoint(args.which))["metadata"].get("val_acc")
     model = merge_model(run.load_model(args.which)).eval()
     shape = getattr(model, "lorita_input_shape", None)
     if shape is None or val_acc is None:
         return None
-    return model, torch.zeros(1, *shape), val_acc
+    return run.name, model, torch.zeros(1, *shape), val_acc
 
 
 def cmd_export(args) -> int:
@@ -1450,8 +1452,8 @@ def cmd_export(args) -> int:
     cut = args.policy is not None or args.max_drop is not None
     light = None if cut else _as_trained(args)
     if light is not None:  # as trained: no dataset needed (it may be on another machine)
-        model, example, val_acc = light
-        meta = {"run": _get_run(args, args.run).name, "policy": "none", "val_acc": val_acc}
+        name, model, example, val_acc = light
+        meta = {"run": name, "policy": "none", "val_acc": val_acc}
         _write_export(args, model, example, meta)
         print(args.out)
         return 0

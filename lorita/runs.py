@@ -345,24 +345,19 @@ class Run:
     def record_data(self) -> None:
         """Keep the digest of the run's dataset as it is now (a folder's files), so that a later
         read can tell whether it changed (:meth:`data_changed`); nothing for a fixed dataset."""
-        from .data import dataset_digest
-
-        cfg = self.config
-        digest = dataset_digest(cfg["dataset"], **(cfg.get("dataset_kwargs") or {}))
+        digest = self._data_digest()
         if digest is not None:
-            self.write_extra("data", {"dataset": cfg["dataset"], "digest": digest})
+            self.write_extra("data", {"dataset": self.config["dataset"], "digest": digest})
 
     def data_changed(self) -> str | None:
         """What changed when the run's dataset (a folder) no longer holds what the run trained
         on, else None (the same files, a fixed dataset, or nothing recorded)."""
-        from .data import dataset_digest
-
         kept = self.read_extra("data")
         cfg = self.config
         if not isinstance(kept, dict) or kept.get("dataset") != cfg.get("dataset"):
             return None
         try:
-            now = dataset_digest(cfg["dataset"], **(cfg.get("dataset_kwargs") or {}))
+            now = self._data_digest()
         except ValueError:  # gone or unreadable: the load that follows says so
             return None
         if now is None or now == kept.get("digest"):
@@ -372,6 +367,12 @@ class Run:
             "on it (images added, removed or modified), so its validation and test images are "
             "drawn anew and may include images the run trained on"
         )
+
+    def _data_digest(self) -> str | None:
+        from .data import dataset_digest
+
+        cfg = self.config
+        return dataset_digest(cfg["dataset"], **(cfg.get("dataset_kwargs") or {}))
 
     def load_splits(self):
         """The dataset splits this run trained on (same validation carve-out)."""
