@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import multiprocessing.connection
 import os
 import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -104,9 +106,38 @@ def _train_process(
         if not resume
         else [*_argv(root)[:5], "--resume", "--quiet", "--threads", "1"]
     )
-    proc = _FORK.Process(target=_train_child, args=(argv, fault), daemon=True)
-    proc.start()
-    return proc
+    return _Child(argv, fault)
+
+
+class _Child:
+    """A training process that worker threads may start, watch and kill side by side.
+
+    multiprocessing's Process is not thread-safe: every ``start()`` polls all children of this
+    process, and two threads polling one child race on reading its exit status from the fork
+    server (the loser reads nothing and takes exit code 255). So every poll happens under one
+    lock, and waiting is done on the process's sentinel, which reads nothing."""
+
+    _lock = threading.Lock()
+
+    def __init__(self, argv: list[str], fault: str | None) -> None:
+        self._proc = _FORK.Process(target=_train_child, args=(argv, fault), daemon=True)
+        with self._lock:
+            self._proc.start()
+
+    def wait(self, timeout: float) -> int | None:
+        """The exit code once the process has ended (None if still running after ``timeout``)."""
+        multiprocessing.connection.wait([self._proc.sentinel], timeout)
+        with self._lock:
+            return self._proc.exitcode
+
+    def alive(self) -> bool:
+        with self._lock:
+            return self._proc.is_alive()
+
+    def kill(self) -> None:
+        with self._lock:
+            if self._proc.is_alive():
+                self._proc.kill()
 
 
 def _resume(root: Path) -> int:
@@ -174,30 +205,26 @@ def _fingerprint(folder: Path) -> dict:
 
 def _killed_at(root: Path, point: str, extra: tuple[str, ...] = ()) -> int:
     proc = _train_process(root, point, extra=extra)
-    proc.join(300)
-    return proc.exitcode
+    return proc.wait(300)
 
 
 def _killed_at_random(root: Path, delay: float, extra: tuple[str, ...] = ()) -> int:
     proc = _train_process(root, extra=extra)
     status = root / "r" / "status.json"
     deadline = time.time() + 120
-    while proc.is_alive() and time.time() < deadline:
+    while proc.alive() and time.time() < deadline:
         if status.exists() and '"running"' in status.read_text(errors="replace"):
             break
         time.sleep(0.01)
     time.sleep(delay)
-    if proc.is_alive():
-        proc.kill()
-    proc.join(60)
-    return proc.exitcode
+    proc.kill()
+    return proc.wait(60)
 
 
 def _reference(root: Path, extra: tuple[str, ...] = ()) -> dict:
     t0 = time.perf_counter()
     proc = _train_process(root, extra=extra)
-    proc.join(300)
-    assert proc.exitcode == 0, (root / "r" / "status.json").read_text()
+    assert proc.wait(300) == 0, (root / "r" / "status.json").read_text()
     fp = _fingerprint(root / "r")
     assert fp["state"] == "completed" and fp["result"]["step"] == 60
     assert len(fp["metrics"]) == 15 + 3 + 2  # train, validation and test lines
@@ -282,8 +309,8 @@ def _kill_then_resume(
     folder = root / "r"
     if delay is not None and _strict_json(folder / "status.json")["state"] == "completed":
         proc = _train_process(root, resume=True)  # the kill came after the run had ended
-        proc.join(300)
-        assert proc.exitcode == 2, (label, proc.exitcode)  # refused: nothing to resume
+        rc = proc.wait(300)
+        assert rc == 2, (label, rc)  # refused: nothing to resume
         return "after the end"
     assert rc == -signal.SIGKILL, (label, rc)
     _check_resume(folder, label, reference)
@@ -293,8 +320,7 @@ def _kill_then_resume(
 def _check_resume(folder: Path, label: str, reference: dict) -> None:
     _assert_readable(folder)
     proc = _train_process(folder.parent, resume=True)
-    proc.join(300)
-    assert proc.exitcode == 0, label
+    assert proc.wait(300) == 0, label
     _no_temp_files(folder)
     _assert_readable(folder)
     got = _fingerprint(folder)
