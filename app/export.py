@@ -260,8 +260,10 @@ def params_note(session: Any, model: Any) -> str | None:
 
 
 def forms_of(model: Any) -> dict[str, str]:
-    """``{layer: "thin" | "dense" | "full"}`` of a cut model (empty when nothing was cut)."""
-    return {n: str(p["form"]) for n, p in (getattr(model, "lorita_plan", None) or {}).items()}
+    """``{layer: "thin" | "dense" | "full"}`` of a cut model's cut layers (empty when nothing
+    was cut; the layers left out of cuts, the output layer, are not among them)."""
+    plan = getattr(model, "lorita_plan", None) or {}
+    return {n: str(p["form"]) for n, p in plan.items() if p["form"] != "left out"}
 
 
 def snippet(fmt: str, file_name: str) -> str:

@@ -30,23 +30,23 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
-from . import inputs, kinds
-from .clone import evaluating
+from . import kinds
 from .convert import iter_layers, merge_model
 from .cost import Cost, count_cost
 from .data import TensorDataset
 from .engine import evaluate as _evaluate
 from .engine import finetune as _finetune
+from .kinds import output_layer
 from .layers import is_thin
-from .spectra import layer_matrix
 from .truncation import (
     Budget,
     Policy,
     Ranks,
     SVDCache,
     as_policy,
+    check_left_out,
     iterative_search,
     plan_ranks,
     policy_class,
@@ -109,23 +109,6 @@ class HeldSplits:
         gets, so it can choose its epoch on validation and cannot read test."""
         self.uses[("val", "select")] += 1
         return dataclasses.replace(self.splits, val=self.parts["val"], test=None)
-
-
-def output_layer(model: nn.Module, example_input: Tensor) -> str | None:
-    """The name of the last Linear/Conv2d layer to run on ``example_input`` (a classifier's
-    head), found with forward hooks; None if no layer runs."""
-    order: list[str] = []
-    hooks = [
-        m.register_forward_hook(lambda *_, name=n: order.append(name))
-        for n, m in iter_layers(model)
-    ]
-    try:
-        with evaluating(model), torch.no_grad():
-            inputs.call(model, example_input)
-    finally:
-        for h in hooks:
-            h.remove()
-    return order[-1] if order else None
 
 
 @dataclass
@@ -243,9 +226,12 @@ class Compressor:
         self.example_input = splits.example_input(1).to(self.device)  # (1, C, H, W)
         merged = merge_model(model).eval().to(self.device)
         every = {n: min(kinds.matrices(m).shape[-2:]) for n, m in iter_layers(merged)}
-        self.left_out = self._left_out(merged, every, keep_head, layers)
-        cut = [n for n in every if n not in self.left_out]
-        self.svd = SVDCache(merged, cut, example_input=self.example_input)
+        layers = None if layers is None else list(layers)  # SVDCache names any unknown one
+        self.svd = SVDCache(merged, layers, example_input=self.example_input, keep_head=keep_head)
+        self.left_out = {
+            n: "not among the layers chosen to cut" for n in every if n not in self.svd.svd
+        }
+        self.left_out.update(self.svd.left_out)
         self.model = self.svd.model
         self.full_ranks = every
         self.base_cost = self.svd.base_cost(self.example_input)
@@ -255,24 +241,6 @@ class Compressor:
             **self.data.metrics(self.model),
         }
         self.load_seconds = time.perf_counter() - t0
-
-    def _left_out(self, merged, every, keep_head, layers) -> dict[str, str]:
-        if layers is not None:
-            layers = list(layers)
-            unknown = [n for n in layers if n not in every]
-            if unknown:
-                raise ValueError(f"layers: unknown layer(s) {unknown}; layers are: {list(every)}")
-            return {n: "not among the layers chosen to cut" for n in every if n not in layers}
-        if not keep_head:
-            return {}
-        head = output_layer(merged, self.example_input)
-        if head is None:
-            return {}
-        outputs = layer_matrix(merged.get_submodule(head)).shape[0]
-        return {
-            head: f"output layer ({outputs} outputs): left out, as cutting it below its "
-            f"number of outputs merges them (keep_head=False cuts it)"
-        }
 
     # ----------------------------------------------------------------- facts
 
@@ -350,12 +318,7 @@ class Compressor:
 
     def _check_policy(self, policy) -> Policy:
         policy = as_policy(policy)
-        if isinstance(policy, Ranks):
-            out = [n for n in policy.ranks if n in self.left_out]
-            if out:
-                raise ValueError(
-                    f"ranks: layer(s) {out} are left out of cuts ({self.left_out[out[0]]})"
-                )
+        check_left_out(policy, self.left_out)
         return policy
 
     def ranks(self, policy: Policy) -> dict[str, int] | None:

@@ -77,6 +77,8 @@ __all__ = [
     "other_layers",
     "why_other",
     "iter_layers",
+    "output_layer",
+    "find_output_layer",
     "matrices",
     "pooled_spectrum",
     "layer_svd",
@@ -883,10 +885,11 @@ GUESSED_SIDES = (32, 28, 64, 224, 299)
 def guess_example_inputs(model: nn.Module) -> list[Tensor]:
     """Small inputs the model probably accepts, most likely first: ``model.lorita_input_shape``
     (set by :func:`lorita.create_model`) alone when set; else from the first layer: token ids
-    for an Embedding, a Linear's width, or a Conv2d's channels at the model's ``image_size``
-    attribute (a ViT) or at :data:`GUESSED_SIDES` (CIFAR's and MNIST's sides, which
-    hand-written networks with a fixed flatten size are built for and which cost least, 64 px,
-    then the sizes ImageNet models are built for). Float inputs take the dtype and device of the model's first floating weight."""
+    for an Embedding, the Linear layers' widths (the first registered first: it may be a
+    head), or a Conv2d's channels at the model's ``image_size`` attribute (a ViT) or at
+    :data:`GUESSED_SIDES` (CIFAR's and MNIST's sides, which hand-written networks with a fixed
+    flatten size are built for and which cost least, 64 px, then the sizes ImageNet models are
+    built for). Float inputs take the dtype and device of the model's first floating weight."""
     ref = next((p for p in model.parameters() if p.is_floating_point()), None)
     kw = {} if ref is None else {"dtype": ref.dtype, "device": ref.device}
     shape = getattr(model, "lorita_input_shape", None)
@@ -898,8 +901,9 @@ def guess_example_inputs(model: nn.Module) -> list[Tensor]:
         return []
     if isinstance(first, nn.Embedding):
         return [torch.zeros(2, 8, dtype=torch.long, device=first.weight.device)]
-    if isinstance(first, nn.Linear):
-        return [torch.zeros(2, first.in_features, **kw)]
+    if isinstance(first, nn.Linear):  # the first one registered may be a head: each width
+        widths = [m.in_features for m in model.modules() if isinstance(m, nn.Linear)]
+        return [torch.zeros(2, w, **kw) for w in dict.fromkeys(widths[:8])]
     size = getattr(model, "image_size", None)
     sides = [size] if isinstance(size, int) and not isinstance(size, bool) else []
     sides += [s for s in GUESSED_SIDES if s not in sides]
@@ -937,6 +941,43 @@ def detect_direct(model: nn.Module, example_input: inputs.Example | None) -> tup
         f"could not trace a forward pass on a guessed input: {', '.join(errors)}; "
         "pass example_input= to find weights read directly"
     )
+
+
+def output_layer(model: nn.Module, example_input: inputs.Example) -> str | None:
+    """The name of the last Linear/Conv2d layer to run on ``example_input`` (a classifier's
+    head), found with forward hooks in eval mode; None if no layer runs."""
+    order: list[str] = []
+    hooks = [
+        m.register_forward_hook(lambda *_, name=n: order.append(name))
+        for n, m in iter_layers(model)
+    ]
+    try:
+        with evaluating(model), torch.no_grad():
+            inputs.call(model, example_input)
+    finally:
+        for h in hooks:
+            h.remove()
+    return order[-1] if order else None
+
+
+def find_output_layer(
+    model: nn.Module, example_input: inputs.Example | None = None
+) -> tuple[str | None, str]:
+    """The output layer and how it was found: by one forward pass on ``example_input`` (or the
+    first guessed input the model accepts), else the last layer the model registers."""
+    if example_input is not None:
+        try:
+            return output_layer(model, inputs.check_example(example_input)), ""
+        except Exception as e:
+            raise ValueError(f"example_input: the model refused it ({e})") from None
+    for x in guess_example_inputs(model):
+        try:
+            return output_layer(model, x), ""
+        except Exception:  # a guessed input the model refuses: try the next one
+            continue
+    names = [n for n, _ in iter_layers(model)]
+    how = "the last layer registered: no forward pass ran on a guessed input (pass example_input=)"
+    return (names[-1] if names else None), how
 
 
 # --------------------------------------------------------------------------- cutting

@@ -461,8 +461,14 @@ class SVDCache:
     Args:
         model: a plain, composed or truncated model; it is merged (copied) first. A layer
             cut before to rank r in its thin form keeps at most its r singular values.
-        layers: names of the layers to truncate; default every Linear/Conv2d.
-        example_input: an input batch, for policies that plan by cost (:class:`Budget`).
+        layers: names of the layers to truncate; default every Linear/Conv2d (but the output
+            layer with ``keep_head``).
+        example_input: an input batch, for policies that plan by cost (:class:`Budget`); also
+            finds the output layer for ``keep_head`` (without it, a guessed input does).
+        keep_head: with ``layers`` not given, leave the output layer (the last layer to run, a
+            classifier's head) out of every cut, as the paper and the :class:`Compressor` do:
+            cutting it below its number of outputs merges them. ``left_out`` says so, and so
+            does the plan of a cut made with this cache.
     """
 
     def __init__(
@@ -471,6 +477,7 @@ class SVDCache:
         layers: Iterable[str] | None = None,
         *,
         example_input: Tensor | None = None,
+        keep_head: bool = False,
     ) -> None:
         held = {  # a model cut before: its thin layers' ranks bound what a new cut keeps
             n: m.rank for n, m in iter_layers(model) if is_thin(m)
@@ -480,7 +487,11 @@ class SVDCache:
         if getattr(self.model, "lorita_direct", None) is None:  # which cuts must stay dense
             self.model.lorita_direct = tuple(detect_direct(self.model, example_input)[0])
         available = dict(iter_layers(self.model))
-        names = list(available) if layers is None else list(layers)
+        #: layers left out of every cut by default, with why (the output layer)
+        self.left_out: dict[str, str] = {}
+        if layers is None and keep_head:
+            self.left_out = _head_left_out(self.model, example_input)
+        names = [n for n in available if n not in self.left_out] if layers is None else list(layers)
         unknown = [n for n in names if n not in available]
         if unknown:
             raise ValueError(
@@ -498,6 +509,22 @@ class SVDCache:
         self._base_costs: dict[tuple, Cost] = {}
         self._projections: dict[tuple, dict[str, int]] = {}  # attention layer -> q, k, v FLOPs
         self._costs: dict[tuple, LayerCosts] = {}  # (input key, form) -> the layers' costs
+
+    def left_out_plan(self) -> dict[str, dict]:
+        """Plan rows like :func:`lorita.kinds.cut_model`'s for the left-out layers (form
+        "left out", ``why`` the reason)."""
+        kind = {e.name: e.kind.name for e in kinds.layer_table(self.model)}
+        rows = {}
+        for n, why in self.left_out.items():
+            full = int(min(kinds.matrices(self.model.get_submodule(n)).shape[-2:]))
+            rows[n] = {
+                "rank": full,
+                "full": full,
+                "kind": kind.get(n, ""),
+                "form": "left out",
+                "why": why,
+            }
+        return rows
 
     def base_cost(self, example_input: Tensor) -> Cost:
         """Cost of the uncut merged model on inputs shaped like ``example_input`` (counted once)."""
@@ -548,11 +575,29 @@ class SVDCache:
         )
 
 
+def _head_left_out(model: nn.Module, example_input: Tensor | None) -> dict[str, str]:
+    """``{output layer: why it is left out}`` (empty when the model runs no layer)."""
+    head, how = kinds.find_output_layer(model, example_input)
+    if head is None:
+        return {}
+    outputs = kinds.matrices(model.get_submodule(head)).shape[-2]
+    found = f"; found as {how}" if how else ""
+    return {
+        head: f"output layer ({outputs} outputs): left out, as cutting it below its number of "
+        f"outputs merges them (keep_head=False cuts it){found}"
+    }
+
+
 def layer_svd(
-    model: nn.Module, layers: Iterable[str] | None = None, *, example_input: Tensor | None = None
+    model: nn.Module,
+    layers: Iterable[str] | None = None,
+    *,
+    example_input: Tensor | None = None,
+    keep_head: bool = False,
 ) -> SVDCache:
-    """Compute every layer's SVD once; pass the result as ``svd=`` to plan/truncate."""
-    return SVDCache(model, layers, example_input=example_input)
+    """Compute every layer's SVD once; pass the result as ``svd=`` to plan/truncate
+    (``keep_head=True`` leaves the output layer out of their cuts, see :class:`SVDCache`)."""
+    return SVDCache(model, layers, example_input=example_input, keep_head=keep_head)
 
 
 def as_policy(policy) -> Policy:
@@ -580,6 +625,14 @@ def _cache(model, svd, layers) -> SVDCache:
     return svd
 
 
+def check_left_out(policy: Policy, left_out: dict[str, str]) -> None:
+    """Refuse explicit ranks for a layer left out of cuts (the output layer, say), saying why."""
+    if isinstance(policy, Ranks):
+        out = [n for n in policy.ranks if n in left_out]
+        if out:
+            raise ValueError(f"ranks: layer(s) {out} are left out of cuts ({left_out[out[0]]})")
+
+
 def plan_ranks(
     model: nn.Module,
     policy,
@@ -596,6 +649,7 @@ def plan_ranks(
     """
     policy = as_policy(policy)
     cache = _cache(model, svd, layers)
+    check_left_out(policy, cache.left_out)
     if getattr(policy, "needs_costs", False):
         return policy.plan(cache.spectra, cache.costs(example_input, form))
     return policy.plan(cache.spectra)
@@ -620,6 +674,9 @@ def truncate(
     is cheaper, by FLOPs (``by="flops"``, r*(m+n) < m*n) or by latency measured on this machine
     (``by="latency"``, on ``example_input`` repeated to ``batch`` rows); elsewhere it stays
     dense with the rank-r weight, so a cut never costs more. Uncut layers are kept.
+    ``layers`` defaults to every layer; ``svd=layer_svd(model, keep_head=True)`` leaves the
+    output layer (a classifier's head) whole, as the paper and the :class:`Compressor` do, and
+    the plan says so.
     The chosen ranks are recorded as ``model.lorita_ranks`` and the form of every layer as
     ``model.lorita_plan`` (see :func:`lorita.kinds.cut_model`). ``example_input`` is also
     needed by policies that plan by cost (:class:`Budget`) when ``svd`` was built without one.
@@ -636,7 +693,7 @@ def truncate(
         new, ranks, cache.svd, form=form, by=by, example_input=example_input, batch=batch
     )
     new.lorita_ranks = dict(ranks)
-    new.lorita_plan = plan
+    new.lorita_plan = {**plan, **cache.left_out_plan()}
     if isinstance(policy, Budget):
         facts = _budget_facts(policy, cache.costs(example_input), ranks, warn=svd is None)
         new.lorita_budget = facts

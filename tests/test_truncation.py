@@ -64,6 +64,9 @@ def test_plan_and_truncate_reuse_svd_cache():
     cache = lt.layer_svd(net)
     ranks = lt.plan_ranks(net, lt.Uniform(0.5), svd=cache)
     assert ranks == {"0": 8, "2": 6, "4": 1}
+    headless = lt.layer_svd(net, keep_head=True)
+    assert lt.plan_ranks(net, lt.Uniform(0.5), svd=headless) == {"0": 8, "2": 6}
+    assert "output layer (3 outputs)" in headless.left_out["4"]
     a = lt.truncate(net, lt.Uniform(0.5), svd=cache)
     b = lt.truncate(net, lt.Uniform(0.5))
     x = torch.randn(3, 20)
@@ -506,3 +509,54 @@ def test_forms_chosen_by_latency_pack_an_attention_again_when_its_out_proj_goes_
     dense = lt.truncate(net, lt.Ranks({"attn.out_proj": 3}), example_input=x, form="dense")
     with torch.no_grad():
         assert_close(cut(x), dense(x), atol=1e-6, rtol=1e-6)
+
+
+class _HeadFirst(nn.Module):
+    """A classifier whose head is registered before its body (the last layer to run is not
+    the last one registered)."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(16, 4)
+        self.body = nn.Sequential(nn.Linear(20, 16), nn.ReLU(), nn.Linear(16, 16))
+
+    def forward(self, x):
+        return self.head(torch.relu(self.body(x)))
+
+
+def test_a_cache_that_keeps_the_head_leaves_it_whole_for_every_policy_and_the_plan_says_so():
+    x = torch.randn(5, 20)
+    for net, head in ((lt.overparameterize(mlp(), 3), "4"), (_HeadFirst().eval(), "head")):
+        svd = lt.layer_svd(net, example_input=x, keep_head=True)
+        for policy in (lt.Uniform(0.1), lt.Global(0.9), lt.Energy(0.5), lt.Budget(90)):
+            small = lt.truncate(net, policy, svd=svd, example_input=x)
+            assert head not in small.lorita_ranks
+            row = small.lorita_plan[head]
+            assert row["form"] == "left out" and row["rank"] == row["full"] == 4 - (head == "4")
+            assert "output layer" in row["why"] and "keep_head=False" in row["why"]
+            assert type(small.get_submodule(head)) is nn.Linear
+            merged = lt.merge_model(net)
+            assert_close(small.get_submodule(head).weight, merged.get_submodule(head).weight)
+        assert lt.truncate(net, lt.Uniform(0.1)).lorita_plan[head]["form"] != "left out"  # default
+    # found by a forward pass on a guessed input (each Linear's width) when none is given
+    assert "head" in lt.layer_svd(_HeadFirst(), keep_head=True).left_out
+    with pytest.raises(ValueError, match=r"ranks: layer\(s\) \['head'\] are left out.*output"):
+        lt.truncate(
+            _HeadFirst(), lt.Ranks({"head": 2}), svd=lt.layer_svd(_HeadFirst(), keep_head=True)
+        )
+    with pytest.raises(ValueError, match="example_input: the model refused it"):
+        lt.layer_svd(_HeadFirst(), example_input=torch.randn(2, 7), keep_head=True)
+
+
+def test_output_layer_guessed_from_registration_when_no_input_runs():
+    class Odd(nn.Module):  # takes two inputs: no guessed input runs it
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 3)
+
+        def forward(self, x, y):
+            return self.b(self.a(x) + y)
+
+    cache = lt.layer_svd(Odd(), keep_head=True)
+    assert list(cache.left_out) == ["b"] and "last layer registered" in cache.left_out["b"]
+    assert list(cache.spectra) == ["a"]

@@ -183,9 +183,9 @@ def test_choose_model_by_latency_keeps_ranks_and_says_each_form(session, batch):
     timed = ex.choose_model(session, choice, "low_rank", by="latency", batch=batch)
     assert timed.lorita_ranks == by_flops.lorita_ranks
     plan = timed.lorita_plan
-    assert set(plan) == set(session.layers)
-    for p in plan.values():
-        assert p["form"] in ("thin", "dense", "full")
+    assert set(plan) == set(session.layers) | set(session.left_out)  # the head: left out
+    for n, p in plan.items():
+        assert p["form"] in (("left out",) if n in session.left_out else ("thin", "dense", "full"))
         if p["form"] == "dense":  # each dense layer says why
             assert "measured slower" in p["why"] or "more FLOPs" in p["why"], p
     x = session.example_input.expand(16, *session.example_input.shape[1:])
@@ -209,7 +209,8 @@ def test_choose_model_by_latency_keeps_ranks_and_says_each_form(session, batch):
     meta = ex.metadata(session, choice, "low_rank", model=timed, by="latency", batch=batch)
     assert meta["truncation"]["forms_by"] == "latency"
     assert meta["truncation"]["latency_batch"] == batch
-    assert meta["truncation"]["forms"] == {n: p["form"] for n, p in plan.items()}
+    cut = {n: p["form"] for n, p in plan.items() if n not in session.left_out}
+    assert meta["truncation"]["forms"] == cut  # the cut layers' forms
 
 
 def test_choose_model_by_latency_on_a_finetuned_model(session):
