@@ -31,7 +31,7 @@ from .layers import (
     LowRankLinear,
     LowRankMultiheadAttention,
 )
-from .models import create_model, default_skip, list_models
+from .models import create_model, default_skip, list_models, model_options
 from .runs import Run, RunStore
 from .spectra import (
     effective_rank,
@@ -122,6 +122,7 @@ __all__ = [
     "create_model",
     "default_skip",
     "list_models",
+    "model_options",
     "Run",
     "RunStore",
     "train",

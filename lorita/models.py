@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import warnings
 from collections import OrderedDict
 
 import torch
@@ -391,6 +392,95 @@ def _torchvision_class(name: str):
     return builder, typing.get_type_hints(builder).get("return")
 
 
+_PROBE = "lorita_option_probe"  # a keyword no torchvision class takes
+_NOT_OPTIONS = (
+    "self",
+    "num_classes",
+    "image_size",
+    "in_chans",
+    "device",
+    "dtype",
+    "weights",
+    "progress",
+)
+
+
+def _params(fn) -> dict:
+    """``{name: default or None}`` of ``fn``'s named parameters that could be options."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return {}
+    return {
+        k: (None if p.default is p.empty else p.default)
+        for k, p in params.items()
+        if k not in _NOT_OPTIONS and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
+    }
+
+
+def _kwargs_helpers(builder) -> list:
+    """The functions a builder's body passes its ``**kwargs`` to (e.g. mobilenet_v3's
+    ``_mobilenet_v3_conf``, which takes width_mult), found in its source."""
+    import ast
+    import textwrap
+
+    fn = inspect.unwrap(builder)
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
+    except (OSError, TypeError, SyntaxError):
+        return []
+    names = getattr(fn, "__globals__", {})
+    out = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call) or all(k.arg is not None for k in node.keywords):
+            continue
+        f = node.func
+        if isinstance(f, ast.Name):
+            target = names.get(f.id)
+        elif isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name):
+            target = getattr(names.get(f.value.id), f.attr, None)
+        else:
+            continue
+        if inspect.isfunction(target) or inspect.ismethod(target):
+            out.append(target)
+    return out
+
+
+def _builder_takes(builder, option: str, value) -> bool:
+    """Whether a torchvision builder lets the caller set ``option``: called with it and a
+    keyword no class takes, it fails binding the class's arguments (the option went through),
+    or builds (a class that ignores unknown keywords); it is the builder's own when the call
+    says it got the option twice or expected another value (resnext's groups). Tried on the
+    meta device (nothing allocated), then on the CPU where a builder computes its settings
+    with tensors (regnet's), which still stops at the class's arguments."""
+    for device in ("meta", "cpu"):
+        try:
+            with warnings.catch_warnings(), torch.device(device):
+                warnings.simplefilter("ignore")
+                builder(weights=None, num_classes=10, **{option: value, _PROBE: True})
+        except (TypeError, ValueError) as e:
+            text = str(e)
+            return _PROBE in text or f"'{option}'" not in text
+        except Exception:  # noqa: BLE001 - the meta device cannot run it: try the CPU
+            continue
+        return True
+    return True
+
+
+@functools.lru_cache(maxsize=128)
+def _torchvision_options(name: str) -> dict:
+    """The options of torchvision's builder ``name`` and their defaults: the parameters of the
+    class it builds and of the helpers it passes ``**kwargs`` to, less those the builder sets
+    itself (resnet18's block and layers, resnext's groups, vit_b_16's patch_size), each checked
+    by calling the builder on the meta device (see :func:`_builder_takes`)."""
+    builder, cls = _torchvision_class(name)
+    candidates = _params(cls.__init__) if cls is not None else {}
+    for helper in _kwargs_helpers(builder):
+        for k, v in _params(helper).items():
+            candidates.setdefault(k, v)
+    return {k: v for k, v in candidates.items() if _builder_takes(builder, k, v)}
+
+
 @functools.lru_cache(maxsize=64)
 def _timm_class(name: str):
     """The class timm builds for ``name`` (its constructor's parameters are the model's
@@ -410,14 +500,10 @@ def model_options(name: str) -> dict:
     _check_known(name)
     ext = _external(name)
     if ext is not None:
-        cls = _timm_class(ext[1]) if ext[0] == "timm" else _torchvision_class(ext[1])[1]
-        params = inspect.signature(cls.__init__).parameters if cls else {}
-        skip = ("self", "num_classes", "image_size", "in_chans", "device", "dtype")
-        return {
-            k: (None if p.default is p.empty else p.default)
-            for k, p in params.items()
-            if k not in skip and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
-        }
+        if ext[0] == "torchvision":
+            return dict(_torchvision_options(ext[1]))
+        cls = _timm_class(ext[1])
+        return _params(cls.__init__) if cls is not None else {}
     cls, preset = _REGISTRY[name]
     params = inspect.signature(cls.__init__).parameters
     out = {

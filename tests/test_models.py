@@ -112,6 +112,40 @@ def test_torchvision_models_by_name():
     assert default_skip("torchvision:resnet18") == ()
 
 
+@pytest.mark.parametrize(
+    ("name", "has", "has_not"),
+    [
+        ("resnet18", {"zero_init_residual", "width_per_group"}, {"block", "layers"}),
+        ("resnext50_32x4d", {"zero_init_residual"}, {"groups", "width_per_group"}),
+        ("mobilenet_v3_small", {"width_mult", "reduced_tail", "dropout"}, {"last_channel"}),
+        ("vit_b_16", {"dropout", "attention_dropout"}, {"patch_size", "hidden_dim"}),
+        ("regnet_x_400mf", {"stem_width"}, {"block_params"}),
+        ("swin_v2_t", {"mlp_ratio"}, {"embed_dim", "block", "depths"}),
+        ("vgg11", {"dropout"}, {"features"}),
+    ],
+)
+def test_torchvision_options_are_those_the_builder_lets_the_caller_set(name, has, has_not):
+    """The class's own parameters that the builder fixes (resnet18's block and layers) are not
+    options; those of the helpers it passes its keywords to (mobilenet_v3's width_mult) are;
+    each one listed builds."""
+    opts = model_options(f"torchvision:{name}")
+    assert has <= set(opts) and not has_not & set(opts), sorted(opts)
+    for k, v in opts.items():
+        if isinstance(v, bool | int | float) and k != "init_weights":
+            create_model(f"torchvision:{name}", num_classes=3, **{k: v})
+
+
+def test_a_torchvision_builders_own_option_is_refused_with_the_allowed_ones():
+    small = create_model("torchvision:mobilenet_v3_small", num_classes=3, width_mult=0.25)
+    assert sum(p.numel() for p in small.parameters()) < 200_000
+    cfg = {"model": "torchvision:resnet18", "model_kwargs": {"layers": [1, 1, 1, 1]}}
+    with pytest.raises(ValueError, match=r"\['layers'\] is not allowed.*zero_init_residual"):
+        lt.TrainConfig.from_dict(cfg)
+    assert lt.TrainConfig.from_dict(
+        {"model": "torchvision:mobilenet_v3_small", "model_kwargs": {"width_mult": 0.5}}
+    ).model_kwargs == {"width_mult": 0.5}
+
+
 def test_timm_models_by_name_when_installed():
     pytest.importorskip("timm")
     m = create_model("timm:resnet10t", num_classes=4, in_channels=1).eval()
