@@ -20,7 +20,12 @@ FORM_FIELDS = (
     "batch_size",
     "seed",
     "device",
+    "model_kwargs",
+    "dataset_kwargs",
 )
+#: The form's boxes of ``key=value`` options, by config field (read by lorita's parse_options).
+OPTION_BOXES = {"dataset_kwargs": "Dataset options", "model_kwargs": "Model options"}
+_OWNER = {"dataset_kwargs": "dataset", "model_kwargs": "model"}
 
 PRESETS: dict[str, dict[str, Any]] = {
     # The library's TrainConfig defaults are the classroom run: filled in by config().
@@ -29,6 +34,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "label": "Fashion-MNIST MLP (a few minutes on a CPU)",
         "config": {
             "dataset": "fashion_mnist",
+            "dataset_kwargs": {},
             "model": "mlp",
             "model_kwargs": {"depth": 3, "width": 256},
             "n_factors": 3,
@@ -73,6 +79,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "label": "CIFAR-10 VGG — GPU",
         "config": {
             "dataset": "cifar10",
+            "dataset_kwargs": {},
             "model": "vgg16",
             "model_kwargs": {},
             "n_factors": 3,
@@ -120,11 +127,17 @@ def form_values(preset: str) -> dict[str, Any]:
 def build_config(preset: str, form: dict[str, Any]) -> dict[str, Any]:
     """The preset's full config with the form's fields on top."""
     base = config(preset)
-    cfg = {**base, **{k: v for k, v in form.items() if k in FORM_FIELDS}}
-    if cfg.get("dataset") != base.get("dataset"):
-        cfg.pop("dataset_kwargs", None)  # options belong to the preset's dataset only
-    if cfg.get("model") != base.get("model"):
-        cfg.pop("model_kwargs", None)
+    return drop_foreign_options(
+        {**base, **{k: v for k, v in form.items() if k in FORM_FIELDS}}, base
+    )
+
+
+def drop_foreign_options(cfg: dict[str, Any], start: dict[str, Any]) -> dict[str, Any]:
+    """``cfg`` without the options it kept from ``start`` for another dataset or model (the
+    preset's MLP width once the model is a ResNet); options given for the new one stay."""
+    for field, owner in _OWNER.items():
+        if cfg.get(owner) != start.get(owner) and cfg.get(field) == start.get(field):
+            cfg.pop(field, None)
     return cfg
 
 

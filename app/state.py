@@ -39,6 +39,8 @@ TRAIN_FOLLOW = "train.follow"
 TRAIN_LAYER = "train.layer"
 TRAIN_FAMILY = "train.family"  # model family chooser (outside the form: it changes the list)
 TRAIN_DATA_PATH = "train.dataset_path"  # folder for a path dataset (folder:PATH)
+TRAIN_DATA_OPTS = "train.dataset_kwargs"  # the dataset's options as key=value text
+TRAIN_MODEL_OPTS = "train.model_kwargs"  # the model's options as key=value text
 TRAIN_INIT_FROM = "train.init_from"  # uploaded weights to start from
 TRAIN_INIT_RUN = "train.init_run"  # or a finished run whose best checkpoint to start from
 TRAIN_SEED_RUN = "train.seed_run"  # str | None: the run whose config filled the form

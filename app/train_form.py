@@ -26,6 +26,13 @@ def starting_values(preset: str, run_config: dict[str, Any] | None = None) -> di
     return values
 
 
+def option_text(values: dict[str, Any], field: str) -> str:
+    """What an options box shows for ``values[field]`` (``"depth=2, width=64"``)."""
+    from lorita.engine.config import format_options
+
+    return format_options(values.get(field))
+
+
 def seed_preset(run_config: dict[str, Any]) -> str:
     """The preset closest to a run's config (same dataset and model), else the default."""
     for name in presets.PRESETS:
@@ -49,17 +56,21 @@ def build(preset: str, form: dict[str, Any], base: dict[str, Any] | None = None)
     """The run's config: ``base`` (a followed run's config) or the preset, with the form on top.
 
     ``form["dataset"]`` is the dataset choice and ``form["dataset_path"]`` its folder for a
-    path family; ``form["init_from"]`` an uploaded file's saved path (or None).
+    path family; ``form["init_from"]`` an uploaded file's saved path (or None);
+    ``form["model_kwargs"]`` / ``form["dataset_kwargs"]`` the options boxes' text
+    (``"width_mult=0.5"``, read by :func:`lorita.engine.config.parse_options`) or dicts.
     """
+    from lorita.engine.config import parse_options
+
     form = dict(form)
     form["dataset"] = options.dataset_name(form["dataset"], form.pop("dataset_path", ""))
     init_from = form.pop("init_from", None)
+    for field, label in presets.OPTION_BOXES.items():
+        if isinstance(form.get(field), str):  # the box's text: "size=64, channels=1"
+            form[field] = parse_options(form[field], label.lower())
     start = dict(base) if base else presets.config(preset)
     cfg = {**start, **{k: v for k, v in form.items() if k in presets.FORM_FIELDS}}
-    if cfg.get("dataset") != start.get("dataset"):
-        cfg.pop("dataset_kwargs", None)  # options belong to the other dataset only
-    if cfg.get("model") != start.get("model"):
-        cfg.pop("model_kwargs", None)
+    presets.drop_foreign_options(cfg, start)
     cfg.pop("init_from", None)
     if init_from:
         cfg["init_from"] = str(init_from)
@@ -73,8 +84,8 @@ def field_errors(preset: str, config: dict[str, Any]) -> list[str]:
     good = presets.config(preset)
     errors: list[str] = []
     for field in presets.FORM_FIELDS:
-        if field not in config or field in ("dataset", "model", "device"):
-            continue
+        if field not in config or field in ("dataset", "model", "device", *presets.OPTION_BOXES):
+            continue  # checked with the whole config: they belong to its dataset and model
         try:
             lt.TrainConfig.from_dict({**good, field: config[field]})
         except (ValueError, TypeError) as exc:

@@ -29,7 +29,6 @@ import dataclasses
 import json
 import math
 import os
-import re
 import signal
 import sys
 import threading
@@ -40,9 +39,7 @@ from pathlib import Path
 __all__ = ["main", "build_parser", "UsageError"]
 
 MAX_ARG = 4096  # characters in any one argument value
-MAX_OPTIONS = 64  # --model-arg / --data-arg items
 MAX_MESSAGE = 500  # characters of an error line
-_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 _FLAG_NAMES = {"n_factors": ("--factors", "--n-factors")}
 _NOT_FLAGS = ("dataset_kwargs", "model_kwargs")
 # CLI-only numbers and their inclusive bounds
@@ -132,30 +129,13 @@ def _short(s: str, n: int = 60) -> str:
     return s if len(s) <= n else s[: n - 3] + "..."
 
 
-def _parse_value(text: str, flag: str):
-    """A ``--model-arg`` / ``--data-arg`` value: JSON when it parses, else the text itself."""
-    try:
-        return json.loads(text)
-    except RecursionError:
-        raise UsageError(f"{flag}: value {_short(text)!r} is nested too deeply") from None
-    except ValueError:
-        return text
-
-
 def _key_values(items: list[str] | None, flag: str) -> dict:
-    if items and len(items) > MAX_OPTIONS:
-        raise UsageError(f"{flag}: {len(items)} options given; at most {MAX_OPTIONS}")
-    out = {}
-    for item in items or []:
-        k, sep, v = item.partition("=")
-        if not sep:
-            raise UsageError(f"{flag}: expected key=value, got {_short(item)!r}")
-        if not _KEY_RE.match(k.strip()):
-            raise UsageError(f"{flag}: {_short(k)!r} is not an option name (letters, digits, _)")
-        if not v.strip():
-            raise UsageError(f"{flag}: {k.strip()}= has an empty value")
-        out[k.strip()] = _parse_value(v.strip(), flag)
-    return out
+    from .engine.config import parse_options
+
+    try:
+        return parse_options(items, flag)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def _out_path(flag: str):

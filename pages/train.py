@@ -19,6 +19,21 @@ FIELD_KEYS = {
     "batch_size": state.TRAIN_BATCH,
     "seed": state.TRAIN_SEED,
     "device": state.TRAIN_DEVICE,
+    "dataset_kwargs": state.TRAIN_DATA_OPTS,
+    "model_kwargs": state.TRAIN_MODEL_OPTS,
+}
+_OPTION_HELP = {  # each options box: its placeholder and what it takes
+    "dataset_kwargs": (
+        "size=64, channels=1",
+        "For folder: size (images resized to size×size px, default 32), channels (3 colour, "
+        "1 grey), test_fraction.",
+    ),
+    "model_kwargs": (
+        "width_mult=0.5",
+        "E.g. width=128 (mlp), width_mult=0.5 (torchvision:mobilenet_v3_small), "
+        "drop_path_rate=0.1 (timm). The preset's options are dropped when you pick another "
+        "model.",
+    ),
 }
 LIVE_EVERY_S = 1.0
 LIVE_KEY = "train-live"  # container of the live panel (its elements never fade; see _NO_FADE)
@@ -118,6 +133,13 @@ def _data_and_model(values: dict, family: str) -> None:
         help="safetensors, or a PyTorch state_dict (read with weights_only=True): loaded into "
         "the plain model before composing.",
     )  # fmt: skip
+    for col, (field, label) in zip(st.columns(2), presets.OPTION_BOXES.items(), strict=True):
+        example, help_ = _OPTION_HELP[field]
+        col.text_input(
+            label, value=train_form.option_text(values, field), key=_key(field),
+            placeholder=example, help=f"key=value, separated by commas. {help_} A wrong name "
+            "lists the allowed ones.",
+        )  # fmt: skip
     points = jobs.start_points(jobs.list_runs())
     st.selectbox(
         "…or start from a finished run", [None, *points], key=f"{state.TRAIN_INIT_RUN}.{_suffix()}",

@@ -386,3 +386,29 @@ def test_an_unreadable_starting_weights_file_is_described_in_plain_words(tmp_pat
         with pytest.raises(ValueError, match=f"nor a PyTorch state_dict: {why}") as got:
             read_weights(tmp_path / name)
         assert "\n" not in str(got.value) and len(str(got.value)) < 300
+
+
+def test_options_text_reads_back_what_it_writes_and_names_its_field():
+    from lorita.engine.config import format_options, parse_options
+
+    cases = [
+        {},
+        {"size": 64, "channels": 1},
+        {"layers": [1, 2], "cfg": {"k": [1, 2]}, "on": True, "none": None, "p": 0.5},
+        {"name": "hello world", "digits": "12", "comma": "a,b", "quote": 'say "x"', "s": "it's"},
+    ]
+    for options in cases:
+        assert parse_options(format_options(options), "x") == options
+    assert parse_options("a=1\nb=[1, 2], c=x", "x") == {"a": 1, "b": [1, 2], "c": "x"}
+    assert parse_options(["a=1", "b=two words"], "x") == {"a": 1, "b": "two words"}
+    for text, said in [
+        ("a", "model options: expected key=value, got 'a'"),
+        ("1a=2", "'1a' is not an option name"),
+        ("a=", "a= has an empty value"),
+        (",".join(f"k{i}=1" for i in range(65)), "65 options given; at most 64"),
+        ("a=" + "[" * 5000 + "]" * 5000, "nested too deeply"),
+        ("a=" + "1" * 30_000, "characters; at most"),
+    ]:
+        with pytest.raises(ValueError, match="model options: ") as err:
+            parse_options(text, "model options")
+        assert said in str(err.value)

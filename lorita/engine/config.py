@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -37,6 +38,8 @@ __all__ = [
     "OPTIMIZERS",
     "SCHEDULES",
     "TrainConfig",
+    "format_options",
+    "parse_options",
     "validate",
 ]
 
@@ -252,6 +255,82 @@ class TrainConfig:
             why = type(e).__name__ if isinstance(e, RecursionError) else str(e)
             raise ValueError(f"config: file {str(path)!r} is not readable JSON ({why})") from None
         return cls.from_dict(d)
+
+
+# --------------------------------------------------------------------------- options as text
+
+_OPTION_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+_MAX_OPTIONS_TEXT = 20_000
+
+
+def _split_items(text: str) -> list[str]:
+    """``"a=1, b=[1, 2]"`` -> ``["a=1", "b=[1, 2]"]``: items end at a comma or a new line
+    outside brackets and double quotes."""
+    items, depth, quote, start = [], 0, "", 0
+    for i, ch in enumerate(text):
+        if quote:
+            quote = "" if ch == quote and text[i - 1] != "\\" else quote
+        elif ch == '"':  # a JSON string
+            quote = ch
+        elif ch in "[{(":
+            depth += 1
+        elif ch in "]})":
+            depth = max(0, depth - 1)
+        elif ch in ",\n" and depth == 0:
+            items.append(text[start:i])
+            start = i + 1
+    items.append(text[start:])
+    return [t.strip() for t in items if t.strip()]
+
+
+def _option_value(text: str, field: str) -> Any:
+    """JSON when it parses (``4``, ``0.5``, ``[1, 2]``, ``true``), else the text itself."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError(f"{field}: value {text[:40]!r} is nested too deeply") from None
+    except ValueError:
+        return text
+
+
+def parse_options(items: str | list[str] | None, field: str) -> dict[str, Any]:
+    """Model or dataset options from ``key=value`` items: a list (``--model-arg`` gives one
+    item per flag) or one text with the items separated by commas or new lines (the Train
+    page's box; a comma inside brackets or quotes belongs to its value). ValueError naming
+    ``field`` for an item that is not ``key=value``, a bad name or too many items."""
+    if isinstance(items, str):
+        if len(items) > _MAX_OPTIONS_TEXT:
+            raise ValueError(f"{field}: {len(items)} characters; at most {_MAX_OPTIONS_TEXT}")
+        items = _split_items(items)
+    items = list(items or [])
+    if len(items) > MAX_JSON_OPTIONS:
+        raise ValueError(f"{field}: {len(items)} options given; at most {MAX_JSON_OPTIONS}")
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key, value = key.strip(), value.strip()
+        shown = item if len(item) <= 60 else item[:57] + "..."
+        if not sep:
+            raise ValueError(f"{field}: expected key=value, got {shown!r}")
+        if not _OPTION_NAME.match(key):
+            raise ValueError(f"{field}: {key[:60]!r} is not an option name (letters, digits, _)")
+        if not value:
+            raise ValueError(f"{field}: {key}= has an empty value")
+        out[key] = _option_value(value, field)
+    return out
+
+
+def format_options(options: dict[str, Any] | None) -> str:
+    """The text :func:`parse_options` reads back as ``options`` (``"depth=2, width=64"``)."""
+    parts = []
+    for key, value in (options or {}).items():
+        text = value if isinstance(value, str) else json.dumps(value)
+        if isinstance(value, str) and (
+            _option_value(value, "") != value or _split_items(value) != [value]
+        ):
+            text = json.dumps(value)  # a text that would read back as a number, or as two items
+        parts.append(f"{key}={text}")
+    return ", ".join(parts)
 
 
 # --------------------------------------------------------------------------- validation

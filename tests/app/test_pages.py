@@ -175,6 +175,50 @@ def test_train_starts_with_plain_epochs_first(empty_runs, monkeypatch):
     assert baseline["n_factors"] == 1  # its twin: the ordinary network all along
 
 
+def test_train_options_boxes_pass_the_dataset_and_model_options(empty_runs, tmp_path, monkeypatch):
+    """The options boxes show the preset's options; a folder's size and a torchvision model's
+    width_mult typed there reach the run's config; the preset's MLP options are dropped once
+    another model is picked; a bad item or option names the box or field and starts nothing."""
+    from PIL import Image
+
+    from app import jobs
+
+    images = tmp_path / "images"
+    for c in ("a", "b"):
+        (images / c).mkdir(parents=True)
+        for i in range(4):
+            Image.new("RGB", (20, 20), (60 * i, 0, 0) if c == "a" else (0, 0, 60 * i)).save(
+                images / c / f"{i}.png"
+            )
+    started = []
+    monkeypatch.setattr(jobs, "start_pair", lambda c, b: started.append((c, b)) or ("x", None))
+    at = open_page("train")
+    at.selectbox(key="train.preset").set_value("planted").run()
+    assert at.text_input(key="train.model_kwargs.planted").value == "depth=2, width=64"
+    assert at.text_input(key="train.dataset_kwargs.planted").value == "rank=5"
+    at.selectbox(key="train.family.planted").set_value("torchvision").run()  # outside the form
+    at.selectbox(key="train.dataset.planted").set_value("folder")
+    at.text_input(key="train.dataset_path.planted").set_value(str(images))
+    at.text_input(key="train.dataset_kwargs.planted").set_value("size=16, channels=1")
+    at.selectbox(key="train.model.planted.torchvision").set_value("torchvision:mobilenet_v3_small")
+    at.button(key="FormSubmitter:train.form-Start training").click().run()
+    assert_clean(at)
+    ((config, _),) = started
+    assert config["dataset_kwargs"] == {"size": 16, "channels": 1}
+    assert "model_kwargs" not in config  # the preset's depth and width were the MLP's
+    at.text_input(key="train.model_kwargs.planted").set_value("width_mult=0.25, dropout=0.1")
+    at.button(key="FormSubmitter:train.form-Start training").click().run()
+    assert started[-1][0]["model_kwargs"] == {"width_mult": 0.25, "dropout": 0.1}
+    for text, said in (
+        ("width_mult", "Cannot start: model options: expected key=value, got 'width_mult'"),
+        ("layers=[1, 1]", "Cannot start: model_kwargs: ['layers'] is not allowed"),
+    ):
+        at.text_input(key="train.model_kwargs.planted").set_value(text)
+        at.button(key="FormSubmitter:train.form-Start training").click().run()
+        assert not at.exception and len(started) == 2
+        assert any(e.value.startswith(said) for e in at.error), [e.value for e in at.error]
+
+
 def test_train_follows_finished_run_from_the_url(runs_dir):
     at = open_page("train", run=N3)
     assert_clean(at)
