@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import gc
 import json
+import logging
 import os
 import re
 import threading
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager, nullcontext, suppress
 from pathlib import Path
 
 import torch
@@ -948,24 +949,60 @@ def onnx_input_names(x: inputs.Example) -> list[str]:
     return ["input"] + [f"input_{i}" for i in range(1, len(inputs.as_args(x)))]
 
 
+_ONNX_LOGS = threading.Lock()  # one ONNX export at a time while its logs are held off
+
+
+@contextmanager
+def _exporter_log_off():
+    """torch's TorchScript exporter switches its C++ log on for every export (it tests the
+    function ``_jit_is_onnx_log_enabled``, always true, instead of calling it): a model it
+    cannot export prints its whole graph (hundreds of lines) before the torch.export path
+    takes over. Hold the log off while it runs."""
+    try:
+        from torch.onnx._internal.torchscript_exporter import utils as exporter
+    except ImportError:  # another torch: nothing to hold off
+        yield
+        return
+    with _ONNX_LOGS:
+        original = getattr(exporter, "setup_onnx_logging", None)
+        if original is not None:
+            exporter.setup_onnx_logging = lambda verbose: nullcontext()
+        try:
+            yield
+        finally:
+            if original is not None:
+                exporter.setup_onnx_logging = original
+
+
 def _onnx_torchscript(model: nn.Module, x: inputs.Example, path: Path, opset: int) -> None:
     names = onnx_input_names(x)
     axes = {name: {0: "batch"} for name in names} | {"output": {0: "batch"}}
-    torch.onnx.export(
-        model, inputs.as_args(x), path, kwargs=inputs.as_kwargs(x) or None, dynamic_axes=axes,
-        dynamo=False, opset_version=opset, input_names=names, output_names=["output"],
-    )  # fmt: skip
+    with _exporter_log_off():
+        torch.onnx.export(
+            model, inputs.as_args(x), path, kwargs=inputs.as_kwargs(x) or None,
+            dynamic_axes=axes, dynamo=False, verbose=False, opset_version=opset,
+            input_names=names, output_names=["output"],
+        )  # fmt: skip
 
 
 def _onnx_dynamo(model: nn.Module, x: inputs.Example, path: Path, opset: int) -> None:
     batch = torch.export.Dim("batch", min=1)
     args, kwargs = inputs.as_args(x), inputs.as_kwargs(x)
     shapes = {k: {0: batch} for k in kwargs} if kwargs else tuple({0: batch} for _ in args)
-    torch.onnx.export(
-        model, args, path, kwargs=kwargs or None, dynamic_shapes=shapes, dynamo=True,
-        external_data=False, verbose=False, opset_version=opset,
-        input_names=onnx_input_names(x), output_names=["output"],
-    )  # fmt: skip
+    # its graph optimiser logs a warning per operator it leaves as it is ("Skipping constant
+    # folding for op Split"), printed on the terminal when nothing handles it: errors only
+    optimiser = logging.getLogger("onnxscript")
+    with _ONNX_LOGS:
+        level = optimiser.level
+        optimiser.setLevel(max(level, logging.ERROR))
+        try:
+            torch.onnx.export(
+                model, args, path, kwargs=kwargs or None, dynamic_shapes=shapes, dynamo=True,
+                external_data=False, verbose=False, opset_version=opset,
+                input_names=onnx_input_names(x), output_names=["output"],
+            )  # fmt: skip
+        finally:
+            optimiser.setLevel(level)
 
 
 def export_onnx(

@@ -51,6 +51,29 @@ def test_onnx_reproduces_outputs(tmp_path):
     np.testing.assert_allclose(out, model(x).detach().numpy(), rtol=1e-4, atol=1e-5)
 
 
+def test_onnx_export_through_torch_export_prints_nothing(tmp_path, capfd):
+    """An adaptive pool whose output does not divide its input: the TorchScript exporter
+    fails and torch.export takes over. Neither prints on the terminal (torch's exporter turns
+    its graph log on by itself; its optimiser warns per operator it leaves)."""
+    ort = pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 8, 3), nn.AdaptiveAvgPool2d((4, 4)), nn.Flatten(), nn.Linear(128, 3)
+    ).eval()
+    model = lt.truncate(lt.overparameterize(model, 3), lt.Uniform(0.5))
+    capfd.readouterr()
+    path = lt.export_onnx(model, torch.randn(1, 1, 9, 9), tmp_path / "m.onnx")
+    out, err = capfd.readouterr()
+    assert out == "" and err == "", (out[:300], err[:300])
+    x = torch.randn(4, 1, 9, 9)
+    session = ort.InferenceSession(str(path))
+    (got,) = session.run(None, {"input": x.numpy()})
+    np.testing.assert_allclose(got, model(x).detach().numpy(), rtol=1e-4, atol=1e-5)
+    import logging
+
+    assert logging.getLogger("onnxscript").level == logging.NOTSET  # given back
+
+
 def test_save_refuses_unknown_modules_and_load_refuses_bad_files(tmp_path):
     class Custom(nn.Module):
         def __init__(self):
