@@ -867,7 +867,16 @@ def _load(header: dict, where: str, read_tensors, model: nn.Module | None):
     check_initialised(unwrap(model))
     model = _apply_layers(unwrap(model), spec)
     _check_against_file(model, shapes, "model")
-    return _finish(model, read_tensors(), where)
+    on_meta = _on_meta(model)  # built without memory: the file's tensors become its own
+    model = _finish(model, read_tensors(), where, assign=on_meta)
+    if on_meta and _on_meta(model):
+        left = next(n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta)
+        raise _fail(
+            "model",
+            f"built on the meta device, and {left!r} is not in the file (a buffer the model "
+            "makes itself): build the model on the CPU",
+        )
+    return model
 
 
 def is_lorita_file(path: str | os.PathLike) -> bool:

@@ -1,3 +1,5 @@
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -248,3 +250,36 @@ def test_a_safetensors_header_whose_length_bytes_look_like_another_format_still_
     assert is_lorita_file(path)
     x = torch.randn(5, 4)
     assert torch.equal(lt.load(path)(x), net(x))
+
+
+def test_load_into_a_model_built_on_the_meta_device(tmp_path):
+    """A model built without memory (``with torch.device("meta")``) takes the file's tensors;
+    one whose own buffers are not in the file is refused with what to do."""
+
+    class Net(nn.Module):
+        def __init__(self, own_buffer: bool = False):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(6, 8), nn.Linear(8, 3)
+            if own_buffer:
+                self.register_buffer("scale", torch.ones(8), persistent=False)
+
+        def forward(self, x):
+            h = torch.relu(self.fc1(x))
+            return self.fc2(h * self.scale if hasattr(self, "scale") else h)
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 6)
+    for own_buffer in (False, True):
+        cut = lt.truncate(lt.overparameterize(Net(own_buffer), 3), lt.Uniform(0.5))
+        path = lt.save(cut, tmp_path / f"m{own_buffer}.safetensors")
+        with torch.device("meta"):
+            fresh = Net(own_buffer)
+        if own_buffer:
+            with pytest.raises(ValueError, match=r"model: built on the meta device, and 'scale'"):
+                lt.load(path, model=fresh)
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no "copying into a meta parameter is a no-op"
+            back = lt.load(path, model=fresh)
+        assert not any(t.is_meta for t in back.state_dict().values())
+        assert_close(back(x), cut(x))
