@@ -26,6 +26,7 @@ import os
 import re
 import socket
 import tarfile
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -439,6 +440,10 @@ def load_dataset(
         x, y, xv, yv = raw.x[ti], raw.y[ti], raw.x[vi], raw.y[vi]
     else:
         x, y, xv, yv = raw.x, raw.y, raw.xv, raw.yv
+    if entry.takes_path:  # your own images: say when too few are held out to measure on
+        few = few_to_measure(len(xv), len(raw.xt), raw.num_classes)
+        if few:
+            warnings.warn(f"dataset {name!r}: {few}", stacklevel=2)
     mean = std = None
     if normalize and raw.task == "classification":
         xf = x.float() / (255.0 if x.dtype == torch.uint8 else 1.0)
@@ -455,6 +460,19 @@ def load_dataset(
         name=name,
         task=raw.task,
         classes=raw.classes,
+    )
+
+
+def few_to_measure(n_val: int, n_test: int, num_classes: int) -> str:
+    """A warning when validation or test holds fewer images than there are classes (not one
+    a class: their accuracies move in steps of many points); empty otherwise."""
+    if min(n_val, n_test) >= num_classes:
+        return ""
+    step = 100.0 / max(1, min(n_val, n_test))
+    return (
+        f"validation holds {n_val} image(s) and test {n_test}, for {num_classes} classes: too "
+        f"few to measure accuracy on (one image is {step:.0f} points); add images, or give "
+        "val/ and test/ sub-folders"
     )
 
 
@@ -1144,6 +1162,11 @@ def _check_folder(name: str, root: Path, download: bool, **o) -> str:
     n = {k: len(v) for k, v in scan.parts.items()}
     parts = ", ".join(f"{k} {v}" for k, v in n.items())
     note = f"folder {scan.root}: {len(scan.classes)} classes, {scan.count()} images ({parts})"
+    n_test = n.get("test") or max(1, round(n["train"] * o["test_fraction"]))
+    n_val = n.get("val") or max(1, round((n["train"] - (0 if "test" in n else n_test)) * 0.1))
+    few = few_to_measure(n_val, n_test, len(scan.classes))
+    if few:
+        note += "; " + few.replace("validation holds", "validation would hold about", 1)
     if scan.loose:
         note += (
             f"; {len(scan.loose)} image(s) beside the class folders (e.g. {scan.loose[0]}) are "

@@ -262,6 +262,8 @@ def _start(family: str) -> None:
     note = train_form.dataset_note(config)
     if "download" in note:
         st.info(f"Data: {note}. Without internet the run stops with what to do.", icon="🌐")
+    elif "too few to measure" in note:
+        st.warning(f"Data: {note}.", icon="⚠️")
     elif "left out" in note:
         st.info(f"Data: {note}.", icon="🗂️")
 

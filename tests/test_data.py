@@ -551,7 +551,7 @@ def test_a_run_tells_when_its_folder_changed_since_it_trained(tmp_path, monkeypa
     assert lt.train(cfg, run)["state"] == "completed"
     assert run.data_changed() is None
     with warnings.catch_warnings():
-        warnings.simplefilter("error")
+        warnings.filterwarnings("error", message=".*changed since")  # (24 images: "too few")
         assert lt.Compressor(run).data_note is None
 
     _image(root / "dog" / "new.png")
@@ -571,3 +571,20 @@ def test_a_run_tells_when_its_folder_changed_since_it_trained(tmp_path, monkeypa
     digits = store.create(fixed, name="d")
     assert lt.train(fixed, digits)["state"] == "completed"
     assert digits.read_extra("data") is None and digits.data_changed() is None
+
+
+def test_a_folder_too_small_to_measure_on_says_so(tmp_path, recwarn):
+    """Validation and test carved from 18 images of 3 classes hold 1 and 4: the accuracy
+    moves by 100 points an image. Loading warns, and the check before a run says so; a folder
+    with enough images says nothing."""
+    from lorita.data import check_dataset
+
+    small = _folder(tmp_path / "small")
+    with pytest.warns(UserWarning, match=r"validation holds 1 image\(s\) and test 4, for 3 "):
+        load_dataset(f"folder:{small}", size=8)
+    assert "validation would hold about 1 image(s) and test 4" in check_dataset(f"folder:{small}")
+    big = _folder(tmp_path / "big", classes=("a", "b"), per_class=30)
+    recwarn.clear()
+    load_dataset(f"folder:{big}", size=8)  # validation 5, test 12: one a class or more
+    assert not [w for w in recwarn if "too few" in str(w.message)]
+    assert "too few" not in check_dataset(f"folder:{big}")

@@ -219,6 +219,27 @@ def test_train_options_boxes_pass_the_dataset_and_model_options(empty_runs, tmp_
         assert any(e.value.startswith(said) for e in at.error), [e.value for e in at.error]
 
 
+def test_train_start_warns_when_a_folder_is_too_small_to_measure_on(
+    empty_runs, tmp_path, monkeypatch
+):
+    from PIL import Image
+
+    from app import jobs
+
+    for c in ("a", "b"):
+        (tmp_path / "images" / c).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (8, 8), (80 * i, 0, 0)).save(tmp_path / "images" / c / f"{i}.png")
+    monkeypatch.setattr(jobs, "start_pair", lambda c, b: ("x", None))
+    at = open_page("train")
+    at.selectbox(key="train.dataset.classroom").set_value("folder")
+    at.text_input(key="train.dataset_path.classroom").set_value(str(tmp_path / "images"))
+    at.button(key="FormSubmitter:train.form-Start training").click().run()
+    assert_clean(at)
+    (warning,) = [w.value for w in at.warning]
+    assert "too few to measure accuracy on" in warning and "val/ and test/" in warning
+
+
 def test_train_follows_finished_run_from_the_url(runs_dir):
     at = open_page("train", run=N3)
     assert_clean(at)
