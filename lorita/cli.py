@@ -841,6 +841,8 @@ def cmd_train(args) -> int:
         run = None
     d = _engine().init_distributed(config.device)
     quiet = args.quiet or not d.main
+    if quiet:  # nothing but errors: warnings too (main restores the filters afterwards)
+        warnings.simplefilter("ignore")
 
     stop_event = threading.Event()
     on_signal = _StopOnSignal(stop_event)

@@ -588,3 +588,17 @@ def test_a_folder_too_small_to_measure_on_says_so(tmp_path, recwarn):
     load_dataset(f"folder:{big}", size=8)  # validation 5, test 12: one a class or more
     assert not [w for w in recwarn if "too few" in str(w.message)]
     assert "too few" not in check_dataset(f"folder:{big}")
+
+
+def test_the_command_line_says_a_folder_is_too_small_unless_quiet(tmp_path, capsys, monkeypatch):
+    from lorita.cli import main
+
+    monkeypatch.setenv("LORITA_DATA", str(tmp_path / "data"))
+    small = _folder(tmp_path / "small", classes=("a", "b"), per_class=3)
+    argv = ["train", "--runs-dir", str(tmp_path / "runs"), "--dataset", f"folder:{small}",
+            "--data-arg", "size=8", "--model-arg", "width=8", "--epochs", "1"]  # fmt: skip
+    assert main([*argv, "--name", "loud"]) == 0
+    (line,) = [x for x in capsys.readouterr().err.splitlines() if "warning" in x]
+    assert line.startswith("lorita: warning: dataset 'folder:") and "too few to measure" in line
+    assert main([*argv, "--name", "quiet", "--quiet"]) == 0
+    assert capsys.readouterr() == ("", "")  # --quiet: nothing but errors
