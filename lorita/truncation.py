@@ -487,7 +487,7 @@ class SVDCache:
         if getattr(self.model, "lorita_direct", None) is None:  # which cuts must stay dense
             self.model.lorita_direct = tuple(detect_direct(self.model, example_input)[0])
         available = dict(iter_layers(self.model))
-        #: layers left out of every cut by default, with why (the output layer)
+        #: layers left out of every cut, with why (with keep_head: the output layer)
         self.left_out: dict[str, str] = {}
         if layers is None and keep_head:
             self.left_out = _head_left_out(self.model, example_input)
