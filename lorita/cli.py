@@ -597,6 +597,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_stop)
     s.add_argument("run", type=_text("RUN"))
     _add_runs_dir(s)
+
+    m = sub.add_parser(
+        "models", help="list the models --model takes, or one model's --model-arg options"
+    )
+    m.set_defaults(func=cmd_models)
+    m.add_argument(
+        "name", nargs="?", type=_text("NAME"),
+        help="a model (mlp, torchvision:resnet18, timm:...): print its options and defaults",
+    )  # fmt: skip
     return p
 
 
@@ -1051,6 +1060,35 @@ def cmd_stop(args) -> int:
         raise UsageError(f"run {run.name!r} is not training ({state}): there is nothing to stop")
     run.request_stop()
     print(f"stop requested: {run.name} ({state})")
+    return 0
+
+
+def cmd_models(args) -> int:
+    from .models import list_models, model_options
+
+    if args.name is None:
+        for source in ("lorita", "torchvision"):
+            names = list_models(source)
+            print(f"{source} ({len(names)}): {', '.join(names)}")
+        timm = list_models("timm")
+        print(
+            f"timm ({len(timm)}): timm:NAME for any of timm.list_models()"
+            if timm
+            else "timm: not installed (pip install timm for timm:NAME)"
+        )
+        print("lorita models NAME prints the options --model-arg takes for NAME")
+        return 0
+    try:
+        options = model_options(args.name)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if not options:
+        print(f"{args.name}: no options (the dataset sets its input and classes)")
+        return 0
+    print(f"{args.name}: --model-arg KEY=VALUE for (default)")
+    for key, default in options.items():
+        shown = default if isinstance(default, bool | int | float | str | None) else "(object)"
+        print(f"  {key}={json.dumps(shown) if not isinstance(shown, str) else shown}")
     return 0
 
 

@@ -679,3 +679,17 @@ def test_a_deep_networks_layers_are_listed_one_line_per_stage(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "ranks kept, by stage:" and len(lines) == 1 + len(groups)
     assert lines[1] == "  conv1: 2/8" and lines[3] == "  features.1: block.0.0 2/8, block.1.0 2/8"
+
+
+def test_models_lists_the_models_and_one_models_options(capsys):
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("lorita (") and "mlp" in out and "torchvision:resnet18" in out
+    assert main(["models", "torchvision:mobilenet_v3_small"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "  width_mult=1.0" in lines and "  dropout=0.2" in lines
+    assert not any(x.startswith("  last_channel") for x in lines)  # the builder's own
+    assert main(["models", "mlp"]) == 0
+    assert "  width=256" in capsys.readouterr().out.splitlines()
+    assert main(["models", "alexnet2"]) == 2
+    assert "model: unknown name 'alexnet2'" in capsys.readouterr().err

@@ -371,6 +371,7 @@ def _other_command_cases(world) -> list:
     cases += [(["runs", "--json=1"], ("--json",)), (["runs", "extra"], ("extra",))]
     cases += [(["runs", "--runs-dir", v], ("--runs-dir",)) for v in ["", str(files / "text.json")]]
     cases += [(["stop", n], None) for n in NAME_JUNK + ["nope"]]
+    cases += [(["models", n], None) for n in NAME_JUNK + ["torchvision:nope", "timm:"]]
     bad_dirs = ["", str(files / "text.json"), LONG]
     for cmd in ("stop", "compare"):
         cases += [([cmd, "fake", "--runs-dir", v], ("--runs-dir",)) for v in bad_dirs]
