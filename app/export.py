@@ -266,6 +266,48 @@ def forms_of(model: Any) -> dict[str, str]:
     return {n: str(p["form"]) for n, p in plan.items() if p["form"] != "left out"}
 
 
+@dataclass
+class Offline:
+    """A file of a checkpoint as trained, made without the run's data: the reloaded file is
+    checked against the model on one input instead of on the validation and test images."""
+
+    data: bytes
+    file_name: str
+    max_diff: float  # largest difference of the outputs, model against reloaded file
+    val_acc: float | None  # the checkpoint's own record
+    snippet: str
+
+
+def build_offline(run: Any, which: str, fmt: str) -> Offline:
+    """The run's ``which`` checkpoint as trained (factors merged) in format ``fmt`` ("onnx" or
+    a safetensors one: nothing is cut, so both are the same file), for a run whose data is
+    not on this machine (:meth:`lorita.runs.Run.as_trained`)."""
+    import torch
+
+    import lorita as lt
+
+    model, example, val_acc = run.as_trained(which)
+    file_name = run.name + SUFFIX[fmt]
+    x = (
+        example.expand(4, *example.shape[1:])
+        .clone()
+        .normal_(generator=torch.Generator().manual_seed(0))
+    )
+    with tempfile.TemporaryDirectory(prefix="lorita-export-") as tmp:
+        path = Path(tmp) / file_name
+        if fmt == "onnx":
+            lt.export_onnx(model, example, path)
+            reloaded = OnnxModule(path)
+        else:
+            meta = {"run": run.name, "policy": "none", "val_acc": val_acc}
+            lt.save(model, path, metadata=meta, fold_bn=True)
+            reloaded = lt.load(path).eval()
+        with torch.no_grad():
+            diff = float((model(x) - reloaded(x)).abs().max())
+        data = path.read_bytes()
+    return Offline(data, file_name, diff, val_acc, snippet(fmt, file_name))
+
+
 def snippet(fmt: str, file_name: str) -> str:
     """The few lines that load the downloaded file."""
     if fmt == "onnx":

@@ -1452,19 +1452,13 @@ def _as_trained(args):
     checkpoint as trained, read without its dataset: the model records its input shape and the
     checkpoint its validation accuracy. None when either is missing (the dataset is read
     instead)."""
-    import torch
-
-    from .convert import merge_model
-    from .export import read_spec
-
     run = _get_run(args, args.run)
     _require_checkpoint(run, args.which)
-    val_acc = read_spec(run.checkpoint(args.which))["metadata"].get("val_acc")
-    model = merge_model(run.load_model(args.which)).eval()
-    shape = getattr(model, "lorita_input_shape", None)
-    if shape is None or val_acc is None:
+    try:
+        model, example, val_acc = run.as_trained(args.which)
+    except ValueError:  # no input shape recorded
         return None
-    return run.name, model, torch.zeros(1, *shape), val_acc
+    return None if val_acc is None else (run.name, model, example, val_acc)
 
 
 def cmd_export(args) -> int:

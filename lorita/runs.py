@@ -342,6 +342,22 @@ class Run:
             raise ValueError(f"run {self.name!r}: no {which} checkpoint at {path}")
         return load(str(path)).eval()
 
+    def as_trained(self, which: str = "best"):
+        """(merged model, one example input, the checkpoint's validation accuracy or None) of a
+        checkpoint as trained, read without the run's dataset: the model records its input
+        shape. ValueError when the checkpoint is missing or its model records no input shape."""
+        import torch
+
+        from .convert import merge_model
+        from .export import read_spec
+
+        model = merge_model(self.load_model(which)).eval()
+        shape = getattr(model, "lorita_input_shape", None)
+        if shape is None:
+            raise ValueError(f"run {self.name!r}: its model does not record its input shape")
+        val_acc = read_spec(self.checkpoint(which))["metadata"].get("val_acc")
+        return model, torch.zeros(1, *shape), val_acc
+
     def record_data(self) -> None:
         """Keep the digest of the run's dataset as it is now (a folder's files), so that a later
         read can tell whether it changed (:meth:`data_changed`); nothing for a fixed dataset."""

@@ -7,6 +7,7 @@ import streamlit as st
 from app import cache, jobs, latency, state, ui
 from app import compress as cz
 from app import export as ex
+from lorita.data import DatasetUnavailable
 
 
 @st.cache_resource(show_spinner="Writing the file and loading it back…", max_entries=16)
@@ -72,16 +73,15 @@ def main() -> None:
     if not mtime:
         st.warning(f"Run {name} has no {which} checkpoint.")
         return
-    session = cache.session(root, name, which)
+    try:
+        session = cache.session(root, name, which)
+    except DatasetUnavailable as exc:  # the run came without its images: as trained only
+        _offline(root, name, which, exc)
+        return
     if session.data_note:  # the accuracy shown after export is measured on other images
         st.warning(session.data_note, icon="⚠️")
 
-    options = {"full": "As trained (factors merged, nothing cut)"}
-    if choice and choice.get("run") == name and choice.get("which") == which:
-        options["compressed"] = "Compressed on the Compress page: " + cz.choice_text(choice)
-        ft = st.session_state.get(state.FINETUNED)
-        if ft and ft["key"] == cz.choice_token(choice):
-            options["finetuned"] = "Compressed and fine-tuned on the Compress page"
+    options = _model_options(choice, name, which)
     if st.session_state.get(state.EXPORT_MODEL) not in options:
         st.session_state[state.EXPORT_MODEL] = list(options)[-1 if len(options) < 3 else 1]
     pick = st.radio("Model", list(options), key=state.EXPORT_MODEL, format_func=options.get)
@@ -100,7 +100,59 @@ def main() -> None:
     _file(root, name, which, mtime, session, choice, pick, fmt, by, batch)
 
 
+@st.cache_resource(show_spinner="Writing the file and loading it back…", max_entries=8)
+def _offline_file(root: str, name: str, which: str, mtime: float, fmt: str) -> ex.Offline:
+    """One file per checkpoint file and format (the modification time keys a new one)."""
+    return ex.build_offline(jobs.store(root).get(name), which, fmt)
+
+
+def _model_options(choice: dict | None, name: str, which: str) -> dict[str, str]:
+    """The models this run's checkpoint can be exported as: as trained, and the cut (and
+    fine-tuned) one of the Compress page when it was made from this checkpoint."""
+    options = {"full": "As trained (factors merged, nothing cut)"}
+    if choice and choice.get("run") == name and choice.get("which") == which:
+        options["compressed"] = "Compressed on the Compress page: " + cz.choice_text(choice)
+        ft = st.session_state.get(state.FINETUNED)
+        if ft and ft["key"] == cz.choice_token(choice):
+            options["finetuned"] = "Compressed and fine-tuned on the Compress page"
+    return options
+
+
 _URL_CHOICE = (state.QUERY_POLICY, state.QUERY_VALUE, state.QUERY_WHICH)
+
+
+def _offline(root: str, name: str, which: str, exc: Exception) -> None:
+    """A run whose data is not here: its checkpoint as trained, checked on one input."""
+    st.warning(
+        f"{ui.one_line(exc)}. Without its data the run can be exported only as trained (nothing "
+        "cut), and the file is checked on one input instead of on the validation and test "
+        "images; to cut it, put the data back.",
+        icon="🗂️",
+    )
+    offline = {k: v for k, v in ex.formats().items() if k in ("low_rank", "onnx")}
+    state.setdefault(state.EXPORT_FORMAT, "low_rank")
+    if st.session_state.get(state.EXPORT_FORMAT) not in offline:
+        st.session_state[state.EXPORT_FORMAT] = "low_rank"
+    fmt = st.radio(
+        "Format", list(offline), key=state.EXPORT_FORMAT,
+        format_func=lambda f: "safetensors" if f == "low_rank" else offline[f],
+    )  # fmt: skip
+    try:
+        built = _offline_file(root, name, which, cz.checkpoint_mtime(name, which, root), fmt)
+    except ValueError as exc2:
+        st.error(f"Cannot export: {ui.one_line(exc2)}", icon="🚫")
+        return
+    recorded = ui.fmt_pct(built.val_acc, 2) if built.val_acc is not None else "not recorded"
+    st.success(
+        f"Reloaded from the file: outputs within {built.max_diff:.1e} of the model's on one "
+        f"input. Validation accuracy recorded in the checkpoint: {recorded}."
+    )
+    st.download_button(
+        f"Download {built.file_name}", data=built.data, file_name=built.file_name,
+        mime=ex.MIME[fmt], key="export.download", on_click="ignore", type="primary", icon="📦",
+    )  # fmt: skip
+    st.markdown("**Load it**")
+    st.code(built.snippet, language="python")
 
 
 def _choice_to_url(choice: dict | None) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from app_seed import N1, N3, ROOT, shown_charts
 from streamlit.testing.v1 import AppTest
@@ -315,9 +317,8 @@ def test_runs_empty(empty_runs):
 # --- compress ---------------------------------------------------------------------------------
 
 
-def test_compress_and_export_say_when_the_runs_folder_changed_since_it_trained(
-    runs_dir, tmp_path, monkeypatch
-):
+def _folder_run(runs: Path, tmp_path: Path, monkeypatch, name: str):
+    """(image folder, finished run) of a tiny MLP trained on two classes of 8x8 images."""
     import numpy as np
     from PIL import Image
 
@@ -335,13 +336,51 @@ def test_compress_and_export_say_when_the_runs_folder_changed_since_it_trained(
         dataset=f"folder:{root}", dataset_kwargs={"size": 8}, model_kwargs={"width": 8},
         epochs=1, spectra_every=0,
     ).to_dict()  # fmt: skip
-    run = RunStore(runs_dir).create(cfg, name="pics")
+    run = RunStore(runs).create(cfg, name=name)
     assert lt.train(cfg, run)["state"] == "completed"
+    return root, run
+
+
+def test_compress_and_export_say_when_the_runs_folder_changed_since_it_trained(
+    runs_dir, tmp_path, monkeypatch
+):
+    import numpy as np
+    from PIL import Image
+
+    root, _ = _folder_run(runs_dir, tmp_path, monkeypatch, "pics")
     Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(root / "b" / "new.png")
     for page in ("compress", "export"):
         at = open_page(page, run="pics")
         assert not at.exception and not at.error
         assert any("the folder changed since run 'pics'" in w.value for w in at.warning), page
+
+
+def test_export_of_a_run_whose_images_are_gone_offers_it_as_trained(
+    empty_runs, tmp_path, monkeypatch
+):
+    """A run copied without its images: the Export page says so and still writes the model as
+    trained (no cut needs data), checked against the checkpoint's model on one input."""
+    import torch
+
+    import lorita as lt
+    from app import export as ex
+
+    root, run = _folder_run(empty_runs, tmp_path, monkeypatch, "away")
+    root.rename(tmp_path / "elsewhere")
+    at = open_page("export", run="away")
+    assert not at.exception and not at.error
+    assert any("does not exist" in w.value and "as trained" in w.value for w in at.warning)
+    assert any("Reloaded from the file" in m.value for m in at.success)
+    assert at.get("download_button")  # the file is offered
+    for fmt in ("low_rank", "onnx"):
+        built = ex.build_offline(run, "best", fmt)
+        assert built.max_diff < 1e-5 and built.file_name.startswith("away")
+    built = ex.build_offline(run, "best", "low_rank")
+    path = tmp_path / built.file_name
+    path.write_bytes(built.data)
+    x = torch.randn(3, 3, 8, 8)
+    want = lt.merge_model(run.load_model("best")).eval()(x)
+    torch.testing.assert_close(lt.load(path).eval()(x), want, rtol=1e-4, atol=1e-5)
 
 
 def test_compress_slider_changes_the_numbers(runs_dir):
