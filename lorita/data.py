@@ -56,6 +56,8 @@ __all__ = [
     "validate_dataset",
 ]
 
+VAL_FRACTION = 0.1  # the share of the training part held out for validation, by default
+
 # The most memory one dataset may hold (inputs as stored: uint8 images or float32 tensors).
 # Options that would need more are refused before anything is allocated.
 MAX_DATA_BYTES = 4 << 30
@@ -395,7 +397,7 @@ def load_dataset(
     name: str,
     *,
     root: str | os.PathLike | None = None,
-    val_fraction: float = 0.1,
+    val_fraction: float = VAL_FRACTION,
     seed: int = 0,
     augment: bool = False,
     normalize: bool = True,
@@ -429,7 +431,7 @@ def load_dataset(
     entry, _ = dataset_entry(name)
     raw = entry.load(name, data_root(root), download, **options)
     if raw.xv is None:
-        n_val = max(1, int(round(len(raw.x) * val_fraction)))
+        n_val = _held_out(len(raw.x), val_fraction)
         if len(raw.x) - n_val < 1:
             raise ValueError(
                 f"dataset {name!r}: {len(raw.x)} training samples are too few to hold out "
@@ -1050,8 +1052,13 @@ def _folder_refuse_if_too_big(name: str, scan: _FolderScan, size: int, channels:
 def _carve(n: int, share: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(held-out indices, kept indices), each sorted; at least one held out."""
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    k = max(1, int(round(n * share)))
+    k = _held_out(n, share)
     return perm[:k].sort().values, perm[k:].sort().values
+
+
+def _held_out(n: int, share: float) -> int:
+    """How many of ``n`` samples a split holding out ``share`` of them takes (at least one)."""
+    return max(1, int(round(n * share)))
 
 
 _CACHE_VERSION = 2  # 2: 16-bit and float images scaled, not clipped
@@ -1162,8 +1169,8 @@ def _check_folder(name: str, root: Path, download: bool, **o) -> str:
     n = {k: len(v) for k, v in scan.parts.items()}
     parts = ", ".join(f"{k} {v}" for k, v in n.items())
     note = f"folder {scan.root}: {len(scan.classes)} classes, {scan.count()} images ({parts})"
-    n_test = n.get("test") or max(1, round(n["train"] * o["test_fraction"]))
-    n_val = n.get("val") or max(1, round((n["train"] - (0 if "test" in n else n_test)) * 0.1))
+    n_test = n.get("test") or _held_out(n["train"], o["test_fraction"])
+    n_val = n.get("val") or _held_out(n["train"] - (0 if "test" in n else n_test), VAL_FRACTION)
     few = few_to_measure(n_val, n_test, len(scan.classes))
     if few:
         note += "; " + few.replace("validation holds", "validation would hold about", 1)

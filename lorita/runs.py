@@ -125,11 +125,11 @@ def _process_started(pid: int) -> float | None:
 
 def load_splits(config: dict):
     """The dataset splits of a run config (dict), with its validation carve-out."""
-    from .data import load_dataset
+    from .data import VAL_FRACTION, load_dataset
 
     return load_dataset(
         config["dataset"],
-        val_fraction=config.get("val_fraction", 0.1),
+        val_fraction=config.get("val_fraction", VAL_FRACTION),
         seed=config.get("split_seed", 0),
         augment=config.get("augment", False),
         normalize=config.get("normalize", True),

@@ -78,7 +78,7 @@ class TrainConfig:
     )
     dataset_kwargs: dict = _opt({}, "dataset options (lowrank: rank, ...)", "dict")
     val_fraction: float = _opt(
-        0.1,
+        data_mod.VAL_FRACTION,
         "share of the training data held out for validation",
         "float",
         min=0,
