@@ -962,23 +962,31 @@ _ONNX_LOGS = threading.Lock()  # one ONNX export at a time while its logs are he
 
 
 @contextmanager
-def _exporter_log_off():
-    """torch's TorchScript exporter switches its C++ log on for every export (it tests the
-    function ``_jit_is_onnx_log_enabled``, always true, instead of calling it): a model it
-    cannot export prints its whole graph (hundreds of lines) before the torch.export path
-    takes over. Hold the log off while it runs."""
+def _exporters_quiet():
+    """Hold off what the exporters print on the terminal besides Python warnings, one export
+    at a time (both are process-wide switches, given back afterwards):
+
+    - torch's TorchScript exporter switches its C++ log on for every export (it tests the
+      function ``_jit_is_onnx_log_enabled``, always true, instead of calling it): a model it
+      cannot export prints its whole graph (hundreds of lines) before torch.export takes over;
+    - torch.export's graph optimiser (onnxscript) logs a warning per operator it leaves as it
+      is ("Skipping constant folding for op Split"), printed when nothing handles it.
+    """
     try:
         from torch.onnx._internal.torchscript_exporter import utils as exporter
-    except ImportError:  # another torch: nothing to hold off
-        yield
-        return
+    except ImportError:  # another torch: no such log to hold off
+        exporter = None
+    optimiser = logging.getLogger("onnxscript")
     with _ONNX_LOGS:
         original = getattr(exporter, "setup_onnx_logging", None)
         if original is not None:
             exporter.setup_onnx_logging = lambda verbose: nullcontext()
+        level = optimiser.level
+        optimiser.setLevel(max(level, logging.ERROR))
         try:
             yield
         finally:
+            optimiser.setLevel(level)
             if original is not None:
                 exporter.setup_onnx_logging = original
 
@@ -986,32 +994,22 @@ def _exporter_log_off():
 def _onnx_torchscript(model: nn.Module, x: inputs.Example, path: Path, opset: int) -> None:
     names = onnx_input_names(x)
     axes = {name: {0: "batch"} for name in names} | {"output": {0: "batch"}}
-    with _exporter_log_off():
-        torch.onnx.export(
-            model, inputs.as_args(x), path, kwargs=inputs.as_kwargs(x) or None,
-            dynamic_axes=axes, dynamo=False, verbose=False, opset_version=opset,
-            input_names=names, output_names=["output"],
-        )  # fmt: skip
+    torch.onnx.export(
+        model, inputs.as_args(x), path, kwargs=inputs.as_kwargs(x) or None, dynamic_axes=axes,
+        dynamo=False, verbose=False, opset_version=opset, input_names=names,
+        output_names=["output"],
+    )  # fmt: skip
 
 
 def _onnx_dynamo(model: nn.Module, x: inputs.Example, path: Path, opset: int) -> None:
     batch = torch.export.Dim("batch", min=1)
     args, kwargs = inputs.as_args(x), inputs.as_kwargs(x)
     shapes = {k: {0: batch} for k in kwargs} if kwargs else tuple({0: batch} for _ in args)
-    # its graph optimiser logs a warning per operator it leaves as it is ("Skipping constant
-    # folding for op Split"), printed on the terminal when nothing handles it: errors only
-    optimiser = logging.getLogger("onnxscript")
-    with _ONNX_LOGS:
-        level = optimiser.level
-        optimiser.setLevel(max(level, logging.ERROR))
-        try:
-            torch.onnx.export(
-                model, args, path, kwargs=kwargs or None, dynamic_shapes=shapes, dynamo=True,
-                external_data=False, verbose=False, opset_version=opset,
-                input_names=onnx_input_names(x), output_names=["output"],
-            )  # fmt: skip
-        finally:
-            optimiser.setLevel(level)
+    torch.onnx.export(
+        model, args, path, kwargs=kwargs or None, dynamic_shapes=shapes, dynamo=True,
+        external_data=False, verbose=False, opset_version=opset,
+        input_names=onnx_input_names(x), output_names=["output"],
+    )  # fmt: skip
 
 
 def export_onnx(
@@ -1045,7 +1043,7 @@ def export_onnx(
     with torch.no_grad(), inputs.refused():  # a clear error before the exporter's own
         inputs.call(deploy, x)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _exporters_quiet():
             warnings.simplefilter("ignore")  # exporter chatter; failures still raise
             if dynamo:
                 _onnx_dynamo(deploy, x, tmp, opset)
