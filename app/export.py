@@ -284,8 +284,6 @@ def build_offline(run: Any, which: str, fmt: str) -> Offline:
     not on this machine (:meth:`lorita.runs.Run.as_trained`)."""
     import torch
 
-    import lorita as lt
-
     model, example, val_acc = run.as_trained(which)
     file_name = run.name + SUFFIX[fmt]
     x = (
@@ -293,19 +291,27 @@ def build_offline(run: Any, which: str, fmt: str) -> Offline:
         .clone()
         .normal_(generator=torch.Generator().manual_seed(0))
     )
+    meta = {"run": run.name, "policy": "none", "val_acc": val_acc}
     with tempfile.TemporaryDirectory(prefix="lorita-export-") as tmp:
         path = Path(tmp) / file_name
-        if fmt == "onnx":
-            lt.export_onnx(model, example, path)
-            reloaded = OnnxModule(path)
-        else:
-            meta = {"run": run.name, "policy": "none", "val_acc": val_acc}
-            lt.save(model, path, metadata=meta, fold_bn=True)
-            reloaded = lt.load(path).eval()
+        reloaded = _write_and_reload(model, example, path, fmt, meta)
         with torch.no_grad():
             diff = float((model(x) - reloaded(x)).abs().max())
         data = path.read_bytes()
     return Offline(data, file_name, diff, val_acc, snippet(fmt, file_name))
+
+
+def _write_and_reload(model: Any, example: Any, path: Path, fmt: str, meta: dict | None) -> Any:
+    """Write ``model`` to ``path`` in format ``fmt`` and load the file back (an onnxruntime
+    session for ONNX); a safetensors file is for inference, as `lorita export` writes one:
+    BatchNorm folded into its layer."""
+    import lorita as lt
+
+    if fmt == "onnx":
+        lt.export_onnx(model, example, path)
+        return OnnxModule(path)
+    lt.save(model, path, metadata=meta or {}, fold_bn=True)
+    return lt.load(path).eval()
 
 
 def snippet(fmt: str, file_name: str) -> str:
@@ -337,8 +343,6 @@ def build(
     meta: dict[str, Any] | None = None,
 ) -> Built:
     """Write ``model`` in format ``fmt``, reload the file, evaluate both; return the bytes."""
-    import lorita as lt
-
     if fmt not in FORMATS:
         raise ValueError(f"format: {fmt!r}; allowed: {', '.join(FORMATS)}")
     t0 = time.perf_counter()
@@ -347,13 +351,7 @@ def build(
     file_name = base_name + SUFFIX[fmt]
     with tempfile.TemporaryDirectory(prefix="lorita-export-") as tmp:
         path = Path(tmp) / file_name
-        if fmt == "onnx":
-            lt.export_onnx(model, session.example_input, path)
-            reloaded_model = OnnxModule(path)
-        else:
-            # an inference file, as `lorita export` writes one: BatchNorm folded into its layer
-            lt.save(model, path, metadata=meta or {}, fold_bn=True)
-            reloaded_model = lt.load(path).eval()
+        reloaded_model = _write_and_reload(model, session.example_input, path, fmt, meta)
         data = path.read_bytes()
         reloaded = cz.evaluate(session, reloaded_model)
     return Built(

@@ -147,12 +147,7 @@ def _offline(root: str, name: str, which: str, exc: Exception) -> None:
         f"Reloaded from the file: outputs within {built.max_diff:.1e} of the model's on one "
         f"input. Validation accuracy recorded in the checkpoint: {recorded}."
     )
-    st.download_button(
-        f"Download {built.file_name}", data=built.data, file_name=built.file_name,
-        mime=ex.MIME[fmt], key="export.download", on_click="ignore", type="primary", icon="📦",
-    )  # fmt: skip
-    st.markdown("**Load it**")
-    st.code(built.snippet, language="python")
+    _offer(built, fmt)
 
 
 def _choice_to_url(choice: dict | None) -> None:
@@ -251,6 +246,14 @@ def _file(root, name, which, mtime, session, choice, pick, fmt, by, batch) -> No
             f"The reloaded model differs by {100 * built.max_diff:.2f} points "
             "(floating-point rounding in the runtime flips a few borderline predictions)."
         )
+    _offer(built, fmt)
+    if used is not None:  # last: once it shows, the download button above is this run's
+        _forms(session, model, fmt, by, batch)
+        _latency(session, model, fmt, by, batch)
+
+
+def _offer(built, fmt: str) -> None:
+    """The download button of a written file, and the few lines that load it."""
     st.download_button(
         f"Download {built.file_name}",
         data=built.data,
@@ -263,9 +266,6 @@ def _file(root, name, which, mtime, session, choice, pick, fmt, by, batch) -> No
     )
     st.markdown("**Load it**")
     st.code(built.snippet, language="python")
-    if used is not None:  # last: once it shows, the download button above is this run's
-        _forms(session, model, fmt, by, batch)
-        _latency(session, model, fmt, by, batch)
 
 
 main()
