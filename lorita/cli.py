@@ -1064,6 +1064,7 @@ def cmd_stop(args) -> int:
 
 
 def cmd_models(args) -> int:
+    from .engine.config import format_options
     from .models import list_models, model_options
 
     if args.name is None:
@@ -1087,9 +1088,21 @@ def cmd_models(args) -> int:
         return 0
     print(f"{args.name}: --model-arg KEY=VALUE for (default)")
     for key, default in options.items():
-        shown = default if isinstance(default, bool | int | float | str | None) else "(object)"
-        print(f"  {key}={json.dumps(shown) if not isinstance(shown, str) else shown}")
+        try:
+            shown = format_options({key: _plain(default)})
+        except TypeError:  # a function or an object the model makes: no text gives it
+            shown = f"{key}=(set by the model)"
+        print(f"  {shown}")
     return 0
+
+
+def _plain(value):
+    """``value`` as JSON data (a tuple as a list); TypeError for anything else."""
+    if isinstance(value, tuple | list):
+        return [_plain(v) for v in value]
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    raise TypeError(type(value).__name__)
 
 
 # --------------------------------------------------------------------------- compress

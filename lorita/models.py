@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import threading
 import warnings
 from collections import OrderedDict
 
@@ -405,17 +406,68 @@ _NOT_OPTIONS = (
 )
 
 
+def _written_as_text(hint) -> bool:
+    """Whether a value of type ``hint`` can be written in a ``key=value`` item: not a
+    function, a class or a module (resnet's ``norm_layer``, vit's ``conv_stem_configs``)."""
+    import collections.abc
+    import types
+    import typing
+
+    origin = typing.get_origin(hint)
+    if origin is not None:
+        if origin in (collections.abc.Callable, type):
+            return False
+        args = [a for a in typing.get_args(hint) if a is not Ellipsis]
+        if origin in (typing.Union, types.UnionType):  # timm's act_layer: str | Callable
+            return any(_written_as_text(a) for a in args if a is not type(None))
+        return all(_written_as_text(a) for a in args)
+    if hint in (typing.Any, type(None)) or isinstance(hint, typing.TypeVar):
+        return True
+    if hint is collections.abc.Callable or hint is type:
+        return False
+    if not isinstance(hint, type):
+        return True
+    named = hasattr(hint, "_fields")  # a NamedTuple: vit's ConvStemConfig
+    return issubclass(hint, int | float | str | list | tuple | dict) and not named
+
+
 def _params(fn) -> dict:
-    """``{name: default or None}`` of ``fn``'s named parameters that could be options."""
+    """``{name: default or None}`` of ``fn``'s named parameters that could be options: not
+    the shape (num_classes...), not ``*args``/``**kwargs``, and not those whose annotation
+    says a value no ``key=value`` item can write (a function, a class, a module)."""
+    import typing
+
     try:
         params = inspect.signature(fn).parameters
     except (TypeError, ValueError):
         return {}
+    try:
+        hints = typing.get_type_hints(fn)
+    except Exception:  # noqa: BLE001 - unresolvable annotations: keep every parameter
+        hints = {}
     return {
         k: (None if p.default is p.empty else p.default)
         for k, p in params.items()
-        if k not in _NOT_OPTIONS and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
+        if k not in _NOT_OPTIONS
+        and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
+        and _written_as_text(hints.get(k, typing.Any))
+        and not callable(p.default)
     }
+
+
+def check_option_types(name: str, kw: dict, defaults: dict, field: str = "model options") -> None:
+    """ValueError naming the option whose value is not of its default's kind: ``true`` or
+    ``false`` for a switch (a text like ``maybe`` would count as on), a number for a number."""
+    for k, v in kw.items():
+        d = defaults.get(k)
+        if isinstance(d, bool):
+            ok, want = isinstance(v, bool), "true or false"
+        elif isinstance(d, int | float):
+            ok, want = not isinstance(v, bool | str), "a number"
+        else:
+            continue
+        if not ok:
+            raise ValueError(f"{field}: {k}={v!r} for {name!r}; expected {want} (default {d!r})")
 
 
 def _kwargs_helpers(builder) -> list:
@@ -467,6 +519,61 @@ def _builder_takes(builder, option: str, value) -> bool:
     return True
 
 
+class _Bound(Exception):
+    """Raised by :func:`_class_arguments`'s stand-in ``__init__`` once it has the arguments."""
+
+
+_BINDING = threading.Lock()
+
+
+def _class_arguments(cls: type, build) -> dict:
+    """The arguments ``build()`` passes to ``cls`` (the builder's own settings: timm's
+    vit_tiny_patch16_224 gives embed_dim=192 where the class's default is 768), caught when
+    ``cls.__init__`` is called and the build stopped there: nothing is built. Tried on the
+    meta device, then on the CPU (a builder that computes its settings with tensors); {} if
+    the build fails before reaching the class."""
+    init = cls.__init__
+    caught: dict = {}
+
+    me = threading.get_ident()
+
+    def stand_in(self, *args, **kwargs):
+        if threading.get_ident() != me:  # another thread building one: let it
+            return init(self, *args, **kwargs)
+        bound = inspect.signature(init).bind(self, *args, **kwargs)
+        bound.apply_defaults()
+        for key, value in list(bound.arguments.items())[1:]:
+            kind = inspect.signature(init).parameters[key].kind
+            caught.update(value if kind is inspect.Parameter.VAR_KEYWORD else {key: value})
+        raise _Bound
+
+    with _BINDING:
+        own = cls.__dict__.get("__init__")  # None: cls inherits its __init__
+        cls.__init__ = stand_in
+        try:
+            for device in ("meta", "cpu"):
+                try:
+                    with warnings.catch_warnings(), torch.device(device):
+                        warnings.simplefilter("ignore")
+                        build()
+                except _Bound:
+                    break
+                except Exception:  # noqa: BLE001 - not reached on this device: try the next
+                    continue
+        finally:
+            if own is None:
+                del cls.__init__
+            else:
+                cls.__init__ = own
+    return caught
+
+
+def _with_builder_defaults(options: dict, cls: type | None, build) -> dict:
+    """``options`` with each default replaced by the value the builder gives the class."""
+    given = _class_arguments(cls, build) if cls is not None else {}
+    return {k: given.get(k, v) for k, v in options.items()}
+
+
 @functools.lru_cache(maxsize=128)
 def _torchvision_options(name: str) -> dict:
     """The options of torchvision's builder ``name`` and their defaults: the parameters of the
@@ -478,7 +585,8 @@ def _torchvision_options(name: str) -> dict:
     for helper in _kwargs_helpers(builder):
         for k, v in _params(helper).items():
             candidates.setdefault(k, v)
-    return {k: v for k, v in candidates.items() if _builder_takes(builder, k, v)}
+    options = {k: v for k, v in candidates.items() if _builder_takes(builder, k, v)}
+    return _with_builder_defaults(options, cls, lambda: builder(weights=None, num_classes=10))
 
 
 @functools.lru_cache(maxsize=64)
@@ -495,6 +603,20 @@ def _timm_class(name: str):
         return None
 
 
+@functools.lru_cache(maxsize=64)
+def _timm_options(name: str) -> dict:
+    """The parameters of the class timm builds for ``name``, with the builder's values."""
+    import timm
+
+    cls = _timm_class(name)
+    if cls is None:
+        return {}
+    options = _params(cls.__init__)
+    return _with_builder_defaults(
+        options, cls, lambda: timm.create_model(name, pretrained=False, num_classes=10)
+    )
+
+
 def model_options(name: str) -> dict:
     """The options of a model and their defaults (besides in_channels/image_size/num_classes)."""
     _check_known(name)
@@ -502,8 +624,7 @@ def model_options(name: str) -> dict:
     if ext is not None:
         if ext[0] == "torchvision":
             return dict(_torchvision_options(ext[1]))
-        cls = _timm_class(ext[1])
-        return _params(cls.__init__) if cls is not None else {}
+        return dict(_timm_options(ext[1]))
     cls, preset = _REGISTRY[name]
     params = inspect.signature(cls.__init__).parameters
     out = {
@@ -610,6 +731,7 @@ def create_model(
         if num_classes is not None:
             _positive_int("num_classes", num_classes)
             _check_bounded({"num_classes": num_classes})
+        check_option_types(name, kw, model_options(name))
         model = _create_external(name, in_channels, image_size, num_classes, kw)
         given = {"in_channels": in_channels, "image_size": image_size, "num_classes": num_classes}
         kwargs = {k: v for k, v in given.items() if v is not None}
@@ -627,6 +749,7 @@ def create_model(
         raise ValueError(
             f"model options: unknown {sorted(unknown)} for {name!r}; allowed: {', '.join(allowed)}"
         )
+    check_option_types(name, kw, allowed)
     cls, _ = _REGISTRY[name]
     opts = {**allowed, **kw}
     model = cls(in_channels=in_channels, image_size=image_size, num_classes=num_classes, **opts)

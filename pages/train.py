@@ -32,7 +32,7 @@ _OPTION_HELP = {  # each options box: its placeholder and what it takes
         "width_mult=0.5",
         "E.g. width=128 (mlp), width_mult=0.5 (torchvision:mobilenet_v3_small), "
         "drop_path_rate=0.1 (timm). The preset's options are dropped when you pick another "
-        "model.",
+        "model. A model's options and their defaults: `python -m lorita models NAME`.",
     ),
 }
 LIVE_EVERY_S = 1.0

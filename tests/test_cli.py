@@ -1,5 +1,6 @@
 """The command line: training, listing, compressing, exporting, and one-line errors."""
 
+import importlib.util
 import json
 import os
 import shutil
@@ -693,3 +694,7 @@ def test_models_lists_the_models_and_one_models_options(capsys):
     assert "  width=256" in capsys.readouterr().out.splitlines()
     assert main(["models", "alexnet2"]) == 2
     assert "model: unknown name 'alexnet2'" in capsys.readouterr().err
+    if importlib.util.find_spec("timm"):  # lists and texts as --model-arg reads them back
+        assert main(["models", "timm:resnet10t"]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        assert "  channels=[64, 128, 256, 512]" in lines and "  stem_type=deep_tiered" in lines

@@ -146,6 +146,51 @@ def test_a_torchvision_builders_own_option_is_refused_with_the_allowed_ones():
     ).model_kwargs == {"width_mult": 0.5}
 
 
+def test_options_no_key_value_item_can_write_are_not_listed():
+    """A function, a class or a named tuple (resnet's norm_layer, vit's conv_stem_configs)
+    cannot be written as ``key=value``: not offered, and refused as unknown."""
+    assert "norm_layer" not in model_options("torchvision:resnet18")
+    assert "replace_stride_with_dilation" in model_options("torchvision:resnet18")
+    assert "conv_stem_configs" not in model_options("torchvision:vit_b_16")
+    cfg = {"model": "torchvision:resnet18", "model_kwargs": {"norm_layer": "foo"}}
+    with pytest.raises(ValueError, match=r"\['norm_layer'\] is not allowed"):
+        lt.TrainConfig.from_dict(cfg)
+
+
+@pytest.mark.parametrize(
+    ("model", "kw", "match"),
+    [
+        ("mlp", {"batchnorm": "maybe"}, r"batchnorm='maybe' for 'mlp'; expected true or false"),
+        ("mlp", {"dropout": "x"}, r"dropout='x' for 'mlp'; expected a number"),
+        ("mlp", {"depth": True}, r"depth=True for 'mlp'; expected a number"),
+        ("torchvision:resnet18", {"zero_init_residual": "yes"}, r"expected true or false"),
+        ("torchvision:mobilenet_v3_small", {"width_mult": "half"}, r"expected a number"),
+    ],
+)
+def test_an_option_of_the_wrong_kind_is_named(model, kw, match):
+    """A text where a switch or a number is expected would be taken as on (or fail deep in
+    the model): refused by the config and by create_model, naming the option."""
+    with pytest.raises(ValueError, match=r"model_kwargs: .*" + match):
+        lt.TrainConfig.from_dict({"model": model, "model_kwargs": kw})
+    with pytest.raises(ValueError, match=r"model options: .*" + match):
+        create_model(model, in_channels=1, image_size=8, num_classes=3, **kw)
+    assert lt.TrainConfig.from_dict({"model": "mlp", "model_kwargs": {"dropout": 0}})
+
+
+def test_the_listed_defaults_are_the_builders_own_and_nothing_is_left_patched():
+    """A builder passes its own settings to the class (timm's vit_tiny: embed_dim=192, the
+    class says 768): the listed default is what the builder gives, read without building."""
+    timm = pytest.importorskip("timm")
+    opts = model_options("timm:vit_tiny_patch16_224")
+    assert (opts["embed_dim"], opts["num_heads"], opts["depth"]) == (192, 3, 12)
+    assert model_options("timm:resnet10t")["stem_type"] == "deep_tiered"
+    cls = type(create_model("timm:vit_tiny_patch16_224", num_classes=3, image_size=32))
+    assert "__init__" in cls.__dict__ and cls.__init__.__qualname__.startswith(cls.__name__)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=3)
+    assert model.embed_dim == 192  # the class builds as before
+    assert model_options("torchvision:regnet_x_400mf") == {"stem_width": 32}
+
+
 def test_timm_models_by_name_when_installed():
     pytest.importorskip("timm")
     m = create_model("timm:resnet10t", num_classes=4, in_channels=1).eval()

@@ -432,6 +432,7 @@ def validate(c: TrainConfig) -> None:
             unknown,
             f"options of {c.model!r}: {', '.join(allowed)}" + (f" ({why})" if why else ""),
         )
+    models_mod.check_option_types(c.model, c.model_kwargs, allowed, "model_kwargs")
     _check_device(c.device)
     if c.warmup and c.schedule == "plateau":
         raise _bad("warmup", c.warmup, "0 with schedule 'plateau' (it follows validation)")
