@@ -38,8 +38,14 @@ def test_train_watch_compress_export(app_server, page, tmp_path):  # noqa: PLR09
     nav = page.locator('[data-testid="stSidebarNav"] a')
     nav.filter(has_text=re.compile("Theory")).first.wait_for(timeout=30_000)  # not "theory"
     assert nav.filter(has_text="streamlit app").count() == 0  # navigation, not folder listing
+    before = {p.name for p in runs.iterdir()} if runs.exists() else set()  # other tests' runs
     page.get_by_role("button", name="Start training").click()
-    page.wait_for_url(re.compile(r"[?&]run="), timeout=60_000)
+
+    def started(url: str) -> bool:  # the page follows the run it just started
+        found = re.search(r"[?&]run=([^&]+)", url)
+        return found is not None and found.group(1) not in before
+
+    page.wait_for_url(started, timeout=60_000)
     name = re.search(r"[?&]run=([^&]+)", page.url).group(1)
     deadline = time.time() + 60  # the training child makes its folder once torch is imported
     while not (runs / name).exists():
