@@ -308,6 +308,15 @@ def _write_and_reload(model: Any, example: Any, path: Path, fmt: str, meta: dict
     import lorita as lt
 
     if fmt == "onnx":
+        from lorita.export import ONNX_INLINE_BYTES, tensor_bytes
+
+        size = tensor_bytes(model)
+        if size > ONNX_INLINE_BYTES:  # its weights would be a second file beside the graph
+            raise ValueError(
+                f"format onnx: the weights take {size / 2**30:.1f} GiB, more than one ONNX file "
+                "holds (2 GiB); download safetensors, or run `python -m lorita export RUN "
+                "--format onnx --out FILE.onnx`, which writes FILE.onnx and FILE.onnx.data"
+            )
         lt.export_onnx(model, example, path)
         return OnnxModule(path)
     lt.save(model, path, metadata=meta or {}, fold_bn=True)

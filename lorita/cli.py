@@ -1482,7 +1482,6 @@ def cmd_export(args) -> int:
         name, model, example, val_acc = light
         meta = {"run": name, "policy": "none", "val_acc": val_acc}
         _write_export(args, model, example, meta)
-        print(args.out)
         return 0
     cz = _compressor(args, cut=cut)
     if not cut:
@@ -1505,23 +1504,28 @@ def cmd_export(args) -> int:
         acc = cz.base if args.policy is None else cz.data.metrics(model)
         meta = {"run": cz.run, "policy": words, "val_acc": acc["val_acc"]}
     _write_export(args, model, cz.example_input, meta)
-    print(args.out)
     return 0
 
 
 def _write_export(args, model, example, meta: dict | None) -> None:
-    """``model`` to ``--out`` as ONNX or safetensors (with ``meta`` and the input shape)."""
+    """``model`` to ``--out`` as ONNX or safetensors (with ``meta`` and the input shape);
+    prints the file(s) written."""
     if args.format == "onnx":
-        from .export import export_onnx
+        from .export import export_onnx, onnx_data_path
 
         with _writing("--out"):
             export_onnx(model, example, args.out, fold_bn=args.fold_bn)
+        print(args.out)
+        data = onnx_data_path(args.out)
+        if data.exists():  # over 2 GiB of weights: export_onnx put them there
+            print(f"{data} (the weights: keep it beside {Path(args.out).name})")
     else:
         from .export import save
 
         shape = list(example.shape[1:])
         with _writing("--out"):
             save(model, args.out, input_shape=shape, metadata=meta, fold_bn=args.fold_bn)
+        print(args.out)
 
 
 # --------------------------------------------------------------------------- main

@@ -57,6 +57,7 @@ __all__ = [
     "read_spec",
     "model_spec",
     "export_onnx",
+    "onnx_data_path",
     "atomic_write_bytes",
     "LIMITS",
 ]
@@ -1001,15 +1002,53 @@ def _onnx_torchscript(model: nn.Module, x: inputs.Example, path: Path, opset: in
     )  # fmt: skip
 
 
-def _onnx_dynamo(model: nn.Module, x: inputs.Example, path: Path, opset: int) -> None:
+def _onnx_dynamo(
+    model: nn.Module, x: inputs.Example, path: Path, opset: int, external: bool = False
+) -> None:
     batch = torch.export.Dim("batch", min=1)
     args, kwargs = inputs.as_args(x), inputs.as_kwargs(x)
     shapes = {k: {0: batch} for k in kwargs} if kwargs else tuple({0: batch} for _ in args)
     torch.onnx.export(
         model, args, path, kwargs=kwargs or None, dynamic_shapes=shapes, dynamo=True,
-        external_data=False, verbose=False, opset_version=opset,
+        external_data=external, verbose=False, opset_version=opset,
         input_names=onnx_input_names(x), output_names=["output"],
     )  # fmt: skip
+
+
+# An ONNX file is one protobuf message, at most 2 GiB: a model whose tensors take more than
+# this (the graph needs some room too) keeps them in one file beside it, ``NAME.onnx.data``.
+ONNX_INLINE_BYTES = 2**31 - 2**27
+
+
+def onnx_data_path(path: str | os.PathLike) -> Path:
+    """Where :func:`export_onnx` puts the weights of a model too large for one ONNX file."""
+    path = Path(path)
+    return path.with_name(path.name + ".data")
+
+
+def tensor_bytes(model: nn.Module) -> int:
+    """Bytes of a model's parameters and buffers (a tensor shared by two layers once)."""
+    seen = {t.data_ptr(): t for t in [*model.parameters(), *model.buffers()]}
+    return sum(t.numel() * t.element_size() for t in seen.values())
+
+
+def _onnx_external(model: nn.Module, x: inputs.Example, path: Path, opset: int) -> None:
+    """Export to ``path`` with the weights in :func:`onnx_data_path` (the graph names that
+    file, so both are written under their final names in a private folder beside ``path``,
+    then moved: the weights first, the graph that points at them last)."""
+    import shutil
+    import tempfile
+
+    work = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        out = work / path.name
+        _onnx_dynamo(model, x, out, opset, external=True)
+        for f in (onnx_data_path(out), out):
+            _fsync_file(f)
+        os.replace(onnx_data_path(out), onnx_data_path(path))
+        os.replace(out, path)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def export_onnx(
@@ -1023,7 +1062,10 @@ def export_onnx(
 ) -> Path:
     """Export the deployable model (composed layers merged) to ONNX with a dynamic batch axis.
 
-    Written atomically. The graph takes ``input`` (and ``input_1``... when ``example_input``
+    Written atomically. A model whose weights take more than 2 GiB (the most one ONNX file
+    holds) is written by ``torch.export`` with its weights in one file beside it,
+    ``path`` + ``.data`` (:func:`onnx_data_path`; onnxruntime reads it from the same folder).
+    The graph takes ``input`` (and ``input_1``... when ``example_input``
     is a tuple: a model with several inputs) and returns ``output``. ``dynamo=False``
     (default) uses the TorchScript exporter, several times faster on CPU; ``dynamo=True`` uses
     ``torch.export``. ``fold_bn`` (default): BatchNorm folded into the layer before it, as
@@ -1042,9 +1084,13 @@ def export_onnx(
     deploy.eval()
     with torch.no_grad(), inputs.refused():  # a clear error before the exporter's own
         inputs.call(deploy, x)
+    external = tensor_bytes(deploy) > ONNX_INLINE_BYTES
     try:
         with warnings.catch_warnings(), _exporters_quiet():
             warnings.simplefilter("ignore")  # exporter chatter; failures still raise
+            if external:
+                _onnx_external(deploy, x, path, opset)
+                return path
             if dynamo:
                 _onnx_dynamo(deploy, x, tmp, opset)
             else:
@@ -1058,6 +1104,7 @@ def export_onnx(
                     _onnx_dynamo(deploy, x, tmp, opset)
         _fsync_file(tmp)
         os.replace(tmp, path)
+        onnx_data_path(path).unlink(missing_ok=True)  # the weights of the file just replaced
     except OSError as e:  # disk full, read-only: name the file meant, not the temporary one
         raise cannot_write(path, e) from e
     finally:

@@ -374,6 +374,18 @@ def test_export_safetensors_and_onnx(runs_dir, tmp_path, capsys):
         == 0
     )
     assert onnx_path.stat().st_size > 1000
+    assert capsys.readouterr().out.splitlines()[-1] == str(onnx_path)
+    import lorita.export as export
+
+    with pytest.MonkeyPatch.context() as mp:  # a model over 2 GiB: its weights beside the file
+        mp.setattr(export, "ONNX_INLINE_BYTES", 1000)
+        args = ["export", "r1", "--format", "onnx", "--out", str(onnx_path)]
+        assert main([*args, "--runs-dir", str(runs_dir)]) == 0
+    data = export.onnx_data_path(onnx_path)
+    assert capsys.readouterr().out.splitlines()[-2:] == [
+        str(onnx_path),
+        f"{data} (the weights: keep it beside m.onnx)",
+    ]
     _one_line_error(
         capsys,
         ["export", "r1", "--policy", "half", "--out", str(st), "--runs-dir", str(runs_dir)],

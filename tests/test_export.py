@@ -53,6 +53,30 @@ def test_onnx_reproduces_outputs(tmp_path):
     np.testing.assert_allclose(out, model(x).detach().numpy(), rtol=1e-4, atol=1e-5)
 
 
+def test_a_model_too_large_for_one_onnx_file_keeps_its_weights_beside_it(tmp_path, monkeypatch):
+    """ONNX files hold at most 2 GiB: a larger model's weights go to NAME.onnx.data (made so
+    here by lowering the limit).
+    Both files appear under their final names, no work folder is left, onnxruntime reads them;
+    a later small export to the same name removes the weights file it no longer uses."""
+    ort = pytest.importorskip("onnxruntime")
+    import lorita.export as export
+
+    model = lt.truncate(lt.overparameterize(net(), 3), lt.Uniform(0.5))
+    x = torch.randn(4, 1, 8, 8)
+    monkeypatch.setattr(export, "ONNX_INLINE_BYTES", 1000)
+    path = lt.export_onnx(model, x[:1], tmp_path / "m.onnx")
+    data = export.onnx_data_path(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data"]
+    assert data.stat().st_size > 1000  # the larger weights (torch keeps tiny ones inline)
+    (out,) = ort.InferenceSession(str(path)).run(None, {"input": x.numpy()})
+    np.testing.assert_allclose(out, model(x).detach().numpy(), rtol=1e-4, atol=1e-5)
+    monkeypatch.undo()
+    lt.export_onnx(model, x[:1], path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+    (out,) = ort.InferenceSession(str(path)).run(None, {"input": x.numpy()})
+    np.testing.assert_allclose(out, model(x).detach().numpy(), rtol=1e-4, atol=1e-5)
+
+
 def test_onnx_export_through_torch_export_prints_nothing(tmp_path, capfd):
     """An adaptive pool whose output does not divide its input: the TorchScript exporter
     fails and torch.export takes over. Neither prints on the terminal (torch's exporter turns

@@ -77,6 +77,21 @@ def test_export_snippets_name_the_file():
     assert 'InferenceSession("m.onnx")' in ex.snippet("onnx", "m.onnx")
 
 
+def test_an_onnx_download_too_large_for_one_file_says_what_to_do(tmp_path, monkeypatch):
+    """Over 2 GiB an ONNX export is two files; a download is one: refused before exporting,
+    naming safetensors and the command that writes both."""
+    import torch
+
+    import lorita.export as export
+
+    monkeypatch.setattr(export, "ONNX_INLINE_BYTES", 1000)
+    model = torch.nn.Sequential(torch.nn.Linear(40, 40), torch.nn.Linear(40, 3))
+    with pytest.raises(ValueError, match=r"format onnx: .* more than one ONNX file holds .*"
+                       r"download safetensors.*FILE.onnx.data"):  # fmt: skip
+        ex._write_and_reload(model, torch.randn(1, 40), tmp_path / "m.onnx", "onnx", None)
+    assert not list(tmp_path.iterdir())
+
+
 def test_a_cut_measured_when_the_run_completed_is_read_not_evaluated(runs_dir):
     from lorita import curves
 
