@@ -202,8 +202,8 @@ def like(old: nn.Module, new: nn.Module) -> nn.Module:
 
 
 def _svd_weight(svd: tuple[Tensor, Tensor, Tensor], rank: int) -> Tensor:
-    u, s, vh = svd
-    return (u[..., :, :rank] * s[..., None, :rank]) @ vh[..., :rank, :]  # (G, m, n)
+    u, s, vh = svd  # s may be kept in float64, the vectors in the weights' precision
+    return (u[..., :, :rank] * s[..., None, :rank].to(u.dtype)) @ vh[..., :rank, :]  # (G, m, n)
 
 
 class Kind:

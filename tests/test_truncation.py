@@ -560,3 +560,25 @@ def test_output_layer_guessed_from_registration_when_no_input_runs():
     cache = lt.layer_svd(Odd(), keep_head=True)
     assert list(cache.left_out) == ["b"] and "last layer registered" in cache.left_out["b"]
     assert list(cache.spectra) == ["a"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_svd_cache_keeps_its_vectors_in_the_weights_precision(dtype):
+    """Singular vectors computed in float64 are kept in the weights' precision (half the
+    memory for a float32 model), the values in float64; cuts from the cache, thin and dense,
+    match the best rank-r approximation computed in float64."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(40, 30), nn.ReLU(), nn.Linear(30, 5)).to(dtype)
+    cache = lt.layer_svd(model)
+    u, s, vh = cache.svd["0"]
+    assert (u.dtype, vh.dtype, s.dtype) == (dtype, dtype, torch.float64)
+    w = model[0].weight.detach().double()
+    u64, s64, vh64 = torch.linalg.svd(w, full_matrices=False)
+    best = (u64[:, :7] * s64[:7]) @ vh64[:7]
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    for form in ("low_rank", "dense"):
+        cut = lt.truncate(model, lt.Ranks({"0": 7}), svd=cache, form=form)
+        layer = cut[0]
+        got = layer.weight if form == "dense" else layer.second.weight @ layer.first.weight
+        assert got.dtype == dtype
+        assert torch.allclose(got.double(), best, atol=tol * float(s64[0]))
