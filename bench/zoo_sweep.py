@@ -230,6 +230,7 @@ def _compose(model: nn.Module) -> tuple[str, nn.Module]:
 
 
 def _run(results: dict, check: str, fn, *args):
+    print(f"running {check}", file=sys.stderr, flush=True)  # where a killed child was
     t0 = time.perf_counter()
     try:
         out = fn(*args)
@@ -310,8 +311,22 @@ def run_isolated(name: str, timeout: float) -> dict:
     return json.loads(lines[-1])
 
 
+def _memory_gib() -> float:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+
+
+def _status(r: dict) -> str:
+    """A result's line in the table: "ok", the failed checks, or why the child died (SIGKILL
+    from outside a timeout: the system's out-of-memory killer, in practice)."""
+    status = _one_line(r).split(": ", 1)[1]
+    if r.get("error", "").startswith("exit -9 "):
+        status += f" (killed by the system: out of memory on this {_memory_gib():.0f} GiB machine)"
+    return status
+
+
 def render(results: list[dict], args, load_before: str, load_after: str) -> str:
-    passed = [r for r in results if _one_line(r).split(": ", 1)[1] == "ok"]
+    passed = [r for r in results if _status(r) == "ok"]
+    no_memory = [r["model"] for r in results if "out of memory" in _status(r)]
     ran = {r["model"] for r in results}
     missing = [n for n in tvm.list_models(module=tvm) if n not in ran]
     lines = [
@@ -330,7 +345,14 @@ def render(results: list[dict], args, load_before: str, load_after: str) -> str:
         "identity; `Uniform(0.25)` lowers measured FLOPs and params with thin layers; `save` -> "
         "`load(model=fresh)` gives the same outputs; ONNX (onnxruntime, batch 3) agrees.",
         "",
-        f"**{len(passed)} of {len(results)} models run pass every check**; "
+        f"**{len(passed)} of {len(results)} models run pass every check**"
+        + (
+            f" ({len(no_memory)} killed for memory, {', '.join(no_memory)}: its checks need "
+            "more than this machine has)"
+            if no_memory
+            else ""
+        )
+        + "; "
         f"{len(missing)} of the {len(results) + len(missing)} torchvision classification "
         "models have not been run yet (listed last: the sweep resumes from its log). The models' "
         f"own times add up to {sum(r.get('seconds', 0) for r in results) / 60:.0f} min "
@@ -341,8 +363,7 @@ def render(results: list[dict], args, load_before: str, load_after: str) -> str:
         "|---|---:|---:|---|",
     ]
     for r in results:
-        line = _one_line(r)
-        status = line.split(": ", 1)[1]
+        status = _status(r)
         lines.append(
             f"| {r['model']} | {r.get('size', '-')} | {r.get('seconds', '-')} | {status} |"
         )
