@@ -104,10 +104,6 @@ def _layer_flops(cut, base) -> float:
     )
 
 
-def _keep(best: dict, key, value: float) -> None:
-    best[key] = min(best.get(key, value), value)
-
-
 def _paired(groups: list[dict], repeats: int, rounds: int = ROUNDS) -> dict:
     """``{key: median seconds}`` of every group ``{key: forward}`` (the forwards of one batch
     size) timed paired: in each round every forward of a group is timed right after the other

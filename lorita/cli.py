@@ -1510,22 +1510,18 @@ def cmd_export(args) -> int:
 def _write_export(args, model, example, meta: dict | None) -> None:
     """``model`` to ``--out`` as ONNX or safetensors (with ``meta`` and the input shape);
     prints the file(s) written."""
-    if args.format == "onnx":
-        from .export import export_onnx, onnx_data_path
+    from .export import export_onnx, onnx_data_path, save
 
-        with _writing("--out"):
+    with _writing("--out"):
+        if args.format == "onnx":
             export_onnx(model, example, args.out, fold_bn=args.fold_bn)
-        print(args.out)
-        data = onnx_data_path(args.out)
-        if data.exists():  # over 2 GiB of weights: export_onnx put them there
-            print(f"{data} (the weights: keep it beside {Path(args.out).name})")
-    else:
-        from .export import save
-
-        shape = list(example.shape[1:])
-        with _writing("--out"):
+        else:
+            shape = list(example.shape[1:])
             save(model, args.out, input_shape=shape, metadata=meta, fold_bn=args.fold_bn)
-        print(args.out)
+    print(args.out)
+    data = onnx_data_path(args.out)
+    if args.format == "onnx" and data.exists():  # over 2 GiB of weights: they are there
+        print(f"{data} (the weights: keep it beside {Path(args.out).name})")
 
 
 # --------------------------------------------------------------------------- main

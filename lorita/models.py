@@ -10,6 +10,7 @@ plain network (N=1); :func:`lorita.overparameterize` composes its layers afterwa
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import threading
@@ -498,6 +499,20 @@ def _kwargs_helpers(builder) -> list:
     return out
 
 
+#: Where a builder is called to learn about it: the meta device allocates nothing; the CPU
+#: serves a builder that computes its settings with tensors (regnet's), which the meta device
+#: cannot run.
+_PROBE_DEVICES = ("meta", "cpu")
+
+
+@contextlib.contextmanager
+def _probing(device: str):
+    """Build on ``device`` with the builder's warnings held off (a probe, not a model)."""
+    with warnings.catch_warnings(), torch.device(device):
+        warnings.simplefilter("ignore")
+        yield
+
+
 def _builder_takes(builder, option: str, value) -> bool:
     """Whether a torchvision builder lets the caller set ``option``: called with it and a
     keyword no class takes, it fails binding the class's arguments (the option went through),
@@ -505,10 +520,9 @@ def _builder_takes(builder, option: str, value) -> bool:
     says it got the option twice or expected another value (resnext's groups). Tried on the
     meta device (nothing allocated), then on the CPU where a builder computes its settings
     with tensors (regnet's), which still stops at the class's arguments."""
-    for device in ("meta", "cpu"):
+    for device in _PROBE_DEVICES:
         try:
-            with warnings.catch_warnings(), torch.device(device):
-                warnings.simplefilter("ignore")
+            with _probing(device):
                 builder(weights=None, num_classes=10, **{option: value, _PROBE: True})
         except (TypeError, ValueError) as e:
             text = str(e)
@@ -533,28 +547,27 @@ def _class_arguments(cls: type, build) -> dict:
     meta device, then on the CPU (a builder that computes its settings with tensors); {} if
     the build fails before reaching the class."""
     init = cls.__init__
+    signature = inspect.signature(init)
     caught: dict = {}
-
     me = threading.get_ident()
 
     def stand_in(self, *args, **kwargs):
         if threading.get_ident() != me:  # another thread building one: let it
             return init(self, *args, **kwargs)
-        bound = inspect.signature(init).bind(self, *args, **kwargs)
+        bound = signature.bind(self, *args, **kwargs)
         bound.apply_defaults()
         for key, value in list(bound.arguments.items())[1:]:
-            kind = inspect.signature(init).parameters[key].kind
-            caught.update(value if kind is inspect.Parameter.VAR_KEYWORD else {key: value})
+            keywords = signature.parameters[key].kind is inspect.Parameter.VAR_KEYWORD
+            caught.update(value if keywords else {key: value})
         raise _Bound
 
     with _BINDING:
         own = cls.__dict__.get("__init__")  # None: cls inherits its __init__
         cls.__init__ = stand_in
         try:
-            for device in ("meta", "cpu"):
+            for device in _PROBE_DEVICES:
                 try:
-                    with warnings.catch_warnings(), torch.device(device):
-                        warnings.simplefilter("ignore")
+                    with _probing(device):
                         build()
                 except _Bound:
                     break
