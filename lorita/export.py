@@ -1035,7 +1035,9 @@ def tensor_bytes(model: nn.Module) -> int:
 def _onnx_external(model: nn.Module, x: inputs.Example, path: Path, opset: int) -> None:
     """Export to ``path`` with the weights in :func:`onnx_data_path` (the graph names that
     file, so both are written under their final names in a private folder beside ``path``,
-    then moved: the weights first, the graph that points at them last)."""
+    then moved: the weights first, the graph that points at them last). An older graph of
+    that name is removed before the weights move, so a process killed between the moves
+    leaves no graph beside weights that are not its own."""
     import shutil
     import tempfile
 
@@ -1045,6 +1047,7 @@ def _onnx_external(model: nn.Module, x: inputs.Example, path: Path, opset: int) 
         _onnx_dynamo(model, x, out, opset, external=True)
         for f in (onnx_data_path(out), out):
             _fsync_file(f)
+        path.unlink(missing_ok=True)
         os.replace(onnx_data_path(out), onnx_data_path(path))
         os.replace(out, path)
     finally:

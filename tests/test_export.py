@@ -1,4 +1,6 @@
+import os
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -75,6 +77,35 @@ def test_a_model_too_large_for_one_onnx_file_keeps_its_weights_beside_it(tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
     (out,) = ort.InferenceSession(str(path)).run(None, {"input": x.numpy()})
     np.testing.assert_allclose(out, model(x).detach().numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_a_kill_between_the_two_moves_of_a_large_onnx_export_leaves_no_mismatched_pair(
+    tmp_path, monkeypatch
+):
+    """Exporting over an earlier two-file export: the weights move first, then the graph. A
+    process dying between the moves (the second move fails here) must not leave the old graph
+    beside the new weights, which it would read as its own."""
+    pytest.importorskip("onnxruntime")
+    import lorita.export as export
+
+    monkeypatch.setattr(export, "ONNX_INLINE_BYTES", 1000)
+    x = torch.randn(1, 1, 8, 8)
+    path = lt.export_onnx(lt.merge_model(lt.overparameterize(net(), 3)), x, tmp_path / "m.onnx")
+    moves = []
+    real_replace = os.replace
+
+    def dies_before_the_graph_moves(src, dst):
+        if Path(dst).parent == tmp_path:  # the moves that publish (not the exporter's own)
+            moves.append(Path(dst).name)
+        if Path(dst) == path:
+            raise KeyboardInterrupt  # stands in for the kill
+        real_replace(src, dst)
+
+    monkeypatch.setattr(export.os, "replace", dies_before_the_graph_moves)
+    with pytest.raises(KeyboardInterrupt):
+        lt.export_onnx(lt.truncate(lt.overparameterize(net(), 3), lt.Uniform(0.5)), x, path)
+    assert moves == ["m.onnx.data", "m.onnx"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx.data"]  # no graph to misread
 
 
 def test_onnx_export_through_torch_export_prints_nothing(tmp_path, capfd):
