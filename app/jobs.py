@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -143,11 +144,8 @@ def start(
     """
     config = validate(config)
     root = Path(root) if root is not None else runs_dir()
-    name = validate_name(name) if name is not None else store(root).new_name(config)
-    if (root / name).exists():
-        raise ValueError(f"run name: {name!r} already exists in {root}")
+    name = _claim_name(root, config, name)
     config_path = app_file(name, ".json", root)
-    config_path.parent.mkdir(parents=True, exist_ok=True)
     write_json(config_path, config)
     env = dict(os.environ)
     # The child must import this checkout's `lorita` whatever the server's working directory.
@@ -166,6 +164,36 @@ def start(
         )
     lower_priority(proc.pid)
     _PROCS[(str(root), name)] = proc
+    return name
+
+
+def _claim_name(root: Path, config: dict[str, Any], name: str | None) -> str:
+    """Claim a name for a new child by creating its request file ``.app/<name>.json``
+    exclusively: the child makes the run folder only seconds later, so two Starts in the same
+    second (automatic names have one-second resolution) would otherwise both take one name.
+    ``name`` given: ValueError if a run or another request already has it."""
+    (root / APP_DIR).mkdir(parents=True, exist_ok=True)
+
+    def claim(candidate: str) -> bool:
+        if (root / candidate).exists():
+            return False
+        try:
+            with open(app_file(candidate, ".json", root), "x"):
+                return True
+        except FileExistsError:
+            return False
+
+    if name is not None:
+        if not claim(validate_name(name)):
+            raise ValueError(f"run name: {name!r} already exists in {root}")
+        return name
+    claimed = store(root)
+
+    def requested(candidate: str) -> bool:
+        return app_file(candidate, ".json", root).exists()
+
+    while not claim(name := claimed.new_name(config, taken=requested)):
+        pass  # another Start claimed it between the look and the claim: the next one
     return name
 
 
@@ -360,8 +388,31 @@ def view(name: str, root: str | Path | None = None) -> JobView:
 
 
 def stop(name: str, root: str | Path | None = None) -> None:
-    """Ask run ``name`` to stop; it finishes its current step, saves and marks itself stopped."""
+    """Ask run ``name`` to stop; it finishes its current step, saves and marks itself stopped.
+
+    A child of this server still starting (importing torch, its folder not made yet: a
+    baseline just after Start) is asked once its folder appears, by a watcher thread, so it
+    ends as a stopped run like any other. ValueError for a run that is nowhere.
+    """
     root = Path(root) if root is not None else runs_dir()
+    status = root / validate_name(name) / "status.json"
+    proc = _PROCS.get((str(root), name))
+    if not status.exists() and proc is not None and proc.poll() is None:
+        threading.Thread(
+            target=_stop_once_made, args=(name, root, proc), daemon=True, name=f"stop {name}"
+        ).start()
+        return
+    store(root).get(name).request_stop()
+
+
+def _stop_once_made(name: str, root: Path, proc: subprocess.Popen) -> None:
+    """Wait for a starting child's run folder, then ask the run to stop (gives up when the
+    child exits first: it never made a run)."""
+    status = root / name / "status.json"
+    while not status.exists():
+        if proc.poll() is not None:
+            return
+        time.sleep(0.1)
     store(root).get(name).request_stop()
 
 

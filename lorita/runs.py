@@ -35,6 +35,7 @@ import shutil
 import socket
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -616,8 +617,11 @@ class RunStore:
     def exists(self, name: str) -> bool:
         return self.path(name).exists()
 
-    def new_name(self, config: dict, suffix: str = "") -> str:
-        """A fresh readable name: dataset-model-N<n>-YYYYmmdd-HHMMSS[-k][suffix]."""
+    def new_name(
+        self, config: dict, suffix: str = "", taken: Callable[[str], bool] | None = None
+    ) -> str:
+        """A fresh readable name: dataset-model-N<n>-YYYYmmdd-HHMMSS[-k][suffix], with no run
+        folder of that name (nor a name ``taken`` says is claimed elsewhere)."""
         stamp = time.strftime("%Y%m%d-%H%M%S")
         cfg = config if isinstance(config, dict) else {}
         parts = [cfg.get("dataset", "run"), cfg.get("model", "model")]
@@ -625,7 +629,7 @@ class RunStore:
         base = re.sub(r"[^A-Za-z0-9._-]", "_", base).strip("._-")[:80] or "run"
         suffix = re.sub(r"[^A-Za-z0-9._-]", "_", str(suffix))[:16]
         name, k = base + suffix, 1
-        while (self.root / name).exists():
+        while (self.root / name).exists() or (taken is not None and taken(name)):
             k += 1
             name = f"{base}-{k}{suffix}"
         return validate_name(name)

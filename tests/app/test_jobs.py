@@ -70,6 +70,37 @@ def test_start_pair_queue_and_stop(tmp_path):
     jobs.reap()
 
 
+def test_two_starts_in_the_same_second_get_two_runs(tmp_path, monkeypatch):
+    """Automatic names have one-second resolution and a child makes its folder seconds
+    later: two Starts at once (two tabs) still get a run each, each with its own config."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import lorita.runs
+
+    monkeypatch.setattr(lorita.runs.time, "strftime", lambda fmt: "20260101-000000")
+    root = tmp_path / "runs"
+    with ThreadPoolExecutor(4) as pool:
+        names = list(pool.map(lambda s: jobs.start({**TINY, "epochs": 1, "seed": s}, root=root),
+                              [1, 2, 3, 4]))  # fmt: skip
+    assert len(set(names)) == 4
+    for name, seed in zip(names, [1, 2, 3, 4], strict=True):
+        assert wait_for(name, root, ("completed", "failed")).state == "completed", name
+        assert jobs.run_config(name, root)["seed"] == seed
+    with pytest.raises(ValueError, match="already exists"):
+        jobs.start({**TINY}, name=names[0], root=root)
+
+
+def test_stop_right_after_start_stops_a_child_still_starting(tmp_path):
+    """Stop pressed while the child still imports torch (no run folder yet, as for a baseline
+    just after Start): the run starts and stops at once, it does not train on."""
+    root = tmp_path / "runs"
+    name = jobs.start({**TINY, "epochs": 200}, root=root)
+    assert not (root / name).exists()
+    jobs.stop(name, root)
+    v = wait_for(name, root, ("stopped", "completed", "failed"))
+    assert v.state == "stopped" and v.step < v.total_steps
+
+
 def test_a_run_completes(tmp_path):
     root = tmp_path / "runs"
     name = jobs.start({**TINY, "epochs": 1}, root=root)
