@@ -149,13 +149,15 @@ def apply(cz: Any, policy: Any, root: str | Path | None = None) -> dict[str, Any
 
 def smallest_within(cz: Any, name: str, max_drop: float) -> float | None:
     """The slider value of the smallest model within ``max_drop`` points of validation
-    accuracy, searched on the slider's grid (so it is shown and exported as found)."""
+    accuracy, searched on the slider's grid (so it is shown and exported as found): a sweep
+    of :data:`SEARCH_POINTS` values, then every slider step between the best of them and the
+    infeasible one beside it on the smaller-model side."""
     d = scalar_policies()[name]
     lo, hi = float(d["min"]), float(d["max"])
     grid = sorted(
         {snap(name, lo + (hi - lo) * i / (SEARCH_POINTS - 1)) for i in range(SEARCH_POINTS)}
     )
-    res = cz.smallest_within(float(max_drop), name, values=grid, refine=0)
+    res = cz.smallest_within(float(max_drop), name, values=grid, refine=1, step=float(d["step"]))
     value = (res.extra.get("search") or {}).get("value")
     return None if value is None else snap(name, value)
 

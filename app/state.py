@@ -113,6 +113,12 @@ def set_current_run(name: str | None) -> None:
         del st.query_params[QUERY_RUN]
 
 
+def pick_run(key: str) -> None:
+    """``on_change`` of a page's run picker (widget ``key``): the run picked becomes the
+    current run, the one every page opens on and a refresh comes back to."""
+    set_current_run(st.session_state.get(key))
+
+
 def from_url(param: str) -> str | None:
     """A URL query parameter (what a refresh brings back), None when absent."""
     value = st.query_params.get(param)

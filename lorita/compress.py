@@ -416,9 +416,11 @@ class Compressor:
         values: Sequence[float] | None = None,
         refine: int = 4,
         form: str = "low_rank",
+        step: float | None = None,
     ) -> CompressResult:
         """The fewest-parameter cut whose *validation* accuracy stays within ``points``
-        percentage points of the uncut model's; test is evaluated once, on the choice."""
+        percentage points of the uncut model's; test is evaluated once, on the choice.
+        ``values``, ``refine`` and ``step``: as :func:`lorita.truncation.smallest_within`."""
         t0 = time.perf_counter()
         cls = policy_class(policy)
         found = smallest_within(
@@ -432,6 +434,7 @@ class Compressor:
             refine=refine,
             form=form,
             svd=self.svd,
+            step=step,
         )
         value = found["value"]
         spec = {"policy": cls.name, "value": value, "form": form}

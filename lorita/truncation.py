@@ -803,12 +803,15 @@ def smallest_within(
     form: str = "low_rank",
     svd: SVDCache | None = None,
     layers: Iterable[str] | None = None,
+    step: float | None = None,
 ) -> dict:
     """The smallest truncation (fewest params) whose metric stays within ``max_drop``
     percentage points of the uncompressed model's. Metrics are fractions in [0, 1].
 
     Sweeps ``values`` (default :func:`default_values`), then bisects ``refine`` times between
-    the best feasible value and its infeasible neighbour. Returns the curve point plus
+    the best feasible value and its infeasible neighbour on the smaller-model side; with
+    ``step`` (values on a grid, a slider's), it tries instead every multiple of ``step``
+    between those two, so the value found stays on the grid. Returns the curve point plus
     ``policy``, ``base_metric``, ``model`` (the truncated model) and ``curve`` (all points).
     """
     if _number("max_drop", max_drop) < 0:
@@ -834,16 +837,29 @@ def smallest_within(
     def ok(p):
         return _metric_value(p["metric"], key) >= floor
 
-    for _ in range(max(0, refine)):
+    if step is not None and not _number("step", step) > 0:
+        raise ValueError(f"step: expected a number > 0, got {step!r}")
+
+    def neighbours():
+        """The best feasible point and the infeasible one nearest in value to it on the
+        "smaller model" side (None, None when there is nothing to refine)."""
         feasible = [p for p in curve if ok(p)]
         if not feasible:
-            break
+            return None, None
         best = min(feasible, key=lambda p: p["params"])
-        # the infeasible point nearest in value on the "smaller model" side
         smaller = [p for p in curve if not ok(p) and p["params"] < best["params"]]
         if not smaller:
+            return None, None
+        return best, min(smaller, key=lambda p: abs(p["value"] - best["value"]))
+
+    for _ in range(max(0, refine) if step is None else min(1, max(0, refine))):
+        best, nxt = neighbours()
+        if best is None:
             break
-        nxt = min(smaller, key=lambda p: abs(p["value"] - best["value"]))
+        if step is not None:
+            lo, hi = sorted((best["value"], nxt["value"]))
+            curve += point([round(lo + i * step, 10) for i in range(1, round((hi - lo) / step))])
+            break
         mid = (best["value"] + nxt["value"]) / 2
         if abs(mid - best["value"]) < 1e-6:
             break

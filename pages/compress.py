@@ -92,8 +92,10 @@ def _choose_run(root: str) -> tuple[str, str] | None:
         st.session_state[state.COMPRESS_RUN] = cz.default_run(rows, state.current_run())
     c1, c2 = st.columns([3, 1])
     name = c1.selectbox(
-        "Run", names, key=state.COMPRESS_RUN, format_func=lambda n: _run_label(by_name[n])
-    )
+        "Run", names, key=state.COMPRESS_RUN, format_func=lambda n: _run_label(by_name[n]),
+        on_change=state.pick_run, args=(state.COMPRESS_RUN,),
+    )  # fmt: skip
+    state.to_url(state.QUERY_RUN, name)  # a refresh comes back to this run
     state.setdefault(state.COMPRESS_WHICH, "best")
     have = [w for w in ("best", "last") if cz.checkpoint_mtime(name, w, root)]
     if have and st.session_state[state.COMPRESS_WHICH] not in have:

@@ -64,7 +64,9 @@ def main() -> None:
     if st.session_state.get(state.EXPORT_RUN) not in names:
         st.session_state[state.EXPORT_RUN] = cz.default_run(rows, wanted)
     c1, c2 = st.columns([3, 1])
-    name = c1.selectbox("Run", names, key=state.EXPORT_RUN)
+    name = c1.selectbox("Run", names, key=state.EXPORT_RUN, on_change=state.pick_run,
+                        args=(state.EXPORT_RUN,))  # fmt: skip
+    state.to_url(state.QUERY_RUN, name)  # a refresh comes back to this run
     if choice and choice.get("run") == name:
         state.setdefault(state.EXPORT_WHICH, choice["which"])
     state.setdefault(state.EXPORT_WHICH, "best")

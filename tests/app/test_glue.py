@@ -137,6 +137,23 @@ def test_session_apply_and_snap_on_a_real_run(runs_dir):
     assert cz.choice_text(choice).endswith(f"at {value:.2f}")
 
 
+@pytest.mark.parametrize("policy", ["budget", "global", "uniform"])
+def test_smallest_within_finds_the_smallest_on_every_slider_step(runs_dir, policy):
+    """The search sweeps a coarse grid, then every slider step between the best value and its
+    infeasible neighbour: here it finds as few parameters as trying every step would."""
+    session = cz.session(N3, "best", runs_dir)
+    d = cz.scalar_policies()[policy]
+    lo, hi, step = float(d["min"]), float(d["max"]), float(d["step"])
+    steps = {cz.snap(policy, lo + i * step) for i in range(round((hi - lo) / step) + 1)}
+    cut = {v: cz.apply(session, cz.make_policy(policy, v)) for v in steps}
+    for drop in (1.0, 5.0, 10.0, 50.0):
+        value = cz.smallest_within(session, policy, drop)
+        assert value in steps
+        floor = session.base["val_acc"] - drop / 100 - 1e-12
+        fewest = min(r["params"] for r in cut.values() if r["val_acc"] >= floor)
+        assert cut[value]["val_acc"] >= floor and cut[value]["params"] == fewest, drop
+
+
 def test_snap_puts_values_on_the_slider_grid():
     assert cz.snap("global", 0.946172) == 0.95
     assert cz.snap("global", 5.0) == cz.scalar_policies()["global"]["max"]

@@ -412,6 +412,23 @@ def test_compress_slider_changes_the_numbers(runs_dir):
     assert choice["policy"] == "uniform" and choice["ranks"]["fc1"] == 3
 
 
+def test_the_run_picked_on_compress_and_export_comes_back_after_a_refresh(runs_dir):
+    """The run picker writes ``?run=``: a refresh (a new session on the address) opens the
+    run picked, not the newest one, and the other pages open on it too."""
+    for page, key in (("compress", "compress.run"), ("export", "export.run")):
+        at = open_page(page)
+        assert at.selectbox(key=key).value == N3  # the newest composed run
+        at.selectbox(key=key).set_value(N1).run()
+        assert_clean(at)
+        assert at.query_params["run"] == N1
+        again = open_page(page, run=at.query_params["run"])
+        assert_clean(again)
+        assert again.selectbox(key=key).value == N1
+        other = "export" if page == "compress" else "compress"
+        at.switch_page(f"pages/{other}.py").run()
+        assert at.selectbox(key=f"{other}.run").value == N1
+
+
 def test_compress_policy_and_slider_come_back_after_a_refresh(runs_dir):
     from app import compress as cz
 
