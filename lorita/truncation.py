@@ -790,6 +790,25 @@ def tradeoff_curve(
     return out
 
 
+def _refinement(curve: list[dict], ok: Callable[[dict], bool], step: float | None) -> list:
+    """The values :func:`smallest_within` tries next: between the best feasible point and the
+    infeasible one nearest in value to it on the smaller-model side, their midpoint, or with
+    ``step`` every multiple of it; empty when there is nothing left to refine."""
+    feasible = [p for p in curve if ok(p)]
+    if not feasible:
+        return []
+    best = min(feasible, key=lambda p: p["params"])
+    smaller = [p for p in curve if not ok(p) and p["params"] < best["params"]]
+    if not smaller:
+        return []
+    nxt = min(smaller, key=lambda p: abs(p["value"] - best["value"]))
+    if step is not None:
+        lo, hi = sorted((best["value"], nxt["value"]))
+        return [round(lo + i * step, 10) for i in range(1, round((hi - lo) / step))]
+    mid = (best["value"] + nxt["value"]) / 2
+    return [] if abs(mid - best["value"]) < 1e-6 else [mid]
+
+
 def smallest_within(
     model: nn.Module,
     policy_name: str | type[Policy] = "global",
@@ -840,30 +859,11 @@ def smallest_within(
     if step is not None and not _number("step", step) > 0:
         raise ValueError(f"step: expected a number > 0, got {step!r}")
 
-    def neighbours():
-        """The best feasible point and the infeasible one nearest in value to it on the
-        "smaller model" side (None, None when there is nothing to refine)."""
-        feasible = [p for p in curve if ok(p)]
-        if not feasible:
-            return None, None
-        best = min(feasible, key=lambda p: p["params"])
-        smaller = [p for p in curve if not ok(p) and p["params"] < best["params"]]
-        if not smaller:
-            return None, None
-        return best, min(smaller, key=lambda p: abs(p["value"] - best["value"]))
-
     for _ in range(max(0, refine) if step is None else min(1, max(0, refine))):
-        best, nxt = neighbours()
-        if best is None:
+        between = _refinement(curve, ok, step)
+        if not between:
             break
-        if step is not None:
-            lo, hi = sorted((best["value"], nxt["value"]))
-            curve += point([round(lo + i * step, 10) for i in range(1, round((hi - lo) / step))])
-            break
-        mid = (best["value"] + nxt["value"]) / 2
-        if abs(mid - best["value"]) < 1e-6:
-            break
-        curve += point([mid])
+        curve += point(between)
     feasible = [p for p in curve if ok(p)]
     if not feasible:  # even the first value fails: keep the full model
         base = cache.base_cost(example_input)
