@@ -678,8 +678,10 @@ def _bounded_build(max_modules: int):
     owner = threading.get_ident()
     seen = {"modules": 0}
 
+    from .models import probing
+
     def on_module(module, name, sub):
-        if threading.get_ident() != owner:
+        if threading.get_ident() != owner or probing():  # a builder's probe of its defaults
             return
         seen["modules"] += 1
         if seen["modules"] > max_modules:

@@ -505,12 +505,26 @@ def _kwargs_helpers(builder) -> list:
 _PROBE_DEVICES = ("meta", "cpu")
 
 
+_PROBES = threading.local()
+
+
 @contextlib.contextmanager
 def _probing(device: str):
     """Build on ``device`` with the builder's warnings held off (a probe, not a model)."""
-    with warnings.catch_warnings(), torch.device(device):
-        warnings.simplefilter("ignore")
-        yield
+    _PROBES.depth = getattr(_PROBES, "depth", 0) + 1
+    try:
+        with warnings.catch_warnings(), torch.device(device):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        _PROBES.depth -= 1
+
+
+def probing() -> bool:
+    """Whether this thread is inside a probe: a builder called with its own defaults to learn
+    its class or options, not the model asked for (a bound on the modules a file may build
+    leaves these out)."""
+    return getattr(_PROBES, "depth", 0) > 0
 
 
 def _builder_takes(builder, option: str, value) -> bool:
@@ -610,7 +624,7 @@ def _timm_class(name: str):
     import timm
 
     try:
-        with torch.device("meta"):
+        with _probing("meta"):
             return type(timm.create_model(name, pretrained=False))
     except Exception:  # noqa: BLE001 - a model that cannot be built so: no options listed
         return None

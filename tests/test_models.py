@@ -240,3 +240,20 @@ def test_timm_models_take_their_own_options_through_the_config_and_the_command_l
 def test_bad_external_models(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_a_timm_vit_built_for_small_images_loads_back_at_that_size(tmp_path):
+    """A timm ViT is told the image size (its patch grid); loading its file rebuilds it at
+    that size even when the model's class was not looked up before in this process (it is
+    looked up inside the loader's bound on the modules a file may build)."""
+    pytest.importorskip("timm")
+    from lorita import models
+
+    model = lt.create_model("timm:vit_tiny_patch16_224", in_channels=3, image_size=32,
+                            num_classes=2, depth=1, embed_dim=32, num_heads=2).eval()  # fmt: skip
+    path = lt.save(lt.truncate(lt.overparameterize(model, 3), lt.Uniform(0.5)), tmp_path / "v.st")
+    models._timm_class.cache_clear()  # as in a fresh process
+    models._timm_options.cache_clear()
+    back = lt.load(path)
+    assert back.pos_embed.shape == model.pos_embed.shape == (1, 5, 32)
+    assert models.model_options("timm:vit_tiny_patch16_224")["embed_dim"] == 192
