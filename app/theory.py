@@ -24,6 +24,12 @@ from typing import Any
 # The page's starting setting: N, λ, true rank, seed (the sliders read these).
 DEFAULTS = {"n_factors": 3, "weight_decay": 0.2, "rank": 3, "seed": 0}
 _KEPT = 64  # settings kept in memory (each a few kB)
+# The two sides of Σ‖Wᵢ‖² ≥ N·Σσ^(2/N) count as equal within this relative difference (a
+# converged fit is within 1e-5 at every slider setting; λ = 0 leaves gaps of 10 % and more).
+EQUAL_RTOL = 1e-3
+# The learned matrix counts as zero when its largest singular value is below this fraction of
+# the observed matrix's.
+ZERO_RTOL = 1e-6
 
 
 class _Worker:
@@ -134,3 +140,51 @@ def prewarm() -> threading.Thread:
     t = threading.Thread(target=fit, kwargs=DEFAULTS, name="lorita-theory-prewarm", daemon=True)
     t.start()
     return t
+
+
+def is_zero(res: dict) -> bool:
+    """Whether the learned matrix of a fit is (numerically) zero."""
+    top = max(res["observed"], default=0.0)
+    return max(res["learned"], default=0.0) <= ZERO_RTOL * top
+
+
+def identity_note(res: dict, weight_decay: float) -> str:
+    """What the page says under Σ‖Wᵢ‖² ≥ N·Σσ^(2/N): whether the two sides are equal, and why."""
+    left, right = res["penalty"], res["balanced"]
+    gap = left - right
+    scale = max(abs(left), abs(right))
+    rel = abs(gap) / scale if scale > 0 else 0.0
+    head = f"Difference {gap:.2e}"
+    if is_zero(res):
+        return (
+            f"{head}: both sides are zero, because the learned product is zero (see the note "
+            "below)."
+        )
+    if rel <= EQUAL_RTOL:
+        return (
+            f"{head}: the factors are balanced and the two sides are equal, so the weight "
+            "decay on the factors *is* the penalty on the right acting on the product."
+        )
+    if weight_decay == 0:
+        return (
+            f"{head} ({rel:.1%} of the left side): without weight decay (λ = 0) nothing pulls "
+            "the factors towards balance, so the two sides need not be equal. The right side is "
+            "the smallest the left can be over all factorisations of the same product; the fit "
+            "keeps whichever factorisation gradient descent reached."
+        )
+    return (
+        f"{head} ({rel:.1%} of the left side): the fit has not converged to balance. At the "
+        "optimum of the weight-decayed loss the factors are balanced and the two sides are equal."
+    )
+
+
+def zero_note(res: dict, n_factors: int, weight_decay: float) -> str | None:
+    """Why the learned matrix is zero, when it is (None otherwise)."""
+    if not is_zero(res):
+        return None
+    return (
+        f"At N = {n_factors}, λ = {weight_decay:g} the weight decay is strong enough to drive "
+        "every singular value to zero: near zero the penalty N·Σσ^(2/N) outweighs what the fit "
+        "gains, so from its small starting factors the fit shrinks them all and settles at "
+        "W = 0 (effective rank 0, relative error 1). Try a smaller λ."
+    )

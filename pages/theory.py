@@ -35,16 +35,14 @@ def main() -> None:
     m2.metric(f"N·Σσ^(2/N) (N={n})", f"{res['balanced']:.4f}")
     m3.metric("effective rank of W", res["effective_rank"], help=f"true rank {rank}")
     m4.metric("‖W − M‖ / ‖M‖", f"{res['residual']:.3f}", help="distance to the planted matrix")
-    gap = res["penalty"] - res["balanced"]
     st.latex(
         rf"\sum_{{i=1}}^{{{n}}}\|W_i\|_F^2 = {res['penalty']:.4f}"
         rf"\quad\ge\quad {n}\cdot\sum_j \sigma_j(W)^{{2/{n}}} = {res['balanced']:.4f}"
     )
-    st.caption(
-        f"Difference {gap:.2e}: at the optimum the factors are balanced and the two sides are "
-        "equal, so the weight decay on the factors *is* the penalty on the right acting on the "
-        "product."
-    )
+    st.caption(theory.identity_note(res, float(lam)))
+    zero = theory.zero_note(res, int(n), float(lam))
+    if zero:
+        st.warning(zero, icon="⚠️")
     st.markdown(
         """
 **Why N = 1 has no rank preference.** With one factor the penalty is `λ‖W‖_F² = λ Σσ²`.

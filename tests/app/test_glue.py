@@ -405,3 +405,17 @@ def test_theory_fits_are_kept_and_concurrent_asks_fit_once(monkeypatch):
     t = theory.prewarm()
     t.join(5)
     assert calls[-1] == (3, 0.2, 3, 0, 0.3) == (*theory.DEFAULTS.values(), 0.3)
+
+
+def test_theory_identity_note_follows_the_numbers():
+    from app import theory
+
+    res = {"penalty": 10.0, "balanced": 10.0 * (1 - 1e-6), "observed": [3.0], "learned": [2.0]}
+    assert "the two sides are equal" in theory.identity_note(res, 0.2)
+    assert theory.zero_note(res, 3, 0.2) is None
+    apart = {**res, "balanced": 8.0}
+    assert "need not be equal" in theory.identity_note(apart, 0.0)
+    assert "has not converged to balance" in theory.identity_note(apart, 0.2)
+    zero = {**res, "penalty": 1e-60, "balanced": 0.9e-60, "learned": [1e-170]}
+    assert "both sides are zero" in theory.identity_note(zero, 1.0)
+    assert "N = 5, λ = 1 " in theory.zero_note(zero, 5, 1.0)

@@ -59,6 +59,28 @@ def test_theory_identity_and_rank_preference(empty_runs):
     assert len(shown_charts(at)) == 1
 
 
+def test_theory_says_why_the_two_sides_differ_and_why_the_fit_is_zero(empty_runs):
+    """The caption under the identity follows the numbers: equal sides at the default, not
+    claimed equal without weight decay; a fit driven to zero says so and suggests a smaller λ."""
+    at = open_page("theory")
+    captions = " ".join(c.value for c in at.caption)
+    assert "the two sides are equal" in captions and not at.warning
+    at.slider(key="theory.n_factors").set_value(5)
+    at.slider(key="theory.weight_decay").set_value(0.0).run()
+    assert_clean(at)
+    m = metrics(at)
+    assert m["Σ‖Wᵢ‖² (learned factors)"] != m["N·Σσ^(2/N) (N=5)"]
+    captions = " ".join(c.value for c in at.caption)
+    assert "nothing pulls the factors towards balance" in captions
+    assert "need not be equal" in captions and "sides are equal" not in captions
+    assert not at.warning
+    at.slider(key="theory.weight_decay").set_value(1.0).run()
+    assert_clean(at)
+    assert metrics(at)["effective rank of W"] == "0"
+    (warning,) = [w.value for w in at.warning]
+    assert "drive every singular value to zero" in warning and "smaller λ" in warning
+
+
 # --- train ------------------------------------------------------------------------------------
 
 
