@@ -38,6 +38,7 @@ __all__ = [
     "iter_layers",
     "composed_layers",
     "overparameterize",
+    "check_skip",
     "merge_model",
     "set_module",
     "composition_summary",
@@ -74,6 +75,13 @@ def _check_skip(skip, names: list[str]) -> tuple[str, ...]:
                 + (" ..." if len(names) > 12 else "")
             )
     return skip
+
+
+def check_skip(model: nn.Module, skip: Iterable[str] | str) -> tuple[str, ...]:
+    """``skip`` as :func:`overparameterize` takes it, each pattern checked to match a layer
+    of ``model`` (only the names are read: a model built on the meta device will do); a
+    ValueError naming ``skip`` and the layers otherwise."""
+    return _check_skip(skip, [e.name for e in layer_table(model, direct=())])
 
 
 def check_module(model, field: str = "model") -> None:

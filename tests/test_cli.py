@@ -78,6 +78,24 @@ def test_bad_input_exits_2_with_one_line(capsys, tmp_path, argv, needles):
     assert not any(tmp_path.iterdir())  # nothing was created
 
 
+@pytest.mark.parametrize(
+    "argv, needles",
+    [
+        (["--skip", "zzz"], ["skip", "'zzz' matches no layer", "fc1"]),
+        (["--plain-epochs", "1", "--epochs", "2", "--max-steps", "10"], ["plain_epochs", "10"]),
+        (["--plain-epochs", "3", "--epochs", "5", "--max-steps", "2"], ["at least 3 steps"]),
+    ],
+)
+def test_train_refuses_what_the_run_would_find_before_its_folder_exists(
+    capsys, tmp_path, argv, needles
+):
+    """The skip patterns and the plain epochs against --max-steps are checked before the
+    folder is made, so the refused name stays free."""
+    argv = ["train", "--runs-dir", str(tmp_path), "--name", "sk1", *argv, *TINY]
+    _one_line_error(capsys, argv, *needles)
+    assert not (tmp_path / "sk1").exists()
+
+
 def test_bad_config_files(capsys, tmp_path):
     _one_line_error(capsys, ["train", "--config", str(tmp_path / "missing.json")], "not found")
     bad = tmp_path / "bad.json"
