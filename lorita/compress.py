@@ -222,6 +222,8 @@ class Compressor:
         self.which = which
         self.device = torch.device(device)
         self.splits = splits
+        #: how to feed this model (input shape, pixels, normalisation, classes), for exports
+        self.preprocess = splits.preprocess() if hasattr(splits, "preprocess") else None
         self.data = HeldSplits(splits, device=self.device)
         self.example_input = splits.example_input(1).to(self.device)  # (1, C, H, W)
         merged = merge_model(model).eval().to(self.device)

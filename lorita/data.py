@@ -166,7 +166,9 @@ class DatasetEntry:
     the options ask for, refused above :data:`MAX_DATA_BYTES` before loading. An entry with
     ``takes_path`` is spelled ``NAME:PATH`` (``folder:~/images``). ``shape(name, **options)``
     gives ``(in_channels, image_size, num_classes)`` without loading (what a model is built
-    for; a constant for a fixed dataset).
+    for; a constant for a fixed dataset). ``pixels`` says how a raw input is turned into the
+    values the model reads before the per-channel normalisation (written into exported files:
+    :meth:`Splits.preprocess`).
     """
 
     name: str
@@ -178,6 +180,7 @@ class DatasetEntry:
     estimate: Callable[..., int] | None = None
     takes_path: bool = False
     shape: Callable[..., tuple[int, int, int]] | None = None
+    pixels: str = ""  # how a raw input becomes the model's values, before normalisation
 
 
 def list_datasets() -> list[str]:
@@ -391,6 +394,24 @@ class Splits:
     def example_input(self, batch: int = 1) -> torch.Tensor:
         """A normalised input batch of the right shape (for cost counting and export)."""
         return self.val[torch.arange(min(batch, len(self.val)))][0]
+
+    def preprocess(self) -> dict:
+        """How to feed a model trained on these splits, as written into exported files and
+        checkpoints (JSON): the input shape (C, H, W), how raw inputs become values
+        (``pixels``), then per channel ``(x - mean) / std`` (``normalize``; None when the run
+        did not normalise), the class names where the dataset has them, and the task."""
+        mean, std = getattr(self.val, "mean", None), getattr(self.val, "std", None)
+        entry, _ = dataset_entry(self.name)
+        return {
+            "dataset": self.name,
+            "input_shape": [self.in_channels, self.image_size, self.image_size],
+            "pixels": entry.pixels,
+            "normalize": None
+            if mean is None
+            else {"mean": [float(v) for v in mean], "std": [float(v) for v in std]},
+            "classes": list(self.classes) if self.classes is not None else None,
+            "task": self.task,
+        }
 
 
 def load_dataset(
@@ -1189,6 +1210,8 @@ def _fixed(channels: int, size: int, classes: int) -> Callable[..., tuple[int, i
     return lambda name, **o: (channels, size, classes)
 
 
+_EIGHT_BIT = "8-bit pixel values divided by 255"
+
 _REGISTRY: dict[str, DatasetEntry] = {
     e.name: e
     for e in (
@@ -1199,6 +1222,7 @@ _REGISTRY: dict[str, DatasetEntry] = {
             _digits,
             _check_digits,
             shape=_fixed(1, 8, 10),
+            pixels="8x8 grey values 0-16 (scikit-learn's load_digits) divided by 16",
         ),
         DatasetEntry(
             "lowrank",
@@ -1209,6 +1233,7 @@ _REGISTRY: dict[str, DatasetEntry] = {
             _LOWRANK_OPTIONS,
             _lowrank_bytes,
             shape=_lowrank_shape,
+            pixels="synthetic vectors, used as generated",
         ),
         DatasetEntry(
             "mnist",
@@ -1217,6 +1242,7 @@ _REGISTRY: dict[str, DatasetEntry] = {
             _idx_dataset,
             _check_idx,
             shape=_fixed(1, 28, 10),
+            pixels=_EIGHT_BIT,
         ),
         DatasetEntry(
             "fashion_mnist",
@@ -1225,6 +1251,7 @@ _REGISTRY: dict[str, DatasetEntry] = {
             _idx_dataset,
             _check_idx,
             shape=_fixed(1, 28, 10),
+            pixels=_EIGHT_BIT,
         ),
         DatasetEntry(
             "cifar10",
@@ -1233,6 +1260,7 @@ _REGISTRY: dict[str, DatasetEntry] = {
             _cifar,
             _check_cifar,
             shape=_fixed(3, 32, 10),
+            pixels=_EIGHT_BIT,
         ),
         DatasetEntry(
             "cifar100",
@@ -1241,6 +1269,7 @@ _REGISTRY: dict[str, DatasetEntry] = {
             _cifar,
             _check_cifar,
             shape=_fixed(3, 32, 100),
+            pixels=_EIGHT_BIT,
         ),
         DatasetEntry(
             "folder",
@@ -1251,6 +1280,8 @@ _REGISTRY: dict[str, DatasetEntry] = {
             _FOLDER_OPTIONS,
             takes_path=True,
             shape=_folder_shape,
+            pixels="each image converted to RGB (L for channels=1), resized on its shorter side "
+            "to the size option (bilinear) and centre-cropped square, 8-bit values divided by 255",
         ),
     )
 }

@@ -1034,7 +1034,24 @@ def tensor_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in seen.values())
 
 
-def _onnx_external(model: nn.Module, x: inputs.Example, path: Path, opset: int) -> None:
+def _onnx_metadata(path: Path, metadata: dict | None) -> None:
+    """Write ``metadata`` into the ONNX file's ``metadata_props`` (a value that is not text as
+    JSON; onnxruntime: ``session.get_modelmeta().custom_metadata_map``). Weights kept in a
+    file beside it are not read."""
+    if not metadata:
+        return
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False)
+    for key, value in metadata.items():
+        prop = graph.metadata_props.add()
+        prop.key, prop.value = str(key), value if isinstance(value, str) else json.dumps(value)
+    onnx.save(graph, str(path))
+
+
+def _onnx_external(
+    model: nn.Module, x: inputs.Example, path: Path, opset: int, metadata: dict | None = None
+) -> None:
     """Export to ``path`` with the weights in :func:`onnx_data_path` (the graph names that
     file, so both are written under their final names in a private folder beside ``path``,
     then moved: the weights first, the graph that points at them last). An older graph of
@@ -1047,6 +1064,7 @@ def _onnx_external(model: nn.Module, x: inputs.Example, path: Path, opset: int) 
     try:
         out = work / path.name
         _onnx_dynamo(model, x, out, opset, external=True)
+        _onnx_metadata(out, metadata)
         for f in (onnx_data_path(out), out):
             _fsync_file(f)
         path.unlink(missing_ok=True)
@@ -1064,6 +1082,7 @@ def export_onnx(
     opset: int = 18,
     dynamo: bool = False,
     fold_bn: bool = True,
+    metadata: dict | None = None,
 ) -> Path:
     """Export the deployable model (composed layers merged) to ONNX with a dynamic batch axis.
 
@@ -1075,9 +1094,13 @@ def export_onnx(
     (default) uses the TorchScript exporter, several times faster on CPU; ``dynamo=True`` uses
     ``torch.export``. ``fold_bn`` (default): BatchNorm folded into the layer before it, as
     :func:`lorita.convert.fold_batchnorm` does (an ONNX graph is for inference only).
+    ``metadata``: written into the file's ``metadata_props``, each value that is not text as
+    JSON (``lorita export`` writes ``preprocess``: how to feed the model).
     """
     if not isinstance(fold_bn, bool):
         raise ValueError(f"fold_bn: expected True or False, got {fold_bn!r}")
+    if metadata is not None and not isinstance(metadata, dict):
+        raise ValueError(f"metadata: expected a dict or None, got {type(metadata).__name__}")
     _check_file_path(path)
     deploy = deploy_model(model, example_input, fold_bn=fold_bn, channels_last=False)
     was_training = deploy.training
@@ -1094,7 +1117,7 @@ def export_onnx(
         with warnings.catch_warnings(), _exporters_quiet():
             warnings.simplefilter("ignore")  # exporter chatter; failures still raise
             if external:
-                _onnx_external(deploy, x, path, opset)
+                _onnx_external(deploy, x, path, opset, metadata)
                 return path
             if dynamo:
                 _onnx_dynamo(deploy, x, tmp, opset)
@@ -1107,6 +1130,7 @@ def export_onnx(
                     # arguments, which it passes positionally: torch.export handles both
                     tmp.unlink(missing_ok=True)
                     _onnx_dynamo(deploy, x, tmp, opset)
+            _onnx_metadata(tmp, metadata)
         _fsync_file(tmp)
         os.replace(tmp, path)
         onnx_data_path(path).unlink(missing_ok=True)  # the weights of the file just replaced

@@ -359,6 +359,13 @@ class Run:
         val_acc = read_spec(self.checkpoint(which))["metadata"].get("val_acc")
         return model, torch.zeros(1, *shape), val_acc
 
+    def preprocess(self, which: str = "best") -> dict | None:
+        """How to feed the checkpoint's model (:meth:`lorita.data.Splits.preprocess`), as its
+        training recorded it; None for a checkpoint written before that was recorded."""
+        from .export import read_spec
+
+        return read_spec(self.checkpoint(which))["metadata"].get("preprocess")
+
     def record_data(self) -> None:
         """Keep the digest of the run's dataset as it is now (a folder's files), so that a later
         read can tell whether it changed (:meth:`data_changed`); nothing for a fixed dataset."""

@@ -602,3 +602,38 @@ def test_the_command_line_says_a_folder_is_too_small_unless_quiet(tmp_path, caps
     assert line.startswith("lorita: warning: dataset 'folder:") and "too few to measure" in line
     assert main([*argv, "--name", "quiet", "--quiet"]) == 0
     assert capsys.readouterr() == ("", "")  # --quiet: nothing but errors
+
+
+def test_preprocess_is_a_recipe_that_reproduces_the_model_inputs(tmp_path):
+    """What exported files record to say how to feed the model: following it on the image
+    files (convert, resize and centre-crop, divide by 255, then (x - mean) / std) gives
+    exactly the inputs the run trained and was measured on; every dataset says how its raw
+    inputs become values."""
+    import json
+
+    from PIL import Image, ImageOps
+
+    from lorita.data import _REGISTRY
+
+    assert all(e.pixels for e in _REGISTRY.values())
+    root = _folder(tmp_path / "imgs")
+    s = load_dataset(f"folder:{root}", size=16)
+    how = json.loads(json.dumps(s.preprocess()))  # as stored: JSON
+    assert how["input_shape"] == [3, 16, 16] and how["classes"] == ["cat", "dog", "eel"]
+    assert how["dataset"] == f"folder:{root}" and how["task"] == "classification"
+    assert "255" in how["pixels"] and "centre-cropped" in how["pixels"]
+    mean = torch.tensor(how["normalize"]["mean"]).view(-1, 1, 1)
+    std = torch.tensor(how["normalize"]["std"]).view(-1, 1, 1)
+    followed = []
+    for f in sorted(root.glob("*/*.*")):
+        im = ImageOps.fit(Image.open(f).convert("RGB"), (16, 16), Image.Resampling.BILINEAR)
+        x = torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1).float() / 255
+        followed.append((x - mean) / std)
+    followed = torch.stack(followed)
+    for part in (s.train, s.val, s.test):
+        inputs = part[torch.arange(len(part))][0]
+        for x in inputs:
+            assert (followed - x).abs().amax(dim=(1, 2, 3)).min() < 1e-5
+    digits = load_dataset("digits").preprocess()
+    assert digits["input_shape"] == [1, 8, 8] and "16" in digits["pixels"]
+    assert load_dataset("digits", normalize=False).preprocess()["normalize"] is None

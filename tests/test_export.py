@@ -55,6 +55,27 @@ def test_onnx_reproduces_outputs(tmp_path):
     np.testing.assert_allclose(out, model(x).detach().numpy(), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("inline_bytes", [None, 1000])
+def test_onnx_carries_its_metadata(tmp_path, monkeypatch, inline_bytes):
+    """``metadata`` reaches the file's metadata_props (JSON for what is not text), read by
+    onnxruntime, in one file and with the weights beside it."""
+    ort = pytest.importorskip("onnxruntime")
+    import json
+
+    import lorita.export as export
+
+    if inline_bytes is not None:
+        monkeypatch.setattr(export, "ONNX_INLINE_BYTES", inline_bytes)
+    model = lt.truncate(lt.overparameterize(net(), 3), lt.Uniform(0.5))
+    how = {"input_shape": [1, 8, 8], "normalize": {"mean": [0.3], "std": [0.4]}}
+    path = lt.export_onnx(model, torch.randn(1, 1, 8, 8), tmp_path / "m.onnx",
+                          metadata={"preprocess": how, "run": "r1"})  # fmt: skip
+    props = ort.InferenceSession(str(path)).get_modelmeta().custom_metadata_map
+    assert json.loads(props["preprocess"]) == how and props["run"] == "r1"
+    with pytest.raises(ValueError, match="^metadata:"):
+        lt.export_onnx(model, torch.randn(1, 1, 8, 8), tmp_path / "n.onnx", metadata=[1])
+
+
 def test_a_model_too_large_for_one_onnx_file_keeps_its_weights_beside_it(tmp_path, monkeypatch):
     """ONNX files hold at most 2 GiB: a larger model's weights go to NAME.onnx.data (made so
     here by lowering the limit).

@@ -266,3 +266,16 @@ def test_evaluate_and_finetune():
     assert type(tuned.get_submodule("fc2")).__name__ == "LowRankLinear"
     with pytest.raises(ValueError, match="epochs"):
         finetune(small, splits, epochs=-1)
+
+
+def test_checkpoints_record_how_to_feed_the_model(tmp_path):
+    """Every checkpoint carries the splits' preprocessing recipe, so a run exported without
+    its data still says how to feed the model; the compress session gives the same."""
+    store = RunStore(tmp_path)
+    cfg = {**SMALL, "epochs": 1}
+    run = store.create(cfg)
+    assert train(cfg, run)["state"] == "completed"
+    want = load_splits(TrainConfig.from_dict(cfg)).preprocess()
+    assert run.preprocess("best") == run.preprocess("last") == want
+    assert want["normalize"] is not None and want["input_shape"] == [1, 8, 8]
+    assert lt.Compressor(run).preprocess == want

@@ -587,6 +587,7 @@ def _meta(s: Session, which: str) -> dict:
         "run": s.run.name if s.run is not None else None,
         "dataset": s.config.dataset,
         "val_acc": None if val is None else val["acc"],
+        "preprocess": s.splits.preprocess(),  # how to feed it, for an export without the data
     }
 
 
