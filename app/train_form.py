@@ -52,6 +52,18 @@ def split_dataset(name: str) -> tuple[str, str]:
     return str(name), ""
 
 
+def folder_errors(choice: str, path: str | None) -> list[str]:
+    """An image folder typed while the dataset is not a path family: refused, not ignored
+    (the run would train on the chosen built-in dataset and the folder would do nothing)."""
+    path = (path or "").strip()
+    if not path or options.is_path_family(choice):
+        return []
+    return [
+        f"image folder: {path!r} is given but the dataset is {choice!r}; pick "
+        f"{options.FOLDER} as the dataset to train on the folder, or clear the image folder"
+    ]
+
+
 def build(preset: str, form: dict[str, Any], base: dict[str, Any] | None = None) -> dict[str, Any]:
     """The run's config: ``base`` (a followed run's config) or the preset, with the form on top.
 
@@ -167,10 +179,10 @@ def save_upload(file_name: str, data: bytes, root: str | Path | None = None) -> 
     suffix = Path(file_name).suffix.lower()
     if suffix not in INIT_SUFFIXES:
         raise ValueError(
-            f"init from: {file_name!r} is not a weights file; allowed: {', '.join(INIT_SUFFIXES)}"
+            f"init_from: {file_name!r} is not a weights file; allowed: {', '.join(INIT_SUFFIXES)}"
         )
     if not data:
-        raise ValueError(f"init from: {file_name!r} is empty")
+        raise ValueError(f"init_from: {file_name!r} is empty")
     root = Path(root) if root is not None else jobs.runs_dir()
     folder = root / jobs.APP_DIR / UPLOAD_DIR
     folder.mkdir(parents=True, exist_ok=True)

@@ -127,11 +127,13 @@ def _data_and_model(values: dict, family: str) -> None:
     c[2].selectbox(
         "Model", models, index=_index(models, values["model"]), key=f"{_key('model')}.{family}"
     )
+    # No type= filter: the browser would drop any other file with a note beside the box, and
+    # the run would start from fresh weights; every file reaches Start, which names a wrong one.
     c[3].file_uploader(
-        "Start from weights (optional)", type=[s[1:] for s in train_form.INIT_SUFFIXES],
-        key=f"{state.TRAIN_INIT_FROM}.{_suffix()}",
-        help="safetensors, or a PyTorch state_dict (read with weights_only=True): loaded into "
-        "the plain model before composing.",
+        "Start from weights (optional)", key=f"{state.TRAIN_INIT_FROM}.{_suffix()}",
+        help=f"{', '.join(train_form.INIT_SUFFIXES)}: safetensors, or a PyTorch state_dict "
+        "(read with weights_only=True), loaded into the plain model before composing. Start "
+        "refuses any other file.",
     )  # fmt: skip
     for col, (field, label) in zip(st.columns(2), presets.OPTION_BOXES.items(), strict=True):
         example, help_ = _OPTION_HELP[field]
@@ -183,8 +185,11 @@ def _numbers(values: dict) -> None:
         "start, and its cuts keep less at the smallest budgets (docs/vs_pruning.md). 0: "
         "composed from the start. Ignored for N=1.",
     )  # fmt: skip
-    c[2].number_input("Batch size", step=16, value=int(values["batch_size"]),
-                      key=_key("batch_size"))  # fmt: skip
+    c[2].number_input(
+        "Batch size", step=16, value=int(values["batch_size"]), key=_key("batch_size"),
+        help="Examples per step, in all (split across the processes when training on several "
+        "GPUs). 0 = automatic: 512 on a GPU, 128 on a CPU.",
+    )  # fmt: skip
     c[3].number_input("Seed", step=1, value=int(values["seed"]), key=_key("seed"))
     c[4].selectbox(
         "Device", devices, index=_index(devices, values.get("device", options.AUTO)),
@@ -210,42 +215,57 @@ def _form() -> None:
 
 
 def _upload():
-    """The uploaded starting weights (a Streamlit UploadedFile), or None."""
+    """The uploaded starting weights (a Streamlit UploadedFile; a DeletedFile when its bytes
+    are gone from the server), or None."""
     return st.session_state.get(f"{state.TRAIN_INIT_FROM}.{_suffix()}")
 
 
-def _form_values(family: str) -> dict:
+def _form_values(family: str) -> tuple[dict, list[str]]:
+    """The form's fields, and what is wrong with those the config cannot check: an image
+    folder given for a dataset that takes none, the starting weights (uploaded or a run's)."""
     form = {f: st.session_state.get(_key(f)) for f in FIELD_KEYS if f != "model"}
     form["model"] = st.session_state.get(f"{_key('model')}.{family}")
-    upload = _upload()
+    errors = train_form.folder_errors(form["dataset"], form["dataset_path"])
     run = st.session_state.get(f"{state.TRAIN_INIT_RUN}.{_suffix()}")
+    try:
+        form["init_from"] = _init_from(_upload(), run)
+    except ValueError as exc:
+        errors.append(ui.one_line(exc))
+    return form, errors
+
+
+def _init_from(upload, run: str | None):
+    """Where the starting weights are: the upload, kept in the runs folder, or a finished
+    run's best checkpoint; None for fresh weights. ValueError naming init_from otherwise."""
     if upload is not None and run:
         raise ValueError("init_from: start from the uploaded weights or from a run, not both")
-    if upload is not None:
-        form["init_from"] = train_form.save_upload(upload.name, upload.getvalue())
-    elif run:
-        form["init_from"] = jobs.start_point(run)
-    return form
+    if upload is None:
+        return jobs.start_point(run) if run else None
+    if not hasattr(upload, "getvalue"):
+        raise ValueError("init_from: the uploaded file is gone from the server; upload it again")
+    return train_form.save_upload(upload.name, upload.getvalue())
 
 
 def _cannot_start(message: str, saved=None) -> None:
     upload = _upload()
-    shown = train_form.name_upload(message, saved, upload.name if upload is not None else None)
+    shown = train_form.name_upload(message, saved, getattr(upload, "name", None))
     st.error(f"Cannot start: {shown}", icon="🚫")
 
 
 def _start(family: str) -> None:
     preset = st.session_state[state.TRAIN_PRESET]
+    form, errors = _form_values(family)
     try:
-        config = train_form.build(preset, _form_values(family), _seed_config())
+        config = train_form.build(preset, form, _seed_config())
     except ValueError as exc:
-        _cannot_start(ui.one_line(exc))
-        return
-    saved = config.get("init_from")
-    errors = train_form.check(preset, config)
+        errors.append(ui.one_line(exc))
+        config = None
+    saved = config.get("init_from") if config else None
+    if config is not None:
+        errors += train_form.check(preset, config)
     for message in errors:
         _cannot_start(message, saved)
-    if errors:
+    if errors or config is None:
         return
     base_cfg = None
     if st.session_state[state.TRAIN_BASELINE] and int(config.get("n_factors", 1)) != 1:

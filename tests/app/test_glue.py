@@ -281,7 +281,7 @@ def test_init_from_upload_is_kept_once_and_named_by_its_content(tmp_path):
     a = train_form.save_upload("mine.safetensors", data, root=tmp_path)
     b = train_form.save_upload("copy.safetensors", data, root=tmp_path)
     assert a == b and a.read_bytes() == data and a.parent.parent.name == ".app"
-    with pytest.raises(ValueError, match="init from"):
+    with pytest.raises(ValueError, match="init_from: .model.pkl. is not a weights file"):
         train_form.save_upload("model.pkl", data, root=tmp_path)
     with pytest.raises(ValueError, match="empty"):
         train_form.save_upload("w.pt", b"", root=tmp_path)

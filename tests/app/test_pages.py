@@ -132,6 +132,69 @@ def test_train_start_lists_every_invalid_field(empty_runs):
     assert fields == {"epochs", "lr", "weight_decay"}, [e.value for e in at.error]
 
 
+START = "FormSubmitter:train.form-Start training"
+
+
+def test_train_start_refuses_a_rejected_or_unreadable_upload(empty_runs, monkeypatch):
+    """A file that is not weights reaches Start (the box filters no type, so the browser does not
+    drop it and leave fresh weights): it is listed with the other invalid fields, by the name
+    the user gave it, and nothing starts; so is a weights file that cannot be read."""
+    from app import jobs
+
+    started = []
+    monkeypatch.setattr(jobs, "start_pair", lambda c, b: started.append((c, b)) or ("x", None))
+    at = open_page("train")
+    uploader = at.file_uploader(key="train.init_from.classroom")
+    assert uploader.allowed_type == []
+    uploader.set_value(("notes.txt", b"just text\n", "text/plain"))
+    at.number_input(key="train.epochs.classroom").set_value(0)
+    at.button(key=START).click().run()
+    assert not at.exception
+    errors = [e.value for e in at.error]
+    assert "Cannot start: init_from: 'notes.txt' is not a weights file; allowed: " in errors[0]
+    assert {e.split(":")[1].strip() for e in errors} == {"init_from", "epochs"}, errors
+    at.number_input(key="train.epochs.classroom").set_value(1)
+    at.file_uploader(key="train.init_from.classroom").set_value(
+        ("mine.safetensors", b"not weights\n", "application/octet-stream")
+    )
+    at.button(key=START).click().run()
+    assert not at.exception
+    (error,) = [e.value for e in at.error]
+    assert error.startswith("Cannot start: init_from: 'mine.safetensors' is neither"), error
+    assert not started
+
+
+def test_train_start_refuses_an_image_folder_for_another_dataset(empty_runs, tmp_path, monkeypatch):
+    """A path in "Image folder" while the dataset is digits is refused (naming the field and
+    both ways out), not ignored for a digits run; listed beside the other invalid fields."""
+    from app import jobs
+
+    started = []
+    monkeypatch.setattr(jobs, "start_pair", lambda c, b: started.append((c, b)) or ("x", None))
+    at = open_page("train")
+    assert at.selectbox(key="train.dataset.classroom").value == "digits"
+    at.text_input(key="train.dataset_path.classroom").set_value(str(tmp_path / "images"))
+    at.number_input(key="train.lr.classroom").set_value(0.0)
+    at.button(key=START).click().run()
+    assert not at.exception
+    errors = [e.value for e in at.error]
+    assert {e.split(":")[1].strip() for e in errors} == {"image folder", "lr"}, errors
+    (folder,) = [e for e in errors if e.startswith("Cannot start: image folder:")]
+    assert "'digits'" in folder and "pick folder" in folder and "clear the image folder" in folder
+    assert not started
+    at.text_input(key="train.dataset_path.classroom").set_value("  ")  # cleared: digits it is
+    at.number_input(key="train.lr.classroom").set_value(1e-3)
+    at.button(key=START).click().run()
+    assert_clean(at)
+    assert started and started[0][0]["dataset"] == "digits"
+
+
+def test_train_batch_size_help_says_what_0_means(empty_runs):
+    at = open_page("train")
+    field = at.number_input(key="train.batch_size.classroom")
+    assert "0 = automatic" in field.help and "512 on a GPU, 128 on a CPU" in field.help
+
+
 def test_train_missing_dataset_is_reported_on_start(empty_runs, tmp_path, monkeypatch):
     at = open_page("train")
     at.selectbox(key="train.dataset.classroom").set_value("folder")
@@ -449,6 +512,38 @@ def test_the_run_picked_on_compress_and_export_comes_back_after_a_refresh(runs_d
         other = "export" if page == "compress" else "compress"
         at.switch_page(f"pages/{other}.py").run()
         assert at.selectbox(key=f"{other}.run").value == N1
+
+
+def test_compress_on_a_run_still_training_opens_at_once_and_says_so(runs_dir):
+    """A run still training is cut as its checkpoint is now, at once: the page waits for a
+    trade-off curve only in the seconds after a run completes, while its process keeps it."""
+    import time
+
+    from filelock import FileLock
+
+    from app import compress as cz
+    from lorita.io import read_json, write_json
+    from lorita.runs import WRITER_LOCK
+
+    status = runs_dir / N3 / "status.json"
+    done = read_json(status)
+    training = {**done, "state": "running", "host": "elsewhere", "heartbeat": time.time(),
+                "step": 5, "total_steps": 40}  # fmt: skip
+    write_json(status, training)
+    writer = FileLock(str(runs_dir / N3 / WRITER_LOCK), thread_local=False)
+    writer.acquire()  # its training process, alive
+    try:
+        assert not cz.curve_being_kept(N3, runs_dir)
+        t0 = time.perf_counter()
+        at = open_page("compress", run=N3)
+        assert_clean(at)
+        assert time.perf_counter() - t0 < 60  # it waited up to 120 s for the process
+        assert any("still running (step 5 of 40)" in i.value for i in at.info)
+        assert "Original validation accuracy" in metrics(at)
+        write_json(status, {**done, "host": "elsewhere"})
+        assert cz.curve_being_kept(N3, runs_dir)  # completed, its process keeping curves
+    finally:
+        writer.release()
 
 
 def test_compress_policy_and_slider_come_back_after_a_refresh(runs_dir):
