@@ -18,6 +18,9 @@ def _session(root: str, name: str, which: str, mtime: float):
     return cz.session(name, which, root)
 
 
-def session(root: str, name: str, which: str):
-    """The run's :class:`lorita.Compressor`, built once per (run, checkpoint file)."""
-    return _session(root, name, which, cz.checkpoint_mtime(name, which, root))
+def session(root: str, name: str, which: str, mtime: float | None = None):
+    """The run's :class:`lorita.Compressor`, built once per (run, checkpoint file); ``mtime``
+    names the checkpoint file a page has already loaded (a training run replaces it)."""
+    if mtime is None:
+        mtime = cz.checkpoint_mtime(name, which, root)
+    return _session(root, name, which, mtime)

@@ -173,10 +173,17 @@ def stored_curve(name: str, which: str, policy: str, root: str | Path | None = N
 
 
 def curve_being_kept(name: str, root: str | Path | None = None) -> bool:
-    """Whether run ``name``'s training process is still alive: it keeps the default
-    policy's curve (and the slider's cuts) after marking the run completed, so a page that
-    opens the run in those seconds waits for them instead of sweeping a second time."""
-    return jobs.store(root).get(name).held_elsewhere()
+    """Whether run ``name`` is completed and its training process still alive: it keeps the
+    default policy's curve (and the slider's cuts) after marking the run completed, so a page
+    that opens the run in those seconds waits for them instead of sweeping a second time. A
+    run still training is not waited for: its checkpoint is cut as it is now."""
+    run = jobs.store(root).get(name)
+    return run.status().get("state") == "completed" and run.held_elsewhere()
+
+
+def run_exists(name: str, root: str | Path | None = None) -> bool:
+    """Whether run ``name`` is still in the runs folder (another tab may have deleted it)."""
+    return jobs.store(root).exists(name)
 
 
 def wait_for_curve(

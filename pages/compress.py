@@ -341,6 +341,10 @@ def workbench(root: str, name: str, which: str) -> None:
     next, then the numbers of this setting. The uncut model's numbers are drawn by the page,
     outside the fragment.
     """
+    if not cz.run_exists(name, root):  # deleted meanwhile (another tab): the page picks anew
+        st.session_state[state.LAST_ERROR] = f"Run {name} was deleted; pick another run."
+        st.session_state.pop(state.COMPRESS_RUN, None)
+        st.rerun()
     policy, value, policy_obj = _controls(root, name, which)
     ui.show_pending_error()
     table_box, result_box = st.container(), st.container()
@@ -353,7 +357,8 @@ def workbench(root: str, name: str, which: str) -> None:
     loaded = (name, which, cz.checkpoint_mtime(name, which, root))
     if curves is not None and st.session_state.get(state.COMPRESS_LOADED) != loaded:
         _draw_tradeoff(slot, curves, x_axis, name)  # at once, while the session loads
-    session = cache.session(root, name, which)
+    st.session_state[state.COMPRESS_LOADED] = None  # until it has loaded
+    session = cache.session(root, name, which, loaded[2])
     st.session_state[state.COMPRESS_LOADED] = loaded
     if session.data_note:
         with table_box:
@@ -400,15 +405,20 @@ def main() -> None:
     # The uncut model's numbers do not change with the slider: drawn outside the fragment (a
     # slider move resends only what it changes), above it, once the fragment loaded the session.
     base_box = st.container()
-    workbench(root, *picked)
     name, which = picked
-    if st.session_state.get(state.COMPRESS_LOADED) == (
-        name,
-        which,
-        cz.checkpoint_mtime(name, which, root),
-    ):
-        with base_box:  # the session loaded (a checkpoint that failed to load reports once)
-            _base_metrics(cache.session(root, name, which))
+    view = jobs.view(name, root)
+    if view.active:
+        st.info(
+            f"Run {name} is still {view.state} (step {view.step} of {view.total_steps}): this "
+            f"page cuts its {which} checkpoint as it is now; reopen the page or move the slider "
+            "for a newer one, and wait for it to complete for the final numbers.",
+            icon="⏳",
+        )
+    workbench(root, *picked)
+    loaded = st.session_state.get(state.COMPRESS_LOADED)
+    if loaded is not None and loaded[:2] == (name, which):
+        with base_box:  # the checkpoint the fragment loaded (one that failed reports once)
+            _base_metrics(cache.session(root, name, which, loaded[2]))
     st.page_link("pages/export.py", label="Export this model", icon="📦")
 
 
