@@ -1242,17 +1242,9 @@ def _forms_by(cz, res, args):
     base = cz.base_cost
     shares = {"params": 100.0 * cost.params / max(1, base.params)}
     shares["flops"] = 100.0 * cost.flops / max(1, base.flops)
-    extra = dict(res.extra)
-    measure = {"budget": "params", "flops-budget": "flops"}.get(res.policy.get("policy"))
-    if measure and shares[measure] > res.policy["value"] + 1e-6:
-        extra["note"] = (
-            f"{measure} {shares[measure]:.1f}% is over the budget of {res.policy['value']:g}%: "
-            f"the layers kept dense because of {args.form_by} carry their whole weight "
-            "(--form-by flops keeps the budget)"
-        )
     return dataclasses.replace(
         res,
-        extra=extra,
+        extra=_budget_after_forms(res, cost, shares, args.form_by),
         model=model,
         plan=plan,
         policy={**res.policy, "form_by": args.form_by, "form_batch": args.form_batch},
@@ -1261,6 +1253,25 @@ def _forms_by(cz, res, args):
         params_pct=shares["params"],
         flops_pct=shares["flops"],
     )
+
+
+def _budget_after_forms(res, cost, shares: dict, form_by: str) -> dict:
+    """``res.extra`` with the budget's ``met`` counted again for the model whose forms were
+    chosen, and a note when the dense layers are what took it over."""
+    extra = dict(res.extra)
+    budget = extra.get("budget")
+    if not budget:
+        return extra
+    measure = budget["measure"]
+    met = bool(getattr(cost, measure) <= budget["target"])
+    extra["budget"] = {**budget, "met": met}
+    if budget["met"] and not met:
+        extra["note"] = (
+            f"{measure} {shares[measure]:.1f}% is over the budget of {budget['percent']:g}%: "
+            f"the layers kept dense because of {form_by} carry their whole weight "
+            "(--form-by flops keeps the budget)"
+        )
+    return extra
 
 
 def _rank_measures(cz) -> dict:
@@ -1328,6 +1339,9 @@ def _print_notes(plan: dict) -> None:
             print("\n".join(f"  {n}: {note}" for n in names))
 
 
+_MEASURE_WORDS = {"params": "parameters", "flops": "FLOPs"}
+
+
 def _print_compress(out: dict, args) -> None:
     before, after = out["before"], out["after"]
     k = after["finetune_epochs"]
@@ -1338,6 +1352,8 @@ def _print_compress(out: dict, args) -> None:
         if search
         else _policy_words(after["policy"])
     )
+    if not after.get("budget", {}).get("met", True):
+        how += " (not met)"
     form = args.form
     if args.form_by != "flops" and args.form == "low_rank":
         form += f" (chosen by {args.form_by} at batch {args.form_batch})"
@@ -1370,6 +1386,12 @@ def _print_compress(out: dict, args) -> None:
         )
     if after.get("note"):
         print(f"note: {after['note']}")
+    elif not after.get("budget", {}).get("met", True):
+        b = after["budget"]
+        print(
+            f"note: budget not met: the cut keeps {after[b['measure'] + '_pct']:.1f}% of the "
+            f"{_MEASURE_WORDS[b['measure']]}, over the budget of {b['percent']:g}%"
+        )
     _print_notes(plan)
     if out.get("out"):
         print(f"saved {out['out']}")

@@ -671,6 +671,30 @@ def test_compress_and_export_choose_forms_by_latency(runs_dir, tmp_path, capsys,
     _one_line_error(capsys, ["compress", *base, "--form-batch", "0"], "--form-batch")
 
 
+def test_compress_budget_met_is_the_share_kept(runs_dir, capsys, monkeypatch):
+    """``budget.met`` says whether the model printed is within the budget (also after
+    --form-by latency kept layers dense), and the table says so when it is not."""
+    from lorita import kinds
+
+    base = ["compress", "r1", "--runs-dir", str(runs_dir), "--no-latency"]
+    assert main([*base, "--budget", "1", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)["after"]
+    assert out["params_pct"] > 1 and out["budget"]["met"] is False
+    assert main([*base, "--budget", "1"]) == 0
+    text = capsys.readouterr().out
+    assert "budget 1 (not met)" in text
+    assert f"note: budget not met: the cut keeps {out['params_pct']:.1f}% of the parameters" in text
+    assert main([*base, "--budget", "30", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)["after"]
+    assert out["params_pct"] <= 30 and out["budget"]["met"] is True
+    monkeypatch.setattr(kinds, "_thin_is_faster", lambda dense, layer, args: False)
+    assert main([*base, "--budget", "30", "--form-by", "latency", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)["after"]
+    assert out["params_pct"] > 30 and out["budget"]["met"] is False
+    assert main([*base, "--budget", "30", "--form-by", "latency"]) == 0
+    assert "budget 30 (not met)" in capsys.readouterr().out
+
+
 def test_export_folds_batchnorm_unless_asked_not_to_and_compress_says_how_it_timed(
     runs_dir, tmp_path, capsys
 ):
