@@ -170,6 +170,28 @@ def test_init_from_pretrained_for_other_classes_starts_only_the_output_layer_fre
     assert "starts from a fresh init" in run.status()["note"]
 
 
+def test_init_from_a_lorita_file_for_other_classes_starts_only_the_output_layer_fresh(
+    tmp_path,
+):
+    """A composed or cut model saved by lorita (a run's checkpoint, an export) for another
+    number of classes: its merged weights start every layer but the output layer, as a plain
+    state_dict does."""
+    base = TrainConfig(model_kwargs={"width": 16}, epochs=1, n_factors=1, seed=5)
+    splits = lt.load_splits(base)
+    other = lt.create_model("mlp", in_channels=1, image_size=8, num_classes=3, width=16)
+    composed = lt.overparameterize(other, 3)
+    for name, model in (("composed", composed), ("cut", lt.truncate(composed, lt.Uniform(0.5)))):
+        path = lt.save(model, tmp_path / f"{name}.safetensors")
+        cfg = TrainConfig(model_kwargs={"width": 16}, n_factors=3, init_from=str(path))
+        built = lt.build_model(cfg, splits)
+        assert "has 3 outputs in the file and 10" in built.lorita_init_note, name
+        got = lt.merge_model(built).state_dict()
+        want = lt.merge_model(model).state_dict()
+        for k, v in want.items():
+            if not k.startswith("head."):  # the MLP's output layer
+                torch.testing.assert_close(got[k], v, rtol=1e-4, atol=1e-5)
+
+
 class _Boom:
     def __reduce__(self):
         return (print, ("code ran",))

@@ -72,7 +72,9 @@ def _renamed(sd: dict[str, torch.Tensor], own: set[str]) -> dict[str, torch.Tens
 
 def _from_lorita_file(p: Path, model: nn.Module) -> dict[str, torch.Tensor]:
     """The plain weights of a model saved by ``lorita.save`` (composed or cut): rebuilt onto a
-    copy of ``model``'s architecture and merged back into its plain layers."""
+    copy of ``model``'s architecture and merged back into its plain layers. A file that does
+    not fit that copy but rebuilds its own architecture (a registry or Sequential model, e.g.
+    trained for another number of classes) is rebuilt so, for :func:`fit_head` to compare."""
     from ..convert import merge_model
     from ..export import load, read_spec
 
@@ -92,7 +94,10 @@ def _from_lorita_file(p: Path, model: nn.Module) -> dict[str, torch.Tensor]:
     try:
         rebuilt = load(p, model=arch)
     except ValueError as e:
-        raise ValueError(f"init_from: {str(p)!r}: {e}") from None
+        try:
+            rebuilt = load(p)
+        except ValueError:
+            raise ValueError(f"init_from: {str(p)!r}: {e}") from None
     sd = merge_model(rebuilt).state_dict()
     _check_values(sd, p)
     return sd
