@@ -1424,12 +1424,19 @@ def cmd_compare(args) -> int:
 
     store = _store(args)
     run = _get_run(args, args.run)
+    _require_composed(run)
     if args.baseline is not None:
         baseline = _get_run(args, args.baseline)
     else:
         baseline = store.pair(run)
         if baseline is None:
             raise UsageError(f"run {run.name!r} has no paired N=1 run; name one with --baseline")
+    n = baseline.config.get("n_factors", 1)
+    if n != 1:
+        raise UsageError(
+            f"--baseline: {baseline.name!r} has N={n}; the baseline is an N=1 run "
+            "(trained with --factors 1)"
+        )
     for r in (run, baseline):
         _require_checkpoint(r, args.which)
     with _CountBar(not args.json, "cuts") as bar:
@@ -1468,6 +1475,24 @@ def cmd_compare(args) -> int:
     ]
     print(_table(table, header))
     return 0
+
+
+def _require_composed(run) -> None:
+    """RUN of ``compare`` is a composed (N > 1) run; an N=1 run is refused, its composed
+    partner named when it has one."""
+    from .runs import RunStore
+
+    n = run.config.get("n_factors", 1)
+    if n != 1:
+        return
+    partner = RunStore(run.path.parent).pair(run)
+    hint = (
+        f"; its composed partner is {partner.name!r}: lorita compare {partner.name} "
+        f"--baseline {run.name}"
+        if partner is not None
+        else "; name the composed run, with this one as --baseline"
+    )
+    raise UsageError(f"RUN: compare takes a composed (N>1) run; {run.name!r} has N={n}{hint}")
 
 
 class _CountBar:

@@ -281,6 +281,16 @@ def test_compare_against_the_n1_baseline(runs_dir, capsys):
     assert len([line for line in out.splitlines() if line.startswith(("20%", "50%"))]) == 6
 
 
+def test_compare_takes_a_composed_run_and_an_n1_baseline(runs_dir, capsys):
+    """An N=1 run as RUN is refused with its N and its composed partner; an N>1 --baseline
+    with its N."""
+    at = ["--budgets", "10", "--runs-dir", str(runs_dir)]
+    _one_line_error(
+        capsys, ["compare", "r0", *at], "composed (N>1) run", "'r0' has N=1", "partner is 'r1'"
+    )
+    _one_line_error(capsys, ["compare", "r1", "--baseline", "r1", *at], "--baseline", "N=3")
+
+
 def test_compress_ratio_json(runs_dir, capsys):
     assert main(["compress", "r1", "--uniform", "0.25", "--json", "--runs-dir", str(runs_dir)]) == 0
     out = json.loads(capsys.readouterr().out)
