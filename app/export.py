@@ -7,6 +7,8 @@ onnxruntime for ONNX) so the page can show that the reloaded model gives the sam
 
 from __future__ import annotations
 
+import hashlib
+import json
 import tempfile
 import time
 from dataclasses import dataclass
@@ -30,6 +32,33 @@ DECIDE_WORDS = {
 }
 DEFAULT_BATCH = 64  # the batch the latency choice measures at, unless the page says otherwise
 MAX_BATCH = 4096  # the library's limit
+
+
+def file_base(
+    run: str, which: str = "best", choice: dict[str, Any] | None = None, *, finetuned: bool = False
+) -> str:
+    """The downloaded file's name before its format's suffix: the run, the checkpoint unless it
+    is the best, then the cut and whether it was fine-tuned, so that no two exports of one run
+    share a name (``digits-n3``, ``digits-n3-global0.80``, ``digits-n3-global0.80-finetuned``,
+    ``digits-n3-last-budget20.0``, ``digits-n3-ranks-1a2b3c4d``)."""
+    parts = [run] if which == "best" else [run, which]
+    if choice:
+        parts.append(cut_tag(choice))
+        if finetuned:
+            parts.append("finetuned")
+    return "-".join(parts)
+
+
+def cut_tag(choice: dict[str, Any]) -> str:
+    """A Compress page setting in a file name: the policy and its slider value as the slider
+    shows it (``global0.80``, ``budget20.0``), or a per-layer rank table's digest."""
+    policy, value = str(choice["policy"]), choice.get("value")
+    d = cz.scalar_policies().get(policy)
+    if d is None or value is None:
+        ranks = sorted((str(k), int(v)) for k, v in (choice.get("ranks") or {}).items())
+        digest = hashlib.sha256(json.dumps(ranks).encode()).hexdigest()[:8]
+        return f"{policy}-{digest}"
+    return f"{policy}{d.get('format', '%g') % value}"
 
 
 def formats() -> dict[str, str]:
@@ -285,7 +314,7 @@ def build_offline(run: Any, which: str, fmt: str) -> Offline:
     import torch
 
     model, example, val_acc = run.as_trained(which)
-    file_name = run.name + SUFFIX[fmt]
+    file_name = file_base(run.name, which) + SUFFIX[fmt]
     x = (
         example.expand(4, *example.shape[1:])
         .clone()

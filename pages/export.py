@@ -11,11 +11,12 @@ from lorita.data import DatasetUnavailable
 
 
 @st.cache_resource(show_spinner="Writing the file and loading it back…", max_entries=16)
-def _build(
-    root: str, name: str, which: str, mtime: float, choice_key: tuple, fmt: str, _model, _meta
-) -> ex.Built:
+def _build(  # noqa: PLR0913 - the cache key is the whole choice
+    root: str, name: str, which: str, mtime: float, choice_key: tuple, fmt: str, base: str,
+    _model, _meta,
+) -> ex.Built:  # fmt: skip
     session = cache.session(root, name, which)
-    return ex.build(session, _model, fmt, base_name=name, meta=_meta)
+    return ex.build(session, _model, fmt, base_name=base, meta=_meta)
 
 
 @st.cache_resource(show_spinner=False, max_entries=16)
@@ -231,7 +232,8 @@ def _file(root, name, which, mtime, session, choice, pick, fmt, by, batch) -> No
     with st.spinner(timed):
         model = _model(root, name, which, mtime, choice_key, fmt, by, batch, used, tuned)
     meta = ex.metadata(session, used, fmt, model=model, by=by, batch=batch)
-    built = _build(root, name, which, mtime, choice_key, fmt, model, meta)
+    base = ex.file_base(name, which, used, finetuned=tuned is not None)
+    built = _build(root, name, which, mtime, choice_key, fmt, base, model, meta)
 
     st.subheader("Check: the file loads back to the same model")
     m = st.columns(3)

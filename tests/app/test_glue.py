@@ -419,3 +419,18 @@ def test_theory_identity_note_follows_the_numbers():
     zero = {**res, "penalty": 1e-60, "balanced": 0.9e-60, "learned": [1e-170]}
     assert "both sides are zero" in theory.identity_note(zero, 1.0)
     assert "N = 5, λ = 1 " in theory.zero_note(zero, 5, 1.0)
+
+
+def test_every_export_of_a_run_has_its_own_file_name():
+    cut = {"run": "r", "which": "best", "policy": "global", "value": 0.8, "ranks": {"fc1": 3}}
+    budget = {**cut, "policy": "budget", "value": 20.0}
+    table = {**cut, "policy": "ranks", "value": None}
+    names = [
+        ex.file_base("r"), ex.file_base("r", "last"), ex.file_base("r", "best", cut),
+        ex.file_base("r", "best", cut, finetuned=True), ex.file_base("r", "last", budget),
+        ex.file_base("r", "best", table),
+        ex.file_base("r", "best", {**table, "ranks": {"fc1": 4}}),
+    ]  # fmt: skip
+    assert names[:5] == ["r", "r-last", "r-global0.80", "r-global0.80-finetuned",
+                         "r-last-budget20.0"]  # fmt: skip
+    assert names[5].startswith("r-ranks-") and len(set(names)) == len(names)

@@ -33,6 +33,12 @@ def metrics(at: AppTest) -> dict[str, str]:
     return {m.label: m.value for m in at.metric}
 
 
+def download_name(at: AppTest) -> str:
+    """The file name the Export page's download button offers (its label names it)."""
+    (button,) = at.get("download_button")
+    return button.proto.label.removeprefix("Download ")
+
+
 # --- home / theory ----------------------------------------------------------------------------
 
 
@@ -632,6 +638,18 @@ def test_export_compressed_choice_from_compress_page(runs_dir):
     assert_clean(at)
     assert at.radio(key="export.model").value == "compressed"
     assert "Global" in at.radio(key="export.model").options[1]
+    names = {}  # (model, format) -> the downloaded file's name
+    for model in ("compressed", "full"):
+        at.radio(key="export.model").set_value(model).run()
+        for fmt in ("low_rank", "dense", "onnx"):
+            at.radio(key="export.format").set_value(fmt).run()
+            assert_clean(at)
+            names[model, fmt] = download_name(at)
+    assert names["full", "low_rank"] == f"{N3}-lowrank.safetensors"
+    assert names["compressed", "low_rank"] == f"{N3}-global0.80-lowrank.safetensors"
+    assert names["compressed", "dense"] == f"{N3}-global0.80-dense.safetensors"
+    assert names["compressed", "onnx"] == f"{N3}-global0.80.onnx"
+    assert len(set(names.values())) == len(names)  # one name per file
 
 
 def test_a_refreshed_export_page_still_exports_the_cut(runs_dir):
@@ -681,6 +699,9 @@ def test_compress_finetune_then_export_the_tuned_model(runs_dir):
     assert_clean(at)
     m = metrics(at)
     assert m["Test accuracy before saving"] == m["Test accuracy after reloading"]
+    assert download_name(at) == f"{N3}-global0.90-finetuned-lowrank.safetensors"
+    models.set_value("compressed").run()
+    assert download_name(at) == f"{N3}-global0.90-lowrank.safetensors"
 
 
 def test_train_live_panel_stop_button(runs_dir):
