@@ -330,7 +330,13 @@ def _add_train(sub) -> None:
     )
     t.add_argument("--quiet", action="store_true", help="print nothing but errors")
     t.add_argument(
-        "--resume", action="store_true", help="continue the run --name from its last checkpoint"
+        "--resume",
+        nargs="?",
+        const=True,
+        default=False,
+        metavar="RUN",
+        type=_text("--resume"),
+        help="continue the run RUN (or --name RUN) from its last checkpoint",
     )
     t.add_argument(
         "--max-concurrent",
@@ -877,8 +883,7 @@ def cmd_train(args) -> int:
     threads = args.threads if args.threads is not None else "auto"
     store = _store(args)
     if args.resume:
-        if not args.name:
-            raise UsageError("--resume needs --name RUN")
+        _resume_name(args)
         run = _get_run(args, args.name)
         config = _train_config_from_run(run, args)
     else:
@@ -902,6 +907,20 @@ def cmd_train(args) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _resume_name(args) -> None:
+    """``--resume RUN`` or ``--resume --name RUN``: the run's name in ``args.name``, and
+    ``args.resume`` True."""
+    named = args.resume if isinstance(args.resume, str) else None
+    if named is not None and args.name is not None and named != args.name:
+        raise UsageError(
+            f"--resume: {_short(named)!r} and --name {_short(args.name)!r} name two runs; give one"
+        )
+    args.name = args.name or named
+    args.resume = True
+    if not args.name:
+        raise UsageError("--resume needs a run: --resume RUN (or --resume --name RUN)")
 
 
 class _StopOnSignal:

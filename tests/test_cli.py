@@ -59,7 +59,7 @@ def _one_line_error(capsys, argv, *needles):
         (["train", "--model-arg", "colour=3"], ["model_kwargs", "colour"]),
         (["train", "--name", "../evil"], ["run name", "../evil"]),
         (["train", "--bogus"], ["unrecognized", "--bogus"]),
-        (["train", "--resume"], ["--resume needs --name"]),
+        (["train", "--resume"], ["--resume needs a run", "--resume RUN"]),
         (["frobnicate"], ["frobnicate"]),
         (["compress", "nope", "--uniform", "0.5"], ["no run named 'nope'"]),
         (["export", "nope", "--format", "onnx", "--out", "x.onnx"], ["no run named 'nope'"]),
@@ -186,6 +186,20 @@ def test_resume_does_not_need_the_start_file_any_more(tmp_path):
     a, b = (store.get(n).load_model("last").state_dict() for n in ("whole", "cut"))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert store.get("cut").result()["test_acc"] == whole["test_acc"]
+
+
+def test_resume_takes_the_run_after_the_flag(tmp_path, capsys):
+    """``--resume RUN`` continues RUN as ``--resume --name RUN`` does; two names are refused."""
+    store = RunStore(tmp_path)
+    cfg = {**lt.TrainConfig().to_dict(), "epochs": 1, "spectra_every": 0, "device": "cpu"}
+    cfg.update(model_kwargs={"width": 32, "depth": 2})
+    steps = iter(range(10**6))
+    lt.train(cfg, store.create(cfg, name="cut"), threads=1, stop=lambda: next(steps) >= 3)
+    assert store.get("cut").status()["state"] == "stopped"
+    at = ["--runs-dir", str(tmp_path), "--quiet", "--threads", "1"]
+    _one_line_error(capsys, ["train", "--resume", "cut", "--name", "other", *at], "two runs")
+    assert main(["train", "--resume", "cut", *at]) == 0
+    assert store.get("cut").status()["state"] == "completed"
 
 
 def test_train_prints_progress_and_the_run_folder(runs_dir, tmp_path, capsys):
