@@ -962,8 +962,18 @@ def _wait_for_slot(args, store, run, stop_event, quiet):
 
     if not args.max_concurrent:
         return None
+    said = []
 
-    def should_stop():
+    def should_stop():  # asked each time every slot was found taken
+        if not (quiet or said):
+            said.append(True)
+            k = args.max_concurrent
+            print(
+                f"queued: waiting for a training slot ({k} of {k} in use); Ctrl-C (or "
+                f"lorita stop {run.name}) to leave the queue",
+                file=sys.stderr,
+                flush=True,
+            )
         return stop_event.is_set() or run.stop_requested()
 
     slot = acquire_slot(store.root, args.max_concurrent, should_stop=should_stop)

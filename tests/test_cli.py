@@ -526,6 +526,22 @@ def test_module_entry_point_and_sigterm_stop_with_queue(tmp_path):
     assert bad.returncode == 2 and err.count("\n") == 1 and "lr" in err
 
 
+def test_a_queued_run_says_it_waits(tmp_path, capsys):
+    """A run that finds every --max-concurrent slot taken says so once, then trains when one
+    frees."""
+    import threading
+
+    from lorita.runs import acquire_slot
+
+    held = acquire_slot(tmp_path, 1)
+    threading.Timer(1.5, held.close).start()
+    argv = ["train", "--runs-dir", str(tmp_path), "--name", "q", "--max-concurrent", "1"]
+    assert main([*argv, "--epochs", "1", "--spectra-every", "0", *TINY]) == 0
+    err = capsys.readouterr().err
+    assert err.count("queued: waiting for a training slot (1 of 1 in use)") == 1, err
+    assert "Ctrl-C" in err and err.index("run folder:") < err.index("queued:")
+
+
 def _image_folder(root: Path, classes=("cat", "dog"), per_class=8, size=20) -> None:
     from PIL import Image
 
