@@ -402,7 +402,9 @@ def tradeoff_chart(
     """Accuracy against cost (% of the uncompressed model), one line per curve.
 
     The y axis opens on the ``focus`` (a fraction: 0.2 = 20 points) below the best accuracy,
-    where the curves differ; double-clicking the chart shows the whole range.
+    where the curves differ, and a note in the corner names the points left below it;
+    double-clicking the chart shows the whole range. When a whole line (or the current point)
+    would be below it, the axis shows the whole range instead (:func:`_focus_range`).
 
     Args:
         curves: label -> points, each a flat dict with at least ``x``, ``y`` and "value".
@@ -454,16 +456,53 @@ def tradeoff_chart(
     if not data:
         return empty_figure("no trade-off points", title=title, uirevision=uirevision)
     yaxis: dict[str, Any] = {**_title(y_name.get(y, y)), "tickformat": ".0%"}
-    ys = [v for trace in data for v in trace["y"]]
-    if focus is not None and ys and max(ys) - min(ys) > focus:
-        yaxis["range"] = [max(0.0, max(ys) - focus), min(1.0, max(ys)) + 0.01]
+    below = []
+    span = _focus_range(data, focus)
+    if span is not None:
+        yaxis["range"] = span
+        below = _below_note(data, span[0])
     return _figure(
         data,
         title=title,
         uirevision=uirevision,
         xaxis={**_title(x_name.get(x, x)), "ticksuffix": " %"},
         yaxis=yaxis,
+        annotations=below,
     )
+
+
+def _focus_range(data: list[dict[str, Any]], focus: float | None) -> list[float] | None:
+    """The y range ``focus`` below the best point, or None for the whole range: when the points
+    spread less than that, or when a whole line (or the current point) would be below it, which
+    would leave a legend entry with nothing drawn."""
+    ys = [v for trace in data for v in trace["y"]]
+    if focus is None or not ys or max(ys) - min(ys) <= focus:
+        return None
+    floor = max(0.0, max(ys) - focus)
+    if any(max(trace["y"]) < floor for trace in data):
+        return None
+    return [floor, min(1.0, max(ys)) + 0.01]
+
+
+def _below_note(data: list[dict[str, Any]], floor: float) -> list[dict[str, Any]]:
+    """An annotation naming each line's points below ``floor`` (where and how low), if any."""
+    lines = []
+    for trace in data:
+        below = [(x, y) for x, y in zip(trace["x"], trace["y"], strict=True) if y < floor]
+        if not below:
+            continue
+        xs, low = [x for x, _ in below], min(y for _, y in below)
+        where = f"{min(xs):.1f}–{max(xs):.1f} %" if len(xs) > 1 else f"{xs[0]:.1f} %"
+        count = f"{len(xs)} points" if len(xs) > 1 else "1 point"
+        lines.append(f"{trace['name']}: {count} at {where}, down to {low:.1%}")
+    if not lines:
+        return []
+    text = "<br>".join(["Below the axis (double-click to see all):", *lines])
+    return [
+        {"text": text, "xref": "paper", "yref": "paper", "x": 0.99, "y": 0.02,
+         "xanchor": "right", "yanchor": "bottom", "align": "right", "showarrow": False,
+         "font": {"size": 11}, "bgcolor": "rgba(255,255,255,0.85)"}
+    ]  # fmt: skip
 
 
 def theory_spectrum(

@@ -121,6 +121,34 @@ def test_tradeoff_chart_sorts_by_cost_and_marks_current():
     low = [*pts, {"value": 0.01, "flops_pct": 1.0, "params_pct": 1.0, "val_acc": 0.1}]
     fig3 = charts.tradeoff_chart({"N=3": low})
     assert fig3.layout.yaxis.range[0] == pytest.approx(0.75)  # opens on 20 points below the best
+    (note,) = fig3.layout.annotations  # and names what it leaves below
+    assert "Below the axis" in note.text and "N=3: 1 point at 1.0 %, down to 10.0%" in note.text
+    assert not fig.layout.annotations  # nothing below: no note
+
+
+def test_tradeoff_chart_never_leaves_a_line_out_of_view():
+    """The three methods at 5-50 % budgets: a line wholly below the zoom (L1 pruning at 25 %)
+    makes the axis take in every point; a line partly below it is named in the note."""
+
+    def line(accs):
+        return [{"value": b, "params_pct": b, "test_acc": a}
+                for b, a in zip((5, 10, 20, 50), accs, strict=True)]  # fmt: skip
+
+    curves = {"LoRITa cut": line([0.90, 0.93, 0.95, 0.96]),
+              "SVD cut": line([0.84, 0.90, 0.94, 0.96]),
+              "L1 pruning": line([0.25, 0.26, 0.30, 0.41])}  # fmt: skip
+    fig = charts.tradeoff_chart(curves, x="params_pct", y="test_acc")
+    assert fig.layout.yaxis.range is None and not fig.layout.annotations
+    curves["L1 pruning"] = line([0.25, 0.30, 0.88, 0.95])
+    fig = charts.tradeoff_chart(curves, x="params_pct", y="test_acc")
+    assert fig.layout.yaxis.range[0] == pytest.approx(0.76)
+    (note,) = fig.layout.annotations
+    assert "L1 pruning: 2 points at 5.0–10.0 %, down to 25.0%" in note.text
+    assert "LoRITa" not in note.text and "SVD" not in note.text
+    star = {"value": 5, "params_pct": 5.0, "test_acc": 0.5}
+    fig = charts.tradeoff_chart({"LoRITa cut": curves["LoRITa cut"]}, current=star,
+                                x="params_pct", y="test_acc")  # fmt: skip
+    assert fig.layout.yaxis.range is None  # the current point is never out of view
 
 
 def test_theory_spectrum_has_true_and_learned():
