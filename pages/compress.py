@@ -230,7 +230,7 @@ def _draw_tradeoff(slot, curves: dict, x_axis: str, name: str, res: dict | None 
 
 
 def _tradeoff_notes(root: str, name: str, n: int) -> None:
-    st.caption("The chart opens on the top 20 points; double-click it to see all.")
+    st.caption("Where the chart opens zoomed on its top 20 points, double-click it to see all.")
     if n > 1 and not cz.find_baseline(name, root):
         st.caption(
             "No N=1 baseline with the same setup found. Tick “also train N=1” on the Train "
@@ -328,6 +328,8 @@ def _controls(root: str, name: str, which: str):
     state.to_url(state.QUERY_POLICY, policy)
     if policy in cz.scalar_policies():
         return policy, *_slider(root, name, which, policy, from_url)
+    if state.QUERY_VALUE in st.query_params:  # a slider's value, not this policy's
+        del st.query_params[state.QUERY_VALUE]
     return policy, None, None
 
 

@@ -594,9 +594,10 @@ def test_compress_smallest_within_moves_the_slider(runs_dir):
 
 
 def test_compress_rank_table(runs_dir):
-    at = open_page("compress", run=N3)
+    at = open_page("compress", run=N3, policy="global", value="0.5")
     at.radio(key="compress.policy").set_value("ranks").run()
     assert_clean(at)
+    assert at.query_params["policy"] == "ranks" and "value" not in at.query_params
     assert [c.key for c in shown_charts(at)] == ["compress.cut"]  # no trade-off curve
     assert any("sweeps a policy's range" in i.value for i in at.info)
 
