@@ -752,13 +752,31 @@ def _train_config(args):
             base[f.name] = given[f.name]
     if "skip" in given:
         base["skip"] = [] if given["skip"] == ["none"] else given["skip"]
-    base["model_kwargs"] = {**base["model_kwargs"], **_key_values(args.model_args, "--model-arg")}
+    given_kw = _key_values(args.model_args, "--model-arg")
+    _check_model_args(base, given_kw)
+    base["model_kwargs"] = {**base["model_kwargs"], **given_kw}
     base["dataset_kwargs"] = {**base["dataset_kwargs"], **_key_values(args.data_args, "--data-arg")}
     if isinstance(base.get("dataset"), str) and base["dataset"]:
         base["dataset"] = canonical_name(base["dataset"])
     if isinstance(base.get("init_from"), str):
         base["init_from"] = _init_file(args, base["init_from"])
     return TrainConfig.from_dict(base)
+
+
+def _check_model_args(base: dict, given: dict) -> None:
+    """The kinds of the ``--model-arg`` options, said against the values the run takes
+    without them (the config's own check names the builder's defaults: 256 for the MLP's
+    width, where a run has 512)."""
+    from .models import check_option_types, model_options
+
+    name, kw = base.get("model"), base.get("model_kwargs")
+    if not isinstance(name, str) or not isinstance(kw, dict):
+        return  # the config says what is wrong
+    try:
+        options = model_options(name)
+    except ValueError:
+        return
+    check_option_types(name, given, {**options, **kw}, "model_kwargs")
 
 
 def _init_file(args, value: str) -> str:
@@ -1157,13 +1175,24 @@ def cmd_models(args) -> int:
         print(f"{args.name}: no options (the dataset sets its input and classes)")
         return 0
     print(f"{args.name}: --model-arg KEY=VALUE for (default)")
-    for key, default in options.items():
+    trained = _train_defaults(args.name, options)
+    for key, default in trained.items():
         try:
             shown = format_options({key: _plain(default)})
         except TypeError:  # a function or an object the model makes: no text gives it
             shown = f"{key}=(set by the model)"
+        if default != options[key]:
+            shown += f"  (lorita train's; the builder alone gives {_plain(options[key])})"
         print(f"  {shown}")
     return 0
+
+
+def _train_defaults(name: str, options: dict) -> dict:
+    """A model's options with the defaults a run of ``lorita train`` uses: the builder's,
+    but for the classroom options a config that names none takes (the MLP is 512 wide)."""
+    from .engine.config import CLASSROOM_MODEL_KWARGS
+
+    return {**options, **CLASSROOM_MODEL_KWARGS.get(name, {})}
 
 
 def _plain(value):

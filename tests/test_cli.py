@@ -776,6 +776,18 @@ def test_a_deep_networks_layers_are_listed_one_line_per_stage(capsys):
     assert lines[1] == "  conv1: 2/8" and lines[3] == "  features.1: block.0.0 2/8, block.1.0 2/8"
 
 
+def test_a_bad_model_option_names_the_default_the_run_has(capsys, tmp_path):
+    """The default said beside a --model-arg of the wrong kind is the one the run would take
+    without it: the classroom MLP's 512, a config's own value, the builder's otherwise."""
+    at = ["train", "--runs-dir", str(tmp_path)]
+    _one_line_error(capsys, [*at, "--model-arg", "width=abc"], "width='abc'", "(default 512)")
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"model": "mlp", "model_kwargs": {"width": 64}}))
+    argv = [*at, "--config", str(config), "--model-arg", "width=abc"]
+    _one_line_error(capsys, argv, "(default 64)")
+    _one_line_error(capsys, [*at, "--model-arg", "depth=x"], "expected a number (default 3)")
+
+
 def test_models_lists_the_models_and_one_models_options(capsys):
     assert main(["models"]) == 0
     out = capsys.readouterr().out
@@ -785,7 +797,8 @@ def test_models_lists_the_models_and_one_models_options(capsys):
     assert "  width_mult=1.0" in lines and "  dropout=0.2" in lines
     assert not any(x.startswith("  last_channel") for x in lines)  # the builder's own
     assert main(["models", "mlp"]) == 0
-    assert "  width=256" in capsys.readouterr().out.splitlines()
+    out = capsys.readouterr().out  # the width a run of lorita train has, not the builder's
+    assert "  width=512  (lorita train's; the builder alone gives 256)" in out.splitlines()
     assert main(["models", "alexnet2"]) == 2
     assert "model: unknown name 'alexnet2'" in capsys.readouterr().err
     if importlib.util.find_spec("timm"):  # lists and texts as --model-arg reads them back
