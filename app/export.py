@@ -145,7 +145,6 @@ def metadata(
 ) -> dict[str, Any]:
     """What goes into the file's metadata: where it came from and how to feed it, and for a
     cut, how each layer's form was chosen and which form it got."""
-    val = session.splits.val
     meta: dict[str, Any] = {
         "run": session.run,
         "checkpoint": session.which,
@@ -154,11 +153,8 @@ def metadata(
         "input_shape": list(session.example_input.shape[1:]),
         "form": fmt,
     }
-    if getattr(val, "mean", None) is not None:
-        meta["normalize"] = {
-            "mean": [float(v) for v in val.mean],
-            "std": [float(v) for v in val.std],
-        }
+    if session.preprocess is not None:  # input shape, pixels, mean and std, class names
+        meta["preprocess"] = session.preprocess
     if choice:
         meta["truncation"] = {
             "policy": choice.get("policy"),
@@ -321,6 +317,9 @@ def build_offline(run: Any, which: str, fmt: str) -> Offline:
         .normal_(generator=torch.Generator().manual_seed(0))
     )
     meta = {"run": run.name, "policy": "none", "val_acc": val_acc}
+    how = run.preprocess(which)  # recorded by its training
+    if how is not None:
+        meta["preprocess"] = how
     with tempfile.TemporaryDirectory(prefix="lorita-export-") as tmp:
         path = Path(tmp) / file_name
         reloaded = _write_and_reload(model, example, path, fmt, meta)
@@ -346,7 +345,7 @@ def _write_and_reload(model: Any, example: Any, path: Path, fmt: str, meta: dict
                 "holds (2 GiB); download safetensors, or run `python -m lorita export RUN "
                 "--format onnx --out FILE.onnx`, which writes FILE.onnx and FILE.onnx.data"
             )
-        lt.export_onnx(model, example, path)
+        lt.export_onnx(model, example, path, metadata=meta)
         return OnnxModule(path)
     lt.save(model, path, metadata=meta or {}, fold_bn=True)
     return lt.load(path).eval()
@@ -356,19 +355,23 @@ def snippet(fmt: str, file_name: str) -> str:
     """The few lines that load the downloaded file."""
     if fmt == "onnx":
         return (
+            "import json\n\n"
             "import numpy as np\n"
             "import onnxruntime as ort\n\n"
             f'session = ort.InferenceSession("{file_name}")\n'
-            "# x: float32 array (batch, C, H, W), normalised like the training data\n"
+            'how = json.loads(session.get_modelmeta().custom_metadata_map["preprocess"])\n'
+            "# x: float32 array (batch, C, H, W): how['pixels'], then per channel\n"
+            "# (x - how['normalize']['mean']) / how['normalize']['std']\n"
             'logits = session.run(None, {"input": x.astype(np.float32)})[0]\n'
-            "pred = logits.argmax(1)\n"
+            "pred = logits.argmax(1)  # how['classes'][i] names class i, where it has names\n"
         )
     return (
         "import lorita as lt\n\n"
         f'model = lt.load("{file_name}").eval()  # rebuilds the architecture from the file\n'
-        f'meta = lt.read_spec("{file_name}")["metadata"]  # input shape, normalisation, ranks\n'
-        "# x: tensor (batch, C, H, W), normalised with meta['normalize']\n"
-        "pred = model(x).argmax(1)\n"
+        f'how = lt.read_spec("{file_name}")["metadata"]["preprocess"]  # how to feed it\n'
+        "# x: tensor (batch, C, H, W): how['pixels'], then per channel\n"
+        "# (x - how['normalize']['mean']) / how['normalize']['std']\n"
+        "pred = model(x).argmax(1)  # how['classes'][i] names class i, where it has names\n"
     )
 
 

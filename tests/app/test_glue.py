@@ -77,6 +77,44 @@ def test_export_snippets_name_the_file():
     assert 'InferenceSession("m.onnx")' in ex.snippet("onnx", "m.onnx")
 
 
+@pytest.mark.parametrize("fmt", ["low_rank", "onnx"])
+def test_a_downloaded_file_says_how_to_feed_it_and_its_snippet_runs(runs_dir, tmp_path, fmt):
+    """Both formats carry the run's preprocessing (input shape, pixels, mean and std): the
+    page's snippet, run as written on the downloaded file with inputs prepared as it says,
+    gives the model's predictions; so does the export of a run without its data."""
+    import numpy as np
+    import torch
+
+    session = cz.session(N3, "best", runs_dir)
+    model, _ = session.cut(cz.make_policy("global", 0.5))
+    meta = ex.metadata(session, None, fmt, model=model)
+    built = ex.build(session, model, fmt, base_name="m", meta=meta)
+    path = tmp_path / built.file_name
+    path.write_bytes(built.data)
+    x = session.example_input.expand(5, -1, -1, -1).clone()
+    how = session.splits.preprocess()
+    scope = {"x": x.numpy() if fmt == "onnx" else x}
+    code = built.snippet.replace(f'"{built.file_name}"', f'"{path}"')
+    exec(code, scope)  # noqa: S102 - the page's own snippet
+    assert scope["how"] == how and how["normalize"]["mean"]
+    with torch.no_grad():
+        want = model.eval()(x).argmax(1).numpy()
+    np.testing.assert_array_equal(np.asarray(scope["pred"]), want)
+    offline = ex.build_offline(jobs.store(runs_dir).get(N3), "best", fmt)
+    (tmp_path / offline.file_name).write_bytes(offline.data)
+    if fmt == "onnx":
+        import json
+
+        import onnxruntime as ort
+
+        props = ort.InferenceSession(str(tmp_path / offline.file_name)).get_modelmeta()
+        assert json.loads(props.custom_metadata_map["preprocess"]) == how
+    else:
+        import lorita as lt
+
+        assert lt.read_spec(tmp_path / offline.file_name)["metadata"]["preprocess"] == how
+
+
 def test_an_onnx_download_too_large_for_one_file_says_what_to_do(tmp_path, monkeypatch):
     """Over 2 GiB an ONNX export is two files; a download is one: refused before exporting,
     naming safetensors and the command that writes both."""
