@@ -13,9 +13,11 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import json
 import threading
 import warnings
 from collections import OrderedDict
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -456,19 +458,36 @@ def _params(fn) -> dict:
     }
 
 
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def _kind_wanted(d: Any, v: Any) -> tuple[bool, str] | None:
+    """(whether ``v`` is of the kind of the default ``d``, that kind in words); None when
+    ``d`` says nothing of the kind."""
+    if isinstance(d, bool):
+        return isinstance(v, bool), "true or false"
+    if _is_number(d):
+        return not isinstance(v, bool | str), "a number"
+    if isinstance(d, tuple | list) and d and all(_is_number(x) for x in d):
+        # one number passes too: a builder may take it for every entry (a size, a stride)
+        ok = _is_number(v) or (isinstance(v, tuple | list) and all(_is_number(x) for x in v))
+        return ok, "a list of numbers"
+    return None
+
+
 def check_option_types(name: str, kw: dict, defaults: dict, field: str = "model options") -> None:
     """ValueError naming the option whose value is not of its default's kind: ``true`` or
-    ``false`` for a switch (a text like ``maybe`` would count as on), a number for a number."""
+    ``false`` for a switch (a text like ``maybe`` would count as on), a number for a number,
+    numbers for a list of them (timm's resnet ``channels``)."""
     for k, v in kw.items():
         d = defaults.get(k)
-        if isinstance(d, bool):
-            ok, want = isinstance(v, bool), "true or false"
-        elif isinstance(d, int | float):
-            ok, want = not isinstance(v, bool | str), "a number"
-        else:
-            continue
-        if not ok:
-            raise ValueError(f"{field}: {k}={v!r} for {name!r}; expected {want} (default {d!r})")
+        judged = _kind_wanted(d, v)
+        if judged is not None and not judged[0]:
+            shown = json.dumps(list(d)) if isinstance(d, tuple) else repr(d)
+            raise ValueError(
+                f"{field}: {k}={v!r} for {name!r}; expected {judged[1]} (default {shown})"
+            )
 
 
 def _kwargs_helpers(builder) -> list:

@@ -788,6 +788,22 @@ def test_a_bad_model_option_names_the_default_the_run_has(capsys, tmp_path):
     _one_line_error(capsys, [*at, "--model-arg", "depth=x"], "expected a number (default 3)")
 
 
+def test_a_list_option_of_the_wrong_kind_says_what_it_takes(capsys, tmp_path):
+    """A list-of-numbers option given text is refused naming the option, the value and the
+    kind, before the model is built (no Python formatting error)."""
+    from lorita.models import check_option_types
+
+    with pytest.raises(ValueError, match=r"channels='abc' .*expected a list of numbers"):
+        check_option_types("m", {"channels": "abc"}, {"channels": (64, 128)})
+    check_option_types("m", {"channels": [8, 16]}, {"channels": (64, 128)})
+    if importlib.util.find_spec("timm"):
+        argv = ["train", "--runs-dir", str(tmp_path), "--model", "timm:resnet18"]
+        line = _one_line_error(
+            capsys, [*argv, "--model-arg", "channels=abc"], "channels='abc'", "a list of numbers"
+        )
+        assert "string formatting" not in line and "[64, 128, 256, 512]" in line
+
+
 def test_models_lists_the_models_and_one_models_options(capsys):
     assert main(["models"]) == 0
     out = capsys.readouterr().out
