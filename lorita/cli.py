@@ -12,7 +12,8 @@ TrainConfig's field metadata; the policies from ``lorita.truncation.POLICIES``; 
 and devices from their registries. Bad input (an unknown name, a value out of its documented
 bounds, an empty string, a missing or unreadable file, a model or dataset too big for this
 machine) ends with exit code 2 and one line on stderr, before anything is written; a training
-run that fails ends with exit code 1. Under ``torchrun --nproc_per_node=K -m lorita train ...``
+run that fails ends with exit code 1, one stopped before its end (Ctrl-C, SIGTERM, ``lorita
+stop``) with 130. Under ``torchrun --nproc_per_node=K -m lorita train ...``
 training uses DDP and rank 0 prints.
 
 Progress is a tqdm bar (tqdm is a dependency already; it gives the rate and time left and
@@ -38,6 +39,9 @@ from pathlib import Path
 
 __all__ = ["main", "build_parser", "UsageError"]
 
+#: the exit code of a training run stopped before its end (Ctrl-C, SIGTERM, lorita stop), as
+#: a shell's for Ctrl-C: ``lorita train ... && lorita compress ...`` goes no further
+STOPPED = 130
 MAX_ARG = 4096  # characters in any one argument value
 MAX_MESSAGE = 500  # characters of an error line
 _FLAG_NAMES = {"n_factors": ("--factors", "--n-factors")}
@@ -1013,7 +1017,7 @@ def _run_training(args, store, run, config, d, quiet, stop_event, threads) -> in
             print(f"run folder: {run.path}", file=sys.stderr)
         slot = _wait_for_slot(args, store, run, stop_event, quiet) if d.main else None
         if slot is False:
-            return 0
+            return STOPPED
         result = _train(config, run, args, slot, d, quiet, stop_event, threads)
     finally:
         if d.main:  # the engine stops and releases its own; these are the CLI's
@@ -1026,7 +1030,7 @@ def _run_training(args, store, run, config, d, quiet, stop_event, threads) -> in
         if d.main:
             print(f"lorita: training failed: {_one_line(result['message'])}", file=sys.stderr)
         return 1
-    return 0
+    return STOPPED if result["state"] == "stopped" else 0
 
 
 class _KeepCurves:
@@ -1693,7 +1697,8 @@ def _warning_line(message, category, filename, lineno, file=None, line=None) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one command; the exit code is 0, 1 (training failed) or 2 (bad input)."""
+    """Run one command; the exit code is 0, 1 (training failed), 2 (bad input) or 130
+    (a training run stopped before its end, or any command interrupted)."""
     with warnings.catch_warnings(), _term_interrupts():
         warnings.showwarning = _warning_line
         return _main(argv)

@@ -479,7 +479,8 @@ def _cli(*args, **kw):
 
 
 def test_module_entry_point_and_sigterm_stop_with_queue(tmp_path):
-    """`python -m lorita` works; a queued run shows up at once; SIGTERM stops with a checkpoint."""
+    """`python -m lorita` works; a queued run shows up at once; SIGTERM stops with a checkpoint;
+    a run stopped before its end exits 130."""
     common = [
         "--runs-dir",
         str(tmp_path),
@@ -508,14 +509,14 @@ def test_module_entry_point_and_sigterm_stop_with_queue(tmp_path):
     b = store.get("b")
     assert b.status()["state"] == "queued" and b.is_alive()  # waits for the single slot
     b.request_stop()  # stop it while queued
-    assert second.wait(timeout=60) == 0
+    assert second.wait(timeout=60) == 130  # not trained: `&& lorita compress` goes no further
     assert b.status()["state"] == "stopped" and b.status()["message"] == "stopped while queued"
 
     a = store.get("a")
     while not a.checkpoint("last").exists() and time.time() < deadline:
         time.sleep(0.05)
     first.send_signal(signal.SIGTERM)
-    assert first.wait(timeout=60) == 0
+    assert first.wait(timeout=60) == 130  # stopped before its end, as Ctrl-C ends a command
     st = a.status()
     assert st["state"] == "stopped" and "on request" in st["message"]
     spec = lt.read_spec(a.checkpoint("last"))
