@@ -29,6 +29,13 @@ def inits() -> list[str]:
     return list(INITS)
 
 
+def auto_batch() -> dict[str, int]:
+    """The batch size a run with batch size 0 uses, by device (lorita.engine.config)."""
+    from lorita.engine.config import AUTO_BATCH
+
+    return dict(AUTO_BATCH)
+
+
 def devices() -> list[str]:
     """``auto`` and every device a run can use here, best first."""
     return [AUTO, *engine().available_devices()]

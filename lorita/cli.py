@@ -815,51 +815,11 @@ def _train_config_from_run(run, args):
 
 
 def _preflight(config) -> None:
-    """Everything cheap that can fail before a run folder exists: the library's check, then
-    the skip patterns against the model's layers and the plain epochs against max_steps
-    (found otherwise only once the run has begun, its folder written)."""
+    """Everything cheap that can fail before a run folder exists (the library's check: the
+    app's Train page runs the same)."""
     from .engine.preflight import check_start
 
     check_start(config)
-    _check_skip(config)
-    _check_plain_steps(config)
-
-
-def _check_skip(config) -> None:
-    """Each ``--skip`` pattern names a layer of the model (built on the meta device)."""
-    if not config.skip:
-        return
-    from .convert import check_skip
-    from .engine.preflight import check_model_size
-
-    meta_model = check_model_size(config)
-    if meta_model is not None:  # None: not buildable on meta; the real build checks it
-        check_skip(meta_model, config.skip)
-
-
-def _check_plain_steps(config) -> None:
-    """With ``--max-steps``, the plain epochs end before the run does (else nothing would be
-    composed). The training part is read to count its steps only when the counts alone (an
-    epoch takes at least one step) do not settle it."""
-    plain, last = config.plain_epochs, config.max_steps
-    if not (last and config.n_factors > 1 and plain):
-        return
-    took = f"at least {plain}"
-    if plain < last:
-        from .engine.devices import resolve_device
-        from .runs import load_splits
-
-        cuda = resolve_device(config.device).type == "cuda"
-        batch_size = config.batch_size or (512 if cuda else 128)
-        steps = plain * max(1, len(load_splits(config.to_dict()).train) // batch_size)
-        if steps < last:
-            return
-        took = str(steps)
-    raise UsageError(
-        f"plain_epochs: {plain} plain epoch{'s take' if plain > 1 else ' takes'} {took} steps, but "
-        f"max_steps is {last}: nothing would be composed; lower --plain-epochs or raise "
-        "--max-steps"
-    )
 
 
 # --------------------------------------------------------------------------- train: run

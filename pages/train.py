@@ -188,7 +188,8 @@ def _numbers(values: dict) -> None:
     c[2].number_input(
         "Batch size", step=16, value=int(values["batch_size"]), key=_key("batch_size"),
         help="Examples per step, in all (split across the processes when training on several "
-        "GPUs). 0 = automatic: 512 on a GPU, 128 on a CPU.",
+        f"GPUs). 0 = automatic: {options.auto_batch()['cuda']} on a GPU, "
+        f"{options.auto_batch()['cpu']} on a CPU.",
     )  # fmt: skip
     c[3].number_input("Seed", step=1, value=int(values["seed"]), key=_key("seed"))
     c[4].selectbox(

@@ -434,3 +434,19 @@ def test_options_text_reads_back_what_it_writes_and_names_its_field():
         with pytest.raises(ValueError, match="model options: ") as err:
             parse_options(text, "model options")
         assert said in str(err.value)
+
+
+def test_check_start_refuses_skip_patterns_and_plain_epochs_a_run_would_find_too_late():
+    """The check before any run folder exists (the command line's and the Train page's):
+    a skip pattern that names no layer, plain epochs that max_steps would cut short."""
+    from lorita.engine.preflight import check_start
+
+    with pytest.raises(ValueError, match="^skip: pattern 'zzz' matches no layer"):
+        check_start(TrainConfig(skip=["zzz"]))
+    check_start(TrainConfig(skip=["fc1"], n_factors=3))
+    with pytest.raises(ValueError, match=r"^plain_epochs: 1 plain epoch takes \d+ steps, but "):
+        check_start(TrainConfig(n_factors=3, epochs=2, plain_epochs=1, max_steps=5))
+    check_start(TrainConfig(n_factors=3, epochs=2, plain_epochs=1, max_steps=1000))
+    assert TrainConfig(batch_size=0).batch_for(cuda=False) == 128
+    assert TrainConfig(batch_size=0).batch_for(cuda=True) == 512
+    assert TrainConfig(batch_size=32).batch_for(cuda=True) == 32

@@ -63,6 +63,8 @@ def _opt(default: Any, help: str, kind: str, **meta: Any) -> Any:
 # Model options when a config names none. The classroom MLP is 512 wide: at 256, BatchNorm, the
 # biases and the uncut head alone take 64% of a 5% parameter budget (docs/classroom.md).
 CLASSROOM_MODEL_KWARGS: dict[str, dict] = {"mlp": {"width": 512}}
+#: batch_size 0 (automatic): examples per step, by the device a run trains on
+AUTO_BATCH: dict[str, int] = {"cuda": 512, "cpu": 128}
 
 
 @dataclass
@@ -226,6 +228,11 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def batch_for(self, cuda: bool) -> int:
+        """The batch size a run uses: ``batch_size``, or with 0 :data:`AUTO_BATCH`'s for the
+        device it trains on."""
+        return self.batch_size or AUTO_BATCH["cuda" if cuda else "cpu"]
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:

@@ -251,7 +251,7 @@ def _setup(config, run, d, callback, stop, threads, *, epoch: int, resume: bool)
     splits = load_splits(config)
     model = _place(build_model(config, splits, load_init=not resume, epoch=epoch), device)
     _set_threads(threads, model, device, d)
-    batch_size = config.batch_size or (512 if cuda else 128)
+    batch_size = config.batch_for(cuda)
     per_rank = max(1, batch_size // d.world)
     shard = math.ceil(len(splits.train) / d.world)
     steps_per_epoch = max(1, shard // per_rank)  # the ragged last batch is dropped

@@ -12,9 +12,10 @@ import psutil
 import torch
 from torch import nn
 
+from ..convert import check_skip
 from ..data import check_dataset, dataset_options, dataset_shape
 from ..models import create_model
-from .build import check_weights, fit_head, read_weights
+from .build import check_weights, fit_head, load_splits, read_weights
 from .config import TrainConfig
 from .devices import resolve_device
 
@@ -23,6 +24,7 @@ __all__ = [
     "check_input_fits",
     "check_model",
     "check_model_size",
+    "check_plain_steps",
     "check_start",
 ]
 
@@ -154,14 +156,38 @@ def check_model(config: TrainConfig) -> None:
     starting weights against it."""
     shape = dataset_shape(config.dataset, **config.dataset_kwargs)  # lists a folder: once
     meta_model = check_model_size(config, shape)
+    if config.skip and meta_model is not None:  # None: not buildable on meta; checked later
+        check_skip(meta_model, config.skip)
     check_input_fits(meta_model, config, shape)
     if config.init_from is not None:
         check_init_from(meta_model, config.init_from)
 
 
+def check_plain_steps(config: TrainConfig) -> None:
+    """With ``max_steps``, the plain epochs end before the run does (else nothing would be
+    composed). The training part is read to count its steps only when the counts alone (an
+    epoch takes at least one step) do not settle it."""
+    plain, last = config.plain_epochs, config.max_steps
+    if not (last and config.n_factors > 1 and plain):
+        return
+    took = f"at least {plain}"
+    if plain < last:
+        cuda = resolve_device(config.device).type == "cuda"
+        steps = plain * max(1, len(load_splits(config).train) // config.batch_for(cuda))
+        if steps < last:
+            return
+        took = str(steps)
+    raise ValueError(
+        f"plain_epochs: {plain} plain epoch{'s take' if plain > 1 else ' takes'} {took} steps, "
+        f"but max_steps is {last}: nothing would be composed; lower plain_epochs (--plain-epochs)"
+        " or raise max_steps (--max-steps)"
+    )
+
+
 def check_start(config: TrainConfig) -> None:
     """Everything cheap that can fail before a run folder exists: device, data, model size,
-    the starting weights."""
+    the skip patterns, the starting weights, the plain epochs against max_steps."""
     resolve_device(config.device)
     check_dataset(config.dataset, **config.dataset_kwargs)
     check_model(config)
+    check_plain_steps(config)
