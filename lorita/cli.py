@@ -1233,8 +1233,8 @@ def cmd_compress(args) -> int:
     if args.out:
         from .export import save
 
-        meta = {"run": cz.run, "policy": json.dumps(res.policy)}
-        meta["val_acc"] = res.val_acc
+        meta = {"run": cz.run, "policy": json.dumps(res.policy), "val_acc": res.val_acc}
+        meta["preprocess"] = cz.preprocess
         with _writing("--out"):
             save(res.model, args.out, metadata=meta, fold_bn=args.fold_bn, input_shape=_shape(cz))
         out["out"] = str(args.out)
@@ -1571,17 +1571,21 @@ def _writing(flag: str):
 
 
 def _as_trained(args):
-    """(run name, merged model, one example input, its validation accuracy) of the run's
-    checkpoint as trained, read without its dataset: the model records its input shape and the
-    checkpoint its validation accuracy. None when either is missing (the dataset is read
-    instead)."""
+    """(merged model, one example input, the file's metadata) of the run's checkpoint as
+    trained, read without its dataset: the model records its input shape and the checkpoint
+    its validation accuracy and how to feed it. None when the shape or the accuracy is missing
+    (the dataset is read instead)."""
     run = _get_run(args, args.run)
     _require_checkpoint(run, args.which)
     try:
         model, example, val_acc = run.as_trained(args.which)
     except ValueError:  # no input shape recorded
         return None
-    return None if val_acc is None else (run.name, model, example, val_acc)
+    if val_acc is None:
+        return None
+    meta = {"run": run.name, "policy": "none", "val_acc": val_acc}
+    how = run.preprocess(args.which)
+    return model, example, meta if how is None else {**meta, "preprocess": how}
 
 
 def cmd_export(args) -> int:
@@ -1589,9 +1593,7 @@ def cmd_export(args) -> int:
     cut = args.policy is not None or args.max_drop is not None
     light = None if cut else _as_trained(args)
     if light is not None:  # as trained: no dataset needed (it may be on another machine)
-        name, model, example, val_acc = light
-        meta = {"run": name, "policy": "none", "val_acc": val_acc}
-        _write_export(args, model, example, meta)
+        _write_export(args, *light)
         return 0
     cz = _compressor(args, cut=cut)
     if not cut:
@@ -1609,10 +1611,10 @@ def cmd_export(args) -> int:
 
             choose_forms(model, cz.example_input, by=args.form_by, batch=args.form_batch)
             words += f", forms by {args.form_by} at batch {args.form_batch}"
-    meta = None
+    meta = {"run": cz.run, "policy": words, "preprocess": cz.preprocess}
     if args.format != "onnx":
         acc = cz.base if args.policy is None else cz.data.metrics(model)
-        meta = {"run": cz.run, "policy": words, "val_acc": acc["val_acc"]}
+        meta["val_acc"] = acc["val_acc"]
     _write_export(args, model, cz.example_input, meta)
     return 0
 
@@ -1624,7 +1626,7 @@ def _write_export(args, model, example, meta: dict | None) -> None:
 
     with _writing("--out"):
         if args.format == "onnx":
-            export_onnx(model, example, args.out, fold_bn=args.fold_bn)
+            export_onnx(model, example, args.out, fold_bn=args.fold_bn, metadata=meta)
         else:
             shape = list(example.shape[1:])
             save(model, args.out, input_shape=shape, metadata=meta, fold_bn=args.fold_bn)

@@ -435,6 +435,34 @@ def test_export_safetensors_and_onnx(runs_dir, tmp_path, capsys):
     )
 
 
+def test_every_exported_file_says_how_to_feed_the_model(runs_dir, tmp_path, capsys):
+    """compress --out, export as trained (read without the data), cut, and ONNX: each file
+    carries the run's preprocessing (input shape, pixels, mean and std), as its checkpoint
+    recorded it."""
+    import json
+
+    ort = pytest.importorskip("onnxruntime")
+    run = lt.RunStore(runs_dir).get("r1")
+    how = run.preprocess("best")
+    assert how["input_shape"] == [1, 8, 8] and how["normalize"]["std"]
+    base = ["--runs-dir", str(runs_dir)]
+    files = {
+        "compress": ["compress", "r1", "--budget", "30", "--no-latency", "--out"],
+        "as_trained": ["export", "r1", "--out"],
+        "cut": ["export", "r1", "--budget", "30", "--out"],
+    }
+    for name, argv in files.items():
+        assert main([*argv, str(tmp_path / f"{name}.safetensors"), *base]) == 0, name
+        meta = lt.read_spec(tmp_path / f"{name}.safetensors")["metadata"]
+        assert meta["preprocess"] == how, name
+    for name, argv in (("as_trained", []), ("cut", ["--budget", "30"])):
+        path = tmp_path / f"{name}.onnx"
+        assert main(["export", "r1", *argv, "--format", "onnx", "--out", str(path), *base]) == 0
+        props = ort.InferenceSession(str(path)).get_modelmeta().custom_metadata_map
+        assert json.loads(props["preprocess"]) == how and props["run"] == "r1", name
+    capsys.readouterr()
+
+
 def test_export_takes_the_policy_flags_of_compress(runs_dir, tmp_path, capsys):
     """``export --budget 20`` writes the model ``compress --budget 20`` reports; --max-drop too."""
     base = ["r1", "--runs-dir", str(runs_dir)]
