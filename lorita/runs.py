@@ -79,6 +79,7 @@ STALE_S = 15.0  # heartbeat older than this and pid gone: the process died
 STALE_ANY_S = 180.0  # heartbeat older than this: dead even if the pid exists (other host)
 PAIR_WINDOW_S = 120.0  # a composed run and its N=1 baseline are created this close together
 WRITER_LOCK = "writer.lock"
+DRAFT_PREFIX = ".draft-"  # <runs>/.draft-<pid>-<thread>-<name>: a run folder being made
 PAIR_SETTLED_S = 5.0  # a runs folder unchanged this long has every new run's config written
 SETUP_KEYS = (
     "dataset", "dataset_kwargs", "model", "model_kwargs", "init", "optimizer", "lr",
@@ -655,40 +656,54 @@ class RunStore:
             ) from None
         chosen = name is not None
         name = validate_name(name) if chosen else self.new_name(config)
-        while not self._claim(self.root / name):
+        self._remove_dead_drafts()
+        while not self._publish(name, config):
             if chosen:
                 raise ValueError(f"run name: {name!r} already exists in {self.root}")
             name = self.new_name(config)  # taken since new_name looked (runs started together)
-        path = self.root / name
-        (path / "checkpoints").mkdir()
-        write_json(path / "config.json", config, sync=True)
-        run = Run(path)
-        run.update_status(
-            state="queued",
-            message="",
-            created=time.time(),
-            started=None,
-            ended=None,
-            step=0,
-            total_steps=None,
-            epoch=0,
-            device=None,
-            **_me(),
-        )
         fault("created")
-        return run
+        return Run(self.root / name)
 
-    def _claim(self, path: Path) -> bool:
-        """Make the run folder ``path``; False if it exists (made by another process)."""
+    def _publish(self, name: str, config: dict) -> bool:
+        """Make run folder ``name`` whole or not at all: its config.json, a queued status.json
+        and checkpoints/ are written in a hidden draft folder, which is then renamed into
+        place, so a process killed meanwhile leaves no half-made run (an empty folder that
+        would hold the name). False if a run of that name exists (made by another process)."""
+        draft = self.root / f"{DRAFT_PREFIX}{os.getpid()}-{threading.get_ident()}-{name}"
         try:
-            path.mkdir()
-        except FileExistsError:
-            return False
+            shutil.rmtree(draft, ignore_errors=True)
+            (draft / "checkpoints").mkdir(parents=True)
+            write_json(draft / "config.json", config, sync=True)
+            Run(draft).update_status(
+                state="queued",
+                message="",
+                created=time.time(),
+                started=None,
+                ended=None,
+                step=0,
+                total_steps=None,
+                epoch=0,
+                device=None,
+                **_me(),
+            )
+            fault("draft")
+            os.rename(draft, self.root / name)  # over nothing, or an empty folder
         except OSError as e:
+            shutil.rmtree(draft, ignore_errors=True)
+            if (self.root / name).exists():
+                return False
             raise ValueError(
                 f"runs folder: cannot make a run folder in {str(self.root)!r} ({e.strerror or e})"
             ) from None
         return True
+
+    def _remove_dead_drafts(self) -> None:
+        """Remove the drafts of run folders whose process died before publishing them."""
+        with contextlib.suppress(OSError):
+            for p in self.root.glob(f"{DRAFT_PREFIX}*"):
+                pid = p.name[len(DRAFT_PREFIX) :].split("-", 1)[0]
+                if pid.isdigit() and not process_alive(int(pid)):
+                    shutil.rmtree(p, ignore_errors=True)
 
     def delete(self, name: str) -> None:
         """Remove a run folder (refused while its process is alive)."""

@@ -336,3 +336,27 @@ def test_a_write_removes_the_temp_files_a_killed_writer_left_for_the_same_file(t
     atomic_write_bytes(tmp_path / "model.onnx", b"whole")
     assert (tmp_path / "model.onnx").read_bytes() == b"whole"
     assert not any(p.exists() for p in stale) and all(p.exists() for p in kept)
+
+
+def test_a_process_killed_while_making_a_run_folder_leaves_no_half_made_run(tmp_path):
+    """A run folder appears whole (config.json and a queued status.json) or not at all: a
+    process killed while making it leaves only a hidden draft, removed by the next create,
+    and the name stays free; an empty folder of that name (made by hand) does not hold it."""
+    code = (
+        "import sys; from lorita.runs import RunStore; "
+        "RunStore(sys.argv[1]).create({'dataset': 'digits'}, name='r')"
+    )
+    env = {**os.environ, "LORITA_FAULT": "draft:1"}
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=env, timeout=120)
+    assert proc.returncode != 0  # killed at the fault point
+    assert not (tmp_path / "r").exists()
+    assert [p.name.startswith(".draft-") for p in tmp_path.iterdir()] == [True]
+    store = RunStore(tmp_path)
+    assert store.list() == []
+    run = store.create({"dataset": "digits"}, name="r")
+    assert run.status()["state"] == "queued" and run.config == {"dataset": "digits"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r"]  # the dead draft is gone
+    with pytest.raises(ValueError, match="already exists"):
+        store.create({"dataset": "digits"}, name="r")
+    (tmp_path / "by-hand").mkdir()
+    assert store.create({"dataset": "digits"}, name="by-hand").status()["state"] == "queued"
