@@ -996,14 +996,18 @@ def _run_training(args, store, run, config, d, quiet, stop_event, threads) -> in
 class _KeepCurves:
     """``on_complete``: the default policies' trade-off curves kept beside the finished run
     (lorita.curves); Ctrl-C or SIGTERM meanwhile ends that at once (the run is complete;
-    the app sweeps a curve not kept when it is asked for)."""
+    the app sweeps a curve not kept when it is asked for). The training slot is given back
+    first: a queued run (the app's N=1 baseline) starts training meanwhile."""
 
-    def __init__(self, stop_event: threading.Event) -> None:
+    def __init__(self, stop_event: threading.Event, slot=None) -> None:
         self.stop_event = stop_event
+        self.slot = slot
 
     def __call__(self, run, splits) -> None:
         from .curves import prepare
 
+        if self.slot is not None:
+            self.slot.close()
         prepare(run, splits, stop=self.stop_event.is_set)
 
 
@@ -1016,7 +1020,7 @@ def _train(config, run, args, slot, d, quiet, stop_event, threads) -> dict:
             stop=stop_event.is_set,
             resume=args.resume,
             threads=threads,
-            on_complete=_KeepCurves(stop_event),
+            on_complete=_KeepCurves(stop_event, slot),
         )
     finally:
         if slot is not None:

@@ -850,3 +850,23 @@ def test_models_lists_the_models_and_one_models_options(capsys):
         assert main(["models", "timm:resnet10t"]) == 0
         lines = capsys.readouterr().out.splitlines()
         assert "  channels=[64, 128, 256, 512]" in lines and "  stem_type=deep_tiered" in lines
+
+
+def test_a_finished_run_gives_its_slot_back_before_keeping_its_curves(tmp_path, monkeypatch):
+    """With --max-concurrent, a completed run's training slot is free while it sweeps its
+    trade-off curves: a queued run (the app's N=1 baseline) starts meanwhile."""
+    import lorita.curves
+    from lorita.runs import acquire_slot
+
+    seen = {}
+
+    def sweep(run, splits, stop=None):
+        slot = acquire_slot(tmp_path, 1, should_stop=lambda: True)
+        seen["slot free"] = slot is not None
+        if slot is not None:
+            slot.close()
+
+    monkeypatch.setattr(lorita.curves, "prepare", sweep)
+    argv = ["train", "--runs-dir", str(tmp_path), "--max-concurrent", "1", "--epochs", "1"]
+    assert main([*argv, "--quiet", *TINY]) == 0
+    assert seen == {"slot free": True}
