@@ -372,12 +372,16 @@ def _policy_value(cls):
     return conv
 
 
-def _policy_text(flag: str):
+def _policy_text(flag: str, *, allow_none: bool = False):
     def conv(s: str):
         from .truncation import parse_policy
 
         s = _text(flag)(s)
         if s.strip().lower() == "none":
+            if not allow_none:
+                raise argparse.ArgumentTypeError(
+                    "none (no cut) is for export; give a policy to cut by, e.g. global:0.5"
+                )
             return None
         try:
             policy = parse_policy(s)
@@ -414,7 +418,7 @@ def _add_policy_flags(c: argparse.ArgumentParser, *, required: bool = True) -> N
     how.add_argument(
         "--policy",
         dest="policy",
-        type=_policy_text("--policy"),
+        type=_policy_text("--policy", allow_none=not required),
         metavar="NAME:VALUE",
         help=("" if required else "none (merged dense, the default) or ")
         + "any policy as text, e.g. global:0.8 or ranks:fc1=4,fc2=8; policies: "
@@ -430,7 +434,7 @@ def _add_policy_flags(c: argparse.ArgumentParser, *, required: bool = True) -> N
     c.add_argument(
         "--search",
         choices=searches,
-        default="global",
+        default=None,
         help="how --max-drop searches (default global; iterative is the paper's greedy search)",
     )
 
@@ -1688,9 +1692,27 @@ def _term_interrupts():
         signal.signal(signal.SIGTERM, previous)
 
 
+def _settle(args) -> None:
+    """What argparse cannot check alone: ``$LORITA_RUNS`` as --runs-dir is checked (a folder
+    path, not empty, not a file), and --search only goes with --max-drop."""
+    if hasattr(args, "runs_dir") and args.runs_dir is None and "LORITA_RUNS" in os.environ:
+        try:
+            args.runs_dir = _folder_arg("LORITA_RUNS")(os.environ["LORITA_RUNS"])
+        except argparse.ArgumentTypeError as e:
+            raise UsageError(f"LORITA_RUNS (the runs folder): {e}") from None
+    if hasattr(args, "search"):
+        if args.search is not None and getattr(args, "max_drop", None) is None:
+            raise UsageError(
+                f"--search {args.search}: only with --max-drop (it is the policy the search for "
+                "the smallest model within P points follows)"
+            )
+        args.search = args.search or "global"
+
+
 def _main(argv: list[str] | None) -> int:
     try:
         args = build_parser().parse_args(argv)
+        _settle(args)
         with _data_dir(getattr(args, "data_dir", None)):
             return args.func(args)
     except BrokenPipeError:  # `lorita runs | head`: the reader has what it wanted

@@ -423,6 +423,8 @@ def _parse_ranks(text: str) -> Ranks:
         if layer.strip() in ranks:
             raise ValueError(f"policy: layer {layer.strip()!r} is given two ranks")
         ranks[layer.strip()] = int(r)
+    if not ranks:
+        raise ValueError("policy: ranks needs at least one LAYER=RANK, e.g. ranks:fc1=4,fc2=8")
     return Ranks(ranks)
 
 

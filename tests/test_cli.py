@@ -870,3 +870,17 @@ def test_a_finished_run_gives_its_slot_back_before_keeping_its_curves(tmp_path, 
     argv = ["train", "--runs-dir", str(tmp_path), "--max-concurrent", "1", "--epochs", "1"]
     assert main([*argv, "--quiet", *TINY]) == 0
     assert seen == {"slot free": True}
+
+
+def test_flags_that_would_be_ignored_or_misread_are_refused(runs_dir, capsys, monkeypatch):
+    """--search without --max-drop, --policy none where a cut is needed, an empty ranks
+    policy, and a LORITA_RUNS that is empty or a file: each a one-line error naming it."""
+    base = ["compress", "r1", "--runs-dir", str(runs_dir), "--no-latency"]
+    _one_line_error(capsys, [*base, "--budget", "10", "--search", "iterative"], "--search")
+    _one_line_error(capsys, [*base, "--policy", "none"], "--policy", "export")
+    _one_line_error(capsys, [*base, "--policy", "ranks:"], "LAYER=RANK")
+    for bad, needle in (("", "empty"), (str(runs_dir / "r1" / "config.json"), "not a folder")):
+        monkeypatch.setenv("LORITA_RUNS", bad)
+        _one_line_error(capsys, ["runs"], "LORITA_RUNS", needle)
+    monkeypatch.setenv("LORITA_RUNS", str(runs_dir))
+    assert main(["compress", "r1", "--max-drop", "5", "--search", "uniform", "--no-latency"]) == 0
