@@ -652,6 +652,10 @@ def _pct(x) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.2f}%"
 
 
+def _r2(x) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4f}"
+
+
 def _table(rows: list[list], header: list[str]) -> str:
     """Plain aligned columns (readable by eye and by grep / awk / cut)."""
     cols = [header, *rows]
@@ -673,6 +677,10 @@ class _Progress:
         self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
         self.bar = None
         self.loss, self.val, self.total, self.epoch = math.nan, None, 0, 0
+        self.score, self.fmt = "acc", _pct  # a regression's score is R², shown as it is
+
+    def _score(self, x) -> str:
+        return f"{self.score} {self.fmt(x)}"
 
     def __call__(self, ev: dict) -> None:
         handler = getattr(self, f"_on_{ev.get('event')}", None)
@@ -683,6 +691,8 @@ class _Progress:
         from tqdm import tqdm
 
         self.total = ev["total_steps"]
+        if ev.get("task") == "regression":
+            self.score, self.fmt = "R²", _r2
         self._line(f"training on {ev['device']}: {self.total} steps")
         if ev.get("note"):
             self._line(ev["note"])
@@ -709,7 +719,7 @@ class _Progress:
         else:
             self._line(
                 f"epoch {ev['epoch'] + 1}  step {ev['step']}/{self.total}  train loss "
-                f"{self.loss:.4f}  val loss {ev['loss']:.4f}  val acc {_pct(ev['acc'])}"
+                f"{self.loss:.4f}  val loss {ev['loss']:.4f}  val {self._score(ev['acc'])}"
             )
 
     def _on_compose(self, ev: dict) -> None:
@@ -720,7 +730,7 @@ class _Progress:
 
     def _postfix(self) -> None:
         self.bar.set_postfix(
-            epoch=self.epoch, loss=f"{self.loss:.4f}", val=_pct(self.val), refresh=False
+            epoch=self.epoch, loss=f"{self.loss:.4f}", val=self.fmt(self.val), refresh=False
         )
 
     def _on_end(self, ev: dict) -> None:
@@ -729,8 +739,8 @@ class _Progress:
             self.bar = None
         test = ev.get("test") or {}
         self._line(
-            f"{ev['state']}: step {ev['step']}, best val acc {_pct(ev['best_val_acc'])}, "
-            f"test acc {_pct(test.get('acc'))}, {ev['time']:.1f} s"
+            f"{ev['state']}: step {ev['step']}, best val {self._score(ev['best_val_acc'])}, "
+            f"test {self._score(test.get('acc'))}, {ev['time']:.1f} s"
             + (f" ({ev['message']})" if ev.get("message") else "")
         )
 

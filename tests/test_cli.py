@@ -218,6 +218,11 @@ def test_train_prints_progress_and_the_run_folder(runs_dir, tmp_path, capsys):
         ["train", "--runs-dir", str(tmp_path), "--name", "p", "--resume", "--epochs", "2"],
         "drop the training flags",
     )
+    # a regression's score is R², not an accuracy: said so, as a number
+    argv = ["train", "--runs-dir", str(tmp_path), "--dataset", "lowrank", "--epochs", "1"]
+    assert main([*argv, "--data-arg", "task=regression", *TINY]) == 0
+    err = capsys.readouterr().err
+    assert "val R² 0." in err and "test R² " in err and "acc" not in err
 
 
 def test_runs_table_and_json(runs_dir, capsys):

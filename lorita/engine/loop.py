@@ -346,7 +346,7 @@ def _restore(s: Session, last: Path | None) -> None:
     _emit(
         s, "start", total_steps=s.total_steps, steps_per_epoch=s.steps_per_epoch,
         device=str(s.device), step=s.c.step, run=str(s.run.path) if s.run else None,
-        note=getattr(s.model, "lorita_init_note", None),
+        note=getattr(s.model, "lorita_init_note", None), task=s.splits.task,
     )  # fmt: skip
 
 
