@@ -780,20 +780,45 @@ def acquire_slot(root: str | os.PathLike, k: int, *, poll: float = 0.5, should_s
 
     Each slot is a file lock (``filelock``: flock on POSIX, msvcrt on Windows), held until
     ``close()`` or the process's exit (the OS drops it even on a crash), so a queue survives
-    restarts of whoever started the runs. Returns None if ``should_stop()`` becomes true.
+    restarts of whoever started the runs. Waiters are served in the order they came: each
+    leaves a ticket in ``.slots/queue`` and tries the locks only while fewer than ``k`` live
+    tickets are older than its own (a dead process's ticket is passed over and removed).
+    Returns None if ``should_stop()`` becomes true.
     """
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"max_concurrent: expected an integer >= 1, got {k!r}")
     folder = Path(root) / ".slots"
-    folder.mkdir(parents=True, exist_ok=True)
-    while True:
-        for i in range(k):
-            lock = FileLock(str(folder / f"slot-{i}.lock"), thread_local=False)
-            try:
-                lock.acquire(timeout=0)
-            except Timeout:
+    queue = folder / "queue"
+    queue.mkdir(parents=True, exist_ok=True)
+    ticket = queue / f"{time.time_ns():020d}-{os.getpid()}-{threading.get_ident()}"
+    ticket.touch()
+    try:
+        while True:
+            if _ahead(queue, ticket) < k:
+                for i in range(k):
+                    lock = FileLock(str(folder / f"slot-{i}.lock"), thread_local=False)
+                    try:
+                        lock.acquire(timeout=0)
+                    except Timeout:
+                        continue
+                    return Slot(lock)
+            if should_stop is not None and should_stop():
+                return None
+            time.sleep(poll)
+    finally:
+        ticket.unlink(missing_ok=True)
+
+
+def _ahead(queue: Path, ticket: Path) -> int:
+    """How many live waiters came before ``ticket`` (removing the tickets of dead ones)."""
+    n = 0
+    with contextlib.suppress(OSError):
+        for t in queue.iterdir():
+            if t.name >= ticket.name:
                 continue
-            return Slot(lock)
-        if should_stop is not None and should_stop():
-            return None
-        time.sleep(poll)
+            pid = t.name.split("-")[1] if t.name.count("-") >= 2 else ""
+            if pid.isdigit() and not process_alive(int(pid)):
+                t.unlink(missing_ok=True)
+            else:
+                n += 1
+    return n

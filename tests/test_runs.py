@@ -360,3 +360,32 @@ def test_a_process_killed_while_making_a_run_folder_leaves_no_half_made_run(tmp_
         store.create({"dataset": "digits"}, name="r")
     (tmp_path / "by-hand").mkdir()
     assert store.create({"dataset": "digits"}, name="by-hand").status()["state"] == "queued"
+
+
+def test_queued_runs_take_the_slot_in_the_order_they_came(tmp_path):
+    """Waiters are served first come, first served; a ticket left by a dead process is
+    passed over (and removed)."""
+    import threading
+
+    holder = acquire_slot(tmp_path, 1)
+    dead = tmp_path / ".slots" / "queue" / f"{1:020d}-999999999-1"  # older than any waiter
+    dead.touch()
+    order = []
+
+    def wait(i):
+        slot = acquire_slot(tmp_path, 1, poll=0.01)
+        order.append(i)
+        time.sleep(0.05)
+        slot.close()
+
+    threads = []
+    for i in range(4):
+        t = threading.Thread(target=wait, args=(i,))
+        t.start()
+        threads.append(t)
+        time.sleep(0.2)  # each waiter queued before the next comes
+    holder.close()
+    for t in threads:
+        t.join(30)
+    assert order == [0, 1, 2, 3]
+    assert not dead.exists() and not list((tmp_path / ".slots" / "queue").iterdir())
