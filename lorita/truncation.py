@@ -708,15 +708,30 @@ def truncate(
     new.lorita_ranks = dict(ranks)
     new.lorita_plan = {**plan, **cache.left_out_plan()}
     if isinstance(policy, Budget):
-        facts = _budget_facts(policy, cache.costs(example_input), ranks, warn=svd is None)
+        kept = None
+        if by != "flops" and form == "low_rank":  # layers the timing kept dense keep their cost
+            from .cost import count_cost
+
+            cost = count_cost(new, example_input)
+            kept = {"params": cost.params, "flops": cost.flops}
+        facts = _budget_facts(
+            policy, cache.costs(example_input), ranks, warn=svd is None, kept=kept
+        )
         new.lorita_budget = facts
     return new
 
 
-def _budget_facts(policy: Budget, costs: LayerCosts, ranks: dict[str, int], *, warn: bool) -> dict:
-    """How a budget cut's planned cost compares with the budget (``warn``: say so when it
-    cannot fit)."""
-    got = costs.total(ranks)[policy.measure]
+def _budget_facts(
+    policy: Budget,
+    costs: LayerCosts,
+    ranks: dict[str, int],
+    *,
+    warn: bool,
+    kept: dict[str, int] | None = None,
+) -> dict:
+    """How a budget cut's cost compares with the budget: the planned cost, or ``kept``, the
+    cut model's counted cost (``warn``: say so when it does not fit)."""
+    got = (kept or costs.total(ranks))[policy.measure]
     target = policy.target(costs)
     facts = {
         "measure": policy.measure,
@@ -726,12 +741,20 @@ def _budget_facts(policy: Budget, costs: LayerCosts, ranks: dict[str, int], *, w
     }
     if warn and not facts["met"]:
         what = "parameters" if policy.measure == "params" else "FLOPs"
-        warnings.warn(
-            f"budget: {policy.percent:g}% of the {what} cannot be reached; the smallest cut (each "
-            f"cut layer at rank 1, or whole where a cut saves nothing) keeps "
-            f"{facts['kept_pct']:.1f}%",
-            stacklevel=3,
-        )
+        if kept is not None and costs.total(ranks)[policy.measure] <= target:
+            text = (
+                f"budget: {policy.percent:g}% of the {what} is not met by the cut whose forms "
+                f"were chosen by latency: it keeps {facts['kept_pct']:.1f}% (the layers whose "
+                "thin form was not faster on this machine stay dense, at full cost); "
+                "by='flops' keeps the budget"
+            )
+        else:
+            text = (
+                f"budget: {policy.percent:g}% of the {what} cannot be reached; the smallest cut "
+                f"(each cut layer at rank 1, or whole where a cut saves nothing) keeps "
+                f"{facts['kept_pct']:.1f}%"
+            )
+        warnings.warn(text, stacklevel=3)
     return facts
 
 

@@ -236,3 +236,24 @@ def test_evaluate_takes_a_module_like_callable():
     x = torch.tensor([0.0, 1.0, 2.0, 1.0]).view(4, 1, 1, 1)
     assert evaluate(f, TensorDataset(x, torch.tensor([0, 1, 2, 0])))["acc"] == 0.75
     assert f.training
+
+
+def test_a_budget_cut_with_forms_chosen_by_latency_says_what_it_really_keeps(monkeypatch):
+    """Forms chosen by latency: a layer whose thin form is not faster stays dense at full
+    cost, so the budget can be missed; ``lorita_budget`` counts the model returned, and the
+    warning says why (here no thin form is ever faster)."""
+    import lorita.kinds as kinds
+
+    monkeypatch.setattr(kinds, "is_faster", lambda t_thin, t_dense: False)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64),
+                        nn.ReLU(), nn.Linear(64, 4))  # fmt: skip
+    x = torch.randn(2, 1, 8, 8)
+    model = lt.overparameterize(net, 3)
+    with pytest.warns(UserWarning, match=r"not met by the cut whose forms were chosen by latency"):
+        small = lt.truncate(model, lt.Budget(30), example_input=x, by="latency")
+    kept = 100 * lt.count_cost(small, x).params / lt.count_cost(net, x).params
+    assert small.lorita_budget["met"] is False
+    assert small.lorita_budget["kept_pct"] == pytest.approx(kept)
+    by_flops = lt.truncate(model, lt.Budget(30), example_input=x)
+    assert by_flops.lorita_budget["met"] is True
+    assert 100 * lt.count_cost(by_flops, x).params / lt.count_cost(net, x).params <= 30
