@@ -119,7 +119,8 @@ def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
 def set_modules(model: nn.Module, replacements: Iterable[tuple[str, nn.Module]]) -> None:
     """:func:`set_module` for each ``(name, new)`` in turn, the model's plain containers
     scanned once for all of them (a scan per layer is most of the time of cutting a deep
-    model)."""
+    model). A module registered under several names (``self.b = self.a``) is replaced under
+    each, so its call sites keep sharing one layer."""
     swaps: dict[int, tuple[nn.Module, nn.Module]] = {}  # id(old) -> (old, new): old kept alive
     for name, new in replacements:
         parent_name, _, child = name.rpartition(".")
@@ -129,6 +130,10 @@ def set_modules(model: nn.Module, replacements: Iterable[tuple[str, nn.Module]])
         swaps[id(old)] = (old, new)
     if not swaps:
         return
+    for _, m in model.named_modules(remove_duplicate=False):  # the other names of each
+        for child, sub in list(m._modules.items()):
+            if sub is not None and id(sub) in swaps and swaps[id(sub)][0] is sub:
+                m._modules[child] = swaps[id(sub)][1]
     for m in model.modules():
         for k, v in vars(m).items():
             if type(v) in (list, tuple, dict) and k not in _MODULE_STATE:
@@ -660,9 +665,11 @@ def layer_table(model: nn.Module, *, direct=None) -> list[LayerEntry]:
     """
     model = unwrap(model)  # a torch.compile wrapper: the layers of the model it holds
     direct = _direct_names(model) if direct is None else set(direct)
-    counts: dict[int, int] = {}
-    for _, p in model.named_parameters(remove_duplicate=False):
-        counts[id(p)] = counts.get(id(p), 0) + 1
+    counts: dict[int, int] = {}  # Parameter -> how many distinct modules hold it
+    for m in model.modules():  # a module registered under two names counts once
+        for p in m._parameters.values():
+            if p is not None:
+                counts[id(p)] = counts.get(id(p), 0) + 1
     out, inside = [], []
     for name, module in model.named_modules():
         if any(name.startswith(p) for p in inside):

@@ -257,3 +257,35 @@ def test_a_budget_cut_with_forms_chosen_by_latency_says_what_it_really_keeps(mon
     by_flops = lt.truncate(model, lt.Budget(30), example_input=x)
     assert by_flops.lorita_budget["met"] is True
     assert 100 * lt.count_cost(by_flops, x).params / lt.count_cost(net, x).params <= 30
+
+
+class _Alias(nn.Module):
+    """One layer registered under two names (``self.b = self.a``) and called at both."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(64, 64)
+        self.b = self.a
+        self.h = nn.Linear(64, 3)
+
+    def forward(self, x):
+        return self.h(torch.relu(self.b(torch.relu(self.a(x)))))
+
+
+def test_a_layer_under_two_names_is_composed_and_cut_once_for_both(tmp_path):
+    """The same module under two names is one layer (not tied weights of two modules): it
+    is composed and cut once and stays one layer under both names, so the cut is smaller
+    and the call sites share its weights; save/load and merging keep it so."""
+    net, x = _Alias(), torch.randn(4, 64)
+    model = lt.overparameterize(net, 3)
+    assert model.a is model.b and isinstance(model.a, lt.FactorLinear)
+    torch.testing.assert_close(model(x), net(x), rtol=1e-5, atol=1e-6)
+    small = lt.truncate(model, lt.Uniform(0.25))
+    assert small.a is small.b and isinstance(small.a, lt.LowRankLinear)
+    assert lt.count_cost(small, x).params < lt.count_cost(net, x).params
+    fresh = _Alias()
+    fresh.load_state_dict(lt.merge_model(model).state_dict(), strict=True)
+    torch.testing.assert_close(fresh(x), net(x), rtol=1e-5, atol=1e-6)
+    back = lt.load(lt.save(small, tmp_path / "s.safetensors"), model=_Alias())
+    assert back.a is back.b
+    torch.testing.assert_close(back(x), small(x))
