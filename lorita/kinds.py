@@ -130,7 +130,7 @@ def set_modules(model: nn.Module, replacements: Iterable[tuple[str, nn.Module]])
         swaps[id(old)] = (old, new)
     if not swaps:
         return
-    for _, m in model.named_modules(remove_duplicate=False):  # the other names of each
+    for m in list(model.modules()):  # every parent's names: the other names of each
         for child, sub in list(m._modules.items()):
             if sub is not None and id(sub) in swaps and swaps[id(sub)][0] is sub:
                 m._modules[child] = swaps[id(sub)][1]

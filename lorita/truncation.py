@@ -679,7 +679,8 @@ def truncate(
     by: str = "flops",
     batch: int | None = 64,
 ) -> nn.Module:
-    """A new model whose layers keep only the singular values ``policy`` chooses.
+    """A new model whose layers keep only the singular values ``policy`` chooses, in eval
+    mode, ready to run (call ``.train()`` on it before fine-tuning).
 
     form="dense": the original architecture with each weight replaced by its best rank-r
     approximation (structure-preserving). form="low_rank": each cut layer becomes a
