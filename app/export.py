@@ -229,8 +229,12 @@ def choose_model(
             session.model, truncation.Ranks(_cut_ranks(session, choice.get("ranks"))),
             svd=session.svd, example_input=session.example_input, by="latency", batch=batch,
         )  # fmt: skip
+    if fmt == "dense":  # the cut's own ranks in the original architecture (a budget's too)
+        ranks = _cut_ranks(session, choice.get("ranks"))
+        return truncation.truncate(session.model, truncation.Ranks(ranks), svd=session.svd,
+                                   layers=list(ranks), form="dense")  # fmt: skip
     policy = cz.make_policy(choice["policy"], choice.get("value"), choice.get("ranks"))
-    return session.cut(policy, form="dense" if fmt == "dense" else "low_rank")[0]
+    return session.cut(policy)[0]
 
 
 def _form_of(model: Any, name: str, plan: dict[str, dict]) -> dict[str, Any] | None:

@@ -653,6 +653,23 @@ def test_export_compressed_choice_from_compress_page(runs_dir):
     assert len(set(names.values())) == len(names)  # one name per file
 
 
+def test_a_budget_cut_and_its_fine_tuned_model_export_in_every_format(runs_dir):
+    """A budget counts thin layers, but the dense format is the original architecture: it is
+    written with the cut's own ranks (it was refused with a library message about form=)."""
+    at = open_page("compress", run=N3)
+    at.radio(key="compress.policy").set_value("budget").run()
+    at.slider(key="compress.value.budget").set_value(20.0).run()
+    at.number_input(key="compress.ft_epochs").set_value(1).run()
+    at.button(key="compress.ft_go").click().run()
+    at.switch_page("pages/export.py").run()
+    for model in ("compressed", "finetuned"):
+        at.radio(key="export.model").set_value(model).run()
+        for fmt in ("dense", "low_rank", "onnx"):
+            at.radio(key="export.format").set_value(fmt).run()
+            assert_clean(at)
+            assert download_name(at).startswith(f"{N3}-budget20.0"), (model, fmt)
+
+
 def test_a_refreshed_export_page_still_exports_the_cut(runs_dir):
     """The cut chosen on the Compress page is in the Export page's address: a refresh (a new
     session) offers and builds the same cut; a hostile address is ignored."""
