@@ -45,6 +45,7 @@ TRAIN_INIT_FROM = "train.init_from"  # uploaded weights to start from
 TRAIN_INIT_RUN = "train.init_run"  # or a finished run whose best checkpoint to start from
 TRAIN_SEED_RUN = "train.seed_run"  # str | None: the run whose config filled the form
 TRAIN_FOLLOWER = "train.follower"  # app.live.RunFollower of the followed run
+TRAIN_LAST_START = "train.last_start"  # {"key", "at", "runs"}: what the last Start started
 
 RUNS_PICK = "runs.pick"
 RUNS_LAYER = "runs.layer"

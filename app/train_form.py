@@ -9,6 +9,8 @@ says what to do when the files are missing offline).
 from __future__ import annotations
 
 import hashlib
+import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -192,3 +194,27 @@ def save_upload(file_name: str, data: bytes, root: str | Path | None = None) -> 
         tmp.write_bytes(data)
         tmp.replace(path)
     return path
+
+
+#: a Start with the settings of one made this long ago is taken as that click run again
+SAME_START_S = 20.0
+
+
+def start_key(config: dict[str, Any], baseline: dict[str, Any] | None) -> str:
+    """What identifies a Start's settings (the run's config and its baseline's)."""
+    return json.dumps([config, baseline], sort_keys=True, default=str)
+
+
+def start_record(key: str, name: str, baseline: str | None) -> dict[str, Any]:
+    """What the page keeps of the Start it just made."""
+    return {"key": key, "at": time.time(), "runs": (name, baseline)}
+
+
+def same_start_ago(last: dict[str, Any] | None, key: str) -> float | None:
+    """Seconds since ``last`` (a :func:`start_record`) when it had the settings ``key`` and is
+    under :data:`SAME_START_S` old: Streamlit running the page again with Start still pressed
+    (a rerun cut the run that made it), not a new press; None otherwise."""
+    if not last or last.get("key") != key:
+        return None
+    ago = time.time() - float(last.get("at", 0.0))
+    return ago if 0 <= ago < SAME_START_S else None

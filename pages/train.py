@@ -271,12 +271,23 @@ def _start(family: str) -> None:
     base_cfg = None
     if st.session_state[state.TRAIN_BASELINE] and int(config.get("n_factors", 1)) != 1:
         base_cfg = presets.baseline_config(config)
-    try:
-        with st.spinner("Starting the training process…"):
-            name, baseline = jobs.start_pair(config, base_cfg)
-    except ValueError as exc:
-        _cannot_start(ui.one_line(exc), saved)
-        return
+    key = train_form.start_key(config, base_cfg)
+    ago = train_form.same_start_ago(st.session_state.get(state.TRAIN_LAST_START), key)
+    if ago is not None:
+        # Streamlit runs a page again with the button still pressed when a rerun cut the
+        # run that started these (the toast below is a point where it can): the same click
+        name, baseline = st.session_state[state.TRAIN_LAST_START]["runs"]
+        st.info(f"{name} was started with these settings {ago:.0f} s ago; press Start again "
+                "for another run.", icon="ℹ️")  # fmt: skip
+        st.session_state[state.TRAIN_LAST_START] = None
+    else:
+        try:
+            with st.spinner("Starting the training process…"):
+                name, baseline = jobs.start_pair(config, base_cfg)
+        except ValueError as exc:
+            _cannot_start(ui.one_line(exc), saved)
+            return
+        st.session_state[state.TRAIN_LAST_START] = train_form.start_record(key, name, baseline)
     state.set_current_run(name)
     st.session_state[state.TRAIN_FOLLOW] = name
     st.toast(f"Started {name}" + (f" and its N=1 baseline {baseline}" if baseline else ""))

@@ -765,3 +765,23 @@ def test_compress_budget_axis_and_the_baselines(runs_dir):
     from app import compress as cz
 
     assert cz.stored_comparison(N3, N1, "best", "params", runs_dir) is not None
+
+
+def test_train_start_run_again_by_a_rerun_starts_nothing_twice(empty_runs, monkeypatch):
+    """Streamlit runs the page again with Start still pressed when a rerun cuts the run that
+    started a pair; the same settings within seconds start nothing more, and say so; a
+    further press starts another run."""
+    from app import jobs
+
+    started = []
+    monkeypatch.setattr(jobs, "start_pair",
+                        lambda c, b: started.append(c) or (f"r{len(started)}", None))  # fmt: skip
+    at = open_page("train")
+    start = "FormSubmitter:train.form-Start training"
+    at.button(key=start).click().run()
+    at.button(key=start).click().run()
+    assert_clean(at)
+    assert len(started) == 1
+    assert any("r1 was started with these settings" in i.value for i in at.info)
+    at.button(key=start).click().run()
+    assert len(started) == 2
