@@ -16,6 +16,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import threading
 from pathlib import Path
@@ -130,8 +131,8 @@ def _remove_dead_temps(path: Path) -> None:
 
 
 def remove_dead_temps(folder: str | os.PathLike, target: str | None = None) -> None:
-    """Remove the :func:`temp_beside` files in ``folder`` (for the file ``target`` when
-    given) whose writing process is gone."""
+    """Remove the :func:`temp_beside` files (or folders: a run folder's draft) in ``folder``
+    (for the file ``target`` when given) whose writing process is gone."""
     prefix = f".{target}." if target is not None else "."
     try:
         with os.scandir(folder) as entries:
@@ -143,6 +144,9 @@ def remove_dead_temps(folder: str | os.PathLike, target: str | None = None) -> N
     except OSError:
         return
     for p in dead:
+        if os.path.isdir(p) and not os.path.islink(p):
+            shutil.rmtree(p, ignore_errors=True)
+            continue
         try:
             os.unlink(p)
         except OSError:

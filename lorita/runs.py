@@ -53,6 +53,7 @@ from .io import (
     read_last_jsonl,
     remove_dead_temps,
     rewrite_jsonl,
+    temp_beside,
     write_json,
 )
 
@@ -79,7 +80,6 @@ STALE_S = 15.0  # heartbeat older than this and pid gone: the process died
 STALE_ANY_S = 180.0  # heartbeat older than this: dead even if the pid exists (other host)
 PAIR_WINDOW_S = 120.0  # a composed run and its N=1 baseline are created this close together
 WRITER_LOCK = "writer.lock"
-DRAFT_PREFIX = ".draft-"  # <runs>/.draft-<pid>-<thread>-<name>: a run folder being made
 PAIR_SETTLED_S = 5.0  # a runs folder unchanged this long has every new run's config written
 SETUP_KEYS = (
     "dataset", "dataset_kwargs", "model", "model_kwargs", "init", "optimizer", "lr",
@@ -656,7 +656,7 @@ class RunStore:
             ) from None
         chosen = name is not None
         name = validate_name(name) if chosen else self.new_name(config)
-        self._remove_dead_drafts()
+        remove_dead_temps(self.root)  # drafts of run folders whose process died
         while not self._publish(name, config):
             if chosen:
                 raise ValueError(f"run name: {name!r} already exists in {self.root}")
@@ -669,9 +669,8 @@ class RunStore:
         and checkpoints/ are written in a hidden draft folder, which is then renamed into
         place, so a process killed meanwhile leaves no half-made run (an empty folder that
         would hold the name). False if a run of that name exists (made by another process)."""
-        draft = self.root / f"{DRAFT_PREFIX}{os.getpid()}-{threading.get_ident()}-{name}"
+        draft = temp_beside(self.root / name, ".draft")  # .<name>.<pid>.<thread>.draft
         try:
-            shutil.rmtree(draft, ignore_errors=True)
             (draft / "checkpoints").mkdir(parents=True)
             write_json(draft / "config.json", config, sync=True)
             Run(draft).update_status(
@@ -696,14 +695,6 @@ class RunStore:
                 f"runs folder: cannot make a run folder in {str(self.root)!r} ({e.strerror or e})"
             ) from None
         return True
-
-    def _remove_dead_drafts(self) -> None:
-        """Remove the drafts of run folders whose process died before publishing them."""
-        with contextlib.suppress(OSError):
-            for p in self.root.glob(f"{DRAFT_PREFIX}*"):
-                pid = p.name[len(DRAFT_PREFIX) :].split("-", 1)[0]
-                if pid.isdigit() and not process_alive(int(pid)):
-                    shutil.rmtree(p, ignore_errors=True)
 
     def delete(self, name: str) -> None:
         """Remove a run folder (refused while its process is alive)."""
@@ -790,7 +781,7 @@ def acquire_slot(root: str | os.PathLike, k: int, *, poll: float = 0.5, should_s
     folder = Path(root) / ".slots"
     queue = folder / "queue"
     queue.mkdir(parents=True, exist_ok=True)
-    ticket = queue / f"{time.time_ns():020d}-{os.getpid()}-{threading.get_ident()}"
+    ticket = temp_beside(queue / f"{time.time_ns():020d}", ".ticket")  # ordered by the time
     ticket.touch()
     try:
         while True:
@@ -810,15 +801,8 @@ def acquire_slot(root: str | os.PathLike, k: int, *, poll: float = 0.5, should_s
 
 
 def _ahead(queue: Path, ticket: Path) -> int:
-    """How many live waiters came before ``ticket`` (removing the tickets of dead ones)."""
-    n = 0
+    """How many live waiters came before ``ticket`` (the tickets of dead ones removed)."""
+    remove_dead_temps(queue)
     with contextlib.suppress(OSError):
-        for t in queue.iterdir():
-            if t.name >= ticket.name:
-                continue
-            pid = t.name.split("-")[1] if t.name.count("-") >= 2 else ""
-            if pid.isdigit() and not process_alive(int(pid)):
-                t.unlink(missing_ok=True)
-            else:
-                n += 1
-    return n
+        return sum(t.name < ticket.name for t in queue.iterdir())
+    return 0

@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from lorita.io import dead_writers_temp
 from lorita.runs import (
     Run,
     RunStore,
@@ -350,7 +351,7 @@ def test_a_process_killed_while_making_a_run_folder_leaves_no_half_made_run(tmp_
     proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=env, timeout=120)
     assert proc.returncode != 0  # killed at the fault point
     assert not (tmp_path / "r").exists()
-    assert [p.name.startswith(".draft-") for p in tmp_path.iterdir()] == [True]
+    assert [dead_writers_temp(p.name, "r") for p in tmp_path.iterdir()] == [True]  # its draft
     store = RunStore(tmp_path)
     assert store.list() == []
     run = store.create({"dataset": "digits"}, name="r")
@@ -368,7 +369,7 @@ def test_queued_runs_take_the_slot_in_the_order_they_came(tmp_path):
     import threading
 
     holder = acquire_slot(tmp_path, 1)
-    dead = tmp_path / ".slots" / "queue" / f"{1:020d}-999999999-1"  # older than any waiter
+    dead = tmp_path / ".slots" / "queue" / f".{1:020d}.999999999.1.ticket"  # older than all
     dead.touch()
     order = []
 
