@@ -130,11 +130,10 @@ def set_modules(model: nn.Module, replacements: Iterable[tuple[str, nn.Module]])
         swaps[id(old)] = (old, new)
     if not swaps:
         return
-    for m in list(model.modules()):  # every parent's names: the other names of each
-        for child, sub in list(m._modules.items()):
+    for m in list(model.modules()):
+        for child, sub in list(m._modules.items()):  # the other names of a replaced module
             if sub is not None and id(sub) in swaps and swaps[id(sub)][0] is sub:
                 m._modules[child] = swaps[id(sub)][1]
-    for m in model.modules():
         for k, v in vars(m).items():
             if type(v) in (list, tuple, dict) and k not in _MODULE_STATE:
                 relinked = _relink(v, swaps, depth=0)
