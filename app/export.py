@@ -320,10 +320,7 @@ def build_offline(run: Any, which: str, fmt: str) -> Offline:
         .clone()
         .normal_(generator=torch.Generator().manual_seed(0))
     )
-    meta = {"run": run.name, "policy": "none", "val_acc": val_acc}
-    how = run.preprocess(which)  # recorded by its training
-    if how is not None:
-        meta["preprocess"] = how
+    meta = run.as_trained_metadata(which, val_acc)
     with tempfile.TemporaryDirectory(prefix="lorita-export-") as tmp:
         path = Path(tmp) / file_name
         reloaded = _write_and_reload(model, example, path, fmt, meta)

@@ -1601,9 +1601,7 @@ def _as_trained(args):
         return None
     if val_acc is None:
         return None
-    meta = {"run": run.name, "policy": "none", "val_acc": val_acc}
-    how = run.preprocess(args.which)
-    return model, example, meta if how is None else {**meta, "preprocess": how}
+    return model, example, run.as_trained_metadata(args.which, val_acc)
 
 
 def cmd_export(args) -> int:

@@ -367,6 +367,14 @@ class Run:
 
         return read_spec(self.checkpoint(which))["metadata"].get("preprocess")
 
+    def as_trained_metadata(self, which: str = "best", val_acc: float | None = None) -> dict:
+        """The metadata of a file written from the checkpoint as trained (nothing cut): the
+        run, ``policy`` "none", the validation accuracy (``val_acc``, as :meth:`as_trained`
+        gives it) and how to feed the model where its training recorded that."""
+        meta = {"run": self.name, "policy": "none", "val_acc": val_acc}
+        how = self.preprocess(which)
+        return meta if how is None else {**meta, "preprocess": how}
+
     def record_data(self) -> None:
         """Keep the digest of the run's dataset as it is now (a folder's files), so that a later
         read can tell whether it changed (:meth:`data_changed`); nothing for a fixed dataset."""
