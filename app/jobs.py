@@ -15,6 +15,7 @@ status) is asked of the run store, :class:`lorita.runs.RunStore`; every run name
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -43,6 +44,10 @@ _PROCS: dict[tuple[str, str], subprocess.Popen] = {}
 # runs by their folders, and a baseline's child creates its folder only once it has imported
 # torch (seconds, at the lowest priority beside a training run): until then only this knows.
 _STARTED_BASELINE: dict[tuple[str, str], str] = {}
+# (root, name) -> {"stop": asked} for a baseline claimed by start_pair whose child is not
+# started yet (it starts once the composed run's child has made its folder)
+_PENDING: dict[tuple[str, str], dict[str, bool]] = {}
+_PENDING_LOCK = threading.Lock()
 
 
 def runs_dir() -> Path:
@@ -145,6 +150,14 @@ def start(
     config = validate(config)
     root = Path(root) if root is not None else runs_dir()
     name = _claim_name(root, config, name)
+    _spawn(config, name, root, concurrent)
+    return name
+
+
+def _spawn(
+    config: dict[str, Any], name: str, root: Path, concurrent: int | None
+) -> subprocess.Popen:
+    """Write the request of the claimed ``name`` and start its child."""
     config_path = app_file(name, ".json", root)
     write_json(config_path, config)
     env = dict(os.environ)
@@ -164,7 +177,7 @@ def start(
         )
     lower_priority(proc.pid)
     _PROCS[(str(root), name)] = proc
-    return name
+    return proc
 
 
 def _claim_name(root: Path, config: dict[str, Any], name: str | None) -> str:
@@ -203,8 +216,15 @@ def wait(name: str, root: str | Path | None = None, timeout: float | None = None
     code, or None if this process did not start it. ``subprocess.TimeoutExpired`` past
     ``timeout`` seconds."""
     root_p = Path(root) if root is not None else runs_dir()
+    deadline = None if timeout is None else time.time() + timeout
+    while (str(root_p), name) in _PENDING:  # a baseline whose child is not started yet
+        if deadline is not None and time.time() > deadline:
+            raise subprocess.TimeoutExpired(name, timeout)
+        time.sleep(0.05)
     proc = _PROCS.get((str(root_p), name))
-    return None if proc is None else proc.wait(timeout)
+    if proc is None:
+        return None
+    return proc.wait(None if deadline is None else max(0.0, deadline - time.time()))
 
 
 def train_nice() -> int:
@@ -247,11 +267,14 @@ def start_pair(
     concurrent: int | None = None,
     wait_s: float = 15.0,
 ) -> tuple[str, str | None]:
-    """Start ``config`` and, if given, its N=1 ``baseline`` so that the first one trains first.
+    """Start ``config`` and, if given, its N=1 ``baseline`` so that the first one trains first;
+    returns both names at once.
 
-    Both configs are validated before anything starts. The baseline's child is started once
-    the first child has created its run folder, so with one training slot the run the user
-    asked for is the one that takes it.
+    Both configs are validated and both names claimed before anything starts. The baseline's
+    child is started by a thread once the first child has created its run folder (at most
+    ``wait_s`` seconds: the first child imports torch, at the lowest priority beside a training
+    run), so with one training slot the run the user asked for is the one that takes it, and
+    the page that pressed Start does not wait for it. Until then the baseline is "starting".
     """
     config = validate(config)
     baseline = validate(baseline) if baseline is not None else None
@@ -259,15 +282,49 @@ def start_pair(
     if baseline is None:
         return name, None
     root_p = Path(root) if root is not None else runs_dir()
+    base_name = _claim_name(root_p, baseline, None)
+    write_json(app_file(base_name, ".json", root_p), baseline)
+    with _PENDING_LOCK:
+        _PENDING[(str(root_p), base_name)] = {"stop": False}
+    _STARTED_BASELINE[(str(root_p), name)] = base_name
+    threading.Thread(
+        target=_start_after,
+        args=(name, baseline, base_name, root_p, concurrent, wait_s),
+        daemon=True,
+        name=f"start {base_name}",
+    ).start()
+    return name, base_name
+
+
+def _start_after(
+    first: str,
+    config: dict[str, Any],
+    name: str,
+    root: Path,
+    concurrent: int | None,
+    wait_s: float,
+) -> None:
+    """Start the claimed run ``name`` once ``first`` has made its folder (or its child ended,
+    or ``wait_s`` passed); a stop asked meanwhile is passed on to the new child."""
+    key = (str(root), name)
+    first_proc = _PROCS.get((str(root), first))
     deadline = time.time() + wait_s
-    while time.time() < deadline and not (root_p / name / "status.json").exists():
-        proc = _PROCS.get((str(root_p), name))
-        if proc is not None and proc.poll() is not None:
+    while time.time() < deadline and not (root / first / "status.json").exists():
+        if first_proc is None or first_proc.poll() is not None:
             break
         time.sleep(0.1)
-    base_name = start(baseline, root=root, concurrent=concurrent)
-    _STARTED_BASELINE[(str(root_p), name)] = base_name
-    return name, base_name
+    try:
+        proc = _spawn(config, name, root, concurrent)
+    except (OSError, ValueError) as exc:  # no process: the page shows it failed, and why
+        with contextlib.suppress(OSError), open(log_path(name, root), "a") as log:
+            log.write(f"could not start the training process: {exc}\n")
+        with _PENDING_LOCK:
+            _PENDING.pop(key, None)
+        return
+    with _PENDING_LOCK:
+        stop_asked = _PENDING.pop(key, {}).get("stop", False)
+    if stop_asked:
+        _stop_once_made(name, root, proc)
 
 
 # --- following ------------------------------------------------------------------------------
@@ -341,6 +398,8 @@ def view(name: str, root: str | Path | None = None) -> JobView:
     """Everything the live page needs about run ``name``, from the run folder."""
     root = Path(root) if root is not None else runs_dir()
     validate_name(name)
+    if (str(root), name) in _PENDING:
+        return JobView(name, "starting", "starting once the run started with it has begun…")
     proc = _PROCS.get((str(root), name))
     exit_code = proc.poll() if proc is not None else None
     if not (root / name / "status.json").exists():
@@ -396,6 +455,10 @@ def stop(name: str, root: str | Path | None = None) -> None:
     """
     root = Path(root) if root is not None else runs_dir()
     status = root / validate_name(name) / "status.json"
+    with _PENDING_LOCK:
+        if (str(root), name) in _PENDING:  # its child is not started yet: stopped once made
+            _PENDING[(str(root), name)]["stop"] = True
+            return
     proc = _PROCS.get((str(root), name))
     if not status.exists() and proc is not None and proc.poll() is None:
         threading.Thread(
@@ -490,6 +553,7 @@ def baseline_of(name: str, root: str | Path | None = None) -> str | None:
     if started is not None and (
         (root_p / started).exists()
         or (str(root_p), started) in _PROCS
+        or (str(root_p), started) in _PENDING
         or log_path(started, root_p).exists()
     ):
         return started

@@ -40,10 +40,13 @@ def test_start_pair_queue_and_stop(tmp_path):
     a queued run at once and a running one after its current step, with a checkpoint."""
     root = tmp_path / "runs"
     cfg = {**TINY, "epochs": 200}
+    t0 = time.perf_counter()
     first, second = jobs.start_pair(cfg, presets.baseline_config(cfg), root=root, concurrent=1)
+    assert time.perf_counter() - t0 < 1.0, "Start must not wait for a child to import torch"
     assert second and second != first
-    assert (root / first / "status.json").exists()  # the first child made its folder first
+    assert jobs.view(second, root).state == "starting"
     v2 = wait_for(second, root, ("queued", "running", "completed"))
+    assert (root / first / "status.json").exists()  # the first child made its folder first
     assert v2.state == "queued", "the baseline must wait for the slot"
     jobs.stop(second, root)
     v2 = wait_for(second, root, ("stopped",))
@@ -99,6 +102,21 @@ def test_stop_right_after_start_stops_a_child_still_starting(tmp_path):
     jobs.stop(name, root)
     v = wait_for(name, root, ("stopped", "completed", "failed"))
     assert v.state == "stopped" and v.step < v.total_steps
+
+
+def test_stop_of_a_baseline_not_started_yet_ends_it_stopped(tmp_path):
+    """Start then Stop on the N=1 baseline at once, before its child exists (it starts once
+    the composed run's child has made its folder): it ends stopped, the composed run trains."""
+    root = tmp_path / "runs"
+    cfg = {**TINY, "epochs": 200}
+    first, second = jobs.start_pair(cfg, presets.baseline_config(cfg), root=root, concurrent=1)
+    assert jobs.view(second, root).state == "starting" and not (root / second).exists()
+    jobs.stop(second, root)
+    v2 = wait_for(second, root, ("stopped", "completed", "failed"))
+    assert v2.state == "stopped" and v2.step == 0  # (it waited behind the composed run)
+    assert jobs.view(first, root).state in ("running", "queued")
+    jobs.stop(first, root)
+    assert wait_for(first, root, ("stopped", "completed", "failed")).state == "stopped"
 
 
 def test_a_run_completes(tmp_path):
@@ -184,15 +202,19 @@ def test_a_baseline_still_starting_is_followed_with_its_run(seeded_store, tmp_pa
         def poll(self):
             return None
 
-    started = iter([N3, "late-n1"])
-
     def fake_start(config, *, root=None, concurrent=None, name=None):
-        name = next(started)
-        if name != N3:
-            jobs._PROCS[(str(root), name)] = Starting()
-        return name
+        return N3
+
+    def fake_claim(root, config, name):
+        return "late-n1"
+
+    def fake_spawn(config, name, root, concurrent):
+        jobs._PROCS[(str(root), name)] = Starting()
+        return jobs._PROCS[(str(root), name)]
 
     monkeypatch.setattr(jobs, "start", fake_start)
+    monkeypatch.setattr(jobs, "_claim_name", fake_claim)
+    monkeypatch.setattr(jobs, "_spawn", fake_spawn)
     monkeypatch.setattr(jobs, "_PROCS", {})
     monkeypatch.setattr(jobs, "_STARTED_BASELINE", {})
     cfg = jobs.run_config(N3, root)
