@@ -9,7 +9,10 @@ factors back, and cut small singular values to get a model that is really smalle
     lt.count_cost(small, x), lt.save(small, "small.safetensors")
 """
 
-from . import functional
+from . import (
+    _startup,  # first: Ctrl-C while `python -m lorita` imports the rest ends quietly
+    functional,
+)
 from .compress import Compressor, CompressResult
 from .convert import (
     composed_layers,
@@ -63,6 +66,7 @@ from .truncation import (
 )
 
 __version__ = "0.1.0"
+_startup.release()
 
 __all__ = [
     "functional",

@@ -1,5 +1,6 @@
 """The command line: training, listing, compressing, exporting, and one-line errors."""
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -889,3 +890,31 @@ def test_flags_that_would_be_ignored_or_misread_are_refused(runs_dir, capsys, mo
         _one_line_error(capsys, ["runs"], "LORITA_RUNS", needle)
     monkeypatch.setenv("LORITA_RUNS", str(runs_dir))
     assert main(["compress", "r1", "--max-drop", "5", "--search", "uniform", "--no-latency"]) == 0
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/<pid>/maps")
+def test_ctrl_c_while_torch_imports_ends_with_one_line():
+    """Ctrl-C in the seconds `python -m lorita` spends importing torch ends the command as
+    Ctrl-C does later: one line and exit 130, no traceback through torch's import."""
+    for _ in range(5):  # a fast machine may finish the import before we look: try again
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "lorita", "runs", "--runs-dir", "/nonexistent-runs"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
+        loading = False
+        while proc.poll() is None and not loading:
+            with contextlib.suppress(OSError):
+                loading = "libtorch" in Path(f"/proc/{proc.pid}/maps").read_text()
+        if loading and proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+        if loading and "no runs" not in out:
+            break
+    else:
+        pytest.skip("torch imported before the test could interrupt it")
+    assert proc.returncode == 130, err
+    assert err.strip() == "lorita: interrupted", err
