@@ -89,14 +89,18 @@ def _split(w: Tensor, n: int, inner: int) -> list[Tensor]:
     """Balanced factors of ``w`` (m, k) whose null directions can still learn.
 
     A direction with singular value 0 is 0 in every balanced factor, a point where gradient
-    descent never moves (a zero-initialised head would stay zero for ever). Such directions
-    get a small random row in the first factor and 1 on the middle diagonals, the last
-    factor keeping a zero column: the product is unchanged and the last factor's gradient
-    is not zero."""
+    descent never moves (a zero-initialised head would stay zero for ever); one with a
+    singular value at rounding level (a weight cut to rank r before, in float32: about 1e-8)
+    is as stuck, its factors' entries being its n-th root. Such directions (singular value
+    at most max(m, k) x the dtype's epsilon x the largest, the numerical rank's rule) get a
+    small random row in the first factor and 1 on the middle diagonals, the last factor
+    keeping a zero column: the product changes by no more than rounding and the last
+    factor's gradient is not zero."""
     mats = balanced_factors(w, n, inner)
     if n == 1:
         return mats
-    null = mats[0].norm(dim=1) <= 1e-12 * max(1.0, float(mats[0].norm()))  # (inner,)
+    sigma = mats[0].double().norm(dim=1).pow(n)  # row i of W_1 is sigma_i^(1/n) v_i
+    null = sigma <= max(w.shape) * torch.finfo(w.dtype).eps * float(sigma.max())  # (inner,)
     if bool(null.any()):
         fan_in = w.shape[1]
         fill = _default_init_(mats[0].new_empty(int(null.sum()), fan_in))

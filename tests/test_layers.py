@@ -249,6 +249,27 @@ def test_zero_weight_composes_to_factors_that_can_learn(n):
     assert fconv.factors[-1].grad.abs().sum() > 0
 
 
+def test_a_weight_cut_before_regains_rank_when_composed_again():
+    """A float32 weight cut to rank 1 (its other singular values at rounding level, ~1e-8, not
+    0), composed again as the README's retrain path does: the composed layer learns the
+    directions back, as the plain layer does, instead of staying rank 1."""
+    torch.manual_seed(0)
+    fc = nn.Linear(16, 4)
+    with torch.no_grad():
+        u, s, vh = torch.linalg.svd(fc.weight, full_matrices=False)
+        fc.weight.copy_(s[0] * torch.outer(u[:, 0], vh[0]))
+    assert 0 < torch.linalg.svdvals(fc.weight)[1] < 1e-6  # rounding, not zero
+    layer = FactorLinear.from_linear(fc, 3)
+    x, y = torch.randn(64, 16), torch.randint(0, 4, (64,))
+    assert_close(layer(x), fc(x))
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    for _ in range(100):
+        opt.zero_grad()
+        nn.functional.cross_entropy(layer(x), y).backward()
+        opt.step()
+    assert torch.linalg.svdvals(layer.weight.detach())[1] > 1e-2
+
+
 # --------------------------------------------------------------------------- thin attention
 
 
