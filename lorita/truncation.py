@@ -462,6 +462,16 @@ def _vector_dtype(model: nn.Module) -> torch.dtype:
     return torch.float64 if torch.float64 in floats else torch.float32
 
 
+def _rank_at_most(sv: Tensor, r: int, size: int) -> bool:
+    """Whether singular values ``sv`` (..., p) of (m, k) matrices, ``size`` = max(m, k), are at
+    rounding level beyond the r-th (at most size x float32's epsilon x the largest: a float32
+    weight of rank r)."""
+    if r >= sv.shape[-1]:
+        return True
+    eps = torch.finfo(torch.float32).eps
+    return bool((sv[..., r:] <= size * eps * sv.max()).all())
+
+
 class SVDCache:
     """The merged plain model and the thin SVD of every chosen layer, computed once.
 
@@ -489,6 +499,13 @@ class SVDCache:
         held = {  # a model cut before: its thin layers' ranks bound what a new cut keeps
             n: m.rank for n, m in iter_layers(model) if is_thin(m)
         }
+        # and so do the ranks its dense rank-r layers were cut to (recorded by truncate and
+        # load), where the weight still has that rank (fine-tuning a dense layer raises it)
+        recorded = {
+            n: int(r)
+            for n, r in (getattr(model, "lorita_ranks", None) or {}).items()
+            if n not in held and isinstance(r, int)
+        }
         self.model = merge_model(model).eval()
         self.example_input = example_input
         if getattr(self.model, "lorita_direct", None) is None:  # which cuts must stay dense
@@ -514,6 +531,9 @@ class SVDCache:
             for n in names:  # (G, m, n) per layer: G groups / q, k, v share one rank
                 u, sv, vh = kinds.layer_svd(available[n])
                 r = held.get(n, sv.shape[-1])  # beyond a held rank the values are zero
+                size = max(u.shape[-2], vh.shape[-1])
+                if n in recorded and recorded[n] < r and _rank_at_most(sv, recorded[n], size):
+                    r = recorded[n]
                 self.svd[n] = (u[..., :r].to(vectors), sv[..., :r], vh[..., :r, :].to(vectors))
                 del u, vh
         self.spectra = {n: kinds.pooled_spectrum(s).float() for n, (_, s, _) in self.svd.items()}

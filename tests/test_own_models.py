@@ -136,6 +136,24 @@ def test_a_cut_model_cut_again_keeps_at_most_its_ranks():
     assert_close(again(x), small(x), rtol=1e-5, atol=1e-5)
 
 
+def test_a_layer_cut_to_a_dense_rank_r_weight_is_cut_again_within_r(tmp_path):
+    """A layer whose cut kept the dense form (rank 8 of 16 saves no FLOPs thin) is bound by
+    its rank too when cut again, in memory and after save/load; fine-tuned past it (its
+    weight no longer rank 8), it is not."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    small = lt.truncate(lt.overparameterize(net, 3), lt.Uniform(0.5))
+    assert small.lorita_plan["2"]["form"] == "dense" and small.lorita_ranks["2"] == 8
+    lt.save(small, tmp_path / "s.safetensors")
+    for model in (small, lt.load(tmp_path / "s.safetensors")):
+        assert lt.truncate(model, lt.Uniform(0.5)).lorita_ranks["2"] == 4
+        with pytest.raises(ValueError, match=r"ranks\['2'\].*1 <= rank <= 8, got 12"):
+            lt.truncate(model, lt.Ranks({"2": 12}))
+    with torch.no_grad():
+        small[2].weight.add_(0.01 * torch.randn(16, 16))  # as fine-tuning moves it
+    assert lt.truncate(small, lt.Ranks({"2": 12})).lorita_ranks["2"] == 12
+
+
 def test_policies_given_as_text_and_clear_errors_for_wrong_arguments():
     net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
     model = lt.overparameterize(net, 3)
