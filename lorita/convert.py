@@ -20,6 +20,7 @@ from .kinds import (
     INITS,
     INNER_CHOICES,
     ORDERS,
+    TIED,
     LayerEntry,
     detect_direct,
     guess_example_inputs,
@@ -114,7 +115,7 @@ def _why_left(e: LayerEntry, skip: tuple[str, ...], n_factors: int) -> str | Non
     if _matches(e.name, skip):
         return "skipped (skip=...)"
     if e.shared:
-        return "its weight is shared with another module (tied weights)"
+        return TIED
     if n_factors == 1:
         return "n_factors=1: the ordinary network"
     return None

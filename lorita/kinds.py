@@ -593,6 +593,11 @@ def kind_of(module: nn.Module, *, direct: bool = False) -> Kind | None:
     return None
 
 
+#: why a layer whose weight is another module's too (an output layer tied to the embedding)
+#: is neither composed nor cut: either would change the other module
+TIED = "its weight is shared with another module (tied weights)"
+
+
 @dataclass
 class LayerEntry:
     """One layer of a model as the kinds table sees it."""
@@ -600,7 +605,7 @@ class LayerEntry:
     name: str
     module: nn.Module
     kind: Kind
-    shared: bool = False  # its weight is also another module's parameter
+    shared: bool = False  # its weight is also another module's parameter (see TIED)
 
 
 def _skip_inside(name: str, module: nn.Module) -> str | None:

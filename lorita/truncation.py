@@ -515,6 +515,10 @@ class SVDCache:
         self.left_out: dict[str, str] = {}
         if layers is None and keep_head:
             self.left_out = _head_left_out(self.model, example_input)
+        if layers is None:  # a cut of a tied layer would change the other module too
+            for e in kinds.layer_table(self.model):
+                if e.shared and e.name in available:
+                    self.left_out.setdefault(e.name, kinds.TIED)
         names = [n for n in available if n not in self.left_out] if layers is None else list(layers)
         unknown = [n for n in names if n not in available]
         if unknown:

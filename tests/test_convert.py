@@ -209,6 +209,34 @@ def test_tied_weights_are_left():
     assert "shared" in rows[0]["why"]
 
 
+def test_a_layer_tied_to_an_embedding_is_left_out_of_every_cut():
+    """An output layer sharing the embedding's weight: no policy cuts it (a cut would make the
+    embedding table low-rank too, saving nothing); the plan says why."""
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(20, 12)
+            self.mid = nn.Linear(12, 12)
+            self.out = nn.Linear(12, 20, bias=False)
+            self.out.weight = self.emb.weight
+
+        def forward(self, x):
+            return self.out(torch.relu(self.mid(self.emb(x))))
+
+    torch.manual_seed(0)
+    net = Tied().eval()
+    x = torch.randint(0, 20, (2, 5))
+    table = net.emb.weight.detach().clone()
+    for policy in (lt.Uniform(0.3), lt.Energy(0.5), lt.Global(0.5), lt.Budget(60)):
+        small = lt.truncate(lt.overparameterize(net, 3, example_input=x), policy, example_input=x)
+        assert small.out.weight is small.emb.weight
+        assert torch.equal(small.emb.weight, table), policy
+        assert small.lorita_plan["out"]["form"] == "left out"
+        assert "shared" in small.lorita_plan["out"]["why"]
+        assert small.lorita_plan["mid"]["rank"] < 12 or isinstance(policy, lt.Budget)
+
+
 def test_a_parametrized_weight_is_left_kept_in_training_and_baked_when_deployed(tmp_path):
     from torch.nn.utils import parametrize
     from torch.nn.utils.parametrizations import spectral_norm, weight_norm
