@@ -399,13 +399,18 @@ class Splits:
         """How to feed a model trained on these splits, as written into exported files and
         checkpoints (JSON): the input shape (C, H, W), how raw inputs become values
         (``pixels``), then per channel ``(x - mean) / std`` (``normalize``; None when the run
-        did not normalise), the class names where the dataset has them, and the task."""
+        did not normalise), the class names where the dataset has them, and the task.
+        Splits built by hand (a name that is not a dataset here) give no ``pixels``: only
+        their maker knows how raw inputs became these."""
         mean, std = getattr(self.val, "mean", None), getattr(self.val, "std", None)
-        entry, _ = dataset_entry(self.name)
+        try:
+            pixels = dataset_entry(self.name)[0].pixels
+        except ValueError:
+            pixels = None
         return {
             "dataset": self.name,
             "input_shape": [self.in_channels, self.image_size, self.image_size],
-            "pixels": entry.pixels,
+            "pixels": pixels,
             "normalize": None
             if mean is None
             else {"mean": [float(v) for v in mean], "std": [float(v) for v in std]},

@@ -206,3 +206,17 @@ def test_drop_ranks_are_the_smallest_single_layer_cuts_within_the_drop(cz):
             assert cz.apply(lt.Ranks({name: r - 1})).val_acc < floor
     with pytest.raises(ValueError, match="points"):
         cz.drop_ranks(-1)
+
+
+def test_a_compressor_on_splits_built_by_hand(trained, digits, tmp_path):
+    """Splits a user makes from their own tensors (any name) work: the session opens, cuts,
+    and its exports say nothing of how raw inputs became these (only their maker knows)."""
+    from torch.utils.data import TensorDataset
+
+    x, y = digits.val[torch.arange(len(digits.val))]
+    mine = TensorDataset(x, y)
+    splits = lt.Splits(mine, mine, mine, 1, 8, 10, "my-data")
+    cz = Compressor(trained, splits)
+    assert cz.preprocess["pixels"] is None and cz.preprocess["dataset"] == "my-data"
+    res = cz.apply(lt.Uniform(0.5))
+    assert 0 < res.params_pct < 100 and res.val_acc > 0.3
