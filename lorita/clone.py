@@ -73,4 +73,26 @@ def clone_model(model: nn.Module) -> nn.Module:
         for k, v in vars(m).items():
             if not k.startswith("_"):
                 _non_leaves(v, memo)
-    return copy.deepcopy(model, memo)
+    try:
+        return copy.deepcopy(model, memo)
+    except (TypeError, copy.Error, NotImplementedError) as exc:
+        raise ValueError(
+            f"model: it cannot be copied ({_uncopyable(model, memo) or exc}); the library "
+            "works on a copy and leaves your model as it is: keep what cannot be copied (a "
+            "lock, an open file, a process) outside the model, or give its class a "
+            "__deepcopy__"
+        ) from exc
+
+
+def _uncopyable(model: nn.Module, memo: dict[int, torch.Tensor]) -> str | None:
+    """'attribute NAME (TYPE): ERROR' for the first module attribute deepcopy refuses."""
+    for name, m in model.named_modules():
+        for k, v in vars(m).items():
+            if k in ("_parameters", "_buffers", "_modules") or isinstance(v, nn.Module):
+                continue
+            try:
+                copy.deepcopy(v, dict(memo))
+            except Exception as exc:  # noqa: BLE001 - naming the culprit, whatever it raised
+                where = f"{name}.{k}" if name else k
+                return f"attribute {where!r} ({type(v).__name__}): {exc}"
+    return None

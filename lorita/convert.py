@@ -121,9 +121,17 @@ def _why_left(e: LayerEntry, skip: tuple[str, ...], n_factors: int) -> str | Non
     return None
 
 
-def check_initialised(model: nn.Module) -> None:
-    """Refuse a model with lazy layers that have not seen a batch yet (no shapes to work on)."""
+def check_initialised(model: nn.Module, *, meta_ok: bool = False) -> None:
+    """Refuse a model with lazy layers that have not seen a batch yet (no shapes to work on),
+    and unless ``meta_ok`` (a model to be given a file's tensors) one on the meta device (no
+    values to work on)."""
     for name, p in model.named_parameters():
+        if p.is_meta and not meta_ok:
+            raise ValueError(
+                f"model: parameter {name!r} is on the 'meta' device (a shape without values); "
+                "materialise the model first (model.to_empty(device='cpu'), then load its "
+                "weights)"
+            )
         if isinstance(p, nn.parameter.UninitializedParameter):
             layer = name.rsplit(".", 1)[0] if "." in name else name
             raise ValueError(

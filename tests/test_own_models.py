@@ -200,6 +200,32 @@ def test_a_folder_as_the_file_and_a_torchscript_module_are_named(tmp_path):
     traced = torch.jit.trace(net, torch.randn(1, 4))
     with pytest.raises(ValueError, match="model: a TorchScript module"):
         lt.overparameterize(traced, 3)
+    with pytest.raises(ValueError, match="path: .* is a folder; give the file"):
+        lt.load(tmp_path)
+
+
+def test_a_model_on_the_meta_device_or_one_that_cannot_be_copied_is_named():
+    """Weights without values (built on the meta device) and an attribute deepcopy refuses (a
+    lock) get a one-line error naming them, not torch's own from deep inside."""
+    import threading
+
+    with torch.device("meta"):
+        meta = nn.Sequential(nn.Linear(4, 4))
+    for call in (lambda: lt.overparameterize(meta, 3), lambda: lt.save_bytes(meta)):
+        with pytest.raises(ValueError, match=r"parameter '0.weight' is on the 'meta' device"):
+            call()
+
+    class Locked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+            self.guard = threading.Lock()
+
+        def forward(self, x):
+            return self.fc(x)
+
+    with pytest.raises(ValueError, match=r"model: it cannot be copied \(attribute 'guard'"):
+        lt.overparameterize(Locked(), 3)
 
 
 def test_a_frozen_batchnorm_stays_frozen_and_a_dataparallel_model_keeps_its_function():
