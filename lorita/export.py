@@ -43,11 +43,13 @@ from .convert import (
     composed_layers,
     deploy_model,
     fold_batchnorm,
+    iter_layers,
     merge_model,
 )
 from .io import atomic_write_bytes, cannot_write
 from .io import temp_beside as _temp_beside
 from .kinds import ORDERS, kind_of, layer_table, like, set_module, unfuse_encoders
+from .layers import is_thin
 
 __all__ = [
     "save",
@@ -522,6 +524,17 @@ def _check_kwargs(field: str, kw, allowed: set[str] | None) -> None:
         _check_scalar(f"{field}.{k}", v)
 
 
+def _check_child(child, field: str, seen: set[str]) -> None:
+    """A Sequential's child: ``[name, module]``, the name well-formed and not used before."""
+    if not (isinstance(child, list) and len(child) == 2 and isinstance(child[0], str)):
+        raise _fail(field, "expected [name, module]")
+    if not re.fullmatch(r"[A-Za-z0-9_]{1,64}", child[0]):
+        raise _fail(field, f"bad child name {child[0][:40]!r}")
+    if child[0] in seen:
+        raise _fail(field, f"duplicate child name {child[0]!r}")
+    seen.add(child[0])
+
+
 def _check_tree(node, field: str, budget: list[int], depth: int = 0) -> None:
     if depth > 32:
         raise _fail(field, "module tree nested deeper than 32 levels")
@@ -536,12 +549,10 @@ def _check_tree(node, field: str, budget: list[int], depth: int = 0) -> None:
             raise _fail(field, "a Sequential has exactly 'type' and 'children' (a list)")
         if len(node["children"]) > budget[0]:
             raise _fail(field, f"module tree has more than {LIMITS['tree_nodes']} nodes")
+        seen: set[str] = set()
         for i, child in enumerate(node["children"]):
             f = f"{field}.children[{i}]"
-            if not (isinstance(child, list) and len(child) == 2 and isinstance(child[0], str)):
-                raise _fail(f, "expected [name, module]")
-            if not re.fullmatch(r"[A-Za-z0-9_]{1,64}", child[0]):
-                raise _fail(f, f"bad child name {child[0][:40]!r}")
+            _check_child(child, f, seen)
             _check_tree(child[1], f, budget, depth + 1)
         return
     if kind not in _PLAIN:
@@ -697,17 +708,20 @@ def _bounded_build(max_modules: int):
             h.remove()
 
 
-def _build_tree(node: dict) -> nn.Module:
+def _build_tree(node: dict, field: str = "spec.arch.tree") -> nn.Module:
     kind = node["type"]
     if kind == "Sequential":
         seq = nn.Sequential()
-        for name, child in node["children"]:
-            seq.add_module(name, _build_tree(child))
+        for i, (name, child) in enumerate(node["children"]):
+            seq.add_module(name, _build_tree(child, f"{field}.children[{i}]"))
         return seq
     kw = dict(node.get("kwargs", {}))
     if kind == "LayerNorm" and not kw.get("bias", True) and not kw.get("elementwise_affine", True):
         kw.pop("bias")
-    return _PLAIN[kind][0](**{k: tuple(v) if isinstance(v, list) else v for k, v in kw.items()})
+    try:
+        return _PLAIN[kind][0](**{k: tuple(v) if isinstance(v, list) else v for k, v in kw.items()})
+    except (ValueError, TypeError, RuntimeError) as e:  # options torch refuses together
+        raise _fail(f"{field}.kwargs", f"a {kind} cannot be built so: {e}") from None
 
 
 def _build_arch(arch: dict) -> nn.Module:
@@ -867,7 +881,8 @@ def _load(header: dict, where: str, read_tensors, model: nn.Module | None):
         return _rebuild(spec, shapes, where, read_tensors)
     if not isinstance(model, nn.Module):
         raise _fail("model", f"expected an nn.Module, got {type(model).__name__}")
-    check_initialised(unwrap(model))
+    check_initialised(unwrap(model), meta_ok=True)
+    _check_plain(unwrap(model), spec)
     model = _apply_layers(unwrap(model), spec)
     _check_against_file(model, shapes, "model")
     on_meta = _on_meta(model)  # built without memory: the file's tensors become its own
@@ -880,6 +895,29 @@ def _load(header: dict, where: str, read_tensors, model: nn.Module | None):
             "makes itself): build the model on the CPU",
         )
     return model
+
+
+def _check_plain(model: nn.Module, spec: dict) -> None:
+    """``load(path, model=...)`` takes the plain architecture the file was made from: refuse
+    a model already composed or cut (naming the layer), and warn when its class's name is
+    not the one the file records."""
+    done = {**composed_layers(model), **{n: m for n, m in iter_layers(model) if is_thin(m)}}
+    if done:
+        name, layer = next(iter(done.items()))
+        raise _fail(
+            "model",
+            f"layer {name!r} is already a {type(layer).__name__}; pass a freshly built "
+            "instance of the plain architecture (the file gives it its form), or merge_model() "
+            "this one",
+        )
+    recorded = spec.get("arch", {}).get("class")
+    name = type(model).__qualname__  # (the module may differ: saved from a script, say)
+    if recorded and not (recorded == name or recorded.endswith("." + name)):
+        warnings.warn(
+            f"model: the file was saved from a {recorded}, this is a {name}; it is loaded as "
+            "its layers match the file's",
+            stacklevel=3,
+        )
 
 
 def is_lorita_file(path: str | os.PathLike) -> bool:
@@ -903,6 +941,8 @@ def read_spec(path: str | os.PathLike) -> dict:
 def _read_path_header(path) -> tuple[dict, int, str]:
     path = Path(path)
     where = f"path {str(path)!r}"
+    if path.is_dir():
+        raise _fail("path", f"{str(path)!r} is a folder; give the file (.safetensors) in it")
     if not path.is_file():
         raise _fail("path", f"no such file {str(path)!r}")
     try:
@@ -961,6 +1001,27 @@ def onnx_input_names(x: inputs.Example) -> list[str]:
     return ["input"] + [f"input_{i}" for i in range(1, len(inputs.as_args(x)))]
 
 
+def onnx_output_names(out, taken: list[str] = ()) -> list[str]:
+    """The graph's output names for what the model returns (``out``): ``output`` for one
+    tensor; a dict's keys (nested ones joined by ``_``) for a dict; ``output``, ``output_1``...
+    for a tuple or list. Never one of the input names ``taken``."""
+    from torch.utils._pytree import tree_flatten_with_path
+
+    leaves = tree_flatten_with_path(out)[0]
+    keyed = any(hasattr(k, "key") for path, _ in leaves for k in path)
+    names: list[str] = []
+    for i, (path, _) in enumerate(leaves):
+        if keyed:
+            name = "_".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+            name = re.sub(r"\W", "_", name) or "output"
+        else:
+            name = "output" if i == 0 else f"output_{i}"
+        while name in names or name in taken:
+            name = f"{name}_"
+        names.append(name)
+    return names
+
+
 _ONNX_LOGS = threading.Lock()  # one ONNX export at a time while its logs are held off
 
 
@@ -994,18 +1055,25 @@ def _exporters_quiet():
                 exporter.setup_onnx_logging = original
 
 
-def _onnx_torchscript(model: nn.Module, x: inputs.Example, path: Path, opset: int) -> None:
+def _onnx_torchscript(
+    model: nn.Module, x: inputs.Example, path: Path, opset: int, outputs: list[str]
+) -> None:
     names = onnx_input_names(x)
-    axes = {name: {0: "batch"} for name in names} | {"output": {0: "batch"}}
+    axes = {name: {0: "batch"} for name in [*names, *outputs]}
     torch.onnx.export(
         model, inputs.as_args(x), path, kwargs=inputs.as_kwargs(x) or None, dynamic_axes=axes,
         dynamo=False, verbose=False, opset_version=opset, input_names=names,
-        output_names=["output"],
+        output_names=outputs,
     )  # fmt: skip
 
 
 def _onnx_dynamo(
-    model: nn.Module, x: inputs.Example, path: Path, opset: int, external: bool = False
+    model: nn.Module,
+    x: inputs.Example,
+    path: Path,
+    opset: int,
+    outputs: list[str],
+    external: bool = False,
 ) -> None:
     batch = torch.export.Dim("batch", min=1)
     args, kwargs = inputs.as_args(x), inputs.as_kwargs(x)
@@ -1013,7 +1081,7 @@ def _onnx_dynamo(
     torch.onnx.export(
         model, args, path, kwargs=kwargs or None, dynamic_shapes=shapes, dynamo=True,
         external_data=external, verbose=False, opset_version=opset,
-        input_names=onnx_input_names(x), output_names=["output"],
+        input_names=onnx_input_names(x), output_names=outputs,
     )  # fmt: skip
 
 
@@ -1050,7 +1118,12 @@ def _onnx_metadata(path: Path, metadata: dict | None) -> None:
 
 
 def _onnx_external(
-    model: nn.Module, x: inputs.Example, path: Path, opset: int, metadata: dict | None = None
+    model: nn.Module,
+    x: inputs.Example,
+    path: Path,
+    opset: int,
+    outputs: list[str],
+    metadata: dict | None = None,
 ) -> None:
     """Export to ``path`` with the weights in :func:`onnx_data_path` (the graph names that
     file, so both are written under their final names in a private folder beside ``path``,
@@ -1063,7 +1136,7 @@ def _onnx_external(
     work = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         out = work / path.name
-        _onnx_dynamo(model, x, out, opset, external=True)
+        _onnx_dynamo(model, x, out, opset, outputs, external=True)
         _onnx_metadata(out, metadata)
         for f in (onnx_data_path(out), out):
             _fsync_file(f)
@@ -1090,7 +1163,8 @@ def export_onnx(
     holds) is written by ``torch.export`` with its weights in one file beside it,
     ``path`` + ``.data`` (:func:`onnx_data_path`; onnxruntime reads it from the same folder).
     The graph takes ``input`` (and ``input_1``... when ``example_input``
-    is a tuple: a model with several inputs) and returns ``output``. ``dynamo=False``
+    is a tuple: a model with several inputs) and returns ``output`` (for a model returning
+    several tensors: ``output``, ``output_1``..., or a dict's keys; :func:`onnx_output_names`). ``dynamo=False``
     (default) uses the TorchScript exporter, several times faster on CPU; ``dynamo=True`` uses
     ``torch.export``. ``fold_bn`` (default): BatchNorm folded into the layer before it, as
     :func:`lorita.convert.fold_batchnorm` does (an ONNX graph is for inference only).
@@ -1103,6 +1177,8 @@ def export_onnx(
         raise ValueError(f"metadata: expected a dict or None, got {type(metadata).__name__}")
     _check_file_path(path)
     deploy = deploy_model(model, example_input, fold_bn=fold_bn, channels_last=False)
+    _explicit_same_padding(deploy)
+    _warn_cpu_runtime_dtype(deploy)
     was_training = deploy.training
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -1111,25 +1187,25 @@ def export_onnx(
     x = inputs.rows(inputs.check_example(example_input), 2)
     deploy.eval()
     with torch.no_grad(), inputs.refused():  # a clear error before the exporter's own
-        inputs.call(deploy, x)
+        outputs = onnx_output_names(inputs.call(deploy, x), onnx_input_names(x))
     external = tensor_bytes(deploy) > ONNX_INLINE_BYTES
     try:
         with warnings.catch_warnings(), _exporters_quiet():
             warnings.simplefilter("ignore")  # exporter chatter; failures still raise
             if external:
-                _onnx_external(deploy, x, path, opset, metadata)
+                _onnx_external(deploy, x, path, opset, outputs, metadata)
                 return path
             if dynamo:
-                _onnx_dynamo(deploy, x, tmp, opset)
+                _onnx_dynamo(deploy, x, tmp, opset, outputs)
             else:
                 try:
-                    _onnx_torchscript(deploy, x, tmp, opset)
+                    _onnx_torchscript(deploy, x, tmp, opset, outputs)
                 except (torch.onnx.errors.OnnxExporterError, TypeError):
                     # an operator the TorchScript exporter lacks (an adaptive pool whose
                     # output does not divide its input), or a forward with keyword-only
                     # arguments, which it passes positionally: torch.export handles both
                     tmp.unlink(missing_ok=True)
-                    _onnx_dynamo(deploy, x, tmp, opset)
+                    _onnx_dynamo(deploy, x, tmp, opset, outputs)
             _onnx_metadata(tmp, metadata)
         _fsync_file(tmp)
         os.replace(tmp, path)
@@ -1141,6 +1217,32 @@ def export_onnx(
         with suppress(OSError):
             tmp.unlink(missing_ok=True)
     return path
+
+
+def _warn_cpu_runtime_dtype(model: nn.Module) -> None:
+    """The file keeps the model's dtype; onnxruntime's CPU provider runs no bfloat16 matrix
+    product and no float64 convolution: say so before writing a file it cannot run."""
+    dtypes = {p.dtype for p in model.parameters()}
+    convs = any(isinstance(m, nn.Conv2d) for m in model.modules())
+    if torch.bfloat16 in dtypes or (torch.float64 in dtypes and convs):
+        kind = "bfloat16" if torch.bfloat16 in dtypes else "float64 convolution"
+        warnings.warn(
+            f"the ONNX file keeps the model's {kind} weights, which onnxruntime's CPU "
+            "provider cannot run; export model.float() for a CPU deployment",
+            stacklevel=3,
+        )
+
+
+def _explicit_same_padding(model: nn.Module) -> None:
+    """Write a convolution's ``padding="same"`` as the numbers it pads where they are the same
+    on both sides: the exporter writes "same" as ONNX's auto_pad, which onnxruntime refuses
+    for a dilated convolution (the function is unchanged; an odd total, padded more on one
+    side, stays "same")."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d) and m.padding == "same":
+            total = [d * (k - 1) for d, k in zip(m.dilation, m.kernel_size, strict=True)]
+            if all(t % 2 == 0 for t in total):
+                m.padding = tuple(t // 2 for t in total)
 
 
 def _fsync_file(path: Path) -> None:

@@ -328,6 +328,33 @@ def test_a_safetensors_header_whose_length_bytes_look_like_another_format_still_
     assert torch.equal(lt.load(path)(x), net(x))
 
 
+def test_load_into_a_composed_model_or_another_class_says_so(tmp_path):
+    """load(model=) takes the plain architecture: a composed instance is refused naming its
+    layer; another class whose layers match loads, with a warning naming both classes."""
+    import warnings
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c = nn.Conv2d(3, 8, 3)
+            self.fc = nn.Linear(8, 4)
+
+        def forward(self, x):
+            return self.fc(self.c(x).mean((2, 3)))
+
+    class Other(Net):
+        pass
+
+    path = lt.save(lt.overparameterize(Net(), 3), tmp_path / "n.safetensors")
+    with pytest.raises(ValueError, match=r"model: layer 'c' is already a FactorConv2d.*fresh"):
+        lt.load(path, model=lt.overparameterize(Net(), 3))
+    with pytest.warns(UserWarning, match=r"saved from a .*Net, this is a .*Other"):
+        lt.load(path, model=Other())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lt.load(path, model=Net())
+
+
 def test_load_into_a_model_built_on_the_meta_device(tmp_path):
     """A model built without memory (``with torch.device("meta")``) takes the file's tensors;
     one whose own buffers are not in the file is refused with what to do."""
@@ -359,3 +386,52 @@ def test_load_into_a_model_built_on_the_meta_device(tmp_path):
             back = lt.load(path, model=fresh)
         assert not any(t.is_meta for t in back.state_dict().values())
         assert_close(back(x), cut(x))
+
+
+def test_onnx_of_a_dilated_same_padded_convolution_runs_in_onnxruntime(tmp_path):
+    """padding="same" with dilation exported as auto_pad is refused by onnxruntime: the file
+    carries the explicit pads (the model given is left as it was)."""
+    ort = pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding="same", dilation=2), nn.ReLU(),
+        nn.Conv2d(4, 4, (3, 5), padding="same"),
+    ).eval()  # fmt: skip
+    x = torch.randn(2, 3, 9, 9)
+    path = lt.export_onnx(lt.overparameterize(net, 3), x, tmp_path / "same.onnx")
+    out = ort.InferenceSession(str(path)).run(None, {"input": x.numpy()})[0]
+    assert_close(torch.from_numpy(out), net(x), rtol=1e-4, atol=1e-5)
+    assert net[0].padding == "same"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_onnx_of_weights_onnxruntime_cannot_run_on_a_cpu_warns(tmp_path, dtype):
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 7 * 7, 3)).to(dtype)
+    with pytest.warns(UserWarning, match="onnxruntime's CPU provider cannot run; export model"):
+        lt.export_onnx(net.eval(), torch.randn(1, 3, 9, 9, dtype=dtype), tmp_path / "m.onnx")
+
+
+def test_onnx_outputs_of_a_model_returning_several_tensors_are_named_and_batched(tmp_path):
+    """A dict's keys (nested ones joined) or output, output_1... name the graph's outputs,
+    each with the dynamic batch axis."""
+    ort = pytest.importorskip("onnxruntime")
+
+    class Heads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 3), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return {"logits": self.a(x), "aux": {"z": self.b(x)}}
+
+    class Pair(Heads):
+        def forward(self, x):
+            return self.a(x), self.b(x)
+
+    x = torch.randn(5, 4)
+    for model, names in ((Heads(), ["logits", "aux_z"]), (Pair(), ["output", "output_1"])):
+        path = lt.export_onnx(model.eval(), torch.randn(1, 4), tmp_path / "m.onnx")
+        session = ort.InferenceSession(str(path))
+        assert [o.name for o in session.get_outputs()] == names
+        got = session.run(None, {"input": x.numpy()})
+        assert [r.shape for r in got] == [(5, 3), (5, 2)]

@@ -119,6 +119,7 @@ def _set_tensor(name, **fields):
 
 LIN = "1.weight"  # the first Linear's weight in the Sequential file
 SEQ_FILE = _file(SEQ_SPEC, SEQ_T)
+CONV = {"in_channels": 1, "out_channels": 2, "kernel_size": 3}
 
 CORPUS: dict[str, bytes] = {
     # --- the container
@@ -253,6 +254,13 @@ CORPUS: dict[str, bytes] = {
     "tensor shape negative": _with_header(SEQ_FILE, _set_tensor(LIN, shape=[-8, 16])),
     "tensor shape of 100 dims": _with_header(SEQ_FILE, _set_tensor(LIN, shape=[1] * 100)),
     "tensor entry a string": _with_header(SEQ_FILE, lambda h: h.update({LIN: "x"})),
+    "tree Conv2d padding_mode unknown": seq_tree(
+        {"type": "Conv2d", "kwargs": {**CONV, "padding_mode": "foo"}}
+    ),
+    "tree Conv2d groups 0": seq_tree({"type": "Conv2d", "kwargs": {**CONV, "groups": 0}}),
+    "tree duplicate child name": seq_tree(
+        {"type": "Sequential", "children": [["0", {"type": "ReLU"}], ["0", {"type": "ReLU"}]]}
+    ),
     "class model without model=": _file(
         dict(SEQ_SPEC, arch={"class": "torchvision.models.resnet.ResNet"}), SEQ_T
     ),
@@ -307,6 +315,19 @@ def test_hostile_file_is_refused_cheaply(case):
     assert ":" in str(err)  # "field: what is wrong"
     assert cpu < MAX_S, f"{case}: {cpu * 1000:.0f} ms"
     assert peak < MAX_MB, f"{case}: {peak:.1f} MB"
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("tree Conv2d padding_mode unknown", r"^spec\.arch\.tree\.kwargs: a Conv2d cannot be "),
+        ("tree Conv2d groups 0", r"^spec\.arch\.tree\.kwargs: .*groups"),
+        ("tree duplicate child name", r"^spec\.arch\.tree\.children\[1\]: duplicate child"),
+    ],
+)
+def test_options_torch_refuses_are_named_by_their_field(case, message):
+    with pytest.raises(ValueError, match=message):
+        lt.load_bytes(CORPUS[case])
 
 
 def test_whole_corpus_stays_small_and_prints_a_summary(capsys):
