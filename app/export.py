@@ -233,7 +233,8 @@ def choose_model(
         ranks = _cut_ranks(session, choice.get("ranks"))
         return truncation.truncate(session.model, truncation.Ranks(ranks), svd=session.svd,
                                    layers=list(ranks), form="dense")  # fmt: skip
-    policy = cz.make_policy(choice["policy"], choice.get("value"), choice.get("ranks"))
+    ranks = _cut_ranks(session, choice["ranks"]) if choice.get("ranks") is not None else None
+    policy = cz.make_policy(choice["policy"], choice.get("value"), ranks)
     return session.cut(policy)[0]
 
 

@@ -173,6 +173,25 @@ def test_choose_model_refuses_bad_options(session, bad):
         ex.choose_model(session, choice, "low_rank", **bad)
 
 
+@pytest.mark.parametrize("fmt", ["low_rank", "dense", "onnx"])
+def test_a_per_layer_rank_table_cut_is_exported_in_every_format(session, fmt):
+    """The rank table lists every layer, the left-out head too (at its full rank): each
+    format exports the cut, the head left as it is."""
+    table = {n: max(1, f // 4) if n in session.layers else f for n, f in session.full_ranks.items()}
+    assert set(table) - set(session.layers)  # the head is in the table
+    choice = {"run": N3, "which": "best", "policy": "ranks", "value": None, "ranks": table}
+    model = ex.choose_model(session, choice, fmt)
+    cut = {n: r for n, r in table.items() if n in session.layers}
+    if fmt == "dense":  # the original architecture, each weight of its cut rank
+        import torch
+
+        for n, r in cut.items():
+            assert torch.linalg.matrix_rank(model.get_submodule(n).weight) <= r
+    else:
+        assert model.lorita_ranks == cut
+        assert sum(p.numel() for p in model.parameters()) < session.base_cost.params
+
+
 @pytest.mark.parametrize("batch", [1, 64])
 def test_choose_model_by_latency_keeps_ranks_and_says_each_form(session, batch):
     import torch
