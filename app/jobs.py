@@ -16,6 +16,7 @@ status) is asked of the run store, :class:`lorita.runs.RunStore`; every run name
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -37,6 +38,8 @@ DEFAULT_NICE = 19
 DEFAULT_RUNS = "runs"
 APP_DIR = ".app"  # <runs>/.app/<name>.json (the request) and <name>.log (the child's output)
 FINISHED = tuple(s for s in STATES if s not in ACTIVE)  # completed, failed, stopped
+#: a child of this server that has not made its run folder yet (list_runs, JobView)
+STARTING = "starting"
 
 # name -> Popen for the children this server started (lost on restart; the folder is the truth)
 _PROCS: dict[tuple[str, str], subprocess.Popen] = {}
@@ -101,7 +104,7 @@ def machine_info(root: str | Path | None = None) -> dict[str, Any]:
         "device": device_label(),
         "runs_dir": str(root),
         "n_runs": len(runs),
-        "n_active": sum(1 for r in runs if r["state"] in ACTIVE),
+        "n_active": sum(1 for r in runs if r["state"] in (STARTING, *ACTIVE)),
         "max_concurrent": max_concurrent(),
     }
 
@@ -355,7 +358,7 @@ class JobView:
 
     @property
     def active(self) -> bool:
-        return self.state in ("starting",) + ACTIVE
+        return self.state in (STARTING, *ACTIVE)
 
     @property
     def finished(self) -> bool:
@@ -399,12 +402,12 @@ def view(name: str, root: str | Path | None = None) -> JobView:
     root = Path(root) if root is not None else runs_dir()
     validate_name(name)
     if (str(root), name) in _PENDING:
-        return JobView(name, "starting", "starting once the run started with it has begun…")
+        return JobView(name, STARTING, "starting once the run started with it has begun…")
     proc = _PROCS.get((str(root), name))
     exit_code = proc.poll() if proc is not None else None
     if not (root / name / "status.json").exists():
         if proc is not None and exit_code is None:
-            return JobView(name, "starting", "starting the training process…")
+            return JobView(name, STARTING, "starting the training process…")
         if proc is not None:
             msg = _last_line(log_tail(name, root)) or f"the training process exited ({exit_code})"
             return JobView(name, "failed", msg)
@@ -495,8 +498,10 @@ def list_runs(root: str | Path | None = None) -> list[dict[str, Any]]:
     A finished run's row never changes, so it is read once and kept (keyed by its state and
     last heartbeat); only active runs are read again.
     """
+    root_p = Path(root) if root is not None else runs_dir()
     rows = []
-    for run in store(root).list():
+    runs = store(root).list()
+    for run in runs:
         st = run.raw_status()
         key = (str(run.path.parent), run.name)
         stamp = (st.get("state"), st.get("heartbeat"), st.get("ended"))
@@ -507,7 +512,32 @@ def list_runs(root: str | Path | None = None) -> list[dict[str, Any]]:
         row = run.summary()
         _ROWS[key] = (stamp, row)
         rows.append(row)
-    return rows
+    return _starting_rows(root_p, {run.name for run in runs}) + rows
+
+
+def _starting_rows(root: Path, made: set[str]) -> list[dict[str, Any]]:
+    """Rows (state "starting", newest first) for the children this server started that have
+    not made their run folder yet (seconds of imports; a baseline waits for its run), so
+    that a refresh or another tab sees them at once. Their settings come from the request."""
+    names = {n for r, n in [*_PROCS, *_PENDING] if r == str(root) and n not in made}
+    rows = []
+    for name in names:
+        if view(name, root).state != STARTING:
+            continue
+        request = app_file(name, ".json", root)
+        try:
+            cfg = json.loads(request.read_text())
+            created = request.stat().st_mtime
+        except (OSError, ValueError):
+            cfg, created = {}, None
+        cfg = cfg if isinstance(cfg, dict) else {}
+        rows.append({
+            "name": name, "state": STARTING, "message": "starting the training process…",
+            **{k: cfg.get(k) for k in ("dataset", "model", "n_factors", "init", "optimizer")},
+            **{k: cfg.get(k) for k in ("lr", "weight_decay", "epochs", "seed")},
+            "plain_epochs": cfg.get("plain_epochs", 0), "step": 0, "created": created,
+        })  # fmt: skip
+    return sorted(rows, key=lambda r: (r["created"] or 0, r["name"]), reverse=True)
 
 
 def start_points(rows: list[dict[str, Any]], root: str | Path | None = None) -> list[str]:
@@ -575,7 +605,7 @@ def default_follow(rows: list[dict[str, Any]]) -> str | None:
     """With nothing chosen yet (``rows`` newest first): the newest active composed (N>1) run,
     whose panel also shows its N=1 baseline (started after it, so newer, and queued behind
     it); else the newest active run; else the newest composed run."""
-    active = [r for r in rows if r.get("state") in ACTIVE]
+    active = [r for r in rows if r.get("state") in (*ACTIVE, STARTING)]
     composed = [r for r in rows if (r.get("n_factors") or 1) > 1]
     ordered = [r for r in active if r in composed] + active + composed
     return ordered[0]["name"] if ordered else None

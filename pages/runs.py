@@ -114,7 +114,7 @@ def main() -> None:
         st.page_link("pages/train.py", label="Start one on the Train page", icon="🏋️")
         return
     for row in rows:
-        if row.get("state") in jobs.ACTIVE:
+        if row.get("state") in (jobs.STARTING, *jobs.ACTIVE):
             total = f"/{row['total_steps']}" if row.get("total_steps") else ""
             st.info(f"Training now: **{row['name']}** ({row['state']}, step "
                     f"{row.get('step') or 0}{total})", icon="▶️")  # fmt: skip
@@ -128,9 +128,10 @@ def main() -> None:
             "lr": st.column_config.NumberColumn(format="%g"),
         },
     )
-    names = [r["name"] for r in rows]
+    made = [r for r in rows if r.get("state") != jobs.STARTING]  # a starting run has no folder
+    names = [r["name"] for r in made]
     if _pick_invalid(names):
-        st.session_state[state.RUNS_PICK] = _default_pick(rows)
+        st.session_state[state.RUNS_PICK] = _default_pick(made)
     picked = st.multiselect(
         "Compare runs (N=1 against N=3 is the lesson)",
         names,

@@ -435,7 +435,10 @@ def _follow() -> None:
     runs = jobs.list_runs()
     names = [r["name"] for r in runs]
     current = state.current_run()
-    if current and current not in names and jobs.view(current).state != "starting":
+    if current and current not in names:
+        gone = jobs.view(current).state == "missing"
+        if gone:
+            st.info(f"Run {current} is not in the runs folder (deleted?); following another.")
         current = None
     if not names and not current:
         st.caption("No runs yet. Pick a preset and press Start.")
@@ -452,7 +455,18 @@ def _follow() -> None:
         st.html(_NO_FADE)
         _live(name)
     else:
+        _other_training(runs, name)
         _panel(name)
+
+
+def _other_training(runs: list[dict], followed: str) -> None:
+    """Following a finished run while another one trains (a refresh just after Start, a
+    second tab): say so, so that nobody starts it twice."""
+    busy = [r for r in runs if r.get("state") in (jobs.STARTING, *jobs.ACTIVE)]
+    busy = [r for r in busy if r["name"] not in (followed, jobs.baseline_of(followed))]
+    if busy:
+        now = ", ".join(f"**{r['name']}** ({r['state']})" for r in busy[:3])
+        st.info(f"Training now: {now}. Pick it in *Follow run* to watch it.", icon="▶️")
 
 
 @ui.guarded

@@ -346,6 +346,61 @@ def test_train_follows_finished_run_from_the_url(runs_dir):
     assert_clean(at)
 
 
+def test_a_run_still_starting_is_seen_by_a_refreshed_page_and_the_runs_page(runs_dir, monkeypatch):
+    """Seconds after Start the child has no run folder yet: a refreshed Train page following
+    an older run says another one is starting, and the Runs page lists it (not in its
+    pickers: it has no folder to read)."""
+    import json
+
+    from app import jobs
+
+    class Starting:  # a child still importing torch
+        def poll(self):
+            return None
+
+    name = "digits-mlp-N3-20990101-000000"
+    (runs_dir / jobs.APP_DIR).mkdir(exist_ok=True)
+    jobs.app_file(name, ".json", runs_dir).write_text(json.dumps({"n_factors": 3, "epochs": 9}))
+    monkeypatch.setitem(jobs._PROCS, (str(runs_dir), name), Starting())
+    row = jobs.list_runs(runs_dir)[0]
+    assert (row["name"], row["state"], row["n_factors"]) == (name, "starting", 3)
+
+    at = open_page("train", run=N3)
+    assert_clean(at)
+    assert at.selectbox(key="train.follow").value == N3
+    assert any(f"{name}** (starting)" in i.value for i in at.info)
+    runs = open_page("runs")
+    assert_clean(runs)
+    assert any(f"Training now: **{name}** (starting" in i.value for i in runs.info)
+    assert name not in runs.multiselect[0].options
+    assert metrics(open_page())["Active runs"] == "1"
+
+
+@pytest.mark.parametrize("page", ["compress", "export", "train"])
+def test_a_page_asked_for_a_deleted_run_or_one_without_checkpoint_says_so(runs_dir, page):
+    """The URL's run deleted (another tab) or without a checkpoint yet (queued): the page
+    shows another run and says why, instead of switching silently."""
+    import shutil
+
+    if page != "train":
+        shutil.rmtree(runs_dir / N3 / "checkpoints")
+        (runs_dir / N3 / "checkpoints").mkdir()
+        at = open_page(page, run=N3)
+        assert_clean(at)
+        assert any(f"Run {N3} has no checkpoint yet" in i.value for i in at.info), page
+    shutil.rmtree(runs_dir / N3)
+    at = open_page(page, run=N3)
+    assert_clean(at)
+    assert any(f"Run {N3} is not in the runs folder" in i.value for i in at.info), page
+    if page != "train":  # the run shown deleted in another tab, then a click here
+        shutil.copytree(runs_dir / N1, runs_dir / "other-n1")
+        at = open_page(page, run="other-n1")
+        shutil.rmtree(runs_dir / "other-n1")
+        at.run()
+        assert_clean(at)
+        assert any("Run other-n1 is not in the runs folder" in i.value for i in at.info), page
+
+
 def test_train_shows_a_failed_run_message(runs_dir):
     import json
 
