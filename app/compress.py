@@ -86,6 +86,21 @@ def finished_runs(root: str | Path | None = None) -> list[dict[str, Any]]:
     ]
 
 
+def unavailable_note(wanted: str | None, rows: list[dict[str, Any]], root=None) -> str | None:
+    """Why the run a page was asked for (the URL's, or the one it showed) is not among the
+    runs with a checkpoint, ``rows``: deleted, or no checkpoint yet; None when it is there."""
+    if not wanted or wanted in {r["name"] for r in rows}:
+        return None
+    try:
+        exists = run_exists(wanted, root)
+    except ValueError:  # not a run name at all (a hand-edited URL)
+        return f"There is no run {wanted[:80]!r}; showing another run."
+    if not exists:
+        return f"Run {wanted} is not in the runs folder (deleted?); showing another run."
+    st = jobs.view(wanted, root).state
+    return f"Run {wanted} has no checkpoint yet ({st}); showing another run."
+
+
 def default_run(rows: list[dict[str, Any]], wanted: str | None = None) -> str | None:
     """``wanted`` if it is among ``rows``, else the newest composed (N>1) run, else the newest."""
     names = [r["name"] for r in rows]

@@ -89,6 +89,10 @@ def _choose_run(root: str) -> tuple[str, str] | None:
     by_name = {r["name"]: r for r in rows}
     names = list(by_name)
     if st.session_state.get(state.COMPRESS_RUN) not in names:
+        wanted = st.session_state.get(state.COMPRESS_RUN) or state.current_run()
+        note = cz.unavailable_note(wanted, rows, root)
+        if note:
+            st.info(note, icon="ℹ️")
         st.session_state[state.COMPRESS_RUN] = cz.default_run(rows, state.current_run())
     c1, c2 = st.columns([3, 1])
     name = c1.selectbox(
@@ -344,9 +348,7 @@ def workbench(root: str, name: str, which: str) -> None:
     outside the fragment.
     """
     if not cz.run_exists(name, root):  # deleted meanwhile (another tab): the page picks anew
-        st.session_state[state.LAST_ERROR] = f"Run {name} was deleted; pick another run."
-        st.session_state.pop(state.COMPRESS_RUN, None)
-        st.rerun()
+        st.rerun()  # (and says why: cz.unavailable_note)
     policy, value, policy_obj = _controls(root, name, which)
     ui.show_pending_error()
     table_box, result_box = st.container(), st.container()

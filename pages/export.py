@@ -63,6 +63,9 @@ def main() -> None:
     choice = st.session_state.get(state.COMPRESS_CHOICE) or _choice_from_url(root, names)
     wanted = choice["run"] if choice else state.current_run()
     if st.session_state.get(state.EXPORT_RUN) not in names:
+        note = cz.unavailable_note(st.session_state.get(state.EXPORT_RUN) or wanted, rows, root)
+        if note:
+            st.info(note, icon="ℹ️")
         st.session_state[state.EXPORT_RUN] = cz.default_run(rows, wanted)
     c1, c2 = st.columns([3, 1])
     name = c1.selectbox("Run", names, key=state.EXPORT_RUN, on_change=state.pick_run,
