@@ -20,10 +20,14 @@ def _default_pick(rows: list[dict]) -> list[str]:
 
 
 def _delete_section(names: list[str]) -> None:
+    """Delete a finished run (``names``; a run still training is stopped on the Train page
+    first), after a confirmation."""
     st.subheader("Delete a run")
+    ui.show_pending_error()
     c1, c2 = st.columns([3, 1], vertical_alignment="bottom")
     target = c1.selectbox("Run to delete", names, key=state.RUNS_DELETE, index=None,
-                          placeholder="choose a run")  # fmt: skip
+                          placeholder="choose a run",
+                          help="Finished runs; stop a run on the Train page to delete it.")  # fmt: skip
     if c2.button("Delete…", key="runs.delete_ask", disabled=target is None):
         st.session_state[state.CONFIRM_DELETE] = target
     pending = st.session_state.get(state.CONFIRM_DELETE)
@@ -34,9 +38,9 @@ def _delete_section(names: list[str]) -> None:
             st.session_state[state.CONFIRM_DELETE] = None
             try:
                 jobs.delete(pending)
-            except ValueError as exc:
-                st.error(ui.one_line(exc))
-                return
+            except ValueError as exc:  # started again meanwhile, say: the page redrawn says why
+                st.session_state[state.LAST_ERROR] = ui.one_line(exc)
+                st.rerun()
             if state.current_run() == pending:
                 state.set_current_run(None)
             st.session_state.pop(state.RUNS_DELETE, None)
@@ -142,7 +146,7 @@ def main() -> None:
     else:
         st.caption("Pick one or more runs to overlay their curves and spectra.")
     st.divider()
-    _delete_section(names)
+    _delete_section([r["name"] for r in made if r.get("state") not in jobs.ACTIVE])
 
 
 def _pick_invalid(names: list[str]) -> bool:

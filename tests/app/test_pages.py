@@ -441,6 +441,35 @@ def test_runs_table_overlay_and_delete(runs_dir):
     assert set(at.dataframe[0].value["run"]) == {N3}
 
 
+def test_a_run_that_trains_is_not_offered_for_deletion_and_a_refusal_is_drawn_whole(
+    runs_dir, monkeypatch
+):
+    """A running run is not in the delete picker; one that started training again between
+    the question and Yes is refused with its reason, and the confirmation goes away."""
+    import json
+
+    from app import jobs
+
+    at = open_page("runs")
+    at.selectbox(key="runs.delete").set_value(N1).run()
+    at.button(key="runs.delete_ask").click().run()
+    real = jobs.delete
+    monkeypatch.setattr(jobs, "delete", lambda name: (_ for _ in ()).throw(
+        ValueError(f"run {name!r} is running; stop it before deleting it")))  # fmt: skip
+    at.button(key="runs.delete_yes").click().run()
+    assert not at.exception
+    assert any("is running; stop it before deleting it" in e.value for e in at.error)
+    assert not any("cannot be undone" in w.value for w in at.warning)
+    assert [b for b in at.button if b.key == "runs.delete_yes"] == []
+    monkeypatch.setattr(jobs, "delete", real)
+
+    status = runs_dir / N1 / "status.json"
+    status.write_text(json.dumps({**json.loads(status.read_text()), "state": "running"}))
+    at = open_page("runs")
+    assert N1 not in at.selectbox(key="runs.delete").options
+    assert N3 in at.selectbox(key="runs.delete").options
+
+
 def test_a_broken_run_folder_is_listed_beside_the_others(runs_dir):
     """A folder whose config.json is not JSON has no creation time; the table still shows
     every run, the broken one with its state."""
