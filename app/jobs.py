@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from lorita.io import write_json
-from lorita.runs import ACTIVE, STATES, validate_name
+from lorita.runs import ACTIVE, STATES, WAITING_FOR_SLOT, validate_name
 
 RUNS_ENV = "LORITA_RUNS"
 MAX_CONCURRENT_ENV = "LORITA_MAX_CONCURRENT"  # training runs at once (default 1 per device)
@@ -355,6 +355,11 @@ class JobView:
         if self.total_steps <= 0:
             return 0.0
         return min(1.0, max(0.0, self.step / self.total_steps))
+
+    @property
+    def waiting_for_slot(self) -> bool:
+        """Queued behind other runs (every training slot taken), not preparing its own."""
+        return self.state == "queued" and self.message == WAITING_FOR_SLOT
 
     @property
     def active(self) -> bool:

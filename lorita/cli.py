@@ -954,25 +954,29 @@ def _open_run(args, store, run, config, d):
 
 def _wait_for_slot(args, store, run, stop_event, quiet):
     """A slot of ``--max-concurrent`` (None when not asked), or False if stopped while queued."""
-    from .runs import acquire_slot
+    from .runs import PREPARING, WAITING_FOR_SLOT, acquire_slot
 
     if not args.max_concurrent:
         return None
     said = []
 
     def should_stop():  # asked each time every slot was found taken
-        if not (quiet or said):
+        if not said:
             said.append(True)
+            run.update_status(message=WAITING_FOR_SLOT)
             k = args.max_concurrent
-            print(
-                f"queued: waiting for a training slot ({k} of {k} in use); Ctrl-C (or "
-                f"lorita stop {run.name}) to leave the queue",
-                file=sys.stderr,
-                flush=True,
-            )
+            if not quiet:
+                print(
+                    f"queued: {WAITING_FOR_SLOT} ({k} of {k} in use); Ctrl-C (or "
+                    f"lorita stop {run.name}) to leave the queue",
+                    file=sys.stderr,
+                    flush=True,
+                )
         return stop_event.is_set() or run.stop_requested()
 
     slot = acquire_slot(store.root, args.max_concurrent, should_stop=should_stop)
+    if slot is not None:
+        run.update_status(message=PREPARING)
     if slot is None:
         run.update_status(state="stopped", message="stopped while queued", ended=time.time())
         run.stop_heartbeat()

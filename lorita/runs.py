@@ -75,6 +75,9 @@ __all__ = [
 
 STATES = ("queued", "running", "completed", "failed", "stopped")
 ACTIVE = ("queued", "running")
+#: the message of a queued run: every training slot is taken, or it has one and prepares
+WAITING_FOR_SLOT = "waiting for a training slot"
+PREPARING = "preparing: loading the data and building the model"
 HEARTBEAT_S = 2.0  # how often a live process refreshes status.json
 STALE_S = 15.0  # heartbeat older than this and pid gone: the process died
 STALE_ANY_S = 180.0  # heartbeat older than this: dead even if the pid exists (other host)

@@ -308,12 +308,14 @@ def _progress(v: jobs.JobView, *, small: bool = False) -> None:
 def _status_line(v: jobs.JobView) -> None:
     if v.status.get("note"):  # what the run chose for itself (a pretrained head left fresh)
         st.caption(str(v.status["note"]))
-    if v.state == "queued":
+    if v.waiting_for_slot:
         st.info(
             f"Queued: waiting for a free training slot (at most {jobs.max_concurrent()} run(s) "
             "train at a time). It starts by itself when the run ahead of it ends.",
             icon=STATE_ICON["queued"],
         )
+    elif v.state == "queued":
+        st.info("Preparing: loading the data and building the model…", icon=STATE_ICON["queued"])
     elif v.state == "starting":
         st.info("Starting the training process…", icon=STATE_ICON["starting"])
     elif v.state == "failed":

@@ -566,15 +566,38 @@ def test_a_queued_run_says_it_waits(tmp_path, capsys):
     frees."""
     import threading
 
-    from lorita.runs import acquire_slot
+    from lorita.runs import PREPARING, WAITING_FOR_SLOT, Run, acquire_slot
 
     held = acquire_slot(tmp_path, 1)
-    threading.Timer(1.5, held.close).start()
+    seen = []
+
+    def release():  # once the run's status says it waits (a slow start must not beat it)
+        status = tmp_path / "q" / "status.json"
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            with contextlib.suppress(OSError, ValueError):
+                if json.loads(status.read_text()).get("message") == WAITING_FOR_SLOT:
+                    seen.append(WAITING_FOR_SLOT)
+                    break
+            time.sleep(0.05)
+        held.close()
+
+    threading.Thread(target=release, daemon=True).start()
+    real_update = Run.update_status
+
+    def update_status(self, **fields):
+        if fields.get("state") == "running":  # the last word before training
+            seen.append(self.raw_status().get("message"))
+        return real_update(self, **fields)
+
     argv = ["train", "--runs-dir", str(tmp_path), "--name", "q", "--max-concurrent", "1"]
-    assert main([*argv, "--epochs", "1", "--spectra-every", "0", *TINY]) == 0
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Run, "update_status", update_status)
+        assert main([*argv, "--epochs", "1", "--spectra-every", "0", *TINY]) == 0
     err = capsys.readouterr().err
     assert err.count("queued: waiting for a training slot (1 of 1 in use)") == 1, err
     assert "Ctrl-C" in err and err.index("run folder:") < err.index("queued:")
+    assert seen == [WAITING_FOR_SLOT, PREPARING]  # the app tells waiting from preparing
 
 
 def _image_folder(root: Path, classes=("cat", "dog"), per_class=8, size=20) -> None:
