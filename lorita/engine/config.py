@@ -359,8 +359,13 @@ def _bad(name: str, value: Any, allowed: str) -> ValueError:
 
 
 def _range_text(md: dict) -> str:
-    lo, hi = md.get("min", -math.inf), md.get("max", math.inf)
-    return f"{'(' if md.get('min_open') else '['}{lo:g}, {hi:g}{')' if md.get('max_open') else ']'}"
+    lo, hi = (_bound(md.get(k, d)) for k, d in (("min", -math.inf), ("max", math.inf)))
+    return f"{'(' if md.get('min_open') else '['}{lo}, {hi}{')' if md.get('max_open') else ']'}"
+
+
+def _bound(v: float) -> str:
+    """A bound as written: an integer whole (4294967295, not 4.29497e+09), else shortest."""
+    return str(v) if isinstance(v, int) and not isinstance(v, bool) else f"{v:g}"
 
 
 def _in_range(v: float, md: dict) -> bool:
