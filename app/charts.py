@@ -24,6 +24,17 @@ CUT_COLOR = "#d62728"
 DROPPED_COLOR = "#bbbbbb"
 
 
+def _acc_axis(data: list[dict[str, Any]]) -> dict[str, Any]:
+    """An accuracy axis (fractions shown as percent) whose automatic range stays within 0 %
+    (or the lowest value: a regression's R² can be negative) and 100 %: a flat curve or a
+    single point was padded to 150 % or 200 %."""
+    ys = np.concatenate([np.asarray(t["y"], float).ravel() for t in data if t.get("y") is not None]
+                        or [np.zeros(0)])  # fmt: skip
+    ys = ys[np.isfinite(ys)]
+    low = min(0.0, float(ys.min())) if ys.size else 0.0
+    return {"tickformat": ".0%", "autorangeoptions": {"minallowed": low, "maxallowed": 1}}
+
+
 def _figure(
     data: list[dict[str, Any]],
     *,
@@ -140,7 +151,7 @@ def training_curves(
         return empty_figure("no measurements yet", title=title, uirevision=uirevision)
     yaxis = _title(metric)
     if metric == "acc":
-        yaxis["tickformat"] = ".0%"
+        yaxis.update(_acc_axis(data))
     return _figure(
         data,
         title=title,
@@ -455,7 +466,7 @@ def tradeoff_chart(
         )
     if not data:
         return empty_figure("no trade-off points", title=title, uirevision=uirevision)
-    yaxis: dict[str, Any] = {**_title(y_name.get(y, y)), "tickformat": ".0%"}
+    yaxis: dict[str, Any] = {**_title(y_name.get(y, y)), **_acc_axis(data)}
     below = []
     span = _focus_range(data, focus)
     if span is not None:

@@ -33,6 +33,19 @@ def test_training_curves_overlay_labels_runs_and_formats_accuracy():
     assert fig.layout.uirevision  # defaults to a stable string
 
 
+def test_accuracy_axes_range_within_0_and_100_percent_unless_a_value_is_below_0():
+    """A flat curve or one point was padded to 150-200 %: accuracy axes stop at 100 % (and
+    at 0 %, or at a regression's negative R²)."""
+    flat = [{"step": s, "epoch": 0, "split": "val", "loss": 1.0, "acc": 0.5} for s in (0, 5)]
+    fig = charts.training_curves({"r": flat}, "acc")
+    opts = fig.layout.yaxis.autorangeoptions
+    assert (opts.minallowed, opts.maxallowed) == (0, 1)
+    one = [{"value": 1.0, "flops_pct": 100.0, "params_pct": 100.0, "val_acc": 0.33}]
+    assert charts.tradeoff_chart({"N=3": one}).layout.yaxis.autorangeoptions.maxallowed == 1
+    r2 = [{**flat[0], "acc": -0.4}, flat[1]]
+    assert charts.training_curves({"r": r2}, "acc").layout.yaxis.autorangeoptions.minallowed == -0.4
+
+
 def test_training_curves_without_data_says_so():
     fig = charts.training_curves({"r": []}, "loss")
     assert len(fig.data) == 0
