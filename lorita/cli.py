@@ -799,9 +799,10 @@ def _check_model_args(base: dict, given: dict) -> None:
 
 def _init_file(args, value: str) -> str:
     """--init-from: a weights file, else a run (name in --runs-dir, or folder): its best
-    checkpoint, so a plain run trained first can be composed and trained on."""
+    checkpoint, so a plain run trained first can be composed and trained on. The path kept
+    in the run's config is absolute: ``--resume`` from another folder finds the same file."""
     try:
-        return _in_file("--init-from")(value)
+        return str(Path(_in_file("--init-from")(value)).absolute())
     except argparse.ArgumentTypeError as e:
         why = e
     where = Path(value).expanduser()
@@ -833,7 +834,9 @@ def _preflight(config) -> None:
     app's Train page runs the same)."""
     from .engine.preflight import check_start
 
-    check_start(config)
+    note = check_start(config)
+    if "left out" in note:  # images beside a folder's class folders: in no class
+        warnings.warn(f"dataset: {note}", stacklevel=2)
 
 
 # --------------------------------------------------------------------------- train: run

@@ -1183,6 +1183,22 @@ def _folder(name: str, root: Path, download: bool, **o) -> _Raw:
     return _Raw(x, y, xt, yt, len(scan.classes), xv=xv, yv=yv, classes=scan.classes)
 
 
+def training_count(name: str, **options) -> int | None:
+    """How many images a folder dataset leaves for training (from its listing: nothing is
+    decoded); None for the built-in datasets, which have thousands."""
+    full = validate_dataset(name, options)
+    entry, _ = dataset_entry(name)
+    if not entry.takes_path:
+        return None
+    n = {k: len(v) for k, v in _scan_folder(name).parts.items()}
+    left = n["train"]
+    if "test" not in n:
+        left -= _held_out(left, full["test_fraction"])
+    if "val" not in n:
+        left -= _held_out(left, VAL_FRACTION)
+    return max(0, left)
+
+
 def _folder_shape(name: str, **o) -> tuple[int, int, int]:
     return o["channels"], o["size"], len(_scan_folder(name).classes)
 

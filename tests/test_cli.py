@@ -85,6 +85,7 @@ def test_bad_input_exits_2_with_one_line(capsys, tmp_path, argv, needles):
         (["--skip", "zzz"], ["skip", "'zzz' matches no layer", "fc1"]),
         (["--plain-epochs", "1", "--epochs", "2", "--max-steps", "10"], ["plain_epochs", "10"]),
         (["--plain-epochs", "3", "--epochs", "5", "--max-steps", "2"], ["at least 3 steps"]),
+        (["--batch-size", "1"], ["batch_size: 1 cannot train a model with BatchNorm"]),
     ],
 )
 def test_train_refuses_what_the_run_would_find_before_its_folder_exists(
@@ -166,6 +167,14 @@ def test_init_from_a_run_starts_from_its_best_checkpoint(runs_dir, tmp_path, cap
         "'queued' has no best checkpoint yet",
     )
     assert empty.path.is_dir()
+    # a weights file named by a relative path is kept absolute: --resume from elsewhere works
+    lt.save(lt.merge_model(RunStore(runs_dir).get("r0").load_model("best")), "w.safetensors")
+    assert (
+        main([*base[:1], *here[:2], "--name", "rel", *base[3:], "--init-from", "w.safetensors"])
+        == 0
+    )
+    kept = RunStore(tmp_path / "elsewhere").get("rel").config["init_from"]
+    assert kept == str(runs_dir / "w.safetensors")
 
 
 def test_resume_does_not_need_the_start_file_any_more(tmp_path):
@@ -598,6 +607,31 @@ def test_a_queued_run_says_it_waits(tmp_path, capsys):
     assert err.count("queued: waiting for a training slot (1 of 1 in use)") == 1, err
     assert "Ctrl-C" in err and err.index("run folder:") < err.index("queued:")
     assert seen == [WAITING_FOR_SLOT, PREPARING]  # the app tells waiting from preparing
+
+
+def test_a_folder_leaving_one_training_image_for_a_batchnorm_model_is_refused_first(
+    tmp_path, capsys
+):
+    """Three images, one per class: test and validation take two, one is left to train, and
+    BatchNorm cannot train on one sample: refused before the run folder, naming the fix."""
+    _image_folder(tmp_path / "one", classes=("a", "b", "c"), per_class=1)
+    argv = ["train", "--runs-dir", str(tmp_path / "runs"), "--name", "one", "--epochs", "1"]
+    argv += ["--dataset", f"folder:{tmp_path / 'one'}", "--threads", "1"]
+    _one_line_error(capsys, argv, "dataset", "leaves 1 image(s) for training", "batchnorm=false")
+    assert not (tmp_path / "runs" / "one").exists()
+    assert main([*argv, "--model-arg", "batchnorm=false", "--quiet"]) == 0
+
+
+def test_train_says_which_images_a_folder_leaves_out(tmp_path, capsys):
+    """An image beside the class folders is in no class: the run says so (as the app does)."""
+    from PIL import Image
+
+    _image_folder(tmp_path / "pets")
+    Image.new("RGB", (20, 20)).save(tmp_path / "pets" / "stray.png")
+    argv = ["train", "--runs-dir", str(tmp_path / "runs"), "--epochs", "1", "--quiet"]
+    assert main([*argv, "--dataset", f"folder:{tmp_path / 'pets'}", *TINY]) == 0
+    err = capsys.readouterr().err
+    assert "lorita: warning: dataset:" in err and "stray.png" in err and "left out" in err
 
 
 def _image_folder(root: Path, classes=("cat", "dog"), per_class=8, size=20) -> None:

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..convert import check_skip
-from ..data import check_dataset, dataset_options, dataset_shape
+from ..data import check_dataset, dataset_options, dataset_shape, training_count
 from ..models import create_model
 from .build import check_weights, fit_head, load_splits, read_weights
 from .config import TrainConfig
@@ -159,8 +159,28 @@ def check_model(config: TrainConfig) -> None:
     if config.skip and meta_model is not None:  # None: not buildable on meta; checked later
         check_skip(meta_model, config.skip)
     check_input_fits(meta_model, config, shape)
+    check_batchnorm_batches(meta_model, config)
     if config.init_from is not None:
         check_init_from(meta_model, config.init_from)
+
+
+def check_batchnorm_batches(meta_model: nn.Module | None, config: TrainConfig) -> None:
+    """A model with BatchNorm cannot train on batches of one sample (torch refuses the step):
+    refuse a batch size of 1, or a folder that leaves one image for training, naming which."""
+    if meta_model is None or not any(
+        isinstance(m, nn.modules.batchnorm._BatchNorm) for m in meta_model.modules()
+    ):
+        return
+    fix = "or a model without BatchNorm (the built-in models: --model-arg batchnorm=false)"
+    if config.batch_size == 1:
+        raise ValueError(f"batch_size: 1 cannot train a model with BatchNorm (it needs at least "
+                         f"2 samples per batch); use 2 or more, {fix}")  # fmt: skip
+    n = training_count(config.dataset, **config.dataset_kwargs)
+    if n is not None and n < 2:
+        raise ValueError(
+            f"dataset: {config.dataset!r} leaves {n} image(s) for training once validation and "
+            f"test are held out; a model with BatchNorm needs at least 2: add images, {fix}"
+        )
 
 
 def check_plain_steps(config: TrainConfig) -> None:
@@ -184,10 +204,13 @@ def check_plain_steps(config: TrainConfig) -> None:
     )
 
 
-def check_start(config: TrainConfig) -> None:
+def check_start(config: TrainConfig) -> str:
     """Everything cheap that can fail before a run folder exists: device, data, model size,
-    the skip patterns, the starting weights, the plain epochs against max_steps."""
+    the skip patterns, the starting weights, the plain epochs against max_steps. Returns
+    the dataset's note (:func:`lorita.data.check_dataset`: where the data come from, and
+    what a folder leaves out)."""
     resolve_device(config.device)
-    check_dataset(config.dataset, **config.dataset_kwargs)
+    note = check_dataset(config.dataset, **config.dataset_kwargs)
     check_model(config)
     check_plain_steps(config)
+    return note
