@@ -1623,8 +1623,7 @@ def cmd_export(args) -> int:
         model, words = cz.model, "none"
     else:
         if args.max_drop is None:
-            model, _ = cz.cut(args.policy, form=args.form)
-            words = str(args.policy)
+            model, words = _export_cut(cz, args.policy, args.form), str(args.policy)
         else:
             res = _chosen_cut(cz, args)
             model = res.model
@@ -1640,6 +1639,18 @@ def cmd_export(args) -> int:
         meta["val_acc"] = acc["val_acc"]
     _write_export(args, model, cz.example_input, meta)
     return 0
+
+
+def _export_cut(cz, policy, form: str):
+    """The cut to export. A budget with the dense form: the ranks that fit the budget (thin),
+    written dense into the original architecture, as the Export page does (the budget itself
+    counts the thin form; a dense weight keeps its size)."""
+    from .truncation import Budget, Ranks
+
+    if form == "dense" and isinstance(policy, Budget):
+        thin, _ = cz.cut(policy, form="low_rank")
+        return cz.cut(Ranks(dict(thin.lorita_ranks)), form="dense")[0]
+    return cz.cut(policy, form=form)[0]
 
 
 def _write_export(args, model, example, meta: dict | None) -> None:

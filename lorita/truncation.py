@@ -323,7 +323,9 @@ class Budget(Policy):
         if costs.form != "low_rank":
             raise ValueError(
                 f"form: a budget needs form='low_rank' (the dense form keeps every weight's "
-                f"size), got {costs.form!r}"
+                f"size), got {costs.form!r}; for the budget's ranks written dense, cut with "
+                "low_rank, then Ranks(cut.lorita_ranks) with form='dense' (what `lorita export "
+                "--form dense` does)"
             )
         target = self.target(costs)
         ranks = {n: len(s) for n, s in spectra.items()}

@@ -478,6 +478,10 @@ def test_every_exported_file_says_how_to_feed_the_model(runs_dir, tmp_path, caps
     capsys.readouterr()
 
 
+def cz_model(runs_dir):
+    return RunStore(runs_dir).get("r1").load_model("best")
+
+
 def test_export_takes_the_policy_flags_of_compress(runs_dir, tmp_path, capsys):
     """``export --budget 20`` writes the model ``compress --budget 20`` reports; --max-drop too."""
     base = ["r1", "--runs-dir", str(runs_dir)]
@@ -492,6 +496,14 @@ def test_export_takes_the_policy_flags_of_compress(runs_dir, tmp_path, capsys):
         assert said.startswith("budget") if flags[0] == "--budget" else "search within 1" in said
         if flags[0] == "--budget":
             assert lt.count_cost(model, x).params == reported
+            thin_ranks = model.lorita_ranks
+    dense = tmp_path / "dense.safetensors"  # the budget's ranks in the original architecture
+    assert main(["export", *base, "--budget", "20", "--form", "dense", "--out", str(dense)]) == 0
+    plain, merged = lt.load(dense), lt.merge_model(cz_model(runs_dir))
+    for name, r in thin_ranks.items():  # each cut layer: its full shape, of the budget's rank
+        w = plain.get_submodule(name).weight
+        assert w.shape == merged.get_submodule(name).weight.shape
+        assert torch.linalg.matrix_rank(w) <= r
     capsys.readouterr()
     _one_line_error(
         capsys,
