@@ -1202,7 +1202,22 @@ def _compressor(args, *, cut: bool = True):
 
     run = _get_run(args, args.run)
     _require_checkpoint(run, args.which)
+    _say_if_unfinished(run, args.which)
     return Compressor(run, which=args.which, layers=None if cut else [])
+
+
+def _say_if_unfinished(run, which: str) -> None:
+    """A warning when the run did not complete (failed, stopped, still training): what is
+    cut is its checkpoint so far."""
+    st = run.status()
+    state = st.get("state")
+    if state != "completed":
+        total = f"/{st['total_steps']}" if st.get("total_steps") else ""
+        warnings.warn(
+            f"run {run.name!r} is {state} at step {st.get('step') or 0}{total}: this is its "
+            f"{which} checkpoint so far",
+            stacklevel=2,
+        )
 
 
 def _require_checkpoint(run, which: str) -> None:

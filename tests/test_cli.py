@@ -512,6 +512,23 @@ def test_export_takes_the_policy_flags_of_compress(runs_dir, tmp_path, capsys):
     )
 
 
+def test_compress_says_when_the_run_did_not_complete(runs_dir, capsys):
+    from lorita.runs import Run
+
+    run = Run(runs_dir / "r1")
+    before = run.raw_status()
+    run.update_status(state="failed", step=7, total_steps=30)
+    try:
+        assert main(["compress", "r1", "--runs-dir", str(runs_dir), "--uniform", "0.5",
+                     "--no-latency"]) == 0  # fmt: skip
+        err = capsys.readouterr().err
+        assert (
+            "lorita: warning: run 'r1' is failed at step 7/30: this is its best checkpoint" in err
+        )
+    finally:
+        run.update_status(**before)
+
+
 def test_stop_command_writes_the_stop_file_of_a_live_run_only(runs_dir, capsys):
     from lorita.runs import Run, _me
 
