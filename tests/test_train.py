@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -159,7 +160,9 @@ def test_stop_file_then_resume_continues_to_the_end(tmp_path):
     assert res["state"] == "stopped" and res["step"] == 28  # the step under way finishes
     assert run.status()["state"] == "stopped"
     assert lt.read_spec(run.checkpoint("last"))["metadata"]["step"] == 28
-    res2 = train(cfg, run, resume=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same number of processes: nothing to say
+        res2 = train(cfg, run, resume=True)
     assert res2["state"] == "completed" and res2["step"] == 60
     steps = [r["step"] for r in run.metrics("train")]
     assert steps == sorted(steps) and len(steps) == len(set(steps))
@@ -173,6 +176,16 @@ def test_stop_file_then_resume_continues_to_the_end(tmp_path):
     want = ref["model"].eval()
     x = run.load_splits().val[torch.arange(16)][0]
     torch.testing.assert_close(got(x), want(x), rtol=1e-4, atol=1e-4)
+
+
+def test_a_resume_in_another_number_of_processes_says_it_will_differ(tmp_path):
+    store = RunStore(tmp_path)
+    cfg = TrainConfig(**{**SMALL, "epochs": 2})
+    run = store.create(cfg.to_dict(), name="ddp")
+    train(cfg, run, callback=lambda ev: ev["event"] == "step" and run.request_stop())
+    run.update_status(world_size=2)  # as a torchrun run with 2 processes leaves it
+    with pytest.warns(UserWarning, match="trained in 2 process.*goes on in 1"):
+        assert train(cfg, run, resume=True)["state"] == "completed"
 
 
 def test_resume_after_a_killed_process(tmp_path):

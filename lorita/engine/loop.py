@@ -24,6 +24,7 @@ import math
 import os
 import random
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -239,6 +240,17 @@ def _set_threads(threads, model: nn.Module, device: torch.device, d: DistInfo) -
 # --------------------------------------------------------------------------- set-up
 
 
+def _say_if_world_changed(before, now: int) -> None:
+    """A resume in another number of processes trains on (each step sees other batches) but
+    does not end as the uninterrupted run would: say so."""
+    if isinstance(before, int) and not isinstance(before, bool) and before != now:
+        warnings.warn(
+            f"resume: the run trained in {before} process(es) and goes on in {now}; each step "
+            "now sees other batches, so it will not end as an uninterrupted run would",
+            stacklevel=3,
+        )
+
+
 def _setup(config, run, d, callback, stop, threads, *, epoch: int, resume: bool) -> Session:
     """Seed everything, load the data, build the model (plain or composed, as at ``epoch``),
     optimizer and schedule. A resumed run's checkpoint replaces every weight: its start file
@@ -327,6 +339,7 @@ def _restore(s: Session, last: Path | None) -> None:
         s.c = Counters(**counters)
         _set_rng(rng, s)
         if s.writer is not None:
+            _say_if_world_changed(s.run.raw_status().get("world_size"), s.d.world)
             checkpoint.sweep(s.ckpt_dir)
             checkpoint.prune(s.ckpt_dir, keep=last)
             checkpoint.restore_best(s.ckpt_dir, last)
