@@ -1043,6 +1043,8 @@ def _train(config, run, args, slot, d, quiet, stop_event, threads) -> dict:
             threads=threads,
             on_complete=_KeepCurves(stop_event, slot),
         )
+    except _engine().PeerLost as e:  # (the run's status says the same)
+        return {"state": "failed", "message": str(e)}
     finally:
         if slot is not None:
             slot.close()

@@ -76,3 +76,40 @@ def test_torchrun_two_gloo_processes_match_one_process(tmp_path, plain):
     assert any(".factors." in k for k in model.state_dict())  # composed, plain epoch or not
     x = run.load_splits().val[torch.arange(32)][0]
     torch.testing.assert_close(model(x), single["model"].eval()(x), rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.slow
+def test_a_process_killed_under_torchrun_fails_the_run_with_one_line(tmp_path):
+    """Rank 1 killed mid-training: rank 0's collective fails; the run is marked failed with
+    what happened and how to go on, not the collective library's own text."""
+    import signal
+    import time
+
+    import psutil
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "lorita", "train", "--runs-dir", str(tmp_path), "--name", "dk", *FLAGS[:-6],
+           "--epochs", "200", "--device", "cpu"]  # fmt: skip
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        status, deadline = tmp_path / "dk" / "status.json", time.time() + 180
+        while time.time() < deadline:
+            try:
+                if json.loads(status.read_text()).get("step", 0) > 3:
+                    break
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.2)
+        ranks = [c for c in psutil.Process(proc.pid).children(recursive=True)
+                 if c.environ().get("RANK") == "1"]  # fmt: skip
+        assert ranks, "rank 1 not found"
+        ranks[0].send_signal(signal.SIGKILL)
+        _, err = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    st = json.loads(status.read_text())
+    assert st["state"] == "failed" and "another process of this run" in st["message"], st
+    assert "--resume dk" in st["message"]
+    assert "lorita: training failed: another process of this run" in err

@@ -17,11 +17,12 @@ from .build import build_model, load_splits
 from .config import AMP_MODES, OPTIMIZERS, SCHEDULES, TrainConfig
 from .devices import available_devices, init_distributed, resolve_device
 from .evaluate import evaluate, finetune
-from .loop import train
+from .loop import PeerLost, train
 
 __all__ = [
     "AMP_MODES",
     "OPTIMIZERS",
+    "PeerLost",
     "SCHEDULES",
     "TrainConfig",
     "available_devices",

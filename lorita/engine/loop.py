@@ -53,7 +53,7 @@ from .evaluate import evaluate
 from .optim import loss_fn, main_output, make_optimizer, make_scheduler, per_step
 from .spectra_worker import SpectraWorker
 
-__all__ = ["Counters", "Session", "train"]
+__all__ = ["Counters", "PeerLost", "Session", "train"]
 
 
 @dataclass
@@ -171,8 +171,17 @@ def train(
         result = _finish(s)
         used = torch.get_num_threads()
     except BaseException as e:
+        lost = d.on and isinstance(e, RuntimeError) and _peer_lost(e)
+        if lost:  # one line, not the collective's own text (a traceback through the step)
+            name = f" {run.name}" if run is not None else ""
+            e = PeerLost(
+                f"another process of this run (torchrun, {d.world} in all) ended before it; "
+                f"resume the run with --resume{name}"
+            )
         if writer is not None:
             _mark_failed(writer, e)
+        if lost:
+            raise e from None
         raise
     finally:
         torch.set_num_threads(old_threads)
@@ -184,6 +193,20 @@ def train(
     if on_complete is not None and writer is not None and result["state"] == "completed":
         _after(on_complete, writer, s, result, used)
     return result
+
+
+class PeerLost(RuntimeError):
+    """A distributed run lost one of its processes (killed, crashed) mid-training."""
+
+
+def _peer_lost(e: RuntimeError) -> bool:
+    """Whether a collective failed because another process went away (gloo, NCCL)."""
+    text = str(e)
+    return any(
+        k in text
+        for k in ("Connection reset by peer", "Connection closed by peer", "Broken pipe",
+                  "NCCL communicator was aborted", "ProcessGroupGloo", "gloo")
+    )  # fmt: skip
 
 
 def _open(run: Run, config: TrainConfig, resume: bool) -> None:
