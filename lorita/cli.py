@@ -822,10 +822,18 @@ def _init_file(args, value: str) -> str:
 
 
 def _train_config_from_run(run, args):
+    """The run's own config; a training flag may be repeated only with the run's value (the
+    command that started it, --resume added: ``--device cpu`` under torchrun)."""
     TrainConfig = _config_class()
-    given = [k for k in vars(args) if k in {f.name for f in dataclasses.fields(TrainConfig)}]
-    if given or args.config or args.model_args or args.data_args:
-        raise UsageError("--resume takes the run's own config; drop the training flags")
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    other = [k for k in vars(args) if k in fields and getattr(args, k) != run.config.get(k)]
+    if other or args.config or args.model_args or args.data_args:
+        flags = ", ".join(_FLAG_NAMES.get(k, ("--" + k.replace("_", "-"),))[0] for k in other)
+        flags = flags or "--config / --model-arg / --data-arg"
+        raise UsageError(
+            f"--resume takes the run's own config; drop the training flags that change it "
+            f"({flags})"
+        )
     return TrainConfig.from_dict(run.config)
 
 

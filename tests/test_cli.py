@@ -208,7 +208,11 @@ def test_resume_takes_the_run_after_the_flag(tmp_path, capsys):
     assert store.get("cut").status()["state"] == "stopped"
     at = ["--runs-dir", str(tmp_path), "--quiet", "--threads", "1"]
     _one_line_error(capsys, ["train", "--resume", "cut", "--name", "other", *at], "two runs")
-    assert main(["train", "--resume", "cut", *at]) == 0
+    _one_line_error(
+        capsys, ["train", "--resume", "cut", "--device", "auto", *at], "that change it (--device)"
+    )
+    # the command that started it, --resume added: flags with the run's own values are fine
+    assert main(["train", "--resume", "cut", "--device", "cpu", "--epochs", "1", *at]) == 0
     assert store.get("cut").status()["state"] == "completed"
 
 
