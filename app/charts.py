@@ -206,11 +206,14 @@ def spectrum_heatmap(
         "colorbar": {"title": {"text": "log10 σ/σmax"}, "thickness": 12},
         "hovertemplate": "step %{x}<br>σ index %{y}<br>log10 σ/σmax %{z:.2f}<extra></extra>",
     }
+    xaxis = _title("step")
+    if len(steps) > 1:  # from the first snapshot's step to the last (cells centred on them
+        xaxis["range"] = [min(steps), max(steps)]  # would reach below step 0)
     return _figure(
         [heat],
         title=title,
         uirevision=uirevision,
-        xaxis=_title("step"),
+        xaxis=xaxis,
         yaxis={**_title("singular value index"), "autorange": "reversed"},
     )
 

@@ -63,6 +63,7 @@ def test_spectrum_heatmap_is_log_ratio_to_largest():
     assert math.isclose(z[2][1], -2.0, rel_tol=1e-6)
     assert z[2][0] == charts.LOG_FLOOR  # an exact zero sits on the floor, not at -inf
     assert "fc1" in fig.layout.title.text
+    assert tuple(fig.layout.xaxis.range) == (0, 5)  # steps, not half a cell before step 0
 
 
 def test_spectrum_heatmap_thinned_rows_keep_first_last_and_true_indices():
