@@ -88,9 +88,30 @@ def test_a_process_killed_under_torchrun_fails_the_run_with_one_line(tmp_path):
     import psutil
 
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "lorita", "train", "--runs-dir", str(tmp_path), "--name", "dk", *FLAGS[:-6],
-           "--epochs", "200", "--device", "cpu"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "lorita",
+        "train",
+        "--runs-dir",
+        str(tmp_path),
+        "--name",
+        "dk",
+        "--model-arg",
+        "width=32",
+        "--lr",
+        "0.001",
+        "--epochs",
+        "200",
+        "--spectra-every",
+        "0",
+        "--device",
+        "cpu",
+    ]  # fmt: skip (a run that trains on quietly until it is cut short)
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         status, deadline = tmp_path / "dk" / "status.json", time.time() + 180
