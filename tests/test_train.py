@@ -178,6 +178,25 @@ def test_stop_file_then_resume_continues_to_the_end(tmp_path):
     torch.testing.assert_close(got(x), want(x), rtol=1e-4, atol=1e-4)
 
 
+def test_a_resume_from_a_damaged_checkpoint_is_refused_and_changes_nothing(tmp_path):
+    """A checkpoint file truncated after it was written (a disk fault, a bad copy), no other
+    whole: resume refuses, naming it, instead of starting over and deleting the best model."""
+    store = RunStore(tmp_path)
+    cfg = TrainConfig(**{**SMALL, "epochs": 2})
+    run = store.create(cfg.to_dict(), name="hurt")
+    train(cfg, run, callback=lambda ev: ev["event"] == "step" and ev["step"] >= 5
+          and run.request_stop())  # fmt: skip
+    (ckpt,) = run.checkpoint_dir.glob("ckpt-*")
+    state = next(f for f in ckpt.iterdir() if f.suffix == ".safetensors")
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 3])
+    before = sorted(p.name for p in run.checkpoint_dir.iterdir())
+    status = run.raw_status()
+    with pytest.raises(ValueError, match=r"resume: checkpoint .*ckpt-\d+' is damaged"):
+        train(cfg, run, resume=True)
+    assert sorted(p.name for p in run.checkpoint_dir.iterdir()) == before
+    assert run.raw_status()["state"] == status["state"] == "stopped"
+
+
 def test_a_resume_in_another_number_of_processes_says_it_will_differ(tmp_path):
     store = RunStore(tmp_path)
     cfg = TrainConfig(**{**SMALL, "epochs": 2})

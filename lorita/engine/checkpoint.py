@@ -34,6 +34,7 @@ from ..io import atomic_write_bytes, cannot_write, fault, fsync_dir, read_json, 
 
 __all__ = [
     "counters",
+    "damaged",
     "drop_best",
     "latest",
     "load",
@@ -112,6 +113,16 @@ def latest(folder: Path) -> Path | None:
         if _complete(path) is not None:
             return path
     return None
+
+
+def damaged(folder: Path) -> Path | None:
+    """The newest checkpoint folder under ``folder`` that is no longer complete (a file of it
+    truncated or changed since it was written: a checkpoint only ever appears whole, by one
+    rename), when no complete one is left; else None."""
+    if latest(folder) is not None:
+        return None
+    folders = _folders(folder)
+    return folders[-1][1] if folders else None
 
 
 def sweep(folder: Path) -> None:

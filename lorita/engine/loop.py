@@ -158,6 +158,12 @@ def train(
     writer = run if (run is not None and d.main) else None
     if resume and run is None:
         raise ValueError("resume: needs a run folder")
+    if resume and (bad := checkpoint.damaged(run.checkpoint_dir)) is not None:
+        raise ValueError(  # starting over would delete it, and the best checkpoint with it
+            f"resume: checkpoint {str(bad)!r} is damaged (a file is not the size it was written "
+            "with) and no other is whole; nothing was changed: move that folder aside to train "
+            "the run again from the start"
+        )
     if writer is not None:
         _open(writer, config, resume)
     old_threads = torch.get_num_threads()
