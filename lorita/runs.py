@@ -33,8 +33,10 @@ import os
 import re
 import shutil
 import socket
+import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -196,11 +198,12 @@ class Run:
         return cfg if isinstance(cfg, dict) else {}
 
     def problem(self) -> str | None:
-        """Why this folder is broken (config.json or status.json not a JSON object), or None."""
+        """Why this folder is broken (config.json or status.json missing or not a JSON
+        object), or None."""
         for fname in ("config.json", "status.json"):
             p = self.path / fname
-            if fname == "status.json" and not p.exists():
-                return "status.json missing"
+            if not p.exists():
+                return f"{fname} missing"
             if not isinstance(read_json(p, None), dict):
                 return f"{fname} is not a readable JSON object"
         return None
@@ -601,6 +604,12 @@ def _listing_stamp(root: Path) -> int | None:
         return None
 
 
+def _is_run_folder(path: Path) -> bool:
+    """A run's folder: its config.json, or (a damaged run, listed as broken so that it can
+    be deleted) its status.json."""
+    return (path / "config.json").is_file() or (path / "status.json").is_file()
+
+
 class RunStore:
     """All runs under one folder (``root``, else ``$LORITA_RUNS``, else ``./runs``)."""
 
@@ -623,13 +632,13 @@ class RunStore:
         runs = []
         for p in entries:
             with contextlib.suppress(OSError):
-                if _is_name(p.name) and p.is_dir() and (p / "config.json").is_file():
+                if _is_name(p.name) and p.is_dir() and _is_run_folder(p):
                     runs.append(Run(p))
         return sorted(runs, key=_created, reverse=True)
 
     def get(self, name: str) -> Run:
         path = self.path(name)
-        if not (path / "config.json").is_file():
+        if not _is_run_folder(path):
             raise ValueError(f"run: no run named {name!r} in {self.root}")
         return Run(path)
 
@@ -714,7 +723,29 @@ class RunStore:
             raise ValueError(
                 f"run: {name!r} is still {run.raw_status().get('state')}; stop it first"
             )
-        shutil.rmtree(run.path)
+        # Renamed aside first (a hidden name: no longer a run), so that a file that cannot be
+        # removed leaves no half-deleted run still listed with its results.
+        aside = temp_beside(run.path, ".deleting")
+        try:
+            os.rename(run.path, aside)
+        except OSError as e:
+            raise OSError(e.errno, f"cannot delete {str(run.path)!r}: {e.strerror or e}") from None
+        failed: list[str] = []
+
+        def note(fn, path, exc) -> None:
+            failed.append(f"{path} ({exc})")
+
+        if sys.version_info >= (3, 12):
+            shutil.rmtree(aside, onexc=note)
+        else:
+            shutil.rmtree(aside, onerror=lambda fn, path, info: note(fn, path, info[1]))
+        if failed:
+            warnings.warn(
+                f"run {name!r} is deleted, but {len(failed)} of its files or folders could not be "
+                f"removed "
+                f"from {str(aside)!r}, e.g. {failed[0]}",
+                stacklevel=2,
+            )
 
     def summaries(self) -> list[dict]:
         return [r.summary() for r in self.list()]

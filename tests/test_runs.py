@@ -390,3 +390,58 @@ def test_queued_runs_take_the_slot_in_the_order_they_came(tmp_path):
         t.join(30)
     assert order == [0, 1, 2, 3]
     assert not dead.exists() and not list((tmp_path / ".slots" / "queue").iterdir())
+
+
+def _dead_run(store, name):
+    """A run folder whose writer has gone (made by another process)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import lorita as lt; from lorita.runs import RunStore; "
+        f"RunStore({str(store.root)!r}).create(lt.TrainConfig().to_dict(), name={name!r})"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+    return store.get(name)
+
+
+def test_a_run_folder_without_config_is_listed_broken_and_can_be_deleted(tmp_path):
+    store = RunStore(tmp_path)
+    run = _dead_run(store, "half")
+    (run.path / "config.json").unlink()
+    (row,) = store.summaries()
+    assert row["name"] == "half" and row["broken"] == "config.json missing"
+    store.delete("half")
+    assert not (tmp_path / "half").exists() and store.list() == []
+
+
+def test_a_delete_that_cannot_remove_every_file_leaves_no_half_run(tmp_path, monkeypatch):
+    """The folder is renamed aside before its files go: a file that cannot be removed leaves
+    hidden leftovers (said in a warning), never a listed run missing half its files; a folder
+    that cannot be renamed is left whole, the error naming it."""
+    import shutil
+
+    import lorita.runs as runs_mod
+
+    store = RunStore(tmp_path)
+    _dead_run(store, "a")
+    real = os.rename
+    monkeypatch.setattr(runs_mod.os, "rename", lambda *a: (_ for _ in ()).throw(
+        PermissionError(1, "Operation not permitted")))  # fmt: skip
+    with pytest.raises(OSError, match=r"cannot delete '.*a': Operation not permitted"):
+        store.delete("a")
+    assert [r.name for r in store.list()] == ["a"] and (tmp_path / "a" / "config.json").exists()
+    monkeypatch.setattr(runs_mod.os, "rename", real)
+
+    def stubborn(path, onexc=None, onerror=None):  # one file refuses to go
+        err = PermissionError(1, "Operation not permitted")
+        if onexc is not None:
+            onexc(os.unlink, f"{path}/checkpoints/x", err)
+        else:
+            onerror(os.unlink, f"{path}/checkpoints/x", (PermissionError, err, None))
+
+    monkeypatch.setattr(runs_mod.shutil, "rmtree", stubborn)
+    with pytest.warns(UserWarning, match="run 'a' is deleted, but 1 of its files"):
+        store.delete("a")
+    assert store.list() == [] and not (tmp_path / "a").exists()
+    monkeypatch.setattr(runs_mod.shutil, "rmtree", shutil.rmtree)
