@@ -20,6 +20,7 @@ cut takes longer than :data:`GRID_MAX_SECONDS` is not measured ahead.
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -83,10 +84,13 @@ def compute(
     points = session.curve(policy, parts=("val",), progress=progress)
     points = [{k: v for k, v in p.items() if k != "ranks"} for p in points]
     if run is not None and mtime and mtime == run.checkpoint_mtime(session.which):
-        run.write_extra(
-            key(session.which, policy),
-            {"version": VERSION, "checkpoint_mtime": mtime, "policy": policy, "points": points},
-        )
+        try:
+            run.write_extra(
+                key(session.which, policy),
+                {"version": VERSION, "checkpoint_mtime": mtime, "policy": policy, "points": points},
+            )
+        except OSError as e:  # a cache: a read-only or full run folder only loses the keeping
+            warnings.warn(f"the {policy} curve is not kept for next time: {e}", stacklevel=2)
     return points
 
 

@@ -52,6 +52,16 @@ def test_the_kept_curve_is_what_a_compress_session_sweeps(done):
                    "flops_pct": res.flops_pct, **res.metrics}  # fmt: skip
 
 
+def test_a_curve_that_cannot_be_kept_is_still_returned(done, monkeypatch):
+    """A read-only or full run folder: another policy's curve is computed and shown, only not
+    kept (a warning says so), instead of failing the Compress page."""
+    monkeypatch.setattr(type(done), "write_extra", lambda self, k, v: (_ for _ in ()).throw(
+        OSError(28, "No space left on device")))  # fmt: skip
+    with pytest.warns(UserWarning, match="energy curve is not kept for next time"):
+        points = curves.compute(lt.Compressor(done, which="best"), "energy", done)
+    assert len(points) == len(lt.truncation.Energy.sweep())
+
+
 def test_a_changed_checkpoint_makes_the_curve_stale(done):
     assert curves.prepare(done) == {}  # already kept: nothing swept again
     ckpt = done.checkpoint("best")
