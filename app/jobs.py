@@ -152,9 +152,29 @@ def start(
     """
     config = validate(config)
     root = Path(root) if root is not None else runs_dir()
+    check_writable(root)
     name = _claim_name(root, config, name)
-    _spawn(config, name, root, concurrent)
+    try:
+        _spawn(config, name, root, concurrent)
+    except OSError:  # (a full disk): no empty request left holding the name
+        app_file(name, ".json", root).unlink(missing_ok=True)
+        raise
     return name
+
+
+def check_writable(root: Path) -> None:
+    """An OSError naming the runs folder when a file cannot be made in it (read-only, full):
+    said on Start, before a child fails at it with no room left to say why."""
+    import tempfile
+
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=root):
+            pass
+    except OSError as e:
+        raise OSError(
+            e.errno, f"runs folder {str(root)!r}: cannot write in it ({e.strerror})"
+        ) from None
 
 
 def _spawn(
@@ -414,7 +434,7 @@ def view(name: str, root: str | Path | None = None) -> JobView:
         if proc is not None and exit_code is None:
             return JobView(name, STARTING, "starting the training process…")
         if proc is not None:
-            msg = _last_line(log_tail(name, root)) or f"the training process exited ({exit_code})"
+            msg = _last_line(log_tail(name, root)) or _exited(root, exit_code)
             return JobView(name, "failed", msg)
         if log_path(name, root).exists():
             return JobView(name, "failed", _last_line(log_tail(name, root)) or "no status")
@@ -427,7 +447,7 @@ def view(name: str, root: str | Path | None = None) -> JobView:
     if state in ACTIVE and proc is not None and exit_code is not None:
         # our child ended without marking the run finished (killed, crashed)
         state = "failed"
-        message = _last_line(log_tail(name, root)) or f"the training process exited ({exit_code})"
+        message = _last_line(log_tail(name, root)) or _exited(root, exit_code)
     elif state == "failed" and message == "process died":
         message = "the training process died: " + (_last_line(log_tail(name, root)) or "no output")
     step = int(st.get("step") or 0)
@@ -452,6 +472,18 @@ def view(name: str, root: str | Path | None = None) -> JobView:
         device=st.get("device"),
         status=dict(st),
     )
+
+
+def _exited(root: Path, code: int | None) -> str:
+    """Why a child that said nothing ended: with its log empty, a full disk is the likely
+    reason (it could not write even that)."""
+    import shutil
+
+    text = f"the training process exited ({code}) with no output"
+    with contextlib.suppress(OSError):
+        if shutil.disk_usage(root).free < 1 << 20:
+            text += f"; the disk holding {root} is full"
+    return text
 
 
 def stop(name: str, root: str | Path | None = None) -> None:

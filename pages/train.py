@@ -284,7 +284,7 @@ def _start(family: str) -> None:
         try:
             with st.spinner("Starting the training process…"):
                 name, baseline = jobs.start_pair(config, base_cfg)
-        except ValueError as exc:
+        except (ValueError, OSError) as exc:  # (OSError: a runs folder it cannot write in)
             _cannot_start(ui.one_line(exc), saved)
             return
         st.session_state[state.TRAIN_LAST_START] = train_form.start_record(key, name, baseline)

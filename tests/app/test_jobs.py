@@ -239,3 +239,31 @@ def test_a_new_session_follows_the_composed_run_not_its_queued_baseline():
     assert jobs.default_follow(rows) == "b-n1"
     assert jobs.default_follow([{**r, "state": "completed"} for r in rows]) == "b-n3"
     assert jobs.default_follow([{"name": "x", "state": "completed", "n_factors": 1}]) is None
+
+
+def test_start_in_a_runs_folder_it_cannot_write_in_says_so_and_leaves_nothing(
+    tmp_path, monkeypatch
+):
+    """Read-only or full: Start names the runs folder before any child is launched, and a
+    request that cannot be written leaves no empty file holding the name."""
+    import tempfile
+
+    root = tmp_path / "runs"
+    real = tempfile.TemporaryFile
+
+    def refused(*a, **kw):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", refused)
+    with pytest.raises(OSError, match=r"runs folder '.*runs': cannot write in it \(Operation"):
+        jobs.start_pair(TINY, presets.baseline_config(TINY), root=root)
+    assert not jobs._PROCS or all(r != str(root) for r, _ in jobs._PROCS)
+    monkeypatch.setattr(tempfile, "TemporaryFile", real)
+
+    def full(*a, **kw):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(jobs, "write_json", full)
+    with pytest.raises(OSError, match="No space left"):
+        jobs.start(TINY, root=root)
+    assert list((root / jobs.APP_DIR).glob("*.json")) == []
