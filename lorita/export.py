@@ -461,8 +461,10 @@ def _check_tensor_entry(name: str, entry, data_len: int) -> tuple[int, ...]:
     numel = 1
     for d in shape:
         numel *= d
-    if offs[1] - offs[0] != numel * _DTYPE_BYTES[dtype] or offs[1] > data_len:
-        raise _fail(f"{field}.data_offsets", "do not match its shape or lie outside the file")
+    if offs[1] > data_len:
+        raise _fail(f"{field}.data_offsets", "lie outside the file (is it truncated?)")
+    if offs[1] - offs[0] != numel * _DTYPE_BYTES[dtype]:
+        raise _fail(f"{field}.data_offsets", "do not match its shape")
     return tuple(shape)
 
 
@@ -875,7 +877,10 @@ def _rebuild(spec: dict, shapes: dict[str, tuple], where: str, read_tensors) -> 
 
 
 def _load(header: dict, where: str, read_tensors, model: nn.Module | None):
-    shapes = _header_shapes(header)
+    try:
+        shapes = _header_shapes(header)
+    except ValueError as e:  # name the file: a checkpoint, an export, a start file...
+        raise _fail(where, str(e)) from None
     spec = _spec_from_header(header, where)
     if model is None:
         return _rebuild(spec, shapes, where, read_tensors)

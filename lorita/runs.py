@@ -417,7 +417,10 @@ class Run:
         """The dataset splits this run trained on (same validation carve-out)."""
         cfg = self.config
         if "dataset" not in cfg:
-            raise ValueError(f"run {self.name!r}: config.json has no dataset")
+            broken = self.problem()
+            why = broken if broken and broken.startswith("config.json") else "has no dataset"
+            why = why.removeprefix("config.json ")
+            raise ValueError(f"run {self.name!r}: config.json {why}")
         return load_splits(cfg)
 
     # -- the writer (the training process only)

@@ -435,3 +435,10 @@ def test_onnx_outputs_of_a_model_returning_several_tensors_are_named_and_batched
         assert [o.name for o in session.get_outputs()] == names
         got = session.run(None, {"input": x.numpy()})
         assert [r.shape for r in got] == [(5, 3), (5, 2)]
+
+
+def test_a_truncated_model_file_is_named_and_said_truncated(tmp_path):
+    path = lt.save(nn.Sequential(nn.Linear(8, 8)), tmp_path / "m.safetensors")
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(ValueError, match=r"^path '.*m\.safetensors': tensor .*is it truncated"):
+        lt.load(path)
