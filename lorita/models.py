@@ -740,6 +740,8 @@ def _create_external(name: str, in_channels, image_size, num_classes, kw: dict) 
                 opts["image_size"] = image_size
             model = builder(weights=None, **opts)
     except (TypeError, ValueError, AssertionError, RuntimeError) as e:
+        if type(e) in (RuntimeError, NotImplementedError) and torch.empty(0).device.type == "meta":
+            raise  # a builder that computes with tensors (regnet's): the meta device cannot tell
         given = f"the options {sorted(kw)}" if kw else "its default options"
         size = f" at {image_size}x{image_size} px" if image_size is not None else ""
         raise ValueError(f"model options: {name} refused {given}{size}: {e}") from None

@@ -452,3 +452,12 @@ def test_check_start_refuses_skip_patterns_and_plain_epochs_a_run_would_find_too
     assert TrainConfig(batch_size=0).batch_for(cuda=False) == 128
     assert TrainConfig(batch_size=0).batch_for(cuda=True) == 512
     assert TrainConfig(batch_size=32).batch_for(cuda=True) == 32
+
+
+def test_a_model_whose_builder_cannot_run_on_the_meta_device_passes_the_start_check():
+    """torchvision's RegNets compute their widths with tensors: the size check's meta build
+    cannot tell, and the check leaves them to the real build instead of refusing them."""
+    from lorita.engine import preflight
+
+    cfg = TrainConfig(model="torchvision:regnet_y_400mf", dataset="digits", max_steps=1)
+    preflight.check_start(cfg)
