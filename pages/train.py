@@ -320,7 +320,8 @@ def _status_line(v: jobs.JobView) -> None:
         st.info("Starting the training process…", icon=STATE_ICON["starting"])
     elif v.state == "failed":
         st.error(f"The run failed: {v.message or 'no message'}", icon=STATE_ICON["failed"])
-        st.caption(f"Full output of the training process: `{jobs.log_path(v.name)}`")
+        if jobs.log_path(v.name).is_file():  # (a run started from the command line has none)
+            st.caption(f"Full output of the training process: `{jobs.log_path(v.name)}`")
     elif v.state == "stopped":
         text = v.message[:1].upper() + v.message[1:] if v.message else "Stopped"
         st.warning(f"{text.rstrip('.')}.", icon=STATE_ICON["stopped"])

@@ -411,6 +411,14 @@ def test_train_shows_a_failed_run_message(runs_dir):
     at = open_page("train", run=N1)
     assert not at.exception
     assert any("DatasetUnavailable: put the files" in e.value for e in at.error)
+    # a run started from the command line has no app log: no pointer to a missing file
+    assert not any("Full output of the training process" in c.value for c in at.caption)
+    from app import jobs
+
+    jobs.log_path(N1, runs_dir).parent.mkdir(exist_ok=True)
+    jobs.log_path(N1, runs_dir).write_text("Traceback ...\nDatasetUnavailable: put the files\n")
+    at = open_page("train", run=N1)
+    assert any("Full output of the training process" in c.value for c in at.caption)
 
 
 # --- runs -------------------------------------------------------------------------------------
