@@ -831,8 +831,7 @@ def _train_config_from_run(run, args):
         flags = ", ".join(_FLAG_NAMES.get(k, ("--" + k.replace("_", "-"),))[0] for k in other)
         flags = flags or "--config / --model-arg / --data-arg"
         raise UsageError(
-            f"--resume takes the run's own config; drop the training flags that change it "
-            f"({flags})"
+            f"--resume takes the run's own config; drop the training flags that change it ({flags})"
         )
     return TrainConfig.from_dict(run.config)
 
@@ -1213,7 +1212,32 @@ def _compressor(args, *, cut: bool = True):
     run = _get_run(args, args.run)
     _require_checkpoint(run, args.which)
     _say_if_unfinished(run, args.which)
+    _check_rank_names(run, args)
     return Compressor(run, which=args.which, layers=None if cut else [])
+
+
+def _check_rank_names(run, args) -> None:
+    """``ranks:`` names checked against the checkpoint's layers at once (the session's SVDs
+    and evaluation take a minute on a deep network), the output layer refused as the command
+    line always leaves it whole."""
+    from .kinds import find_output_layer, iter_layers
+    from .truncation import Ranks
+
+    policy = getattr(args, "policy", None)
+    if not isinstance(policy, Ranks):
+        return
+    model = run.load_model(args.which)
+    names = [n for n, _ in iter_layers(model)]
+    unknown = [n for n in policy.ranks if n not in names]
+    if unknown:
+        shown = ", ".join(names[:10]) + (f", ... ({len(names)} in all)" if len(names) > 10 else "")
+        raise UsageError(f"ranks: unknown layer name(s) {unknown}; layers are: {shown}")
+    head, _ = find_output_layer(model, None)
+    if head in policy.ranks:
+        raise UsageError(
+            f"ranks: {head!r} is the output layer, which the command line leaves out of every "
+            "cut (cutting it below its number of outputs merges them)"
+        )
 
 
 def _say_if_unfinished(run, which: str) -> None:

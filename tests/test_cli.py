@@ -516,6 +516,20 @@ def test_export_takes_the_policy_flags_of_compress(runs_dir, tmp_path, capsys):
     )
 
 
+def test_compress_checks_rank_names_before_the_session_loads(runs_dir, capsys, monkeypatch):
+    """A typo in ranks: (or the output layer, which the command line keeps whole) is refused
+    before the SVDs and the evaluation of the uncut model."""
+    import lorita.compress
+
+    def no_session(*a, **kw):
+        raise AssertionError("the session was opened before the names were checked")
+
+    monkeypatch.setattr(lorita.compress.Compressor, "__init__", no_session)
+    base = ["compress", "r1", "--runs-dir", str(runs_dir), "--no-latency", "--policy"]
+    _one_line_error(capsys, [*base, "ranks:nope=4"], "unknown layer name(s) ['nope']", "fc1")
+    _one_line_error(capsys, [*base, "ranks:head=1"], "'head' is the output layer")
+
+
 def test_compress_says_when_the_run_did_not_complete(runs_dir, capsys):
     from lorita.runs import Run
 
