@@ -1312,6 +1312,8 @@ def cmd_compress(args) -> int:
         with _writing("--out"):
             save(res.model, args.out, metadata=meta, fold_bn=args.fold_bn, input_shape=_shape(cz))
         out["out"] = str(args.out)
+        if args.fold_bn:  # BatchNorm folded: fewer parameters than "after" counts
+            out["out_params"] = _file_params(args.out)
     if args.json:
         print(json.dumps(out, indent=1))
         return 0
@@ -1490,7 +1492,21 @@ def _print_compress(out: dict, args) -> None:
         )
     _print_notes(plan)
     if out.get("out"):
-        print(f"saved {out['out']}")
+        kept = out.get("out_params")
+        folded = (
+            f" ({kept:,} parameters: BatchNorm folded into the layer before it; the counts "
+            "above are before folding)"
+            if kept is not None and kept != out["after"].get("params")
+            else ""
+        )
+        print(f"saved {out['out']}{folded}")
+
+
+def _file_params(path) -> int:
+    """How many parameters the model in a file written by ``save`` has."""
+    from .export import load
+
+    return sum(p.numel() for p in load(path).parameters())
 
 
 def _latency_words(before: dict | None, after: dict | None) -> str:

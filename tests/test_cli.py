@@ -372,6 +372,8 @@ def test_compress_max_drop_finetune_and_save(runs_dir, tmp_path, capsys):
     assert "params" in out and "FLOPs" in out and "val acc" in out and "test acc" in out
     assert "ranks kept" in out and f"saved {dest}" in out and "energy rank (99%" in out
     small = lt.load(dest)
+    kept = sum(p.numel() for p in small.parameters())  # BatchNorm folded: the file's own count
+    assert f"({kept:,} parameters: BatchNorm folded into the layer before it" in out
     assert small.lorita_spec["metadata"]["run"] == "r1"
     assert main(["compress", "r1", "--max-drop", "1", "--json", "--runs-dir", str(runs_dir)]) == 0
     res = json.loads(capsys.readouterr().out)
