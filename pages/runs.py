@@ -16,7 +16,8 @@ def _default_pick(rows: list[dict]) -> list[str]:
         if partner:
             pick.append(partner)
         return pick
-    return names[:2]
+    whole = [r["name"] for r in rows if not r.get("broken")]  # a broken folder draws nothing
+    return (whole or names)[:2]
 
 
 def _delete_section(names: list[str]) -> None:

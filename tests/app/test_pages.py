@@ -479,6 +479,8 @@ def test_a_run_that_trains_is_not_offered_for_deletion_and_a_refusal_is_drawn_wh
 
 
 def test_a_broken_run_folder_is_listed_beside_the_others(runs_dir):
+    import shutil
+
     """A folder whose config.json is not JSON has no creation time; the table still shows
     every run, the broken one with its state."""
     (runs_dir / "broken").mkdir()
@@ -489,6 +491,15 @@ def test_a_broken_run_folder_is_listed_beside_the_others(runs_dir):
     assert set(table["run"]) == {N3, N1, "broken"}
     created = dict(zip(table["run"], table["created"], strict=True))
     assert created["broken"] == "" and created[N3].startswith("20")
+    # the newest folders broken (status.json unreadable: dated by their config's mtime, now):
+    # the overlay opens on runs it can draw, not on them
+    for name in ("broken2", "broken3"):
+        shutil.copytree(runs_dir / N3, runs_dir / name)
+        (runs_dir / name / "status.json").write_text("\x00garbage")
+    at = open_page("runs")
+    assert_clean(at)
+    assert at.dataframe[0].value["run"][0].startswith("broken")  # the newest rows
+    assert set(at.multiselect(key="runs.pick").value) == {N3, N1}
 
 
 def test_runs_empty(empty_runs):
