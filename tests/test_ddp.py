@@ -33,27 +33,19 @@ FLAGS = [
 ]
 
 
+def _torchrun(runs: Path, name: str, *flags: str) -> tuple[dict, list[str]]:
+    """The environment and command line of ``lorita train`` in two gloo processes."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    run = ["torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    return env, [sys.executable, "-m", *run, "-m", "lorita", "train", "--runs-dir", str(runs),
+                 "--name", name, *flags]  # fmt: skip
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("plain", [[], ["--plain-epochs", "1"]], ids=["composed", "plain first"])
 def test_torchrun_two_gloo_processes_match_one_process(tmp_path, plain):
     """With a plain epoch first, the composed model is wrapped in DDP anew at the switch."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        "-m",
-        "lorita",
-        "train",
-        "--runs-dir",
-        str(tmp_path),
-        "--name",
-        "ddp",
-        *FLAGS,
-        *plain,
-    ]
+    env, cmd = _torchrun(tmp_path, "ddp", *FLAGS, *plain)
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().splitlines()[-1] == str(tmp_path / "ddp")  # rank 0 alone prints
@@ -87,31 +79,8 @@ def test_a_process_killed_under_torchrun_fails_the_run_with_one_line(tmp_path):
 
     import psutil
 
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        "-m",
-        "lorita",
-        "train",
-        "--runs-dir",
-        str(tmp_path),
-        "--name",
-        "dk",
-        "--model-arg",
-        "width=32",
-        "--lr",
-        "0.001",
-        "--epochs",
-        "200",
-        "--spectra-every",
-        "0",
-        "--device",
-        "cpu",
-    ]  # fmt: skip (a run that trains on quietly until it is cut short)
+    flags = ["--model-arg", "width=32", "--lr", "0.001", "--epochs", "200", "--spectra-every", "0"]
+    env, cmd = _torchrun(tmp_path, "dk", *flags, "--device", "cpu")  # trains on until cut short
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         status, deadline = tmp_path / "dk" / "status.json", time.time() + 180
