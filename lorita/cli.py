@@ -1475,6 +1475,7 @@ def _print_compress(out: dict, args) -> None:
     print(_table([row("before", before), row("after", after), ratio], header))
     if lat:
         print(_latency_words(before.get("latency_as"), after.get("latency_as")))
+        _say_if_slower(before, after, args)
     plan, spectra = after["plan"], out["spectra"]
     _print_layers("ranks kept", {n: f"{p['rank']}/{p['full']}" for n, p in plan.items()})
     if spectra:
@@ -1507,6 +1508,21 @@ def _file_params(path) -> int:
     from .export import load
 
     return sum(p.numel() for p in load(path).parameters())
+
+
+def _say_if_slower(before: dict, after: dict, args) -> None:
+    """A note when the cut measured slower than the original at a batch size, with the flags
+    that choose each layer's form by measured time at that batch instead."""
+    if getattr(args, "form_by", "flops") == "latency":
+        return
+    for b in (1, 64):
+        key = f"latency_b{b}_ms"
+        if after[key] > before[key] * 1.05:
+            print(
+                f"note: at batch {b} the cut measured slower than the original "
+                f"({100 * after[key] / before[key]:.0f}%): the forms were chosen by FLOPs; "
+                f"--form-by latency --form-batch {b} keeps a thin layer only where it is faster"
+            )
 
 
 def _latency_words(before: dict | None, after: dict | None) -> str:

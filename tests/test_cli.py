@@ -532,6 +532,25 @@ def test_compress_checks_rank_names_before_the_session_loads(runs_dir, capsys, m
     _one_line_error(capsys, [*base, "ranks:head=1"], "'head' is the output layer")
 
 
+def test_compress_says_when_the_cut_measured_slower(runs_dir, capsys, monkeypatch):
+    """Forms chosen by FLOPs can be slower at batch 1 (two small layers cost more than one):
+    the output says so and names the flags that choose by measured time."""
+    import lorita.cli as cli
+
+    as_deployed = {"batchnorm": 0, "batchnorm_folded": 0, "memory_format": "contiguous"}
+    times = iter([(1.0, 10.0), (1.8, 5.0)])  # before, after: slower at 1, faster at 64
+
+    def timed(model, example):
+        b1, b64 = next(times)
+        return {"latency_b1_ms": b1, "latency_b64_ms": b64, "latency_as": as_deployed}
+
+    monkeypatch.setattr(cli, "_latency", timed)
+    assert main(["compress", "r1", "--runs-dir", str(runs_dir), "--uniform", "0.5"]) == 0
+    out = capsys.readouterr().out
+    assert "note: at batch 1 the cut measured slower than the original (180%)" in out
+    assert "--form-by latency --form-batch 1" in out and "at batch 64 the cut" not in out
+
+
 def test_compress_says_when_the_run_did_not_complete(runs_dir, capsys):
     from lorita.runs import Run
 
