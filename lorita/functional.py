@@ -19,6 +19,7 @@ __all__ = [
     "product_flops",
     "prefer_product",
     "balanced_factors",
+    "at_rounding_level",
     "svd64",
     "schatten",
     "factor_penalty",
@@ -96,6 +97,14 @@ def svd64(w: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     nonzero = (s > 0).unsqueeze(-1)
     vh = torch.where(nonzero, scaled / torch.where(nonzero, s.unsqueeze(-1), 1.0), 0.0)
     return u, s, vh
+
+
+def at_rounding_level(s: Tensor, size: int, dtype: torch.dtype) -> Tensor:
+    """Which singular values ``s`` (of a matrix whose larger side is ``size``, held in
+    ``dtype``) are zero up to rounding: at most size x dtype's epsilon x the largest, the
+    numerical rank's rule (a weight cut to rank r keeps its dropped values near 1e-8 in
+    float32, not 0)."""
+    return s <= size * torch.finfo(dtype).eps * s.max()
 
 
 def balanced_factors(w: Tensor, n: int, inner: int | None = None) -> list[Tensor]:

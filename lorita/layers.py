@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .functional import balanced_factors, chain_product, prefer_product
+from .functional import at_rounding_level, balanced_factors, chain_product, prefer_product
 
 __all__ = [
     "FactorLinear",
@@ -100,7 +100,7 @@ def _split(w: Tensor, n: int, inner: int) -> list[Tensor]:
     if n == 1:
         return mats
     sigma = mats[0].double().norm(dim=1).pow(n)  # row i of W_1 is sigma_i^(1/n) v_i
-    null = sigma <= max(w.shape) * torch.finfo(w.dtype).eps * float(sigma.max())  # (inner,)
+    null = at_rounding_level(sigma, max(w.shape), w.dtype)  # (inner,)
     if bool(null.any()):
         fan_in = w.shape[1]
         fill = _default_init_(mats[0].new_empty(int(null.sum()), fan_in))

@@ -27,6 +27,7 @@ from . import inputs, kinds
 from .clone import clone_model
 from .convert import iter_layers, merge_model
 from .cost import Cost, attention_projection_flops, count_cost
+from .functional import at_rounding_level
 from .kinds import detect_direct
 from .layers import is_thin
 from .spectra import energy_rank
@@ -466,12 +467,8 @@ def _vector_dtype(model: nn.Module) -> torch.dtype:
 
 def _rank_at_most(sv: Tensor, r: int, size: int) -> bool:
     """Whether singular values ``sv`` (..., p) of (m, k) matrices, ``size`` = max(m, k), are at
-    rounding level beyond the r-th (at most size x float32's epsilon x the largest: a float32
-    weight of rank r)."""
-    if r >= sv.shape[-1]:
-        return True
-    eps = torch.finfo(torch.float32).eps
-    return bool((sv[..., r:] <= size * eps * sv.max()).all())
+    rounding level beyond the r-th, as in a float32 weight of rank r."""
+    return bool(at_rounding_level(sv, size, torch.float32)[..., r:].all())
 
 
 class SVDCache:
