@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from lorita.io import write_json
-from lorita.runs import ACTIVE, STATES, WAITING_FOR_SLOT, validate_name
+from lorita.runs import ACTIVE, STATES, WAITING_FOR_SLOT, config_row, validate_name
 
 RUNS_ENV = "LORITA_RUNS"
 MAX_CONCURRENT_ENV = "LORITA_MAX_CONCURRENT"  # training runs at once (default 1 per device)
@@ -40,6 +40,7 @@ APP_DIR = ".app"  # <runs>/.app/<name>.json (the request) and <name>.log (the ch
 FINISHED = tuple(s for s in STATES if s not in ACTIVE)  # completed, failed, stopped
 #: a child of this server that has not made its run folder yet (list_runs, JobView)
 STARTING = "starting"
+LIVE = (STARTING, *ACTIVE)  # starting, queued or training: not finished
 
 # name -> Popen for the children this server started (lost on restart; the folder is the truth)
 _PROCS: dict[tuple[str, str], subprocess.Popen] = {}
@@ -104,7 +105,7 @@ def machine_info(root: str | Path | None = None) -> dict[str, Any]:
         "device": device_label(),
         "runs_dir": str(root),
         "n_runs": len(runs),
-        "n_active": sum(1 for r in runs if r["state"] in (STARTING, *ACTIVE)),
+        "n_active": sum(1 for r in runs if r["state"] in LIVE),
         "max_concurrent": max_concurrent(),
     }
 
@@ -153,10 +154,22 @@ def start(
     config = validate(config)
     root = Path(root) if root is not None else runs_dir()
     check_writable(root)
+    name = _request(root, config, name)
+    try:
+        _spawn(name, root, concurrent)
+    except OSError:
+        app_file(name, ".json", root).unlink(missing_ok=True)
+        raise
+    return name
+
+
+def _request(root: Path, config: dict[str, Any], name: str | None) -> str:
+    """Claim a name (:func:`_claim_name`) and write the request ``.app/<name>.json`` there;
+    a request that cannot be written (a full disk) leaves no empty file holding the name."""
     name = _claim_name(root, config, name)
     try:
-        _spawn(config, name, root, concurrent)
-    except OSError:  # (a full disk): no empty request left holding the name
+        write_json(app_file(name, ".json", root), config)
+    except OSError:
         app_file(name, ".json", root).unlink(missing_ok=True)
         raise
     return name
@@ -177,12 +190,9 @@ def check_writable(root: Path) -> None:
         ) from None
 
 
-def _spawn(
-    config: dict[str, Any], name: str, root: Path, concurrent: int | None
-) -> subprocess.Popen:
-    """Write the request of the claimed ``name`` and start its child."""
+def _spawn(name: str, root: Path, concurrent: int | None) -> subprocess.Popen:
+    """Start the child of the request ``name`` (:func:`_request`)."""
     config_path = app_file(name, ".json", root)
-    write_json(config_path, config)
     env = dict(os.environ)
     # The child must import this checkout's `lorita` whatever the server's working directory.
     repo = str(Path(__file__).resolve().parents[1])
@@ -305,28 +315,20 @@ def start_pair(
     if baseline is None:
         return name, None
     root_p = Path(root) if root is not None else runs_dir()
-    base_name = _claim_name(root_p, baseline, None)
-    write_json(app_file(base_name, ".json", root_p), baseline)
+    base_name = _request(root_p, baseline, None)
     with _PENDING_LOCK:
         _PENDING[(str(root_p), base_name)] = {"stop": False}
     _STARTED_BASELINE[(str(root_p), name)] = base_name
     threading.Thread(
         target=_start_after,
-        args=(name, baseline, base_name, root_p, concurrent, wait_s),
+        args=(name, base_name, root_p, concurrent, wait_s),
         daemon=True,
         name=f"start {base_name}",
     ).start()
     return name, base_name
 
 
-def _start_after(
-    first: str,
-    config: dict[str, Any],
-    name: str,
-    root: Path,
-    concurrent: int | None,
-    wait_s: float,
-) -> None:
+def _start_after(first: str, name: str, root: Path, concurrent: int | None, wait_s: float) -> None:
     """Start the claimed run ``name`` once ``first`` has made its folder (or its child ended,
     or ``wait_s`` passed); a stop asked meanwhile is passed on to the new child."""
     key = (str(root), name)
@@ -337,7 +339,7 @@ def _start_after(
             break
         time.sleep(0.1)
     try:
-        proc = _spawn(config, name, root, concurrent)
+        proc = _spawn(name, root, concurrent)
     except (OSError, ValueError) as exc:  # no process: the page shows it failed, and why
         with contextlib.suppress(OSError), open(log_path(name, root), "a") as log:
             log.write(f"could not start the training process: {exc}\n")
@@ -383,7 +385,7 @@ class JobView:
 
     @property
     def active(self) -> bool:
-        return self.state in (STARTING, *ACTIVE)
+        return self.state in LIVE
 
     @property
     def finished(self) -> bool:
@@ -570,9 +572,7 @@ def _starting_rows(root: Path, made: set[str]) -> list[dict[str, Any]]:
         cfg = cfg if isinstance(cfg, dict) else {}
         rows.append({
             "name": name, "state": STARTING, "message": "starting the training process…",
-            **{k: cfg.get(k) for k in ("dataset", "model", "n_factors", "init", "optimizer")},
-            **{k: cfg.get(k) for k in ("lr", "weight_decay", "epochs", "seed")},
-            "plain_epochs": cfg.get("plain_epochs", 0), "step": 0, "created": created,
+            **config_row(cfg), "step": 0, "created": created,
         })  # fmt: skip
     return sorted(rows, key=lambda r: (r["created"] or 0, r["name"]), reverse=True)
 
@@ -642,7 +642,7 @@ def default_follow(rows: list[dict[str, Any]]) -> str | None:
     """With nothing chosen yet (``rows`` newest first): the newest active composed (N>1) run,
     whose panel also shows its N=1 baseline (started after it, so newer, and queued behind
     it); else the newest active run; else the newest composed run."""
-    active = [r for r in rows if r.get("state") in (*ACTIVE, STARTING)]
+    active = [r for r in rows if r.get("state") in LIVE]
     composed = [r for r in rows if (r.get("n_factors") or 1) > 1]
     ordered = [r for r in active if r in composed] + active + composed
     return ordered[0]["name"] if ordered else None

@@ -328,9 +328,7 @@ class Run:
             "state": st.get("state"),
             "message": str(st.get("message") or ""),
             "broken": broken,
-            **{k: cfg.get(k) for k in ("dataset", "model", "n_factors", "init", "optimizer")},
-            **{k: cfg.get(k) for k in ("lr", "weight_decay", "epochs", "seed")},
-            "plain_epochs": cfg.get("plain_epochs", 0),
+            **config_row(cfg),
             **{k: st.get(k) for k in ("step", "total_steps", "created", "started", "ended")},
             "best_val_acc": res.get("best_val_acc", best.get("acc")),
             "best_step": res.get("best_step", best.get("step")),
@@ -605,6 +603,13 @@ def _listing_stamp(root: Path) -> int | None:
         return root.stat().st_mtime_ns
     except OSError:
         return None
+
+
+def config_row(cfg: dict) -> dict:
+    """The settings columns of a run's table row (:meth:`Run.summary`), from its config."""
+    keys = ("dataset", "model", "n_factors", "init", "optimizer", "lr", "weight_decay")
+    return {**{k: cfg.get(k) for k in (*keys, "epochs", "seed")},
+            "plain_epochs": cfg.get("plain_epochs", 0)}  # fmt: skip
 
 
 def _is_run_folder(path: Path) -> bool:

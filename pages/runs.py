@@ -119,7 +119,7 @@ def main() -> None:
         st.page_link("pages/train.py", label="Start one on the Train page", icon="🏋️")
         return
     for row in rows:
-        if row.get("state") in (jobs.STARTING, *jobs.ACTIVE):
+        if row.get("state") in jobs.LIVE:
             total = f"/{row['total_steps']}" if row.get("total_steps") else ""
             st.info(f"Training now: **{row['name']}** ({row['state']}, step "
                     f"{row.get('step') or 0}{total})", icon="▶️")  # fmt: skip

@@ -316,7 +316,7 @@ def _status_line(v: jobs.JobView) -> None:
         )
     elif v.state == "queued":
         st.info("Preparing: loading the data and building the model…", icon=STATE_ICON["queued"])
-    elif v.state == "starting":
+    elif v.state == jobs.STARTING:
         st.info("Starting the training process…", icon=STATE_ICON["starting"])
     elif v.state == "failed":
         st.error(f"The run failed: {v.message or 'no message'}", icon=STATE_ICON["failed"])
@@ -465,7 +465,7 @@ def _follow() -> None:
 def _other_training(runs: list[dict], followed: str) -> None:
     """Following a finished run while another one trains (a refresh just after Start, a
     second tab): say so, so that nobody starts it twice."""
-    busy = [r for r in runs if r.get("state") in (jobs.STARTING, *jobs.ACTIVE)]
+    busy = [r for r in runs if r.get("state") in jobs.LIVE]
     busy = [r for r in busy if r["name"] not in (followed, jobs.baseline_of(followed))]
     if busy:
         now = ", ".join(f"**{r['name']}** ({r['state']})" for r in busy[:3])

@@ -208,7 +208,7 @@ def test_a_baseline_still_starting_is_followed_with_its_run(seeded_store, tmp_pa
     def fake_claim(root, config, name):
         return "late-n1"
 
-    def fake_spawn(config, name, root, concurrent):
+    def fake_spawn(name, root, concurrent):
         jobs._PROCS[(str(root), name)] = Starting()
         return jobs._PROCS[(str(root), name)]
 
