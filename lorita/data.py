@@ -1191,12 +1191,17 @@ def training_count(name: str, **options) -> int | None:
     if not entry.takes_path:
         return None
     n = {k: len(v) for k, v in _scan_folder(name).parts.items()}
-    left = n["train"]
-    if "test" not in n:
-        left -= _held_out(left, full["test_fraction"])
-    if "val" not in n:
-        left -= _held_out(left, VAL_FRACTION)
-    return max(0, left)
+    return _split_counts(n, full["test_fraction"])[0]
+
+
+def _split_counts(n: dict[str, int], test_fraction: float) -> tuple[int, int, int]:
+    """(train, validation, test) images of a folder whose sub-folders hold ``n`` (a ``train``
+    count, and ``val`` / ``test`` where it has them): what is not in a sub-folder of its own
+    is carved out of train, test first, as loading does."""
+    n_test = n.get("test") or _held_out(n["train"], test_fraction)
+    n_val = n.get("val") or _held_out(n["train"] - (0 if "test" in n else n_test), VAL_FRACTION)
+    left = n["train"] - (0 if "test" in n else n_test) - (0 if "val" in n else n_val)
+    return max(0, left), n_val, n_test
 
 
 def _folder_shape(name: str, **o) -> tuple[int, int, int]:
@@ -1211,8 +1216,7 @@ def _check_folder(name: str, root: Path, download: bool, **o) -> str:
     n = {k: len(v) for k, v in scan.parts.items()}
     parts = ", ".join(f"{k} {v}" for k, v in n.items())
     note = f"folder {scan.root}: {len(scan.classes)} classes, {scan.count()} images ({parts})"
-    n_test = n.get("test") or _held_out(n["train"], o["test_fraction"])
-    n_val = n.get("val") or _held_out(n["train"] - (0 if "test" in n else n_test), VAL_FRACTION)
+    _, n_val, n_test = _split_counts(n, o["test_fraction"])
     few = few_to_measure(n_val, n_test, len(scan.classes))
     if few:
         note += "; " + few.replace("validation holds", "validation would hold about", 1)
