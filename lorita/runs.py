@@ -415,10 +415,9 @@ class Run:
         """The dataset splits this run trained on (same validation carve-out)."""
         cfg = self.config
         if "dataset" not in cfg:
-            broken = self.problem()
-            why = broken if broken and broken.startswith("config.json") else "has no dataset"
-            why = why.removeprefix("config.json ")
-            raise ValueError(f"run {self.name!r}: config.json {why}")
+            broken = self.problem()  # (config.json missing or unreadable, rather)
+            why = broken if broken and broken.startswith("config.json") else None
+            raise ValueError(f"run {self.name!r}: {why or 'config.json has no dataset'}")
         return load_splits(cfg)
 
     # -- the writer (the training process only)
@@ -750,8 +749,7 @@ class RunStore:
         if failed:
             warnings.warn(
                 f"run {name!r} is deleted, but {len(failed)} of its files or folders could not be "
-                f"removed "
-                f"from {str(aside)!r}, e.g. {failed[0]}",
+                f"removed from {str(aside)!r}, e.g. {failed[0]}",
                 stacklevel=2,
             )
 
