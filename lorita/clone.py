@@ -29,11 +29,18 @@ def _non_leaves(value, found: dict[int, torch.Tensor], depth: int = 0) -> None:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The module a ``torch.compile(model)`` wrapper holds; ``model`` itself otherwise."""
-    inner = getattr(model, "_orig_mod", None)
-    while isinstance(inner, nn.Module) and type(model).__name__ == "OptimizedModule":
-        model, inner = inner, getattr(inner, "_orig_mod", None)
-    return model
+    """The module a ``torch.compile(model)``, ``nn.DataParallel`` or
+    ``DistributedDataParallel`` wrapper holds (its layers are the model's, without the
+    ``module.`` prefix); ``model`` itself otherwise."""
+    while True:
+        if type(model).__name__ == "OptimizedModule" and isinstance(
+            getattr(model, "_orig_mod", None), nn.Module
+        ):
+            model = model._orig_mod
+        elif isinstance(model, nn.DataParallel | nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model
 
 
 @contextmanager

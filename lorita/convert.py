@@ -22,6 +22,7 @@ from .kinds import (
     ORDERS,
     TIED,
     LayerEntry,
+    check_finite,
     detect_direct,
     guess_example_inputs,
     layer_table,
@@ -202,6 +203,7 @@ def overparameterize(
         if why is not None:
             summary.append({**row, "action": "left", "why": why})
             continue
+        check_finite(e.module, e.name)
         width = e.kind.paper_inner(e.module) if inner == "paper" else None
         layer = e.kind.compose(e.module, n_factors, init=init, inner=width, order=order)
         composed.append((e.name, like(e.module, layer)))

@@ -317,7 +317,9 @@ class TensorDataset(Dataset):
     what the training loop uses (a ``BatchSampler`` as the DataLoader's sampler).
 
     Args:
-        x: inputs (N, C, H, W), uint8 (scaled by 1/255) or float.
+        x: inputs (N, C, H, W), uint8 (scaled by 1/255) or float; or any other (N, ...)
+            tensor (features, token ids: integers other than uint8 are passed as they are)
+            without ``mean``, ``std`` and ``augment``.
         y: targets, int64 class indices (N,) or float regression targets (N, K).
         mean, std: per-channel normalisation (C,), or None for none.
         augment: random crop (padding 4 at 32 px) + horizontal flip, applied per batch.
@@ -332,8 +334,14 @@ class TensorDataset(Dataset):
         std: torch.Tensor | None = None,
         augment: bool = False,
     ) -> None:
-        assert x.ndim == 4 and len(x) == len(y)
-        self.x = x  # (N, C, H, W)
+        if len(x) != len(y):
+            raise ValueError(f"y: expected {len(x)} targets, one per input, got {len(y)}")
+        if (augment or mean is not None) and x.ndim != 4:
+            raise ValueError(
+                f"x: augmentation and per-channel normalisation need images (N, C, H, W), got "
+                f"shape {tuple(x.shape)}"
+            )
+        self.x = x  # (N, C, H, W) images, or (N, ...) other inputs
         self.y = y
         self.mean = mean
         self.std = std
@@ -351,7 +359,10 @@ class TensorDataset(Dataset):
         single = isinstance(index, int | np.integer)
         idx = torch.as_tensor([index] if single else index, dtype=torch.long)
         x = self.x[idx]
-        x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+        if x.dtype == torch.uint8:
+            x = x.float().div_(255.0)
+        elif x.is_floating_point():
+            x = x.float()  # (other integer inputs, token ids, stay as they are)
         if self.mean is not None:
             x = (x - self.mean.view(1, -1, 1, 1)) / self.std.view(1, -1, 1, 1)
         if self.augment:
@@ -397,7 +408,8 @@ class Splits:
 
     def preprocess(self) -> dict:
         """How to feed a model trained on these splits, as written into exported files and
-        checkpoints (JSON): the input shape (C, H, W), how raw inputs become values
+        checkpoints (JSON): the input shape (C, H, W) of one image (of one input: splits built
+        by hand may hold features or token ids), how raw inputs become values
         (``pixels``), then per channel ``(x - mean) / std`` (``normalize``; None when the run
         did not normalise), the class names where the dataset has them, and the task.
         Splits built by hand (a name that is not a dataset here) give no ``pixels``: only
@@ -409,7 +421,7 @@ class Splits:
             pixels = None
         return {
             "dataset": self.name,
-            "input_shape": [self.in_channels, self.image_size, self.image_size],
+            "input_shape": list(self.example_input(1).shape[1:]),  # (C, H, W) for images
             "pixels": pixels,
             "normalize": None
             if mean is None

@@ -887,9 +887,14 @@ def _load(header: dict, where: str, read_tensors, model: nn.Module | None):
     if not isinstance(model, nn.Module):
         raise _fail("model", f"expected an nn.Module, got {type(model).__name__}")
     check_initialised(unwrap(model), meta_ok=True)
-    _check_plain(unwrap(model), spec)
-    model = _apply_layers(unwrap(model), spec)
-    _check_against_file(model, shapes, "model")
+    other_class = _check_plain(unwrap(model), spec)
+    try:
+        model = _apply_layers(unwrap(model), spec)
+        _check_against_file(model, shapes, "model")
+    except ValueError as e:
+        raise ValueError(f"{e} ({other_class})" if other_class else str(e)) from None
+    if other_class:
+        warnings.warn(f"model: {other_class}; it is loaded as its layers match", stacklevel=3)
     on_meta = _on_meta(model)  # built without memory: the file's tensors become its own
     model = _finish(model, read_tensors(), where, assign=on_meta)
     if on_meta and _on_meta(model):
@@ -902,10 +907,10 @@ def _load(header: dict, where: str, read_tensors, model: nn.Module | None):
     return model
 
 
-def _check_plain(model: nn.Module, spec: dict) -> None:
+def _check_plain(model: nn.Module, spec: dict) -> str:
     """``load(path, model=...)`` takes the plain architecture the file was made from: refuse
-    a model already composed or cut (naming the layer), and warn when its class's name is
-    not the one the file records."""
+    a model already composed or cut (naming the layer). Returns what to say when its class's
+    name is not the one the file records (a warning once loaded; with the error if not)."""
     done = {**composed_layers(model), **{n: m for n, m in iter_layers(model) if is_thin(m)}}
     if done:
         name, layer = next(iter(done.items()))
@@ -918,11 +923,8 @@ def _check_plain(model: nn.Module, spec: dict) -> None:
     recorded = spec.get("arch", {}).get("class")
     name = type(model).__qualname__  # (the module may differ: saved from a script, say)
     if recorded and not (recorded == name or recorded.endswith("." + name)):
-        warnings.warn(
-            f"model: the file was saved from a {recorded}, this is a {name}; it is loaded as "
-            "its layers match the file's",
-            stacklevel=3,
-        )
+        return f"the file was saved from a {recorded}, this is a {name}"
+    return ""
 
 
 def is_lorita_file(path: str | os.PathLike) -> bool:
@@ -998,6 +1000,15 @@ def load_bytes(data: bytes, *, model: nn.Module | None = None) -> nn.Module:
 # --------------------------------------------------------------------------- ONNX
 
 
+def _runs_on(model: nn.Module, x: inputs.Example) -> bool:
+    try:
+        with torch.no_grad():
+            inputs.call(model, x)
+    except Exception:  # noqa: BLE001 - any refusal: it does not run on x either
+        return False
+    return True
+
+
 def onnx_input_names(x: inputs.Example) -> list[str]:
     """The graph's input names: ``input``, then ``input_1``, ``input_2``... for a model with
     several inputs; the argument names for keyword inputs (a dict)."""
@@ -1009,10 +1020,12 @@ def onnx_input_names(x: inputs.Example) -> list[str]:
 def onnx_output_names(out, taken: list[str] = ()) -> list[str]:
     """The graph's output names for what the model returns (``out``): ``output`` for one
     tensor; a dict's keys (nested ones joined by ``_``) for a dict; ``output``, ``output_1``...
-    for a tuple or list. Never one of the input names ``taken``."""
+    for a tuple or list; only its tensors (a ``None`` in a dict is no output). Never one of
+    the input names ``taken``."""
     from torch.utils._pytree import tree_flatten_with_path
 
-    leaves = tree_flatten_with_path(out)[0]
+    # what the graph outputs: the tensors (a None or a number the model returns is not one)
+    leaves = [(p, v) for p, v in tree_flatten_with_path(out)[0] if isinstance(v, torch.Tensor)]
     keyed = any(hasattr(k, "key") for path, _ in leaves for k in path)
     names: list[str] = []
     for i, (path, _) in enumerate(leaves):
@@ -1191,8 +1204,17 @@ def export_onnx(
     # torch.export specialises a batch of 1; trace with 2 so the batch axis stays dynamic
     x = inputs.rows(inputs.check_example(example_input), 2)
     deploy.eval()
-    with torch.no_grad(), inputs.refused():  # a clear error before the exporter's own
-        outputs = onnx_output_names(inputs.call(deploy, x), onnx_input_names(x))
+    try:
+        with torch.no_grad(), inputs.refused():  # a clear error before the exporter's own
+            outputs = onnx_output_names(inputs.call(deploy, x), onnx_input_names(x))
+    except ValueError:
+        if _runs_on(deploy, example_input):  # an input without a batch axis
+            raise ValueError(
+                f"example_input: the graph's first axis is the batch, and the model refuses "
+                f"2 rows of this input ({inputs.shape_words(example_input)}): give it a batch "
+                "axis (x[None]), or make the model accept one"
+            ) from None
+        raise
     external = tensor_bytes(deploy) > ONNX_INLINE_BYTES
     try:
         with warnings.catch_warnings(), _exporters_quiet():

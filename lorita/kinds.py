@@ -184,16 +184,35 @@ def _weight_hook(hook) -> bool:
     return isinstance(hook, (BasePruningMethod, WeightNorm, SpectralNorm))
 
 
+def _norm_hooks(module: nn.Module) -> list:
+    """The old-style ``torch.nn.utils.weight_norm`` / ``spectral_norm`` hooks of ``module``:
+    like a parametrization, they recompute its weight at every call."""
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    hooks = module._forward_pre_hooks.values()
+    return [h for h in hooks if isinstance(h, (WeightNorm, SpectralNorm))]
+
+
 def like(old: nn.Module, new: nn.Module) -> nn.Module:
     """``new`` (the layer replacing ``old``) in ``old``'s training mode, frozen
     (``requires_grad=False``) when every parameter of ``old`` was (a frozen backbone stays
-    frozen when composed, merged or cut), and with ``old``'s forward and backward hooks (a
-    user's hook keeps acting on the layer's output; hooks that recompute the weight are
-    dropped: their effect is in it). ``old`` is being replaced: its hook tables move."""
+    frozen when composed, merged or cut; a layer whose bias alone, or weight alone, was frozen
+    keeps its bias, or its weight's factors, frozen), and with ``old``'s forward and backward
+    hooks (a user's hook keeps acting on the layer's output; hooks that recompute the weight
+    are dropped: their effect is in it). ``old`` is being replaced: its hook tables move."""
     new.train(old.training)
-    params = list(old.parameters())
-    if params and not any(p.requires_grad for p in params):
+    params = dict(old.named_parameters())
+    bias = params.pop("bias", None)
+    weights = {p.requires_grad for p in params.values()}  # the weight, or its factors
+    flags = weights | ({bias.requires_grad} if bias is not None else set())
+    if flags == {False}:
         new.requires_grad_(False)
+    elif bias is not None and weights == {not bias.requires_grad}:
+        for name, p in new.named_parameters():
+            p.requires_grad_(
+                bias.requires_grad if name.rsplit(".", 1)[-1] == "bias" else any(weights)
+            )
     if any(getattr(old, t) for t in _HOOK_TABLES):
         for t in _HOOK_TABLES:  # the same tables: a user's handle.remove() still works
             table = getattr(old, t)
@@ -422,20 +441,23 @@ def _own_forward(module: nn.Module) -> str:
 
 class ParametrizedKind(Kind):
     """A layer whose weight is computed by a ``torch.nn.utils.parametrize`` parametrization
-    (weight_norm, spectral_norm, orthogonal, your own): left as it is, since composing it
+    (weight_norm, spectral_norm, orthogonal, your own) or by the old-style weight_norm /
+    spectral_norm hooks: left as it is, since composing it
     would replace what the parametrization computes and drop it from training."""
 
     name, label = "parametrized", "parametrized weight"
     composable = False
 
     def matches(self, module):
-        return isinstance(module, (*_PLAIN, nn.MultiheadAttention)) and (
-            parametrize.is_parametrized(module)
+        return isinstance(module, (*_PLAIN, nn.MultiheadAttention)) and bool(
+            parametrize.is_parametrized(module) or _norm_hooks(module)
         )
 
     def why(self, module) -> str:
+        given = getattr(module, "parametrizations", {})
         names = sorted(
-            {type(p).__name__.lstrip("_") for ps in module.parametrizations.values() for p in ps}
+            {type(p).__name__.lstrip("_") for ps in given.values() for p in ps}
+            | {type(h).__name__ for h in _norm_hooks(module)}
         )
         return (
             f"its weight is computed by a parametrization ({', '.join(names)}): "
@@ -720,9 +742,22 @@ def pooled_spectrum(s: Tensor) -> Tensor:
     return s.double().pow(2).mean(0).sqrt().to(s.dtype)
 
 
-def layer_svd(module: nn.Module) -> tuple[Tensor, Tensor, Tensor]:
+def layer_svd(module: nn.Module, name: str = "") -> tuple[Tensor, Tensor, Tensor]:
     """Thin SVD (float64) of the layer's matrices: U (G, m, k), S (G, k), Vh (G, k, n)."""
+    check_finite(module, name)
     return svd64(matrices(module))
+
+
+def check_finite(module: nn.Module, name: str = "") -> None:
+    """Refuse a layer whose parameters hold inf or NaN: it has no singular values, and
+    composing it would spread them (the usual cause: training diverged)."""
+    for pname, p in module.named_parameters():
+        if p.is_floating_point() and not p.is_meta and not bool(torch.isfinite(p).all()):
+            raise ValueError(
+                f"layer {name or type(module).__name__!r}: its parameter {pname!r} holds inf "
+                "or NaN (training diverged?); use a checkpoint from before, or train again "
+                "with a lower learning rate"
+            )
 
 
 # --------------------------------------------------------------------------- direct reads

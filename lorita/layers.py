@@ -92,7 +92,8 @@ def _split(w: Tensor, n: int, inner: int) -> list[Tensor]:
     descent never moves (a zero-initialised head would stay zero for ever); one with a
     singular value at rounding level (a weight cut to rank r before, in float32: about 1e-8)
     is as stuck, its factors' entries being its n-th root. Such directions (singular value
-    at most max(m, k) x the dtype's epsilon x the largest, the numerical rank's rule) get a
+    at most max(m, k) x epsilon x the largest, the numerical rank's rule, with float32's
+    epsilon for a half-precision weight) get a
     small random row in the first factor and 1 on the middle diagonals, the last factor
     keeping a zero column: the product changes by no more than rounding and the last
     factor's gradient is not zero."""
@@ -100,7 +101,10 @@ def _split(w: Tensor, n: int, inner: int) -> list[Tensor]:
     if n == 1:
         return mats
     sigma = mats[0].double().norm(dim=1).pow(n)  # row i of W_1 is sigma_i^(1/n) v_i
-    null = at_rounding_level(sigma, max(w.shape), w.dtype)  # (inner,)
+    # at float32's precision at least: bfloat16's rule (256 x 2^-8) would call every
+    # direction of a 256-wide weight null and zero the product
+    rule = torch.promote_types(w.dtype, torch.float32)
+    null = at_rounding_level(sigma, max(w.shape), rule)  # (inner,)
     if bool(null.any()):
         fan_in = w.shape[1]
         fill = _default_init_(mats[0].new_empty(int(null.sum()), fan_in))

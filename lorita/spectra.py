@@ -57,11 +57,12 @@ def layer_spectra(model: nn.Module, names: Iterable[str] | None = None) -> dict[
     square over its matrices (:func:`lorita.kinds.pooled_spectrum`), as it is cut at one rank.
     """
     with torch.no_grad():
-        return {name: module_spectrum(m) for name, m in _select(model, names).items()}
+        return {name: module_spectrum(m, name) for name, m in _select(model, names).items()}
 
 
-def module_spectrum(module: nn.Module) -> Tensor:
+def module_spectrum(module: nn.Module, name: str = "") -> Tensor:
     """One layer's singular values (descending, float32, CPU): the RMS over its matrices."""
+    kinds.check_finite(module, name)
     s = torch.linalg.svdvals(kinds.matrices(module).float().cpu())  # (G, k)
     return kinds.pooled_spectrum(s)
 

@@ -369,6 +369,11 @@ class Ranks(Policy):
             raise ValueError(
                 f"ranks: expected a dict {{layer_name: rank}}, got {type(self.ranks).__name__}"
             )
+        for n, r in self.ranks.items():  # the upper bound (the layer's full rank) at the cut
+            if not isinstance(n, str):
+                raise ValueError(f"ranks: expected layer names as keys, got {n!r}")
+            if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+                raise ValueError(f"ranks[{n!r}]: expected an integer >= 1, got {r!r}")
 
     def __str__(self) -> str:
         return "ranks:" + ",".join(f"{n}={r}" for n, r in self.ranks.items())
@@ -532,7 +537,7 @@ class SVDCache:
         vectors = _vector_dtype(self.model)
         with torch.no_grad():
             for n in names:  # (G, m, n) per layer: G groups / q, k, v share one rank
-                u, sv, vh = kinds.layer_svd(available[n])
+                u, sv, vh = kinds.layer_svd(available[n], n)
                 r = held.get(n, sv.shape[-1])  # beyond a held rank the values are zero
                 size = max(u.shape[-2], vh.shape[-1])
                 if n in recorded and recorded[n] < r and _rank_at_most(sv, recorded[n], size):

@@ -442,3 +442,27 @@ def test_a_truncated_model_file_is_named_and_said_truncated(tmp_path):
     path.write_bytes(path.read_bytes()[:-100])
     with pytest.raises(ValueError, match=r"^path '.*m\.safetensors': tensor .*is it truncated"):
         lt.load(path)
+
+
+def test_onnx_leaves_out_what_is_not_a_tensor_and_says_when_the_input_has_no_batch(tmp_path):
+    """A model returning {"logits": y, "loss": None} (a Hugging Face habit) or (None, y) gets
+    one output for its one tensor; an input without a batch axis (which the model runs on) is
+    named as such, not as a channel mismatch."""
+    ort = pytest.importorskip("onnxruntime")
+
+    class Named(nn.Module):
+        def __init__(self, as_dict):
+            super().__init__()
+            self.fc, self.as_dict = nn.Linear(8, 4), as_dict
+
+        def forward(self, x):
+            return {"logits": self.fc(x), "loss": None} if self.as_dict else (None, self.fc(x))
+
+    for as_dict, name in ((True, "logits"), (False, "output")):
+        path = lt.export_onnx(Named(as_dict), torch.randn(2, 8), tmp_path / f"{name}.onnx")
+        sess = ort.InferenceSession(str(path))
+        assert [o.name for o in sess.get_outputs()] == [name]
+        assert sess.run(None, {"input": np.zeros((5, 8), np.float32)})[0].shape == (5, 4)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(0), nn.Linear(8 * 6 * 6, 5))
+    with pytest.raises(ValueError, match=r"example_input: the graph's first axis is the batch"):
+        lt.export_onnx(net, torch.randn(3, 8, 8), tmp_path / "unbatched.onnx")

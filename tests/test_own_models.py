@@ -1,6 +1,8 @@
 """Hand-written models as users write them: hooks on layers, layers kept in plain lists,
 weights asked only for their device or dtype, a model cut before, and the errors users see."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.utils.prune as prune
@@ -228,7 +230,7 @@ def test_a_model_on_the_meta_device_or_one_that_cannot_be_copied_is_named():
         lt.overparameterize(Locked(), 3)
 
 
-def test_a_frozen_batchnorm_stays_frozen_and_a_dataparallel_model_keeps_its_function():
+def test_a_frozen_batchnorm_stays_frozen_and_a_dataparallel_model_keeps_its_function(tmp_path):
     """Fine-tuning often keeps a BatchNorm in eval mode inside a model that trains. Composing
     (which traces a forward pass), counting costs and evaluating run the model in eval mode,
     then give each module back its own mode, not the root's."""
@@ -251,9 +253,16 @@ def test_a_frozen_batchnorm_stays_frozen_and_a_dataparallel_model_keeps_its_func
     plain = nn.Sequential(*[m for m in net]).eval()  # the same layers, all in eval mode
     wrapped = nn.DataParallel(plain)  # the wrapper itself is made in training mode
     assert wrapped.training and not plain[1].training
-    composed = lt.overparameterize(wrapped, 3)
-    assert not composed.module[1].training
+    composed = lt.overparameterize(wrapped, 3)  # the model it holds, as for torch.compile
+    assert not isinstance(composed, nn.DataParallel) and not composed[1].training
     assert_close(composed(x), plain(x))
+    assert list(lt.layer_spectra(wrapped)) == ["0", "4"]  # its layers, without "module."
+    cut = lt.truncate(wrapped, lt.Uniform(0.5))
+    lt.save(cut, tmp_path / "cut.safetensors")  # loads into the plain model, not a wrapper
+    again = lt.load(
+        tmp_path / "cut.safetensors", model=nn.Sequential(*[copy.deepcopy(m) for m in net])
+    )
+    assert_close(again.eval()(x), cut.eval()(x))
 
 
 def test_evaluate_takes_a_module_like_callable():
@@ -333,3 +342,128 @@ def test_a_layer_under_two_names_is_composed_and_cut_once_for_both(tmp_path):
     back = lt.load(lt.save(small, tmp_path / "s.safetensors"), model=_Alias())
     assert back.a is back.b
     torch.testing.assert_close(back(x), small(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_half_precision_model_composes_to_the_same_function(dtype):
+    """The null directions of a weight are decided at float32's precision at least: with
+    bfloat16's own epsilon the rule (256 x 2^-8 > 1) took every direction of a 256-wide layer
+    as null and zeroed its product."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10)).to(dtype)
+    model = lt.overparameterize(net, 3)
+    for i in (0, 2):
+        w, merged = net[i].weight.float(), model[i].weight.float()
+        assert (merged - w).norm() / w.norm() < 0.02
+        assert bool(model[i].factors[-1].float().abs().sum(0).gt(0).all())  # no zeroed column
+
+
+def test_a_partly_frozen_layer_keeps_which_part_is_frozen():
+    """A frozen bias (or a frozen weight) stays frozen when the layer is composed, merged and
+    cut; before, only a layer frozen whole stayed so."""
+    net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    net[0].bias.requires_grad_(False)
+    net[2].weight.requires_grad_(False)
+    model = lt.overparameterize(net, 3)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    assert flags == {
+        "0.bias": False, "0.factors.0": True, "0.factors.1": True, "0.factors.2": True,
+        "2.bias": True, "2.factors.0": False, "2.factors.1": False, "2.factors.2": False,
+    }  # fmt: skip
+    merged = {n: p.requires_grad for n, p in lt.merge_model(model).named_parameters()}
+    assert merged == {"0.weight": True, "0.bias": False, "2.weight": False, "2.bias": True}
+    cut = {n: p.requires_grad for n, p in lt.truncate(model, lt.Uniform(0.5)).named_parameters()}
+    assert cut["0.second.bias"] is False and cut["0.first.weight"] is True
+    assert cut["2.second.bias"] is True and cut["2.first.weight"] is False
+
+
+def test_old_style_weight_and_spectral_norm_are_left_as_they_are(tmp_path):
+    """The hook-based torch.nn.utils.weight_norm / spectral_norm recompute the weight at every
+    call, as a parametrization does: composing the layer would drop them from training, so
+    it is left as it is, with the reason (as the parametrizations are)."""
+    from torch.nn.utils import spectral_norm, weight_norm
+
+    def build():
+        torch.manual_seed(0)
+        return nn.Sequential(
+            weight_norm(nn.Linear(8, 16)), nn.ReLU(), spectral_norm(nn.Linear(16, 16)),
+            nn.ReLU(), nn.Linear(16, 4),
+        )  # fmt: skip
+
+    with pytest.warns(FutureWarning):
+        net = build()
+    model = lt.overparameterize(net, 3)
+    rows = {r["name"]: r for r in model.lorita_summary["layers"]}
+    assert rows["0"]["action"] == rows["2"]["action"] == "left"
+    assert "WeightNorm" in rows["0"]["why"] and "SpectralNorm" in rows["2"]["why"]
+    assert rows["4"]["action"] == "composed"
+    assert any(type(h).__name__ == "WeightNorm" for h in model[0]._forward_pre_hooks.values())
+    x = torch.randn(3, 8)
+    lt.save(model.eval(), tmp_path / "m.safetensors")
+    with pytest.warns(FutureWarning):
+        back = lt.load(tmp_path / "m.safetensors", model=build()).eval()
+    assert_close(back(x), model(x))
+
+
+def test_weights_that_diverged_are_named_not_an_svd_error():
+    """inf or NaN in a layer has no SVD: spectra, cuts and composing name the layer and the
+    likely cause instead of torch's linalg error."""
+    net = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    model = lt.overparameterize(net, 3)
+    with torch.no_grad():
+        model[2].factors[0][0, 0] = float("inf")
+    for call in (lambda: lt.layer_spectra(model), lambda: lt.truncate(model, lt.Uniform(0.5))):
+        with pytest.raises(ValueError, match=r"layer '2'.*inf or NaN.*diverged"):
+            call()
+    with torch.no_grad():
+        net[4].weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"layer '4': its parameter 'weight' holds inf or NaN"):
+        lt.overparameterize(net, 3)
+
+
+def test_the_compressor_takes_splits_of_features_or_token_ids():
+    """Splits built by hand from torch TensorDatasets of features (N, F) or token ids (N, T)
+    compress and fine-tune: the ids stay integers, and the preprocess records the input's own
+    shape (it was a square image's before)."""
+    from torch.utils.data import TensorDataset
+
+    class Tokens(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.fc, self.head = nn.Embedding(50, 16), nn.Linear(16, 32), nn.Linear(32, 3)
+
+        def forward(self, ids):
+            return self.head(torch.relu(self.fc(self.emb(ids).mean(1))))
+
+    torch.manual_seed(0)
+    for make, net in (
+        (lambda n: (torch.randn(n, 20),), nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 3))),
+        (lambda n: (torch.randint(0, 50, (n, 7)),), Tokens()),
+    ):  # fmt: skip
+        parts = [TensorDataset(*make(n), torch.randint(0, 3, (n,))) for n in (64, 32, 32)]
+        splits = lt.Splits(*parts, in_channels=1, image_size=1, num_classes=3, name="mine")
+        cz = lt.Compressor(lt.overparameterize(net, 3), splits)
+        res = cz.finetune(cz.apply(lt.Budget(40)), epochs=1)
+        assert (
+            res.params_pct < 100 and res.finetune_epochs == 1 and 0 <= res.metrics["test_acc"] <= 1
+        )
+        assert cz.preprocess["input_shape"] == list(parts[0].tensors[0].shape[1:])
+
+
+def test_lorita_datasets_of_other_inputs_refuse_what_needs_images():
+    from lorita.data import TensorDataset
+
+    with pytest.raises(ValueError, match=r"y: expected 4 targets"):
+        TensorDataset(torch.zeros(4, 3, 8, 8), torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"x: augmentation .* need images"):
+        TensorDataset(torch.zeros(4, 5), torch.zeros(4, dtype=torch.long), augment=True)
+    ids = TensorDataset(torch.arange(8).view(4, 2), torch.zeros(4, dtype=torch.long))
+    assert ids[torch.arange(4)][0].dtype == torch.long
+
+
+def test_ranks_are_checked_when_the_policy_is_made():
+    for bad in ({"fc": 0}, {"fc": 2.5}, {"fc": -3}, {"fc": True}):
+        with pytest.raises(ValueError, match=r"ranks\['fc'\]: expected an integer >= 1"):
+            lt.Ranks(bad)
+    with pytest.raises(ValueError, match=r"ranks: expected layer names as keys"):
+        lt.Ranks({0: 2})

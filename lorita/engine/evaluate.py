@@ -105,7 +105,8 @@ def finetune(
     criterion = loss_fn(splits.task, label_smoothing)
     for ep in range(epochs):
         work.train()
-        splits.train.seed(seed * 1000 + ep)
+        if hasattr(splits.train, "seed"):  # lorita's datasets reseed their augmentation
+            splits.train.seed(seed * 1000 + ep)
         for idx in data_mod.batch_indices(
             len(splits.train), batch_size, generator=gen, drop_last=True
         ):

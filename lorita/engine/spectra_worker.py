@@ -27,7 +27,7 @@ def layer_singular_values(layers: dict[str, nn.Module]) -> dict[str, torch.Tenso
     try:
         with torch.no_grad():
             return {n: module_spectrum(m) for n, m in layers.items()}
-    except RuntimeError:  # e.g. a non-finite weight: nothing to show
+    except (RuntimeError, ValueError):  # e.g. a non-finite weight: nothing to show
         return None
 
 
