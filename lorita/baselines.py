@@ -180,6 +180,13 @@ def _check_pair(a: Compressor, b: Compressor) -> None:
                 f"baseline_run: trained on other data than the run ({', '.join(diff)} differ); "
                 "a comparison needs the same splits"
             )
+        other = [k for k in ("model", "model_kwargs") if (ca.get(k) or None) != (cb.get(k) or None)]
+        if other:
+            said = ", ".join(f"{k} {cb.get(k)!r} against {ca.get(k)!r}" for k in other)
+            raise ValueError(
+                f"baseline_run: another network than the run's ({said}); the baseline is the "
+                "same network trained with N=1"
+            )
     if a.example_input.shape != b.example_input.shape:
         raise ValueError("baseline_run: its inputs are shaped differently from the run's")
     if int(cb.get("n_factors", 1)) != 1:

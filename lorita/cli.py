@@ -482,7 +482,7 @@ def _add_finetune(p: argparse.ArgumentParser) -> None:
         "--finetune-lr",
         type=_number("--finetune-lr", "float", 1e-12, 10.0),
         metavar="LR",
-        help="fine-tuning learning rate in (0, 10] (default: the run's lr / 10)",
+        help="fine-tuning learning rate in [1e-12, 10] (default: the run's lr / 10)",
     )
 
 
@@ -511,7 +511,9 @@ def _budgets(s: str) -> list[float]:
     items = [t.strip() for t in _text("--budgets")(s).split(",")]
     if len(items) > _MAX_BUDGETS:
         raise argparse.ArgumentTypeError(f"at most {_MAX_BUDGETS} budgets")
-    conv = _number("--budgets", "float", 0.1, 100.0)
+    from .truncation import Budget
+
+    conv = _number("--budgets", "float", Budget.low, Budget.high)  # as --budget's
     return sorted({conv(t) for t in items})
 
 
@@ -547,7 +549,7 @@ def _add_compare(sub) -> None:
         type=_budgets,
         default=[5.0, 10.0, 20.0, 35.0, 50.0],
         metavar="P,P,...",
-        help="budgets in percent of --measure, each in [0.1, 100] (default 5,10,20,35,50)",
+        help="budgets in percent of --measure, each in [1, 100] (default 5,10,20,35,50)",
     )
     c.add_argument(
         "--measure",
@@ -1292,6 +1294,14 @@ def _chosen_cut(cz, args):
 
 
 def cmd_compress(args) -> int:
+    from .truncation import Budget
+
+    if isinstance(args.policy, Budget) and args.form == "dense":
+        raise UsageError(
+            "--form dense: a budget counts the thin form's size, and a dense weight keeps its "
+            "size; cut with --form low_rank (the default), or write the budget's ranks dense "
+            "with lorita export RUN --budget P --form dense"
+        )
     cz = _compressor(args)
     res = _chosen_cut(cz, args)
     if args.finetune_epochs:
@@ -1556,7 +1566,10 @@ def cmd_compare(args) -> int:
     run = _get_run(args, args.run)
     _require_composed(run)
     if args.baseline is not None:
-        baseline = _get_run(args, args.baseline)
+        try:
+            baseline = _get_run(args, args.baseline)
+        except ValueError as e:  # "run: no run named ..."
+            raise UsageError(f"--baseline: {str(e).partition(': ')[2] or e}") from None
     else:
         baseline = store.pair(run)
         if baseline is None:
@@ -1569,7 +1582,8 @@ def cmd_compare(args) -> int:
         )
     for r in (run, baseline):
         _require_checkpoint(r, args.which)
-    with _CountBar(not args.json, "cuts") as bar:
+        _say_if_unfinished(r, args.which)
+    with _CountBar(not args.json, "cuts") as bar, _as_flag("baseline_run", "--baseline"):
         rows = compare(
             run,
             baseline,
@@ -1605,6 +1619,17 @@ def cmd_compare(args) -> int:
     ]
     print(_table(table, header))
     return 0
+
+
+@contextlib.contextmanager
+def _as_flag(name: str, flag: str):
+    """A library error about argument ``name`` named by its command-line ``flag``."""
+    try:
+        yield
+    except ValueError as e:
+        if str(e).startswith(f"{name}:"):
+            raise UsageError(f"{flag}:{str(e)[len(name) + 1 :]}") from None
+        raise
 
 
 def _require_composed(run) -> None:
@@ -1718,7 +1743,7 @@ def cmd_export(args) -> int:
             words += f", forms by {args.form_by} at batch {args.form_batch}"
     meta = {"run": cz.run, "policy": words, "preprocess": cz.preprocess}
     if args.format != "onnx":
-        acc = cz.base if args.policy is None else cz.data.metrics(model)
+        acc = cz.data.metrics(model, parts=("val",)) if cut else cz.base
         meta["val_acc"] = acc["val_acc"]
     _write_export(args, model, cz.example_input, meta)
     return 0
@@ -1732,6 +1757,12 @@ def _export_cut(cz, policy, form: str):
 
     if form == "dense" and isinstance(policy, Budget):
         thin, _ = cz.cut(policy, form="low_rank")
+        print(
+            f"note: --form dense writes the ranks of the {policy.percent:g}% budget as dense "
+            "weights in the original architecture: every weight keeps its size (the budget "
+            "counts the thin form, --form low_rank)",
+            file=sys.stderr,
+        )
         return cz.cut(Ranks(dict(thin.lorita_ranks)), form="dense")[0]
     return cz.cut(policy, form=form)[0]
 

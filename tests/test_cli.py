@@ -322,6 +322,31 @@ def test_compare_takes_a_composed_run_and_an_n1_baseline(runs_dir, capsys):
         capsys, ["compare", "r0", *at], "composed (N>1) run", "'r0' has N=1", "partner is 'r1'"
     )
     _one_line_error(capsys, ["compare", "r1", "--baseline", "r1", *at], "--baseline", "N=3")
+    _one_line_error(capsys, ["compare", "r1", "--baseline", "nope", *at], "--baseline: no run")
+    _one_line_error(capsys, ["compare", "r1", "--budgets", "0.5", *at[2:]], "--budgets", "[1, 100]")
+
+
+def test_compare_refuses_a_baseline_of_another_network(runs_dir, tmp_path, capsys):
+    """The baseline is the same network trained with N=1: an N=1 run of another width (or
+    model) is named, and a run that has not completed is said to be cut as it stands."""
+    import shutil
+
+    wide = tmp_path / "runs"
+    shutil.copytree(runs_dir, wide)
+    config = json.loads((wide / "r0" / "config.json").read_text())
+    config["model_kwargs"] = {**config["model_kwargs"], "width": 48}
+    (wide / "r0" / "config.json").write_text(json.dumps(config))
+    _one_line_error(
+        capsys,
+        ["compare", "r1", "--baseline", "r0", "--budgets", "50", "--runs-dir", str(wide)],
+        "--baseline: another network than the run's", "'width': 48",
+    )  # fmt: skip
+    (wide / "r0" / "config.json").write_text((runs_dir / "r0" / "config.json").read_text())
+    status = json.loads((wide / "r0" / "status.json").read_text())
+    (wide / "r0" / "status.json").write_text(json.dumps({**status, "state": "stopped"}))
+    argv = ["compare", "r1", "--baseline", "r0", "--budgets", "50", "--methods", "svd"]
+    assert main([*argv, "--runs-dir", str(wide), "--json"]) == 0
+    assert "run 'r0' is stopped at step" in capsys.readouterr().err
 
 
 def test_compress_ratio_json(runs_dir, capsys):
@@ -503,8 +528,19 @@ def test_export_takes_the_policy_flags_of_compress(runs_dir, tmp_path, capsys):
         if flags[0] == "--budget":
             assert lt.count_cost(model, x).params == reported
             thin_ranks = model.lorita_ranks
+        else:  # the file records the cut's own validation accuracy, not the uncut model's
+            from lorita.compress import Compressor
+
+            cz = Compressor(RunStore(runs_dir).get("r1"))
+            stored = lt.read_spec(path)["metadata"]["val_acc"]
+            assert stored == pytest.approx(cz.data.metrics(model, parts=("val",))["val_acc"])
+    capsys.readouterr()
     dense = tmp_path / "dense.safetensors"  # the budget's ranks in the original architecture
     assert main(["export", *base, "--budget", "20", "--form", "dense", "--out", str(dense)]) == 0
+    assert "every weight keeps its size" in capsys.readouterr().err
+    _one_line_error(  # compress reports the cut's cost: a dense budget is refused at once
+        capsys, ["compress", *base, "--budget", "20", "--form", "dense"], "--form dense", "export"
+    )
     plain, merged = lt.load(dense), lt.merge_model(cz_model(runs_dir))
     for name, r in thin_ranks.items():  # each cut layer: its full shape, of the budget's rank
         w = plain.get_submodule(name).weight
