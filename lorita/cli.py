@@ -428,7 +428,8 @@ def _add_policy_flags(c: argparse.ArgumentParser, *, required: bool = True) -> N
         "--max-drop",
         type=_number("--max-drop", "float", *_MAX_DROP),
         metavar="P",
-        help="the smallest model within P validation-accuracy points of the full one",
+        help="the smallest model within P validation-accuracy points of the full one "
+        f"(in [{_MAX_DROP[0]:g}, {_MAX_DROP[1]:g}])",
     )
     searches = [n for n, cls in POLICIES.items() if cls.value_name] + ["iterative"]
     c.add_argument(
@@ -582,7 +583,13 @@ def _add_export(sub) -> None:
         default=None,
         help="the file's format (default: from --out's extension, .onnx or else safetensors)",
     )
-    e.add_argument("--out", required=True, metavar="FILE", type=_out_path("--out"))
+    e.add_argument(
+        "--out",
+        required=True,
+        metavar="FILE",
+        type=_out_path("--out"),
+        help="the file to write (.safetensors, or .onnx; the extension picks --format)",
+    )
     _add_fold_bn(e, "the file")
 
 
@@ -841,9 +848,15 @@ def _train_config_from_run(run, args):
 def _preflight(config) -> None:
     """Everything cheap that can fail before a run folder exists (the library's check: the
     app's Train page runs the same)."""
+    from .data import WILL_DOWNLOAD, fetch_dataset
     from .engine.preflight import check_start
 
     note = check_start(config)
+    if note.startswith(WILL_DOWNLOAD) and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        # downloaded now, so that no run folder is left failed when there is no internet
+        # (under torchrun the run's processes share the download as they load the data)
+        print(f"dataset {config.dataset!r}: {note}", file=sys.stderr)
+        fetch_dataset(config.dataset, **config.dataset_kwargs)
     if "left out" in note:  # images beside a folder's class folders: in no class
         warnings.warn(f"dataset: {note}", stacklevel=2)
 
@@ -1174,7 +1187,7 @@ def cmd_models(args) -> int:
     if not options:
         print(f"{args.name}: no options (the dataset sets its input and classes)")
         return 0
-    print(f"{args.name}: --model-arg KEY=VALUE for (default)")
+    print(f"{args.name}: its --model-arg KEY=VALUE options, each with its default value")
     trained = _train_defaults(args.name, options)
     for key, default in trained.items():
         try:

@@ -687,13 +687,16 @@ def _idx_local(name: str, root: Path) -> dict[str, list[Path]] | None:
     return None
 
 
+_ONLINE = "or run once with internet"
+
+
 def _idx_missing(name: str, root: Path) -> DatasetUnavailable:
     folders = _idx_folders(name, root)
     where = ", ".join(str(f) for f in folders[:1] + folders[2:])
     hint = " (Debian: apt install dataset-fashion-mnist)" if name == "fashion_mnist" else ""
     return DatasetUnavailable(
         f"dataset {name!r} not found and not downloadable: put the four IDX files "
-        f"(train-images-idx3-ubyte[.gz], ...) in one of {where}{hint}, or run once with internet"
+        f"(train-images-idx3-ubyte[.gz], ...) in one of {where}{hint}, {_ONLINE}"
     )
 
 
@@ -719,16 +722,34 @@ def _check_idx(name: str, root: Path, download: bool) -> str:
     return _download_or_raise(name, root, download, _idx_missing(name, root))
 
 
+#: how check_dataset's note begins for a dataset it would download
+WILL_DOWNLOAD = "not on this machine: will download"
+
+
 def _download_or_raise(name: str, root: Path, download: bool, missing: Exception) -> str:
     import importlib.util
 
     if download and importlib.util.find_spec("torchvision") is not None:
-        return f"not on this machine: will download into {root} (needs internet)"
+        return f"{WILL_DOWNLOAD} into {root} (needs internet)"
     raise missing
 
 
+def fetch_dataset(name: str, root: str | os.PathLike | None = None, **options) -> str:
+    """Download a dataset this machine does not have (where :func:`check_dataset` says it
+    would), now rather than inside a run; returns check_dataset's note for what is there.
+
+    Raises:
+        DatasetUnavailable: the download failed; the message says which files to put where."""
+    note = check_dataset(name, root, **options)
+    if note.startswith(WILL_DOWNLOAD):
+        _tv_download(name, data_root(root))
+        note = check_dataset(name, root, download=False, **options)
+    return note
+
+
 def _tv_download(name: str, root: Path) -> None:
-    """Download through torchvision into ``root``; DatasetUnavailable with a hint when offline."""
+    """Download through torchvision into ``root``; DatasetUnavailable saying which files to put
+    where when offline (the empty folders the attempt made are removed)."""
     try:
         import torchvision.datasets as tvd
     except ImportError as e:
@@ -743,17 +764,32 @@ def _tv_download(name: str, root: Path) -> None:
     }[name]
     old = socket.getdefaulttimeout()
     socket.setdefaulttimeout(30)
+    existed = _folders_in(root)
     try:
         root.mkdir(parents=True, exist_ok=True)
         for train in (True, False):
             cls(str(root), train=train, download=True)
     except Exception as e:  # noqa: BLE001 - network errors come in many types
+        for folder in sorted(_folders_in(root) - existed, key=lambda f: -len(f.parts)):
+            with contextlib.suppress(OSError):  # only the empty ones go
+                folder.rmdir()
+        missing = (
+            _cifar_missing(name, root) if name.startswith("cifar") else _idx_missing(name, root)
+        )
+        instead = str(missing).partition("not downloadable: ")[2].removesuffix(f", {_ONLINE}")
         raise DatasetUnavailable(
             f"dataset {name!r}: download into {root} failed ({type(e).__name__}: {e}); "
-            f"without internet, copy the standard files into {root} or set LORITA_DATA"
+            f"without internet, {instead}"
         ) from e
     finally:
         socket.setdefaulttimeout(old)
+
+
+def _folders_in(root: Path) -> set[Path]:
+    """``root`` and the folders under it (an empty set when it does not exist)."""
+    if not root.is_dir():
+        return set()
+    return {root, *(p for p in root.rglob("*") if p.is_dir() and not p.is_symlink())}
 
 
 # --------------------------------------------------------------------------- CIFAR
@@ -785,7 +821,8 @@ def _cifar_missing(name: str, root: Path) -> DatasetUnavailable:
     bin_dir, archive, py_dir = _cifar_names(name)
     return DatasetUnavailable(
         f"dataset {name!r} not found and not downloadable: put {bin_dir}/ (or {archive}, or "
-        f"torchvision's {py_dir}/) in {root}, set LORITA_DATA, or run once with internet"
+        f"torchvision's {py_dir}/) in {root} (or set LORITA_DATA to a folder that has it), "
+        f"{_ONLINE}"
     )
 
 

@@ -144,6 +144,57 @@ def test_missing_dataset_offline_says_where_to_put_files(tmp_path):
         load_dataset("cifar100", root=tmp_path, download=False)
 
 
+def _offline(monkeypatch):
+    """torchvision's dataset classes fail as they do without internet, after making their
+    folders (no test reaches the network)."""
+    import urllib.error
+
+    import torchvision.datasets as tvd
+
+    class Offline:
+        def __init__(self, root, train=True, download=False):
+            (Path(root) / type(self).__name__ / "raw").mkdir(parents=True, exist_ok=True)
+            raise urllib.error.URLError("Name or service not known")
+
+    for name in ("MNIST", "FashionMNIST", "CIFAR10", "CIFAR100"):
+        monkeypatch.setattr(tvd, name, type(name, (Offline,), {}))
+
+
+def test_a_failed_download_says_which_files_to_put_where_and_leaves_no_folders(
+    tmp_path, monkeypatch
+):
+    from lorita.data import fetch_dataset
+
+    _offline(monkeypatch)
+    root = tmp_path / "data"
+    with pytest.raises(DatasetUnavailable) as e:
+        fetch_dataset("mnist", root=root)
+    said = str(e.value)
+    assert "download into" in said and "URLError" in said
+    assert (
+        "without internet, put the four IDX files" in said and str(root / "MNIST" / "raw") in said
+    )
+    assert not root.exists()  # the folders the attempt made are gone
+    root.mkdir()
+    (root / "mine.txt").write_text("kept")
+    with pytest.raises(DatasetUnavailable, match=r"put cifar-10-batches-bin/ .* in .*data"):
+        fetch_dataset("cifar10", root=root)
+    assert sorted(p.name for p in root.iterdir()) == ["mine.txt"]
+
+
+def test_train_downloads_before_the_run_folder_exists(tmp_path, monkeypatch, capsys):
+    """Offline, `lorita train --dataset mnist` fails with the files to put where, and leaves
+    no failed run behind."""
+    from lorita.cli import main
+
+    _offline(monkeypatch)
+    monkeypatch.setenv("LORITA_DATA", str(tmp_path / "data"))
+    code = main(["train", "--dataset", "mnist", "--runs-dir", str(tmp_path / "runs")])
+    err = capsys.readouterr().err
+    assert code == 2 and "will download" in err and "put the four IDX files" in err
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
 def test_folder_images_are_decoded_once_and_again_when_a_file_changes(tmp_path, monkeypatch):
     import lorita.data as data
 
