@@ -86,7 +86,9 @@ def devices() -> list[str]:
 
 
 def device_label() -> str:
-    """A human description of the best device, e.g. 'NVIDIA H100 (cuda)' or 'CPU, 2 threads'."""
+    """A human description of the best device, e.g. 'NVIDIA H100 (cuda)' or 'CPU, 2 cores'
+    (the cores this process may use: the server itself computes on one thread, and a training
+    run picks its own number, one for a small model)."""
     import torch
 
     best = devices()[0]
@@ -94,7 +96,8 @@ def device_label() -> str:
         return f"{torch.cuda.get_device_name(0)} (cuda)"
     if best == "mps":
         return "Apple GPU (mps)"
-    return f"CPU, {torch.get_num_threads()} threads"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"CPU, {cores} core{'' if cores == 1 else 's'}"
 
 
 def machine_info(root: str | Path | None = None) -> dict[str, Any]:

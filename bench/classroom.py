@@ -125,7 +125,7 @@ def lesson_lines(lesson: dict, curves: dict) -> list[str]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--doc", default=str(ROOT / "docs" / "classroom.md"))
     args = ap.parse_args()
@@ -177,12 +177,18 @@ def main() -> None:
     lines = [
         "# Classroom run: time, snapshot cost, lesson",
         "",
-        "Written by `python bench/classroom.py` (rerun it to refresh). The classroom run is",
+        "Written by `python bench/classroom.py"
+        + (f" --repeats {args.repeats}" if args.repeats != 3 else "")
+        + "` (rerun it to refresh). The classroom run is",
         f"TrainConfig's default: digits, MLP ({cfg.model_kwargs.get('depth', 3)} x "
         f"{cfg.model_kwargs.get('width', 256)}, BatchNorm), N=3 balanced, Adam lr "
         f"{cfg.lr:g} with weight decay {cfg.weight_decay:g} (a true L2 penalty on every factor), "
-        f"linear warm-up over {100 * cfg.warmup:g}% of the steps, then a "
-        f"{cfg.schedule} schedule, {cfg.epochs} epochs of batch {cfg.batch_size}, spectra every "
+        + (
+            f"linear warm-up over {100 * cfg.warmup:g}% of the steps, then a "
+            if cfg.warmup
+            else "no warm-up, a "
+        )
+        + f"{cfg.schedule} schedule, {cfg.epochs} epochs of batch {cfg.batch_size}, spectra every "
         f"{cfg.spectra_every} steps.",
         "",
         f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, Python "

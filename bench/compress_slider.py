@@ -179,13 +179,15 @@ def report(rows: list[dict], torch) -> tuple[str, bool]:
                 f"{w['p90']:.1f} | {w['max']:.1f} | {w['plan']:.1f} | {w['truncate']:.1f} | "
                 f"{w['evaluate']:.1f} | {w['cost']:.1f} |"
             )
+    from app import jobs
+
     lines += [
         "",
         "Columns after *max* are medians of each part, timed separately on the same moves. "
         "Moves are random positions of the uniform, global and energy sliders. *Beside a "
         "training run*: the same moves while `python -m lorita train` (the classroom run) "
         "trains in another process on the same cores, at the lower CPU priority the app gives "
-        "its training children (`LORITA_TRAIN_NICE`, default 10).",
+        f"its training children (`{jobs.NICE_ENV}`, default {jobs.DEFAULT_NICE}).",
         "",
         "## Whole page rerun per move (Streamlit script, metrics, all charts; AppTest, no browser)",
         "",

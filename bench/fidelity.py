@@ -185,7 +185,7 @@ def section(ds: str, cfg: dict, rows: dict, seeds: list[int]) -> tuple[list[str]
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--datasets", nargs="+", default=list(setups()), choices=list(setups()))
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     ap.add_argument("--doc", default=str(ROOT / "docs" / "fidelity.md"))

@@ -64,7 +64,7 @@ def busy_per_second(runs: Path, static: str, seconds: float) -> dict[str, float]
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seconds", type=float, default=10.0, help="seconds followed per measurement")
     ap.add_argument("--rounds", type=int, default=2, help="measurements of each setting, in turn")
     args = ap.parse_args()

@@ -134,7 +134,7 @@ def write(rows: list[dict], path: Path, command: str) -> None:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", nargs="*", help="name:side (default: the list in the script)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()

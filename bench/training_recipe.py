@@ -546,7 +546,7 @@ def _command(args) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--datasets", nargs="+", default=list(BASE), choices=list(BASE))
     ap.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=list(VARIANTS))
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
@@ -570,7 +570,7 @@ def main() -> None:
         "",
         f"Written by `{_command(args)}` "
         f"({sum(r['seconds'] for r in done.values()):.0f} s of training in all, the runs cached "
-        f"in --work; {args.jobs} processes of one thread). Machine: {platform.machine()}, {os.cpu_count()} CPU cores shared with "
+        f"in --work; {args.jobs} process{'es' if args.jobs != 1 else ''} of one thread). Machine: {platform.machine()}, {os.cpu_count()} CPU cores shared with "
         f"other work (load average {load0[0]:.1f} at the start, {os.getloadavg()[0]:.1f} at the "
         f"end), torch {torch.__version__}.",
         "",

@@ -370,7 +370,7 @@ def render(rows, mlp_rows, args, load) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--ratio", type=float, default=0.25)
     ap.add_argument("--repeats", type=int, default=10)

@@ -30,6 +30,7 @@ from .export import export_onnx, load, load_bytes, read_spec, save, save_bytes
 from .layers import (
     FactorConv2d,
     FactorLinear,
+    FactorMultiheadAttention,
     LowRankConv2d,
     LowRankLinear,
     LowRankMultiheadAttention,
@@ -72,6 +73,7 @@ __all__ = [
     "functional",
     "FactorLinear",
     "FactorConv2d",
+    "FactorMultiheadAttention",
     "LowRankLinear",
     "LowRankConv2d",
     "LowRankMultiheadAttention",
