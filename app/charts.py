@@ -475,6 +475,13 @@ def tradeoff_chart(
     if span is not None:
         yaxis["range"] = span
         below = _below_note(data, span[0])
+    room = {}
+    if below:  # the note goes under the axis title, not over the curves
+        extra = 16 * (below[0]["text"].count("<br>") + 1)
+        room = {
+            "margin": {"l": 10, "r": 10, "t": 40, "b": 60 + extra},
+            "height": HEIGHT + extra + 50,
+        }
     return _figure(
         data,
         title=title,
@@ -482,6 +489,7 @@ def tradeoff_chart(
         xaxis={**_title(x_name.get(x, x)), "ticksuffix": " %"},
         yaxis=yaxis,
         annotations=below,
+        **room,
     )
 
 
@@ -513,9 +521,9 @@ def _below_note(data: list[dict[str, Any]], floor: float) -> list[dict[str, Any]
         return []
     text = "<br>".join(["Below the axis (double-click to see all):", *lines])
     return [
-        {"text": text, "xref": "paper", "yref": "paper", "x": 0.99, "y": 0.02,
-         "xanchor": "right", "yanchor": "bottom", "align": "right", "showarrow": False,
-         "font": {"size": 11}, "bgcolor": "rgba(255,255,255,0.85)"}
+        {"text": text, "xref": "paper", "yref": "paper", "x": 0.0, "y": 0.0, "yshift": -52,
+         "xanchor": "left", "yanchor": "top", "align": "left", "showarrow": False,
+         "font": {"size": 11}}
     ]  # fmt: skip
 
 

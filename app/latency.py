@@ -265,7 +265,8 @@ def layer_chart(result: Latency, most: int = CHART_LAYERS):
         name="cut",
         orientation="h",
         text=[FORM_WORDS.get(r["form"], r["form"]) for r in rows],
-        textposition="auto",
+        textposition="outside",  # beside the bar at a readable size ("auto" shrank it inside)
+        cliponaxis=False,
     )
     fig.update_layout(
         barmode="group",
@@ -274,7 +275,11 @@ def layer_chart(result: Latency, most: int = CHART_LAYERS):
         height=max(260, 60 + 34 * len(names)),
         margin={"l": 10, "r": 10, "t": 50, "b": 40},
         legend={"orientation": "h", "y": -0.15},
+        uniformtext={"minsize": 11, "mode": "show"},
     )
+    # room on the right for the form written beside the longest cut bar
+    longest = max((max(r["original_ms"], r["cut_ms"]) for r in rows), default=0.0)
+    fig.update_xaxes(range=[0, 1.25 * longest] if longest > 0 else None)
     return fig
 
 

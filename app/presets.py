@@ -25,7 +25,8 @@ FORM_FIELDS = (
 )
 #: The form's boxes of ``key=value`` options, by config field (read by lorita's parse_options).
 OPTION_BOXES = {"dataset_kwargs": "Dataset options", "model_kwargs": "Model options"}
-_OWNER = {"dataset_kwargs": "dataset", "model_kwargs": "model"}
+#: the field whose choice each options box belongs to
+OPTION_OWNERS = {"dataset_kwargs": "dataset", "model_kwargs": "model"}
 
 PRESETS: dict[str, dict[str, Any]] = {
     # The library's TrainConfig defaults are the classroom run: filled in by config().
@@ -132,12 +133,20 @@ def build_config(preset: str, form: dict[str, Any]) -> dict[str, Any]:
     )
 
 
+def foreign_options(cfg: dict[str, Any], start: dict[str, Any]) -> dict[str, Any]:
+    """The options ``cfg`` kept from ``start`` for another dataset or model (the preset's MLP
+    width once the model is a ResNet), by field; options given for the new one are not."""
+    return {
+        field: cfg[field]
+        for field, owner in OPTION_OWNERS.items()
+        if cfg.get(owner) != start.get(owner) and field in cfg and cfg[field] == start.get(field)
+    }
+
+
 def drop_foreign_options(cfg: dict[str, Any], start: dict[str, Any]) -> dict[str, Any]:
-    """``cfg`` without the options it kept from ``start`` for another dataset or model (the
-    preset's MLP width once the model is a ResNet); options given for the new one stay."""
-    for field, owner in _OWNER.items():
-        if cfg.get(owner) != start.get(owner) and cfg.get(field) == start.get(field):
-            cfg.pop(field, None)
+    """``cfg`` without its :func:`foreign_options`."""
+    for field in foreign_options(cfg, start):
+        cfg.pop(field, None)
     return cfg
 
 

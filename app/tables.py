@@ -12,7 +12,7 @@ from typing import Any
 import pandas as pd
 
 from app import live
-from lorita.kinds import stage_of
+from lorita.kinds import stages
 
 RUN_COLUMNS = {
     "name": "run",
@@ -67,8 +67,9 @@ def ranks_table(summaries: Sequence[dict[str, Any]]) -> pd.DataFrame:
 def group_by_stage(values: dict[str, int]) -> dict[str, int]:
     """{layer: rank} -> {stage: largest rank in it} (``layer2.0.conv1`` is in ``layer2``)."""
     out: dict[str, int] = {}
+    stage_of = stages(values, live.MAX_LAYERS_SHOWN)
     for name, v in values.items():
-        stage = stage_of(name)
+        stage = stage_of[name]
         out[stage] = max(out.get(stage, 0), int(v))
     return out
 
@@ -101,7 +102,8 @@ def _with_layers(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def rank_table(full: dict[str, int], start: dict[str, int], *, stage: str | None) -> pd.DataFrame:
     """The Compress page's editable rank table, for one stage (or every layer with None)."""
-    names = [n for n in full if stage is None or stage_of(n) == stage]
+    stage_of = stages(full, live.MAX_LAYERS_SHOWN)
+    names = [n for n in full if stage is None or stage_of[n] == stage]
     return pd.DataFrame(
         {
             "layer": names,
@@ -128,8 +130,9 @@ def kept_table(ranks: dict[str, int], full: dict[str, int]) -> pd.DataFrame:
     """Ranks kept by a cut; grouped by stage (kept / full summed) when there are many layers."""
     if len(ranks) > live.MAX_LAYERS_SHOWN:
         kept: dict[str, list[int]] = {}
+        stage_of = stages(ranks, live.MAX_LAYERS_SHOWN)
         for n, r in ranks.items():
-            k = kept.setdefault(stage_of(n), [0, 0, 0])
+            k = kept.setdefault(stage_of[n], [0, 0, 0])
             k[0] += int(r)
             k[1] += int(full.get(n, r))
             k[2] += 1

@@ -66,13 +66,22 @@ def folder_errors(choice: str, path: str | None) -> list[str]:
     ]
 
 
-def build(preset: str, form: dict[str, Any], base: dict[str, Any] | None = None) -> dict[str, Any]:
+def build(
+    preset: str,
+    form: dict[str, Any],
+    base: dict[str, Any] | None = None,
+    notes: list[str] | None = None,
+    typed: tuple[str, ...] = (),
+) -> dict[str, Any]:
     """The run's config: ``base`` (a followed run's config) or the preset, with the form on top.
 
     ``form["dataset"]`` is the dataset choice and ``form["dataset_path"]`` its folder for a
     path family; ``form["init_from"]`` an uploaded file's saved path (or None);
     ``form["model_kwargs"]`` / ``form["dataset_kwargs"]`` the options boxes' text
     (``"width_mult=0.5"``, read by :func:`lorita.engine.config.parse_options`) or dicts.
+    Options the start kept for another dataset or model (the preset's MLP width, the model
+    changed in the form) are left out, and ``notes`` says so; those of the fields in ``typed``
+    (a box the user filled for the new choice) are the user's and stay.
     """
     from lorita.engine.config import parse_options
 
@@ -84,7 +93,15 @@ def build(preset: str, form: dict[str, Any], base: dict[str, Any] | None = None)
             form[field] = parse_options(form[field], label.lower())
     start = dict(base) if base else presets.config(preset)
     cfg = {**start, **{k: v for k, v in form.items() if k in presets.FORM_FIELDS}}
-    presets.drop_foreign_options(cfg, start)
+    foreign = {f: v for f, v in presets.foreign_options(cfg, start).items() if f not in typed}
+    for field, value in foreign.items():
+        cfg.pop(field)
+        if notes is not None and value:
+            owner = presets.OPTION_OWNERS[field]
+            notes.append(
+                f"{presets.OPTION_BOXES[field].lower()} {option_text(foreign, field)} are "
+                f"{start[owner]}'s (the form's before {cfg[owner]} was chosen): left out"
+            )
     cfg.pop("init_from", None)
     if init_from:
         cfg["init_from"] = str(init_from)
@@ -93,10 +110,18 @@ def build(preset: str, form: dict[str, Any], base: dict[str, Any] | None = None)
 
 def field_errors(preset: str, config: dict[str, Any]) -> list[str]:
     """One message per invalid form field, then any problem of the whole config."""
+    return _checked(preset, config)[0]
+
+
+def _checked(preset: str, config: dict[str, Any]) -> tuple[list[str], dict[str, Any] | None]:
+    """The messages of :func:`field_errors`, and ``config`` with each invalid field set to
+    the preset's value (None when the rest is invalid too): the dataset and model checks run
+    on it, so that one press of Start lists every problem, not one round at a time."""
     import lorita as lt
 
     good = presets.config(preset)
     errors: list[str] = []
+    fixed = dict(config)
     for field in presets.FORM_FIELDS:
         if field not in config or field in ("dataset", "model", "device", *presets.OPTION_BOXES):
             continue  # checked with the whole config: they belong to its dataset and model
@@ -104,13 +129,19 @@ def field_errors(preset: str, config: dict[str, Any]) -> list[str]:
             lt.TrainConfig.from_dict({**good, field: config[field]})
         except (ValueError, TypeError) as exc:
             errors.append(_one_line(exc))
-    if errors:
-        return errors
-    try:
-        lt.TrainConfig.from_dict(config)
-    except (ValueError, TypeError) as exc:
-        return [_one_line(exc)]
-    return errors
+            fixed[field] = good[field]
+    whole = []  # the options boxes' problems, each box set aside in turn to find the next
+    for box in (*presets.OPTION_BOXES, None):
+        try:
+            lt.TrainConfig.from_dict(fixed)
+            break
+        except (ValueError, TypeError) as exc:
+            whole.append(_one_line(exc))
+            said = whole[-1].split(":")[0].replace(" options", "_kwargs").replace(" ", "_")
+            if box is None or said not in presets.OPTION_BOXES:
+                break
+            fixed[said] = {}
+    return (errors + whole, None) if whole else (errors, fixed)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -118,29 +149,34 @@ def _one_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def check(preset: str, config: dict[str, Any]) -> list[str]:
-    """Every reason ``config`` cannot start, each naming its field; empty when it can."""
-    errors = field_errors(preset, config)
-    if errors:
-        return errors
+def check(preset: str, config: dict[str, Any], notes: list[str] | None = None) -> list[str]:
+    """Every reason ``config`` cannot start, each naming its field; empty when it can. What
+    is worth saying when it starts (a pretrained head left fresh) goes to ``notes``."""
+    errors, fixed = _checked(preset, config)
     try:
         options.engine().resolve_device(config.get("device", options.AUTO))
     except (ValueError, RuntimeError) as exc:
         errors.append(_one_line(exc))
-    errors += dataset_errors(config)
-    return errors or model_errors(config)
+    data = [e for e in dataset_errors(config) if e not in errors]
+    errors += data
+    if fixed is not None and not data:  # the model's checks need a config and its data
+        errors += model_errors(fixed, notes if not errors else None)
+    return errors
 
 
-def model_errors(config: dict[str, Any]) -> list[str]:
+def model_errors(config: dict[str, Any], notes: list[str] | None = None) -> list[str]:
     """The library's model checks before a run exists: its size against this machine's
-    memory (built on the meta device) and the uploaded starting weights against its layers."""
+    memory (built on the meta device) and the uploaded starting weights against its layers.
+    What is worth saying at Start (a pretrained head left fresh) goes to ``notes``."""
     import lorita as lt
     from lorita.engine import preflight
 
     try:
-        preflight.check_model(lt.TrainConfig.from_dict(config))
+        note = preflight.check_model(lt.TrainConfig.from_dict(config))
     except ValueError as exc:  # DatasetUnavailable too
         return [_one_line(exc)]
+    if note and notes is not None:
+        notes.append(note)
     return []
 
 

@@ -639,10 +639,26 @@ def _skip_inside(name: str, module: nn.Module) -> str | None:
     return None
 
 
-def stage_of(layer: str) -> str:
-    """The stage a layer belongs to, for grouping long per-layer listings: ``layer2.0.conv1``
-    -> ``layer2``; ``features.12`` -> ``features``; ``fc1`` -> ``fc1``."""
-    return layer.split(".", 1)[0]
+def stages(layers: Iterable[str], most: int = 12) -> dict[str, str]:
+    """The stage each layer belongs to, for grouping long per-layer listings: the first part of
+    its name (``layer2.0.conv1`` -> ``layer2``, ``fc1`` -> ``fc1``), and one part more, as
+    often as needed, where a stage would hold over ``most`` layers (MobileNet's 41
+    ``features.N...`` layers: ``features.3.block.0.0`` -> ``features.3``). In layer order."""
+    out: dict[str, str] = {}
+
+    def split(group: list[str], depth: int) -> None:
+        by: dict[str, list[str]] = {}
+        for name in group:
+            by.setdefault(".".join(name.split(".")[:depth]), []).append(name)
+        for stage, members in by.items():
+            if len(members) > most and any(m.count(".") >= depth for m in members):
+                split(members, depth + 1)
+            else:
+                out.update(dict.fromkeys(members, stage))
+
+    names = list(layers)
+    split(names, 1)
+    return {n: out[n] for n in names}
 
 
 def _direct_names(model: nn.Module) -> set[str]:

@@ -6,7 +6,7 @@ import streamlit as st
 
 from app import cache, charts, jobs, latency, live, plot, state, tables, ui
 from app import compress as cz
-from lorita.kinds import stage_of
+from lorita.kinds import stages
 
 
 def _slider_key(policy: str) -> str:
@@ -167,9 +167,9 @@ def _rank_editor(session, name: str, which: str):
     full = {n: full[n] for n in session.layers}
     prev = st.session_state.get(state.COMPRESS_CHOICE) or {}
     start = prev.get("ranks") if prev.get("run") == name and prev.get("ranks") else full
-    stages = sorted({stage_of(n) for n in full}, key=list(map(stage_of, full)).index)
+    groups = list(dict.fromkeys(stages(full, live.MAX_LAYERS_SHOWN).values()))  # in order
     ranks = {n: int(start.get(n, full[n])) for n in full}
-    groups = stages if len(full) > live.MAX_LAYERS_SHOWN else [None]
+    groups = groups if len(full) > live.MAX_LAYERS_SHOWN else [None]
     for stage in groups:
         with st.expander(f"stage {stage}" if stage else "ranks", expanded=stage is None):
             edited = st.data_editor(
@@ -236,10 +236,17 @@ def _draw_tradeoff(slot, curves: dict, x_axis: str, name: str, res: dict | None 
 def _tradeoff_notes(root: str, name: str, n: int) -> None:
     st.caption("Where the chart opens zoomed on its top 20 points, double-click it to see all.")
     if n > 1 and not cz.find_baseline(name, root):
-        st.caption(
-            "No N=1 baseline with the same setup found. Tick “also train N=1” on the Train "
-            "page to get its curve here."
-        )
+        paired = jobs.baseline_of(name, root)  # there, but without a checkpoint yet
+        if paired:
+            st.caption(
+                f"Its N=1 baseline **{paired}** has no checkpoint yet (still starting, or "
+                "stopped before its first one): its curve shows here once it has one."
+            )
+        else:
+            st.caption(
+                "No N=1 baseline with the same setup found. Tick “also train N=1” on the Train "
+                "page to get its curve here."
+            )
 
 
 @st.cache_data(show_spinner="Cutting and pruning to this budget…", max_entries=32)

@@ -107,6 +107,12 @@ def _choosers(values: dict) -> str:
     seed = st.session_state.get(state.TRAIN_SEED_RUN)
     if seed:
         st.caption(f"The form shows the settings of run **{seed}**, the run this page follows.")
+        started_from = (_seed_config() or {}).get("init_from")
+        if started_from:  # an upload cannot be put back in its box
+            st.caption(
+                f"**{seed}** started from the weights `{str(started_from).replace(chr(92), '/').rsplit('/', 1)[-1]}`; Start "
+                "starts from fresh weights unless you upload them again or pick a run below."
+            )
     return family
 
 
@@ -137,8 +143,14 @@ def _data_and_model(values: dict, family: str) -> None:
     )  # fmt: skip
     for col, (field, label) in zip(st.columns(2), presets.OPTION_BOXES.items(), strict=True):
         example, help_ = _OPTION_HELP[field]
+        # Another model family (chosen outside the form: the page reruns) gets a box of its
+        # own, empty, not the preset's MLP width under a ResNet. A model changed inside the
+        # form shows only at Start, which leaves the preset's options out and says so.
+        key, text = _key(field), train_form.option_text(values, field)
+        if field == "model_kwargs" and family != options.family_of(str(values["model"])):
+            key, text = f"{key}.{family}", ""
         col.text_input(
-            label, value=train_form.option_text(values, field), key=_key(field),
+            label, value=text, key=key,
             placeholder=example, help=f"key=value, separated by commas. {help_} A wrong name "
             "lists the allowed ones.",
         )  # fmt: skip
@@ -225,6 +237,10 @@ def _form_values(family: str) -> tuple[dict, list[str]]:
     """The form's fields, and what is wrong with those the config cannot check: an image
     folder given for a dataset that takes none, the starting weights (uploaded or a run's)."""
     form = {f: st.session_state.get(_key(f)) for f in FIELD_KEYS if f != "model"}
+    own = f"{_key('model_kwargs')}.{family}"  # the box of a family other than the preset's
+    if own in st.session_state:
+        form["model_kwargs"] = st.session_state[own]
+        form["typed"] = ("model_kwargs",)  # filled for this family: the user's own
     form["model"] = st.session_state.get(f"{_key('model')}.{family}")
     errors = train_form.folder_errors(form["dataset"], form["dataset_path"])
     run = st.session_state.get(f"{state.TRAIN_INIT_RUN}.{_suffix()}")
@@ -256,14 +272,16 @@ def _cannot_start(message: str, saved=None) -> None:
 def _start(family: str) -> None:
     preset = st.session_state[state.TRAIN_PRESET]
     form, errors = _form_values(family)
+    notes: list[str] = []  # said once the run starts
     try:
-        config = train_form.build(preset, form, _seed_config())
+        typed = form.pop("typed", ())
+        config = train_form.build(preset, form, _seed_config(), notes, typed)
     except ValueError as exc:
         errors.append(ui.one_line(exc))
         config = None
     saved = config.get("init_from") if config else None
     if config is not None:
-        errors += train_form.check(preset, config)
+        errors += train_form.check(preset, config, notes)
     for message in errors:
         _cannot_start(message, saved)
     if errors or config is None:
@@ -291,6 +309,8 @@ def _start(family: str) -> None:
     state.set_current_run(name)
     st.session_state[state.TRAIN_FOLLOW] = name
     st.toast(f"Started {name}" + (f" and its N=1 baseline {baseline}" if baseline else ""))
+    for said in notes:  # the preset's options left out, a pretrained head left fresh
+        st.info(said[:1].upper() + said[1:] + ".", icon="ℹ️")
     note = train_form.dataset_note(config)
     if "download" in note:
         st.info(f"Data: {note}. Without internet the run stops with what to do.", icon="🌐")

@@ -96,15 +96,17 @@ def check_model_size(
         hook.remove()
 
 
-def check_init_from(meta_model: nn.Module | None, path: str) -> None:
+def check_init_from(meta_model: nn.Module | None, path: str) -> str | None:
     """The weights file is readable (safetensors, or a state_dict read with weights_only) and
     matches the model's names and shapes (checked against the meta model: nothing allocated
-    but the file's own tensors)."""
+    but the file's own tensors). Returns the note of an output layer that will start fresh
+    (a 1000-class head for 10 classes), else None."""
     if meta_model is None:
         read_weights(path)
-        return
-    sd, _ = fit_head(meta_model, read_weights(path, meta_model))
+        return None
+    sd, note = fit_head(meta_model, read_weights(path, meta_model))
     check_weights(meta_model, sd)
+    return note
 
 
 def _meta_forward(meta_model: nn.Module, channels: int, side: int) -> Exception | None:
@@ -151,9 +153,10 @@ def check_input_fits(
     )
 
 
-def check_model(config: TrainConfig) -> None:
+def check_model(config: TrainConfig) -> str | None:
     """The model's size on the meta device, that it runs on the dataset's images, then the
-    starting weights against it."""
+    starting weights against it. Returns what the run will do with the weights that is worth
+    saying before it starts (an output layer left fresh), else None."""
     shape = dataset_shape(config.dataset, **config.dataset_kwargs)  # lists a folder: once
     meta_model = check_model_size(config, shape)
     if config.skip and meta_model is not None:  # None: not buildable on meta; checked later
@@ -161,7 +164,8 @@ def check_model(config: TrainConfig) -> None:
     check_input_fits(meta_model, config, shape)
     check_batchnorm_batches(meta_model, config)
     if config.init_from is not None:
-        check_init_from(meta_model, config.init_from)
+        return check_init_from(meta_model, config.init_from)
+    return None
 
 
 def check_batchnorm_batches(meta_model: nn.Module | None, config: TrainConfig) -> None:

@@ -10,7 +10,7 @@ from app_seed import N1, N3
 from app import compress as cz
 from app import export as ex
 from app import jobs, live, options, presets, tables, ui
-from lorita.kinds import stage_of
+from lorita.kinds import stages
 
 
 def test_classroom_preset_is_the_library_default():
@@ -296,7 +296,13 @@ def test_live_follower_keeps_a_bounded_number_of_points():
     picked = live.pick_layers(names)
     assert len(picked) == live.MAX_LAYERS_SHOWN and picked[0] == names[0]
     assert picked[-1] == names[-1]
-    assert stage_of("layer2.0.conv1") == "layer2"
+    assert stages(["layer2.0.conv1", "fc"])["layer2.0.conv1"] == "layer2"
+    mobilenet = [f"features.{i}.block.{j}.0" for i in range(1, 12) for j in range(3)]
+    grouped = stages(["features.0.0", *mobilenet, "classifier.0", "classifier.3"])
+    assert (
+        grouped["features.3.block.1.0"] == "features.3" and grouped["classifier.3"] == "classifier"
+    )
+    assert len(set(grouped.values())) == 13  # features.0 ... features.11, classifier
 
 
 def test_tables_group_many_layers_by_stage():

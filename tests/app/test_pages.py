@@ -141,6 +141,56 @@ def test_train_start_lists_every_invalid_field(empty_runs):
 START = "FormSubmitter:train.form-Start training"
 
 
+def test_train_start_lists_field_dataset_and_model_problems_in_one_press(empty_runs, monkeypatch):
+    """A bad number, a bad dataset option and an unknown model option are listed together;
+    before, each showed only once the ones before it were fixed."""
+    from app import jobs
+
+    monkeypatch.setattr(jobs, "start_pair", lambda c, b: pytest.fail("started"))
+    at = open_page("train")
+    at.number_input(key="train.n_factors.classroom").set_value(0)
+    at.number_input(key="train.lr.classroom").set_value(-1.0)
+    at.text_input(key="train.dataset_kwargs.classroom").set_value("size=abc")
+    at.text_input(key="train.model_kwargs.classroom").set_value("bogus=1")
+    at.button(key=START).click().run()
+    assert not at.exception
+    errors = " | ".join(e.value for e in at.error)
+    for said in ("n_factors", "lr", "size", "bogus"):
+        assert said in errors, errors
+
+
+def test_train_the_preset_options_are_not_carried_to_another_model(empty_runs, monkeypatch):
+    """Another model family gets an empty options box (the preset's MLP width is no option
+    of a ResNet); a model changed inside the form leaves the preset's options out at Start and
+    says so; an option typed for the new model is used, and a wrong one refused."""
+    from app import jobs
+
+    started = []
+    monkeypatch.setattr(jobs, "start_pair", lambda c, b: started.append(c) or ("x", None))
+    at = open_page("train")
+    assert at.text_input(key="train.model_kwargs.classroom").value == "width=512"
+    at.selectbox(key="train.family.classroom").set_value("torchvision").run()
+    box = at.text_input(key="train.model_kwargs.classroom.torchvision")
+    assert box.value == ""
+    at.selectbox(key="train.model.classroom.torchvision").set_value("torchvision:resnet18")
+    box.set_value("width=512")
+    at.button(key=START).click().run()
+    assert not started and any("'width'" in e.value for e in at.error), [e.value for e in at.error]
+    at.text_input(key="train.model_kwargs.classroom.torchvision").set_value("")
+    at.button(key=START).click().run()
+    assert started[-1]["model"].startswith("torchvision:") and not started[-1].get("model_kwargs")
+
+    at = open_page("train")  # the model changed inside the form: shown only at Start
+    models = at.selectbox(key="train.model.classroom.built-in").options
+    at.selectbox(key="train.model.classroom.built-in").set_value(
+        next(m for m in models if m != "mlp")
+    )
+    at.button(key=START).click().run()
+    assert "width" not in (started[-1].get("model_kwargs") or {})
+    infos = [i.value for i in at.info]
+    assert any("Model options width=512 are mlp's" in i and "left out" in i for i in infos), infos
+
+
 def test_train_start_refuses_a_rejected_or_unreadable_upload(empty_runs, monkeypatch):
     """A file that is not weights reaches Start (the box filters no type, so the browser does not
     drop it and leave fresh weights): it is listed with the other invalid fields, by the name
@@ -298,15 +348,16 @@ def test_train_options_boxes_pass_the_dataset_and_model_options(empty_runs, tmp_
     assert_clean(at)
     ((config, _),) = started
     assert config["dataset_kwargs"] == {"size": 16, "channels": 1}
-    assert "model_kwargs" not in config  # the preset's depth and width were the MLP's
-    at.text_input(key="train.model_kwargs.planted").set_value("width_mult=0.25, dropout=0.1")
+    assert not config.get("model_kwargs")  # the preset's depth and width were the MLP's
+    box = "train.model_kwargs.planted.torchvision"  # the torchvision family's own box
+    at.text_input(key=box).set_value("width_mult=0.25, dropout=0.1")
     at.button(key="FormSubmitter:train.form-Start training").click().run()
     assert started[-1][0]["model_kwargs"] == {"width_mult": 0.25, "dropout": 0.1}
     for text, said in (
         ("width_mult", "Cannot start: model options: expected key=value, got 'width_mult'"),
         ("layers=[1, 1]", "Cannot start: model_kwargs: ['layers'] is not allowed"),
     ):
-        at.text_input(key="train.model_kwargs.planted").set_value(text)
+        at.text_input(key=box).set_value(text)
         at.button(key="FormSubmitter:train.form-Start training").click().run()
         assert not at.exception and len(started) == 2
         assert any(e.value.startswith(said) for e in at.error), [e.value for e in at.error]
@@ -888,3 +939,51 @@ def test_train_start_run_again_by_a_rerun_starts_nothing_twice(empty_runs, monke
     assert any("r1 was started with these settings" in i.value for i in at.info)
     at.button(key=start).click().run()
     assert len(started) == 2
+
+
+def test_train_start_says_when_a_pretrained_head_starts_fresh(empty_runs, tmp_path):
+    """Weights for another number of classes load into every layer but the output layer:
+    Start says so at once (before, only a caption once the run trained)."""
+    import torch
+
+    import lorita as lt
+    from app import presets, train_form
+
+    config = presets.config("classroom")
+    other = lt.create_model("mlp", in_channels=1, image_size=8, num_classes=5,
+                            **config["model_kwargs"])  # fmt: skip
+    torch.save(other.state_dict(), tmp_path / "five.pt")
+    notes: list[str] = []
+    assert (
+        train_form.check("classroom", {**config, "init_from": str(tmp_path / "five.pt")}, notes)
+        == []
+    )
+    (note,) = notes
+    assert "has 5 outputs in the file and 10 in this model" in note and "fresh init" in note
+
+
+def test_compress_says_the_baseline_has_no_checkpoint_yet(runs_dir):
+    """A baseline that was started (and stopped before its first checkpoint) is named, not
+    "tick also train N=1", which was ticked."""
+    import shutil
+
+    shutil.rmtree(runs_dir / N1 / "checkpoints")
+    (runs_dir / N1 / "checkpoints").mkdir()
+    at = open_page("compress", run=N3)
+    assert_clean(at)
+    captions = " ".join(c.value for c in at.caption)
+    assert f"Its N=1 baseline **{N1}** has no checkpoint yet" in captions, captions
+    assert "Tick" not in captions
+
+
+def test_train_a_form_filled_from_a_run_says_which_weights_it_started_from(runs_dir):
+    """The upload box cannot be put back: the form says the followed run started from a file
+    and that Start would start fresh."""
+    import json
+
+    config = json.loads((runs_dir / N3 / "config.json").read_text())
+    (runs_dir / N3 / "config.json").write_text(json.dumps({**config, "init_from": "/x/mine.pt"}))
+    at = open_page("train", run=N3)
+    assert_clean(at)
+    captions = " ".join(c.value for c in at.caption)
+    assert "started from the weights `mine.pt`" in captions and "fresh weights" in captions
