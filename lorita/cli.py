@@ -902,6 +902,8 @@ def cmd_train(args) -> int:
     from .runs import validate_name
 
     threads = args.threads if args.threads is not None else "auto"
+    if args.quiet:  # nothing but errors from the start, the checks' warnings too
+        warnings.simplefilter("ignore")
     store = _store(args)
     if args.resume:
         _resume_name(args)

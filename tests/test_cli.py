@@ -732,10 +732,12 @@ def test_train_says_which_images_a_folder_leaves_out(tmp_path, capsys):
 
     _image_folder(tmp_path / "pets")
     Image.new("RGB", (20, 20)).save(tmp_path / "pets" / "stray.png")
-    argv = ["train", "--runs-dir", str(tmp_path / "runs"), "--epochs", "1", "--quiet"]
+    argv = ["train", "--runs-dir", str(tmp_path / "runs"), "--epochs", "1"]
     assert main([*argv, "--dataset", f"folder:{tmp_path / 'pets'}", *TINY]) == 0
     err = capsys.readouterr().err
     assert "lorita: warning: dataset:" in err and "stray.png" in err and "left out" in err
+    assert main([*argv, "--quiet", "--dataset", f"folder:{tmp_path / 'pets'}", *TINY]) == 0
+    assert capsys.readouterr().err == ""  # --quiet: nothing, the checks' warnings neither
 
 
 def _image_folder(root: Path, classes=("cat", "dog"), per_class=8, size=20) -> None:

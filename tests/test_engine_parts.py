@@ -461,3 +461,64 @@ def test_a_model_whose_builder_cannot_run_on_the_meta_device_passes_the_start_ch
 
     cfg = TrainConfig(model="torchvision:regnet_y_400mf", dataset="digits", max_steps=1)
     preflight.check_start(cfg)
+
+
+def test_init_from_files_people_have(tmp_path):
+    """Files as engineers really have them: a torch.save file named .safetensors (torch.load
+    itself would read the name), a lorita file named otherwise, BatchNorm step counts left
+    out (torch's strict load fills them in), float8 values; a file of meta tensors is named."""
+    from safetensors.torch import save_file
+
+    from lorita.engine.build import read_weights
+    from lorita.engine.preflight import check_model
+
+    base = TrainConfig(model_kwargs={"width": 16}, n_factors=1, seed=3)
+    splits = lt.load_splits(base)
+    plain = lt.build_model(base, splits)
+    sd = {k: v.clone().contiguous() for k, v in plain.state_dict().items()}
+    assert any(k.endswith("num_batches_tracked") for k in sd)
+
+    def starts(path):
+        cfg = TrainConfig(model_kwargs={"width": 16}, n_factors=3, init_from=str(path))
+        check_model(cfg)
+        got = lt.merge_model(lt.build_model(cfg, splits)).state_dict()
+        torch.testing.assert_close(got["fc1.weight"], sd["fc1.weight"], rtol=1e-4, atol=1e-5)
+
+    torch.save(sd, tmp_path / "pt_named.safetensors")
+    starts(tmp_path / "pt_named.safetensors")
+    lt.save(lt.overparameterize(plain, 3), tmp_path / "composed.st")
+    starts(tmp_path / "composed.st")
+    torch.save({k: v for k, v in sd.items() if "num_batches_tracked" not in k}, tmp_path / "nbt.pt")
+    starts(tmp_path / "nbt.pt")
+    eight = {k: v.to(torch.float8_e4m3fn) if v.is_floating_point() else v for k, v in sd.items()}
+    save_file(eight, str(tmp_path / "fp8.safetensors"))
+    assert read_weights(tmp_path / "fp8.safetensors")["fc1.weight"].dtype == torch.float8_e4m3fn
+    torch.save({k: torch.empty_like(v, device="meta") for k, v in sd.items()}, tmp_path / "m.pt")
+    with pytest.raises(ValueError, match=r"init_from: .* is a tensor without values"):
+        read_weights(tmp_path / "m.pt")
+
+
+def test_init_from_refuses_independent_factors_that_would_discard_it():
+    with pytest.raises(
+        ValueError, match=r"init: 'independent' is not allowed; expected 'balanced'"
+    ):
+        TrainConfig(n_factors=3, init="independent", init_from="x.pt")
+    TrainConfig(n_factors=3, init="independent", init_from="x.pt", plain_epochs=1, epochs=2)
+    TrainConfig(n_factors=1, init="independent", init_from="x.pt")
+
+
+def test_init_from_an_imagenet_googlenet_refits_its_side_classifiers_too():
+    """GoogLeNet's (and Inception v3's) side classifiers also end in 1000 outputs: they start
+    fresh with the main one, named in the note."""
+    import torchvision
+
+    from lorita.engine.build import check_weights, fit_head
+
+    model = torchvision.models.googlenet(num_classes=3, aux_logits=True, init_weights=False)
+    imagenet = torchvision.models.googlenet(num_classes=1000, aux_logits=True, init_weights=False)
+    kept, note = fit_head(model, imagenet.state_dict())
+    check_weights(model, kept)
+    assert "'fc', 'aux1.fc2', 'aux2.fc2' have 1000 outputs in the file and 3" in note
+    sd = imagenet.state_dict()
+    sd["conv1.conv.weight"] = sd["conv1.conv.weight"][:32]  # a hidden layer differs: refused
+    assert fit_head(model, sd)[1] is None

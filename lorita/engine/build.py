@@ -120,7 +120,7 @@ def read_weights(
     what = _not_weights(p)
     if what:
         raise ValueError(f"init_from: {str(path)!r} {what}")
-    if model is not None and p.suffix == ".safetensors" and is_lorita_file(p):
+    if model is not None and is_lorita_file(p):  # (by its header, whatever its name)
         return _from_lorita_file(p, model)
     try:
         if _is_safetensors(p):
@@ -128,9 +128,10 @@ def read_weights(
 
             obj = load_file(str(p))
         else:
-            with warnings.catch_warnings():  # torch's advice on weights_only: ours follows
+            # (a file object: given a path named .safetensors, torch.load reads it as one)
+            with warnings.catch_warnings(), open(p, "rb") as f:  # torch's weights_only advice
                 warnings.simplefilter("ignore")
-                obj = torch.load(str(p), map_location="cpu", weights_only=True)
+                obj = torch.load(f, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file is one clear error
         if "Weights only load failed" in str(e) and _head(p).startswith((b"PK", b"\x80")):
             raise ValueError(
@@ -184,12 +185,13 @@ def _not_weights(p: Path) -> str:
 
 
 def _is_safetensors(p: Path) -> bool:
-    """A safetensors file: by its name, or by its header (8-byte length, then a JSON object)."""
-    if p.suffix == ".safetensors":
-        return True
+    """A safetensors file, by its header (8-byte length, then a JSON object), whatever its
+    name: a torch.save file named .safetensors is read as what it is."""
     with open(p, "rb") as f:
         head = f.read(9)
-    return len(head) == 9 and head[8:9] == b"{"
+    if head[:2] == b"PK" or head[:1] == b"\x80":  # torch.save's zip, or a bare pickle
+        return False
+    return p.suffix == ".safetensors" or (len(head) == 9 and head[8:9] == b"{")
 
 
 def _check_values(sd: dict[str, torch.Tensor], path) -> None:
@@ -198,6 +200,13 @@ def _check_values(sd: dict[str, torch.Tensor], path) -> None:
     for k, v in sd.items():
         if v.layout != torch.strided or v.is_quantized:
             raise ValueError(f"init_from: {k!r} in {str(path)!r} is not a dense tensor")
+        if v.is_meta:
+            raise ValueError(
+                f"init_from: {k!r} in {str(path)!r} is a tensor without values (saved from "
+                "the meta device); save the weights of a materialised model"
+            )
+        if v.is_floating_point() and v.element_size() == 1:  # float8: no isfinite of its own
+            v = v.float()
         if v.is_floating_point() and not bool(torch.isfinite(v).all()):
             raise ValueError(f"init_from: {k!r} in {str(path)!r} holds NaN or infinity")
 
@@ -222,7 +231,9 @@ def check_weights(model: nn.Module, sd: dict[str, torch.Tensor]) -> None:
                 f"init_from: {k!r} holds {str(v.dtype).removeprefix('torch.')} values in the "
                 "file; a weight needs floating-point values"
             )
-    missing = [k for k in own if k not in sd]  # in the model's order: the first layer first
+    # in the model's order, the first layer first; a BatchNorm's step count is no weight
+    # (torch's own strict load fills it in): files written without it load
+    missing = [k for k in own if k not in sd and not k.endswith(".num_batches_tracked")]
     extra = [k for k in sd if k not in own]
     if missing or extra:
         parts = [f"missing from the file: {_first(missing)}"] if missing else []
@@ -238,26 +249,36 @@ def _last_layer(model: nn.Module) -> str | None:
 
 def fit_head(model: nn.Module, sd: dict[str, torch.Tensor]) -> tuple[dict, str | None]:
     """Pretrained weights for another number of classes (an ImageNet checkpoint, 1000 classes,
-    for a 10-class dataset): when the output layer's weight and bias are the only tensors whose
-    shapes differ, and only in their number of outputs, they are dropped from ``sd`` so that
-    layer starts from the model's own init. Returns the weights and a note saying so (None
-    when nothing was dropped); any other mismatch is left for :func:`check_weights`."""
+    for a 10-class dataset): when the only tensors whose shapes differ are the weights and
+    biases of output layers (the last Linear / Conv2d, and the side classifiers of GoogLeNet
+    or Inception v3 that end in as many outputs), and only in their number of outputs, they
+    are dropped from ``sd`` so that those layers start from the model's own init. Returns the
+    weights and a note saying so (None when nothing was dropped); any other mismatch is left
+    for :func:`check_weights`."""
     own = model.state_dict()
     differ = [k for k, v in sd.items() if k in own and tuple(own[k].shape) != tuple(v.shape)]
     head = _last_layer(model)
-    if not differ or head is None:
+    if not differ or head is None or not {f"{head}.weight", f"{head}.bias"} & set(differ):
         return sd, None
-    if not set(differ) <= {f"{head}.weight", f"{head}.bias"}:
+    plain = {n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+    layers = {k.rpartition(".")[0] for k in differ}
+    if not all(k.rpartition(".")[2] in ("weight", "bias") for k in differ) or not layers <= plain:
         return sd, None
     if any(sd[k].shape[1:] != own[k].shape[1:] for k in differ):
         return sd, None
-    theirs, ours = sd[differ[0]].shape[0], own[differ[0]].shape[0]
+    theirs, ours = {sd[k].shape[0] for k in differ}, {own[k].shape[0] for k in differ}
+    if len(theirs) > 1 or len(ours) > 1:  # one number of classes on each side
+        return sd, None
     kept = {k: v for k, v in sd.items() if k not in differ}
     for k in differ:
         kept[k] = own[k]  # the model's own init (on the meta device for a preflight check)
+    heads = ", ".join(repr(n) for n in [head, *sorted(layers - {head})])
+    one = len(layers) == 1
     note = (
-        f"init_from: the output layer {head!r} has {theirs} outputs in the file and {ours} "
-        "in this model: it starts from a fresh init, every other layer from the file"
+        f"init_from: the output layer{'' if one else 's'} {heads} "
+        f"{'has' if one else 'have'} {theirs.pop()} outputs in the file and {ours.pop()} in "
+        f"this model: {'it starts' if one else 'they start'} from a fresh init, every other "
+        "layer from the file"
     )
     return kept, note
 

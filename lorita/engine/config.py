@@ -456,3 +456,10 @@ def validate(c: TrainConfig) -> None:
         )
     if c.init_from is not None and len(c.init_from) > MAX_PATH:
         raise _bad("init_from", c.init_from, f"a file path of at most {MAX_PATH} characters")
+    if c.init_from is not None and c.n_factors > 1 and c.init != "balanced" and not c.plain_epochs:
+        raise _bad(
+            "init",
+            c.init,
+            "'balanced' with init_from (independent factors are drawn afresh: the file's "
+            "weights would be thrown away)",
+        )
