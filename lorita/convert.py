@@ -264,6 +264,10 @@ def _fold_layer(model: nn.Module, bn_name: str, trace, producers, shared) -> tup
     bn = model.get_submodule(bn_name)
     if bn.running_mean is None or bn.running_var is None:
         return "", "no running statistics (track_running_stats=False)"
+    if bn.training:  # (in an eval-mode model: a BatchNorm put back in training on its own)
+        return "", "it is in training mode: it normalises by the batch"
+    if _hooked(bn, pre=True):
+        return "", "it has forward hooks, which folding would drop"
     if trace.calls.get(bn_name, 0) != 1:
         return "", f"it ran {trace.calls.get(bn_name, 0)} times on the example, not once"
     x = trace.inputs[bn_name][0]
@@ -275,15 +279,27 @@ def _fold_layer(model: nn.Module, bn_name: str, trace, producers, shared) -> tup
         return "", f"{type(bn).__name__} after {layer!r} ({x.dim()}-D output) does not fold into it"
     if trace.calls.get(layer, 0) != 1:
         return "", f"{layer!r} runs more than once"
-    others = sorted({u for u in trace.uses.get(id(x), []) if u != bn_name})
-    if others or any(t is x for t in tree_leaves(trace.result)):
-        return (
-            "",
-            f"the output of {layer!r} is also used elsewhere ({', '.join(others) or 'output'})",
-        )
-    if id(model.get_submodule(layer).weight) in shared or layer in trace.direct:
-        return "", f"the weight of {layer!r} is shared or read directly"
+    if _hooked(model.get_submodule(layer), pre=False):
+        return "", f"{layer!r} has forward hooks, which would then see the folded output"
+    others = sorted(
+        {u or "the model's own forward" for u in trace.uses.get(id(x), []) if u != bn_name}
+    )
+    if any(t is x for t in tree_leaves(trace.result)):
+        others.append("the model's output")
+    if others:
+        return "", f"the output of {layer!r} is also used elsewhere ({', '.join(others)})"
+    target = model.get_submodule(layer)
+    if id(target.weight) in shared or id(target.bias) in shared or layer in trace.direct:
+        return "", f"the weight or bias of {layer!r} is shared or read directly"
     return layer, ""
+
+
+def _hooked(module: nn.Module, *, pre: bool) -> bool:
+    """Whether ``module`` has forward hooks (and, with ``pre``, forward pre-hooks) of a user's:
+    folding moves or drops what they act on. (A pre-hook of the layer itself is kept: it
+    acts on the layer's input, which folding does not change.)"""
+    tables = ["_forward_hooks"] + (["_forward_pre_hooks"] if pre else [])
+    return any(getattr(module, t, None) for t in tables)
 
 
 @torch.no_grad()

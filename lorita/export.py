@@ -1227,10 +1227,12 @@ def export_onnx(
             else:
                 try:
                     _onnx_torchscript(deploy, x, tmp, opset, outputs)
-                except (torch.onnx.errors.OnnxExporterError, TypeError):
+                except (torch.onnx.errors.OnnxExporterError, TypeError, AssertionError):
                     # an operator the TorchScript exporter lacks (an adaptive pool whose
                     # output does not divide its input), or a forward with keyword-only
-                    # arguments, which it passes positionally: torch.export handles both
+                    # arguments, which it passes positionally, or a BatchNorm without running
+                    # statistics (its symbolic asserts a known batch size): torch.export
+                    # handles them
                     tmp.unlink(missing_ok=True)
                     _onnx_dynamo(deploy, x, tmp, opset, outputs)
             _onnx_metadata(tmp, metadata)

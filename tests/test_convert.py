@@ -637,3 +637,50 @@ def test_a_torch_compile_wrapper_is_taken_off_everywhere(tmp_path):
     back = lt.load(tmp_path / "s.safetensors", model=torch.compile(plain()))
     assert isinstance(back, nn.Sequential)
     assert_close(back(x), small(x))
+
+
+def test_batchnorm_is_not_folded_where_folding_would_change_the_function(tmp_path):
+    """Left unfolded, with the reason: a forward hook on the layer (it would see the folded
+    output) or on the BatchNorm (it would be dropped), a BatchNorm in training mode inside an
+    eval model, a layer whose bias another layer shares; a BatchNorm without running
+    statistics still exports to ONNX."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 8, 12, 12)
+
+    def net():
+        m = nn.Sequential(nn.Conv2d(8, 16, 3), nn.BatchNorm2d(16))
+        with torch.no_grad():
+            m[1].running_mean.normal_(), m[1].running_var.uniform_(0.5, 2), m[1].weight.normal_()
+        return m.eval()
+
+    hooked_conv, hooked_bn, training = net(), net(), net()
+    hooked_conv[0].register_forward_hook(lambda mod, a, out: out * 2 + 1)
+    hooked_bn[1].register_forward_hook(lambda mod, a, out: out * 2 + 1)
+    training[1].train()
+    for m, why in (
+        (hooked_conv, "'0' has forward hooks"),
+        (hooked_bn, "it has forward hooks"),
+        (training, "training mode"),
+    ):
+        folded = lt.fold_batchnorm(m, x)
+        assert why in folded.lorita_unfolded["1"] and not folded.lorita_folded
+    with torch.no_grad():
+        assert_close(lt.deploy_model(hooked_conv, x)(x), hooked_conv(x))
+
+    class SharedBias(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.c2 = nn.Conv2d(8, 16, 3, padding=1), nn.Conv2d(8, 16, 1)
+            self.c2.bias, self.bn = self.c1.bias, nn.BatchNorm2d(16)
+
+        def forward(self, x):
+            return torch.cat([self.bn(self.c1(x)), self.c2(x)], 1)
+
+    shared = SharedBias().eval()
+    with torch.no_grad():
+        shared.bn.running_mean.normal_()
+        assert_close(lt.deploy_model(shared, x)(x), shared(x))
+    assert "shared" in lt.fold_batchnorm(shared, x).lorita_unfolded["bn"]
+    pytest.importorskip("onnxruntime")
+    stats_free = nn.Sequential(nn.Conv2d(8, 16, 3), nn.BatchNorm2d(16, track_running_stats=False))
+    lt.export_onnx(stats_free.eval(), x, tmp_path / "m.onnx")
