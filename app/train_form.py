@@ -131,16 +131,20 @@ def _checked(preset: str, config: dict[str, Any]) -> tuple[list[str], dict[str, 
             errors.append(_one_line(exc))
             fixed[field] = good[field]
     whole = []  # the options boxes' problems, each box set aside in turn to find the next
-    for box in (*presets.OPTION_BOXES, None):
+    while True:
         try:
             lt.TrainConfig.from_dict(fixed)
             break
         except (ValueError, TypeError) as exc:
             whole.append(_one_line(exc))
-            said = whole[-1].split(":")[0].replace(" options", "_kwargs").replace(" ", "_")
-            if box is None or said not in presets.OPTION_BOXES:
+            box = next(  # the box the message names (by its field or its label), if any
+                (f for f, label in presets.OPTION_BOXES.items()
+                 if fixed.get(f) and whole[-1].startswith((f, label.lower()))),
+                None,
+            )  # fmt: skip
+            if box is None:
                 break
-            fixed[said] = {}
+            fixed[box] = {}  # (each pass empties one box: this ends)
     return (errors + whole, None) if whole else (errors, fixed)
 
 
