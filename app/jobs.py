@@ -69,6 +69,23 @@ def max_concurrent() -> int:
     return max(1, value)
 
 
+#: training children of this server that may be alive at once beyond the training slots
+#: (each waiting child holds torch in memory, about 0.4 GB: Start presses must not add up)
+MAX_WAITING = 8
+
+
+def _check_room(wanted: int) -> None:
+    """Refuse to start ``wanted`` more children when this server's live ones (starting,
+    queued or training, and baselines about to start) would pass max_concurrent + MAX_WAITING."""
+    live = sum(p.poll() is None for p in list(_PROCS.values())) + len(_PENDING)
+    most = max_concurrent() + MAX_WAITING
+    if live + wanted > most:
+        raise ValueError(
+            f"Start: {live} runs started here are still starting, waiting or training (at most "
+            f"{most}); wait for one to end, or stop one on the Runs page"
+        )
+
+
 def store(root: str | Path | None = None):
     """A :class:`lorita.runs.RunStore` on ``root`` (default :func:`runs_dir`)."""
     from lorita.runs import RunStore
@@ -157,6 +174,7 @@ def start(
     config = validate(config)
     root = Path(root) if root is not None else runs_dir()
     check_writable(root)
+    _check_room(1)
     name = _request(root, config, name)
     try:
         _spawn(name, root, concurrent)
@@ -314,6 +332,7 @@ def start_pair(
     """
     config = validate(config)
     baseline = validate(baseline) if baseline is not None else None
+    _check_room(2 if baseline is not None else 1)
     name = start(config, root=root, concurrent=concurrent)
     if baseline is None:
         return name, None

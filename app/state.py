@@ -95,7 +95,17 @@ def init() -> None:
         if key not in st.session_state:
             st.session_state[key] = value
     if st.session_state[CURRENT_RUN] is None:
-        st.session_state[CURRENT_RUN] = from_url(QUERY_RUN)
+        st.session_state[CURRENT_RUN] = _run_name(from_url(QUERY_RUN))
+
+
+def _run_name(name: str | None) -> str | None:
+    """``name`` if it can name a run (``?run=../../etc`` cannot: no page follows it)."""
+    from lorita.runs import validate_name
+
+    try:
+        return validate_name(name) if name else None
+    except ValueError:
+        return None
 
 
 def current_run() -> str | None:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -229,11 +231,28 @@ def save_upload(file_name: str, data: bytes, root: str | Path | None = None) -> 
     folder = root / jobs.APP_DIR / UPLOAD_DIR
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{hashlib.sha256(data).hexdigest()}{suffix}"
-    if not path.exists():
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_bytes(data)
-        tmp.replace(path)
+    if not path.exists():  # each writer its own temporary file: sessions upload one file at once
+        tmp = folder / f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp"
+        try:
+            tmp.write_bytes(data)
+            tmp.replace(path)  # the same bytes whoever renames last
+        finally:
+            tmp.unlink(missing_ok=True)
     return path
+
+
+def forget_upload(path: str | Path | None, root: str | Path | None = None) -> None:
+    """Remove an upload kept by :func:`save_upload` that no run starts from (its Start was
+    refused): refused files do not pile up in the runs folder."""
+    if not path:
+        return
+    root = Path(root) if root is not None else jobs.runs_dir()
+    path = Path(path)
+    if path.parent != root / jobs.APP_DIR / UPLOAD_DIR:
+        return  # a finished run's checkpoint, or a file of the user's: not ours
+    used = {str(run.config.get("init_from")) for run in jobs.store(root).list()}
+    if str(path) not in used:
+        path.unlink(missing_ok=True)
 
 
 #: a Start with the settings of one made this long ago is taken as that click run again

@@ -193,6 +193,10 @@ def list_dataset_families() -> list[str]:
     return [n for n, e in _REGISTRY.items() if e.takes_path]
 
 
+#: the longest folder path a dataset name may hold (Linux's PATH_MAX)
+MAX_PATH_CHARS = 4096
+
+
 def dataset_entry(name: str) -> tuple[DatasetEntry, str | None]:
     """The registry entry of a dataset name and, for ``folder:PATH``, its path."""
     if not isinstance(name, str) or not name:
@@ -205,6 +209,10 @@ def dataset_entry(name: str) -> tuple[DatasetEntry, str | None]:
         raise ValueError(f"dataset: {name!r} needs a folder after '{family}:'")
     if entry.takes_path and "\x00" in path:
         raise ValueError(f"dataset: {name!r} is not a usable path")
+    if entry.takes_path and len(path) > MAX_PATH_CHARS:
+        raise ValueError(
+            f"dataset: the folder path is {len(path)} characters long (at most {MAX_PATH_CHARS})"
+        )
     return entry, (path if entry.takes_path else None)
 
 
@@ -952,6 +960,10 @@ def _scan_folder(name: str) -> _FolderScan:
         loose = tuple(f for d in holders for f in sorted(d.iterdir()) if _is_image_file(f))
     except PermissionError as e:
         raise DatasetUnavailable(f"dataset {name!r}: {e.filename} is not readable") from None
+    except OSError as e:  # a name too long, an unreachable mount...
+        where = str(e.filename or root)
+        where = where if len(where) <= 120 else where[:117] + "..."
+        raise DatasetUnavailable(f"dataset: {where} cannot be read ({e.strerror})") from None
     return _FolderScan(root, classes, parts, loose)
 
 

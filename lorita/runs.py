@@ -724,12 +724,16 @@ class RunStore:
         return True
 
     def delete(self, name: str) -> None:
-        """Remove a run folder (refused while its process is alive)."""
+        """Remove a run folder (refused while its process is alive); a run folder that is a
+        symbolic link loses the link only, the folder it points to is left as it is."""
         run = self.get(name)
         if run.is_alive() or run.held_elsewhere():
             raise ValueError(
                 f"run: {name!r} is still {run.raw_status().get('state')}; stop it first"
             )
+        if run.path.is_symlink():  # a run linked in from elsewhere: the link goes, not its files
+            run.path.unlink()
+            return
         # Renamed aside first (a hidden name: no longer a run), so that a file that cannot be
         # removed leaves no half-deleted run still listed with its results.
         aside = temp_beside(run.path, ".deleting")

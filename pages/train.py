@@ -248,6 +248,8 @@ def _form_values(family: str) -> tuple[dict, list[str]]:
         form["init_from"] = _init_from(_upload(), run)
     except ValueError as exc:
         errors.append(ui.one_line(exc))
+    except OSError as exc:  # a runs folder the upload cannot be kept in (full, read-only)
+        errors.append(f"init_from: the upload cannot be kept in the runs folder ({exc.strerror})")
     return form, errors
 
 
@@ -285,6 +287,7 @@ def _start(family: str) -> None:
     for message in errors:
         _cannot_start(message, saved)
     if errors or config is None:
+        train_form.forget_upload(form.get("init_from"))  # a refused file is not kept
         return
     base_cfg = None
     if st.session_state[state.TRAIN_BASELINE] and int(config.get("n_factors", 1)) != 1:
@@ -304,6 +307,7 @@ def _start(family: str) -> None:
                 name, baseline = jobs.start_pair(config, base_cfg)
         except (ValueError, OSError) as exc:  # (OSError: a runs folder it cannot write in)
             _cannot_start(ui.one_line(exc), saved)
+            train_form.forget_upload(form.get("init_from"))
             return
         st.session_state[state.TRAIN_LAST_START] = train_form.start_record(key, name, baseline)
     state.set_current_run(name)

@@ -349,3 +349,52 @@ def test_whole_corpus_stays_small_and_prints_a_summary(capsys):
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q", "-p", "no:cacheprovider", "-k", "summary"]))
+
+
+def test_starting_weights_that_would_unpack_far_beyond_their_size_are_refused(tmp_path):
+    """A few MB of deflated zeros inside a torch.save zip (torch unpacks an entry whole
+    before checking its size) and a safetensors header beyond the spec's limit are refused
+    from the file's directory or header alone."""
+    import zipfile
+
+    from lorita.engine.build import read_weights
+
+    torch.save({"w": torch.zeros(4)}, tmp_path / "plain.pt")
+    with (
+        zipfile.ZipFile(tmp_path / "plain.pt") as src,
+        zipfile.ZipFile(tmp_path / "bomb.pt", "w", compression=zipfile.ZIP_DEFLATED) as dst,
+    ):
+        for info in src.infolist():
+            dst.writestr(info.filename, src.read(info.filename))
+    with pytest.raises(ValueError, match=r"init_from: .* zip archive with compressed entries"):
+        read_weights(tmp_path / "bomb.pt")
+    assert read_weights(tmp_path / "plain.pt")["w"].shape == (4,)
+    big = tmp_path / "big.safetensors"
+    big.write_bytes((2**30).to_bytes(8, "little") + b'{"a": {}}')
+    with pytest.raises(ValueError, match=r"safetensors header of 1073741824 bytes"):
+        read_weights(big)
+
+
+def test_option_keys_given_twice_and_long_folder_paths_are_named():
+    from lorita.data import DatasetUnavailable, check_dataset
+    from lorita.engine.config import parse_options
+
+    with pytest.raises(ValueError, match=r"model options: width is given twice"):
+        parse_options("width=8, width=9", "model options")
+    with pytest.raises(ValueError, match=r"dataset: the folder path is 5005 characters long"):
+        check_dataset("folder:/tmp/" + "x" * 5000)
+    with pytest.raises(DatasetUnavailable, match=r"cannot be read \(File name too long\)"):
+        check_dataset("folder:/tmp/" + "x" * 300)
+
+
+def test_deleting_a_run_that_is_a_link_removes_the_link_only(tmp_path):
+    from lorita.runs import RunStore
+
+    elsewhere = tmp_path / "elsewhere"
+    store = RunStore(tmp_path / "runs")
+    run = store.create({"dataset": "digits"}, name="real")
+    run.update_status(state="stopped")
+    run.path.rename(elsewhere)
+    (tmp_path / "runs" / "linked").symlink_to(elsewhere, target_is_directory=True)
+    store.delete("linked")
+    assert not (tmp_path / "runs" / "linked").exists() and (elsewhere / "config.json").is_file()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import warnings
+import zipfile
 from pathlib import Path
 
 import torch
@@ -14,7 +15,7 @@ from .. import data as data_mod
 from .. import models as models_mod
 from ..clone import clone_model
 from ..convert import overparameterize
-from ..export import foreign_format, is_lorita_file
+from ..export import LIMITS, foreign_format, is_lorita_file
 from ..runs import load_splits as _run_splits
 from .config import TrainConfig
 
@@ -122,6 +123,9 @@ def read_weights(
         raise ValueError(f"init_from: {str(path)!r} {what}")
     if model is not None and is_lorita_file(p):  # (by its header, whatever its name)
         return _from_lorita_file(p, model)
+    bomb = _too_big(p)
+    if bomb:
+        raise ValueError(f"init_from: {str(path)!r} {bomb}")
     try:
         if _is_safetensors(p):
             from safetensors.torch import load_file
@@ -146,6 +150,64 @@ def read_weights(
     sd = _unwrapped(obj, path)
     _check_values(sd, path)
     return sd if model is None else _renamed(sd, set(model.state_dict()))
+
+
+def _too_big(p: Path) -> str:
+    """Why reading ``p`` would cost far more than its size ("" when it would not): a zip
+    whose entries are compressed (torch.save stores them as they are: a few MB of deflated
+    zeros would unpack into GBs) or too many, a safetensors header listing too many tensors.
+    Only the file's directory or header is read."""
+    limit = LIMITS["tensors"]
+    head = _head(p)
+    if head.startswith(b"PK"):
+        count = _zip_entries(p)
+        if count is None:
+            return ""  # damaged or cut short: torch's reader says so
+        if count > limit + 16:  # (torch.save adds a few records beside the tensors)
+            return f"is a zip archive of {count} entries (at most {limit})"
+        with zipfile.ZipFile(p) as z:
+            packed = [i.filename for i in z.infolist() if i.compress_type != zipfile.ZIP_STORED]
+        if packed:
+            return (
+                f"is a zip archive with compressed entries ({packed[0]!r}), which torch.save "
+                "does not write: save the weights again with torch.save or as safetensors"
+            )
+        return ""
+    with open(p, "rb") as f:
+        first = f.read(9)
+        n = int.from_bytes(first[:8], "little") if len(first) == 9 else 0
+        if head[:1] == b"\x80" or first[8:9] != b"{" or n <= 0:
+            return ""  # a pickle stream, or not safetensors: read as it is
+        if n > LIMITS["header_bytes"]:
+            return f"has a safetensors header of {n} bytes (at most {LIMITS['header_bytes']})"
+        text = b"{" + f.read(n - 1)
+    count = text.count(b'"data_offsets"')  # one per tensor; no JSON parsed for a count
+    if count > limit:
+        return f"lists {count} tensors in its safetensors header (at most {limit})"
+    return ""
+
+
+def _zip_entries(p: Path) -> int | None:
+    """The number of entries a zip file's end-of-central-directory record gives (ZIP64's
+    when there are more than 65,535), read from its last 64 KiB only; None if not found."""
+    size = p.stat().st_size
+    with open(p, "rb") as f:
+        f.seek(max(0, size - 65_557))
+        tail = f.read()
+        at = tail.rfind(b"PK\x05\x06")
+        if at < 0 or len(tail) < at + 22:
+            return None
+        count = int.from_bytes(tail[at + 10 : at + 12], "little")
+        if count != 0xFFFF:
+            return count
+        loc = tail.rfind(b"PK\x06\x07", 0, at)  # the ZIP64 locator points at its record
+        if loc < 0:
+            return None
+        f.seek(int.from_bytes(tail[loc + 8 : loc + 16], "little"))
+        record = f.read(40)
+    if record[:4] != b"PK\x06\x06":
+        return None
+    return int.from_bytes(record[32:40], "little")
 
 
 def _head(p: Path) -> bytes:

@@ -49,7 +49,7 @@ AMP_MODES = ("auto", "bf16", "off")
 DEVICES = ("auto", "cpu", "cuda", "mps")  # and "cuda:<index>"
 SEED_MAX = 2**32 - 1  # numpy's seed range
 MAX_JSON_OPTIONS = 64  # keys in dataset_kwargs / model_kwargs
-MAX_PATH = 4096
+MAX_PATH = data_mod.MAX_PATH_CHARS  # (the data module owns it: folder paths too)
 
 
 def _opt(default: Any, help: str, kind: str, **meta: Any) -> Any:
@@ -323,6 +323,8 @@ def parse_options(items: str | list[str] | None, field: str) -> dict[str, Any]:
             raise ValueError(f"{field}: {key[:60]!r} is not an option name (letters, digits, _)")
         if not value:
             raise ValueError(f"{field}: {key}= has an empty value")
+        if key in out:  # which one was meant? (the last one would win without a word)
+            raise ValueError(f"{field}: {key} is given twice; give each option once")
         out[key] = _option_value(value, field)
     return out
 

@@ -987,3 +987,59 @@ def test_train_a_form_filled_from_a_run_says_which_weights_it_started_from(runs_
     assert_clean(at)
     captions = " ".join(c.value for c in at.caption)
     assert "started from the weights `mine.pt`" in captions and "fresh weights" in captions
+
+
+def test_train_a_url_run_name_that_names_no_run_is_ignored(runs_dir):
+    """``?run=../../etc`` cannot name a run: the page follows another run, as for a name
+    that is not in the runs folder (before, an error replaced the follow panel)."""
+    at = open_page("train", run="../../etc")
+    assert_clean(at)
+    assert not any("run name" in e.value for e in at.error)
+
+
+def test_train_a_refused_upload_is_not_kept_and_uploads_do_not_race(empty_runs, tmp_path):
+    """A file whose Start was refused leaves the runs folder; the same file uploaded by
+    several sessions at once is kept once, without a failed rename."""
+    import threading
+
+    from app import train_form
+
+    at = open_page("train")
+    at.file_uploader(key="train.init_from.classroom").set_value(
+        ("mine.pt", b"not weights at all\n", "application/octet-stream")
+    )
+    at.button(key=START).click().run()
+    assert any("init_from" in e.value for e in at.error)
+    uploads = empty_runs / ".app" / train_form.UPLOAD_DIR
+    assert not uploads.exists() or not any(uploads.iterdir())
+    data, errors = b"x" * 5_000_000, []
+
+    def save():
+        try:
+            train_form.save_upload("a.pt", data, empty_runs)
+        except OSError as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=save) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and [p.name for p in uploads.iterdir()] == [
+        f"{__import__('hashlib').sha256(data).hexdigest()}.pt"
+    ]
+
+
+def test_start_refuses_more_children_than_the_slots_and_the_waiting_room(empty_runs, monkeypatch):
+    """Each waiting child holds torch in memory: Start presses cannot add up without end."""
+    from app import jobs
+
+    class Alive:
+        def poll(self):
+            return None
+
+    monkeypatch.setattr(jobs, "_PROCS", {("r", str(i)): Alive() for i in range(jobs.MAX_WAITING)})
+    config = presets.config("classroom")
+    with pytest.raises(ValueError, match=r"Start: 8 runs started here are still"):
+        jobs.start_pair(config, presets.baseline_config(config), root=empty_runs)
+    assert not any(p.name[0] != "." for p in empty_runs.iterdir())
