@@ -474,7 +474,7 @@ def tradeoff_chart(
     span = _focus_range(data, focus)
     if span is not None:
         yaxis["range"] = span
-        below = _below_note(data, span[0])
+        below = _below_note(data, span[0], "FLOPs" if x == "flops_pct" else "the parameters")
     room = {}
     if below:  # the note goes under the axis title, not over the curves
         extra = 16 * (below[0]["text"].count("<br>") + 1)
@@ -506,8 +506,9 @@ def _focus_range(data: list[dict[str, Any]], focus: float | None) -> list[float]
     return [floor, min(1.0, max(ys)) + 0.01]
 
 
-def _below_note(data: list[dict[str, Any]], floor: float) -> list[dict[str, Any]]:
-    """An annotation naming each line's points below ``floor`` (where and how low), if any."""
+def _below_note(data: list[dict[str, Any]], floor: float, of: str) -> list[dict[str, Any]]:
+    """An annotation naming each line's points below ``floor`` (where, in % of ``of``, and
+    how low their accuracy goes), if any."""
     lines = []
     for trace in data:
         below = [(x, y) for x, y in zip(trace["x"], trace["y"], strict=True) if y < floor]
@@ -516,7 +517,7 @@ def _below_note(data: list[dict[str, Any]], floor: float) -> list[dict[str, Any]
         xs, low = [x for x, _ in below], min(y for _, y in below)
         where = f"{min(xs):.1f}–{max(xs):.1f} %" if len(xs) > 1 else f"{xs[0]:.1f} %"
         count = f"{len(xs)} points" if len(xs) > 1 else "1 point"
-        lines.append(f"{trace['name']}: {count} at {where}, down to {low:.1%}")
+        lines.append(f"{trace['name']}: {count} at {where} of {of}, accuracy down to {low:.1%}")
     if not lines:
         return []
     text = "<br>".join(["Below the axis (double-click to see all):", *lines])

@@ -675,7 +675,8 @@ def progress_text(v: JobView) -> str:
     from app.ui import fmt_duration
 
     total = f"/{v.total_steps}" if v.total_steps else ""
-    parts = [v.state, f"step {v.step}{total}"]
+    said = {"queued": "waiting for a slot" if v.waiting_for_slot else "preparing"}
+    parts = [said.get(v.state, v.state), f"step {v.step}{total}"]
     if v.epoch is not None:
         parts.append(f"epoch {v.epoch}")
     if v.elapsed is not None:

@@ -197,6 +197,14 @@ def _result_metrics(res: dict, base: dict, setting: str) -> None:
                 delta_arrow="off")  # fmt: skip
     how = " (cut now; its accuracy was measured when the run completed)" if res.get("kept") else ""
     st.caption(f"{setting}: computed in {1000 * res['seconds']:.0f} ms{how}.")
+    budget = res.get("budget") or {}
+    if budget and not budget.get("met", True):
+        kept = res["params_pct"] if budget.get("measure") == "params" else res["flops_pct"]
+        st.warning(
+            f"A {budget['percent']:g} % budget cannot be met: with every layer at rank 1 the "
+            f"model keeps {kept:.1f} % (what no cut shrinks: the whole head, BatchNorm, biases).",
+            icon="⚠️",
+        )
 
 
 def _cost_axis() -> str:

@@ -136,7 +136,8 @@ def test_tradeoff_chart_sorts_by_cost_and_marks_current():
     fig3 = charts.tradeoff_chart({"N=3": low})
     assert fig3.layout.yaxis.range[0] == pytest.approx(0.75)  # opens on 20 points below the best
     (note,) = fig3.layout.annotations  # and names what it leaves below
-    assert "Below the axis" in note.text and "N=3: 1 point at 1.0 %, down to 10.0%" in note.text
+    assert "Below the axis" in note.text
+    assert "N=3: 1 point at 1.0 % of FLOPs, accuracy down to 10.0%" in note.text
     assert not fig.layout.annotations  # nothing below: no note
 
 
@@ -157,7 +158,7 @@ def test_tradeoff_chart_never_leaves_a_line_out_of_view():
     fig = charts.tradeoff_chart(curves, x="params_pct", y="test_acc")
     assert fig.layout.yaxis.range[0] == pytest.approx(0.76)
     (note,) = fig.layout.annotations
-    assert "L1 pruning: 2 points at 5.0–10.0 %, down to 25.0%" in note.text
+    assert "L1 pruning: 2 points at 5.0–10.0 % of the parameters, accuracy down to 25.0%" in note.text
     assert "LoRITa" not in note.text and "SVD" not in note.text
     star = {"value": 5, "params_pct": 5.0, "test_acc": 0.5}
     fig = charts.tradeoff_chart({"LoRITa cut": curves["LoRITa cut"]}, current=star,

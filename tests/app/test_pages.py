@@ -1043,3 +1043,11 @@ def test_start_refuses_more_children_than_the_slots_and_the_waiting_room(empty_r
     with pytest.raises(ValueError, match=r"Start: 8 runs started here are still"):
         jobs.start_pair(config, presets.baseline_config(config), root=empty_runs)
     assert not any(p.name[0] != "." for p in empty_runs.iterdir())
+
+
+def test_compress_says_when_a_budget_cannot_be_met(runs_dir):
+    """A 1 % budget below what no cut shrinks keeps more than 1 %: the page says so."""
+    at = open_page("compress", run=N3, policy="budget", value="1")
+    assert_clean(at)
+    warned = [w.value for w in at.warning if "budget cannot be met" in w.value]
+    assert warned and "every layer at rank 1" in warned[0], [w.value for w in at.warning]
