@@ -158,7 +158,9 @@ def test_tradeoff_chart_never_leaves_a_line_out_of_view():
     fig = charts.tradeoff_chart(curves, x="params_pct", y="test_acc")
     assert fig.layout.yaxis.range[0] == pytest.approx(0.76)
     (note,) = fig.layout.annotations
-    assert "L1 pruning: 2 points at 5.0–10.0 % of the parameters, accuracy down to 25.0%" in note.text
+    assert (
+        "L1 pruning: 2 points at 5.0–10.0 % of the parameters, accuracy down to 25.0%" in note.text
+    )
     assert "LoRITa" not in note.text and "SVD" not in note.text
     star = {"value": 5, "params_pct": 5.0, "test_acc": 0.5}
     fig = charts.tradeoff_chart({"LoRITa cut": curves["LoRITa cut"]}, current=star,
