@@ -1,7 +1,7 @@
 """The classroom run (digits, MLP, N=3 -- TrainConfig's defaults): how long it takes end to end,
 what the spectra snapshots cost, and whether the N=1 vs N=3 lesson shows.
 
-    python bench/classroom.py [--repeats 3] [--doc docs/classroom.md]
+    python bench/classroom.py [--repeats 3] [--lesson-seeds 0 1 2] [--doc docs/classroom.md]
 
 1. Wall time of the exact command the app starts (`python -m lorita train --quiet ...`),
    Python start-up and dataset loading included, for N=3 and N=1.
@@ -12,7 +12,8 @@ what the spectra snapshots cost, and whether the N=1 vs N=3 lesson shows.
 3. Accuracy and effective ranks (singular values above 1% of the largest) for N=1 and N=3, and
    the lesson itself: validation and test accuracy of each run cut by the Budget policy to
    5%, 10%, ..., 50% of its parameters (what the Compress page's curve shows). N=3's curve should
-   be at or above N=1's at every budget.
+   be at or above N=1's at every budget. The same for more seeds (``--lesson-seeds``), on those
+   budgets and on every half percent from 5% to 50%, since one seed can be lucky.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from lorita.runs import RunStore  # noqa: E402
 from lorita.truncation import Budget  # noqa: E402
 
 BUDGETS = (5, 10, 15, 20, 25, 30, 35, 40, 45, 50)
+FINE = tuple(5 + 0.5 * i for i in range(91))  # every half percent from 5% to 50%
 
 
 def cli_wall(n_factors: int, runs: Path, name: str) -> tuple[float, float]:
@@ -75,14 +77,36 @@ def in_process(spectra_every: int, runs: Path, name: str) -> dict:
     return res
 
 
-def budget_curve(run) -> dict[int, dict]:
+def budget_curve(run, budgets=BUDGETS) -> dict[float, dict]:
     """Val/test accuracy of the run's best checkpoint cut to each budget (params share)."""
     session = Compressor(run)
     out = {}
-    for b in BUDGETS:
+    for b in budgets:
         res = session.apply(Budget(b))
         out[b] = {"val": res.metrics["val_acc"], "test": res.metrics["test_acc"]}
     return out
+
+
+def seed_lines(seeds: list[int], curves: dict[int, dict]) -> list[str]:
+    """Per seed: where N=3 is at or above N=1, on the ten budgets and on the fine grid, and
+    the largest shortfall where it is not."""
+    lines = [
+        "| seed | of the 10 budgets: N=3 ≥ N=1 (val / test) | of the 91 half-percent budgets "
+        "5–50% (val / test) | largest shortfall (points, at) |",
+        "|---|---|---|---|",
+    ]
+    for s in seeds:
+        c1, c3 = curves[s][1], curves[s][3]
+        coarse = {p: sum(c3[b][p] >= c1[b][p] for b in BUDGETS) for p in ("val", "test")}
+        fine = {p: sum(c3[b][p] >= c1[b][p] for b in FINE) for p in ("val", "test")}
+        gaps = [(100 * (c1[b][p] - c3[b][p]), b, p) for b in FINE for p in ("val", "test")]
+        worst = max(gaps)
+        short = f"{worst[0]:.2f} ({worst[2]}, {worst[1]:g}%)" if worst[0] > 0 else "none"
+        lines.append(
+            f"| {s} | {coarse['val']} / {coarse['test']} | {fine['val']} / {fine['test']} | "
+            f"{short} |"
+        )
+    return lines
 
 
 def lesson_lines(lesson: dict, curves: dict) -> list[str]:
@@ -127,6 +151,7 @@ def lesson_lines(lesson: dict, curves: dict) -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--lesson-seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--doc", default=str(ROOT / "docs" / "classroom.md"))
     args = ap.parse_args()
     load0 = os.getloadavg()
@@ -172,6 +197,18 @@ def main() -> None:
         run = store.get(f"cli-n{n}-0")
         lesson[n] = run.summary()
         curves[n] = budget_curve(run)
+    by_seed: dict[int, dict] = {}
+    for s in args.lesson_seeds:
+        by_seed[s] = {}
+        for n in (1, 3):
+            if s == cfg.seed:  # the command-line runs above
+                run = store.get(f"cli-n{n}-0")
+            else:
+                seeded = TrainConfig(seed=s, n_factors=n)
+                run = store.create(seeded.to_dict(), name=f"seed{s}-n{n}")
+                lt.train(seeded, run, threads="auto")
+            by_seed[s][n] = budget_curve(run, sorted(set(FINE) | set(BUDGETS)))
+        print(f"lesson seed {s} done", flush=True)
     load1 = os.getloadavg()
 
     lines = [
@@ -251,6 +288,12 @@ def main() -> None:
         "Same seed, data, optimizer and weight decay (the `cli-*-0` runs above).",
         "",
         *lesson_lines(lesson, curves),
+        "",
+        f"The same lesson for seeds {', '.join(map(str, args.lesson_seeds))} (each an N=3 run "
+        "and its N=1 twin, TrainConfig's defaults but the seed): on the ten budgets above and on "
+        "every half percent from 5% to 50%.",
+        "",
+        *seed_lines(args.lesson_seeds, by_seed),
     ]
     width = cfg.model_kwargs.get("width", 256)
     lines += ["", f"Full ranks: fc1 64, fc2 {width}, fc3 {width}, head 10.", ""]
