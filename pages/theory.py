@@ -9,9 +9,10 @@ from app import charts, plot, state, theory, ui
 def main() -> None:
     st.title("Theory: why factors prefer low rank")
     st.markdown(
-        "A planted matrix of low rank plus a little noise is fitted by a product of **N** "
-        "square factors `W = W_N ⋯ W_1`, minimising `½‖W − Y‖² + ½λ Σᵢ‖Wᵢ‖²` — ordinary "
-        "weight decay on every factor. It trains in about a second."
+        "A planted matrix **M** of low rank, observed with a little noise as **Y**, is fitted "
+        "by a product of **N** square factors `W = W_N ⋯ W_1`, minimising "
+        "`½‖W − Y‖² + ½λ Σᵢ‖Wᵢ‖²` — ordinary weight decay on every factor. It trains in "
+        "about a second."
     )
     c1, c2 = st.columns(2)
     d = theory.DEFAULTS
@@ -34,7 +35,7 @@ def main() -> None:
     m1.metric("Σ‖Wᵢ‖² (learned factors)", f"{res['penalty']:.4f}")
     m2.metric(f"N·Σσ^(2/N) (N={n})", f"{res['balanced']:.4f}")
     m3.metric("effective rank of W", res["effective_rank"], help=f"true rank {rank}")
-    m4.metric("‖W − M‖ / ‖M‖", f"{res['residual']:.3f}", help="distance to the planted matrix")
+    m4.metric("‖W − M‖ / ‖M‖", f"{res['residual']:.3f}", help="distance to the planted M")
     st.latex(
         rf"\sum_{{i=1}}^{{{n}}}\|W_i\|_F^2 = {res['penalty']:.4f}"
         rf"\quad\ge\quad {n}\cdot\sum_j \sigma_j(W)^{{2/{n}}} = {res['balanced']:.4f}"
