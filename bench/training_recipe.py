@@ -192,12 +192,22 @@ VARIANTS = {
         "N=3, warm-up 10%, the classifier head left plain (N=1)",
         {"warmup": 0.1, "skip": ["head"]},
     ),
+    "nobn-warm10": (
+        "N=3, warm-up 10%, no BatchNorm (the decay then shrinks the function's scale too)",
+        {"warmup": 0.1, "batchnorm": False},
+    ),
+    "n1-nobn-warm10": (
+        "N=1, warm-up 10%, no BatchNorm",
+        {"n": 1, "warmup": 0.1, "batchnorm": False},
+    ),
     "sgd-n1": (
         "N=1, SGD momentum 0.9 lr 0.05, warm-up 10%, decay x5",
         {"n": 1, "opt": "sgd", "lr_abs": 0.05, "warmup": 0.1, "wd_scale": 5},
     ),
 }
-DEFAULT_VARIANTS = list(VARIANTS)
+#: probes run by name after docs/training_recipe.md was written (not in its default set)
+LATER_PROBES = ("nobn-warm10", "n1-nobn-warm10")
+DEFAULT_VARIANTS = [v for v in VARIANTS if v not in LATER_PROBES]
 
 
 def _data(dataset: str):
@@ -310,7 +320,7 @@ def train_one(dataset: str, variant: str, seed: int) -> dict:
         dataset=dataset,
         n_factors=1 if pre else c["n"],
         seed=seed,
-        model_kwargs={"width": c["width"]},
+        model_kwargs={"width": c["width"], "batchnorm": c.get("batchnorm", True)},
         init=c.get("init", "balanced"),
         inner=c.get("inner"),
         skip=c.get("skip"),
