@@ -522,3 +522,20 @@ def test_init_from_an_imagenet_googlenet_refits_its_side_classifiers_too():
     sd = imagenet.state_dict()
     sd["conv1.conv.weight"] = sd["conv1.conv.weight"][:32]  # a hidden layer differs: refused
     assert fit_head(model, sd)[1] is None
+
+
+def test_init_from_a_lightning_file_with_other_tensors_names_only_those(tmp_path):
+    """``model.*`` keys beside a loss's ``criterion.weight``: the prefix is stripped from the
+    keys that carry it, and the error names the one tensor that is not the model's (before,
+    every key was listed as missing or extra)."""
+    from lorita.engine.build import check_weights, read_weights
+
+    base = TrainConfig(model_kwargs={"width": 16}, n_factors=1)
+    plain = lt.build_model(base, lt.load_splits(base))
+    sd = {f"model.{k}": v for k, v in plain.state_dict().items()}
+    torch.save({"state_dict": {**sd, "criterion.weight": torch.ones(10)}}, tmp_path / "l.ckpt")
+    got = read_weights(tmp_path / "l.ckpt", plain)
+    with pytest.raises(ValueError, match=r"\(not in the model: 'criterion.weight'\)$"):
+        check_weights(plain, got)
+    torch.save({"state_dict": sd}, tmp_path / "clean.ckpt")
+    check_weights(plain, read_weights(tmp_path / "clean.ckpt", plain))

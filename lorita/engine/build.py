@@ -61,13 +61,23 @@ def _unwrapped(obj, path) -> dict[str, torch.Tensor]:
 
 
 def _renamed(sd: dict[str, torch.Tensor], own: set[str]) -> dict[str, torch.Tensor]:
-    """``sd`` with the prefixes of wrappers stripped while every key carries one and the
-    model's own names do not."""
+    """``sd`` with the prefixes of wrappers stripped while the model's own names do not have
+    them: from every key that carries one, when that names more of the model's tensors (a
+    Lightning module also keeps its loss's weights: ``model.fc.weight`` beside
+    ``criterion.weight``, which stays for :func:`check_weights` to name)."""
     while not set(sd) <= own:
-        prefix = next((p for p in _PREFIXES if all(k.startswith(p) for k in sd)), None)
-        if prefix is None:
+        best = None
+        for p in _PREFIXES:
+            renamed = {(k[len(p) :] if k.startswith(p) else k): v for k, v in sd.items()}
+            if len(renamed) == len(sd) and len(set(renamed) & own) > len(set(sd) & own):
+                best = (
+                    renamed
+                    if best is None or len(set(renamed) & own) > len(set(best) & own)
+                    else best
+                )
+        if best is None:
             break
-        sd = {k[len(prefix) :]: v for k, v in sd.items()}
+        sd = best
     return sd
 
 
