@@ -539,3 +539,18 @@ def test_init_from_a_lightning_file_with_other_tensors_names_only_those(tmp_path
         check_weights(plain, got)
     torch.save({"state_dict": sd}, tmp_path / "clean.ckpt")
     check_weights(plain, read_weights(tmp_path / "clean.ckpt", plain))
+
+
+def test_init_from_names_the_python_object_beside_the_weights_and_takes_an_ema_alone(tmp_path):
+    import argparse
+
+    from lorita.engine.build import read_weights
+
+    w = {"w": torch.zeros(2)}
+    torch.save({"state_dict": w, "args": argparse.Namespace(lr=0.1)}, tmp_path / "timm.pth")
+    with pytest.raises(ValueError, match=r"holds Python objects \(argparse.Namespace\)"):
+        read_weights(tmp_path / "timm.pth")
+    torch.save({"state_dict_ema": w}, tmp_path / "ema.pth")
+    assert set(read_weights(tmp_path / "ema.pth")) == {"w"}
+    torch.save({"state_dict": w, "state_dict_ema": {"v": torch.ones(2)}}, tmp_path / "both.pth")
+    assert set(read_weights(tmp_path / "both.pth")) == {"w"}  # the trained weights first

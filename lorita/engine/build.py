@@ -4,6 +4,7 @@ model (optionally started from a weights file) composed with N factors."""
 from __future__ import annotations
 
 import os
+import re
 import warnings
 import zipfile
 from pathlib import Path
@@ -36,7 +37,10 @@ def load_splits(config: TrainConfig | dict) -> data_mod.Splits:
 
 
 #: keys under which training scripts keep the weights in a checkpoint dict, tried in order
-_WRAPPERS = ("state_dict", "model_state_dict", "model_state", "model", "net", "module")
+_WRAPPERS = (
+    "state_dict", "model_state_dict", "model_state", "model", "net", "module",
+    "state_dict_ema", "model_ema", "ema",  # a moving average: only where it is all there is
+)  # fmt: skip
 #: name prefixes that wrappers add (DistributedDataParallel, torch.compile, Lightning-style)
 _PREFIXES = ("module.", "_orig_mod.", "model.")
 
@@ -148,10 +152,13 @@ def read_weights(
                 obj = torch.load(f, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file is one clear error
         if "Weights only load failed" in str(e) and _head(p).startswith((b"PK", b"\x80")):
+            named = re.findall(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+            what = f" ({named[0]})" if named else ""
             raise ValueError(
-                f"init_from: {str(path)!r} holds Python objects, not only tensors (a whole "
-                "model saved with torch.save(model)?), and is not unpickled; save "
-                "model.state_dict() instead, or a safetensors file"
+                f"init_from: {str(path)!r} holds Python objects{what}, not only tensors (a "
+                "whole model saved with torch.save(model), or a training script's arguments "
+                "beside the weights?), and is not unpickled; save model.state_dict() alone "
+                "instead, or a safetensors file"
             ) from None
         raise ValueError(
             f"init_from: {str(path)!r} is neither a safetensors file nor a PyTorch state_dict: "
