@@ -786,7 +786,15 @@ def _train_config(args):
     if isinstance(base.get("dataset"), str) and base["dataset"]:
         base["dataset"] = canonical_name(base["dataset"])
     if isinstance(base.get("init_from"), str):
-        base["init_from"] = _init_file(args, base["init_from"])
+        try:
+            base["init_from"] = _init_file(args, base["init_from"])
+        except UsageError as e:
+            if "init_from" in given or Path(base["init_from"]).expanduser().is_absolute():
+                raise
+            raise UsageError(  # the path came from the file, where it may be read otherwise
+                f"{e} (from --config {args.config}: a relative path there is taken from the "
+                f"working directory, {str(Path.cwd())!r})"
+            ) from None
     return TrainConfig.from_dict(base)
 
 

@@ -109,6 +109,13 @@ def test_bad_config_files(capsys, tmp_path):
     binary = tmp_path / "bin.json"
     binary.write_bytes(b"\xff\xfe\x00garbage")
     _one_line_error(capsys, ["train", "--config", str(binary)], "not readable")
+    relative = tmp_path / "rel.json"  # a relative init_from: said where it was looked for
+    relative.write_text(json.dumps({"init_from": "weights/start.pt"}))
+    _one_line_error(
+        capsys, ["train", "--config", str(relative), "--runs-dir", str(tmp_path / "runs")],
+        "init_from: 'weights/start.pt' not found", "a relative path there is taken from the "
+        "working directory",
+    )  # fmt: skip
 
 
 def test_config_file_with_flag_overrides(tmp_path, capsys):
