@@ -47,6 +47,7 @@ __all__ = [
     "fold_batchnorm",
     "apply_folds",
     "deploy_model",
+    "bake_parametrizations",
     "deploy_input",
 ]
 
@@ -419,7 +420,7 @@ def uses_conv(model: nn.Module) -> bool:
     return any(isinstance(m, nn.Conv2d) for m in model.modules())
 
 
-def _bake_parametrizations(model: nn.Module) -> list[str]:
+def bake_parametrizations(model: nn.Module) -> list[str]:
     """Replace every parametrized tensor (weight_norm, spectral_norm, ...) of ``model`` by
     the value it computes now, in place: at inference it is a constant. Returns their names.
 
@@ -454,7 +455,7 @@ def deploy_model(
     replaced by their current values (``lorita_deploy["baked"]``)."""
     new = merge_model(model) if composed_layers(model) else clone_model(model)
     new.eval()
-    baked = _bake_parametrizations(new)
+    baked = bake_parametrizations(new)
     if fold_bn:
         new = fold_batchnorm(new, example_input, inplace=True)
     if channels_last is None:

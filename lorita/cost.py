@@ -16,11 +16,19 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from . import inputs
 from .clone import clone_model, evaluating, unwrap
-from .convert import composed_layers, deploy_input, deploy_model, iter_layers, merge_model
+from .convert import (
+    bake_parametrizations,
+    composed_layers,
+    deploy_input,
+    deploy_model,
+    iter_layers,
+    merge_model,
+)
 from .kinds import layer_table, median_seconds
 
 __all__ = [
@@ -50,8 +58,14 @@ class Cost:
 
 
 def _deployable(model: nn.Module) -> nn.Module:
+    """Merged, and with every parametrization (weight_norm's g and v) baked into the weight it
+    computes, as :func:`lorita.convert.deploy_model` deploys it: its parameters are counted."""
     model = unwrap(model)
-    return merge_model(model) if composed_layers(model) else model
+    model = merge_model(model) if composed_layers(model) else model
+    if any(parametrize.is_parametrized(m) for m in model.modules()):
+        model = clone_model(model)
+        bake_parametrizations(model)
+    return model
 
 
 _ATTENTION_LOCK = threading.Lock()

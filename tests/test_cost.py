@@ -222,3 +222,16 @@ def test_count_cost_of_a_model_passing_a_parameter_view_to_a_module():
     cost = lt.count_cost(net, x)
     assert cost.flops == 2 * 5 * 4 * 3 + 2 * 5 * 4 * 4
     assert cost.params == 4 + 20 + 15 and all(p.requires_grad for p in net.parameters())
+
+
+def test_a_parametrized_weight_counts_as_the_weight_it_deploys_as():
+    """weight_norm keeps g and v while training; deployed, the layer holds one weight (baked,
+    as deploy_model does): count_cost counts that, and leaves the user's model as it was."""
+    from torch.nn.utils.parametrizations import weight_norm
+
+    normed = nn.Sequential(weight_norm(nn.Linear(64, 64)), nn.ReLU(), nn.Linear(64, 10))
+    plain = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+    x = torch.randn(2, 64)
+    assert lt.count_cost(normed, x).params == lt.count_cost(plain, x).params == 4810
+    assert lt.count_cost(normed, x).flops == lt.count_cost(plain, x).flops
+    assert type(normed[0]).__name__ == "ParametrizedLinear"
