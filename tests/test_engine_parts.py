@@ -554,3 +554,22 @@ def test_init_from_names_the_python_object_beside_the_weights_and_takes_an_ema_a
     assert set(read_weights(tmp_path / "ema.pth")) == {"w"}
     torch.save({"state_dict": w, "state_dict_ema": {"v": torch.ones(2)}}, tmp_path / "both.pth")
     assert set(read_weights(tmp_path / "both.pth")) == {"w"}  # the trained weights first
+
+
+def test_init_from_a_backbone_without_its_head_starts_the_head_fresh(tmp_path):
+    """A file without the output layer (a backbone saved headless) loads every other layer;
+    the head starts fresh and the note says so. Any other missing layer is still refused."""
+    from lorita.engine.preflight import check_model
+
+    base = TrainConfig(model_kwargs={"width": 16}, n_factors=1, seed=2)
+    splits = lt.load_splits(base)
+    sd = lt.build_model(base, splits).state_dict()
+    head = [k for k in sd if k.endswith(".weight")][-1].rsplit(".", 1)[0]
+    torch.save({k: v for k, v in sd.items() if not k.startswith(head + ".")}, tmp_path / "bb.pt")
+    cfg = TrainConfig(model_kwargs={"width": 16}, n_factors=3, init_from=str(tmp_path / "bb.pt"))
+    assert f"{head!r} is not in the file" in check_model(cfg)
+    got = lt.merge_model(lt.build_model(cfg, splits)).state_dict()
+    torch.testing.assert_close(got["fc1.weight"], sd["fc1.weight"], rtol=1e-4, atol=1e-5)
+    torch.save({k: v for k, v in sd.items() if not k.startswith("fc1.")}, tmp_path / "no1.pt")
+    with pytest.raises(ValueError, match=r"missing from the file: 'fc1.weight'"):
+        check_model(TrainConfig(model_kwargs={"width": 16}, init_from=str(tmp_path / "no1.pt")))

@@ -331,12 +331,26 @@ def fit_head(model: nn.Module, sd: dict[str, torch.Tensor]) -> tuple[dict, str |
     for a 10-class dataset): when the only tensors whose shapes differ are the weights and
     biases of output layers (the last Linear / Conv2d, and the side classifiers of GoogLeNet
     or Inception v3 that end in as many outputs), and only in their number of outputs, they
-    are dropped from ``sd`` so that those layers start from the model's own init. Returns the
-    weights and a note saying so (None when nothing was dropped); any other mismatch is left
-    for :func:`check_weights`."""
+    are dropped from ``sd`` so that those layers start from the model's own init; so does an
+    output layer the file lacks (a backbone saved without its head). Returns the weights and a
+    note saying so (None when nothing was changed); any other mismatch is left for
+    :func:`check_weights`."""
     own = model.state_dict()
     differ = [k for k, v in sd.items() if k in own and tuple(own[k].shape) != tuple(v.shape)]
     head = _last_layer(model)
+    missing = [k for k in own if k not in sd and not k.endswith(".num_batches_tracked")]
+    if (
+        head is not None
+        and not differ
+        and missing
+        and set(missing) <= {f"{head}.weight", f"{head}.bias"}
+    ):
+        # a backbone saved without its classifier (timm's num_classes=0, a head cut off)
+        note = (
+            f"init_from: the output layer {head!r} is not in the file: it starts from a fresh "
+            "init, every other layer from the file"
+        )
+        return {**sd, **{k: own[k] for k in missing}}, note
     if not differ or head is None or not {f"{head}.weight", f"{head}.bias"} & set(differ):
         return sd, None
     plain = {n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
