@@ -61,9 +61,10 @@ def _deployable(model: nn.Module) -> nn.Module:
     """Merged, and with every parametrization (weight_norm's g and v) baked into the weight it
     computes, as :func:`lorita.convert.deploy_model` deploys it: its parameters are counted."""
     model = unwrap(model)
-    model = merge_model(model) if composed_layers(model) else model
+    merged = bool(composed_layers(model))
+    model = merge_model(model) if merged else model
     if any(parametrize.is_parametrized(m) for m in model.modules()):
-        model = clone_model(model)
+        model = model if merged else clone_model(model)  # (a merged model is a copy already)
         bake_parametrizations(model)
     return model
 

@@ -698,13 +698,17 @@ def _idx_local(name: str, root: Path) -> dict[str, list[Path]] | None:
 _ONLINE = "or run once with internet"
 
 
-def _idx_missing(name: str, root: Path) -> DatasetUnavailable:
+def _idx_put(name: str, root: Path) -> str:
+    """Which files to put where for MNIST / Fashion-MNIST (said offline)."""
     folders = _idx_folders(name, root)
     where = ", ".join(str(f) for f in folders[:1] + folders[2:])
     hint = " (Debian: apt install dataset-fashion-mnist)" if name == "fashion_mnist" else ""
+    return f"put the four IDX files (train-images-idx3-ubyte[.gz], ...) in one of {where}{hint}"
+
+
+def _idx_missing(name: str, root: Path) -> DatasetUnavailable:
     return DatasetUnavailable(
-        f"dataset {name!r} not found and not downloadable: put the four IDX files "
-        f"(train-images-idx3-ubyte[.gz], ...) in one of {where}{hint}, {_ONLINE}"
+        f"dataset {name!r} not found and not downloadable: {_idx_put(name, root)}, {_ONLINE}"
     )
 
 
@@ -781,10 +785,7 @@ def _tv_download(name: str, root: Path) -> None:
         for folder in sorted(_folders_in(root) - existed, key=lambda f: -len(f.parts)):
             with contextlib.suppress(OSError):  # only the empty ones go
                 folder.rmdir()
-        missing = (
-            _cifar_missing(name, root) if name.startswith("cifar") else _idx_missing(name, root)
-        )
-        instead = str(missing).partition("not downloadable: ")[2].removesuffix(f", {_ONLINE}")
+        instead = _cifar_put(name, root) if name.startswith("cifar") else _idx_put(name, root)
         raise DatasetUnavailable(
             f"dataset {name!r}: download into {root} failed ({type(e).__name__}: {e}); "
             f"without internet, {instead}"
@@ -825,12 +826,18 @@ def _cifar_local(name: str, root: Path) -> tuple[str, Path] | None:
     return None
 
 
-def _cifar_missing(name: str, root: Path) -> DatasetUnavailable:
+def _cifar_put(name: str, root: Path) -> str:
+    """Which files to put where for CIFAR-10 / CIFAR-100 (said offline)."""
     bin_dir, archive, py_dir = _cifar_names(name)
+    return (
+        f"put {bin_dir}/ (or {archive}, or torchvision's {py_dir}/) in {root} (or set "
+        "LORITA_DATA to a folder that has it)"
+    )
+
+
+def _cifar_missing(name: str, root: Path) -> DatasetUnavailable:
     return DatasetUnavailable(
-        f"dataset {name!r} not found and not downloadable: put {bin_dir}/ (or {archive}, or "
-        f"torchvision's {py_dir}/) in {root} (or set LORITA_DATA to a folder that has it), "
-        f"{_ONLINE}"
+        f"dataset {name!r} not found and not downloadable: {_cifar_put(name, root)}, {_ONLINE}"
     )
 
 

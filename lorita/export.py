@@ -886,10 +886,11 @@ def _load(header: dict, where: str, read_tensors, model: nn.Module | None):
         return _rebuild(spec, shapes, where, read_tensors)
     if not isinstance(model, nn.Module):
         raise _fail("model", f"expected an nn.Module, got {type(model).__name__}")
-    check_initialised(unwrap(model), meta_ok=True)
-    other_class = _check_plain(unwrap(model), spec)
+    model = unwrap(model)
+    check_initialised(model, meta_ok=True)
+    other_class = _check_plain(model, spec)
     try:
-        model = _apply_layers(unwrap(model), spec)
+        model = _apply_layers(model, spec)
         _check_against_file(model, shapes, "model")
     except ValueError as e:
         raise ValueError(f"{e} ({other_class})" if other_class else str(e)) from None

@@ -178,20 +178,22 @@ def _weight_hook(hook) -> bool:
     """Hooks that recompute the old layer's ``weight`` (pruning masks, the old-style
     weight_norm and spectral_norm): their effect is already in the weight composed or cut."""
     from torch.nn.utils.prune import BasePruningMethod
+
+    return isinstance(hook, BasePruningMethod) or _norm_hook(hook)
+
+
+def _norm_hook(hook) -> bool:
+    """An old-style ``torch.nn.utils.weight_norm`` / ``spectral_norm`` hook: like a
+    parametrization, it recomputes its layer's weight at every call."""
     from torch.nn.utils.spectral_norm import SpectralNorm
     from torch.nn.utils.weight_norm import WeightNorm
 
-    return isinstance(hook, (BasePruningMethod, WeightNorm, SpectralNorm))
+    return isinstance(hook, (WeightNorm, SpectralNorm))
 
 
 def _norm_hooks(module: nn.Module) -> list:
-    """The old-style ``torch.nn.utils.weight_norm`` / ``spectral_norm`` hooks of ``module``:
-    like a parametrization, they recompute its weight at every call."""
-    from torch.nn.utils.spectral_norm import SpectralNorm
-    from torch.nn.utils.weight_norm import WeightNorm
-
-    hooks = module._forward_pre_hooks.values()
-    return [h for h in hooks if isinstance(h, (WeightNorm, SpectralNorm))]
+    """The old-style weight_norm / spectral_norm hooks of ``module``."""
+    return [h for h in module._forward_pre_hooks.values() if _norm_hook(h)]
 
 
 def like(old: nn.Module, new: nn.Module) -> nn.Module:

@@ -70,16 +70,12 @@ def _renamed(sd: dict[str, torch.Tensor], own: set[str]) -> dict[str, torch.Tens
     Lightning module also keeps its loss's weights: ``model.fc.weight`` beside
     ``criterion.weight``, which stays for :func:`check_weights` to name)."""
     while not set(sd) <= own:
-        best = None
-        for p in _PREFIXES:
-            renamed = {(k[len(p) :] if k.startswith(p) else k): v for k, v in sd.items()}
-            if len(renamed) == len(sd) and len(set(renamed) & own) > len(set(sd) & own):
-                best = (
-                    renamed
-                    if best is None or len(set(renamed) & own) > len(set(best) & own)
-                    else best
-                )
-        if best is None:
+        tries = [
+            {(k[len(p) :] if k.startswith(p) else k): v for k, v in sd.items()} for p in _PREFIXES
+        ]
+        tries = [t for t in tries if len(t) == len(sd)]  # (no two keys made one)
+        best = max(tries, key=lambda t: len(set(t) & own), default=sd)
+        if len(set(best) & own) <= len(set(sd) & own):
             break
         sd = best
     return sd
@@ -310,14 +306,19 @@ def check_weights(model: nn.Module, sd: dict[str, torch.Tensor]) -> None:
                 f"init_from: {k!r} holds {str(v.dtype).removeprefix('torch.')} values in the "
                 "file; a weight needs floating-point values"
             )
-    # in the model's order, the first layer first; a BatchNorm's step count is no weight
-    # (torch's own strict load fills it in): files written without it load
-    missing = [k for k in own if k not in sd and not k.endswith(".num_batches_tracked")]
+    missing = _missing(own, sd)
     extra = [k for k in sd if k not in own]
     if missing or extra:
         parts = [f"missing from the file: {_first(missing)}"] if missing else []
         parts += [f"not in the model: {_first(extra)}"] if extra else []
         raise ValueError("init_from: the weights do not match the model (" + "; ".join(parts) + ")")
+
+
+def _missing(own: dict, sd: dict) -> list[str]:
+    """The model's tensors the file lacks, in the model's order (the first layer first); a
+    BatchNorm's step count is no weight (torch's own strict load fills it in): files written
+    without it load."""
+    return [k for k in own if k not in sd and not k.endswith(".num_batches_tracked")]
 
 
 def _last_layer(model: nn.Module) -> str | None:
@@ -338,7 +339,7 @@ def fit_head(model: nn.Module, sd: dict[str, torch.Tensor]) -> tuple[dict, str |
     own = model.state_dict()
     differ = [k for k, v in sd.items() if k in own and tuple(own[k].shape) != tuple(v.shape)]
     head = _last_layer(model)
-    missing = [k for k in own if k not in sd and not k.endswith(".num_batches_tracked")]
+    missing = _missing(own, sd)
     if (
         head is not None
         and not differ
