@@ -8,6 +8,7 @@ the same way."""
 from __future__ import annotations
 
 import contextlib
+import math
 import statistics
 import threading
 import time
@@ -101,9 +102,31 @@ def _cpu_attention_flops(query, key, value, *args, out_shape=None, **kwargs) -> 
     return sdpa_flop_count(query, key, value)  # (shapes) the two products q k^T and (.) v
 
 
+def _rnn_layer_flops(x, w_ih, w_hh, *args, out_shape=None, **kwargs) -> int:
+    """One direction of one nn.LSTM layer on the CPU: both gate products at every step."""
+    steps = math.prod(x) // max(1, x[-1])  # (time, batch, features)
+    return 2 * steps * (math.prod(w_ih) + math.prod(w_hh))
+
+
+def _trilinear_flops(i1, i2, i3, expand1, expand2, expand3, *args, out_shape=None, **kw) -> int:
+    """nn.Bilinear's product: one multiply-add per point of the three inputs' broadcast grid."""
+    grid = None
+    for shape, expand in ((i1, expand1), (i2, expand2), (i3, expand3)):
+        full = list(shape)
+        for d in sorted(expand):
+            full.insert(d, 1)
+        grid = full if grid is None else [max(a, b) for a, b in zip(grid, full)]
+    return 2 * math.prod(grid or [0])
+
+
 #: Ops FlopCounterMode has no formula for: scaled_dot_product_attention on the CPU runs this
-#: kernel (a ViT's attention products, nn.MultiheadAttention with need_weights=False).
-_EXTRA_FLOPS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops}
+#: kernel (a ViT's attention products, nn.MultiheadAttention with need_weights=False), an
+#: nn.LSTM runs one mkldnn_rnn_layer per layer and direction, nn.Bilinear runs _trilinear.
+_EXTRA_FLOPS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops,
+    torch.ops.aten.mkldnn_rnn_layer: _rnn_layer_flops,
+    torch.ops.aten._trilinear: _trilinear_flops,
+}
 
 
 def _count(deploy: nn.Module, example_input: inputs.Example) -> FlopCounterMode:

@@ -253,15 +253,32 @@ def _arch(model: nn.Module) -> dict:
     arch = getattr(model, "lorita_arch", None)
     if arch is not None:
         return {"registry": arch["name"], "kwargs": arch.get("kwargs", {})}
-    tree = _tree(model, "")
+    repeated = _repeated(model) if type(model) is nn.Sequential else None
+    tree = None if repeated else _tree(model, "")
     if tree is not None:
         return {"tree": tree}
     cls = type(model)
     arch = {"class": f"{cls.__module__}.{cls.__qualname__}"}
-    blocker = _undescribed(model, "") if cls is nn.Sequential else None
+    blocker = repeated or (_undescribed(model, "") if cls is nn.Sequential else None)
     if blocker:
         arch["why"] = blocker
     return arch
+
+
+def _repeated(model: nn.Module) -> str | None:
+    """What a module tree cannot say: one module at two places (a reused ReLU or layer) or one
+    Parameter held by two modules (tied weights)."""
+    seen: dict[int, str] = {}
+    for name, m in model.named_modules(remove_duplicate=False):
+        if id(m) in seen:
+            return f"it uses one module at {seen[id(m)]!r} and {name!r}"[:200]
+        seen[id(m)] = name
+    held: dict[int, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in held:
+            return f"its {held[id(p)]!r} and {name!r} are one Parameter (tied)"[:200]
+        held[id(p)] = name
+    return None
 
 
 def _undescribed(module: nn.Module, path: str) -> str | None:
@@ -849,13 +866,27 @@ def _finish(model: nn.Module, tensors: dict[str, Tensor], where: str, assign=Fal
     # layers that check them when loading (torchvision's MNASNet) require
     state = OrderedDict(tensors)
     state._metadata = getattr(model.state_dict(), "_metadata", None)  # type: ignore[attr-defined]
+    ties = _ties(model) if assign else []
     try:
         model.load_state_dict(state, strict=True, assign=assign)
     except RuntimeError as e:
         raise _fail(
             where, f"weights do not match the stored architecture ({str(e)[:300]})"
         ) from None
+    for (owner, name), *others in ties:  # assigning gave each name a tensor of its own
+        for mod, n in others:
+            setattr(mod, n, getattr(owner, name))
     return model.eval()
+
+
+def _ties(model: nn.Module) -> list[list[tuple[nn.Module, str]]]:
+    """The places (module, attribute) of each Parameter the model holds at more than one."""
+    places: dict[int, list[tuple[nn.Module, str]]] = {}
+    for mod in model.modules():
+        for n, p in mod._parameters.items():
+            if p is not None:
+                places.setdefault(id(p), []).append((mod, n))
+    return [g for g in places.values() if len(g) > 1]
 
 
 def _on_meta(model: nn.Module) -> bool:

@@ -617,9 +617,9 @@ def kind_of(module: nn.Module, *, direct: bool = False) -> Kind | None:
     return None
 
 
-#: why a layer whose weight is another module's too (an output layer tied to the embedding)
-#: is neither composed nor cut: either would change the other module
-TIED = "its weight is shared with another module (tied weights)"
+#: why a layer whose weight or bias is another module's too (an output layer tied to the
+#: embedding) is neither composed nor cut: either would change the other module
+TIED = "its weight or bias is shared with another module (tied parameters)"
 
 
 @dataclass
@@ -629,7 +629,7 @@ class LayerEntry:
     name: str
     module: nn.Module
     kind: Kind
-    shared: bool = False  # its weight is also another module's parameter (see TIED)
+    shared: bool = False  # a Parameter of its own is another module's too (see TIED)
 
 
 def _skip_inside(name: str, module: nn.Module) -> str | None:
@@ -726,10 +726,12 @@ def layer_table(model: nn.Module, *, direct=None) -> list[LayerEntry]:
         prefix = _skip_inside(name, module)
         if prefix:
             inside.append(prefix)
-        # the registered Parameter only: a composed layer's .weight is a property that
-        # multiplies its factors (a 25088 x 4096 layer: seconds per read)
-        w = module._parameters.get("weight")
-        shared = isinstance(w, nn.Parameter) and counts.get(id(w), 0) > 1
+        # the registered Parameters only (weight, bias, a packed in_proj_weight): a composed
+        # layer's .weight is a property that multiplies its factors (seconds per read)
+        shared = any(
+            isinstance(p, nn.Parameter) and counts.get(id(p), 0) > 1
+            for p in module._parameters.values()
+        )
         out.append(LayerEntry(name, module, kind, shared))
     return out
 

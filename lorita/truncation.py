@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from . import inputs, kinds
 from .clone import clone_model
-from .convert import iter_layers, merge_model
+from .convert import check_initialised, iter_layers, merge_model
 from .cost import Cost, attention_projection_flops, count_cost
 from .functional import at_rounding_level
 from .kinds import detect_direct
@@ -500,6 +500,7 @@ class SVDCache:
         example_input: Tensor | None = None,
         keep_head: bool = False,
     ) -> None:
+        check_initialised(model)  # a meta model has no singular values to cut by
         held = {  # a model cut before: its thin layers' ranks bound what a new cut keeps
             n: m.rank for n, m in iter_layers(model) if is_thin(m)
         }

@@ -209,6 +209,18 @@ def test_tied_weights_are_left():
     assert "shared" in rows[0]["why"]
 
 
+def test_a_shared_bias_keeps_both_layers_as_they_are():
+    """Two Linears holding one bias Parameter: composing either would copy the bias and untie
+    it (after training, a merged model loaded into a fresh one differs); both are left."""
+    net = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 6))
+    net[2].bias = net[0].bias
+    model = lt.overparameterize(net, 3)
+    rows = composition_summary(model)["layers"]
+    assert [r["action"] for r in rows] == ["left", "left"]
+    assert "shared" in rows[0]["why"]
+    assert model[0].bias is model[2].bias
+
+
 def test_a_layer_tied_to_an_embedding_is_left_out_of_every_cut():
     """An output layer sharing the embedding's weight: no policy cuts it (a cut would make the
     embedding table low-rank too, saving nothing); the plan says why."""

@@ -235,3 +235,23 @@ def test_a_parametrized_weight_counts_as_the_weight_it_deploys_as():
     assert lt.count_cost(normed, x).params == lt.count_cost(plain, x).params == 4810
     assert lt.count_cost(normed, x).flops == lt.count_cost(plain, x).flops
     assert type(normed[0]).__name__ == "ParametrizedLinear"
+
+
+def test_lstm_and_bilinear_flops_are_counted():
+    """FlopCounterMode has no formula for the CPU LSTM kernel nor nn.Bilinear's product: both
+    used to count 0, so a model's FLOP shares left them out."""
+    lstm, x = nn.LSTM(6, 8, batch_first=True, bidirectional=True), torch.randn(2, 5, 6)
+    # 2 directions x 10 steps x 2 x (4H x in + 4H x H) multiply-adds
+    assert lt.count_cost(nn.Sequential(lstm), x).flops == 2 * 10 * 2 * (32 * 6 + 32 * 8)
+    bil = nn.Bilinear(5, 6, 8)
+
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bil = bil
+
+        def forward(self, a, b):
+            return self.bil(a, b)
+
+    flops = lt.count_cost(Two(), (torch.randn(3, 5), torch.randn(3, 6))).flops
+    assert flops == 2 * 3 * 8 * 5 * 6  # the product (FlopCounterMode counts no additions)

@@ -466,3 +466,48 @@ def test_onnx_leaves_out_what_is_not_a_tensor_and_says_when_the_input_has_no_bat
     net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(0), nn.Linear(8 * 6 * 6, 5))
     with pytest.raises(ValueError, match=r"example_input: the graph's first axis is the batch"):
         lt.export_onnx(net, torch.randn(3, 8, 8), tmp_path / "unbatched.onnx")
+
+
+def test_a_sequential_reusing_a_module_or_parameter_needs_model(tmp_path):
+    """A module tree names each module once: one ReLU at two places, one Linear called twice
+    or one weight in two layers would load as something else (the last ReLU gone, the tie
+    broken). load(path) says to pass the model; load(path, model=...) keeps everything."""
+    act = nn.ReLU()
+    lin = nn.Linear(8, 8)
+    tied = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+    tied[2].weight = tied[0].weight
+    builds = [
+        (
+            "one module at '1' and '3'",
+            lambda: nn.Sequential(nn.Linear(8, 8), act, nn.Linear(8, 4), act),
+        ),
+        ("one module at '0' and '2'", lambda: nn.Sequential(lin, nn.ReLU(), lin, nn.Linear(8, 2))),
+        ("'0.weight' and '2.weight' are one Parameter", lambda: tied),
+    ]
+    x = torch.randn(3, 8)
+    for i, (what, build) in enumerate(builds):
+        net = build().eval()
+        path = lt.save(net, tmp_path / f"r{i}.safetensors")
+        with pytest.raises(ValueError, match=f"{what}.*load\\(path, model="):
+            lt.load(path)
+        back = lt.load(path, model=build())
+        assert torch.equal(back(x), net(x))
+
+
+def test_load_into_a_meta_model_keeps_its_tied_weights(tmp_path):
+    class LM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(20, 12)
+            self.head = nn.Linear(12, 20)
+            self.head.weight = self.emb.weight
+
+        def forward(self, x):
+            return self.head(self.emb(x))
+
+    path = lt.save(LM(), tmp_path / "lm.safetensors")
+    with torch.device("meta"):
+        fresh = LM()
+    back = lt.load(path, model=fresh)
+    assert back.head.weight is back.emb.weight
+    assert sum(p.numel() for p in back.parameters()) == 20 * 12 + 20

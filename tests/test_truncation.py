@@ -582,3 +582,11 @@ def test_the_svd_cache_keeps_its_vectors_in_the_weights_precision(dtype):
         got = layer.weight if form == "dense" else layer.second.weight @ layer.first.weight
         assert got.dtype == dtype
         assert torch.allclose(got.double(), best, atol=tol * float(s64[0]))
+
+
+@pytest.mark.parametrize("policy", [lt.Uniform(0.5), lt.Energy(0.9), lt.Global(0.5)])
+def test_a_meta_model_is_refused_by_name(policy):
+    with torch.device("meta"):
+        net = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+    with pytest.raises(ValueError, match="'meta' device"):
+        lt.truncate(net, policy)
