@@ -20,6 +20,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from . import kinds
+from .checks import is_int, is_real
 from .clone import clone_model
 from .compress import Compressor, CompressResult, output_layer
 from .convert import iter_layers
@@ -46,7 +47,7 @@ def _measure_of(measure: str) -> str:
 
 
 def _check_percent(percent) -> float:
-    if isinstance(percent, bool) or not isinstance(percent, (int, float)) or not 0 < percent <= 100:
+    if not is_real(percent) or not 0 < percent <= 100:
         raise ValueError(f"budget: expected a percentage with 0 < budget <= 100, got {percent!r}")
     return float(percent)
 
@@ -243,7 +244,7 @@ def compare(
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
         raise ValueError(f"methods: expected some of {', '.join(METHODS)}, got {list(methods)}")
-    if isinstance(finetune_epochs, bool) or not isinstance(finetune_epochs, int):
+    if not is_int(finetune_epochs):
         raise ValueError(f"finetune_epochs: expected an integer >= 0, got {finetune_epochs!r}")
     if finetune_epochs < 0:
         raise ValueError(f"finetune_epochs: expected an integer >= 0, got {finetune_epochs!r}")

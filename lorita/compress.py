@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from . import kinds
+from .checks import is_real
 from .convert import iter_layers, merge_model
 from .cost import Cost, count_cost
 from .data import TensorDataset
@@ -97,9 +98,9 @@ class HeldSplits:
     def metrics(
         self, model: nn.Module, parts: Sequence[str] = ("val", "test"), purpose: str = "report"
     ) -> dict[str, float]:
-        """``{"val_acc", "val_loss", ...}`` over ``parts``."""
+        """``{"val_acc", "val_loss", ...}`` over ``parts`` (one part's name alone will do)."""
         out = {}
-        for part in parts:
+        for part in (parts,) if isinstance(parts, str) else parts:
             res = self.evaluate(model, part, purpose)
             out[f"{part}_acc"], out[f"{part}_loss"] = res["acc"], res["loss"]
         return out
@@ -228,6 +229,8 @@ class Compressor:
         self.example_input = splits.example_input(1).to(self.device)  # (1, C, H, W)
         merged = merge_model(model).eval().to(self.device)
         every = {n: min(kinds.matrices(m).shape[-2:]) for n, m in iter_layers(merged)}
+        if isinstance(layers, str):  # one layer's name, as truncate(layers=...) takes it
+            layers = [layers]
         layers = None if layers is None else list(layers)  # SVDCache names any unknown one
         self.svd = SVDCache(merged, layers, example_input=self.example_input, keep_head=keep_head)
         self.left_out = {
@@ -384,6 +387,7 @@ class Compressor:
         ``val_acc, val_loss, test_acc, test_loss`` (those of ``parts``).
         ``progress(done, total, point)`` is called after each point."""
         cls = policy_class(policy)
+        parts = (parts,) if isinstance(parts, str) else tuple(parts)  # "val" alone will do
         purpose = "report" if "test" in parts else "select"
         step = None
         if progress is not None:
@@ -454,7 +458,7 @@ class Compressor:
         while validation accuracy stays within ``points`` percentage points of the uncut
         model's: a compressibility measure read from the model's behaviour rather than from
         its spectrum. Found by bisection on validation (about log2(rank) cuts per layer)."""
-        if isinstance(points, bool) or not isinstance(points, (int, float)) or not points >= 0:
+        if not is_real(points) or not points >= 0:
             raise ValueError(f"points: expected a number >= 0, got {points!r}")
         floor = self.base["val_acc"] - points / 100.0 - 1e-12
         out = {}

@@ -15,6 +15,7 @@ from torch.nn.utils import parametrize
 from torch.utils._pytree import tree_leaves
 
 from . import inputs
+from .checks import check_flag, check_module, is_int
 from .clone import clone_model
 from .kinds import (
     INITS,
@@ -34,7 +35,13 @@ from .kinds import (
 )
 from .kinds import iter_layers as iter_layers
 from .kinds import set_module as set_module
-from .layers import THIN_LAYERS, FactorConv2d, FactorLinear, FactorMultiheadAttention
+from .layers import (
+    MAX_FACTORS,
+    THIN_LAYERS,
+    FactorConv2d,
+    FactorLinear,
+    FactorMultiheadAttention,
+)
 
 __all__ = [
     "iter_layers",
@@ -87,22 +94,9 @@ def check_skip(model: nn.Module, skip: Iterable[str] | str) -> tuple[str, ...]:
     return _check_skip(skip, [e.name for e in layer_table(model, direct=())])
 
 
-def check_module(model, field: str = "model") -> None:
-    """A ValueError naming ``field`` unless ``model`` is an nn.Module instance."""
-    if isinstance(model, type) and issubclass(model, nn.Module):
-        raise ValueError(f"{field}: pass an instance ({model.__name__}(...)), got the class")
-    if not isinstance(model, nn.Module):
-        raise ValueError(f"{field}: expected a torch nn.Module, got {type(model).__name__}")
-    if isinstance(model, torch.jit.ScriptModule):
-        raise ValueError(
-            f"{field}: a TorchScript module (torch.jit.script / trace) cannot be rebuilt; pass "
-            "the nn.Module it was made from"
-        )
-
-
 def _check_options(n_factors, init, inner, order) -> None:
-    if isinstance(n_factors, bool) or not isinstance(n_factors, int) or n_factors < 1:
-        raise ValueError(f"n_factors: expected an integer >= 1, got {n_factors!r}")
+    if not is_int(n_factors) or not 1 <= n_factors <= MAX_FACTORS:
+        raise ValueError(f"n_factors: expected an integer in [1, {MAX_FACTORS}], got {n_factors!r}")
     if init not in INITS:
         raise ValueError(f"init: expected one of {', '.join(INITS)}, got {init!r}")
     if inner not in INNER_CHOICES:
@@ -127,6 +121,7 @@ def check_initialised(model: nn.Module, *, meta_ok: bool = False) -> None:
     """Refuse a model with lazy layers that have not seen a batch yet (no shapes to work on),
     and unless ``meta_ok`` (a model to be given a file's tensors) one on the meta device (no
     values to work on)."""
+    check_module(model)
     for name, p in model.named_parameters():
         if p.is_meta and not meta_ok:
             raise ValueError(
@@ -177,6 +172,7 @@ def overparameterize(
     """
     check_module(model)
     _check_options(n_factors, init, inner, order)
+    n_factors = int(n_factors)  # (a NumPy integer will do)
     check_initialised(model)
     new = clone_model(model)
     table = layer_table(new, direct=())
@@ -362,6 +358,8 @@ def fold_batchnorm(
     Raises ValueError for a model in training mode: BatchNorm then normalises by the batch,
     which no fixed weight can do (call ``model.eval()`` first; fine-tuning keeps BatchNorm).
     """
+    check_flag(inplace, "inplace")
+    check_module(model)
     if model.training:
         raise ValueError(
             "model: in training mode; fold_batchnorm folds BatchNorm's running statistics, "
@@ -453,6 +451,10 @@ def deploy_model(
     ``lorita_deploy`` records what was done; give it inputs in the same memory format
     (:func:`deploy_input`). Weights computed by a parametrization (weight_norm, ...) are
     replaced by their current values (``lorita_deploy["baked"]``)."""
+    check_flag(fold_bn, "fold_bn")
+    if channels_last is not None:
+        check_flag(channels_last, "channels_last")
+    check_module(model)
     new = merge_model(model) if composed_layers(model) else clone_model(model)
     new.eval()
     baked = bake_parametrizations(new)

@@ -21,6 +21,7 @@ from torch.nn.utils import parametrize
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from . import inputs
+from .checks import check_flag, check_module, is_int
 from .clone import clone_model, evaluating, unwrap
 from .convert import (
     bake_parametrizations,
@@ -176,6 +177,7 @@ def count_cost(model: nn.Module, example_input: inputs.Example) -> Cost:
     cost). ``per_layer`` maps each Linear/Conv2d/low-rank layer name to its params and FLOPs.
     ``example_input``: a tensor, or a tuple of tensors for a model with several inputs.
     """
+    check_module(model)
     example_input = inputs.check_example(example_input)
     deploy = _deployable(model)
     try:
@@ -201,7 +203,7 @@ def count_cost(model: nn.Module, example_input: inputs.Example) -> Cost:
 
 def _check_repeats(repeats, warmup) -> None:
     for name, v, low in (("repeats", repeats, 1), ("warmup", warmup, 0)):
-        if isinstance(v, bool) or not isinstance(v, int) or not low <= v <= 10_000:
+        if not is_int(v) or not low <= v <= 10_000:
             raise ValueError(f"{name}: expected an integer in [{low}, 10000], got {v!r}")
 
 
@@ -220,8 +222,7 @@ def _timed(example_input: inputs.Example):
 
 
 def _prepared(model: nn.Module, example_input, fold_bn: bool, channels_last) -> nn.Module:
-    if not isinstance(fold_bn, bool):
-        raise ValueError(f"fold_bn: expected True or False, got {fold_bn!r}")
+    check_flag(fold_bn, "fold_bn")
     if channels_last not in (None, True, False):
         raise ValueError(f"channels_last: expected None, True or False, got {channels_last!r}")
     return deploy_model(model, example_input, fold_bn=fold_bn, channels_last=channels_last)
@@ -258,6 +259,7 @@ def measure_latency(
     The model is timed as it deploys (:func:`lorita.convert.deploy_model`): a copy, composed
     layers merged, eval mode, BatchNorm folded (``fold_bn``) and channels_last memory format
     for a convolutional model (``channels_last=None``: decided so; True / False to force)."""
+    check_module(model)
     _check_repeats(repeats, warmup)
     example_input = inputs.check_example(example_input)
     deploy = _prepared(model, example_input, fold_bn, channels_last)
@@ -277,6 +279,7 @@ def latency_profile(
     """``{batch: median seconds}`` of the deployable model on ``example_input``'s first sample
     repeated to each batch size (default 1 and 64); deployed as :func:`measure_latency` says.
     What is timed at each batch size is :func:`deployed_forward`'s call."""
+    check_module(model)
     _check_repeats(repeats, warmup)
     forwards = deployed_forward(
         model, example_input, batches=batches, fold_bn=fold_bn, channels_last=channels_last
@@ -300,7 +303,7 @@ def deployed_forward(
     came from, round by round (:func:`lorita.kinds.paired_medians`)."""
     example_input = inputs.check_example(example_input)
     for b in batches:
-        if isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= 4096:
+        if not is_int(b) or not 1 <= b <= 4096:
             raise ValueError(f"batches: expected integers in [1, 4096], got {b!r}")
     deploy = _prepared(model, example_input, fold_bn, channels_last)
     return {b: _forward(deploy, inputs.rows(example_input, b)) for b in batches}
@@ -326,10 +329,11 @@ def layer_latency(
     keeps the name of the layer it replaces), so their dicts compare key by key; the whole
     pass (:func:`measure_latency`) minus the sum is the time spent outside these layers.
     """
+    check_module(model)
     _check_repeats(repeats, warmup)
     example_input = inputs.check_example(example_input)
     if batch is not None:
-        if isinstance(batch, bool) or not isinstance(batch, int) or not 1 <= batch <= 4096:
+        if not is_int(batch) or not 1 <= batch <= 4096:
             raise ValueError(f"batch: expected an integer in [1, 4096], got {batch!r}")
         example_input = inputs.rows(example_input, batch)
     deploy = _prepared(model, example_input, fold_bn, channels_last)

@@ -17,6 +17,7 @@ allocated. Every refusal is a ``ValueError`` naming the field.
 
 from __future__ import annotations
 
+import copy
 import gc
 import json
 import logging
@@ -36,6 +37,7 @@ from safetensors.torch import save as st_save_bytes
 from torch import Tensor, nn
 
 from . import inputs
+from .checks import check_flag, check_module
 from .clone import clone_model, unwrap
 from .convert import (
     apply_folds,
@@ -49,7 +51,7 @@ from .convert import (
 from .io import atomic_write_bytes, cannot_write
 from .io import temp_beside as _temp_beside
 from .kinds import ORDERS, kind_of, layer_table, like, set_module, unfuse_encoders
-from .layers import is_thin
+from .layers import MAX_FACTORS, is_thin
 
 __all__ = [
     "save",
@@ -75,7 +77,7 @@ LIMITS = {
     "tensors": 100_000,
     "tree_nodes": 5_000,
     "name_chars": 512,
-    "n_factors": 64,
+    "n_factors": MAX_FACTORS,
     "dim": 2**31 - 1,
 }
 _DTYPE_BYTES = {
@@ -309,14 +311,33 @@ def model_spec(model: nn.Module, *, input_shape=None, metadata: dict | None = No
         "folded": dict(getattr(model, "lorita_folded", None) or {}),
         "n_factors": n_factors,
         "ranks": getattr(model, "lorita_ranks", None),
-        "input_shape": list(input_shape) if input_shape is not None else None,
+        "input_shape": _input_shape(input_shape),
         "metadata": metadata or {},
     }
+    if not isinstance(spec["metadata"], dict):
+        raise ValueError(f"metadata: expected a dict, got {type(metadata).__name__}")
     try:
         json.dumps(spec)  # fail here, not in the file, if anything is not JSON
     except (TypeError, ValueError) as e:
         raise ValueError(f"metadata: must be JSON (numbers, strings, lists, dicts): {e}") from None
     return spec
+
+
+def _input_shape(shape) -> list[int] | None:
+    """``input_shape`` as the spec stores it: one example's shape (no batch axis)."""
+    if shape is None:
+        return None
+    try:
+        dims = [int(d) for d in shape if int(d) == d and not isinstance(d, (bool, str))]
+        ok = len(dims) == len(shape) and 1 <= len(dims) <= 4
+    except (TypeError, ValueError):
+        ok = False
+    if not ok or not all(1 <= d <= 1 << 16 for d in dims):
+        raise ValueError(
+            "input_shape: expected the shape of one example without the batch axis, 1 to 4 "
+            f"integers in [1, 65536] (e.g. (3, 32, 32)), got {shape!r}"[:300]
+        )
+    return dims
 
 
 def _state(model: nn.Module) -> dict[str, Tensor]:
@@ -350,8 +371,8 @@ def save_bytes(
     example_input: inputs.Example | None = None,
 ) -> bytes:
     """The bytes of a safetensors file holding ``model`` (see :func:`save`)."""
-    if not isinstance(fold_bn, bool):
-        raise ValueError(f"fold_bn: expected True or False, got {fold_bn!r}")
+    check_module(model)
+    check_flag(fold_bn, "fold_bn")
     model = unwrap(model)
     check_initialised(model)
     if fold_bn:
@@ -373,7 +394,8 @@ def save(
 
     Registry and Sequential models rebuild from the file alone (``load(path)``); any other
     model rebuilds onto a fresh instance of its architecture (``load(path, model=...)``).
-    ``metadata``: any JSON-able dict kept in the spec (e.g. accuracy, the training config).
+    ``input_shape``: one example's shape without the batch axis (``(3, 32, 32)``), kept in the
+    spec. ``metadata``: any JSON-able dict kept in the spec (e.g. accuracy, the training config).
     ``fold_bn=True`` saves the model for inference: eval mode, every BatchNorm that can be
     folded into the layer before it folded (traced on ``example_input``, a tensor or a tuple
     for a model with several inputs, else on zeros of ``input_shape``, else on a guessed
@@ -921,6 +943,9 @@ def _load(header: dict, where: str, read_tensors, model: nn.Module | None):
     check_initialised(model, meta_ok=True)
     other_class = _check_plain(model, spec)
     try:
+        skeleton = _skeleton(model)
+        if skeleton is not None:  # checked on a copy first: a refusal leaves model as it was
+            _check_against_file(_apply_layers(skeleton, spec), shapes, "model")
         model = _apply_layers(model, spec)
         _check_against_file(model, shapes, "model")
     except ValueError as e:
@@ -937,6 +962,19 @@ def _load(header: dict, where: str, read_tensors, model: nn.Module | None):
             "makes itself): build the model on the CPU",
         )
     return model
+
+
+def _skeleton(model: nn.Module) -> nn.Module | None:
+    """A copy of ``model`` whose parameters and buffers are on the meta device (nothing
+    allocated); None for a model that cannot be copied."""
+    memo: dict[int, object] = {}
+    for t in [*model.parameters(), *model.buffers()]:
+        meta = torch.empty_like(t, device="meta")
+        memo[id(t)] = nn.Parameter(meta, t.requires_grad) if isinstance(t, nn.Parameter) else meta
+    try:
+        return copy.deepcopy(model, memo)
+    except Exception:  # noqa: BLE001 (an attribute deepcopy refuses: the check runs once)
+        return None
 
 
 def _check_plain(model: nn.Module, spec: dict) -> str:
@@ -978,6 +1016,10 @@ def read_spec(path: str | os.PathLike) -> dict:
 
 
 def _read_path_header(path) -> tuple[dict, int, str]:
+    if isinstance(path, nn.Module):
+        raise _fail("path", "got a model; load a file into it with load(path, model=...)")
+    if not isinstance(path, (str, os.PathLike)) or not str(path).strip():
+        raise _fail("path", f"expected a file name, got {type(path).__name__}")
     path = Path(path)
     where = f"path {str(path)!r}"
     if path.is_dir():
@@ -1181,9 +1223,12 @@ def _onnx_external(
     that name is removed before the weights move, so a process killed between the moves
     leaves no graph beside weights that are not its own."""
     import shutil
-    import tempfile
 
-    work = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    # named as temp_beside names: a process killed meanwhile leaves a folder the next export
+    # of this path removes (it holds the whole weights)
+    work = _temp_beside(path, ".work")
+    shutil.rmtree(work, ignore_errors=True)  # this thread's, from an export that failed
+    work.mkdir()
     try:
         out = work / path.name
         _onnx_dynamo(model, x, out, opset, outputs, external=True)
@@ -1221,8 +1266,8 @@ def export_onnx(
     ``metadata``: written into the file's ``metadata_props``, each value that is not text as
     JSON (``lorita export`` writes ``preprocess``: how to feed the model).
     """
-    if not isinstance(fold_bn, bool):
-        raise ValueError(f"fold_bn: expected True or False, got {fold_bn!r}")
+    check_module(model)
+    check_flag(fold_bn, "fold_bn")
     if metadata is not None and not isinstance(metadata, dict):
         raise ValueError(f"metadata: expected a dict or None, got {type(metadata).__name__}")
     _check_file_path(path)

@@ -31,15 +31,16 @@ def _tensors(x) -> list | None:
 
 def check_example(x, field: str = "example_input") -> Example:
     """``x`` itself when it is a tensor, or a non-empty tuple or dict (str keys) of tensors,
-    each with a batch dimension; else a ValueError naming ``field``."""
+    each with a batch dimension (detached, where one requires grad: an example is only
+    run); else a ValueError naming ``field``."""
     if isinstance(x, Tensor):
         if x.dim() > 0:
-            return x
+            return x.detach() if x.requires_grad else x
         raise ValueError(f"{field}: every tensor needs a batch dimension (got a 0-d tensor)")
     items = _tensors(x)
     if items and all(isinstance(t, Tensor) for t in items):
         if all(t.dim() > 0 for t in items):
-            return x
+            return each(Tensor.detach, x) if any(t.requires_grad for t in items) else x
         raise ValueError(f"{field}: every tensor needs a batch dimension (got a 0-d tensor)")
     if items is None:
         got = (

@@ -48,6 +48,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
 from . import inputs
+from .checks import check_module, is_int
 from .clone import clone_model, evaluating, unwrap
 from .functional import svd64
 from .layers import (
@@ -707,6 +708,7 @@ def layer_table(model: nn.Module, *, direct=None) -> list[LayerEntry]:
 
     ``direct``: names of layers whose weight is read directly; default ``model.lorita_direct``.
     """
+    check_module(model)
     model = unwrap(model)  # a torch.compile wrapper: the layers of the model it holds
     direct = _direct_names(model) if direct is None else set(direct)
     counts: dict[int, int] = {}  # Parameter -> how many distinct modules hold it
@@ -1133,7 +1135,7 @@ def _batch_of(example: inputs.Example, batch: int | None) -> inputs.Example:
     example = inputs.check_example(example)
     if batch is None:
         return example
-    if isinstance(batch, bool) or not isinstance(batch, int) or not 1 <= batch <= 4096:
+    if not is_int(batch) or not 1 <= batch <= 4096:
         raise ValueError(f"batch: expected an integer in [1, 4096], got {batch!r}")
     return inputs.rows(example, batch)
 

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .checks import is_int
 from .functional import at_rounding_level, balanced_factors, chain_product, prefer_product
 
 __all__ = [
@@ -38,10 +39,14 @@ ORDERS = ("auto", "product", "sequential")
 _INITS, _ORDERS = INITS, ORDERS
 
 
+#: the most factors a layer is written as (a file says at most this many too)
+MAX_FACTORS = 64
+
+
 def _check_n_factors(n_factors) -> int:
-    if isinstance(n_factors, bool) or not isinstance(n_factors, int) or n_factors < 1:
-        raise ValueError(f"n_factors: expected an integer >= 1, got {n_factors!r}")
-    return n_factors
+    if not is_int(n_factors) or not 1 <= n_factors <= MAX_FACTORS:
+        raise ValueError(f"n_factors: expected an integer in [1, {MAX_FACTORS}], got {n_factors!r}")
+    return int(n_factors)
 
 
 def _check_choice(field: str, value, allowed: tuple[str, ...]) -> str:
@@ -53,15 +58,15 @@ def _check_choice(field: str, value, allowed: tuple[str, ...]) -> str:
 def _resolve_inner(inner, full: int) -> int:
     if inner is None:
         return full
-    if isinstance(inner, bool) or not isinstance(inner, int) or inner < 1:
+    if not is_int(inner) or inner < 1:
         raise ValueError(f"inner: expected None or an integer >= 1, got {inner!r}")
-    return inner
+    return int(inner)
 
 
 def _check_rank(rank, full: int) -> int:
-    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= full:
+    if not is_int(rank) or not 1 <= rank <= full:
         raise ValueError(f"rank: expected an integer with 1 <= rank <= {full}, got {rank!r}")
-    return rank
+    return int(rank)
 
 
 def _default_init_(w: Tensor) -> Tensor:
@@ -291,13 +296,13 @@ def _pair(v) -> tuple[int, int]:
 
 
 def _check_groups(groups, c_in: int, c_out: int) -> int:
-    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+    if not is_int(groups) or groups < 1:
         raise ValueError(f"groups: expected an integer >= 1, got {groups!r}")
     if c_in % groups or c_out % groups:
         raise ValueError(
             f"groups: {groups} must divide in_channels {c_in} and out_channels {c_out}"
         )
-    return groups
+    return int(groups)
 
 
 class _ConvGeometry:

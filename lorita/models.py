@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checks import is_int
+
 __all__ = ["create_model", "list_models", "default_skip", "MLP", "VGG", "ResNet", "ViT"]
 
 
@@ -30,9 +32,9 @@ __all__ = ["create_model", "list_models", "default_skip", "MLP", "VGG", "ResNet"
 
 
 def _positive_int(field: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if not is_int(value) or value < 1:
         raise ValueError(f"{field}: expected an integer >= 1, got {value!r}")
-    return value
+    return int(value)
 
 
 def _check_input(in_channels, image_size, num_classes) -> None:
@@ -183,7 +185,7 @@ class ResNet(nn.Module):
     ) -> None:
         super().__init__()
         _check_input(in_channels, image_size, num_classes)
-        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 8 or (depth - 2) % 6:
+        if not is_int(depth) or depth < 8 or (depth - 2) % 6:
             raise ValueError(f"depth: expected 6n+2 with n >= 1 (20, 32, 44, ...), got {depth!r}")
         _positive_int("width", width)
         n = (depth - 2) // 6

@@ -44,6 +44,7 @@ from typing import Any
 import psutil
 from filelock import FileLock, Timeout
 
+from .checks import is_int
 from .io import (
     append_jsonl,
     dead_writers_temp,
@@ -673,6 +674,10 @@ class RunStore:
         """Make a new run folder with config.json and a queued status.json."""
         if hasattr(config, "to_dict"):
             config = config.to_dict()
+        if not isinstance(config, dict) or not all(isinstance(k, str) for k in config):
+            raise ValueError(
+                f"config: expected a TrainConfig or its dict, got {type(config).__name__}"
+            )
         if self.root.exists() and not self.root.is_dir():
             raise ValueError(f"runs folder: {str(self.root)!r} exists and is not a folder")
         try:
@@ -761,7 +766,8 @@ class RunStore:
         return [r.summary() for r in self.list()]
 
     def compare(self, names: list[str]) -> list[dict]:
-        """Summaries of the named runs, in the order given."""
+        """Summaries of the named runs, in the order given (one name alone will do)."""
+        names = [names] if isinstance(names, str) else names
         return [self.get(n).summary() for n in names]
 
     def pair(self, run: Run | str, window_s: float = PAIR_WINDOW_S) -> Run | None:
@@ -828,7 +834,7 @@ def acquire_slot(root: str | os.PathLike, k: int, *, poll: float = 0.5, should_s
     tickets are older than its own (a dead process's ticket is passed over and removed).
     Returns None if ``should_stop()`` becomes true.
     """
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+    if not is_int(k) or k < 1:
         raise ValueError(f"max_concurrent: expected an integer >= 1, got {k!r}")
     folder = Path(root) / ".slots"
     queue = folder / "queue"

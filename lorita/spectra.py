@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from . import kinds
+from .checks import is_real
 from .convert import iter_layers
 
 __all__ = [
@@ -112,7 +113,7 @@ def energy_rank(s: Tensor, keep: float = ENERGY_KEEP) -> int:
     while holding little of the weight. 0 for an all-zero spectrum.
     """
     s = _check_1d(s)
-    if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0 < keep <= 1:
+    if not is_real(keep) or not 0 < keep <= 1:
         raise ValueError(f"keep: expected 0 < keep <= 1 (energy share), got {keep!r}")
     e = s.pow(2)
     total = float(e.sum())

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from . import inputs, kinds
+from .checks import check_flag, is_int, is_real
 from .clone import clone_model
 from .convert import check_initialised, iter_layers, merge_model
 from .cost import Cost, attention_projection_flops, count_cost
@@ -58,7 +59,7 @@ __all__ = [
 
 
 def _number(field: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+    if not is_real(value) or math.isnan(value):
         raise ValueError(f"{field}: expected a number, got {value!r}")
     return float(value)
 
@@ -134,9 +135,9 @@ class Policy:
 
 
 def _points(points: int) -> int:
-    if isinstance(points, bool) or not isinstance(points, int) or points < 2:
+    if not is_int(points) or points < 2:
         raise ValueError(f"points: expected an integer >= 2, got {points!r}")
-    return points
+    return int(points)
 
 
 def _pooled_order(spectra: dict[str, Tensor]) -> list[str]:
@@ -353,6 +354,13 @@ class FlopBudget(Budget):
     label = "Budget (share of the FLOPs)"
     help = "The largest model (Global order) with at most this share of the FLOPs."
 
+    def __post_init__(self):
+        super().__post_init__()
+        if self.measure != "flops":
+            raise ValueError(
+                "measure: a FlopBudget budgets FLOPs; for parameters use Budget(percent)"
+            )
+
 
 @dataclass(frozen=True)
 class Ranks(Policy):
@@ -372,8 +380,10 @@ class Ranks(Policy):
         for n, r in self.ranks.items():  # the upper bound (the layer's full rank) at the cut
             if not isinstance(n, str):
                 raise ValueError(f"ranks: expected layer names as keys, got {n!r}")
-            if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+            if not is_int(r) or r < 1:
                 raise ValueError(f"ranks[{n!r}]: expected an integer >= 1, got {r!r}")
+        # (frozen) plain ints, as the spec and the plans store them
+        object.__setattr__(self, "ranks", {n: int(r) for n, r in self.ranks.items()})
 
     def __str__(self) -> str:
         return "ranks:" + ",".join(f"{n}={r}" for n, r in self.ranks.items())
@@ -394,7 +404,7 @@ class Ranks(Policy):
         out = {n: len(s) for n, s in spectra.items()}
         for n, r in self.ranks.items():
             full = len(spectra[n])
-            if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= full:
+            if not is_int(r) or not 1 <= r <= full:
                 raise ValueError(
                     f"ranks[{n!r}]: expected an integer with 1 <= rank <= {full}, got {r!r}"
                 )
@@ -403,12 +413,14 @@ class Ranks(Policy):
 
 
 def policy_class(policy: str | type[Policy]) -> type[Policy]:
-    """The policy class for a name (``"global"``; an underscore may stand for a hyphen,
-    ``"flops_budget"``) or a class."""
+    """The policy class for a name (``"global"``, in any case and spacing, as
+    :func:`parse_policy` reads it; an underscore may stand for a hyphen, ``"flops_budget"``)
+    or a class."""
     if isinstance(policy, type) and issubclass(policy, Policy):
         return policy
     if isinstance(policy, str):
-        for name in (policy, policy.replace("_", "-")):
+        plain = policy.strip().lower()
+        for name in (plain, plain.replace("_", "-")):
             if name in POLICIES:
                 return POLICIES[name]
     raise ValueError(f"policy: expected one of {', '.join(POLICIES)}, got {policy!r}")
@@ -501,6 +513,7 @@ class SVDCache:
         keep_head: bool = False,
     ) -> None:
         check_initialised(model)  # a meta model has no singular values to cut by
+        source = _fingerprint(model)
         held = {  # a model cut before: its thin layers' ranks bound what a new cut keeps
             n: m.rank for n, m in iter_layers(model) if is_thin(m)
         }
@@ -512,6 +525,8 @@ class SVDCache:
             if n not in held and isinstance(r, int)
         }
         self.model = merge_model(model).eval()
+        #: the models this cache describes: the one given and its merged copy, as they are now
+        self.sources = (source, _fingerprint(self.model))
         self.example_input = example_input
         if getattr(self.model, "lorita_direct", None) is None:  # which cuts must stay dense
             self.model.lorita_direct = tuple(detect_direct(self.model, example_input)[0])
@@ -639,6 +654,7 @@ def layer_svd(
 ) -> SVDCache:
     """Compute every layer's SVD once; pass the result as ``svd=`` to plan/truncate
     (``keep_head=True`` leaves the output layer out of their cuts, see :class:`SVDCache`)."""
+    check_flag(keep_head, "keep_head")
     return SVDCache(model, layers, example_input=example_input, keep_head=keep_head)
 
 
@@ -659,11 +675,23 @@ def as_policy(policy) -> Policy:
     return policy
 
 
+def _fingerprint(model: nn.Module) -> tuple:
+    """Which model, holding which tensors at which in-place version (a training step, a
+    load_state_dict, a fine-tuning changes it; eval-mode calls do not)."""
+    tensors = [*model.parameters(), *model.buffers()]
+    return id(model), tuple((id(t), t._version) for t in tensors)
+
+
 def _cache(model, svd, layers) -> SVDCache:
     if svd is None:
         return SVDCache(model, layers)
     if not isinstance(svd, SVDCache):
         raise ValueError(f"svd: expected an SVDCache from layer_svd(), got {type(svd).__name__}")
+    if not isinstance(model, nn.Module) or _fingerprint(model) not in svd.sources:
+        raise ValueError(
+            "svd: the cache was computed from another model, or from this one before its "
+            "weights changed; compute it again with layer_svd(model)"
+        )
     return svd
 
 
@@ -689,6 +717,8 @@ def plan_ranks(
     Policies that plan by cost (``needs_costs``, e.g. :class:`Budget`) need ``example_input``
     (or an SVD cache built with one) and the ``form`` the model will be cut to.
     """
+    if form not in kinds.FORMS:
+        raise ValueError(f"form: expected one of {', '.join(kinds.FORMS)}, got {form!r}")
     policy = as_policy(policy)
     cache = _cache(model, svd, layers)
     check_left_out(policy, cache.left_out)

@@ -100,6 +100,23 @@ def test_a_model_too_large_for_one_onnx_file_keeps_its_weights_beside_it(tmp_pat
     np.testing.assert_allclose(out, model(x).detach().numpy(), rtol=1e-4, atol=1e-5)
 
 
+def test_a_killed_large_onnx_export_leaves_a_work_folder_the_next_export_removes(
+    tmp_path, monkeypatch
+):
+    """The two-file export writes in a folder beside the file; one left by a process killed
+    mid-export (it holds the whole weights) is named so that the next export removes it."""
+    pytest.importorskip("onnxruntime")
+    import lorita.export as export
+
+    monkeypatch.setattr(export, "ONNX_INLINE_BYTES", 1000)
+    dead = tmp_path / ".m.onnx.999999999.1.work"  # no process has that pid
+    dead.mkdir()
+    (dead / "m.onnx.data").write_bytes(b"0" * 4096)
+    lt.export_onnx(lt.merge_model(lt.overparameterize(net(), 3)), torch.randn(1, 1, 8, 8),
+                   tmp_path / "m.onnx")  # fmt: skip
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data"]
+
+
 def test_a_kill_between_the_two_moves_of_a_large_onnx_export_leaves_no_mismatched_pair(
     tmp_path, monkeypatch
 ):

@@ -540,10 +540,9 @@ def test_a_cache_that_keeps_the_head_leaves_it_whole_for_every_policy_and_the_pl
         assert lt.truncate(net, lt.Uniform(0.1)).lorita_plan[head]["form"] != "left out"  # default
     # found by a forward pass on a guessed input (each Linear's width) when none is given
     assert "head" in lt.layer_svd(_HeadFirst(), keep_head=True).left_out
+    first = _HeadFirst()
     with pytest.raises(ValueError, match=r"ranks: layer\(s\) \['head'\] are left out.*output"):
-        lt.truncate(
-            _HeadFirst(), lt.Ranks({"head": 2}), svd=lt.layer_svd(_HeadFirst(), keep_head=True)
-        )
+        lt.truncate(first, lt.Ranks({"head": 2}), svd=lt.layer_svd(first, keep_head=True))
     with pytest.raises(ValueError, match="example_input: the model refused it"):
         lt.layer_svd(_HeadFirst(), example_input=torch.randn(2, 7), keep_head=True)
 

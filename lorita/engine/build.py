@@ -31,9 +31,25 @@ __all__ = [
 ]
 
 
+def as_config(config) -> TrainConfig:
+    """A TrainConfig from itself, its dict or a run (its config); else a ValueError naming
+    ``config``."""
+    if isinstance(config, TrainConfig):
+        return config
+    held = getattr(config, "config", None)  # a Run: the config it was trained with
+    if isinstance(held, dict) and not isinstance(config, dict):
+        config = held
+    if not isinstance(config, dict):
+        raise ValueError(
+            f"config: expected a TrainConfig, its dict or a run, got {type(config).__name__}"
+        )
+    return TrainConfig.from_dict(config)
+
+
 def load_splits(config: TrainConfig | dict) -> data_mod.Splits:
-    """The dataset of a config, with its validation carve-out."""
-    return _run_splits(config.to_dict() if isinstance(config, TrainConfig) else config)
+    """The dataset of a config (a TrainConfig, its dict or a run), with its validation
+    carve-out."""
+    return _run_splits(as_config(config).to_dict())
 
 
 #: keys under which training scripts keep the weights in a checkpoint dict, tried in order
@@ -408,7 +424,11 @@ def build_model(
 
     With ``config.init_from`` the plain model's weights are loaded from that file first
     (``load_init=False``: not, for a model whose every weight a checkpoint will replace).
+    ``config``: a TrainConfig, its dict or a run; ``splits``: :func:`load_splits`'s.
     """
+    config = as_config(config)
+    if not isinstance(splits, data_mod.Splits):
+        raise ValueError(f"splits: expected load_splits(config)'s, got {type(splits).__name__}")
     torch.manual_seed(config.seed)
     plain = models_mod.create_model(
         config.model,

@@ -23,10 +23,9 @@ import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-import numpy as np
-
 from .. import data as data_mod
 from .. import models as models_mod
+from ..checks import is_int, is_num
 from ..kinds import INITS
 from ..kinds import INNER_CHOICES as INNER
 
@@ -343,14 +342,6 @@ def format_options(options: dict[str, Any] | None) -> str:
 
 
 # --------------------------------------------------------------------------- validation
-
-
-def is_int(v: Any) -> bool:
-    return isinstance(v, int | np.integer) and not isinstance(v, bool)
-
-
-def is_num(v: Any) -> bool:
-    return (is_int(v) or isinstance(v, float | np.floating)) and math.isfinite(float(v))
 
 
 def _bad(name: str, value: Any, allowed: str) -> ValueError:

@@ -16,11 +16,44 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import data as data_mod
+from ..checks import check_module, is_int, is_num
 from ..clone import clone_model, evaluating
-from .config import OPTIMIZERS, is_int, is_num
+from .config import OPTIMIZERS
 from .optim import loss_fn, main_output, make_optimizer, task_of
 
 __all__ = ["evaluate", "finetune"]
+
+
+def _check_dataset(dataset, field: str) -> None:
+    """A dataset of lorita's kind: indexed by a tensor of positions, giving ``(x, y)``."""
+    if not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")) or isinstance(
+        dataset, (str, bytes, data_mod.Splits)
+    ):
+        raise ValueError(
+            f"{field}: expected one split of the data (splits.val, a lorita.data.TensorDataset), "
+            f"got {type(dataset).__name__}"
+        )
+    if len(dataset) == 0:
+        raise ValueError(f"{field}: it holds no examples")
+
+
+def _check_finetune(model, splits, epochs, lr, optimizer, batch_size) -> None:
+    check_module(model)
+    if not isinstance(splits, data_mod.Splits):
+        raise ValueError(
+            f"splits: expected the train/val/test Splits (lorita.load_splits(config)), got "
+            f"{type(splits).__name__}"
+        )
+    if not is_int(epochs) or epochs < 0:
+        raise ValueError(f"epochs: {epochs!r} is not allowed; expected an integer >= 0")
+    if not is_int(batch_size) or batch_size < 1:
+        raise ValueError(f"batch_size: {batch_size!r} is not allowed; expected an integer >= 1")
+    if epochs and not any(p.requires_grad for p in model.parameters()):
+        raise ValueError("model: no parameter requires grad (every weight is frozen)")
+    if not is_num(lr) or lr <= 0:
+        raise ValueError(f"lr: {lr!r} is not allowed; expected a number > 0")
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer: {optimizer!r} is not allowed; expected one of {OPTIMIZERS}")
 
 
 def _batches(dataset, batch_size: int):
@@ -43,6 +76,11 @@ def evaluate(
     For a regression dataset (float targets) ``acc`` is the coefficient of determination R².
     The model's train/eval mode is restored afterwards.
     """
+    if not callable(model):  # (a module, or a module-like callable: an ONNX session's wrapper)
+        raise ValueError(f"model: expected a model to call, got {type(model).__name__}")
+    _check_dataset(dataset, "dataset")
+    if not is_int(batch_size) or batch_size < 1:
+        raise ValueError(f"batch_size: {batch_size!r} is not allowed; expected an integer >= 1")
     device = torch.device(device)
     task = task_of(dataset)
     loss_sum, correct, n = 0.0, 0.0, 0
@@ -86,12 +124,7 @@ def finetune(
 ) -> nn.Module:
     """Fine-tune a (truncated) model on the training split; returns a copy with the best
     validation accuracy seen (the starting point included), in eval mode on CPU."""
-    if not is_int(epochs) or epochs < 0:
-        raise ValueError(f"epochs: {epochs!r} is not allowed; expected an integer >= 0")
-    if not is_num(lr) or lr <= 0:
-        raise ValueError(f"lr: {lr!r} is not allowed; expected a number > 0")
-    if optimizer not in OPTIMIZERS:
-        raise ValueError(f"optimizer: {optimizer!r} is not allowed; expected one of {OPTIMIZERS}")
+    _check_finetune(model, splits, epochs, lr, optimizer, batch_size)
     device = torch.device(device)
     work = clone_model(model).to(device)
     best = evaluate(work, splits.val, device=device)["acc"]

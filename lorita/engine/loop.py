@@ -35,12 +35,13 @@ import torch
 from torch import nn
 
 from .. import data as data_mod
+from ..checks import is_int
 from ..export import load as load_model_file
 from ..io import fault
 from ..runs import Run
 from . import checkpoint
 from .build import build_model, compose, load_splits, plain_phase
-from .config import TrainConfig, is_int
+from .config import TrainConfig
 from .devices import (
     DistInfo,
     all_ranks_max,
@@ -154,6 +155,11 @@ def train(
     config = TrainConfig.from_dict(
         config if not isinstance(config, TrainConfig) else config.to_dict()
     )
+    if run is not None and not isinstance(run, Run):
+        raise ValueError(
+            f"run: expected a Run (lorita.RunStore(folder).create(config)) or None, got "
+            f"{type(run).__name__}"
+        )
     d = init_distributed(config.device)
     writer = run if (run is not None and d.main) else None
     if resume and run is None:
@@ -166,7 +172,7 @@ def train(
         )
     if writer is not None:
         _open(writer, config, resume)
-    old_threads = torch.get_num_threads()
+    old_threads, old_rng = torch.get_num_threads(), _caller_rng()
     s = None
     try:
         last = checkpoint.latest(run.checkpoint_dir) if resume else None
@@ -191,6 +197,7 @@ def train(
         raise
     finally:
         torch.set_num_threads(old_threads)
+        _set_caller_rng(old_rng)  # training seeds them: the caller's streams go on as they were
         if s is not None and s.worker is not None:
             s.worker.close()
         if writer is not None:
@@ -278,6 +285,21 @@ def _say_if_world_changed(before, now: int) -> None:
             "now sees other batches, so it will not end as an uninterrupted run would",
             stacklevel=3,
         )
+
+
+def _caller_rng() -> tuple:
+    """The global random generators' states (Python's, NumPy's, torch's CPU and CUDA)."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    return random.getstate(), np.random.get_state(), torch.get_rng_state(), cuda
+
+
+def _set_caller_rng(state: tuple) -> None:
+    py, np_state, cpu, cuda = state
+    random.setstate(py)
+    np.random.set_state(np_state)
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state_all(cuda)
 
 
 def _setup(config, run, d, callback, stop, threads, *, epoch: int, resume: bool) -> Session:

@@ -1,0 +1,50 @@
+"""Argument checks the library's public calls share: a model, a yes/no option, a number.
+
+This module loads nothing heavy (torch only inside :func:`check_module`). Numbers from NumPy (``np.int64(3)``, ``np.float32(0.5)``: what an array's elements and many
+loops give) count as numbers; a bool never does (True is not a rank).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any
+
+
+def is_int(v: Any) -> bool:
+    """Whether ``v`` is an integer (Python's or NumPy's), not a bool."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def is_real(v: Any) -> bool:
+    """Whether ``v`` is a real number (integer or float, Python's or NumPy's), not a bool."""
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def is_num(v: Any) -> bool:
+    """Whether ``v`` is a finite real number."""
+    return is_real(v) and math.isfinite(float(v))
+
+
+def check_module(model, field: str = "model") -> None:
+    """A ValueError naming ``field`` unless ``model`` is an nn.Module instance."""
+    import torch  # here: the run store's modules check numbers without loading torch
+    from torch import nn
+
+    if isinstance(model, type) and issubclass(model, nn.Module):
+        raise ValueError(f"{field}: pass an instance ({model.__name__}(...)), got the class")
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"{field}: expected a torch nn.Module, got {type(model).__name__}")
+    if isinstance(model, torch.jit.ScriptModule):
+        raise ValueError(
+            f"{field}: a TorchScript module (torch.jit.script / trace) cannot be rebuilt; pass "
+            "the nn.Module it was made from"
+        )
+
+
+def check_flag(value, field: str) -> bool:
+    """``value`` when it is True or False; else a ValueError naming ``field`` (a "no" would
+    read as True)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{field}: expected True or False, got {value!r}"[:200])
+    return value
