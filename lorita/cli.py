@@ -1021,7 +1021,24 @@ def _wait_for_slot(args, store, run, stop_event, quiet):
     return slot
 
 
+def _curves_kept_now(args, run, d, quiet) -> bool:
+    """``--resume`` of a completed run whose trade-off curves were cut short (the process
+    ended while it kept them): keep them now, instead of refusing."""
+    if not (args.resume and run is not None and not d.on):
+        return False
+    if run.raw_status().get("state") != "completed" or run.is_alive():
+        return False
+    from .curves import prepare
+
+    done = prepare(run)
+    if done and not quiet:
+        print(f"run {run.name!r} had completed; its trade-off curves, cut short, are now kept")
+    return bool(done)
+
+
 def _run_training(args, store, run, config, d, quiet, stop_event, threads) -> int:
+    if _curves_kept_now(args, run, d, quiet):
+        return 0
     run = _open_run(args, store, run, config, d)
     try:
         if d.main:

@@ -340,6 +340,24 @@ def test_resume_of_a_completed_run_is_refused_and_changes_nothing(tmp_path, caps
     assert after == before
 
 
+def test_resume_of_a_completed_run_whose_curves_were_cut_short_keeps_them(tmp_path, capsys):
+    """A process ended while it kept the curves (after the run completed): --resume keeps
+    them then, and changes nothing else; once they are all there it is refused as above."""
+    assert cli_main(["train", "--runs-dir", str(tmp_path), "--name", "r", *FLAGS]) == 0
+    folder = tmp_path / "r"
+    kept = sorted(p.name for p in (folder / "extra").iterdir())
+    assert kept
+    for p in (folder / "extra").iterdir():
+        p.unlink()
+    before = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    assert _resume(tmp_path) == 0  # (--quiet: nothing said)
+    assert sorted(p.name for p in (folder / "extra").iterdir()) == kept
+    after = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file() and "extra" not in p.parts}
+    assert after == before
+    assert _resume(tmp_path) == 2
+
+
 def test_a_live_run_cannot_be_resumed_or_trained_by_a_second_process(tmp_path, capsys):
     assert _killed_at(tmp_path, "step:5") == -signal.SIGKILL
     run = RunStore(tmp_path).get("r")
