@@ -469,12 +469,15 @@ class ParametrizedKind(Kind):
 
 
 #: weight-bearing modules that are no kind of the table: listed by overparameterize as left
-_OTHER = (nn.modules.conv._ConvNd, nn.RNNBase, nn.Bilinear, nn.MultiheadAttention)
+_OTHER = (
+    nn.modules.conv._ConvNd, nn.RNNBase, nn.Bilinear, nn.MultiheadAttention, nn.Embedding,
+    nn.EmbeddingBag,
+)  # fmt: skip
 
 
 def other_layers(model: nn.Module, table: list[LayerEntry]) -> list[tuple[str, nn.Module]]:
     """Modules with a weight that no kind handles (Conv1d, Conv3d, transposed convolutions,
-    RNNs, Bilinear, MultiheadAttention with separate q, k, v), outside the layers of
+    RNNs, Bilinear, MultiheadAttention with separate q, k, v, embeddings), outside the layers of
     ``table``, in module order."""
     taken = [e.name for e in table]
     out = []
@@ -494,6 +497,8 @@ def why_other(module: nn.Module) -> str:
             "MultiheadAttention with separate q, k, v projections (kdim or vdim differ from "
             "embed_dim): only the packed form is composed"
         )
+    if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
+        return f"{type(module).__name__} is a table of rows looked up, not a matrix product"
     return (
         f"{type(module).__name__} is not a kind LoRITa composes "
         "(Linear, Conv2d, MultiheadAttention)"

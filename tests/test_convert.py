@@ -209,6 +209,13 @@ def test_tied_weights_are_left():
     assert "shared" in rows[0]["why"]
 
 
+def test_an_embedding_is_listed_as_left_with_why():
+    net = nn.Sequential(nn.Embedding(20, 8), nn.Flatten(), nn.Linear(8 * 5, 4))
+    rows = composition_summary(lt.overparameterize(net, 3, example_input=torch.zeros(2, 5).long()))
+    (emb,) = [r for r in rows["layers"] if r["type"] == "Embedding"]
+    assert emb["action"] == "left" and "looked up" in emb["why"]
+
+
 def test_a_shared_bias_keeps_both_layers_as_they_are():
     """Two Linears holding one bias Parameter: composing either would copy the bias and untie
     it (after training, a merged model loaded into a fresh one differs); both are left."""
