@@ -104,7 +104,8 @@ def fit_here(n_factors: int, weight_decay: float, rank: int, seed: int, noise: f
     res: dict[str, Any] = fit_planted(
         n_factors=n_factors, weight_decay=weight_decay, rank=rank, noise=noise, seed=seed
     )
-    res["effective_rank"] = int(effective_rank(torch.tensor(res["learned"])))
+    learned = torch.nan_to_num(torch.tensor(res["learned"]), 0.0, 0.0, 0.0).clamp_min(0)
+    res["effective_rank"] = int(effective_rank(learned))  # (a diverged fit: its finite part)
     return res
 
 

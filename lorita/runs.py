@@ -156,7 +156,8 @@ def effective_ranks(layers: dict[str, list[float]], tol: float | None = None) ->
         if not isinstance(s, list) or not s:
             continue
         vals = [_num(v, math.nan) for v in s]
-        t = torch.nan_to_num(torch.tensor(vals, dtype=torch.float32), nan=0.0)
+        # (a damaged row's NaN, inf or negative values read as nothing, not as an error)
+        t = torch.nan_to_num(torch.tensor(vals, dtype=torch.float32), 0.0, 0.0, 0.0).clamp_min(0)
         out[name] = int(effective_rank(t) if tol is None else effective_rank(t, tol=tol))
     return out
 

@@ -69,18 +69,23 @@ def module_spectrum(module: nn.Module, name: str = "") -> Tensor:
 
 
 def _check_1d(s: Tensor) -> Tensor:
-    s = torch.as_tensor(s, dtype=torch.float64)
+    try:
+        s = torch.as_tensor(s, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"s: expected singular values (numbers), got {type(s).__name__}") from None
     if s.dim() != 1 or s.numel() == 0:
         raise ValueError(
             f"s: expected a non-empty 1-D tensor of singular values, got shape {tuple(s.shape)}"
         )
+    if not bool(torch.isfinite(s).all()) or bool((s < 0).any()):
+        raise ValueError("s: singular values are finite and >= 0; these hold a NaN, inf or < 0")
     return s
 
 
 def effective_rank(s: Tensor, tol: float = EFFECTIVE_RANK_TOL) -> int:
     """Number of singular values above ``tol * sigma_max``."""
     s = _check_1d(s)
-    if not 0 < tol < 1:
+    if not is_real(tol) or not 0 < tol < 1:
         raise ValueError(f"tol: expected 0 < tol < 1, got {tol!r}")
     top = float(s.max())
     return int((s > tol * top).sum()) if top > 0 else 0

@@ -84,3 +84,14 @@ def test_grouped_conv_spectrum_is_the_rms_over_groups_and_matches_the_svd_cache(
     per_group = torch.linalg.svdvals(w)  # (4, 3)
     assert_close(s, per_group.pow(2).mean(0).sqrt())
     assert_close(s, lt.layer_svd(net).spectra["0"], rtol=1e-5, atol=1e-6)
+
+
+def test_rank_measures_name_values_that_are_not_singular_values():
+    for bad in ([1.0, float("nan")], [3.0, -2.0], [float("inf")]):
+        for fn in (lt.effective_rank, lt.energy_rank):
+            with pytest.raises(ValueError, match="^s: singular values are finite and >= 0"):
+                fn(torch.tensor(bad))
+    with pytest.raises(ValueError, match="^s: expected singular values"):
+        lt.effective_rank("abc")
+    with pytest.raises(ValueError, match="^tol: "):
+        lt.effective_rank(torch.tensor([1.0]), tol="0.1")
