@@ -146,11 +146,28 @@ def _out_path(flag: str):
     """An argparse type: a file path to write, whose folder exists."""
 
     def conv(s: str) -> Path:
+        from .runs import run_folder_of
+
         p = Path(_text(flag)(s)).expanduser()
         if p.is_dir():
             raise argparse.ArgumentTypeError(f"{_short(s)!r} is a folder, not a file")
+        if s.endswith(("/", os.sep)):
+            raise argparse.ArgumentTypeError(f"{_short(s)!r} ends in a slash; give a file name")
+        if p.is_symlink() or (p.exists() and not p.is_file()):
+            # written by renaming a new file into place: a link or a device would be replaced
+            raise argparse.ArgumentTypeError(
+                f"{_short(s)!r} is a link or a device, not a plain file; give a file's path"
+            )
+        if p.parent.exists() and not p.parent.is_dir():
+            raise argparse.ArgumentTypeError(f"{_short(str(p.parent))!r} is a file, not a folder")
         if not p.parent.is_dir():
             raise argparse.ArgumentTypeError(f"folder {_short(str(p.parent))!r} not found")
+        inside = run_folder_of(p.parent)
+        if inside is not None:
+            raise argparse.ArgumentTypeError(
+                f"{_short(s)!r} is inside run folder {_short(str(inside))!r}, whose files the "
+                "run store owns; write it elsewhere"
+            )
         return p
 
     return conv
@@ -372,6 +389,10 @@ def _policy_value(cls):
     return conv
 
 
+#: ``--policy none``: export uncut (a value of its own, so that it conflicts with a cut flag)
+NO_CUT = "none"
+
+
 def _policy_text(flag: str, *, allow_none: bool = False):
     def conv(s: str):
         from .truncation import parse_policy
@@ -382,7 +403,7 @@ def _policy_text(flag: str, *, allow_none: bool = False):
                 raise argparse.ArgumentTypeError(
                     "none (no cut) is for export; give a policy to cut by, e.g. global:0.5"
                 )
-            return None
+            return NO_CUT  # (not None, the default: argparse sees it given beside another)
         try:
             policy = parse_policy(s)
         except ValueError as e:
@@ -612,7 +633,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=cmd_runs)
     _add_runs_dir(r)
     r.add_argument("--json", action="store_true", help="print JSON summaries")
-    r.add_argument("--delete", metavar="NAME", type=_text("--delete"), help="delete a run")
+    r.add_argument(
+        "--delete", metavar="NAME", type=_text("--delete"), action="append",
+        help="delete a run (repeat it for several: each is checked before any is deleted)",
+    )  # fmt: skip
     _add_compress(sub)
     _add_compare(sub)
     _add_export(sub)
@@ -644,12 +668,15 @@ def _store(args):
 def _get_run(args, name: str):
     """The run ``name`` of --runs-dir, or the run folder at the path ``name`` (what
     ``lorita train`` prints last)."""
-    from .runs import RunStore
+    from .runs import RunStore, made_by_store
 
     where = Path(name)
     if len(where.parts) > 1:
-        if not (where / "config.json").is_file():
-            raise UsageError(f"run: {name!r} is not a run folder (it holds no config.json)")
+        if not made_by_store(where):
+            raise UsageError(
+                f"run: {name!r} is not a run folder (no config.json, status.json and "
+                "checkpoints/ there)"
+            )
         return RunStore(where.parent).get(where.name)
     store = _store(args)
     if not store.root.is_dir():
@@ -842,6 +869,12 @@ def _train_config_from_run(run, args):
     """The run's own config; a training flag may be repeated only with the run's value (the
     command that started it, --resume added: ``--device cpu`` under torchrun)."""
     TrainConfig = _config_class()
+    had = run.config
+    if not isinstance(had, dict) or "dataset" not in had:
+        raise UsageError(
+            f"--resume: run {run.name!r} has no training config (its config.json is missing, "
+            "damaged or names no dataset); nothing was changed"
+        )
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     other = [k for k in vars(args) if k in fields and getattr(args, k) != run.config.get(k)]
     if other or args.config or args.model_args or args.data_args:
@@ -1112,14 +1145,19 @@ def cmd_runs(args) -> int:
 
     store = _store(args)
     if args.delete is not None:
-        run = _get_run(args, args.delete)
-        if run.is_alive():
-            raise UsageError(
-                f"run {run.name!r} is still {run.status().get('state')}; "
-                f"stop it first (lorita stop {run.name})"
-            )
-        RunStore(run.path.parent).delete(run.name)
-        print(f"deleted {run.name}")
+        runs = [_get_run(args, name) for name in dict.fromkeys(args.delete)]
+        for run in runs:
+            if run.is_alive():
+                raise UsageError(
+                    f"run {run.name!r} is still {run.status().get('state')}; "
+                    f"stop it first (lorita stop {run.name})"
+                )
+        for run in runs:
+            RunStore(run.path.parent).delete(run.name)
+            if not args.json:
+                print(f"deleted {run.name}")
+        if args.json:
+            print(json.dumps({"deleted": [run.name for run in runs]}))
         return 0
     rows = store.summaries()
     if args.json:
@@ -1336,6 +1374,11 @@ def _chosen_cut(cz, args):
 def cmd_compress(args) -> int:
     from .truncation import Budget
 
+    if args.out and Path(args.out).suffix.lower() == ".onnx":
+        raise UsageError(
+            f"--out: {_short(str(args.out))!r}: compress saves safetensors; for ONNX use "
+            "lorita export RUN --format onnx with the same policy"
+        )
     if isinstance(args.policy, Budget) and args.form == "dense":
         raise UsageError(
             "--form dense: a budget counts the thin form's size, and a dense weight keeps its "
@@ -1761,6 +1804,8 @@ def _as_trained(args):
 
 def cmd_export(args) -> int:
     args.format = _export_format(args)
+    if args.policy == NO_CUT:
+        args.policy = None
     cut = args.policy is not None or args.max_drop is not None
     light = None if cut else _as_trained(args)
     if light is not None:  # as trained: no dataset needed (it may be on another machine)

@@ -86,6 +86,11 @@ STALE_S = 15.0  # heartbeat older than this and pid gone: the process died
 STALE_ANY_S = 180.0  # heartbeat older than this: dead even if the pid exists (other host)
 PAIR_WINDOW_S = 120.0  # a composed run and its N=1 baseline are created this close together
 WRITER_LOCK = "writer.lock"
+#: what a run folder holds (its hidden temp files aside)
+RUN_FILES = frozenset({
+    "config.json", "status.json", "metrics.jsonl", "spectra.jsonl", "result.json",
+    "checkpoints", "extra", "STOP", WRITER_LOCK,
+})  # fmt: skip
 PAIR_SETTLED_S = 5.0  # a runs folder unchanged this long has every new run's config written
 SETUP_KEYS = (
     "dataset", "dataset_kwargs", "model", "model_kwargs", "init", "optimizer", "lr",
@@ -613,6 +618,24 @@ def config_row(cfg: dict) -> dict:
             "plain_epochs": cfg.get("plain_epochs", 0)}  # fmt: skip
 
 
+def made_by_store(path: Path) -> bool:
+    """A folder :meth:`RunStore.create` made: checkpoints/ and status.json are in it from the
+    start (a folder that only holds a config.json, a model's download say, is not one)."""
+    return (path / "checkpoints").is_dir() and (path / "status.json").is_file()
+
+
+def run_folder_of(path: Path) -> Path | None:
+    """The run folder ``path`` is in (itself or a folder above it), or None."""
+    try:
+        path = Path(path).resolve()
+    except (OSError, RuntimeError):
+        return None
+    for p in (path, *path.parents):
+        if made_by_store(p) and (p / "config.json").is_file():
+            return p
+    return None
+
+
 def _is_run_folder(path: Path) -> bool:
     """A run's folder: its config.json, or (a damaged run, listed as broken so that it can
     be deleted) its status.json."""
@@ -733,6 +756,13 @@ class RunStore:
         """Remove a run folder (refused while its process is alive); a run folder that is a
         symbolic link loses the link only, the folder it points to is left as it is."""
         run = self.get(name)
+        if not made_by_store(run.path) and any(
+            p.name not in RUN_FILES and not p.name.startswith(".") for p in run.path.iterdir()
+        ):  # a folder with a config.json and other files: maybe not a run at all
+            raise ValueError(
+                f"run: {name!r} holds files no run has and no status.json or checkpoints/; it "
+                "may not be a run folder, so nothing was deleted"
+            )
         if run.is_alive() or run.held_elsewhere():
             raise ValueError(
                 f"run: {name!r} is still {run.raw_status().get('state')}; stop it first"

@@ -1088,3 +1088,64 @@ def test_ctrl_c_while_torch_imports_ends_with_one_line():
         pytest.skip("torch imported before the test could interrupt it")
     assert proc.returncode == 130, err
     assert err.strip() == "lorita: interrupted", err
+
+
+def test_a_folder_that_only_holds_a_config_json_is_not_a_run(tmp_path, capsys):
+    """A model download (config.json beside its weights) given as a run's path: neither
+    deleted nor trained into."""
+    folder = tmp_path / "hf_model"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"architectures": ["Bert"]}')
+    (folder / "weights.bin").write_bytes(b"x")
+    for argv in (["runs", "--delete", str(folder)], ["train", "--resume", str(folder)]):
+        _one_line_error(capsys, argv, "is not a run folder")
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "weights.bin"]
+    store = tmp_path / "runs"
+    shutil.copytree(folder, store / "hf_model")  # the same inside a runs folder, by name
+    _one_line_error(capsys, ["runs", "--runs-dir", str(store), "--delete", "hf_model"],
+                    "nothing was deleted")  # fmt: skip
+    assert (store / "hf_model" / "weights.bin").is_file()
+
+
+def test_out_never_writes_over_a_run_a_link_or_a_device(runs_dir, tmp_path, capsys):
+    best = runs_dir / "r1" / "checkpoints" / "best.safetensors"
+    before = best.read_bytes()
+    base = ["export", "r1", "--runs-dir", str(runs_dir), "--out"]
+    _one_line_error(capsys, [*base, str(best)], "inside run folder")
+    _one_line_error(capsys, [*base, str(runs_dir / "r1" / "config.json")], "inside run folder")
+    assert best.read_bytes() == before
+    (tmp_path / "target.safetensors").write_bytes(b"keep")
+    (tmp_path / "link.safetensors").symlink_to(tmp_path / "target.safetensors")
+    _one_line_error(capsys, [*base, str(tmp_path / "link.safetensors")], "a link or a device")
+    _one_line_error(capsys, [*base, "/dev/null"], "a link or a device")
+    _one_line_error(capsys, [*base, str(tmp_path / "new") + "/"], "ends in a slash")
+    _one_line_error(
+        capsys, ["compress", "r1", "--runs-dir", str(runs_dir), "--global", "0.5", "--out",
+                 str(tmp_path / "y.onnx")], "lorita export",
+    )  # fmt: skip
+    _one_line_error(capsys, [*base, str(tmp_path / "p.safetensors"), "--global", "0.9",
+                             "--policy", "none"], "not allowed with")  # fmt: skip
+
+
+def test_resume_of_a_folder_without_a_training_config_changes_nothing(tmp_path, capsys):
+    assert main(["train", "--runs-dir", str(tmp_path), "--name", "p", "--max-steps", "2",
+                 "--quiet", *TINY]) == 0  # fmt: skip
+    (tmp_path / "p" / "config.json").write_text('{"epochs": 1}')
+    before = {p: p.read_bytes() for p in (tmp_path / "p").rglob("*") if p.is_file()}
+    _one_line_error(capsys, ["train", "--runs-dir", str(tmp_path), "--resume", "p"],
+                    "has no training config")  # fmt: skip
+    assert {p: p.read_bytes() for p in (tmp_path / "p").rglob("*") if p.is_file()} == before
+
+
+def test_several_runs_deleted_in_one_command(tmp_path, capsys):
+    for name in ("a", "b"):
+        assert main(["train", "--runs-dir", str(tmp_path), "--name", name, "--max-steps", "2",
+                     "--quiet", *TINY]) == 0  # fmt: skip
+    _one_line_error(capsys, ["runs", "--runs-dir", str(tmp_path), "--delete", "a", "--delete",
+                             "nope"], "no run named 'nope'")  # fmt: skip
+    assert (tmp_path / "a").is_dir()  # each is checked before any is deleted
+    capsys.readouterr()
+    argv = ["runs", "--runs-dir", str(tmp_path), "--delete", "a", "--delete", "b", "--json"]
+    assert main(argv) == 0
+    assert json.loads(capsys.readouterr().out) == {"deleted": ["a", "b"]}
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
