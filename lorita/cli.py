@@ -1127,6 +1127,14 @@ def _train(config, run, args, slot, d, quiet, stop_event, threads) -> dict:
         )
     except _engine().PeerLost as e:  # (the run's status says the same)
         return {"state": "failed", "message": str(e)}
+    except (ValueError, OSError):
+        raise  # (named in one line by main)
+    except Exception as e:  # noqa: BLE001 - the model or its data failed in a step
+        import traceback
+
+        last = traceback.extract_tb(e.__traceback__)[-1:]
+        where = f" (at {Path(last[0].filename).name}:{last[0].lineno})" if last else ""
+        return {"state": "failed", "message": f"{type(e).__name__}: {e}{where}"}
     finally:
         if slot is not None:
             slot.close()

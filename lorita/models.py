@@ -326,10 +326,24 @@ def _torchvision_names() -> list[str]:
     return sorted(tvm.list_models(module=tvm))
 
 
+@functools.lru_cache(maxsize=1)
 def _timm_available() -> bool:
+    """Whether timm is installed and imports (a broken install warns once and counts as
+    none: its models are left out, the rest works)."""
     import importlib.util
 
-    return importlib.util.find_spec("timm") is not None
+    if importlib.util.find_spec("timm") is None:
+        return False
+    try:
+        import timm  # noqa: F401
+    except Exception as e:  # noqa: BLE001 - whatever a broken install raises
+        warnings.warn(
+            f"timm is installed but cannot be imported ({type(e).__name__}: {e}); its models "
+            "are left out (reinstall it: pip install --force-reinstall timm)",
+            stacklevel=2,
+        )
+        return False
+    return True
 
 
 def list_models(source: str = "lorita") -> list[str]:

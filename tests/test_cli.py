@@ -1149,3 +1149,19 @@ def test_several_runs_deleted_in_one_command(tmp_path, capsys):
     assert main(argv) == 0
     assert json.loads(capsys.readouterr().out) == {"deleted": ["a", "b"]}
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_a_model_that_fails_in_a_step_ends_in_one_line_and_a_failed_run(
+    tmp_path, capsys, monkeypatch
+):
+    import lorita.engine.loop as loop
+
+    def fails(s):
+        raise RuntimeError("Kernel size can't be greater than actual input size")
+
+    monkeypatch.setattr(loop, "_loop", fails)
+    code = main(["train", "--runs-dir", str(tmp_path), "--name", "f", "--quiet", *TINY])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and "Traceback" not in err and len(err.splitlines()) == 1
+    assert err.startswith("lorita: training failed: RuntimeError: Kernel size")
+    assert RunStore(tmp_path).get("f").status()["state"] == "failed"

@@ -257,3 +257,25 @@ def test_a_timm_vit_built_for_small_images_loads_back_at_that_size(tmp_path):
     back = lt.load(path)
     assert back.pos_embed.shape == model.pos_embed.shape == (1, 5, 32)
     assert models.model_options("timm:vit_tiny_patch16_224")["embed_dim"] == 192
+
+
+def test_a_timm_install_that_cannot_be_imported_leaves_its_models_out(monkeypatch, tmp_path):
+    """A broken timm (found, but its import fails) warns; the other models are listed."""
+    import sys
+
+    from lorita import models
+
+    broken = tmp_path / "timm"
+    broken.mkdir()
+    (broken / "__init__.py").write_text("raise ImportError('a broken install')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "timm", raising=False)
+    models._timm_available.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="timm is installed but cannot be imported"):
+            names = lt.list_models("all")
+        assert "mlp" in names and not any(n.startswith("timm:") for n in names)
+        with pytest.raises(ValueError, match="timm"):
+            lt.create_model("timm:resnet18")
+    finally:
+        models._timm_available.cache_clear()
