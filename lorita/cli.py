@@ -1344,7 +1344,13 @@ def _say_if_unfinished(run, which: str) -> None:
 
 def _require_checkpoint(run, which: str) -> None:
     if not run.checkpoint(which).is_file():
-        raise UsageError(f"run {run.name!r} has no {which} checkpoint yet")
+        state = run.status().get("state")
+        if state in ("queued", "running"):
+            raise UsageError(f"run {run.name!r} has no {which} checkpoint yet (it is {state})")
+        raise UsageError(
+            f"run {run.name!r} has no {which} checkpoint (it is {state} and wrote none: "
+            f"train it again or resume it, lorita train --resume {run.name})"
+        )
 
 
 def _latency(model, example) -> dict:
