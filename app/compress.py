@@ -267,9 +267,40 @@ def choice_text(choice: dict[str, Any] | None) -> str:
     return f"{policy_labels().get(choice['policy'], choice['policy'])} at {fmt % choice['value']}"
 
 
-def finetune(cz: Any, model: Any, *, epochs: int, lr: float) -> tuple[Any, dict[str, float]]:
-    """Fine-tune a cut model with the session's recipe; returns (model, val/test metrics)."""
-    res = cz.finetune(model, int(epochs), lr=float(lr))
+def still_training(name: str, which: str, root: str) -> str | None:
+    """'Run R is still running (step s of t): this page uses its best checkpoint as it is
+    now', or None for a run that no longer trains (the Compress and Export pages say it)."""
+    view = jobs.view(name, root)
+    if not view.active:
+        return None
+    return (
+        f"Run {name} is still {view.state} (step {view.step} of {view.total_steps}): this page "
+        f"uses its {which} checkpoint as it is now"
+    )
+
+
+def finetune(
+    cz: Any,
+    model: Any,
+    *,
+    epochs: int,
+    lr: float,
+    progress: Callable[[str, float], Any] | None = None,
+) -> tuple[Any, dict[str, float]]:
+    """Fine-tune a cut model with the session's recipe; returns (model, val/test metrics).
+    ``progress(text, fraction)`` after each epoch: 'epoch k of n · validation v · about t left'."""
+    from app.ui import fmt_duration, fmt_pct
+
+    t0 = time.monotonic()
+
+    def said(ev: dict) -> None:
+        k = int(ev["epoch"])
+        left = (time.monotonic() - t0) / k * (int(epochs) - k)
+        tail = f" · about {fmt_duration(left)} left" if k < int(epochs) else ""
+        text = f"Fine-tuning: epoch {k} of {int(epochs)} · validation {fmt_pct(ev['val_acc'])}"
+        progress(text + tail, k / int(epochs))
+
+    res = cz.finetune(model, int(epochs), lr=float(lr), callback=said if progress else None)
     return res.model, {"val_acc": res.val_acc, "test_acc": res.test_acc}
 
 

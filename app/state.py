@@ -62,6 +62,9 @@ COMPRESS_FOUND = "compress.found"  # (policy, value) the smallest-within search 
 COMPRESS_FT_EPOCHS = "compress.ft_epochs"
 COMPRESS_FT_LR = "compress.ft_lr"
 COMPRESS_LOADED = "compress.loaded"  # (run, checkpoint, mtime) of the session this one has seen
+# (COMPRESS_LOADED, run active) the page's uncut numbers and notes were drawn for; None while
+# the whole page draws
+COMPRESS_DRAWN = "compress.drawn"
 
 EXPORT_RUN = "export.run"
 EXPORT_WHICH = "export.which"

@@ -325,10 +325,13 @@ def _finetune(session, res: dict) -> None:
         lr = f2.number_input("learning rate", 1e-6, 1.0, key=state.COMPRESS_FT_LR, format="%.0e")
         token = cz.choice_token(st.session_state[state.COMPRESS_CHOICE])
         if f3.button("Fine-tune this model", key="compress.ft_go"):
-            with st.spinner("Fine-tuning…"):
-                tuned, metrics = cz.finetune(session, res["model"], epochs=int(epochs),
-                                             lr=float(lr))  # fmt: skip
+            bar = st.progress(0.0, text=f"Fine-tuning: epoch 1 of {int(epochs)}…")
+            tuned, metrics = cz.finetune(session, res["model"], epochs=int(epochs), lr=float(lr),
+                                         progress=lambda text, done: bar.progress(done, text))  # fmt: skip
+            bar.empty()
             st.session_state[state.FINETUNED] = {"key": token, "model": tuned, "metrics": metrics}
+        f3.caption("The fine-tuned model is kept in this tab until a refresh: export it from the "
+                   "Export page.")  # fmt: skip
         ft = st.session_state.get(state.FINETUNED)
         if ft and ft["key"] == token:
             st.success(
@@ -379,6 +382,11 @@ def workbench(root: str, name: str, which: str) -> None:
     st.session_state[state.COMPRESS_LOADED] = None  # until it has loaded
     session = cache.session(root, name, which, loaded[2])
     st.session_state[state.COMPRESS_LOADED] = loaded
+    drawn = st.session_state.get(state.COMPRESS_DRAWN)
+    if drawn is not None and drawn != (loaded, jobs.view(name, root).active):
+        # a newer checkpoint (the run trains on), or the run ended: the page's uncut numbers
+        # and its note are of the older one, so the whole page is drawn again
+        st.rerun()
     if session.data_note:
         with table_box:
             st.warning(session.data_note, icon="⚠️")
@@ -426,18 +434,20 @@ def main() -> None:
     base_box = st.container()
     name, which = picked
     view = jobs.view(name, root)
-    if view.active:
+    training = cz.still_training(name, which, root)
+    if training:
         st.info(
-            f"Run {name} is still {view.state} (step {view.step} of {view.total_steps}): this "
-            f"page cuts its {which} checkpoint as it is now; reopen the page or move the slider "
-            "for a newer one, and wait for it to complete for the final numbers.",
+            f"{training}; move the slider for a newer one, and wait for the run to complete "
+            "for the final numbers.",
             icon="⏳",
         )
+    st.session_state[state.COMPRESS_DRAWN] = None  # (the fragment draws along with the page)
     workbench(root, *picked)
     loaded = st.session_state.get(state.COMPRESS_LOADED)
     if loaded is not None and loaded[:2] == (name, which):
         with base_box:  # the checkpoint the fragment loaded (one that failed reports once)
             _base_metrics(cache.session(root, name, which, loaded[2]))
+        st.session_state[state.COMPRESS_DRAWN] = (loaded, view.active)
     st.page_link("pages/export.py", label="Export this model", icon="📦")
 
 

@@ -50,6 +50,18 @@ def _decide(pick: str, fmt: str) -> tuple[str, int]:
     return by, int(batch) if by == "latency" else ex.DEFAULT_BATCH  # one build for FLOPs
 
 
+def _checkpoint_mtime(root: str, name: str, which: str) -> float:
+    """The checkpoint's time (0.0 when there is none: a warning); a note when it still trains."""
+    mtime = cz.checkpoint_mtime(name, which, root)
+    if not mtime:
+        st.warning(f"Run {name} has no {which} checkpoint.")
+        return 0.0
+    training = cz.still_training(name, which, root)
+    if training:
+        st.info(f"{training}; a file exported now is not the run's final model.", icon="⏳")
+    return mtime
+
+
 @ui.guarded
 def main() -> None:
     st.title("Export")
@@ -75,9 +87,8 @@ def main() -> None:
         state.setdefault(state.EXPORT_WHICH, choice["which"])
     state.setdefault(state.EXPORT_WHICH, "best")
     which = c2.radio("Checkpoint", ["best", "last"], key=state.EXPORT_WHICH, horizontal=True)
-    mtime = cz.checkpoint_mtime(name, which, root)
+    mtime = _checkpoint_mtime(root, name, which)
     if not mtime:
-        st.warning(f"Run {name} has no {which} checkpoint.")
         return
     try:
         session = cache.session(root, name, which)

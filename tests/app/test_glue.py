@@ -478,3 +478,21 @@ def test_every_export_of_a_run_has_its_own_file_name():
     assert names[:5] == ["r", "r-last", "r-global0.80", "r-global0.80-finetuned",
                          "r-last-budget20.0"]  # fmt: skip
     assert names[5].startswith("r-ranks-") and len(set(names)) == len(names)
+
+
+def test_fine_tuning_says_its_epoch_validation_and_time_left():
+    from app import compress as cz_app
+
+    class Session:
+        def finetune(self, model, epochs, lr, callback=None):
+            for k in range(1, epochs + 1):
+                callback({"event": "finetune", "epoch": k, "val_acc": 0.5 + k / 10})
+            return type("R", (), {"model": model, "val_acc": 0.8, "test_acc": 0.7})()
+
+    said = []
+    model, metrics = cz_app.finetune(Session(), "m", epochs=3, lr=1e-3,
+                                     progress=lambda text, done: said.append((text, done)))  # fmt: skip
+    assert model == "m" and metrics == {"val_acc": 0.8, "test_acc": 0.7}
+    assert [d for _, d in said] == [1 / 3, 2 / 3, 1.0]
+    assert said[0][0].startswith("Fine-tuning: epoch 1 of 3 · validation 60.0 %")
+    assert "left" in said[0][0] and "left" not in said[-1][0]

@@ -700,6 +700,10 @@ def test_compress_on_a_run_still_training_opens_at_once_and_says_so(runs_dir):
         assert time.perf_counter() - t0 < 60  # it waited up to 120 s for the process
         assert any("still running (step 5 of 40)" in i.value for i in at.info)
         assert "Original validation accuracy" in metrics(at)
+        at = open_page("export", run=N3)  # the Export page says so too
+        assert_clean(at)
+        assert any("still running" in i.value and "not the run's final" in i.value
+                   for i in at.info)  # fmt: skip
         write_json(status, {**done, "host": "elsewhere"})
         assert cz.curve_being_kept(N3, runs_dir)  # completed, its process keeping curves
     finally:
