@@ -82,6 +82,7 @@ QUERY_RUN = "run"  # URL query parameter that holds the current run
 QUERY_POLICY = "policy"  # the Compress page's rank policy, kept in the URL with its value
 QUERY_VALUE = "value"
 QUERY_WHICH = "which"  # the Export page's checkpoint, beside the cut it exports
+QUERY_FORMAT = "format"  # the Export page's file format
 
 DEFAULTS: dict[str, Any] = {
     CURRENT_RUN: None,

@@ -104,11 +104,13 @@ def main() -> None:
     pick = st.radio("Model", list(options), key=state.EXPORT_MODEL, format_func=options.get)
     if len(options) == 1:
         st.caption("To export a cut model, set the truncation on the Compress page first.")
-    state.setdefault(state.EXPORT_FORMAT, "low_rank")
     formats = ex.formats()
+    from_url = state.from_url(state.QUERY_FORMAT)  # a refresh comes back to the format
+    state.setdefault(state.EXPORT_FORMAT, from_url if from_url in formats else "low_rank")
     if st.session_state.get(state.EXPORT_FORMAT) not in formats:
         st.session_state[state.EXPORT_FORMAT] = "low_rank"
     fmt = st.radio("Format", list(formats), key=state.EXPORT_FORMAT, format_func=formats.get)
+    state.to_url(state.QUERY_FORMAT, fmt)
     if ex.missing_note():
         st.caption(ex.missing_note())
 

@@ -8,7 +8,7 @@ import pytest
 from app_seed import N1, N3, ROOT, shown_charts
 from streamlit.testing.v1 import AppTest
 
-from app import presets
+from app import presets, state
 
 APP = str(ROOT / "streamlit_app.py")
 TIMEOUT = 300  # a busy shared machine: the Theory fit alone can take tens of seconds
@@ -1055,3 +1055,12 @@ def test_compress_says_when_a_budget_cannot_be_met(runs_dir):
     assert_clean(at)
     warned = [w.value for w in at.warning if "budget cannot be met" in w.value]
     assert warned and "every layer at rank 1" in warned[0], [w.value for w in at.warning]
+
+
+def test_export_format_comes_back_after_a_refresh(runs_dir):
+    at = open_page("export", run=N3)
+    at.radio(key=state.EXPORT_FORMAT).set_value("onnx").run()
+    assert at.query_params["format"] == ["onnx"] or at.query_params["format"] == "onnx"
+    again = open_page("export", run=N3, format="onnx")  # the refreshed page's URL
+    assert_clean(again)
+    assert again.radio(key=state.EXPORT_FORMAT).value == "onnx"
