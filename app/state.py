@@ -83,6 +83,7 @@ QUERY_POLICY = "policy"  # the Compress page's rank policy, kept in the URL with
 QUERY_VALUE = "value"
 QUERY_WHICH = "which"  # the Export page's checkpoint, beside the cut it exports
 QUERY_FORMAT = "format"  # the Export page's file format
+QUERY_COMPARE = "compare"  # "1" while the Compress page compares with the baselines
 
 DEFAULTS: dict[str, Any] = {
     CURRENT_RUN: None,

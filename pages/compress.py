@@ -271,8 +271,13 @@ def _baselines(root: str, name: str, which: str, policy: str, value, x_axis: str
     if policy not in cz.MEASURES or not base:
         return
     st.subheader("LoRITa against the baselines")
-    if not st.toggle("Compare with the SVD cut and L1 pruning of the N=1 run",
-                     key="compress.compare"):  # fmt: skip
+    state.setdefault("compress.compare", state.from_url(state.QUERY_COMPARE) == "1")
+    on = st.toggle("Compare with the SVD cut and L1 pruning of the N=1 run", key="compress.compare")
+    if on:  # kept in the URL: a refresh comes back to the comparison
+        state.to_url(state.QUERY_COMPARE, "1")
+    elif state.QUERY_COMPARE in st.query_params:
+        del st.query_params[state.QUERY_COMPARE]
+    if not on:
         st.caption("Sweeps 5–50 % budgets once per checkpoint (kept in the run folder).")
         return
     measure = cz.MEASURES[policy]

@@ -923,6 +923,11 @@ def test_compress_budget_axis_and_the_baselines(runs_dir):
     from app import compress as cz
 
     assert cz.stored_comparison(N3, N1, "best", "params", runs_dir) is not None
+    url = at.query_params["compare"]
+    assert url == "1" or url == ["1"]  # a refresh comes back to the comparison:
+    again = open_page("compress", run=N3, policy="budget", value="20", compare="1")
+    assert_clean(again)
+    assert again.toggle(key="compress.compare").value
 
 
 def test_train_start_run_again_by_a_rerun_starts_nothing_twice(empty_runs, monkeypatch):
