@@ -4,6 +4,27 @@ import streamlit as st
 
 from app import charts, plot, state, theory, ui
 
+#: widget key -> (URL parameter, type, lowest, highest): the settings a refresh keeps
+_IN_URL = {
+    state.THEORY_N: ("n", int, 1, 5),
+    state.THEORY_LAMBDA: ("lambda", float, 0.0, 1.0),
+    state.THEORY_RANK: ("rank", int, 1, 10),
+    state.THEORY_SEED: ("seed", int, 0, 10_000),
+}
+
+
+def _from_url(param: str, kind: type, low: float, high: float, default):
+    """The URL's value of ``param`` when it is a number of ``kind`` in [low, high], else
+    ``default`` (a hand-edited or stale link falls back quietly)."""
+    text = state.from_url(param)
+    try:
+        value = kind(float(text)) if kind is float else kind(text)
+    except (TypeError, ValueError):
+        return default
+    if kind is float and value != value:  # NaN
+        return default
+    return value if low <= value <= high else default
+
 
 @ui.guarded
 def main() -> None:
@@ -15,14 +36,16 @@ def main() -> None:
         "about a second."
     )
     c1, c2 = st.columns(2)
-    d = theory.DEFAULTS
-    n = c1.slider("N (number of factors)", 1, 5, d["n_factors"], key=state.THEORY_N)
-    lam = c2.slider("λ (weight decay)", 0.0, 1.0, d["weight_decay"], step=0.01,
-                    key=state.THEORY_LAMBDA)  # fmt: skip
+    for key, (param, kind, low, high) in _IN_URL.items():  # a refresh comes back to them
+        state.setdefault(key, _from_url(param, kind, low, high, theory.DEFAULTS[key.split(".")[1]]))
+    n = c1.slider("N (number of factors)", 1, 5, key=state.THEORY_N)
+    lam = c2.slider("λ (weight decay)", 0.0, 1.0, step=0.01, key=state.THEORY_LAMBDA)
     with st.expander("Planted matrix"):
         e1, e2 = st.columns(2)
-        rank = e1.slider("true rank", 1, 10, d["rank"], key=state.THEORY_RANK)
-        seed = e2.number_input("seed", 0, 10_000, d["seed"], key=state.THEORY_SEED)
+        rank = e1.slider("true rank", 1, 10, key=state.THEORY_RANK)
+        seed = e2.number_input("seed", 0, 10_000, key=state.THEORY_SEED)
+    for key, (param, *_) in _IN_URL.items():
+        state.to_url(param, f"{st.session_state[key]:g}")
     with st.spinner("Fitting…"):
         res = theory.fit(int(n), float(lam), int(rank), int(seed))
 

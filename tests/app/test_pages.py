@@ -65,6 +65,24 @@ def test_theory_identity_and_rank_preference(empty_runs):
     assert len(shown_charts(at)) == 1
 
 
+def test_theory_settings_come_back_after_a_refresh_and_bad_ones_fall_back(empty_runs):
+    at = open_page("theory")
+    at.slider(key="theory.weight_decay").set_value(0.4).run()
+    assert_clean(at)
+    url = at.query_params["lambda"]
+    assert url in ("0.4", ["0.4"])
+    again = open_page("theory", n="4", rank="2", seed="7", **{"lambda": "0.4"})
+    assert_clean(again)
+    assert again.slider(key="theory.n_factors").value == 4
+    assert again.slider(key="theory.weight_decay").value == 0.4
+    assert again.slider(key="theory.rank").value == 2
+    assert again.number_input(key="theory.seed").value == 7
+    odd = open_page("theory", n="9", rank="x", seed="-1", **{"lambda": "nan"})
+    assert_clean(odd)
+    assert odd.slider(key="theory.n_factors").value == 3  # the defaults
+    assert odd.slider(key="theory.weight_decay").value == 0.2
+
+
 def test_theory_says_why_the_two_sides_differ_and_why_the_fit_is_zero(empty_runs):
     """The caption under the identity follows the numbers: equal sides at the default, not
     claimed equal without weight decay; a fit driven to zero says so and suggests a smaller λ."""
