@@ -1129,7 +1129,9 @@ def _train(config, run, args, slot, d, quiet, stop_event, threads) -> dict:
         return {"state": "failed", "message": str(e)}
     except (ValueError, OSError):
         raise  # (named in one line by main)
-    except Exception as e:  # noqa: BLE001 - the model or its data failed in a step
+    except Exception as e:  # the model or its data failed in a step: the run says so
+        if run is None or run.raw_status().get("state") != "failed":
+            raise  # (not a failure the engine recorded in the run)
         import traceback
 
         last = traceback.extract_tb(e.__traceback__)[-1:]
