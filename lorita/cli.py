@@ -1412,6 +1412,7 @@ def cmd_compress(args) -> int:
         before.update(_latency(cz.model, cz.example_input))
         after.update(_latency(res.model, cz.example_input))
     out = {"run": cz.run, "checkpoint": args.which, "before": before, "after": after}
+    out["task"] = getattr(cz.splits, "task", "classification")  # a regression scores R²
     out["spectra"] = _rank_measures(cz)
     if args.out:
         from .export import save
@@ -1566,16 +1567,18 @@ def _print_compress(out: dict, args) -> None:
         form += f" (chosen by {args.form_by} at batch {args.form_batch})"
     print(f"run {out['run']} ({out['checkpoint']} checkpoint), {how}, form {form}{tuned}")
     lat = "latency_b1_ms" in after
-    header = ["", "params", "FLOPs", "val acc", "test acc"]
+    r2 = out.get("task") == "regression"  # its "acc" is the coefficient of determination
+    score, fmt = ("R²", _r2) if r2 else ("acc", _pct)
+    header = ["", "params", "FLOPs", f"val {score}", f"test {score}"]
     header += ["ms (batch 1)", "ms (batch 64)"] if lat else []
 
     def row(label, m):
         cells = [label, f"{m['params']:,}", f"{m['flops']:,}"]
-        cells += [_pct(m.get("val_acc")), _pct(m.get("test_acc"))]
+        cells += [fmt(m.get("val_acc")), fmt(m.get("test_acc"))]
         return cells + ([f"{m['latency_b1_ms']:.3f}", f"{m['latency_b64_ms']:.3f}"] if lat else [])
 
     ratio = ["after/before", f"{after['params_pct']:.1f}%", f"{after['flops_pct']:.1f}%"]
-    ratio += [_points(after, before, "val_acc"), _points(after, before, "test_acc")]
+    ratio += [_points(after, before, k, r2) for k in ("val_acc", "test_acc")]
     if lat:
         ratio += [
             f"{100 * after[k] / max(before[k], 1e-12):.1f}%"
@@ -1650,9 +1653,11 @@ def _latency_words(before: dict | None, after: dict | None) -> str:
     return f"latency: both models timed as they deploy: {folds}, {after['memory_format']} memory"
 
 
-def _points(after: dict, before: dict, key: str) -> str:
+def _points(after: dict, before: dict, key: str, r2: bool = False) -> str:
     a, b = after.get(key), before.get(key)
-    return "-" if a is None or b is None else f"{100 * (a - b):+.2f} pts"
+    if a is None or b is None:
+        return "-"
+    return f"{a - b:+.4f}" if r2 else f"{100 * (a - b):+.2f} pts"
 
 
 # --------------------------------------------------------------------------- compare

@@ -1165,3 +1165,14 @@ def test_a_model_that_fails_in_a_step_ends_in_one_line_and_a_failed_run(
     assert code == 1 and "Traceback" not in err and len(err.splitlines()) == 1
     assert err.startswith("lorita: training failed: RuntimeError: Kernel size")
     assert RunStore(tmp_path).get("f").status()["state"] == "failed"
+
+
+def test_compress_of_a_regression_run_shows_r2_not_accuracy(tmp_path, capsys):
+    argv = ["train", "--runs-dir", str(tmp_path), "--name", "reg", "--dataset", "lowrank",
+            "--data-arg", "task=regression", "--max-steps", "4", "--quiet", *TINY]  # fmt: skip
+    assert main(argv) == 0
+    capsys.readouterr()
+    argv = ["compress", "reg", "--runs-dir", str(tmp_path), "--global", "0.5", "--no-latency"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "val R²" in out and "test R²" in out and "acc" not in out.split("ranks kept")[0]
