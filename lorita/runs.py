@@ -465,7 +465,10 @@ class Run:
     def check_resumable(self) -> None:
         """ValueError (and nothing written) unless this run may be resumed now."""
         st = self.raw_status()
-        if st.get("state") == "completed":
+        # (a status.json that cannot be read: its result.json says whether it completed)
+        if st.get("state") == "completed" or (
+            not st.get("state") and self.result().get("state") == "completed"
+        ):
             raise ValueError(
                 f"run {self.name!r} already completed; nothing to resume "
                 "(its result is kept as it is)"

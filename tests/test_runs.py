@@ -275,6 +275,16 @@ def test_temp_files_of_dead_writers_are_cleaned(tmp_path):
     assert not (run.checkpoint_dir / f".tmp-ckpt-000002-{dead}").exists()
 
 
+def test_a_completed_run_whose_status_cannot_be_read_is_not_trained_again(tmp_path):
+    run = RunStore(tmp_path).create({"dataset": "digits"}, name="c")
+    run.write_result({"state": "completed", "test_acc": 0.9})
+    (run.path / "status.json").write_text("garbage{")
+    with pytest.raises(ValueError, match="already completed"):
+        run.begin_resume()
+    run.write_result({"state": "stopped"})  # a stopped one is resumed, as before
+    run.begin_resume()
+
+
 def test_resume_checks_refuse_a_completed_run_before_writing(tmp_path):
     run = RunStore(tmp_path).create({"dataset": "digits"}, name="c")
     run.update_status(state="completed", pid=12345678)
