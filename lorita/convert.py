@@ -15,7 +15,7 @@ from torch.nn.utils import parametrize
 from torch.utils._pytree import tree_leaves
 
 from . import inputs
-from .checks import check_flag, check_module, is_int
+from .checks import check_flag, check_module
 from .clone import clone_model
 from .kinds import (
     INITS,
@@ -36,11 +36,11 @@ from .kinds import (
 from .kinds import iter_layers as iter_layers
 from .kinds import set_module as set_module
 from .layers import (
-    MAX_FACTORS,
     THIN_LAYERS,
     FactorConv2d,
     FactorLinear,
     FactorMultiheadAttention,
+    check_n_factors,
 )
 
 __all__ = [
@@ -95,8 +95,7 @@ def check_skip(model: nn.Module, skip: Iterable[str] | str) -> tuple[str, ...]:
 
 
 def _check_options(n_factors, init, inner, order) -> None:
-    if not is_int(n_factors) or not 1 <= n_factors <= MAX_FACTORS:
-        raise ValueError(f"n_factors: expected an integer in [1, {MAX_FACTORS}], got {n_factors!r}")
+    check_n_factors(n_factors)
     if init not in INITS:
         raise ValueError(f"init: expected one of {', '.join(INITS)}, got {init!r}")
     if inner not in INNER_CHOICES:
@@ -172,7 +171,7 @@ def overparameterize(
     """
     check_module(model)
     _check_options(n_factors, init, inner, order)
-    n_factors = int(n_factors)  # (a NumPy integer will do)
+    n_factors = check_n_factors(n_factors)  # (a NumPy integer will do: a plain int)
     check_initialised(model)
     new = clone_model(model)
     table = layer_table(new, direct=())

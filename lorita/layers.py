@@ -43,7 +43,8 @@ _INITS, _ORDERS = INITS, ORDERS
 MAX_FACTORS = 64
 
 
-def _check_n_factors(n_factors) -> int:
+def check_n_factors(n_factors) -> int:
+    """``n_factors`` as an int, or a ValueError: an integer in [1, MAX_FACTORS]."""
     if not is_int(n_factors) or not 1 <= n_factors <= MAX_FACTORS:
         raise ValueError(f"n_factors: expected an integer in [1, {MAX_FACTORS}], got {n_factors!r}")
     return int(n_factors)
@@ -192,7 +193,7 @@ class FactorLinear(_Composed, nn.Module):
         kw = {"device": device, "dtype": dtype}
         self.in_features = int(in_features)
         self.out_features = int(out_features)
-        self.n_factors = _check_n_factors(n_factors)
+        self.n_factors = check_n_factors(n_factors)
         self.init = _check_choice("init", init, _INITS)
         self.order = _check_choice("order", order, _ORDERS)
         self._default_inner = min(self.in_features, self.out_features)
@@ -428,7 +429,7 @@ class FactorConv2d(_Composed, _ConvGeometry, nn.Module):
         self.out_channels = int(out_channels)
         self.groups = _check_groups(groups, self.in_channels, self.out_channels)
         self._init_geometry(kernel_size, stride, padding, dilation, padding_mode)
-        self.n_factors = _check_n_factors(n_factors)
+        self.n_factors = check_n_factors(n_factors)
         self.init = _check_choice("init", init, _INITS)
         self.order = _check_choice("order", order, _ORDERS)
         kh, kw_ = self.kernel_size

@@ -37,6 +37,11 @@ def _check_dataset(dataset, field: str) -> None:
         raise ValueError(f"{field}: it holds no examples")
 
 
+def _check_batch_size(batch_size) -> None:
+    if not is_int(batch_size) or batch_size < 1:
+        raise ValueError(f"batch_size: {batch_size!r} is not allowed; expected an integer >= 1")
+
+
 def _check_finetune(model, splits, epochs, lr, optimizer, batch_size) -> None:
     check_module(model)
     if not isinstance(splits, data_mod.Splits):
@@ -46,8 +51,7 @@ def _check_finetune(model, splits, epochs, lr, optimizer, batch_size) -> None:
         )
     if not is_int(epochs) or epochs < 0:
         raise ValueError(f"epochs: {epochs!r} is not allowed; expected an integer >= 0")
-    if not is_int(batch_size) or batch_size < 1:
-        raise ValueError(f"batch_size: {batch_size!r} is not allowed; expected an integer >= 1")
+    _check_batch_size(batch_size)
     if epochs and not any(p.requires_grad for p in model.parameters()):
         raise ValueError("model: no parameter requires grad (every weight is frozen)")
     if not is_num(lr) or lr <= 0:
@@ -79,8 +83,7 @@ def evaluate(
     if not callable(model):  # (a module, or a module-like callable: an ONNX session's wrapper)
         raise ValueError(f"model: expected a model to call, got {type(model).__name__}")
     _check_dataset(dataset, "dataset")
-    if not is_int(batch_size) or batch_size < 1:
-        raise ValueError(f"batch_size: {batch_size!r} is not allowed; expected an integer >= 1")
+    _check_batch_size(batch_size)
     device = torch.device(device)
     task = task_of(dataset)
     loss_sum, correct, n = 0.0, 0.0, 0
