@@ -174,7 +174,9 @@ def count_cost(model: nn.Module, example_input: inputs.Example) -> Cost:
     """Count parameters and FLOPs of ``model`` on ``example_input`` (e.g. one batch).
 
     Composed layers are merged first (their factors are a training device, not a deployed
-    cost). ``per_layer`` maps each Linear/Conv2d/low-rank layer name to its params and FLOPs.
+    cost). ``per_layer`` maps each Linear/Conv2d/low-rank layer name to its params and FLOPs
+    (a parameter that several layers share counts once, in the first of them, so the layers'
+    params add up to no more than ``params``).
     ``example_input``: a tensor, or a tuple of tensors for a model with several inputs.
     """
     check_module(model)
@@ -191,10 +193,13 @@ def count_cost(model: nn.Module, example_input: inputs.Example) -> Cost:
     counts = counter.get_flop_counts()
     prefix = type(deploy).__name__
     per_layer = {}
+    seen: set[int] = set()
     for name, module in iter_layers(deploy):
         ops = counts.get(f"{prefix}.{name}", {})
+        own = [p for p in module.parameters() if id(p) not in seen]
+        seen.update(id(p) for p in own)
         per_layer[name] = {
-            "params": sum(p.numel() for p in module.parameters()),
+            "params": sum(p.numel() for p in own),
             "flops": int(sum(ops.values())),
         }
     params = sum(p.numel() for p in deploy.parameters())

@@ -794,7 +794,7 @@ class _ReadTracer(TorchFunctionMode):
     """Notes every layer weight passed to a torch function while its layer is not running, and
     which module was running at each use of a watched tensor (the dataflow a fold needs)."""
 
-    def __init__(self, owners: dict[int, str], active: list[str], watched: dict) -> None:
+    def __init__(self, owners: dict[int, list[str]], active: list[str], watched: dict) -> None:
         super().__init__()
         self.owners, self.active, self.found = owners, active, set()
         self.watched = watched  # id -> tensor, kept alive so an id is never reused
@@ -806,9 +806,9 @@ class _ReadTracer(TorchFunctionMode):
         for a in tree_leaves((args, kwargs)):
             if not isinstance(a, Tensor):
                 continue
-            name = self.owners.get(id(a))
-            if name is not None and name not in self.active and (reads is None or a is reads):
-                self.found.add(name)
+            names = self.owners.get(id(a), ())
+            if names and (reads is None or a is reads) and not set(names) & set(self.active):
+                self.found.update(names)  # read while none of the layers that own it runs
             if id(a) in self.watched:
                 self.uses.setdefault(id(a), []).append(self.active[-1] if self.active else "")
         return func(*args, **kwargs)
@@ -899,9 +899,11 @@ def trace_forward(
     watched: dict[int, Tensor] = {}
     want_in, want_out = set(inputs_of), set(outputs_of)
     for name, module in model.named_modules():
-        w = module._parameters.get("weight")  # a registered tensor: a property (a composed
-        if name and w is not None and KINDS["direct"].matches(module):  # or parametrized
-            owners[id(w)] = name  # layer's) makes a new one per read, whose id is reused
+        # A registered tensor only: a property (a composed or parametrized layer's) makes a
+        # new one per read, whose id is reused. A tied weight has several owners.
+        w = module._parameters.get("weight")
+        if name and w is not None and KINDS["direct"].matches(module):
+            owners.setdefault(id(w), []).append(name)
         pre, post = _push(active, name)
         handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
         handles.append(module.register_forward_pre_hook(_counter(calls, name)))

@@ -11,6 +11,7 @@ from lorita.convert import (
     deploy_model,
     fold_batchnorm,
 )
+from lorita.kinds import find_direct_reads
 from lorita.layers import FactorConv2d, FactorMultiheadAttention
 
 
@@ -195,8 +196,6 @@ def test_a_subclass_whose_forward_does_more_is_left_and_never_cut():
 
 
 def test_find_direct_reads_needs_no_composed_model():
-    from lorita.kinds import find_direct_reads
-
     assert find_direct_reads(Mixed(), torch.randn(1, 2, 4, 4)) == ["attn.out_proj", "read"]
     assert find_direct_reads(small_cnn(), torch.randn(1, 1, 8, 8)) == []
 
@@ -207,6 +206,22 @@ def test_tied_weights_are_left():
     rows = composition_summary(lt.overparameterize(net, 3))["layers"]
     assert [r["action"] for r in rows] == ["left", "left"]
     assert "shared" in rows[0]["why"]
+    # each of the two calls its own (shared) weight: neither is a weight read directly
+    assert [r["kind"] for r in rows] == ["linear", "linear"]
+    assert find_direct_reads(net, torch.randn(2, 4)) == []
+
+
+def test_a_weight_shared_by_two_layers_and_read_outside_both_is_read_directly_for_both():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+            self.b.weight = self.a.weight
+
+        def forward(self, x):
+            return self.b(self.a(x)) + nn.functional.linear(x, self.a.weight)
+
+    assert find_direct_reads(Net(), torch.randn(2, 4)) == ["a", "b"]
 
 
 def test_an_embedding_is_listed_as_left_with_why():

@@ -255,3 +255,19 @@ def test_lstm_and_bilinear_flops_are_counted():
 
     flops = lt.count_cost(Two(), (torch.randn(3, 5), torch.randn(3, 6))).flops
     assert flops == 2 * 3 * 8 * 5 * 6  # the product (FlopCounterMode counts no additions)
+
+
+def test_per_layer_params_count_a_tied_weight_once():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.head = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+            self.b.weight = self.a.weight
+
+        def forward(self, x):
+            return self.head(self.b(torch.relu(self.a(x))))
+
+    cost = lt.count_cost(Tied(), torch.randn(2, 8))
+    assert cost.per_layer["a"]["params"] == 72 and cost.per_layer["b"]["params"] == 8
+    assert sum(v["params"] for v in cost.per_layer.values()) == cost.params == 107
+    assert cost.per_layer["b"]["flops"] == cost.per_layer["a"]["flops"] == 2 * 2 * 64
