@@ -48,3 +48,11 @@ def check_flag(value, field: str) -> bool:
     if not isinstance(value, bool):
         raise ValueError(f"{field}: expected True or False, got {value!r}"[:200])
     return value
+
+
+def check_optional_flag(value, field: str) -> bool | None:
+    """``value`` when it is None (decided for you), True or False; else a ValueError naming
+    ``field``."""
+    if value is not None and not isinstance(value, bool):
+        raise ValueError(f"{field}: expected None, True or False, got {value!r}"[:200])
+    return value

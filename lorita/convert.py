@@ -15,7 +15,7 @@ from torch.nn.utils import parametrize
 from torch.utils._pytree import tree_leaves
 
 from . import inputs
-from .checks import check_flag, check_module
+from .checks import check_flag, check_module, check_optional_flag
 from .clone import clone_model
 from .kinds import (
     INITS,
@@ -451,8 +451,7 @@ def deploy_model(
     (:func:`deploy_input`). Weights computed by a parametrization (weight_norm, ...) are
     replaced by their current values (``lorita_deploy["baked"]``)."""
     check_flag(fold_bn, "fold_bn")
-    if channels_last is not None:
-        check_flag(channels_last, "channels_last")
+    check_optional_flag(channels_last, "channels_last")
     check_module(model)
     new = merge_model(model) if composed_layers(model) else clone_model(model)
     new.eval()

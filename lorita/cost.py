@@ -21,7 +21,7 @@ from torch.nn.utils import parametrize
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from . import inputs
-from .checks import check_flag, check_module, is_int
+from .checks import check_module, is_int
 from .clone import clone_model, evaluating, unwrap
 from .convert import (
     bake_parametrizations,
@@ -226,13 +226,6 @@ def _timed(example_input: inputs.Example):
     return run
 
 
-def _prepared(model: nn.Module, example_input, fold_bn: bool, channels_last) -> nn.Module:
-    check_flag(fold_bn, "fold_bn")
-    if channels_last not in (None, True, False):
-        raise ValueError(f"channels_last: expected None, True or False, got {channels_last!r}")
-    return deploy_model(model, example_input, fold_bn=fold_bn, channels_last=channels_last)
-
-
 def _forward(deploy: nn.Module, x: inputs.Example) -> Callable[[], None]:
     """One timed forward pass of a deployed model on ``x`` (put in its memory format), without
     gradients, synchronising CUDA when it is used."""
@@ -267,7 +260,7 @@ def measure_latency(
     check_module(model)
     _check_repeats(repeats, warmup)
     example_input = inputs.check_example(example_input)
-    deploy = _prepared(model, example_input, fold_bn, channels_last)
+    deploy = deploy_model(model, example_input, fold_bn=fold_bn, channels_last=channels_last)
     return _time(deploy, example_input, repeats, warmup)
 
 
@@ -310,7 +303,7 @@ def deployed_forward(
     for b in batches:
         if not is_int(b) or not 1 <= b <= 4096:
             raise ValueError(f"batches: expected integers in [1, 4096], got {b!r}")
-    deploy = _prepared(model, example_input, fold_bn, channels_last)
+    deploy = deploy_model(model, example_input, fold_bn=fold_bn, channels_last=channels_last)
     return {b: _forward(deploy, inputs.rows(example_input, b)) for b in batches}
 
 
@@ -341,7 +334,7 @@ def layer_latency(
         if not is_int(batch) or not 1 <= batch <= 4096:
             raise ValueError(f"batch: expected an integer in [1, 4096], got {batch!r}")
         example_input = inputs.rows(example_input, batch)
-    deploy = _prepared(model, example_input, fold_bn, channels_last)
+    deploy = deploy_model(model, example_input, fold_bn=fold_bn, channels_last=channels_last)
     x = deploy_input(deploy, example_input)
     layers = {e.name: e.module for e in layer_table(deploy)}
     samples: dict[str, list[float]] = {n: [] for n in layers}

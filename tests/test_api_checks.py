@@ -115,10 +115,16 @@ def test_yes_no_options_take_only_true_or_false():
     for call, field in (
         (lambda: lt.fold_batchnorm(model, inplace="no"), "inplace"),
         (lambda: lt.deploy_model(model, fold_bn="no"), "fold_bn"),
-        (lambda: lt.deploy_model(model, channels_last="no"), "channels_last"),
         (lambda: lt.layer_svd(model, keep_head="no"), "keep_head"),
     ):
         with pytest.raises(ValueError, match=f"^{field}: expected True or False"):
+            call()
+    x = torch.randn(2, 1, 8, 8)
+    for call in (  # None: decided by the model
+        lambda: lt.deploy_model(model, channels_last="no"),
+        lambda: lt.measure_latency(model, x, channels_last="no"),
+    ):
+        with pytest.raises(ValueError, match="^channels_last: expected None, True or False"):
             call()
     assert type(model[1]) is nn.Linear
 
