@@ -208,6 +208,7 @@ def _row(method: str, budget: float, measure: str, res: CompressResult, session)
         "params_pct": float(res.params_pct),
         "flops_pct": float(res.flops_pct),
         "met": bool(res.extra.get("budget", {}).get("met", True)),
+        "task": session.task,  # its "val_acc" / "test_acc" are R² for a regression
         **{k: float(v) for k, v in res.metrics.items()},
         "ranks": res.ranks,
         "selected_on": "val",

@@ -449,7 +449,8 @@ def _add_policy_flags(c: argparse.ArgumentParser, *, required: bool = True) -> N
         "--max-drop",
         type=_number("--max-drop", "float", *_MAX_DROP),
         metavar="P",
-        help="the smallest model within P validation-accuracy points of the full one "
+        help="the smallest model within P points of the full one's validation score "
+        "(percentage points of accuracy; for a regression, hundredths of R²) "
         f"(in [{_MAX_DROP[0]:g}, {_MAX_DROP[1]:g}])",
     )
     searches = [n for n, cls in POLICIES.items() if cls.value_name] + ["iterative"]
@@ -684,12 +685,12 @@ def _get_run(args, name: str):
     return store.get(name)
 
 
-def _pct(x) -> str:
-    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.2f}%"
+def _scored(task):
+    """(header word, formatter) of a task's score: ('acc', '93.12%') or ('R²', '0.6417')."""
+    from .scores import score_of
 
-
-def _r2(x) -> str:
-    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4f}"
+    score = score_of(task)
+    return score.short, lambda x: score.text(x, sep="")
 
 
 def _table(rows: list[list], header: list[str]) -> str:
@@ -713,7 +714,7 @@ class _Progress:
         self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
         self.bar = None
         self.loss, self.val, self.total, self.epoch = math.nan, None, 0, 0
-        self.score, self.fmt = "acc", _pct  # a regression's score is R², shown as it is
+        self.score, self.fmt = _scored("classification")  # a regression's: R², as it is
 
     def _score(self, x) -> str:
         return f"{self.score} {self.fmt(x)}"
@@ -727,8 +728,7 @@ class _Progress:
         from tqdm import tqdm
 
         self.total = ev["total_steps"]
-        if ev.get("task") == "regression":
-            self.score, self.fmt = "R²", _r2
+        self.score, self.fmt = _scored(ev.get("task"))
         self._line(f"training on {ev['device']}: {self.total} steps")
         if ev.get("note"):
             self._line(ev["note"])
@@ -1221,10 +1221,16 @@ def _run_row(s: dict) -> list:
         _dash(s.get("n_factors")),
         f"{wd:g}" if isinstance(wd, int | float) else "-",
         f"{s.get('step') or 0}/{s.get('total_steps') or '?'}",
-        _pct(s.get("best_val_acc")),
-        _pct(s.get("test_acc")),
+        *_run_scores(s),
         _ranks(s.get("effective_ranks")),
     ]
+
+
+def _run_scores(s: dict) -> list[str]:
+    """A runs-table row's best validation and test scores: '93.12%', or 'R² 0.6417'."""
+    word, fmt = _scored(s.get("task"))
+    cells = [fmt(s.get("best_val_acc")), fmt(s.get("test_acc"))]
+    return cells if word == "acc" else [c if c == "-" else f"{word} {c}" for c in cells]
 
 
 def cmd_stop(args) -> int:
@@ -1412,7 +1418,7 @@ def cmd_compress(args) -> int:
         before.update(_latency(cz.model, cz.example_input))
         after.update(_latency(res.model, cz.example_input))
     out = {"run": cz.run, "checkpoint": args.which, "before": before, "after": after}
-    out["task"] = getattr(cz.splits, "task", "classification")  # a regression scores R²
+    out["task"] = cz.task  # a regression scores R²
     out["spectra"] = _rank_measures(cz)
     if args.out:
         from .export import save
@@ -1555,8 +1561,11 @@ def _print_compress(out: dict, args) -> None:
     k = after["finetune_epochs"]
     tuned = f", fine-tuned {k} epoch{'s' if k != 1 else ''}" if k else ""
     search = after.get("search")
+    if search:
+        drop = search["max_drop"]
+        r2 = f" ({drop / 100:g} R²)" if out.get("task") == "regression" else ""
     how = (
-        f"{search['search']} search within {search['max_drop']:g} points"
+        f"{search['search']} search within {drop:g} points{r2}"
         if search
         else _policy_words(after["policy"])
     )
@@ -1567,8 +1576,7 @@ def _print_compress(out: dict, args) -> None:
         form += f" (chosen by {args.form_by} at batch {args.form_batch})"
     print(f"run {out['run']} ({out['checkpoint']} checkpoint), {how}, form {form}{tuned}")
     lat = "latency_b1_ms" in after
-    r2 = out.get("task") == "regression"  # its "acc" is the coefficient of determination
-    score, fmt = ("R²", _r2) if r2 else ("acc", _pct)
+    score, fmt = _scored(out.get("task"))  # a regression's "acc" is R²
     header = ["", "params", "FLOPs", f"val {score}", f"test {score}"]
     header += ["ms (batch 1)", "ms (batch 64)"] if lat else []
 
@@ -1578,7 +1586,7 @@ def _print_compress(out: dict, args) -> None:
         return cells + ([f"{m['latency_b1_ms']:.3f}", f"{m['latency_b64_ms']:.3f}"] if lat else [])
 
     ratio = ["after/before", f"{after['params_pct']:.1f}%", f"{after['flops_pct']:.1f}%"]
-    ratio += [_points(after, before, k, r2) for k in ("val_acc", "test_acc")]
+    ratio += [_points(after, before, k, out.get("task")) for k in ("val_acc", "test_acc")]
     if lat:
         ratio += [
             f"{100 * after[k] / max(before[k], 1e-12):.1f}%"
@@ -1653,11 +1661,10 @@ def _latency_words(before: dict | None, after: dict | None) -> str:
     return f"latency: both models timed as they deploy: {folds}, {after['memory_format']} memory"
 
 
-def _points(after: dict, before: dict, key: str, r2: bool = False) -> str:
-    a, b = after.get(key), before.get(key)
-    if a is None or b is None:
-        return "-"
-    return f"{a - b:+.4f}" if r2 else f"{100 * (a - b):+.2f} pts"
+def _points(after: dict, before: dict, key: str, task: str | None) -> str:
+    from .scores import score_of
+
+    return score_of(task).change(after.get(key), before.get(key), unit=" pts")
 
 
 # --------------------------------------------------------------------------- compare
@@ -1706,7 +1713,9 @@ def cmd_compare(args) -> int:
         f"{run.name} against the N=1 run {baseline.name}, budgets in % of {args.measure}; "
         f"cuts chosen on validation, test reported"
     )
-    header = ["budget", "method", "fine-tuned", "params %", "FLOPs %", "val acc", "test acc"]
+    word, fmt = _scored(rows[0].get("task") if rows else None)
+    header = ["budget", "method", "fine-tuned", "params %", "FLOPs %", f"val {word}"]
+    header.append(f"test {word}")
     table = [
         [
             f"{r['budget']:g}%" + ("" if r.get("met", True) else " (not met)"),
@@ -1716,8 +1725,8 @@ def cmd_compare(args) -> int:
             else "no",
             f"{r['params_pct']:.1f}",
             f"{r['flops_pct']:.1f}",
-            _pct(r.get("val_acc")),
-            _pct(r.get("test_acc")),
+            fmt(r.get("val_acc")),
+            fmt(r.get("test_acc")),
         ]
         for r in rows
     ]

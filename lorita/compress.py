@@ -250,6 +250,11 @@ class Compressor:
     # ----------------------------------------------------------------- facts
 
     @property
+    def task(self) -> str:
+        """ "classification", or "regression": then every ``acc`` here is R² (lorita.scores)."""
+        return getattr(self.splits, "task", "classification")
+
+    @property
     def layers(self) -> list[str]:
         """The layers policies cut (the output layer and other left-out layers excluded)."""
         return list(self.svd.spectra)

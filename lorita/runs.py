@@ -59,6 +59,7 @@ from .io import (
     temp_beside,
     write_json,
 )
+from .scores import task_of_config
 
 __all__ = [
     "ACTIVE",
@@ -300,6 +301,11 @@ class Run:
         res = read_json(self.path / "result.json", {})
         return res if isinstance(res, dict) else {}
 
+    @property
+    def task(self) -> str:
+        """The task its configuration poses (lorita.scores): how its scores are read."""
+        return task_of_config(self.config)
+
     def stop_requested(self) -> bool:
         return (self.path / "STOP").exists()
 
@@ -337,6 +343,7 @@ class Run:
             "broken": broken,
             **config_row(cfg),
             **{k: st.get(k) for k in ("step", "total_steps", "created", "started", "ended")},
+            "task": self.task,  # its scores ("acc") are R² for a regression
             "best_val_acc": res.get("best_val_acc", best.get("acc")),
             "best_step": res.get("best_step", best.get("step")),
             "val_acc": vals[-1].get("acc") if vals else None,

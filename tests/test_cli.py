@@ -1167,12 +1167,32 @@ def test_a_model_that_fails_in_a_step_ends_in_one_line_and_a_failed_run(
     assert RunStore(tmp_path).get("f").status()["state"] == "failed"
 
 
-def test_compress_of_a_regression_run_shows_r2_not_accuracy(tmp_path, capsys):
-    argv = ["train", "--runs-dir", str(tmp_path), "--name", "reg", "--dataset", "lowrank",
-            "--data-arg", "task=regression", "--max-steps", "4", "--quiet", *TINY]  # fmt: skip
-    assert main(argv) == 0
+def test_a_regression_run_shows_r2_not_accuracy(tmp_path, capsys):
+    """compress, runs and compare name a regression's score R² and write it as it is (never
+    as a percentage); their --json says the task."""
+    for name, n in (("reg", "3"), ("reg1", "1")):
+        argv = ["train", "--runs-dir", str(tmp_path), "--name", name, "--dataset", "lowrank",
+                "--data-arg", "task=regression", "--max-steps", "4", "--quiet", "--factors", n,
+                *TINY]  # fmt: skip
+        assert main(argv) == 0
     capsys.readouterr()
     argv = ["compress", "reg", "--runs-dir", str(tmp_path), "--global", "0.5", "--no-latency"]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "val R²" in out and "test R²" in out and "acc" not in out.split("ranks kept")[0]
+    assert main(["compress", "reg", "--runs-dir", str(tmp_path), "--max-drop", "5"]) == 0
+    assert "within 5 points (0.05 R²)" in capsys.readouterr().out
+
+    assert main(["runs", "--runs-dir", str(tmp_path)]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("reg")]
+    assert len(rows) == 2 and all(line.count(" R² ") == 2 and "%" not in line for line in rows)
+    assert main(["runs", "--runs-dir", str(tmp_path), "--json"]) == 0
+    assert {r["task"] for r in json.loads(capsys.readouterr().out)} == {"regression"}
+
+    argv = ["compare", "reg", "--baseline", "reg1", "--runs-dir", str(tmp_path), "--budgets", "50"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "val R²" in out and "test R²" in out
+    assert all(not line.rstrip().endswith("%") for line in out.splitlines()[3:])
+    assert main([*argv, "--methods", "lorita", "--json"]) == 0
+    assert [r["task"] for r in json.loads(capsys.readouterr().out)] == ["regression"]
