@@ -98,12 +98,12 @@ class Option:
         """``value`` if it has this option's type and lies within its bounds, else ValueError."""
         where = f"dataset option {key!r} of {dataset!r}"
         if self.choices is not None:
-            if value not in self.choices or isinstance(value, bool) != isinstance(
-                self.default, bool
-            ):
+            # the choice itself: 3.0 picks 3 (an integral float is an int, as for ranges)
+            same = [c for c in self.choices if _same_choice(c, value)]
+            if not same:
                 allowed = ", ".join(map(str, self.choices))
                 raise ValueError(f"{where}: {value!r} is not allowed; expected one of {allowed}")
-            return value
+            return same[0]
         if isinstance(self.default, bool):
             if not isinstance(value, bool):
                 raise ValueError(f"{where}: {value!r} is not allowed; expected true or false")
@@ -123,9 +123,21 @@ class Option:
             return " one of " + ", ".join(map(str, self.choices))
         if self.lo is None and self.hi is None:
             return ""
-        lo = "-inf" if self.lo is None else f"{self.lo:g}"
-        hi = "inf" if self.hi is None else f"{self.hi:g}"
+        lo = "-inf" if self.lo is None else _bound(self.lo)
+        hi = "inf" if self.hi is None else _bound(self.hi)
         return f" in [{lo}, {hi}]"
+
+
+def _same_choice(choice: Any, value: Any) -> bool:
+    """Whether ``value`` is ``choice``: equal, both text or both numbers, a bool only itself."""
+    if isinstance(choice, bool) or isinstance(value, bool):
+        return choice is value
+    return isinstance(choice, str) == isinstance(value, str) and choice == value
+
+
+def _bound(v: float) -> str:
+    """A bound as written: integers in full (2**63 - 1, not 9.22337e+18)."""
+    return str(v) if isinstance(v, int) else f"{v:g}"
 
 
 def _as_number(value: Any, want_int: bool) -> int | float | None:
@@ -631,6 +643,11 @@ def _lowrank_check_shape(o: dict) -> None:
     if r > min(d, k):
         raise ValueError(
             f"lowrank rank: {r} must be <= min({side}*{side}, num_classes) = {min(d, k)}"
+        )
+    if k < 2 and o["task"] == "classification":
+        raise ValueError(
+            "lowrank num_classes: a classification needs at least 2 classes (with 1 every "
+            "prediction is right); use 2 or more, or task=regression for one output"
         )
 
 
@@ -1251,23 +1268,28 @@ def _folder(name: str, root: Path, download: bool, **o) -> _Raw:
     return _Raw(x, y, xt, yt, len(scan.classes), xv=xv, yv=yv, classes=scan.classes)
 
 
-def training_count(name: str, **options) -> int | None:
-    """How many images a folder dataset leaves for training (from its listing: nothing is
-    decoded); None for the built-in datasets, which have thousands."""
+def training_count(name: str, val_fraction: float = VAL_FRACTION, **options) -> int | None:
+    """How many samples a dataset leaves for training once validation (``val_fraction``) and
+    test are held out, without decoding anything: a folder's from its listing, a dataset sized
+    by its ``n_train`` option from that; None for the fixed datasets, which have thousands."""
     full = validate_dataset(name, options)
     entry, _ = dataset_entry(name)
+    if "n_train" in full:
+        return full["n_train"] - _held_out(full["n_train"], val_fraction)
     if not entry.takes_path:
         return None
     n = {k: len(v) for k, v in _scan_folder(name).parts.items()}
-    return _split_counts(n, full["test_fraction"])[0]
+    return _split_counts(n, full["test_fraction"], val_fraction)[0]
 
 
-def _split_counts(n: dict[str, int], test_fraction: float) -> tuple[int, int, int]:
+def _split_counts(
+    n: dict[str, int], test_fraction: float, val_fraction: float = VAL_FRACTION
+) -> tuple[int, int, int]:
     """(train, validation, test) images of a folder whose sub-folders hold ``n`` (a ``train``
     count, and ``val`` / ``test`` where it has them): what is not in a sub-folder of its own
     is carved out of train, test first, as loading does."""
     n_test = n.get("test") or _held_out(n["train"], test_fraction)
-    n_val = n.get("val") or _held_out(n["train"] - (0 if "test" in n else n_test), VAL_FRACTION)
+    n_val = n.get("val") or _held_out(n["train"] - (0 if "test" in n else n_test), val_fraction)
     left = n["train"] - (0 if "test" in n else n_test) - (0 if "val" in n else n_val)
     return max(0, left), n_val, n_test
 

@@ -728,9 +728,23 @@ def test_a_folder_leaving_one_training_image_for_a_batchnorm_model_is_refused_fi
     _image_folder(tmp_path / "one", classes=("a", "b", "c"), per_class=1)
     argv = ["train", "--runs-dir", str(tmp_path / "runs"), "--name", "one", "--epochs", "1"]
     argv += ["--dataset", f"folder:{tmp_path / 'one'}", "--threads", "1"]
-    _one_line_error(capsys, argv, "dataset", "leaves 1 image(s) for training", "batchnorm=false")
+    _one_line_error(capsys, argv, "dataset", "leaves 1 sample(s) for training", "batchnorm=false")
     assert not (tmp_path / "runs" / "one").exists()
     assert main([*argv, "--model-arg", "batchnorm=false", "--quiet"]) == 0
+
+
+@pytest.mark.parametrize(
+    ("n_train", "needles"),
+    [("1", ("leaves no sample for training", "raise n_train")),
+     ("2", ("leaves 1 sample(s) for training", "raise n_train", "batchnorm=false"))],
+)  # fmt: skip
+def test_too_few_planted_samples_are_refused_before_the_run_folder(
+    tmp_path, capsys, n_train, needles
+):
+    argv = ["train", "--runs-dir", str(tmp_path), "--name", "few", "--dataset", "lowrank",
+            "--data-arg", f"n_train={n_train}", "--epochs", "1", "--threads", "1"]  # fmt: skip
+    _one_line_error(capsys, argv, "dataset option 'n_train'", *needles)
+    assert not (tmp_path / "few").exists()
 
 
 def test_train_says_which_images_a_folder_leaves_out(tmp_path, capsys):

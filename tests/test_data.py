@@ -688,3 +688,24 @@ def test_preprocess_is_a_recipe_that_reproduces_the_model_inputs(tmp_path):
     digits = load_dataset("digits").preprocess()
     assert digits["input_shape"] == [1, 8, 8] and "16" in digits["pixels"]
     assert load_dataset("digits", normalize=False).preprocess()["normalize"] is None
+
+
+def test_dataset_options_take_an_integral_float_for_a_choice_and_write_bounds_in_full():
+    from lorita.data import Option, dataset_options, validate_dataset
+
+    assert validate_dataset("lowrank", {"task": "regression"})["task"] == "regression"
+    opts = dataset_options("lowrank")
+    assert opts["teacher_seed"].range() == f" in [0, {2**63 - 1}]"
+    channels = Option(3, "3 = colour (RGB), 1 = grey", choices=(1, 3))  # as folder's
+    assert channels.check("folder:x", "channels", 3.0) == 3
+    assert type(channels.check("folder:x", "channels", 3.0)) is int
+    for bad in ("3", True, 2, 3.5):
+        with pytest.raises(ValueError, match="^dataset option 'channels' of 'folder:x': "):
+            channels.check("folder:x", "channels", bad)
+
+
+def test_a_planted_classification_needs_two_classes():
+    with pytest.raises(ValueError, match="num_classes: a classification needs at least 2"):
+        load_dataset("lowrank", num_classes=1, rank=1)
+    r = load_dataset("lowrank", num_classes=1, rank=1, task="regression", n_train=50, n_test=10)
+    assert r.train.y.shape[1] == 1

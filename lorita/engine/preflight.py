@@ -26,6 +26,7 @@ __all__ = [
     "check_model_size",
     "check_plain_steps",
     "check_start",
+    "check_training_part",
 ]
 
 #: image sides tried, smallest first, to say from which size a model runs
@@ -179,12 +180,32 @@ def check_batchnorm_batches(meta_model: nn.Module | None, config: TrainConfig) -
     if config.batch_size == 1:
         raise ValueError(f"batch_size: 1 cannot train a model with BatchNorm (it needs at least "
                          f"2 samples per batch); use 2 or more, {fix}")  # fmt: skip
-    n = training_count(config.dataset, **config.dataset_kwargs)
+    n = training_count(config.dataset, config.val_fraction, **config.dataset_kwargs)
     if n is not None and n < 2:
         raise ValueError(
-            f"dataset: {config.dataset!r} leaves {n} image(s) for training once validation and "
-            f"test are held out; a model with BatchNorm needs at least 2: add images, {fix}"
+            f"{_sample_field(config)}: {config.dataset!r} leaves {n} sample(s) for training once "
+            f"validation and test are held out; a model with BatchNorm needs at least 2: "
+            f"{_more_samples(config)}, {fix}"
         )
+
+
+def check_training_part(config: TrainConfig) -> None:
+    """The dataset leaves at least one sample to train on once validation is held out."""
+    n = training_count(config.dataset, config.val_fraction, **config.dataset_kwargs)
+    if n is not None and n < 1:
+        raise ValueError(
+            f"{_sample_field(config)}: {config.dataset!r} leaves no sample for training once "
+            f"validation and test are held out: {_more_samples(config)}"
+        )
+
+
+def _sample_field(config: TrainConfig) -> str:
+    """The field that sets how many training samples there are."""
+    return "dataset option 'n_train'" if "n_train" in dataset_options(config.dataset) else "dataset"
+
+
+def _more_samples(config: TrainConfig) -> str:
+    return "raise n_train" if "n_train" in dataset_options(config.dataset) else "add images"
 
 
 def check_plain_steps(config: TrainConfig) -> None:
@@ -215,6 +236,7 @@ def check_start(config: TrainConfig) -> str:
     what a folder leaves out)."""
     resolve_device(config.device)
     note = check_dataset(config.dataset, **config.dataset_kwargs)
+    check_training_part(config)
     check_model(config)
     check_plain_steps(config)
     return note
