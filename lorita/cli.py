@@ -1127,7 +1127,11 @@ def _train(config, run, args, slot, d, quiet, stop_event, threads) -> dict:
         )
     except _engine().PeerLost as e:  # (the run's status says the same)
         return {"state": "failed", "message": str(e)}
-    except (ValueError, OSError):
+    except OSError as e:  # a full disk mid-run is a training failure (exit 1), said so
+        if run is None or run.raw_status().get("state") != "failed":
+            raise  # (named in one line by main: the folder could not be claimed or read)
+        return {"state": "failed", "message": str(e) or type(e).__name__}
+    except ValueError:
         raise  # (named in one line by main)
     except Exception as e:  # the model or its data failed in a step: the run says so
         if run is None or run.raw_status().get("state") != "failed":

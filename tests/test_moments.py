@@ -182,6 +182,35 @@ def test_the_error_that_ended_a_run_is_raised_even_when_its_status_cannot_be_wri
         train(TINY, run, callback=event)
 
 
+def test_a_disk_that_fills_during_a_checkpoint_fails_the_run_saying_so_and_it_resumes(
+    tmp_path, monkeypatch, capsys
+):
+    """The half-written checkpoint is removed (it holds the last free bytes), the status says
+    the disk is full, the command exits 1 (a training failure, not bad input), and once there
+    is room again the run resumes from its last whole checkpoint."""
+    write = checkpoint._write_synced
+    calls = []
+
+    def fills(path, data):
+        calls.append(path.name)
+        if path.name == "state.safetensors" and calls.count("state.safetensors") == 2:
+            raise checkpoint.cannot_write(path, OSError(errno.ENOSPC, "No space left on device"))
+        return write(path, data)
+
+    monkeypatch.setattr(checkpoint, "_write_synced", fills)
+    argv = ["train", "--runs-dir", str(tmp_path), "--name", "a", "--epochs", "3", "--quiet",
+            "--model-arg", "width=16", "--model-arg", "depth=2", "--threads", "1"]  # fmt: skip
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "lorita: training failed:" in err and "No space left on device" in err
+    run = RunStore(tmp_path).get("a")
+    assert run.status()["state"] == "failed" and "No space left" in run.status()["message"]
+    assert not [p for p in run.checkpoint_dir.iterdir() if p.name.startswith(".tmp")]
+    monkeypatch.setattr(checkpoint, "_write_synced", write)
+    assert main(["train", "--runs-dir", str(tmp_path), "--resume", "a", "--quiet"]) == 0
+    assert run.status()["state"] == "completed"
+
+
 def test_a_failed_write_names_the_file_and_leaves_no_temporary_file(tmp_path, monkeypatch):
     target = tmp_path / "model.safetensors"
     target.write_bytes(b"old")

@@ -177,16 +177,20 @@ def save(
     tmp = folder / f".tmp-ckpt-{seq:06d}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    _write_synced(tmp / "model.safetensors", save_bytes(model, metadata=meta))
-    fault("ckpt_between_files")
-    _write_synced(tmp / "state.safetensors", _state_bytes(opt, sched, counters, rng))
-    best = folder / "best.safetensors"
-    if best.is_file():
-        _link(best, tmp / "best.safetensors")
-    files = {p.name: p.stat().st_size for p in tmp.iterdir()}
-    manifest = {"step": counters["step"], "files": files}
-    _write_synced(tmp / MANIFEST, json.dumps(manifest).encode())
-    fsync_dir(tmp)
+    try:
+        _write_synced(tmp / "model.safetensors", save_bytes(model, metadata=meta))
+        fault("ckpt_between_files")
+        _write_synced(tmp / "state.safetensors", _state_bytes(opt, sched, counters, rng))
+        best = folder / "best.safetensors"
+        if best.is_file():
+            _link(best, tmp / "best.safetensors")
+        files = {p.name: p.stat().st_size for p in tmp.iterdir()}
+        manifest = {"step": counters["step"], "files": files}
+        _write_synced(tmp / MANIFEST, json.dumps(manifest).encode())
+        fsync_dir(tmp)
+    except OSError:  # a full disk: the half-written files go, so the run can say why it ended
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     fault("ckpt_before_rename")
     os.rename(tmp, final)
     fsync_dir(folder)
