@@ -84,7 +84,6 @@ WAITING_FOR_SLOT = "waiting for a training slot"
 PREPARING = "preparing: loading the data and building the model"
 HEARTBEAT_S = 2.0  # how often a live process refreshes status.json
 STALE_S = 15.0  # heartbeat older than this and pid gone: the process died
-STALE_ANY_S = 180.0  # heartbeat older than this: dead even if the pid exists (other host)
 PAIR_WINDOW_S = 120.0  # a composed run and its N=1 baseline are created this close together
 WRITER_LOCK = "writer.lock"
 #: what a run folder holds (its hidden temp files aside)
@@ -254,19 +253,16 @@ class Run:
     def is_alive(self) -> bool:
         """Whether the process behind a queued/running run still lives.
 
-        On the machine that runs it, the pid (and its start time) decides at once; elsewhere
-        (a shared folder) a heartbeat older than STALE_S seconds means dead. A heartbeat older
-        than STALE_ANY_S means dead in any case.
+        On the machine that runs it, the pid (and its start time) decides at once, however old
+        its heartbeat: a paused process (Ctrl-Z) still holds the run, and reads as alive until
+        it ends. Elsewhere (a shared folder) a heartbeat older than STALE_S seconds means dead.
         """
         st = self.raw_status()
         if st.get("state") not in ACTIVE:
             return False
-        age = time.time() - _num(st.get("heartbeat") or st.get("created"))
-        if age > STALE_ANY_S:
-            return False
         if st.get("host") == socket.gethostname():
             return process_alive(st.get("pid"), st.get("pid_started"))
-        return age <= STALE_S
+        return time.time() - _num(st.get("heartbeat") or st.get("created")) <= STALE_S
 
     def status(self) -> dict:
         """status.json; an active run whose process died reads as failed ("process died")."""

@@ -99,6 +99,9 @@ def test_a_dead_process_reads_as_failed(tmp_path):
     assert run.raw_status()["state"] == "running"  # readers never write
     run.update_status(state="running", pid=os.getpid())
     assert run.is_alive() and run.status()["state"] == "running"
+    # a paused process (Ctrl-Z) on this machine: its heartbeat stops, it still holds the run
+    run.update_status(heartbeat=time.time() - 3600)
+    assert run.is_alive() and run.status()["state"] == "running"
     # another machine: only the heartbeat counts
     run.update_status(host="elsewhere", heartbeat=time.time())
     assert run.is_alive()
