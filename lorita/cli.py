@@ -1006,17 +1006,25 @@ def _open_run(args, store, run, config, d):
     from .runs import Run
 
     if run is None:
-        if d.main:
-            run = store.create(config.to_dict(), name=args.name)
-        if d.on:
-            name = _share_name(run.name if run else None, d)
-            run = run or Run(store.root / name)
-        return run
+        try:
+            if d.main:
+                run = store.create(config.to_dict(), name=args.name)
+        finally:  # a refused name is shared as "" (the other processes then end, silently)
+            name = _share_name(run.name if run else "", d) if d.on else None
+        if not name and not d.main and d.on:
+            raise SystemExit(2)  # (process 0 says why)
+        return run or Run(store.root / name)
+    refused = None
     if d.main:
         try:
             run.begin_resume()  # refuses a live or completed run before writing anything
         except ValueError as e:
-            raise UsageError(f"--resume: {e}") from None
+            refused = UsageError(f"--resume: {e}")
+    if d.on and not _share_name("" if refused else "ok", d):
+        if not d.main:
+            raise SystemExit(2)  # (process 0 says why)
+    if refused:
+        raise refused from None
     return run
 
 

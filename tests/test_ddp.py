@@ -103,3 +103,18 @@ def test_a_process_killed_under_torchrun_fails_the_run_with_one_line(tmp_path):
     assert st["state"] == "failed" and "another process of this run" in st["message"], st
     assert "--resume dk" in st["message"]
     assert "lorita: training failed: another process of this run" in err
+
+
+def test_a_resume_refused_under_torchrun_is_said_by_process_0_alone(tmp_path):
+    """Process 0 refuses the resume (the run completed); the other learns that it refused and
+    ends silently, not with an error of its own from reading a run it does not hold, nor a
+    traceback from a collective left waiting. (torchrun's launcher then reports the exit
+    code in its own words.)"""
+    done = RunStore(tmp_path).create({"dataset": "digits", "device": "cpu"}, name="done")
+    done.update_status(state="completed")
+    env, cmd = _torchrun(tmp_path, "done", "--resume")
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    errors = [line for line in out.stderr.splitlines() if "lorita: error" in line]
+    assert out.returncode != 0 and "/lorita/" not in out.stderr, out.stderr
+    assert errors == ["lorita: error: --resume: run 'done' already completed; nothing "
+                      "to resume (its result is kept as it is)"], out.stderr  # fmt: skip
