@@ -653,6 +653,13 @@ class RunStore:
 
     def __init__(self, root: str | os.PathLike | None = None) -> None:
         self.root = Path(root if root is not None else os.environ.get("LORITA_RUNS", "runs"))
+        try:  # checkpoints are read by name through safetensors, which takes UTF-8 paths only
+            str(self.root).encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(
+                f"runs folder: {str(self.root)!r} holds bytes that are not UTF-8 text: its runs "
+                "could be written but not read back; use a folder whose path is UTF-8"
+            ) from None
 
     def __repr__(self) -> str:
         return f"RunStore({str(self.root)!r})"

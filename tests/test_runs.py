@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from lorita.cli import main
 from lorita.io import dead_writers_temp
 from lorita.runs import (
     Run,
@@ -458,3 +459,12 @@ def test_a_delete_that_cannot_remove_every_file_leaves_no_half_run(tmp_path, mon
         store.delete("a")
     assert store.list() == [] and not (tmp_path / "a").exists()
     monkeypatch.setattr(runs_mod.shutil, "rmtree", shutil.rmtree)
+
+
+def test_a_runs_folder_whose_path_is_not_utf8_is_refused_up_front(tmp_path, capsys):
+    bad = os.fsdecode(bytes(tmp_path) + b"/bad\xff\xfename")
+    with pytest.raises(ValueError, match="^runs folder: .* not UTF-8 text"):
+        RunStore(bad)
+    assert main(["train", "--runs-dir", bad, "--epochs", "1"]) == 2
+    assert "runs folder:" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
