@@ -363,8 +363,8 @@ def _add_train(sub) -> None:
         "--max-concurrent",
         type=_number("--max-concurrent", "int", *_CONCURRENT),
         metavar="K",
-        help=f"wait (state queued) until fewer than K runs of this runs folder train; "
-        f"in [{_CONCURRENT[0]}, {_CONCURRENT[1]}]",
+        help=f"wait (state queued) until fewer than K runs of this runs folder that also take "
+        f"a slot (as the app's runs do) train; in [{_CONCURRENT[0]}, {_CONCURRENT[1]}]",
     )
     t.add_argument(
         "--threads",
