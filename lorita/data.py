@@ -27,6 +27,7 @@ import re
 import socket
 import tarfile
 import warnings
+import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -680,15 +681,20 @@ def _spread_rows(a: torch.Tensor, iters: int = 200) -> torch.Tensor:
 def _read_idx(path: Path) -> np.ndarray:
     """Read one IDX file (MNIST format), gzipped or not."""
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        raw = f.read()
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError, zlib.error) as e:  # a gzip cut short or damaged
+        raise DatasetUnavailable(
+            f"{path}: damaged or cut short ({type(e).__name__}: {e}); replace it"
+        ) from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 8:
         raise DatasetUnavailable(f"{path}: not an IDX file of unsigned bytes")
     ndim = raw[3]
     dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
     data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
     if data.size != int(np.prod(dims)):
-        raise DatasetUnavailable(f"{path}: truncated IDX file")
+        raise DatasetUnavailable(f"{path}: damaged or cut short (truncated IDX file); replace it")
     return data.reshape(dims)
 
 
@@ -720,7 +726,25 @@ def _idx_put(name: str, root: Path) -> str:
     folders = _idx_folders(name, root)
     where = ", ".join(str(f) for f in folders[:1] + folders[2:])
     hint = " (Debian: apt install dataset-fashion-mnist)" if name == "fashion_mnist" else ""
-    return f"put the four IDX files (train-images-idx3-ubyte[.gz], ...) in one of {where}{hint}"
+    return (
+        f"put the four IDX files (train-images-idx3-ubyte[.gz], ...) in one of {where}{hint}"
+        + _idx_partial(name, root)
+    )
+
+
+def _idx_partial(name: str, root: Path) -> str:
+    """'' unless a folder holds some of the four IDX files but not all: then which are missing
+    there (a copy left incomplete)."""
+    for folder in _idx_folders(name, root):
+        stems = [s for part in _IDX_FILES.values() for s in part]
+        missing = [s for s in stems if _find_idx(folder, s) is None]
+        if 0 < len(missing) < len(stems):
+            return (
+                f" ({folder} has {len(stems) - len(missing)} of them; missing: "
+                + ", ".join(f"{m}[.gz]" for m in missing)
+                + ")"
+            )
+    return ""
 
 
 def _idx_missing(name: str, root: Path) -> DatasetUnavailable:
@@ -744,9 +768,31 @@ def _idx_dataset(name: str, root: Path, download: bool) -> _Raw:
     raise _idx_missing(name, root)
 
 
+def _idx_whole(path: Path) -> None:
+    """DatasetUnavailable naming ``path`` when it is not the size its IDX header says, read
+    without decompressing it (a gzip's last 4 bytes hold its unpacked size)."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            head = f.read(4)
+            dims = f.read(4 * head[3]) if len(head) == 4 else b""
+        with open(path, "rb") as f:
+            f.seek(-4, os.SEEK_END)
+            tail = int.from_bytes(f.read(4), "little")
+    except (OSError, EOFError, zlib.error, IndexError):
+        tail, dims, head = -1, b"", b""
+    shape = [int.from_bytes(dims[i : i + 4], "big") for i in range(0, len(dims), 4)]
+    want = len(head) + len(dims) + math.prod(shape)
+    have = tail if path.suffix == ".gz" else path.stat().st_size
+    if len(head) != 4 or have != want % 2**32:
+        raise DatasetUnavailable(f"{path}: damaged or cut short; replace it")
+
+
 def _check_idx(name: str, root: Path, download: bool) -> str:
     found = _idx_local(name, root)
     if found is not None:
+        for path in (p for part in found.values() for p in part):
+            _idx_whole(path)
         return f"local files in {found['train'][0].parent}"
     return _download_or_raise(name, root, download, _idx_missing(name, root))
 

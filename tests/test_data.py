@@ -123,6 +123,32 @@ def test_mnist_from_local_idx_files_without_network(tmp_path):
     assert (s.in_channels, s.image_size, s.num_classes) == (1, 28, 10)
 
 
+def test_a_damaged_or_incomplete_local_mnist_copy_is_named_before_anything_is_read(tmp_path):
+    from lorita.data import check_dataset
+
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    _write_idx(raw / "train-images-idx3-ubyte.gz", rng.integers(0, 255, (50, 28, 28)))
+    _write_idx(raw / "train-labels-idx1-ubyte.gz", np.arange(50) % 10)
+    _write_idx(raw / "t10k-labels-idx1-ubyte.gz", np.arange(20) % 10)
+    images = raw / "t10k-images-idx3-ubyte"  # not gzipped: its size says whether it is whole
+    _write_idx(images.with_suffix(".gz"), rng.integers(0, 255, (20, 28, 28)))
+    images.write_bytes(gzip.decompress(images.with_suffix(".gz").read_bytes()))
+    images.with_suffix(".gz").unlink()
+    assert check_dataset("mnist", tmp_path, download=False).startswith("local files in")
+    for path in (raw / "train-images-idx3-ubyte.gz", images):  # each cut short
+        whole = path.read_bytes()
+        path.write_bytes(whole[: len(whole) // 2])
+        for call in (check_dataset, lambda name, root, **kw: load_dataset(name, root=root, **kw)):
+            with pytest.raises(DatasetUnavailable, match=f"^{path}: damaged or cut short"):
+                call("mnist", tmp_path, download=False)
+        path.write_bytes(whole)
+    images.unlink()
+    with pytest.raises(DatasetUnavailable, match=r"has 3 of them; missing: t10k-images-idx3-ubyte"):
+        check_dataset("mnist", tmp_path, download=False)
+
+
 def test_cifar_binary_files_are_read_without_unpickling(tmp_path):
     folder = tmp_path / "cifar-10-batches-bin"
     folder.mkdir()
