@@ -25,6 +25,7 @@ from .clone import clone_model
 from .compress import Compressor, CompressResult, output_layer
 from .convert import iter_layers
 from .cost import count_cost
+from .runs import setup_of
 from .spectra import layer_matrix
 from .truncation import Budget
 
@@ -174,7 +175,8 @@ def _session(source, which: str, device) -> Compressor:
 
 def _check_pair(a: Compressor, b: Compressor) -> None:
     ca, cb = a.config, b.config
-    if ca and cb:
+    if ca and cb:  # options compared with their defaults filled in (size=32 is no size)
+        ca, cb = {**ca, **setup_of(ca)}, {**cb, **setup_of(cb)}
         diff = [k for k in _SAME_SPLITS if ca.get(k) != cb.get(k)]
         if diff:
             raise ValueError(

@@ -28,6 +28,7 @@ should be (e.g. a config.json holding ``[1]``) is listed as broken, never an err
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import re
@@ -84,7 +85,6 @@ WAITING_FOR_SLOT = "waiting for a training slot"
 PREPARING = "preparing: loading the data and building the model"
 HEARTBEAT_S = 2.0  # how often a live process refreshes status.json
 STALE_S = 15.0  # heartbeat older than this and pid gone: the process died
-PAIR_WINDOW_S = 120.0  # a composed run and its N=1 baseline are created this close together
 WRITER_LOCK = "writer.lock"
 #: what a run folder holds (its hidden temp files aside)
 RUN_FILES = frozenset({
@@ -95,7 +95,45 @@ PAIR_SETTLED_S = 5.0  # a runs folder unchanged this long has every new run's co
 SETUP_KEYS = (
     "dataset", "dataset_kwargs", "model", "model_kwargs", "init", "optimizer", "lr",
     "weight_decay", "schedule", "epochs", "batch_size", "seed", "val_fraction", "split_seed",
+    "init_from",
 )  # fmt: skip
+
+
+def setup_of(config: dict) -> dict:
+    """The SETUP_KEYS of a run's config, its dataset and model options with their defaults
+    filled in: an option given as its default (``--data-arg size=32``) is the same setup as
+    the option left out. Options that cannot be read are compared as they are."""
+    out = {k: config.get(k) for k in SETUP_KEYS}
+    out["dataset_kwargs"] = _with_defaults(_dataset_defaults, config.get("dataset"),
+                                           config.get("dataset_kwargs"))  # fmt: skip
+    out["model_kwargs"] = _with_defaults(_model_defaults, config.get("model"),
+                                         config.get("model_kwargs"))  # fmt: skip
+    return out
+
+
+def _with_defaults(defaults, name, given) -> Any:
+    if not isinstance(name, str) or not isinstance(given or {}, dict):
+        return given
+    try:
+        return {**defaults(name), **(given or {})}
+    except (ValueError, TypeError, ImportError):  # unknown name, a model that needs a package
+        return given
+
+
+@functools.lru_cache(maxsize=256)
+def _model_defaults(name: str) -> dict:
+    from .models import model_options  # (torch: only when runs are paired)
+
+    return model_options(name)
+
+
+@functools.lru_cache(maxsize=256)
+def _dataset_defaults(name: str) -> dict:
+    from .data import dataset_options
+
+    return {k: o.default for k, o in dataset_options(name).items()}
+
+
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 _TEMP_DIR_RE = re.compile(r"^\.tmp-.+-(\d+)$")  # checkpoint folders being written
 
@@ -814,15 +852,15 @@ class RunStore:
         names = [names] if isinstance(names, str) else names
         return [self.get(n).summary() for n in names]
 
-    def pair(self, run: Run | str, window_s: float = PAIR_WINDOW_S) -> Run | None:
-        """The run started beside ``run`` with the same setup and the other N.
+    def pair(self, run: Run | str, window_s: float | None = None) -> Run | None:
+        """The run with the same setup as ``run`` and the other N, created closest to it.
 
         For a composed run (N > 1): its N=1 baseline; for an N=1 run: the composed run it was
-        started with. Found from the folders alone (same SETUP_KEYS, created within
-        ``window_s`` seconds), so a restart finds the pair again.
+        started with. Found from the folders alone (the same :func:`setup_of`, created within
+        ``window_s`` seconds of it when given), so a restart finds the pair again.
         """
         me = self.get(run) if isinstance(run, str) else run
-        key = (str(self.root), me.name, float(window_s))
+        key = (str(self.root), me.name, window_s)
         known = _PAIRS.get(key)
         if known is not None and known[0] is not None:
             with contextlib.suppress(ValueError):  # gone since: look again
@@ -838,18 +876,22 @@ class RunStore:
             _PAIRS[key] = (best.name if best else None, listing)
         return best
 
-    def _find_pair(self, me: Run, window_s: float) -> Run | None:
+    def _find_pair(self, me: Run, window_s: float | None) -> Run | None:
         cfg, born = me.config, _created(me)
         mine_n1 = cfg.get("n_factors", 1) == 1
+        mine = None
         best: tuple[float, Run] | None = None
         for other in self.list():
             ocfg = other.config
             if other.name == me.name or (ocfg.get("n_factors", 1) == 1) == mine_n1:
                 continue
-            if any(cfg.get(k) != ocfg.get(k) for k in SETUP_KEYS):
+            if any(cfg.get(k) != ocfg.get(k) for k in ("dataset", "model", "seed", "epochs")):
+                continue  # (cheap first: most runs differ here)
+            mine = mine or setup_of(cfg)
+            if setup_of(ocfg) != mine:
                 continue
             gap = abs(_created(other) - born)
-            if gap <= window_s and (best is None or gap < best[0]):
+            if (window_s is None or gap <= window_s) and (best is None or gap < best[0]):
                 best = (gap, other)
         return best[1] if best else None
 

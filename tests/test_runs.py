@@ -18,6 +18,7 @@ from lorita.runs import (
     append_jsonl,
     read_jsonl,
     read_last_jsonl,
+    setup_of,
     validate_name,
     write_json,
 )
@@ -216,6 +217,27 @@ def test_new_name_pair_and_extras(tmp_path):
     n3.write_extra("curve-energy", {"points": [1, 2]})
     assert n3.read_extra("curve-energy") == {"points": [1, 2]}
     assert n3.read_extra("missing", default=[]) == []
+
+
+def test_a_baseline_pairs_by_setup_with_options_given_as_their_defaults_and_at_any_time(tmp_path):
+    """An option given as its default is the same setup as one left out; an N=1 run trained
+    long after its composed run (the README's two commands) is still its baseline; of two,
+    the one created closest in time; other starting weights are another setup."""
+    store = RunStore(tmp_path)
+    setup = {"dataset": "digits", "model": "mlp", "lr": 0.01, "epochs": 2, "model_kwargs": {}}
+    n3 = store.create({**setup, "n_factors": 3}, name="n3")
+    same = {**setup, "dataset_kwargs": {}, "model_kwargs": {"depth": 3, "batchnorm": True}}
+    store.create({**same, "n_factors": 1, "init_from": "/w.pt"}, name="other-start")
+    late = store.create({**same, "n_factors": 1}, name="late")
+    st = late.raw_status()
+    write_json(late.path / "status.json", {**st, "created": st["created"] + 3600})
+    assert store.pair(n3).name == "late" and store.pair(late).name == "n3"
+    assert store.pair(n3, window_s=60) is None
+    store.create({**same, "n_factors": 1}, name="closer")
+    assert RunStore(tmp_path).pair(n3, window_s=None).name in ("closer", "late")
+    folder = {"dataset": "folder:/x", "model": "mlp", "n_factors": 1}
+    assert setup_of({**folder, "dataset_kwargs": {"size": 32}}) == setup_of(folder)
+    assert setup_of({**folder, "dataset_kwargs": {"size": 64}}) != setup_of(folder)
 
 
 def test_pairing_is_kept_but_follows_new_and_deleted_runs(tmp_path, monkeypatch):
