@@ -16,6 +16,8 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.colors import qualitative
 
+from lorita.scores import Score, score_of
+
 PALETTE = qualitative.Plotly
 SPLIT_DASH = {"train": "solid", "val": "dash", "test": "dot"}
 LOG_FLOOR = -7.0  # log10(σ/σ_max) below this is drawn as the floor colour
@@ -24,10 +26,13 @@ CUT_COLOR = "#d62728"
 DROPPED_COLOR = "#bbbbbb"
 
 
-def _acc_axis(data: list[dict[str, Any]]) -> dict[str, Any]:
-    """An accuracy axis (fractions shown as percent) whose automatic range stays within 0 %
-    (or the lowest value: a regression's R² can be negative) and 100 %: a flat curve or a
-    single point was padded to 150 % or 200 %."""
+def _acc_axis(data: list[dict[str, Any]], score: Score | None = None) -> dict[str, Any]:
+    """A score axis. Accuracy (fractions shown as percent): its automatic range stays within
+    0 % (or the lowest value) and 100 %, where a flat curve or a single point was padded to
+    150 % or 200 %. R² (``score`` of a regression): its values as they are, neither in percent
+    nor clamped to [0, 1] (R² is negative for a model worse than the targets' mean)."""
+    if score is not None and not score.percent:
+        return {"hoverformat": ".4f"}
     ys = np.concatenate([np.asarray(t["y"], float).ravel() for t in data if t.get("y") is not None]
                         or [np.zeros(0)])  # fmt: skip
     ys = ys[np.isfinite(ys)]
@@ -78,6 +83,10 @@ def _title(text: str) -> dict[str, Any]:
     return {"title": {"text": text}}
 
 
+def _capital(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+
 def empty_figure(message: str, *, title: str = "", uirevision: str | None = None) -> go.Figure:
     """A blank chart that says why it is blank (no data yet, layer missing, ...)."""
     note = {
@@ -111,17 +120,21 @@ def training_curves(
     x: str = "step",
     title: str | None = None,
     uirevision: str | None = None,
+    task: str | None = None,
 ) -> go.Figure:
-    """Loss or accuracy against step for one or more runs.
+    """Loss or score against step for one or more runs.
 
     Args:
         runs: label -> metrics rows ({"step", "epoch", "split", "loss", "acc", ...}).
             With one run the legend shows only the split; with several, "label · split".
-        metric: the row key to plot ("loss" or "acc").
+        metric: the row key to plot ("loss" or "acc": the score, accuracy or R²).
         splits: which splits to draw (line dash tells them apart).
         x: the row key for the x axis ("step" or "epoch").
+        task: the runs' task (:data:`lorita.scores.TASKS`; None: classification): names
+            the score and formats its axis (R² is not a percentage).
     """
-    title = title or {"loss": "Loss", "acc": "Accuracy"}.get(metric, metric)
+    score = score_of(task)
+    title = title or {"loss": "Loss", "acc": _capital(score.name)}.get(metric, metric)
     data = []
     several = len(runs) > 1
     for i, (label, rows) in enumerate(runs.items()):
@@ -149,9 +162,9 @@ def training_curves(
             )
     if not data:
         return empty_figure("no measurements yet", title=title, uirevision=uirevision)
-    yaxis = _title(metric)
+    yaxis = _title(score.short if metric == "acc" else metric)
     if metric == "acc":
-        yaxis.update(_acc_axis(data))
+        yaxis.update(_acc_axis(data, score))
     return _figure(
         data,
         title=title,
@@ -412,10 +425,11 @@ def tradeoff_chart(
     title: str | None = None,
     uirevision: str | None = None,
     focus: float | None = 0.2,
+    task: str | None = None,
 ) -> go.Figure:
-    """Accuracy against cost (% of the uncompressed model), one line per curve.
+    """Score (accuracy, or R²) against cost (% of the uncompressed model), one line per curve.
 
-    The y axis opens on the ``focus`` (a fraction: 0.2 = 20 points) below the best accuracy,
+    The y axis opens on the ``focus`` (a fraction: 0.2 = 20 points) below the best score,
     where the curves differ, and a note in the corner names the points left below it;
     double-clicking the chart shows the whole range. When a whole line (or the current point)
     would be below it, the axis shows the whole range instead (:func:`_focus_range`).
@@ -423,12 +437,16 @@ def tradeoff_chart(
     Args:
         curves: label -> points, each a flat dict with at least ``x``, ``y`` and "value".
         x: "flops_pct" or "params_pct" (percent, 0-100).
-        y: the accuracy key to plot ("val_acc" or "test_acc", fractions 0-1).
+        y: the score key to plot ("val_acc" or "test_acc": accuracy as fractions 0-1, or R²).
         current: the point the slider is on, marked with a star.
+        task: the runs' task (:data:`lorita.scores.TASKS`; None: classification): names the
+            score and formats its axis and hover (R² is not a percentage).
     """
+    score = score_of(task)
     x_name = {"flops_pct": "FLOPs (% of original)", "params_pct": "parameters (% of original)"}
-    y_name = {"val_acc": "validation accuracy", "test_acc": "test accuracy"}
+    y_name = {"val_acc": f"validation {score.name}", "test_acc": f"test {score.name}"}
     title = title or f"Trade-off: {y_name.get(y, y)} against {x_name.get(x, x)}"
+    y_hover = f"{score.short} %{{y:{'.2%' if score.percent else '.4f'}}}"
     data = []
     for i, (label, pts) in enumerate(curves.items()):
         good = sorted(
@@ -446,7 +464,7 @@ def tradeoff_chart(
                 "line": {"color": PALETTE[i % len(PALETTE)], "width": 2},
                 "marker": {"size": 6},
                 "customdata": [p.get("value") for p in good],
-                "hovertemplate": "setting %{customdata:.3g}<br>%{x:.1f} %<br>acc %{y:.2%}"
+                "hovertemplate": f"setting %{{customdata:.3g}}<br>%{{x:.1f}} %<br>{y_hover}"
                 + f"<extra>{label}</extra>",
             }
         )
@@ -464,17 +482,18 @@ def tradeoff_chart(
                     "color": CUT_COLOR,
                     "line": {"color": "white", "width": 1},
                 },
-                "hovertemplate": "current<br>%{x:.1f} %<br>acc %{y:.2%}<extra></extra>",
+                "hovertemplate": f"current<br>%{{x:.1f}} %<br>{y_hover}<extra></extra>",
             }
         )
     if not data:
         return empty_figure("no trade-off points", title=title, uirevision=uirevision)
-    yaxis: dict[str, Any] = {**_title(y_name.get(y, y)), **_acc_axis(data)}
+    yaxis: dict[str, Any] = {**_title(y_name.get(y, y)), **_acc_axis(data, score)}
     below = []
-    span = _focus_range(data, focus)
+    span = _focus_range(data, focus, score)
     if span is not None:
         yaxis["range"] = span
-        below = _below_note(data, span[0], "FLOPs" if x == "flops_pct" else "the parameters")
+        of = "FLOPs" if x == "flops_pct" else "the parameters"
+        below = _below_note(data, span[0], of, score)
     room = {}
     if below:  # the note goes under the axis title, not over the curves
         extra = 16 * (below[0]["text"].count("<br>") + 1)
@@ -493,22 +512,30 @@ def tradeoff_chart(
     )
 
 
-def _focus_range(data: list[dict[str, Any]], focus: float | None) -> list[float] | None:
+def _focus_range(
+    data: list[dict[str, Any]], focus: float | None, score: Score | None = None
+) -> list[float] | None:
     """The y range ``focus`` below the best point, or None for the whole range: when the points
     spread less than that, or when a whole line (or the current point) would be below it, which
-    would leave a legend entry with nothing drawn."""
+    would leave a legend entry with nothing drawn. Accuracy's floor is never below 0; R² has
+    none (it is negative for a model worse than the targets' mean)."""
     ys = [v for trace in data for v in trace["y"]]
     if focus is None or not ys or max(ys) - min(ys) <= focus:
         return None
-    floor = max(0.0, max(ys) - focus)
+    floor = max(ys) - focus
+    if score is None or score.percent:
+        floor = max(0.0, floor)
     if any(max(trace["y"]) < floor for trace in data):
         return None
     return [floor, min(1.0, max(ys)) + 0.01]
 
 
-def _below_note(data: list[dict[str, Any]], floor: float, of: str) -> list[dict[str, Any]]:
+def _below_note(
+    data: list[dict[str, Any]], floor: float, of: str, score: Score | None = None
+) -> list[dict[str, Any]]:
     """An annotation naming each line's points below ``floor`` (where, in % of ``of``, and
-    how low their accuracy goes), if any."""
+    how low their score goes), if any."""
+    score = score or score_of(None)
     lines = []
     for trace in data:
         below = [(x, y) for x, y in zip(trace["x"], trace["y"], strict=True) if y < floor]
@@ -517,7 +544,10 @@ def _below_note(data: list[dict[str, Any]], floor: float, of: str) -> list[dict[
         xs, low = [x for x, _ in below], min(y for _, y in below)
         where = f"{min(xs):.1f}–{max(xs):.1f} %" if len(xs) > 1 else f"{xs[0]:.1f} %"
         count = f"{len(xs)} points" if len(xs) > 1 else "1 point"
-        lines.append(f"{trace['name']}: {count} at {where} of {of}, accuracy down to {low:.1%}")
+        low_text = score.text(low, 1, sep="")
+        lines.append(
+            f"{trace['name']}: {count} at {where} of {of}, {score.name} down to {low_text}"
+        )
     if not lines:
         return []
     text = "<br>".join(["Below the axis (double-click to see all):", *lines])

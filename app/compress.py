@@ -18,6 +18,7 @@ from typing import Any
 
 from app import jobs, options
 from lorita import curves
+from lorita.scores import Score, score_of
 
 CURVE_POINTS = 25
 SEARCH_POINTS = 40  # values tried by "smallest within X points" (on the slider's grid)
@@ -196,6 +197,15 @@ def curve_being_kept(name: str, root: str | Path | None = None) -> bool:
     return run.status().get("state") == "completed" and run.held_elsewhere()
 
 
+def score_of_run(name: str, root: str | Path | None = None) -> Score:
+    """How run ``name``'s score is named and written (:attr:`lorita.runs.Run.task`): accuracy,
+    or R² for a regression; accuracy for a run that is not there."""
+    try:
+        return score_of(jobs.store(root).get(name).task)
+    except ValueError:
+        return score_of(None)
+
+
 def run_exists(name: str, root: str | Path | None = None) -> bool:
     """Whether run ``name`` is still in the runs folder (another tab may have deleted it)."""
     return jobs.store(root).exists(name)
@@ -288,16 +298,19 @@ def finetune(
     progress: Callable[[str, float], Any] | None = None,
 ) -> tuple[Any, dict[str, float]]:
     """Fine-tune a cut model with the session's recipe; returns (model, val/test metrics).
-    ``progress(text, fraction)`` after each epoch: 'epoch k of n · validation v · about t left'."""
-    from app.ui import fmt_duration, fmt_pct
+    ``progress(text, fraction)`` after each epoch: 'epoch k of n · validation v · about t left'
+    (v in the session's score: an accuracy, or R² for a regression)."""
+    from app.ui import fmt_duration, score_text
 
     t0 = time.monotonic()
+    score = score_of(cz.task)
 
     def said(ev: dict) -> None:
         k = int(ev["epoch"])
         left = (time.monotonic() - t0) / k * (int(epochs) - k)
         tail = f" · about {fmt_duration(left)} left" if k < int(epochs) else ""
-        text = f"Fine-tuning: epoch {k} of {int(epochs)} · validation {fmt_pct(ev['val_acc'])}"
+        val = score_text(score, ev["val_acc"], 1)
+        text = f"Fine-tuning: epoch {k} of {int(epochs)} · validation {val}"
         progress(text + tail, k / int(epochs))
 
     res = cz.finetune(model, int(epochs), lr=float(lr), callback=said if progress else None)
@@ -373,8 +386,15 @@ def comparison_curves(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, An
 
 
 def at_budget(ours: Any, theirs: Any, percent: float, measure: str) -> list[dict[str, Any]]:
-    """The three methods at one budget: method, share of params/FLOPs kept, val and test."""
+    """The three methods at one budget: method, share of params/FLOPs kept, val and test
+    scores (accuracy in percent: "val acc %"; R² as it is: "val R²")."""
     from lorita import baselines
+
+    score = score_of(ours.task)
+    unit = " %" if score.percent else ""
+
+    def cell(value: float) -> float:  # 93.12 (percent) or 0.6417 (R²), as Score.text has them
+        return round(100.0 * float(value), 2) if score.percent else round(float(value), 4)
 
     out = []
     for method, label in baselines.METHODS.items():
@@ -385,8 +405,8 @@ def at_budget(ours: Any, theirs: Any, percent: float, measure: str) -> list[dict
                 "method": label,
                 "params %": round(res.params_pct, 1),
                 "FLOPs %": round(res.flops_pct, 1),
-                "val acc %": round(100 * res.val_acc, 2),
-                "test acc %": round(100 * res.test_acc, 2),
+                f"val {score.short}{unit}": cell(res.val_acc),
+                f"test {score.short}{unit}": cell(res.test_acc),
             }
         )
     return out

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from app import compress as cz
+from lorita.scores import score_of
 
 FORMATS = {
     "low_rank": "Low-rank safetensors (cut layers stored as two thin layers)",
@@ -32,6 +33,10 @@ DECIDE_WORDS = {
 }
 DEFAULT_BATCH = 64  # the batch the latency choice measures at, unless the page says otherwise
 MAX_BATCH = 4096  # the library's limit
+# How far the reloaded file's score may be from the model's and still be "the same": accuracy
+# counts predictions, so equal means equal; R² is continuous, and a runtime's floating-point
+# rounding moves it in its last places.
+SAME_WITHIN = {"classification": 1e-9, "regression": 1e-6}
 
 
 def file_base(
@@ -86,14 +91,16 @@ class Built:
     data: bytes
     file_name: str
     fmt: str
-    original: dict[str, float]  # val/test accuracy of the in-memory model
+    original: dict[str, float]  # val/test score (accuracy, or R²) of the in-memory model
     reloaded: dict[str, float]  # the same, after reloading the file
     seconds: float
     snippet: str
+    task: str = "classification"  # how the scores are read (lorita.scores)
 
     @property
     def same(self) -> bool:
-        return all(abs(self.original[k] - self.reloaded[k]) < 1e-9 for k in ("val_acc", "test_acc"))
+        """Whether the reloaded file scores as the model did (R² within :data:`SAME_WITHIN`)."""
+        return self.max_diff < SAME_WITHIN.get(self.task, SAME_WITHIN["classification"])
 
     @property
     def max_diff(self) -> float:
@@ -304,8 +311,9 @@ class Offline:
     data: bytes
     file_name: str
     max_diff: float  # largest difference of the outputs, model against reloaded file
-    val_acc: float | None  # the checkpoint's own record
+    val_acc: float | None  # the checkpoint's own record (accuracy, or R²)
     snippet: str
+    task: str = "classification"  # how val_acc is read (lorita.scores)
 
 
 def build_offline(run: Any, which: str, fmt: str) -> Offline:
@@ -328,7 +336,8 @@ def build_offline(run: Any, which: str, fmt: str) -> Offline:
         with torch.no_grad():
             diff = float((model(x) - reloaded(x)).abs().max())
         data = path.read_bytes()
-    return Offline(data, file_name, diff, val_acc, snippet(fmt, file_name))
+    code = snippet(fmt, file_name, run.task, normalized=_normalized(meta.get("preprocess")))
+    return Offline(data, file_name, diff, val_acc, code, run.task)
 
 
 def _write_and_reload(model: Any, example: Any, path: Path, fmt: str, meta: dict | None) -> Any:
@@ -353,27 +362,57 @@ def _write_and_reload(model: Any, example: Any, path: Path, fmt: str, meta: dict
     return lt.load(path).eval()
 
 
-def snippet(fmt: str, file_name: str) -> str:
-    """The few lines that load the downloaded file."""
+def _normalized(how: dict | None) -> bool:
+    """Whether a file's preprocessing metadata ``how`` says how to normalise its inputs (None:
+    no metadata, the snippet says what a normalised run's does)."""
+    return not isinstance(how, dict) or how.get("normalize") is not None
+
+
+def snippet(
+    fmt: str, file_name: str, task: str | None = "classification", *, normalized: bool = True
+) -> str:
+    """The few lines that load the downloaded file and run it on inputs ``x``: a classifier's
+    predicted classes (``pred``), or a regression's predicted targets themselves (``out``).
+    ``normalized``: whether the file's metadata says how to normalise the inputs (a regression
+    run, or one trained without normalising, has none: its inputs go in as they are)."""
+    array = "float32 array" if fmt == "onnx" else "tensor"
+    if normalized:
+        feed = (
+            f"# x: {array} (batch, C, H, W): how['pixels'], then per channel\n"
+            "# (x - how['normalize']['mean']) / how['normalize']['std']\n"
+        )
+    else:
+        feed = (
+            f"# x: {array} (batch, C, H, W) of inputs as the run read them: how['normalize']\n"
+            "# is None, so nothing is normalised\n"
+        )
+    regression = score_of(task).task == "regression"
     if fmt == "onnx":
-        return (
+        head = (
             "import json\n\n"
             "import numpy as np\n"
             "import onnxruntime as ort\n\n"
             f'session = ort.InferenceSession("{file_name}")\n'
             'how = json.loads(session.get_modelmeta().custom_metadata_map["preprocess"])\n'
-            "# x: float32 array (batch, C, H, W): how['pixels'], then per channel\n"
-            "# (x - how['normalize']['mean']) / how['normalize']['std']\n"
-            'logits = session.run(None, {"input": x.astype(np.float32)})[0]\n'
+        )
+        run = 'session.run(None, {"input": x.astype(np.float32)})[0]'
+        if regression:
+            return head + feed + f"out = {run}  # (batch, outputs): the predicted targets\n"
+        return (
+            head + feed + f"logits = {run}\n"
             "pred = logits.argmax(1)  # how['classes'][i] names class i, where it has names\n"
         )
-    return (
+    head = (
         "import lorita as lt\n\n"
         f'model = lt.load("{file_name}").eval()  # rebuilds the architecture from the file\n'
         f'how = lt.read_spec("{file_name}")["metadata"]["preprocess"]  # how to feed it\n'
-        "# x: tensor (batch, C, H, W): how['pixels'], then per channel\n"
-        "# (x - how['normalize']['mean']) / how['normalize']['std']\n"
-        "pred = model(x).argmax(1)  # how['classes'][i] names class i, where it has names\n"
+    )
+    if regression:
+        return head + feed + "out = model(x)  # (batch, outputs): the predicted targets\n"
+    return (
+        head
+        + feed
+        + "pred = model(x).argmax(1)  # how['classes'][i] names class i, where it has names\n"
     )
 
 
@@ -397,6 +436,7 @@ def build(
         reloaded_model = _write_and_reload(model, session.example_input, path, fmt, meta)
         data = path.read_bytes()
         reloaded = cz.evaluate(session, reloaded_model)
+    how = (meta or {}).get("preprocess") or session.preprocess
     return Built(
         data=data,
         file_name=file_name,
@@ -404,5 +444,6 @@ def build(
         original=original,
         reloaded=reloaded,
         seconds=time.perf_counter() - t0,
-        snippet=snippet(fmt, file_name),
+        snippet=snippet(fmt, file_name, session.task, normalized=_normalized(how)),
+        task=session.task,
     )

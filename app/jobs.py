@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -28,6 +29,7 @@ from typing import Any
 
 from lorita.io import write_json
 from lorita.runs import ACTIVE, STATES, WAITING_FOR_SLOT, config_row, validate_name
+from lorita.scores import score_of, task_of_config
 
 RUNS_ENV = "LORITA_RUNS"
 MAX_CONCURRENT_ENV = "LORITA_MAX_CONCURRENT"  # training runs at once (default 1 per device)
@@ -52,6 +54,10 @@ _STARTED_BASELINE: dict[tuple[str, str], str] = {}
 # started yet (it starts once the composed run's child has made its folder)
 _PENDING: dict[tuple[str, str], dict[str, bool]] = {}
 _PENDING_LOCK = threading.Lock()
+# (root, name) of the children this server started that ended before making their run folder
+# (a dataset missing and no internet, say): listed as failed, with the message of their log,
+# until the next Start in that runs folder or a dismissal (:func:`dismiss`)
+_FAILED_STARTS: set[tuple[str, str]] = set()
 
 
 def runs_dir() -> Path:
@@ -176,6 +182,7 @@ def start(
     check_writable(root)
     _check_room(1)
     name = _request(root, config, name)
+    _forget_failed_starts(root)  # another run started: the failures before it are not listed
     try:
         _spawn(name, root, concurrent)
     except OSError:
@@ -391,6 +398,7 @@ class JobView:
     eta: float | None = None  # seconds left, from the pace so far
     device: str | None = None
     status: dict[str, Any] = field(default_factory=dict)
+    made: bool = True  # whether the run folder exists (not for a child that failed before it)
 
     @property
     def fraction(self) -> float:
@@ -439,10 +447,20 @@ def log_tail(name: str, root: str | Path | None = None, lines: int = 20) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
+CLI_ERROR = "lorita: error: "  # how `python -m lorita` begins the one line it exits 2 with
+_WARNING = re.compile(r"^\S.*:\d+: \w*Warning: ")  # 'file.py:12: UserWarning: ...'
+
+
 def _last_line(text: str) -> str:
+    """The last meaningful line of a child's output: what it said when it failed (the command
+    line's error, which says what to do, without its ``lorita: error:`` prefix, or a
+    traceback's exception), past a warning, an indented line (a traceback's or a warning's
+    source) and a download's progress; empty for none."""
     for line in reversed(text.splitlines()):
-        if line.strip():
-            return line.strip()
+        shown = line.strip()
+        if not shown or line[:1].isspace() or _WARNING.match(line) or "%|" in line:
+            continue
+        return shown.removeprefix(CLI_ERROR).strip() or shown
     return ""
 
 
@@ -451,18 +469,21 @@ def view(name: str, root: str | Path | None = None) -> JobView:
     root = Path(root) if root is not None else runs_dir()
     validate_name(name)
     if (str(root), name) in _PENDING:
-        return JobView(name, STARTING, "starting once the run started with it has begun…")
+        return JobView(
+            name, STARTING, "starting once the run started with it has begun…", made=False
+        )
     proc = _PROCS.get((str(root), name))
     exit_code = proc.poll() if proc is not None else None
     if not (root / name / "status.json").exists():
         if proc is not None and exit_code is None:
-            return JobView(name, STARTING, "starting the training process…")
-        if proc is not None:
+            return JobView(name, STARTING, "starting the training process…", made=False)
+        if proc is not None:  # ended before it made its run folder
             msg = _last_line(log_tail(name, root)) or _exited(root, exit_code)
-            return JobView(name, "failed", msg)
+            return JobView(name, "failed", msg, made=False)
         if log_path(name, root).exists():
-            return JobView(name, "failed", _last_line(log_tail(name, root)) or "no status")
-        return JobView(name, "missing", f"run {name!r} not found in {root}")
+            msg = _last_line(log_tail(name, root)) or "no status"
+            return JobView(name, "failed", msg, made=False)
+        return JobView(name, "missing", f"run {name!r} not found in {root}", made=False)
     run = store(root).get(name)
     st = run.status()
     state = str(st.get("state", "queued"))
@@ -544,10 +565,46 @@ def _stop_once_made(name: str, root: Path, proc: subprocess.Popen) -> None:
 
 
 def reap() -> None:
-    """Collect finished children so they do not linger as zombies."""
+    """Collect finished children so they do not linger as zombies; one that ended before it
+    made its run folder stays listed as failed (:func:`list_runs`) until dismissed."""
     for key, proc in list(_PROCS.items()):
         if proc.poll() is not None:
+            if not _made(*key):
+                _FAILED_STARTS.add(key)
             _PROCS.pop(key, None)
+
+
+def dismiss(name: str, root: str | Path | None = None) -> None:
+    """Forget a run whose training process ended before it made its run folder: it leaves the
+    listings, and its request and output in ``.app/`` are removed. ValueError for a run that
+    has a folder (delete it instead) or is still starting."""
+    root = Path(root) if root is not None else runs_dir()
+    v = view(name, root)
+    if v.made or v.active:
+        raise ValueError(f"run {name!r} is {v.state}; only a run that failed to start is dismissed")
+    _FAILED_STARTS.discard((str(root), name))
+    _PROCS.pop((str(root), name), None)
+    for suffix in (".json", ".log"):
+        app_file(name, suffix, root).unlink(missing_ok=True)
+
+
+def _forget_failed_starts(root: Path) -> None:
+    """Stop listing the failed starts of ``root`` (their files stay in ``.app/``)."""
+    for key in [k for k in _FAILED_STARTS.copy() if k[0] == str(root)]:
+        _FAILED_STARTS.discard(key)
+    for key, proc in list(_PROCS.items()):  # ended before making their folder, not reaped yet
+        if key[0] == str(root) and proc.poll() is not None and not _made(root, key[1]):
+            _PROCS.pop(key, None)
+
+
+def _made(root: str | Path, name: str) -> bool:
+    return (Path(root) / name / "status.json").exists()
+
+
+def has_folder(row: dict[str, Any]) -> bool:
+    """Whether a :func:`list_runs` row is of a run with a folder (not of a child still starting
+    or one that failed before it made it): what the pickers offer."""
+    return not row.get("no_folder")
 
 
 _ROWS: dict[tuple[str, str], tuple[tuple, dict[str, Any]]] = {}
@@ -577,13 +634,22 @@ def list_runs(root: str | Path | None = None) -> list[dict[str, Any]]:
 
 
 def _starting_rows(root: Path, made: set[str]) -> list[dict[str, Any]]:
-    """Rows (state "starting", newest first) for the children this server started that have
-    not made their run folder yet (seconds of imports; a baseline waits for its run), so
-    that a refresh or another tab sees them at once. Their settings come from the request."""
-    names = {n for r, n in [*_PROCS, *_PENDING] if r == str(root) and n not in made}
+    """Rows (newest first, ``no_folder`` set) for the children this server started that have
+    no run folder: still starting (seconds of imports; a baseline waits for its run), so that
+    a refresh or another tab sees them at once; or ended before making it (state "failed",
+    the message of their output: what to do), until the next Start or a dismissal. Their
+    settings come from the request."""
+    keys = {k for k in [*_PROCS, *_PENDING, *_FAILED_STARTS.copy()] if k[0] == str(root)}
     rows = []
-    for name in names:
-        if view(name, root).state != STARTING:
+    for _, name in keys:
+        if name in made:
+            _FAILED_STARTS.discard((str(root), name))
+            continue
+        v = view(name, root)
+        if v.state == "failed":
+            _FAILED_STARTS.add((str(root), name))  # listed after its child is reaped too
+        elif v.state != STARTING:  # its files removed meanwhile
+            _FAILED_STARTS.discard((str(root), name))
             continue
         request = app_file(name, ".json", root)
         try:
@@ -593,8 +659,8 @@ def _starting_rows(root: Path, made: set[str]) -> list[dict[str, Any]]:
             cfg, created = {}, None
         cfg = cfg if isinstance(cfg, dict) else {}
         rows.append({
-            "name": name, "state": STARTING, "message": "starting the training process…",
-            **config_row(cfg), "step": 0, "created": created,
+            "name": name, "state": v.state, "message": v.message, **config_row(cfg),
+            "task": task_of_config(cfg), "step": 0, "created": created, "no_folder": True,
         })  # fmt: skip
     return sorted(rows, key=lambda r: (r["created"] or 0, r["name"]), reverse=True)
 
@@ -603,7 +669,8 @@ def start_points(rows: list[dict[str, Any]], root: str | Path | None = None) -> 
     """The finished runs of ``rows`` (:func:`list_runs`) that a new run can start from: those
     with a best checkpoint, newest first."""
     runs = store(root)
-    names = [r["name"] for r in rows if r.get("state") in FINISHED and not r.get("broken")]
+    names = [r["name"] for r in rows
+             if r.get("state") in FINISHED and not r.get("broken") and has_folder(r)]  # fmt: skip
     return [n for n in names if runs.get(n).checkpoint("best").is_file()]
 
 
@@ -687,16 +754,17 @@ def progress_text(v: JobView) -> str:
 
 
 def result_text(name: str, root: str | Path | None = None) -> str:
-    """'Best validation accuracy 93.1 %, test accuracy of that checkpoint 92.8 %.'"""
-    from app.ui import fmt_pct
-
-    res = store(root).get(name).result()
+    """'Best validation accuracy 93.1 %, test accuracy of that checkpoint 92.8 %.' (a
+    regression: 'Best validation R² 0.642, test R² of that checkpoint 0.617.')"""
+    run = store(root).get(name)
+    res, score = run.result(), score_of(run.task)
     parts = []
     if res.get("best_val_acc") is not None:
-        parts.append(f"best validation accuracy {fmt_pct(res['best_val_acc'])}")
+        parts.append(f"best validation {score.name} {score.text(res['best_val_acc'], 1)}")
     if res.get("test_acc") is not None:
-        parts.append(f"test accuracy of that checkpoint {fmt_pct(res['test_acc'])}")
-    return (", ".join(parts) + ".").capitalize() if parts else ""
+        parts.append(f"test {score.name} of that checkpoint {score.text(res['test_acc'], 1)}")
+    text = ", ".join(parts) + "."
+    return text[:1].upper() + text[1:] if parts else ""
 
 
 def delete(name: str, root: str | Path | None = None) -> None:

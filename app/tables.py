@@ -13,6 +13,7 @@ import pandas as pd
 
 from app import live
 from lorita.kinds import stages
+from lorita.scores import TASKS, Score, score_of
 
 RUN_COLUMNS = {
     "name": "run",
@@ -32,13 +33,59 @@ RUN_COLUMNS = {
 }
 
 
+SCORE_KEYS = {"best_val_acc": "best val", "test_acc": "test"}  # a run's scores: column prefix
+
+
 def runs_table(rows: Sequence[dict[str, Any]]) -> pd.DataFrame:
-    """One line per run: setup, state, accuracies (percent) and when it was created."""
-    df = pd.DataFrame([{k: r.get(k) for k in RUN_COLUMNS} for r in rows], columns=list(RUN_COLUMNS))
+    """One line per run: setup, state, scores and when it was created.
+
+    Each task among the runs has its own score columns, named by its score
+    (:func:`lorita.scores.score_of`): "best val acc" and "test acc" in percent for
+    classification, "best val R²" and "test R²" as they are for regression; a run's scores are
+    in its task's columns only. :func:`run_column_formats` gives their display formats.
+    """
+    keys = [k for k in RUN_COLUMNS if k not in SCORE_KEYS]
+    df = pd.DataFrame([{k: r.get(k) for k in keys} for r in rows], columns=keys)
     df["created"] = [_when(t) for t in df["created"]]
-    for col in ("best_val_acc", "test_acc"):
-        df[col] = [None if v is None else 100.0 * float(v) for v in df[col]]
+    at = keys.index("created")
+    for score in _scores(rows):
+        for key, prefix in SCORE_KEYS.items():
+            values = [
+                _shown(score, r.get(key)) if score_of(r.get("task")) == score else None
+                for r in rows
+            ]
+            df.insert(at, f"{prefix} {score.short}", pd.Series(values, dtype="float64"))
+            at += 1
     return df.rename(columns=RUN_COLUMNS)
+
+
+def run_column_formats(rows: Sequence[dict[str, Any]]) -> dict[str, str]:
+    """The printf format of each score column of :func:`runs_table` (as its task's
+    :meth:`lorita.scores.Score.text` writes a score with one digit: '93.1 %' or '0.642')."""
+    return {
+        f"{prefix} {score.short}": score_format(score)
+        for score in _scores(rows)
+        for prefix in SCORE_KEYS.values()
+    }
+
+
+def score_format(score: Score, digits: int = 1) -> str:
+    """The printf format a table column shows ``score`` with: the column holds
+    :func:`_shown` values (accuracy in percent), written as ``score.text(x, digits)`` is."""
+    return f"%.{digits}f %%" if score.percent else f"%.{digits + 2}f"
+
+
+def _scores(rows: Sequence[dict[str, Any]]) -> list[Score]:
+    """The scores of the tasks among ``rows`` (a row without a task: classification)."""
+    tasks = {score_of(r.get("task")).task for r in rows}
+    return [score_of(t) for t in TASKS if t in tasks]
+
+
+def _shown(score: Score, value: Any) -> float | None:
+    """A score as its table column holds it: accuracy in percent, R² as it is."""
+    if value is None:
+        return None
+    return 100.0 * float(value) if score.percent else float(value)
 
 
 def _when(t) -> str:

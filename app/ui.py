@@ -115,8 +115,16 @@ def fmt_duration(seconds: float | None) -> str:
     return f"{hours} h {minutes:02d} min"
 
 
+def score_text(score: Any, x: Any, digits: int | None = None) -> str:
+    """A run's score ``x`` as its :class:`lorita.scores.Score` writes it, named where the
+    number alone does not say what it is: '93.1 %' (an accuracy) or 'R² 0.642'."""
+    text = score.text(x, digits)
+    return text if score.percent else f"{score.short} {text}"
+
+
 def fmt_pct(x: float | None, digits: int = 1) -> str:
-    """0.9312 -> '93.1 %' (x is a fraction)."""
+    """0.9312 -> '93.1 %' (x is a fraction: params and FLOPs shares; a run's score is written
+    by its task's :class:`lorita.scores.Score`, :func:`score_text`)."""
     if x is None:
         return "—"
     return f"{100.0 * float(x):.{digits}f} %"

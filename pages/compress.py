@@ -7,6 +7,7 @@ import streamlit as st
 from app import cache, charts, jobs, latency, live, plot, state, tables, ui
 from app import compress as cz
 from lorita.kinds import stages
+from lorita.scores import Score, score_of
 
 
 def _slider_key(policy: str) -> str:
@@ -18,10 +19,12 @@ def _pick_smallest(root: str, name: str, which: str, policy: str) -> None:
     next run of the page (a widget's value cannot change once it is drawn)."""
     try:
         drop = float(st.session_state[state.COMPRESS_MAX_DROP])
-        value = cz.smallest_within(cache.session(root, name, which), policy, drop)
+        session = cache.session(root, name, which)
+        value = cz.smallest_within(session, policy, drop)
         if value is None:
             st.session_state[state.LAST_ERROR] = (
-                f"No {policy} setting keeps validation accuracy within {drop:g} points."
+                f"No {policy} setting keeps validation {score_of(session.task).name} within "
+                f"{drop:g} points."
             )
             return
         st.session_state[state.COMPRESS_FOUND] = (policy, value)
@@ -32,15 +35,15 @@ def _pick_smallest(root: str, name: str, which: str, policy: str) -> None:
 
 def _run_label(row: dict) -> str:
     acc = row.get("best_val_acc")
-    acc = f", val {ui.fmt_pct(acc)}" if acc is not None else ""
+    acc = f", val {ui.score_text(score_of(row.get('task')), acc, 1)}" if acc is not None else ""
     return f"{row['name']}  (N={row.get('n_factors')}{acc})"
 
 
 class CurveDrawer:
     """Progress callback of a trade-off sweep: a real progress bar, the chart filling in."""
 
-    def __init__(self, label: str, x_axis: str, total_hint: str) -> None:
-        self.label, self.x_axis = label, x_axis
+    def __init__(self, label: str, x_axis: str, total_hint: str, task: str) -> None:
+        self.label, self.x_axis, self.task = label, x_axis, task
         self.points: list[dict] = []
         self.bar = st.progress(0.0, text=f"Computing the {total_hint} trade-off curve…")
         self.chart = st.empty()
@@ -51,7 +54,7 @@ class CurveDrawer:
         if done % 3 == 0 or done == total:
             plot.show(
                 charts.tradeoff_chart(
-                    {self.label: list(self.points)}, x=self.x_axis,
+                    {self.label: list(self.points)}, x=self.x_axis, task=self.task,
                     title=f"Computing the trade-off curve ({self.label})…",
                 ),
                 where=self.chart,
@@ -73,9 +76,9 @@ def _curve(root: str, name: str, which: str, policy: str, label: str, x_axis: st
         note.empty()
     if points is not None:
         return points
-    drawer = CurveDrawer(label, x_axis, label)
-    points = cz.compute_curve(cache.session(root, name, which), policy, root=root,
-                              progress=drawer)  # fmt: skip
+    session = cache.session(root, name, which)
+    drawer = CurveDrawer(label, x_axis, label, session.task)
+    points = cz.compute_curve(session, policy, root=root, progress=drawer)
     drawer.clear()
     return points
 
@@ -105,9 +108,10 @@ def _choose_run(root: str) -> tuple[str, str] | None:
     if have and st.session_state[state.COMPRESS_WHICH] not in have:
         # e.g. a run stopped before its first validation has a last checkpoint but no best
         st.session_state[state.COMPRESS_WHICH] = have[0]
+    score = score_of(by_name[name].get("task"))
     which = c2.radio(
         "Checkpoint", ["best", "last"], key=state.COMPRESS_WHICH, horizontal=True,
-        help="best: highest validation accuracy during training; last: the final weights.",
+        help=f"best: highest validation {score.name} during training; last: the final weights.",
     )  # fmt: skip
     if not cz.checkpoint_mtime(name, which, root):
         st.warning(f"Run {name} has no {which} checkpoint yet.")
@@ -116,10 +120,10 @@ def _choose_run(root: str) -> tuple[str, str] | None:
 
 
 def _base_metrics(session) -> None:
-    b = session.base
+    b, score = session.base, score_of(session.task)
     m = st.columns(4)
-    m[0].metric("Original validation accuracy", ui.fmt_pct(b["val_acc"]))
-    m[1].metric("Original test accuracy", ui.fmt_pct(b["test_acc"]))
+    m[0].metric(f"Original validation {score.name}", score.text(b["val_acc"], 1))
+    m[1].metric(f"Original test {score.name}", score.text(b["test_acc"], 1))
     m[2].metric("Original parameters", ui.fmt_count(b["params"]))
     m[3].metric("Original FLOPs / input", ui.fmt_count(b["flops"]))
     if session.left_out:
@@ -135,7 +139,9 @@ def _url_value(policy: str, d: dict, url_policy: str | None) -> float:
     return d["default"] if value is None else value
 
 
-def _slider(root: str, name: str, which: str, policy: str, url_policy: str | None = None):
+def _slider(
+    root: str, name: str, which: str, policy: str, url_policy: str | None, score: Score
+):  # fmt: skip
     d = cz.scalar_policies()[policy]
     key = _slider_key(policy)
     found = st.session_state.pop(state.COMPRESS_FOUND, None)
@@ -149,9 +155,11 @@ def _slider(root: str, name: str, which: str, policy: str, url_policy: str | Non
     state.to_url(state.QUERY_VALUE, f"{value:g}")
     s1, s2 = st.columns([1, 3], vertical_alignment="bottom")
     state.setdefault(state.COMPRESS_MAX_DROP, 1.0)
+    point = "" if score.percent else " (1 point = 0.01 of R²)"
     s1.number_input(
-        "within X points of validation accuracy", 0.0, 50.0, step=0.5, key=state.COMPRESS_MAX_DROP
-    )
+        f"within X points of validation {score.name}{point}", 0.0, 50.0, step=0.5,
+        key=state.COMPRESS_MAX_DROP, help=f"X in {score.point_words}.",
+    )  # fmt: skip
     if s2.button(
         "Smallest model within X points",
         help="Searches the slider's values on the validation split and moves the slider.",
@@ -182,20 +190,22 @@ def _rank_editor(session, name: str, which: str):
     return cz.make_policy("ranks", ranks=ranks)
 
 
-def _result_metrics(res: dict, base: dict, setting: str) -> None:
+def _result_metrics(res: dict, base: dict, setting: str, score: Score) -> None:
     r = st.columns(4)
     for col, part in ((r[0], "val"), (r[1], "test")):
         col.metric(
-            f"{'Validation' if part == 'val' else 'Test'} accuracy", ui.fmt_pct(res[f"{part}_acc"]),
-            delta=f"{100 * (res[f'{part}_acc'] - base[f'{part}_acc']):+.1f} pts",
-        )  # fmt: skip
+            f"{'Validation' if part == 'val' else 'Test'} {score.name}",
+            score.text(res[f"{part}_acc"], 1),
+            delta=score.change(res[f"{part}_acc"], base[f"{part}_acc"], 1, unit=" pts"),
+        )
     r[2].metric("Parameters", ui.fmt_count(res["params"]),
                 delta=f"{res['params_pct']:.1f} % of original", delta_color="off",
                 delta_arrow="off")  # fmt: skip
     r[3].metric("FLOPs / input", ui.fmt_count(res["flops"]),
                 delta=f"{res['flops_pct']:.1f} % of original", delta_color="off",
                 delta_arrow="off")  # fmt: skip
-    how = " (cut now; its accuracy was measured when the run completed)" if res.get("kept") else ""
+    how = (f" (cut now; its {score.name} was measured when the run completed)"
+           if res.get("kept") else "")  # fmt: skip
     st.caption(f"{setting}: computed in {1000 * res['seconds']:.0f} ms{how}.")
     budget = res.get("budget") or {}
     if budget and not budget.get("met", True):
@@ -233,9 +243,11 @@ def _swept_curves(root: str, name: str, which: str, policy: str, n: int, x_axis:
     return curves
 
 
-def _draw_tradeoff(slot, curves: dict, x_axis: str, name: str, res: dict | None = None) -> None:
+def _draw_tradeoff(
+    slot, curves: dict, x_axis: str, name: str, task: str, res: dict | None = None
+) -> None:
     plot.show(
-        charts.tradeoff_chart(curves, x=x_axis, y="val_acc", current=res,
+        charts.tradeoff_chart(curves, x=x_axis, y="val_acc", current=res, task=task,
                               uirevision=f"tradeoff-{name}"),
         where=slot, key="compress.tradeoff" if res is not None else None,
     )  # fmt: skip
@@ -289,9 +301,11 @@ def _baselines(root: str, name: str, which: str, policy: str, value, x_axis: str
             root=root, progress=lambda d, t, r: bar.progress(d / t, text=f"{d} of {t} cuts"),
         )  # fmt: skip
         bar.empty()
+    task = cache.session(root, name, which).task
     plot.show(
-        charts.tradeoff_chart(cz.comparison_curves(rows), x=x_axis, y="test_acc",
-                              title="Test accuracy of each method at 5–50 % budgets"),
+        charts.tradeoff_chart(cz.comparison_curves(rows), x=x_axis, y="test_acc", task=task,
+                              title=f"Test {score_of(task).name} of each method at 5–50 % "
+                              "budgets"),
         key="compress.compare_chart",
     )  # fmt: skip
     mtimes = (cz.checkpoint_mtime(name, which, root), cz.checkpoint_mtime(base, which, root))
@@ -339,9 +353,11 @@ def _finetune(session, res: dict) -> None:
                    "Export page.")  # fmt: skip
         ft = st.session_state.get(state.FINETUNED)
         if ft and ft["key"] == token:
+            score = score_of(session.task)
             st.success(
-                f"Fine-tuned: validation {ui.fmt_pct(ft['metrics']['val_acc'])}, "
-                f"test {ui.fmt_pct(ft['metrics']['test_acc'])}. The Export page can save it."
+                f"Fine-tuned: validation {ui.score_text(score, ft['metrics']['val_acc'], 1)}, "
+                f"test {ui.score_text(score, ft['metrics']['test_acc'], 1)}. The Export page "
+                "can save it."
             )
 
 
@@ -354,7 +370,7 @@ def _controls(root: str, name: str, which: str):
                       format_func=labels.get)  # fmt: skip
     state.to_url(state.QUERY_POLICY, policy)
     if policy in cz.scalar_policies():
-        return policy, *_slider(root, name, which, policy, from_url)
+        return policy, *_slider(root, name, which, policy, from_url, cz.score_of_run(name, root))
     if state.QUERY_VALUE in st.query_params:  # a slider's value, not this policy's
         del st.query_params[state.QUERY_VALUE]
     return policy, None, None
@@ -382,8 +398,9 @@ def workbench(root: str, name: str, which: str) -> None:
     n = int((jobs.run_config(name, root) or {}).get("n_factors") or 1)
     curves = _kept_curves(root, name, which, policy, n) if value is not None else None
     loaded = (name, which, cz.checkpoint_mtime(name, which, root))
+    task = cz.score_of_run(name, root).task
     if curves is not None and st.session_state.get(state.COMPRESS_LOADED) != loaded:
-        _draw_tradeoff(slot, curves, x_axis, name)  # at once, while the session loads
+        _draw_tradeoff(slot, curves, x_axis, name, task)  # at once, while the session loads
     st.session_state[state.COMPRESS_LOADED] = None  # until it has loaded
     session = cache.session(root, name, which, loaded[2])
     st.session_state[state.COMPRESS_LOADED] = loaded
@@ -403,7 +420,7 @@ def workbench(root: str, name: str, which: str) -> None:
               "ranks": res["ranks"]}  # fmt: skip
     st.session_state[state.COMPRESS_CHOICE] = choice
     with result_box:
-        _result_metrics(res, session.base, cz.choice_text(choice))
+        _result_metrics(res, session.base, cz.choice_text(choice), score_of(session.task))
         with st.expander(
             "Measured latency on this machine (batch 1 and 64) and where the time goes"
         ):
@@ -413,7 +430,7 @@ def workbench(root: str, name: str, which: str) -> None:
             slot.info("The trade-off curve sweeps a policy's range; pick a policy with a slider.")
         else:
             curves = curves or _swept_curves(root, name, which, policy, n, x_axis)
-            _draw_tradeoff(slot, curves, x_axis, name, res)
+            _draw_tradeoff(slot, curves, x_axis, name, session.task, res)
             _tradeoff_notes(root, name, n)
     with right:
         st.markdown("**Ranks kept**")

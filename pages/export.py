@@ -8,6 +8,7 @@ from app import cache, jobs, latency, state, ui
 from app import compress as cz
 from app import export as ex
 from lorita.data import DatasetUnavailable
+from lorita.scores import score_of
 
 
 @st.cache_resource(show_spinner="Writing the file and loading it back…", max_entries=16)
@@ -161,10 +162,11 @@ def _offline(root: str, name: str, which: str, exc: Exception) -> None:
     except ValueError as exc2:
         st.error(f"Cannot export: {ui.one_line(exc2)}", icon="🚫")
         return
-    recorded = ui.fmt_pct(built.val_acc, 2) if built.val_acc is not None else "not recorded"
+    score = score_of(built.task)
+    recorded = score.text(built.val_acc, 2, missing="not recorded")
     st.success(
         f"Reloaded from the file: outputs within {built.max_diff:.1e} of the model's on one "
-        f"input. Validation accuracy recorded in the checkpoint: {recorded}."
+        f"input. Validation {score.name} recorded in the checkpoint: {recorded}."
     )
     _offer(built, fmt)
 
@@ -252,24 +254,35 @@ def _file(root, name, which, mtime, session, choice, pick, fmt, by, batch) -> No
     built = _build(root, name, which, mtime, choice_key, fmt, base, model, meta)
 
     st.subheader("Check: the file loads back to the same model")
-    m = st.columns(3)
-    m[0].metric("Test accuracy before saving", ui.fmt_pct(built.original["test_acc"], 2))
-    m[1].metric("Test accuracy after reloading", ui.fmt_pct(built.reloaded["test_acc"], 2))
-    m[2].metric("File size", ui.fmt_count(len(built.data)) + "B")
-    if built.same:
-        st.success(
-            f"Reloaded from the file: validation {ui.fmt_pct(built.reloaded['val_acc'], 2)}, "
-            f"test {ui.fmt_pct(built.reloaded['test_acc'], 2)} — identical to the model in memory."
-        )
-    else:
-        st.warning(
-            f"The reloaded model differs by {100 * built.max_diff:.2f} points "
-            "(floating-point rounding in the runtime flips a few borderline predictions)."
-        )
+    _check(built)
     _offer(built, fmt)
     if used is not None:  # last: once it shows, the download button above is this run's
         _forms(session, model, fmt, by, batch)
         _latency(session, model, fmt, by, batch)
+
+
+def _check(built: ex.Built) -> None:
+    """The reloaded file's scores against the model's in memory (R² within a rounding)."""
+    score = score_of(built.task)
+    m = st.columns(3)
+    m[0].metric(f"Test {score.name} before saving", score.text(built.original["test_acc"], 2))
+    m[1].metric(f"Test {score.name} after reloading", score.text(built.reloaded["test_acc"], 2))
+    m[2].metric("File size", ui.fmt_count(len(built.data)) + "B")
+    val, test = (ui.score_text(score, built.reloaded[k], 2) for k in ("val_acc", "test_acc"))
+    if built.same:
+        same = "identical to" if score.percent else "the same as"
+        st.success(f"Reloaded from the file: validation {val}, test {test} — {same} the model "
+                   "in memory.")  # fmt: skip
+    elif score.percent:
+        st.warning(
+            f"The reloaded model differs by {100 * built.max_diff:.2f} points "
+            "(floating-point rounding in the runtime flips a few borderline predictions)."
+        )
+    else:
+        st.warning(
+            f"The reloaded model's {score.name} differs by {built.max_diff:.2g} (floating-point "
+            "rounding in the runtime moves its outputs slightly)."
+        )
 
 
 def _offer(built, fmt: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import streamlit as st
 
 from app import charts, jobs, live, plot, state, tables, ui
+from lorita.scores import score_of
 
 
 def _default_pick(rows: list[dict]) -> list[str]:
@@ -67,13 +68,17 @@ def _compare(picked: list[str]) -> None:
         ),
         key="runs.chart.loss", where=c1,
     )  # fmt: skip
-    plot.show(
-        charts.training_curves(
-            {labels[n]: m for n, m in metrics.items()}, "acc", splits=("val",),
-            title="Validation accuracy", uirevision=f"cmp-acc-{key}",
-        ),
-        key="runs.chart.acc", where=c2,
-    )  # fmt: skip
+    tasks = {n: r.task for n, r in runs.items()}
+    by_task = {t: [n for n in picked if tasks[n] == t] for t in dict.fromkeys(tasks.values())}
+    for task, names in by_task.items():  # accuracy and R² are not drawn on one axis
+        score = score_of(task)
+        plot.show(
+            charts.training_curves(
+                {labels[n]: metrics[n] for n in names}, "acc", splits=("val",), task=task,
+                title=f"Validation {score.name}", uirevision=f"cmp-acc-{key}-{task}",
+            ),
+            key="runs.chart.acc" if len(by_task) == 1 else f"runs.chart.acc.{task}", where=c2,
+        )  # fmt: skip
     layers: list[str] = []
     for rows in spectra.values():
         for name in live.layer_names(rows):
@@ -123,17 +128,19 @@ def main() -> None:
             total = f"/{row['total_steps']}" if row.get("total_steps") else ""
             st.info(f"Training now: **{row['name']}** ({row['state']}, step "
                     f"{row.get('step') or 0}{total})", icon="▶️")  # fmt: skip
+    _failed_starts(rows)
+    scores = {c: st.column_config.NumberColumn(format=f)
+              for c, f in tables.run_column_formats(rows).items()}  # fmt: skip
     st.dataframe(
         tables.runs_table(rows),
         hide_index=True,
         column_config={
-            "best val acc": st.column_config.NumberColumn(format="%.1f %%"),
-            "test acc": st.column_config.NumberColumn(format="%.1f %%"),
+            **scores,
             "weight decay": st.column_config.NumberColumn(format="%g"),
             "lr": st.column_config.NumberColumn(format="%g"),
         },
     )
-    made = [r for r in rows if r.get("state") != jobs.STARTING]  # a starting run has no folder
+    made = [r for r in rows if jobs.has_folder(r)]  # a starting run has no folder yet
     names = [r["name"] for r in made]
     if _pick_invalid(names):
         st.session_state[state.RUNS_PICK] = _default_pick(made)
@@ -148,6 +155,20 @@ def main() -> None:
         st.caption("Pick one or more runs to overlay their curves and spectra.")
     st.divider()
     _delete_section([r["name"] for r in made if r.get("state") not in jobs.ACTIVE])
+
+
+def _failed_starts(rows: list[dict]) -> None:
+    """Runs whose training process ended before it made their folder (a dataset missing and
+    no internet, say): each with its message, which says what to do, until dismissed."""
+    for row in rows:
+        if row.get("state") != "failed" or jobs.has_folder(row):
+            continue
+        c1, c2 = st.columns([5, 1], vertical_alignment="center")
+        c1.error(f"**{row['name']}** failed before it began: {row.get('message') or 'no message'}",
+                 icon="🚫")  # fmt: skip
+        if c2.button("Dismiss", key=f"runs.dismiss.{row['name']}"):
+            jobs.dismiss(row["name"])
+            st.rerun()
 
 
 def _pick_invalid(names: list[str]) -> bool:

@@ -371,7 +371,9 @@ def _charts(name: str) -> None:
     c1, c2 = st.columns(2)
     for col, metric in ((c1, "loss"), (c2, "acc")):
         plot.show(
-            charts.training_curves({name: metrics}, metric, uirevision=f"{metric}-{name}"),
+            charts.training_curves(
+                {name: metrics}, metric, uirevision=f"{metric}-{name}", task=f.run.task
+            ),  # fmt: skip
             key=f"train.chart.{metric}",
             where=col,
         )
@@ -434,14 +436,41 @@ def _panel(name: str) -> tuple[jobs.JobView, jobs.JobView | None]:
     if bv is not None:
         _progress(bv, small=True)
     _status_line(v)
+    if bv is not None and not bv.made and bv.state == "failed" and bv.message != v.message:
+        st.error(f"Its N=1 baseline **{bv.name}** failed: {bv.message or 'no message'}",
+                 icon=STATE_ICON["failed"])  # fmt: skip
     active = [x.name for x in (v, bv) if x is not None and x.active]
     if active:
         _stop_button(active)
+    elif not v.made and v.state == "failed":
+        _dismiss_button([x for x in (v, bv) if x is not None and not x.made])
     if v.state in ("completed", "stopped"):
         st.page_link("pages/compress.py", label="Compress this run", icon="🗜️")
-    if v.state not in ("starting", "missing"):
+    if v.made and v.state not in ("starting", "missing"):
         _charts(name)
     return v, bv
+
+
+def _dismiss_button(failed: list[jobs.JobView]) -> None:
+    """Dismiss runs whose training process ended before making their folder: they leave the
+    listings (the next Start also stops listing them), and the page follows another run."""
+    st.button(
+        "Dismiss", key="train.dismiss", icon="✖️", on_click=_dismiss, args=([v.name for v in failed],),
+        help="Forget this failed start (its request and output in the runs folder's .app/ are "
+        "removed).",
+    )  # fmt: skip
+
+
+def _dismiss(names: list[str]) -> None:
+    """The Dismiss button's callback (before the page draws the follow picker)."""
+    try:
+        for name in names:
+            jobs.dismiss(name)
+    except ValueError as exc:  # started meanwhile, say: shown on the page
+        ui.report_later(exc, "Dismiss")
+        return
+    state.set_current_run(None)
+    st.session_state.pop(state.TRAIN_FOLLOW, None)
 
 
 @st.fragment(run_every=LIVE_EVERY_S)
@@ -459,14 +488,15 @@ def _live(name: str) -> None:
 
 
 def _follow() -> None:
+    ui.show_pending_error()  # (a Dismiss that was refused)
     runs = jobs.list_runs()
     names = [r["name"] for r in runs]
     current = state.current_run()
-    if current and current not in names:
-        gone = jobs.view(current).state == "missing"
-        if gone:
-            st.info(f"Run {current} is not in the runs folder (deleted?); following another.")
+    if current and current not in names and jobs.view(current).state == "missing":
+        st.info(f"Run {current} is not in the runs folder (deleted?); following another.")
         current = None
+    # (a run whose training process ended before making its folder is followed still: its
+    # panel says why it failed, never another run's state)
     if not names and not current:
         st.caption("No runs yet. Pick a preset and press Start.")
         return

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from app_seed import N1, N3, TINY  # noqa: E402
+from app_seed import N1, N3, R1, R3, TINY, TINY_REGRESSION  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -28,6 +28,30 @@ def seeded_store(tmp_path_factory) -> Path:
         cfg = {**TINY, "n_factors": n}
         result = train(cfg, store.create(cfg, name=name))
         assert result["state"] == "completed", result
+    return root
+
+
+@pytest.fixture(scope="session")
+def seeded_regression(tmp_path_factory) -> Path:
+    """A runs folder with a finished N=3 regression run (R² scores) and its N=1 baseline."""
+    from lorita.engine import train
+    from lorita.runs import RunStore
+
+    root = tmp_path_factory.mktemp("runs-regression")
+    store = RunStore(root)
+    for name, n in ((R3, 3), (R1, 1)):
+        cfg = {**TINY_REGRESSION, "n_factors": n}
+        result = train(cfg, store.create(cfg, name=name))
+        assert result["state"] == "completed", result
+    return root
+
+
+@pytest.fixture
+def regression_runs(seeded_regression, tmp_path, monkeypatch) -> Path:
+    """A private copy of the seeded regression store as $LORITA_RUNS."""
+    root = tmp_path / "runs-regression"
+    shutil.copytree(seeded_regression, root, ignore=shutil.ignore_patterns(".slots"))
+    monkeypatch.setenv("LORITA_RUNS", str(root))
     return root
 
 

@@ -46,6 +46,37 @@ def test_accuracy_axes_range_within_0_and_100_percent_unless_a_value_is_below_0(
     assert charts.training_curves({"r": r2}, "acc").layout.yaxis.autorangeoptions.minallowed == -0.4
 
 
+def test_a_regressions_r2_axis_is_not_a_percentage_nor_clamped_to_0_and_1():
+    """task="regression": the score is R², named so, with plain ticks and a range that takes
+    in a negative R² (a model worse than the targets' mean) and needs no padding rule."""
+    r2 = [{**row, "acc": a} for row, a in zip(METRICS, (-0.8, 0.2, 0.1, 0.5, 0.6, 0.58))]
+    fig = charts.training_curves({"r": r2}, "acc", task="regression")
+    assert fig.layout.title.text == "R²" and fig.layout.yaxis.title.text == "R²"
+    assert fig.layout.yaxis.tickformat is None
+    opts = fig.layout.yaxis.autorangeoptions
+    assert opts.minallowed is None and opts.maxallowed is None
+    assert charts.training_curves({"r": r2}, "acc", task="classification").layout.title.text == (
+        "Accuracy"
+    )
+    pts = [{"value": v, "flops_pct": 10.0 * v, "params_pct": 10.0 * v, "val_acc": a}
+           for v, a in ((10, 0.9), (5, 0.88), (2, 0.85), (1, -0.41))]  # fmt: skip
+    fig = charts.tradeoff_chart({"N=3": pts}, current=pts[1], task="regression")
+    assert fig.layout.title.text.startswith("Trade-off: validation R² against FLOPs")
+    assert fig.layout.yaxis.title.text == "validation R²" and fig.layout.yaxis.tickformat is None
+    assert fig.layout.yaxis.autorangeoptions.minallowed is None
+    assert all("R² %{y:.4f}" in t.hovertemplate and "%{y:.2%}" not in t.hovertemplate
+               for t in fig.data)  # fmt: skip
+    assert fig.layout.yaxis.range[0] == pytest.approx(0.7)  # 20 hundredths below the best
+    (note,) = fig.layout.annotations
+    assert "N=3: 1 point at 10.0 % of FLOPs, R² down to -0.410" in note.text
+    low = [{**p, "val_acc": a} for p, a in zip(pts, (0.1, 0.05, -0.2, -0.5), strict=True)]
+    fig = charts.tradeoff_chart({"N=3": low, "N=1": low[:3]}, task="regression")
+    assert fig.layout.yaxis.range[0] == pytest.approx(-0.1)  # below 0: R² has no floor
+    tests = [{**p, "test_acc": p["val_acc"]} for p in pts]
+    compare = charts.tradeoff_chart({"a": tests}, y="test_acc", task="regression")
+    assert compare.layout.yaxis.title.text == "test R²"
+
+
 def test_training_curves_without_data_says_so():
     fig = charts.training_curves({"r": []}, "loss")
     assert len(fig.data) == 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from app_seed import N1, N3
+from app_seed import N1, N3, R3
 
 from app import compress as cz
 from app import export as ex
@@ -113,6 +113,84 @@ def test_a_downloaded_file_says_how_to_feed_it_and_its_snippet_runs(runs_dir, tm
         import lorita as lt
 
         assert lt.read_spec(tmp_path / offline.file_name)["metadata"]["preprocess"] == how
+
+
+@pytest.mark.parametrize("fmt", ["low_rank", "onnx"])
+def test_a_regressions_snippet_runs_and_gives_its_outputs(regression_runs, tmp_path, fmt):
+    """A regression's file: the page's snippet, run as written (its metadata has no
+    normalisation: the inputs go in as they are), gives the model's outputs themselves, not
+    an argmax; so does the snippet of the export of a run without its data."""
+    import numpy as np
+    import torch
+
+    import lorita as lt
+
+    session = cz.session(R3, "best", regression_runs)
+    model, _ = session.cut(cz.make_policy("global", 0.5))
+    meta = ex.metadata(session, None, fmt, model=model)
+    assert meta["preprocess"]["normalize"] is None and meta["preprocess"]["task"] == "regression"
+    as_trained = lt.merge_model(jobs.store(regression_runs).get(R3).load_model("best"))
+    files = [
+        (ex.build(session, model, fmt, base_name="m", meta=meta), model),
+        (ex.build_offline(jobs.store(regression_runs).get(R3), "best", fmt), as_trained),
+    ]
+    x = session.example_input.expand(5, -1, -1, -1).clone()
+    for file, exported in files:
+        assert "argmax" not in file.snippet and "normalize']['mean" not in file.snippet
+        path = tmp_path / file.file_name
+        path.write_bytes(file.data)
+        scope = {"x": x.numpy() if fmt == "onnx" else x}
+        code = file.snippet.replace(f'"{file.file_name}"', f'"{path}"')
+        with torch.no_grad():
+            exec(code, scope)  # noqa: S102 - the page's own snippet
+            want = exported.eval()(x).numpy()
+        assert scope["how"]["task"] == "regression"
+        np.testing.assert_allclose(np.asarray(scope["out"]), want, rtol=1e-4, atol=1e-5)
+
+
+def test_a_reloaded_r2_is_the_same_within_a_rounding_and_an_accuracy_exactly():
+    """R² is continuous: a runtime's floating-point rounding moves it in its last places, which
+    is no difference; an accuracy counts predictions, so any difference is one."""
+
+    def built(task, diff):
+        return ex.Built(b"", "m", "onnx", {"val_acc": 0.5, "test_acc": 0.5},
+                        {"val_acc": 0.5 + diff, "test_acc": 0.5}, 0.0, "", task)  # fmt: skip
+
+    assert built("regression", 3e-8).same and not built("regression", 1e-4).same
+    assert not built("classification", 3e-8).same and built("classification", 0.0).same
+
+
+def test_the_runs_table_has_a_pair_of_score_columns_per_task():
+    rows = [
+        {"name": "c", "state": "completed", "task": "classification", "best_val_acc": 0.931,
+         "test_acc": 0.92},
+        {"name": "r", "state": "completed", "task": "regression", "best_val_acc": -0.25,
+         "test_acc": 0.6417},
+        {"name": "s", "state": "starting", "task": "regression"},
+    ]  # fmt: skip
+    table = tables.runs_table(rows).set_index("run")
+    assert table.loc["c", "best val acc"] == pytest.approx(93.1)
+    assert table.loc["r", "best val R²"] == -0.25 and table.loc["r", "test R²"] == 0.6417
+    assert table[["best val R²", "test R²"]].loc["c"].isna().all()
+    assert table[["best val acc", "test acc"]].loc[["r", "s"]].isna().all().all()
+    assert list(table.columns).index("created") == len(table.columns) - 1
+    assert tables.run_column_formats(rows) == {
+        "best val acc": "%.1f %%", "test acc": "%.1f %%", "best val R²": "%.3f", "test R²": "%.3f",
+    }  # fmt: skip
+    only = tables.runs_table(rows[:1])
+    assert [c for c in only.columns if "acc" in c or "R²" in c] == ["best val acc", "test acc"]
+
+
+def test_fine_tuning_a_regression_says_its_r2(regression_runs):
+    from lorita.scores import score_of
+
+    session = cz.session(R3, "best", regression_runs)
+    model, _ = session.cut(cz.make_policy("global", 0.5))
+    said = []
+    _, got = cz.finetune(session, model, epochs=1, lr=1e-3, progress=lambda t, f: said.append(t))
+    (text,) = said
+    r2 = score_of("regression").text(got["val_acc"], 1)
+    assert text == f"Fine-tuning: epoch 1 of 1 · validation R² {r2}"
 
 
 def test_an_onnx_download_too_large_for_one_file_says_what_to_do(tmp_path, monkeypatch):
@@ -484,6 +562,8 @@ def test_fine_tuning_says_its_epoch_validation_and_time_left():
     from app import compress as cz_app
 
     class Session:
+        task = "classification"
+
         def finetune(self, model, epochs, lr, callback=None):
             for k in range(1, epochs + 1):
                 callback({"event": "finetune", "epoch": k, "val_acc": 0.5 + k / 10})

@@ -267,3 +267,63 @@ def test_start_in_a_runs_folder_it_cannot_write_in_says_so_and_leaves_nothing(
     with pytest.raises(OSError, match="No space left"):
         jobs.start(TINY, root=root)
     assert list((root / jobs.APP_DIR).glob("*.json")) == []
+
+
+def _no_data_no_network(monkeypatch, data) -> None:
+    """MNIST not on this machine (an empty data folder) and no download possible: a child's
+    download goes to a closed local port, so it fails at once, with or without internet."""
+    monkeypatch.setenv("LORITA_DATA", str(data))
+    for var in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
+        monkeypatch.setenv(var, "http://127.0.0.1:9")
+    for var in ("no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+
+
+def test_a_child_that_ends_before_making_its_folder_stays_listed_as_failed(tmp_path, monkeypatch):
+    """A dataset missing and no internet: both children exit (2) before making a run folder.
+    They stay listed, failed, with the line of their output that says what to do, after the
+    server reaps them too, until dismissed or another run is started; none is offered to
+    start from."""
+    data, root = tmp_path / "no-data", tmp_path / "runs"
+    data.mkdir()
+    _no_data_no_network(monkeypatch, data)
+    cfg = {**TINY, "dataset": "mnist"}
+    first, second = jobs.start_pair(cfg, presets.baseline_config(cfg), root=root)
+    for name in (first, second):
+        assert jobs.wait(name, root, timeout=120) == 2
+    jobs.reap()  # (the live panel reaps every second)
+    rows = {r["name"]: r for r in jobs.list_runs(root)}
+    assert set(rows) == {first, second} and not (root / first).exists()
+    for name, row in rows.items():
+        assert row["state"] == "failed" and not jobs.has_folder(row), row
+        assert "IDX files" in row["message"] and str(data) in row["message"], row["message"]
+        assert not row["message"].startswith("lorita: error")
+        v = jobs.view(name, root)
+        assert (v.state, v.message, v.made, v.active) == ("failed", row["message"], False, False)
+    assert rows[first]["n_factors"] == 3 and rows[second]["n_factors"] == 1
+    assert jobs.start_points(list(rows.values()), root) == []
+
+    jobs.dismiss(second, root)
+    assert [r["name"] for r in jobs.list_runs(root)] == [first]
+    assert jobs.view(second, root).state == "missing" and not jobs.log_path(second, root).exists()
+    other = jobs.start({**TINY, "epochs": 1}, root=root)  # another run: no longer listed
+    assert first not in [r["name"] for r in jobs.list_runs(root)]
+    assert jobs.view(first, root).state == "failed"  # (a page that follows it still says why)
+    assert wait_for(other, root, ("completed", "failed")).state == "completed"
+    with pytest.raises(ValueError, match="only a run that failed to start"):
+        jobs.dismiss(other, root)
+
+
+def test_a_failed_childs_message_is_its_last_meaningful_line():
+    said = ("dataset 'mnist': put the four IDX files (train-images-idx3-ubyte[.gz], ...) in "
+            "one of /d/MNIST/raw")  # fmt: skip
+    log = (
+        "dataset 'mnist': not on this machine: will download into /d (needs internet)\n"
+        f"lorita: error: {said}\n"
+        "/usr/lib/python3/x.py:12: ResourceWarning: unclosed file\n"
+        "  warnings.warn(\n\n"
+    )
+    assert jobs._last_line(log) == said
+    trace = 'Traceback (most recent call last):\n  File "x.py", line 1\n    f()\nOSError: boom\n'
+    assert jobs._last_line(trace) == "OSError: boom"
+    assert jobs._last_line("\n  \n") == ""

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from app_seed import N1, N3, ROOT, shown_charts
+from app_seed import N1, N3, R1, R3, ROOT, shown_charts
 from streamlit.testing.v1 import AppTest
 
 from app import presets, state
@@ -488,6 +488,63 @@ def test_train_shows_a_failed_run_message(runs_dir):
     jobs.log_path(N1, runs_dir).write_text("Traceback ...\nDatasetUnavailable: put the files\n")
     at = open_page("train", run=N1)
     assert any("Full output of the training process" in c.value for c in at.caption)
+
+
+def test_train_a_run_that_ends_before_making_its_folder_keeps_its_failure(
+    runs_dir, tmp_path, monkeypatch
+):
+    """MNIST not on this machine and no internet: Start says it will download, and the
+    children exit (2) seconds later without a run folder. The page following the run then
+    shows the line of its output that says what to do, as an error, never another run's
+    "Completed"; so do a refresh and the Runs page, until Dismiss."""
+    from app import jobs
+
+    data = tmp_path / "no-data"
+    data.mkdir()
+    monkeypatch.setenv("LORITA_DATA", str(data))
+    for var in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
+        monkeypatch.setenv(var, "http://127.0.0.1:9")  # a download fails at once, offline
+    for var in ("no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    at = open_page("train")
+    at.selectbox(key="train.dataset.classroom").set_value("mnist")
+    at.button(key=START).click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert any("will download" in i.value for i in at.info)
+    name = at.selectbox(key="train.follow").value
+    baseline = jobs.baseline_of(name, runs_dir)
+    assert name not in (N3, N1) and baseline
+    for run in (name, baseline):
+        assert jobs.wait(run, runs_dir, timeout=120) == 2
+    assert not (runs_dir / name).exists()
+
+    def says_what_to_do(page: AppTest) -> None:
+        assert not page.exception
+        errors = " ".join(e.value for e in page.error)
+        assert "IDX files" in errors and str(data) in errors, errors
+        assert "lorita: error" not in errors
+        assert not any("Completed" in s.value for s in page.success)
+
+    at.run()  # the live panel's next second, then the whole page
+    assert at.selectbox(key="train.follow").value == name
+    says_what_to_do(at)
+    assert any(e.value.startswith("The run failed: dataset 'mnist'") for e in at.error)
+    again = open_page("train", run=name)  # a refresh
+    assert again.selectbox(key="train.follow").value == name
+    says_what_to_do(again)
+    runs = open_page("runs")
+    says_what_to_do(runs)
+    assert any(f"**{name}** failed before it began" in e.value for e in runs.error)
+    table = runs.dataframe[0].value.set_index("run")
+    assert table.loc[name, "state"] == table.loc[baseline, "state"] == "failed"
+    assert name not in runs.multiselect(key="runs.pick").options
+    assert name not in runs.selectbox(key="runs.delete").options
+
+    at.button(key="train.dismiss").click().run()
+    assert_clean(at)
+    assert name not in at.selectbox(key="train.follow").options
+    assert {r["name"] for r in jobs.list_runs(runs_dir)} == {N3, N1}
+    assert not jobs.log_path(name, runs_dir).exists()
 
 
 # --- runs -------------------------------------------------------------------------------------
@@ -1087,3 +1144,133 @@ def test_export_format_comes_back_after_a_refresh(runs_dir):
     again = open_page("export", run=N3, format="onnx")  # the refreshed page's URL
     assert_clean(again)
     assert again.radio(key=state.EXPORT_FORMAT).value == "onnx"
+
+
+# --- a regression run: its score is R², never a percentage accuracy ----------------------------
+
+
+def _no_percent_axis(figure: dict) -> None:
+    """An R² axis: no percent ticks, and not clamped to [0, 1] (R² can be negative)."""
+    yaxis = figure["layout"]["yaxis"]
+    assert "%" not in yaxis.get("tickformat", ""), yaxis
+    assert "autorangeoptions" not in yaxis, yaxis
+    assert "R²" in yaxis["title"]["text"], yaxis
+
+
+def test_runs_page_shows_a_regressions_r2_as_it_is(regression_runs, seeded_store):
+    """The table's score columns of a regression are R² as it is ('0.874', not '87.40 %'),
+    beside the accuracy columns of classification runs; the overlay draws R² on its own axis."""
+    import json
+    import shutil
+
+    from lorita.runs import RunStore
+
+    best = {n: RunStore(regression_runs).get(n).summary()["best_val_acc"] for n in (R3, R1)}
+    at = open_page("runs")
+    assert_clean(at)
+    table = at.dataframe[0].value
+    assert "best val acc" not in table.columns and "test acc" not in table.columns
+    got = dict(zip(table["run"], table["best val R²"], strict=True))
+    assert got == pytest.approx(best)  # not in percent
+    formats = json.loads(at.dataframe[0].proto.columns)
+    assert formats["best val R²"]["type_config"]["format"] == "%.3f"
+    assert formats["test R²"]["type_config"]["format"] == "%.3f"
+    charts = {c.key: c.figure for c in shown_charts(at)}
+    acc = charts["runs.chart.acc"]
+    assert acc["layout"]["title"]["text"] == "Validation R²"
+    _no_percent_axis(acc)
+
+    for name in (N3, N1):  # beside classification runs: a pair of columns each
+        shutil.copytree(seeded_store / name, regression_runs / name)
+    at = open_page("runs")
+    assert_clean(at)
+    table = at.dataframe[0].value.set_index("run")
+    assert table.loc[N3, "best val acc"] > 1 and table.loc[R3, "best val R²"] == pytest.approx(
+        best[R3]
+    )
+    assert table[["best val R²", "test R²"]].loc[[N3, N1]].isna().all().all()
+    assert table[["best val acc", "test acc"]].loc[[R3, R1]].isna().all().all()
+    formats = json.loads(at.dataframe[0].proto.columns)
+    assert formats["best val acc"]["type_config"]["format"] == "%.1f %%"
+    at.multiselect(key="runs.pick").set_value([N3, R3]).run()
+    assert_clean(at)
+    charts = {c.key: c.figure for c in shown_charts(at)}
+    assert charts["runs.chart.acc.classification"]["layout"]["yaxis"]["tickformat"] == ".0%"
+    _no_percent_axis(charts["runs.chart.acc.regression"])
+
+
+def test_compress_page_shows_a_regressions_r2_as_it_is(regression_runs):
+    """Metrics, deltas, the run picker, "within X points" (a point of R² is 0.01), the
+    trade-off and comparison charts, the at-budget table and the fine-tuned model: R², with
+    no percent sign anywhere."""
+    from app import compress as cz
+    from lorita.scores import score_of
+
+    at = open_page("compress", run=R3)
+    assert_clean(at)
+    session = cz.session(R3, "best", regression_runs)
+    r2 = score_of("regression")
+    m = metrics(at)
+    assert m["Original validation R²"] == r2.text(session.base["val_acc"], 1)
+    assert "Original validation accuracy" not in m and not any("%" in m[k] for k in m if "R²" in k)
+    deltas = {x.label: x.delta for x in at.metric}
+    assert "pts" not in deltas["Validation R²"] and "%" not in deltas["Validation R²"]
+    pick = at.selectbox(key="compress.run")
+    assert pick.format_func(R3).endswith(f"val {r2.short} {r2.text(session.base['val_acc'], 1)})")
+    drop = at.number_input(key="compress.max_drop")
+    assert "R²" in drop.label and "0.01" in drop.label and "accuracy" not in drop.label
+    (chart,) = [c.figure for c in shown_charts(at) if c.key == "compress.tradeoff"]
+    assert chart["layout"]["title"]["text"].startswith("Trade-off: validation R² against")
+    assert all("%{y:.2%}" not in t["hovertemplate"] for t in chart["data"])
+    _no_percent_axis(chart)
+
+    drop.set_value(5.0).run()
+    at.button[0].click().run()  # "Smallest model within X points": 5 hundredths of R²
+    assert_clean(at)
+    m = metrics(at)
+    assert float(m["Original validation R²"]) - float(m["Validation R²"]) <= 0.05 + 1e-3
+
+    at.radio(key="compress.policy").set_value("budget").run()
+    at.slider(key="compress.value.budget").set_value(35.0).run()
+    at.toggle(key="compress.compare").set_value(True).run()
+    assert_clean(at)
+    (chart,) = [c.figure for c in shown_charts(at) if c.key == "compress.compare_chart"]
+    assert chart["layout"]["title"]["text"].startswith("Test R² of each method")
+    _no_percent_axis(chart)
+    table = at.dataframe[-1].value
+    assert {"val R²", "test R²"} <= set(table.columns) and "val acc %" not in table.columns
+    assert (table["test R²"] <= 1).all()
+
+    at.number_input(key="compress.ft_epochs").set_value(1).run()
+    at.button(key="compress.ft_go").click().run()
+    assert_clean(at)
+    (done,) = [s.value for s in at.success if "Fine-tuned" in s.value]
+    assert "validation R² " in done and "test R² " in done and "%" not in done, done
+
+
+@pytest.mark.parametrize("fmt", ["low_rank", "dense", "onnx"])
+def test_export_of_a_regression_reloads_to_the_same_r2(regression_runs, fmt):
+    """R² as it is, and the same after reloading (it is continuous: within a rounding, not
+    "differs by 0.00 points ... borderline predictions"); the shown code gives the outputs."""
+    at = open_page("export", run=R3)
+    at.radio(key="export.format").set_value(fmt).run()
+    assert_clean(at)
+    m = metrics(at)
+    assert m["Test R² before saving"] == m["Test R² after reloading"]
+    assert "%" not in m["Test R² before saving"]
+    assert not at.warning, [w.value for w in at.warning]
+    (said,) = [s.value for s in at.success]
+    assert said.startswith("Reloaded from the file: validation R² 0.") and "%" not in said
+    code = at.code[0].value
+    assert "argmax" not in code and "out = " in code
+
+
+def test_train_page_shows_a_regressions_r2(regression_runs):
+    at = open_page("train", run=R3)
+    assert_clean(at)
+    (done,) = [s.value for s in at.success]
+    assert done.startswith("Completed. Best validation R² 0.") and "%" not in done, done
+    assert "test R² of that checkpoint 0." in done
+    (acc,) = [c.figure for c in shown_charts(at) if c.key == "train.chart.acc"]
+    assert acc["layout"]["title"]["text"] == "R²"
+    _no_percent_axis(acc)
