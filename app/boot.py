@@ -39,13 +39,30 @@ THREADS_ENV = "LORITA_APP_THREADS"
 DEFAULT_THREADS = 1
 
 
+def env_int(var: str, default: int, low: int, high: int | None = None) -> tuple[int, str | None]:
+    """``$var`` as a whole number from ``low`` to ``high``, and what was wrong with it: unset
+    or empty gives ``default``; a number out of range gives the nearest bound, anything else
+    ``default``, each with a sentence that names the variable, what it holds and what is
+    allowed (the app shows it, :func:`app.jobs.setting_problems`)."""
+    raw = os.environ.get(var, "").strip()
+    if not raw:
+        return default, None
+    allowed = (
+        f"a whole number from {low} to {high}" if high is not None else f"a whole number ≥ {low}"
+    )
+    try:
+        value = int(raw)
+    except ValueError:
+        return default, f"${var}={raw!r} is not {allowed}; using {default}"
+    kept = max(low, value if high is None else min(high, value))
+    if kept != value:
+        return kept, f"${var}={raw!r} is not {allowed}; using {kept}"
+    return value, None
+
+
 def server_threads() -> int:
     """Intra-op torch threads for the server (``$LORITA_APP_THREADS``, default 1)."""
-    raw = os.environ.get(THREADS_ENV, str(DEFAULT_THREADS))
-    try:
-        return max(1, int(raw))
-    except ValueError:
-        return DEFAULT_THREADS
+    return env_int(THREADS_ENV, DEFAULT_THREADS, 1)[0]
 
 
 def configure_threads() -> int:

@@ -65,14 +65,39 @@ def runs_dir() -> Path:
     return Path(os.environ.get(RUNS_ENV) or DEFAULT_RUNS).expanduser().resolve()
 
 
+def runs_dir_problem(root: str | Path | None = None) -> str | None:
+    """Why the runs folder cannot be used, in a sentence that says what to do (a file where
+    the folder should be, a parent that cannot be written); None when it can be (it is made
+    when missing)."""
+    root = Path(root) if root is not None else runs_dir()
+    where = f"The runs folder {root} (${RUNS_ENV}, default ./{DEFAULT_RUNS})"
+    if root.exists() and not root.is_dir():
+        return f"{where} is a file, not a folder: set {RUNS_ENV} to a folder (made if missing)"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        why = exc.strerror or str(exc)
+        return f"{where} cannot be made ({why}): set {RUNS_ENV} to a folder you can write in"
+    return None
+
+
+def setting_problems() -> list[str]:
+    """What is wrong with the app's environment settings (a value that is not a number, say),
+    each naming the variable and what it uses instead: shown on every page."""
+    from app.boot import DEFAULT_THREADS, THREADS_ENV, env_int
+
+    checks = [
+        (MAX_CONCURRENT_ENV, 1, 1, None), (NICE_ENV, DEFAULT_NICE, 0, 19),
+        (THREADS_ENV, DEFAULT_THREADS, 1, None),
+    ]  # fmt: skip
+    return [p for var, d, lo, hi in checks if (p := env_int(var, d, lo, hi)[1])]
+
+
 def max_concurrent() -> int:
     """How many runs may train at once (``$LORITA_MAX_CONCURRENT``, default 1)."""
-    raw = os.environ.get(MAX_CONCURRENT_ENV, "1")
-    try:
-        value = int(raw)
-    except ValueError:
-        value = 1
-    return max(1, value)
+    from app.boot import env_int
+
+    return env_int(MAX_CONCURRENT_ENV, 1, 1)[0]
 
 
 #: training children of this server that may be alive at once beyond the training slots
@@ -97,7 +122,9 @@ def store(root: str | Path | None = None):
     from lorita.runs import RunStore
 
     root = Path(root) if root is not None else runs_dir()
-    root.mkdir(parents=True, exist_ok=True)
+    problem = runs_dir_problem(root)
+    if problem:
+        raise ValueError(problem)
     return RunStore(root)
 
 
@@ -291,10 +318,9 @@ def wait(name: str, root: str | Path | None = None, timeout: float | None = None
 def train_nice() -> int:
     """The niceness given to training children: ``$LORITA_TRAIN_NICE`` (0 leaves them at the
     server's priority), else :data:`DEFAULT_NICE`."""
-    try:
-        return min(19, int(os.environ.get(NICE_ENV, str(DEFAULT_NICE))))
-    except ValueError:
-        return DEFAULT_NICE
+    from app.boot import env_int
+
+    return env_int(NICE_ENV, DEFAULT_NICE, 0, 19)[0]
 
 
 def lower_priority(pid: int) -> None:
@@ -489,7 +515,8 @@ def view(name: str, root: str | Path | None = None) -> JobView:
     state = str(st.get("state", "queued"))
     message = str(st.get("message") or "")
     now = time.time()
-    if state in ACTIVE and proc is not None and exit_code is not None:
+    ours = proc is not None and st.get("pid") in (None, proc.pid)  # not a later `lorita resume`
+    if state in ACTIVE and ours and exit_code is not None:
         # our child ended without marking the run finished (killed, crashed)
         state = "failed"
         message = _last_line(log_tail(name, root)) or _exited(root, exit_code)

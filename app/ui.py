@@ -23,6 +23,23 @@ if not _log.handlers:
     _log.propagate = False
 
 
+def page_title(title: str, *, uses_runs: bool = True) -> None:
+    """A page's title, then what is wrong with the app's settings: a warning for each setting
+    that is not a number (:func:`app.jobs.setting_problems`), and for a page that reads the
+    runs folder (``uses_runs``), an error that says what to do when it cannot be used, and
+    nothing more of the page. (Elements the entry script draws before the page runs show on
+    the default page only, so each page draws these itself.)"""
+    from app import jobs
+
+    st.title(title)
+    for problem in jobs.setting_problems():
+        st.warning(problem, icon="⚠️")
+    problem = jobs.runs_dir_problem() if uses_runs else None
+    if problem:
+        st.error(problem, icon="🚫")
+        st.stop()
+
+
 def one_line(exc: BaseException) -> str:
     """A short, single-line description of ``exc`` for the user."""
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""

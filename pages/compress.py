@@ -442,7 +442,7 @@ def workbench(root: str, name: str, which: str) -> None:
 
 @ui.guarded
 def main() -> None:
-    st.title("Compress")
+    ui.page_title("Compress")
     st.caption(
         "Merge the factors, take each layer's SVD once, then cut. Every slider move truncates "
         "from the cached SVD, evaluates validation and test in large batches and counts the cost."

@@ -65,7 +65,7 @@ def _checkpoint_mtime(root: str, name: str, which: str) -> float:
 
 @ui.guarded
 def main() -> None:
-    st.title("Export")
+    ui.page_title("Export")
     root = str(jobs.runs_dir())
     rows = cz.finished_runs(root)
     if not rows:

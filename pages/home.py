@@ -4,7 +4,7 @@ import streamlit as st
 
 from app import jobs, ui
 
-st.title("LoRITa Explorer")
+ui.page_title("LoRITa Explorer")
 st.markdown(
     """
 **Low-Rank Induced Training**, live. Replace each weight matrix of a network by a product of

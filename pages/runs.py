@@ -117,7 +117,7 @@ def _compare(picked: list[str]) -> None:
 
 @ui.guarded
 def main() -> None:
-    st.title("Runs")
+    ui.page_title("Runs")
     rows = jobs.list_runs()
     if not rows:
         st.info("No runs yet.")

@@ -28,7 +28,7 @@ def _from_url(param: str, kind: type, low: float, high: float, default):
 
 @ui.guarded
 def main() -> None:
-    st.title("Theory: why factors prefer low rank")
+    ui.page_title("Theory: why factors prefer low rank", uses_runs=False)
     st.markdown(
         "A planted matrix **M** of low rank, observed with a little noise as **Y**, is fitted "
         "by a product of **N** square factors `W = W_N ⋯ W_1`, minimising "

@@ -528,7 +528,7 @@ def _other_training(runs: list[dict], followed: str) -> None:
 
 @ui.guarded
 def main() -> None:
-    st.title("Train")
+    ui.page_title("Train")
     _init_form()
     _form()
     st.divider()

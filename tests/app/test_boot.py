@@ -29,6 +29,19 @@ def test_server_threads_from_the_environment(monkeypatch):
     assert boot.server_threads() == 1
 
 
+def test_a_numeric_setting_says_what_is_wrong_and_what_it_uses(monkeypatch):
+    monkeypatch.delenv("LORITA_X", raising=False)
+    assert boot.env_int("LORITA_X", 4, 1) == (4, None)
+    for raw, want in (("7", (7, None)), (" 2 ", (2, None)), ("", (4, None))):
+        monkeypatch.setenv("LORITA_X", raw)
+        assert boot.env_int("LORITA_X", 4, 1) == want, raw
+    monkeypatch.setenv("LORITA_X", "0")
+    assert boot.env_int("LORITA_X", 4, 1) == (1, "$LORITA_X='0' is not a whole number ≥ 1; using 1")
+    monkeypatch.setenv("LORITA_X", "2.5")
+    value, said = boot.env_int("LORITA_X", 4, 0, 19)
+    assert value == 4 and said == "$LORITA_X='2.5' is not a whole number from 0 to 19; using 4"
+
+
 def test_configure_threads_sets_torch(monkeypatch):
     import torch
 

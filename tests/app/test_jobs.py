@@ -327,3 +327,29 @@ def test_a_failed_childs_message_is_its_last_meaningful_line():
     trace = 'Traceback (most recent call last):\n  File "x.py", line 1\n    f()\nOSError: boom\n'
     assert jobs._last_line(trace) == "OSError: boom"
     assert jobs._last_line("\n  \n") == ""
+
+
+def test_a_run_resumed_elsewhere_after_the_servers_child_ended_reads_as_running(tmp_path):
+    """The server's child was stopped, then `lorita resume` took the run over: the page reads
+    the run's own status (running), not "failed" from the child that ended; while the run
+    names the ended child itself, it failed."""
+    import socket
+    import subprocess
+    import sys
+
+    from lorita.io import write_json
+    from lorita.runs import RunStore, _me
+
+    root = tmp_path / "runs"
+    run = RunStore(root).create({**TINY, "n_factors": 3}, name="taken-over")
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    jobs._PROCS[(str(root), run.name)] = child
+    try:
+        st = {**run.raw_status(), "state": "running", "step": 3, "total_steps": 10}
+        write_json(run.path / "status.json", {**st, **_me()})  # this process: alive
+        assert jobs.view(run.name, root).state == "running"
+        write_json(run.path / "status.json", {**st, "pid": child.pid, "host": socket.gethostname()})
+        assert jobs.view(run.name, root).state == "failed"
+    finally:
+        jobs._PROCS.pop((str(root), run.name), None)

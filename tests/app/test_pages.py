@@ -1274,3 +1274,38 @@ def test_train_page_shows_a_regressions_r2(regression_runs):
     (acc,) = [c.figure for c in shown_charts(at) if c.key == "train.chart.acc"]
     assert acc["layout"]["title"]["text"] == "R²"
     _no_percent_axis(acc)
+
+
+# --- the app's settings -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("page", ["home", "train", "runs", "compress", "export"])
+def test_a_runs_folder_that_is_a_file_is_named_on_every_page(page, tmp_path, monkeypatch):
+    """$LORITA_RUNS naming a file: each page says so and what to do, never a traceback."""
+    path = tmp_path / "runs.txt"
+    path.write_text("notes")
+    monkeypatch.setenv("LORITA_RUNS", str(path))
+    at = open_page(page)
+    assert not at.exception, [e.value for e in at.exception]
+    (error,) = [e.value for e in at.error]
+    assert str(path) in error and "is a file, not a folder" in error and "LORITA_RUNS" in error
+    assert path.read_text() == "notes"
+
+
+def test_the_theory_page_needs_no_runs_folder(tmp_path, monkeypatch):
+    path = tmp_path / "runs.txt"
+    path.write_text("notes")
+    monkeypatch.setenv("LORITA_RUNS", str(path))
+    at = open_page("theory")
+    assert_clean(at)
+
+
+def test_a_setting_that_is_not_a_number_is_named_and_the_app_goes_on(runs_dir, monkeypatch):
+    monkeypatch.setenv("LORITA_MAX_CONCURRENT", "two")
+    monkeypatch.setenv("LORITA_TRAIN_NICE", "40")
+    at = open_page("runs")
+    assert not at.exception and not at.error
+    said = [w.value for w in at.warning]
+    assert "$LORITA_MAX_CONCURRENT='two' is not a whole number ≥ 1; using 1" in said
+    assert "$LORITA_TRAIN_NICE='40' is not a whole number from 0 to 19; using 19" in said
+    assert at.dataframe[0].value.shape[0] == 2
