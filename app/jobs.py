@@ -15,6 +15,7 @@ status) is asked of the run store, :class:`lorita.runs.RunStore`; every run name
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
@@ -50,9 +51,9 @@ _PROCS: dict[tuple[str, str], subprocess.Popen] = {}
 # runs by their folders, and a baseline's child creates its folder only once it has imported
 # torch (seconds, at the lowest priority beside a training run): until then only this knows.
 _STARTED_BASELINE: dict[tuple[str, str], str] = {}
-# (root, name) -> {"stop": asked} for a baseline claimed by start_pair whose child is not
+# (root, name) -> {"stop": asked, "concurrent", "taken"} for a baseline claimed by start_pair whose child is not
 # started yet (it starts once the composed run's child has made its folder)
-_PENDING: dict[tuple[str, str], dict[str, bool]] = {}
+_PENDING: dict[tuple[str, str], dict[str, Any]] = {}
 _PENDING_LOCK = threading.Lock()
 # (root, name) of the children this server started that ended before making their run folder
 # (a dataset missing and no internet, say): listed as failed, with the message of their log,
@@ -372,7 +373,7 @@ def start_pair(
     root_p = Path(root) if root is not None else runs_dir()
     base_name = _request(root_p, baseline, None)
     with _PENDING_LOCK:
-        _PENDING[(str(root_p), base_name)] = {"stop": False}
+        _PENDING[(str(root_p), base_name)] = {"stop": False, "concurrent": concurrent}
     _STARTED_BASELINE[(str(root_p), name)] = base_name
     threading.Thread(
         target=_start_after,
@@ -393,6 +394,17 @@ def _start_after(first: str, name: str, root: Path, concurrent: int | None, wait
         if first_proc is None or first_proc.poll() is not None:
             break
         time.sleep(0.1)
+    with _PENDING_LOCK:  # taken by :func:`start_pending_now` when the server is exiting
+        entry = _PENDING.get(key)
+        if entry is None or entry.get("taken"):
+            return
+        entry["taken"] = True
+    _spawn_pending(name, root, concurrent)
+
+
+def _spawn_pending(name: str, root: Path, concurrent: int | None) -> None:
+    """Start the child of the pending baseline ``name``; a stop asked meanwhile is passed on."""
+    key = (str(root), name)
     try:
         proc = _spawn(name, root, concurrent)
     except (OSError, ValueError) as exc:  # no process: the page shows it failed, and why
@@ -405,6 +417,26 @@ def _start_after(first: str, name: str, root: Path, concurrent: int | None, wait
         stop_asked = _PENDING.pop(key, {}).get("stop", False)
     if stop_asked:
         _stop_once_made(name, root, proc)
+
+
+@atexit.register
+def start_pending_now() -> None:
+    """When the server exits (Ctrl-C): start the baselines still waiting for their run's folder
+    at once, rather than lose them with the thread that waits (the children outlive the
+    server). One stopped before it began is dropped with its request."""
+    with _PENDING_LOCK:
+        waiting = [(k, e) for k, e in _PENDING.items() if not e.get("taken")]
+        for _, entry in waiting:
+            entry["taken"] = True
+    for (root, name), entry in waiting:
+        if entry.get("stop"):
+            with _PENDING_LOCK:
+                _PENDING.pop((root, name), None)
+            for suffix in (".json", ".log"):
+                with contextlib.suppress(OSError):
+                    app_file(name, suffix, Path(root)).unlink(missing_ok=True)
+            continue
+        _spawn_pending(name, Path(root), entry.get("concurrent"))
 
 
 # --- following ------------------------------------------------------------------------------

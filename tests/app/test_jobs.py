@@ -353,3 +353,46 @@ def test_a_run_resumed_elsewhere_after_the_servers_child_ended_reads_as_running(
         assert jobs.view(run.name, root).state == "failed"
     finally:
         jobs._PROCS.pop((str(root), run.name), None)
+
+
+def test_a_baseline_still_waiting_when_the_server_exits_is_started_not_lost(tmp_path, monkeypatch):
+    """Ctrl-C on the server seconds after Start: the N=1 baseline waiting for its run's folder
+    is started at exit (its child outlives the server), once; one stopped meanwhile is
+    dropped with its request."""
+    import threading
+
+    started = []
+
+    class Child:
+        pid = 0
+
+        def poll(self):
+            return None  # importing torch: no folder yet
+
+    def spawn(name, root, concurrent):
+        started.append((name, concurrent))
+        jobs._PROCS[(str(root), name)] = Child()
+        return jobs._PROCS[(str(root), name)]
+
+    monkeypatch.setattr(jobs, "_spawn", spawn)
+    root = tmp_path / "runs"
+    try:
+        first, base = jobs.start_pair(TINY, presets.baseline_config(TINY), root=root,
+                                      concurrent=2, wait_s=0.5)  # fmt: skip
+        assert started == [(first, 2)]
+        jobs.start_pending_now()  # the server exits while the baseline waits
+        assert started == [(first, 2), (base, 2)]
+        for t in threading.enumerate():
+            if t.name == f"start {base}":
+                t.join()
+        assert started == [(first, 2), (base, 2)]  # the waiting thread did not start it again
+
+        first, base = jobs.start_pair(TINY, presets.baseline_config(TINY), root=root, wait_s=30)
+        jobs._PENDING[(str(root), base)]["stop"] = True  # Stop pressed before it began
+        jobs.start_pending_now()
+        assert [n for n, _ in started].count(base) == 0
+        assert not jobs.app_file(base, ".json", root).exists()
+        assert jobs.view(base, root).state == "missing"
+    finally:
+        for key in [k for k in jobs._PROCS if k[0] == str(root)]:
+            jobs._PROCS.pop(key)
