@@ -336,7 +336,8 @@ def build_offline(run: Any, which: str, fmt: str) -> Offline:
         with torch.no_grad():
             diff = float((model(x) - reloaded(x)).abs().max())
         data = path.read_bytes()
-    code = snippet(fmt, file_name, run.task, normalized=_normalized(meta.get("preprocess")))
+    how = _normalized(meta.get("preprocess"))
+    code = snippet(fmt, file_name, run.task, normalized=how, shape=tuple(example.shape[1:]))
     return Offline(data, file_name, diff, val_acc, code, run.task)
 
 
@@ -369,22 +370,29 @@ def _normalized(how: dict | None) -> bool:
 
 
 def snippet(
-    fmt: str, file_name: str, task: str | None = "classification", *, normalized: bool = True
+    fmt: str,
+    file_name: str,
+    task: str | None = "classification",
+    *,
+    normalized: bool = True,
+    shape: tuple[int, ...] | None = None,
 ) -> str:
-    """The few lines that load the downloaded file and run it on inputs ``x``: a classifier's
+    """The lines that load the downloaded file and run it on inputs ``x``: a classifier's
     predicted classes (``pred``), or a regression's predicted targets themselves (``out``).
     ``normalized``: whether the file's metadata says how to normalise the inputs (a regression
-    run, or one trained without normalising, has none: its inputs go in as they are)."""
-    array = "float32 array" if fmt == "onnx" else "tensor"
+    run, or one trained without normalising, has none: its inputs go in as they are).
+    ``shape``: one input's shape (the model's example input less its batch): random inputs of
+    it stand in for the user's, so the lines run as they are."""
+    dims = ", ".join(str(int(d)) for d in shape) if shape else "C, H, W"
     if normalized:
         feed = (
-            f"# x: {array} (batch, C, H, W): how['pixels'], then per channel\n"
-            "# (x - how['normalize']['mean']) / how['normalize']['std']\n"
+            f"# Your inputs x, (batch, {dims}): how['pixels'], then per channel\n"
+            "# (x - how['normalize']['mean']) / how['normalize']['std']. Random ones stand in:\n"
         )
     else:
         feed = (
-            f"# x: {array} (batch, C, H, W) of inputs as the run read them: how['normalize']\n"
-            "# is None, so nothing is normalised\n"
+            f"# Your inputs x, (batch, {dims}), as the run read them (how['normalize'] is\n"
+            "# None: nothing is normalised). Random ones stand in:\n"
         )
     regression = score_of(task).task == "regression"
     if fmt == "onnx":
@@ -395,25 +403,26 @@ def snippet(
             f'session = ort.InferenceSession("{file_name}")\n'
             'how = json.loads(session.get_modelmeta().custom_metadata_map["preprocess"])\n'
         )
+        make = f"x = np.random.rand(1, {dims}).astype(np.float32)\n" if shape else ""
         run = 'session.run(None, {"input": x.astype(np.float32)})[0]'
         if regression:
-            return head + feed + f"out = {run}  # (batch, outputs): the predicted targets\n"
+            return head + feed + make + f"out = {run}  # (batch, outputs): the predicted targets\n"
         return (
-            head + feed + f"logits = {run}\n"
+            head + feed + make + f"logits = {run}\n"
             "pred = logits.argmax(1)  # how['classes'][i] names class i, where it has names\n"
         )
     head = (
+        "import torch\n\n"
         "import lorita as lt\n\n"
         f'model = lt.load("{file_name}").eval()  # rebuilds the architecture from the file\n'
         f'how = lt.read_spec("{file_name}")["metadata"]["preprocess"]  # how to feed it\n'
     )
+    make = f"x = torch.rand(1, {dims})\n" if shape else ""
     if regression:
-        return head + feed + "out = model(x)  # (batch, outputs): the predicted targets\n"
-    return (
-        head
-        + feed
-        + "pred = model(x).argmax(1)  # how['classes'][i] names class i, where it has names\n"
-    )
+        body = "out = model(x)  # (batch, outputs): the predicted targets\n"
+    else:
+        body = "pred = model(x).argmax(1)  # how['classes'][i] names class i, where it has names\n"
+    return head + feed + make + "with torch.no_grad():\n    " + body
 
 
 def build(
@@ -444,6 +453,12 @@ def build(
         original=original,
         reloaded=reloaded,
         seconds=time.perf_counter() - t0,
-        snippet=snippet(fmt, file_name, session.task, normalized=_normalized(how)),
+        snippet=snippet(
+            fmt,
+            file_name,
+            session.task,
+            normalized=_normalized(how),
+            shape=tuple(session.example_input.shape[1:]),
+        ),  # fmt: skip
         task=session.task,
     )
