@@ -1619,10 +1619,7 @@ def _print_compress(out: dict, args) -> None:
         print(f"note: {after['note']}")
     elif not after.get("budget", {}).get("met", True):
         b = after["budget"]
-        print(
-            f"note: budget not met: the cut keeps {after[b['measure'] + '_pct']:.1f}% of the "
-            f"{_MEASURE_WORDS[b['measure']]}, over the budget of {b['percent']:g}%"
-        )
+        print(_unmet_note(b, after[b["measure"] + "_pct"]))
     _print_notes(plan)
     if out.get("out"):
         kept = out.get("out_params")
@@ -1876,6 +1873,14 @@ def cmd_export(args) -> int:
     return 0
 
 
+def _unmet_note(budget: dict, kept_pct: float) -> str:
+    """'note: budget not met: ...' for a cut that keeps ``kept_pct`` % of the budget's measure."""
+    return (
+        f"note: budget not met: the cut keeps {kept_pct:.1f}% of the "
+        f"{_MEASURE_WORDS[budget['measure']]}, over the budget of {budget['percent']:g}%"
+    )
+
+
 def _export_cut(cz, policy, form: str):
     """The cut to export. A budget with the dense form: the ranks that fit the budget (thin),
     written dense into the original architecture, as the Export page does (the budget itself
@@ -1883,15 +1888,31 @@ def _export_cut(cz, policy, form: str):
     from .truncation import Budget, Ranks
 
     if form == "dense" and isinstance(policy, Budget):
-        thin, _ = cz.cut(policy, form="low_rank")
+        thin, extra = cz.cut(policy, form="low_rank")
         print(
             f"note: --form dense writes the ranks of the {policy.percent:g}% budget as dense "
             "weights in the original architecture: every weight keeps its size (the budget "
             "counts the thin form, --form low_rank)",
             file=sys.stderr,
         )
+        _say_if_unmet(cz, thin, extra)
         return cz.cut(Ranks(dict(thin.lorita_ranks)), form="dense")[0]
-    return cz.cut(policy, form=form)[0]
+    model, extra = cz.cut(policy, form=form)
+    _say_if_unmet(cz, model, extra)
+    return model
+
+
+def _say_if_unmet(cz, model, extra: dict) -> None:
+    """On stderr, when a budget cut cannot fit its budget (every layer at rank 1 still costs
+    more, say): the file is written, but it is not the size asked for."""
+    budget = extra.get("budget")
+    if budget and not budget["met"]:
+        from .cost import count_cost
+
+        measure = budget["measure"]
+        got = getattr(count_cost(model, cz.example_input), measure)
+        kept = 100.0 * got / max(getattr(cz.base_cost, measure), 1)
+        print(_unmet_note(budget, kept), file=sys.stderr)
 
 
 def _write_export(args, model, example, meta: dict | None) -> None:

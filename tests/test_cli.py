@@ -954,6 +954,21 @@ def test_compress_budget_met_is_the_share_kept(runs_dir, capsys, monkeypatch):
     assert "budget 30 (not met)" in capsys.readouterr().out
 
 
+def test_export_says_when_its_budget_is_not_met(runs_dir, tmp_path, capsys):
+    """The file is written, and stderr says it is over the budget asked for, by how much."""
+    import lorita as lt
+
+    base = ["export", "r1", "--runs-dir", str(runs_dir)]
+    for form in ("low_rank", "dense"):
+        out = tmp_path / f"{form}.safetensors"
+        assert main([*base, "--budget", "1", "--form", form, "--out", str(out)]) == 0
+        err = capsys.readouterr().err
+        assert "note: budget not met: the cut keeps " in err and "over the budget of 1%" in err
+        assert lt.load(out) is not None
+    assert main([*base, "--budget", "30", "--out", str(tmp_path / "ok.safetensors")]) == 0
+    assert "not met" not in capsys.readouterr().err
+
+
 def test_export_folds_batchnorm_unless_asked_not_to_and_compress_says_how_it_timed(
     runs_dir, tmp_path, capsys
 ):
