@@ -406,17 +406,29 @@ def _policy_text(flag: str, *, allow_none: bool = False):
             return NO_CUT  # (not None, the default: argparse sees it given beside another)
         try:
             policy = parse_policy(s)
-        except ValueError as e:
-            raise argparse.ArgumentTypeError(str(e)) from None
-        cls = type(policy)
-        v = getattr(policy, cls.value_name) if cls.value_name else None
-        if v is not None and not cls.low <= v <= cls.high:  # the bounds of its own flag
-            raise argparse.ArgumentTypeError(
-                f"{cls.name}: {v:g} is not in [{cls.low:g}, {cls.high:g}] (see --{cls.name})"
-            )
+        except ValueError as e:  # out of the flag's bounds says so as the flag does
+            raise argparse.ArgumentTypeError(_out_of_bounds(s) or str(e)) from None
+        problem = _out_of_bounds(s)
+        if problem:
+            raise argparse.ArgumentTypeError(problem)
         return policy
 
     return conv
+
+
+def _out_of_bounds(text: str) -> str | None:
+    """For ``--policy NAME:VALUE`` with a number out of the bounds of its own flag
+    (``--NAME``), what the flag says of it; None otherwise."""
+    from .truncation import policy_class
+
+    name, _, value = text.strip().partition(":")
+    try:
+        cls, v = policy_class(name.strip().lower()), float(value)
+    except ValueError:
+        return None
+    if cls.value_name and not cls.low <= v <= cls.high:
+        return f"{cls.name}: {v:g} is not in [{cls.low:g}, {cls.high:g}] (see --{cls.name})"
+    return None
 
 
 def _add_policy_flags(c: argparse.ArgumentParser, *, required: bool = True) -> None:

@@ -485,6 +485,11 @@ class Run:
                 f"run {self.name!r} is in use by another process (pid {pid}); "
                 "stop it first or wait for it to end"
             ) from None
+        except OSError as e:  # a read-only folder, say: the run cannot be written to
+            raise ValueError(
+                f"run {self.name!r}: cannot write in its folder {str(self.path)!r} "
+                f"({e.strerror or e}); resume it where its folder can be written"
+            ) from None
 
     def release(self) -> None:
         """Give one hold of the writer lock back."""

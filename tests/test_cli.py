@@ -68,6 +68,8 @@ def _one_line_error(capsys, argv, *needles):
         (["compress", "x", "--uniform", "0.001"], ["--uniform", "not in [0.01, 1]"]),
         (["compress", "x", "--policy", "budget:1e-300"], ["budget", "not in [1, 100]"]),
         (["compress", "x", "--policy", "ranks:fc1=4,fc1=5"], ["'fc1' is given two ranks"]),
+        (["compress", "x", "--policy", "uniform:0"], ["uniform: 0 is not in [0.01, 1]"]),
+        (["compress", "x", "--policy", "global:nan"], ["global: nan is not in [0, 0.99]"]),
         (["compress", "nope", "--uniform", "0.5", "--data-dir", "."], ["no run named 'nope'"]),
         (["export", "x", "--format", "onnx", "--out", "x.safetensors"], ["but --format is onnx"]),
         (["export", "nope", "--out", "x.onnx", "--data-dir", "."], ["no run named 'nope'"]),

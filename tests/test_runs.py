@@ -490,3 +490,20 @@ def test_a_runs_folder_whose_path_is_not_utf8_is_refused_up_front(tmp_path, caps
     assert main(["train", "--runs-dir", bad, "--epochs", "1"]) == 2
     assert "runs folder:" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
+
+
+def test_a_run_whose_folder_cannot_be_written_says_so_when_held(tmp_path, monkeypatch):
+    """Resuming a run on a read-only mount: a ValueError naming the run and its folder, not
+    a bare '[Errno 30] ...: writer.lock'."""
+    import errno
+
+    import filelock
+
+    run = RunStore(tmp_path).create({"dataset": "digits", "model": "mlp"}, name="ro")
+
+    def read_only(self, *a, **k):
+        raise OSError(errno.EROFS, "Read-only file system", str(run.path / "writer.lock"))
+
+    monkeypatch.setattr(filelock.FileLock, "acquire", read_only)
+    with pytest.raises(ValueError, match=r"run 'ro': cannot write in its folder .*Read-only"):
+        run.hold()
