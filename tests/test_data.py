@@ -110,14 +110,17 @@ def _write_idx(path: Path, arr: np.ndarray) -> None:
         f.write(header + arr.astype(np.uint8).tobytes())
 
 
-def test_mnist_from_local_idx_files_without_network(tmp_path):
-    raw = tmp_path / "MNIST" / "raw"
+def _mnist_files(raw: Path, rng) -> None:
+    """A small local MNIST copy: 50 training and 20 test images, gzipped IDX files."""
     raw.mkdir(parents=True)
-    rng = np.random.default_rng(0)
     _write_idx(raw / "train-images-idx3-ubyte.gz", rng.integers(0, 255, (50, 28, 28)))
     _write_idx(raw / "train-labels-idx1-ubyte.gz", np.arange(50) % 10)
     _write_idx(raw / "t10k-images-idx3-ubyte.gz", rng.integers(0, 255, (20, 28, 28)))
     _write_idx(raw / "t10k-labels-idx1-ubyte.gz", np.arange(20) % 10)
+
+
+def test_mnist_from_local_idx_files_without_network(tmp_path):
+    _mnist_files(tmp_path / "MNIST" / "raw", np.random.default_rng(0))
     s = load_dataset("mnist", root=tmp_path, download=False, val_fraction=0.2)
     assert (len(s.train), len(s.val), len(s.test)) == (40, 10, 20)
     assert (s.in_channels, s.image_size, s.num_classes) == (1, 28, 10)
@@ -127,13 +130,8 @@ def test_a_damaged_or_incomplete_local_mnist_copy_is_named_before_anything_is_re
     from lorita.data import check_dataset
 
     raw = tmp_path / "MNIST" / "raw"
-    raw.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    _write_idx(raw / "train-images-idx3-ubyte.gz", rng.integers(0, 255, (50, 28, 28)))
-    _write_idx(raw / "train-labels-idx1-ubyte.gz", np.arange(50) % 10)
-    _write_idx(raw / "t10k-labels-idx1-ubyte.gz", np.arange(20) % 10)
+    _mnist_files(raw, np.random.default_rng(0))
     images = raw / "t10k-images-idx3-ubyte"  # not gzipped: its size says whether it is whole
-    _write_idx(images.with_suffix(".gz"), rng.integers(0, 255, (20, 28, 28)))
     images.write_bytes(gzip.decompress(images.with_suffix(".gz").read_bytes()))
     images.with_suffix(".gz").unlink()
     assert check_dataset("mnist", tmp_path, download=False).startswith("local files in")

@@ -16,52 +16,48 @@ if str(ROOT) not in sys.path:
 from app_seed import N1, N3, R1, R3, TINY, TINY_REGRESSION  # noqa: E402
 
 
-@pytest.fixture(scope="session")
-def seeded_store(tmp_path_factory) -> Path:
-    """A runs folder with a finished N=3 run and its N=1 baseline (same seed and setup)."""
+def _seed(root: Path, config: dict, names: tuple[str, str]) -> Path:
+    """Train the N=3 run and its N=1 baseline of ``config`` into ``root`` (same seed, setup)."""
     from lorita.engine import train
     from lorita.runs import RunStore
 
-    root = tmp_path_factory.mktemp("runs-seeded")
     store = RunStore(root)
-    for name, n in ((N3, 3), (N1, 1)):
-        cfg = {**TINY, "n_factors": n}
+    for name, n in zip(names, (3, 1), strict=True):
+        cfg = {**config, "n_factors": n}
         result = train(cfg, store.create(cfg, name=name))
         assert result["state"] == "completed", result
     return root
+
+
+def _copy(seeded: Path, root: Path, monkeypatch) -> Path:
+    """A private copy of a seeded store at ``root``, as $LORITA_RUNS."""
+    shutil.copytree(seeded, root, ignore=shutil.ignore_patterns(".slots"))
+    monkeypatch.setenv("LORITA_RUNS", str(root))
+    return root
+
+
+@pytest.fixture(scope="session")
+def seeded_store(tmp_path_factory) -> Path:
+    """A runs folder with a finished N=3 run and its N=1 baseline (same seed and setup)."""
+    return _seed(tmp_path_factory.mktemp("runs-seeded"), TINY, (N3, N1))
 
 
 @pytest.fixture(scope="session")
 def seeded_regression(tmp_path_factory) -> Path:
     """A runs folder with a finished N=3 regression run (R² scores) and its N=1 baseline."""
-    from lorita.engine import train
-    from lorita.runs import RunStore
-
-    root = tmp_path_factory.mktemp("runs-regression")
-    store = RunStore(root)
-    for name, n in ((R3, 3), (R1, 1)):
-        cfg = {**TINY_REGRESSION, "n_factors": n}
-        result = train(cfg, store.create(cfg, name=name))
-        assert result["state"] == "completed", result
-    return root
+    return _seed(tmp_path_factory.mktemp("runs-regression"), TINY_REGRESSION, (R3, R1))
 
 
 @pytest.fixture
 def regression_runs(seeded_regression, tmp_path, monkeypatch) -> Path:
     """A private copy of the seeded regression store as $LORITA_RUNS."""
-    root = tmp_path / "runs-regression"
-    shutil.copytree(seeded_regression, root, ignore=shutil.ignore_patterns(".slots"))
-    monkeypatch.setenv("LORITA_RUNS", str(root))
-    return root
+    return _copy(seeded_regression, tmp_path / "runs-regression", monkeypatch)
 
 
 @pytest.fixture
 def runs_dir(seeded_store, tmp_path, monkeypatch) -> Path:
     """A private copy of the seeded store as $LORITA_RUNS (tests may delete runs in it)."""
-    root = tmp_path / "runs"
-    shutil.copytree(seeded_store, root, ignore=shutil.ignore_patterns(".slots"))
-    monkeypatch.setenv("LORITA_RUNS", str(root))
-    return root
+    return _copy(seeded_store, tmp_path / "runs", monkeypatch)
 
 
 @pytest.fixture
