@@ -436,7 +436,7 @@ def _panel(name: str) -> tuple[jobs.JobView, jobs.JobView | None]:
     if bv is not None:
         _progress(bv, small=True)
     _status_line(v)
-    if bv is not None and not bv.made and bv.state == "failed" and bv.message != v.message:
+    if bv is not None and bv.state == "failed" and bv.message != v.message:
         st.error(f"Its N=1 baseline **{bv.name}** failed: {bv.message or 'no message'}",
                  icon=STATE_ICON["failed"])  # fmt: skip
     active = [x.name for x in (v, bv) if x is not None and x.active]

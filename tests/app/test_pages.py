@@ -490,6 +490,21 @@ def test_train_shows_a_failed_run_message(runs_dir):
     assert any("Full output of the training process" in c.value for c in at.caption)
 
 
+def test_train_says_why_the_n1_baseline_failed_after_making_its_folder(runs_dir):
+    """The N=1 baseline crashed mid-run (its folder made): the page following the N=3 run
+    says why, not only "failed" in the baseline's progress line."""
+    import json
+
+    st_path = runs_dir / N1 / "status.json"
+    status = json.loads(st_path.read_text())
+    status.update(state="failed", message="NameError: name 'is_int' is not defined")
+    st_path.write_text(json.dumps(status))
+    at = open_page("train", run=N3)
+    assert not at.exception
+    errors = [e.value for e in at.error]
+    assert any(N1 in e and "NameError: name 'is_int'" in e for e in errors), errors
+
+
 def test_train_a_run_that_ends_before_making_its_folder_keeps_its_failure(
     runs_dir, tmp_path, monkeypatch
 ):
