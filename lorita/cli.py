@@ -666,6 +666,16 @@ def build_parser() -> argparse.ArgumentParser:
         "name", nargs="?", type=_text("NAME"),
         help="a model (mlp, torchvision:resnet18, timm:...): print its options and defaults",
     )  # fmt: skip
+    d = sub.add_parser(
+        "datasets", help="list the datasets --dataset takes, or one dataset's --data-arg options"
+    )
+    d.set_defaults(func=cmd_datasets)
+    d.add_argument(
+        "name", nargs="?", type=_text("NAME"),
+        help="a dataset (lowrank, mnist, folder:PATH): print its options, their defaults and "
+        "ranges, and where its data would come from",
+    )  # fmt: skip
+    _add_data_dir(d)
     return p
 
 
@@ -1302,6 +1312,31 @@ def cmd_models(args) -> int:
         if default != options[key]:
             shown += f"  (lorita train's; the builder alone gives {_plain(options[key])})"
         print(f"  {shown}")
+    return 0
+
+
+def cmd_datasets(args) -> int:
+    from .data import DatasetUnavailable, check_dataset, dataset_options, list_datasets
+
+    if args.name is None:
+        print(", ".join([*list_datasets(), "folder:PATH"]))
+        print("lorita datasets NAME prints the options --data-arg takes for NAME")
+        return 0
+    try:
+        options = dataset_options(args.name)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if options:
+        print(f"{args.name}: its --data-arg KEY=VALUE options, each with its default value")
+        for key, o in options.items():
+            print(f"  {key}={o.default}  {o.help}{',' if o.range() else ''}{o.range()}")
+    else:
+        print(f"{args.name}: no options")
+    try:
+        where = check_dataset(args.name, args.data_dir)
+    except DatasetUnavailable as e:
+        where = f"not here: {e}"
+    print(f"data: {where}")
     return 0
 
 

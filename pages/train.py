@@ -26,7 +26,9 @@ _OPTION_HELP = {  # each options box: its placeholder and what it takes
     "dataset_kwargs": (
         "size=64, channels=1",
         "For folder: size (images resized to size×size px, default 32), channels (3 colour, "
-        "1 grey), test_fraction.",
+        "1 grey), test_fraction. For lowrank: rank, dim, n_train, noise, task=regression (the "
+        "teacher's outputs as targets, scored by R²), .... A dataset's options and their "
+        "ranges: `python -m lorita datasets NAME`.",
     ),
     "model_kwargs": (
         "width_mult=0.5",

@@ -1040,6 +1040,25 @@ def test_a_list_option_of_the_wrong_kind_says_what_it_takes(capsys, tmp_path):
         assert "string formatting" not in line and "[64, 128, 256, 512]" in line
 
 
+def test_datasets_lists_the_datasets_and_one_datasets_options_and_data(capsys, tmp_path):
+    assert main(["datasets"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("digits, lowrank, mnist") and "folder:PATH" in out
+    assert main(["datasets", "lowrank"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "  task=classification  what the targets are, one of classification, regression" in lines
+    assert "  rank=4  rank of the teacher matrix, in [1, 1024]" in lines
+    assert lines[-1] == "data: generated"
+    assert main(["datasets", "digits"]) == 0
+    assert capsys.readouterr().out.startswith("digits: no options\n")
+    folder = tmp_path / "none"
+    assert main(["datasets", f"folder:{folder}"]) == 0
+    out = capsys.readouterr().out
+    assert "  size=32  " in out and f"data: not here: dataset 'folder:{folder}'" in out
+    assert main(["datasets", "imagenet"]) == 2
+    assert "dataset: unknown name 'imagenet'" in capsys.readouterr().err
+
+
 def test_models_lists_the_models_and_one_models_options(capsys):
     assert main(["models"]) == 0
     out = capsys.readouterr().out
