@@ -37,6 +37,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .checks import is_int
+
 __all__ = [
     "DatasetEntry",
     "DatasetUnavailable",
@@ -58,6 +60,7 @@ __all__ = [
 ]
 
 VAL_FRACTION = 0.1  # the share of the training part held out for validation, by default
+SEED_LIMIT = 2**64 - 1  # the largest seed a torch.Generator takes
 
 # The most memory one dataset may hold (inputs as stored: uint8 images or float32 tensors).
 # Options that would need more are refused before anything is allocated.
@@ -266,8 +269,14 @@ def validate_dataset(name: str, options: Mapping[str, Any] | None = None) -> dic
             f"dataset options: unknown {unknown}, not accepted by {name!r}; allowed: {allowed}"
         )
     full = {k: o.default for k, o in entry.options.items()}
+    wrong = []  # every bad value is named at once, not one per try
     for k, v in options.items():
-        full[k] = entry.options[k].check(name, k, v)
+        try:
+            full[k] = entry.options[k].check(name, k, v)
+        except ValueError as e:
+            wrong.append(str(e))
+    if wrong:
+        raise ValueError("; ".join(wrong))
     if entry.estimate is not None:
         _refuse_if_too_big(name, entry.estimate(**full))
     return full
@@ -487,6 +496,8 @@ def load_dataset(
     options = validate_dataset(name, kw)
     if not isinstance(val_fraction, int | float) or not 0 < val_fraction <= 0.5:
         raise ValueError(f"val_fraction: {val_fraction!r} must be a number in (0, 0.5]")
+    if not is_int(seed) or not 0 <= seed <= SEED_LIMIT:  # (a run's config.json may say "0")
+        raise ValueError(f"seed: {str(seed)[:40]!r} must be an integer in [0, 2**64 - 1]")
     entry, _ = dataset_entry(name)
     raw = entry.load(name, data_root(root), download, **options)
     if raw.xv is None:

@@ -80,6 +80,8 @@ LIMITS = {
     "n_factors": MAX_FACTORS,
     "dim": 2**31 - 1,
 }
+#: The largest ``image_size`` a file may declare for a registry model.
+MAX_IMAGE_SIZE = 4096
 _DTYPE_BYTES = {
     "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
     "BOOL": 1,
@@ -714,6 +716,20 @@ def validate_spec(spec) -> None:
         raise _fail("spec.input_shape", "expected null or up to 4 integers in [1, 65536]")
     if not isinstance(spec.get("metadata", {}), dict):
         raise _fail("spec.metadata", "expected an object")
+    _check_depth("spec.metadata", spec.get("metadata", {}))
+
+
+def _check_depth(field: str, value, limit: int = 32) -> None:
+    """Lists and objects in ``value`` nested at most ``limit`` deep: the loaded model keeps
+    the spec, and every copy of it (merge_model, truncate) copies it recursively, which a
+    value nested hundreds deep would end in a RecursionError. Walked without recursion."""
+    todo = [(value, 0)]
+    while todo:
+        v, depth = todo.pop()
+        if isinstance(v, (dict, list)):
+            if depth >= limit:
+                raise _fail(field, f"nested deeper than {limit} levels")
+            todo.extend((x, depth + 1) for x in (v.values() if isinstance(v, dict) else v))
 
 
 # --------------------------------------------------------------------------- building
@@ -835,10 +851,13 @@ def _check_against_file(model: nn.Module, shapes: dict[str, tuple], where: str) 
 
 def _check_options_backed(arch: dict, shapes: dict[str, tuple]) -> None:
     """A registry model's integer options (widths, depths, classes) must be backed by the file:
-    none larger than its largest tensor dimension or its number of tensors (or 4096)."""
+    none larger than its largest tensor dimension or its number of tensors (or 4096), and
+    ``image_size`` at most :data:`MAX_IMAGE_SIZE` whatever the file holds."""
     backed = max([4096, len(shapes), *(d for s in shapes.values() for d in s)])
     for k, v in arch.get("kwargs", {}).items():
         limit = len(shapes) if "depth" in k or "layers" in k else backed  # a layer has a tensor
+        if k == "image_size":  # a convolutional model's weights back no size: its example
+            limit = MAX_IMAGE_SIZE  # input (zeros of C x size x size) is made from it
         for x in v if isinstance(v, list) else [v]:
             if isinstance(x, (int, float)) and not isinstance(x, bool) and abs(x) > limit:
                 raise _fail(f"spec.arch.kwargs.{k}", f"{x!r} is larger than the file backs")

@@ -44,6 +44,10 @@ __all__ = [
 
 FAULT_ENV = "LORITA_FAULT"
 MAX_JSON_BYTES = 64 * 1024 * 1024  # a JSON file larger than this is not read (refused)
+#: A JSON line longer than this is skipped, as a broken one is, without being held whole: a
+#: spectra snapshot of every layer of a large model takes a few MB; an edited or damaged log
+#: may hold a line of gigabytes, which a run listing would otherwise read and parse.
+MAX_LINE_BYTES = 16 * 1024 * 1024
 _fault_hits: dict[str, int] = {}
 
 
@@ -275,20 +279,33 @@ def _loads_row(line: bytes | str) -> dict | None:
     return row if isinstance(row, dict) else None
 
 
+def _rows(f, size: int) -> tuple[list[dict], int]:
+    """The JSON-object rows of the complete lines from ``f``'s position up to byte ``size``,
+    and the offset after the last of them. A line is read at most :data:`MAX_LINE_BYTES` at a
+    time: a longer one is passed over (a broken line), never held whole."""
+    rows: list[dict] = []
+    pos = done = f.tell()
+    too_long = False
+    while pos < size:
+        part = f.readline(min(MAX_LINE_BYTES, size - pos))
+        if not part:
+            break
+        pos += len(part)
+        if not part.endswith(b"\n"):
+            too_long = too_long or len(part) == MAX_LINE_BYTES
+            continue  # a line over the limit (read on to its end), or the one being written
+        if not too_long:
+            row = _loads_row(part)
+            if row is not None:
+                rows.append(row)
+        too_long, done = False, pos
+    return rows, done
+
+
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    """All complete JSON-object lines of a file; a half-written or broken line is skipped."""
-    out = []
-    try:
-        with open(path, "rb") as f:
-            for line in f:
-                if not line.endswith(b"\n"):
-                    break  # being written right now
-                row = _loads_row(line)
-                if row is not None:
-                    out.append(row)
-    except OSError:
-        pass
-    return out
+    """All complete JSON-object lines of a file; a half-written, broken or over-long line
+    (:data:`MAX_LINE_BYTES`) is skipped."""
+    return read_jsonl_from(path)[0]
 
 
 def read_jsonl_from(path: str | os.PathLike, offset: int = 0) -> tuple[list[dict], int]:
@@ -303,12 +320,9 @@ def read_jsonl_from(path: str | os.PathLike, offset: int = 0) -> tuple[list[dict
             size = f.seek(0, os.SEEK_END)
             start = offset if 0 <= offset <= size else 0
             f.seek(start)
-            data = f.read(size - start)
+            return _rows(f, size)  # only whole lines; a line being written waits
     except OSError:
         return [], offset
-    end = data.rfind(b"\n") + 1  # only whole lines; a line being written waits
-    rows = [r for r in map(_loads_row, data[:end].split(b"\n")[:-1]) if r is not None]
-    return rows, start + end
 
 
 def read_last_jsonl(path: str | os.PathLike) -> dict | None:
@@ -325,9 +339,11 @@ def read_last_jsonl(path: str | os.PathLike) -> dict | None:
                 # lines[-1] is the unterminated tail; lines[0] may be cut unless pos == 0
                 complete = lines[:-1] if pos == 0 else lines[1:-1]
                 for line in reversed(complete):
-                    row = _loads_row(line)
+                    row = _loads_row(line) if len(line) < MAX_LINE_BYTES else None
                     if row is not None:
                         return row
+                if end - pos > 2 * MAX_LINE_BYTES:  # held a whole line (and a part-written
+                    break  # one after it) and found none: the lines in reach are broken
                 chunk *= 4
     except OSError:
         pass

@@ -174,6 +174,19 @@ def _process_started(pid: int) -> float | None:
         return None
 
 
+def dataset_kwargs(config: dict) -> dict:
+    """The dataset options of a run config (``dataset_kwargs``, {} when unset). A config.json
+    is read from disk and may have been edited: options that are not an object are refused
+    here, naming the field, rather than failing as ``**options`` in the call they are for."""
+    options = config.get("dataset_kwargs") or {}
+    if not isinstance(options, dict):
+        raise ValueError(
+            "config.json dataset_kwargs: expected an object of dataset options (name: value), "
+            f"got {type(options).__name__}"
+        )
+    return options
+
+
 def load_splits(config: dict):
     """The dataset splits of a run config (dict), with its validation carve-out."""
     from .data import VAL_FRACTION, load_dataset
@@ -184,7 +197,7 @@ def load_splits(config: dict):
         seed=config.get("split_seed", 0),
         augment=config.get("augment", False),
         normalize=config.get("normalize", True),
-        **(config.get("dataset_kwargs") or {}),
+        **dataset_kwargs(config),
     )
 
 
@@ -439,7 +452,9 @@ class Run:
         on, else None (the same files, a fixed dataset, or nothing recorded)."""
         kept = self.read_extra("data")
         cfg = self.config
-        if not isinstance(kept, dict) or kept.get("dataset") != cfg.get("dataset"):
+        if not isinstance(kept, dict) or not isinstance(cfg.get("dataset"), str):
+            return None  # nothing kept, or a config without a dataset: nothing to compare
+        if kept.get("dataset") != cfg["dataset"]:
             return None
         try:
             now = self._data_digest()
@@ -457,7 +472,7 @@ class Run:
         from .data import dataset_digest
 
         cfg = self.config
-        return dataset_digest(cfg["dataset"], **(cfg.get("dataset_kwargs") or {}))
+        return dataset_digest(cfg["dataset"], **dataset_kwargs(cfg))
 
     def load_splits(self):
         """The dataset splits this run trained on (same validation carve-out)."""

@@ -315,6 +315,17 @@ def test_integral_floats_are_integers():
     assert validate_dataset("lowrank", {"n_train": 1e3})["n_train"] == 1000
 
 
+def test_every_bad_dataset_option_is_named_at_once():
+    from lorita.data import validate_dataset
+
+    with pytest.raises(ValueError) as e:
+        validate_dataset("lowrank", {"rank": 0, "noise": 1.0, "dim": 0, "task": "x"})
+    said = str(e.value)
+    for option in ("'rank'", "'dim'", "'task'"):
+        assert f"dataset option {option} of 'lowrank'" in said, said
+    assert "'noise'" not in said
+
+
 def test_check_dataset_is_cheap_and_says_where_the_data_comes_from(tmp_path):
     from lorita.data import check_dataset
 
