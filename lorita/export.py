@@ -48,7 +48,7 @@ from .convert import (
     iter_layers,
     merge_model,
 )
-from .io import atomic_write_bytes, cannot_write
+from .io import atomic_write_bytes, cannot_write, clean
 from .io import temp_beside as _temp_beside
 from .kinds import ORDERS, kind_of, layer_table, like, set_module, unfuse_encoders
 from .layers import MAX_FACTORS, is_thin
@@ -318,6 +318,7 @@ def model_spec(model: nn.Module, *, input_shape=None, metadata: dict | None = No
     }
     if not isinstance(spec["metadata"], dict):
         raise ValueError(f"metadata: expected a dict, got {type(metadata).__name__}")
+    spec["metadata"] = clean(spec["metadata"])  # NaN and inf are not JSON: null (unknown)
     try:
         json.dumps(spec)  # fail here, not in the file, if anything is not JSON
     except (TypeError, ValueError) as e:
@@ -1224,7 +1225,8 @@ def _onnx_metadata(path: Path, metadata: dict | None) -> None:
     graph = onnx.load(str(path), load_external_data=False)
     for key, value in metadata.items():
         prop = graph.metadata_props.add()
-        prop.key, prop.value = str(key), value if isinstance(value, str) else json.dumps(value)
+        text = value if isinstance(value, str) else json.dumps(clean(value))  # (NaN: null)
+        prop.key, prop.value = str(key), text
     onnx.save(graph, str(path))
 
 

@@ -76,6 +76,22 @@ def test_onnx_carries_its_metadata(tmp_path, monkeypatch, inline_bytes):
         lt.export_onnx(model, torch.randn(1, 1, 8, 8), tmp_path / "n.onnx", metadata=[1])
 
 
+def test_metadata_that_is_not_a_finite_number_is_written_as_null(tmp_path):
+    """NaN and inf are not JSON: a file read by another language's strict parser must parse,
+    so both formats write them as null (unknown)."""
+    import json
+
+    import onnx
+
+    model, x = net(), torch.randn(1, 1, 8, 8)
+    meta = {"val_acc": float("nan"), "how": {"std": [float("inf"), 0.5]}}
+    st = lt.save(model, tmp_path / "m.safetensors", metadata=meta) or tmp_path / "m.safetensors"
+    assert lt.read_spec(st)["metadata"] == {"val_acc": None, "how": {"std": [None, 0.5]}}
+    lt.export_onnx(model, x, tmp_path / "m.onnx", metadata=meta)
+    props = {p.key: p.value for p in onnx.load(str(tmp_path / "m.onnx")).metadata_props}
+    assert json.loads(props["how"], parse_constant=pytest.fail) == {"std": [None, 0.5]}
+
+
 def test_a_model_too_large_for_one_onnx_file_keeps_its_weights_beside_it(tmp_path, monkeypatch):
     """ONNX files hold at most 2 GiB: a larger model's weights go to NAME.onnx.data (made so
     here by lowering the limit).
