@@ -401,13 +401,24 @@ class Run:
 
     # -- loading
     def load_model(self, which: str = "best"):
-        """The composed model of a checkpoint, on CPU, in eval mode."""
+        """The composed model of a checkpoint, on CPU, in eval mode. ValueError when it is
+        missing, or holds inf or NaN (training keeps its last good checkpoint, so the file was
+        changed since: nothing computed from it would mean anything)."""
+        import torch
+
         from .export import load
 
         path = self.checkpoint(which)
         if not path.is_file():
             raise ValueError(f"run {self.name!r}: no {which} checkpoint at {path}")
-        return load(str(path)).eval()
+        model = load(str(path)).eval()
+        for pname, p in model.named_parameters():
+            if p.is_floating_point() and not bool(torch.isfinite(p).all()):
+                raise ValueError(
+                    f"run {self.name!r}: its {which} checkpoint's {pname!r} holds inf or NaN; "
+                    "use the other checkpoint (best or last), or train the run again"
+                )
+        return model
 
     def as_trained(self, which: str = "best"):
         """(merged model, one example input, the checkpoint's validation accuracy or None) of a

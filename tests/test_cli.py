@@ -1246,3 +1246,28 @@ def test_a_regression_run_shows_r2_not_accuracy(tmp_path, capsys):
     assert all(not line.rstrip().endswith("%") for line in out.splitlines()[3:])
     assert main([*argv, "--methods", "lorita", "--json"]) == 0
     assert [r["task"] for r in json.loads(capsys.readouterr().out)] == ["regression"]
+
+
+def test_export_of_a_checkpoint_holding_nan_is_refused_naming_it(runs_dir, tmp_path, capsys):
+    """A checkpoint changed to hold NaN (training never writes one: it keeps its last good
+    checkpoint), exported or compressed: refused, naming the run, the checkpoint and the
+    tensor, and no file is written."""
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    root = tmp_path / "runs"
+    shutil.copytree(runs_dir / "r1", root / "r1")
+    path = root / "r1" / "checkpoints" / "last.safetensors"
+    with safe_open(str(path), "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    key = next(k for k, t in tensors.items() if t.dim() == 2)
+    tensors[key][0, 0] = float("nan")
+    save_file(tensors, str(path), metadata=meta)
+    out = tmp_path / "m.safetensors"
+    argv = ["export", "r1", "--which", "last", "--out", str(out), "--runs-dir", str(root)]
+    _one_line_error(capsys, argv, "run 'r1': its last checkpoint's", "inf or NaN")
+    assert not out.exists()
+    compress = ["compress", "r1", "--which", "last", "--budget", "30", "--runs-dir", str(root)]
+    _one_line_error(capsys, compress, "run 'r1': its last checkpoint's", "inf or NaN")
