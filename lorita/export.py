@@ -1045,7 +1045,7 @@ def _read_path_header(path) -> tuple[dict, int, str]:
     if path.is_dir():
         raise _fail("path", f"{str(path)!r} is a folder; give the file (.safetensors) in it")
     if not path.is_file():
-        raise _fail("path", f"no such file {str(path)!r}")
+        raise _fail("path", _not_a_file(path))
     try:
         total = path.stat().st_size
         with open(path, "rb") as f:
@@ -1055,6 +1055,17 @@ def _read_path_header(path) -> tuple[dict, int, str]:
     except OSError as e:
         raise _fail("path", f"cannot read {str(path)!r} ({e.strerror})") from None
     return _read_header_bytes(head, total, where), total, where
+
+
+def _not_a_file(path: Path) -> str:
+    """Why ``path``, which is neither a folder nor a regular file, cannot be read."""
+    try:
+        path.stat()
+    except FileNotFoundError:
+        return f"no such file {str(path)!r}"
+    except OSError as e:  # a symbolic link loop, no permission to look
+        return f"cannot read {str(path)!r} ({e.strerror})"
+    return f"{str(path)!r} is not a regular file (a pipe or a device); give a .safetensors file"
 
 
 def load(path: str | os.PathLike, *, model: nn.Module | None = None) -> nn.Module:

@@ -126,3 +126,19 @@ def test_an_image_size_no_weight_backs_is_refused_before_an_input_is_made(tmp_pa
         lt.load(path)
     ok = _saved(tmp_path, lambda s: s["arch"]["kwargs"].update(image_size=64), net)
     assert lt.load(ok).lorita_input_shape == (1, 64, 64)
+
+
+def test_a_pipe_or_a_link_loop_offered_as_a_model_file_says_what_it_is(tmp_path):
+    """Neither is 'no such file': a pipe would block a reader, a loop cannot be followed."""
+    import os
+
+    pipe, loop = tmp_path / "pipe.safetensors", tmp_path / "loop.safetensors"
+    os.mkfifo(pipe)
+    loop.symlink_to(loop)
+    for read in (lt.read_spec, lt.load):
+        with pytest.raises(ValueError, match=r"not a regular file \(a pipe or a device\)"):
+            read(pipe)
+        with pytest.raises(ValueError, match=r"cannot read .*symbolic links"):
+            read(loop)
+        with pytest.raises(ValueError, match=r"no such file"):
+            read(tmp_path / "missing.safetensors")
