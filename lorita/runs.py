@@ -45,7 +45,7 @@ from typing import Any
 import psutil
 from filelock import FileLock, Timeout
 
-from .checks import is_int
+from .checks import is_int, is_num
 from .io import (
     append_jsonl,
     dead_writers_temp,
@@ -434,14 +434,17 @@ class Run:
         if shape is None:
             raise ValueError(f"run {self.name!r}: its model does not record its input shape")
         val_acc = read_spec(self.checkpoint(which))["metadata"].get("val_acc")
+        val_acc = float(val_acc) if is_num(val_acc) else None  # (a file edited since: unknown)
         return model, torch.zeros(1, *shape), val_acc
 
     def preprocess(self, which: str = "best") -> dict | None:
         """How to feed the checkpoint's model (:meth:`lorita.data.Splits.preprocess`), as its
-        training recorded it; None for a checkpoint written before that was recorded."""
+        training recorded it; None for a checkpoint written before that was recorded (or whose
+        record is not an object)."""
         from .export import read_spec
 
-        return read_spec(self.checkpoint(which))["metadata"].get("preprocess")
+        how = read_spec(self.checkpoint(which))["metadata"].get("preprocess")
+        return how if isinstance(how, dict) else None  # (a file edited since: not recorded)
 
     def as_trained_metadata(self, which: str = "best", val_acc: float | None = None) -> dict:
         """The metadata of a file written from the checkpoint as trained (nothing cut): the

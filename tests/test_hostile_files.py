@@ -142,3 +142,15 @@ def test_a_pipe_or_a_link_loop_offered_as_a_model_file_says_what_it_is(tmp_path)
             read(loop)
         with pytest.raises(ValueError, match=r"no such file"):
             read(tmp_path / "missing.safetensors")
+
+
+def test_a_checkpoints_recorded_preprocessing_and_accuracy_of_the_wrong_kind_are_unknown(tmp_path):
+    """A checkpoint edited to say preprocess "x" and val_acc "high": read as not recorded
+    (None), never passed on into exported files or shown as a score."""
+    net = lt.create_model("mlp", in_channels=1, image_size=8, num_classes=10, width=8)
+    run = _run(tmp_path)
+    run.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    lt.save(net, run.checkpoint("best"), input_shape=[1, 8, 8],
+            metadata={"preprocess": "x", "val_acc": "high"})  # fmt: skip
+    assert run.preprocess("best") is None
+    assert run.as_trained("best")[2] is None
