@@ -56,3 +56,15 @@ def check_optional_flag(value, field: str) -> bool | None:
     if value is not None and not isinstance(value, bool):
         raise ValueError(f"{field}: expected None, True or False, got {value!r}"[:200])
     return value
+
+
+def check_names(names, field: str) -> list | None:
+    """``names`` (layer names) as a list: None stays None, one str is one name; else a
+    ValueError naming ``field`` (each name is checked against the model by the caller)."""
+    if names is None:
+        return None
+    if isinstance(names, str):
+        return [names]
+    if isinstance(names, (bytes, dict)) or not hasattr(names, "__iter__"):
+        raise ValueError(f"{field}: expected a layer name or a list of them, got {names!r}"[:200])
+    return list(names)

@@ -261,7 +261,8 @@ def measure_latency(
     _check_repeats(repeats, warmup)
     example_input = inputs.check_example(example_input)
     deploy = deploy_model(model, example_input, fold_bn=fold_bn, channels_last=channels_last)
-    return _time(deploy, example_input, repeats, warmup)
+    with inputs.refused():
+        return _time(deploy, example_input, repeats, warmup)
 
 
 def latency_profile(
@@ -282,7 +283,8 @@ def latency_profile(
     forwards = deployed_forward(
         model, example_input, batches=batches, fold_bn=fold_bn, channels_last=channels_last
     )
-    return {b: median_seconds(f, repeats=repeats, warmup=warmup) for b, f in forwards.items()}
+    with inputs.refused():
+        return {b: median_seconds(f, repeats=repeats, warmup=warmup) for b, f in forwards.items()}
 
 
 def deployed_forward(
@@ -345,7 +347,7 @@ def layer_latency(
         handles.append(module.register_forward_pre_hook(_start_hook(starts[name])))
         handles.append(module.register_forward_hook(_stop_hook(starts[name], pass_total, name)))
     try:
-        with torch.no_grad():
+        with torch.no_grad(), inputs.refused():
             for i in range(warmup + repeats):
                 pass_total.clear()
                 inputs.call(deploy, x)

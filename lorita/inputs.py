@@ -102,6 +102,11 @@ def lead(x: Example) -> Tensor:
 
 def rows(x: Example, batch: int) -> Example:
     """The first sample of each input repeated to ``batch`` rows (contiguous)."""
+    if any(len(t) == 0 for t in tensors(x)):
+        raise ValueError(
+            f"example_input: it holds no samples (batch of 0, {shape_words(x)}); its first "
+            "sample is repeated to the batch sizes timed or exported, give at least one"
+        )
     return each(lambda t: t[:1].expand(batch, *t.shape[1:]).contiguous(), x)
 
 
@@ -137,5 +142,7 @@ def refused(field: str = "example_input") -> Iterator[None]:
         yield
     except (RuntimeError, TypeError, ValueError, IndexError) as e:
         if isinstance(e, ValueError) and str(e).startswith(f"{field}:"):
+            raise
+        if isinstance(e, torch.OutOfMemoryError):  # the input is fine; the device is full
             raise
         raise ValueError(f"{field}: the model refused it ({type(e).__name__}: {e})") from e

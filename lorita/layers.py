@@ -268,6 +268,7 @@ class FactorLinear(_Composed, nn.Module):
         """Compose ``linear``. With init="balanced" the result computes the same function."""
         if not isinstance(linear, nn.Linear):
             raise ValueError(f"linear: expected an nn.Linear, got {type(linear).__name__}")
+        _check_weight("linear", linear, 2)
         w = linear.weight
         layer = cls(
             linear.in_features,
@@ -386,6 +387,25 @@ class _ConvGeometry:
 def _check_conv(conv) -> None:
     if not isinstance(conv, nn.Conv2d):
         raise ValueError(f"conv: expected an nn.Conv2d, got {type(conv).__name__}")
+    _check_weight("conv", conv, 4)
+
+
+def _check_weight(field: str, layer, dims: int) -> None:
+    """A ValueError naming ``field`` unless ``layer`` has a ``dims``-D weight holding values
+    (not on the meta device, no inf or NaN): what a conversion computes from."""
+    w = getattr(layer, "weight", None) if isinstance(layer, nn.Module) else None
+    if not isinstance(w, Tensor) or w.dim() != dims:
+        kind = "nn.Linear" if dims == 2 else "nn.Conv2d"
+        raise ValueError(
+            f"{field}: expected an {kind} (a {dims}-D weight), got {type(layer).__name__}"
+        )
+    if w.is_meta:
+        raise ValueError(
+            f"{field}: its weight is on the 'meta' device (a shape without values); "
+            "materialise it first (to_empty, then load its weights)"
+        )
+    if w.is_floating_point() and not bool(torch.isfinite(w).all()):
+        raise ValueError(f"{field}: its weight holds inf or NaN (training diverged?)")
 
 
 def _grouped(mats: list[Tensor], groups: int) -> list[Tensor]:
@@ -670,6 +690,7 @@ class LowRankLinear(nn.Module):
         """Best rank-r approximation of ``linear`` (any layer with a 2-D ``weight``).
 
         ``svd``: the thin SVD ``(U, S, Vh)`` of its weight, when already known."""
+        _check_weight("linear", linear, 2)
         w = linear.weight.detach()
         layer = cls(
             w.shape[1],
@@ -768,6 +789,8 @@ class LowRankMultiheadAttention(nn.Module):
         dtype=None,
     ) -> None:
         super().__init__()
+        if not is_int(num_heads) or num_heads < 1:
+            raise ValueError(f"num_heads: expected an integer >= 1, got {num_heads!r}")
         if embed_dim % num_heads:
             raise ValueError(f"num_heads: {num_heads} does not divide embed_dim {embed_dim}")
         self.embed_dim, self.num_heads = int(embed_dim), int(num_heads)
@@ -1005,8 +1028,7 @@ class LowRankConv2d(_ConvGeometry, nn.Module):
         """Best rank-r approximation (per group) of ``conv`` (an nn.Conv2d or FactorConv2d).
 
         ``svd``: the thin SVD ``(U, S, Vh)`` of its per-group matrices (g, C_out/g, fan_in)."""
-        if isinstance(conv, nn.Conv2d):
-            _check_conv(conv)
+        _check_weight("conv", conv, 4)
         w = conv.weight.detach()
         c_out, g = w.shape[0], getattr(conv, "groups", 1)
         layer = cls(

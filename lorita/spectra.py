@@ -8,8 +8,8 @@ import torch
 from torch import Tensor, nn
 
 from . import kinds
-from .checks import is_real
-from .convert import iter_layers
+from .checks import check_names, is_real
+from .convert import check_initialised, iter_layers
 
 __all__ = [
     "layer_matrix",
@@ -40,10 +40,11 @@ def layer_matrix(module: nn.Module) -> Tensor:
 
 
 def _select(model: nn.Module, names: Iterable[str] | None) -> dict[str, nn.Module]:
+    check_initialised(model)  # a meta model has no singular values
     layers = dict(iter_layers(model))
+    names = check_names(names, "names")
     if names is None:
         return layers
-    names = list(names)
     unknown = [n for n in names if n not in layers]
     if unknown:
         raise ValueError(f"names: unknown layer(s) {unknown}; layers are: {', '.join(layers)}")
@@ -131,6 +132,11 @@ def energy_rank(s: Tensor, keep: float = ENERGY_KEEP) -> int:
 def rank_summary(spectra: dict[str, Tensor], tol: float = EFFECTIVE_RANK_TOL) -> dict[str, dict]:
     """Per layer: full rank, effective rank, energy rank (99% of sum sigma^2), stable rank and
     entropy rank."""
+    if not isinstance(spectra, dict):
+        raise ValueError(
+            f"spectra: expected a dict {{layer_name: singular values}} (layer_spectra(model)), "
+            f"got {type(spectra).__name__}"
+        )
     return {
         name: {
             "full": int(len(s)),

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from . import inputs, kinds
-from .checks import check_flag, is_int, is_real
+from .checks import check_flag, check_names, is_int, is_real
 from .clone import clone_model
 from .convert import check_initialised, iter_layers, merge_model
 from .cost import Cost, attention_projection_flops, count_cost
@@ -539,7 +539,8 @@ class SVDCache:
             for e in kinds.layer_table(self.model):
                 if e.shared and e.name in available:
                     self.left_out.setdefault(e.name, kinds.TIED)
-        names = [n for n in available if n not in self.left_out] if layers is None else list(layers)
+        layers = check_names(layers, "layers")
+        names = [n for n in available if n not in self.left_out] if layers is None else layers
         unknown = [n for n in names if n not in available]
         if unknown:
             raise ValueError(

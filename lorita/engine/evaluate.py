@@ -16,8 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import data as data_mod
-from ..checks import check_module, is_int, is_num
+from ..checks import check_flag, check_module, is_int, is_num
 from ..clone import clone_model, evaluating
+from ..inputs import refused
 from .config import OPTIMIZERS
 from .optim import loss_fn, main_output, make_optimizer, task_of
 
@@ -40,6 +41,29 @@ def _check_dataset(dataset, field: str) -> None:
 def _check_batch_size(batch_size) -> None:
     if not is_int(batch_size) or batch_size < 1:
         raise ValueError(f"batch_size: {batch_size!r} is not allowed; expected an integer >= 1")
+
+
+def _device(device) -> torch.device:
+    """``device`` as a torch.device; a ValueError naming it for text torch does not read."""
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(
+            f"device: {device!r} is not allowed; expected cpu, cuda, cuda:<index> or mps"
+        ) from None
+
+
+def _check_finetune_options(seed, weight_decay, label_smoothing, callback) -> None:
+    if not is_int(seed):
+        raise ValueError(f"seed: {seed!r} is not allowed; expected an integer")
+    if not is_num(weight_decay) or weight_decay < 0:
+        raise ValueError(f"weight_decay: {weight_decay!r} is not allowed; expected a number >= 0")
+    if not is_num(label_smoothing) or not 0 <= label_smoothing < 1:
+        raise ValueError(
+            f"label_smoothing: {label_smoothing!r} is not allowed; expected a number in [0, 1)"
+        )
+    if callback is not None and not callable(callback):
+        raise ValueError(f"callback: expected a function or None, got {type(callback).__name__}")
 
 
 def _check_finetune(model, splits, epochs, lr, optimizer, batch_size) -> None:
@@ -84,16 +108,27 @@ def evaluate(
         raise ValueError(f"model: expected a model to call, got {type(model).__name__}")
     _check_dataset(dataset, "dataset")
     _check_batch_size(batch_size)
-    device = torch.device(device)
+    check_flag(amp, "amp")
+    device = _device(device)
     task = task_of(dataset)
     loss_sum, correct, n = 0.0, 0.0, 0
     ys, sse = [], 0.0
     with evaluating(model):
         for x, y in _batches(dataset, batch_size):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp), refused("dataset"):
                 out = main_output(model(x))
             out = out.float()
+            if out.dim() != 2 or len(out) != len(y):
+                raise ValueError(
+                    f"dataset: the model refused it: for inputs {tuple(x.shape)} it returned "
+                    f"{tuple(out.shape)}, expected (batch, outputs)"
+                )
+            if task != "regression" and out.shape[1] <= int(y.max()):
+                raise ValueError(
+                    f"dataset: it has class {int(y.max())}, the model only {out.shape[1]} "
+                    "outputs (build it with num_classes= the dataset's)"
+                )
             if task == "regression":
                 loss_sum += F.mse_loss(out, y, reduction="sum").item() / y.shape[1]
                 sse += (out - y).pow(2).sum().item()
@@ -128,7 +163,8 @@ def finetune(
     """Fine-tune a (truncated) model on the training split; returns a copy with the best
     validation accuracy seen (the starting point included), in eval mode on CPU."""
     _check_finetune(model, splits, epochs, lr, optimizer, batch_size)
-    device = torch.device(device)
+    _check_finetune_options(seed, weight_decay, label_smoothing, callback)
+    device = _device(device)
     work = clone_model(model).to(device)
     best = evaluate(work, splits.val, device=device)["acc"]
     best_state = copy.deepcopy(work.state_dict())
