@@ -34,14 +34,16 @@ def check_example(x, field: str = "example_input") -> Example:
     each with a batch dimension (detached, where one requires grad: an example is only
     run); else a ValueError naming ``field``."""
     if isinstance(x, Tensor):
-        if x.dim() > 0:
-            return x.detach() if x.requires_grad else x
-        raise ValueError(f"{field}: every tensor needs a batch dimension (got a 0-d tensor)")
+        if x.dim() == 0:
+            raise ValueError(f"{field}: every tensor needs a batch dimension (got a 0-d tensor)")
+        _check_samples([x], field)
+        return x.detach() if x.requires_grad else x
     items = _tensors(x)
     if items and all(isinstance(t, Tensor) for t in items):
-        if all(t.dim() > 0 for t in items):
-            return each(Tensor.detach, x) if any(t.requires_grad for t in items) else x
-        raise ValueError(f"{field}: every tensor needs a batch dimension (got a 0-d tensor)")
+        if not all(t.dim() > 0 for t in items):
+            raise ValueError(f"{field}: every tensor needs a batch dimension (got a 0-d tensor)")
+        _check_samples(items, field)
+        return each(Tensor.detach, x) if any(t.requires_grad for t in items) else x
     if items is None:
         got = (
             "a dict whose keys are not argument names" if isinstance(x, dict) else type(x).__name__
@@ -53,6 +55,13 @@ def check_example(x, field: str = "example_input") -> Example:
         f"{field}: expected a tensor, or a tuple of tensors (positional) or a dict of tensors "
         f"(keyword arguments) for a model with several inputs, got {got}"
     )
+
+
+def _check_samples(items: list[Tensor], field: str) -> None:
+    """A batch of 0 runs nothing: its cost is 0 and a budget planned on it means nothing."""
+    if any(len(t) == 0 for t in items):
+        shapes = ", ".join(str(tuple(t.shape)) for t in items)
+        raise ValueError(f"{field}: it holds no samples (a batch of 0: {shapes}); give at least one")
 
 
 def is_example(x) -> bool:
@@ -101,12 +110,8 @@ def lead(x: Example) -> Tensor:
 
 
 def rows(x: Example, batch: int) -> Example:
-    """The first sample of each input repeated to ``batch`` rows (contiguous)."""
-    if any(len(t) == 0 for t in tensors(x)):
-        raise ValueError(
-            f"example_input: it holds no samples (batch of 0, {shape_words(x)}); its first "
-            "sample is repeated to the batch sizes timed or exported, give at least one"
-        )
+    """The first sample of each input (:func:`check_example`: there is one) repeated to
+    ``batch`` rows (contiguous)."""
     return each(lambda t: t[:1].expand(batch, *t.shape[1:]).contiguous(), x)
 
 

@@ -64,6 +64,14 @@ def _resolve_inner(inner, full: int) -> int:
     return int(inner)
 
 
+def _size(field: str, v) -> int:
+    """A layer's width (features or channels): an integer >= 1, else a ValueError naming it
+    (torch's own error for -1 is 'negative dimension', and True is 1)."""
+    if not is_int(v) or v < 1:
+        raise ValueError(f"{field}: expected an integer >= 1, got {v!r}"[:200])
+    return int(v)
+
+
 def _check_rank(rank, full: int) -> int:
     if not is_int(rank) or not 1 <= rank <= full:
         raise ValueError(f"rank: expected an integer with 1 <= rank <= {full}, got {rank!r}")
@@ -191,8 +199,8 @@ class FactorLinear(_Composed, nn.Module):
     ) -> None:
         super().__init__()
         kw = {"device": device, "dtype": dtype}
-        self.in_features = int(in_features)
-        self.out_features = int(out_features)
+        self.in_features = _size("in_features", in_features)
+        self.out_features = _size("out_features", out_features)
         self.n_factors = check_n_factors(n_factors)
         self.init = _check_choice("init", init, _INITS)
         self.order = _check_choice("order", order, _ORDERS)
@@ -268,7 +276,7 @@ class FactorLinear(_Composed, nn.Module):
         """Compose ``linear``. With init="balanced" the result computes the same function."""
         if not isinstance(linear, nn.Linear):
             raise ValueError(f"linear: expected an nn.Linear, got {type(linear).__name__}")
-        _check_weight("linear", linear, 2)
+        _check_weight("linear", linear, 2, values=init == "balanced")
         w = linear.weight
         layer = cls(
             linear.in_features,
@@ -384,21 +392,24 @@ class _ConvGeometry:
         )
 
 
-def _check_conv(conv) -> None:
+def _check_conv(conv, *, values: bool = True) -> None:
     if not isinstance(conv, nn.Conv2d):
         raise ValueError(f"conv: expected an nn.Conv2d, got {type(conv).__name__}")
-    _check_weight("conv", conv, 4)
+    _check_weight("conv", conv, 4, values=values)
 
 
-def _check_weight(field: str, layer, dims: int) -> None:
-    """A ValueError naming ``field`` unless ``layer`` has a ``dims``-D weight holding values
-    (not on the meta device, no inf or NaN): what a conversion computes from."""
+def _check_weight(field: str, layer, dims: int, *, values: bool = True) -> None:
+    """A ValueError naming ``field`` unless ``layer`` has a ``dims``-D weight, and, where the
+    conversion computes from it (``values``), one holding values (not on the meta device, no
+    inf or NaN). A loader composes meta layers with fresh factors (init="independent")."""
     w = getattr(layer, "weight", None) if isinstance(layer, nn.Module) else None
     if not isinstance(w, Tensor) or w.dim() != dims:
         kind = "nn.Linear" if dims == 2 else "nn.Conv2d"
         raise ValueError(
             f"{field}: expected an {kind} (a {dims}-D weight), got {type(layer).__name__}"
         )
+    if not values:
+        return
     if w.is_meta:
         raise ValueError(
             f"{field}: its weight is on the 'meta' device (a shape without values); "
@@ -445,8 +456,8 @@ class FactorConv2d(_Composed, _ConvGeometry, nn.Module):
     ) -> None:
         super().__init__()
         kw = {"device": device, "dtype": dtype}
-        self.in_channels = int(in_channels)
-        self.out_channels = int(out_channels)
+        self.in_channels = _size("in_channels", in_channels)
+        self.out_channels = _size("out_channels", out_channels)
         self.groups = _check_groups(groups, self.in_channels, self.out_channels)
         self._init_geometry(kernel_size, stride, padding, dilation, padding_mode)
         self.n_factors = check_n_factors(n_factors)
@@ -546,7 +557,7 @@ class FactorConv2d(_Composed, _ConvGeometry, nn.Module):
         order: str = "auto",
     ) -> FactorConv2d:
         """Compose ``conv``. With init="balanced" the result computes the same function."""
-        _check_conv(conv)
+        _check_conv(conv, values=init == "balanced")
         w = conv.weight
         layer = cls(
             conv.in_channels,
@@ -668,7 +679,10 @@ class LowRankLinear(nn.Module):
         dtype=None,
     ) -> None:
         super().__init__()
-        self.in_features, self.out_features = int(in_features), int(out_features)
+        self.in_features, self.out_features = (
+            _size("in_features", in_features),
+            _size("out_features", out_features),
+        )
         self.rank = _check_rank(rank, min(self.in_features, self.out_features))
         kw = {"device": device, "dtype": dtype}
         self.first = nn.Linear(self.in_features, self.rank, bias=False, **kw)
@@ -988,7 +1002,10 @@ class LowRankConv2d(_ConvGeometry, nn.Module):
         dtype=None,
     ) -> None:
         super().__init__()
-        self.in_channels, self.out_channels = int(in_channels), int(out_channels)
+        self.in_channels, self.out_channels = (
+            _size("in_channels", in_channels),
+            _size("out_channels", out_channels),
+        )
         self.groups = g = _check_groups(groups, self.in_channels, self.out_channels)
         self._init_geometry(kernel_size, stride, padding, dilation, padding_mode)
         kh, kw_ = self.kernel_size

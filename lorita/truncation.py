@@ -134,9 +134,14 @@ class Policy:
         raise NotImplementedError
 
 
+MAX_SWEEP_POINTS = 10_000  # a curve's points: each is a cut (and an evaluation) of its own
+
+
 def _points(points: int) -> int:
-    if not is_int(points) or points < 2:
-        raise ValueError(f"points: expected an integer >= 2, got {points!r}")
+    if not is_int(points) or not 2 <= points <= MAX_SWEEP_POINTS:
+        raise ValueError(
+            f"points: expected an integer in [2, {MAX_SWEEP_POINTS}], got {points!r}"[:200]
+        )
     return int(points)
 
 

@@ -103,3 +103,31 @@ def test_evaluate_and_finetune_name_bad_options():
     ):
         with pytest.raises(ValueError, match=f"{field}: "):
             finetune(model, splits, epochs=1, **kw)
+
+
+def test_an_empty_example_batch_and_a_sweep_too_long_to_run_are_refused():
+    """A batch of 0 costs nothing: a budget planned on it said 'kept 0 %, met'. A sweep of
+    10**7 points is 10**7 cuts."""
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+    with pytest.raises(ValueError, match=r"^example_input: it holds no samples"):
+        lt.count_cost(model, torch.randn(0, 8))
+    with pytest.raises(ValueError, match=r"^example_input: it holds no samples"):
+        lt.count_cost(model, (torch.randn(2, 8)[:0],))
+    with pytest.raises(ValueError, match=r"^points: expected an integer in \[2, 10000\]"):
+        lt.Budget.sweep(10**7)
+    assert len(lt.Uniform.sweep(100)) == 100
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: lt.FactorLinear(-1, 4),
+        lambda: lt.FactorLinear(True, 4),
+        lambda: lt.FactorConv2d(3, 0, 3),
+        lambda: lt.LowRankLinear(8, "4", 2),
+        lambda: lt.LowRankConv2d(3.5, 8, 3, 2),
+    ],
+)
+def test_a_layer_width_that_is_not_an_integer_of_one_or_more_is_named(make):
+    with pytest.raises(ValueError, match=r"^(in|out)_(features|channels): expected an integer"):
+        make()
