@@ -61,7 +61,9 @@ def _check_samples(items: list[Tensor], field: str) -> None:
     """A batch of 0 runs nothing: its cost is 0 and a budget planned on it means nothing."""
     if any(len(t) == 0 for t in items):
         shapes = ", ".join(str(tuple(t.shape)) for t in items)
-        raise ValueError(f"{field}: it holds no samples (a batch of 0: {shapes}); give at least one")
+        raise ValueError(
+            f"{field}: it holds no samples (a batch of 0: {shapes}); give at least one"
+        )
 
 
 def is_example(x) -> bool:
