@@ -2029,7 +2029,8 @@ def _term_interrupts():
 
 def _settle(args) -> None:
     """What argparse cannot check alone: ``$LORITA_RUNS`` as --runs-dir is checked (a folder
-    path, not empty, not a file), and --search only goes with --max-drop."""
+    path, not empty, not a file), --search only goes with --max-drop, and a budget search
+    not with --form dense."""
     if hasattr(args, "runs_dir") and args.runs_dir is None and "LORITA_RUNS" in os.environ:
         try:
             args.runs_dir = _folder_arg("LORITA_RUNS")(os.environ["LORITA_RUNS"])
@@ -2040,6 +2041,12 @@ def _settle(args) -> None:
             raise UsageError(
                 f"--search {args.search}: only with --max-drop (it is the policy the search for "
                 "the smallest model within P points follows)"
+            )
+        if args.search in ("budget", "flops-budget") and args.form == "dense":
+            raise UsageError(
+                f"--search {args.search} with --form dense: a budget counts the thin form's "
+                "size, and a dense weight keeps its size; search with --search global (the "
+                "budgets' own order) or cut with --form low_rank"
             )
         args.search = args.search or "global"
 

@@ -577,6 +577,26 @@ def test_compress_checks_rank_names_before_the_session_loads(runs_dir, capsys, m
     _one_line_error(capsys, [*base, "ranks:head=1"], "'head' is the output layer")
 
 
+@pytest.mark.parametrize("command", ["compress", "export"])
+@pytest.mark.parametrize("search", ["budget", "flops-budget"])
+def test_a_budget_search_with_the_dense_form_is_refused_before_the_session_loads(
+    runs_dir, tmp_path, capsys, monkeypatch, command, search
+):
+    """``--max-drop P --search budget --form dense`` is refused at once, as ``compress --budget
+    P --form dense`` is, in the command line's words (it said ``form: ... Ranks(cut.lorita_ranks)``
+    after the SVDs and the evaluation of the uncut model)."""
+    import lorita.compress
+
+    def no_session(*a, **kw):
+        raise AssertionError("the session was opened before the flags were checked")
+
+    monkeypatch.setattr(lorita.compress.Compressor, "__init__", no_session)
+    argv = [command, "r1", "--runs-dir", str(runs_dir), "--max-drop", "1", "--search", search]
+    argv += ["--form", "dense", "--out", str(tmp_path / "x.safetensors")]
+    _one_line_error(capsys, argv, f"--search {search}", "--form dense", "--search global")
+    assert not any(tmp_path.iterdir())
+
+
 def test_compress_says_when_the_cut_measured_slower(runs_dir, capsys, monkeypatch):
     """Forms chosen by FLOPs can be slower at batch 1 (two small layers cost more than one):
     the output says so and names the flags that choose by measured time."""
