@@ -647,7 +647,7 @@ def _head_left_out(model: nn.Module, example_input: Tensor | None) -> dict[str, 
     found = f"; found as {how}" if how else ""
     return {
         head: f"output layer ({outputs} outputs): left out, as cutting it below its number of "
-        f"outputs merges them (keep_head=False cuts it){found}"
+        f"outputs merges them{found}"
     }
 
 

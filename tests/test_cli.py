@@ -965,6 +965,8 @@ def test_compress_budget_met_is_the_share_kept(runs_dir, capsys, monkeypatch):
     text = capsys.readouterr().out
     assert "budget 1 (not met)" in text
     assert f"note: budget not met: the cut keeps {out['params_pct']:.1f}% of the parameters" in text
+    assert "head: output layer (10 outputs): left out" in text
+    assert "keep_head" not in text  # (the library's argument: no flag of this command)
     assert main([*base, "--budget", "30", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)["after"]
     assert out["params_pct"] <= 30 and out["budget"]["met"] is True
