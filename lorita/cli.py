@@ -1907,6 +1907,12 @@ def cmd_export(args) -> int:
             res = _chosen_cut(cz, args)
             model = res.model
             words = f"{_policy_words(res.policy)} ({args.search} search within {args.max_drop:g} points)"
+            name, fmt = _scored(cz.task)  # which cut the search chose, said beside the file
+            print(
+                f"chosen: {words}: {res.params_pct:.1f}% of the parameters, "
+                f"{res.flops_pct:.1f}% of the FLOPs, val {name} {fmt(res.val_acc)}",
+                file=sys.stderr,
+            )
         if args.form_by != "flops" and args.form == "low_rank":
             from .kinds import choose_forms
 

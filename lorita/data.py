@@ -738,8 +738,8 @@ def _idx_put(name: str, root: Path) -> str:
     where = ", ".join(str(f) for f in folders[:1] + folders[2:])
     hint = " (Debian: apt install dataset-fashion-mnist)" if name == "fashion_mnist" else ""
     return (
-        f"put the four IDX files (train-images-idx3-ubyte[.gz], ...) in one of {where}{hint}"
-        + _idx_partial(name, root)
+        f"put the four IDX files (train-images-idx3-ubyte[.gz], ...) in one of {where} (or set "
+        f"LORITA_DATA to a folder that has them){hint}" + _idx_partial(name, root)
     )
 
 

@@ -540,6 +540,9 @@ def test_export_takes_the_policy_flags_of_compress(runs_dir, tmp_path, capsys):
         else:  # the file records the cut's own validation accuracy, not the uncut model's
             from lorita.compress import Compressor
 
+            chosen = capsys.readouterr().err  # which cut the search chose, beside the file
+            assert chosen.startswith("chosen: ") and "search within 1 points" in chosen
+            assert "% of the parameters" in chosen and "val acc " in chosen
             cz = Compressor(RunStore(runs_dir).get("r1"))
             stored = lt.read_spec(path)["metadata"]["val_acc"]
             assert stored == pytest.approx(cz.data.metrics(model, parts=("val",))["val_acc"])
