@@ -59,6 +59,15 @@ class UsageError(Exception):
     """Bad command-line input: exit 2 with one line."""
 
 
+@contextlib.contextmanager
+def _as_usage():
+    """A ValueError raised inside (the library naming a bad value) becomes a UsageError."""
+    try:
+        yield
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
 class _Parser(argparse.ArgumentParser):
     def __init__(self, *a, **kw) -> None:
         kw.setdefault("allow_abbrev", False)  # --epoch is an error, not --epochs
@@ -136,10 +145,8 @@ def _short(s: str, n: int = 60) -> str:
 def _key_values(items: list[str] | None, flag: str) -> dict:
     from .engine.config import parse_options
 
-    try:
+    with _as_usage():
         return parse_options(items, flag)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
 
 
 def _out_path(flag: str):
@@ -881,10 +888,8 @@ def _init_file(args, value: str) -> str:
         run = store.get(value)
     else:
         raise UsageError(f"init_from: {why}") from None
-    try:
+    with _as_usage():
         return run.start_file()
-    except ValueError as e:
-        raise UsageError(str(e)) from None
 
 
 def _train_config_from_run(run, args):
@@ -1295,10 +1300,8 @@ def cmd_models(args) -> int:
         )
         print("lorita models NAME prints the options --model-arg takes for NAME")
         return 0
-    try:
+    with _as_usage():
         options = model_options(args.name)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
     if not options:
         print(f"{args.name}: no options (the dataset sets its input and classes)")
         return 0
@@ -1322,10 +1325,8 @@ def cmd_datasets(args) -> int:
         print(", ".join([*list_datasets(), "folder:PATH"]))
         print("lorita datasets NAME prints the options --data-arg takes for NAME")
         return 0
-    try:
+    with _as_usage():
         options = dataset_options(args.name)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
     if options:
         print(f"{args.name}: its --data-arg KEY=VALUE options, each with its default value")
         for key, o in options.items():

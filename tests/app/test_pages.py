@@ -470,13 +470,17 @@ def test_a_page_asked_for_a_deleted_run_or_one_without_checkpoint_says_so(runs_d
         assert any("Run other-n1 is not in the runs folder" in i.value for i in at.info), page
 
 
-def test_train_shows_a_failed_run_message(runs_dir):
+def _failed(root: Path, name: str, message: str) -> None:
+    """Mark run ``name`` failed with ``message``, as its training process would."""
     import json
 
-    st_path = runs_dir / N1 / "status.json"
-    status = json.loads(st_path.read_text())
-    status.update(state="failed", message="DatasetUnavailable: put the files in /somewhere")
-    st_path.write_text(json.dumps(status))
+    path = root / name / "status.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "state": "failed",
+                                "message": message}))  # fmt: skip
+
+
+def test_train_shows_a_failed_run_message(runs_dir):
+    _failed(runs_dir, N1, "DatasetUnavailable: put the files in /somewhere")
     at = open_page("train", run=N1)
     assert not at.exception
     assert any("DatasetUnavailable: put the files" in e.value for e in at.error)
@@ -493,12 +497,7 @@ def test_train_shows_a_failed_run_message(runs_dir):
 def test_train_says_why_the_n1_baseline_failed_after_making_its_folder(runs_dir):
     """The N=1 baseline crashed mid-run (its folder made): the page following the N=3 run
     says why, not only "failed" in the baseline's progress line."""
-    import json
-
-    st_path = runs_dir / N1 / "status.json"
-    status = json.loads(st_path.read_text())
-    status.update(state="failed", message="NameError: name 'is_int' is not defined")
-    st_path.write_text(json.dumps(status))
+    _failed(runs_dir, N1, "NameError: name 'is_int' is not defined")
     at = open_page("train", run=N3)
     assert not at.exception
     errors = [e.value for e in at.error]
