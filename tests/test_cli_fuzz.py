@@ -372,6 +372,9 @@ def _other_command_cases(world) -> list:
     cases += [(["runs", "--runs-dir", v], ("--runs-dir",)) for v in ["", str(files / "text.json")]]
     cases += [(["stop", n], None) for n in NAME_JUNK + ["nope"]]
     cases += [(["models", n], None) for n in NAME_JUNK + ["torchvision:nope", "timm:"]]
+    cases += [(["datasets", n], None) for n in NAME_JUNK + ["imagenet", "folder:", "Digits"]]
+    bad_data = ["", str(files / "text.json"), LONG]
+    cases += [(["datasets", "mnist", "--data-dir", v], ("--data-dir",)) for v in bad_data]
     bad_dirs = ["", str(files / "text.json"), LONG]
     for cmd in ("stop", "compare"):
         cases += [([cmd, "fake", "--runs-dir", v], ("--runs-dir",)) for v in bad_dirs]
