@@ -29,7 +29,14 @@ from pathlib import Path
 from typing import Any
 
 from lorita.io import write_json
-from lorita.runs import ACTIVE, STATES, WAITING_FOR_SLOT, config_row, validate_name
+from lorita.runs import (
+    ACTIVE,
+    LAUNCH_DIR,
+    STATES,
+    WAITING_FOR_SLOT,
+    config_row,
+    validate_name,
+)
 from lorita.scores import score_of, task_of_config
 
 RUNS_ENV = "LORITA_RUNS"
@@ -39,7 +46,7 @@ NICE_ENV = "LORITA_TRAIN_NICE"  # scheduling niceness of training children
 # (bench/app_latency.py measures the pages beside a child at this priority).
 DEFAULT_NICE = 19
 DEFAULT_RUNS = "runs"
-APP_DIR = ".app"  # <runs>/.app/<name>.json (the request) and <name>.log (the child's output)
+APP_DIR = LAUNCH_DIR  # <runs>/.app/<name>.json (the request) and <name>.log (the child's output)
 FINISHED = tuple(s for s in STATES if s not in ACTIVE)  # completed, failed, stopped
 #: a child of this server that has not made its run folder yet (list_runs, JobView)
 STARTING = "starting"
@@ -289,12 +296,8 @@ def _claim_name(root: Path, config: dict[str, Any], name: str | None) -> str:
         if not claim(validate_name(name)):
             raise ValueError(f"run name: {name!r} already exists in {root}")
         return name
-    claimed = store(root)
-
-    def requested(candidate: str) -> bool:
-        return app_file(candidate, ".json", root).exists()
-
-    while not claim(name := claimed.new_name(config, taken=requested)):
+    claimed = store(root)  # (a fresh name is one no request in APP_DIR holds either)
+    while not claim(name := claimed.new_name(config)):
         pass  # another Start claimed it between the look and the claim: the next one
     return name
 

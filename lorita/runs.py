@@ -38,7 +38,6 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +85,10 @@ PREPARING = "preparing: loading the data and building the model"
 HEARTBEAT_S = 2.0  # how often a live process refreshes status.json
 STALE_S = 15.0  # heartbeat older than this and pid gone: the process died
 WRITER_LOCK = "writer.lock"
+#: a launcher's requests for runs whose folders are not made yet: the app's Start claims a
+#: name at once as ``<runs>/.app/<name>.json`` and its child makes the folder seconds later,
+#: so a fresh name (:meth:`RunStore.new_name`) is never one claimed there
+LAUNCH_DIR = ".app"
 #: what a run folder holds (its hidden temp files aside)
 RUN_FILES = frozenset({
     "config.json", "status.json", "metrics.jsonl", "spectra.jsonl", "result.json",
@@ -762,11 +765,9 @@ class RunStore:
     def exists(self, name: str) -> bool:
         return self.path(name).exists()
 
-    def new_name(
-        self, config: dict, suffix: str = "", taken: Callable[[str], bool] | None = None
-    ) -> str:
+    def new_name(self, config: dict, suffix: str = "") -> str:
         """A fresh readable name: dataset-model-N<n>-YYYYmmdd-HHMMSS[-k][suffix], with no run
-        folder of that name (nor a name ``taken`` says is claimed elsewhere)."""
+        folder of that name and no launcher's request for it (:data:`LAUNCH_DIR`)."""
         stamp = time.strftime("%Y%m%d-%H%M%S")
         cfg = config if isinstance(config, dict) else {}
         parts = [cfg.get("dataset", "run"), cfg.get("model", "model")]
@@ -774,7 +775,7 @@ class RunStore:
         base = re.sub(r"[^A-Za-z0-9._-]", "_", base).strip("._-")[:80] or "run"
         suffix = re.sub(r"[^A-Za-z0-9._-]", "_", str(suffix))[:16]
         name, k = base + suffix, 1
-        while (self.root / name).exists() or (taken is not None and taken(name)):
+        while (self.root / name).exists() or (self.root / LAUNCH_DIR / f"{name}.json").exists():
             k += 1
             name = f"{base}-{k}{suffix}"
         return validate_name(name)

@@ -507,3 +507,19 @@ def test_a_run_whose_folder_cannot_be_written_says_so_when_held(tmp_path, monkey
     monkeypatch.setattr(filelock.FileLock, "acquire", read_only)
     with pytest.raises(ValueError, match=r"run 'ro': cannot write in its folder .*Read-only"):
         run.hold()
+
+
+def test_a_fresh_name_is_never_one_a_launcher_has_claimed(tmp_path, monkeypatch):
+    """The app claims a name in .app/ at Start and its child makes the folder seconds later:
+    a run started from the command line in that second takes the next name, not that one."""
+    from lorita import runs as runs_mod
+
+    monkeypatch.setattr(runs_mod.time, "strftime", lambda fmt: "20261207-000000")
+    store = RunStore(tmp_path)
+    config = {"dataset": "digits", "model": "mlp", "n_factors": 3}
+    (tmp_path / runs_mod.LAUNCH_DIR).mkdir()
+    (tmp_path / runs_mod.LAUNCH_DIR / "digits-mlp-N3-20261207-000000.json").write_text("{}")
+    run = store.create(config)
+    assert run.name == "digits-mlp-N3-20261207-000000-2"
+    claimed = store.create(config, name="digits-mlp-N3-20261207-000000")  # the app's child
+    assert claimed.name == "digits-mlp-N3-20261207-000000"
