@@ -61,6 +61,7 @@ from .layers import (
     LowRankConv2d,
     LowRankLinear,
     LowRankMultiheadAttention,
+    check_finite,
     is_thin,
 )
 
@@ -773,18 +774,6 @@ def layer_svd(module: nn.Module, name: str = "") -> tuple[Tensor, Tensor, Tensor
     """Thin SVD (float64) of the layer's matrices: U (G, m, k), S (G, k), Vh (G, k, n)."""
     check_finite(module, name)
     return svd64(matrices(module))
-
-
-def check_finite(module: nn.Module, name: str = "") -> None:
-    """Refuse a layer whose parameters hold inf or NaN: it has no singular values, and
-    composing it would spread them (the usual cause: training diverged)."""
-    for pname, p in module.named_parameters():
-        if p.is_floating_point() and not p.is_meta and not bool(torch.isfinite(p).all()):
-            raise ValueError(
-                f"layer {name or type(module).__name__!r}: its parameter {pname!r} holds inf "
-                "or NaN (training diverged?); use a checkpoint from before, or train again "
-                "with a lower learning rate"
-            )
 
 
 # --------------------------------------------------------------------------- direct reads

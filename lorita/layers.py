@@ -401,7 +401,8 @@ def _check_conv(conv, *, values: bool = True) -> None:
 def _check_weight(field: str, layer, dims: int, *, values: bool = True) -> None:
     """A ValueError naming ``field`` unless ``layer`` has a ``dims``-D weight, and, where the
     conversion computes from it (``values``), one holding values (not on the meta device, no
-    inf or NaN). A loader composes meta layers with fresh factors (init="independent")."""
+    inf or NaN: :func:`check_finite`). A loader composes meta layers with fresh factors
+    (init="independent"); a cut given the layer's SVD has checked it already."""
     w = getattr(layer, "weight", None) if isinstance(layer, nn.Module) else None
     if not isinstance(w, Tensor) or w.dim() != dims:
         kind = "nn.Linear" if dims == 2 else "nn.Conv2d"
@@ -415,8 +416,19 @@ def _check_weight(field: str, layer, dims: int, *, values: bool = True) -> None:
             f"{field}: its weight is on the 'meta' device (a shape without values); "
             "materialise it first (to_empty, then load its weights)"
         )
-    if w.is_floating_point() and not bool(torch.isfinite(w).all()):
-        raise ValueError(f"{field}: its weight holds inf or NaN (training diverged?)")
+    check_finite(layer, field)
+
+
+def check_finite(module: nn.Module, name: str = "") -> None:
+    """Refuse a layer whose parameters hold inf or NaN: it has no singular values, and
+    composing it would spread them (the usual cause: training diverged)."""
+    for pname, p in module.named_parameters():
+        if p.is_floating_point() and not p.is_meta and not bool(torch.isfinite(p).all()):
+            raise ValueError(
+                f"layer {name or type(module).__name__!r}: its parameter {pname!r} holds inf "
+                "or NaN (training diverged?); use a checkpoint from before, or train again "
+                "with a lower learning rate"
+            )
 
 
 def _grouped(mats: list[Tensor], groups: int) -> list[Tensor]:
@@ -704,7 +716,7 @@ class LowRankLinear(nn.Module):
         """Best rank-r approximation of ``linear`` (any layer with a 2-D ``weight``).
 
         ``svd``: the thin SVD ``(U, S, Vh)`` of its weight, when already known."""
-        _check_weight("linear", linear, 2)
+        _check_weight("linear", linear, 2, values=svd is None)
         w = linear.weight.detach()
         layer = cls(
             w.shape[1],
@@ -1045,7 +1057,7 @@ class LowRankConv2d(_ConvGeometry, nn.Module):
         """Best rank-r approximation (per group) of ``conv`` (an nn.Conv2d or FactorConv2d).
 
         ``svd``: the thin SVD ``(U, S, Vh)`` of its per-group matrices (g, C_out/g, fan_in)."""
-        _check_weight("conv", conv, 4)
+        _check_weight("conv", conv, 4, values=svd is None)
         w = conv.weight.detach()
         c_out, g = w.shape[0], getattr(conv, "groups", 1)
         layer = cls(
