@@ -392,9 +392,7 @@ def at_budget(ours: Any, theirs: Any, percent: float, measure: str) -> list[dict
 
     score = score_of(ours.task)
     unit = " %" if score.percent else ""
-
-    def cell(value: float) -> float:  # 93.12 (percent) or 0.6417 (R²), as Score.text has them
-        return round(100.0 * float(value), 2) if score.percent else round(float(value), 4)
+    places = 2 if score.percent else 4  # 93.12 (percent) or 0.6417 (R²), as Score.text has them
 
     out = []
     for method, label in baselines.METHODS.items():
@@ -405,8 +403,8 @@ def at_budget(ours: Any, theirs: Any, percent: float, measure: str) -> list[dict
                 "method": label,
                 "params %": round(res.params_pct, 1),
                 "FLOPs %": round(res.flops_pct, 1),
-                f"val {score.short}{unit}": cell(res.val_acc),
-                f"test {score.short}{unit}": cell(res.test_acc),
+                f"val {score.short}{unit}": score.number(res.val_acc, places),
+                f"test {score.short}{unit}": score.number(res.test_acc, places),
             }
         )
     return out

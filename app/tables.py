@@ -51,8 +51,7 @@ def runs_table(rows: Sequence[dict[str, Any]]) -> pd.DataFrame:
     for score in _scores(rows):
         for key, prefix in SCORE_KEYS.items():
             values = [
-                _shown(score, r.get(key)) if score_of(r.get("task")) == score else None
-                for r in rows
+                score.number(r.get(key)) if score_of(r.get("task")) == score else None for r in rows
             ]
             df.insert(at, f"{prefix} {score.short}", pd.Series(values, dtype="float64"))
             at += 1
@@ -71,7 +70,7 @@ def run_column_formats(rows: Sequence[dict[str, Any]]) -> dict[str, str]:
 
 def score_format(score: Score, digits: int = 1) -> str:
     """The printf format a table column shows ``score`` with: the column holds
-    :func:`_shown` values (accuracy in percent), written as ``score.text(x, digits)`` is."""
+    :meth:`lorita.scores.Score.number` values (accuracy in percent), written as ``score.text(x, digits)`` is."""
     return f"%.{digits}f %%" if score.percent else f"%.{digits + 2}f"
 
 
@@ -79,13 +78,6 @@ def _scores(rows: Sequence[dict[str, Any]]) -> list[Score]:
     """The scores of the tasks among ``rows`` (a row without a task: classification)."""
     tasks = {score_of(r.get("task")).task for r in rows}
     return [score_of(t) for t in TASKS if t in tasks]
-
-
-def _shown(score: Score, value: Any) -> float | None:
-    """A score as its table column holds it: accuracy in percent, R² as it is."""
-    if value is None:
-        return None
-    return 100.0 * float(value) if score.percent else float(value)
 
 
 def _when(t) -> str:

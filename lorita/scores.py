@@ -41,6 +41,15 @@ class Score:
         d = 4 if digits is None else digits + 2  # R²'s 4 places ~ accuracy's 2 in percent
         return f"{x if round(x, d) != 0 else 0.0:.{d}f}"  # never '-0.0000'
 
+    def number(self, x: Any, digits: int | None = None) -> float | None:
+        """``x`` as a table's number column holds it, the number :meth:`text` writes: accuracy
+        in percent (93.12), R² as it is (0.6417); rounded to ``digits`` places of that number
+        when given; None for None."""
+        if x is None:
+            return None
+        v = 100.0 * float(x) if self.percent else float(x)
+        return v if digits is None else round(v, digits)
+
     def change(self, after: Any, before: Any, digits: int = 2, *, unit: str = " points") -> str:
         """``after - before`` in points: '+1.23 points' (accuracy, ``unit`` after it) or
         '-0.0291' (R²)."""

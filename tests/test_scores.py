@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 
 from lorita.scores import TASKS, score_of, task_of_config
 
@@ -22,3 +23,10 @@ def test_the_task_comes_from_the_dataset_options_and_defaults_to_classification(
     for cfg in ({}, None, {"dataset_kwargs": None}, {"dataset_kwargs": {"task": "other"}}):
         assert task_of_config(cfg) == "classification"
     assert score_of(None) is score_of("?") is score_of("classification")
+
+
+def test_a_score_as_a_table_number_is_what_its_text_writes():
+    acc, r2 = score_of("classification"), score_of("regression")
+    assert acc.number(0.93124) == pytest.approx(93.124) and acc.number(0.93124, 2) == 93.12
+    assert r2.number(-0.25) == -0.25 and r2.number(0.641749, 4) == 0.6417
+    assert acc.number(None) is None and r2.number(None) is None
