@@ -309,7 +309,8 @@ def test_a_child_that_ends_before_making_its_folder_stays_listed_as_failed(tmp_p
     other = jobs.start({**TINY, "epochs": 1}, root=root)  # another run: no longer listed
     assert first not in [r["name"] for r in jobs.list_runs(root)]
     assert jobs.view(first, root).state == "failed"  # (a page that follows it still says why)
-    assert wait_for(other, root, ("completed", "failed")).state == "completed"
+    done = wait_for(other, root, ("completed", "failed"))
+    assert done.state == "completed", (done.message, jobs.log_tail(other, root))
     with pytest.raises(ValueError, match="only a run that failed to start"):
         jobs.dismiss(other, root)
 
