@@ -232,6 +232,10 @@ def _as_plain_type(module: nn.Module) -> str | None:
     return {"linear": "Linear", "conv": "Conv2d", "grouped_conv": "Conv2d"}.get(kind.name)
 
 
+#: the child names a module tree holds (what a file may add to a Sequential it builds)
+_CHILD_NAME = re.compile(r"[A-Za-z0-9_]{1,64}")
+
+
 def _tree(module: nn.Module, path: str) -> dict | None:
     """The module tree of a Sequential model of plain modules (None when it is not one)."""
     plain = _as_plain_type(module)
@@ -240,7 +244,7 @@ def _tree(module: nn.Module, path: str) -> dict | None:
     if type(module) is nn.Sequential:
         children = []
         for n, c in module.named_children():
-            sub = _tree(c, f"{path}.{n}" if path else n)
+            sub = _tree(c, f"{path}.{n}" if path else n) if _CHILD_NAME.fullmatch(n) else None
             if sub is None:
                 return None
             children.append([n, sub])
@@ -289,6 +293,8 @@ def _undescribed(module: nn.Module, path: str) -> str | None:
     """Which module keeps a Sequential tree from being described (for the load message)."""
     for n, c in module.named_children():
         sub = f"{path}.{n}" if path else n
+        if not _CHILD_NAME.fullmatch(n):
+            return f"its layer name {sub!r} is not letters, digits and _"[:200]
         if _tree(c, sub) is None:
             deeper = _undescribed(c, sub) if type(c) is nn.Sequential else None
             return deeper or f"its layer {sub!r} is a {type(c).__name__}"[:200]
@@ -572,7 +578,7 @@ def _check_child(child, field: str, seen: set[str]) -> None:
     """A Sequential's child: ``[name, module]``, the name well-formed and not used before."""
     if not (isinstance(child, list) and len(child) == 2 and isinstance(child[0], str)):
         raise _fail(field, "expected [name, module]")
-    if not re.fullmatch(r"[A-Za-z0-9_]{1,64}", child[0]):
+    if not _CHILD_NAME.fullmatch(child[0]):
         raise _fail(field, f"bad child name {child[0][:40]!r}")
     if child[0] in seen:
         raise _fail(field, f"duplicate child name {child[0]!r}")
@@ -1114,6 +1120,32 @@ def _runs_on(model: nn.Module, x: inputs.Example) -> bool:
     return True
 
 
+@torch.no_grad()
+def _check_batch_first(model: nn.Module, x: inputs.Example, out) -> None:
+    """A ValueError when ``model`` returns one entry per sample (torchvision's detection models:
+    a dict per image) rather than tensors whose first axis is the batch: the graph, traced on
+    the 2 rows of ``x``, would refuse every other batch. ``out`` is ``model(x)``; a model whose
+    every output has 2 rows is not run again."""
+    from torch.utils._pytree import tree_leaves
+
+    def count(o) -> int:
+        return sum(isinstance(t, Tensor) for t in tree_leaves(o))
+
+    if all(t.dim() and len(t) == 2 for t in tree_leaves(out) if isinstance(t, Tensor)):
+        return
+    try:
+        one = count(inputs.call(model, inputs.rows(x, 1)))
+    except Exception:  # noqa: BLE001 - a model that refuses 1 row: nothing to compare
+        return
+    if one != count(out):
+        raise ValueError(
+            f"model: it returns {count(out)} tensors for 2 samples and {one} for 1 (an entry "
+            "per sample, as torchvision's detection models return a dict per image); an ONNX "
+            "graph with a batch axis cannot hold that: export a module that returns batched "
+            "tensors (a detector's backbone, say)"
+        )
+
+
 def onnx_input_names(x: inputs.Example) -> list[str]:
     """The graph's input names: ``input``, then ``input_1``, ``input_2``... for a model with
     several inputs; the argument names for keyword inputs (a dict)."""
@@ -1300,6 +1332,7 @@ def export_onnx(
     """
     check_module(model)
     check_flag(fold_bn, "fold_bn")
+    check_initialised(unwrap(model))  # a meta model has no weights to write
     if metadata is not None and not isinstance(metadata, dict):
         raise ValueError(f"metadata: expected a dict or None, got {type(metadata).__name__}")
     _check_file_path(path)
@@ -1315,7 +1348,8 @@ def export_onnx(
     deploy.eval()
     try:
         with torch.no_grad(), inputs.refused():  # a clear error before the exporter's own
-            outputs = onnx_output_names(inputs.call(deploy, x), onnx_input_names(x))
+            out = inputs.call(deploy, x)
+            outputs = onnx_output_names(out, onnx_input_names(x))
     except ValueError:
         if _runs_on(deploy, example_input):  # an input without a batch axis
             raise ValueError(
@@ -1324,6 +1358,7 @@ def export_onnx(
                 "axis (x[None]), or make the model accept one"
             ) from None
         raise
+    _check_batch_first(deploy, x, out)
     external = tensor_bytes(deploy) > ONNX_INLINE_BYTES
     try:
         with warnings.catch_warnings(), _exporters_quiet():

@@ -413,17 +413,39 @@ def _probe_input(module: nn.Module) -> Tensor:
     return torch.randn(2, module.in_channels, *sides, generator=g).to(w)
 
 
+def _own_state(module: nn.Module) -> list[str]:
+    """The parameters, buffers and sub-modules ``module`` holds beyond a plain layer's weight
+    and bias (a LoRA branch, a mask): composing would drop them."""
+    held = {**module._parameters, **module._buffers}
+    extra = [n for n, v in held.items() if v is not None and n not in ("weight", "bias")]
+    return extra + list(module._modules)
+
+
 @torch.no_grad()
 def _own_forward(module: nn.Module) -> str:
-    """Why ``module``, of a subclass with its own forward, computes more than the plain layer
-    from its weight (timm's ScaledStdConv2d standardises it), checked once per class on a
+    """Why ``module``, of a subclass with its own forward (or one replaced on the instance),
+    computes more than the plain layer from its weight (timm's ScaledStdConv2d standardises
+    it; a LoRA branch adds to it, even while it is still zero), checked once per class on a
     random input; "" when the two agree."""
     cls = type(module)
+    if "forward" in vars(module):  # module.forward = ...: this instance's, never the class's
+        return (
+            f"its forward is replaced on the instance ({cls.__name__}.forward = ...): composing "
+            "or cutting it would drop that"
+        )
     if cls in _OWN_FORWARD:
         return _OWN_FORWARD[cls]
+    base = next(b for b in cls.__mro__ if b in _PLAIN)
+    extra = _own_state(module)
+    if extra:
+        why = (
+            f"{cls.__name__} has its own forward and holds {', '.join(extra[:4])} beside its "
+            f"weight: composing or cutting it would drop them"
+        )
+        _OWN_FORWARD[cls] = why
+        return why
     if module.weight.is_meta:
         return ""  # nothing to compute with: checked on the first real instance
-    base = next(b for b in cls.__mro__ if b in _PLAIN)
     was = module.training
     module.eval()
     try:
@@ -516,7 +538,8 @@ class OwnForwardKind(Kind):
     def matches(self, module):
         if not isinstance(module, _PLAIN):
             return False
-        if any(type(module).forward is b.forward for b in _PLAIN):
+        kept = any(type(module).forward is b.forward for b in _PLAIN)
+        if kept and "forward" not in vars(module):
             return False  # the plain layers and subclasses that keep their forward
         return bool(_own_forward(module))
 
@@ -944,22 +967,26 @@ def _static_direct(model: nn.Module) -> list[str]:
 
 #: Square input sides tried, in order, when a model does not say what it takes.
 GUESSED_SIDES = (32, 28, 64, 224, 299)
+#: Frames of the clips tried for a video model (its first layer a Conv3d): torchvision's take 16.
+GUESSED_FRAMES = 16
 
 
 def guess_example_inputs(model: nn.Module) -> list[Tensor]:
     """Small inputs the model probably accepts, most likely first: ``model.lorita_input_shape``
     (set by :func:`lorita.create_model`) alone when set; else from the first layer: token ids
     for an Embedding, the Linear layers' widths (the first registered first: it may be a
-    head), or a Conv2d's channels at the model's ``image_size`` attribute (a ViT) or at
+    head), or a convolution's channels at the model's ``image_size`` attribute (a ViT) or at
     :data:`GUESSED_SIDES` (CIFAR's and MNIST's sides, which hand-written networks with a fixed
     flatten size are built for and which cost least, 64 px, then the sizes ImageNet models are
-    built for). Float inputs take the dtype and device of the model's first floating weight."""
+    built for): a Conv2d's images, a Conv1d's sequences of that length, a Conv3d's clips of
+    :data:`GUESSED_FRAMES` frames (a video model). Float inputs take the dtype and device of the
+    model's first floating weight."""
     ref = next((p for p in model.parameters() if p.is_floating_point()), None)
     kw = {} if ref is None else {"dtype": ref.dtype, "device": ref.device}
     shape = getattr(model, "lorita_input_shape", None)
     if shape is not None:
         return [torch.zeros(2, *shape, **kw)]
-    kinds = (nn.Embedding, nn.Linear, nn.Conv2d)
+    kinds = (nn.Embedding, nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
     first = next((m for m in model.modules() if isinstance(m, kinds)), None)
     if first is None:
         return []
@@ -971,7 +998,9 @@ def guess_example_inputs(model: nn.Module) -> list[Tensor]:
     size = getattr(model, "image_size", None)
     sides = [size] if isinstance(size, int) and not isinstance(size, bool) else []
     sides += [s for s in GUESSED_SIDES if s not in sides]
-    return [torch.zeros(2, first.in_channels, s, s, **kw) for s in sides]
+    frames = (GUESSED_FRAMES,) if isinstance(first, nn.Conv3d) else ()  # (C, T, H, W)
+    dims = 1 if isinstance(first, nn.Conv1d) else 2
+    return [torch.zeros(2, first.in_channels, *frames, *[s] * dims, **kw) for s in sides]
 
 
 def guess_example_input(model: nn.Module) -> Tensor | None:
@@ -1069,19 +1098,33 @@ def median_seconds(fn, *, repeats: int = 7, warmup: int = 2) -> float:
     return statistics.median(times)
 
 
-def _layer_inputs(model: nn.Module, names: list[str], example: inputs.Example) -> dict[str, tuple]:
-    """The positional inputs each named layer receives on one forward pass of ``example``."""
-    seen: dict[str, tuple] = {}
+def _layer_inputs(
+    model: nn.Module, names: list[str], example: inputs.Example
+) -> dict[str, tuple[tuple, dict]]:
+    """The inputs ``(args, kwargs)`` each named layer receives on one forward pass of
+    ``example`` (a model may call ``self.fc(input=x)``, an attention ``need_weights=False``).
+    A model that refuses ``example`` (its first sample repeated to a batch) is named."""
+    seen: dict[str, tuple[tuple, dict]] = {}
     handles = []
     for name in names:
 
-        def grab(module, args, name=name):
-            seen.setdefault(name, tuple(a.detach() if isinstance(a, Tensor) else a for a in args))
+        def grab(module, args, kwargs, name=name):
+            args = tuple(a.detach() if isinstance(a, Tensor) else a for a in args)
+            kwargs = {k: v.detach() if isinstance(v, Tensor) else v for k, v in kwargs.items()}
+            seen.setdefault(name, (args, kwargs))
 
-        handles.append(model.get_submodule(name).register_forward_pre_hook(grab))
+        hook = model.get_submodule(name).register_forward_pre_hook(grab, with_kwargs=True)
+        handles.append(hook)
     try:
         with torch.no_grad():
             inputs.call(model, example)
+    except (RuntimeError, TypeError, ValueError, IndexError) as e:
+        raise ValueError(
+            f"example_input: by='latency' times the model on its first sample repeated to a "
+            f"batch ({inputs.shape_words(example)}), and the model refuses that "
+            f"({type(e).__name__}: {str(e)[:200]}); give the input a batch axis, or batch=None "
+            "to time it as given"
+        ) from e
     finally:
         for h in handles:
             h.remove()
@@ -1106,11 +1149,14 @@ def _as_deployed(module: nn.Module, args: tuple, channels_last: bool) -> tuple[n
     return copy.deepcopy(module).to(memory_format=fmt), args
 
 
-def _thin_is_faster(dense: nn.Module, thin: nn.Module, args: tuple | None) -> bool:
-    if args is None:  # the layer did not run on the example: fall back to FLOPs
+def _thin_is_faster(dense: nn.Module, thin: nn.Module, call: tuple[tuple, dict] | None) -> bool:
+    if call is None:  # the layer did not run on the example: fall back to FLOPs
         return True
+    args, kw = call
     with torch.no_grad():
-        t_dense, t_thin = paired_medians([lambda: dense(*args), lambda: thin(*args)], repeats=9)
+        t_dense, t_thin = paired_medians(
+            [lambda: dense(*args, **kw), lambda: thin(*args, **kw)], repeats=9
+        )
     return is_faster(t_thin, t_dense)
 
 
@@ -1293,11 +1339,12 @@ def _faster_forms(model: nn.Module, plan: dict[str, dict], x: inputs.Example) ->
         layer = model.get_submodule(name)
         out_thin = is_thin(getattr(layer, "out_proj", None))  # an attention's
         dense = like(layer, layer.unpacked() if out_thin else layer.to_dense())
-        dense_t, layer_t, args = dense, layer, layer_args.get(name)
-        if args is not None:  # timed in the memory format the model deploys in
-            dense_t, _ = _as_deployed(dense, args, cl)
-            layer_t, args = _as_deployed(layer, args, cl)
-        if not _thin_is_faster(dense_t, layer_t, args):
+        dense_t, layer_t, call = dense, layer, layer_args.get(name)
+        if call is not None:  # timed in the memory format the model deploys in
+            dense_t, _ = _as_deployed(dense, call[0], cl)
+            layer_t, args = _as_deployed(layer, call[0], cl)
+            call = (args, call[1])
+        if not _thin_is_faster(dense_t, layer_t, call):
             set_module(model, name, dense)
             why = f"the thin form measured slower at batch {len(inputs.lead(x))}"
             plan[name] = {**plan[name], "form": "dense", "why": why, "timed": True}

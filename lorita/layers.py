@@ -246,7 +246,8 @@ class FactorLinear(_Composed, nn.Module):
         rows = x.numel() // self.in_features
         return prefer_product(self.widths, rows)
 
-    def forward(self, x: Tensor) -> Tensor:  # (..., in) -> (..., out)
+    def forward(self, input: Tensor) -> Tensor:  # (..., in) -> (..., out)
+        x = input  # named as nn.Linear's, for a model that calls self.fc(input=x)
         if self.n_factors == 1 or self.use_product(x):
             return F.linear(x, self.weight, self.bias)
         for f in list(self.factors)[:-1]:
@@ -543,7 +544,8 @@ class FactorConv2d(_Composed, _ConvGeometry, nn.Module):
             return self.order == "product"
         return prefer_product(self.widths, self._out_pixels(x))
 
-    def forward(self, x: Tensor) -> Tensor:  # (B, C_in, H, W) -> (B, C_out, H', W')
+    def forward(self, input: Tensor) -> Tensor:  # (B, C_in, H, W) -> (B, C_out, H', W')
+        x = input  # named as nn.Conv2d's, for a model that calls self.conv(input=x)
         if self.n_factors == 1 or self.use_product(x):
             return self._conv(x, self.weight, self.bias)
         y = self._conv(x, self.factors[0], None)  # (B, g*inner, H', W')
@@ -708,8 +710,8 @@ class LowRankLinear(nn.Module):
     def bias(self) -> Tensor | None:
         return self.second.bias
 
-    def forward(self, x: Tensor) -> Tensor:  # (..., in) -> (..., out)
-        return self.second(self.first(x))
+    def forward(self, input: Tensor) -> Tensor:  # (..., in) -> (..., out), named as nn.Linear's
+        return self.second(self.first(input))
 
     @classmethod
     def from_linear(cls, linear: nn.Module, rank: int, *, svd=None) -> LowRankLinear:
@@ -1049,8 +1051,8 @@ class LowRankConv2d(_ConvGeometry, nn.Module):
     def bias(self) -> Tensor | None:
         return self.second.bias
 
-    def forward(self, x: Tensor) -> Tensor:  # (B, C_in, H, W) -> (B, C_out, H', W')
-        return self.second(self.first(x))
+    def forward(self, input: Tensor) -> Tensor:  # (B, C_in, H, W) -> (B, C_out, H', W')
+        return self.second(self.first(input))  # named as nn.Conv2d's
 
     @classmethod
     def from_conv(cls, conv: nn.Module, rank: int, *, svd=None) -> LowRankConv2d:
