@@ -6,6 +6,7 @@ model, so a composed model and its merge agree.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 from fnmatch import fnmatchcase
 
@@ -191,6 +192,11 @@ def overparameterize(
                 "layers, the same function)"
             )
     direct, how = detect_direct(new, example_input)
+    if how != "traced":  # a thin cut of a weight the model reads itself would cost more
+        warnings.warn(
+            f"overparameterize: {how} (truncate(..., example_input=...) traces them too)",
+            stacklevel=2,
+        )
     new.lorita_direct = tuple(direct)
     summary, composed = [], []
     for e in layer_table(new):
@@ -333,7 +339,7 @@ def _trace(
             return trace_forward(model, x, inputs_of=tuple(bns), outputs_of=tuple(layers))
         except Exception as e:  # a guessed input the model refuses: try the next one
             if example_input is not None:
-                raise ValueError(f"example_input: the model refused it ({e})") from None
+                raise inputs.refusal(e) from None
             errors.append(f"{inputs.shape_words(x)} ({type(e).__name__})")
     raise ValueError(
         f"example_input: no guessed input ran the model: {', '.join(errors)}; pass "

@@ -148,8 +148,18 @@ def refused(field: str = "example_input") -> Iterator[None]:
     try:
         yield
     except (RuntimeError, TypeError, ValueError, IndexError) as e:
-        if isinstance(e, ValueError) and str(e).startswith(f"{field}:"):
+        error = refusal(e, field)
+        if error is e:
             raise
-        if isinstance(e, torch.OutOfMemoryError):  # the input is fine; the device is full
-            raise
-        raise ValueError(f"{field}: the model refused it ({type(e).__name__}: {e})") from e
+        raise error from e
+
+
+def refusal(e: Exception, field: str = "example_input") -> Exception:
+    """The error to raise for ``e``, raised by a model run on the input ``field``: a
+    ValueError naming the field, or ``e`` itself when it already names it or is not the
+    input's fault (the device out of memory)."""
+    if isinstance(e, ValueError) and str(e).startswith(f"{field}:"):
+        return e
+    if isinstance(e, torch.OutOfMemoryError):  # the input is fine; the device is full
+        return e
+    return ValueError(f"{field}: the model refused it ({type(e).__name__}: {e})")

@@ -1025,7 +1025,7 @@ def detect_direct(model: nn.Module, example_input: inputs.Example | None) -> tup
             traced = find_direct_reads(model, x)
         except Exception as e:  # a guessed input the model refuses: try the next one
             if example_input is not None:
-                raise ValueError(f"example_input: the model refused it ({e})") from None
+                raise inputs.refusal(e) from None
             errors.append(f"{inputs.shape_words(x)} ({type(e).__name__})")
             continue
         order = [*static, *traced]
@@ -1062,7 +1062,7 @@ def find_output_layer(
         try:
             return output_layer(model, inputs.check_example(example_input)), ""
         except Exception as e:
-            raise ValueError(f"example_input: the model refused it ({e})") from None
+            raise inputs.refusal(e) from None
     for x in guess_example_inputs(model):
         try:
             return output_layer(model, x), ""

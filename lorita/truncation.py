@@ -533,8 +533,7 @@ class SVDCache:
         #: the models this cache describes: the one given and its merged copy, as they are now
         self.sources = (source, _fingerprint(self.model))
         self.example_input = example_input
-        if getattr(self.model, "lorita_direct", None) is None:  # which cuts must stay dense
-            self.model.lorita_direct = tuple(detect_direct(self.model, example_input)[0])
+        self.model.lorita_direct = _direct_reads(self.model, example_input)
         available = dict(iter_layers(self.model))
         #: layers left out of every cut, with why (with keep_head: the output layer)
         self.left_out: dict[str, str] = {}
@@ -688,9 +687,9 @@ def _fingerprint(model: nn.Module) -> tuple:
     return id(model), tuple((id(t), t._version) for t in tensors)
 
 
-def _cache(model, svd, layers) -> SVDCache:
+def _cache(model, svd, layers, example_input=None) -> SVDCache:
     if svd is None:
-        return SVDCache(model, layers)
+        return SVDCache(model, layers, example_input=example_input)
     if not isinstance(svd, SVDCache):
         raise ValueError(f"svd: expected an SVDCache from layer_svd(), got {type(svd).__name__}")
     if not isinstance(model, nn.Module) or _fingerprint(model) not in svd.sources:
@@ -726,11 +725,23 @@ def plan_ranks(
     if form not in kinds.FORMS:
         raise ValueError(f"form: expected one of {', '.join(kinds.FORMS)}, got {form!r}")
     policy = as_policy(policy)
-    cache = _cache(model, svd, layers)
+    cache = _cache(model, svd, layers, example_input)
     check_left_out(policy, cache.left_out)
     if getattr(policy, "needs_costs", False):
         return policy.plan(cache.spectra, cache.costs(example_input, form))
     return policy.plan(cache.spectra)
+
+
+def _direct_reads(model: nn.Module, example_input) -> tuple[str, ...]:
+    """The layers whose weight ``model`` reads itself (their cut must stay dense): the ones
+    found when it was composed, and, when that found none by tracing (no input the model
+    took) and ``example_input`` is given, the ones a pass over that input reads."""
+    known = getattr(model, "lorita_direct", None)
+    traced = (getattr(model, "lorita_summary", None) or {}).get("direct_reads") == "traced"
+    if known is not None and (traced or example_input is None):
+        return tuple(known)
+    found = detect_direct(model, example_input)[0]
+    return tuple(dict.fromkeys([*(known or ()), *found]))
 
 
 def truncate(
@@ -765,7 +776,7 @@ def truncate(
     """
     kinds.check_cut_options(form, by, example_input)
     policy = as_policy(policy)
-    cache = _cache(model, svd, layers)
+    cache = _cache(model, svd, layers, example_input)
     ranks = plan_ranks(model, policy, svd=cache, example_input=example_input, form=form)
     new = clone_model(cache.model)
     plan = kinds.cut_model(
@@ -851,7 +862,7 @@ def tradeoff_curve(
     ``progress(done, total, point)`` is called after each point (e.g. to fill in a chart).
     """
     cls = policy_class(policy_name)
-    cache = _cache(model, svd, layers)
+    cache = _cache(model, svd, layers, example_input)
     values = cls.sweep() if values is None else list(values)
     base = cache.base_cost(example_input)
     out, seen = [], {}
@@ -926,7 +937,7 @@ def smallest_within(
     """
     if _number("max_drop", max_drop) < 0:
         raise ValueError(f"max_drop: expected >= 0 percentage points, got {max_drop!r}")
-    cache = _cache(model, svd, layers)
+    cache = _cache(model, svd, layers, example_input)
     base_result = evaluate(cache.model)
     base_metric = _metric_value(base_result, key)
     floor = base_metric - max_drop / 100.0 - 1e-12
@@ -1011,7 +1022,7 @@ def iterative_search(
         raise ValueError(f"step: expected 0 < step < 1, got {step!r}")
     if _number("max_drop", max_drop) < 0:
         raise ValueError(f"max_drop: expected >= 0 percentage points, got {max_drop!r}")
-    cache = _cache(model, svd, layers)
+    cache = _cache(model, svd, layers, example_input)
     base_metric = _metric_value(evaluate(cache.model), key)
     floor = base_metric - max_drop / 100.0 - 1e-12
     ranks = {n: len(s) for n, s in cache.spectra.items()}

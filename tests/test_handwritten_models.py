@@ -136,3 +136,30 @@ def test_a_model_on_the_meta_device_is_named_by_export_onnx(tmp_path):
         meta = nn.Sequential(nn.Linear(4, 4))
     with pytest.raises(ValueError, match=r"parameter '0.weight' is on the 'meta' device"):
         lt.export_onnx(meta, torch.randn(2, 4), tmp_path / "m.onnx")
+
+
+class ScaledDirect(nn.Module):
+    """Takes two inputs, so no guessed input runs it, and reads ``fc.weight`` itself."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.out = nn.Linear(64, 64), nn.Linear(64, 4)
+
+    def forward(self, x, scale):
+        return self.out(torch.nn.functional.linear(x, self.fc.weight, self.fc.bias) * scale)
+
+
+def test_weights_read_directly_that_no_guess_traced_are_found_by_the_cuts_input():
+    """Composing it says the direct reads were not traced; a cut given an input traces them,
+    so ``fc`` stays dense with its rank-r weight and the cut never costs more."""
+    torch.manual_seed(0)
+    net, x = ScaledDirect().eval(), (torch.randn(8, 64), torch.randn(8, 1))
+    with pytest.warns(UserWarning, match="could not trace"):
+        model = lt.overparameterize(net, 3)
+    cut = lt.truncate(model, lt.Uniform(0.25), example_input=x)
+    assert cut.lorita_plan["fc"]["form"] == "dense"
+    assert lt.count_cost(cut, x).flops < lt.count_cost(net, x).flops
+    assert_close(cut(*x), lt.truncate(model, lt.Uniform(0.25), form="dense")(*x))
+    budget = lt.truncate(model, lt.Budget(50), example_input=x)
+    assert budget.lorita_plan["fc"]["form"] != "thin"
+    assert lt.count_cost(budget, x).flops <= lt.count_cost(net, x).flops
