@@ -420,16 +420,24 @@ def _check_weight(field: str, layer, dims: int, *, values: bool = True) -> None:
     check_finite(layer, field)
 
 
+def nonfinite_parameter(module: nn.Module) -> str | None:
+    """The name of ``module``'s first parameter that holds inf or NaN (None when none does)."""
+    for pname, p in module.named_parameters():
+        if p.is_floating_point() and not p.is_meta and not bool(torch.isfinite(p).all()):
+            return pname
+    return None
+
+
 def check_finite(module: nn.Module, name: str = "") -> None:
     """Refuse a layer whose parameters hold inf or NaN: it has no singular values, and
     composing it would spread them (the usual cause: training diverged)."""
-    for pname, p in module.named_parameters():
-        if p.is_floating_point() and not p.is_meta and not bool(torch.isfinite(p).all()):
-            raise ValueError(
-                f"layer {name or type(module).__name__!r}: its parameter {pname!r} holds inf "
-                "or NaN (training diverged?); use a checkpoint from before, or train again "
-                "with a lower learning rate"
-            )
+    pname = nonfinite_parameter(module)
+    if pname is not None:
+        raise ValueError(
+            f"layer {name or type(module).__name__!r}: its parameter {pname!r} holds inf "
+            "or NaN (training diverged?); use a checkpoint from before, or train again "
+            "with a lower learning rate"
+        )
 
 
 def _grouped(mats: list[Tensor], groups: int) -> list[Tensor]:

@@ -407,20 +407,19 @@ class Run:
         """The composed model of a checkpoint, on CPU, in eval mode. ValueError when it is
         missing, or holds inf or NaN (training keeps its last good checkpoint, so the file was
         changed since: nothing computed from it would mean anything)."""
-        import torch
-
         from .export import load
+        from .layers import nonfinite_parameter
 
         path = self.checkpoint(which)
         if not path.is_file():
             raise ValueError(f"run {self.name!r}: no {which} checkpoint at {path}")
         model = load(str(path)).eval()
-        for pname, p in model.named_parameters():
-            if p.is_floating_point() and not bool(torch.isfinite(p).all()):
-                raise ValueError(
-                    f"run {self.name!r}: its {which} checkpoint's {pname!r} holds inf or NaN; "
-                    "use the other checkpoint (best or last), or train the run again"
-                )
+        pname = nonfinite_parameter(model)
+        if pname is not None:
+            raise ValueError(
+                f"run {self.name!r}: its {which} checkpoint's {pname!r} holds inf or NaN; "
+                "use the other checkpoint (best or last), or train the run again"
+            )
         return model
 
     def as_trained(self, which: str = "best"):
