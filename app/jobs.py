@@ -747,11 +747,20 @@ def start_point(name: str, root: str | Path | None = None) -> str:
 
 
 def run_config(name: str | None, root: str | Path | None = None) -> dict[str, Any] | None:
-    """The config of run ``name``, or None if there is no such run."""
-    try:
-        return dict(store(root).get(name).config) if name else None
-    except ValueError:
+    """The config of run ``name``; while its child has not made the run folder yet (seconds
+    of imports after Start: a refresh then), the request it was started with; None if there
+    is no such run."""
+    if not name:
         return None
+    try:
+        return dict(store(root).get(name).config)
+    except ValueError:
+        pass
+    try:
+        cfg = json.loads(app_file(name, ".json", root).read_text())
+    except (OSError, ValueError):  # (ValueError: not a run name, or not JSON)
+        return None
+    return cfg if isinstance(cfg, dict) and cfg else None
 
 
 def partner(name: str, root: str | Path | None = None) -> str | None:

@@ -54,10 +54,18 @@ def dataset_name(choice: str, path: str | None) -> str:
         return choice
     from lorita import data
 
-    name = f"{choice}:{(path or '').strip()}"
-    if not (path or "").strip():
-        return name  # the library's check says the folder is missing
-    return data.canonical_name(name)
+    path = _unquoted((path or "").strip())
+    if not path:
+        return f"{choice}:"  # the library's check says the folder is missing
+    return data.canonical_name(f"{choice}:{path}")
+
+
+def _unquoted(path: str) -> str:
+    """A path as pasted from a file manager or a shell (``"/data/my images"``): the quotes
+    around it are not part of the folder's name."""
+    if len(path) >= 2 and path[0] == path[-1] and path[0] in "'\"":
+        return path[1:-1].strip()
+    return path
 
 
 def _families() -> list[str]:

@@ -18,7 +18,7 @@ from typing import Any
 
 from app import jobs, options, presets
 
-UPLOAD_DIR = "uploads"  # <runs>/.app/uploads/<sha256>.<ext>: --init-from files
+UPLOAD_DIR = "uploads"  # <runs>/.app/uploads/<sha256>.<ext> (+ .name): --init-from files
 INIT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 
 
@@ -231,14 +231,35 @@ def save_upload(file_name: str, data: bytes, root: str | Path | None = None) -> 
     folder = root / jobs.APP_DIR / UPLOAD_DIR
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{hashlib.sha256(data).hexdigest()}{suffix}"
-    if not path.exists():  # each writer its own temporary file: sessions upload one file at once
-        tmp = folder / f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp"
-        try:
-            tmp.write_bytes(data)
-            tmp.replace(path)  # the same bytes whoever renames last
-        finally:
-            tmp.unlink(missing_ok=True)
+    if not path.exists():
+        _write(path, data)
+    _write(_name_file(path), Path(file_name).name.encode())  # (the last name it was given)
     return path
+
+
+def _write(path: Path, data: bytes) -> None:
+    """Each writer its own temporary file, renamed: sessions may upload one file at once."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        tmp.write_bytes(data)
+        tmp.replace(path)  # whole bytes whoever renames last
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _name_file(path: Path) -> Path:
+    """Beside a kept upload: the name the user's file had (``<sha256>.pt.name``)."""
+    return path.with_name(f"{path.name}.name")
+
+
+def upload_name(path: str | Path) -> str:
+    """The file name a run's ``init_from`` shows as: an upload's name as the user knows it
+    (``mine.pt``, kept by :func:`save_upload`), else the file's own name."""
+    path = Path(str(path).replace("\\", "/"))
+    try:
+        return _name_file(path).read_text(encoding="utf-8").strip() or path.name
+    except (OSError, UnicodeDecodeError):
+        return path.name
 
 
 def forget_upload(path: str | Path | None, root: str | Path | None = None) -> None:
@@ -253,6 +274,7 @@ def forget_upload(path: str | Path | None, root: str | Path | None = None) -> No
     used = {str(run.config.get("init_from")) for run in jobs.store(root).list()}
     if str(path) not in used:
         path.unlink(missing_ok=True)
+        _name_file(path).unlink(missing_ok=True)
 
 
 #: a Start with the settings of one made this long ago is taken as that click run again

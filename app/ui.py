@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import re
 import sys
 import traceback
 from collections.abc import Callable, Iterator
@@ -38,6 +39,15 @@ def page_title(title: str, *, uses_runs: bool = True) -> None:
     if problem:
         st.error(problem, icon="🚫")
         st.stop()
+
+
+def sentence(note: str) -> str:
+    """A library note shown as a sentence: capitalised and ended with a full stop, unless it
+    starts with the field it is about (``init_from: ...``), which keeps its own spelling."""
+    note = note.strip().rstrip(".")
+    if not re.match(r"[A-Za-z_][\w.]*:", note):
+        note = note[:1].upper() + note[1:]
+    return note + "."
 
 
 def one_line(exc: BaseException) -> str:

@@ -112,7 +112,7 @@ def _choosers(values: dict) -> str:
         started_from = (_seed_config() or {}).get("init_from")
         if started_from:  # an upload cannot be put back in its box
             st.caption(
-                f"**{seed}** started from the weights `{str(started_from).replace(chr(92), '/').rsplit('/', 1)[-1]}`; Start "
+                f"**{seed}** started from the weights `{train_form.upload_name(started_from)}`; Start "
                 "starts from fresh weights unless you upload them again or pick a run below."
             )
     return family
@@ -137,11 +137,16 @@ def _data_and_model(values: dict, family: str) -> None:
     )
     # No type= filter: the browser would drop any other file with a note beside the box, and
     # the run would start from fresh weights; every file reaches Start, which names a wrong one.
+    # A file over the upload limit is refused by the browser alone (the server never sees it):
+    # the help says the limit and the way past it, and Start's toast says where weights came from.
     c[3].file_uploader(
         "Start from weights (optional)", key=f"{state.TRAIN_INIT_FROM}.{_suffix()}",
         help=f"{', '.join(train_form.INIT_SUFFIXES)}: safetensors, or a PyTorch state_dict "
         "(read with weights_only=True), loaded into the plain model before composing. Start "
-        "refuses any other file.",
+        f"refuses any other file. At most {st.get_option('server.maxUploadSize')} MB: the box "
+        "refuses a bigger file and Start then uses fresh weights; start the app with "
+        "`--server.maxUploadSize MB` for more, or train with `python -m lorita train "
+        "--init-from FILE`.",
     )  # fmt: skip
     for col, (field, label) in zip(st.columns(2), presets.OPTION_BOXES.items(), strict=True):
         example, help_ = _OPTION_HELP[field]
@@ -267,6 +272,16 @@ def _init_from(upload, run: str | None):
     return train_form.save_upload(upload.name, upload.getvalue())
 
 
+def _weights_text(config: dict) -> str:
+    """Where a started run's weights come from, as the toast says it."""
+    run = st.session_state.get(f"{state.TRAIN_INIT_RUN}.{_suffix()}")
+    if not config.get("init_from"):
+        return "fresh weights"
+    if run:
+        return f"the best checkpoint of {run}"
+    return f"the weights `{train_form.upload_name(config['init_from'])}`"
+
+
 def _cannot_start(message: str, saved=None) -> None:
     upload = _upload()
     shown = train_form.name_upload(message, saved, getattr(upload, "name", None))
@@ -314,9 +329,10 @@ def _start(family: str) -> None:
         st.session_state[state.TRAIN_LAST_START] = train_form.start_record(key, name, baseline)
     state.set_current_run(name)
     st.session_state[state.TRAIN_FOLLOW] = name
-    st.toast(f"Started {name}" + (f" and its N=1 baseline {baseline}" if baseline else ""))
+    st.toast(f"Started {name}" + (f" and its N=1 baseline {baseline}" if baseline else "")
+             + f" from {_weights_text(config)}")  # fmt: skip
     for said in notes:  # the preset's options left out, a pretrained head left fresh
-        st.info(said[:1].upper() + said[1:] + ".", icon="ℹ️")
+        st.info(ui.sentence(said), icon="ℹ️")
     note = train_form.dataset_note(config)
     if "download" in note:
         st.info(f"Data: {note}. Without internet the run stops with what to do.", icon="🌐")

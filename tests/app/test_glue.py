@@ -447,6 +447,16 @@ def test_build_keeps_a_followed_runs_other_settings():
     assert train_form.split_dataset("digits") == ("digits", "")
 
 
+def test_a_quoted_image_folder_is_the_folder_inside_the_quotes(tmp_path):
+    """A path pasted with its quotes (a file manager's "copy as path", a shell's) names the
+    folder inside them, not a folder called "'/data/x'" under the server's folder."""
+    folder = tmp_path / "my images"
+    folder.mkdir()
+    for quoted in (f"'{folder}'", f'"{folder}" ', f" {folder}"):
+        assert options.dataset_name("folder", quoted) == f"folder:{folder}"
+    assert options.dataset_name("folder", '""') == "folder:"  # the check says it is missing
+
+
 def test_is_local_tells_this_machine_from_the_rest():
     from app.serve import is_local
 
@@ -576,3 +586,12 @@ def test_fine_tuning_says_its_epoch_validation_and_time_left():
     assert [d for _, d in said] == [1 / 3, 2 / 3, 1.0]
     assert said[0][0].startswith("Fine-tuning: epoch 1 of 3 · validation 60.0 %")
     assert "left" in said[0][0] and "left" not in said[-1][0]
+
+
+def test_a_note_shown_as_a_sentence_keeps_the_field_it_starts_with():
+    assert ui.sentence("init_from: the output layer 'fc' starts fresh") == (
+        "init_from: the output layer 'fc' starts fresh."
+    )
+    assert ui.sentence("the preset's options were left out.") == (
+        "The preset's options were left out."
+    )

@@ -445,6 +445,31 @@ def test_a_run_still_starting_is_seen_by_a_refreshed_page_and_the_runs_page(runs
     assert metrics(open_page())["Active runs"] == "1"
 
 
+def test_train_a_refresh_while_the_run_is_starting_shows_its_settings(empty_runs, monkeypatch):
+    """A refresh in the seconds before the child makes the run folder: the form shows the
+    run's settings (from its request), not the preset's, and keeps following it (before, the
+    form came back as the preset for the rest of the session)."""
+    import json
+
+    from app import jobs
+
+    class Starting:  # a child still importing torch
+        def poll(self):
+            return None
+
+    name = "digits-mlp-N3-20990101-000000"
+    (empty_runs / jobs.APP_DIR).mkdir()
+    config = {**presets.config("classroom"), "epochs": 9, "model_kwargs": {"width": 48}}
+    jobs.app_file(name, ".json", empty_runs).write_text(json.dumps(config))
+    monkeypatch.setitem(jobs._PROCS, (str(empty_runs), name), Starting())
+    at = open_page("train", run=name)
+    assert_clean(at)
+    assert at.number_input(key=f"train.epochs.classroom.{name}").value == 9
+    assert at.text_input(key=f"train.model_kwargs.classroom.{name}").value == "width=48"
+    assert any(f"settings of run **{name}**" in c.value for c in at.caption)
+    assert at.selectbox(key="train.follow").value == name
+
+
 @pytest.mark.parametrize("page", ["compress", "export", "train"])
 def test_a_page_asked_for_a_deleted_run_or_one_without_checkpoint_says_so(runs_dir, page):
     """The URL's run deleted (another tab) or without a checkpoint yet (queued): the page
@@ -1087,6 +1112,54 @@ def test_train_a_form_filled_from_a_run_says_which_weights_it_started_from(runs_
     assert "started from the weights `mine.pt`" in captions and "fresh weights" in captions
 
 
+def test_train_a_refreshed_form_names_an_uploaded_file_as_the_user_did(runs_dir):
+    """A run started from an upload: after a refresh the caption names the file as uploaded
+    (``my resnet.pt``), not as the runs folder keeps it (its SHA-256)."""
+    import json
+
+    from app import train_form
+
+    kept = train_form.save_upload("my resnet.pt", b"weights", runs_dir)
+    config = json.loads((runs_dir / N3 / "config.json").read_text())
+    (runs_dir / N3 / "config.json").write_text(json.dumps({**config, "init_from": str(kept)}))
+    at = open_page("train", run=N3)
+    assert_clean(at)
+    captions = " ".join(c.value for c in at.caption)
+    assert "started from the weights `my resnet.pt`" in captions and kept.stem not in captions
+
+
+def test_train_start_says_where_the_weights_come_from(empty_runs, tmp_path, monkeypatch):
+    """A file over the upload limit is refused by the browser alone, and Start would start
+    fresh without a word: the box's help says the limit and the way past it, and Start's
+    toast says which weights the run starts from."""
+    import io
+
+    import torch
+
+    import lorita as lt
+    from app import jobs
+
+    monkeypatch.setattr(jobs, "start_pair", lambda c, b: ("x", "x1"))
+    at = open_page("train")
+    uploader = at.file_uploader(key="train.init_from.classroom")
+    assert "At most 100 MB" in uploader.help and "--init-from FILE" in uploader.help
+    at.button(key=START).click().run()
+    assert_clean(at)
+    assert [t.value for t in at.toast] == ["Started x and its N=1 baseline x1 from fresh weights"]
+    config = presets.config("classroom")
+    plain = lt.create_model("mlp", in_channels=1, image_size=8, num_classes=10,
+                            **config["model_kwargs"])  # fmt: skip
+    buf = io.BytesIO()
+    torch.save(plain.state_dict(), buf)
+    at = open_page("train")
+    at.file_uploader(key="train.init_from.classroom").set_value(
+        ("mine.pt", buf.getvalue(), "application/octet-stream")
+    )
+    at.button(key=START).click().run()
+    assert_clean(at)
+    assert at.toast[0].value.endswith("from the weights `mine.pt`"), at.toast[0].value
+
+
 def test_train_a_url_run_name_that_names_no_run_is_ignored(runs_dir):
     """``?run=../../etc`` cannot name a run: the page follows another run, as for a name
     that is not in the runs folder (before, an error replaced the follow panel)."""
@@ -1123,8 +1196,10 @@ def test_train_a_refused_upload_is_not_kept_and_uploads_do_not_race(empty_runs, 
         t.start()
     for t in threads:
         t.join()
-    assert not errors and [p.name for p in uploads.iterdir()] == [
-        f"{__import__('hashlib').sha256(data).hexdigest()}.pt"
+    sha = __import__("hashlib").sha256(data).hexdigest()
+    assert not errors and sorted(p.name for p in uploads.iterdir()) == [
+        f"{sha}.pt",
+        f"{sha}.pt.name",
     ]
 
 
