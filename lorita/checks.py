@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from pathlib import Path
 from typing import Any
 
 
@@ -68,3 +69,16 @@ def check_names(names, field: str) -> list | None:
     if isinstance(names, (bytes, dict)) or not hasattr(names, "__iter__"):
         raise ValueError(f"{field}: expected a layer name or a list of them, got {names!r}"[:200])
     return list(names)
+
+
+def expand_path(path, field: str) -> Path:
+    """``path`` with a leading ``~`` or ``~user`` expanded; a ValueError naming ``field`` when
+    that home cannot be found (``Path.expanduser`` raises RuntimeError for an unknown user)."""
+    try:
+        return Path(path).expanduser()
+    except RuntimeError:
+        user = str(path).split("/", 1)[0]
+        raise ValueError(
+            f"{field}: {user!r} in {str(path)[:200]!r} is no known user's home folder; give the "
+            "path in full (or ~/ for your own home)"
+        ) from None

@@ -109,6 +109,16 @@ def _text(flag: str, *, allow_empty: bool = False):
     return conv
 
 
+def _home(s: str) -> Path:
+    """``s`` as a path, ``~`` expanded; an unknown ``~user`` is an argparse error naming it."""
+    from .checks import expand_path
+
+    try:
+        return expand_path(s, "path")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("path: ")) from None
+
+
 def _number(flag: str, kind: str, lo: float | None = None, hi: float | None = None):
     """An argparse type: an ASCII int or float, within ``[lo, hi]`` when given."""
 
@@ -155,7 +165,7 @@ def _out_path(flag: str):
     def conv(s: str) -> Path:
         from .runs import run_folder_of
 
-        p = Path(_text(flag)(s)).expanduser()
+        p = _home(_text(flag)(s))
         if p.is_dir():
             raise argparse.ArgumentTypeError(f"{_short(s)!r} is a folder, not a file")
         if s.endswith(("/", os.sep)):
@@ -184,7 +194,7 @@ def _in_file(flag: str):
     """An argparse type: an existing readable file."""
 
     def conv(s: str) -> str:
-        p = Path(_text(flag)(s)).expanduser()
+        p = _home(_text(flag)(s))
         if not p.is_file():
             what = "is not a file" if p.exists() else "not found"
             raise argparse.ArgumentTypeError(f"{_short(s)!r} {what}")
@@ -197,7 +207,7 @@ def _folder_arg(flag: str):
     """An argparse type: a folder path that is not a file (it may not exist yet)."""
 
     def conv(s: str) -> Path:
-        p = Path(_text(flag)(s)).expanduser()
+        p = _home(_text(flag)(s))
         if p.exists() and not p.is_dir():
             raise argparse.ArgumentTypeError(f"{_short(s)!r} is not a folder")
         inside = next((a for a in p.parents if a.exists() and not a.is_dir()), None)
@@ -845,7 +855,8 @@ def _train_config(args):
         try:
             base["init_from"] = _init_file(args, base["init_from"])
         except UsageError as e:
-            if "init_from" in given or Path(base["init_from"]).expanduser().is_absolute():
+            start = base["init_from"]
+            if "init_from" in given or start.startswith("~") or Path(start).is_absolute():
                 raise
             raise UsageError(  # the path came from the file, where it may be read otherwise
                 f"{e} (from --config {args.config}: a relative path there is taken from the "
@@ -878,7 +889,10 @@ def _init_file(args, value: str) -> str:
         return str(Path(_in_file("--init-from")(value)).absolute())
     except argparse.ArgumentTypeError as e:
         why = e
-    where = Path(value).expanduser()
+    try:
+        where = _home(value)
+    except argparse.ArgumentTypeError:  # an unknown ~user: why says so
+        raise UsageError(f"init_from: {why}") from None
     if (where / "config.json").is_file():  # a run folder
         run = _get_run(args, str(where.resolve()))
     elif value and not where.exists() and len(where.parts) == 1:  # a run's name

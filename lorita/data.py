@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .checks import is_int
+from .checks import expand_path, is_int
 
 __all__ = [
     "DatasetEntry",
@@ -225,11 +225,24 @@ def dataset_entry(name: str) -> tuple[DatasetEntry, str | None]:
         raise ValueError(f"dataset: {name!r} needs a folder after '{family}:'")
     if entry.takes_path and "\x00" in path:
         raise ValueError(f"dataset: {name!r} is not a usable path")
+    if entry.takes_path:
+        _check_utf8(f"dataset: the folder path {path[:200]!r}", path)
     if entry.takes_path and len(path) > MAX_PATH_CHARS:
         raise ValueError(
             f"dataset: the folder path is {len(path)} characters long (at most {MAX_PATH_CHARS})"
         )
     return entry, (path if entry.takes_path else None)
+
+
+def _check_utf8(what: str, text: str, error: type[ValueError] = ValueError) -> None:
+    """``error`` naming ``what`` when ``text`` holds bytes that are not UTF-8 (a name from
+    another system, decoded by Python with surrogate escapes): it could not be written to JSON."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise error(
+            f"{what} is not valid UTF-8 text; rename it (letters of any language are fine)"
+        ) from None
 
 
 def _allowed_names() -> str:
@@ -246,7 +259,7 @@ def canonical_name(name: str) -> str:
     entry, path = dataset_entry(name)
     if path is None:
         return name
-    return f"{entry.name}:{Path(path).expanduser().absolute()}"
+    return f"{entry.name}:{expand_path(path, 'dataset').absolute()}"
 
 
 def dataset_options(name: str) -> dict[str, Option]:
@@ -332,10 +345,10 @@ def dataset_digest(name: str, **options) -> str | None:
 def data_root(root: str | os.PathLike | None = None) -> Path:
     """The data folder: ``root``, else ``$LORITA_DATA``, else ``~/.cache/lorita/data``."""
     if root is not None:
-        return Path(root).expanduser()
+        return expand_path(root, "data folder")
     env = os.environ.get("LORITA_DATA")
     if env:
-        return Path(env).expanduser()
+        return expand_path(env, "LORITA_DATA (the data folder)")
     cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(cache) / "lorita" / "data"
 
@@ -1004,7 +1017,7 @@ class _FolderScan:
 
 
 def _folder_path(name: str) -> Path:
-    return Path(dataset_entry(name)[1]).expanduser()
+    return expand_path(dataset_entry(name)[1], "dataset")
 
 
 def _scan_folder(name: str) -> _FolderScan:
@@ -1087,6 +1100,8 @@ def _subdirs(folder: Path) -> list[str]:
 
 def _class_dirs(name: str, folder: Path) -> list[str]:
     classes = _subdirs(folder)
+    for c in classes:  # class names are kept in the run's files and the exported model's
+        _check_utf8(f"dataset {name!r}: the class folder {folder / c}", c, DatasetUnavailable)
     if len(classes) < 2:
         found = f"only one class folder ({classes[0]!r})" if classes else "no class folders"
         raise DatasetUnavailable(
@@ -1163,6 +1178,17 @@ def _to_8bit(im):
     return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L")
 
 
+@contextlib.contextmanager
+def _file_warnings(name: str, path: Path):
+    """Pillow's warnings about one file (more pixels than its decompression-bomb limit, ...)
+    said again with the file's name, which Pillow's own text leaves out."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    for w in caught:
+        warnings.warn(f"dataset {name!r}: {path}: {w.message}", w.category, stacklevel=3)
+
+
 def _read_image(name: str, path: Path, size: int, channels: int) -> np.ndarray:
     """One image as (C, size, size) uint8: resized (shorter side) and centre-cropped. 16-bit and
     float images are scaled to 8 bits first (:func:`_to_8bit`)."""
@@ -1170,9 +1196,11 @@ def _read_image(name: str, path: Path, size: int, channels: int) -> np.ndarray:
 
     mode = "RGB" if channels == 3 else "L"
     try:
-        with Image.open(path) as im:
+        with _file_warnings(name, path), Image.open(path) as im:
             im.draft(mode, (size, size))  # JPEG: decode at a reduced scale when possible
             im = _to_8bit(im)
+            if im.mode == "P" and "transparency" in im.info:
+                im = im.convert("RGBA")  # as Pillow asks of such a palette (else it warns)
             im = ImageOps.fit(im.convert(mode), (size, size), Image.Resampling.BILINEAR)
             arr = np.asarray(im, dtype=np.uint8)
     except Exception as e:  # noqa: BLE001 - a broken or hostile file fails in many ways
@@ -1194,7 +1222,7 @@ def _check_headers(name: str, scan: _FolderScan) -> None:
                     raise DatasetUnavailable(
                         f"dataset {name!r}: {path} is empty (0 bytes), not a readable image"
                     )
-                with Image.open(path):
+                with _file_warnings(name, path), Image.open(path):
                     pass
             except DatasetUnavailable:
                 raise
@@ -1245,7 +1273,8 @@ def _cache_key(name: str, scan: _FolderScan, size: int, channels: int) -> str:
                 raise DatasetUnavailable(
                     f"dataset {name!r}: {path} is a broken link (or unreadable)"
                 ) from None
-            h.update(f"|{part}|{path}|{label}|{st.st_size}|{st.st_mtime_ns}".encode())
+            line = f"|{part}|{path}|{label}|{st.st_size}|{st.st_mtime_ns}"
+            h.update(line.encode("utf-8", "surrogateescape"))  # a file name's own bytes
     return h.hexdigest()[:32]
 
 

@@ -74,6 +74,7 @@ def _unwrapped(obj, path) -> dict[str, torch.Tensor]:
             if _tensors(obj.get(key)):
                 return obj[key]
     keys = f" (keys: {', '.join(map(str, list(obj)[:6]))})" if isinstance(obj, dict) else ""
+    keys = " (it holds nothing)" if isinstance(obj, dict) and not obj else keys
     raise ValueError(
         f"init_from: {str(path)!r} does not hold a state_dict of tensors{keys}; expected "
         f"a model's state_dict, alone or under one of {', '.join(_WRAPPERS)}"

@@ -6,6 +6,7 @@ checks before it starts a run. Each failure is a ValueError naming the field."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import psutil
@@ -130,20 +131,23 @@ def check_input_fits(
     """The model runs on the dataset's images (a torchvision ImageNet model on 32 px CIFAR
     images may not: AlexNet, Inception v3 and MaxViT need larger ones). Checked on the meta
     device (shapes only, microseconds per layer). A failure counts only when a larger side
-    runs: a model the meta device cannot run at any size is left to the real run."""
+    runs: a model the meta device cannot run at any size is left to the real run, unless it
+    runs with its default options (then the options are named)."""
     if meta_model is None:
         return
-    channels, size, _ = shape or dataset_shape(config.dataset, **config.dataset_kwargs)
+    shape = shape or dataset_shape(config.dataset, **config.dataset_kwargs)
+    channels, size, _ = shape
     err = _meta_forward(meta_model, channels, size)
     if err is None:
         return
     fits = next(
         (s for s in IMAGE_SIDES if s > size and not _meta_forward(meta_model, channels, s)), None
     )
-    if fits is None:
-        return
     what = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     what = what if len(what) <= 160 else what[:157] + "..."
+    if fits is None:
+        _refuse_options_if_at_fault(config, shape, f"{type(err).__name__}: {what}")
+        return
     if "size" in dataset_options(config.dataset):
         fix = f"use larger images (dataset option size={fits}, --data-arg size={fits})"
     else:
@@ -151,6 +155,26 @@ def check_input_fits(
     raise ValueError(
         f"model: {config.model!r} does not run on the {channels}x{size}x{size} images of "
         f"{config.dataset!r} ({type(err).__name__}: {what}); it runs from {fits} px: {fix}"
+    )
+
+
+def _refuse_options_if_at_fault(
+    config: TrainConfig, shape: tuple[int, int, int], what: str
+) -> None:
+    """A model that runs at no image size with the run's model options but does with its
+    default ones (timm's drop_rate=1.5 is only refused by the forward pass): the options are
+    named now, not by a failed run."""
+    if not config.model_kwargs:
+        return
+    try:
+        plain = check_model_size(dataclasses.replace(config, model_kwargs={}), shape)
+    except ValueError:  # not even with its defaults: left to the real run, as before
+        return
+    if plain is None or _meta_forward(plain, shape[0], shape[1]) is not None:
+        return
+    raise ValueError(
+        f"model_kwargs: {config.model!r} does not run with the options "
+        f"{sorted(config.model_kwargs)} ({what}); it runs with its default ones"
     )
 
 
