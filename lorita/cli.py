@@ -918,13 +918,40 @@ def _train_config_from_run(run, args):
         )
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     other = [k for k in vars(args) if k in fields and getattr(args, k) != run.config.get(k)]
-    if other or args.config or args.model_args or args.data_args:
+    options = _options_not_the_runs(args, had)
+    if other or options:
         flags = ", ".join(_FLAG_NAMES.get(k, ("--" + k.replace("_", "-"),))[0] for k in other)
-        flags = flags or "--config / --model-arg / --data-arg"
+        flags = ", ".join(([flags] if flags else []) + options)
         raise UsageError(
             f"--resume takes the run's own config; drop the training flags that change it ({flags})"
         )
     return TrainConfig.from_dict(run.config)
+
+
+def _options_not_the_runs(args, had: dict) -> list[str]:
+    """Which of ``--config``, ``--model-arg``, ``--data-arg`` say other than the run's own
+    config: each may repeat the run's values, as in the command that started it."""
+
+    def same(key: str, value) -> bool:
+        if key in ("model_kwargs", "dataset_kwargs"):  # the options given, each the run's
+            kept = had.get(key)
+            return isinstance(kept, dict) and all(kept.get(k, ...) == v for k, v in value.items())
+        return had.get(key, ...) == value
+
+    changed = []
+    if args.config:
+        with _as_usage():
+            from_file = _config_class().from_json(args.config).to_dict()
+        given = json.loads(Path(args.config).read_bytes())  # (read above): the keys it gives
+        if not all(same(k, from_file[k]) for k in given):
+            changed.append("--config")
+    for flag, key, items in (
+        ("--model-arg", "model_kwargs", args.model_args),
+        ("--data-arg", "dataset_kwargs", args.data_args),
+    ):
+        if items and not same(key, _key_values(items, flag)):
+            changed.append(flag)
+    return changed
 
 
 def _preflight(config) -> None:
