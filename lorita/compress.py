@@ -33,12 +33,13 @@ import torch
 from torch import nn
 
 from . import kinds
-from .checks import is_real
+from .checks import check_flag, is_real
 from .convert import iter_layers, merge_model
 from .cost import Cost, count_cost
 from .data import TensorDataset
 from .engine import evaluate as _evaluate
 from .engine import finetune as _finetune
+from .engine.evaluate import as_device
 from .kinds import output_layer
 from .layers import is_thin
 from .truncation import (
@@ -79,7 +80,7 @@ class HeldSplits:
 
     def __init__(self, splits, *, device: str | torch.device = "cpu") -> None:
         self.splits = splits
-        self.device = torch.device(device)
+        self.device = as_device(device)
         self.parts = {"val": _materialize(splits.val), "test": _materialize(splits.test)}
         self.uses: Counter = Counter()
 
@@ -217,11 +218,13 @@ class Compressor:
         layers: Iterable[str] | None = None,
     ) -> None:
         t0 = time.perf_counter()
+        check_flag(keep_head, "keep_head")
+        device = as_device(device)  # checked before the run is loaded
         model, splits, self.run, self.config, self.data_note = _open(source, splits, which)
         if self.data_note:
             warnings.warn(self.data_note, stacklevel=2)
         self.which = which
-        self.device = torch.device(device)
+        self.device = device
         self.splits = splits
         #: how to feed this model (input shape, pixels, normalisation, classes), for exports
         self.preprocess = splits.preprocess() if hasattr(splits, "preprocess") else None

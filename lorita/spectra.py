@@ -83,6 +83,14 @@ def _check_1d(s: Tensor) -> Tensor:
     return s
 
 
+def _unit(s: Tensor) -> Tensor:
+    """The checked spectrum divided by its largest value (every rank here is scale-free), so
+    that squares and sums of values near float64's range neither overflow nor vanish."""
+    s = _check_1d(s)
+    top = float(s.max())
+    return s / top if top > 0 else s
+
+
 def effective_rank(s: Tensor, tol: float = EFFECTIVE_RANK_TOL) -> int:
     """Number of singular values above ``tol * sigma_max``."""
     s = _check_1d(s)
@@ -94,14 +102,13 @@ def effective_rank(s: Tensor, tol: float = EFFECTIVE_RANK_TOL) -> int:
 
 def stable_rank(s: Tensor) -> float:
     """``sum sigma^2 / sigma_max^2``: a smooth rank that ignores tiny singular values."""
-    s = _check_1d(s)
-    top = float(s.max())
-    return float(s.pow(2).sum() / top**2) if top > 0 else 0.0
+    s = _unit(s)
+    return float(s.pow(2).sum()) if s.max() > 0 else 0.0
 
 
 def entropy_rank(s: Tensor) -> float:
     """``exp(entropy of sigma / sum sigma)`` (Roy & Vetterli's effective rank)."""
-    s = _check_1d(s)
+    s = _unit(s)
     total = float(s.sum())
     if total <= 0:
         return 0.0
@@ -118,7 +125,7 @@ def energy_rank(s: Tensor, keep: float = ENERGY_KEEP) -> int:
     whereas a long tail of values just above ``tol * sigma_max`` keeps the effective rank high
     while holding little of the weight. 0 for an all-zero spectrum.
     """
-    s = _check_1d(s)
+    s = _unit(s)
     if not is_real(keep) or not 0 < keep <= 1:
         raise ValueError(f"keep: expected 0 < keep <= 1 (energy share), got {keep!r}")
     e = s.pow(2)
@@ -139,7 +146,7 @@ def rank_summary(spectra: dict[str, Tensor], tol: float = EFFECTIVE_RANK_TOL) ->
         )
     return {
         name: {
-            "full": int(len(s)),
+            "full": int(_check_1d(s).numel()),  # checked first: a 0-d tensor has no len
             "effective": effective_rank(s, tol),
             "energy": energy_rank(s),
             "stable": stable_rank(s),

@@ -59,9 +59,23 @@ __all__ = [
 
 
 def _number(field: str, value) -> float:
-    if not is_real(value) or math.isnan(value):
+    if not is_real(value):
+        raise ValueError(f"{field}: expected a number, got {value!r}"[:200])
+    try:
+        number = float(value)
+    except OverflowError:  # an int beyond float's range (10**400)
+        number = math.inf if value > 0 else -math.inf
+    if math.isnan(number):
         raise ValueError(f"{field}: expected a number, got {value!r}")
-    return float(value)
+    return number
+
+
+def _set_number(policy: Policy, field: str) -> float:
+    """``policy``'s number ``field`` checked and stored as a plain float (a NumPy scalar or a
+    huge int would leak into the spec, which must stay JSON-able)."""
+    number = _number(field, getattr(policy, field))
+    object.__setattr__(policy, field, number)  # (frozen dataclass)
+    return number
 
 
 #: Every rank policy by its CLI spelling; a subclass of :class:`Policy` with a ``name`` adds
@@ -175,7 +189,7 @@ class Uniform(Policy):
     low, high, step, default, fmt = 0.01, 1.0, 0.01, 0.5, "%.2f"
 
     def __post_init__(self):
-        if not 0 < _number("ratio", self.ratio) <= 1:
+        if not 0 < _set_number(self, "ratio") <= 1:
             raise ValueError(f"ratio: expected 0 < ratio <= 1, got {self.ratio!r}")
 
     @classmethod
@@ -204,7 +218,7 @@ class Global(Policy):
     low, high, step, default, fmt = 0.0, 0.99, 0.01, 0.5, "%.2f"
 
     def __post_init__(self):
-        if not 0 <= _number("fraction", self.fraction) < 1:
+        if not 0 <= _set_number(self, "fraction") < 1:
             raise ValueError(f"fraction: expected 0 <= fraction < 1, got {self.fraction!r}")
 
     @classmethod
@@ -235,7 +249,7 @@ class Energy(Policy):
     low, high, step, default, fmt = 0.5, 1.0, 0.001, 0.99, "%.3f"
 
     def __post_init__(self):
-        if not 0 < _number("keep", self.keep) <= 1:
+        if not 0 < _set_number(self, "keep") <= 1:
             raise ValueError(f"keep: expected 0 < keep <= 1 (energy share), got {self.keep!r}")
 
     @classmethod
@@ -304,13 +318,18 @@ class Budget(Policy):
     needs_costs = True
 
     def __post_init__(self):
-        if not 0 < _number("percent", self.percent) <= 100:
+        if not 0 < _set_number(self, "percent") <= 100:
             raise ValueError(f"percent: expected 0 < percent <= 100, got {self.percent!r}")
         if self.measure not in ("params", "flops"):
             raise ValueError(f"measure: expected 'params' or 'flops', got {self.measure!r}")
 
     def __str__(self) -> str:
-        return f"{self.name}:{self.percent:g}"
+        return f"{self.spec()['policy']}:{self.percent:g}"
+
+    def spec(self) -> dict:
+        # Budget(p, measure="flops") is spelled as the FlopBudget it is, so it reads back as one
+        name = FlopBudget.name if self.measure == "flops" else self.name
+        return {"policy": name, "value": self.percent}
 
     @classmethod
     def sweep(cls, points: int = 25) -> list[float]:
@@ -443,7 +462,7 @@ def _parse_ranks(text: str) -> Ranks:
     ranks = {}
     for item in filter(None, (t.strip() for t in text.split(","))):
         layer, sep, r = item.partition("=")
-        if not sep or not r.strip().isdigit():
+        if not sep or not r.strip().isdecimal():  # what int() reads (not "²")
             raise ValueError(f"policy: expected ranks:LAYER=RANK,LAYER=RANK, got item {item!r}")
         if layer.strip() in ranks:
             raise ValueError(f"policy: layer {layer.strip()!r} is given two ranks")
@@ -681,10 +700,13 @@ def as_policy(policy) -> Policy:
 
 
 def _fingerprint(model: nn.Module) -> tuple:
-    """Which model, holding which tensors at which in-place version (a training step, a
-    load_state_dict, a fine-tuning changes it; eval-mode calls do not)."""
+    """Which model, holding which tensors at which in-place version and storage (a training
+    step, a load_state_dict, a fine-tuning, ``weight.data = ...`` changes it; eval-mode calls
+    do not)."""
     tensors = [*model.parameters(), *model.buffers()]
-    return id(model), tuple((id(t), t._version) for t in tensors)
+    return id(model), tuple(
+        (id(t), t._version, t.data_ptr() if t.layout == torch.strided else 0) for t in tensors
+    )
 
 
 def _cache(model, svd, layers, example_input=None) -> SVDCache:
@@ -835,12 +857,27 @@ def _budget_facts(
     return facts
 
 
+def _check_evaluate(evaluate) -> None:
+    if not callable(evaluate):
+        raise ValueError(
+            "evaluate: expected a function model -> metric (a number, or a dict of them), got "
+            f"{type(evaluate).__name__}"
+        )
+
+
 def _metric_value(result, key: str) -> float:
+    value = result
     if isinstance(result, dict):
         if key not in result:
             raise ValueError(f"key: evaluate() returned {sorted(result)}, no {key!r}")
-        return float(result[key])
-    return float(result)
+        value = result[key]
+    try:
+        return float(value)
+    except (TypeError, ValueError, RuntimeError):
+        got = f"{value!r}"[:100]
+        raise ValueError(
+            f"evaluate: expected it to return a number or a dict holding {key!r}, got {got}"
+        ) from None
 
 
 def tradeoff_curve(
@@ -862,6 +899,9 @@ def tradeoff_curve(
     ``progress(done, total, point)`` is called after each point (e.g. to fill in a chart).
     """
     cls = policy_class(policy_name)
+    _check_evaluate(evaluate)
+    if values is not None and (isinstance(values, (str, dict)) or not hasattr(values, "__iter__")):
+        raise ValueError(f"values: expected a list of {cls.name} values, got {values!r}"[:200])
     cache = _cache(model, svd, layers, example_input)
     values = cls.sweep() if values is None else list(values)
     base = cache.base_cost(example_input)
@@ -937,6 +977,17 @@ def smallest_within(
     """
     if _number("max_drop", max_drop) < 0:
         raise ValueError(f"max_drop: expected >= 0 percentage points, got {max_drop!r}")
+    if step is not None and not _number("step", step) > 0:
+        raise ValueError(f"step: expected a number > 0, got {step!r}")
+    cls = policy_class(policy_name)
+    if step is not None and (cls.high - cls.low) / step > MAX_SWEEP_POINTS:  # each a cut
+        raise ValueError(
+            f"step: expected at most {MAX_SWEEP_POINTS} steps over {cls.name}'s range "
+            f"[{cls.low:g}, {cls.high:g}], got {step!r}"
+        )
+    if not is_int(refine) or refine < 0:
+        raise ValueError(f"refine: expected an integer >= 0 (bisection steps), got {refine!r}")
+    _check_evaluate(evaluate)
     cache = _cache(model, svd, layers, example_input)
     base_result = evaluate(cache.model)
     base_metric = _metric_value(base_result, key)
@@ -953,15 +1004,12 @@ def smallest_within(
             svd=cache,
         )
 
-    curve = point(policy_class(policy_name).sweep() if values is None else values)
+    curve = point(cls.sweep() if values is None else values)
 
     def ok(p):
         return _metric_value(p["metric"], key) >= floor
 
-    if step is not None and not _number("step", step) > 0:
-        raise ValueError(f"step: expected a number > 0, got {step!r}")
-
-    for _ in range(max(0, refine) if step is None else min(1, max(0, refine))):
+    for _ in range(refine if step is None else min(1, refine)):
         between = _refinement(curve, ok, step)
         if not between:
             break
@@ -991,7 +1039,7 @@ def smallest_within(
     curve.sort(key=lambda p: p["params"])
     return {
         **best,
-        "policy": policy_class(policy_name).name,
+        "policy": cls.name,
         "base_metric": base_metric,
         "model": chosen,
         "curve": curve,
@@ -1022,6 +1070,9 @@ def iterative_search(
         raise ValueError(f"step: expected 0 < step < 1, got {step!r}")
     if _number("max_drop", max_drop) < 0:
         raise ValueError(f"max_drop: expected >= 0 percentage points, got {max_drop!r}")
+    if not is_int(max_evals) or max_evals < 0:
+        raise ValueError(f"max_evals: expected an integer >= 0, got {max_evals!r}")
+    _check_evaluate(evaluate)
     cache = _cache(model, svd, layers, example_input)
     base_metric = _metric_value(evaluate(cache.model), key)
     floor = base_metric - max_drop / 100.0 - 1e-12

@@ -43,7 +43,7 @@ def _check_batch_size(batch_size) -> None:
         raise ValueError(f"batch_size: {batch_size!r} is not allowed; expected an integer >= 1")
 
 
-def _device(device) -> torch.device:
+def as_device(device) -> torch.device:
     """``device`` as a torch.device; a ValueError naming it for text torch does not read."""
     try:
         return torch.device(device)
@@ -109,7 +109,7 @@ def evaluate(
     _check_dataset(dataset, "dataset")
     _check_batch_size(batch_size)
     check_flag(amp, "amp")
-    device = _device(device)
+    device = as_device(device)
     task = task_of(dataset)
     loss_sum, correct, n = 0.0, 0.0, 0
     ys, sse = [], 0.0
@@ -164,7 +164,7 @@ def finetune(
     validation accuracy seen (the starting point included), in eval mode on CPU."""
     _check_finetune(model, splits, epochs, lr, optimizer, batch_size)
     _check_finetune_options(seed, weight_decay, label_smoothing, callback)
-    device = _device(device)
+    device = as_device(device)
     work = clone_model(model).to(device)
     best = evaluate(work, splits.val, device=device)["acc"]
     best_state = copy.deepcopy(work.state_dict())
