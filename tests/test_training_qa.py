@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 import lorita as lt
 from lorita.cli import main
 from lorita.runs import RunStore
@@ -44,3 +46,9 @@ def test_resume_takes_the_starting_commands_options_and_config(tmp_path, capsys)
     argv = ["train", *at, "--config", str(same), "--model-arg", "width=32", "--epochs", "1"]
     assert main(argv) == 0, capsys.readouterr().err
     assert store.get("cut").status()["state"] == "completed"
+
+
+@pytest.mark.parametrize("device", ["cuda:²", "cuda:٣"])
+def test_a_device_index_in_other_digits_is_refused_by_name(device):
+    with pytest.raises(ValueError, match="device: .* expected auto, cpu, cuda, cuda:<index>"):
+        lt.TrainConfig.from_dict({"device": device})

@@ -414,7 +414,8 @@ def _check_field(name: str, v: Any, md: dict) -> Any:
 
 def _check_device(dev: Any) -> None:
     ok = isinstance(dev, str) and (
-        dev in DEVICES or (dev.startswith("cuda:") and dev[5:].isdigit() and len(dev) < 10)
+        dev in DEVICES
+        or (dev.startswith("cuda:") and dev[5:].isascii() and dev[5:].isdigit() and len(dev) < 10)
     )
     if not ok:
         raise _bad("device", dev, "auto, cpu, cuda, cuda:<index> or mps")
