@@ -73,7 +73,7 @@ def _number(field: str, value) -> float:
 def _set_number(policy: Policy, field: str) -> float:
     """``policy``'s number ``field`` checked and stored as a plain float (a NumPy scalar or a
     huge int would leak into the spec, which must stay JSON-able)."""
-    number = _number(field, getattr(policy, field))
+    number = _number(field, getattr(policy, field)) + 0.0  # (+ 0.0: -0.0 is 0, "global:0")
     object.__setattr__(policy, field, number)  # (frozen dataclass)
     return number
 

@@ -127,3 +127,7 @@ def test_rank_measures_do_not_depend_on_scale(scale):
     assert lt.entropy_rank(s) == pytest.approx(lt.entropy_rank([3.0, 2.0, 1.0]))
     assert lt.energy_rank(s, 0.9) == 2
     assert lt.effective_rank(s) == 3
+
+
+def test_a_negative_zero_is_spelled_zero():
+    assert str(lt.Global(-0.0)) == "global:0"
