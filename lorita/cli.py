@@ -2090,7 +2090,10 @@ def _settle(args) -> None:
                 f"--search {args.search}: only with --max-drop (it is the policy the search for "
                 "the smallest model within P points follows)"
             )
-        if args.search in ("budget", "flops-budget") and args.form == "dense":
+        from .truncation import POLICIES
+
+        budget = args.search in POLICIES and POLICIES[args.search].needs_costs
+        if budget and args.form == "dense":
             raise UsageError(
                 f"--search {args.search} with --form dense: a budget counts the thin form's "
                 "size, and a dense weight keeps its size; search with --search global (the "

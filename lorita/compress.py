@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from . import kinds
-from .checks import check_flag, is_real
+from .checks import check_flag, check_names, is_real
 from .convert import iter_layers, merge_model
 from .cost import Cost, count_cost
 from .data import TensorDataset
@@ -232,9 +232,7 @@ class Compressor:
         self.example_input = splits.example_input(1).to(self.device)  # (1, C, H, W)
         merged = merge_model(model).eval().to(self.device)
         every = {n: min(kinds.matrices(m).shape[-2:]) for n, m in iter_layers(merged)}
-        if isinstance(layers, str):  # one layer's name, as truncate(layers=...) takes it
-            layers = [layers]
-        layers = None if layers is None else list(layers)  # SVDCache names any unknown one
+        layers = check_names(layers, "layers")  # SVDCache names any unknown one
         self.svd = SVDCache(merged, layers, example_input=self.example_input, keep_head=keep_head)
         self.left_out = {
             n: "not among the layers chosen to cut" for n in every if n not in self.svd.svd

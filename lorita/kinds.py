@@ -435,7 +435,6 @@ def _own_forward(module: nn.Module) -> str:
         )
     if cls in _OWN_FORWARD:
         return _OWN_FORWARD[cls]
-    base = next(b for b in cls.__mro__ if b in _PLAIN)
     extra = _own_state(module)
     if extra:
         why = (
@@ -446,6 +445,7 @@ def _own_forward(module: nn.Module) -> str:
         return why
     if module.weight.is_meta:
         return ""  # nothing to compute with: checked on the first real instance
+    base = next(b for b in cls.__mro__ if b in _PLAIN)
     was = module.training
     module.eval()
     try:

@@ -825,8 +825,7 @@ class LowRankMultiheadAttention(nn.Module):
         dtype=None,
     ) -> None:
         super().__init__()
-        if not is_int(num_heads) or num_heads < 1:
-            raise ValueError(f"num_heads: expected an integer >= 1, got {num_heads!r}")
+        _size("num_heads", num_heads)
         if embed_dim % num_heads:
             raise ValueError(f"num_heads: {num_heads} does not divide embed_dim {embed_dim}")
         self.embed_dim, self.num_heads = int(embed_dim), int(num_heads)
