@@ -6,6 +6,7 @@ anyway, and its ``_orig_mod.`` prefix would be in every layer name."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -13,7 +14,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-__all__ = ["clone_model", "evaluating", "unwrap"]
+__all__ = ["clone_model", "eager", "evaluating", "is_compiled", "rebind_compiled", "unwrap"]
 
 
 def _non_leaves(value, found: dict[int, torch.Tensor], depth: int = 0) -> None:
@@ -28,14 +29,38 @@ def _non_leaves(value, found: dict[int, torch.Tensor], depth: int = 0) -> None:
             _non_leaves(v, found, depth + 1)
 
 
+def is_compiled(module: nn.Module) -> bool:
+    """Whether ``module`` is a ``torch.compile`` wrapper (an ``OptimizedModule``)."""
+    return type(module).__name__ == "OptimizedModule" and isinstance(
+        getattr(module, "_orig_mod", None), nn.Module
+    )
+
+
+def rebind_compiled(wrapper: nn.Module) -> None:
+    """Make a ``torch.compile`` wrapper call the module it holds now: its forward is bound,
+    when it is made (or copied), to the module it wrapped then, so after its ``_orig_mod`` is
+    replaced (a layer composed or cut) it would still call the old layer."""
+    init = getattr(wrapper, "_initialize", None)
+    if callable(init):
+        init()
+    else:  # (older torch: the forward is set in __init__ alone)
+        wrapper.forward = wrapper.dynamo_ctx(wrapper._orig_mod.__call__)
+
+
+def eager() -> contextlib.AbstractContextManager:
+    """Inside it, a ``torch.compile`` wrapper in the model runs its module as plain Python:
+    compiled code runs without the forward hooks and the torch function mode that trace a
+    pass (the layers a compiled block runs would be taken for weights read directly)."""
+    set_stance = getattr(torch.compiler, "set_stance", None)  # (torch >= 2.6)
+    return set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The module a ``torch.compile(model)``, ``nn.DataParallel`` or
     ``DistributedDataParallel`` wrapper holds (its layers are the model's, without the
     ``module.`` prefix); ``model`` itself otherwise."""
     while True:
-        if type(model).__name__ == "OptimizedModule" and isinstance(
-            getattr(model, "_orig_mod", None), nn.Module
-        ):
+        if is_compiled(model):
             model = model._orig_mod
         elif isinstance(model, nn.DataParallel | nn.parallel.DistributedDataParallel):
             model = model.module

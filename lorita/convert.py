@@ -17,7 +17,7 @@ from torch.utils._pytree import tree_leaves
 
 from . import inputs
 from .checks import check_flag, check_module, check_optional_flag
-from .clone import clone_model
+from .clone import clone_model, is_compiled, unwrap
 from .kinds import (
     INITS,
     INNER_CHOICES,
@@ -56,6 +56,7 @@ __all__ = [
     "apply_folds",
     "deploy_model",
     "bake_parametrizations",
+    "take_off_compile",
     "deploy_input",
 ]
 
@@ -156,6 +157,9 @@ def overparameterize(
     modules (Conv1d, RNNs, ...), listed in the summary with kind "other".
     The copy carries ``lorita_summary`` (see :func:`composition_summary`) and
     ``lorita_direct`` (the layers whose weight the model reads itself: their cut stays dense).
+    A composed layer keeps the forward and backward hooks and the frozen parameters of the
+    layer it replaces, but not its state_dict hooks (they act on the ``weight`` key that the
+    factors replace; a merge or a cut does not bring them back).
 
     Args:
         model: any module; it is not changed.
@@ -220,8 +224,9 @@ def overparameterize(
 
 def composition_summary(model: nn.Module) -> dict:
     """What :func:`overparameterize` did: ``{"n_factors", "direct_reads", "layers": [{"name",
-    "kind", "type", "action": "composed" | "left", "why"}]}`` (never printed)."""
-    summary = getattr(model, "lorita_summary", None)
+    "kind", "type", "action": "composed" | "left", "why"}]}`` (never printed); also of the
+    composed model inside a DataParallel or torch.compile wrapper."""
+    summary = getattr(unwrap(model), "lorita_summary", None)
     if summary is None:
         raise ValueError("model: it was not made by overparameterize (no lorita_summary)")
     return summary
@@ -442,6 +447,17 @@ def bake_parametrizations(model: nn.Module) -> list[str]:
     return baked
 
 
+def take_off_compile(model: nn.Module) -> list[str]:
+    """Replace every ``torch.compile`` wrapper inside ``model`` by the module it holds, in
+    place: a deployed model is traced by the ONNX exporters, which cannot trace a compiled
+    function. Returns the names of the wrappers taken off."""
+    wrapped = [n for n, m in model.named_modules() if n and is_compiled(m)]
+    wrapped.sort(key=lambda n: n.count("."), reverse=True)  # a wrapper inside one: first
+    for name in wrapped:
+        set_module(model, name, model.get_submodule(name)._orig_mod)
+    return wrapped
+
+
 def deploy_model(
     model: nn.Module,
     example_input: inputs.Example | None = None,
@@ -455,12 +471,14 @@ def deploy_model(
     measured faster on CPU for plain and cut convolutional models, bench/zoo.py). The result's
     ``lorita_deploy`` records what was done; give it inputs in the same memory format
     (:func:`deploy_input`). Weights computed by a parametrization (weight_norm, ...) are
-    replaced by their current values (``lorita_deploy["baked"]``)."""
+    replaced by their current values (``lorita_deploy["baked"]``), and a layer wrapped by
+    ``torch.compile`` by the layer itself."""
     check_flag(fold_bn, "fold_bn")
     check_optional_flag(channels_last, "channels_last")
     check_module(model)
     new = merge_model(model) if composed_layers(model) else clone_model(model)
     new.eval()
+    take_off_compile(new)
     baked = bake_parametrizations(new)
     if fold_bn:
         new = fold_batchnorm(new, example_input, inplace=True)

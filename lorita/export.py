@@ -1407,15 +1407,17 @@ def _warn_cpu_runtime_dtype(model: nn.Module) -> None:
 
 
 def _explicit_same_padding(model: nn.Module) -> None:
-    """Write a convolution's ``padding="same"`` as the numbers it pads where they are the same
-    on both sides: the exporter writes "same" as ONNX's auto_pad, which onnxruntime refuses
-    for a dilated convolution (the function is unchanged; an odd total, padded more on one
-    side, stays "same")."""
+    """Write a convolution's ``padding="same"`` as the numbers it pads: the exporter writes
+    "same" as ONNX's auto_pad, which onnxruntime refuses for a dilated convolution. The same
+    on both sides, they are the convolution's padding; an odd total, padded more on one side,
+    is an explicit zero pad before it (a Pad node; the function is unchanged)."""
     for m in model.modules():
         if isinstance(m, nn.Conv2d) and m.padding == "same":
             total = [d * (k - 1) for d, k in zip(m.dilation, m.kernel_size, strict=True)]
             if all(t % 2 == 0 for t in total):
                 m.padding = tuple(t // 2 for t in total)
+            elif m.padding_mode == "zeros":  # forward: F.pad(x, the pads "same" computed)
+                m.padding_mode = "constant"
 
 
 def _fsync_file(path: Path) -> None:

@@ -49,7 +49,7 @@ from torch.utils._pytree import tree_leaves
 
 from . import inputs
 from .checks import check_module, is_int
-from .clone import clone_model, evaluating, unwrap
+from .clone import clone_model, eager, evaluating, is_compiled, rebind_compiled, unwrap
 from .functional import svd64
 from .layers import (
     INITS,
@@ -132,10 +132,13 @@ def set_modules(model: nn.Module, replacements: Iterable[tuple[str, nn.Module]])
         swaps[id(old)] = (old, new)
     if not swaps:
         return
+    added = {id(new) for _, new in swaps.values()}
     for m in list(model.modules()):
         for child, sub in list(m._modules.items()):  # the other names of a replaced module
             if sub is not None and id(sub) in swaps and swaps[id(sub)][0] is sub:
                 m._modules[child] = swaps[id(sub)][1]
+        if is_compiled(m) and id(m._orig_mod) in added:
+            rebind_compiled(m)  # a compiled layer: its wrapper is bound to the one replaced
         for k, v in vars(m).items():
             if type(v) in (list, tuple, dict) and k not in _MODULE_STATE:
                 relinked = _relink(v, swaps, depth=0)
@@ -485,9 +488,11 @@ class ParametrizedKind(Kind):
             {type(p).__name__.lstrip("_") for ps in given.values() for p in ps}
             | {type(h).__name__ for h in _norm_hooks(module)}
         )
+        tensors = sorted(set(given) | ({"weight"} if _norm_hooks(module) else set()))
+        verb = "is" if len(tensors) == 1 else "are"
         return (
-            f"its weight is computed by a parametrization ({', '.join(names)}): "
-            "composing would drop it"
+            f"its {' and '.join(tensors)} {verb} computed by a parametrization "
+            f"({', '.join(names)}): composing would drop it"
         )
 
 
@@ -675,18 +680,42 @@ def stages(layers: Iterable[str], most: int = 12) -> dict[str, str]:
     """The stage each layer belongs to, for grouping long per-layer listings: the first part of
     its name (``layer2.0.conv1`` -> ``layer2``, ``fc1`` -> ``fc1``), and one part more, as
     often as needed, where a stage would hold over ``most`` layers (MobileNet's 41
-    ``features.N...`` layers: ``features.3.block.0.0`` -> ``features.3``). In layer order."""
+    ``features.N...`` layers: ``features.3.block.0.0`` -> ``features.3``). Where that makes
+    over ``most`` stages side by side (a flat numbering: ``fc1`` ... ``fc60``, VGG's
+    ``features.0`` ... ``features.28``), neighbours are taken together, at most ``most`` layers
+    in one, named ``first–last``. In layer order."""
     out: dict[str, str] = {}
 
     def split(group: list[str], depth: int) -> None:
         by: dict[str, list[str]] = {}
         for name in group:
             by.setdefault(".".join(name.split(".")[:depth]), []).append(name)
+
+        def deeper(members: list[str]) -> bool:
+            return len(members) > most and any(m.count(".") >= depth for m in members)
+
+        kept = sum(len(ms) for ms in by.values() if not deeper(ms))
+        size = -(-kept // -(-kept // most)) if kept else most  # even parts of at most `most`
+        together: list[tuple[str, list[str]]] = []  # (stage, its layers): neighbours joined
+
+        def close() -> None:
+            if together:
+                first, last = together[0][0], together[-1][0]
+                label = first if first == last else f"{first}–{last}"
+                out.update(dict.fromkeys((m for _, ms in together for m in ms), label))
+                together.clear()
+
         for stage, members in by.items():
-            if len(members) > most and any(m.count(".") >= depth for m in members):
+            if deeper(members):
+                close()
                 split(members, depth + 1)
-            else:
+            elif len(by) <= most:
                 out.update(dict.fromkeys(members, stage))
+            else:
+                if sum(len(ms) for _, ms in together) + len(members) > size:
+                    close()
+                together.append((stage, members))
+        close()
 
     names = list(layers)
     split(names, 1)
@@ -774,6 +803,33 @@ def iter_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     for e in layer_table(model):
         if e.kind.composable:
             yield e.name, e.module
+
+
+def why_not_cut(model: nn.Module, names: Iterable[str]) -> dict[str, str]:
+    """``{name: why}`` for each of ``names`` that is a module of ``model`` no cut may take: a
+    parametrized or depthwise layer, a tied one (cutting it would cut the module it shares
+    its weight with, or untie them), a module with no matrices LoRITa reads. Names of no
+    module, and layers a cut may take, are not in it."""
+    table = {e.name: e for e in layer_table(model)}
+    out = {}
+    for name in names:
+        if name in table:
+            e = table[name]
+            if not e.kind.composable or e.shared:
+                out[name] = e.kind.why(e.module) if not e.kind.composable else TIED
+            continue
+        try:
+            module = unwrap(model).get_submodule(name)
+        except (AttributeError, TypeError):
+            continue
+        alias = next((e.name for e in table.values() if e.module is module), None)
+        if alias is not None:
+            out[name] = f"it is layer {alias!r} under another name: name it so"
+        elif isinstance(module, _OTHER):
+            out[name] = why_other(module)
+        else:
+            out[name] = f"a {type(module).__name__} has no matrices LoRITa reads"
+    return out
 
 
 def matrices(module: nn.Module) -> Tensor:
@@ -929,7 +985,7 @@ def trace_forward(
             )
     tracer = _ReadTracer(owners, active, watched)
     try:
-        with evaluating(model), torch.no_grad(), tracer:
+        with evaluating(model), torch.no_grad(), eager(), tracer:
             result = inputs.call(model, inputs.check_example(example_input))
     finally:
         for h in handles:
@@ -1045,7 +1101,7 @@ def output_layer(model: nn.Module, example_input: inputs.Example) -> str | None:
         for n, m in iter_layers(model)
     ]
     try:
-        with evaluating(model), torch.no_grad():
+        with evaluating(model), torch.no_grad(), eager():
             inputs.call(model, example_input)
     finally:
         for h in hooks:

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from . import inputs, kinds
 from .checks import check_flag, check_names, is_int, is_real
-from .clone import clone_model
+from .clone import clone_model, unwrap
 from .convert import check_initialised, iter_layers, merge_model
 from .cost import Cost, attention_projection_flops, count_cost
 from .functional import at_rounding_level
@@ -545,7 +545,7 @@ class SVDCache:
         # load), where the weight still has that rank (fine-tuning a dense layer raises it)
         recorded = {
             n: int(r)
-            for n, r in (getattr(model, "lorita_ranks", None) or {}).items()
+            for n, r in (getattr(unwrap(model), "lorita_ranks", None) or {}).items()
             if n not in held and isinstance(r, int)
         }
         self.model = merge_model(model).eval()
@@ -564,6 +564,9 @@ class SVDCache:
                     self.left_out.setdefault(e.name, kinds.TIED)
         layers = check_names(layers, "layers")
         names = [n for n in available if n not in self.left_out] if layers is None else layers
+        if layers is not None:  # a module of the model that no cut may take: say why
+            for n, why in kinds.why_not_cut(self.model, names).items():
+                raise ValueError(f"layers: {n!r} cannot be cut: {why}")
         unknown = [n for n in names if n not in available]
         if unknown:
             raise ValueError(
