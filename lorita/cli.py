@@ -14,7 +14,9 @@ bounds, an empty string, a missing or unreadable file, a model or dataset too bi
 machine) ends with exit code 2 and one line on stderr, before anything is written; a training
 run that fails ends with exit code 1, one stopped before its end (Ctrl-C, SIGTERM, ``lorita
 stop``) with 130. Under ``torchrun --nproc_per_node=K -m lorita train ...``
-training uses DDP and rank 0 prints.
+training uses DDP and rank 0 prints. ``--json`` prints one strict JSON document on stdout
+(nothing there on an error); a reader that goes away (``| head``) ends no run early, and a
+warning filter that makes warnings errors shows the commands' notes as warning lines.
 
 Progress is a tqdm bar (tqdm is a dependency already; it gives the rate and time left and
 redraws cleanly) on a terminal and one line per epoch otherwise. Tables are plain aligned
@@ -30,6 +32,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import signal
 import sys
 import threading
@@ -179,6 +182,10 @@ def _out_path(flag: str):
             raise argparse.ArgumentTypeError(f"{_short(str(p.parent))!r} is a file, not a folder")
         if not p.parent.is_dir():
             raise argparse.ArgumentTypeError(f"folder {_short(str(p.parent))!r} not found")
+        if not os.access(p.parent, os.W_OK | os.X_OK):  # said now, not after the work
+            raise argparse.ArgumentTypeError(
+                f"folder {_short(str(p.parent))!r} is not writable; give a path you can write"
+            )
         inside = run_folder_of(p.parent)
         if inside is not None:
             raise argparse.ArgumentTypeError(
@@ -732,6 +739,23 @@ def _scored(task):
     return score.short, lambda x: score.text(x, sep="")
 
 
+def _plain_numbers(value):
+    """``value`` with every float that is not finite (a loss of a cut that overflowed) as
+    None: JSON has no NaN or Infinity, which json.dumps would write and most readers refuse."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _plain_numbers(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain_numbers(v) for v in value]
+    return value
+
+
+def _print_json(value) -> None:
+    """``--json``: one JSON document on stdout (strict JSON: NaN and infinities are null)."""
+    print(json.dumps(_plain_numbers(value), indent=1, allow_nan=False))
+
+
 def _table(rows: list[list], header: list[str]) -> str:
     """Plain aligned columns (readable by eye and by grep / awk / cut)."""
     cols = [header, *rows]
@@ -823,7 +847,7 @@ class _Progress:
         if self.bar is not None:
             self.bar.write(text, file=self.stream)
         else:
-            print(text, file=self.stream, flush=True)
+            _say(text, self.stream)
 
 
 # --------------------------------------------------------------------------- train: config
@@ -964,7 +988,7 @@ def _preflight(config) -> None:
     if note.startswith(WILL_DOWNLOAD) and int(os.environ.get("WORLD_SIZE", "1")) == 1:
         # downloaded now, so that no run folder is left failed when there is no internet
         # (under torchrun the run's processes share the download as they load the data)
-        print(f"dataset {config.dataset!r}: {note}", file=sys.stderr)
+        _say(f"dataset {config.dataset!r}: {note}", sys.stderr)
         fetch_dataset(config.dataset, **config.dataset_kwargs)
     if "left out" in note:  # images beside a folder's class folders: in no class
         warnings.warn(f"dataset: {note}", stacklevel=2)
@@ -1110,11 +1134,10 @@ def _wait_for_slot(args, store, run, stop_event, quiet):
             run.update_status(message=WAITING_FOR_SLOT)
             k = args.max_concurrent
             if not quiet:
-                print(
+                _say(
                     f"queued: {WAITING_FOR_SLOT} ({k} of {k} in use); Ctrl-C (or "
                     f"lorita stop {run.name}) to leave the queue",
-                    file=sys.stderr,
-                    flush=True,
+                    sys.stderr,
                 )
         return stop_event.is_set() or run.stop_requested()
 
@@ -1125,7 +1148,7 @@ def _wait_for_slot(args, store, run, stop_event, quiet):
         run.update_status(state="stopped", message="stopped while queued", ended=time.time())
         run.stop_heartbeat()
         if not quiet:
-            print(f"stopped while queued: {run.path}")
+            _say(f"stopped while queued: {run.path.absolute()}")
         return False
     return slot
 
@@ -1141,7 +1164,7 @@ def _curves_kept_now(args, run, d, quiet) -> bool:
 
     done = prepare(run)
     if done and not quiet:
-        print(f"run {run.name!r} had completed; its trade-off curves, cut short, are now kept")
+        _say(f"run {run.name!r} had completed; its trade-off curves, cut short, are now kept")
     return bool(done)
 
 
@@ -1153,7 +1176,7 @@ def _run_training(args, store, run, config, d, quiet, stop_event, threads) -> in
         if d.main:
             run.start_heartbeat()
         if not quiet:
-            print(f"run folder: {run.path}", file=sys.stderr)
+            _say(f"run folder: {run.path.absolute()}", sys.stderr)
         slot = _wait_for_slot(args, store, run, stop_event, quiet) if d.main else None
         if slot is False:
             return STOPPED
@@ -1164,10 +1187,10 @@ def _run_training(args, store, run, config, d, quiet, stop_event, threads) -> in
             if args.resume:
                 run.release()
     if not quiet:
-        print(run.path)
+        _say(str(run.path.absolute()))  # a path that works from any folder
     if result["state"] == "failed":
         if d.main:
-            print(f"lorita: training failed: {_one_line(result['message'])}", file=sys.stderr)
+            _say(f"lorita: training failed: {_one_line(result['message'])}", sys.stderr)
         return 1
     return STOPPED if result["state"] == "stopped" else 0
 
@@ -1247,11 +1270,11 @@ def cmd_runs(args) -> int:
             if not args.json:
                 print(f"deleted {run.name}")
         if args.json:
-            print(json.dumps({"deleted": [run.name for run in runs]}))
+            _print_json({"deleted": [run.name for run in runs]})
         return 0
     rows = store.summaries()
     if args.json:
-        print(json.dumps(rows, indent=1))
+        _print_json(rows)
         return 0
     if not rows:
         print(f"no runs in {store.root}")
@@ -1502,6 +1525,8 @@ def cmd_compress(args) -> int:
             f"--out: {_short(str(args.out))!r}: compress saves safetensors; for ONNX use "
             "lorita export RUN --format onnx with the same policy"
         )
+    if args.out:
+        _check_suffix(args.out, "safetensors")
     if isinstance(args.policy, Budget) and args.form == "dense":
         raise UsageError(
             "--form dense: a budget counts the thin form's size, and a dense weight keeps its "
@@ -1532,7 +1557,7 @@ def cmd_compress(args) -> int:
         if args.fold_bn:  # BatchNorm folded: fewer parameters than "after" counts
             out["out_params"] = _file_params(args.out)
     if args.json:
-        print(json.dumps(out, indent=1))
+        _print_json(out)
         return 0
     _print_compress(out, args)
     return 0
@@ -1805,7 +1830,7 @@ def cmd_compare(args) -> int:
             progress=bar,
         )
     if args.json:
-        print(json.dumps(rows, indent=1))
+        _print_json(rows)
         return 0
     print(
         f"{run.name} against the N=1 run {baseline.name}, budgets in % of {args.measure}; "
@@ -1902,7 +1927,25 @@ def _export_format(args) -> str:
             f"--out: {_short(str(args.out))!r} ends in {suffix} but --format is {fmt}; "
             f"name the file .{'onnx' if fmt == 'onnx' else 'safetensors'} or drop --format"
         )
+    _check_suffix(args.out, fmt)
     return fmt
+
+
+#: the suffixes of other model files (PyTorch's pickles, TensorFlow's, GGUF): a file written
+#: under one of them would be opened as that format, and fail
+_OTHER_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle", ".tar", ".zip", ".npz")
+_OTHER_SUFFIXES += (".h5", ".keras", ".tflite", ".pb", ".gguf", ".ptl", ".torchscript")
+
+
+def _check_suffix(out, fmt: str) -> None:
+    """--out may not end in the suffix of another model format than the ``fmt`` written."""
+    suffix = Path(out).suffix.lower()
+    if suffix in _OTHER_SUFFIXES:
+        raise UsageError(
+            f"--out: {_short(str(out))!r} ends in {suffix}, another format's suffix, and the "
+            f"file is {fmt}: name it .{fmt} (read it with "
+            + ("onnxruntime)" if fmt == "onnx" else "lorita.load, not torch.load)")
+        )
 
 
 @contextlib.contextmanager
@@ -2037,8 +2080,27 @@ def _one_line(message) -> str:
 
 
 def _fail(message) -> int:
-    print(f"lorita: error: {_one_line(message)}", file=sys.stderr)
+    _say(f"lorita: error: {_one_line(message)}", sys.stderr)
     return 2
+
+
+def _say(text: str, stream=None) -> None:
+    """Print a line that a reader gone away (``lorita train 2>&1 | head -3``) does not stop:
+    what follows goes nowhere, and the command goes on to its own end and exit code (a run
+    trains to its end, an error keeps its code)."""
+    stream = sys.stdout if stream is None else stream
+    try:
+        print(text, file=stream, flush=True)
+    except BrokenPipeError:
+        _to_devnull(stream)
+
+
+def _to_devnull(stream) -> None:
+    """Point ``stream``'s file at /dev/null (its reader is gone; Python's last flush too)."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, stream.fileno())
+        os.close(null)
 
 
 def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:
@@ -2052,9 +2114,58 @@ def _warning_line(message, category, filename, lineno, file=None, line=None) -> 
 def main(argv: list[str] | None = None) -> int:
     """Run one command; the exit code is 0, 1 (training failed), 2 (bad input) or 130
     (a training run stopped before its end, or any command interrupted)."""
-    with warnings.catch_warnings(), _term_interrupts():
+    with warnings.catch_warnings(), _term_interrupts(), _text_as_given():
         warnings.showwarning = _warning_line
+        _warnings_as_lines()
         return _main(argv)
+
+
+def _warnings_as_lines() -> None:
+    """A warning filter that makes warnings errors (``PYTHONWARNINGS=error``, ``-W error``)
+    shows them as warning lines instead: a command's notes (a run cut before it completed)
+    do not end it with a traceback. Other filters (``ignore``) stay as they are."""
+    kept = list(warnings.filters)
+    if not any(f[0] == "error" for f in kept):
+        return
+    warnings.resetwarnings()
+    for action, message, category, module, lineno in kept:
+        warnings.filterwarnings(
+            "default" if action == "error" else action,
+            _pattern(message),
+            category,
+            _pattern(module),
+            lineno,
+            append=True,
+        )
+
+
+def _pattern(match) -> str:
+    """A warning filter's message or module as the text filterwarnings takes (a plain string
+    there, as in Python's own default filters, matches exactly)."""
+    if match is None:
+        return ""
+    if isinstance(match, str):
+        return re.escape(match) + r"\Z"
+    return match.pattern
+
+
+@contextlib.contextmanager
+def _text_as_given():
+    """Paths printed on stdout as their bytes, even those that are not UTF-8 (a folder named
+    in Latin-1): printed with Python's strict encoder they would end a command that has done
+    its work (the file written) with an error."""
+    stream = sys.stdout
+    before = getattr(stream, "errors", None)
+    try:
+        stream.reconfigure(errors="surrogateescape")
+    except (AttributeError, ValueError, OSError):  # not a text file (a test's StringIO)
+        before = None
+    try:
+        yield
+    finally:
+        if before is not None:
+            with contextlib.suppress(AttributeError, ValueError, OSError):
+                stream.reconfigure(errors=before)
 
 
 def _interrupt(signum, frame) -> None:
@@ -2109,8 +2220,7 @@ def _main(argv: list[str] | None) -> int:
         with _data_dir(getattr(args, "data_dir", None)):
             return args.func(args)
     except BrokenPipeError:  # `lorita runs | head`: the reader has what it wanted
-        with contextlib.suppress(OSError, ValueError):  # and Python's last flush goes nowhere
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _to_devnull(sys.stdout)  # and Python's last flush goes nowhere
         return 0
     except (UsageError, argparse.ArgumentTypeError) as e:
         return _fail(e)
@@ -2121,7 +2231,7 @@ def _main(argv: list[str] | None) -> int:
     except MemoryError:
         return _fail("not enough memory for this command")
     except KeyboardInterrupt:
-        print("lorita: interrupted", file=sys.stderr)
+        _say("lorita: interrupted", sys.stderr)
         return 130
 
 
