@@ -78,6 +78,11 @@ def checkpoint_mtime(name: str, which: str = "best", root: str | Path | None = N
         return 0.0
 
 
+def checkpoints(name: str, root: str | Path | None = None) -> list[str]:
+    """The checkpoints of run ``name`` there are to read (of best and last)."""
+    return [w for w in ("best", "last") if checkpoint_mtime(name, w, root)]
+
+
 def finished_runs(root: str | Path | None = None) -> list[dict[str, Any]]:
     """Rows of runs that have a checkpoint to compress (newest first)."""
     return [

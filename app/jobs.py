@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lorita.checks import is_int
 from lorita.io import write_json
 from lorita.runs import (
     ACTIVE,
@@ -784,8 +785,8 @@ def baseline_of(name: str, root: str | Path | None = None) -> str | None:
         or log_path(started, root_p).exists()
     ):
         return started
-    cfg = run_config(name, root) or {}
-    if int(cfg.get("n_factors") or 1) == 1:
+    n = (run_config(name, root) or {}).get("n_factors")
+    if not is_int(n) or n == 1:  # an N=1 run (or an edited config.json's "x": not composed)
         return None
     return partner(name, root)
 

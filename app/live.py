@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
@@ -55,7 +57,8 @@ def latest(spectra_rows: Sequence[dict[str, Any]]) -> tuple[int | None, dict[str
 def rank_series(
     spectra_rows: Sequence[dict[str, Any]],
 ) -> tuple[list[int], dict[str, list[int]]]:
-    """Effective rank of every layer at every snapshot (lorita.runs.effective_ranks)."""
+    """Effective rank of every layer at every snapshot (lorita.runs.effective_ranks; a
+    :class:`RunFollower`'s snapshots carry theirs)."""
     from lorita.runs import effective_ranks
 
     steps: list[int] = []
@@ -65,7 +68,8 @@ def rank_series(
         if not layers:
             continue
         steps.append(int(row.get("step", len(steps))))
-        for name, r in effective_ranks(layers).items():
+        ranks = row.get("ranks")  # (a follower's snapshot has them already)
+        for name, r in (ranks if isinstance(ranks, dict) else effective_ranks(layers)).items():
             out.setdefault(name, []).append(r)
     return steps, out
 
@@ -86,14 +90,18 @@ def thin(rows: list, limit: int) -> list:
     return rows
 
 
+READ_BYTES = 4 * 1024 * 1024  # a log is read in parts of about this size, thinned after each
+
+
 class RunFollower:
-    """A run's metrics and spectra logs, read incrementally for the live panel.
+    """A run's metrics and spectra logs, read incrementally for the live panel and overlays.
 
     Each :meth:`update` reads only the lines appended since the last one (the run store's
-    byte-offset reader), keeps at most ``MAX_METRIC_POINTS`` points per split and
-    ``MAX_SNAPSHOTS`` spectra snapshots (thinned evenly, the newest always kept), and works
-    out the effective ranks of each new snapshot once. A run with thousands of snapshots costs
-    the same per second as a short one.
+    byte-offset reader, :data:`READ_BYTES` at a time), keeps at most ``MAX_METRIC_POINTS``
+    points per split and ``MAX_SNAPSHOTS`` spectra snapshots (thinned evenly, the newest
+    always kept) and works out the effective ranks of the snapshots it keeps, once each. A run
+    with thousands of snapshots costs the same per second as a short one, and opening it
+    holds one part of its logs at a time, never the whole.
     """
 
     def __init__(self, run: Any) -> None:
@@ -102,31 +110,53 @@ class RunFollower:
         self.metrics: dict[str, list[dict[str, Any]]] = {}
         self.snapshots: list[dict[str, Any]] = []  # {"step", "layers", "ranks"}
         self.last_snapshot: dict[str, Any] | None = None
+        self._lock = threading.Lock()  # (one follower may serve several sessions)
 
     def update(self) -> bool:
         """Read what is new; True if anything was."""
-        new_m = self._read("metrics")
-        for row in new_m:
-            split = str(row.get("split"))
-            self.metrics[split] = thin([*self.metrics.get(split, []), row], MAX_METRIC_POINTS)
-        new_s = self._read("spectra")
-        if new_s:
-            from lorita.runs import effective_ranks
+        with self._lock:
+            new_m = self._drain("metrics", self._take_metrics)
+            new_s = self._drain("spectra", self._take_spectra)
+            if new_s:
+                from lorita.runs import effective_ranks
 
-            for row in new_s:
-                layers = row.get("layers") or {}
-                if not layers:
-                    continue
-                snap = {"step": int(row.get("step", 0)), "layers": layers,
-                        "ranks": effective_ranks(layers)}  # fmt: skip
-                self.snapshots.append(snap)
-                self.last_snapshot = snap
-            self.snapshots = thin(self.snapshots, MAX_SNAPSHOTS)
-        return bool(new_m or new_s)
+                for snap in self.snapshots:  # (the kept ones only: at most MAX_SNAPSHOTS)
+                    if snap["ranks"] is None:
+                        snap["ranks"] = effective_ranks(snap["layers"])
+            return new_m or new_s
 
-    def _read(self, kind: str) -> list[dict[str, Any]]:
-        rows, self.offsets[kind] = read_new(self.run, kind, self.offsets[kind])
-        return rows
+    def _drain(self, kind: str, take) -> bool:
+        """Read ``kind``'s new lines part by part, handing each part to ``take``."""
+        got = False
+        while True:
+            before = self.offsets[kind]
+            rows, self.offsets[kind] = read_new(self.run, kind, before, READ_BYTES)
+            if self.offsets[kind] < before:  # rewritten (a resumed run dropped lost lines)
+                if kind == "metrics":
+                    self.metrics = {}
+                else:
+                    self.snapshots = []
+            if rows:
+                take(rows)
+                got = True
+            if self.offsets[kind] <= before:
+                return got
+
+    def _take_metrics(self, rows: list[dict[str, Any]]) -> None:
+        by_split: dict[str, list[dict[str, Any]]] = {}
+        for row in rows:
+            by_split.setdefault(str(row.get("split")), []).append(row)
+        held = dict(self.metrics)
+        for split, new in by_split.items():
+            held[split] = thin([*held.get(split, []), *new], MAX_METRIC_POINTS)
+        self.metrics = held
+
+    def _take_spectra(self, rows: list[dict[str, Any]]) -> None:
+        snaps = [{"step": int(row.get("step", 0)), "layers": row["layers"], "ranks": None}
+                 for row in rows if isinstance(row.get("layers"), dict) and row["layers"]]  # fmt: skip
+        if snaps:
+            self.snapshots = thin([*self.snapshots, *snaps], MAX_SNAPSHOTS)
+            self.last_snapshot = snaps[-1]
 
     def metric_rows(self) -> list[dict[str, Any]]:
         """Every held metrics row (all splits), for training_curves."""
@@ -141,21 +171,26 @@ class RunFollower:
         steps: list[int] = []
         out: dict[str, list[int]] = {}
         for snap in self.snapshots:
+            if snap["ranks"] is None:  # (kept a moment ago by another session's update)
+                continue
             steps.append(snap["step"])
             for name, r in snap["ranks"].items():
                 out.setdefault(name, []).append(r)
         return steps, out
 
 
-def read_new(run: Any, kind: str, offset: int) -> tuple[list[dict[str, Any]], int]:
-    """The complete rows of a run's ``kind`` log ("metrics" or "spectra") after ``offset``.
+def read_new(
+    run: Any, kind: str, offset: int, max_bytes: int | None = None
+) -> tuple[list[dict[str, Any]], int]:
+    """The complete rows of a run's ``kind`` log ("metrics" or "spectra") after ``offset``
+    (about ``max_bytes`` of them when given: a long log is read in parts).
 
     Uses the run store's incremental reader when it has one; a half-written last line is left
     for the next call. Returns the rows and the offset to pass next time.
     """
     reader = getattr(run, "read_new", None)
     if reader is not None:
-        return reader(kind, offset)
+        return reader(kind, offset, max_bytes)
     import json
     import os
 
@@ -181,6 +216,29 @@ def read_new(run: Any, kind: str, offset: int) -> tuple[list[dict[str, Any]], in
     return rows, offset + end
 
 
+MAX_FOLLOWERS = 8  # runs whose thinned logs this process keeps (the live panel, overlays)
+_FOLLOWERS: OrderedDict[tuple[str, tuple[int, int]], RunFollower] = OrderedDict()
+_FOLLOWERS_LOCK = threading.Lock()
+
+
+def follower(run: Any) -> RunFollower:
+    """The process's follower of ``run`` (a :class:`lorita.runs.Run`), brought up to date:
+    every session and page that shows the run reads its logs' new lines once, together. A
+    run folder made anew under the same name gets a new follower."""
+    try:  # (a folder's inode may be reused: its config.json's time tells the runs apart)
+        made = (run.path.stat().st_ino, (run.path / "config.json").stat().st_mtime_ns)
+    except OSError:
+        made = (0, 0)
+    key = (str(run.path), made)
+    with _FOLLOWERS_LOCK:
+        f = _FOLLOWERS.pop(key, None) or RunFollower(run)
+        _FOLLOWERS[key] = f  # (the newest used last)
+        while len(_FOLLOWERS) > MAX_FOLLOWERS:
+            _FOLLOWERS.popitem(last=False)
+    f.update()
+    return f
+
+
 MAX_LAYERS_SHOWN = 12  # lines on one chart before it stops being readable
 
 
@@ -194,11 +252,3 @@ def pick_layers(layers: Sequence[str] | dict[str, Any], limit: int = MAX_LAYERS_
         return names
     step = (len(names) - 1) / (limit - 1)
     return [names[round(i * step)] for i in range(limit)]
-
-
-def thin_metrics(rows: Sequence[dict[str, Any]], limit: int = MAX_METRIC_POINTS) -> list[dict]:
-    """A run's metrics rows with at most ``limit`` points per split (for overlays)."""
-    by_split: dict[str, list[dict[str, Any]]] = {}
-    for row in rows:
-        by_split.setdefault(str(row.get("split")), []).append(row)
-    return [r for split_rows in by_split.values() for r in thin(split_rows, limit)]

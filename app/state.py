@@ -44,7 +44,6 @@ TRAIN_MODEL_OPTS = "train.model_kwargs"  # the model's options as key=value text
 TRAIN_INIT_FROM = "train.init_from"  # uploaded weights to start from
 TRAIN_INIT_RUN = "train.init_run"  # or a finished run whose best checkpoint to start from
 TRAIN_SEED_RUN = "train.seed_run"  # str | None: the run whose config filled the form
-TRAIN_FOLLOWER = "train.follower"  # app.live.RunFollower of the followed run
 TRAIN_LAST_START = "train.last_start"  # {"key", "at", "runs"}: what the last Start started
 
 RUNS_PICK = "runs.pick"
@@ -81,7 +80,7 @@ THEORY_SEED = "theory.seed"
 QUERY_RUN = "run"  # URL query parameter that holds the current run
 QUERY_POLICY = "policy"  # the Compress page's rank policy, kept in the URL with its value
 QUERY_VALUE = "value"
-QUERY_WHICH = "which"  # the Export page's checkpoint, beside the cut it exports
+QUERY_WHICH = "which"  # the checkpoint the Compress and Export pages show (best | last)
 QUERY_FORMAT = "format"  # the Export page's file format
 QUERY_COMPARE = "compare"  # "1" while the Compress page compares with the baselines
 
@@ -113,6 +112,37 @@ def _run_name(name: str | None) -> str | None:
         return None
 
 
+def url_run_note() -> str | None:
+    """Why the address's ``?run=`` cannot name a run (a hand-edited or mangled link: a path,
+    spaces, markup), for a page that shows another run instead; None when it can, or when
+    there is none."""
+    from lorita.runs import validate_name
+
+    name = from_url(QUERY_RUN)
+    try:
+        if name:
+            validate_name(name)
+    except ValueError as exc:
+        return f"The address's ?run= names no run ({exc}); showing another run."
+    return None
+
+
+def url_which() -> str:
+    """The checkpoint the address names (``?which=best`` or ``last``), else ``best``: the
+    Compress and Export pages open on it, so a refresh comes back to the checkpoint shown."""
+    which = from_url(QUERY_WHICH)
+    return which if which in ("best", "last") else "best"
+
+
+def pick_checkpoint(key: str, have: list[str]) -> None:
+    """Set widget ``key`` (a page's checkpoint radio) once to the address's checkpoint
+    (``?which=``), and to one of the run's checkpoints ``have`` when it holds another: a run
+    stopped before its first validation has a last checkpoint and no best."""
+    setdefault(key, url_which())
+    if have and st.session_state[key] not in have:
+        st.session_state[key] = have[0]
+
+
 def current_run() -> str | None:
     """The run the user is looking at (session first, then the URL)."""
     init()
@@ -142,8 +172,9 @@ def from_url(param: str) -> str | None:
 
 
 def to_url(param: str, value: str) -> None:
-    """Keep ``value`` in the URL so that a refresh comes back to it (written only on change)."""
-    if st.query_params.get(param) != value:
+    """Keep ``value`` in the URL so that a refresh comes back to it (written only on change;
+    a parameter given twice, ``?run=a&run=b``, is written once)."""
+    if st.query_params.get_all(param) != [value]:
         st.query_params[param] = value
 
 

@@ -23,11 +23,31 @@ INIT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 
 
 def starting_values(preset: str, run_config: dict[str, Any] | None = None) -> dict[str, Any]:
-    """What the form shows: the followed run's config if given, else the preset's values."""
+    """What the form shows: the followed run's config if given, else the preset's values (for
+    each field of an edited config.json that the form cannot show, ``"epochs": "x"`` say)."""
     values = presets.form_values(preset)
     if run_config:
-        values.update({k: run_config[k] for k in presets.FORM_FIELDS if k in run_config})
+        values.update({k: run_config[k] for k in presets.FORM_FIELDS
+                       if k in run_config and _fits(k, run_config[k])})  # fmt: skip
     return values
+
+
+#: the kind of value each form field shows (the others: text)
+_WHOLE = ("n_factors", "plain_epochs", "epochs", "batch_size", "seed")
+_REAL = ("weight_decay", "lr")
+_OBJECT = ("model_kwargs", "dataset_kwargs")
+
+
+def _fits(field: str, value: Any) -> bool:
+    from lorita.checks import is_int, is_num
+
+    if field in _WHOLE:
+        return is_int(value)
+    if field in _REAL:
+        return is_num(value)
+    if field in _OBJECT:
+        return value is None or isinstance(value, dict)  # (None: no options)
+    return isinstance(value, str)
 
 
 def option_text(values: dict[str, Any], field: str) -> str:

@@ -36,6 +36,7 @@ __all__ = [
     "read_jsonl",
     "read_jsonl_from",
     "read_last_jsonl",
+    "read_tail_jsonl",
     "remove_dead_temps",
     "rewrite_jsonl",
     "temp_beside",
@@ -279,14 +280,16 @@ def _loads_row(line: bytes | str) -> dict | None:
     return row if isinstance(row, dict) else None
 
 
-def _rows(f, size: int) -> tuple[list[dict], int]:
+def _rows(f, size: int, max_bytes: int | None = None) -> tuple[list[dict], int]:
     """The JSON-object rows of the complete lines from ``f``'s position up to byte ``size``,
-    and the offset after the last of them. A line is read at most :data:`MAX_LINE_BYTES` at a
-    time: a longer one is passed over (a broken line), never held whole."""
+    and the offset after the last of them; with ``max_bytes``, only the lines that start in
+    the first ``max_bytes`` bytes (at least one line). A line is read at most
+    :data:`MAX_LINE_BYTES` at a time: a longer one is passed over (a broken line), never held
+    whole."""
     rows: list[dict] = []
-    pos = done = f.tell()
+    pos = done = start = f.tell()
     too_long = False
-    while pos < size:
+    while pos < size and (max_bytes is None or done - start < max_bytes):
         part = f.readline(min(MAX_LINE_BYTES, size - pos))
         if not part:
             break
@@ -308,21 +311,43 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
     return read_jsonl_from(path)[0]
 
 
-def read_jsonl_from(path: str | os.PathLike, offset: int = 0) -> tuple[list[dict], int]:
+def read_jsonl_from(
+    path: str | os.PathLike, offset: int = 0, max_bytes: int | None = None
+) -> tuple[list[dict], int]:
     """The complete JSON-object lines after byte ``offset``, and the offset to read from next.
 
-    Cheap for a live view: only the new bytes are read. A file now shorter than ``offset``
-    (rewritten when a run resumed) is read again from the start: the returned offset is then
-    smaller than the one given.
+    Cheap for a live view: only the new bytes are read, with ``max_bytes`` about that many at
+    a time (the lines starting in them, at least one), so that a long log is read in parts.
+    A file now shorter than ``offset`` (rewritten when a run resumed) is read again from the
+    start: the returned offset is then smaller than the one given.
     """
     try:
         with open(path, "rb") as f:
             size = f.seek(0, os.SEEK_END)
             start = offset if 0 <= offset <= size else 0
             f.seek(start)
-            return _rows(f, size)  # only whole lines; a line being written waits
+            return _rows(f, size, max_bytes)  # only whole lines; a line being written waits
     except OSError:
         return [], offset
+
+
+def read_tail_jsonl(path: str | os.PathLike, max_bytes: int) -> tuple[list[dict], bool]:
+    """The complete JSON-object lines in the last ``max_bytes`` bytes of a file (the line the
+    window starts inside is left out), and whether the window held the whole file: what a
+    reader needs from the end of a long log without reading all of it."""
+    try:
+        with open(path, "rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            start = max(0, size - max_bytes)
+            if start:  # to the end of the line the window starts inside (its byte start-1)
+                f.seek(start - 1)
+                cut = f.read(size - start + 1).find(b"\n")
+                if cut < 0:
+                    return [], False
+            f.seek(start + cut if start else 0)
+            return _rows(f, size)[0], start == 0
+    except OSError:
+        return [], True
 
 
 def read_last_jsonl(path: str | os.PathLike) -> dict | None:

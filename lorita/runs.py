@@ -34,6 +34,7 @@ import os
 import re
 import shutil
 import socket
+import stat
 import sys
 import threading
 import time
@@ -54,6 +55,7 @@ from .io import (
     read_jsonl,
     read_jsonl_from,
     read_last_jsonl,
+    read_tail_jsonl,
     remove_dead_temps,
     rewrite_jsonl,
     temp_beside,
@@ -84,6 +86,9 @@ WAITING_FOR_SLOT = "waiting for a training slot"
 PREPARING = "preparing: loading the data and building the model"
 HEARTBEAT_S = 2.0  # how often a live process refreshes status.json
 STALE_S = 15.0  # heartbeat older than this and pid gone: the process died
+#: the end of metrics.jsonl a table row reads for the last validation line (a finished run's
+#: best is in its result.json): a long run's log is not read whole to list it
+SUMMARY_TAIL_BYTES = 1024 * 1024
 WRITER_LOCK = "writer.lock"
 #: a launcher's requests for runs whose folders are not made yet: the app's Start claims a
 #: name at once as ``<runs>/.app/<name>.json`` and its child makes the folder seconds later,
@@ -170,6 +175,37 @@ def _num(v: Any, default: float = 0.0) -> float:
     return v if math.isfinite(v) else default
 
 
+_STATUS_COUNTS = ("step", "total_steps", "epoch")
+_STATUS_TIMES = ("created", "started", "ended", "heartbeat")
+
+
+def _typed_status(st: dict) -> dict:
+    """``st`` (a status.json) with each counter that is not a whole number, and each time
+    that is not a finite number, read as None."""
+    bad = {k: None for k in _STATUS_COUNTS if st.get(k) is not None and not is_int(st[k])}
+    bad |= {k: None for k in _STATUS_TIMES if st.get(k) is not None and not is_num(st[k])}
+    return {**st, **bad} if bad else st
+
+
+def _is_snapshot(row: Any) -> bool:
+    """Whether a spectra.jsonl row can be drawn: a whole-number step and each layer's
+    singular values a list of numbers (null where one was not finite). Readers skip the
+    others, as they skip a broken line. (A parsed JSON number is a float or an int, never a
+    bool: its exact type is checked, which is fast enough for a log of thousands of rows.)"""
+    layers = row.get("layers") if isinstance(row, dict) else None
+    return (
+        is_int(row.get("step"))
+        and isinstance(layers, dict)
+        and all(
+            isinstance(s, list) and all(v is None or type(v) in _JSON_NUMBERS for v in s)
+            for s in layers.values()
+        )
+    )
+
+
+_JSON_NUMBERS = (float, int)
+
+
 def _process_started(pid: int) -> float | None:
     try:
         return psutil.Process(pid).create_time()
@@ -219,6 +255,39 @@ def effective_ranks(layers: dict[str, list[float]], tol: float | None = None) ->
         t = torch.nan_to_num(torch.tensor(vals, dtype=torch.float32), 0.0, 0.0, 0.0).clamp_min(0)
         out[name] = int(effective_rank(t) if tol is None else effective_rank(t, tol=tol))
     return out
+
+
+def _is_val(row: dict) -> bool:
+    return row.get("split") == "val" and isinstance(row.get("acc"), int | float)
+
+
+#: (metrics.jsonl, its inode) -> (the offset read up to, the last validation row, the best):
+#: a running run's table row reads only the lines added since it was last listed
+_VAL_SCANS: dict[tuple[str, int], tuple[int, dict, dict]] = {}
+
+
+def _val_scan(path: Path) -> tuple[dict, dict]:
+    """(the last validation row of a metrics log, the best one), {} for none."""
+    try:
+        key = (str(path), path.stat().st_ino)
+    except OSError:
+        return {}, {}
+    offset, last, best = _VAL_SCANS.get(key, (0, {}, {}))
+    while True:
+        rows, done = read_jsonl_from(path, offset, 4 * 1024 * 1024)  # (a part at a time)
+        if done < offset:  # rewritten shorter in place: read again from the start
+            last, best = {}, {}
+        for row in filter(_is_val, rows):
+            last = row
+            if not best or row["acc"] > best["acc"]:
+                best = row
+        if done == offset:
+            break
+        offset = done
+    if len(_VAL_SCANS) > 4096:
+        _VAL_SCANS.clear()
+    _VAL_SCANS[key] = (offset, last, best)
+    return last, best
 
 
 def _clean_temp_files(folder: Path) -> None:
@@ -292,12 +361,15 @@ class Run:
         return str(best.resolve())
 
     def checkpoint_mtime(self, which: str = "best") -> float:
-        """Modification time of :meth:`checkpoint` (0.0 if there is none): what the kept
-        curves and every cache of a checkpoint are keyed on, so a resumed run is not stale."""
+        """Modification time of :meth:`checkpoint` (0.0 if there is none: nothing there, or
+        not a file with something in it, a folder or an empty file left by a copy that ran
+        out of disk): what the kept curves and every cache of a checkpoint are keyed on, so a
+        resumed run is not stale."""
         try:
-            return self.checkpoint(which).stat().st_mtime
+            st = self.checkpoint(which).stat()
         except OSError:
             return 0.0
+        return st.st_mtime if stat.S_ISREG(st.st_mode) and st.st_size > 0 else 0.0
 
     def raw_status(self) -> dict:
         """status.json as written (no liveness check); {} if missing or broken."""
@@ -319,8 +391,10 @@ class Run:
         return time.time() - _num(st.get("heartbeat") or st.get("created")) <= STALE_S
 
     def status(self) -> dict:
-        """status.json; an active run whose process died reads as failed ("process died")."""
-        st = self.raw_status()
+        """status.json; an active run whose process died reads as failed ("process died").
+        Its counters and times are numbers or None (an edited file's ``"step": "a"`` reads as
+        None: every reader does arithmetic with them)."""
+        st = _typed_status(self.raw_status())
         if not st:
             problem = self.problem() or "status.json missing"
             return {"state": "failed", "message": f"broken run folder: {problem}"}
@@ -335,17 +409,24 @@ class Run:
         return rows if split is None else [r for r in rows if r.get("split") == split]
 
     def spectra(self) -> list[dict]:
-        return read_jsonl(self.path / "spectra.jsonl")
+        return [r for r in read_jsonl(self.path / "spectra.jsonl") if _is_snapshot(r)]
 
-    def read_new(self, kind: str, offset: int = 0) -> tuple[list[dict], int]:
-        """New complete lines of ``metrics`` or ``spectra`` after byte ``offset`` (see
-        :func:`lorita.io.read_jsonl_from`): ``rows, offset = run.read_new("metrics", offset)``."""
+    def read_new(
+        self, kind: str, offset: int = 0, max_bytes: int | None = None
+    ) -> tuple[list[dict], int]:
+        """New complete lines of ``metrics`` or ``spectra`` after byte ``offset``, about
+        ``max_bytes`` of them when given (see :func:`lorita.io.read_jsonl_from`):
+        ``rows, offset = run.read_new("metrics", offset)``."""
         if kind not in ("metrics", "spectra"):
             raise ValueError(f"kind: {kind!r} is not allowed; expected metrics or spectra")
-        return read_jsonl_from(self.path / f"{kind}.jsonl", offset)
+        rows, offset = read_jsonl_from(self.path / f"{kind}.jsonl", offset, max_bytes)
+        return (rows if kind == "metrics" else [r for r in rows if _is_snapshot(r)]), offset
 
     def last_spectra(self) -> dict | None:
-        return read_last_jsonl(self.path / "spectra.jsonl")
+        row = read_last_jsonl(self.path / "spectra.jsonl")
+        if row is None or _is_snapshot(row):
+            return row
+        return (self.spectra() or [None])[-1]  # (an edited last line: the one before it)
 
     def result(self) -> dict:
         res = read_json(self.path / "result.json", {})
@@ -379,8 +460,7 @@ class Run:
         Never raises: a broken folder gives a row with ``broken`` set to the reason.
         """
         cfg, st, res = self.config, self.status(), self.result()
-        vals = [r for r in self.metrics("val") if isinstance(r.get("acc"), int | float)]
-        best = max(vals, key=lambda r: r["acc"]) if vals else {}
+        last, best = self._last_vals(res)
         snap = self.last_spectra() or {}
         layers = snap.get("layers")
         broken = self.problem()
@@ -396,11 +476,24 @@ class Run:
             "task": self.task,  # its scores ("acc") are R² for a regression
             "best_val_acc": res.get("best_val_acc", best.get("acc")),
             "best_step": res.get("best_step", best.get("step")),
-            "val_acc": vals[-1].get("acc") if vals else None,
+            "val_acc": last.get("acc"),
             "test_acc": res.get("test_acc"),
             "spectra_step": snap.get("step"),
             "effective_ranks": effective_ranks(layers, tol=tol) if layers else {},
         }
+
+    def _last_vals(self, res: dict) -> tuple[dict, dict]:
+        """(the last validation row, the best one) for :meth:`summary`. With the best already
+        in ``res`` (result.json) only the log's end is read; else (a run still training, or
+        one that ended without a result) the lines added since the last call are."""
+        window = 16 * 1024  # (a few hundred lines; wider while no validation line is in it)
+        while "best_val_acc" in res and "best_step" in res and window <= SUMMARY_TAIL_BYTES:
+            tail, whole = read_tail_jsonl(self.path / "metrics.jsonl", window)
+            vals = [r for r in tail if _is_val(r)]
+            if vals or whole:
+                return (vals[-1] if vals else {}), {}
+            window *= 4
+        return _val_scan(self.path / "metrics.jsonl")
 
     # -- loading
     def load_model(self, which: str = "best"):
@@ -754,6 +847,22 @@ class RunStore:
                 if _is_name(p.name) and p.is_dir() and _is_run_folder(p):
                     runs.append(Run(p))
         return sorted(runs, key=_created, reverse=True)
+
+    def misnamed(self) -> list[str]:
+        """Folders that hold a run's files under a name no run can have (a run folder copied
+        or renamed as ``my run``, say): :meth:`list` leaves them out, so a page says so.
+        Hidden folders (drafts, folders being deleted, the app's own) are not counted."""
+        try:
+            entries = list(self.root.iterdir()) if self.root.is_dir() else []
+        except OSError:
+            return []
+        out = []
+        for p in entries:
+            with contextlib.suppress(OSError):
+                if p.name[:1] != "." and not _is_name(p.name) and p.is_dir():
+                    if _is_run_folder(p):
+                        out.append(p.name)
+        return sorted(out)
 
     def get(self, name: str) -> Run:
         path = self.path(name)

@@ -93,7 +93,7 @@ def _choose_run(root: str) -> tuple[str, str] | None:
     names = list(by_name)
     if st.session_state.get(state.COMPRESS_RUN) not in names:
         wanted = st.session_state.get(state.COMPRESS_RUN) or state.current_run()
-        note = cz.unavailable_note(wanted, rows, root)
+        note = cz.unavailable_note(wanted, rows, root) or state.url_run_note()
         if note:
             st.info(note, icon="ℹ️")
         st.session_state[state.COMPRESS_RUN] = cz.default_run(rows, state.current_run())
@@ -103,16 +103,13 @@ def _choose_run(root: str) -> tuple[str, str] | None:
         on_change=state.pick_run, args=(state.COMPRESS_RUN,),
     )  # fmt: skip
     state.to_url(state.QUERY_RUN, name)  # a refresh comes back to this run
-    state.setdefault(state.COMPRESS_WHICH, "best")
-    have = [w for w in ("best", "last") if cz.checkpoint_mtime(name, w, root)]
-    if have and st.session_state[state.COMPRESS_WHICH] not in have:
-        # e.g. a run stopped before its first validation has a last checkpoint but no best
-        st.session_state[state.COMPRESS_WHICH] = have[0]
+    state.pick_checkpoint(state.COMPRESS_WHICH, cz.checkpoints(name, root))
     score = score_of(by_name[name].get("task"))
     which = c2.radio(
         "Checkpoint", ["best", "last"], key=state.COMPRESS_WHICH, horizontal=True,
         help=f"best: highest validation {score.name} during training; last: the final weights.",
     )  # fmt: skip
+    state.to_url(state.QUERY_WHICH, which)
     if not cz.checkpoint_mtime(name, which, root):
         st.warning(f"Run {name} has no {which} checkpoint yet.")
         return None

@@ -77,6 +77,7 @@ def main() -> None:
     wanted = choice["run"] if choice else state.current_run()
     if st.session_state.get(state.EXPORT_RUN) not in names:
         note = cz.unavailable_note(st.session_state.get(state.EXPORT_RUN) or wanted, rows, root)
+        note = note or state.url_run_note()
         if note:
             st.info(note, icon="ℹ️")
         st.session_state[state.EXPORT_RUN] = cz.default_run(rows, wanted)
@@ -86,8 +87,9 @@ def main() -> None:
     state.to_url(state.QUERY_RUN, name)  # a refresh comes back to this run
     if choice and choice.get("run") == name:
         state.setdefault(state.EXPORT_WHICH, choice["which"])
-    state.setdefault(state.EXPORT_WHICH, "best")
+    state.pick_checkpoint(state.EXPORT_WHICH, cz.checkpoints(name, root))
     which = c2.radio("Checkpoint", ["best", "last"], key=state.EXPORT_WHICH, horizontal=True)
+    state.to_url(state.QUERY_WHICH, which)  # a refresh comes back to it, cut or not
     mtime = _checkpoint_mtime(root, name, which)
     if not mtime:
         return
@@ -138,7 +140,7 @@ def _model_options(choice: dict | None, name: str, which: str) -> dict[str, str]
     return options
 
 
-_URL_CHOICE = (state.QUERY_POLICY, state.QUERY_VALUE, state.QUERY_WHICH)
+_URL_CHOICE = (state.QUERY_POLICY, state.QUERY_VALUE)  # (the checkpoint is always there)
 
 
 def _offline(root: str, name: str, which: str, exc: Exception) -> None:
@@ -178,7 +180,6 @@ def _choice_to_url(choice: dict | None) -> None:
         state.to_url(state.QUERY_RUN, choice["run"])
         state.to_url(state.QUERY_POLICY, choice["policy"])
         state.to_url(state.QUERY_VALUE, f"{choice['value']:g}")
-        state.to_url(state.QUERY_WHICH, choice["which"])
     else:
         for param in _URL_CHOICE:
             if param in st.query_params:

@@ -53,11 +53,14 @@ def _delete_section(names: list[str]) -> None:
             st.rerun()
 
 
-def _compare(picked: list[str]) -> None:
+def _compare(picked: list[str], summaries: dict[str, dict]) -> None:
+    """Overlay the ``picked`` runs (``summaries``: their table rows, by name), each from its logs'
+    bounded, thinned copy (:func:`app.live.follower`: new lines only on a rerun)."""
     store = jobs.store()
     runs = {n: store.get(n) for n in picked}
-    metrics = {n: live.thin_metrics(r.metrics()) for n, r in runs.items()}
-    spectra = {n: r.spectra() for n, r in runs.items()}
+    followers = {n: live.follower(r) for n, r in runs.items()}
+    metrics = {n: f.metric_rows() for n, f in followers.items()}
+    spectra = {n: f.spectra_rows() for n, f in followers.items()}
     labels = {n: f"{n} (N={r.config.get('n_factors')})" for n, r in runs.items()}
     key = "-".join(picked)
     c1, c2 = st.columns(2)
@@ -112,27 +115,25 @@ def _compare(picked: list[str]) -> None:
         key="runs.chart.ranks", where=c2,
     )  # fmt: skip
     st.markdown(f"**Effective rank per layer at the last snapshot** ({live.rank_rule()})")
-    st.dataframe(tables.ranks_table([r.summary() for r in runs.values()]), hide_index=True)
+    st.dataframe(tables.ranks_table([summaries[n] for n in picked]), hide_index=True)
 
 
 @ui.guarded
 def main() -> None:
     ui.page_title("Runs")
+    _misnamed()
     rows = jobs.list_runs()
     if not rows:
         st.info("No runs yet.")
         st.page_link("pages/train.py", label="Start one on the Train page", icon="🏋️")
         return
-    for row in rows:
-        if row.get("state") in jobs.LIVE:
-            total = f"/{row['total_steps']}" if row.get("total_steps") else ""
-            st.info(f"Training now: **{row['name']}** ({row['state']}, step "
-                    f"{row.get('step') or 0}{total})", icon="▶️")  # fmt: skip
+    live_rows = [r for r in rows if r.get("state") in jobs.LIVE]
+    _training_now(live_rows)
     _failed_starts(rows)
     scores = {c: st.column_config.NumberColumn(format=f)
               for c, f in tables.run_column_formats(rows).items()}  # fmt: skip
-    st.dataframe(
-        tables.runs_table(rows),
+    st.dataframe(  # the live runs on top, then the others newest first
+        tables.runs_table(live_rows + [r for r in rows if r.get("state") not in jobs.LIVE]),
         hide_index=True,
         column_config={
             **scores,
@@ -150,11 +151,47 @@ def main() -> None:
         key=state.RUNS_PICK,
     )
     if picked:
-        _compare(picked)
+        _compare(picked, {r["name"]: r for r in made})
     else:
         st.caption("Pick one or more runs to overlay their curves and spectra.")
     st.divider()
     _delete_section([r["name"] for r in made if r.get("state") not in jobs.ACTIVE])
+
+
+SHOWN_LIVE = 5  # live runs named in the note above the table; the others counted
+
+
+def _training_now(rows: list[dict]) -> None:
+    """One note naming the runs training now first, then those starting or queued, the first
+    few of them: a class's thirty queued runs do not push the table off the screen."""
+    if not rows:
+        return
+    rows = sorted(rows, key=lambda r: r.get("state") != "running")  # (stable: newest first)
+    lines = []
+    for row in rows[:SHOWN_LIVE]:
+        total = f"/{row['total_steps']}" if row.get("total_steps") else ""
+        lines.append(f"Training now: **{row['name']}** ({row['state']}, step "
+                     f"{row.get('step') or 0}{total})")  # fmt: skip
+    more = rows[SHOWN_LIVE:]
+    if more:
+        states = ", ".join(f"{sum(r.get('state') == s for r in more)} {s}"
+                           for s in dict.fromkeys(r.get("state") for r in more))  # fmt: skip
+        lines.append(f"and {len(more)} more ({states}): at the top of the table")
+    st.info("  \n".join(lines), icon="▶️")
+
+
+def _misnamed() -> None:
+    """Run folders whose names no run can have: not listed, so said, with how to fix it."""
+    names = jobs.store().misnamed()
+    if names:
+        shown = ", ".join("`" + repr(n)[:60].replace("`", "'") + "`" for n in names[:5])
+        shown += " …" if len(names) > 5 else ""
+        st.warning(
+            f"Not listed: {shown} in `{jobs.runs_dir()}`. A run's name is 1-100 letters, "
+            "digits, '.', '_' or '-', starting with a letter or digit; rename the folder to "
+            "see it here.",
+            icon="⚠️",
+        )
 
 
 def _failed_starts(rows: list[dict]) -> None:

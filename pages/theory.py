@@ -4,6 +4,8 @@ import streamlit as st
 
 from app import charts, plot, state, theory, ui
 
+LAMBDA_STEP = 0.01  # the λ slider's step
+
 #: widget key -> (URL parameter, type, lowest, highest): the settings a refresh keeps
 _IN_URL = {
     state.THEORY_N: ("n", int, 1, 5),
@@ -15,15 +17,16 @@ _IN_URL = {
 
 def _from_url(param: str, kind: type, low: float, high: float, default):
     """The URL's value of ``param`` when it is a number of ``kind`` in [low, high], else
-    ``default`` (a hand-edited or stale link falls back quietly)."""
+    ``default`` (a hand-edited or stale link falls back quietly). λ is put on its slider's
+    steps, so the slider shows the λ the fit uses (``lambda=0.123`` is 0.12, ``-0`` is 0)."""
     text = state.from_url(param)
     try:
         value = kind(float(text)) if kind is float else kind(text)
     except (TypeError, ValueError):
         return default
-    if kind is float and value != value:  # NaN
+    if not low <= value <= high:  # (NaN too)
         return default
-    return value if low <= value <= high else default
+    return round(round(value / LAMBDA_STEP) * LAMBDA_STEP, 2) + 0.0 if kind is float else value
 
 
 @ui.guarded
@@ -39,7 +42,7 @@ def main() -> None:
     for key, (param, kind, low, high) in _IN_URL.items():  # a refresh comes back to them
         state.setdefault(key, _from_url(param, kind, low, high, theory.DEFAULTS[key.split(".")[1]]))
     n = c1.slider("N (number of factors)", 1, 5, key=state.THEORY_N)
-    lam = c2.slider("λ (weight decay)", 0.0, 1.0, step=0.01, key=state.THEORY_LAMBDA)
+    lam = c2.slider("λ (weight decay)", 0.0, 1.0, step=LAMBDA_STEP, key=state.THEORY_LAMBDA)
     with st.expander("Planted matrix"):
         e1, e2 = st.columns(2)
         rank = e1.slider("true rank", 1, 10, key=state.THEORY_RANK)

@@ -374,13 +374,9 @@ def _status_line(v: jobs.JobView) -> None:
 
 
 def _follower(name: str) -> live.RunFollower:
-    """The session's incremental reader of ``name``'s logs (new lines only, each second)."""
-    f = st.session_state.get(state.TRAIN_FOLLOWER)
-    if f is None or f.run.name != name:
-        f = live.RunFollower(jobs.store().get(name))
-        st.session_state[state.TRAIN_FOLLOWER] = f
-    f.update()
-    return f
+    """The incremental reader of ``name``'s logs (new lines only, each second), shared by
+    every session that shows the run."""
+    return live.follower(jobs.store().get(name))
 
 
 def _charts(name: str) -> None:
@@ -513,6 +509,8 @@ def _follow() -> None:
     if current and current not in names and jobs.view(current).state == "missing":
         st.info(f"Run {current} is not in the runs folder (deleted?); following another.")
         current = None
+    elif current is None and state.url_run_note():
+        st.info(state.url_run_note(), icon="ℹ️")
     # (a run whose training process ended before making its folder is followed still: its
     # panel says why it failed, never another run's state)
     if not names and not current:
