@@ -104,7 +104,12 @@ def unavailable_note(wanted: str | None, rows: list[dict[str, Any]], root=None) 
     if not exists:
         return f"Run {wanted} is not in the runs folder (deleted?); showing another run."
     st = jobs.view(wanted, root).state
-    return f"Run {wanted} has no checkpoint yet ({st}); showing another run."
+    if st in jobs.LIVE:
+        return f"Run {wanted} has no checkpoint yet ({st}); showing another run."
+    return (
+        f"Run {wanted} ({st}) has no checkpoint to read (missing or empty files in its "
+        "checkpoints folder); showing another run."
+    )
 
 
 def default_run(rows: list[dict[str, Any]], wanted: str | None = None) -> str | None:

@@ -1640,27 +1640,21 @@ def _names(names: list[str], shown: int = 4) -> str:
     return ", ".join(names[:shown]) + more
 
 
-def _stages(names: list[str], depth: int = 1) -> dict[str, list[str]]:
-    """Layer names grouped by their first ``depth`` name parts, a group of more than
-    _LAYERS_ON_ONE_LINE split by one more part (torchvision's ``features.5.block...``)."""
-    groups: dict[str, list[str]] = {}
-    for n in names:
-        groups.setdefault(".".join(n.split(".")[:depth]), []).append(n)
-    out: dict[str, list[str]] = {}
-    for key, members in groups.items():
-        deeper = len(members) > _LAYERS_ON_ONE_LINE and any(n.count(".") > depth for n in members)
-        out.update(_stages(members, depth + 1) if deeper else {key: members})
-    return out
-
-
 def _print_layers(title: str, values: dict[str, str]) -> None:
-    """``title: layer value, ...`` on one line, or one line per stage for a deep network."""
+    """``title: layer value, ...`` on one line, or one line per stage for a deep network (the
+    stages the app groups its tables by, :func:`lorita.kinds.stages`)."""
     if len(values) <= _LAYERS_ON_ONE_LINE:
         print(f"{title}: " + ", ".join(f"{n} {v}" for n, v in values.items()))
         return
+    from .kinds import stages
+
     print(f"{title}, by stage:")
-    for stage, names in _stages(list(values)).items():
-        items = [f"{n[len(stage) + 1 :]} {values[n]}" if n != stage else values[n] for n in names]
+    by_stage: dict[str, list[str]] = {}
+    for name, stage in stages(values, _LAYERS_ON_ONE_LINE).items():
+        by_stage.setdefault(stage, []).append(name)
+    for stage, names in by_stage.items():
+        items = [values[n] if n == stage else f"{n.removeprefix(stage + '.')} {values[n]}"
+                 for n in names]  # fmt: skip
         print(f"  {stage}: " + ", ".join(items))
 
 

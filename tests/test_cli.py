@@ -1019,22 +1019,26 @@ def test_export_folds_batchnorm_unless_asked_not_to_and_compress_says_how_it_tim
 
 
 def test_a_deep_networks_layers_are_listed_one_line_per_stage(capsys):
-    from lorita.cli import _print_layers, _stages
+    """Grouped as the app's tables are (one owner: lorita.kinds.stages)."""
+    from lorita.cli import _print_layers
+    from lorita.kinds import stages
 
     few = {"fc1": "3/8", "fc2": "4/8"}
     _print_layers("ranks kept", few)
     assert capsys.readouterr().out == "ranks kept: fc1 3/8, fc2 4/8\n"
     names = ["conv1"] + [f"features.{i}.block.{j}.0" for i in range(13) for j in range(2)]
     names += ["classifier.0", "classifier.3"]
-    groups = _stages(names)  # 'features' alone holds 26 layers: split by the next part
-    assert list(groups)[:3] == ["conv1", "features.0", "features.1"]
-    assert groups["features.12"] == ["features.12.block.0.0", "features.12.block.1.0"]
-    assert groups["classifier"] == ["classifier.0", "classifier.3"]
-    assert [n for g in groups.values() for n in g] == names
+    groups = list(dict.fromkeys(stages(names, 12).values()))
+    # 'features' holds 26 layers in 13 stages side by side: neighbours taken together
+    assert groups[:2] == ["conv1", "features.0–features.3"] and groups[-1] == "classifier"
     _print_layers("ranks kept", dict.fromkeys(names, "2/8"))
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "ranks kept, by stage:" and len(lines) == 1 + len(groups)
-    assert lines[1] == "  conv1: 2/8" and lines[3] == "  features.1: block.0.0 2/8, block.1.0 2/8"
+    assert lines[1] == "  conv1: 2/8"
+    assert lines[2].startswith("  features.0–features.3: features.0.block.0.0 2/8, ")
+    assert lines[-1] == "  classifier: 0 2/8, 3 2/8"
+    shown = [item.split(" ")[0] for line in lines[1:] for item in line.split(": ")[1].split(", ")]
+    assert len(shown) == len(names)  # every layer once
 
 
 def test_a_bad_model_option_names_the_default_the_run_has(capsys, tmp_path):
