@@ -23,8 +23,14 @@ def is_real(v: Any) -> bool:
 
 
 def is_num(v: Any) -> bool:
-    """Whether ``v`` is a finite real number."""
-    return is_real(v) and math.isfinite(float(v))
+    """Whether ``v`` is a finite real number (an int past float's range is not: nothing that
+    reads it as a float can use it)."""
+    if not is_real(v):
+        return False
+    try:
+        return math.isfinite(float(v))
+    except OverflowError:
+        return False
 
 
 def check_module(model, field: str = "model") -> None:

@@ -171,7 +171,10 @@ def _num(v: Any, default: float = 0.0) -> float:
     """A finite float from a value read from a file, else ``default``."""
     if isinstance(v, bool) or not isinstance(v, int | float):
         return default
-    v = float(v)
+    try:
+        v = float(v)
+    except OverflowError:  # an int past float's range (JSON holds any number of digits)
+        return default
     return v if math.isfinite(v) else default
 
 
@@ -250,9 +253,14 @@ def effective_ranks(layers: dict[str, list[float]], tol: float | None = None) ->
     for name, s in layers.items() if isinstance(layers, dict) else ():
         if not isinstance(s, list) or not s:
             continue
-        vals = [_num(v, math.nan) for v in s]
+        try:  # (plain numbers, as the engine writes them: read at once)
+            if not all(type(v) in (float, int) for v in s):
+                raise TypeError
+            t = torch.tensor(s, dtype=torch.float32)
+        except (TypeError, OverflowError):  # null, text, a bool, an int past float's range
+            t = torch.tensor([_num(v, math.nan) for v in s], dtype=torch.float32)
         # (a damaged row's NaN, inf or negative values read as nothing, not as an error)
-        t = torch.nan_to_num(torch.tensor(vals, dtype=torch.float32), 0.0, 0.0, 0.0).clamp_min(0)
+        t = torch.nan_to_num(t, 0.0, 0.0, 0.0).clamp_min(0)
         out[name] = int(effective_rank(t) if tol is None else effective_rank(t, tol=tol))
     return out
 

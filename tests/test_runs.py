@@ -523,3 +523,30 @@ def test_a_fresh_name_is_never_one_a_launcher_has_claimed(tmp_path, monkeypatch)
     assert run.name == "digits-mlp-N3-20261207-000000-2"
     claimed = store.create(config, name="digits-mlp-N3-20261207-000000")  # the app's child
     assert claimed.name == "digits-mlp-N3-20261207-000000"
+
+
+def test_effective_ranks_read_plain_and_damaged_singular_values_alike():
+    """The fast path (plain numbers) and the careful one (a damaged row's null, text, bool,
+    an int past float's range, inf) give the same ranks, damaged values read as nothing."""
+    from lorita.runs import effective_ranks
+
+    plain = [10.0, 5, 1.0, 0.001]
+    damaged = [10.0, 5, 1.0, 0.001, None, "x", True, 10**400, float("inf"), -3.0]
+    ranks = effective_ranks({"a": plain, "b": damaged, "c": [], "d": "no"})
+    assert ranks == {"a": 3, "b": 3}
+
+
+def test_a_status_time_past_floats_range_reads_as_none(tmp_path):
+    """JSON holds ints of any length; a hand-edited status.json's 400-digit heartbeat is read
+    as no time, not an OverflowError in every page that lists the run."""
+    from lorita.checks import is_num
+
+    assert not is_num(10**400) and is_num(10**300)
+    store = RunStore(tmp_path)
+    run = store.create({"dataset": "digits"}, name="big-time")
+    status = json.loads((run.path / "status.json").read_text())
+    (run.path / "status.json").write_text(
+        json.dumps(status)[:-1] + ', "heartbeat": 1' + "0" * 400 + "}"
+    )
+    assert run.status()["heartbeat"] is None
+    assert run.summary()["name"] == "big-time"
