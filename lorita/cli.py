@@ -739,21 +739,11 @@ def _scored(task):
     return score.short, lambda x: score.text(x, sep="")
 
 
-def _plain_numbers(value):
-    """``value`` with every float that is not finite (a loss of a cut that overflowed) as
-    None: JSON has no NaN or Infinity, which json.dumps would write and most readers refuse."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _plain_numbers(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain_numbers(v) for v in value]
-    return value
-
-
 def _print_json(value) -> None:
     """``--json``: one JSON document on stdout (strict JSON: NaN and infinities are null)."""
-    print(json.dumps(_plain_numbers(value), indent=1, allow_nan=False))
+    from .io import clean
+
+    print(json.dumps(clean(value), indent=1, allow_nan=False))
 
 
 def _table(rows: list[list], header: list[str]) -> str:
@@ -1835,19 +1825,34 @@ def cmd_compare(args) -> int:
     header.append(f"test {word}")
     table = [
         [
-            f"{r['budget']:g}%" + ("" if r.get("met", True) else " (not met)"),
+            f"{r['budget']:g}%"
+            + ("" if r.get("met", True) or r.get("error") else " (not met)"),
             r["label"],
             f"{r['finetune_epochs']} epoch{'s' if r['finetune_epochs'] > 1 else ''}"
             if r["finetune_epochs"]
             else "no",
-            f"{r['params_pct']:.1f}",
-            f"{r['flops_pct']:.1f}",
-            fmt(r.get("val_acc")),
-            fmt(r.get("test_acc")),
+            *(
+                ["failed"] * 4
+                if r.get("error")
+                else [
+                    f"{r['params_pct']:.1f}",
+                    f"{r['flops_pct']:.1f}",
+                    fmt(r.get("val_acc")),
+                    fmt(r.get("test_acc")),
+                ]
+            ),
         ]
         for r in rows
     ]
     print(_table(table, header))
+    failed = {r["label"]: r["error"] for r in rows if r.get("error")}
+    for label, error in failed.items():
+        print(f"{label} failed: {error}")
+    if any(not r.get("met", True) and not r.get("error") for r in rows):
+        print(
+            "(not met): the budget is below the smallest model the method makes; its row is "
+            "that model (a cut keeps rank 1 in every layer, and the output layer whole)"
+        )
     return 0
 
 

@@ -55,3 +55,26 @@ def shown_charts(at) -> list[Chart]:
             out.append(Chart(data["key"], json.loads(data["figure"])))
     out += [Chart(el.key, json.loads(el.proto.spec)) for el in at.get("plotly_chart")]
     return out
+
+
+APP = str(ROOT / "streamlit_app.py")
+TIMEOUT = 300  # a busy shared machine: the Theory fit alone can take tens of seconds
+
+
+def open_page(page: str | None = None, **query):
+    """The app opened on ``query`` (the address's parameters), then switched to ``page``."""
+    from streamlit.testing.v1 import AppTest
+
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
+    for k, v in query.items():
+        at.query_params[k] = v
+    at.run()
+    if page is not None:
+        at.switch_page(f"pages/{page}.py").run()
+    return at
+
+
+def assert_clean(at) -> None:
+    """No exception and no error element on the page."""
+    assert not at.exception, [e.value for e in at.exception]
+    assert not at.error, [e.value for e in at.error]

@@ -5,28 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from app_seed import N1, N3, R1, R3, ROOT, shown_charts
+from app_seed import N1, N3, R1, R3, assert_clean, open_page, shown_charts
 from streamlit.testing.v1 import AppTest
 
 from app import presets, state
-
-APP = str(ROOT / "streamlit_app.py")
-TIMEOUT = 300  # a busy shared machine: the Theory fit alone can take tens of seconds
-
-
-def open_page(page: str | None = None, **query) -> AppTest:
-    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
-    for k, v in query.items():
-        at.query_params[k] = v
-    at.run()
-    if page is not None:
-        at.switch_page(f"pages/{page}.py").run()
-    return at
-
-
-def assert_clean(at: AppTest) -> None:
-    assert not at.exception, [e.value for e in at.exception]
-    assert not at.error, [e.value for e in at.error]
 
 
 def metrics(at: AppTest) -> dict[str, str]:

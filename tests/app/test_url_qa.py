@@ -7,28 +7,10 @@ import json
 import shutil
 
 import pytest
-from app_seed import N1, N3, ROOT
+from app_seed import N1, N3, assert_clean, open_page
 from streamlit.testing.v1 import AppTest
 
 from app import compress as cz
-
-APP = str(ROOT / "streamlit_app.py")
-TIMEOUT = 300  # a busy shared machine
-
-
-def open_page(page: str | None = None, **query) -> AppTest:
-    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
-    for k, v in query.items():
-        at.query_params[k] = v
-    at.run()
-    if page is not None:
-        at.switch_page(f"pages/{page}.py").run()
-    return at
-
-
-def assert_clean(at: AppTest) -> None:
-    assert not at.exception, [e.value for e in at.exception]
-    assert not at.error, [e.value for e in at.error]
 
 
 def url(at: AppTest, param: str):
