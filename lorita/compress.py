@@ -36,10 +36,10 @@ from . import kinds
 from .checks import check_flag, check_names, is_real
 from .convert import iter_layers, merge_model
 from .cost import Cost, count_cost
-from .data import TensorDataset
+from .data import Splits, TensorDataset
 from .engine import evaluate as _evaluate
 from .engine import finetune as _finetune
-from .engine.evaluate import as_device
+from .engine.evaluate import as_device, check_batched
 from .kinds import output_layer
 from .layers import is_thin
 from .truncation import (
@@ -81,6 +81,8 @@ class HeldSplits:
     def __init__(self, splits, *, device: str | torch.device = "cpu") -> None:
         self.splits = splits
         self.device = as_device(device)
+        for part in ("val", "test"):
+            check_batched(getattr(splits, part), f"splits.{part}")
         self.parts = {"val": _materialize(splits.val), "test": _materialize(splits.test)}
         self.uses: Counter = Counter()
 
@@ -173,6 +175,12 @@ def _open(source, splits, which: str):
         if not (path / "config.json").is_file():
             raise ValueError(f"source: {str(source)!r} is not a run folder (no config.json)")
         source = Run(path)
+    if splits is not None and not isinstance(splits, Splits):
+        raise ValueError(
+            f"splits: expected the train/val/test Splits (lorita.load_dataset('digits'), or "
+            f"dataclasses.replace(splits, val=..., test=...) for data of your own), got "
+            f"{type(splits).__name__}"
+        )
     if isinstance(source, nn.Module):
         if splits is None:
             raise ValueError(

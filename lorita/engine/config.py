@@ -222,7 +222,10 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.model_kwargs is None:  # not given: the options this model's classroom run uses
-            self.model_kwargs = dict(CLASSROOM_MODEL_KWARGS.get(self.model, {}))
+            classroom = (
+                CLASSROOM_MODEL_KWARGS.get(self.model) if isinstance(self.model, str) else None
+            )
+            self.model_kwargs = dict(classroom or {})  # (a model that is not a name: validate)
         validate(self)
 
     def to_dict(self) -> dict:
@@ -403,13 +406,30 @@ def _check_field(name: str, v: Any, md: dict) -> Any:
     if kind == "dict":
         if not isinstance(v, dict) or len(v) > MAX_JSON_OPTIONS:
             raise _bad(name, v, f"a JSON object of at most {MAX_JSON_OPTIONS} options")
-        return dict(v)
+        v = _plain(v)
+        try:  # what config.json will hold
+            json.dumps(v)
+        except (TypeError, ValueError, RecursionError):
+            raise _bad(
+                name, v, "options whose values are numbers, text, true/false or lists of them"
+            ) from None
+        return v
     if kind == "list":
         v = [v] if isinstance(v, str) else v
         if not isinstance(v, list | tuple) or not all(isinstance(s, str) and s for s in v):
             raise _bad(name, v, "a list of layer names or patterns, or null")
         return list(v)
     return _check_choice(name, v, md)
+
+
+def _plain(v: Any) -> Any:
+    """``v`` with NumPy scalars (what a loop over an array gives) as Python's own, inside
+    dicts, lists and tuples too."""
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    if isinstance(v, list | tuple):
+        return type(v)(_plain(x) for x in v)
+    return v.item() if type(v).__module__ == "numpy" and hasattr(v, "item") else v
 
 
 def _check_device(dev: Any) -> None:

@@ -22,10 +22,10 @@ from ..inputs import refused
 from .config import OPTIMIZERS
 from .optim import loss_fn, main_output, make_optimizer, task_of
 
-__all__ = ["evaluate", "finetune"]
+__all__ = ["check_batched", "evaluate", "finetune"]
 
 
-def _check_dataset(dataset, field: str) -> None:
+def check_batched(dataset, field: str) -> None:
     """A dataset of lorita's kind: indexed by a tensor of positions, giving ``(x, y)``."""
     if not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")) or isinstance(
         dataset, (str, bytes, data_mod.Splits)
@@ -36,6 +36,20 @@ def _check_dataset(dataset, field: str) -> None:
         )
     if len(dataset) == 0:
         raise ValueError(f"{field}: it holds no examples")
+    if isinstance(dataset, data_mod.TensorDataset):
+        return  # (read as is: a probe would draw from its augmentation stream)
+    try:  # one batch of two, as every reader here takes them
+        x, y = dataset[torch.arange(min(2, len(dataset)))]
+        ok = isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and len(x) == len(y)
+        why = "" if ok else "it did not give an (inputs, targets) pair of tensors"
+    except Exception as e:  # a dataset read one example at a time (dataset[3]), a list, ...
+        why = f"{type(e).__name__}: {e}"
+    if why:
+        raise ValueError(
+            f"{field}: expected a dataset that takes a tensor of positions and gives a batch "
+            f"(x, y), as lorita.data.TensorDataset(x, y) or torch's TensorDataset do; "
+            f"{type(dataset).__name__}[tensor([0, 1])] failed ({why})"[:400]
+        )
 
 
 def _check_batch_size(batch_size) -> None:
@@ -73,6 +87,8 @@ def _check_finetune(model, splits, epochs, lr, optimizer, batch_size) -> None:
             f"splits: expected the train/val/test Splits (lorita.load_splits(config)), got "
             f"{type(splits).__name__}"
         )
+    check_batched(splits.train, "splits.train")
+    check_batched(splits.val, "splits.val")
     if not is_int(epochs) or epochs < 0:
         raise ValueError(f"epochs: {epochs!r} is not allowed; expected an integer >= 0")
     _check_batch_size(batch_size)
@@ -106,7 +122,7 @@ def evaluate(
     """
     if not callable(model):  # (a module, or a module-like callable: an ONNX session's wrapper)
         raise ValueError(f"model: expected a model to call, got {type(model).__name__}")
-    _check_dataset(dataset, "dataset")
+    check_batched(dataset, "dataset")
     _check_batch_size(batch_size)
     check_flag(amp, "amp")
     device = as_device(device)
@@ -164,6 +180,7 @@ def finetune(
     validation accuracy seen (the starting point included), in eval mode on CPU."""
     _check_finetune(model, splits, epochs, lr, optimizer, batch_size)
     _check_finetune_options(seed, weight_decay, label_smoothing, callback)
+    epochs, batch_size, seed = int(epochs), int(batch_size), int(seed)  # (NumPy's too)
     device = as_device(device)
     work = clone_model(model).to(device)
     best = evaluate(work, splits.val, device=device)["acc"]

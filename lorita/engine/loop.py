@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -35,7 +36,7 @@ import torch
 from torch import nn
 
 from .. import data as data_mod
-from ..checks import is_int
+from ..checks import check_flag, is_int
 from ..export import load as load_model_file
 from ..io import fault
 from ..runs import Run
@@ -151,7 +152,19 @@ def train(
         best_step, val (last validation metrics), test (of the best checkpoint), test_last,
         timings (seconds spent in steps, evaluation, spectra, checkpoints), and ``model``
         (the trained composed model, in memory, last state).
+
+    Calls from several threads of one process run one after another: the seeds, random
+    streams and thread count a run sets (and restores for its caller) are the process's own.
     """
+    with _ONE_AT_A_TIME:
+        return _train(config, run, callback, stop, resume, threads, on_complete)
+
+
+#: held by a training for its whole call (re-entrant: ``on_complete`` may train again)
+_ONE_AT_A_TIME = threading.RLock()
+
+
+def _train(config, run, callback, stop, resume, threads, on_complete) -> dict:
     config = TrainConfig.from_dict(
         config if not isinstance(config, TrainConfig) else config.to_dict()
     )
@@ -160,6 +173,7 @@ def train(
             f"run: expected a Run (lorita.RunStore(folder).create(config)) or None, got "
             f"{type(run).__name__}"
         )
+    _check_call(callback, stop, resume, threads, on_complete)  # before the run is claimed
     d = init_distributed(config.device)
     writer = run if (run is not None and d.main) else None
     if resume and run is None:
@@ -258,6 +272,18 @@ def _mark_failed(run: Run, e: BaseException) -> None:
         pass
 
 
+def _check_call(callback, stop, resume, threads, on_complete) -> None:
+    """train()'s own arguments, each refused by name (a typo must not end a run as failed)."""
+    for name, fn in (("callback", callback), ("stop", stop), ("on_complete", on_complete)):
+        if fn is not None and not callable(fn):
+            raise ValueError(f"{name}: expected a function or None, got {type(fn).__name__}")
+    check_flag(resume, "resume")
+    if threads is not None and threads != "auto" and (not is_int(threads) or threads < 1):
+        raise ValueError(
+            f"threads: {threads!r} is not allowed; expected None, 'auto' or an integer >= 1"
+        )
+
+
 def _set_threads(threads, model: nn.Module, device: torch.device, d: DistInfo) -> None:
     if threads is None:
         return
@@ -266,10 +292,6 @@ def _set_threads(threads, model: nn.Module, device: torch.device, d: DistInfo) -
         if device.type == "cpu" and small and not d.on:
             torch.set_num_threads(1)
         return
-    if not is_int(threads) or threads < 1:
-        raise ValueError(
-            f"threads: {threads!r} is not allowed; expected None, 'auto' or an integer >= 1"
-        )
     torch.set_num_threads(int(threads))
 
 
