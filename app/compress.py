@@ -389,6 +389,8 @@ def comparison_curves(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, An
 
     out: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
+        if r.get("error"):  # a method that could not cut (at_budget's table says why)
+            continue
         out.setdefault(METHODS.get(r["method"], r["method"]), []).append(
             {**r, "value": r["budget"]}
         )
@@ -397,7 +399,8 @@ def comparison_curves(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, An
 
 def at_budget(ours: Any, theirs: Any, percent: float, measure: str) -> list[dict[str, Any]]:
     """The three methods at one budget: method, share of params/FLOPs kept, val and test
-    scores (accuracy in percent: "val acc %"; R² as it is: "val R²")."""
+    scores (accuracy in percent: "val acc %"; R² as it is: "val R²"), and a note: why a
+    method could not cut (its numbers None), or that the budget is below its smallest model."""
     from lorita import baselines
 
     score = score_of(ours.task)
@@ -407,7 +410,16 @@ def at_budget(ours: Any, theirs: Any, percent: float, measure: str) -> list[dict
     out = []
     for method, label in baselines.METHODS.items():
         session = ours if method == "lorita" else theirs
-        res = baselines.run_method(method, session, float(percent), measure=measure)
+        try:
+            res = baselines.run_method(method, session, float(percent), measure=measure)
+        except baselines.PruneError as e:
+            out.append(
+                {"method": label, "params %": None, "FLOPs %": None,
+                 f"val {score.short}{unit}": None, f"test {score.short}{unit}": None,
+                 "note": f"failed: {str(e).partition(': ')[2]}"}
+            )  # fmt: skip
+            continue
+        met = res.extra.get("budget", {}).get("met", True)
         out.append(
             {
                 "method": label,
@@ -415,6 +427,7 @@ def at_budget(ours: Any, theirs: Any, percent: float, measure: str) -> list[dict
                 "FLOPs %": round(res.flops_pct, 1),
                 f"val {score.short}{unit}": score.number(res.val_acc, places),
                 f"test {score.short}{unit}": score.number(res.test_acc, places),
+                "note": "" if met else "budget not met: this is the smallest model it makes",
             }
         )
     return out

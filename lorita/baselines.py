@@ -29,7 +29,7 @@ from .runs import setup_of
 from .spectra import layer_matrix
 from .truncation import Budget
 
-__all__ = ["METHODS", "prune_to_budget", "run_method", "compare"]
+__all__ = ["METHODS", "PruneError", "prune_to_budget", "run_method", "compare"]
 
 #: The methods compared, in table order: name -> label.
 METHODS = {
@@ -53,6 +53,10 @@ def _check_percent(percent) -> float:
     return float(percent)
 
 
+class PruneError(ValueError):
+    """Torch-Pruning could not prune the network (or the pruned network no longer runs)."""
+
+
 class _Pruner:
     """One model pruned at a given uniform channel ratio, and what that costs."""
 
@@ -64,7 +68,9 @@ class _Pruner:
         import torch_pruning as tp
 
         work = clone_model(self.model).eval()
-        if ratio > 0:
+        if ratio <= 0:
+            return work, getattr(count_cost(work, self.x), self.measure)
+        try:
             tp.pruner.MetaPruner(
                 work,
                 self.x,
@@ -72,7 +78,12 @@ class _Pruner:
                 pruning_ratio=ratio,
                 ignored_layers=[work.get_submodule(n) for n in self.ignored],
             ).step()
-        return work, getattr(count_cost(work, self.x), self.measure)
+            return work, getattr(count_cost(work, self.x), self.measure)
+        except Exception as e:  # its dependency graph does not follow every network
+            raise PruneError(
+                f"prune: Torch-Pruning cannot prune this network ({type(e).__name__}: "
+                f"{str(e)[:200]})"
+            ) from e
 
 
 def prune_to_budget(
@@ -216,6 +227,30 @@ def _row(method: str, budget: float, measure: str, res: CompressResult, session)
         "selected_on": "val",
         "reported_on": "test",
         "seconds": float(res.seconds),
+        "error": None,
+    }
+
+
+def _failed_row(method: str, budget: float, measure: str, epochs: int, session, error) -> dict:
+    """A method that could not cut at this budget: the row says why, its numbers are None."""
+    scores = [k for k in session.base if k not in ("params", "flops")]
+    return {
+        "budget": float(budget),
+        "measure": measure,
+        "method": method,
+        "label": METHODS[method],
+        "run": session.run,
+        "policy": {},
+        "finetune_epochs": int(epochs),
+        **dict.fromkeys(("params", "flops", "params_pct", "flops_pct")),
+        "met": False,
+        "task": session.task,
+        **dict.fromkeys(scores),
+        "ranks": {},
+        "selected_on": "val",
+        "reported_on": "test",
+        "seconds": 0.0,
+        "error": str(error),
     }
 
 
@@ -241,9 +276,15 @@ def compare(
     run's, see :meth:`Compressor.recipe`; ``finetune_lr`` and ``recipe`` keywords lr, optimizer,
     batch_size, weight_decay, seed override it). One row per
     (budget, method, fine-tuned or not), JSON-able; ``progress(done, total, row)`` after each.
+    A row's ``error`` is None, or why the method could not cut (a network Torch-Pruning cannot
+    prune): then its numbers are None.
     """
     measure = _measure_of(measure)
+    if isinstance(budgets, (str, bytes)) or not isinstance(budgets, Iterable):
+        raise ValueError(f"budgets: expected a list of percentages, e.g. [10, 50], got {budgets!r}")
     budgets = [_check_percent(b) for b in budgets]
+    if not budgets:
+        raise ValueError("budgets: expected at least one percentage, got none")
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
         raise ValueError(f"methods: expected some of {', '.join(METHODS)}, got {list(methods)}")
@@ -268,8 +309,14 @@ def compare(
 
 
 def _method_rows(method, session, budget, measure, finetune_epochs, recipe):
-    """The row of one method's cut at one budget, then (K > 0) the row of it fine-tuned."""
-    res = run_method(method, session, budget, measure=measure)
+    """The row of one method's cut at one budget, then (K > 0) the row of it fine-tuned; a
+    network that Torch-Pruning cannot prune gets rows that say so, and the others go on."""
+    try:
+        res = run_method(method, session, budget, measure=measure)
+    except PruneError as e:
+        for epochs in (0, finetune_epochs) if finetune_epochs else (0,):
+            yield _failed_row(method, budget, measure, epochs, session, e)
+        return
     yield _row(method, budget, measure, res, session)
     if finetune_epochs:
         tuned = session.finetune(res, finetune_epochs, **recipe)
