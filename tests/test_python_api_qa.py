@@ -88,7 +88,9 @@ def test_training_again_after_a_keyboard_interrupt_leaves_nothing_behind(tmp_pat
     with pytest.raises(KeyboardInterrupt):
         lt.train(cfg, run, callback=interrupt, threads=1)
     status = store.get("stopped-by-hand").raw_status()
-    assert status["state"] == "failed" and "KeyboardInterrupt" in status["message"]
+    # stopped, as Ctrl-C stops a command-line run, and said how to go on
+    assert status["state"] == "stopped" and "KeyboardInterrupt" in status["message"]
+    assert "resume=True" in status["message"]
     assert torch.get_num_threads() == threads and torch.get_default_dtype() == torch.float32
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers
     assert _same_streams(before, _streams())

@@ -263,11 +263,22 @@ def _open(run: Run, config: TrainConfig, resume: bool) -> None:
 
 def _mark_failed(run: Run, e: BaseException) -> None:
     """Say in the run's status why it ended; if even that cannot be written (a full disk, the
-    folder gone), the error raised stays the one that ended the run."""
+    folder gone), the error raised stays the one that ended the run. A KeyboardInterrupt (a
+    notebook's stop button) stops the run, as Ctrl-C does on the command line: it reads as
+    stopped, not failed, and goes on from its last checkpoint with ``resume=True``."""
     try:
         if run.raw_status().get("state") in ("queued", "running"):
-            msg = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
-            run.update_status(state="failed", message=msg[:500], ended=time.time())
+            if isinstance(e, KeyboardInterrupt):
+                state, msg = (
+                    "stopped",
+                    (
+                        "interrupted (KeyboardInterrupt); train(config, run, resume=True) goes on "
+                        "from its last checkpoint"
+                    ),
+                )
+            else:
+                state, msg = "failed", f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+            run.update_status(state=state, message=msg[:500], ended=time.time())
     except OSError:
         pass
 
