@@ -28,7 +28,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-os.environ.setdefault("STREAMLIT_LOGGER_LEVEL", "error")  # (bare-mode notes, one per call)
 
 
 def load() -> str:
@@ -162,7 +161,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="timings per cell (median)")
     args = ap.parse_args()
     import torch
+    from streamlit import logger
 
+    logger.set_log_level("error")  # (Streamlit's bare-mode notes, one per call outside a page)
     torch.set_num_threads(1)  # as the app's server computes
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
