@@ -160,10 +160,14 @@ def main() -> None:
     ap.add_argument("--long-lines", type=int, default=200_000, help="metrics lines, long run")
     ap.add_argument("--repeats", type=int, default=3, help="timings per cell (median)")
     args = ap.parse_args()
-    import torch
-    from streamlit import logger
+    import logging
 
-    logger.set_log_level("error")  # (Streamlit's bare-mode notes, one per call outside a page)
+    import torch
+
+    # (Streamlit's note on each call made outside a page: "missing ScriptRunContext")
+    logging.getLogger("streamlit.runtime.scriptrunner_utils.script_run_context").addFilter(
+        lambda record: "ScriptRunContext" not in record.getMessage()
+    )
     torch.set_num_threads(1)  # as the app's server computes
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
