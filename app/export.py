@@ -336,15 +336,20 @@ def build_offline(run: Any, which: str, fmt: str) -> Offline:
         with torch.no_grad():
             diff = float((model(x) - reloaded(x)).abs().max())
         data = path.read_bytes()
-    how = _normalized(meta.get("preprocess"))
-    code = snippet(fmt, file_name, run.task, normalized=how, shape=tuple(example.shape[1:]))
+    how = meta.get("preprocess")
+    code = snippet(fmt, file_name, run.task, normalized=_normalized(how),
+                   shape=tuple(example.shape[1:]), recorded=how is not None)  # fmt: skip
     return Offline(data, file_name, diff, val_acc, code, run.task)
 
 
 def _write_and_reload(model: Any, example: Any, path: Path, fmt: str, meta: dict | None) -> Any:
     """Write ``model`` to ``path`` in format ``fmt`` and load the file back (an onnxruntime
-    session for ONNX); a safetensors file is for inference, as `lorita export` writes one:
-    BatchNorm folded into its layer."""
+    session for ONNX); a low-rank safetensors file is for inference, as `lorita export` writes
+    one: BatchNorm folded into its layer. The dense file is the original architecture, its
+    BatchNorms kept, so that the architecture's own ``load_state_dict`` takes it. The spec
+    records the input's shape, as `lorita compress --out` and `lorita export` do."""
+    import torch
+
     import lorita as lt
 
     if fmt == "onnx":
@@ -359,7 +364,9 @@ def _write_and_reload(model: Any, example: Any, path: Path, fmt: str, meta: dict
             )
         lt.export_onnx(model, example, path, metadata=meta)
         return OnnxModule(path)
-    lt.save(model, path, metadata=meta or {}, fold_bn=True)
+    shape = list(example.shape[1:]) if isinstance(example, torch.Tensor) else None
+    lt.save(model, path, metadata=meta or {}, fold_bn=fmt != "dense", input_shape=shape,
+            example_input=example)  # fmt: skip
     return lt.load(path).eval()
 
 
@@ -376,15 +383,25 @@ def snippet(
     *,
     normalized: bool = True,
     shape: tuple[int, ...] | None = None,
+    recorded: bool = True,
 ) -> str:
     """The lines that load the downloaded file and run it on inputs ``x``: a classifier's
     predicted classes (``pred``), or a regression's predicted targets themselves (``out``).
     ``normalized``: whether the file's metadata says how to normalise the inputs (a regression
     run, or one trained without normalising, has none: its inputs go in as they are).
     ``shape``: one input's shape (the model's example input less its batch): random inputs of
-    it stand in for the user's, so the lines run as they are."""
+    it stand in for the user's, so the lines run as they are. ``recorded``: whether the file
+    holds that metadata at all (a checkpoint written before runs recorded it has none: the
+    lines then read nothing of it)."""
     dims = ", ".join(str(int(d)) for d in shape) if shape else "C, H, W"
-    if normalized:
+    names = "how['classes'][i] names class i, where it has names"
+    if not recorded:
+        names = "the index of the predicted class"
+        feed = (
+            f"# Your inputs x, (batch, {dims}), prepared as the run's dataset prepared them (this\n"
+            "# file does not record how). Random ones stand in:\n"
+        )
+    elif normalized:
         feed = (
             f"# Your inputs x, (batch, {dims}): how['pixels'], then per channel\n"
             "# (x - how['normalize']['mean']) / how['normalize']['std']. Random ones stand in:\n"
@@ -397,32 +414,38 @@ def snippet(
     regression = score_of(task).task == "regression"
     if fmt == "onnx":
         head = (
-            "import json\n\n"
-            "import numpy as np\n"
+            ("import json\n\n" if recorded else "")
+            + "import numpy as np\n"
             "import onnxruntime as ort\n\n"
             f'session = ort.InferenceSession("{file_name}")\n'
-            'how = json.loads(session.get_modelmeta().custom_metadata_map["preprocess"])\n'
-        )
+            + ('how = json.loads(session.get_modelmeta().custom_metadata_map["preprocess"])\n'
+               if recorded else "")
+        )  # fmt: skip
         make = f"x = np.random.rand(1, {dims}).astype(np.float32)\n" if shape else ""
         run = 'session.run(None, {"input": x.astype(np.float32)})[0]'
         if regression:
             return head + feed + make + f"out = {run}  # (batch, outputs): the predicted targets\n"
-        return (
-            head + feed + make + f"logits = {run}\n"
-            "pred = logits.argmax(1)  # how['classes'][i] names class i, where it has names\n"
-        )
+        return head + feed + make + f"logits = {run}\npred = logits.argmax(1)  # {names}\n"
     head = (
         "import torch\n\n"
         "import lorita as lt\n\n"
         f'model = lt.load("{file_name}").eval()  # rebuilds the architecture from the file\n'
-        f'how = lt.read_spec("{file_name}")["metadata"]["preprocess"]  # how to feed it\n'
     )
+    if recorded:
+        head += f'how = lt.read_spec("{file_name}")["metadata"]["preprocess"]  # how to feed it\n'
     make = f"x = torch.rand(1, {dims})\n" if shape else ""
     if regression:
         body = "out = model(x)  # (batch, outputs): the predicted targets\n"
     else:
-        body = "pred = model(x).argmax(1)  # how['classes'][i] names class i, where it has names\n"
-    return head + feed + make + "with torch.no_grad():\n    " + body
+        body = f"pred = model(x).argmax(1)  # {names}\n"
+    plain = ""
+    if fmt == "dense":  # the original architecture's own state_dict: no lorita needed
+        plain = (
+            "# Without lorita: build the architecture as the run did (lt.read_spec(...)['arch']\n"
+            "# names it and its options), then, with plain PyTorch and safetensors:\n"
+            f'# net.load_state_dict(safetensors.torch.load_file("{file_name}"))\n'
+        )
+    return head + feed + make + "with torch.no_grad():\n    " + body + plain
 
 
 def build(
@@ -459,6 +482,7 @@ def build(
             session.task,
             normalized=_normalized(how),
             shape=tuple(session.example_input.shape[1:]),
+            recorded=(meta or {}).get("preprocess") is not None,  # what the file holds
         ),  # fmt: skip
         task=session.task,
     )

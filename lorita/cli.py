@@ -655,11 +655,20 @@ def _add_fold_bn(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument(
         "--fold-bn",
         action=argparse.BooleanOptionalAction,
-        default=True,
+        default=None,
         help=f"fold each BatchNorm into the layer before it in {what} (a file for inference: "
         "fewer layers, the same outputs; --no-fold-bn keeps them for training further; "
-        "default on)",
+        "default on, except in a --form dense safetensors file: the original architecture, "
+        "whose own load_state_dict takes it)",
     )
+
+
+def _fold_bn(args, fmt: str = "safetensors") -> bool:
+    """--fold-bn as given, else on, except for a dense safetensors file (kept the original
+    architecture, BatchNorms and all, so that the architecture's own state_dict loads it)."""
+    if args.fold_bn is not None:
+        return bool(args.fold_bn)
+    return not (args.form == "dense" and fmt != "onnx")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1542,9 +1551,9 @@ def cmd_compress(args) -> int:
         meta = {"run": cz.run, "policy": json.dumps(res.policy), "val_acc": res.val_acc}
         meta["preprocess"] = cz.preprocess
         with _writing("--out"):
-            save(res.model, args.out, metadata=meta, fold_bn=args.fold_bn, input_shape=_shape(cz))
+            save(res.model, args.out, metadata=meta, fold_bn=_fold_bn(args), input_shape=_shape(cz))
         out["out"] = str(args.out)
-        if args.fold_bn:  # BatchNorm folded: fewer parameters than "after" counts
+        if _fold_bn(args):  # BatchNorm folded: fewer parameters than "after" counts
             out["out_params"] = _file_params(args.out)
     if args.json:
         _print_json(out)
@@ -1825,8 +1834,7 @@ def cmd_compare(args) -> int:
     header.append(f"test {word}")
     table = [
         [
-            f"{r['budget']:g}%"
-            + ("" if r.get("met", True) or r.get("error") else " (not met)"),
+            f"{r['budget']:g}%" + ("" if r.get("met", True) or r.get("error") else " (not met)"),
             r["label"],
             f"{r['finetune_epochs']} epoch{'s' if r['finetune_epochs'] > 1 else ''}"
             if r["finetune_epochs"]
@@ -2059,10 +2067,10 @@ def _write_export(args, model, example, meta: dict | None) -> None:
 
     with _writing("--out"):
         if args.format == "onnx":
-            export_onnx(model, example, args.out, fold_bn=args.fold_bn, metadata=meta)
+            export_onnx(model, example, args.out, fold_bn=_fold_bn(args, "onnx"), metadata=meta)
         else:
             shape = list(example.shape[1:])
-            save(model, args.out, input_shape=shape, metadata=meta, fold_bn=args.fold_bn)
+            save(model, args.out, input_shape=shape, metadata=meta, fold_bn=_fold_bn(args))
     print(args.out)
     data = onnx_data_path(args.out)
     if args.format == "onnx" and data.exists():  # over 2 GiB of weights: they are there

@@ -146,7 +146,7 @@ def test_an_empty_best_checkpoint_opens_the_last_and_two_are_not_offered(runs_di
         at = open_page(page, run=N3)
         assert_clean(at)
         assert at.selectbox(key=f"{page}.run").value == N1
-        assert any(f"Run {N3} has no checkpoint" in i.value for i in at.info)
+        assert any(f"Run {N3} (completed) has no checkpoint to read" in i.value for i in at.info)
     from lorita.runs import RunStore
 
     run = RunStore(runs_dir).get(N3)
