@@ -552,6 +552,12 @@ def view(name: str, root: str | Path | None = None) -> JobView:
     message = str(st.get("message") or "")
     now = time.time()
     ours = proc is not None and st.get("pid") in (None, proc.pid)  # not a later `lorita resume`
+    if _lost_name(proc, st):
+        said = _last_line(log_tail(name, root)) or f"run name: {name!r} already exists"
+        return JobView(
+            name, "failed", f"{said} (a run of that name was started elsewhere first; this "
+            "Start did not run: start it again under another name)", status=dict(st),
+        )  # fmt: skip
     if state in ACTIVE and ours and exit_code is not None:
         # our child ended without marking the run finished (killed, crashed)
         state = "failed"
@@ -580,6 +586,13 @@ def view(name: str, root: str | Path | None = None) -> JobView:
         device=st.get("device"),
         status=dict(st),
     )
+
+
+def _lost_name(proc: subprocess.Popen | None, st: dict[str, Any]) -> bool:
+    """Whether this server's child ended refused (exit 2: a bad command line, nothing written)
+    while a folder of its name belongs to another process: a run of that name started in a
+    terminal in the seconds the child imported torch took the name first."""
+    return proc is not None and proc.poll() == 2 and st.get("pid") not in (None, proc.pid)
 
 
 def _exited(root: Path, code: int | None) -> str:
@@ -634,6 +647,8 @@ def reap() -> None:
         if proc.poll() is not None:
             if not _made(*key):
                 _FAILED_STARTS.add(key)
+            elif _lost_name(proc, _raw_status(*key)):
+                continue  # kept: the page says this Start did not run (until deleted)
             _PROCS.pop(key, None)
 
 
@@ -658,6 +673,12 @@ def _forget_failed_starts(root: Path) -> None:
     for key, proc in list(_PROCS.items()):  # ended before making their folder, not reaped yet
         if key[0] == str(root) and proc.poll() is not None and not _made(root, key[1]):
             _PROCS.pop(key, None)
+
+
+def _raw_status(root: str | Path, name: str) -> dict[str, Any]:
+    from lorita.runs import Run
+
+    return Run(Path(root) / name).raw_status()
 
 
 def _made(root: str | Path, name: str) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -107,6 +108,7 @@ class RunFollower:
     def __init__(self, run: Any) -> None:
         self.run = run
         self.offsets = {"metrics": 0, "spectra": 0}
+        self.files: dict[str, tuple[int, int] | None] = {"metrics": None, "spectra": None}
         self.metrics: dict[str, list[dict[str, Any]]] = {}
         self.snapshots: list[dict[str, Any]] = []  # {"step", "layers", "ranks"}
         self.last_snapshot: dict[str, Any] | None = None
@@ -128,19 +130,35 @@ class RunFollower:
     def _drain(self, kind: str, take) -> bool:
         """Read ``kind``'s new lines part by part, handing each part to ``take``."""
         got = False
+        # A resumed run rewrites its logs (a new file, renamed into place) and appends to
+        # them at once: however long since the last read, the file's identity tells.
+        try:
+            st = os.stat(self.run.path / f"{kind}.jsonl")
+            file = (st.st_dev, st.st_ino)
+        except (OSError, AttributeError, TypeError):
+            file = None
+        if file is not None and file != self.files[kind]:
+            if self.files[kind] is not None:  # read anew from the start
+                self.offsets[kind] = 0
+                self._forget(kind)
+                got = True
+            self.files[kind] = file
         while True:
             before = self.offsets[kind]
             rows, self.offsets[kind] = read_new(self.run, kind, before, READ_BYTES)
             if self.offsets[kind] < before:  # rewritten (a resumed run dropped lost lines)
-                if kind == "metrics":
-                    self.metrics = {}
-                else:
-                    self.snapshots = []
+                self._forget(kind)
             if rows:
                 take(rows)
                 got = True
             if self.offsets[kind] <= before:
                 return got
+
+    def _forget(self, kind: str) -> None:
+        if kind == "metrics":
+            self.metrics = {}
+        else:
+            self.snapshots = []
 
     def _take_metrics(self, rows: list[dict[str, Any]]) -> None:
         by_split: dict[str, list[dict[str, Any]]] = {}
