@@ -207,13 +207,20 @@ def _check_pair(a: Compressor, b: Compressor) -> None:
         raise ValueError(f"baseline_run: expected an N=1 run, got n_factors={cb['n_factors']}")
 
 
-def _row(method: str, budget: float, measure: str, res: CompressResult, session) -> dict:
+def _head(method: str, budget: float, measure: str, session) -> dict:
+    """The fields that name a row: which budget, method and run."""
     return {
         "budget": float(budget),
         "measure": measure,
         "method": method,
         "label": METHODS[method],
         "run": session.run,
+    }
+
+
+def _row(method: str, budget: float, measure: str, res: CompressResult, session) -> dict:
+    return {
+        **_head(method, budget, measure, session),
         "policy": dict(res.policy),
         "finetune_epochs": res.finetune_epochs,
         "params": int(res.params),
@@ -235,11 +242,7 @@ def _failed_row(method: str, budget: float, measure: str, epochs: int, session, 
     """A method that could not cut at this budget: the row says why, its numbers are None."""
     scores = [k for k in session.base if k not in ("params", "flops")]
     return {
-        "budget": float(budget),
-        "measure": measure,
-        "method": method,
-        "label": METHODS[method],
-        "run": session.run,
+        **_head(method, budget, measure, session),
         "policy": {},
         "finetune_epochs": int(epochs),
         **dict.fromkeys(("params", "flops", "params_pct", "flops_pct")),

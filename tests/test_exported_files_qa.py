@@ -65,6 +65,23 @@ def _load_plain(data: bytes, spec) -> torch.nn.Module:
     return net.eval()
 
 
+def run_in_fresh_process(folders, cwd) -> None:
+    """Run each folder's use.py in one fresh Python, from inside that folder, with nothing of
+    this process's environment but the path to the project."""
+    script = (
+        "import os, runpy, sys\n"
+        "for folder in sys.argv[1:]:\n"
+        "    os.chdir(folder)\n"
+        "    runpy.run_path('use.py', run_name='__main__')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, *map(str, folders)],
+        cwd=cwd, capture_output=True, text=True, timeout=300,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
 @pytest.mark.parametrize("cut", [False, True], ids=["as-trained", "cut"])
 def test_the_dense_download_loads_into_the_original_architecture_with_plain_pytorch(
     session, tmp_path, cut
@@ -146,18 +163,7 @@ def test_the_pages_snippets_run_as_written_in_a_fresh_process(session, tmp_path)
         code += "numpy.save('pred.npy', numpy.asarray(pred))\n"
         (folder / "use.py").write_text(code)
         models[fmt], folders[fmt] = model.eval(), folder
-    script = (
-        "import os, runpy, sys\n"
-        "for folder in sys.argv[1:]:\n"
-        "    os.chdir(folder)\n"
-        "    runpy.run_path('use.py', run_name='__main__')\n"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", script, *map(str, folders.values())],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300,
-        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-2000:]
+    run_in_fresh_process(folders.values(), tmp_path)
     for fmt, folder in folders.items():
         x = torch.from_numpy(np.load(folder / "x.npy"))
         with torch.no_grad():
@@ -240,18 +246,7 @@ def test_the_snippet_of_a_file_that_does_not_record_how_to_feed_it_runs(
             code += "\nimport numpy\n\nnumpy.save('x.npy', numpy.asarray(x))\n"
             (folder / "use.py").write_text(code + "numpy.save('pred.npy', numpy.asarray(pred))\n")
             folders[folder] = model if tag == "offline" else session.model.eval()
-    script = (
-        "import os, runpy, sys\n"
-        "for folder in sys.argv[1:]:\n"
-        "    os.chdir(folder)\n"
-        "    runpy.run_path('use.py', run_name='__main__')\n"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", script, *map(str, folders)],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300,
-        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-2000:]
+    run_in_fresh_process(folders, tmp_path)
     for folder, net in folders.items():
         x = torch.from_numpy(np.load(folder / "x.npy"))
         with torch.no_grad():
