@@ -337,7 +337,7 @@ class Compressor:
 
     def _check_policy(self, policy) -> Policy:
         policy = as_policy(policy)
-        check_left_out(policy, self.left_out)
+        check_left_out(policy, self.left_out, self.model)
         return policy
 
     def ranks(self, policy: Policy) -> dict[str, int] | None:

@@ -725,12 +725,19 @@ def _cache(model, svd, layers, example_input=None) -> SVDCache:
     return svd
 
 
-def check_left_out(policy: Policy, left_out: dict[str, str]) -> None:
-    """Refuse explicit ranks for a layer left out of cuts (the output layer, say), saying why."""
+def check_left_out(
+    policy: Policy, left_out: dict[str, str], model: nn.Module | None = None
+) -> None:
+    """Refuse explicit ranks for a layer left out of cuts (the output layer, say), or, given
+    the ``model``, for a module of it that no cut may take (parametrized, depthwise, tied),
+    saying why: such a name is not "unknown"."""
     if isinstance(policy, Ranks):
         out = [n for n in policy.ranks if n in left_out]
         if out:
             raise ValueError(f"ranks: layer(s) {out} are left out of cuts ({left_out[out[0]]})")
+        if model is not None:
+            for n, why in kinds.why_not_cut(model, list(policy.ranks)).items():
+                raise ValueError(f"ranks: {n!r} cannot be cut: {why}")
 
 
 def plan_ranks(
@@ -751,7 +758,7 @@ def plan_ranks(
         raise ValueError(f"form: expected one of {', '.join(kinds.FORMS)}, got {form!r}")
     policy = as_policy(policy)
     cache = _cache(model, svd, layers, example_input)
-    check_left_out(policy, cache.left_out)
+    check_left_out(policy, cache.left_out, cache.model)
     if getattr(policy, "needs_costs", False):
         return policy.plan(cache.spectra, cache.costs(example_input, form))
     return policy.plan(cache.spectra)

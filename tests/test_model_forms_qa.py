@@ -168,6 +168,12 @@ def test_layers_naming_a_module_no_cut_may_take_say_why():
     with pytest.raises(ValueError, match=r"^layers: unknown layer name\(s\) \['nope'\]"):
         lt.truncate(model, lt.Uniform(0.5), layers=["nope"])
 
+    # explicit ranks for such a module say the same (not "unknown"), in truncate and Compressor
+    with pytest.raises(ValueError, match=r"^ranks: '2' cannot be cut: its weight is computed"):
+        lt.truncate(model, lt.Ranks({"2": 2}), example_input=torch.randn(2, 4, 9, 9))
+    with pytest.raises(ValueError, match=r"^ranks: unknown layer name\(s\) \['nope'\]"):
+        lt.truncate(model, lt.Ranks({"nope": 2}), example_input=torch.randn(2, 4, 9, 9))
+
     tied = _Tied()
     table = tied.emb.weight.detach().clone()
     for form in ("dense", "low_rank"):
