@@ -335,6 +335,8 @@ def test_ctrl_c_while_compress_works_leaves_no_file(runs, tmp_path):
     time.sleep(3)  # into the work: the session, the cut, the fine-tuning (1000 epochs)
     proc.send_signal(signal.SIGINT)
     stdout, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
+    # 130, or ended by the SIGINT itself once the line was said (a busy machine's timing): a
+    # shell's $? is 130 either way
+    assert proc.returncode in (130, -signal.SIGINT), err
     assert err.strip() == "lorita: interrupted" and stdout == ""
     assert list(out.iterdir()) == []
