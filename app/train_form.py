@@ -32,20 +32,20 @@ def starting_values(preset: str, run_config: dict[str, Any] | None = None) -> di
     return values
 
 
-#: the kind of value each form field shows (the others: text)
-_WHOLE = ("n_factors", "plain_epochs", "epochs", "batch_size", "seed")
-_REAL = ("weight_decay", "lr")
-_OBJECT = ("model_kwargs", "dataset_kwargs")
-
-
 def _fits(field: str, value: Any) -> bool:
-    from lorita.checks import is_int, is_num
+    """Whether ``value`` is of the kind the form shows for ``field`` (the kind TrainConfig's
+    field metadata gives: int, float, dict; the others text)."""
+    import dataclasses
 
-    if field in _WHOLE:
+    from lorita.checks import is_int, is_num
+    from lorita.engine.config import TrainConfig
+
+    kind = next(f.metadata["kind"] for f in dataclasses.fields(TrainConfig) if f.name == field)
+    if kind == "int":
         return is_int(value)
-    if field in _REAL:
+    if kind == "float":
         return is_num(value)
-    if field in _OBJECT:
+    if kind == "dict":
         return value is None or isinstance(value, dict)  # (None: no options)
     return isinstance(value, str)
 

@@ -190,6 +190,10 @@ def _typed_status(st: dict) -> dict:
     return {**st, **bad} if bad else st
 
 
+#: a parsed JSON number's exact type (never a bool)
+_JSON_NUMBERS = (float, int)
+
+
 def _is_snapshot(row: Any) -> bool:
     """Whether a spectra.jsonl row can be drawn: a whole-number step and each layer's
     singular values a list of numbers (null where one was not finite). Readers skip the
@@ -204,9 +208,6 @@ def _is_snapshot(row: Any) -> bool:
             for s in layers.values()
         )
     )
-
-
-_JSON_NUMBERS = (float, int)
 
 
 def _process_started(pid: int) -> float | None:
@@ -254,7 +255,7 @@ def effective_ranks(layers: dict[str, list[float]], tol: float | None = None) ->
         if not isinstance(s, list) or not s:
             continue
         try:  # (plain numbers, as the engine writes them: read at once)
-            if not all(type(v) in (float, int) for v in s):
+            if not all(type(v) in _JSON_NUMBERS for v in s):
                 raise TypeError
             t = torch.tensor(s, dtype=torch.float32)
         except (TypeError, OverflowError):  # null, text, a bool, an int past float's range
