@@ -740,7 +740,11 @@ class Run:
         status and a pending STOP request."""
         for fname in ("metrics.jsonl", "spectra.jsonl", "result.json"):
             (self.path / fname).unlink(missing_ok=True)
-        shutil.rmtree(self.checkpoint_dir, ignore_errors=True)
+        gone = self.path / f".tmp-checkpoints-{os.getpid()}"  # one rename, then the delete:
+        shutil.rmtree(gone, ignore_errors=True)
+        with contextlib.suppress(FileNotFoundError):  # killed meanwhile, no half-deleted
+            os.replace(self.checkpoint_dir, gone)  # checkpoint is left under checkpoints/
+        shutil.rmtree(gone, ignore_errors=True)
         self.checkpoint_dir.mkdir(exist_ok=True)
         for fname in ("metrics.jsonl", "spectra.jsonl"):
             (self.path / fname).touch()

@@ -53,6 +53,7 @@ POINTS = [
     "ckpt_before_rename:2",  # checkpoint complete under its temporary name
     "ckpt_after_rename:1", "ckpt_after_rename:3",  # renamed, last.safetensors not published
     "ckpt_before_prune:2",  # two checkpoints on disk
+    "ckpt_prune_renamed:1",  # the older one renamed away, not yet deleted
     "test:1",  # after the final test pass, before its lines and result.json
     "result:1",  # result.json written, status not yet completed
 ]  # fmt: skip

@@ -202,10 +202,19 @@ def save(
 
 
 def prune(folder: Path, keep: Path) -> None:
-    """Remove every checkpoint folder but ``keep`` (call only once ``keep`` is durable)."""
-    for _, old in _folders(folder):
+    """Remove every checkpoint folder but ``keep`` (call only once ``keep`` is durable).
+
+    Each goes by one rename to a temporary name first, so a process killed while it deletes
+    leaves no half-deleted ``ckpt-`` folder (``sweep`` removes what the rename left)."""
+    for seq, old in _folders(folder):
         if old != keep:
-            shutil.rmtree(old, ignore_errors=True)
+            gone = folder / f".tmp-ckpt-{seq:06d}-old-{os.getpid()}"
+            try:
+                os.rename(old, gone)
+            except OSError:
+                continue
+            fault("ckpt_prune_renamed")
+            shutil.rmtree(gone, ignore_errors=True)
 
 
 def load(path: Path, model: nn.Module, opt, sched) -> tuple[dict, dict[str, torch.Tensor]]:
