@@ -22,15 +22,20 @@ def _running_as_command() -> bool:
     return sys.argv[:1] == ["-m"] and named
 
 
-def release() -> None:
-    """Give Ctrl-C back to whatever handled it before."""
+def release(*, by_main: bool = False) -> None:
+    """Give Ctrl-C back to whatever handled it before. For ``python -m lorita`` the package's
+    own call leaves it held: ``lorita.__main__`` releases it (``by_main``) once the command's
+    module is imported too, so no instant of the start is left to a traceback."""
     global _previous
+    if _COMMAND and not by_main:
+        return
     if _previous is not None:
         signal.signal(signal.SIGINT, _previous)
         _previous = None
 
 
-if _running_as_command() and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+_COMMAND = _running_as_command()
+if _COMMAND and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
     try:
         _previous = signal.signal(signal.SIGINT, _interrupted)
     except ValueError:  # not the main thread
