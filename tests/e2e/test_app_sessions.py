@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import time
+from pathlib import Path
 
 import pytest
 from e2e_helpers import TINY, download_button
@@ -118,6 +119,12 @@ def _image_folder(root, classes=3, per_class=24, size=12):
     return root
 
 
+def _log(app_server, name: str) -> str:
+    """The end of the app's log of run ``name`` (what its process printed), for a failure."""
+    path = Path(app_server["runs"]) / ".app" / f"{name}.log"
+    return path.read_text(errors="replace")[-3000:] if path.exists() else f"no {path}"
+
+
 def _state(store, name: str) -> str:
     """A run's state from its folder ("starting" until the training process made it)."""
     try:
@@ -148,7 +155,11 @@ def test_train_on_an_image_folder_then_compress_and_export(app_server, page, tmp
     # screen while the page reruns: wait for this run's own folder, then for the page.
     store, deadline = RunStore(app_server["runs"]), time.time() + 240
     while (got := _state(store, name)) != "completed":
-        assert got in ("starting", "queued", "running"), f"{name}: {got}"
+        assert got in ("starting", "queued", "running"), (
+            name,
+            store.get(name).status(),
+            _log(app_server, name),
+        )
         assert time.time() < deadline, f"{name} did not complete"
         time.sleep(0.5)
     page.get_by_text("Completed.", exact=False).first.wait_for(timeout=60_000)
