@@ -31,11 +31,14 @@ __all__ = [
     "fault",
     "fault_due",
     "kill_now",
+    "process_alive",
+    "process_identity",
     "fsync_dir",
     "read_json",
     "read_jsonl",
     "read_jsonl_from",
     "read_last_jsonl",
+    "recorded_alive",
     "read_tail_jsonl",
     "remove_dead_temps",
     "rewrite_jsonl",
@@ -91,21 +94,83 @@ def kill_now() -> None:
 # --------------------------------------------------------------------------- whole files
 
 
-def process_alive(pid: Any, started: Any = None) -> bool:
-    """Whether process ``pid`` exists here (and, given ``started``, is the one started then)."""
+def process_identity(pid: int) -> dict:
+    """What tells process ``pid`` from a later one given the same number: its start as
+    wall-clock seconds (``pid_started``) and, where the system says, as seconds since the
+    machine booted with that boot's id (``pid_since_boot``, ``boot_id``). The wall-clock
+    start moves when the clock is set (a virtual machine's clock stepped by its time sync);
+    the time since boot does not, so a live process never reads as gone after a clock step."""
+    try:
+        out: dict = {"pid_started": psutil.Process(pid).create_time()}
+    except psutil.Error:
+        return {"pid_started": None}
+    since, boot = _since_boot(pid), _boot_id()
+    if since is not None and boot is not None:
+        out.update(pid_since_boot=since, boot_id=boot)
+    return out
+
+
+def recorded_alive(record: dict) -> bool:
+    """Whether the process a record names (``pid`` and the fields of :func:`process_identity`)
+    is still that process, alive on this machine."""
+    return process_alive(
+        record.get("pid"),
+        record.get("pid_started"),
+        since_boot=record.get("pid_since_boot"),
+        boot_id=record.get("boot_id"),
+    )
+
+
+def process_alive(
+    pid: Any, started: Any = None, *, since_boot: Any = None, boot_id: Any = None
+) -> bool:
+    """Whether process ``pid`` exists here (and, given when it started, is the one started
+    then: ``since_boot`` and ``boot_id`` where recorded, else the wall-clock ``started``)."""
     if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0:
         return False
     try:
         proc = psutil.Process(pid)
         if proc.status() == psutil.STATUS_ZOMBIE:
             return False
-        if isinstance(started, int | float) and abs(proc.create_time() - started) > 1.0:
+        if _is_num(since_boot) and isinstance(boot_id, str) and _boot_id() is not None:
+            if boot_id != _boot_id():
+                return False  # recorded before the machine restarted: that process is gone
+            now = _since_boot(pid)
+            if now is not None:
+                return abs(now - since_boot) <= 0.5  # the same process, or the pid reused
+        if _is_num(started) and abs(proc.create_time() - started) > 1.0:
             return False  # the pid was reused by another process
     except psutil.NoSuchProcess:
         return False
     except psutil.Error:
         return True
     return True
+
+
+def _is_num(x: Any) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _since_boot(pid: int) -> float | None:
+    """Seconds from the machine's boot to process ``pid``'s start (Linux's /proc), or None."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_bytes()
+        return int(text[text.rindex(b")") + 2 :].split()[19]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+
+
+_BOOT: list = []
+
+
+def _boot_id() -> str | None:
+    """This boot's id (Linux), the same for every process until the machine restarts."""
+    if not _BOOT:
+        try:
+            _BOOT.append(Path("/proc/sys/kernel/random/boot_id").read_text().strip() or None)
+        except OSError:
+            _BOOT.append(None)
+    return _BOOT[0]
 
 
 def temp_beside(path: Path, suffix: str = ".tmp") -> Path:

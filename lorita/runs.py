@@ -42,7 +42,6 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import psutil
 from filelock import FileLock, Timeout
 
 from .checks import is_int, is_num
@@ -51,11 +50,13 @@ from .io import (
     dead_writers_temp,
     fault,
     process_alive,
+    process_identity,
     read_json,
     read_jsonl,
     read_jsonl_from,
     read_last_jsonl,
     read_tail_jsonl,
+    recorded_alive,
     remove_dead_temps,
     rewrite_jsonl,
     temp_beside,
@@ -208,13 +209,6 @@ def _is_snapshot(row: Any) -> bool:
             for s in layers.values()
         )
     )
-
-
-def _process_started(pid: int) -> float | None:
-    try:
-        return psutil.Process(pid).create_time()
-    except psutil.Error:
-        return None
 
 
 def dataset_kwargs(config: dict) -> dict:
@@ -396,7 +390,7 @@ class Run:
         if st.get("state") not in ACTIVE:
             return False
         if st.get("host") == socket.gethostname():
-            return process_alive(st.get("pid"), st.get("pid_started"))
+            return recorded_alive(st)
         return time.time() - _num(st.get("heartbeat") or st.get("created")) <= STALE_S
 
     def status(self) -> dict:
@@ -765,7 +759,7 @@ class Run:
 def _me() -> dict:
     """Status fields naming this process."""
     pid = os.getpid()
-    return {"pid": pid, "pid_started": _process_started(pid), "host": socket.gethostname()}
+    return {"pid": pid, **process_identity(pid), "host": socket.gethostname()}
 
 
 # --------------------------------------------------------------------------- the store

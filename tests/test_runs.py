@@ -550,3 +550,23 @@ def test_a_status_time_past_floats_range_reads_as_none(tmp_path):
     )
     assert run.status()["heartbeat"] is None
     assert run.summary()["name"] == "big-time"
+
+
+def test_a_live_run_stays_alive_when_the_clock_is_set(tmp_path):
+    """A virtual machine's time sync steps the wall clock: the wall-clock start of a process
+    moves with it, its start since boot does not. A live run must not read as "process died";
+    a reused pid (another start) or another boot must."""
+    from lorita.io import process_identity, recorded_alive
+
+    me = {"pid": os.getpid(), **process_identity(os.getpid())}
+    assert recorded_alive(me)
+    if "pid_since_boot" not in me:
+        pytest.skip("no start-since-boot on this system")
+    stepped = {**me, "pid_started": me["pid_started"] + 5.0}  # the clock set 5 s on since
+    assert recorded_alive(stepped)
+    assert not recorded_alive({**me, "pid_since_boot": me["pid_since_boot"] - 30.0})
+    assert not recorded_alive({**me, "boot_id": "another-boot"})
+    store = RunStore(tmp_path)
+    run = store.create({"dataset": "digits"}, name="r")
+    run.update_status(state="running", **stepped)
+    assert run.status()["state"] == "running" and run.is_alive()
