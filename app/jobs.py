@@ -33,10 +33,12 @@ from lorita.io import write_json
 from lorita.runs import (
     ACTIVE,
     LAUNCH_DIR,
+    LAUNCH_OWNER,
     STATES,
     WAITING_FOR_SLOT,
     config_row,
     validate_name,
+    write_launch_owner,
 )
 from lorita.scores import score_of, task_of_config
 
@@ -48,6 +50,9 @@ NICE_ENV = "LORITA_TRAIN_NICE"  # scheduling niceness of training children
 DEFAULT_NICE = 19
 DEFAULT_RUNS = "runs"
 APP_DIR = LAUNCH_DIR  # <runs>/.app/<name>.json (the request) and <name>.log (the child's output)
+#: a request's files in APP_DIR: the request, the child's output, and the process that will make
+#: the run folder (``lorita train --name`` in a terminal leaves a name alone while it lives)
+APP_SUFFIXES = (".json", ".log", LAUNCH_OWNER)
 FINISHED = tuple(s for s in STATES if s not in ACTIVE)  # completed, failed, stopped
 #: a child of this server that has not made its run folder yet (list_runs, JobView)
 STARTING = "starting"
@@ -222,7 +227,8 @@ def start(
     try:
         _spawn(name, root, concurrent)
     except OSError:
-        app_file(name, ".json", root).unlink(missing_ok=True)
+        for suffix in (".json", LAUNCH_OWNER):
+            app_file(name, suffix, root).unlink(missing_ok=True)
         raise
     return name
 
@@ -236,7 +242,15 @@ def _request(root: Path, config: dict[str, Any], name: str | None) -> str:
     except OSError:
         app_file(name, ".json", root).unlink(missing_ok=True)
         raise
+    _own(root, name)  # this server, until its child starts
     return name
+
+
+def _own(root: Path, name: str, pid: int | None = None) -> None:
+    """Name the process that will make run ``name``'s folder (:func:`write_launch_owner`);
+    unwritten (a full disk), the request holds the name for a few seconds only."""
+    with contextlib.suppress(OSError):
+        write_launch_owner(root, name, pid)
 
 
 def check_writable(root: Path) -> None:
@@ -274,6 +288,7 @@ def _spawn(name: str, root: Path, concurrent: int | None) -> subprocess.Popen:
         )
     lower_priority(proc.pid)
     _PROCS[(str(root), name)] = proc
+    _own(root, name, proc.pid)
     return proc
 
 
@@ -436,7 +451,7 @@ def start_pending_now() -> None:
         if entry.get("stop"):
             with _PENDING_LOCK:
                 _PENDING.pop((root, name), None)
-            for suffix in (".json", ".log"):
+            for suffix in APP_SUFFIXES:
                 with contextlib.suppress(OSError):
                     app_file(name, suffix, Path(root)).unlink(missing_ok=True)
             continue
@@ -662,7 +677,7 @@ def dismiss(name: str, root: str | Path | None = None) -> None:
         raise ValueError(f"run {name!r} is {v.state}; only a run that failed to start is dismissed")
     _FAILED_STARTS.discard((str(root), name))
     _PROCS.pop((str(root), name), None)
-    for suffix in (".json", ".log"):
+    for suffix in APP_SUFFIXES:
         app_file(name, suffix, root).unlink(missing_ok=True)
 
 
@@ -866,9 +881,12 @@ def delete(name: str, root: str | Path | None = None) -> None:
     v = view(name, root)
     if v.active:
         raise ValueError(f"run {name!r} is {v.state}; stop it before deleting it")
+    store(root).get(name)  # (ValueError for no such run, before anything is removed)
+    # The request and log first: a server killed between the two steps then leaves the run
+    # (deleted again with one more click), never a request that holds a name no run has.
+    for suffix in APP_SUFFIXES:
+        app_file(name, suffix, root).unlink(missing_ok=True)
     store(root).delete(name)
     _PROCS.pop((str(root), name), None)
     _ROWS.pop((str(root), name), None)
     _STARTED_BASELINE.pop((str(root), name), None)
-    for suffix in (".json", ".log"):
-        app_file(name, suffix, root).unlink(missing_ok=True)

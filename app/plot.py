@@ -27,6 +27,8 @@ from typing import Any
 
 import streamlit as st
 
+from lorita.io import fault, temp_beside
+
 ROOT = Path(__file__).resolve().parents[1]
 STATIC = ROOT / "static"  # Streamlit serves this folder at ./app/static/
 SCRIPT = "plotly.min.js"
@@ -118,12 +120,13 @@ def serve_plotly_js() -> bool:
     the folder cannot be written: :func:`show` then falls back to ``st.plotly_chart``.
     """
     src, dst = plotly_js_source(), STATIC / SCRIPT
-    tmp = dst.with_name(f".{SCRIPT}.{os.getpid()}.tmp")
+    tmp = temp_beside(dst)  # (a copy left by a server killed while copying is removed)
     try:
         if dst.is_file() and dst.stat().st_size == src.stat().st_size:
             return True
         STATIC.mkdir(exist_ok=True)
         shutil.copyfile(src, tmp)
+        fault("write")  # the crash tests: killed with the copy whole under its temporary name
         os.replace(tmp, dst)
         return True
     except OSError:

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from app import jobs, options, presets
+from lorita.io import atomic_write_bytes, remove_dead_temps
 
 UPLOAD_DIR = "uploads"  # <runs>/.app/uploads/<sha256>.<ext> (+ .name): --init-from files
 INIT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
@@ -258,13 +257,11 @@ def save_upload(file_name: str, data: bytes, root: str | Path | None = None) -> 
 
 
 def _write(path: Path, data: bytes) -> None:
-    """Each writer its own temporary file, renamed: sessions may upload one file at once."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    try:
-        tmp.write_bytes(data)
-        tmp.replace(path)  # whole bytes whoever renames last
-    finally:
-        tmp.unlink(missing_ok=True)
+    """Each writer its own temporary file, renamed (sessions may upload one file at once:
+    whole bytes whoever renames last); what a server killed while writing any upload left
+    under a temporary name is removed first."""
+    remove_dead_temps(path.parent)
+    atomic_write_bytes(path, data, sync=False)
 
 
 def _name_file(path: Path) -> Path:

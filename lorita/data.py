@@ -938,15 +938,45 @@ def _cifar(name: str, root: Path, download: bool) -> _Raw:
         if kind == "bin":
             return _Raw(*_cifar_bin(path, ten), num_classes=num_classes)
         if kind == "archive":
-            root.mkdir(parents=True, exist_ok=True)
-            with tarfile.open(path) as t:
-                t.extractall(root, filter="data")
-            return _Raw(*_cifar_bin(root / _cifar_names(name)[0], ten), num_classes=num_classes)
+            folder = _cifar_unpack(name, path, root)
+            return _Raw(*_cifar_bin(folder, ten), num_classes=num_classes)
         return _Raw(*_cifar_tv(name, path), num_classes=num_classes)
     if download:
         _tv_download(name, root)
         return _Raw(*_cifar_tv(name, root), num_classes=num_classes)
     raise _cifar_missing(name, root)
+
+
+def _cifar_unpack(name: str, archive: Path, root: Path) -> Path:
+    """Unpack the binary release ``archive`` into ``root``; returns its folder. Unpacked in a
+    hidden folder beside it, then moved into place by one rename: a process killed while it
+    unpacks leaves no half-unpacked folder that every later load would take as the dataset
+    (the next load unpacks again, and removes what the killed one left)."""
+    import shutil
+
+    from .io import fault, temp_beside
+
+    final = root / _cifar_names(name)[0]
+    root.mkdir(parents=True, exist_ok=True)
+    work = temp_beside(final, ".unpack")  # (the unpacking of a killed process is removed)
+    shutil.rmtree(work, ignore_errors=True)
+    try:
+        with tarfile.open(archive) as t:
+            for member in t:
+                t.extract(member, work, filter="data")
+                fault("cifar_unpack")
+        try:
+            os.rename(work / final.name, final)
+        except FileNotFoundError:
+            raise DatasetUnavailable(
+                f"dataset {name!r}: {archive} holds no {final.name}/ folder; {_cifar_put(name, root)}"
+            ) from None
+        except OSError:
+            if not final.is_dir():  # (else: unpacked by another process meanwhile)
+                raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return final
 
 
 def _check_cifar(name: str, root: Path, download: bool) -> str:
@@ -968,7 +998,14 @@ def _cifar_bin(folder: Path, ten: bool):
             p = folder / f
             if not p.is_file():
                 raise DatasetUnavailable(f"CIFAR file missing: {p}")
-            recs.append(np.fromfile(p, dtype=np.uint8).reshape(-1, lab_bytes + 3072))
+            raw = np.fromfile(p, dtype=np.uint8)
+            if raw.size % (lab_bytes + 3072):  # a copy or an unpacking cut short
+                raise DatasetUnavailable(
+                    f"CIFAR file cut short or damaged: {p} holds {raw.size} bytes, not a whole "
+                    f"number of {lab_bytes + 3072}-byte records; remove {folder} and put it "
+                    "there again (or the release's archive in its place)"
+                )
+            recs.append(raw.reshape(-1, lab_bytes + 3072))
         r = np.concatenate(recs)
         out.append(torch.from_numpy(r[:, lab_bytes:].reshape(-1, 3, 32, 32).copy()))
         out.append(torch.from_numpy(r[:, lab_bytes - 1].astype(np.int64)))

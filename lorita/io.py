@@ -252,6 +252,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, sync: bool = Tru
             if sync:
                 f.flush()
                 os.fsync(f.fileno())
+        fault("write")  # the crash tests: the new bytes whole under the temporary name
         os.replace(tmp, path)
     except OSError as e:
         _discard(tmp)

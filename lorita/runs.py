@@ -95,6 +95,10 @@ WRITER_LOCK = "writer.lock"
 #: name at once as ``<runs>/.app/<name>.json`` and its child makes the folder seconds later,
 #: so a fresh name (:meth:`RunStore.new_name`) is never one claimed there
 LAUNCH_DIR = ".app"
+#: beside a request ``<name>.json``, ``<name>.owner`` names the process that will make the run
+#: folder (the launcher until it starts its child, then the child): a request whose process
+#: has gone holds the name no more for others (:func:`live_launch_request`)
+LAUNCH_OWNER = ".owner"
 #: what a run folder holds (its hidden temp files aside)
 RUN_FILES = frozenset({
     "config.json", "status.json", "metrics.jsonl", "spectra.jsonl", "result.json",
@@ -756,10 +760,40 @@ class Run:
         (self.path / "result.json").unlink(missing_ok=True)
 
 
-def _me() -> dict:
-    """Status fields naming this process."""
-    pid = os.getpid()
+def _me(pid: int | None = None) -> dict:
+    """Status fields naming this process (or process ``pid``)."""
+    pid = os.getpid() if pid is None else pid
     return {"pid": pid, **process_identity(pid), "host": socket.gethostname()}
+
+
+# --------------------------------------------------------------------------- launch requests
+
+
+def write_launch_owner(root: str | Path, name: str, pid: int | None = None) -> None:
+    """Name process ``pid`` (default: this one) as the one that will make the folder of run
+    ``name``, whose launcher's request is ``<root>/.app/<name>.json``."""
+    path = Path(root) / LAUNCH_DIR / f"{validate_name(name)}{LAUNCH_OWNER}"
+    write_json(path, _me(pid))
+
+
+def live_launch_request(root: str | Path, name: str) -> Path | None:
+    """The launcher's request ``<root>/.app/<name>.json`` while it holds the name ``name``: no
+    run folder of that name yet, and the process that will make it (:func:`write_launch_owner`)
+    alive; one on another machine is honoured, as liveness cannot be told from here, and one
+    whose owner is not written yet holds for STALE_S seconds. None when no request holds it."""
+    request = Path(root) / LAUNCH_DIR / f"{validate_name(name)}.json"
+    try:
+        age = time.time() - request.stat().st_mtime
+    except OSError:
+        return None
+    if (Path(root) / name).exists():
+        return None  # the folder itself holds the name now
+    owner = read_json(request.with_name(name + LAUNCH_OWNER), None)
+    if not isinstance(owner, dict):
+        return request if age <= STALE_S else None
+    if owner.get("host") != socket.gethostname():
+        return request
+    return request if recorded_alive(owner) else None
 
 
 # --------------------------------------------------------------------------- the store
@@ -972,12 +1006,15 @@ class RunStore:
             run.path.unlink()
             return
         # Renamed aside first (a hidden name: no longer a run), so that a file that cannot be
-        # removed leaves no half-deleted run still listed with its results.
+        # removed leaves no half-deleted run still listed with its results. What a delete
+        # killed meanwhile left aside (any run's) is removed now: deleting frees the disk.
+        remove_dead_temps(self.root)
         aside = temp_beside(run.path, ".deleting")
         try:
             os.rename(run.path, aside)
         except OSError as e:
             raise OSError(e.errno, f"cannot delete {str(run.path)!r}: {e.strerror or e}") from None
+        fault("run_deleting")
         failed: list[str] = []
 
         def note(fn, path, exc) -> None:
