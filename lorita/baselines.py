@@ -14,6 +14,7 @@ made on validation; the test split only reports. :func:`compare` returns JSON-ab
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -53,6 +54,10 @@ def _check_percent(percent) -> float:
     return float(percent)
 
 
+#: the start of Torch-Pruning's warning on every call for a model with parameters of its own
+_UNWRAPPED = "Unwrapped parameters detected"
+
+
 class PruneError(ValueError):
     """Torch-Pruning could not prune the network (or the pruned network no longer runs)."""
 
@@ -71,13 +76,17 @@ class _Pruner:
         if ratio <= 0:
             return work, getattr(count_cost(work, self.x), self.measure)
         try:
-            tp.pruner.MetaPruner(
-                work,
-                self.x,
-                importance=tp.importance.MagnitudeImportance(p=1),
-                pruning_ratio=ratio,
-                ignored_layers=[work.get_submodule(n) for n in self.ignored],
-            ).step()
+            with warnings.catch_warnings():
+                # its note on parameters outside layers (a ViT's position embedding): pruned
+                # along their last dimension, which is the default we take
+                warnings.filterwarnings("ignore", message=_UNWRAPPED, category=UserWarning)
+                tp.pruner.MetaPruner(
+                    work,
+                    self.x,
+                    importance=tp.importance.MagnitudeImportance(p=1),
+                    pruning_ratio=ratio,
+                    ignored_layers=[work.get_submodule(n) for n in self.ignored],
+                ).step()
             return work, getattr(count_cost(work, self.x), self.measure)
         except Exception as e:  # its dependency graph does not follow every network
             raise PruneError(

@@ -961,11 +961,13 @@ def _options_not_the_runs(args, had: dict) -> list[str]:
             return isinstance(kept, dict) and all(kept.get(k, ...) == v for k, v in value.items())
         return had.get(key, ...) == value
 
+    from .engine.config import read_config_file
+
     changed = []
     if args.config:
-        with _as_usage():
-            from_file = _config_class().from_json(args.config).to_dict()
-        given = json.loads(Path(args.config).read_bytes())  # (read above): the keys it gives
+        with _as_usage():  # read once: the keys it gives, and the config they make
+            given = read_config_file(args.config)
+            from_file = _config_class().from_dict(given).to_dict()
         if not all(same(k, from_file[k]) for k in given):
             changed.append("--config")
     for flag, key, items in (
@@ -1046,6 +1048,7 @@ def cmd_train(args) -> int:
             validate_name(args.name)
             if store.exists(args.name):
                 raise UsageError(f"run: {args.name!r} already exists in {store.root}")
+            _check_not_claimed(args, store)
         config = _train_config(args)
         _preflight(config)
         run = None
@@ -1062,6 +1065,24 @@ def cmd_train(args) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _check_not_claimed(args, store) -> None:
+    """Refuse ``--name`` while the app has claimed it for a run it is starting (its request
+    ``<runs>/.app/<name>.json``, whose process is alive), unless this is that run: the app's
+    child reads its config from the request itself."""
+    from .runs import live_launch_request
+
+    request = live_launch_request(store.root, args.name)
+    if request is None:
+        return
+    with contextlib.suppress(OSError):
+        if args.config and os.path.samefile(args.config, request):
+            return
+    raise UsageError(
+        f"run: {args.name!r} is claimed by the app, which is starting a run of that name "
+        f"({str(request)!r}); choose another --name"
+    )
 
 
 def _resume_name(args) -> None:
@@ -1099,6 +1120,8 @@ def _open_run(args, store, run, config, d):
     if run is None:
         try:
             if d.main:
+                if args.name is not None:  # (again: the app may have claimed it meanwhile)
+                    _check_not_claimed(args, store)
                 run = store.create(config.to_dict(), name=args.name)
         finally:  # a refused name is shared as "" (the other processes then end, silently)
             name = _share_name(run.name if run else "", d) if d.on else None

@@ -286,7 +286,7 @@ def test_regression_task_trains():
 def test_evaluate_and_finetune():
     cfg = TrainConfig(**{**SMALL, "spectra_every": 0})
     splits = load_splits(cfg)
-    model = train(cfg)["model"]
+    model = train(cfg)["model"].train()  # (train returns it in eval mode)
     before = evaluate(model, splits.val)
     assert set(before) == {"loss", "acc"} and 0 <= before["acc"] <= 1
     assert model.training  # evaluate restored the mode

@@ -16,6 +16,8 @@ within a workstation's means.
 
 from __future__ import annotations
 
+import difflib
+import functools
 import json
 import math
 import os
@@ -37,8 +39,10 @@ __all__ = [
     "OPTIMIZERS",
     "SCHEDULES",
     "TrainConfig",
+    "UnknownFieldError",
     "format_options",
     "parse_options",
+    "read_config_file",
     "validate",
 ]
 
@@ -243,27 +247,61 @@ class TrainConfig:
             return d
         if not isinstance(d, dict):
             raise ValueError(f"config: expected a JSON object, got {type(d).__name__}")
-        names = [f.name for f in fields(cls)]
-        unknown = sorted(str(k) for k in set(d) - set(names))
-        if unknown:
-            shown = unknown[:5] + (["..."] if len(unknown) > 5 else [])
-            raise ValueError(f"config: unknown field(s) {shown}; allowed: {', '.join(names)}")
+        _check_names(d, "config")
         return cls(**d)
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> TrainConfig:
-        try:
-            with open(path, "rb") as f:
-                raw = f.read(1_000_001)
-            if len(raw) > 1_000_000:
-                raise ValueError(f"config: file {str(path)!r} is larger than 1 MB")
-            d = json.loads(raw)
-        except FileNotFoundError:
-            raise ValueError(f"config: file {str(path)!r} not found") from None
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-            why = type(e).__name__ if isinstance(e, RecursionError) else str(e)
-            raise ValueError(f"config: file {str(path)!r} is not readable JSON ({why})") from None
-        return cls.from_dict(d)
+        return cls.from_dict(read_config_file(path))
+
+
+class UnknownFieldError(ValueError, TypeError):
+    """A TrainConfig field that does not exist (``TrainConfig(lr_max=1)``, a config.json key):
+    a ValueError like every other bad field, and a TypeError like any unexpected keyword."""
+
+
+def _check_names(given: Any, where: str) -> None:
+    """UnknownFieldError naming the keys of ``given`` that are no TrainConfig field, the
+    closest field to each, and every allowed one."""
+    names = [f.name for f in fields(TrainConfig)]
+    unknown = sorted(str(k) for k in set(given) - set(names))
+    if not unknown:
+        return
+    shown = unknown[:5] + (["..."] if len(unknown) > 5 else [])
+    close = {k: difflib.get_close_matches(k, names, n=1) for k in unknown[:5]}
+    hints = "".join(f"; {k!r}: did you mean {m[0]!r}?" for k, m in close.items() if m)
+    raise UnknownFieldError(
+        f"{where}: unknown field(s) {shown}{hints}; allowed: {', '.join(names)}"
+    )
+
+
+_dataclass_init = TrainConfig.__init__
+
+
+@functools.wraps(_dataclass_init)
+def _init(self: TrainConfig, *args: Any, **kwargs: Any) -> None:
+    _check_names(kwargs, "TrainConfig")  # before the dataclass's bare "unexpected keyword"
+    _dataclass_init(self, *args, **kwargs)
+
+
+TrainConfig.__init__ = _init  # type: ignore[method-assign]
+
+
+def read_config_file(path: str | os.PathLike) -> Any:
+    """The JSON value of a config file (at most 1 MB), read once: a caller that wants both the
+    keys the file gives and the config they make reads the file here, then builds with
+    :meth:`TrainConfig.from_dict`. ValueError naming the file when it is missing or not JSON."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(1_000_001)
+        if len(raw) > 1_000_000:
+            raise ValueError(f"config: file {str(path)!r} is larger than 1 MB")
+        return json.loads(raw)
+    except FileNotFoundError:
+        raise ValueError(f"config: file {str(path)!r} not found") from None
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        why = type(e).__name__ if isinstance(e, RecursionError) else str(e)
+        raise ValueError(f"config: file {str(path)!r} is not readable JSON ({why})") from None
 
 
 # --------------------------------------------------------------------------- options as text

@@ -151,7 +151,8 @@ def train(
         dict with state ("completed", "stopped" or "failed"), message, step, best_val_acc,
         best_step, val (last validation metrics), test (of the best checkpoint), test_last,
         timings (seconds spent in steps, evaluation, spectra, checkpoints), and ``model``
-        (the trained composed model, in memory, last state).
+        (the trained composed model, in memory, last state, in eval mode: ready to evaluate
+        or cut; ``.train()`` it to train it further).
 
     Calls from several threads of one process run one after another: the seeds, random
     streams and thread count a run sets (and restores for its caller) are the process's own.
@@ -796,5 +797,5 @@ def _finish(s: Session) -> dict:
         )
     _emit(s, "end", **result)
     barrier(s.d)
-    result["model"] = s.model
+    result["model"] = s.model.eval()  # ready to evaluate: BatchNorm's running stats, no dropout
     return result
