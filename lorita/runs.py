@@ -662,6 +662,11 @@ class Run:
         self.consume_stop()  # a stop asked of an earlier attempt (the run was not live)
         self.update_status(state="queued", message="resuming", ended=None, **_me())
 
+    def mark_owner(self, **fields) -> dict:
+        """:meth:`update_status` naming this process as the run's (pid, start, host): a run
+        made by one process and trained by another reads live while the other trains it."""
+        return self.update_status(**fields, **_me())
+
     def _require_folder(self) -> None:
         """FileNotFoundError when the run folder is gone: a writer never brings back a folder
         removed or renamed while it was in use (it would hold no config.json, be listed

@@ -411,3 +411,43 @@ def test_stop_asked_while_a_resume_starts_is_not_lost(tmp_path):
     assert res["state"] == "stopped" and res["step"] == 7  # one step, then the stop holds
     assert not run.stop_requested()
     assert lt.train(cfg, run, resume=True)["state"] == "completed"
+
+
+_RETRAIN = """
+import sys, lorita as lt
+run = lt.RunStore(sys.argv[1]).get("r")
+cfg = lt.TrainConfig(**{**run.config, "seed": 7})
+lt.train(cfg, run, threads=1)
+"""
+
+
+def test_a_run_trained_again_and_killed_as_it_starts_over_holds_one_attempt(tmp_path):
+    """lt.train(config, run) on a finished run, by another process: its status names that
+    process while it trains (not "process died"), and killed between forgetting the first
+    attempt and writing the new config, the folder holds the first attempt's config and
+    checkpoints, readable, and resumes to the end."""
+    assert cli_main(["train", "--runs-dir", str(tmp_path), "--name", "r", *FLAGS]) == 0
+    folder = tmp_path / "r"
+    config = (folder / "config.json").read_bytes()
+    env = {**_env(), "LORITA_FAULT": "start_over:1"}
+    proc = subprocess.run(
+        [sys.executable, "-c", _RETRAIN, str(tmp_path)], env=env, capture_output=True, timeout=300
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    run = RunStore(tmp_path).get("r")
+    assert (folder / "config.json").read_bytes() == config
+    assert run.status()["state"] == "failed" and "died" in run.status()["message"]
+    assert checkpoint.latest(folder / "checkpoints") is not None
+    assert _resume(tmp_path) == 0
+    assert run.status()["state"] == "completed"
+
+    seen: list[str] = []
+
+    def watch(event: dict) -> None:
+        if event.get("event") in ("start", "step") and len(seen) < 3:
+            seen.append(RunStore(tmp_path).get("r").status()["state"])
+
+    # made by another process (the CLI above), trained here: live while it trains
+    lt.train(lt.TrainConfig(**{**run.config, "seed": 7}), run, callback=watch, threads=1)
+    assert seen == ["running"] * 3
+    assert json.loads((folder / "config.json").read_bytes())["seed"] == 7

@@ -256,7 +256,13 @@ def _open(run: Run, config: TrainConfig, resume: bool) -> None:
         run.release()
         raise
     run.clean_temp()
-    if not resume:
+    if not resume:  # this process's attempt (the folder may have been made by another)
+        earlier = run.raw_status().get("state") != "queued" or any(run.checkpoint_dir.iterdir())
+        said = {"message": "starting over"} if earlier else {}
+        run.mark_owner(state="queued", ended=None, **said)
+        if earlier:  # what that attempt wrote goes first, then the config comes: killed
+            fault("start_over")  # between the steps, the folder holds one attempt's files
+            run.start_over()  # (resumed as it was, or started over), never a mix of two
         run.write_config(config.to_dict())
     run.start_heartbeat()
     fault("open")
