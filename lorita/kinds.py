@@ -64,6 +64,7 @@ from .layers import (
     check_finite,
     is_thin,
 )
+from .layers import values_read as _values_read
 
 __all__ = [
     "KINDS",
@@ -880,38 +881,6 @@ class _ReadTracer(TorchFunctionMode):
             if id(a) in self.watched:
                 self.uses.setdefault(id(a), []).append(self.active[-1] if self.active else "")
         return func(*args, **kwargs)
-
-
-#: Tensor attributes and functions that read a tensor's metadata, not its values: a model
-#: that asks a layer's weight for its device or dtype (``x.to(self.fc.weight.dtype)``,
-#: ``next(self.parameters()).device``) does not compute with it.
-_METADATA_PROPERTIES = frozenset(
-    "device dtype shape layout ndim is_cuda is_cpu is_meta is_mps is_xpu is_sparse is_quantized "
-    "is_leaf requires_grad grad grad_fn names itemsize nbytes output_nr _version".split()
-)
-_METADATA_FUNCTIONS = frozenset(
-    "size dim ndimension numel nelement stride element_size storage_offset data_ptr get_device "
-    "is_floating_point is_complex is_contiguous is_signed __len__ new_zeros new_ones new_empty "
-    "new_full zeros_like ones_like empty_like full_like rand_like randn_like".split()
-)
-
-
-def _values_read(func, args: tuple):
-    """Which tensor argument ``func`` reads the values of: None for all of them, ``args[0]``
-    alone for ``x.to(w)`` / ``x.type_as(w)`` (``w`` gives only a dtype and device), and
-    nothing (a sentinel) for metadata reads."""
-    name = getattr(func, "__name__", "")
-    if name == "__get__":
-        prop = getattr(getattr(func, "__self__", None), "__name__", "")
-        return _NOTHING if prop in _METADATA_PROPERTIES else None
-    if name in _METADATA_FUNCTIONS:
-        return _NOTHING
-    if name in ("to", "type_as") and args:
-        return args[0]
-    return None
-
-
-_NOTHING = object()
 
 
 def _push(active: list[str], name: str):

@@ -39,6 +39,81 @@ ORDERS = ("auto", "product", "sequential")
 _INITS, _ORDERS = INITS, ORDERS
 
 
+#: Tensor attributes and functions that read a tensor's metadata, not its values: a model
+#: that asks a layer's weight for its device or dtype (``x.to(self.fc.weight.dtype)``,
+#: ``next(self.parameters()).device``) does not compute with it.
+METADATA_PROPERTIES = frozenset(
+    "device dtype shape layout ndim is_cuda is_cpu is_meta is_mps is_xpu is_sparse is_quantized "
+    "is_leaf requires_grad grad grad_fn names itemsize nbytes output_nr _version".split()
+)
+METADATA_FUNCTIONS = frozenset(
+    "size dim ndimension numel nelement stride element_size storage_offset data_ptr get_device "
+    "is_floating_point is_complex is_contiguous is_signed __len__ new_zeros new_ones new_empty "
+    "new_full zeros_like ones_like empty_like full_like rand_like randn_like".split()
+)
+NOTHING = object()
+
+
+def values_read(func, args: tuple):
+    """Which tensor argument ``func`` reads the values of: None for all of them, ``args[0]``
+    alone for ``x.to(w)`` / ``x.type_as(w)`` (``w`` gives only a dtype and device), and
+    nothing (:data:`NOTHING`) for metadata reads."""
+    name = getattr(func, "__name__", "")
+    if name == "__get__":
+        prop = getattr(getattr(func, "__self__", None), "__name__", "")
+        return NOTHING if prop in METADATA_PROPERTIES else None
+    if name in METADATA_FUNCTIONS:
+        return NOTHING
+    if name in ("to", "type_as") and args:
+        return args[0]
+    return None
+
+
+class _ProductWeight(Tensor):
+    """The ``.weight`` of a thin layer, formed only when its values are read.
+
+    A model that asks a layer's weight for its device, dtype or shape (timm's EdgeNeXt,
+    ``x.to(self.fc.weight.dtype)``) would otherwise multiply the thin factors back into the
+    dense weight at every call: FLOPs the cut was meant to save (more than the dense layer
+    costs at a small batch). Metadata reads are answered by a zero-stride stand-in of the
+    right shape, dtype, device and ``requires_grad``; any other use forms the product (with
+    autograd, so gradients reach the factors) and runs on it."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        reads = values_read(func, args)
+        if reads is NOTHING:
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(*args, **kwargs)
+
+        def real(a):
+            if not isinstance(a, _ProductWeight):
+                return a
+            if reads is None or a is reads:
+                return a._lorita_product()
+            return a.as_subclass(Tensor)  # x.to(w) / x.type_as(w): only its dtype and device
+
+        args, kwargs = torch.utils._pytree.tree_map(real, (args, kwargs))
+        return func(*args, **kwargs)
+
+
+def product_weight(shape: tuple[int, ...], factors: tuple[Tensor, ...], product) -> Tensor:
+    """A weight of ``shape`` whose values ``product()`` forms when they are read (see
+    :class:`_ProductWeight`); ``factors`` give its dtype, device and ``requires_grad``."""
+    if torch.compiler.is_compiling():  # a graph keeps only the ops whose values are used
+        return product()
+    ref = factors[0]
+    grad = torch.is_grad_enabled() and any(f.requires_grad for f in factors)
+    stand_in = torch.zeros((), dtype=ref.dtype, device=ref.device, requires_grad=grad)
+    try:
+        w = stand_in.expand(shape).as_subclass(_ProductWeight)
+    except RuntimeError:  # fake tensors of torch.export, which take no subclass
+        return product()
+    w._lorita_product = product
+    return w
+
+
 #: the most factors a layer is written as (a file says at most this many too)
 MAX_FACTORS = 64
 
@@ -711,8 +786,11 @@ class LowRankLinear(nn.Module):
         self.second = nn.Linear(self.rank, self.out_features, bias=bias, **kw)
 
     @property
-    def weight(self) -> Tensor:
-        return self.second.weight @ self.first.weight  # (out, in)
+    def weight(self) -> Tensor:  # (out, in), formed when its values are read
+        first, second = self.first.weight, self.second.weight
+        return product_weight(
+            (self.out_features, self.in_features), (first, second), lambda: second @ first
+        )
 
     @property
     def bias(self) -> Tensor | None:
@@ -1048,11 +1126,18 @@ class LowRankConv2d(_ConvGeometry, nn.Module):
         self.second = nn.Conv2d(g * self.rank, self.out_channels, 1, groups=g, bias=bias, **kw)
 
     @property
-    def weight(self) -> Tensor:
-        g = self.groups
-        second = self.second.weight.reshape(g, self.out_channels // g, self.rank)
-        w = second @ self.first.weight.reshape(g, self.rank, -1)  # (g, C_out/g, fan_in)
-        return w.reshape(self.out_channels, self.in_channels // g, *self.kernel_size)
+    def weight(self) -> Tensor:  # (C_out, C_in/g, kh, kw), formed when its values are read
+        g, shape = self.groups, (self.out_channels, self.in_channels // self.groups)
+        shape = (*shape, *self.kernel_size)
+        first, second = self.first.weight, self.second.weight
+
+        def product() -> Tensor:
+            w = second.reshape(g, self.out_channels // g, self.rank) @ first.reshape(
+                g, self.rank, -1
+            )  # (g, C_out/g, fan_in)
+            return w.reshape(shape)
+
+        return product_weight(shape, (first, second), product)
 
     @property
     def bias(self) -> Tensor | None:
