@@ -1,8 +1,9 @@
 """Ctrl-C while ``python -m lorita ...`` is still importing (torch takes seconds) ends the
 command as Ctrl-C does later, with one line and exit code 130, not a traceback through
-torch's import. Imported first by the package, which calls :func:`release` at its end;
-an ordinary ``import lorita`` is left alone."""
+torch's import. Imported first by the package; ``lorita.__main__`` calls :func:`release`
+once the command's module is imported too. An ordinary ``import lorita`` is left alone."""
 
+import os
 import signal
 import sys
 
@@ -10,8 +11,13 @@ _previous = None
 
 
 def _interrupted(signum, frame):
-    print("lorita: interrupted", file=sys.stderr)
-    raise SystemExit(130)
+    """Ends the process here: an exception raised from a signal handler lands in whatever
+    import is running, and some imports swallow it (torch imports numpy from its C code and
+    carries on when that fails), so the command would go on. Nothing is written yet."""
+    try:
+        print("lorita: interrupted", file=sys.stderr, flush=True)
+    finally:
+        os._exit(130)
 
 
 def _running_as_command() -> bool:

@@ -673,16 +673,17 @@ def test_module_entry_point_and_sigterm_stop_with_queue(tmp_path):
         *TINY,
     ]
     first = _cli("train", "--name", "a", *common)
-    deadline = time.time() + 60
     store = RunStore(tmp_path)
-    while time.time() < deadline:
-        if (tmp_path / "a" / "status.json").exists() and store.get("a").status()[
-            "state"
-        ] == "running":
-            break
+    deadline = time.time() + 300  # each wait its own: a loaded machine imports torch slowly
+    while not (
+        (tmp_path / "a" / "status.json").exists() and store.get("a").status()["state"] == "running"
+    ):
+        assert time.time() < deadline and first.poll() is None, "run a never ran"
         time.sleep(0.05)
     second = _cli("train", "--name", "b", *common)
-    while not (tmp_path / "b" / "status.json").exists() and time.time() < deadline:
+    deadline = time.time() + 300
+    while not (tmp_path / "b" / "status.json").exists():
+        assert time.time() < deadline and second.poll() is None, "run b never made its folder"
         time.sleep(0.05)
     time.sleep(1.0)
     b = store.get("b")
@@ -692,7 +693,9 @@ def test_module_entry_point_and_sigterm_stop_with_queue(tmp_path):
     assert b.status()["state"] == "stopped" and b.status()["message"] == "stopped while queued"
 
     a = store.get("a")
-    while not a.checkpoint("last").exists() and time.time() < deadline:
+    deadline = time.time() + 300
+    while not a.checkpoint("last").exists():
+        assert time.time() < deadline and first.poll() is None, "run a wrote no checkpoint"
         time.sleep(0.05)
     first.send_signal(signal.SIGTERM)
     assert first.wait(timeout=60) == 130  # stopped before its end, as Ctrl-C ends a command

@@ -117,7 +117,9 @@ def test_heartbeat_thread_refreshes_status(tmp_path):
     run = RunStore(tmp_path).create({}, name="hb")
     first = run.raw_status()["heartbeat"]
     run.start_heartbeat(interval=0.05)
-    time.sleep(0.3)
+    deadline = time.time() + 30  # a beat or more, however loaded the machine
+    while run.raw_status()["heartbeat"] <= first and time.time() < deadline:
+        time.sleep(0.05)
     run.stop_heartbeat()
     assert run.raw_status()["heartbeat"] > first
     assert run.raw_status()["state"] == "queued"
@@ -415,12 +417,16 @@ def test_queued_runs_take_the_slot_in_the_order_they_came(tmp_path):
         time.sleep(0.05)
         slot.close()
 
+    queue = tmp_path / ".slots" / "queue"
     threads = []
     for i in range(4):
         t = threading.Thread(target=wait, args=(i,))
         t.start()
         threads.append(t)
-        time.sleep(0.2)  # each waiter queued before the next comes
+        deadline = time.time() + 60  # each waiter queued (its ticket left) before the next comes
+        while len([p for p in queue.iterdir() if p.name != dead.name]) < i + 1:
+            assert time.time() < deadline, f"waiter {i} left no ticket"
+            time.sleep(0.01)
     holder.close()
     for t in threads:
         t.join(30)

@@ -18,7 +18,7 @@ from app import jobs, live
 LONG = {**TINY, "epochs": 5000}  # minutes of training: every run here is stopped
 
 
-def wait_for(name, root, states, timeout=90.0, step=0):
+def wait_for(name, root, states, timeout=240.0, step=0):
     """The run's view once its state is in ``states`` (and past ``step`` steps)."""
     deadline = time.time() + timeout
     while time.time() < deadline:

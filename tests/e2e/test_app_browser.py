@@ -47,7 +47,7 @@ def test_train_watch_compress_export(app_server, page, tmp_path):  # noqa: PLR09
 
     page.wait_for_url(started, timeout=60_000)
     name = re.search(r"[?&]run=([^&]+)", page.url).group(1)
-    deadline = time.time() + 60  # the training child makes its folder once torch is imported
+    deadline = time.time() + 240  # the training child makes its folder once torch is imported
     while not (runs / name).exists():
         assert time.time() < deadline, f"run folder {name} never appeared"
         time.sleep(0.2)
@@ -64,7 +64,7 @@ def test_train_watch_compress_export(app_server, page, tmp_path):  # noqa: PLR09
     page.reload()
     page.get_by_role("heading", name=name).wait_for(timeout=30_000)
 
-    page.get_by_text("Completed.", exact=False).first.wait_for(timeout=180_000)
+    page.get_by_text("Completed.", exact=False).first.wait_for(timeout=300_000)
     no_tracebacks(page)
 
     # --- Compress: the slider changes the numbers

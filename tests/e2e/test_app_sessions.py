@@ -69,15 +69,15 @@ def test_two_sessions_at_once(app_server, new_page, finished_run):
 
     before = run_names()
     a.get_by_role("button", name="Start training").click()
-    deadline = time.time() + 60
+    deadline = time.time() + 240  # the child makes its folder once torch is imported
     while not (new := sorted(run_names() - before)):
         assert time.time() < deadline, "Start made no run"
         time.sleep(0.2)
     name = next((n for n in new if "N3" in n), new[0])
     b.reload()
     t0 = time.perf_counter()
-    b.get_by_text(f"Training now: {name}", exact=False).first.wait_for(timeout=30_000)
-    assert time.perf_counter() - t0 < 30
+    b.get_by_text(f"Training now: {name}", exact=False).first.wait_for(timeout=60_000)
+    assert time.perf_counter() - t0 < 60  # (a page's run, on a loaded machine)
     for pg in (a, b):
         no_errors(pg)
     for started in run_names() - before:
