@@ -1497,7 +1497,14 @@ def _say_if_unfinished(run, which: str) -> None:
 
 
 def _require_checkpoint(run, which: str) -> None:
-    if not run.checkpoint(which).is_file():
+    path = run.checkpoint(which)
+    if not path.is_file() and os.path.lexists(path):  # something is there, not a model file
+        what = "a folder" if path.is_dir() else "a broken link, a link loop, a pipe or a device"
+        raise UsageError(
+            f"run {run.name!r}: its {which} checkpoint {path} is {what}, not a model file; "
+            f"remove it and resume the run (lorita train --resume {run.name}) or train it again"
+        )
+    if not path.is_file():
         state = run.status().get("state")
         if state in ("queued", "running"):
             raise UsageError(f"run {run.name!r} has no {which} checkpoint yet (it is {state})")

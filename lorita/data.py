@@ -1163,9 +1163,10 @@ def _images_under(name: str, folder: Path) -> list[Path]:
             if not e.is_file():  # follows a link: false for a broken one
                 if e.is_dir():
                     continue  # a linked folder is not walked (as before)
-                raise DatasetUnavailable(
-                    f"dataset {name!r}: {e.path} is a broken link (or unreadable)"
-                )
+                what = "a broken link (or unreadable)"
+                if os.path.exists(e.path):  # a pipe would block a reader, a device never end
+                    what = "not a regular file (a pipe or a device): remove it from the folder"
+                raise DatasetUnavailable(f"dataset {name!r}: {e.path} is {what}")
             out.append(Path(e.path))
     return out
 
@@ -1201,18 +1202,30 @@ def _to_8bit(im):
     mode = im.mode
     if not (mode.startswith("I;16") or mode in ("I", "F")):
         return im
-    a = np.asarray(im).astype(np.float64)
-    a = np.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0)
-    lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
-    if mode.startswith("I;16"):
-        a = a / 257
-    elif mode == "I":
-        a = a / 257 if hi <= 65535 else a * (255 / hi)
-    elif lo >= 0 and hi <= 1:
-        a = a * 255
-    else:
-        a = (a - lo) * (255 / (hi - lo)) if hi > lo else np.zeros_like(a)
-    return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L")
+    w, h = im.size
+    rows = max(1, (1 << 18) // max(1, w))  # a band of about 260,000 values at a time:
+
+    def bands():  # an image at Pillow's pixel limit is never copied whole (GBs in float64)
+        for i in range(0, h, rows):
+            band = np.asarray(im.crop((0, i, w, min(h, i + rows)))).astype(np.float64)
+            yield i, np.nan_to_num(band, nan=0.0, posinf=0.0, neginf=0.0)  # (rows, W)
+
+    lo, hi = 0.0, 0.0
+    if mode in ("I", "F") and w * h:
+        ranges = [(float(b.min()), float(b.max())) for _, b in bands()]
+        lo, hi = min(r[0] for r in ranges), max(r[1] for r in ranges)
+    out = np.empty((h, w), dtype=np.uint8)
+    for i, b in bands():
+        if mode.startswith("I;16"):
+            b = b / 257
+        elif mode == "I":
+            b = b / 257 if hi <= 65535 else b * (255 / hi)
+        elif lo >= 0 and hi <= 1:
+            b = b * 255
+        else:
+            b = (b - lo) * (255 / (hi - lo)) if hi > lo else np.zeros_like(b)
+        out[i : i + rows] = np.clip(np.rint(b), 0, 255)
+    return Image.fromarray(out, "L")
 
 
 @contextlib.contextmanager
@@ -1233,16 +1246,22 @@ def _read_image(name: str, path: Path, size: int, channels: int) -> np.ndarray:
 
     mode = "RGB" if channels == 3 else "L"
     try:
-        with _file_warnings(name, path), Image.open(path) as im:
-            im.draft(mode, (size, size))  # JPEG: decode at a reduced scale when possible
-            im = _to_8bit(im)
+        with _file_warnings(name, path), Image.open(path) as opened:
+            opened.draft(mode, (size, size))  # JPEG: decode at a reduced scale when possible
+            im = _to_8bit(opened)
+            if im is not opened:
+                opened.close()  # (its 16 or 32 bits a pixel are not kept beside the 8)
             if im.mode == "P" and "transparency" in im.info:
                 im = im.convert("RGBA")  # as Pillow asks of such a palette (else it warns)
-            im = ImageOps.fit(im.convert(mode), (size, size), Image.Resampling.BILINEAR)
+            if im.mode == "L":  # grey resized, then made RGB: the same pixels, 4x less memory
+                im = ImageOps.fit(im, (size, size), Image.Resampling.BILINEAR).convert(mode)
+            else:
+                im = ImageOps.fit(im.convert(mode), (size, size), Image.Resampling.BILINEAR)
             arr = np.asarray(im, dtype=np.uint8)
     except Exception as e:  # noqa: BLE001 - a broken or hostile file fails in many ways
+        why = str(e) or ("too large to decode here" if isinstance(e, MemoryError) else "")
         raise DatasetUnavailable(
-            f"dataset {name!r}: {path} is not a readable image ({type(e).__name__}: {e})"
+            f"dataset {name!r}: {path} is not a readable image ({type(e).__name__}: {why})"
         ) from None
     return arr.reshape(size, size, channels).transpose(2, 0, 1)
 

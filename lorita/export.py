@@ -521,7 +521,45 @@ def _header_shapes(header: dict) -> dict[str, tuple[int, ...]]:
     if len(names) > LIMITS["tensors"]:
         raise _fail("header", f"{len(names)} tensors (at most {LIMITS['tensors']})")
     data_len = header["__data_bytes__"]
-    return {k: _check_tensor_entry(k, header[k], data_len) for k in names}
+    shapes = {k: _check_tensor_entry(k, header[k], data_len) for k in names}
+    _check_back_to_back(header, names, data_len)
+    _check_metadata(header.get("__metadata__"))
+    return shapes
+
+
+def _check_back_to_back(header: dict, names: list[str], data_len: int) -> None:
+    """The tensors' bytes follow one another in the order of their offsets and fill the data,
+    as safetensors writes them and its reader demands: offsets that overlap (two tensors read
+    from the same bytes), leave a gap or stop short are named here, before anything is built,
+    and alike by :func:`read_spec` and :func:`load`."""
+    end = 0
+    for k in sorted(names, key=lambda k: header[k]["data_offsets"]):
+        begin, stop = header[k]["data_offsets"]
+        if begin != end:
+            how = (
+                "overlap the tensor before"
+                if begin < end
+                else "leave a gap after the tensor before"
+            )
+            raise _fail(
+                f"tensor {k[:80]!r}.data_offsets", f"{how} (safetensors stores them back to back)"
+            )
+        end = stop
+    if end != data_len:
+        raise _fail("header", f"the tensors fill {end} bytes but {data_len} follow the header")
+
+
+def _check_metadata(meta) -> None:
+    """safetensors' ``__metadata__``: absent, null or an object of texts (what its reader takes)."""
+    if meta is None:
+        return
+    if not isinstance(meta, dict):
+        raise _fail(
+            "header.__metadata__", f"expected an object of texts, got {type(meta).__name__}"
+        )
+    for k, v in meta.items():
+        if not isinstance(v, str):
+            raise _fail(f"header.__metadata__.{k[:40]}", f"expected text, got {type(v).__name__}")
 
 
 def _spec_from_header(header: dict, where: str) -> dict:
@@ -956,10 +994,7 @@ def _rebuild(spec: dict, shapes: dict[str, tuple], where: str, read_tensors) -> 
 
 
 def _load(header: dict, where: str, read_tensors, model: nn.Module | None):
-    try:
-        shapes = _header_shapes(header)
-    except ValueError as e:  # name the file: a checkpoint, an export, a start file...
-        raise _fail(where, str(e)) from None
+    shapes = _named_shapes(header, where)
     spec = _spec_from_header(header, where)
     if model is None:
         return _rebuild(spec, shapes, where, read_tensors)
@@ -1037,8 +1072,25 @@ def is_lorita_file(path: str | os.PathLike) -> bool:
 def read_spec(path: str | os.PathLike) -> dict:
     """The spec stored in a file written by :func:`save`, validated, without building."""
     header, total, where = _read_path_header(path)
-    _header_shapes(header)
+    _named_shapes(header, where)
     return _spec_from_header(header, where)
+
+
+def check_header(path: str | os.PathLike) -> None:
+    """The checks :func:`load` makes of a safetensors file's header (its length, its JSON, each
+    tensor's dtype, shape and offsets, the metadata's texts), for any safetensors file, with or
+    without a LoRITa spec: a ValueError naming the file and the field."""
+    header, _, where = _read_path_header(path)
+    _named_shapes(header, where)
+
+
+def _named_shapes(header: dict, where: str) -> dict[str, tuple[int, ...]]:
+    """:func:`_header_shapes`, its errors naming the file (a checkpoint, an export, a start
+    file...)."""
+    try:
+        return _header_shapes(header)
+    except ValueError as e:
+        raise _fail(where, str(e)) from None
 
 
 def _read_path_header(path) -> tuple[dict, int, str]:
@@ -1188,6 +1240,8 @@ def _exporters_quiet():
     - torch's TorchScript exporter switches its C++ log on for every export (it tests the
       function ``_jit_is_onnx_log_enabled``, always true, instead of calling it): a model it
       cannot export prints its whole graph (hundreds of lines) before torch.export takes over;
+      and it never switches it off again, so a ``torch.onnx.export`` called earlier in the
+      process has left it on: it is off during ours, then as it was;
     - torch.export's graph optimiser (onnxscript) logs a warning per operator it leaves as it
       is ("Skipping constant folding for op Split"), printed when nothing handles it.
     """
@@ -1196,16 +1250,23 @@ def _exporters_quiet():
     except ImportError:  # another torch: no such log to hold off
         exporter = None
     optimiser = logging.getLogger("onnxscript")
+    is_on = getattr(torch._C, "_jit_is_onnx_log_enabled", None)
+    switch = getattr(torch._C, "_jit_set_onnx_log_enabled", None)
     with _ONNX_LOGS:
         original = getattr(exporter, "setup_onnx_logging", None)
         if original is not None:
             exporter.setup_onnx_logging = lambda verbose: nullcontext()
+        was_on = bool(is_on()) if is_on is not None and switch is not None else None
+        if was_on:
+            switch(False)
         level = optimiser.level
         optimiser.setLevel(max(level, logging.ERROR))
         try:
             yield
         finally:
             optimiser.setLevel(level)
+            if was_on:
+                switch(True)
             if original is not None:
                 exporter.setup_onnx_logging = original
 

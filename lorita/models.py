@@ -730,11 +730,23 @@ def _set_in_channels(model: nn.Module, in_channels: int) -> None:
     )
 
 
+#: timm.create_model's own keywords that read a file or a pretrained configuration: not options
+_LOADER_OPTIONS = frozenset(
+    ("checkpoint_path", "pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
+)
+
+
 def _create_external(name: str, in_channels, image_size, num_classes, kw: dict) -> nn.Module:
     source, rest = _external(name)
     _check_bounded(kw)
     if "weights" in kw or "pretrained" in kw:
         raise ValueError("model options: weights are not downloaded; start from --init-from FILE")
+    loaders = sorted(set(kw) & _LOADER_OPTIONS)
+    if loaders:  # (a file's spec could otherwise name any file on this machine to read)
+        raise ValueError(
+            f"model options: {', '.join(loaders)} would make {source} read weights or settings "
+            "from elsewhere; start from --init-from FILE instead"
+        )
     opts = dict(kw)
     if num_classes is not None:
         opts["num_classes"] = num_classes

@@ -172,9 +172,15 @@ def test_onnx_export_through_torch_export_prints_nothing(tmp_path, capfd):
         nn.Conv2d(1, 8, 3), nn.AdaptiveAvgPool2d((4, 4)), nn.Flatten(), nn.Linear(128, 3)
     ).eval()
     model = lt.truncate(lt.overparameterize(model, 3), lt.Uniform(0.5))
+    # a torch.onnx.export of the user's own before leaves torch's ONNX log switched on
+    torch.onnx.export(nn.Linear(2, 2), torch.randn(1, 2), tmp_path / "own.onnx", dynamo=False)
     capfd.readouterr()
-    path = lt.export_onnx(model, torch.randn(1, 1, 9, 9), tmp_path / "m.onnx")
-    out, err = capfd.readouterr()
+    try:
+        path = lt.export_onnx(model, torch.randn(1, 1, 9, 9), tmp_path / "m.onnx")
+        out, err = capfd.readouterr()
+        assert torch._C._jit_is_onnx_log_enabled()  # given back as the user's export left it
+    finally:
+        torch._C._jit_set_onnx_log_enabled(False)
     assert out == "" and err == "", (out[:300], err[:300])
     x = torch.randn(4, 1, 9, 9)
     session = ort.InferenceSession(str(path))

@@ -109,7 +109,7 @@ def _from_lorita_file(p: Path, model: nn.Module) -> dict[str, torch.Tensor]:
     try:
         folded = read_spec(p).get("folded")
     except ValueError as e:
-        raise ValueError(f"init_from: {str(p)!r}: {e}") from None
+        raise ValueError(f"init_from: {_unnamed(e, p)}") from None
     if folded:
         raise ValueError(
             f"init_from: {str(p)!r} was saved for inference with BatchNorm folded into the "
@@ -125,10 +125,17 @@ def _from_lorita_file(p: Path, model: nn.Module) -> dict[str, torch.Tensor]:
         try:
             rebuilt = load(p)
         except ValueError:
-            raise ValueError(f"init_from: {str(p)!r}: {e}") from None
+            raise ValueError(f"init_from: {_unnamed(e, p)}") from None
     sd = merge_model(rebuilt).state_dict()
     _check_values(sd, p)
     return sd
+
+
+def _unnamed(err: ValueError, p: Path) -> str:
+    """``'FILE': what`` from a loader's message, which names ``p`` once (``path 'FILE': ...``)
+    or not at all."""
+    text = str(err).removeprefix(f"path {str(p)!r}: ")
+    return f"{str(p)!r}: {text}"
 
 
 def read_weights(
@@ -164,6 +171,9 @@ def read_weights(
                 warnings.simplefilter("ignore")
                 obj = torch.load(f, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file is one clear error
+        named = _header_problem(p)
+        if named:
+            raise ValueError(f"init_from: {named}") from None
         if "Weights only load failed" in str(e) and _head(p).startswith((b"PK", b"\x80")):
             named = re.findall(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
             what = f" ({named[0]})" if named else ""
@@ -214,6 +224,22 @@ def _too_big(p: Path) -> str:
     count = text.count(b'"data_offsets"')  # one per tensor; no JSON parsed for a count
     if count > limit:
         return f"lists {count} tensors in its safetensors header (at most {limit})"
+    return ""
+
+
+def _header_problem(p: Path) -> str:
+    """What :func:`lorita.load`'s checks name in a safetensors header safetensors' own reader
+    refused (a field, in words, rather than its parser's message); "" for a file whose first
+    bytes are not a safetensors prelude, or when those checks find nothing."""
+    from ..export import check_header
+
+    with open(p, "rb") as f:
+        if f.read(9)[8:9] != b"{":
+            return ""
+    try:
+        check_header(p)
+    except ValueError as e:
+        return str(e).removeprefix("path ")
     return ""
 
 
@@ -296,6 +322,13 @@ def _check_values(sd: dict[str, torch.Tensor], path) -> None:
             raise ValueError(
                 f"init_from: {k!r} in {str(path)!r} is a tensor without values (saved from "
                 "the meta device); save the weights of a materialised model"
+            )
+        held = v.untyped_storage().nbytes() // v.element_size() - v.storage_offset()
+        if v.numel() > held:  # (checked before any copy of it: 4 bytes can declare 4 TB)
+            raise ValueError(
+                f"init_from: {k!r} in {str(path)!r} declares {v.numel()} values where the file "
+                f"stores {max(held, 0)} (a view that repeats values, as expand() makes); save "
+                "each tensor with .contiguous(), or as safetensors"
             )
         if v.is_floating_point() and v.element_size() == 1:  # float8: no isfinite of its own
             v = v.float()
