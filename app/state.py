@@ -49,6 +49,7 @@ TRAIN_LAST_START = "train.last_start"  # {"key", "at", "runs"}: what the last St
 RUNS_PICK = "runs.pick"
 RUNS_LAYER = "runs.layer"
 RUNS_DELETE = "runs.delete"
+RUNS_DELETED = "runs.deleted"  # str: the run just deleted, said once the page is drawn again
 
 COMPRESS_RUN = "compress.run"
 COMPRESS_WHICH = "compress.which"

@@ -138,9 +138,19 @@ def fit(n_factors: int, weight_decay: float, rank: int, seed: int, noise: float 
 
 def prewarm() -> threading.Thread:
     """Start the worker and fit :data:`DEFAULTS` in a background thread."""
-    t = threading.Thread(target=fit, kwargs=DEFAULTS, name="lorita-theory-prewarm", daemon=True)
+    t = threading.Thread(target=_prewarm_fit, name="lorita-theory-prewarm", daemon=True)
     t.start()
     return t
+
+
+def _prewarm_fit() -> None:
+    """:func:`fit` of :data:`DEFAULTS`; ended quietly when the server exits meanwhile (Ctrl-C
+    seconds after it started): nothing waits for it, and no traceback ends the terminal."""
+    try:
+        fit(**DEFAULTS)
+    except RuntimeError as exc:  # "cannot schedule new futures after interpreter shutdown"
+        if "shutdown" not in str(exc):
+            raise
 
 
 def is_zero(res: dict) -> bool:

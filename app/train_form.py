@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -174,15 +175,21 @@ def _one_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def check(preset: str, config: dict[str, Any], notes: list[str] | None = None) -> list[str]:
+def check(
+    preset: str,
+    config: dict[str, Any],
+    notes: list[str] | None = None,
+    found: dict[str, Any] | None = None,
+) -> list[str]:
     """Every reason ``config`` cannot start, each naming its field; empty when it can. What
-    is worth saying when it starts (a pretrained head left fresh) goes to ``notes``."""
+    is worth saying when it starts (a pretrained head left fresh) goes to ``notes``; what the
+    dataset check said to ``found`` (:func:`dataset_errors`)."""
     errors, fixed = _checked(preset, config)
     try:
         options.engine().resolve_device(config.get("device", options.AUTO))
     except (ValueError, RuntimeError) as exc:
         errors.append(_one_line(exc))
-    data = [e for e in dataset_errors(config) if e not in errors]
+    data = [e for e in dataset_errors(config, found) if e not in errors]
     errors += data
     if fixed is not None and not data:  # the model's checks need a config and its data
         errors += model_errors(fixed, notes if not errors else None)
@@ -205,14 +212,30 @@ def model_errors(config: dict[str, Any], notes: list[str] | None = None) -> list
     return []
 
 
-def dataset_errors(config: dict[str, Any]) -> list[str]:
-    """The library's cheap dataset check (no data read): missing files, empty folders."""
+def dataset_errors(config: dict[str, Any], found: dict[str, Any] | None = None) -> list[str]:
+    """The library's cheap dataset check (no data read): missing files, empty folders.
+
+    When it passes, ``found`` gets what it said: ``"note"`` (:func:`dataset_note`) and
+    ``"warnings"``, the library's warnings about the data (an image over Pillow's pixel
+    limit), each once, for the page to show: the check runs once per Start, and its warnings
+    do not go to the server's terminal.
+    """
     try:
-        dataset_note(config)
+        note, said = _dataset_said(config) if found is not None else (dataset_note(config), [])
     except ValueError as exc:  # DatasetUnavailable is a ValueError
         text = _one_line(exc)
         return [text if text.startswith("dataset") else f"dataset: {text}"]
+    if found is not None:
+        found.update(note=note, warnings=said)
     return []
+
+
+def _dataset_said(config: dict[str, Any]) -> tuple[str, list[str]]:
+    """:func:`dataset_note` and the warnings it raised, each once (kept, not printed)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        note = dataset_note(config)
+    return note, list(dict.fromkeys(str(w.message) for w in caught))
 
 
 def dataset_note(config: dict[str, Any]) -> str:
@@ -316,3 +339,37 @@ def same_start_ago(last: dict[str, Any] | None, key: str) -> float | None:
         return None
     ago = time.time() - float(last.get("at", 0.0))
     return ago if 0 <= ago < SAME_START_S else None
+
+
+#: an N=1 run of a composed run's setup made within this many seconds of it was started with
+#: it ("also train N=1"), for a run this server did not start (an app restarted since)
+PAIRED_WITHIN_S = 120.0
+#: (runs folder, run) -> whether this server started the run with its N=1 baseline
+_STARTED_WITH_BASELINE: dict[tuple[str, str], bool] = {}
+
+
+def remember_start(name: str, baseline: str | None, root: str | Path | None = None) -> None:
+    """Keep whether run ``name`` was started with its N=1 baseline (:func:`ticks_baseline`)."""
+    root = Path(root) if root is not None else jobs.runs_dir()
+    _STARTED_WITH_BASELINE[(str(root), name)] = baseline is not None
+
+
+def ticks_baseline(name: str | None, root: str | Path | None = None) -> bool:
+    """Whether the form ticks "also train N=1" when it shows the settings of run ``name``: as
+    that run was started (a refresh, a second tab or a return to the page shows the choice
+    made, not the default); ticked for no run and for an N=1 run."""
+    if not name:
+        return True
+    from lorita.checks import is_int
+
+    n = (jobs.run_config(name, root) or {}).get("n_factors")
+    if not is_int(n) or n == 1:
+        return True
+    root = Path(root) if root is not None else jobs.runs_dir()
+    known = _STARTED_WITH_BASELINE.get((str(root), name))
+    if known is not None:
+        return known
+    try:  # started by an app since restarted: from the folders (runs.RunStore.pair)
+        return jobs.store(root).pair(name, window_s=PAIRED_WITHIN_S) is not None
+    except ValueError:  # (no run folder yet)
+        return True

@@ -46,7 +46,8 @@ def _delete_section(names: list[str]) -> None:
             if state.current_run() == pending:
                 state.set_current_run(None)
             st.session_state.pop(state.RUNS_DELETE, None)
-            st.toast(f"Deleted {pending}")
+            # said by the page drawn again: a toast made just before st.rerun() is lost
+            st.session_state[state.RUNS_DELETED] = pending
             st.rerun()
         if n.button("Cancel", key="runs.delete_no"):
             st.session_state[state.CONFIRM_DELETE] = None
@@ -121,6 +122,9 @@ def _compare(picked: list[str], summaries: dict[str, dict]) -> None:
 @ui.guarded
 def main() -> None:
     ui.page_title("Runs")
+    deleted = st.session_state.pop(state.RUNS_DELETED, None)
+    if deleted:
+        st.toast(f"Deleted {deleted}", icon="🗑️")
     _misnamed()
     rows = jobs.list_runs()
     if not rows:

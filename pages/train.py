@@ -225,7 +225,8 @@ def _form() -> None:
         _numbers(values)
         c = st.columns([3, 1])
         c[0].checkbox(
-            "also train N=1 (same seed)", value=True, key=state.TRAIN_BASELINE,
+            "also train N=1 (same seed)", key=state.TRAIN_BASELINE,
+            value=train_form.ticks_baseline(st.session_state.get(state.TRAIN_SEED_RUN)),
             help="Starts the ordinary network too (after this one when only one run may "
             "train at a time): the comparison the method is about.",
         )  # fmt: skip
@@ -292,6 +293,7 @@ def _start(family: str) -> None:
     preset = st.session_state[state.TRAIN_PRESET]
     form, errors = _form_values(family)
     notes: list[str] = []  # said once the run starts
+    found: dict = {}  # what the dataset check said (its note, its warnings)
     try:
         typed = form.pop("typed", ())
         config = train_form.build(preset, form, _seed_config(), notes, typed)
@@ -300,7 +302,7 @@ def _start(family: str) -> None:
         config = None
     saved = config.get("init_from") if config else None
     if config is not None:
-        errors += train_form.check(preset, config, notes)
+        errors += train_form.check(preset, config, notes, found)
     for message in errors:
         _cannot_start(message, saved)
     if errors or config is None:
@@ -327,13 +329,22 @@ def _start(family: str) -> None:
             train_form.forget_upload(form.get("init_from"))
             return
         st.session_state[state.TRAIN_LAST_START] = train_form.start_record(key, name, baseline)
+        train_form.remember_start(name, baseline)
     state.set_current_run(name)
     st.session_state[state.TRAIN_FOLLOW] = name
     st.toast(f"Started {name}" + (f" and its N=1 baseline {baseline}" if baseline else "")
              + f" from {_weights_text(config)}")  # fmt: skip
-    for said in notes:  # the preset's options left out, a pretrained head left fresh
+    _said_at_start(notes, found)
+
+
+def _said_at_start(notes: list[str], found: dict) -> None:
+    """What a run that started is worth knowing: ``notes`` (the preset's options left out, a
+    pretrained head left fresh), then what the dataset check said (``found``), each once."""
+    for said in notes:
         st.info(ui.sentence(said), icon="ℹ️")
-    note = train_form.dataset_note(config)
+    for said in found.get("warnings", ()):  # (an image over Pillow's pixel limit)
+        st.warning(ui.sentence(said), icon="⚠️")
+    note = found.get("note", "")
     if "download" in note:
         st.info(f"Data: {note}. Without internet the run stops with what to do.", icon="🌐")
     elif "too few to measure" in note:
