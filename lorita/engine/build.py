@@ -230,12 +230,14 @@ def _too_big(p: Path) -> str:
 def _header_problem(p: Path) -> str:
     """What :func:`lorita.load`'s checks name in a safetensors header safetensors' own reader
     refused (a field, in words, rather than its parser's message); "" for a file whose first
-    bytes are not a safetensors prelude, or when those checks find nothing."""
+    bytes are not a safetensors prelude, whose header is cut short, or when those checks find
+    nothing."""
     from ..export import check_header
 
     with open(p, "rb") as f:
-        if f.read(9)[8:9] != b"{":
-            return ""
+        head = f.read(9)
+    if head[8:9] != b"{" or 8 + int.from_bytes(head[:8], "little") > p.stat().st_size:
+        return ""  # (a file cut short inside its header is said in plain words)
     try:
         check_header(p)
     except ValueError as e:
