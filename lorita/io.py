@@ -12,6 +12,7 @@ SIGKILL) the n-th time it reaches ``point``. Unset, it costs one dictionary look
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -23,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+
+from .checks import is_num
 
 __all__ = [
     "append_jsonl",
@@ -38,8 +41,8 @@ __all__ = [
     "read_jsonl",
     "read_jsonl_from",
     "read_last_jsonl",
-    "recorded_alive",
     "read_tail_jsonl",
+    "recorded_alive",
     "remove_dead_temps",
     "rewrite_jsonl",
     "temp_beside",
@@ -132,23 +135,19 @@ def process_alive(
         proc = psutil.Process(pid)
         if proc.status() == psutil.STATUS_ZOMBIE:
             return False
-        if _is_num(since_boot) and isinstance(boot_id, str) and _boot_id() is not None:
+        if is_num(since_boot) and isinstance(boot_id, str) and _boot_id() is not None:
             if boot_id != _boot_id():
                 return False  # recorded before the machine restarted: that process is gone
             now = _since_boot(pid)
             if now is not None:
                 return abs(now - since_boot) <= 0.5  # the same process, or the pid reused
-        if _is_num(started) and abs(proc.create_time() - started) > 1.0:
+        if is_num(started) and abs(proc.create_time() - started) > 1.0:
             return False  # the pid was reused by another process
     except psutil.NoSuchProcess:
         return False
     except psutil.Error:
         return True
     return True
-
-
-def _is_num(x: Any) -> bool:
-    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def _since_boot(pid: int) -> float | None:
@@ -160,17 +159,13 @@ def _since_boot(pid: int) -> float | None:
         return None
 
 
-_BOOT: list = []
-
-
+@functools.cache
 def _boot_id() -> str | None:
     """This boot's id (Linux), the same for every process until the machine restarts."""
-    if not _BOOT:
-        try:
-            _BOOT.append(Path("/proc/sys/kernel/random/boot_id").read_text().strip() or None)
-        except OSError:
-            _BOOT.append(None)
-    return _BOOT[0]
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip() or None
+    except OSError:
+        return None
 
 
 def temp_beside(path: Path, suffix: str = ".tmp") -> Path:

@@ -63,8 +63,8 @@ from .layers import (
     LowRankMultiheadAttention,
     check_finite,
     is_thin,
+    values_read,
 )
-from .layers import values_read as _values_read
 
 __all__ = [
     "KINDS",
@@ -871,7 +871,7 @@ class _ReadTracer(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        reads = _values_read(func, args)
+        reads = values_read(func, args)
         for a in tree_leaves((args, kwargs)):
             if not isinstance(a, Tensor):
                 continue

@@ -735,9 +735,10 @@ def check_left_out(
         out = [n for n in policy.ranks if n in left_out]
         if out:
             raise ValueError(f"ranks: layer(s) {out} are left out of cuts ({left_out[out[0]]})")
-        if model is not None:
-            for n, why in kinds.why_not_cut(model, list(policy.ranks)).items():
-                raise ValueError(f"ranks: {n!r} cannot be cut: {why}")
+        blocked = kinds.why_not_cut(model, list(policy.ranks)) if model is not None else {}
+        if blocked:
+            n, why = next(iter(blocked.items()))
+            raise ValueError(f"ranks: {n!r} cannot be cut: {why}")
 
 
 def plan_ranks(

@@ -257,7 +257,7 @@ def _open(run: Run, config: TrainConfig, resume: bool) -> None:
         raise
     run.clean_temp()
     if not resume:  # this process's attempt (the folder may have been made by another)
-        earlier = run.raw_status().get("state") != "queued" or any(run.checkpoint_dir.glob("*"))
+        earlier = st.get("state") != "queued" or any(run.checkpoint_dir.glob("*"))
         said = {"message": "starting over"} if earlier else {}
         run.mark_owner(state="queued", ended=None, **said)
         if earlier:  # what that attempt wrote goes first, then the config comes: killed
