@@ -3,7 +3,8 @@ model (forms chosen by FLOPs or by measured latency).
 
 FLOPs say what a cut should save; the clock says what it does. On a button press this module
 times the session's merged model (the original) and the page's cut model with the library's
-:func:`lorita.latency_profile` (whole model, batch 1 and 64, median of repeats) and
+:func:`lorita.paired_latency` (whole models, batch 1 and 64, median of repeats, the two timed
+in turn round by round so that other work on the cores slows both alike) and
 :func:`lorita.layer_latency` (time spent inside each layer, where the time goes), and shows
 them beside each other with the form each layer took in the cut (thin two-layer form, dense
 rank-r weight, or not cut). A result is kept in the session per cut (the run's checkpoint and
@@ -28,7 +29,7 @@ LAYER_BATCH = 64  # the batch the per-layer times are taken at
 REPEATS = 20  # whole-model timings per batch at most (the median is shown)
 LAYER_REPEATS = 10  # forward passes the per-layer medians are taken over, at most
 MIN_REPEATS = 3
-BUDGET_S = 2.0  # about how long each of the four timings may take
+BUDGET_S = 2.0  # about how long each model's timing may take
 KEEP = 8  # measured cuts kept per session
 CHART_LAYERS = 15  # layers the chart shows at most (the slowest; the table has every layer)
 EXPORT_HINT = (
@@ -57,6 +58,7 @@ class Latency:
     layer_repeats: int  # forward passes per per-layer median
     seconds: float = 0.0
     deployed: str = ""  # how both models were timed (as they deploy: BatchNorm folded, ...)
+    busy: str = ""  # why these numbers are noisy (other work kept the cores busy), if so
 
     def slower_at(self) -> list[int]:
         """The batch sizes at which the cut measured slower than the original."""
@@ -115,14 +117,19 @@ def fit_repeats(model: Any, x: Any, most: int, budget_s: float = BUDGET_S) -> in
 
 
 def _timings(original: Any, model: Any, x: Any, xb: Any, batches, repeats, layer_repeats):
-    """The four timings (whole model and per layer, original and cut), in the order run."""
-    from lorita.cost import latency_profile, layer_latency
+    """The three timings, in the order run: both whole models together (paired, round by
+    round, so that a training run on the same cores slows them alike), then each model's
+    layers. Each gives ``{(which, what): result}``."""
+    from lorita.cost import layer_latency, paired_latency
+
+    def whole() -> dict:
+        a, b = paired_latency([original, model], x, batches=batches, repeats=repeats)
+        return {("original", "whole"): a, ("cut", "whole"): b}
 
     return [
-        ("original", "whole", lambda: latency_profile(original, x, batches=batches, repeats=repeats)),
-        ("cut", "whole", lambda: latency_profile(model, x, batches=batches, repeats=repeats)),
-        ("original", "layers", lambda: layer_latency(original, xb, repeats=layer_repeats)),
-        ("cut", "layers", lambda: layer_latency(model, xb, repeats=layer_repeats)),
+        ("both", "whole", whole),
+        ("original", "layers", lambda: {("original", "layers"): layer_latency(original, xb, repeats=layer_repeats)}),
+        ("cut", "layers", lambda: {("cut", "layers"): layer_latency(model, xb, repeats=layer_repeats)}),
     ]  # fmt: skip
 
 
@@ -149,18 +156,20 @@ def measure(
     progress: Callable[[int, int, str], object] | None = None,
 ) -> Latency:
     """Time ``session``'s merged model and the cut ``model`` on the session's example input
-    repeated to each batch size (the library's latency_profile and layer_latency), both as
+    repeated to each batch size (the library's paired_latency and layer_latency), both as
     they deploy (BatchNorm folded, channels_last for a conv model: ``Latency.deployed``).
 
     ``repeats`` / ``layer_repeats``: forward passes each median is taken over (default: as
     many as fit in about BUDGET_S, at most REPEATS / LAYER_REPEATS). ``progress(done, total,
-    text)`` is called before each of the four timings.
+    text)`` is called before each of the three timings.
     """
     import torch
 
     from lorita.convert import deploy_input, deploy_model
+    from lorita.cost import busy_note
 
     t0 = time.perf_counter()
+    busy = busy_note() or ""
     x = session.example_input
     xb = x[:1].expand(layer_batch, *x.shape[1:]).contiguous()
     # private copies as they deploy (the library's deploy_model: BatchNorm folded,
@@ -178,9 +187,13 @@ def measure(
     got: dict[tuple[str, str], dict] = {}
     for i, (which, what, run) in enumerate(steps):
         if progress is not None:
-            where = "each layer" if what == "layers" else "the whole model"
-            progress(i, len(steps), f"Timing {where} of the {which} model…")
-        got[which, what] = run()
+            where = (
+                "the whole original and cut models, in turn"
+                if what == "whole"
+                else f"each layer of the {which} model"
+            )
+            progress(i, len(steps), f"Timing {where}…")
+        got.update(run())
     if progress is not None:
         progress(len(steps), len(steps), "Done.")
     whole = _whole(got, batches)
@@ -194,6 +207,7 @@ def measure(
         layer_repeats=int(layer_repeats),
         seconds=time.perf_counter() - t0,
         deployed=deployed_words(original, cut, bns),
+        busy=busy,
     )
 
 
@@ -311,6 +325,8 @@ def render(
         f"measured in {result.seconds:.1f} s; other work on the machine (a training run) "
         f"makes these numbers noisy. {result.deployed}"
     )
+    if result.busy:
+        st.warning(result.busy[0].upper() + result.busy[1:] + ".")
     slower = result.slower_at()
     if slower:
         st.warning(

@@ -23,7 +23,14 @@ from .convert import (
     merge_model,
     overparameterize,
 )
-from .cost import Cost, count_cost, latency_profile, layer_latency, measure_latency
+from .cost import (
+    Cost,
+    count_cost,
+    latency_profile,
+    layer_latency,
+    measure_latency,
+    paired_latency,
+)
 from .data import DatasetUnavailable, Splits, list_datasets, load_dataset
 from .engine import TrainConfig, build_model, evaluate, finetune, load_splits, train
 from .export import export_onnx, load, load_bytes, read_spec, save, save_bytes
@@ -84,6 +91,7 @@ __all__ = [
     "deploy_model",
     "fold_batchnorm",
     "latency_profile",
+    "paired_latency",
     "layer_latency",
     "iter_layers",
     "layer_spectra",

@@ -1514,26 +1514,31 @@ def _require_checkpoint(run, which: str) -> None:
         )
 
 
-def _latency(model, example) -> dict:
-    """Latency at batch 1 and 64 of the model as it deploys (the library's deploy_model:
-    BatchNorm folded, channels_last for a conv model), and what that deployment did."""
+def _latency(models: list, example) -> list[dict]:
+    """Latency at batch 1 and 64 of each model as it deploys (the library's deploy_model:
+    BatchNorm folded, channels_last for a conv model), timed paired (the models in turn,
+    round by round, so that other work on the machine slows them alike), and what each
+    deployment did."""
     from torch import nn
 
     from .convert import deploy_model
-    from .cost import measure_latency
+    from .cost import busy_note, paired_latency
 
-    deploy = deploy_model(model, example)
-    out = {
-        f"latency_b{b}_ms": 1000 * measure_latency(deploy, example.expand(b, *example.shape[1:]))
-        for b in (1, 64)
-    }
-    bns = sum(isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) for m in model.modules())
-    info = deploy.lorita_deploy
-    out["latency_as"] = {
-        "batchnorm_folded": len(info["folded"]),
-        "batchnorm": bns,
-        "memory_format": info["memory_format"],
-    }
+    deploys = [deploy_model(m, example) for m in models]
+    busy = busy_note()
+    profiles = paired_latency(deploys, example, batches=(1, 64))
+    out = []
+    for model, deploy, profile in zip(models, deploys, profiles, strict=True):
+        got = {f"latency_b{b}_ms": 1000 * t for b, t in profile.items()}
+        bns = sum(isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) for m in model.modules())
+        info = deploy.lorita_deploy
+        got["latency_as"] = {
+            "batchnorm_folded": len(info["folded"]),
+            "batchnorm": bns,
+            "memory_format": info["memory_format"],
+            "busy": busy,
+        }
+        out.append(got)
     return out
 
 
@@ -1570,8 +1575,9 @@ def cmd_compress(args) -> int:
         res = _forms_by(cz, res, args)
     before, after = dict(cz.base), res.to_dict()
     if args.latency:
-        before.update(_latency(cz.model, cz.example_input))
-        after.update(_latency(res.model, cz.example_input))
+        timed = _latency([cz.model, res.model], cz.example_input)
+        before.update(timed[0])
+        after.update(timed[1])
     out = {"run": cz.run, "checkpoint": args.which, "before": before, "after": after}
     out["task"] = cz.task  # a regression scores R²
     out["spectra"] = _rank_measures(cz)
@@ -1744,6 +1750,9 @@ def _print_compress(out: dict, args) -> None:
     print(_table([row("before", before), row("after", after), ratio], header))
     if lat:
         print(_latency_words(before.get("latency_as"), after.get("latency_as")))
+        busy = (after.get("latency_as") or {}).get("busy")
+        if busy:
+            print(f"note: {busy}")
         _say_if_slower(before, after, args)
     plan, spectra = after["plan"], out["spectra"]
     _print_layers("ranks kept", {n: f"{p['rank']}/{p['full']}" for n, p in plan.items()})

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import statistics
 import threading
 import time
@@ -31,7 +32,7 @@ from .convert import (
     iter_layers,
     merge_model,
 )
-from .kinds import layer_table, median_seconds
+from .kinds import layer_table, median_seconds, paired_medians
 
 __all__ = [
     "Cost",
@@ -39,6 +40,8 @@ __all__ = [
     "attention_projection_flops",
     "measure_latency",
     "latency_profile",
+    "paired_latency",
+    "busy_note",
     "deployed_forward",
     "layer_latency",
 ]
@@ -285,6 +288,68 @@ def latency_profile(
     )
     with inputs.refused():
         return {b: median_seconds(f, repeats=repeats, warmup=warmup) for b, f in forwards.items()}
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0)) or 1
+    return os.cpu_count() or 1
+
+
+def busy_note() -> str | None:
+    """A warning for timings taken now, when other work keeps this machine's cores busy (the
+    1-minute load average above three quarters of the cores this process may use): a forward
+    pass then waits for its threads to be scheduled, so its time (and a ratio of two models'
+    times) says more about the load than about the model. None when the machine is quiet."""
+    if not hasattr(os, "getloadavg"):
+        return None
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        return None
+    cores = usable_cores()
+    if load <= max(1.0, 0.75 * cores):
+        return None
+    return (
+        f"the machine was busy while timing (load average {load:.1f} on {cores} "
+        f"core{'' if cores == 1 else 's'}; a training run, say): these latencies are noisy, "
+        "measure again when it is idle to compare"
+    )
+
+
+def paired_latency(
+    models: list[nn.Module],
+    example_input: inputs.Example,
+    *,
+    batches: tuple[int, ...] = LATENCY_BATCHES,
+    repeats: int = 20,
+    warmup: int = 3,
+    fold_bn: bool = True,
+    channels_last: bool | None = None,
+) -> list[dict[int, float]]:
+    """:func:`latency_profile` of several models (an original and its cuts), timed together:
+    at each batch size every model runs once in turn per round, so work that shares the
+    machine (a training run on the same cores) slows them alike and their ratio holds where
+    separate measurements, seconds apart, can differ several-fold. One ``{batch: median
+    seconds}`` per model, in the order given."""
+    if not models:
+        raise ValueError("models: expected at least one model to time")
+    for m in models:
+        check_module(m)
+    _check_repeats(repeats, warmup)
+    forwards = [
+        deployed_forward(m, example_input, batches=batches, fold_bn=fold_bn,
+                         channels_last=channels_last)
+        for m in models
+    ]  # fmt: skip
+    out: list[dict[int, float]] = [{} for _ in models]
+    with inputs.refused():
+        for b in forwards[0]:
+            times = paired_medians([f[b] for f in forwards], repeats=repeats, warmup=warmup)
+            for profile, t in zip(out, times, strict=True):
+                profile[b] = t
+    return out
 
 
 def deployed_forward(

@@ -606,17 +606,45 @@ def test_compress_says_when_the_cut_measured_slower(runs_dir, capsys, monkeypatc
     import lorita.cli as cli
 
     as_deployed = {"batchnorm": 0, "batchnorm_folded": 0, "memory_format": "contiguous"}
-    times = iter([(1.0, 10.0), (1.8, 5.0)])  # before, after: slower at 1, faster at 64
+    times = [(1.0, 10.0), (1.8, 5.0)]  # before, after: slower at 1, faster at 64
 
-    def timed(model, example):
-        b1, b64 = next(times)
-        return {"latency_b1_ms": b1, "latency_b64_ms": b64, "latency_as": as_deployed}
+    def timed(models, example):
+        assert len(models) == 2  # timed together, paired
+        return [
+            {"latency_b1_ms": b1, "latency_b64_ms": b64, "latency_as": as_deployed}
+            for b1, b64 in times
+        ]
 
     monkeypatch.setattr(cli, "_latency", timed)
     assert main(["compress", "r1", "--runs-dir", str(runs_dir), "--uniform", "0.5"]) == 0
     out = capsys.readouterr().out
     assert "note: at batch 1 the cut measured slower than the original (180%)" in out
     assert "--form-by latency --form-batch 1" in out and "at batch 64 the cut" not in out
+    assert "busy" not in out
+
+
+def test_compress_times_both_models_paired_and_says_when_the_machine_was_busy(
+    runs_dir, capsys, monkeypatch
+):
+    import lorita.cost as cost
+
+    monkeypatch.setattr(cost, "usable_cores", lambda: 2)
+    monkeypatch.setattr(cost.os, "getloadavg", lambda: (5.0, 4.0, 3.0))
+    timed = []
+    real = cost.paired_latency
+
+    def paired(models, example, **kw):
+        timed.append(len(models))
+        return real(models, example, **{**kw, "repeats": 2, "warmup": 1})
+
+    monkeypatch.setattr(cost, "paired_latency", paired)
+    assert main(["compress", "r1", "--runs-dir", str(runs_dir), "--uniform", "0.5", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert timed == [2]  # before and after in one paired timing
+    assert "load average 5.0 on 2 cores" in out["after"]["latency_as"]["busy"]
+    assert out["before"]["latency_b64_ms"] > 0 and out["after"]["latency_b1_ms"] > 0
+    assert main(["compress", "r1", "--runs-dir", str(runs_dir), "--uniform", "0.5"]) == 0
+    assert "note: the machine was busy while timing (load average 5.0" in capsys.readouterr().out
 
 
 def test_compress_says_when_the_run_did_not_complete(runs_dir, capsys):

@@ -1,3 +1,5 @@
+import time
+
 import pytest
 import torch
 from torch import nn
@@ -98,6 +100,52 @@ def test_latency_profile_and_per_layer_latency():
         lt.cost.latency_profile(net, torch.randn(1, 32), batches=(0,))
     with pytest.raises(ValueError, match="repeats"):
         lt.cost.layer_latency(net, torch.randn(1, 32), repeats=0)
+
+
+CALLS: list[tuple[str, int]] = []
+
+
+class _Tagged(nn.Module):
+    """A Linear that notes each call (its tag, the batch) and can take longer on purpose."""
+
+    def __init__(self, tag: str, pause: float = 0.0):
+        super().__init__()
+        self.tag, self.pause, self.fc = tag, pause, nn.Linear(8, 8)
+
+    def forward(self, x):
+        CALLS.append((self.tag, x.shape[0]))
+        if self.pause:
+            time.sleep(self.pause)
+        return self.fc(x)
+
+
+def test_paired_latency_times_the_models_in_turn_round_by_round():
+    CALLS.clear()
+    fast, slow = _Tagged("fast"), _Tagged("slow", pause=0.004)
+    a, b = lt.paired_latency([fast, slow], torch.randn(3, 8), batches=(1, 4), repeats=5, warmup=1)
+    assert set(a) == set(b) == {1, 4}
+    assert all(b[k] > a[k] + 0.003 for k in (1, 4))  # each model's own time, in order given
+    timed = [c for c in CALLS if c[0] in ("fast", "slow")]
+    for batch in (1, 4):
+        order = [tag for tag, n in timed if n == batch]
+        assert order == ["fast", "slow"] * 6  # alternating: one warm-up round, five timed
+    with pytest.raises(ValueError, match="models"):
+        lt.paired_latency([], torch.randn(3, 8))
+    with pytest.raises(ValueError, match="repeats"):
+        lt.paired_latency([fast], torch.randn(3, 8), repeats=0)
+
+
+def test_busy_note_warns_only_when_other_work_keeps_the_cores_busy(monkeypatch):
+    import lorita.cost as cost
+
+    monkeypatch.setattr(cost, "usable_cores", lambda: 2)
+    monkeypatch.setattr(cost.os, "getloadavg", lambda: (0.4, 0.3, 0.2))
+    assert cost.busy_note() is None
+    monkeypatch.setattr(cost.os, "getloadavg", lambda: (1.4, 0.3, 0.2))
+    assert cost.busy_note() is None  # one other busy process on two cores: still fair
+    monkeypatch.setattr(cost.os, "getloadavg", lambda: (4.4, 3.0, 2.0))
+    note = cost.busy_note()
+    assert "load average 4.4 on 2 cores" in note and "noisy" in note
 
 
 def test_layer_latency_at_a_batch_size_names_the_same_layers_before_and_after_a_cut():

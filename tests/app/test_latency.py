@@ -64,6 +64,41 @@ def test_measure_leaves_the_shared_model_alone(session):
         assert not m._forward_hooks and not m._forward_pre_hooks
 
 
+def test_measure_times_both_whole_models_paired_and_warns_on_a_busy_machine(
+    runs_dir, session, monkeypatch
+):
+    import lorita.cost as cost
+
+    paired, real = [], cost.paired_latency
+
+    def counted(models, example, **kw):
+        paired.append(len(models))
+        return real(models, example, **kw)
+
+    monkeypatch.setattr(cost, "paired_latency", counted)
+    monkeypatch.setattr(cost, "usable_cores", lambda: 2)
+    monkeypatch.setattr(cost.os, "getloadavg", lambda: (0.3, 0.2, 0.1))
+    steps = []
+    res = _cut(session)
+    quiet = latency.measure(
+        session, res["model"], repeats=2, layer_repeats=2, progress=lambda d, t, s: steps.append(s)
+    )
+    assert paired == [2] and quiet.busy == ""  # the original and the cut, in turn
+    assert steps[0] == "Timing the whole original and cut models, in turn…" and len(steps) == 4
+    monkeypatch.setattr(cost.os, "getloadavg", lambda: (3.5, 2.0, 1.0))
+    busy = latency.measure(session, res["model"], repeats=2, layer_repeats=2)
+    assert "load average 3.5 on 2 cores" in busy.busy
+    at = AppTest.from_function(_render_script, args=(busy,), default_timeout=TIMEOUT).run()
+    assert not at.exception
+    assert [w.value for w in at.warning][:1] == [busy.busy[0].upper() + busy.busy[1:] + "."]
+
+
+def _render_script(result) -> None:
+    from app import latency
+
+    latency.render(result)
+
+
 def test_repeats_fit_the_time_budget(session):
     x = session.example_input
     assert latency.fit_repeats(session.model, x, 20, budget_s=10.0) == 20  # a tiny MLP: all
