@@ -236,12 +236,34 @@ def _as_plain_type(module: nn.Module) -> str | None:
 _CHILD_NAME = re.compile(r"[A-Za-z0-9_]{1,64}")
 
 
+def _not_plain(module: nn.Module, path: str, name: str) -> str | None:
+    """Why a module of a type a tree may name is not what a tree would rebuild: a forward
+    hook (which a file cannot hold, and which may change what it computes) or state kept under
+    other names than the plain module's (an old-style weight_norm / spectral_norm hook or a
+    pruning mask, whose weight a hook computes)."""
+    who = f"its layer {path!r}" if path else "it"
+    if type(module) is _PLAIN.get(name, (None,))[0]:  # (a LoRITa layer's is its layer spec)
+        with torch.device("meta"):
+            own = set(_construct(name, _PLAIN[name][1](module)).state_dict())
+        held = set(module.state_dict())
+        if held != own:
+            extra = ", ".join(sorted(held - own)) or "not all of its tensors"
+            return f"{who} is a {name} holding {extra}"[:200]
+    if module._forward_hooks or module._forward_pre_hooks:
+        return f"{who} is a {name} with a forward hook"[:200]
+    return None
+
+
 def _tree(module: nn.Module, path: str) -> dict | None:
     """The module tree of a Sequential model of plain modules (None when it is not one)."""
     plain = _as_plain_type(module)
     if plain is not None:
+        if _not_plain(module, path, plain):
+            return None
         return {"type": plain, "kwargs": _PLAIN[plain][1](module)}
     if type(module) is nn.Sequential:
+        if _not_plain(module, path, "Sequential"):
+            return None
         children = []
         for n, c in module.named_children():
             sub = _tree(c, f"{path}.{n}" if path else n) if _CHILD_NAME.fullmatch(n) else None
@@ -253,6 +275,8 @@ def _tree(module: nn.Module, path: str) -> dict | None:
     if name in _PLAIN and type(module) is _PLAIN[name][0]:
         if getattr(module, "return_indices", False):
             return None  # a pool returning (values, indices): not a plain Sequential step
+        if _not_plain(module, path, name):
+            return None
         return {"type": name, "kwargs": _PLAIN[name][1](module)}
     return None
 
@@ -291,13 +315,18 @@ def _repeated(model: nn.Module) -> str | None:
 
 def _undescribed(module: nn.Module, path: str) -> str | None:
     """Which module keeps a Sequential tree from being described (for the load message)."""
+    hooked = _not_plain(module, path, "Sequential")
+    if hooked:
+        return hooked
     for n, c in module.named_children():
         sub = f"{path}.{n}" if path else n
         if not _CHILD_NAME.fullmatch(n):
             return f"its layer name {sub!r} is not letters, digits and _"[:200]
         if _tree(c, sub) is None:
             deeper = _undescribed(c, sub) if type(c) is nn.Sequential else None
-            return deeper or f"its layer {sub!r} is a {type(c).__name__}"[:200]
+            plain = _as_plain_type(c) or type(c).__name__
+            why = _not_plain(c, sub, plain) if plain in _PLAIN else None
+            return deeper or why or f"its layer {sub!r} is a {type(c).__name__}"[:200]
     return None
 
 
@@ -817,13 +846,18 @@ def _build_tree(node: dict, field: str = "spec.arch.tree") -> nn.Module:
         for i, (name, child) in enumerate(node["children"]):
             seq.add_module(name, _build_tree(child, f"{field}.children[{i}]"))
         return seq
-    kw = dict(node.get("kwargs", {}))
-    if kind == "LayerNorm" and not kw.get("bias", True) and not kw.get("elementwise_affine", True):
-        kw.pop("bias")
     try:
-        return _PLAIN[kind][0](**{k: tuple(v) if isinstance(v, list) else v for k, v in kw.items()})
+        return _construct(kind, node.get("kwargs", {}))
     except (ValueError, TypeError, RuntimeError) as e:  # options torch refuses together
         raise _fail(f"{field}.kwargs", f"a {kind} cannot be built so: {e}") from None
+
+
+def _construct(kind: str, kwargs: dict) -> nn.Module:
+    """The plain module a tree node names, built with its options."""
+    kw = dict(kwargs)
+    if kind == "LayerNorm" and not kw.get("bias", True) and not kw.get("elementwise_affine", True):
+        kw.pop("bias")
+    return _PLAIN[kind][0](**{k: tuple(v) if isinstance(v, list) else v for k, v in kw.items()})
 
 
 def _build_arch(arch: dict) -> nn.Module:
@@ -1032,6 +1066,10 @@ def _skeleton(model: nn.Module) -> nn.Module | None:
     for t in [*model.parameters(), *model.buffers()]:
         meta = torch.empty_like(t, device="meta")
         memo[id(t)] = nn.Parameter(meta, t.requires_grad) if isinstance(t, nn.Parameter) else meta
+    for m in model.modules():  # a weight a hook computes (pruning): an attribute, on meta too
+        for t in vars(m).values():
+            if isinstance(t, Tensor) and id(t) not in memo:
+                memo[id(t)] = torch.empty_like(t, device="meta")
     try:
         return copy.deepcopy(model, memo)
     except Exception:  # noqa: BLE001 (an attribute deepcopy refuses: the check runs once)

@@ -419,9 +419,19 @@ def _probe_input(module: nn.Module) -> Tensor:
 
 def _own_state(module: nn.Module) -> list[str]:
     """The parameters, buffers and sub-modules ``module`` holds beyond a plain layer's weight
-    and bias (a LoRA branch, a mask): composing would drop them."""
+    and bias (a LoRA branch, a mask): composing would drop them. A pruning hook's tensors
+    (``weight_orig``, ``weight_mask``) are the weight: composing bakes the mask in."""
+    from torch.nn.utils.prune import BasePruningMethod
+
+    pruned = {
+        f"{h._tensor_name}{end}"
+        for h in module._forward_pre_hooks.values()
+        if isinstance(h, BasePruningMethod)
+        for end in ("_orig", "_mask")
+    }
     held = {**module._parameters, **module._buffers}
-    extra = [n for n, v in held.items() if v is not None and n not in ("weight", "bias")]
+    keep = {"weight", "bias", *pruned}
+    extra = [n for n, v in held.items() if v is not None and n not in keep]
     return extra + list(module._modules)
 
 
@@ -536,7 +546,9 @@ def why_other(module: nn.Module) -> str:
 
 class OwnForwardKind(Kind):
     """A Linear or Conv2d subclass whose own forward does more with its weight than the plain
-    layer (weight standardisation, ...): left as it is, with the reason."""
+    layer (weight standardisation, ...), or a layer holding tensors beside its weight and bias
+    (a buffer the model reads, ``fc.register_buffer("scale", ...)``): left as it is, with the
+    reason."""
 
     name, label = "own_forward", "layer with its own forward"
     composable = False
@@ -544,12 +556,21 @@ class OwnForwardKind(Kind):
     def matches(self, module):
         if not isinstance(module, _PLAIN):
             return False
-        kept = any(type(module).forward is b.forward for b in _PLAIN)
-        if kept and "forward" not in vars(module):
-            return False  # the plain layers and subclasses that keep their forward
+        if self._plain_forward(module):  # the plain layers and subclasses that keep it
+            return bool(_own_state(module))  # unless the model hangs tensors on the layer
         return bool(_own_forward(module))
 
+    @staticmethod
+    def _plain_forward(module) -> bool:
+        kept = any(type(module).forward is b.forward for b in _PLAIN)
+        return kept and "forward" not in vars(module)
+
     def why(self, module) -> str:
+        if self._plain_forward(module):
+            return (
+                f"it holds {', '.join(_own_state(module)[:4])} beside its weight and bias, "
+                "which the model may read: composing or cutting it would drop them"
+            )
         return _own_forward(module)
 
 
