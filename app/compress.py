@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -375,11 +376,14 @@ def compute_comparison(
             checkpoint_mtime(ours.run, ours.which, root),
             checkpoint_mtime(theirs.run, theirs.which, root),
         ]
-        jobs.store(root).get(ours.run).write_extra(
-            compare_key(ours.which, measure),
-            {"version": CURVE_VERSION, "baseline": theirs.run, "checkpoint_mtimes": stamps,
-             "rows": rows},
-        )  # fmt: skip
+        try:
+            jobs.store(root).get(ours.run).write_extra(
+                compare_key(ours.which, measure),
+                {"version": CURVE_VERSION, "baseline": theirs.run, "checkpoint_mtimes": stamps,
+                 "rows": rows},
+            )  # fmt: skip
+        except OSError as e:  # a cache: a full or read-only run folder only loses the keeping
+            warnings.warn(f"the comparison is not kept for next time: {e}", stacklevel=2)
     return rows
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import stat
 import time
 import warnings
 from pathlib import Path
@@ -273,10 +274,19 @@ def save_upload(file_name: str, data: bytes, root: str | Path | None = None) -> 
     folder = root / jobs.APP_DIR / UPLOAD_DIR
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{hashlib.sha256(data).hexdigest()}{suffix}"
-    if not path.exists():
-        _write(path, data)
+    if not _kept_whole(path, len(data)):  # (one cut short since, by a full disk or by hand:
+        _write(path, data)  # written again, not passed to a run as it is)
     _write(_name_file(path), Path(file_name).name.encode())  # (the last name it was given)
     return path
+
+
+def _kept_whole(path: Path, size: int) -> bool:
+    """Whether an upload kept under its content's name is there with all its bytes."""
+    try:
+        st = path.stat()
+    except OSError:
+        return False
+    return stat.S_ISREG(st.st_mode) and st.st_size == size
 
 
 def _write(path: Path, data: bytes) -> None:

@@ -1193,7 +1193,8 @@ def _curves_kept_now(args, run, d, quiet) -> bool:
 def _run_training(args, store, run, config, d, quiet, stop_event, threads) -> int:
     if _curves_kept_now(args, run, d, quiet):
         return 0
-    run = _open_run(args, store, run, config, d)
+    before = run.raw_status() if run is not None and d.main else {}  # (a resume: put back
+    run = _open_run(args, store, run, config, d)  # if the engine refuses it, unchanged)
     try:
         if d.main:
             run.start_heartbeat()
@@ -1202,7 +1203,11 @@ def _run_training(args, store, run, config, d, quiet, stop_event, threads) -> in
         slot = _wait_for_slot(args, store, run, stop_event, quiet) if d.main else None
         if slot is False:
             return STOPPED
-        result = _train(config, run, args, slot, d, quiet, stop_event, threads)
+        try:
+            result = _train(config, run, args, slot, d, quiet, stop_event, threads)
+        except ValueError:
+            _undo_resume(run, before)
+            raise
     finally:
         if d.main:  # the engine stops and releases its own; these are the CLI's
             run.stop_heartbeat()
@@ -1215,6 +1220,26 @@ def _run_training(args, store, run, config, d, quiet, stop_event, threads) -> in
             _say(f"lorita: training failed: {_one_line(result['message'])}", sys.stderr)
         return 1
     return STOPPED if result["state"] == "stopped" else 0
+
+
+def _undo_resume(run, before: dict) -> None:
+    """A resume the engine refused before it began (a damaged checkpoint, a dataset changed
+    since): the run's status as it was before this command marked it resuming, so that it
+    still says why it ended (not, once this process is gone, "process died")."""
+    st = run.raw_status()
+    marked = (st.get("state"), st.get("message"), st.get("pid"))
+    if before and marked == ("queued", "resuming", os.getpid()):
+        with contextlib.suppress(OSError):
+            run.update_status(**before)
+
+
+def _training_ended(run) -> bool:
+    """Whether the run's status says its training failed, or is running in this process (a
+    status.json that could not be written since: a full disk, a failing drive)."""
+    st = run.raw_status() if run is not None else {}
+    return st.get("state") == "failed" or (
+        st.get("state") == "running" and st.get("pid") == os.getpid()
+    )
 
 
 class _KeepCurves:
@@ -1249,7 +1274,7 @@ def _train(config, run, args, slot, d, quiet, stop_event, threads) -> dict:
     except _engine().PeerLost as e:  # (the run's status says the same)
         return {"state": "failed", "message": str(e)}
     except OSError as e:  # a full disk mid-run is a training failure (exit 1), said so
-        if run is None or run.raw_status().get("state") != "failed":
+        if not _training_ended(run):
             raise  # (named in one line by main: the folder could not be claimed or read)
         return {"state": "failed", "message": str(e) or type(e).__name__}
     except ValueError:
@@ -1487,7 +1512,14 @@ def _say_if_unfinished(run, which: str) -> None:
     cut is its checkpoint so far."""
     st = run.status()
     state = st.get("state")
-    if state != "completed":
+    broken = run.problem()
+    if broken:  # (its status, not what its checkpoint is, cannot be read)
+        warnings.warn(
+            f"run {run.name!r}: {broken}, so whether its {which} checkpoint is its final one "
+            "cannot be told",
+            stacklevel=2,
+        )
+    elif state != "completed":
         total = f"/{st['total_steps']}" if st.get("total_steps") else ""
         warnings.warn(
             f"run {run.name!r} is {state} at step {st.get('step') or 0}{total}: this is its "

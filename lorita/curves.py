@@ -164,10 +164,13 @@ def measure_grid(
         if now - start > GRID_BUDGET_SECONDS or (stop is not None and stop()):
             break
     if run is not None and mtime and mtime == run.checkpoint_mtime(session.which):
-        run.write_extra(
-            _cuts_key(session.which),
-            {"version": VERSION, "checkpoint_mtime": mtime, "cuts": rows},
-        )
+        try:
+            run.write_extra(
+                _cuts_key(session.which),
+                {"version": VERSION, "checkpoint_mtime": mtime, "cuts": rows},
+            )
+        except OSError as e:  # a cache, as the curves are (compute)
+            warnings.warn(f"the measured cuts are not kept for next time: {e}", stacklevel=2)
     return rows
 
 

@@ -19,6 +19,7 @@ import json
 import os
 import re
 import shutil
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -63,16 +64,26 @@ def _write_synced(path: Path, data: bytes) -> None:
         raise cannot_write(path, e) from e
 
 
+def _why(e: OSError) -> str:
+    """The cause of a failed write, without the file name :func:`cannot_write` put in it."""
+    return os.strerror(e.errno) if e.errno is not None else str(e)
+
+
 def _link(src: Path, dst: Path) -> None:
     """``dst`` becomes ``src``'s content by one rename (a hard link where possible)."""
     if dst.exists() and os.path.samefile(src, dst):
         return  # already that file (a rename between two links of one file does nothing)
     tmp = temp_beside(dst)
     try:
-        os.link(src, tmp)
-    except OSError:
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    except OSError as e:  # a full disk while copying: no part of a copy is left beside dst
+        with suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise cannot_write(dst, e) from e
 
 
 def _jsonable(o: Any):
@@ -102,7 +113,7 @@ def _complete(path: Path) -> dict | None:
         try:
             if (path / name).stat().st_size != size:
                 return None
-        except OSError:
+        except (OSError, ValueError):  # (ValueError: an edited manifest's name with a NUL)
             return None
     return man
 
@@ -188,9 +199,11 @@ def save(
         manifest = {"step": counters["step"], "files": files}
         _write_synced(tmp / MANIFEST, json.dumps(manifest).encode())
         fsync_dir(tmp)
-    except OSError:  # a full disk: the half-written files go, so the run can say why it ended
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    except OSError as e:  # a full disk: the half-written files go, so the run can say why
+        shutil.rmtree(tmp, ignore_errors=True)  # it ended, naming the checkpoint (not the
+        if e.errno is None:  # temporary folder, gone now)
+            raise
+        raise OSError(e.errno, f"cannot write checkpoint {str(final)!r}: {_why(e)}") from e
     fault("ckpt_before_rename")
     os.rename(tmp, final)
     fsync_dir(folder)
