@@ -983,10 +983,11 @@ def _preflight(config) -> None:
     """Everything cheap that can fail before a run folder exists (the library's check: the
     app's Train page runs the same)."""
     from .data import WILL_DOWNLOAD, fetch_dataset
+    from .engine.devices import dist_info
     from .engine.preflight import check_start
 
     note = check_start(config)
-    if note.startswith(WILL_DOWNLOAD) and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+    if note.startswith(WILL_DOWNLOAD) and dist_info().world == 1:
         # downloaded now, so that no run folder is left failed when there is no internet
         # (under torchrun the run's processes share the download as they load the data)
         _say(f"dataset {config.dataset!r}: {note}", sys.stderr)
@@ -1053,6 +1054,9 @@ def cmd_train(args) -> int:
         _preflight(config)
         run = None
     d = _engine().init_distributed(config.device)
+    if d.on:  # the batch is the global one: refused before a run folder is made or claimed
+        cuda = _engine().resolve_device(config.device, d.local_rank).type == "cuda"
+        config.batch_per_process(cuda, d.world)
     quiet = args.quiet or not d.main
     if quiet:  # nothing but errors: warnings too (main restores the filters afterwards)
         warnings.simplefilter("ignore")

@@ -240,6 +240,21 @@ class TrainConfig:
         device it trains on."""
         return self.batch_size or AUTO_BATCH["cuda" if cuda else "cpu"]
 
+    def batch_per_process(self, cuda: bool, world: int) -> int:
+        """Each process's share of the batch under torchrun (``world`` processes): the batch
+        is the global one, so a given ``batch_size`` must split evenly (else a ValueError
+        names it); the automatic one is rounded down to a multiple of ``world``."""
+        batch = self.batch_for(cuda)
+        if batch % world == 0 or not self.batch_size:
+            return max(1, batch // world)
+        lower = batch - batch % world
+        some = f"{lower} or {lower + world}" if lower else str(world)
+        raise ValueError(
+            f"batch_size: {batch} does not split evenly between the {world} processes of this "
+            f"run (torchrun); it is the global batch, each process takes an equal share: use a "
+            f"multiple of {world} (e.g. {some})"
+        )
+
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
         """Build from a dict (e.g. config.json); unknown keys are an error."""

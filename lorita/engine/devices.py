@@ -59,10 +59,48 @@ class DistInfo:
         return self.rank == 0
 
 
+#: what to do about torchrun's variables found in a bad state
+_TORCHRUN = (
+    "these are set by torchrun (torchrun --nproc_per_node=K -m lorita train ...); "
+    "start the command with torchrun, or unset them for one process"
+)
+
+
+def _env_int(name: str, default: int, lo: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        value = None
+    if value is None or value < lo:
+        raise ValueError(
+            f"environment variable {name}: {raw[:40]!r} is not allowed; expected an integer "
+            f">= {lo}; {_TORCHRUN}"
+        )
+    return value
+
+
 def dist_info() -> DistInfo:
-    """World size and ranks from torchrun's environment variables."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    return DistInfo(world, int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0")))
+    """World size and ranks from torchrun's environment variables, checked: a half-set or
+    contradictory set (RANK without WORLD_SIZE, a rank outside the world, a world without
+    its rendezvous address) is a ValueError naming the variable, not a hang or a traceback."""
+    world = _env_int("WORLD_SIZE", 1, 1)
+    rank = _env_int("RANK", 0, 0)
+    local = _env_int("LOCAL_RANK", 0, 0) if world > 1 else 0  # (-1: "not distributed", by some)
+    if rank >= world:
+        said = os.environ.get("WORLD_SIZE", "not set")
+        raise ValueError(
+            f"environment variable RANK: {rank} is not below WORLD_SIZE ({said}); {_TORCHRUN}"
+        )
+    if world > 1:
+        for name in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
+            if not os.environ.get(name):
+                raise ValueError(
+                    f"environment variable {name}: not set, but WORLD_SIZE is {world}; {_TORCHRUN}"
+                )
+    return DistInfo(world, rank, local)
 
 
 def init_distributed(device_hint: str = "auto") -> DistInfo:

@@ -176,6 +176,7 @@ def _train(config, run, callback, stop, resume, threads, on_complete) -> dict:
         )
     _check_call(callback, stop, resume, threads, on_complete)  # before the run is claimed
     d = init_distributed(config.device)
+    _check_batch(config, d)  # before the run is claimed: a refusal leaves it as it is
     writer = run if (run is not None and d.main) else None
     if resume and run is None:
         raise ValueError("resume: needs a run folder")
@@ -302,6 +303,13 @@ def _check_call(callback, stop, resume, threads, on_complete) -> None:
         )
 
 
+def _check_batch(config: TrainConfig, d: DistInfo) -> None:
+    """Under torchrun the batch must split evenly between the processes (a ValueError)."""
+    if d.on:
+        cuda = resolve_device(config.device, d.local_rank).type == "cuda"
+        config.batch_per_process(cuda, d.world)
+
+
 def _set_threads(threads, model: nn.Module, device: torch.device, d: DistInfo) -> None:
     if threads is None:
         return
@@ -354,10 +362,10 @@ def _setup(config, run, d, callback, stop, threads, *, epoch: int, resume: bool)
     splits = load_splits(config)
     model = _place(build_model(config, splits, load_init=not resume, epoch=epoch), device)
     _set_threads(threads, model, device, d)
-    batch_size = config.batch_for(cuda)
-    per_rank = max(1, batch_size // d.world)
-    shard = math.ceil(len(splits.train) / d.world)
-    steps_per_epoch = max(1, shard // per_rank)  # the ragged last batch is dropped
+    per_rank = config.batch_per_process(cuda, d.world)
+    # the ragged last batch is dropped; counted in global batches, so that K processes take
+    # the steps (and the samples of each) that one process takes
+    steps_per_epoch = max(1, len(splits.train) // (per_rank * d.world))
     total_steps = config.epochs * steps_per_epoch
     if config.max_steps:
         total_steps = min(total_steps, config.max_steps)

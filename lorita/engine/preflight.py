@@ -18,7 +18,7 @@ from ..data import check_dataset, dataset_options, dataset_shape, training_count
 from ..models import create_model
 from .build import check_weights, fit_head, load_splits, read_weights
 from .config import TrainConfig
-from .devices import resolve_device
+from .devices import dist_info, resolve_device
 
 __all__ = [
     "check_init_from",
@@ -201,15 +201,18 @@ def check_batchnorm_batches(meta_model: nn.Module | None, config: TrainConfig) -
     ):
         return
     fix = "or a model without BatchNorm (the built-in models: --model-arg batchnorm=false)"
-    if config.batch_size == 1:
-        raise ValueError(f"batch_size: 1 cannot train a model with BatchNorm (it needs at least "
-                         f"2 samples per batch); use 2 or more, {fix}")  # fmt: skip
+    world = dist_info().world  # under torchrun each process's share of a batch counts
+    per = f" in each of the {world} processes (torchrun)" if world > 1 else " per batch"
+    if config.batch_size and config.batch_size < 2 * world:
+        raise ValueError(f"batch_size: {config.batch_size} cannot train a model with BatchNorm (it "
+                         f"needs at least 2 samples{per}); use {2 * world} or more, {fix}")  # fmt: skip
     n = training_count(config.dataset, config.val_fraction, **config.dataset_kwargs)
-    if n is not None and n < 2:
+    if n is not None and n < world + 1:
         raise ValueError(
             f"{_sample_field(config)}: {config.dataset!r} leaves {n} sample(s) for training once "
-            f"validation and test are held out; a model with BatchNorm needs at least 2: "
-            f"{_more_samples(config)}, {fix}"
+            f"validation and test are held out; a model with BatchNorm needs at least "
+            f"{world + 1}{'' if world == 1 else f' (for 2 in each of the {world} processes)'}"
+            f": {_more_samples(config)}, {fix}"
         )
 
 
