@@ -35,6 +35,7 @@ would read the weights instead of calling the layers (:func:`unfuse_encoders`).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import statistics
 import time
@@ -110,6 +111,10 @@ DECIDE_BY = ("flops", "latency")
 
 #: What every nn.Module keeps in its ``__dict__`` (never a user's alias of a layer).
 _MODULE_STATE = frozenset(vars(nn.Module()))
+#: ... and what a plain layer keeps there (its options): anything else on a layer is the user's.
+_LAYER_STATE = _MODULE_STATE.union(
+    *(vars(m) for m in (nn.Linear(1, 1), nn.Conv2d(1, 1, 1), nn.MultiheadAttention(2, 1)))
+)
 
 
 def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -229,7 +234,21 @@ def like(old: nn.Module, new: nn.Module) -> nn.Module:
             setattr(new, t, table)
         if old._is_full_backward_hook is not None:
             new._is_full_backward_hook = old._is_full_backward_hook
+    _carry_attributes(old, new)
     return new
+
+
+def _carry_attributes(old: nn.Module, new: nn.Module) -> None:
+    """The plain attributes a user set on ``old`` (``fc.temperature = 3.0``, which the model's
+    forward may read), set on ``new`` too where it has none of that name; tensors and modules
+    are state, not attributes (a layer holding those is left as it is)."""
+    for k, v in vars(old).items():
+        if k in _LAYER_STATE or isinstance(v, (Tensor, nn.Module)):
+            continue
+        if k in vars(new) or hasattr(type(new), k):
+            continue
+        with contextlib.suppress(AttributeError, TypeError):
+            object.__setattr__(new, k, v)
 
 
 def _svd_weight(svd: tuple[Tensor, Tensor, Tensor], rank: int) -> Tensor:

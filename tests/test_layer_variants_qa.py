@@ -225,6 +225,40 @@ def test_a_plain_layer_holding_tensors_the_model_reads_is_left_with_why(tmp_path
     assert _summary(lt.overparameterize(pruned, 3))["2"][:2] == ("linear", "composed")
 
 
+class _ReadsLayerAttribute(nn.Module):
+    """Plain Linears given plain attributes the model reads beside calling them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(16, 32)
+        self.fc.temperature = 3.0
+        self.fc._offset = 0.25
+        self.out = nn.Linear(32, 2)
+        self.out.labels = ("cat", "dog")
+
+    def forward(self, x):
+        h = torch.relu(self.fc(x) / self.fc.temperature + self.fc._offset)
+        return self.out(h) * len(self.out.labels)
+
+
+def test_plain_attributes_the_model_reads_stay_on_the_layer_through_every_form(tmp_path):
+    """A plain attribute on a layer (fc.temperature = 3.0) was lost by compose: the model's
+    forward raised AttributeError on 'FactorLinear'. It is kept by compose, merge and the
+    thin and dense cuts."""
+    x = torch.randn(4, 16)
+    model, small = _whole_path(_ReadsLayerAttribute, x, tmp_path)
+    assert "fc" in small.lorita_plan
+    for m in (
+        model,
+        small,
+        lt.merge_model(model),
+        lt.truncate(model, lt.Uniform(0.25), form="dense"),
+    ):
+        assert (m.fc.temperature, m.fc._offset, m.out.labels) == (3.0, 0.25, ("cat", "dog"))
+        with torch.no_grad():
+            m(x)
+
+
 # --------------------------------------------------------------------------- checked, fine
 
 
