@@ -1,7 +1,8 @@
-"""A teacher's demo in a real browser: the Classroom preset trained live, a refresh and a second
-tab mid-run, Stop, then Runs, Compress (the slider dragged), Export and Delete for that run;
-the keyboard alone; a phone-wide window. Every page: no traceback and no error element, and
-every action says something the user can see."""
+"""A teacher's demo in a real browser: the Classroom preset trained live (its spectra redrawn as
+it trains), a refresh and a second tab mid-run, Stop, then Runs, Compress (the slider dragged),
+Export (the download loaded with the library) and Delete for that run; the keyboard alone; a
+phone-wide window. Every page: no traceback and no error element, and every action says
+something the user can see."""
 
 from __future__ import annotations
 
@@ -93,8 +94,11 @@ def test_classroom_demo_walk(app_server, new_page, tmp_path):  # noqa: PLR0915
 
     # --- Train: the Classroom preset, longer so that it is still training for the walk,
     # without its N=1 baseline
-    page.goto(f"{url}/train")
+    page.goto(f"{url}/train")  # straight to a page
     page.get_by_role("button", name=START).wait_for()
+    nav = page.locator('[data-testid="stSidebarNav"] a')
+    nav.filter(has_text=re.compile("Theory")).first.wait_for(timeout=30_000)  # not "theory"
+    assert nav.filter(has_text="streamlit app").count() == 0  # navigation, not folder listing
     wait_idle(page)
     box = page.get_by_role("checkbox", name=re.compile(BASELINE))
     if box.is_checked():
@@ -116,7 +120,11 @@ def test_classroom_demo_walk(app_server, new_page, tmp_path):  # noqa: PLR0915
         time.sleep(0.5)
     assert re.search(r"step \d+/\d+", text), text
     title = page.locator("text.gtitle", has_text="Singular values of every layer at step")
-    title.first.wait_for(timeout=120_000)
+    first = title.first.text_content(timeout=120_000)
+    deadline = time.time() + 90  # the spectra chart follows the run
+    while title.first.text_content(timeout=60_000) == first:
+        assert time.time() < deadline, f"spectra chart stuck at {first!r}"
+        time.sleep(0.5)
     no_errors(page)
 
     # --- a refresh mid-run: the same run followed, the form as it was started
@@ -175,8 +183,16 @@ def test_classroom_demo_walk(app_server, new_page, tmp_path):  # noqa: PLR0915
         button.click()
     path = tmp_path / info.value.suggested_filename
     info.value.save_as(path)
-    assert path.stat().st_size > 0
+    assert path.suffix == ".safetensors" and path.stat().st_size > 0
     no_errors(page)
+
+    import torch  # the download is the cut model: it loads alone and says where it came from
+
+    import lorita as lt
+
+    meta = lt.read_spec(path)["metadata"]
+    assert meta["run"] == name and meta["truncation"]["policy"] == "global"
+    assert lt.load(path).eval()(torch.zeros(2, *meta["input_shape"])).shape == (2, 10)
 
     # --- Delete the run: asked first, then said done
     sidebar(page, "Runs")
