@@ -281,13 +281,10 @@ def latency_profile(
     """``{batch: median seconds}`` of the deployable model on ``example_input``'s first sample
     repeated to each batch size (default 1 and 64); deployed as :func:`measure_latency` says.
     What is timed at each batch size is :func:`deployed_forward`'s call."""
-    check_module(model)
-    _check_repeats(repeats, warmup)
-    forwards = deployed_forward(
-        model, example_input, batches=batches, fold_bn=fold_bn, channels_last=channels_last
-    )
-    with inputs.refused():
-        return {b: median_seconds(f, repeats=repeats, warmup=warmup) for b, f in forwards.items()}
+    return paired_latency(
+        [model], example_input, batches=batches, repeats=repeats, warmup=warmup,
+        fold_bn=fold_bn, channels_last=channels_last,
+    )[0]  # fmt: skip
 
 
 def usable_cores() -> int:
