@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import signal
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -216,6 +217,31 @@ def remove_dead_temps(folder: str | os.PathLike, target: str | None = None) -> N
             os.unlink(p)
         except OSError:
             pass
+
+
+def remove_folder(path: Path, aside: Path, *, killed_at: str | None = None) -> list[str]:
+    """Delete the folder ``path`` so that no half-deleted copy is ever seen under its name:
+    one rename to ``aside`` (a hidden name beside it, whatever is already there removed
+    first), then the removal there, which a kill may cut short (the leftover is a hidden
+    folder, removed by whoever sweeps those). Returns the files or folders that could not be
+    removed (``path (error)``); an OSError of the rename itself is raised (FileNotFoundError
+    when ``path`` is gone). ``killed_at``: the fault point between the rename and the
+    removal."""
+    if os.path.lexists(aside):  # what an earlier try under this name left
+        shutil.rmtree(aside, ignore_errors=True)
+    os.rename(path, aside)
+    if killed_at is not None:
+        fault(killed_at)
+    failed: list[str] = []
+
+    def note(fn, where, exc) -> None:
+        failed.append(f"{where} ({exc})")
+
+    if sys.version_info >= (3, 12):
+        shutil.rmtree(aside, onexc=note)
+    else:
+        shutil.rmtree(aside, onerror=lambda fn, where, info: note(fn, where, info[1]))
+    return failed
 
 
 def fsync_dir(path: str | os.PathLike) -> None:

@@ -35,7 +35,6 @@ import re
 import shutil
 import socket
 import stat
-import sys
 import threading
 import time
 import warnings
@@ -58,6 +57,7 @@ from .io import (
     read_tail_jsonl,
     recorded_alive,
     remove_dead_temps,
+    remove_folder,
     rewrite_jsonl,
     temp_beside,
     write_json,
@@ -743,11 +743,9 @@ class Run:
         status and a pending STOP request."""
         for fname in ("metrics.jsonl", "spectra.jsonl", "result.json"):
             (self.path / fname).unlink(missing_ok=True)
-        gone = self.path / f".tmp-checkpoints-{os.getpid()}"  # one rename, then the delete:
-        shutil.rmtree(gone, ignore_errors=True)
-        with contextlib.suppress(FileNotFoundError):  # killed meanwhile, no half-deleted
-            os.replace(self.checkpoint_dir, gone)  # checkpoint is left under checkpoints/
-        shutil.rmtree(gone, ignore_errors=True)
+        gone = self.path / f".tmp-checkpoints-{os.getpid()}"  # killed meanwhile, no half-
+        with contextlib.suppress(FileNotFoundError):  # deleted checkpoint is left under
+            remove_folder(self.checkpoint_dir, gone)  # checkpoints/
         self.checkpoint_dir.mkdir(exist_ok=True)
         for fname in ("metrics.jsonl", "spectra.jsonl"):
             (self.path / fname).touch()
@@ -1016,19 +1014,9 @@ class RunStore:
         remove_dead_temps(self.root)
         aside = temp_beside(run.path, ".deleting")
         try:
-            os.rename(run.path, aside)
+            failed = remove_folder(run.path, aside, killed_at="run_deleting")
         except OSError as e:
             raise OSError(e.errno, f"cannot delete {str(run.path)!r}: {e.strerror or e}") from None
-        fault("run_deleting")
-        failed: list[str] = []
-
-        def note(fn, path, exc) -> None:
-            failed.append(f"{path} ({exc})")
-
-        if sys.version_info >= (3, 12):
-            shutil.rmtree(aside, onexc=note)
-        else:
-            shutil.rmtree(aside, onerror=lambda fn, path, info: note(fn, path, info[1]))
         if failed:
             warnings.warn(
                 f"run {name!r} is deleted, but {len(failed)} of its files or folders could not be "

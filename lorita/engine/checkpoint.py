@@ -31,7 +31,15 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 from ..export import save_bytes
-from ..io import atomic_write_bytes, cannot_write, fault, fsync_dir, read_json, temp_beside
+from ..io import (
+    atomic_write_bytes,
+    cannot_write,
+    fault,
+    fsync_dir,
+    read_json,
+    remove_folder,
+    temp_beside,
+)
 
 __all__ = [
     "counters",
@@ -222,12 +230,8 @@ def prune(folder: Path, keep: Path) -> None:
     for seq, old in _folders(folder):
         if old != keep:
             gone = folder / f".tmp-ckpt-{seq:06d}-old-{os.getpid()}"
-            try:
-                os.rename(old, gone)
-            except OSError:
-                continue
-            fault("ckpt_prune_renamed")
-            shutil.rmtree(gone, ignore_errors=True)
+            with suppress(OSError):  # (one that cannot be renamed stays a whole checkpoint)
+                remove_folder(old, gone, killed_at="ckpt_prune_renamed")
 
 
 def load(path: Path, model: nn.Module, opt, sched) -> tuple[dict, dict[str, torch.Tensor]]:
