@@ -166,10 +166,9 @@ def measure(
     import torch
 
     from lorita.convert import deploy_input, deploy_model
-    from lorita.cost import busy_note
+    from lorita.cost import timing_threads
 
     t0 = time.perf_counter()
-    busy = busy_note() or ""
     x = session.example_input
     xb = x[:1].expand(layer_batch, *x.shape[1:]).contiguous()
     # private copies as they deploy (the library's deploy_model: BatchNorm folded,
@@ -185,15 +184,17 @@ def measure(
         layer_repeats = fit_repeats(original, deploy_input(original, xb), LAYER_REPEATS)
     steps = _timings(original, cut, x, xb, batches, repeats, layer_repeats)
     got: dict[tuple[str, str], dict] = {}
-    for i, (which, what, run) in enumerate(steps):
-        if progress is not None:
-            where = (
-                "the whole original and cut models, in turn"
-                if what == "whole"
-                else f"each layer of the {which} model"
-            )
-            progress(i, len(steps), f"Timing {where}…")
-        got.update(run())
+    with timing_threads() as busy:  # (one thread on a busy machine, said so)
+        threads = torch.get_num_threads()
+        for i, (which, what, run) in enumerate(steps):
+            if progress is not None:
+                where = (
+                    "the whole original and cut models, in turn"
+                    if what == "whole"
+                    else f"each layer of the {which} model"
+                )
+                progress(i, len(steps), f"Timing {where}…")
+            got.update(run())
     if progress is not None:
         progress(len(steps), len(steps), "Done.")
     whole = _whole(got, batches)
@@ -202,12 +203,12 @@ def measure(
         whole=whole,
         layers=rows,
         layer_batch=layer_batch,
-        threads=torch.get_num_threads(),
+        threads=threads,
         repeats=int(repeats),
         layer_repeats=int(layer_repeats),
         seconds=time.perf_counter() - t0,
         deployed=deployed_words(original, cut, bns),
-        busy=busy,
+        busy=busy or "",
     )
 
 
@@ -318,10 +319,12 @@ def render(
     import streamlit as st
 
     _metrics(result)
+    threads = f"{result.threads} thread{'' if result.threads == 1 else 's'}"
+    threads += ": the machine was busy" if result.busy else ", the server's setting"
     st.caption(
         f"Median of {result.repeats} forward passes per batch size (per layer: of "
         f"{result.layer_repeats} at batch {result.layer_batch}) on this machine's CPU "
-        f"({result.threads} thread{'' if result.threads == 1 else 's'}, the server's setting), "
+        f"({threads}), "
         f"measured in {result.seconds:.1f} s; other work on the machine (a training run) "
         f"makes these numbers noisy. {result.deployed}"
     )

@@ -1558,11 +1558,11 @@ def _latency(models: list, example) -> list[dict]:
     from torch import nn
 
     from .convert import deploy_model
-    from .cost import busy_note, paired_latency
+    from .cost import paired_latency, timing_threads
 
     deploys = [deploy_model(m, example) for m in models]
-    busy = busy_note()
-    profiles = paired_latency(deploys, example, batches=(1, 64))
+    with timing_threads() as busy:
+        profiles = paired_latency(deploys, example, batches=(1, 64))
     out = []
     for model, deploy, profile in zip(models, deploys, profiles, strict=True):
         got = {f"latency_b{b}_ms": 1000 * t for b, t in profile.items()}

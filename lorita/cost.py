@@ -42,6 +42,7 @@ __all__ = [
     "latency_profile",
     "paired_latency",
     "busy_note",
+    "timing_threads",
     "deployed_forward",
     "layer_latency",
 ]
@@ -313,6 +314,28 @@ def busy_note() -> str | None:
         f"core{'' if cores == 1 else 's'}; a training run, say): these latencies are noisy, "
         "measure again when it is idle to compare"
     )
+
+
+@contextlib.contextmanager
+def timing_threads() -> Iterator[str | None]:
+    """Latency timed inside this block meets the machine as it is: on a quiet machine with
+    torch's threads as set (yields None); on a busy one (:func:`busy_note`) with one thread,
+    restored after, yielding the note that says so. Threads that wait at every layer for a
+    busy core to take them slow a model with more layers more (a cut's thin two-layer form):
+    on one thread a ratio of two models' times holds under load."""
+    note = busy_note()
+    threads = torch.get_num_threads()
+    if note is None or threads == 1:
+        yield note
+        return
+    torch.set_num_threads(1)
+    try:
+        yield (
+            f"{note}; timed on one thread instead of {threads}, so that waiting for a busy core "
+            "does not slow the model with more layers more"
+        )
+    finally:
+        torch.set_num_threads(threads)
 
 
 def paired_latency(

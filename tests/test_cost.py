@@ -148,6 +148,27 @@ def test_busy_note_warns_only_when_other_work_keeps_the_cores_busy(monkeypatch):
     assert "load average 4.4 on 2 cores" in note and "noisy" in note
 
 
+def test_timing_on_a_busy_machine_takes_one_thread_and_gives_them_back(monkeypatch):
+    import lorita.cost as cost
+
+    monkeypatch.setattr(cost, "usable_cores", lambda: 2)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        monkeypatch.setattr(cost.os, "getloadavg", lambda: (0.2, 0.2, 0.2))
+        with cost.timing_threads() as note:
+            assert note is None and torch.get_num_threads() == 2  # quiet: as set
+        monkeypatch.setattr(cost.os, "getloadavg", lambda: (4.0, 3.0, 2.0))
+        with pytest.raises(RuntimeError, match="inside"):
+            with cost.timing_threads() as note:
+                assert torch.get_num_threads() == 1
+                assert "load average 4.0" in note and "one thread instead of 2" in note
+                raise RuntimeError("inside")
+        assert torch.get_num_threads() == 2  # given back, also after an error
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_layer_latency_at_a_batch_size_names_the_same_layers_before_and_after_a_cut():
     torch.manual_seed(0)
     net = nn.Sequential(

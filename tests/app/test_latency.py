@@ -67,6 +67,8 @@ def test_measure_leaves_the_shared_model_alone(session):
 def test_measure_times_both_whole_models_paired_and_warns_on_a_busy_machine(
     runs_dir, session, monkeypatch
 ):
+    import torch
+
     import lorita.cost as cost
 
     paired, real = [], cost.paired_latency
@@ -86,8 +88,11 @@ def test_measure_times_both_whole_models_paired_and_warns_on_a_busy_machine(
     assert paired == [2] and quiet.busy == ""  # the original and the cut, in turn
     assert steps[0] == "Timing the whole original and cut models, in turn…" and len(steps) == 4
     monkeypatch.setattr(cost.os, "getloadavg", lambda: (3.5, 2.0, 1.0))
+    threads = torch.get_num_threads()
     busy = latency.measure(session, res["model"], repeats=2, layer_repeats=2)
     assert "load average 3.5 on 2 cores" in busy.busy
+    assert busy.threads == 1 or threads == 1  # timed on one thread, then given back
+    assert torch.get_num_threads() == threads
     at = AppTest.from_function(_render_script, args=(busy,), default_timeout=TIMEOUT).run()
     assert not at.exception
     assert [w.value for w in at.warning][:1] == [busy.busy[0].upper() + busy.busy[1:] + "."]
