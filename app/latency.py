@@ -116,14 +116,18 @@ def fit_repeats(model: Any, x: Any, most: int, budget_s: float = BUDGET_S) -> in
     return max(MIN_REPEATS, min(int(most), int(budget_s / max(seconds, 1e-9))))
 
 
-def _timings(original: Any, model: Any, x: Any, xb: Any, batches, repeats, layer_repeats):
+def _timings(
+    original: Any, model: Any, x: Any, xb: Any, batches, repeats, layer_repeats, fastest=False
+):
     """The three timings, in the order run: both whole models together (paired, round by
     round, so that a training run on the same cores slows them alike), then each model's
     layers. Each gives ``{(which, what): result}``."""
     from lorita.cost import layer_latency, paired_latency
 
     def whole() -> dict:
-        a, b = paired_latency([original, model], x, batches=batches, repeats=repeats)
+        a, b = paired_latency(
+            [original, model], x, batches=batches, repeats=repeats, fastest=fastest
+        )
         return {("original", "whole"): a, ("cut", "whole"): b}
 
     return [
@@ -182,10 +186,12 @@ def measure(
         repeats = fit_repeats(original, big, REPEATS, BUDGET_S / len(batches))
     if layer_repeats is None:
         layer_repeats = fit_repeats(original, deploy_input(original, xb), LAYER_REPEATS)
-    steps = _timings(original, cut, x, xb, batches, repeats, layer_repeats)
     got: dict[tuple[str, str], dict] = {}
     with timing_threads() as busy:  # (one thread on a busy machine, said so)
         threads = torch.get_num_threads()
+        steps = _timings(
+            original, cut, x, xb, batches, repeats, layer_repeats, fastest=busy is not None
+        )
         for i, (which, what, run) in enumerate(steps):
             if progress is not None:
                 where = (
@@ -322,7 +328,8 @@ def render(
     threads = f"{result.threads} thread{'' if result.threads == 1 else 's'}"
     threads += ": the machine was busy" if result.busy else ", the server's setting"
     st.caption(
-        f"Median of {result.repeats} forward passes per batch size (per layer: of "
+        f"{'Fastest' if result.busy else 'Median'} of {result.repeats} forward passes per "
+        f"batch size (per layer: median of "
         f"{result.layer_repeats} at batch {result.layer_batch}) on this machine's CPU "
         f"({threads}), "
         f"measured in {result.seconds:.1f} s; other work on the machine (a training run) "

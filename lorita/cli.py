@@ -1562,7 +1562,7 @@ def _latency(models: list, example) -> list[dict]:
 
     deploys = [deploy_model(m, example) for m in models]
     with timing_threads() as busy:
-        profiles = paired_latency(deploys, example, batches=(1, 64))
+        profiles = paired_latency(deploys, example, batches=(1, 64), fastest=busy is not None)
     out = []
     for model, deploy, profile in zip(models, deploys, profiles, strict=True):
         got = {f"latency_b{b}_ms": 1000 * t for b, t in profile.items()}

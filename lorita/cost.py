@@ -320,19 +320,25 @@ def busy_note() -> str | None:
 def timing_threads() -> Iterator[str | None]:
     """Latency timed inside this block meets the machine as it is: on a quiet machine with
     torch's threads as set (yields None); on a busy one (:func:`busy_note`) with one thread,
-    restored after, yielding the note that says so. Threads that wait at every layer for a
-    busy core to take them slow a model with more layers more (a cut's thin two-layer form):
-    on one thread a ratio of two models' times holds under load."""
+    restored after, yielding the note that says so, and the caller keeps the fastest of the
+    repeats (``paired_latency(..., fastest=True)``). Threads that wait at every layer for a
+    busy core slow a model with more layers more (a cut's thin two-layer form), and a longer
+    call is more often cut short by the scheduler: so timed, a ratio of two models' times
+    holds under load."""
     note = busy_note()
+    if note is None:
+        yield None
+        return
+    kept = "the fastest of the repeats kept (the least disturbed)"
     threads = torch.get_num_threads()
-    if note is None or threads == 1:
-        yield note
+    if threads == 1:
+        yield f"{note}; {kept}"
         return
     torch.set_num_threads(1)
     try:
         yield (
             f"{note}; timed on one thread instead of {threads}, so that waiting for a busy core "
-            "does not slow the model with more layers more"
+            f"does not slow the model with more layers more, and {kept}"
         )
     finally:
         torch.set_num_threads(threads)
@@ -347,12 +353,14 @@ def paired_latency(
     warmup: int = 3,
     fold_bn: bool = True,
     channels_last: bool | None = None,
+    fastest: bool = False,
 ) -> list[dict[int, float]]:
     """:func:`latency_profile` of several models (an original and its cuts), timed together:
     at each batch size every model runs once in turn per round, so work that shares the
     machine (a training run on the same cores) slows them alike and their ratio holds where
     separate measurements, seconds apart, can differ several-fold. One ``{batch: median
-    seconds}`` per model, in the order given."""
+    seconds}`` per model, in the order given; ``fastest``: the shortest call instead of the
+    median (what :func:`timing_threads` says to use on a busy machine)."""
     if not models:
         raise ValueError("models: expected at least one model to time")
     for m in models:
@@ -366,7 +374,9 @@ def paired_latency(
     out: list[dict[int, float]] = [{} for _ in models]
     with inputs.refused():
         for b in forwards[0]:
-            times = paired_medians([f[b] for f in forwards], repeats=repeats, warmup=warmup)
+            times = paired_medians(
+                [f[b] for f in forwards], repeats=repeats, warmup=warmup, fastest=fastest
+            )
             for profile, t in zip(out, times, strict=True):
                 profile[b] = t
     return out

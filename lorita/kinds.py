@@ -1225,9 +1225,13 @@ def _thin_is_faster(dense: nn.Module, thin: nn.Module, call: tuple[tuple, dict] 
     return is_faster(t_thin, t_dense)
 
 
-def paired_medians(fns: list, *, repeats: int = 7, warmup: int = 2) -> list[float]:
+def paired_medians(
+    fns: list, *, repeats: int = 7, warmup: int = 2, fastest: bool = False
+) -> list[float]:
     """Median wall time of each of ``fns``, called in turn in every round: a burst of other
-    work on the machine slows them alike instead of whichever was being timed."""
+    work on the machine slows them alike instead of whichever was being timed. ``fastest``:
+    the shortest time of each instead (on a busy machine, the call least disturbed: a longer
+    call is more often cut short by the scheduler, which would bias a median against it)."""
     times: list[list[float]] = [[] for _ in fns]
     for i in range(warmup + repeats):
         for fn, t in zip(fns, times, strict=True):
@@ -1235,7 +1239,7 @@ def paired_medians(fns: list, *, repeats: int = 7, warmup: int = 2) -> list[floa
             fn()
             if i >= warmup:
                 t.append(time.perf_counter() - t0)
-    return [statistics.median(t) for t in times]
+    return [min(t) if fastest else statistics.median(t) for t in times]
 
 
 def _batch_of(example: inputs.Example, batch: int | None) -> inputs.Example:

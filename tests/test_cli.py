@@ -634,13 +634,13 @@ def test_compress_times_both_models_paired_and_says_when_the_machine_was_busy(
     real = cost.paired_latency
 
     def paired(models, example, **kw):
-        timed.append((len(models), torch.get_num_threads()))
+        timed.append((len(models), torch.get_num_threads(), kw.get("fastest")))
         return real(models, example, **{**kw, "repeats": 2, "warmup": 1})
 
     monkeypatch.setattr(cost, "paired_latency", paired)
     assert main(["compress", "r1", "--runs-dir", str(runs_dir), "--uniform", "0.5", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert timed == [(2, 1)]  # before and after in one paired timing, on one thread (busy)
+    assert timed == [(2, 1, True)]  # before and after paired, on one thread, the fastest kept
     assert "load average 5.0 on 2 cores" in out["after"]["latency_as"]["busy"]
     assert out["before"]["latency_b64_ms"] > 0 and out["after"]["latency_b1_ms"] > 0
     assert main(["compress", "r1", "--runs-dir", str(runs_dir), "--uniform", "0.5"]) == 0

@@ -135,6 +135,21 @@ def test_paired_latency_times_the_models_in_turn_round_by_round():
         lt.paired_latency([fast], torch.randn(3, 8), repeats=0)
 
 
+def test_paired_timing_keeps_the_median_or_the_fastest_call():
+    from lorita.kinds import paired_medians
+
+    pauses = iter([0.0, 0.03, 0.002, 0.03, 0.03])  # one warm-up, then 4 calls
+
+    def call():
+        time.sleep(next(pauses))
+
+    (median,) = paired_medians([call], repeats=4, warmup=1)
+    assert median >= 0.02  # most calls were slowed
+    pauses = iter([0.0, 0.03, 0.002, 0.03, 0.03])
+    (fastest,) = paired_medians([call], repeats=4, warmup=1, fastest=True)
+    assert 0.002 <= fastest < 0.02  # the least disturbed call
+
+
 def test_busy_note_warns_only_when_other_work_keeps_the_cores_busy(monkeypatch):
     import lorita.cost as cost
 
@@ -163,6 +178,7 @@ def test_timing_on_a_busy_machine_takes_one_thread_and_gives_them_back(monkeypat
             with cost.timing_threads() as note:
                 assert torch.get_num_threads() == 1
                 assert "load average 4.0" in note and "one thread instead of 2" in note
+                assert "the fastest of the repeats kept" in note
                 raise RuntimeError("inside")
         assert torch.get_num_threads() == 2  # given back, also after an error
     finally:
