@@ -34,6 +34,7 @@ from lorita.runs import (
     ACTIVE,
     LAUNCH_DIR,
     LAUNCH_OWNER,
+    PROCESS_DIED,
     STATES,
     WAITING_FOR_SLOT,
     config_row,
@@ -577,8 +578,11 @@ def view(name: str, root: str | Path | None = None) -> JobView:
         # our child ended without marking the run finished (killed, crashed)
         state = "failed"
         message = _last_line(log_tail(name, root)) or _exited(root, exit_code)
-    elif state == "failed" and message == "process died":
-        message = "the training process died: " + (_last_line(log_tail(name, root)) or "no output")
+    elif state == "failed" and message.startswith(PROCESS_DIED):  # (what it last said, too)
+        said = _last_line(log_tail(name, root))
+        message = "the training " + message.replace(
+            PROCESS_DIED, f"{PROCESS_DIED}{f' (its last output: {said})' if said else ''}", 1
+        )
     step = int(st.get("step") or 0)
     total = int(st.get("total_steps") or 0)
     started = st.get("started")
@@ -712,8 +716,8 @@ _ROWS: dict[tuple[str, str], tuple[tuple, dict[str, Any]]] = {}
 def list_runs(root: str | Path | None = None) -> list[dict[str, Any]]:
     """Every run's :meth:`lorita.runs.Run.summary`, newest first, for tables and pickers.
 
-    A finished run's row never changes, so it is read once and kept (keyed by its state and
-    last heartbeat); only active runs are read again.
+    A finished run's row never changes, so it is read once and kept (keyed by its state,
+    last heartbeat and config.json); only active runs are read again.
     """
     root_p = Path(root) if root is not None else runs_dir()
     rows = []
@@ -721,7 +725,12 @@ def list_runs(root: str | Path | None = None) -> list[dict[str, Any]]:
     for run in runs:
         st = run.raw_status()
         key = (str(run.path.parent), run.name)
-        stamp = (st.get("state"), st.get("heartbeat"), st.get("ended"))
+        stamp = (
+            st.get("state"),
+            st.get("heartbeat"),
+            st.get("ended"),
+            _file_stamp(run, "config.json"),
+        )
         hit = _ROWS.get(key)
         if hit is not None and hit[0] == stamp and stamp[0] in FINISHED:
             rows.append(hit[1])
@@ -730,6 +739,16 @@ def list_runs(root: str | Path | None = None) -> list[dict[str, Any]]:
         _ROWS[key] = (stamp, row)
         rows.append(row)
     return _starting_rows(root_p, {run.name for run in runs}) + rows
+
+
+def _file_stamp(run, fname: str) -> tuple[int, int] | None:
+    """When a run's file last changed, and its size (None: not there): a finished run's kept
+    row is read again once its config.json is edited or damaged (then it lists as broken)."""
+    try:
+        st = (run.path / fname).stat()
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size
 
 
 def _starting_rows(root: Path, made: set[str]) -> list[dict[str, Any]]:

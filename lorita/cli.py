@@ -155,6 +155,12 @@ def _short(s: str, n: int = 60) -> str:
     return s if len(s) <= n else s[: n - 3] + "..."
 
 
+def _cut_middle(s: str, n: int) -> str:
+    """``s`` in at most about ``n`` characters, its middle left out: a message's end is what to
+    do next (a command), which a cut at the end would lose."""
+    return s if len(s) <= n else f"{s[: n // 2 - 3]} ... {s[-(n // 2 - 2) :]}"
+
+
 def _key_values(items: list[str] | None, flag: str) -> dict:
     from .engine.config import parse_options
 
@@ -996,6 +1002,27 @@ def _preflight(config) -> None:
         warnings.warn(f"dataset: {note}", stacklevel=2)
 
 
+def _preflight_resume(run, config) -> None:
+    """A resume gets the checks a new run gets, before anything in its folder changes: under
+    torchrun in another number of processes its batch may no longer fill a BatchNorm in each.
+    Its starting weights (init_from) are not checked: the checkpoint replaces them."""
+    from .engine.devices import dist_info
+
+    d = dist_info()
+    try:
+        _preflight(dataclasses.replace(config, init_from=None))
+        if d.world > 1:  # (a new run's batch is checked as well, once torchrun's group is up)
+            cuda = _engine().resolve_device(config.device, d.local_rank).type == "cuda"
+            config.batch_per_process(cuda, d.world)
+    except ValueError as e:
+        world = d.world
+        how = f"resume it in fewer than {world} processes, or " if world > 1 else ""
+        raise UsageError(
+            f"--resume: run {run.name!r} cannot go on: {e} (a resumed run keeps its own "
+            f"config: {how}train a new run with other settings); nothing was changed"
+        ) from None
+
+
 # --------------------------------------------------------------------------- train: run
 
 
@@ -1044,6 +1071,7 @@ def cmd_train(args) -> int:
         _resume_name(args)
         run = _get_run(args, args.name)
         config = _train_config_from_run(run, args)
+        _preflight_resume(run, config)
     else:
         if args.name is not None:
             validate_name(args.name)
@@ -1337,7 +1365,7 @@ def cmd_runs(args) -> int:
     if said:  # why a run ended early, which the state column has no room for
         print("\nmessages:")
         for s in said:
-            print(f"  {s['name']}: {_short(str(s['message']), 200)}")
+            print(f"  {s['name']}: {_cut_middle(str(s['message']), 600)}")
     return 0
 
 
@@ -1525,9 +1553,14 @@ def _say_if_unfinished(run, which: str) -> None:
         )
     elif state != "completed":
         total = f"/{st['total_steps']}" if st.get("total_steps") else ""
+        then = (
+            f" (to cut the run trained to its end, resume it first: {run.command('train --resume')})"
+            if state in ("failed", "stopped")
+            else ""
+        )
         warnings.warn(
             f"run {run.name!r} is {state} at step {st.get('step') or 0}{total}: this is its "
-            f"{which} checkpoint so far",
+            f"{which} checkpoint so far{then}",
             stacklevel=2,
         )
 
@@ -1538,15 +1571,19 @@ def _require_checkpoint(run, which: str) -> None:
         what = "a folder" if path.is_dir() else "a broken link, a link loop, a pipe or a device"
         raise UsageError(
             f"run {run.name!r}: its {which} checkpoint {path} is {what}, not a model file; "
-            f"remove it and resume the run (lorita train --resume {run.name}) or train it again"
+            f"remove it and resume the run ({run.command('train --resume')}) or train it again"
         )
     if not path.is_file():
         state = run.status().get("state")
         if state in ("queued", "running"):
             raise UsageError(f"run {run.name!r} has no {which} checkpoint yet (it is {state})")
+        how = (
+            "train it again"
+            if state == "completed"
+            else (f"train it again or resume it, {run.command('train --resume')}")
+        )
         raise UsageError(
-            f"run {run.name!r} has no {which} checkpoint (it is {state} and wrote none: "
-            f"train it again or resume it, lorita train --resume {run.name})"
+            f"run {run.name!r} has no {which} checkpoint (it is {state} and wrote none: {how})"
         )
 
 
@@ -2046,6 +2083,7 @@ def _as_trained(args):
     (the dataset is read instead)."""
     run = _get_run(args, args.run)
     _require_checkpoint(run, args.which)
+    _say_if_unfinished(run, args.which)  # (as the cut exports say it)
     try:
         model, example, val_acc = run.as_trained(args.which)
     except ValueError:  # no input shape recorded

@@ -21,8 +21,10 @@ default ``./runs``); it imports nothing from the training engine. Layout of a ru
 
 Whole files are written atomically (temporary file, then rename); the ``.jsonl`` files are
 append-only and their readers skip a broken or half-written line. A run whose process is gone
-reads as ``failed`` with the message ``process died``. A folder whose files are not what they
-should be (e.g. a config.json holding ``[1]``) is listed as broken, never an error.
+reads as ``failed`` with the message ``process died ...``, which says how to go on (the
+command that resumes it). A folder whose files are not what they should be (e.g. a
+config.json holding ``[1]``) reads as failed and is listed as broken, never an error: every
+reader asks :meth:`Run.status`, the one judge of a run's state and message.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import functools
 import math
 import os
 import re
+import shlex
 import shutil
 import socket
 import stat
@@ -149,6 +152,9 @@ def _dataset_defaults(name: str) -> dict:
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 _TEMP_DIR_RE = re.compile(r"^\.tmp-.+-(\d+)$")  # checkpoint folders being written
+_CKPT_DIR_RE = re.compile(r"^ckpt-(\d{6,})$")  # a checkpoint, numbered in turn (engine)
+#: the message of a run whose process is gone (:meth:`Run.status`), which then says what to do
+PROCESS_DIED = "process died"
 
 
 # --------------------------------------------------------------------------- names, processes
@@ -394,22 +400,115 @@ class Run:
         if st.get("state") not in ACTIVE:
             return False
         if st.get("host") == socket.gethostname():
-            return recorded_alive(st)
+            return recorded_alive(st) and not self._let_go()
         return time.time() - _num(st.get("heartbeat") or st.get("created")) <= STALE_S
 
+    def _let_go(self) -> bool:
+        """Whether a run that reads running is held by no process: its trainer, alive, ended
+        the training (it gives the writer lock back and stops its heartbeat then) without
+        writing how (status.json could not be written: a full disk), STALE_S seconds ago or
+        more. A notebook's process lives on for hours after."""
+        lock = self.path / WRITER_LOCK
+        st = self.raw_status()
+        if st.get("state") != "running" or not lock.is_file():
+            return False  # (queued: made by one process, trained by another, maybe later)
+        if time.time() - _num(st.get("heartbeat")) <= STALE_S:
+            return False  # its heartbeat goes on (or just stopped): taken as training
+        if self._writer is not None and self._writer.is_locked:  # held here (a resume):
+            return st.get("pid") != os.getpid()  # given up by the process it names
+        probe = FileLock(str(lock), thread_local=False)
+        try:
+            probe.acquire(timeout=0)
+        except (Timeout, OSError):  # held (by any process, this one too), or cannot tell
+            return False
+        probe.release()
+        # the writer marks the run finished before it lets go: running still means it did not
+        return self.raw_status().get("state") == "running"
+
     def status(self) -> dict:
-        """status.json; an active run whose process died reads as failed ("process died").
-        Its counters and times are numbers or None (an edited file's ``"step": "a"`` reads as
-        None: every reader does arithmetic with them)."""
+        """status.json; an active run whose process died reads as failed ("process died"), and
+        a broken folder (:meth:`problem`) as failed unless its process still trains it, each
+        with a message that says what to do next. Its counters and times are numbers or None
+        (an edited file's ``"step": "a"`` reads as None: every reader does arithmetic with
+        them)."""
         st = _typed_status(self.raw_status())
         if not st:
-            problem = self.problem() or "status.json missing"
-            return {"state": "failed", "message": f"broken run folder: {problem}"}
+            return {"state": "failed", "message": self._broken_message()}
         if st.get("state") not in STATES:
-            return {**st, "state": "failed", "message": f"unknown state {st.get('state')!r}"}
-        if st.get("state") in ACTIVE and not self.is_alive():
-            st = {**st, "state": "failed", "message": "process died", "ended": st.get("heartbeat")}
+            said = f"unknown state {st.get('state')!r} in status.json; {self._next_step(st)}"
+            return {**st, "state": "failed", "message": said}
+        alive = st.get("state") in ACTIVE and self.is_alive()
+        if st.get("state") in ACTIVE and not alive:
+            st = {**st, "state": "failed", "message": self._ended_message(st),
+                  "ended": st.get("heartbeat")}  # fmt: skip
+        if not alive and self.problem():  # (a live process still trains it: said once it ends)
+            st = {**st, "state": "failed", "message": self._broken_message()}
         return st
+
+    def _broken_message(self) -> str:
+        """What is wrong with a broken folder (:meth:`problem`), and what to do."""
+        problem = self.problem() or "status.json missing"
+        return (
+            f"broken run folder: {problem}; put that file back, or delete the run "
+            f"({self.command('runs --delete')})"
+        )
+
+    def _ended_message(self, st: dict) -> str:
+        """Why a run that reads queued or running has failed (:meth:`status`), and what to do."""
+        step = st.get("step")
+        at = f" at step {step}" if step else ""
+        if st.get("host") == socket.gethostname() and recorded_alive(st) and self._let_go():
+            why = (
+                f"training ended{at} without recording why (its process, pid {st.get('pid')}, "
+                "gave the run up but could not write status.json: is the disk full?)"
+            )
+        else:
+            why = f"{PROCESS_DIED}{at} (killed, crashed, or its machine restarted)"
+        return f"{why}; {self._next_step(st)}"
+
+    def _next_step(self, st: dict) -> str:
+        """How to go on with a run that ended before its end: resume it (from its last
+        checkpoint, or from the start when it kept none), as it was started."""
+        world = st.get("world_size")
+        cmd = self.command("train --resume")
+        if is_int(world) and world > 1:
+            cmd += (
+                f" (it trained in {world} processes: torchrun --nproc_per_node={world} -m "
+                "lorita train --resume ... goes on as it was)"
+            )
+        step = self.last_checkpoint_step()
+        if step is None:
+            return f"it kept no checkpoint: train it again from the start with {cmd}"
+        return f"resume it from its last checkpoint (step {step}): {cmd}"
+
+    def command(self, verb: str) -> str:
+        """``lorita <verb> NAME``, with ``--runs-dir`` when the run is not in the runs folder
+        a command finds by default (``$LORITA_RUNS``, else ./runs)."""
+        cmd = f"lorita {verb} {self.name}"
+        try:
+            default = Path(os.environ.get("LORITA_RUNS") or "runs").resolve()
+            here = self.path.parent.resolve()
+        except (OSError, RuntimeError):
+            return cmd
+        return cmd if here == default else f"{cmd} --runs-dir {shlex.quote(str(here))}"
+
+    def last_checkpoint_step(self) -> int | None:
+        """The step of the newest checkpoint (what a resume goes on from, its manifest says
+        which step), or None when it kept none."""
+        try:
+            folders = sorted(
+                (int(m.group(1)), p)
+                for p in self.checkpoint_dir.iterdir()
+                if (m := _CKPT_DIR_RE.match(p.name)) and p.is_dir()
+            )
+        except OSError:
+            return None
+        for _, folder in reversed(folders):
+            step = read_json(folder / "manifest.json", {})
+            step = step.get("step") if isinstance(step, dict) else None
+            if is_int(step):
+                return step
+        return None
 
     def metrics(self, split: str | None = None) -> list[dict]:
         rows = read_jsonl(self.path / "metrics.jsonl")
@@ -470,9 +569,7 @@ class Run:
         last, best = self._last_vals(res)
         snap = self.last_spectra() or {}
         layers = snap.get("layers")
-        broken = self.problem()
-        if broken:
-            st = {**st, "state": "failed", "message": f"broken run folder: {broken}"}
+        broken = self.problem()  # (its state and message: status() says it)
         return {
             "name": self.name,
             "state": st.get("state"),
@@ -651,7 +748,10 @@ class Run:
                 "(its result is kept as it is)"
             )
         if self.is_alive() or self.held_elsewhere():
-            raise ValueError(f"run {self.name!r} is still {st.get('state')} (pid {st.get('pid')})")
+            raise ValueError(
+                f"run {self.name!r} is still {st.get('state')} (pid {st.get('pid')}); stop it "
+                f"({self.command('stop')}) and resume it once it has stopped, or let it end"
+            )
 
     def begin_resume(self) -> None:
         """Check the run may be resumed, take the writer lock, drop a stale STOP request and

@@ -97,7 +97,7 @@ def test_a_dead_process_reads_as_failed(tmp_path):
     run.update_status(state="running", pid=proc.pid)
     assert not run.is_alive()
     st = run.status()
-    assert st["state"] == "failed" and st["message"] == "process died"
+    assert st["state"] == "failed" and st["message"].startswith("process died")
     assert run.raw_status()["state"] == "running"  # readers never write
     run.update_status(state="running", pid=os.getpid())
     assert run.is_alive() and run.status()["state"] == "running"

@@ -243,7 +243,7 @@ def test_resume_after_a_killed_process(tmp_path):
     proc.wait()
     run = RunStore(tmp_path).get("k")
     st = run.status()
-    assert st["state"] == "failed" and st["message"] == "process died"
+    assert st["state"] == "failed" and st["message"].startswith("process died")
     step_killed = st["step"]
     assert 0 < step_killed < 3 * 80
     out = subprocess.run(
