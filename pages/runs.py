@@ -145,6 +145,7 @@ def main() -> None:
             "lr": st.column_config.NumberColumn(format="%g"),
         },
     )
+    _why_failed(rows)
     made = [r for r in rows if jobs.has_folder(r)]  # a starting run has no folder yet
     names = [r["name"] for r in made]
     if _pick_invalid(names):
@@ -196,6 +197,22 @@ def _misnamed() -> None:
             "see it here.",
             icon="⚠️",
         )
+
+
+SHOWN_FAILED = 10  # failed runs whose message the note under the table shows
+
+
+def _why_failed(rows: list[dict]) -> None:
+    """Under the table, the failed runs (newest first) with their messages: what happened and
+    how to go on with each (resume it from its last checkpoint, train it again, ...)."""
+    failed = [r for r in rows if r.get("state") == "failed" and jobs.has_folder(r)]
+    if not failed:
+        return
+    with st.expander(f"Why {len(failed)} run{'' if len(failed) == 1 else 's'} failed"):
+        for row in failed[:SHOWN_FAILED]:
+            st.text(f"{row['name']}: {row.get('message') or 'no message'}")
+        if len(failed) > SHOWN_FAILED:
+            st.caption(f"and {len(failed) - SHOWN_FAILED} more: pick one on the Train page")
 
 
 def _failed_starts(rows: list[dict]) -> None:

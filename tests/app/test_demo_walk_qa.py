@@ -3,6 +3,7 @@ after a refresh or a visit to another page, what Start says about the data, what
 
 from __future__ import annotations
 
+import socket
 import threading
 
 import pytest
@@ -169,3 +170,17 @@ def test_theory_prewarm_ends_quietly_when_the_server_exits(monkeypatch):
     monkeypatch.setattr(theory._Worker, "run", other)
     theory.prewarm().join(30)
     assert [str(e) for e in raised] == ["something else"]  # only the exit is taken quietly
+
+
+def test_the_runs_page_says_why_each_failed_run_failed_and_what_next(runs_dir):
+    """A failed run was only "failed" in the table; its message (what happened, and the
+    command that goes on with it) is shown under the table."""
+    from lorita.runs import RunStore
+
+    run = RunStore(runs_dir).get(N3)
+    run.update_status(state="running", pid=999_999_999, host=socket.gethostname())
+    at = open_page("runs")
+    assert_clean(at)
+    (box,) = [e for e in at.expander if e.label == "Why 1 run failed"]
+    (line,) = [t.value for t in box.text]
+    assert line.startswith(f"{N3}: process died") and f"--resume {N3}" in line

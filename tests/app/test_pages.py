@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -619,8 +620,10 @@ def test_a_run_that_trains_is_not_offered_for_deletion_and_a_refusal_is_drawn_wh
     assert [b for b in at.button if b.key == "runs.delete_yes"] == []
     monkeypatch.setattr(jobs, "delete", real)
 
-    status = runs_dir / N1 / "status.json"
-    status.write_text(json.dumps({**json.loads(status.read_text()), "state": "running"}))
+    status = runs_dir / N1 / "status.json"  # training in this process: its heartbeat goes on
+    status.write_text(
+        json.dumps({**json.loads(status.read_text()), "state": "running", "heartbeat": time.time()})
+    )
     at = open_page("runs")
     assert N1 not in at.selectbox(key="runs.delete").options
     assert N3 in at.selectbox(key="runs.delete").options
