@@ -92,7 +92,7 @@ def test_classroom_demo_walk(app_server, new_page, tmp_path):  # noqa: PLR0915
     url, runs = app_server["url"], app_server["runs"]
     page = new_page()
 
-    # --- Train: the Classroom preset, longer so that it is still training for the walk,
+    # --- Train: the Classroom preset, long enough to be training still when Stop is clicked,
     # without its N=1 baseline
     page.goto(f"{url}/train")  # straight to a page
     page.get_by_role("button", name=START).wait_for()
@@ -104,7 +104,7 @@ def test_classroom_demo_walk(app_server, new_page, tmp_path):  # noqa: PLR0915
     if box.is_checked():
         page.get_by_text(BASELINE, exact=False).click()
     assert not box.is_checked()
-    page.get_by_role("spinbutton", name="Epochs", exact=True).fill("40")
+    page.get_by_role("spinbutton", name="Epochs", exact=True).fill("400")
     before = {p.name for p in runs.iterdir()} if runs.exists() else set()
     before.add(run_in(page.url))
     page.get_by_role("button", name=START).click()
@@ -133,7 +133,7 @@ def test_classroom_demo_walk(app_server, new_page, tmp_path):  # noqa: PLR0915
     wait_idle(page)
     assert run_in(page.url) == name
     assert not page.get_by_role("checkbox", name=re.compile(BASELINE)).is_checked()
-    assert page.get_by_role("spinbutton", name="Epochs", exact=True).input_value() == "40"
+    assert page.get_by_role("spinbutton", name="Epochs", exact=True).input_value() == "400"
     assert page.get_by_text(f"settings of run {name}", exact=False).count() == 1
     assert "running" in progress_text(page)
     no_errors(page)
