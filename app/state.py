@@ -45,6 +45,7 @@ TRAIN_INIT_FROM = "train.init_from"  # uploaded weights to start from
 TRAIN_INIT_RUN = "train.init_run"  # or a finished run whose best checkpoint to start from
 TRAIN_SEED_RUN = "train.seed_run"  # str | None: the run whose config filled the form
 TRAIN_LAST_START = "train.last_start"  # {"key", "at", "runs"}: what the last Start started
+TRAIN_STOP_SAID = "train.stop_said"  # str: what the last Stop did, said once the panel redraws
 
 RUNS_PICK = "runs.pick"
 RUNS_LAYER = "runs.layer"

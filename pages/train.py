@@ -446,13 +446,28 @@ def _charts(name: str) -> None:
 
 def _stop_button(active: list[str]) -> None:
     label = "Stop" if len(active) == 1 else "Stop both"
-    if st.button(label, key="train.stop", icon="⏹️"):
-        for run in active:
-            jobs.stop(run)
-        st.toast("Stop requested: a run ends after its current step, with a checkpoint.")
+    st.button(label, key="train.stop", icon="⏹️", on_click=_stop, args=(active,))
+
+
+def _stop(names: list[str]) -> None:
+    """The Stop button's callback, given the runs that were training when it was drawn: each
+    still training is asked to stop. A run that ended between the drawing and the click (its
+    button then gone from the redrawn panel) has nothing to stop, and the page says so instead
+    of saying nothing."""
+    asked = [n for n in names if jobs.view(n).active]
+    for name in asked:
+        jobs.stop(name)
+    st.session_state[state.TRAIN_STOP_SAID] = (
+        "Stop requested: a run ends after its current step, with a checkpoint."
+        if asked
+        else f"{' and '.join(names)} had already ended: nothing to stop."
+    )
 
 
 def _panel(name: str) -> tuple[jobs.JobView, jobs.JobView | None]:
+    said = st.session_state.pop(state.TRAIN_STOP_SAID, None)
+    if said:
+        st.toast(said)
     v = jobs.view(name)
     st.markdown(f"### {v.name}")
     _progress(v)

@@ -999,6 +999,32 @@ def test_train_live_panel_stop_button(runs_dir):
     at.button(key="train.stop").click().run()
     assert not at.exception
     assert (runs_dir / N3 / "STOP").exists()
+    assert [t.value for t in at.toast] == [
+        "Stop requested: a run ends after its current step, with a checkpoint."
+    ]
+
+
+def test_stop_clicked_as_the_run_ends_says_it_had_ended(runs_dir):
+    """The Stop button drawn while the run trained, clicked after it completed: the click
+    was lost without a word (the redrawn panel has no button); it says the run had ended and
+    asks nothing of it."""
+    import json
+    import os
+    import time
+
+    path = runs_dir / N3 / "status.json"
+    done = json.loads(path.read_text())
+    now = time.time()
+    path.write_text(json.dumps({**done, "state": "running", "pid": os.getpid(), "heartbeat": now,
+                                "started": now - 10, "ended": None}))  # fmt: skip
+    at = open_page("train", run=N3)
+    stop = at.button(key="train.stop")
+    path.write_text(json.dumps(done))  # it completes meanwhile
+    stop.click().run()
+    assert_clean(at)
+    assert [t.value for t in at.toast] == [f"{N3} had already ended: nothing to stop."]
+    assert not (runs_dir / N3 / "STOP").exists()
+    assert [b for b in at.button if b.key == "train.stop"] == []
 
 
 def test_compress_budget_axis_and_the_baselines(runs_dir):
