@@ -1247,6 +1247,8 @@ def _run_training(args, store, run, config, d, quiet, stop_event, threads) -> in
                 run.release()
     if not quiet:
         _say(str(run.path.absolute()))  # a path that works from any folder
+        if result["state"] == "stopped" and run.last_checkpoint_step() is not None:
+            _say(f"to go on from its last checkpoint: {run.command('train --resume')}")
     if result["state"] == "failed":
         if d.main:
             _say(f"lorita: training failed: {_one_line(result['message'])}", sys.stderr)

@@ -369,3 +369,27 @@ def test_compress_of_a_run_without_its_checkpoint_names_a_next_step_that_works(
     assert main(["compress", "n", "--runs-dir", str(tmp_path), "--uniform", "0.5"]) == 2
     err = capsys.readouterr().err
     assert said in err, err
+
+
+def test_a_stopped_training_names_the_command_that_goes_on(tmp_path):
+    """`lorita train` stopped on request ended with "stopped at step N on request" and the
+    run's folder, but no next step; it now names the resume command (which completes it)."""
+    runs = tmp_path / "runs"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+           "OMP_NUM_THREADS": "1", "LORITA_RUNS": str(runs)}  # fmt: skip
+    cmd = [sys.executable, "-m", "lorita", "train", "--name", "s", "--epochs", "200",
+           "--model-arg", "width=16", "--model-arg", "depth=2", "--threads", "1"]  # fmt: skip
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=tmp_path)  # fmt: skip
+    try:
+        deadline = time.time() + 120
+        while not ((runs / "s").is_dir() and RunStore(runs).get("s").last_checkpoint_step()):
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()
+            time.sleep(0.2)
+        RunStore(runs).get("s").request_stop()
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert out.rstrip().endswith("to go on from its last checkpoint: lorita train --resume s")
