@@ -1011,9 +1011,7 @@ def _preflight_resume(run, config) -> None:
     d = dist_info()
     try:
         _preflight(dataclasses.replace(config, init_from=None))
-        if d.world > 1:  # (a new run's batch is checked as well, once torchrun's group is up)
-            cuda = _engine().resolve_device(config.device, d.local_rank).type == "cuda"
-            config.batch_per_process(cuda, d.world)
+        _engine().check_batch(config, d)  # (a new run's: once torchrun's group is up)
     except ValueError as e:
         world = d.world
         how = f"resume it in fewer than {world} processes, or " if world > 1 else ""
@@ -1082,9 +1080,7 @@ def cmd_train(args) -> int:
         _preflight(config)
         run = None
     d = _engine().init_distributed(config.device)
-    if d.on:  # the batch is the global one: refused before a run folder is made or claimed
-        cuda = _engine().resolve_device(config.device, d.local_rank).type == "cuda"
-        config.batch_per_process(cuda, d.world)
+    _engine().check_batch(config, d)  # refused before a run folder is made or claimed
     quiet = args.quiet or not d.main
     if quiet:  # nothing but errors: warnings too (main restores the filters afterwards)
         warnings.simplefilter("ignore")

@@ -17,7 +17,7 @@ from .build import build_model, load_splits
 from .config import AMP_MODES, OPTIMIZERS, SCHEDULES, TrainConfig
 from .devices import available_devices, init_distributed, resolve_device
 from .evaluate import evaluate, finetune
-from .loop import PeerLost, train
+from .loop import PeerLost, check_batch, train
 
 __all__ = [
     "AMP_MODES",
@@ -27,6 +27,7 @@ __all__ = [
     "TrainConfig",
     "available_devices",
     "build_model",
+    "check_batch",
     "evaluate",
     "finetune",
     "init_distributed",

@@ -55,7 +55,7 @@ from .evaluate import evaluate
 from .optim import loss_fn, main_output, make_optimizer, make_scheduler, per_step
 from .spectra_worker import SpectraWorker
 
-__all__ = ["Counters", "PeerLost", "Session", "train"]
+__all__ = ["Counters", "PeerLost", "Session", "check_batch", "train"]
 
 
 @dataclass
@@ -176,7 +176,7 @@ def _train(config, run, callback, stop, resume, threads, on_complete) -> dict:
         )
     _check_call(callback, stop, resume, threads, on_complete)  # before the run is claimed
     d = init_distributed(config.device)
-    _check_batch(config, d)  # before the run is claimed: a refusal leaves it as it is
+    check_batch(config, d)  # before the run is claimed: a refusal leaves it as it is
     writer = run if (run is not None and d.main) else None
     if resume and run is None:
         raise ValueError("resume: needs a run folder")
@@ -303,8 +303,9 @@ def _check_call(callback, stop, resume, threads, on_complete) -> None:
         )
 
 
-def _check_batch(config: TrainConfig, d: DistInfo) -> None:
-    """Under torchrun the batch must split evenly between the processes (a ValueError)."""
+def check_batch(config: TrainConfig, d: DistInfo) -> None:
+    """Under torchrun (``d``: :func:`~lorita.engine.devices.dist_info`) the batch must split
+    evenly between the processes (a ValueError naming batch_size)."""
     if d.on:
         cuda = resolve_device(config.device, d.local_rank).type == "cuda"
         config.batch_per_process(cuda, d.world)
