@@ -74,6 +74,7 @@ __all__ = [
     "STATES",
     "acquire_slot",
     "append_jsonl",
+    "checkpoint_folders",
     "load_splits",
     "process_alive",
     "read_json",
@@ -152,7 +153,7 @@ def _dataset_defaults(name: str) -> dict:
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 _TEMP_DIR_RE = re.compile(r"^\.tmp-.+-(\d+)$")  # checkpoint folders being written
-_CKPT_DIR_RE = re.compile(r"^ckpt-(\d{6,})$")  # a checkpoint, numbered in turn (engine)
+_CKPT_DIR_RE = re.compile(r"^ckpt-(\d{6,})$")  # a checkpoint, numbered in turn
 #: the message of a run whose process is gone (:meth:`Run.status`), which then says what to do
 PROCESS_DIED = "process died"
 
@@ -319,6 +320,19 @@ def _clean_temp_files(folder: Path) -> None:
 # --------------------------------------------------------------------------- one run
 
 
+def checkpoint_folders(folder: Path) -> list[tuple[int, Path]]:
+    """The checkpoint folders (``ckpt-NNNNNN``) in a run's ``checkpoints/``, oldest first, each
+    with its number (none when there is no such folder): what the engine writes and resumes
+    from, and what a run's status reads its last step from."""
+    out = []
+    if folder.is_dir():
+        for p in folder.iterdir():
+            m = _CKPT_DIR_RE.match(p.name)
+            if m and p.is_dir():
+                out.append((int(m.group(1)), p))
+    return sorted(out)
+
+
 class Run:
     """A run folder. Reading methods never raise, whatever the folder holds."""
 
@@ -433,7 +447,7 @@ class Run:
         them)."""
         st = _typed_status(self.raw_status())
         if not st:
-            return {"state": "failed", "message": self._broken_message()}
+            return {"state": "failed", "message": self._broken_message(self.problem())}
         if st.get("state") not in STATES:
             said = f"unknown state {st.get('state')!r} in status.json; {self._next_step(st)}"
             return {**st, "state": "failed", "message": said}
@@ -441,13 +455,14 @@ class Run:
         if st.get("state") in ACTIVE and not alive:
             st = {**st, "state": "failed", "message": self._ended_message(st),
                   "ended": st.get("heartbeat")}  # fmt: skip
-        if not alive and self.problem():  # (a live process still trains it: said once it ends)
-            st = {**st, "state": "failed", "message": self._broken_message()}
+        problem = None if alive else self.problem()  # (a live run: said once it ends)
+        if problem:
+            st = {**st, "state": "failed", "message": self._broken_message(problem)}
         return st
 
-    def _broken_message(self) -> str:
+    def _broken_message(self, problem: str | None) -> str:
         """What is wrong with a broken folder (:meth:`problem`), and what to do."""
-        problem = self.problem() or "status.json missing"
+        problem = problem or "status.json missing"
         return (
             f"broken run folder: {problem}; put that file back, or delete the run "
             f"({self.command('runs --delete')})"
@@ -496,11 +511,7 @@ class Run:
         """The step of the newest checkpoint (what a resume goes on from, its manifest says
         which step), or None when it kept none."""
         try:
-            folders = sorted(
-                (int(m.group(1)), p)
-                for p in self.checkpoint_dir.iterdir()
-                if (m := _CKPT_DIR_RE.match(p.name)) and p.is_dir()
-            )
+            folders = checkpoint_folders(self.checkpoint_dir)
         except OSError:
             return None
         for _, folder in reversed(folders):

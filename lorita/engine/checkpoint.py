@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 from contextlib import suppress
 from pathlib import Path
@@ -40,6 +39,7 @@ from ..io import (
     remove_folder,
     temp_beside,
 )
+from ..runs import checkpoint_folders
 
 __all__ = [
     "counters",
@@ -54,7 +54,6 @@ __all__ = [
     "sweep",
 ]
 
-_DIR_RE = re.compile(r"^ckpt-(\d{6,})$")
 MANIFEST = "manifest.json"
 STATE_KEY = "lorita_train_state"
 
@@ -102,16 +101,6 @@ def _jsonable(o: Any):
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
-def _folders(folder: Path) -> list[tuple[int, Path]]:
-    out = []
-    if folder.is_dir():
-        for p in folder.iterdir():
-            m = _DIR_RE.match(p.name)
-            if m and p.is_dir():
-                out.append((int(m.group(1)), p))
-    return sorted(out)
-
-
 def _complete(path: Path) -> dict | None:
     """The manifest of a checkpoint folder whose files all have their recorded sizes."""
     man = read_json(path / MANIFEST)
@@ -128,7 +117,7 @@ def _complete(path: Path) -> dict | None:
 
 def latest(folder: Path) -> Path | None:
     """The newest complete checkpoint folder under ``folder``, or None."""
-    for _, path in reversed(_folders(folder)):
+    for _, path in reversed(checkpoint_folders(folder)):
         if _complete(path) is not None:
             return path
     return None
@@ -140,7 +129,7 @@ def damaged(folder: Path) -> Path | None:
     rename), when no complete one is left; else None."""
     if latest(folder) is not None:
         return None
-    folders = _folders(folder)
+    folders = checkpoint_folders(folder)
     return folders[-1][1] if folders else None
 
 
@@ -190,7 +179,7 @@ def save(
     ``folder``'s parent (the run folder) must exist: a run folder removed or renamed while
     its training runs is not brought back (FileNotFoundError)."""
     folder.mkdir(exist_ok=True)
-    existing = _folders(folder)
+    existing = checkpoint_folders(folder)
     seq = existing[-1][0] + 1 if existing else 1
     final = folder / f"ckpt-{seq:06d}"
     tmp = folder / f".tmp-ckpt-{seq:06d}-{os.getpid()}"
@@ -227,7 +216,7 @@ def prune(folder: Path, keep: Path) -> None:
 
     Each goes by one rename to a temporary name first, so a process killed while it deletes
     leaves no half-deleted ``ckpt-`` folder (``sweep`` removes what the rename left)."""
-    for seq, old in _folders(folder):
+    for seq, old in checkpoint_folders(folder):
         if old != keep:
             gone = folder / f".tmp-ckpt-{seq:06d}-old-{os.getpid()}"
             with suppress(OSError):  # (one that cannot be renamed stays a whole checkpoint)
