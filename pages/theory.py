@@ -36,7 +36,7 @@ def main() -> None:
         "A planted matrix **M** of low rank, observed with a little noise as **Y**, is fitted "
         "by a product of **N** square factors `W = W_N ⋯ W_1`, minimising "
         "`½‖W − Y‖² + ½λ Σᵢ‖Wᵢ‖²` — ordinary weight decay on every factor. It trains in "
-        "about a second."
+        "a fraction of a second."
     )
     c1, c2 = st.columns(2)
     for key, (param, kind, low, high) in _IN_URL.items():  # a refresh comes back to them

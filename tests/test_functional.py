@@ -77,6 +77,29 @@ def test_fit_planted_shows_rank_preference():
     assert len(r1["true"]) == 24
 
 
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
+def test_planted_descent_takes_the_steps_autograd_and_sgd_take(n):
+    """The planted fit's written-out gradients and momentum: the same factors and losses as
+    autograd with torch.optim.SGD(momentum=0.9) on the same loss, step for step."""
+    g = torch.Generator().manual_seed(n)
+    init = torch.randn(8, 8, generator=g, dtype=torch.float64) / 8
+    observed = torch.randn(8, 8, generator=g, dtype=torch.float64) / 3
+    ours = [f.clone() for f in Fn.balanced_factors(init, n)]
+    history = Fn._descend(ours, observed, 0.3, 40, 0.05)
+    theirs = [f.clone().requires_grad_(True) for f in Fn.balanced_factors(init, n)]
+    opt, losses = torch.optim.SGD(theirs, lr=0.05, momentum=0.9), []
+    for _ in range(40):
+        loss = 0.5 * (Fn.chain_product(theirs) - observed).pow(2).sum()
+        loss = loss + 0.15 * sum(f.pow(2).sum() for f in theirs)
+        losses.append(float(loss))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    for a, b in zip(ours, theirs, strict=True):
+        assert_close(a, b.detach(), rtol=1e-10, atol=1e-12)
+    assert history == pytest.approx(losses, rel=1e-10)
+
+
 @pytest.mark.parametrize(
     "call, field",
     [
