@@ -1,7 +1,7 @@
 """Glue for the Theory page: the planted-matrix fit and the numbers the page shows.
 
 The fit (1500 small gradient steps) runs in one worker process, not in the server: a long
-stretch of tiny torch calls in the server's own process competes with every session's script
+stretch of tiny array calls in the server's own process competes with every session's script
 and the server's event loop for the interpreter lock, and was many times slower there than on
 its own. Results come back as plain lists and numbers, kept per setting for every session
 (:func:`fit`). The server starts the worker and fits the page's default setting in the
