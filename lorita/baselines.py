@@ -70,7 +70,13 @@ class _Pruner:
         self.ignored = list(ignored)
 
     def __call__(self, ratio: float) -> tuple[nn.Module, int]:
-        import torch_pruning as tp
+        try:
+            import torch_pruning as tp
+        except ImportError:  # an optional package (pyproject's extra "prune")
+            raise PruneError(
+                "prune: L1 structured pruning needs the optional package torch-pruning "
+                "(pip install torch-pruning; it is in requirements.txt)"
+            ) from None
 
         work = clone_model(self.model).eval()
         if ratio <= 0:

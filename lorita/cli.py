@@ -1079,8 +1079,10 @@ def cmd_train(args) -> int:
         config = _train_config(args)
         _preflight(config)
         run = None
-    d = _engine().init_distributed(config.device)
-    _engine().check_batch(config, d)  # refused before a run folder is made or claimed
+    from .engine.devices import dist_info
+
+    _engine().check_batch(config, dist_info())  # refused before a run folder is made or
+    d = _engine().init_distributed(config.device)  # claimed, and before the group starts
     quiet = args.quiet or not d.main
     if quiet:  # nothing but errors: warnings too (main restores the filters afterwards)
         warnings.simplefilter("ignore")
@@ -2093,6 +2095,10 @@ def _as_trained(args):
 
 def cmd_export(args) -> int:
     args.format = _export_format(args)
+    if args.format == "onnx":  # before any work: what to install when it cannot be written
+        from .export import check_onnx_packages
+
+        check_onnx_packages()
     if args.policy == NO_CUT:
         args.policy = None
     cut = args.policy is not None or args.max_drop is not None
@@ -2198,8 +2204,31 @@ def _one_line(message) -> str:
 
 
 def _fail(message) -> int:
-    _say(f"lorita: error: {_one_line(message)}", sys.stderr)
+    local = _torchrun_before_group()
+    if not local:
+        _say(f"lorita: error: {_one_line(message)}", sys.stderr)
+    else:  # silent: ended first, it would have torchrun end the one that says why (SIGTERM)
+        with contextlib.suppress(KeyboardInterrupt):  # (torchrun's SIGTERM once that one
+            time.sleep(_TORCHRUN_LINGER_S)  # has ended: this one ends with 2 all the same)
     return 2
+
+
+#: how long a torchrun process that does not say its error waits before it ends
+_TORCHRUN_LINGER_S = 1.5
+
+
+def _torchrun_before_group() -> int | None:
+    """``LOCAL_RANK`` of a process torchrun started whose process group has not started (bad
+    input: every process reads the same command line and fails alike, and only the first of
+    each machine says why); None otherwise (what fails once the group has started may be
+    this process's own, said by it). Read from the environment, no torch imported."""
+    local = os.environ.get("LOCAL_RANK", "").strip()
+    if not (local.isdigit() and "WORLD_SIZE" in os.environ):
+        return None
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        return None
+    return int(local)
 
 
 def _say(text: str, stream=None) -> None:

@@ -351,6 +351,9 @@ def model_spec(model: nn.Module, *, input_shape=None, metadata: dict | None = No
         "input_shape": _input_shape(input_shape),
         "metadata": metadata or {},
     }
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    if frozen:  # (listed only when there are some: other files stay as they were)
+        spec["frozen"] = frozen
     if not isinstance(spec["metadata"], dict):
         raise ValueError(f"metadata: expected a dict, got {type(metadata).__name__}")
     spec["metadata"] = clean(spec["metadata"])  # NaN and inf are not JSON: null (unknown)
@@ -439,6 +442,12 @@ def save(
     for a model with several inputs, else on zeros of ``input_shape``, else on a guessed
     input), the folds recorded in the spec so both loads rebuild the same structure. Off by
     default: a saved model (a checkpoint) may be trained further, which needs its BatchNorms.
+
+    What a load gets back: the structure (each layer's form, N, ranks), every parameter and
+    persistent buffer, and which parameters were frozen (``requires_grad=False``, listed by
+    name in the spec and frozen again). Not kept: the training mode (a model loads in eval
+    mode), hooks, pruning or parametrizations as such (their tensors are saved under their
+    own names: load onto an instance pruned alike) and anything held outside the state_dict.
     """
     _check_file_path(path)
     data = save_bytes(
@@ -459,13 +468,33 @@ def _fail(field: str, msg: str) -> ValueError:
     return ValueError(f"{field}: {msg}")
 
 
+class _RepeatedKey(ValueError):
+    """A JSON object that names one key twice (JSON's parsers keep one of the two silently)."""
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        for k, _ in pairs:
+            if k in seen:
+                raise _RepeatedKey(k)
+            seen.add(k)
+    return obj
+
+
 def _loads(text: str, field: str):
     """Parse JSON; nesting deeper than Python's recursion limit is refused by the parser
-    itself (in C, in microseconds), and the validators below bound the depth they walk."""
+    itself (in C, in microseconds), and the validators below bound the depth they walk. An
+    object that repeats a key (two entries for one tensor, ``__metadata__`` twice) is refused,
+    naming the key: readers that keep the first or the last of the two would disagree on what
+    the file holds."""
     enabled = gc.isenabled()
     gc.disable()  # a hostile header of many small objects would otherwise trigger full GCs
     try:
-        return json.loads(text)
+        return json.loads(text, object_pairs_hook=_unique_keys)
+    except _RepeatedKey as e:
+        raise _fail(field, f"the key {str(e.args[0])[:80]!r} is given twice") from None
     except RecursionError:
         raise _fail(field, "nested too deep") from None
     except ValueError as e:
@@ -747,7 +776,7 @@ def _check_names(field: str, names, values: Callable | None = None) -> None:
 
 _TOP = {
     "format", "version", "arch", "layers", "direct", "folded", "n_factors", "ranks",
-    "input_shape", "metadata",
+    "input_shape", "metadata", "frozen",
 }  # fmt: skip
 
 
@@ -779,6 +808,7 @@ def validate_spec(spec) -> None:
     _check_names("spec.layers", spec.get("layers", {}), _check_layer_spec)
     _check_names("spec.direct", spec.get("direct", []))
     _check_names("spec.folded", spec.get("folded", {}), _check_layer_name)
+    _check_names("spec.frozen", spec.get("frozen", []))
     if not _is_int(spec.get("n_factors", 1), 1, LIMITS["n_factors"]):
         raise _fail("spec.n_factors", f"expected an integer in [1, {LIMITS['n_factors']}]")
     if spec.get("ranks") is not None:
@@ -925,7 +955,55 @@ def _layer_of(model: nn.Module, msg: str) -> str:
 def _check_against_file(model: nn.Module, shapes: dict[str, tuple], where: str) -> None:
     bad = _first_mismatch(model, shapes)
     if bad is not None:
-        raise _fail(where, f"layer {_layer_of(model, bad)!r} does not match the file: {bad}")
+        layer = _layer_of(model, bad)
+        said = f"layer {layer!r} does not match the file: {bad}"
+        raise _fail(where, said + _recomputed_hint(model, layer, shapes))
+
+
+def _recomputed_hint(model: nn.Module, layer: str, shapes: dict[str, tuple]) -> str:
+    """What to do when ``layer`` is pruned or reparametrized in ``model`` and not in the file
+    (its tensors then have other names: ``weight_orig``, ``parametrizations.weight...``), or
+    the other way round; "" when neither."""
+    try:
+        module = model.get_submodule(layer)
+    except AttributeError:
+        return ""
+    calls = _undo_calls(module)
+    if calls:
+        return (
+            "; it is pruned or reparametrized here, and the file holds its tensors as they "
+            f"are: pass an instance without it, or undo it first ({'; '.join(calls)})"
+        )
+    theirs = [
+        k
+        for k in shapes
+        if k.startswith(layer + ".") and re.search(r"_orig$|_mask$|\.parametrizations\.", k)
+    ]
+    if theirs:
+        return (
+            f"; the file holds it pruned or reparametrized ({theirs[0]!r}): pass an instance "
+            "pruned or reparametrized alike, or save the model with that undone"
+        )
+    return ""
+
+
+def _undo_calls(module: nn.Module) -> list[str]:
+    """The calls that take off what recomputes ``module``'s tensors at every call (pruning,
+    a parametrization, the old-style weight_norm / spectral_norm), as a user writes them."""
+    from torch.nn.utils.prune import BasePruningMethod
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    calls = []
+    for hook in module._forward_pre_hooks.values():
+        if isinstance(hook, BasePruningMethod):
+            calls.append(f"torch.nn.utils.prune.remove(module, {hook._tensor_name!r})")
+        elif isinstance(hook, (WeightNorm, SpectralNorm)):
+            what = "weight" if isinstance(hook, WeightNorm) else "spectral"
+            calls.append(f"torch.nn.utils.remove_{what}_norm(module)")
+    for tensor in getattr(module, "parametrizations", {}):
+        calls.append(f"torch.nn.utils.parametrize.remove_parametrizations(module, {tensor!r})")
+    return calls
 
 
 def _check_options_backed(arch: dict, shapes: dict[str, tuple]) -> None:
@@ -1031,7 +1109,7 @@ def _load(header: dict, where: str, read_tensors, model: nn.Module | None):
     shapes = _named_shapes(header, where)
     spec = _spec_from_header(header, where)
     if model is None:
-        return _rebuild(spec, shapes, where, read_tensors)
+        return _freeze(_rebuild(spec, shapes, where, read_tensors), spec)
     if not isinstance(model, nn.Module):
         raise _fail("model", f"expected an nn.Module, got {type(model).__name__}")
     model = unwrap(model)
@@ -1040,9 +1118,12 @@ def _load(header: dict, where: str, read_tensors, model: nn.Module | None):
     try:
         skeleton = _skeleton(model)
         if skeleton is not None:  # checked on a copy first: a refusal leaves model as it was
-            _check_against_file(_apply_layers(skeleton, spec), shapes, "model")
+            skeleton = _apply_layers(skeleton, spec)
+            _check_against_file(skeleton, shapes, "model")
+            _frozen_params(skeleton, spec)
         model = _apply_layers(model, spec)
         _check_against_file(model, shapes, "model")
+        _frozen_params(model, spec)
     except ValueError as e:
         raise ValueError(f"{e} ({other_class})" if other_class else str(e)) from None
     if other_class:
@@ -1056,6 +1137,23 @@ def _load(header: dict, where: str, read_tensors, model: nn.Module | None):
             f"built on the meta device, and {left!r} is not in the file (a buffer the model "
             "makes itself): build the model on the CPU",
         )
+    return _freeze(model, spec)
+
+
+def _frozen_params(model: nn.Module, spec: dict) -> list[nn.Parameter]:
+    """The parameters the spec lists as frozen (``requires_grad=False`` when saved), each
+    one of ``model``'s (else a ValueError naming it)."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    for i, name in enumerate(spec.get("frozen", [])):
+        if name not in params:
+            raise _fail(f"spec.frozen[{i}]", f"{name[:80]!r} is not a parameter of this model")
+    return [params[n] for n in spec.get("frozen", [])]
+
+
+def _freeze(model: nn.Module, spec: dict) -> nn.Module:
+    """``model`` with the parameters saved frozen frozen again (the others as they are)."""
+    for p in _frozen_params(model, spec):
+        p.requires_grad_(False)
     return model
 
 
@@ -1112,6 +1210,14 @@ def read_spec(path: str | os.PathLike) -> dict:
     header, total, where = _read_path_header(path)
     _named_shapes(header, where)
     return _spec_from_header(header, where)
+
+
+def read_header(path: str | os.PathLike) -> dict:
+    """The header of safetensors file ``path`` parsed as :func:`load` parses it (its length
+    within :data:`LIMITS`, its JSON, a key given twice refused), its entries not checked: every
+    reader of a safetensors file in lorita parses it here first, so that none of them takes a
+    file whose header names one tensor twice. ValueError naming the file."""
+    return _read_path_header(path)[0]
 
 
 def check_header(path: str | os.PathLike) -> None:
@@ -1171,6 +1277,7 @@ def load(path: str | os.PathLike, *, model: nn.Module | None = None) -> nn.Modul
     freshly built instance of its architecture as ``model``: the stored structure (N, ranks,
     form per layer name) is applied to it (in place) and the weights loaded strictly; a layer
     that does not match is named in the error. Everything is checked before it is built.
+    Parameters saved frozen are frozen again (see :func:`save` for what a file keeps).
     """
     header, total, where = _read_path_header(path)
 
@@ -1309,6 +1416,26 @@ def _exporters_quiet():
                 exporter.setup_onnx_logging = original
 
 
+#: what each ONNX exporter needs beyond torch (optional: pyproject's extra "onnx")
+ONNX_PACKAGES = {"torchscript": ("onnx",), "dynamo": ("onnx", "onnxscript")}
+
+
+def check_onnx_packages(dynamo: bool = False) -> None:
+    """ValueError naming what to install when ONNX export cannot run here: the TorchScript
+    exporter needs ``onnx``, ``torch.export``'s (``dynamo``, and models over 2 GiB) also
+    ``onnxscript``. Checked before any work, without importing them."""
+    import importlib.util
+
+    wanted = ONNX_PACKAGES["dynamo" if dynamo else "torchscript"]
+    missing = [m for m in wanted if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ValueError(
+            f"format onnx: ONNX export needs the optional package{'s' * (len(missing) > 1)} "
+            f"{' and '.join(missing)} (pip install onnx onnxscript onnxruntime, all in "
+            "requirements.txt)"
+        )
+
+
 def _onnx_torchscript(
     model: nn.Module, x: inputs.Example, path: Path, opset: int, outputs: list[str]
 ) -> None:
@@ -1329,6 +1456,7 @@ def _onnx_dynamo(
     outputs: list[str],
     external: bool = False,
 ) -> None:
+    check_onnx_packages(dynamo=True)  # also the fallback for what TorchScript cannot export
     batch = torch.export.Dim("batch", min=1)
     args, kwargs = inputs.as_args(x), inputs.as_kwargs(x)
     shapes = {k: {0: batch} for k in kwargs} if kwargs else tuple({0: batch} for _ in args)
@@ -1405,6 +1533,17 @@ def _onnx_external(
         shutil.rmtree(work, ignore_errors=True)
 
 
+def _check_onnx_call(model, path, *, fold_bn, dynamo, metadata) -> None:
+    """:func:`export_onnx`'s arguments, and the packages it needs, checked before any work."""
+    check_module(model)
+    check_flag(fold_bn, "fold_bn")
+    check_onnx_packages(dynamo)
+    check_initialised(unwrap(model))  # a meta model has no weights to write
+    if metadata is not None and not isinstance(metadata, dict):
+        raise ValueError(f"metadata: expected a dict or None, got {type(metadata).__name__}")
+    _check_file_path(path)
+
+
 def export_onnx(
     model: nn.Module,
     example_input: inputs.Example,
@@ -1429,12 +1568,7 @@ def export_onnx(
     ``metadata``: written into the file's ``metadata_props``, each value that is not text as
     JSON (``lorita export`` writes ``preprocess``: how to feed the model).
     """
-    check_module(model)
-    check_flag(fold_bn, "fold_bn")
-    check_initialised(unwrap(model))  # a meta model has no weights to write
-    if metadata is not None and not isinstance(metadata, dict):
-        raise ValueError(f"metadata: expected a dict or None, got {type(metadata).__name__}")
-    _check_file_path(path)
+    _check_onnx_call(model, path, fold_bn=fold_bn, dynamo=dynamo, metadata=metadata)
     deploy = deploy_model(model, example_input, fold_bn=fold_bn, channels_last=False)
     _explicit_same_padding(deploy)
     _warn_cpu_runtime_dtype(deploy)

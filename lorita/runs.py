@@ -458,7 +458,17 @@ class Run:
         problem = None if alive else self.problem()  # (a live run: said once it ends)
         if problem:
             st = {**st, "state": "failed", "message": self._broken_message(problem)}
+        elif st.get("state") == "stopped":
+            st = {**st, "message": self._stopped_message(st)}
         return st
+
+    def _stopped_message(self, st: dict) -> str:
+        """A stopped run's message, with the command that goes on from its last checkpoint
+        when it kept one (and its message does not already say how to resume)."""
+        said = str(st.get("message") or "stopped")
+        if "resume" in said or self.last_checkpoint_step() is None:
+            return said
+        return f"{said}; {self._next_step(st)}"
 
     def _broken_message(self, problem: str | None) -> str:
         """What is wrong with a broken folder (:meth:`problem`), and what to do."""

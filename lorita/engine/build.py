@@ -16,7 +16,7 @@ from .. import data as data_mod
 from .. import models as models_mod
 from ..clone import clone_model
 from ..convert import overparameterize
-from ..export import LIMITS, foreign_format, is_lorita_file
+from ..export import LIMITS, foreign_format, is_lorita_file, read_header
 from ..runs import load_splits as _run_splits
 from .config import TrainConfig
 
@@ -165,6 +165,7 @@ def read_weights(
             from safetensors.torch import load_file
 
             obj = load_file(str(p))
+            read_header(p)  # (the parser lorita.load uses: a tensor named twice is refused)
         else:
             # (a file object: given a path named .safetensors, torch.load reads it as one)
             with warnings.catch_warnings(), open(p, "rb") as f:  # torch's weights_only advice

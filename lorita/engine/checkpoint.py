@@ -29,7 +29,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as st_save
 from torch import nn
 
-from ..export import save_bytes
+from ..export import read_header, save_bytes
 from ..io import (
     atomic_write_bytes,
     cannot_write,
@@ -229,6 +229,8 @@ def load(path: Path, model: nn.Module, opt, sched) -> tuple[dict, dict[str, torc
     Returns the loop's counters and the saved RNG states (without their ``rng.`` prefix).
     """
     device = next(model.parameters()).device
+    read_header(path / "model.safetensors")  # (a tensor named twice is refused, as by load)
+    read_header(path / "state.safetensors")
     model.load_state_dict(
         {k: v.to(device) for k, v in load_file(path / "model.safetensors").items()}
     )
@@ -255,6 +257,7 @@ def load(path: Path, model: nn.Module, opt, sched) -> tuple[dict, dict[str, torc
 def counters(path: Path) -> dict:
     """The loop's counters saved in checkpoint folder ``path`` (what it holds, before loading:
     a run with plain epochs builds the plain or the composed model from them)."""
+    read_header(path / "state.safetensors")
     with safe_open(str(path / "state.safetensors"), framework="pt") as f:
         return json.loads(f.metadata()[STATE_KEY])["counters"]
 
