@@ -322,6 +322,13 @@ class Budget(Policy):
             raise ValueError(f"percent: expected 0 < percent <= 100, got {self.percent!r}")
         if self.measure not in ("params", "flops"):
             raise ValueError(f"measure: expected 'params' or 'flops', got {self.measure!r}")
+        if self.percent < 1:  # Budget(0.1) for "10%" would keep a tenth of a percent
+            warnings.warn(
+                f"percent: {self.percent:g} keeps {self.percent:g}% of the uncut model's "
+                f"{self.measure}, not {100 * self.percent:g}%: the budget is in percent "
+                f"(Budget({100 * self.percent:g}) for {100 * self.percent:g}%)",
+                stacklevel=3,
+            )
 
     def __str__(self) -> str:
         return f"{self.spec()['policy']}:{self.percent:g}"

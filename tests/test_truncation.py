@@ -1,4 +1,5 @@
 import math
+import warnings
 
 import pytest
 import torch
@@ -589,3 +590,16 @@ def test_a_meta_model_is_refused_by_name(policy):
         net = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
     with pytest.raises(ValueError, match="'meta' device"):
         lt.truncate(net, policy)
+
+
+def test_a_budget_under_one_percent_warns_that_it_is_in_percent():
+    """Budget(0.1) written for "10%" keeps a tenth of a percent: said at once, with the
+    spelling that was meant; 1% and up are quiet."""
+    with pytest.warns(UserWarning, match=r"percent: 0\.1 keeps 0\.1% .*\(Budget\(10\) for 10%\)"):
+        lt.Budget(0.1)
+    with pytest.warns(UserWarning, match="of the uncut model's flops"):
+        lt.FlopBudget(0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lt.Budget(1)
+        lt.Budget(10)
