@@ -46,8 +46,8 @@ FLAGS = [
 POINTS = [
     "created:1",  # killed while queued (right after the run folder was made)
     "open:1",  # killed after claiming the folder, before the first step
-    "step:1", "step:13", "step:20", "step:21", "step:47", "step:60",
-    "append:1", "append:6", "append:12", "append:18", "append:22",  # mid-line
+    "step:1", "step:20", "step:21", "step:60",  # first, an epoch's last and next, the last
+    "append:1", "append:12", "append:22",  # mid-line
     "validate:1", "validate:3",  # after a validation line and the best model
     "ckpt_between_files:1", "ckpt_between_files:3",  # model written, state not yet
     "ckpt_before_rename:2",  # checkpoint complete under its temporary name
@@ -57,7 +57,7 @@ POINTS = [
     "test:1",  # after the final test pass, before its lines and result.json
     "result:1",  # result.json written, status not yet completed
 ]  # fmt: skip
-N_RANDOM = 5
+N_RANDOM = 3
 # the same run with its first epoch plain (composed into N=3 at step 20): kills around the switch
 PLAIN = ["--plain-epochs", "1"]
 PLAIN_POINTS = [
