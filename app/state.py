@@ -46,6 +46,7 @@ TRAIN_INIT_RUN = "train.init_run"  # or a finished run whose best checkpoint to 
 TRAIN_SEED_RUN = "train.seed_run"  # str | None: the run whose config filled the form
 TRAIN_LAST_START = "train.last_start"  # {"key", "at", "runs"}: what the last Start started
 TRAIN_STOP_SAID = "train.stop_said"  # str: what the last Stop did, said once the panel redraws
+TRAIN_FROM_URL = "train.from_url"  # (widget suffix, values): the form fields the address gave
 
 RUNS_PICK = "runs.pick"
 RUNS_LAYER = "runs.layer"
@@ -85,6 +86,10 @@ QUERY_VALUE = "value"
 QUERY_WHICH = "which"  # the checkpoint the Compress and Export pages show (best | last)
 QUERY_FORMAT = "format"  # the Export page's file format
 QUERY_COMPARE = "compare"  # "1" while the Compress page compares with the baselines
+QUERY_OVERLAY = "overlay"  # the runs the Runs page overlays, one parameter each (empty: none)
+QUERY_PRESET = "preset"  # the Train page's preset, while its form shows a preset's values
+# The Train form's fields that differ from its starting values go under their config names
+# (?epochs=5&lr=0.01): the names of app.presets.FORM_FIELDS (app/train_url.py).
 
 DEFAULTS: dict[str, Any] = {
     CURRENT_RUN: None,

@@ -149,12 +149,15 @@ def main() -> None:
     made = [r for r in rows if jobs.has_folder(r)]  # a starting run has no folder yet
     names = [r["name"] for r in made]
     if _pick_invalid(names):
-        st.session_state[state.RUNS_PICK] = _default_pick(made)
+        url_pick = _url_pick(names) if state.RUNS_PICK not in st.session_state else None
+        st.session_state[state.RUNS_PICK] = _default_pick(made) if url_pick is None else url_pick
     picked = st.multiselect(
         "Compare runs (N=1 against N=3 is the lesson)",
         names,
         key=state.RUNS_PICK,
     )
+    if st.query_params.get_all(state.QUERY_OVERLAY) != (picked or [""]):
+        st.query_params[state.QUERY_OVERLAY] = picked or [""]  # a refresh overlays them again
     if picked:
         _compare(picked, {r["name"]: r for r in made})
     else:
@@ -227,6 +230,17 @@ def _failed_starts(rows: list[dict]) -> None:
         if c2.button("Dismiss", key=f"runs.dismiss.{row['name']}"):
             jobs.dismiss(row["name"])
             st.rerun()
+
+
+def _url_pick(names: list[str]) -> list[str] | None:
+    """The runs the address overlays (``?overlay=a&overlay=b``; ``?overlay=`` none) that are in
+    ``names``; None when it names none of them (no parameter, runs deleted since, a mangled
+    link): the page's default pick."""
+    given = [n for n in st.query_params.get_all(state.QUERY_OVERLAY) if n != ""]
+    if state.QUERY_OVERLAY in st.query_params and not given:
+        return []  # none picked
+    kept = list(dict.fromkeys(n for n in given if n in names))
+    return kept or None
 
 
 def _pick_invalid(names: list[str]) -> bool:

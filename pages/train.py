@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from app import charts, jobs, live, options, plot, presets, state, train_form, ui
+from app import charts, jobs, live, options, plot, presets, state, train_form, train_url, ui
 
 FIELD_KEYS = {
     "dataset": state.TRAIN_DATASET,
@@ -38,6 +38,9 @@ _OPTION_HELP = {  # each options box: its placeholder and what it takes
     ),
 }
 LIVE_EVERY_S = 1.0
+# Start's key as the submit button of the form the fields were once in (scripts press it by
+# key): the fields are no form now, so that each edit reaches the page and its address.
+START_KEY = "FormSubmitter:train.form-Start training"
 LIVE_KEY = "train-live"  # container of the live panel (its elements never fade; see _NO_FADE)
 # While a fragment reruns, Streamlit dims the elements it is about to replace. The live panel
 # replaces everything every second, so dimming would make it blink: keep it fully visible.
@@ -76,15 +79,72 @@ def _seed_config() -> dict | None:
 
 
 def _init_form() -> None:
-    """Once per session: a page opened on a run (``?run=``, a refresh) shows that run's config."""
+    """Once per session: a page opened on a run (``?run=``, a refresh) shows that run's config,
+    one whose address names a preset (``?preset=``) that preset's values; then the form fields
+    the address gives (a refresh of a half-filled form: app/train_url.py)."""
     if state.TRAIN_PRESET in st.session_state:
         return
+    seed, preset = _opened_on()
+    wanted = state.from_url(state.QUERY_PRESET)
+    if wanted in presets.PRESETS:
+        seed, preset = None, wanted
+    st.session_state[state.TRAIN_SEED_RUN] = seed
+    st.session_state[state.TRAIN_PRESET] = preset
+    texts = {field: st.query_params.get(field) for field in presets.FORM_FIELDS}
+    st.session_state[state.TRAIN_FROM_URL] = (_suffix(), train_url.read(texts, preset))
+
+
+def _opened_on() -> tuple[str | None, str]:
+    """(the run whose settings the form shows, the preset) of the page opened on the current
+    run with no preset in its address."""
     run = state.current_run()
     cfg = jobs.run_config(run) if run else None
-    st.session_state[state.TRAIN_SEED_RUN] = run if cfg else None
-    st.session_state[state.TRAIN_PRESET] = (
-        train_form.seed_preset(cfg) if cfg else presets.DEFAULT_PRESET
-    )
+    return (run if cfg else None), (train_form.seed_preset(cfg) if cfg else presets.DEFAULT_PRESET)
+
+
+def _from_url() -> dict:
+    """The form fields the address gave when the page opened, while the form shows the preset
+    (and run) they were written for."""
+    kept = st.session_state.get(state.TRAIN_FROM_URL)
+    if kept and kept[0] == _suffix():
+        return kept[1]
+    st.session_state.pop(state.TRAIN_FROM_URL, None)
+    return {}
+
+
+def _to_url(family: str, start: dict) -> bool:
+    """Keep in the address the form's fields that differ from ``start`` (its starting values)
+    and the preset they are edits of, so that a refresh comes back to a half-filled form;
+    whether any field differs."""
+    form = _typed_form(family)
+    choice, path = form.pop("dataset"), (form.pop("dataset_path") or "").strip()
+    form["dataset"] = f"{choice}:{path}" if options.is_path_family(choice) else choice
+    kept = train_url.changed(form, start)
+    for field in presets.FORM_FIELDS:
+        if field in kept:
+            state.to_url(field, kept[field])
+        elif field in st.query_params:
+            del st.query_params[field]
+    _preset_to_url(bool(kept))
+    return bool(kept)
+
+
+def _preset_to_url(edited: bool) -> None:
+    """``?preset=`` while the form shows a preset (not a run's settings) that a page opened on
+    the current run would not show by itself: another preset, or this one ``edited`` where
+    that page would show the run's settings (untouched, a refresh shows them, as it always
+    did); not once the run is the one this form started (its settings are the form's)."""
+    preset = st.session_state[state.TRAIN_PRESET]
+    started = (st.session_state.get(state.TRAIN_LAST_START) or {}).get("runs") or ()
+    seed, opened = _opened_on()
+    if (
+        st.session_state.get(state.TRAIN_SEED_RUN) is None
+        and state.current_run() not in started
+        and (opened != preset or (edited and seed is not None))
+    ):
+        state.to_url(state.QUERY_PRESET, preset)
+    elif state.QUERY_PRESET in st.query_params:
+        del st.query_params[state.QUERY_PRESET]
 
 
 def _forget_seed() -> None:
@@ -217,10 +277,12 @@ def _numbers(values: dict) -> None:
     )  # fmt: skip
 
 
-def _form() -> None:
-    values = train_form.starting_values(st.session_state[state.TRAIN_PRESET], _seed_config())
+def _form() -> bool:
+    """The form, and Start pressed; whether a field differs from its starting value."""
+    start = train_form.starting_values(st.session_state[state.TRAIN_PRESET], _seed_config())
+    values = {**start, **_from_url()}
     family = _choosers(values)
-    with st.form("train.form", border=True):
+    with st.container(border=True):
         _data_and_model(values, family)
         _numbers(values)
         c = st.columns([3, 1])
@@ -230,9 +292,21 @@ def _form() -> None:
             help="Starts the ordinary network too (after this one when only one run may "
             "train at a time): the comparison the method is about.",
         )  # fmt: skip
-        submitted = c[1].form_submit_button("Start training", type="primary", width="stretch")
+        submitted = c[1].button("Start training", type="primary", width="stretch", key=START_KEY)
     if submitted:
         _start(family)
+    return _to_url(family, start)
+
+
+def _typed_form(family: str) -> dict:
+    """The form's fields as its widgets hold them (the dataset's choice and folder apart)."""
+    form = {f: st.session_state.get(_key(f)) for f in FIELD_KEYS if f != "model"}
+    own = f"{_key('model_kwargs')}.{family}"  # the box of a family other than the preset's
+    if own in st.session_state:
+        form["model_kwargs"] = st.session_state[own]
+        form["typed"] = ("model_kwargs",)  # filled for this family: the user's own
+    form["model"] = st.session_state.get(f"{_key('model')}.{family}")
+    return form
 
 
 def _upload():
@@ -244,12 +318,7 @@ def _upload():
 def _form_values(family: str) -> tuple[dict, list[str]]:
     """The form's fields, and what is wrong with those the config cannot check: an image
     folder given for a dataset that takes none, the starting weights (uploaded or a run's)."""
-    form = {f: st.session_state.get(_key(f)) for f in FIELD_KEYS if f != "model"}
-    own = f"{_key('model_kwargs')}.{family}"  # the box of a family other than the preset's
-    if own in st.session_state:
-        form["model_kwargs"] = st.session_state[own]
-        form["typed"] = ("model_kwargs",)  # filled for this family: the user's own
-    form["model"] = st.session_state.get(f"{_key('model')}.{family}")
+    form = _typed_form(family)
     errors = train_form.folder_errors(form["dataset"], form["dataset_path"])
     run = st.session_state.get(f"{state.TRAIN_INIT_RUN}.{_suffix()}")
     try:
@@ -572,9 +641,10 @@ def _other_training(runs: list[dict], followed: str) -> None:
 def main() -> None:
     ui.page_title("Train")
     _init_form()
-    _form()
+    edited = _form()
     st.divider()
     _follow()
+    _preset_to_url(edited)  # (the run followed may have changed: the one a refresh opens on)
 
 
 main()
