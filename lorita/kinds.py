@@ -64,6 +64,7 @@ from .layers import (
     LowRankMultiheadAttention,
     check_finite,
     is_thin,
+    thin_pairs_as_layers,
     values_read,
 )
 
@@ -994,7 +995,7 @@ def trace_forward(
             )
     tracer = _ReadTracer(owners, active, watched)
     try:
-        with evaluating(model), torch.no_grad(), eager(), tracer:
+        with evaluating(model), torch.no_grad(), eager(), thin_pairs_as_layers(), tracer:
             result = inputs.call(model, inputs.check_example(example_input))
     finally:
         for h in handles:

@@ -363,3 +363,64 @@ def test_thin_attention_refuses_what_it_cannot_compute():
         LowRankMultiheadAttention.from_mha(nn.MultiheadAttention(8, 2, add_bias_kv=True), 2)
     with pytest.raises(ValueError, match="packed"):
         LowRankMultiheadAttention.from_mha(nn.MultiheadAttention(8, 2, kdim=4, vdim=4), 2)
+
+
+@pytest.mark.parametrize("side", [1, 2, 4, 5, 8])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_a_thin_pointwise_pair_runs_as_products_on_small_channels_last_inputs(side, channels_last):
+    """A thin 1x1 pair on a channels-last batch of at most 16 pixels an image and 64 in all
+    runs as two matrix products over the channels: the same outputs (values and memory format)
+    and gradients as its two convolutions, which every other input still runs."""
+    from lorita.layers import POINTWISE_MATMUL_PIXELS, POINTWISE_MATMUL_ROWS
+
+    conv = nn.Conv2d(12, 20, 1)
+    thin = LowRankConv2d.from_conv(conv, 3)
+    x = torch.randn(16, 12, side, side)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    small = side * side <= POINTWISE_MATMUL_PIXELS and 16 * side * side >= POINTWISE_MATMUL_ROWS
+    assert thin._as_products(x) == (small and (channels_last or side == 1))
+    assert thin._as_products(x) == (channels_last and side in (2, 4))
+    got = thin(x)
+    ref = thin.second(thin.first(x))
+    assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    assert got.is_contiguous(memory_format=torch.channels_last) == ref.is_contiguous(
+        memory_format=torch.channels_last
+    )
+    g_got = torch.autograd.grad(got.square().sum(), [x, thin.first.weight, thin.second.bias])
+    g_ref = torch.autograd.grad(ref.square().sum(), [x, thin.first.weight, thin.second.bias])
+    for a, b in zip(g_got, g_ref, strict=True):
+        assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_only_a_plain_pointwise_pair_runs_as_products():
+    """Stride, padding, groups or a kernel larger than 1x1 keep the two convolutions."""
+    x = torch.randn(4, 8, 4, 4).contiguous(memory_format=torch.channels_last)
+    plain = LowRankConv2d(8, 8, 1, rank=2)
+    assert plain._as_products(x) and not plain._as_products(x[:1])  # (16 pixels in all)
+    for other in (
+        LowRankConv2d(8, 8, 3, rank=2, padding=1),
+        LowRankConv2d(8, 8, 1, rank=2, stride=2),
+        LowRankConv2d(8, 8, 1, rank=2, padding=1),
+        LowRankConv2d(8, 8, 1, rank=2, groups=2),
+    ):
+        assert not other._as_products(x)
+        assert_close(other(x), other.second(other.first(x)))
+
+
+def test_a_thin_pair_reading_its_own_parts_is_no_direct_read():
+    """Run as products, a thin pair reads its parts' weights itself: tracing a model that holds
+    one finds no layer read directly, and a cut model cut again keeps its thin form."""
+    import lorita as lt
+    from lorita.kinds import find_direct_reads
+
+    net = nn.Sequential(nn.Conv2d(3, 16, 1), nn.ReLU(), nn.Conv2d(16, 16, 1), nn.Flatten(),
+                        nn.Linear(64, 3)).to(memory_format=torch.channels_last)  # fmt: skip
+    x = torch.randn(16, 3, 2, 2).contiguous(memory_format=torch.channels_last)
+    cut = lt.truncate(net, lt.Uniform(0.25), example_input=x)
+    assert isinstance(cut[2], LowRankConv2d) and cut[2]._as_products(torch.relu(cut[0](x)))
+    assert find_direct_reads(cut, x) == []
+    again = lt.truncate(cut, lt.Uniform(0.5), example_input=x)
+    assert isinstance(again[2], LowRankConv2d)
+    assert_close(again(x), again[4](again[3](again[2](again[1](again[0](x))))))
