@@ -434,14 +434,13 @@ def _policy_text(flag: str, *, allow_none: bool = False):
                     "none (no cut) is for export; give a policy to cut by, e.g. global:0.5"
                 )
             return NO_CUT  # (not None, the default: argparse sees it given beside another)
-        try:
-            policy = parse_policy(s)
-        except ValueError as e:  # out of the flag's bounds says so as the flag does
-            raise argparse.ArgumentTypeError(_out_of_bounds(s) or str(e)) from None
-        problem = _out_of_bounds(s)
+        problem = _out_of_bounds(s)  # said as the flag says it, before the policy is made
         if problem:
             raise argparse.ArgumentTypeError(problem)
-        return policy
+        try:
+            return parse_policy(s)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
 
     return conv
 
