@@ -1,4 +1,4 @@
-"""Locators and the tiny run config shared by the browser tests."""
+"""Locators, page checks and the tiny run config shared by the browser tests."""
 
 from __future__ import annotations
 
@@ -29,3 +29,20 @@ def download_button(page, name: str = ""):
     the new one draws) never matches."""
     label = re.compile(r"^Download .*" + name if name else r"^Download ")
     return page.get_by_test_id("stDownloadButton").get_by_role("button", name=label)
+
+
+def no_errors(page, *, alerts: bool = True) -> None:
+    """No exception element, no traceback or half-imported module in the page's text and,
+    with ``alerts``, no error element (a page that shows a refusal on purpose passes False)."""
+    assert page.locator('[data-testid="stException"]').count() == 0
+    if alerts:
+        errors = page.locator('[data-testid="stAlertContentError"]').all_inner_texts()
+        assert not errors, errors
+    text = page.locator("body").inner_text()
+    assert "Traceback" not in text and "partially initialized" not in text
+
+
+def wait_idle(page, timeout_s: float = 120) -> None:
+    """Until the page's script run is over (Streamlit's status widget gone)."""
+    page.wait_for_timeout(300)
+    page.locator('[data-testid="stStatusWidget"]').wait_for(state="hidden", timeout=timeout_s * 1e3)

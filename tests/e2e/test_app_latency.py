@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 
 import pytest
-from e2e_helpers import TINY, download_button
+from e2e_helpers import TINY, download_button, no_errors, wait_idle
 
 pytestmark = pytest.mark.e2e
 
@@ -24,17 +24,6 @@ def tiny_run(app_server):
         result = train(TINY, store.create(TINY, name=NAME))
         assert result["state"] == "completed", result
     return NAME
-
-
-def no_errors(page) -> None:
-    assert page.locator('[data-testid="stException"]').count() == 0
-    assert "Traceback" not in page.locator("body").inner_text()
-
-
-def wait_idle(page, timeout_s: float = 120) -> None:
-    """Until the page's script run is over (Streamlit's status widget gone)."""
-    page.wait_for_timeout(200)
-    page.locator('[data-testid="stStatusWidget"]').wait_for(state="hidden", timeout=timeout_s * 1e3)
 
 
 def slider_input(page):
@@ -78,7 +67,7 @@ def test_measure_latency_on_the_compress_page(app_server, page, tiny_run):
     assert page.get_by_text("forward passes per batch size", exact=False).first.inner_text() == (
         measured
     )
-    no_errors(page)
+    no_errors(page, alerts=False)
 
 
 def test_export_forms_chosen_by_measured_latency(app_server, page, tiny_run, tmp_path):
@@ -105,7 +94,7 @@ def test_export_forms_chosen_by_measured_latency(app_server, page, tiny_run, tmp
     assert meta["truncation"]["latency_batch"] == 64
     assert set(meta["truncation"]["forms"]) == {"fc1", "fc2"}
     assert set(meta["truncation"]["forms"].values()) <= {"thin", "dense", "full"}
-    no_errors(page)
+    no_errors(page, alerts=False)
 
 
 def test_a_slider_move_redraws_the_charts_in_place(app_server, page, tiny_run):
@@ -131,7 +120,7 @@ def test_a_slider_move_redraws_the_charts_in_place(app_server, page, tiny_run):
     marks = page.evaluate("() => [...document.querySelectorAll('.js-plotly-plot')]"
                           ".map(el => el.dataset.mark)")  # fmt: skip
     assert marks == [str(i) for i in range(n)]  # not one chart was rebuilt
-    no_errors(page)
+    no_errors(page, alerts=False)
 
 
 def test_a_refresh_comes_back_to_the_same_cut(app_server, page, tiny_run):
@@ -158,7 +147,7 @@ def test_a_refresh_comes_back_to_the_same_cut(app_server, page, tiny_run):
     page.get_by_text("Original validation accuracy").wait_for(timeout=120_000)
     wait_idle(page)
     assert float(slider_input(page).input_value()) == moved
-    no_errors(page)
+    no_errors(page, alerts=False)
 
 
 def test_a_refresh_of_the_export_page_keeps_the_cut(app_server, page, tiny_run):
@@ -181,4 +170,4 @@ def test_a_refresh_of_the_export_page_keeps_the_cut(app_server, page, tiny_run):
     page.get_by_text("Compressed on the Compress page", exact=False).wait_for(timeout=120_000)
     assert page.get_by_text("Compressed on the Compress page", exact=False).inner_text() == text
     download_button(page).wait_for(timeout=120_000)
-    no_errors(page)
+    no_errors(page, alerts=False)

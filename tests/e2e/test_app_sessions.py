@@ -8,23 +8,11 @@ import time
 from pathlib import Path
 
 import pytest
-from e2e_helpers import TINY, download_button
+from e2e_helpers import TINY, download_button, no_errors, wait_idle
 
 pytestmark = pytest.mark.e2e
 
 PAGES = ("", "train", "runs", "compress", "export", "theory")
-
-
-def no_errors(page) -> None:
-    assert page.locator('[data-testid="stException"]').count() == 0
-    text = page.locator("body").inner_text()
-    assert "partially initialized" not in text and "Traceback" not in text
-
-
-def wait_idle(page, timeout_s: float = 60) -> None:
-    """Until the page's script run is over (Streamlit's status widget gone)."""
-    page.wait_for_timeout(200)
-    page.locator('[data-testid="stStatusWidget"]').wait_for(state="hidden", timeout=timeout_s * 1e3)
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +41,7 @@ def test_every_page_offline_by_direct_link(app_server, new_page, finished_run):
         nav.filter(has_text=re.compile("Theory")).first.wait_for(timeout=60_000)
         wait_idle(page, 120)
         assert nav.filter(has_text=re.compile("streamlit app")).count() == 0
-        no_errors(page)
+        no_errors(page, alerts=False)
 
 
 def test_two_sessions_at_once(app_server, new_page, finished_run):
@@ -101,7 +89,7 @@ def test_onnx_download_after_a_plain_install(app_server, page, finished_run, tmp
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     x = np.zeros((2, *session.get_inputs()[0].shape[1:]), dtype=np.float32)
     assert session.run(None, {session.get_inputs()[0].name: x})[0].shape == (2, 10)
-    no_errors(page)
+    no_errors(page, alerts=False)
 
 
 def _image_folder(root, classes=3, per_class=24, size=12):
@@ -163,10 +151,10 @@ def test_train_on_an_image_folder_then_compress_and_export(app_server, page, tmp
         assert time.time() < deadline, f"{name} did not complete"
         time.sleep(0.5)
     page.get_by_text("Completed.", exact=False).first.wait_for(timeout=60_000)
-    no_errors(page)
+    no_errors(page, alerts=False)
     page.goto(f"{url}/compress?run={name}")
     page.locator("text.gtitle", has_text="Trade-off").first.wait_for(timeout=120_000)
-    no_errors(page)
+    no_errors(page, alerts=False)
     page.goto(f"{url}/export?run={name}")
     download_button(page).wait_for(timeout=120_000)
-    no_errors(page)
+    no_errors(page, alerts=False)

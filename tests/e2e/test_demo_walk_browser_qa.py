@@ -10,26 +10,12 @@ import re
 import time
 
 import pytest
-from e2e_helpers import TINY, download_button
+from e2e_helpers import TINY, download_button, no_errors, wait_idle
 
 pytestmark = pytest.mark.e2e
 
 START = "Start training"
 BASELINE = "also train N=1"
-
-
-def no_errors(page) -> None:
-    """No exception, no error element, no traceback text on the page."""
-    assert page.locator('[data-testid="stException"]').count() == 0
-    errors = page.locator('[data-testid="stAlertContentError"]').all_inner_texts()
-    assert not errors, errors
-    assert "Traceback" not in page.locator("body").inner_text()
-
-
-def wait_idle(page, timeout_s: float = 120) -> None:
-    """Until the page's script run is over (Streamlit's status widget gone)."""
-    page.wait_for_timeout(300)
-    page.locator('[data-testid="stStatusWidget"]').wait_for(state="hidden", timeout=timeout_s * 1e3)
 
 
 def sidebar(page, name: str) -> None:

@@ -8,25 +8,12 @@ import re
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
-from e2e_helpers import TINY
+from e2e_helpers import TINY, no_errors, wait_idle
 
 pytestmark = pytest.mark.e2e
 
 RUN = "e2e-refresh-n3"
 DRAWN = "computed in"  # the Compress page's caption under the cut's numbers, drawn last
-
-
-def no_errors(page) -> None:
-    assert page.locator('[data-testid="stException"]').count() == 0
-    errors = page.locator('[data-testid="stAlertContentError"]').all_inner_texts()
-    assert not errors, errors
-    assert "Traceback" not in page.locator("body").inner_text()
-
-
-def wait_idle(page, timeout_s: float = 120) -> None:
-    """Until the page's script run is over (Streamlit's status widget gone)."""
-    page.wait_for_timeout(300)
-    page.locator('[data-testid="stStatusWidget"]').wait_for(state="hidden", timeout=timeout_s * 1e3)
 
 
 def params_of(url: str) -> dict[str, list[str]]:
