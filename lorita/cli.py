@@ -1010,7 +1010,7 @@ def _preflight_resume(run, config) -> None:
     d = dist_info()
     try:
         _preflight(dataclasses.replace(config, init_from=None))
-        _engine().check_batch(config, d)  # (a new run's: once torchrun's group is up)
+        _engine().check_batch(config, d)  # before the torchrun group starts
     except ValueError as e:
         world = d.world
         how = f"resume it in fewer than {world} processes, or " if world > 1 else ""
@@ -1077,11 +1077,11 @@ def cmd_train(args) -> int:
             _check_not_claimed(args, store)
         config = _train_config(args)
         _preflight(config)
-        run = None
-    from .engine.devices import dist_info
+        from .engine.devices import dist_info
 
-    _engine().check_batch(config, dist_info())  # refused before a run folder is made or
-    d = _engine().init_distributed(config.device)  # claimed, and before the group starts
+        _engine().check_batch(config, dist_info())  # before a run folder is made or the
+        run = None  # torchrun group starts (a resume's: in _preflight_resume)
+    d = _engine().init_distributed(config.device)
     quiet = args.quiet or not d.main
     if quiet:  # nothing but errors: warnings too (main restores the filters afterwards)
         warnings.simplefilter("ignore")
