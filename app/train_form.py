@@ -33,15 +33,21 @@ def starting_values(preset: str, run_config: dict[str, Any] | None = None) -> di
     return values
 
 
+def field_kinds() -> dict[str, str]:
+    """Each TrainConfig field's kind, as its metadata gives it (int, float, dict, str, ...)."""
+    import dataclasses
+
+    from lorita.engine.config import TrainConfig
+
+    return {f.name: f.metadata["kind"] for f in dataclasses.fields(TrainConfig)}
+
+
 def _fits(field: str, value: Any) -> bool:
     """Whether ``value`` is of the kind the form shows for ``field`` (the kind TrainConfig's
     field metadata gives: int, float, dict; the others text)."""
-    import dataclasses
-
     from lorita.checks import is_int, is_num
-    from lorita.engine.config import TrainConfig
 
-    kind = next(f.metadata["kind"] for f in dataclasses.fields(TrainConfig) if f.name == field)
+    kind = field_kinds()[field]
     if kind == "int":
         return is_int(value)
     if kind == "float":

@@ -10,7 +10,6 @@ and the form shows its starting value.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import re
 from typing import Any
@@ -20,12 +19,6 @@ from app import options, presets, train_form
 MAX_TEXT = 2000  # a longer value in the address is not one the form wrote
 _INT = re.compile(r"-?\d{1,20}")
 _FLOAT = re.compile(r"-?(\d+\.?\d*|\.\d+)([eE][-+]?\d{1,3})?")
-
-
-def _kinds() -> dict[str, str]:
-    from lorita.engine.config import TrainConfig
-
-    return {f.name: f.metadata["kind"] for f in dataclasses.fields(TrainConfig)}
 
 
 def _defaults() -> dict[str, Any]:
@@ -38,7 +31,7 @@ def _defaults() -> dict[str, Any]:
 def text(field: str, value: Any) -> str:
     """``value`` of form field ``field`` as the address keeps it (a float exactly, options as
     their box shows them)."""
-    kind = _kinds()[field]
+    kind = train_form.field_kinds()[field]
     if kind == "dict":
         return value if isinstance(value, str) else train_form.option_text({field: value}, field)
     if kind == "float" and not isinstance(value, str):
@@ -103,7 +96,7 @@ def _read_one(field: str, raw: str, preset: str) -> Any:
         return _offered(raw, raw, options.models(options.family_of(raw)))
     if field == "device":
         return _offered(raw, raw, options.devices())
-    kind = _kinds()[field]
+    kind = train_form.field_kinds()[field]
     if kind == "int":
         if not _INT.fullmatch(raw):
             raise ValueError(f"{field}: not a whole number")
