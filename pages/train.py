@@ -113,9 +113,9 @@ def _from_url() -> dict:
 
 
 def _to_url(family: str, start: dict) -> bool:
-    """Keep in the address the form's fields that differ from ``start`` (its starting values)
-    and the preset they are edits of, so that a refresh comes back to a half-filled form;
-    whether any field differs."""
+    """Keep in the address the form's fields that differ from ``start`` (its starting values),
+    so that a refresh comes back to a half-filled form (the preset they are edits of: main,
+    :func:`_preset_to_url`); whether any field differs."""
     form = _typed_form(family)
     choice, path = form.pop("dataset"), (form.pop("dataset_path") or "").strip()
     form["dataset"] = f"{choice}:{path}" if options.is_path_family(choice) else choice
@@ -125,7 +125,6 @@ def _to_url(family: str, start: dict) -> bool:
             state.to_url(field, kept[field])
         elif field in st.query_params:
             del st.query_params[field]
-    _preset_to_url(bool(kept))
     return bool(kept)
 
 
@@ -644,7 +643,7 @@ def main() -> None:
     edited = _form()
     st.divider()
     _follow()
-    _preset_to_url(edited)  # (the run followed may have changed: the one a refresh opens on)
+    _preset_to_url(edited)  # after _follow: the run followed, which a refresh opens on
 
 
 main()
