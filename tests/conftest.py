@@ -31,3 +31,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def plain_process():
+    """The test's process as a plain ``lorita`` process: no torchrun variables and no
+    ``LORITA_RUNS`` (the suite may itself run under a launcher or with a runs folder set);
+    restored after. A module asks for it with
+    ``pytestmark = pytest.mark.usefixtures("plain_process")``."""
+    names = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+             "MASTER_PORT", "LORITA_RUNS")  # fmt: skip
+    with pytest.MonkeyPatch.context() as mp:
+        for name in names:
+            mp.delenv(name, raising=False)
+        yield

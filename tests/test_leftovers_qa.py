@@ -25,17 +25,9 @@ from lorita.engine.build import read_weights
 from lorita.runs import RunStore
 
 ROOT = Path(__file__).resolve().parents[1]
-TORCHRUN_VARS = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
-                 "MASTER_PORT")  # fmt: skip
+pytestmark = pytest.mark.usefixtures("plain_process")
 TINY = {"dataset": "digits", "model": "mlp", "model_kwargs": {"width": 16}, "epochs": 1,
         "device": "cpu", "spectra_every": 0}  # fmt: skip
-
-
-@pytest.fixture(autouse=True)
-def _plain_env(monkeypatch):
-    for name in TORCHRUN_VARS:
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.delenv("LORITA_RUNS", raising=False)
 
 
 # --------------------------------------------------------------------------- 1: a key twice

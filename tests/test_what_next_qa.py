@@ -20,18 +20,10 @@ from lorita.cli import main
 from lorita.engine import train
 from lorita.runs import RunStore
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread", "plain_process")
 
-TORCHRUN_VARS = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 TINY = {"dataset": "digits", "model": "mlp", "model_kwargs": {"width": 16}, "epochs": 1,
         "device": "cpu", "spectra_every": 0}  # fmt: skip
-
-
-@pytest.fixture(autouse=True)
-def _no_torchrun(monkeypatch):
-    for name in TORCHRUN_VARS:
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.delenv("LORITA_RUNS", raising=False)
 
 
 def _dead_pid() -> int:
