@@ -36,7 +36,7 @@ SCRIPT_URL = f"./app/static/{SCRIPT}"
 
 # Charts follow the page: transparent backgrounds, the page's font and text colour (read in
 # the browser, so a dark theme gets light text), light grid lines.
-_JS = """
+_JS = r"""
 const GRID = "rgba(128, 128, 128, 0.22)";
 const TEMPLATE = {layout: {
   paper_bgcolor: "rgba(0,0,0,0)", plot_bgcolor: "rgba(0,0,0,0)",
@@ -46,6 +46,47 @@ const TEMPLATE = {layout: {
   yaxis: {gridcolor: GRID, zerolinecolor: GRID, linecolor: GRID, automargin: true},
   legend: {bgcolor: "rgba(0,0,0,0)"},
 }};
+
+// plotly.js neither wraps nor shrinks a title: one wider than its chart (a phone, a narrow
+// column) was cut off at the chart's edge. fitTitle wraps it at its spaces to the chart's width
+// (a word longer than a line is cut) and grows the top margin and the chart by the lines added;
+// the chart is drawn again when its width changes.
+const CHAR_EM = 0.56;  // a title character's average width in em (measured about 0.5)
+const LINE_EM = 1.3;  // a title line's height in em
+
+function wrapTitle(text, chars) {
+  const lines = [];
+  for (const part of String(text).split(/<br\s*\/?>/i)) {
+    let line = "";
+    for (let word of part.split(/\s+/).filter(Boolean)) {
+      while (word.length > chars) {  // a long layer or run name
+        if (line) { lines.push(line); line = ""; }
+        lines.push(word.slice(0, chars));
+        word = word.slice(chars);
+      }
+      if (line && line.length + 1 + word.length > chars) { lines.push(line); line = word; }
+      else line = line ? line + " " + word : word;
+    }
+    lines.push(line);
+  }
+  return lines;
+}
+
+function fitTitle(layout, width) {
+  const title = typeof layout.title === "string" ? {text: layout.title} : layout.title;
+  if (!title || !title.text || !(width > 0)) return layout;
+  const size = (title.font && title.font.size) || (layout.font && layout.font.size) || 17;
+  const chars = Math.max(8, Math.floor((width - 24) / (CHAR_EM * size)));
+  const lines = wrapTitle(title.text, chars);
+  const extra = Math.round((lines.length - 1) * LINE_EM * size);
+  if (!extra) return layout;
+  // just above the plot, the top margin grown by plotly.js to what the lines take
+  const above = {automargin: true, yref: "paper", y: 1, yanchor: "bottom", pad: {b: 8}};
+  return Object.assign({}, layout, {
+    title: Object.assign({}, title, above, {text: lines.join("<br>")}),
+    height: (layout.height || 400) + extra,
+  });
+}
 
 function loadPlotly(src) {
   if (!window.__loritaPlotly) {
@@ -79,9 +120,23 @@ export default function ({ parentElement, data }) {
   layout.font = Object.assign({family: css.fontFamily, color: css.color}, layout.font || {});
   layout.autosize = true;
   delete layout.width;
-  div.style.height = (layout.height || 400) + "px";
   const config = Object.assign({displaylogo: false, responsive: true}, data.config || {});
-  const draw = (Plotly) => Plotly.react(div, fig.data || [], layout, config);
+  const draw = (Plotly) => {
+    const width = div.clientWidth || parentElement.clientWidth;
+    const fitted = fitTitle(layout, width);
+    div.__loritaWidth = width;
+    div.style.height = (fitted.height || 400) + "px";
+    return Plotly.react(div, fig.data || [], fitted, config);
+  };
+  div.__loritaDraw = draw;
+  if (!div.__loritaResize && window.ResizeObserver) {  // a title wrapped again to a new width
+    div.__loritaResize = new ResizeObserver(() => {
+      if (window.Plotly && div.clientWidth && div.clientWidth !== div.__loritaWidth) {
+        div.__loritaDraw(window.Plotly);
+      }
+    });
+    div.__loritaResize.observe(div);
+  }
   if (window.Plotly) draw(window.Plotly);
   else loadPlotly(data.src).then(draw);
 }

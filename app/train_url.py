@@ -115,3 +115,20 @@ def _offered(value: str, shown: str, offered: list[str]) -> str:
     if shown not in offered:
         raise ValueError(f"{shown!r} is not offered")
     return value
+
+
+# The "also train N=1" box: in the address only while it differs from what the form ticks by
+# itself (:func:`app.train_form.ticks_baseline`), as ``?baseline=0`` or ``?baseline=1``.
+BASELINE = "baseline"
+_TICKS = {"1": True, "0": False}
+
+
+def baseline_text(ticked: bool, default: bool) -> str | None:
+    """The address text of the box ticked or not (``ticked``), None when that is ``default``."""
+    return None if bool(ticked) == bool(default) else ("1" if ticked else "0")
+
+
+def read_baseline(raw: str | None) -> bool | None:
+    """Whether the address ``raw`` ticks the box; None (the form's own choice) for no value
+    or any text but ``0`` and ``1`` (a hand-edited or stale link)."""
+    return _TICKS.get(raw.strip()) if isinstance(raw, str) and len(raw) <= 8 else None

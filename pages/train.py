@@ -91,7 +91,11 @@ def _init_form() -> None:
     st.session_state[state.TRAIN_SEED_RUN] = seed
     st.session_state[state.TRAIN_PRESET] = preset
     texts = {field: st.query_params.get(field) for field in presets.FORM_FIELDS}
-    st.session_state[state.TRAIN_FROM_URL] = (_suffix(), train_url.read(texts, preset))
+    given = train_url.read(texts, preset)
+    ticked = train_url.read_baseline(st.query_params.get(train_url.BASELINE))
+    if ticked is not None:
+        given[train_url.BASELINE] = ticked
+    st.session_state[state.TRAIN_FROM_URL] = (_suffix(), given)
 
 
 def _opened_on() -> tuple[str | None, str]:
@@ -279,22 +283,36 @@ def _numbers(values: dict) -> None:
 def _form() -> bool:
     """The form, and Start pressed; whether a field differs from its starting value."""
     start = train_form.starting_values(st.session_state[state.TRAIN_PRESET], _seed_config())
-    values = {**start, **_from_url()}
+    given = dict(_from_url())
+    ticks = train_form.ticks_baseline(st.session_state.get(state.TRAIN_SEED_RUN))
+    ticked = given.pop(train_url.BASELINE, ticks)  # the address's, on a refresh
+    values = {**start, **given}
     family = _choosers(values)
     with st.container(border=True):
         _data_and_model(values, family)
         _numbers(values)
         c = st.columns([3, 1])
         c[0].checkbox(
-            "also train N=1 (same seed)", key=state.TRAIN_BASELINE,
-            value=train_form.ticks_baseline(st.session_state.get(state.TRAIN_SEED_RUN)),
+            "also train N=1 (same seed)", key=state.TRAIN_BASELINE, value=ticked,
             help="Starts the ordinary network too (after this one when only one run may "
             "train at a time): the comparison the method is about.",
         )  # fmt: skip
         submitted = c[1].button("Start training", type="primary", width="stretch", key=START_KEY)
     if submitted:
         _start(family)
-    return _to_url(family, start)
+    edited = _to_url(family, start)
+    return _baseline_to_url(ticks) or edited
+
+
+def _baseline_to_url(ticks: bool) -> bool:
+    """Keep the "also train N=1" box in the address while it differs from ``ticks`` (what
+    the form ticks by itself); whether it differs."""
+    kept = train_url.baseline_text(st.session_state.get(state.TRAIN_BASELINE, ticks), ticks)
+    if kept is not None:
+        state.to_url(train_url.BASELINE, kept)
+    elif train_url.BASELINE in st.query_params:
+        del st.query_params[train_url.BASELINE]
+    return kept is not None
 
 
 def _typed_form(family: str) -> dict:
