@@ -1,7 +1,8 @@
 """Ctrl-C while ``python -m lorita ...`` is still importing (torch takes seconds) ends the
 command as Ctrl-C does later, with one line and exit code 130, not a traceback through
-torch's import. Imported first by the package; ``lorita.__main__`` calls :func:`release`
-once the command's module is imported too. An ordinary ``import lorita`` is left alone."""
+torch's import. Imported first by the package; ``lorita.__main__`` imports the library
+(torch with it) for a command and then calls :func:`release`. An ordinary ``import lorita``
+is left alone."""
 
 import os
 import signal

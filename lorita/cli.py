@@ -40,7 +40,7 @@ import time
 import warnings
 from pathlib import Path
 
-__all__ = ["main", "build_parser", "UsageError"]
+__all__ = ["main", "build_parser", "needs_library", "UsageError"]
 
 #: the exit code of a training run stopped before its end (Ctrl-C, SIGTERM, lorita stop), as
 #: a shell's for Ctrl-C: ``lorita train ... && lorita compress ...`` goes no further
@@ -72,9 +72,28 @@ def _as_usage():
 
 
 class _Parser(argparse.ArgumentParser):
+    #: adds the rest of a command's flags when the command is first parsed or its help shown
+    #: (see :func:`build_parser`); None once added
+    _fill = None
+
     def __init__(self, *a, **kw) -> None:
         kw.setdefault("allow_abbrev", False)  # --epoch is an error, not --epochs
         super().__init__(*a, **kw)
+
+    def filled(self) -> _Parser:
+        fill, self._fill = self._fill, None
+        if fill is not None:
+            fill(self)
+        return self
+
+    def parse_known_args(self, args=None, namespace=None):
+        return super(_Parser, self.filled()).parse_known_args(args, namespace)
+
+    def format_usage(self) -> str:
+        return super(_Parser, self.filled()).format_usage()
+
+    def format_help(self) -> str:
+        return super(_Parser, self.filled()).format_help()
 
     def error(self, message: str):  # one line, never the usage block
         raise UsageError(message)
@@ -368,6 +387,10 @@ def _add_data_dir(p: argparse.ArgumentParser) -> None:
 def _add_train(sub) -> None:
     t = sub.add_parser("train", help="train a model and write a run folder")
     t.set_defaults(func=cmd_train)
+    t._fill = _train_flags
+
+
+def _train_flags(t: argparse.ArgumentParser) -> None:
     t.add_argument(
         "--config",
         metavar="FILE",
@@ -553,6 +576,10 @@ def _add_finetune(p: argparse.ArgumentParser) -> None:
 def _add_compress(sub) -> None:
     c = sub.add_parser("compress", help="truncate a trained run and report accuracy and cost")
     c.set_defaults(func=cmd_compress)
+    c._fill = _compress_flags
+
+
+def _compress_flags(c: argparse.ArgumentParser) -> None:
     _add_data_dir(c)
     _add_model_source(c)
     _add_policy_flags(c)
@@ -594,12 +621,16 @@ def _methods(s: str) -> list[str]:
 
 
 def _add_compare(sub) -> None:
-    from .baselines import METHODS
-
     c = sub.add_parser(
         "compare", help="LoRITa's cut against the SVD cut and pruning of the N=1 baseline"
     )
     c.set_defaults(func=cmd_compare)
+    c._fill = _compare_flags
+
+
+def _compare_flags(c: argparse.ArgumentParser) -> None:
+    from .baselines import METHODS
+
     _add_data_dir(c)
     c.add_argument("run", type=_text("RUN"))
     c.add_argument(
@@ -637,6 +668,10 @@ def _add_compare(sub) -> None:
 def _add_export(sub) -> None:
     e = sub.add_parser("export", help="write a run's model as safetensors or ONNX")
     e.set_defaults(func=cmd_export)
+    e._fill = _export_flags
+
+
+def _export_flags(e: argparse.ArgumentParser) -> None:
     _add_data_dir(e)
     _add_model_source(e)
     _add_policy_flags(e, required=False)
@@ -676,7 +711,10 @@ def _fold_bn(args, fmt: str = "safetensors") -> bool:
     return not (args.form == "dense" and fmt != "onnx")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(*, lazy: bool = False) -> argparse.ArgumentParser:
+    """The ``lorita`` parser. The flags of train, compress, compare and export come from the
+    library (TrainConfig's fields, the policies), which imports torch: with ``lazy`` they are
+    added when that command is parsed or its help shown, so ``lorita --help`` stays quick."""
     p = _Parser(prog="lorita", description="LoRITa Explorer: low-rank induced training.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_train(sub)
@@ -714,6 +752,9 @@ def build_parser() -> argparse.ArgumentParser:
         "ranges, and where its data would come from",
     )  # fmt: skip
     _add_data_dir(d)
+    if not lazy:
+        for command in sub.choices.values():
+            command.filled()
     return p
 
 
@@ -2257,6 +2298,12 @@ def _warning_line(message, category, filename, lineno, file=None, line=None) -> 
         pass
 
 
+def needs_library(argv: list[str]) -> bool:
+    """Whether a command line runs a command, all of which import the library (and torch),
+    rather than only print the list of commands (``lorita``, ``lorita --help``)."""
+    return bool(argv) and argv[0] not in ("-h", "--help")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command; the exit code is 0, 1 (training failed), 2 (bad input) or 130
     (a training run stopped before its end, or any command interrupted)."""
@@ -2361,7 +2408,7 @@ def _settle(args) -> None:
 
 def _main(argv: list[str] | None) -> int:
     try:
-        args = build_parser().parse_args(argv)
+        args = build_parser(lazy=True).parse_args(argv)
         _settle(args)
         with _data_dir(getattr(args, "data_dir", None)):
             return args.func(args)
