@@ -160,3 +160,72 @@ def test_the_command_line_takes_plain_epochs_and_says_when_it_composes(tmp_path,
                  "--plain-epochs", "2"])  # fmt: skip
     assert code != 0
     assert "plain_epochs: 2 is not allowed" in capsys.readouterr().err
+
+
+def _lrs(config: dict, run=None, **kw) -> tuple[dict, list[float]]:
+    lrs: list[float] = []
+    res = train(
+        config, run, callback=lambda e: lrs.append(e["lr"]) if e["event"] == "step" else 0, **kw
+    )
+    return res, lrs
+
+
+def _cosine(steps: int, lr: float) -> list[float]:
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    sched = make_scheduler("cosine", opt, steps, CFG["warmup"])
+    out = []
+    for _ in range(steps):
+        opt.step()
+        sched.step()
+        out.append(opt.param_groups[0]["lr"])
+    return out
+
+
+def test_the_composed_epochs_train_at_the_scaled_learning_rate_through_a_resume(tmp_path):
+    cfg = {**CFG, "composed_lr_scale": 0.5}
+    lr = TrainConfig(**cfg).lr
+    ref, lrs = _lrs(cfg)
+    spe, total = ref["total_steps"] // cfg["epochs"], ref["total_steps"]
+    want = _cosine(spe, lr) + _cosine(total - spe, lr * 0.5)
+    torch.testing.assert_close(torch.tensor(lrs), torch.tensor(want), rtol=1e-9, atol=1e-12)
+    # stopped in the composed epochs: the resumed optimizer keeps the scaled rate
+    run = RunStore(tmp_path).create(cfg, name="s")
+
+    def stopper(ev: dict) -> None:
+        if ev["event"] == "step" and ev["step"] == spe + 3:
+            run.request_stop()
+
+    first = train(cfg, run, callback=stopper)
+    assert first["state"] == "stopped" and first["step"] == spe + 4
+    res, after = _lrs(cfg, run, resume=True)
+    assert res["state"] == "completed"
+    torch.testing.assert_close(
+        torch.tensor(after), torch.tensor(want[spe + 4 :]), rtol=1e-9, atol=1e-12
+    )
+    for k, v in _weights(ref["model"]).items():
+        assert torch.equal(_weights(res["model"])[k], v), k
+
+
+def test_composed_from_the_start_trains_at_the_scaled_rate_and_n1_at_lr():
+    cfg = {**CFG, "plain_epochs": 0, "epochs": 1, "composed_lr_scale": 0.25}
+    lr = TrainConfig(**cfg).lr
+    res, lrs = _lrs(cfg)
+    want = _cosine(res["total_steps"], lr * 0.25)
+    torch.testing.assert_close(torch.tensor(lrs), torch.tensor(want), rtol=1e-9, atol=1e-12)
+    res, lrs = _lrs({**cfg, "n_factors": 1})  # nothing composed: lr itself
+    want = _cosine(res["total_steps"], lr)
+    torch.testing.assert_close(torch.tensor(lrs), torch.tensor(want), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("bad", [0, -0.5, 11, "half", None])
+def test_a_bad_composed_lr_scale_names_the_field(bad):
+    with pytest.raises((ValueError, TypeError), match="composed_lr_scale"):
+        TrainConfig(**{**CFG, "composed_lr_scale": bad})
+
+
+def test_the_command_line_takes_the_composed_lr_scale(tmp_path, capsys):
+    rc = main(["train", "--runs-dir", str(tmp_path), "--name", "c", "--epochs", "2",
+               "--plain-epochs", "1", "--max-steps", "30", "--composed-lr-scale", "0.5",
+               "--model-arg", "width=16", "--device", "cpu"])  # fmt: skip
+    assert rc == 0
+    assert RunStore(tmp_path).get("c").config["composed_lr_scale"] == 0.5

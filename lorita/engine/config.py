@@ -152,6 +152,16 @@ class TrainConfig:
         choices=OPTIMIZERS,
     )
     lr: float = _opt(3e-3, "peak learning rate", "float", min=0, max=10, min_open=True)
+    composed_lr_scale: float = _opt(
+        1.0,
+        "the composed network's peak learning rate as a multiple of lr (a product of N "
+        "factors moves about N times faster than one weight; the plain epochs and N=1 train "
+        "at lr)",
+        "float",
+        min=0,
+        max=10,
+        min_open=True,
+    )
     momentum: float = _opt(0.9, "SGD momentum", "float", min=0, max=1, max_open=True)
     weight_decay: float = _opt(
         5e-3,

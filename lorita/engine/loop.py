@@ -378,8 +378,9 @@ def _setup(config, run, d, callback, stop, threads, *, epoch: int, resume: bool)
             "composed; lower plain_epochs or raise max_steps"
         )
     # the plain epochs' schedule ends at the switch; the composed one runs from there
-    steps = switch if plain_phase(config, epoch) else total_steps - switch
-    opt, sched = _optimizer(config, model, steps)
+    plain = plain_phase(config, epoch)
+    steps = switch if plain else total_steps - switch
+    opt, sched = _optimizer(config, model, steps, composed=config.n_factors > 1 and not plain)
     return Session(
         config=config,
         run=run,
@@ -408,10 +409,12 @@ def _place(model: nn.Module, device: torch.device) -> nn.Module:
     return model
 
 
-def _optimizer(config: TrainConfig, model: nn.Module, steps: int):
-    """The optimizer of ``model``'s parameters and its schedule over ``steps`` steps."""
+def _optimizer(config: TrainConfig, model: nn.Module, steps: int, *, composed: bool):
+    """The optimizer of ``model``'s parameters and its schedule over ``steps`` steps; a
+    ``composed`` model (N > 1, past its plain epochs) trains at ``lr x composed_lr_scale``."""
+    lr = config.lr * (config.composed_lr_scale if composed else 1.0)
     opt = make_optimizer(
-        config.optimizer, model.parameters(), config.lr, config.weight_decay, config.momentum
+        config.optimizer, model.parameters(), lr, config.weight_decay, config.momentum
     )
     return opt, make_scheduler(config.schedule, opt, steps, config.warmup)
 
@@ -649,7 +652,7 @@ def _compose(s: Session) -> None:
     trained with weight decay on its factors."""
     c, cfg = s.c, s.config
     s.model = _place(compose(s.model, cfg, init="balanced"), s.device)
-    s.opt, s.sched = _optimizer(cfg, s.model, s.total_steps - c.step)
+    s.opt, s.sched = _optimizer(cfg, s.model, s.total_steps - c.step, composed=True)
     s.net = _wrap(s)
     s.net.train()
     c.best_val, c.best_step = None, None
