@@ -455,6 +455,8 @@ def _shipped(dataset: str) -> tuple[str | None, str, dict]:
     }
     if cfg.get("plain_epochs"):  # the plain network first, for this share of the epochs
         want["from_n1"] = cfg["plain_epochs"] / cfg["epochs"]
+    if cfg.get("composed_lr_scale", 1.0) != 1:  # no variant here trains so
+        want["composed_lr_scale"] = cfg["composed_lr_scale"]
     match = [v for v in VARIANTS if settings(dataset, v) == want]
     return (match[0] if match else None), where, cfg
 
@@ -499,6 +501,12 @@ def findings(dataset: str, variants: list[str], seeds: list[int], done: dict) ->
         + f" {where} trains with {cfg['optimizer']}, warm-up {cfg.get('warmup', 0.0):g}, "
         f"lr {cfg['lr']:g}, weight decay {cfg['weight_decay']:g}, {cfg['epochs']} epochs"
         + (f", the first {cfg['plain_epochs']} plain" if cfg.get("plain_epochs") else "")
+        + (
+            f", the composed epochs at {cfg['composed_lr_scale']:g} x lr (3 seeds against the "
+            "baselines: docs/vs_pruning.md)"
+            if cfg.get("composed_lr_scale", 1.0) != 1
+            else ""
+        )
         + (
             ": the variant just named."
             if ship in (best, best_low)

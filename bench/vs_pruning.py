@@ -436,7 +436,10 @@ def section(name: str, setup: dict, results: list[dict], args) -> list[str]:
         body, wins = table(results, args.budgets, ft)
         what = f"after {ft} epochs of fine-tuning" if ft else "without fine-tuning"
         bar = targets[ft] if len(args.budgets) == 5 else len(args.budgets)
+        lost = [(b, winner(results, b, ft)[1]) for b in args.budgets]
+        lost = ", ".join(f"{b:g}% by {-m:.2f} points" for b, m in lost if m < 0)
         verdict = "met" if wins >= bar else f"missed by {bar - wins} budget(s)"
+        verdict += f"; lost at {lost}" if lost else ""
         lines += [
             f"Test accuracy (%) {what}: mean (min-max) over the seeds, [params kept, mean].",
             "",
