@@ -33,6 +33,18 @@ CFG = {
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+def _cosine(steps: int, lr: float) -> list[float]:
+    """The learning rate after each of ``steps`` steps of a warmed-up cosine from ``lr``."""
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    sched = make_scheduler("cosine", opt, steps, CFG["warmup"])
+    out = []
+    for _ in range(steps):
+        opt.step()
+        sched.step()
+        out.append(opt.param_groups[0]["lr"])
+    return out
+
+
 def _steps(events: list[dict]) -> int:
     return next(e["steps_per_epoch"] for e in events if e["event"] == "start")
 
@@ -96,17 +108,8 @@ def test_the_switch_composes_the_same_function_and_restarts_the_schedule(tmp_pat
     total = res["total_steps"]
     assert total == 3 * spe and len(lrs) == total
 
-    def trace(steps: int) -> list[float]:
-        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=TrainConfig(**CFG).lr)
-        sched = make_scheduler("cosine", opt, steps, CFG["warmup"])
-        out = []
-        for _ in range(steps):
-            opt.step()
-            sched.step()
-            out.append(opt.param_groups[0]["lr"])
-        return out
-
-    want = trace(spe) + trace(total - spe)
+    lr = TrainConfig(**CFG).lr
+    want = _cosine(spe, lr) + _cosine(total - spe, lr)
     torch.testing.assert_close(torch.tensor(lrs), torch.tensor(want), rtol=1e-9, atol=1e-12)
 
 
@@ -168,17 +171,6 @@ def _lrs(config: dict, run=None, **kw) -> tuple[dict, list[float]]:
         config, run, callback=lambda e: lrs.append(e["lr"]) if e["event"] == "step" else 0, **kw
     )
     return res, lrs
-
-
-def _cosine(steps: int, lr: float) -> list[float]:
-    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
-    sched = make_scheduler("cosine", opt, steps, CFG["warmup"])
-    out = []
-    for _ in range(steps):
-        opt.step()
-        sched.step()
-        out.append(opt.param_groups[0]["lr"])
-    return out
 
 
 def test_the_composed_epochs_train_at_the_scaled_learning_rate_through_a_resume(tmp_path):
