@@ -84,8 +84,18 @@ def _argv(root: Path, extra: tuple[str, ...] = ()) -> list[str]:
 
 _FORK = multiprocessing.get_context("forkserver")
 _FORK.set_forkserver_preload(
-    ["torch", "torch._dynamo", "lorita", "lorita.cli", "lorita.engine", "sklearn.datasets"]
-)  # torch._dynamo: the first optimizer imports it (seconds)
+    [
+        "torch",
+        "torch._dynamo",
+        "lorita.cli",
+        "lorita.engine",
+        "lorita.engine.preflight",
+        "lorita.curves",
+        "sklearn.datasets",
+    ]
+)  # torch._dynamo: the first optimizer imports it (seconds); lorita.curves: the trade-off
+# curves a completed run keeps (compress, cost, truncation with them); `import lorita` alone
+# imports none of these
 
 
 def _train_child(argv: list[str], fault: str | None) -> None:
