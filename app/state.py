@@ -160,10 +160,7 @@ def set_current_run(name: str | None) -> None:
     """Remember ``name`` in the session and in the URL so that a refresh comes back to it."""
     init()
     st.session_state[CURRENT_RUN] = name
-    if name:
-        to_url(QUERY_RUN, name)
-    elif QUERY_RUN in st.query_params:
-        del st.query_params[QUERY_RUN]
+    to_url(QUERY_RUN, name or None)
 
 
 def pick_run(key: str) -> None:
@@ -178,10 +175,14 @@ def from_url(param: str) -> str | None:
     return str(value) if value else None
 
 
-def to_url(param: str, value: str) -> None:
+def to_url(param: str, value: str | list[str] | None) -> None:
     """Keep ``value`` in the URL so that a refresh comes back to it (written only on change;
-    a parameter given twice, ``?run=a&run=b``, is written once)."""
-    if st.query_params.get_all(param) != [value]:
+    a parameter given twice, ``?run=a&run=b``, is written once): a list as the parameter once
+    per item, None as no parameter at all."""
+    if value is None:
+        if param in st.query_params:
+            del st.query_params[param]
+    elif st.query_params.get_all(param) != ([value] if isinstance(value, str) else value):
         st.query_params[param] = value
 
 

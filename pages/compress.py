@@ -282,10 +282,7 @@ def _baselines(root: str, name: str, which: str, policy: str, value, x_axis: str
     st.subheader("LoRITa against the baselines")
     state.setdefault("compress.compare", state.from_url(state.QUERY_COMPARE) == "1")
     on = st.toggle("Compare with the SVD cut and L1 pruning of the N=1 run", key="compress.compare")
-    if on:  # kept in the URL: a refresh comes back to the comparison
-        state.to_url(state.QUERY_COMPARE, "1")
-    elif state.QUERY_COMPARE in st.query_params:
-        del st.query_params[state.QUERY_COMPARE]
+    state.to_url(state.QUERY_COMPARE, "1" if on else None)  # a refresh comes back to it
     if not on:
         st.caption("Sweeps 5–50 % budgets once per checkpoint (kept in the run folder).")
         return
@@ -368,8 +365,7 @@ def _controls(root: str, name: str, which: str):
     state.to_url(state.QUERY_POLICY, policy)
     if policy in cz.scalar_policies():
         return policy, *_slider(root, name, which, policy, from_url, cz.score_of_run(name, root))
-    if state.QUERY_VALUE in st.query_params:  # a slider's value, not this policy's
-        del st.query_params[state.QUERY_VALUE]
+    state.to_url(state.QUERY_VALUE, None)  # a slider's value, not this policy's
     return policy, None, None
 
 

@@ -182,8 +182,7 @@ def _choice_to_url(choice: dict | None) -> None:
         state.to_url(state.QUERY_VALUE, f"{choice['value']:g}")
     else:
         for param in _URL_CHOICE:
-            if param in st.query_params:
-                del st.query_params[param]
+            state.to_url(param, None)
 
 
 def _choice_from_url(root: str, names: list[str]) -> dict | None:

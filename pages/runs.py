@@ -156,8 +156,7 @@ def main() -> None:
         names,
         key=state.RUNS_PICK,
     )
-    if st.query_params.get_all(state.QUERY_OVERLAY) != (picked or [""]):
-        st.query_params[state.QUERY_OVERLAY] = picked or [""]  # a refresh overlays them again
+    state.to_url(state.QUERY_OVERLAY, picked or [""])  # a refresh overlays them again
     if picked:
         _compare(picked, {r["name"]: r for r in made})
     else:

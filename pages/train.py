@@ -125,10 +125,7 @@ def _to_url(family: str, start: dict) -> bool:
     form["dataset"] = f"{choice}:{path}" if options.is_path_family(choice) else choice
     kept = train_url.changed(form, start)
     for field in presets.FORM_FIELDS:
-        if field in kept:
-            state.to_url(field, kept[field])
-        elif field in st.query_params:
-            del st.query_params[field]
+        state.to_url(field, kept.get(field))
     return bool(kept)
 
 
@@ -140,14 +137,12 @@ def _preset_to_url(edited: bool) -> None:
     preset = st.session_state[state.TRAIN_PRESET]
     started = (st.session_state.get(state.TRAIN_LAST_START) or {}).get("runs") or ()
     seed, opened = _opened_on()
-    if (
+    shows_preset = (
         st.session_state.get(state.TRAIN_SEED_RUN) is None
         and state.current_run() not in started
         and (opened != preset or (edited and seed is not None))
-    ):
-        state.to_url(state.QUERY_PRESET, preset)
-    elif state.QUERY_PRESET in st.query_params:
-        del st.query_params[state.QUERY_PRESET]
+    )
+    state.to_url(state.QUERY_PRESET, preset if shows_preset else None)
 
 
 def _forget_seed() -> None:
@@ -309,10 +304,7 @@ def _baseline_to_url(ticks: bool) -> bool:
     """Keep the "also train N=1" box in the address while it differs from ``ticks`` (what
     the form ticks by itself); whether it differs."""
     kept = train_url.baseline_text(st.session_state.get(state.TRAIN_BASELINE, ticks), ticks)
-    if kept is not None:
-        state.to_url(train_url.BASELINE, kept)
-    elif train_url.BASELINE in st.query_params:
-        del st.query_params[train_url.BASELINE]
+    state.to_url(train_url.BASELINE, kept)
     return kept is not None
 
 
