@@ -1,6 +1,7 @@
 """Shared test settings: CPU by default (TORCH_DEVICE overrides), few threads, fixed seeds."""
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -45,3 +46,12 @@ def plain_process():
         for name in names:
             mp.delenv(name, raising=False)
         yield
+
+
+@pytest.fixture
+def empty_runs(tmp_path, monkeypatch) -> Path:
+    """An empty runs folder as $LORITA_RUNS (beside a test's own ``tmp_path / "runs"``)."""
+    root = tmp_path / "empty-runs"
+    root.mkdir()
+    monkeypatch.setenv("LORITA_RUNS", str(root))
+    return root

@@ -35,14 +35,6 @@ def _imported(stderr: str) -> set[str]:
 # --- the "also train N=1" box over a refresh --------------------------------------------------
 
 
-@pytest.fixture
-def empty_runs(tmp_path, monkeypatch) -> Path:
-    root = tmp_path / "runs"
-    root.mkdir()
-    monkeypatch.setenv("LORITA_RUNS", str(root))
-    return root
-
-
 def _box(at) -> bool:
     return at.checkbox(key="train.baseline").value
 

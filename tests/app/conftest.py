@@ -60,13 +60,5 @@ def runs_dir(seeded_store, tmp_path, monkeypatch) -> Path:
     return _copy(seeded_store, tmp_path / "runs", monkeypatch)
 
 
-@pytest.fixture
-def empty_runs(tmp_path, monkeypatch) -> Path:
-    root = tmp_path / "empty-runs"
-    root.mkdir()
-    monkeypatch.setenv("LORITA_RUNS", str(root))
-    return root
-
-
 def pytest_configure(config):
     os.environ.setdefault("STREAMLIT_BROWSER_GATHER_USAGE_STATS", "false")
