@@ -476,6 +476,8 @@ def deploy_model(
     check_flag(fold_bn, "fold_bn")
     check_optional_flag(channels_last, "channels_last")
     check_module(model)
+    if example_input is not None:  # checked before any work: one the model cannot take is named
+        example_input = inputs.check_example(example_input)
     new = merge_model(model) if composed_layers(model) else clone_model(model)
     new.eval()
     take_off_compile(new)

@@ -1062,7 +1062,10 @@ def _numel(shape: tuple[int, ...]) -> int:
 def _finish(model: nn.Module, tensors: dict[str, Tensor], where: str, assign=False) -> nn.Module:
     # the module versions a state_dict carries (a file holds none): the model's own, which
     # layers that check them when loading (torchvision's MNASNet) require
-    state = OrderedDict(tensors)
+    # assigned, the file's tensors become the model's own: copies, as no view of the file may
+    # be (safetensors maps it into memory: a file then overwritten in place ends the process
+    # with a bus error at the next forward; and a view's unaligned offsets round differently)
+    state = OrderedDict((k, t.clone() if assign else t) for k, t in tensors.items())
     state._metadata = getattr(model.state_dict(), "_metadata", None)  # type: ignore[attr-defined]
     ties = _ties(model) if assign else []
     try:
@@ -1353,7 +1356,8 @@ def onnx_input_names(x: inputs.Example) -> list[str]:
 
 def onnx_output_names(out, taken: list[str] = ()) -> list[str]:
     """The graph's output names for what the model returns (``out``): ``output`` for one
-    tensor; a dict's keys (nested ones joined by ``_``) for a dict; ``output``, ``output_1``...
+    tensor; a dict's keys (nested ones joined by ``_``; a key that is a number, ``"0"``, as
+    ``output_0``) for a dict; ``output``, ``output_1``...
     for a tuple or list; only its tensors (a ``None`` in a dict is no output). Never one of
     the input names ``taken``."""
     from torch.utils._pytree import tree_flatten_with_path
@@ -1366,6 +1370,8 @@ def onnx_output_names(out, taken: list[str] = ()) -> list[str]:
         if keyed:
             name = "_".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
             name = re.sub(r"\W", "_", name) or "output"
+            if name.isdigit():  # a number is no name TorchScript takes (FPN's keys "0", "1")
+                name = f"output_{name}"
         else:
             name = "output" if i == 0 else f"output_{i}"
         while name in names or name in taken:

@@ -824,7 +824,10 @@ def layer_table(model: nn.Module, *, direct=None) -> list[LayerEntry]:
         if kind is None:
             continue
         if name == "":
-            raise ValueError("model: expected a container of layers, got a bare layer")
+            raise ValueError(
+                f"model: expected a container of layers, got a bare {type(module).__name__}; "
+                "wrap it: nn.Sequential(layer)"
+            )
         prefix = _skip_inside(name, module)
         if prefix:
             inside.append(prefix)
