@@ -573,3 +573,22 @@ def test_init_from_a_backbone_without_its_head_starts_the_head_fresh(tmp_path):
     torch.save({k: v for k, v in sd.items() if not k.startswith("fc1.")}, tmp_path / "no1.pt")
     with pytest.raises(ValueError, match=r"missing from the file: 'fc1.weight'"):
         check_model(TrainConfig(model_kwargs={"width": 16}, init_from=str(tmp_path / "no1.pt")))
+
+
+def test_a_resumed_optimizer_holds_no_view_of_its_checkpoint_file(tmp_path):
+    """safetensors maps a file into memory: the optimizer's state read from it was a view of
+    the file, so a file rewritten in place (same size here; shorter, and the next step ends
+    the process with a bus error) changed the resumed optimizer's moments under it."""
+    model, opt, sched = _model_and_opt()
+    saved = checkpoint.save(tmp_path, model, opt, sched, counters={"step": 3}, rng={}, meta={})
+    fresh, opt2, sched2 = _model_and_opt()
+    checkpoint.load(saved, fresh, opt2, sched2)
+    state = saved / "state.safetensors"
+    raw = state.read_bytes()
+    head = 8 + int.from_bytes(raw[:8], "little")
+    with open(state, "r+b") as f:  # the tensors' bytes zeroed in place, the header kept
+        f.seek(head)
+        f.write(bytes(len(raw) - head))
+    for i, st in opt.state_dict()["state"].items():
+        got = opt2.state_dict()["state"][i]
+        assert all(torch.equal(got[k], v) for k, v in st.items() if torch.is_tensor(v))

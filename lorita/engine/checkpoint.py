@@ -236,7 +236,9 @@ def load(path: Path, model: nn.Module, opt, sched) -> tuple[dict, dict[str, torc
     )
     with safe_open(str(path / "state.safetensors"), framework="pt") as f:
         info = json.loads(f.metadata()[STATE_KEY])
-        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+        # copies: a tensor read so is a view of the mapped file, and the optimizer keeps
+        # (and updates) its moments as given; the file rewritten in place would change them
+        tensors = {k: f.get_tensor(k).clone() for k in f.keys()}  # noqa: SIM118
     state: dict[int, dict] = {}
     for key, v in tensors.items():
         if key.startswith("opt."):
