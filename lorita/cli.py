@@ -907,7 +907,9 @@ def _train_config(args):
     # options belong to one model / dataset: a different one on the command line drops them
     if "model" in given and given["model"] != base["model"]:
         base["model_kwargs"] = {}
-    if "dataset" in given and given["dataset"] != base["dataset"]:
+    if "dataset" in given and _as_kept(args, "dataset", given["dataset"]) != _as_kept(
+        args, "dataset", base["dataset"]
+    ):  # (the same folder written another way, relative or with ~, keeps them)
         base["dataset_kwargs"] = {}
     for f in dataclasses.fields(TrainConfig):
         if f.name in given:
@@ -932,6 +934,22 @@ def _train_config(args):
                 f"working directory, {str(Path.cwd())!r})"
             ) from None
     return TrainConfig.from_dict(base)
+
+
+def _as_kept(args, key: str, value):
+    """``value`` of the field ``key`` as a run's config keeps it: a folder dataset's path and
+    the starting weights' file absolute (``folder:imgs`` is ``folder:/home/me/imgs``); any
+    other value, or one that cannot be read so (a file since removed), as it is."""
+    if not isinstance(value, str) or not value:
+        return value
+    with contextlib.suppress(ValueError, UsageError, argparse.ArgumentTypeError, OSError):
+        if key == "dataset":
+            from .data import canonical_name
+
+            return canonical_name(value)
+        if key == "init_from":
+            return _init_file(args, value)
+    return value
 
 
 def _check_model_args(base: dict, given: dict) -> None:
@@ -986,7 +1004,11 @@ def _train_config_from_run(run, args):
             "damaged or names no dataset); nothing was changed"
         )
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    other = [k for k in vars(args) if k in fields and getattr(args, k) != run.config.get(k)]
+    other = [  # a path as the run keeps it: the command that started it, --resume added
+        k
+        for k in vars(args)
+        if k in fields and _as_kept(args, k, getattr(args, k)) != run.config.get(k)
+    ]
     options = _options_not_the_runs(args, had)
     if other or options:
         flags = ", ".join(_FLAG_NAMES.get(k, ("--" + k.replace("_", "-"),))[0] for k in other)
@@ -1005,7 +1027,7 @@ def _options_not_the_runs(args, had: dict) -> list[str]:
         if key in ("model_kwargs", "dataset_kwargs"):  # the options given, each the run's
             kept = had.get(key)
             return isinstance(kept, dict) and all(kept.get(k, ...) == v for k, v in value.items())
-        return had.get(key, ...) == value
+        return had.get(key, ...) == _as_kept(args, key, value)
 
     from .engine.config import read_config_file
 

@@ -85,17 +85,26 @@ def _renamed(sd: dict[str, torch.Tensor], own: set[str]) -> dict[str, torch.Tens
     """``sd`` with the prefixes of wrappers stripped while the model's own names do not have
     them: from every key that carries one, when that names more of the model's tensors (a
     Lightning module also keeps its loss's weights: ``model.fc.weight`` beside
-    ``criterion.weight``, which stays for :func:`check_weights` to name)."""
-    while not set(sd) <= own:
-        tries = [
-            {(k[len(p) :] if k.startswith(p) else k): v for k, v in sd.items()} for p in _PREFIXES
-        ]
-        tries = [t for t in tries if len(t) == len(sd)]  # (no two keys made one)
-        best = max(tries, key=lambda t: len(set(t) & own), default=sd)
-        if len(set(best) & own) <= len(set(sd) & own):
+    ``criterion.weight``, which stays for :func:`check_weights` to name).
+    Wrappers stack: torch.compile around DistributedDataParallel writes ``_orig_mod.module.``,
+    the other way round ``module._orig_mod.``; up to three prefixes are stripped, any order."""
+    best, frontier = sd, [sd]
+    for _ in range(3):
+        if set(best) <= own:
             break
-        sd = best
-    return sd
+        grown = []
+        for have in frontier:
+            for p in _PREFIXES:
+                if not any(k.startswith(p) for k in have):
+                    continue
+                t = {(k[len(p) :] if k.startswith(p) else k): v for k, v in have.items()}
+                if len(t) != len(have):  # (no two keys made one)
+                    continue
+                grown.append(t)
+                if len(set(t) & own) > len(set(best) & own):
+                    best = t
+        frontier = grown
+    return best
 
 
 def _from_lorita_file(p: Path, model: nn.Module) -> dict[str, torch.Tensor]:
@@ -348,23 +357,27 @@ def check_weights(model: nn.Module, sd: dict[str, torch.Tensor]) -> None:
     """ValueError naming ``init_from`` and the first names or shapes where ``sd`` and
     ``model``'s state_dict differ."""
     own = model.state_dict()
+    wrong = None  # the first tensor of a shape or kind the model's cannot take
     for k, v in sd.items():
-        if k in own and tuple(own[k].shape) != tuple(v.shape):
-            raise ValueError(
-                f"init_from: {k!r} has shape {tuple(v.shape)} in the file but "
-                f"{tuple(own[k].shape)} in the model"
-            )
-        if k in own and own[k].is_floating_point() and not v.is_floating_point():
-            raise ValueError(
-                f"init_from: {k!r} holds {str(v.dtype).removeprefix('torch.')} values in the "
-                "file; a weight needs floating-point values"
+        if wrong is None and k in own and tuple(own[k].shape) != tuple(v.shape):
+            shapes = f"{tuple(v.shape)} in the file but {tuple(own[k].shape)} in the model"
+            wrong = f"{k!r} has shape {shapes}"
+        if wrong is None and k in own and own[k].is_floating_point() and not v.is_floating_point():
+            wrong = (
+                f"{k!r} holds {str(v.dtype).removeprefix('torch.')} values in the file; a "
+                "weight needs floating-point values"
             )
     missing = _missing(own, sd)
     extra = [k for k in sd if k not in own]
-    if missing or extra:
+    if missing or extra:  # named first: a file of another architecture shares a few names
         parts = [f"missing from the file: {_first(missing)}"] if missing else []
         parts += [f"not in the model: {_first(extra)}"] if extra else []
-        raise ValueError("init_from: the weights do not match the model (" + "; ".join(parts) + ")")
+        also = f"; also {wrong}" if wrong else ""
+        raise ValueError(
+            "init_from: the weights do not match the model (" + "; ".join(parts) + ")" + also
+        )
+    if wrong:
+        raise ValueError(f"init_from: {wrong}")
 
 
 def _missing(own: dict, sd: dict) -> list[str]:
