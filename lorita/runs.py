@@ -715,7 +715,34 @@ class Run:
             broken = self.problem()  # (config.json missing or unreadable, rather)
             why = broken if broken and broken.startswith("config.json") else None
             raise ValueError(f"run {self.name!r}: {why or 'config.json has no dataset'}")
-        return load_splits(cfg)
+        splits = load_splits(cfg)
+        self._check_classes(getattr(splits, "classes", None))
+        return splits
+
+    def _check_classes(self, now: list[str] | None) -> None:
+        """DatasetUnavailable when the dataset's classes (a folder's class sub-folders, ``now``)
+        are no longer those the run's checkpoints were trained on: the model's outputs are
+        those classes in their order, so the folder's labels would mean other classes."""
+        was = None
+        for which in ("best", "last"):
+            try:
+                was = (self.preprocess(which) or {}).get("classes")
+                break
+            except (ValueError, OSError):  # no such checkpoint (yet)
+                continue
+        if not isinstance(was, list) or now is None or list(now) == was:
+            return
+        from .data import DatasetUnavailable
+
+        def names(classes: list) -> str:
+            shown = ", ".join(map(str, classes[:8]))
+            return f"{shown}, ... ({len(classes)})" if len(classes) > 8 else shown
+
+        raise DatasetUnavailable(
+            f"dataset {self.config['dataset']!r}: its classes are now {names(list(now))}, but run "
+            f"{self.name!r} was trained on {names(was)} (the model's outputs, in that order); "
+            "put the class folders back as they were to evaluate or cut it"
+        )
 
     # -- the writer (the training process only)
     def hold(self, timeout: float = 1.0) -> None:

@@ -6,6 +6,7 @@ import streamlit as st
 
 from app import cache, charts, jobs, latency, live, plot, state, tables, ui
 from app import compress as cz
+from lorita.data import DatasetUnavailable
 from lorita.kinds import stages
 from lorita.scores import Score, score_of
 
@@ -355,6 +356,22 @@ def _finetune(session, res: dict) -> None:
             )
 
 
+def _session_or_say(root: str, name: str, which: str, mtime: float, box):
+    """The compress session of the run's checkpoint; None when its images are not here as it
+    trained on them (moved, or their classes changed), which ``box`` then says: no cut can be
+    scored."""
+    try:
+        return cache.session(root, name, which, mtime)
+    except DatasetUnavailable as exc:
+        box.warning(
+            f"{ui.one_line(exc)}. Every cut of run {name} is scored on the validation and test "
+            "images it trained with: put the images back as they were to compress it. The "
+            "Export page still writes it as trained (nothing cut).",
+            icon="🗂️",
+        )
+        return None
+
+
 def _controls(root: str, name: str, which: str):
     """The policy radio and its slider (no session needed); the rank table comes later."""
     labels = cz.policy_labels()
@@ -395,7 +412,9 @@ def workbench(root: str, name: str, which: str) -> None:
     if curves is not None and st.session_state.get(state.COMPRESS_LOADED) != loaded:
         _draw_tradeoff(slot, curves, x_axis, name, task)  # at once, while the session loads
     st.session_state[state.COMPRESS_LOADED] = None  # until it has loaded
-    session = cache.session(root, name, which, loaded[2])
+    session = _session_or_say(root, name, which, loaded[2], table_box)
+    if session is None:
+        return
     st.session_state[state.COMPRESS_LOADED] = loaded
     drawn = st.session_state.get(state.COMPRESS_DRAWN)
     if drawn is not None and drawn != (loaded, jobs.view(name, root).active):

@@ -188,13 +188,16 @@ def _choice_to_url(choice: dict | None) -> None:
 def _choice_from_url(root: str, names: list[str]) -> dict | None:
     """The Compress page's setting rebuilt from the address of a refreshed Export page (run,
     checkpoint, policy and slider value), cut once to learn its ranks; None when there is
-    none or it is not valid."""
+    none, it is not valid, or the run's images are not here to cut it with."""
     name, policy = state.current_run(), state.from_url(state.QUERY_POLICY)
     which = state.from_url(state.QUERY_WHICH) or "best"
     value = cz.url_value(policy or "", state.from_url(state.QUERY_VALUE))
     if name not in names or value is None or not cz.checkpoint_mtime(name, which, root):
         return None  # checkpoint_mtime is 0.0 for a checkpoint that is not there or not valid
-    session = cache.session(root, name, which)
+    try:
+        session = cache.session(root, name, which)
+    except DatasetUnavailable:  # no cut without the run's images: the page offers it as trained
+        return None
     small, _ = session.cut(cz.make_policy(policy, value))
     choice = {"run": name, "which": which, "policy": policy, "value": value,
               "ranks": cz.every_rank(session, small)}  # fmt: skip
