@@ -83,14 +83,24 @@ def split_dataset(name: str) -> tuple[str, str]:
     return str(name), ""
 
 
+#: how an error about the image folder box begins (it stands for the config's dataset errors)
+FOLDER_BOX = "image folder:"
+
+
 def folder_errors(choice: str, path: str | None) -> list[str]:
     """An image folder typed while the dataset is not a path family: refused, not ignored
-    (the run would train on the chosen built-in dataset and the folder would do nothing)."""
+    (the run would train on the chosen built-in dataset and the folder would do nothing);
+    a path family chosen with its box left empty: named as the box the page shows."""
     path = (path or "").strip()
+    if not path and options.is_path_family(choice):
+        return [
+            f"{FOLDER_BOX} empty; type the path of your images' folder, one sub-folder of "
+            f"images per class, to train on {choice!r}"
+        ]
     if not path or options.is_path_family(choice):
         return []
     return [
-        f"image folder: {path!r} is given but the dataset is {choice!r}; pick "
+        f"{FOLDER_BOX} {path!r} is given but the dataset is {choice!r}; pick "
         f"{options.FOLDER} as the dataset to train on the folder, or clear the image folder"
     ]
 

@@ -382,6 +382,8 @@ def _start(family: str) -> None:
     saved = config.get("init_from") if config else None
     if config is not None:
         errors += train_form.check(preset, config, notes, found)
+    if any(e.startswith(train_form.FOLDER_BOX) for e in errors):  # said of the box already
+        errors = [e for e in errors if not e.startswith("dataset:")]
     for message in errors:
         _cannot_start(message, saved)
     if errors or config is None:

@@ -361,3 +361,20 @@ def test_a_hand_edited_address_for_a_torchvision_run_falls_back(own_runs, page):
         assert at.query_params["policy"] == "global" and at.query_params["value"] == "0.5"
     else:
         assert at.query_params["format"] == "low_rank" and at.get("download_button")
+
+
+def test_train_with_the_image_folder_box_left_empty_names_the_box(empty_runs, monkeypatch):
+    """``folder`` chosen and its box left empty: one error, naming the box the user sees
+    (not the config's ``folder:`` text), nothing started."""
+    from app import jobs
+
+    monkeypatch.setattr(jobs, "start_pair", lambda c, b: pytest.fail("started"))
+    at = open_page("train")
+    at.selectbox(key="train.dataset.classroom").set_value("folder")
+    at.text_input(key="train.dataset_path.classroom").set_value("  ")
+    at.button(key=START).click().run()
+    assert not at.exception
+    errors = [e.value for e in at.error]
+    assert len(errors) == 1 and "image folder" in errors[0].lower(), errors
+    assert "folder:'" not in errors[0] and "one sub-folder" in errors[0], errors
+    assert not any(p.name[0] != "." for p in empty_runs.iterdir())
