@@ -79,6 +79,11 @@ def read(texts: dict[str, str | None], preset: str) -> dict[str, Any]:
             out[field] = _read_one(field, raw, preset)
         except (ValueError, TypeError):
             continue  # a hand-edited or stale value: the form's own shows
+    model = out.get("model")
+    if model and "model_kwargs" not in out:  # the preset's options are its own family's
+        own = str(presets.config(preset).get("model", ""))
+        if options.family_of(str(model)) != options.family_of(own):
+            out["model_kwargs"] = {}  # (the MLP's width under a ResNet would only be dropped)
     return out
 
 

@@ -378,3 +378,13 @@ def test_train_with_the_image_folder_box_left_empty_names_the_box(empty_runs, mo
     assert len(errors) == 1 and "image folder" in errors[0].lower(), errors
     assert "folder:'" not in errors[0] and "one sub-folder" in errors[0], errors
     assert not any(p.name[0] != "." for p in empty_runs.iterdir())
+
+
+def test_a_link_naming_a_model_of_another_family_shows_no_preset_options(empty_runs):
+    """``/train?model=torchvision:resnet18`` (no options in the link): the ResNet's options box
+    is empty, not the preset MLP's width, which Start would only drop."""
+    at = open_page("train", model="torchvision:resnet18")
+    assert_clean(at)
+    assert at.selectbox(key="train.family.classroom").value == "torchvision"
+    boxes = [t for t in at.text_input if t.key.startswith("train.model_kwargs")]
+    assert [t.value for t in boxes] == [""], [(t.key, t.value) for t in boxes]
