@@ -52,6 +52,8 @@ _NOT_FLAGS = ("dataset_kwargs", "model_kwargs")
 # CLI-only numbers and their inclusive bounds
 _THREADS = (1, 1024)
 _CONCURRENT = (1, 1024)
+#: the environment variable that sets --curves / --no-curves of ``lorita train`` (1 or 0)
+CURVES_ENV = "LORITA_CURVES"
 _FINETUNE_EPOCHS = (0, 1000)
 _FORM_BATCH = (1, 4096)
 _MAX_DROP = (0.0, 100.0)
@@ -425,6 +427,15 @@ def _train_flags(t: argparse.ArgumentParser) -> None:
         metavar="T",
         help=f"torch CPU threads (default: 1 for a small model on the CPU, else torch's); "
         f"in [{_THREADS[0]}, {_THREADS[1]}]",
+    )
+    t.add_argument(
+        "--curves",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="when the run completes, sweep the Compress page's default trade-off curve and, "
+        "for a composed run, measure the cuts its slider reaches, so the page opens on them at "
+        f"once (default on; ${CURVES_ENV}=0 turns it off); --no-curves for a run nobody "
+        "compresses in the app right away (the page sweeps the curve when it is opened)",
     )
     _add_train_flags(t)
 
@@ -1234,15 +1245,25 @@ def _open_run(args, store, run, config, d):
     return run
 
 
-def _wait_for_slot(args, store, run, stop_event, quiet):
-    """A slot of ``--max-concurrent`` (None when not asked), or False if stopped while queued."""
+def _wait_for_slot(args, store, run, stop_event, quiet, d):
+    """A slot of ``--max-concurrent`` (None when not asked), or False if stopped while queued.
+    Under torchrun process 0 waits for it and tells the others, at each look at the slots,
+    whether to wait on, train or stop: none of them waits in one collective for longer than
+    a look (a collective times out, after 30 minutes on gloo, and would end the run)."""
     from .runs import PREPARING, WAITING_FOR_SLOT, acquire_slot
 
     if not args.max_concurrent:
         return None
+    if not d.main:
+        while (news := _share_name(None, d)) == "wait":
+            pass
+        return None if news == "go" else False
     said = []
 
     def should_stop():  # asked each time every slot was found taken
+        stop = stop_event.is_set() or run.stop_requested()
+        if d.on:
+            _share_name("stop" if stop else "wait", d)
         if not said:
             said.append(True)
             run.update_status(message=WAITING_FOR_SLOT)
@@ -1253,10 +1274,12 @@ def _wait_for_slot(args, store, run, stop_event, quiet):
                     f"lorita stop {run.name}) to leave the queue",
                     sys.stderr,
                 )
-        return stop_event.is_set() or run.stop_requested()
+        return stop
 
     slot = acquire_slot(store.root, args.max_concurrent, should_stop=should_stop)
     if slot is not None:
+        if d.on:
+            _share_name("go", d)
         run.update_status(message=PREPARING)
     if slot is None:
         run.update_status(state="stopped", message="stopped while queued", ended=time.time())
@@ -1270,7 +1293,7 @@ def _wait_for_slot(args, store, run, stop_event, quiet):
 def _curves_kept_now(args, run, d, quiet) -> bool:
     """``--resume`` of a completed run whose trade-off curves were cut short (the process
     ended while it kept them): keep them now, instead of refusing."""
-    if not (args.resume and run is not None and not d.on):
+    if not (args.resume and getattr(args, "curves", True) and run is not None and not d.on):
         return False
     if run.raw_status().get("state") != "completed" or run.is_alive():
         return False
@@ -1292,7 +1315,7 @@ def _run_training(args, store, run, config, d, quiet, stop_event, threads) -> in
             run.start_heartbeat()
         if not quiet:
             _say(f"run folder: {run.path.absolute()}", sys.stderr)
-        slot = _wait_for_slot(args, store, run, stop_event, quiet) if d.main else None
+        slot = _wait_for_slot(args, store, run, stop_event, quiet, d)
         if slot is False:
             return STOPPED
         try:
@@ -1342,15 +1365,18 @@ class _KeepCurves:
     the app sweeps a curve not kept when it is asked for). The training slot is given back
     first: a queued run (the app's N=1 baseline) starts training meanwhile."""
 
-    def __init__(self, stop_event: threading.Event, slot=None) -> None:
+    def __init__(self, stop_event: threading.Event, slot=None, *, enabled: bool = True) -> None:
         self.stop_event = stop_event
         self.slot = slot
+        self.enabled = enabled  # --no-curves: the slot is given back all the same
 
     def __call__(self, run, splits) -> None:
-        from .curves import prepare
-
         if self.slot is not None:
             self.slot.close()
+        if not self.enabled:
+            return
+        from .curves import prepare
+
         prepare(run, splits, stop=self.stop_event.is_set)
 
 
@@ -1363,7 +1389,7 @@ def _train(config, run, args, slot, d, quiet, stop_event, threads) -> dict:
             stop=stop_event.is_set,
             resume=args.resume,
             threads=threads,
-            on_complete=_KeepCurves(stop_event, slot),
+            on_complete=_KeepCurves(stop_event, slot, enabled=getattr(args, "curves", True)),
         )
     except _engine().PeerLost as e:  # (the run's status says the same)
         return {"state": "failed", "message": str(e)}
@@ -2313,7 +2339,11 @@ def _to_devnull(stream) -> None:
 
 
 def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:
-    """A warning as one line on stderr, like the errors (no source line)."""
+    """A warning as one line on stderr, like the errors (no source line). Under torchrun,
+    before its process group starts, the first process of each machine alone says it, as
+    with errors: every process checks the same command line and would warn alike."""
+    if _torchrun_before_group():
+        return
     try:
         print(f"lorita: warning: {_one_line(message)}", file=sys.stderr)
     except (OSError, ValueError):
@@ -2410,6 +2440,14 @@ def _settle(args) -> None:
             args.runs_dir = _folder_arg("LORITA_RUNS")(os.environ["LORITA_RUNS"])
         except argparse.ArgumentTypeError as e:
             raise UsageError(f"LORITA_RUNS (the runs folder): {e}") from None
+    if hasattr(args, "curves") and args.curves is None:
+        raw = os.environ.get(CURVES_ENV, "1").strip()
+        if raw not in ("0", "1"):
+            raise UsageError(
+                f"{CURVES_ENV} (keep trade-off curves when a run completes): expected 0 or 1, "
+                f"got {raw[:40]!r}"
+            )
+        args.curves = raw == "1"
     if hasattr(args, "search"):
         if args.search is not None and getattr(args, "max_drop", None) is None:
             raise UsageError(

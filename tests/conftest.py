@@ -6,6 +6,12 @@ from pathlib import Path
 import pytest
 import torch
 
+# `lorita train` in tests keeps no trade-off curves when a run completes (its --curves default,
+# LORITA_CURVES): most tests check other things, and the sweep was a fifth of the time of the
+# tests that train; the tests of the kept curves turn them on (the `curves_on` fixture). Set
+# before any test starts a process, which inherits it (the app's training children too).
+os.environ.setdefault("LORITA_CURVES", "0")
+
 # Under pytest-xdist each worker gets one thread: the workers share the machine's cores.
 torch.set_num_threads(
     1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, torch.get_num_threads())
@@ -55,3 +61,10 @@ def empty_runs(tmp_path, monkeypatch) -> Path:
     root.mkdir()
     monkeypatch.setenv("LORITA_RUNS", str(root))
     return root
+
+
+@pytest.fixture
+def curves_on(monkeypatch):
+    """`lorita train` keeps its trade-off curves when a run completes, as it does by default
+    outside the tests (the suite turns that off: LORITA_CURVES above)."""
+    monkeypatch.setenv("LORITA_CURVES", "1")

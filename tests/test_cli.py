@@ -1138,7 +1138,9 @@ def test_models_lists_the_models_and_one_models_options(capsys):
         assert "  channels=[64, 128, 256, 512]" in lines and "  stem_type=deep_tiered" in lines
 
 
-def test_a_finished_run_gives_its_slot_back_before_keeping_its_curves(tmp_path, monkeypatch):
+def test_a_finished_run_gives_its_slot_back_before_keeping_its_curves(
+    tmp_path, monkeypatch, curves_on
+):
     """With --max-concurrent, a completed run's training slot is free while it sweeps its
     trade-off curves: a queued run (the app's N=1 baseline) starts meanwhile."""
     import lorita.curves

@@ -88,3 +88,28 @@ def test_an_error_after_completion_leaves_the_run_completed(tmp_path):
     assert result["on_complete_error"] == "RuntimeError: disk full"
     assert run.status()["state"] == "completed"
     assert curves.stored(run, "best", "global") is None
+
+
+def test_train_keeps_the_curves_unless_told_not_to(tmp_path, monkeypatch, capsys):
+    """`lorita train` keeps the default curve and the slider's cuts of a composed run when it
+    completes; --no-curves or LORITA_CURVES=0 keep none (the page sweeps them when opened),
+    --curves wins over the variable, and any other value of it is refused by name."""
+    from lorita.cli import main
+
+    flags = ["--runs-dir", str(tmp_path), "--quiet", "--threads", "1", "--epochs", "1",
+             "--model-arg", "width=16", "--spectra-every", "0"]  # fmt: skip
+
+    def kept(name: str, *extra: str) -> list[str]:
+        assert main(["train", "--name", name, *flags, *extra]) == 0
+        return sorted(p.name for p in (tmp_path / name / "extra").glob("*.json"))
+
+    monkeypatch.setenv("LORITA_CURVES", "1")
+    assert kept("on") == ["cuts-best.json", "tradeoff-best-global.json"]
+    assert kept("off", "--no-curves") == []
+    monkeypatch.setenv("LORITA_CURVES", "0")
+    assert kept("env-off") == []
+    assert kept("flag-on", "--curves") == ["cuts-best.json", "tradeoff-best-global.json"]
+    monkeypatch.setenv("LORITA_CURVES", "yes")
+    capsys.readouterr()
+    assert main(["train", "--name", "bad", *flags]) == 2
+    assert "LORITA_CURVES" in capsys.readouterr().err and not (tmp_path / "bad").exists()

@@ -356,7 +356,9 @@ def test_resume_of_a_completed_run_is_refused_and_changes_nothing(tmp_path, caps
     assert after == before
 
 
-def test_resume_of_a_completed_run_whose_curves_were_cut_short_keeps_them(tmp_path, capsys):
+def test_resume_of_a_completed_run_whose_curves_were_cut_short_keeps_them(
+    tmp_path, capsys, curves_on
+):
     """A process ended while it kept the curves (after the run completed): --resume keeps
     them then, and changes nothing else; once they are all there it is refused as above."""
     assert cli_main(["train", "--runs-dir", str(tmp_path), "--name", "r", *FLAGS]) == 0

@@ -130,6 +130,17 @@ def all_ranks_max(values: list[float], d: DistInfo, device: torch.device) -> lis
     return t.cpu().tolist()
 
 
+def all_ranks_sum(values: list[float], d: DistInfo, device: torch.device) -> list[float]:
+    """Element-wise sum of ``values`` over every process (the values themselves alone)."""
+    if not d.on:
+        return values
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.cpu().tolist()
+
+
 def broadcast_from_main(values: list[float], d: DistInfo, device: torch.device) -> list[float]:
     """Rank 0's ``values`` on every process."""
     if not d.on:

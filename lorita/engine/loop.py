@@ -45,7 +45,7 @@ from .build import build_model, compose, load_splits, plain_phase
 from .config import TrainConfig
 from .devices import (
     DistInfo,
-    all_ranks_max,
+    all_ranks_sum,
     barrier,
     broadcast_from_main,
     init_distributed,
@@ -566,10 +566,19 @@ def _step(s: Session, x: torch.Tensor, y: torch.Tensor) -> None:
     if s.config.grad_clip:
         nn.utils.clip_grad_norm_(s.model.parameters(), s.config.grad_clip)
     loss_v = loss.item()
+    correct = 0.0
+    if s.splits.task == "classification":
+        correct = float((main_output(out).argmax(1) == y).sum().item())
     want_stop = bool((s.stop is not None and s.stop()) or (s.run and s.run.stop_requested()))
-    stop_f, bad_f = all_ranks_max(
-        [float(want_stop), float(not math.isfinite(loss_v))], s.d, s.device
-    )
+    # one collective a step: a stop or a non-finite loss in any process, and the step's loss
+    # and correct answers summed over every process's share of the batch (the training-loss
+    # line is the whole batch's, as in one process, on every process alike)
+    stop_f, bad_f, loss_sum, correct, n = all_ranks_sum(
+        [float(want_stop), float(not math.isfinite(loss_v)), loss_v * len(y), correct,
+         float(len(y))], s.d, s.device,
+    )  # fmt: skip
+    if s.d.on:
+        loss_v = loss_sum / n  # the whole batch's mean loss, as one process has it
     if bad_f > 0:
         _diverged(s, loss_v)
         s.timings["steps"] += time.perf_counter() - t0
@@ -580,10 +589,9 @@ def _step(s: Session, x: torch.Tensor, y: torch.Tensor) -> None:
     c = s.c
     c.step += 1
     c.step_in_epoch += 1
-    if s.splits.task == "classification":
-        c.run_correct += (main_output(out).argmax(1) == y).sum().item()
-    c.run_loss += loss_v * len(y)
-    c.run_n += len(y)
+    c.run_correct += correct
+    c.run_loss += loss_sum
+    c.run_n += int(n)
     s.timings["steps"] += time.perf_counter() - t0
     lr = s.opt.param_groups[0]["lr"]
     _emit(s, "step", step=c.step, total_steps=s.total_steps, epoch=c.epoch, loss=loss_v, lr=lr)
