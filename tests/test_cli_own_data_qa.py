@@ -9,6 +9,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from test_cli import _one_line_error  # (one CLI error line, as test_cli checks it)
 
 import lorita as lt
 from lorita.cli import main
@@ -98,17 +99,6 @@ def _json(capsys, argv):
     out, err = capsys.readouterr()
     assert code == 0, err
     return json.loads(out)
-
-
-def _one_line_error(capsys, argv, *needles):
-    code = main(argv)
-    err = capsys.readouterr().err
-    assert code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("lorita: error:"), err
-    for n in needles:
-        assert n in lines[0], lines[0]
-    return lines[0]
 
 
 def test_a_mixed_folder_trains_with_every_file_that_is_an_image(trained):

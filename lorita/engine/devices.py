@@ -119,17 +119,6 @@ def init_distributed(device_hint: str = "auto") -> DistInfo:
     return d
 
 
-def all_ranks_max(values: list[float], d: DistInfo, device: torch.device) -> list[float]:
-    """Element-wise maximum of ``values`` over every process (the values themselves alone)."""
-    if not d.on:
-        return values
-    import torch.distributed as dist
-
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.cpu().tolist()
-
-
 def all_ranks_sum(values: list[float], d: DistInfo, device: torch.device) -> list[float]:
     """Element-wise sum of ``values`` over every process (the values themselves alone)."""
     if not d.on:
