@@ -1,5 +1,6 @@
 """Shared test settings: CPU by default (TORCH_DEVICE overrides), few threads, fixed seeds."""
 
+import multiprocessing
 import os
 from pathlib import Path
 
@@ -11,6 +12,28 @@ import torch
 # tests that train; the tests of the kept curves turn them on (the `curves_on` fixture). Set
 # before any test starts a process, which inherits it (the app's training children too).
 os.environ.setdefault("LORITA_CURVES", "0")
+
+# The fork server of the tests that kill processes forked from it (test_faults,
+# test_faults_writers_qa): a process has one, whose preload is what the last call before it
+# started set, so it is set here once for them all. Each child then pays none of these
+# imports (seconds each: with another module's shorter list the kill sweep took ten times as
+# long in the whole suite as alone). torch._dynamo: the first optimizer imports it;
+# lorita.curves / engine.preflight: what a completed run imports (`import lorita` alone
+# imports none of these); streamlit: the app's code that children run.
+multiprocessing.get_context("forkserver").set_forkserver_preload(
+    [
+        "torch",
+        "torch._dynamo",
+        "lorita",
+        "lorita.cli",
+        "lorita.data",
+        "lorita.engine",
+        "lorita.engine.preflight",
+        "lorita.curves",
+        "sklearn.datasets",
+        "streamlit",
+    ]
+)
 
 # Under pytest-xdist each worker gets one thread: the workers share the machine's cores.
 torch.set_num_threads(

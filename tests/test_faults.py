@@ -82,20 +82,7 @@ def _argv(root: Path, extra: tuple[str, ...] = ()) -> list[str]:
     return ["train", "--runs-dir", str(root), "--name", "r", *FLAGS, *extra]
 
 
-_FORK = multiprocessing.get_context("forkserver")
-_FORK.set_forkserver_preload(
-    [
-        "torch",
-        "torch._dynamo",
-        "lorita.cli",
-        "lorita.engine",
-        "lorita.engine.preflight",
-        "lorita.curves",
-        "sklearn.datasets",
-    ]
-)  # torch._dynamo: the first optimizer imports it (seconds); lorita.curves: the trade-off
-# curves a completed run keeps (compress, cost, truncation with them); `import lorita` alone
-# imports none of these
+_FORK = multiprocessing.get_context("forkserver")  # its preload: tests/conftest.py
 
 
 def _train_child(argv: list[str], fault: str | None) -> None:

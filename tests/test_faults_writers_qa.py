@@ -26,8 +26,7 @@ from lorita.data import load_dataset
 ROOT = Path(__file__).resolve().parents[1]
 
 
-_FORK = multiprocessing.get_context("forkserver")
-_FORK.set_forkserver_preload(["torch", "lorita", "lorita.cli", "lorita.data", "streamlit"])
+_FORK = multiprocessing.get_context("forkserver")  # its preload: tests/conftest.py
 #: the app's modules without ``app/__init__.py``'s one-time server set-up (which writes
 #: ``static/`` and warms caches): what a child that runs app code imports first
 APP = """
