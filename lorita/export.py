@@ -1357,18 +1357,21 @@ def onnx_input_names(x: inputs.Example) -> list[str]:
 def onnx_output_names(out, taken: list[str] = ()) -> list[str]:
     """The graph's output names for what the model returns (``out``): ``output`` for one
     tensor; a dict's keys (nested ones joined by ``_``; a key that is a number, ``"0"``, as
-    ``output_0``) for a dict; ``output``, ``output_1``...
+    ``output_0``) for a dict, and a namedtuple's field names alike; ``output``, ``output_1``...
     for a tuple or list; only its tensors (a ``None`` in a dict is no output). Never one of
     the input names ``taken``."""
     from torch.utils._pytree import tree_flatten_with_path
 
     # what the graph outputs: the tensors (a None or a number the model returns is not one)
     leaves = [(p, v) for p, v in tree_flatten_with_path(out)[0] if isinstance(v, torch.Tensor)]
-    keyed = any(hasattr(k, "key") for path, _ in leaves for k in path)
+    # a dict's key (MappingKey.key) or a namedtuple's field (GetAttrKey.name) names its output
+    keyed = any(hasattr(k, "key") or hasattr(k, "name") for path, _ in leaves for k in path)
     names: list[str] = []
     for i, (path, _) in enumerate(leaves):
         if keyed:
-            name = "_".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+            name = "_".join(
+                str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path
+            )
             name = re.sub(r"\W", "_", name) or "output"
             if name.isdigit():  # a number is no name TorchScript takes (FPN's keys "0", "1")
                 name = f"output_{name}"
@@ -1567,7 +1570,8 @@ def export_onnx(
     ``path`` + ``.data`` (:func:`onnx_data_path`; onnxruntime reads it from the same folder).
     The graph takes ``input`` (and ``input_1``... when ``example_input``
     is a tuple: a model with several inputs) and returns ``output`` (for a model returning
-    several tensors: ``output``, ``output_1``..., or a dict's keys; :func:`onnx_output_names`). ``dynamo=False``
+    several tensors: ``output``, ``output_1``..., or a dict's keys or a namedtuple's fields;
+    :func:`onnx_output_names`). ``dynamo=False``
     (default) uses the TorchScript exporter, several times faster on CPU; ``dynamo=True`` uses
     ``torch.export``. ``fold_bn`` (default): BatchNorm folded into the layer before it, as
     :func:`lorita.convert.fold_batchnorm` does (an ONNX graph is for inference only).
