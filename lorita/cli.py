@@ -1293,7 +1293,7 @@ def _wait_for_slot(args, store, run, stop_event, quiet, d):
 def _curves_kept_now(args, run, d, quiet) -> bool:
     """``--resume`` of a completed run whose trade-off curves were cut short (the process
     ended while it kept them): keep them now, instead of refusing."""
-    if not (args.resume and getattr(args, "curves", True) and run is not None and not d.on):
+    if not (args.resume and args.curves and run is not None and not d.on):
         return False
     if run.raw_status().get("state") != "completed" or run.is_alive():
         return False
@@ -1389,7 +1389,7 @@ def _train(config, run, args, slot, d, quiet, stop_event, threads) -> dict:
             stop=stop_event.is_set,
             resume=args.resume,
             threads=threads,
-            on_complete=_KeepCurves(stop_event, slot, enabled=getattr(args, "curves", True)),
+            on_complete=_KeepCurves(stop_event, slot, enabled=args.curves),
         )
     except _engine().PeerLost as e:  # (the run's status says the same)
         return {"state": "failed", "message": str(e)}
