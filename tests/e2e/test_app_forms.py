@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from e2e_helpers import wait_idle
 
 pytestmark = pytest.mark.e2e
 
@@ -16,6 +17,7 @@ def test_a_bad_weights_upload_is_named_as_the_user_named_it(app_server, page):
          "buffer": b"not a weights file, just text\n"}
     )  # fmt: skip
     page.get_by_text("mine.safetensors").first.wait_for()
+    wait_idle(page)  # the upload's own rerun over: a click during it can be lost on a busy machine
     page.get_by_role("button", name="Start training").click()
     error = page.locator('[data-testid="stAlertContentError"]').first
     error.wait_for(timeout=60_000)
